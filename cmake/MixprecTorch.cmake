@@ -1,0 +1,66 @@
+# Finds LibTorch (normally the pip torch: -DCMAKE_PREFIX_PATH=$(python -c 'import torch;print(torch.utils.cmake_prefix_path)'))
+# and, when wanted, CUDA. Sets MIXPREC_CUDA_ENABLED and defines mixprec_link_torch(target).
+
+# The pip wheels ship CUDA's runtime libraries under site-packages/nvidia/*/lib. Torch's CMake config
+# lists nvrtc among its libraries and fails the link with a NOTFOUND when the toolkit lacks it, so
+# point it at the wheel's copy when the toolkit has none.
+set(_mixprec_wheel_libdirs)
+foreach(_p ${CMAKE_PREFIX_PATH})
+  file(GLOB _dirs "${_p}/../../../nvidia/*/lib")
+  list(APPEND _mixprec_wheel_libdirs ${_dirs})
+endforeach()
+
+set(_want_cuda ${MIXPREC_WITH_CUDA})
+if(_want_cuda STREQUAL "AUTO")
+  include(CheckLanguage)
+  check_language(CUDA)
+  set(_torch_libdirs)
+  foreach(_p ${CMAKE_PREFIX_PATH})
+    list(APPEND _torch_libdirs "${_p}/../../lib")
+  endforeach()
+  find_library(MIXPREC_TORCH_C10_CUDA c10_cuda PATHS ${_torch_libdirs} NO_DEFAULT_PATH)
+  if(CMAKE_CUDA_COMPILER AND MIXPREC_TORCH_C10_CUDA)
+    set(_want_cuda ON)
+  else()
+    set(_want_cuda OFF)
+  endif()
+  message(STATUS "mixprec: MIXPREC_WITH_CUDA=AUTO -> ${_want_cuda}")
+endif()
+
+if(_want_cuda)
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(TORCH_CUDA_ARCH_LIST "${MIXPREC_CUDA_ARCHS}")
+  endif()
+  enable_language(CUDA)
+  # Torch's config picks the -gencode flags from TORCH_CUDA_ARCH_LIST and warns when CMake's own
+  # architecture variable is set; hand the choice to torch, then tell CMake to add nothing.
+  unset(CMAKE_CUDA_ARCHITECTURES)
+  unset(CMAKE_CUDA_ARCHITECTURES CACHE)
+endif()
+
+if(NOT CUDA_nvrtc_LIBRARY)
+  find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
+    HINTS ${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/lib64 ${_mixprec_wheel_libdirs})
+endif()
+
+find_package(Torch REQUIRED)
+set(MIXPREC_CUDA_ENABLED ${_want_cuda})
+if(MIXPREC_CUDA_ENABLED)
+  set(CMAKE_CUDA_ARCHITECTURES OFF)
+endif()
+
+# libmixprec needs torch, c10 and, with CUDA, c10_cuda and the CUDA runtime; nothing of nvrtc.
+function(mixprec_link_torch target)
+  target_link_libraries(${target} PUBLIC torch)
+  set(_extra)
+  foreach(_lib ${TORCH_LIBRARIES})
+    if(NOT _lib STREQUAL "torch" AND NOT _lib MATCHES "NOTFOUND" AND NOT _lib MATCHES "nvrtc")
+      list(APPEND _extra ${_lib})
+    endif()
+  endforeach()
+  target_link_libraries(${target} PRIVATE ${_extra})
+  if(MIXPREC_CUDA_ENABLED)
+    find_package(CUDAToolkit REQUIRED)
+    target_link_libraries(${target} PRIVATE CUDA::cudart)
+  endif()
+endfunction()

@@ -1,0 +1,5 @@
+// Umbrella header for LibTorch programs: #include <mixprec/mixprec.h> and link mixprec::mixprec.
+#pragma once
+
+#include "mixprec/ops.h"
+#include "mixprec/version.h"

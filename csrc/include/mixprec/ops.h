@@ -1,0 +1,42 @@
+// Typed C++ entry points for mixprec's ops. Each call goes through the PyTorch dispatcher, so a
+// LibTorch caller gets exactly the CPU/CUDA routing (and later autocast/tracing behaviour) that
+// torch.ops.mixprec.* gives a Python caller. The schemas live in csrc/ops/registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <optional>
+
+#include "mixprec/version.h"
+
+namespace mixprec::ops {
+
+/// In place, for every tensor in `grads`: `g *= inv_scale` (math in fp32; fp64 grads in fp64), and
+/// `found_inf = 1` if any element of any gradient is inf or NaN. `found_inf` is never cleared, so
+/// one flag can collect several calls. Gradients may mix fp32, fp16, bf16 and fp64 in one call.
+/// `found_inf` and `inv_scale` are one-element float32 tensors on the gradients' device.
+void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale);
+
+/// unscale_and_check_ that also returns the sum of squares of the unscaled gradients (a 0-dim fp32
+/// tensor on the device, computed from the fp32 products before they are rounded to the gradient's
+/// dtype), so clipping by the global norm needs no second pass over the gradients.
+at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& found_inf,
+                                    const at::Tensor& inv_scale);
+
+/// The dynamic loss-scale state machine, in place on device tensors, with no host synchronisation.
+///
+/// `scale` (float32) and `growth_tracker`, `hysteresis_tracker` (int32) are one-element tensors;
+/// `found_inf` is the flag filled by unscale_and_check_. On an overflow the growth counter resets and
+/// one unit of the hysteresis budget is spent; when the budget is gone the scale backs off
+/// (`scale *= backoff_factor`, not below `min_scale`). After `growth_interval` clean steps the scale
+/// grows (`scale *= growth_factor`, not above `max_scale`, and only if the result is finite) and the
+/// budget is refilled to `hysteresis`. With `consecutive_hysteresis`, every clean step refills it, so
+/// only `hysteresis` overflows in a row back off (DeepSpeed's rule). With the defaults (hysteresis 1,
+/// no bounds) the result is bit-identical to torch._amp_update_scale_.
+void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                   const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf, double growth_factor,
+                   double backoff_factor, int64_t growth_interval, int64_t hysteresis = 1,
+                   double min_scale = 0.0, std::optional<double> max_scale = std::nullopt,
+                   bool consecutive_hysteresis = false);
+
+}  // namespace mixprec::ops

@@ -1,0 +1,95 @@
+#include "ops/checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace mixprec::detail {
+
+namespace {
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+}  // namespace
+
+void check_one_element(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                       c10::Device device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", t.layout());
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a one-element ", dtype, " tensor, got ", t.numel(),
+              " elements");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be a one-element ", dtype, " tensor, got dtype ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " (the device of the other tensors), got ",
+              t.device());
+}
+
+void check_float_list(at::TensorList list, const char* op, const char* name, c10::Device device) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is an undefined tensor");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i,
+                "] must be a dense (strided) tensor; sparse gradients are not supported, got layout ", t.layout());
+    TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, "[", i,
+                "] must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                " but the other tensors are on ", device, "; every tensor must be on the same device");
+  }
+}
+
+void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,
+                        const at::Tensor& inv_scale) {
+  TORCH_CHECK(found_inf.defined(), op, ": found_inf must be a tensor, got an undefined tensor");
+  const c10::Device device = found_inf.device();
+  check_one_element(found_inf, op, "found_inf", at::kFloat, device);
+  check_one_element(inv_scale, op, "inv_scale", at::kFloat, device);
+  check_float_list(grads, op, "grads", device);
+}
+
+void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                             const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
+                             double growth_factor, double backoff_factor, int64_t growth_interval,
+                             int64_t hysteresis, double min_scale, std::optional<double> max_scale) {
+  constexpr const char* op = "mixprec::update_scale_";
+  TORCH_CHECK(scale.defined(), op, ": scale must be a tensor, got an undefined tensor");
+  const c10::Device device = scale.device();
+  check_one_element(scale, op, "scale", at::kFloat, device);
+  check_one_element(growth_tracker, op, "growth_tracker", at::kInt, device);
+  check_one_element(hysteresis_tracker, op, "hysteresis_tracker", at::kInt, device);
+  check_one_element(found_inf, op, "found_inf", at::kFloat, device);
+  TORCH_CHECK(std::isfinite(growth_factor) && growth_factor > 0, op,
+              ": growth_factor must be a finite number > 0, got ", growth_factor);
+  TORCH_CHECK(std::isfinite(backoff_factor) && backoff_factor > 0, op,
+              ": backoff_factor must be a finite number > 0, got ", backoff_factor);
+  TORCH_CHECK(growth_interval > 0, op, ": growth_interval must be > 0, got ", growth_interval);
+  TORCH_CHECK(hysteresis >= 1 && hysteresis <= INT32_MAX, op, ": hysteresis must be >= 1, got ", hysteresis);
+  TORCH_CHECK(std::isfinite(min_scale) && min_scale >= 0, op, ": min_scale must be a finite number >= 0, got ",
+              min_scale);
+  if (max_scale.has_value()) {
+    TORCH_CHECK(!std::isnan(*max_scale) && *max_scale > 0, op, ": max_scale must be > 0, got ", *max_scale);
+    TORCH_CHECK(min_scale <= *max_scale, op, ": min_scale (", min_scale, ") must not exceed max_scale (",
+                *max_scale, ")");
+  }
+}
+
+DenseViews::DenseViews(at::TensorList tensors) : originals_(tensors) {
+  views_.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.is_non_overlapping_and_dense()) {
+      views_.push_back(t);
+    } else {
+      views_.push_back(t.contiguous());
+      copied_.push_back(i);
+    }
+  }
+}
+
+void DenseViews::write_back() {
+  for (size_t i : copied_) {
+    // const_cast: the op's schema marks these tensors as mutated (Tensor(a!)[]).
+    const_cast<at::Tensor&>(originals_[i]).copy_(views_[i]);
+  }
+}
+
+}  // namespace mixprec::detail

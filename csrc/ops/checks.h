@@ -1,0 +1,48 @@
+// Argument validation and tensor-list preparation shared by the CPU and CUDA kernels of every op, so
+// both backends reject the same inputs with the same messages, before anything is written.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <optional>
+#include <vector>
+
+namespace mixprec::detail {
+
+/// `t` must be a one-element tensor of `dtype` on `device`; the message names `op` and `name`.
+void check_one_element(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                       c10::Device device);
+
+/// Every entry of `list` must be a dense (strided, not sparse) floating-point tensor (fp32, fp16,
+/// bf16 or fp64) on `device`; the message names `op`, `name` and the index.
+void check_float_list(at::TensorList list, const char* op, const char* name, c10::Device device);
+
+/// Checks shared by unscale_and_check_ and unscale_and_check_sumsq_.
+void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,
+                        const at::Tensor& inv_scale);
+
+/// Checks for update_scale_ (tensor kinds, devices and hyper-parameter ranges).
+void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                             const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
+                             double growth_factor, double backoff_factor, int64_t growth_interval,
+                             int64_t hysteresis, double min_scale, std::optional<double> max_scale);
+
+/// Element-wise kernels walk raw memory. A tensor whose elements fill one block of memory (any
+/// permutation of strides: contiguous, transposed, channels-last) can be walked as it is; any other
+/// view (a slice with gaps) is walked through a contiguous copy that is written back afterwards.
+class DenseViews {
+ public:
+  explicit DenseViews(at::TensorList tensors);
+  /// The tensors to hand to a kernel, one per input, each dense (non-overlapping and dense).
+  const std::vector<at::Tensor>& views() const { return views_; }
+  /// Writes the results of the copies back into the original views.
+  void write_back();
+
+ private:
+  at::TensorList originals_;
+  std::vector<at::Tensor> views_;
+  std::vector<size_t> copied_;
+};
+
+}  // namespace mixprec::detail

@@ -1,0 +1,21 @@
+#include "ops/cpu/cpu_dispatch.h"
+
+#include <ATen/Version.h>
+
+#include <string>
+
+namespace mixprec::cpu {
+
+Capability runtime_capability() {
+  // at::get_cpu_capability() is what torch.backends.cpu.get_cpu_capability() reports: the best of
+  // DEFAULT / AVX2 / AVX512 that the CPU has, lowered by ATEN_CPU_CAPABILITY when that is set.
+  static const Capability cap = [] {
+    const std::string name = at::get_cpu_capability();
+    return (name == "AVX2" || name == "AVX512") ? Capability::Avx2 : Capability::Default;
+  }();
+  return cap;
+}
+
+KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,59 @@
+// Run-time choice between CPU kernel builds. Every ops/cpu/*_kernel.cpp is compiled once per CPU
+// capability (DEFAULT: baseline x86-64 or whatever the target is; AVX2: -mavx2 -mfma -mf16c) with
+// ATen's vector types in a namespace of that capability, so the builds cannot collide. Each build
+// registers its entry in a KernelTable at load time; callers take the best one the running CPU
+// supports. at::native::get_cpu_capability() honours ATEN_CPU_CAPABILITY=default, which lets tests run
+// the DEFAULT build on an AVX2 machine and compare the two bit for bit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace mixprec::cpu {
+
+enum class Capability : int { Default = 0, Avx2 = 1 };
+constexpr int kNumCapabilities = 2;
+
+/// The best capability that both the running CPU (and ATEN_CPU_CAPABILITY) allows and has an entry.
+Capability runtime_capability();
+
+template <typename Fn>
+class KernelTable {
+ public:
+  constexpr KernelTable() = default;  // constant-initialised: safe to register into from any static init
+  void set(Capability c, Fn fn) { fns_[static_cast<int>(c)] = fn; }
+  Fn get(const char* name) const {
+    const int best = static_cast<int>(runtime_capability());
+    for (int c = best; c >= 0; --c) {
+      if (fns_[c] != nullptr) return fns_[c];
+    }
+    TORCH_INTERNAL_ASSERT(false, "mixprec: no CPU kernel was registered for ", name);
+  }
+
+ private:
+  Fn fns_[kNumCapabilities] = {};
+};
+
+/// What a vectorised chunk kernel reports back.
+struct UnscaleChunkResult {
+  bool found_nonfinite;
+  double sumsq;
+};
+
+/// Unscales `n` elements of dtype `dtype` at `data` in place; sums squares when `want_sumsq`.
+using UnscaleChunkFn = UnscaleChunkResult (*)(void* data, int64_t n, at::ScalarType dtype, float inv_scale,
+                                              bool want_sumsq);
+extern KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
+
+}  // namespace mixprec::cpu
+
+// In a *_kernel.cpp: MIXPREC_REGISTER_CPU_KERNEL(table, function) registers this build's entry.
+#define MIXPREC_CPU_CONCAT_INNER(a, b) a##b
+#define MIXPREC_CPU_CONCAT(a, b) MIXPREC_CPU_CONCAT_INNER(a, b)
+#define MIXPREC_REGISTER_CPU_KERNEL(table, fn)                                                        \
+  static const bool MIXPREC_CPU_CONCAT(mixprec_cpu_kernel_registered_, __LINE__) =                   \
+      (::mixprec::cpu::table.set(static_cast<::mixprec::cpu::Capability>(MIXPREC_CPU_CAPABILITY_ID), \
+                                 &fn),                                                               \
+       true)

@@ -1,0 +1,88 @@
+// unscale_and_check_ / unscale_and_check_sumsq_ on the CPU: validation, splitting every gradient
+// into chunks, and running the chunks in parallel through the vectorised kernel of the best CPU
+// capability. Each chunk reports its own flag and partial sum into its own slot, and the partial sums
+// are added in chunk order, so the result does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/checks.h"
+#include "ops/cpu/cpu_dispatch.h"
+
+namespace mixprec::cpu {
+namespace {
+
+// 64K elements: large enough to amortise the per-chunk call, small enough to balance threads.
+constexpr int64_t kChunk = 1 << 16;
+
+struct Chunk {
+  void* data;
+  int64_t n;
+  at::ScalarType dtype;
+};
+
+double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                    bool want_sumsq) {
+  detail::check_unscale_args(op, grads, found_inf, inv_scale);
+  const float inv = inv_scale.item<float>();  // a CPU tensor: reading it is not a device sync
+  detail::DenseViews dense(grads);
+
+  std::vector<Chunk> chunks;
+  for (const at::Tensor& g : dense.views()) {
+    const int64_t numel = g.numel();
+    char* base = static_cast<char*>(g.data_ptr());
+    const int64_t item = g.element_size();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({base + begin * item, std::min(kChunk, numel - begin), g.scalar_type()});
+    }
+  }
+  std::vector<uint8_t> found(chunks.size(), 0);
+  std::vector<double> partial(chunks.size(), 0.0);
+  const UnscaleChunkFn kernel = unscale_chunk_kernels.get("unscale_and_check_");
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const UnscaleChunkResult r = kernel(chunks[c].data, chunks[c].n, chunks[c].dtype, inv, want_sumsq);
+      found[c] = r.found_nonfinite;
+      partial[c] = r.sumsq;
+    }
+  });
+  dense.write_back();
+
+  bool any = false;
+  double sumsq = 0.0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    any = any || found[c];
+    sumsq += partial[c];
+  }
+  if (any) found_inf.fill_(1.0);  // set, never cleared: one flag can collect several calls
+  return sumsq;
+}
+
+void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale) {
+  unscale_impl("mixprec::unscale_and_check_", grads, found_inf, inv_scale, /*want_sumsq=*/false);
+}
+
+at::Tensor unscale_and_check_sumsq_cpu(at::TensorList grads, const at::Tensor& found_inf,
+                                       const at::Tensor& inv_scale) {
+  const double sumsq = unscale_impl("mixprec::unscale_and_check_sumsq_", grads, found_inf, inv_scale, true);
+  return at::scalar_tensor(sumsq, found_inf.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cpu);
+  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cpu);
+}
+
+// A sparse gradient routes the call to the sparse key; land it in the same checks, which name the
+// offending entry, instead of the dispatcher's generic "no kernel" error.
+TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cpu);
+  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cpu);
+}
+
+}  // namespace mixprec::cpu

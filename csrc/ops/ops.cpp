@@ -1,0 +1,56 @@
+// The typed C++ wrappers of csrc/include/mixprec/ops.h: each looks its op up once in the dispatcher
+// and calls it, so C++ and Python callers share one routing.
+#include "mixprec/ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#ifndef MIXPREC_VERSION
+#error "MIXPREC_VERSION must be defined by the build"
+#endif
+
+namespace mixprec {
+
+const char* version() { return MIXPREC_VERSION; }
+
+bool built_with_cuda() {
+#ifdef MIXPREC_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace ops {
+namespace {
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+}  // namespace
+
+void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale) {
+  static const auto op =
+      find_op<void(at::TensorList, const at::Tensor&, const at::Tensor&)>("mixprec::unscale_and_check_");
+  op.call(grads, found_inf, inv_scale);
+}
+
+at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& found_inf,
+                                    const at::Tensor& inv_scale) {
+  static const auto op = find_op<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&)>(
+      "mixprec::unscale_and_check_sumsq_");
+  return op.call(grads, found_inf, inv_scale);
+}
+
+void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                   const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf, double growth_factor,
+                   double backoff_factor, int64_t growth_interval, int64_t hysteresis, double min_scale,
+                   std::optional<double> max_scale, bool consecutive_hysteresis) {
+  static const auto op =
+      find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                   int64_t, int64_t, double, std::optional<double>, bool)>("mixprec::update_scale_");
+  op.call(scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor, backoff_factor, growth_interval,
+          hysteresis, min_scale, max_scale, consecutive_hysteresis);
+}
+
+}  // namespace ops
+}  // namespace mixprec

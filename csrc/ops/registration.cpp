@@ -1,0 +1,17 @@
+// The one place where mixprec's op schemas are declared. Kernels register next to their code
+// (TORCH_LIBRARY_IMPL in ops/cpu/*.cpp and ops/cuda/*.cu); fake kernels live in
+// python/mixprec/_meta.py. Keep the argument names in step with csrc/include/mixprec/ops.h.
+#include <torch/library.h>
+
+TORCH_LIBRARY(mixprec, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def("unscale_and_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> ()", tags);
+  m.def("unscale_and_check_sumsq_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> Tensor",
+        tags);
+  m.def(
+      "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
+      "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
+      "int hysteresis=1, float min_scale=0.0, float? max_scale=None, "
+      "bool consecutive_hysteresis=False) -> ()",
+      tags);
+}

@@ -1,0 +1,52 @@
+// The loss-scale state machine as one function usable from host and device code, so the CPU and
+// CUDA kernels of update_scale_ cannot drift apart.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace mixprec::detail {
+
+struct UpdateScaleParams {
+  double growth_factor;
+  double backoff_factor;
+  int64_t growth_interval;
+  int32_t hysteresis;
+  double min_scale;
+  double max_scale;  // +inf when unbounded
+  bool consecutive_hysteresis;
+};
+
+// Products are formed in double and rounded once to float, as torch._amp_update_scale_ does; with
+// hysteresis 1, min_scale 0 and max_scale inf the result is therefore bit-identical to torch's.
+C10_HOST_DEVICE inline void update_scale_rule(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
+                                              float found_inf, const UpdateScaleParams& p) {
+  if (found_inf != 0.0f) {  // NaN counts as an overflow too
+    *growth_tracker = 0;
+    const int32_t left = *hysteresis_tracker > 0 ? *hysteresis_tracker - 1 : 0;
+    *hysteresis_tracker = left;
+    if (left == 0) {
+      double backed_off = static_cast<double>(*scale) * p.backoff_factor;
+      if (backed_off < p.min_scale) backed_off = p.min_scale;
+      *scale = static_cast<float>(backed_off);
+    }
+    return;
+  }
+  if (p.consecutive_hysteresis) *hysteresis_tracker = p.hysteresis;
+  const int64_t successful = static_cast<int64_t>(*growth_tracker) + 1;
+  if (successful >= p.growth_interval) {
+    double grown = static_cast<double>(*scale) * p.growth_factor;
+    if (grown > p.max_scale) grown = p.max_scale;
+    const float grown_f = static_cast<float>(grown);
+    // Growth that would overflow float is skipped (torch does the same). x - x == 0 exactly when x is
+    // finite, on host and device alike, without depending on which isfinite overloads are visible.
+    if (grown_f - grown_f == 0.0f) *scale = grown_f;
+    *growth_tracker = 0;
+    *hysteresis_tracker = p.hysteresis;
+  } else {
+    *growth_tracker = static_cast<int32_t>(successful);
+  }
+}
+
+}  // namespace mixprec::detail
