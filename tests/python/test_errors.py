@@ -1,0 +1,98 @@
+"""Bad input to the ops: a clear error naming the argument, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from mixprec import ops
+
+
+def fresh() -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [torch.ones(4), torch.ones(3, dtype=torch.float16)], torch.zeros(1)
+
+
+def f32(*shape: int) -> torch.Tensor:
+    return torch.ones(*shape)
+
+
+UNSCALE_CASES = [
+    ("inv_scale has 2 elements", lambda g, f: ops.unscale_and_check_(g, f, f32(2)), "inv_scale"),
+    ("inv_scale is fp64", lambda g, f: ops.unscale_and_check_(g, f, torch.ones(1, dtype=torch.float64)), "inv_scale"),
+    ("found_inf is fp16", lambda g, f: ops.unscale_and_check_(g, torch.zeros(1, dtype=torch.float16), f32(1)), "found_inf"),
+    ("found_inf has no elements", lambda g, f: ops.unscale_and_check_(g, torch.zeros(0), f32(1)), "found_inf"),
+    ("integer grad", lambda g, f: ops.unscale_and_check_(g + [torch.ones(2, dtype=torch.int32)], f, f32(1) * 2), r"grads\[2\]"),
+    ("bool grad", lambda g, f: ops.unscale_and_check_(g + [torch.ones(2, dtype=torch.bool)], f, f32(1) * 2), r"grads\[2\]"),
+    ("sparse grad", lambda g, f: ops.unscale_and_check_(g + [torch.ones(3).to_sparse()], f, f32(1) * 2), "sparse"),
+    ("sparse grad, sumsq", lambda g, f: ops.unscale_and_check_sumsq_(g + [torch.ones(3).to_sparse()], f, f32(1) * 2), r"grads\[2\]"),
+]
+
+
+@pytest.mark.parametrize("case", UNSCALE_CASES, ids=[c[0] for c in UNSCALE_CASES])
+def test_unscale_bad_input(case) -> None:
+    _, call, needle = case
+    grads, found_inf = fresh()
+    with pytest.raises(RuntimeError, match=needle):
+        call(grads, found_inf)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads), "a gradient was written before the error"
+    assert found_inf.item() == 0.0
+
+
+def state() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.full((1,), 8.0), torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.ones(1)
+
+
+UPDATE_CASES = [
+    ("growth_factor 0", dict(growth_factor=0.0), "growth_factor"),
+    ("growth_factor nan", dict(growth_factor=float("nan")), "growth_factor"),
+    ("backoff_factor negative", dict(backoff_factor=-0.5), "backoff_factor"),
+    ("growth_interval 0", dict(growth_interval=0), "growth_interval"),
+    ("hysteresis 0", dict(hysteresis=0), "hysteresis"),
+    ("min_scale negative", dict(min_scale=-1.0), "min_scale"),
+    ("min above max", dict(min_scale=10.0, max_scale=5.0), "min_scale"),
+    ("max_scale 0", dict(max_scale=0.0), "max_scale"),
+]
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=[c[0] for c in UPDATE_CASES])
+def test_update_scale_bad_settings(case) -> None:
+    _, overrides, needle = case
+    scale, growth, hyst, found = state()
+    kwargs = dict(growth_factor=2.0, backoff_factor=0.5, growth_interval=10) | overrides
+    with pytest.raises(RuntimeError, match=needle):
+        ops.update_scale_(scale, growth, hyst, found, **kwargs)
+    assert scale.item() == 8.0 and growth.item() == 0 and hyst.item() == 1
+
+
+@pytest.mark.parametrize(
+    "position, bad, needle",
+    [
+        (0, torch.full((1,), 8.0, dtype=torch.float64), "scale"),
+        (0, torch.full((2,), 8.0), "scale"),
+        (1, torch.zeros(1, dtype=torch.int64), "growth_tracker"),
+        (2, torch.ones(1), "hysteresis_tracker"),
+        (3, torch.ones(1, dtype=torch.int32), "found_inf"),
+    ],
+)
+def test_update_scale_bad_tensors(position: int, bad: torch.Tensor, needle: str) -> None:
+    args = list(state())
+    originals = [a.clone() for a in args]
+    args[position] = bad
+    with pytest.raises(RuntimeError, match=needle):
+        ops.update_scale_(*args, 2.0, 0.5, 10)
+    assert all(torch.equal(a, o) for a, o in zip(args, originals) if a is not bad)
+
+
+@requires_cuda
+def test_mixed_devices_are_rejected() -> None:
+    grads, found_inf = fresh()
+    cuda_grads = [grads[0].cuda(), grads[1]]
+    with pytest.raises(RuntimeError, match=r"grads\[1\]"):
+        ops.unscale_and_check_(cuda_grads, found_inf.cuda(), f32(1).cuda())
+    with pytest.raises(RuntimeError, match="inv_scale"):
+        ops.unscale_and_check_([grads[0].cuda()], found_inf.cuda(), f32(1))
+    assert torch.equal(cuda_grads[0].cpu(), torch.ones(4))
+    scale, growth, hyst, found = state()
+    with pytest.raises(RuntimeError, match="growth_tracker"):
+        ops.update_scale_(scale.cuda(), growth, hyst.cuda(), found.cuda(), 2.0, 0.5, 10)
