@@ -33,8 +33,17 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() not in ("", "0", "false", "off", "no")
 
 
+def _cuda_root() -> Path | None:
+    """The CUDA toolkit's real root. torch's CUDA_HOME guess comes from the first nvcc on PATH and is
+    wrong when that is a wrapper script (e.g. /usr/local/bin/nvcc -> /usr/local)."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", CUDA_HOME):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and (Path(candidate) / "include" / "cuda_runtime.h").exists():
+            return Path(candidate)
+    return None
+
+
 def _want_cuda() -> bool:
-    return not _flag("MIXPREC_CPU_ONLY") and torch.version.cuda is not None and CUDA_HOME is not None
+    return not _flag("MIXPREC_CPU_ONLY") and torch.version.cuda is not None and _cuda_root() is not None
 
 
 def _cmake() -> str:
@@ -59,8 +68,11 @@ class BuildWithLibmixprec(BuildExtension):
             f"-DMIXPREC_BUILD_TESTS={'ON' if _flag('MIXPREC_BUILD_TESTS') else 'OFF'}",
             f"-DMIXPREC_CUDA_ARCHS={os.environ.get('MIXPREC_CUDA_ARCHS', '8.0;9.0')}",
         ]
+        root = _cuda_root()
+        if root is not None:  # torch's own CMake config looks for the toolkit even for a CPU-only libmixprec
+            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
         if cuda:
-            configure.append(f"-DCMAKE_CUDA_COMPILER={Path(CUDA_HOME) / 'bin' / 'nvcc'}")
+            configure.append(f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}")
         subprocess.check_call(configure)
         subprocess.check_call([_cmake(), "--build", str(build_dir), "-j", jobs])
         subprocess.check_call([_cmake(), "--install", str(build_dir), "--prefix", str(package_dir)])

@@ -32,6 +32,11 @@ if(_want_cuda)
     set(TORCH_CUDA_ARCH_LIST "${MIXPREC_CUDA_ARCHS}")
   endif()
   enable_language(CUDA)
+  # Torch's config locates the toolkit with the old FindCUDA, from the directory of the first nvcc on
+  # PATH; a wrapper script such as /usr/local/bin/nvcc misleads it. The compiler knows its real root.
+  if(NOT CUDA_TOOLKIT_ROOT_DIR AND CMAKE_CUDA_COMPILER_TOOLKIT_ROOT)
+    set(CUDA_TOOLKIT_ROOT_DIR "${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}" CACHE PATH "CUDA toolkit root")
+  endif()
   # Torch's config picks the -gencode flags from TORCH_CUDA_ARCH_LIST and warns when CMake's own
   # architecture variable is set; hand the choice to torch, then tell CMake to add nothing.
   unset(CMAKE_CUDA_ARCHITECTURES)

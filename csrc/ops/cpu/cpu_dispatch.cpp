@@ -17,5 +17,6 @@ Capability runtime_capability() {
 }
 
 KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
+KernelTable<CastChunkFn> cast_chunk_kernels;
 
 }  // namespace mixprec::cpu

@@ -47,6 +47,28 @@ using UnscaleChunkFn = UnscaleChunkResult (*)(void* data, int64_t n, at::ScalarT
                                               bool want_sumsq);
 extern KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
 
+/// One piece of a cast: `n` elements from `src` to `dst` (same layout), whose first element has index
+/// `rng_index` in the list-wide numbering that stochastic rounding draws by (a multiple of 4).
+struct CastChunk {
+  void* dst;
+  const void* src;
+  int64_t n;
+  at::ScalarType dst_dtype;
+  at::ScalarType src_dtype;
+  uint64_t rng_index;
+};
+
+enum class Rounding : int { Nearest = 0, Stochastic = 1 };
+
+/// Philox key and stream offset for stochastic rounding.
+struct RngKey {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+using CastChunkFn = void (*)(const CastChunk& chunk, Rounding rounding, bool saturate, RngKey key);
+extern KernelTable<CastChunkFn> cast_chunk_kernels;
+
 }  // namespace mixprec::cpu
 
 // In a *_kernel.cpp: MIXPREC_REGISTER_CPU_KERNEL(table, function) registers this build's entry.
