@@ -52,5 +52,31 @@ void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
           hysteresis, min_scale, max_scale, consecutive_hysteresis);
 }
 
+at::Tensor cast(const at::Tensor& src, at::ScalarType dtype, std::string_view rounding, bool saturate,
+                std::optional<int64_t> seed) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, at::ScalarType, c10::string_view, bool, std::optional<int64_t>)>(
+          "mixprec::cast");
+  return op.call(src, dtype, c10::string_view(rounding.data(), rounding.size()), saturate, seed);
+}
+
+void cast_(at::TensorList dst, at::TensorList src, std::string_view rounding, bool saturate,
+           std::optional<int64_t> seed) {
+  static const auto op =
+      find_op<void(at::TensorList, at::TensorList, c10::string_view, bool, std::optional<int64_t>)>("mixprec::cast_");
+  op.call(dst, src, c10::string_view(rounding.data(), rounding.size()), saturate, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> split_bf16_remainder(const at::Tensor& src) {
+  static const auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("mixprec::split_bf16_remainder");
+  return op.call(src);
+}
+
+at::Tensor merge_bf16_remainder(const at::Tensor& bf16, const at::Tensor& remainder) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixprec::merge_bf16_remainder");
+  return op.call(bf16, remainder);
+}
+
 }  // namespace ops
 }  // namespace mixprec

@@ -14,4 +14,12 @@ TORCH_LIBRARY(mixprec, m) {
       "int hysteresis=1, float min_scale=0.0, float? max_scale=None, "
       "bool consecutive_hysteresis=False) -> ()",
       tags);
+  m.def(
+      "cast(Tensor src, ScalarType dtype, str rounding=\"nearest\", bool saturate=False, int? seed=None) -> Tensor",
+      tags);
+  m.def(
+      "cast_(Tensor(a!)[] dst, Tensor[] src, str rounding=\"nearest\", bool saturate=False, int? seed=None) -> ()",
+      tags);
+  m.def("split_bf16_remainder(Tensor src) -> (Tensor, Tensor)", tags);
+  m.def("merge_bf16_remainder(Tensor bf16, Tensor remainder) -> Tensor", tags);
 }

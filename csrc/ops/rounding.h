@@ -21,6 +21,9 @@
 
 namespace mixprec::rounding {
 
+/// How a value that does not fit the target format is rounded.
+enum class Mode : int { Nearest = 0, Stochastic = 1 };
+
 C10_HOST_DEVICE inline uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);

@@ -38,3 +38,34 @@ def _update_scale_fake(
     consecutive_hysteresis: bool = False,
 ) -> None:
     return None
+
+
+@torch.library.register_fake("mixprec::cast")
+def _cast_fake(
+    src: torch.Tensor, dtype: torch.dtype, rounding: str = "nearest", saturate: bool = False, seed: Optional[int] = None
+) -> torch.Tensor:
+    return torch.empty_like(src, dtype=dtype, memory_format=torch.preserve_format)
+
+
+@torch.library.register_fake("mixprec::cast_")
+def _cast__fake(
+    dst: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    rounding: str = "nearest",
+    saturate: bool = False,
+    seed: Optional[int] = None,
+) -> None:
+    return None
+
+
+@torch.library.register_fake("mixprec::split_bf16_remainder")
+def _split_bf16_remainder_fake(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        src.new_empty(src.shape, dtype=torch.bfloat16),
+        src.new_empty(src.shape, dtype=torch.int16),
+    )
+
+
+@torch.library.register_fake("mixprec::merge_bf16_remainder")
+def _merge_bf16_remainder_fake(bf16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    return bf16.new_empty(bf16.shape, dtype=torch.float32)

@@ -6,7 +6,18 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["unscale_and_check_", "unscale_and_check_sumsq_", "update_scale_"]
+__all__ = [
+    "unscale_and_check_",
+    "unscale_and_check_sumsq_",
+    "update_scale_",
+    "cast",
+    "cast_",
+    "split_bf16_remainder",
+    "merge_bf16_remainder",
+]
+
+#: The rounding modes ``cast`` and ``cast_`` accept.
+ROUNDING_MODES = ("nearest", "stochastic")
 
 
 def unscale_and_check_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
@@ -71,3 +82,60 @@ def update_scale_(
         None if max_scale is None else float(max_scale),
         bool(consecutive_hysteresis),
     )
+
+
+def cast(
+    src: torch.Tensor,
+    dtype: torch.dtype,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """Convert ``src`` (fp32, fp16 or bf16) to ``dtype`` (fp32, fp16 or bf16).
+
+    Args:
+        rounding: ``"nearest"`` is IEEE round-to-nearest-even, bit-identical to ``src.to(dtype)``
+            (NaN stays NaN). ``"stochastic"`` rounds up in magnitude with probability equal to the
+            dropped fraction of an ulp, so ``E[cast(x)] == x``; the draws come from Philox keyed by
+            ``seed`` and each element's index (same seed, same bits, on CPU and CUDA alike).
+        saturate: finite values beyond the target's largest finite value become that value
+            (e.g. +-65504 for fp16) instead of +-inf; inf and NaN pass through.
+        seed: key for stochastic rounding; ``None`` takes one from torch's default generator of the
+            device, so ``torch.manual_seed`` governs it.
+
+    Widening to fp32 is exact. The result has ``src``'s layout.
+    """
+    return torch.ops.mixprec.cast.default(src, dtype, rounding, bool(saturate), seed)
+
+
+def cast_(
+    dst: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    rounding: str = "nearest",
+    saturate: bool = False,
+    seed: Optional[int] = None,
+) -> None:
+    """In place ``dst[i].copy_(cast(src[i], dst[i].dtype, ...))`` for the whole list in one launch.
+
+    Pairs must have equal shapes; any strides. Stochastic draws are numbered across the list, so no
+    two elements share a draw. Typical use: refresh bf16 model parameters from fp32 master weights.
+    """
+    torch.ops.mixprec.cast_.default(list(dst), list(src), rounding, bool(saturate), seed)
+
+
+def split_bf16_remainder(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split fp32 ``src`` into ``(bf16, int16 remainder)`` that :func:`merge_bf16_remainder` rebuilds
+    exactly: 4 bytes per value instead of 6 for a bf16 parameter plus an fp32 master copy.
+
+    The bf16 part is the fp32's high half rounded to nearest with ties away from zero (the top bit of
+    the low half decides), not ties-to-even. Finite values with magnitude at or above the largest bf16
+    plus half an ulp give +-inf there and still merge back exactly; NaN gives the canonical bf16 NaN
+    and merges back to a NaN whose payload is not kept.
+    """
+    bf16, remainder = torch.ops.mixprec.split_bf16_remainder.default(src)
+    return bf16, remainder
+
+
+def merge_bf16_remainder(bf16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """Rebuild the fp32 tensor from :func:`split_bf16_remainder`'s parts (exact for every non-NaN value)."""
+    return torch.ops.mixprec.merge_bf16_remainder.default(bf16, remainder)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import DEVICES, FLOAT_DTYPES, requires_cuda
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, run_with_cpu_capability
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -156,16 +153,11 @@ def test_non_contiguous_views(device: str) -> None:
 
 
 def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
-    """The DEFAULT and AVX2 builds of the CPU kernel give identical bits (forced via ATEN_CPU_CAPABILITY).
-
-    The inputs are made here and loaded by both children: torch's own randn differs by capability."""
+    """The DEFAULT and AVX2 builds of the CPU kernel give identical bits (forced via ATEN_CPU_CAPABILITY)."""
     torch.manual_seed(0)
     grads = [torch.randn(n, dtype=d) * 3 for n, d in [(1000003, torch.float32), (99999, torch.float16), (65539, torch.bfloat16)]]
-    torch.save(grads, tmp_path / "in.pt")
-    script = textwrap.dedent(
-        """
-        import sys, torch, mixprec
-        grads = torch.load(sys.argv[1])
+    script = """
+        grads = INPUTS
         clean = torch.zeros(1)
         s = mixprec.ops.unscale_and_check_sumsq_(grads, clean, torch.full((1,), 0.3))
         planted = grads[1].clone()
@@ -173,19 +165,10 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
         found = torch.zeros(1)
         mixprec.ops.unscale_and_check_([planted], found, torch.full((1,), 0.3))
         assert clean.item() == 0.0
-        torch.save({"grads": grads, "found": found, "sumsq": s}, sys.argv[2])
-        """
-    )
-    results = {}
-    for capability in ("default", "native"):
-        env = dict(os.environ)
-        env.pop("ATEN_CPU_CAPABILITY", None)
-        if capability == "default":
-            env["ATEN_CPU_CAPABILITY"] = "default"
-        out = tmp_path / f"{capability}.pt"
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(out)], check=True, env=env)
-        results[capability] = torch.load(out)
-    a, b = results["default"], results["native"]
+        RESULT = {"grads": grads, "found": found, "sumsq": s}
+    """
+    a = run_with_cpu_capability("default", script, grads, tmp_path)
+    b = run_with_cpu_capability(None, script, grads, tmp_path)
     for x, y in zip(a["grads"], b["grads"]):
         torch.testing.assert_close(x, y, equal_nan=True, rtol=0, atol=0)
     assert a["found"].item() == b["found"].item() == 1.0

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <optional>
+#include <string_view>
+#include <tuple>
 
 #include "mixprec/version.h"
 
@@ -38,5 +40,33 @@ void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
                    double backoff_factor, int64_t growth_interval, int64_t hysteresis = 1,
                    double min_scale = 0.0, std::optional<double> max_scale = std::nullopt,
                    bool consecutive_hysteresis = false);
+
+/// Converts `src` (fp32, fp16 or bf16) to `dtype` (fp32, fp16 or bf16).
+///   rounding "nearest": IEEE round-to-nearest-even, bit-identical to `src.to(dtype)` (NaN stays NaN).
+///   rounding "stochastic": rounds up in magnitude with probability equal to the dropped fraction of an
+///     ulp, so the cast is unbiased. Draws come from Philox keyed by `seed` and each element's index:
+///     the same seed and tensor give the same bits, on CPU and CUDA alike. Without a seed, the key comes
+///     from torch's default generator of the device (torch.manual_seed governs it).
+///   saturate: finite values beyond the target's largest finite value become +-that value, not +-inf;
+///     inf and NaN pass through.
+/// Widening to fp32 is exact and ignores rounding/saturate. The result is laid out like `src`.
+at::Tensor cast(const at::Tensor& src, at::ScalarType dtype, std::string_view rounding = "nearest",
+                bool saturate = false, std::optional<int64_t> seed = std::nullopt);
+
+/// The multi-tensor cast: `dst[i] = cast(src[i], dst[i].dtype, ...)` in place, one CUDA launch for the
+/// whole list (e.g. refreshing bf16 model params from fp32 masters). Pairs must have equal shapes.
+/// Stochastic draws are numbered across the list, so no two elements share one.
+void cast_(at::TensorList dst, at::TensorList src, std::string_view rounding = "nearest", bool saturate = false,
+           std::optional<int64_t> seed = std::nullopt);
+
+/// Splits fp32 `src` into a bf16 tensor usable as a model parameter and an int16 remainder from which
+/// merge_bf16_remainder rebuilds the exact fp32 bits (4 bytes per value instead of 6 for bf16 + fp32).
+/// The bf16 part is hi16 rounded to nearest with ties away from zero (not ties-to-even); finite values
+/// with |x| >= 0x7f7f8000 (max bf16 + half an ulp) give +-inf there and still merge back exactly; NaN
+/// gives the canonical bf16 NaN with remainder 0 and merges to a NaN (payload not kept).
+std::tuple<at::Tensor, at::Tensor> split_bf16_remainder(const at::Tensor& src);
+
+/// Rebuilds fp32 from split_bf16_remainder's two parts.
+at::Tensor merge_bf16_remainder(const at::Tensor& bf16, const at::Tensor& remainder);
 
 }  // namespace mixprec::ops

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "ops/rounding.h"
+
 namespace mixprec::cpu {
 
 enum class Capability : int { Default = 0, Avx2 = 1 };
@@ -58,7 +60,7 @@ struct CastChunk {
   uint64_t rng_index;
 };
 
-enum class Rounding : int { Nearest = 0, Stochastic = 1 };
+using Rounding = rounding::Mode;
 
 /// Philox key and stream offset for stochastic rounding.
 struct RngKey {

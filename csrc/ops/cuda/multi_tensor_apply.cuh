@@ -35,6 +35,10 @@ inline DType to_dtype(at::ScalarType t) {
   }
 }
 
+__host__ __device__ inline int dtype_size(DType t) {
+  return t == DType::Double ? 8 : (t == DType::Float ? 4 : 2);
+}
+
 // A multiple of every vector width (16 bytes / 2-byte element = 8), so vector alignment carries
 // from a tensor's start to each of its chunks.
 constexpr int64_t kChunkSize = 1 << 16;
@@ -44,6 +48,7 @@ struct TensorListMeta {
   void* ptr[Depth][MaxTensors];
   int64_t numel[MaxTensors];
   int64_t chunk_start[MaxTensors + 1];  // chunk_start[i]: first chunk of tensor i in this launch
+  int64_t aux[MaxTensors];              // one per-tensor number for the op (e.g. its RNG base index)
   DType dtype[Depth][MaxTensors];
   int num_tensors;
 };
@@ -67,9 +72,10 @@ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kCh
 
 /// Calls `launch(meta, chunks_in_launch, chunk_base)` once per batch of tensors. `lists[d][i]` is the
 /// i-th tensor of the d-th list; all lists have the same length and every tensor in a row has the same
-/// number of elements and is dense. Empty tensors are skipped.
+/// number of elements and is dense. Empty tensors are skipped. `aux`, when given, fills meta.aux.
 template <int Depth, int MaxTensors, typename Launch>
-void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>& lists, Launch&& launch) {
+void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>& lists, Launch&& launch,
+                        const std::vector<uint64_t>* aux = nullptr) {
   static_assert(sizeof(TensorListMeta<Depth, MaxTensors>) <= 30 * 1024,
                 "kernel argument larger than CUDA's 32 KB limit");
   const size_t n = lists[0]->size();
@@ -95,12 +101,10 @@ void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>&
       meta.dtype[d][slot] = to_dtype(t.scalar_type());
     }
     meta.numel[slot] = numel;
+    meta.aux[slot] = aux != nullptr ? static_cast<int64_t>((*aux)[i]) : 0;
     meta.chunk_start[slot + 1] = meta.chunk_start[slot] + num_chunks(numel);
     meta.num_tensors = slot + 1;
-    if (meta.num_tensors == MaxTensors) {
-      flush();
-      meta.chunk_start[0] = 0;
-    }
+    if (meta.num_tensors == MaxTensors) flush();
   }
   flush();
 }

@@ -21,7 +21,7 @@ namespace mixprec::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 768;  // ~20 KB of kernel arguments
+constexpr int kMaxTensors = 640;  // ~22 KB of kernel arguments
 constexpr int kUnroll = 4;        // 16-byte loads in flight per thread
 
 template <typename T>

@@ -1,0 +1,331 @@
+"""cast / cast_ / split_bf16_remainder / merge_bf16_remainder: bit-exact nearest, unbiased stochastic
+rounding, saturation, exact remainders; CPU and (when present) CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES, requires_cuda, run_with_cpu_capability
+
+from mixprec import ops
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(INT_VIEW[t.dtype])
+
+
+def assert_same_bits_or_both_nan(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    a_nan, e_nan = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(a_nan, e_nan), "NaN positions differ"
+    keep = ~a_nan
+    mismatched = (bits(actual)[keep] != bits(expected)[keep]).sum().item()
+    assert mismatched == 0, f"{mismatched} values differ from the reference bits"
+
+
+def random_float_bits(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def special_floats() -> torch.Tensor:
+    as_bits = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x00000001,
+               0x80000001, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000, 0x7F7F8001,
+               0x3F808000, 0x3F818000, 0x3F808001]  # last three: bf16 ties to even (down, up) and above a tie
+    values = [65504.0, 65519.0, 65519.996, 65520.0, 65536.0, -65520.0, 2.0**-24, 2.0**-25, 2.0**-25 * 1.5,
+              2.0**-26, 6.103515625e-05, 6.097555160522461e-05, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 3.0e38, -3.4e38]
+    t = torch.tensor(values, dtype=torch.float32)
+    b = torch.tensor([x - 2**32 if x >= 2**31 else x for x in as_bits], dtype=torch.int32).view(torch.float32)
+    return torch.cat([t, b])
+
+
+# ---- nearest -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_nearest_matches_tensor_to_on_random_bit_patterns(device: str, dtype: torch.dtype) -> None:
+    x = torch.cat([random_float_bits(1 << 22, seed=11), special_floats()]).to(device)
+    assert_same_bits_or_both_nan(ops.cast(x, dtype), x.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_every_16_bit_value_round_trips(device: str, dtype: torch.dtype) -> None:
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
+    wide = ops.cast(every, torch.float32)
+    assert_same_bits_or_both_nan(wide, every.to(torch.float32))
+    assert_same_bits_or_both_nan(ops.cast(wide, dtype), every)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    assert_same_bits_or_both_nan(ops.cast(every, other), every.to(other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layouts_and_sizes(device: str) -> None:
+    torch.manual_seed(0)
+    for n in (0, 1, 3, 4, 5, 15, 16, 17, 65537):
+        x = torch.randn(n, device=device) * 1000
+        assert torch.equal(ops.cast(x, torch.float16), x.half())
+    t = torch.randn(33, 20, device=device).t()  # dense, permuted: output keeps the layout
+    out = ops.cast(t, torch.bfloat16)
+    assert out.stride() == t.stride() and torch.equal(out, t.bfloat16())
+    s = torch.randn(40, 30, device=device)[::3, 1::2]  # strided with gaps
+    assert torch.equal(ops.cast(s, torch.float16), s.half())
+
+
+def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
+    """DEFAULT and AVX2 builds of the cast kernel agree bit for bit, in every mode."""
+    x = torch.cat([random_float_bits(1 << 20, seed=5), special_floats()])
+    x = x[~torch.isnan(x)]
+    script = """
+        x = INPUTS
+        RESULT = [mixprec.ops.cast(x, dt, r, s, seed=9).view(torch.int16)
+                  for dt in (torch.float16, torch.bfloat16) for r in ("nearest", "stochastic") for s in (False, True)]
+        RESULT.append(mixprec.ops.cast(x.half(), torch.float32).view(torch.int32))
+        RESULT.append(mixprec.ops.cast(x.bfloat16(), torch.float32).view(torch.int32))
+    """
+    a = run_with_cpu_capability("default", script, x, tmp_path)
+    b = run_with_cpu_capability(None, script, x, tmp_path)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"result {i} differs between capabilities"
+
+
+# ---- cast_ (lists) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cast_list_of_mixed_pairs(device: str) -> None:
+    torch.manual_seed(1)
+    src = [
+        torch.randn(1000, device=device),
+        torch.randn(7, 9, device=device).to(torch.bfloat16),
+        torch.randn(300, device=device).to(torch.float16),
+        torch.randn(5, device=device),
+        torch.randn(0, device=device),
+        torch.randn(20, 30, device=device).t(),  # src transposed, dst contiguous
+        torch.randn(70001, device=device),
+    ]
+    dst = [
+        torch.empty(1000, device=device, dtype=torch.bfloat16),
+        torch.empty(7, 9, device=device),
+        torch.empty(300, device=device, dtype=torch.bfloat16),
+        torch.empty(5, device=device),
+        torch.empty(0, device=device, dtype=torch.float16),
+        torch.empty(30, 20, device=device, dtype=torch.float16),
+        torch.empty(70001 * 2, device=device, dtype=torch.float16)[::2],  # dst strided with gaps
+    ]
+    ops.cast_(dst, src)
+    for d, s in zip(dst, src):
+        assert torch.equal(d, s.to(d.dtype))
+
+
+# ---- stochastic rounding -------------------------------------------------------------------------------------
+
+
+def neighbours(x: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The two representable values of dtype around x (float64), below and above in magnitude."""
+    t = torch.tensor([x], dtype=torch.float64)
+    down = t.to(dtype).double()
+    if abs(down.item()) > abs(x):
+        down = torch.nextafter(down.to(dtype), torch.zeros(1, dtype=dtype)).double()
+    up = torch.nextafter(down.to(dtype), torch.full((1,), math.copysign(math.inf, x), dtype=dtype)).double()
+    return down.item(), up.item()
+
+
+STOCHASTIC_CASES = [
+    (torch.bfloat16, 1.0 + 0.3 * 2.0**-7),
+    (torch.bfloat16, -3.7e-3),
+    (torch.bfloat16, 1.7e-39),  # a bf16 subnormal
+    (torch.float16, 1.0 + 0.3 * 2.0**-10),
+    (torch.float16, -1234.567),
+    (torch.float16, 3.0e-6),  # fp16 subnormal range
+    (torch.float16, 65510.0),  # rounds up to inf with probability 6/32
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, x", STOCHASTIC_CASES)
+def test_stochastic_is_unbiased(device: str, dtype: torch.dtype, x: float) -> None:
+    n = 200_000
+    x32 = float(np.float32(x))
+    src = torch.full((n,), x32, device=device)
+    out = ops.cast(src, dtype, "stochastic", seed=1234).double().cpu()
+    low, high = neighbours(x32, dtype)
+    if high == math.inf or high == -math.inf:
+        high_finite = math.copysign(65536.0, x32)  # fp16 overflow: the would-be next value
+        up = torch.isinf(out)
+        assert torch.all(up | (out == low))
+        p_hat = up.double().mean().item()
+        p = (abs(x32) - abs(low)) / (abs(high_finite) - abs(low))
+        assert abs(p_hat - p) < 5 * math.sqrt(p * (1 - p) / n)
+        return
+    assert torch.all((out == low) | (out == high)), "a result is neither neighbour"
+    p = (x32 - low) / (high - low)
+    sigma = abs(high - low) * math.sqrt(p * (1 - p) / n)
+    assert abs(out.mean().item() - x32) < 5 * sigma, (out.mean().item(), x32, sigma)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_stochastic_never_moves_representable_values(device: str, dtype: torch.dtype) -> None:
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[~torch.isnan(every)].to(device)
+    out = ops.cast(every.float(), dtype, "stochastic", seed=5)
+    assert torch.equal(bits(out), bits(every))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_reproducible_and_keyed(device: str) -> None:
+    x = torch.randn(10_000, device=device)
+    a = ops.cast(x, torch.bfloat16, "stochastic", seed=7)
+    assert torch.equal(a, ops.cast(x, torch.bfloat16, "stochastic", seed=7))
+    assert not torch.equal(a, ops.cast(x, torch.bfloat16, "stochastic", seed=8))
+    torch.manual_seed(3)
+    b = ops.cast(x, torch.bfloat16, "stochastic")
+    c = ops.cast(x, torch.bfloat16, "stochastic")
+    torch.manual_seed(3)
+    assert torch.equal(b, ops.cast(x, torch.bfloat16, "stochastic")), "torch.manual_seed does not govern it"
+    assert not torch.equal(b, c), "two unseeded calls drew the same numbers"
+    # The list form numbers its draws across the list: cast_ of one tensor equals cast with the same seed.
+    d = torch.empty_like(x, dtype=torch.bfloat16)
+    ops.cast_([d], [x], "stochastic", seed=7)
+    assert torch.equal(d, a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_draws_are_independent(device: str) -> None:
+    n = 1 << 18
+    x = torch.full((n,), 1.0 + 0.5 * 2.0**-7, device=device)  # p(up) = 1/2
+    up = (ops.cast(x, torch.bfloat16, "stochastic", seed=99).float() > 1.0).double().cpu()
+    centred = up - up.mean()
+    for lag in (1, 2, 3, 4, 5, 64):
+        corr = (centred[:-lag] * centred[lag:]).mean() / centred.var()
+        assert abs(corr.item()) < 5 / math.sqrt(n), f"lag {lag}: correlation {corr.item():.4f}"
+    # Two tensors in one cast_ call do not share draws.
+    a, b = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.bfloat16)
+    ops.cast_([a, b], [x, x], "stochastic", seed=99)
+    agree = (a == b).double().mean().item()
+    assert abs(agree - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_seeded_cast_same_bits_on_cpu_and_cuda(dtype: torch.dtype) -> None:
+    x = torch.cat([random_float_bits(1 << 20, seed=3), special_floats()])
+    x = x[~torch.isnan(x)]
+    for rounding in ("nearest", "stochastic"):
+        for saturate in (False, True):
+            cpu = ops.cast(x, dtype, rounding, saturate, seed=21)
+            gpu = ops.cast(x.cuda(), dtype, rounding, saturate, seed=21).cpu()
+            assert torch.equal(bits(cpu), bits(gpu)), (rounding, saturate)
+
+
+# ---- saturation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_saturate_fp16(device: str, rounding: str) -> None:
+    x = torch.tensor([65504.0, 65519.0, 65520.0, 70000.0, 1e30, -1e30, -65520.0, 1.0, math.inf, -math.inf, math.nan],
+                     device=device)
+    out = ops.cast(x, torch.float16, rounding, saturate=True, seed=0).float().cpu()
+    expected = torch.tensor([65504.0, 65504.0, 65504.0, 65504.0, 65504.0, -65504.0, -65504.0, 1.0, math.inf, -math.inf,
+                             math.nan])
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+    plain = ops.cast(x, torch.float16, "nearest").float().cpu()
+    assert plain[2].item() == math.inf and plain[0].item() == 65504.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saturate_bf16(device: str) -> None:
+    bf16_max = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([3.4e38, -3.4e38, bf16_max, math.inf, math.nan], device=device)
+    out = ops.cast(x, torch.bfloat16, saturate=True).float().cpu()
+    torch.testing.assert_close(out, torch.tensor([bf16_max, -bf16_max, bf16_max, math.inf, math.nan]),
+                               equal_nan=True, rtol=0, atol=0)
+    assert ops.cast(x, torch.bfloat16)[0].item() == math.inf
+
+
+# ---- bf16 + remainder -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_remainder_round_trip_is_exact(device: str) -> None:
+    x = torch.cat([random_float_bits(1 << 22, seed=17), special_floats()])
+    x = x[~torch.isnan(x)].to(device)
+    hi, lo = ops.split_bf16_remainder(x)
+    assert hi.dtype == torch.bfloat16 and lo.dtype == torch.int16 and hi.shape == x.shape
+    back = ops.merge_bf16_remainder(hi, lo)
+    assert torch.equal(bits(back), bits(x))
+    # The bf16 half follows the documented rule: high half, plus one when the low half's top bit is set.
+    u = x.cpu().view(torch.int32).numpy().view(np.uint32)
+    expected_hi = ((u >> 16) + ((u & 0xFFFF) >= 0x8000)).astype(np.uint16)
+    assert np.array_equal(hi.cpu().view(torch.int16).numpy().view(np.uint16), expected_hi)
+    # ...which is round-to-nearest except at ties, so |bf16 - x| is at most half a bf16 ulp.
+    finite = torch.isfinite(hi.float()) & torch.isfinite(x) & (x.abs() > 1e-30)
+    err = (hi.float()[finite].double() - x[finite].double()).abs()
+    assert torch.all(err <= torch.abs(x[finite].double()) * 2.0**-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_remainder_nan(device: str) -> None:
+    x = torch.tensor([math.nan, -math.nan, 1.0], device=device)
+    x[0] = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)[0]  # a NaN with only low payload
+    hi, lo = ops.split_bf16_remainder(x)
+    assert torch.isnan(hi[:2]).all() and torch.isnan(ops.merge_bf16_remainder(hi, lo)[:2]).all()
+
+
+# ---- opcheck and errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    x = torch.randn(33, 5, device=device)
+    torch.library.opcheck(torch.ops.mixprec.cast.default, (x, torch.bfloat16, "nearest", False, None))
+    torch.library.opcheck(torch.ops.mixprec.cast.default, (x, torch.float16, "stochastic", True, 3))
+    dst = [torch.empty(33, 5, device=device, dtype=torch.float16), torch.empty(4, device=device)]
+    torch.library.opcheck(torch.ops.mixprec.cast_.default, (dst, [x, torch.randn(4, device=device).bfloat16()],
+                                                            "stochastic", False, 11))
+    torch.library.opcheck(torch.ops.mixprec.split_bf16_remainder.default, (x,))
+    hi, lo = ops.split_bf16_remainder(x)
+    torch.library.opcheck(torch.ops.mixprec.merge_bf16_remainder.default, (hi, lo))
+
+
+BAD = [
+    ("unknown rounding", lambda: ops.cast(torch.ones(3), torch.float16, "truncate"), "rounding"),
+    ("int source", lambda: ops.cast(torch.ones(3, dtype=torch.int32), torch.float16), "src"),
+    ("fp64 target", lambda: ops.cast(torch.ones(3), torch.float64), "dst"),
+    ("list lengths", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], []), "same length"),
+    ("pair shapes", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(4)]), "shape"),
+    ("sparse source", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(3).to_sparse()]), "src"),
+    ("split fp16", lambda: ops.split_bf16_remainder(torch.ones(3, dtype=torch.float16)), "float32"),
+    ("merge dtypes", lambda: ops.merge_bf16_remainder(torch.ones(3, dtype=torch.bfloat16), torch.ones(3)), "int16"),
+    ("merge shapes", lambda: ops.merge_bf16_remainder(torch.ones(3, dtype=torch.bfloat16),
+                                                      torch.ones(4, dtype=torch.int16)), "shape"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input(case) -> None:
+    _, call, needle = case
+    with pytest.raises(RuntimeError, match=needle):
+        call()
+
+
+def test_bad_input_writes_nothing() -> None:
+    dst = [torch.zeros(3, dtype=torch.float16), torch.zeros(2, dtype=torch.float16)]
+    with pytest.raises(RuntimeError, match=r"src\[1\]"):
+        ops.cast_(dst, [torch.ones(3), torch.ones(2, dtype=torch.int64)])
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in dst)
+
+
+@requires_cuda
+def test_mixed_devices_rejected() -> None:
+    with pytest.raises(RuntimeError, match=r"dst\[0\]"):
+        ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(3, device="cuda")])
