@@ -62,7 +62,7 @@ CastPlan::CastPlan(at::TensorList dst, at::TensorList src) : dst_(dst) {
       src_work_.push_back(at::empty_strided(w.sizes(), w.strides(), s.options()).copy_(s));
     }
     rng_base_.push_back(rng_elements_);
-    rng_elements_ += (static_cast<uint64_t>(d.numel()) + 3) / 4 * 4;
+    rng_elements_ += (static_cast<uint64_t>(d.numel()) + 7) / 8 * 8;
   }
 }
 

@@ -24,7 +24,7 @@ void check_cast_args(const char* op, at::TensorList dst, at::TensorList src);
 /// The tensors a cast kernel walks. Pair i is dst_work[i] <- src_work[i], both dense with identical
 /// strides, so element k of one lines up with element k of the other in memory. Where dst itself is
 /// not dense, dst_work is a fresh buffer that finish() copies into it. rng_base[i] is where pair i
-/// starts in the list-wide element numbering that stochastic rounding draws by (multiples of 4, so
+/// starts in the list-wide element numbering that stochastic rounding draws by (multiples of 8, so
 /// every tensor starts on a Philox group).
 class CastPlan {
  public:

@@ -1,8 +1,8 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): a counter-based
 // generator. Each call maps (counter, key) to four independent 32-bit draws with no state, so element i
 // of a tensor can draw its own numbers from (seed, i) on any thread, on CPU or GPU, and get the same
-// bits everywhere. mixprec's stochastic rounding keys it with the seed and counts in groups of four
-// elements: counter = (element_index / 4, offset), lane = element_index % 4.
+// bits everywhere. mixprec's stochastic rounding keys it with the seed and counts in groups of eight
+// elements, 16 bits each: counter = (element_index / 8, offset), see rounding::draw16.
 #pragma once
 
 #include <c10/macros/Macros.h>

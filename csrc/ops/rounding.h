@@ -4,7 +4,7 @@
 //
 //   nearest      IEEE round-to-nearest-even (what Tensor.to does); NaN stays NaN.
 //   stochastic   rounds up in magnitude with probability equal to the dropped fraction of an ulp, so
-//                E[round(x)] = x; driven by a 32-bit uniform draw per element.
+//                E[round(x)] = x; driven by a 16-bit uniform draw per element (see below).
 //   saturate     finite values beyond the target's largest finite value become +-that value instead of
 //                +-inf; inf and NaN pass through.
 //   remainder    fp32 = [hi16 | lo16]: the bf16 part is hi16 rounded by the top bit of lo16, the int16
@@ -55,21 +55,25 @@ C10_HOST_DEVICE inline c10::Half to_half_nearest(float x) { return c10::Half(x);
 C10_HOST_DEVICE inline c10::BFloat16 to_bfloat16_nearest(float x) { return c10::BFloat16(x); }
 
 // ---- stochastic rounding --------------------------------------------------------------------------------
-// bf16 keeps fp32's exponent range, so adding a uniform 16-bit number below the cut and truncating is an
-// unbiased rounding for every finite input, subnormals included (the bit patterns of one sign are
-// ordered like the values). A carry out of the largest binade gives inf, with the right probability.
-C10_HOST_DEVICE inline c10::BFloat16 to_bfloat16_stochastic(float x, uint32_t random) {
+// Each element gets 16 uniform random bits: bf16 drops exactly 16 bits of fp32, and fp16 drops 13 bits in
+// its normal range, so 16 bits make both roundings exactly unbiased there (fp16's subnormal range, below
+// 2^-14, keeps a bias under 2^-16 of an fp16 ulp, i.e. < 2^-40). One Philox call serves 8 elements.
+//
+// bf16 keeps fp32's exponent range, so adding the draw below the cut and truncating is an unbiased
+// rounding for every finite input, subnormals included (the bit patterns of one sign are ordered like
+// the values). A carry out of the largest binade gives inf, with the right probability.
+C10_HOST_DEVICE inline c10::BFloat16 to_bfloat16_stochastic(float x, uint32_t draw16) {
   const uint32_t u = float_bits(x);
   if (is_nan_bits(u)) return c10::BFloat16(0x7fc0 | ((u >> 16) & 0x8000), c10::BFloat16::from_bits());
   if (!is_finite_bits(u)) return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
-  const uint32_t rounded = u + (random & 0xffffu);
+  const uint32_t rounded = u + (draw16 & 0xffffu);
   return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
 // fp16 has a narrower exponent range than fp32, so the cut moves with the binade: take the fp16 value
 // below |x| (toward zero), the fp16 spacing there, and round up with probability (|x| - low) / spacing.
 // Both are exact in fp32: low is |x| with low bits cleared, the spacing a power of two.
-C10_HOST_DEVICE inline c10::Half to_half_stochastic(float x, uint32_t random) {
+C10_HOST_DEVICE inline c10::Half to_half_stochastic(float x, uint32_t draw16) {
   const uint32_t u = float_bits(x);
   if (!is_finite_bits(u)) return c10::Half(x);  // inf stays inf, NaN stays NaN
   const uint32_t sign = u & 0x80000000u;
@@ -84,8 +88,8 @@ C10_HOST_DEVICE inline c10::Half to_half_stochastic(float x, uint32_t random) {
     spacing = 5.9604644775390625e-08f;
     low = static_cast<float>(static_cast<int32_t>(a * 16777216.0f)) * spacing;  // exact truncation
   }
-  // 24 random bits as a fraction in [0, 1); (a - low) / spacing is an exact multiple of 2^-24 or finer.
-  const float draw = static_cast<float>(random >> 8) * 5.9604644775390625e-08f;
+  // The draw as a fraction in [0, 1); (a - low) and draw * spacing are both exact in fp32.
+  const float draw = static_cast<float>(draw16 & 0xffffu) * 1.52587890625e-05f;  // * 2^-16
   const float magnitude = (a - low) > draw * spacing ? low + spacing : low;
   // low + spacing may be 65536 (the binade above 65504): that is fp16's overflow, i.e. inf.
   return c10::Half(bits_float(sign | float_bits(magnitude)));
@@ -124,6 +128,13 @@ C10_HOST_DEVICE inline float merge_bf16_remainder(uint16_t bf16, int16_t remaind
   uint16_t hi = bf16;
   if (remainder < 0) hi = static_cast<uint16_t>(hi - 1);
   return bits_float((static_cast<uint32_t>(hi) << 16) | static_cast<uint16_t>(remainder));
+}
+
+/// The 16-bit draw of element `index` from its group's four 32-bit Philox outputs (group = index / 8):
+/// elements 2p and 2p+1 of a group share output p, low half first.
+C10_HOST_DEVICE inline uint32_t draw16(const uint32_t (&group_draws)[4], uint64_t index) {
+  const uint32_t word = group_draws[(index >> 1) & 3];
+  return (index & 1) ? (word >> 16) : (word & 0xffffu);
 }
 
 }  // namespace mixprec::rounding

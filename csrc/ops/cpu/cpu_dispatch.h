@@ -50,7 +50,7 @@ using UnscaleChunkFn = UnscaleChunkResult (*)(void* data, int64_t n, at::ScalarT
 extern KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
 
 /// One piece of a cast: `n` elements from `src` to `dst` (same layout), whose first element has index
-/// `rng_index` in the list-wide numbering that stochastic rounding draws by (a multiple of 4).
+/// `rng_index` in the list-wide numbering that stochastic rounding draws by (a multiple of 8).
 struct CastChunk {
   void* dst;
   const void* src;

@@ -1,5 +1,5 @@
 // cast / cast_ and the bf16 remainder split/merge on CUDA. cast_ is one multi-tensor launch over every
-// (dst, src) pair, whatever their dtypes: each thread converts groups of four elements (one Philox call
+// (dst, src) pair, whatever their dtypes: each thread converts groups of eight elements (one Philox call
 // per group for stochastic rounding), with vector loads and stores where both sides are aligned. The
 // rounding itself is rounding.h, the same code the CPU runs, so a seeded cast gives the same bits on
 // both devices.
@@ -46,35 +46,43 @@ __device__ __forceinline__ Dst round_one(float x, Mode mode, bool saturate, uint
   }
 }
 
+// Each thread converts octets: eight elements, one Philox call (16 bits per element), two 4-element
+// vector loads and stores where both sides are aligned.
 template <typename Dst, typename Src>
 __device__ void cast_chunk(Dst* d, const Src* s, int64_t n, Mode mode, bool saturate, uint64_t seed, uint64_t offset,
                            uint64_t index0) {
   const bool vec = reinterpret_cast<uintptr_t>(d) % sizeof(Quad<Dst>) == 0 &&
                    reinterpret_cast<uintptr_t>(s) % sizeof(Quad<Src>) == 0;
-  const int64_t groups = (n + 3) / 4;
-  for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
-    const int64_t i = g * 4;
-    const bool full = vec && i + 4 <= n;
-    float x[4];
+  const int64_t octets = (n + 7) / 8;
+  for (int64_t o = threadIdx.x; o < octets; o += kThreads) {
+    const int64_t i = o * 8;
+    const bool full = vec && i + 8 <= n;
+    float x[8];
     if (full) {
-      const Quad<Src> q = reinterpret_cast<const Quad<Src>*>(s)[g];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) x[k] = static_cast<float>(q.v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) x[k] = i + k < n ? static_cast<float>(s[i + k]) : 0.f;
-    }
-    philox::Draw4 r{{0, 0, 0, 0}};
-    if (mode == Mode::Stochastic) r = philox::philox4x32_10((index0 + static_cast<uint64_t>(i)) / 4, offset, seed);
-    Quad<Dst> out;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out.v[k] = round_one<Dst>(x[k], mode, saturate, r.v[k]);
-    if (full) {
-      reinterpret_cast<Quad<Dst>*>(d)[g] = out;
-    } else {
+      const Quad<Src> a = reinterpret_cast<const Quad<Src>*>(s)[2 * o];
+      const Quad<Src> b = reinterpret_cast<const Quad<Src>*>(s)[2 * o + 1];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (i + k < n) d[i + k] = out.v[k];
+        x[k] = static_cast<float>(a.v[k]);
+        x[k + 4] = static_cast<float>(b.v[k]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[k] = i + k < n ? static_cast<float>(s[i + k]) : 0.f;
+    }
+    const uint64_t index = index0 + static_cast<uint64_t>(i);
+    philox::Draw4 r{{0, 0, 0, 0}};
+    if (mode == Mode::Stochastic) r = philox::philox4x32_10(index / 8, offset, seed);
+    Quad<Dst> out[2];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k / 4].v[k % 4] = round_one<Dst>(x[k], mode, saturate, rounding::draw16(r.v, index + k));
+    if (full) {
+      reinterpret_cast<Quad<Dst>*>(d)[2 * o] = out[0];
+      reinterpret_cast<Quad<Dst>*>(d)[2 * o + 1] = out[1];
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (i + k < n) d[i + k] = out[k / 4].v[k % 4];
       }
     }
   }
@@ -128,7 +136,7 @@ at::PhiloxCudaState rng_state(std::optional<int64_t> seed, c10::Device device) {
   // read inside the kernel, which keeps this safe under CUDA-graph capture.
   auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index());
   std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(4);
+  return gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(4);  // torch wants multiples of 4
 }
 
 void cast_lists(const char* op, at::TensorList dst, at::TensorList src, std::string_view rounding, bool saturate,
