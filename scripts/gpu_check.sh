@@ -36,6 +36,7 @@ step() {  # step NAME LOG COMMAND...
 if step build build.log env MIXPREC_BUILD_DIR=build/gpu $PY -m pip install --no-build-isolation --no-deps -e .; then
   step pytest pytest.log $PY -m pytest tests/python -q -x -p no:cacheprovider
   step bench_unscale bench_unscale.log $PY benchmarks/bench_unscale.py --device cuda
+  step bench_cast bench_cast.log $PY benchmarks/bench_cast.py --device cuda
 fi
 for f in "$OUT"/bench_*.log; do
   [ -f "$f" ] && { echo; echo "## $(basename "$f" .log)"; echo '```'; cat "$f"; echo '```'; } >> "$summary"
