@@ -78,5 +78,20 @@ at::Tensor merge_bf16_remainder(const at::Tensor& bf16, const at::Tensor& remain
   return op.call(bf16, remainder);
 }
 
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool decoupled_weight_decay, bool maximize, std::string_view master_mode,
+                std::string_view rounding, std::optional<int64_t> seed, const AdamStepExtras& extras) {
+  using Opt = const std::optional<at::Tensor>&;
+  static const auto op =
+      find_op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                   double, double, double, double, double, bool, bool, c10::string_view, c10::string_view,
+                   std::optional<int64_t>, Opt, Opt, Opt, Opt)>("mixprec::adam_step_");
+  op.call(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize, c10::string_view(master_mode.data(), master_mode.size()),
+          c10::string_view(rounding.data(), rounding.size()), seed, extras.lr_tensor, extras.grad_scale,
+          extras.found_inf, extras.clip_coef);
+}
+
 }  // namespace ops
 }  // namespace mixprec

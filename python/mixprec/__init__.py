@@ -13,6 +13,7 @@ import torch as _torch  # noqa: F401  (libtorch must be loaded before libmixprec
 from . import _C
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
+from . import optim
 
 __version__: str = _C.version()
 
@@ -25,4 +26,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["ops", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]

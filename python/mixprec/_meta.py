@@ -69,3 +69,29 @@ def _split_bf16_remainder_fake(src: torch.Tensor) -> tuple[torch.Tensor, torch.T
 @torch.library.register_fake("mixprec::merge_bf16_remainder")
 def _merge_bf16_remainder_fake(bf16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     return bf16.new_empty(bf16.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("mixprec::adam_step_")
+def _adam_step_fake(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    masters: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool = True,
+    maximize: bool = False,
+    master_mode: str = "none",
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    clip_coef: Optional[torch.Tensor] = None,
+) -> None:
+    return None

@@ -14,7 +14,11 @@ __all__ = [
     "cast_",
     "split_bf16_remainder",
     "merge_bf16_remainder",
+    "adam_step_",
 ]
+
+#: The master-weight modes ``adam_step_`` accepts.
+MASTER_MODES = ("none", "fp32", "remainder")
 
 #: The rounding modes ``cast`` and ``cast_`` accept.
 ROUNDING_MODES = ("nearest", "stochastic")
@@ -139,3 +143,46 @@ def split_bf16_remainder(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def merge_bf16_remainder(bf16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     """Rebuild the fp32 tensor from :func:`split_bf16_remainder`'s parts (exact for every non-NaN value)."""
     return torch.ops.mixprec.merge_bf16_remainder.default(bf16, remainder)
+
+
+def adam_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    masters: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool = True,
+    maximize: bool = False,
+    master_mode: str = "none",
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    clip_coef: Optional[torch.Tensor] = None,
+) -> None:
+    """One fused Adam/AdamW step over whole lists (one pass over memory, all math in fp32).
+
+    Row i is ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]``, ``masters[i]`` (empty list
+    for ``master_mode="none"``) and ``steps[i]`` (a one-element float32 tensor on the device that advances
+    only on applied steps). ``master_mode``: ``"none"`` updates params from their own values (16-bit
+    params are rounded with ``rounding``; ``"stochastic"`` keeps small updates alive), ``"fp32"`` keeps fp32
+    masters whose rounding is written to the params, ``"remainder"`` keeps bf16 params plus int16
+    remainders (exact fp32 at 4 bytes per value). Moments are fp32 or bf16 and keep their own dtype.
+
+    On-device inputs (one-element float32 tensors): ``lr_tensor`` replaces ``lr``; grads are divided by
+    ``grad_scale`` and multiplied by ``clip_coef`` inside the step; when ``found_inf`` is non-zero nothing
+    at all is written, step counts included. No host synchronisation on CUDA.
+    """
+    torch.ops.mixprec.adam_step_.default(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters), list(steps),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay),
+        bool(maximize), master_mode, rounding, seed, lr_tensor, grad_scale, found_inf, clip_coef,
+    )

@@ -69,4 +69,27 @@ std::tuple<at::Tensor, at::Tensor> split_bf16_remainder(const at::Tensor& src);
 /// Rebuilds fp32 from split_bf16_remainder's two parts.
 at::Tensor merge_bf16_remainder(const at::Tensor& bf16, const at::Tensor& remainder);
 
+/// Optional on-device inputs of adam_step_ (each a one-element float32 tensor on the params' device).
+struct AdamStepExtras {
+  std::optional<at::Tensor> lr_tensor;   // replaces `lr` (e.g. changed between CUDA-graph replays)
+  std::optional<at::Tensor> grad_scale;  // grads are divided by it inside the step
+  std::optional<at::Tensor> found_inf;   // non-zero: nothing at all is written, step counts included
+  std::optional<at::Tensor> clip_coef;   // grads are multiplied by it (global-norm clipping)
+};
+
+/// One fused Adam/AdamW step over whole lists, all math in fp32.
+///
+/// Rows are (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], steps[i]); steps are one-element
+/// float32 tensors that advance only on applied steps. master_mode:
+///   "none"      params are updated from their own values (fp32 params; or fp16/bf16 params whose
+///               update is rounded with `rounding`, "stochastic" keeping small updates alive);
+///   "fp32"      masters are fp32 copies; the 16-bit param is written as the rounding of its master;
+///   "remainder" bf16 params with int16 remainders in `masters` (exact fp32 at 4 bytes per value).
+/// Moments are fp32 or bf16 and keep their own dtype. `decoupled_weight_decay` = AdamW, else Adam (L2).
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool decoupled_weight_decay = true, bool maximize = false,
+                std::string_view master_mode = "none", std::string_view rounding = "nearest",
+                std::optional<int64_t> seed = std::nullopt, const AdamStepExtras& extras = {});
+
 }  // namespace mixprec::ops

@@ -18,5 +18,6 @@ Capability runtime_capability() {
 
 KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
 KernelTable<CastChunkFn> cast_chunk_kernels;
+KernelTable<AdamChunkFn> adam_chunk_kernels;
 
 }  // namespace mixprec::cpu

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "ops/adam_rule.h"
 #include "ops/rounding.h"
 
 namespace mixprec::cpu {
@@ -70,6 +71,33 @@ struct RngKey {
 
 using CastChunkFn = void (*)(const CastChunk& chunk, Rounding rounding, bool saturate, RngKey key);
 extern KernelTable<CastChunkFn> cast_chunk_kernels;
+
+/// One piece of an Adam step: `n` elements of one parameter's row (all laid out alike).
+struct AdamChunk {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* master;  // fp32 master, int16 remainder, or unused (see AdamCommon::mode)
+  int64_t n;
+  at::ScalarType param_dtype;
+  at::ScalarType grad_dtype;
+  at::ScalarType moment_dtype;
+  detail::AdamScalars scalars;
+  uint64_t rng_index;  // multiple of 8
+};
+
+/// What every chunk of one adam_step_ call shares.
+struct AdamCommon {
+  detail::MasterMode mode;
+  Rounding rounding;  // how a 16-bit param is written from its fp32 value
+  RngKey key;
+  float grad_inv_scale;  // 1 / grad_scale (1 when there is none)
+  float clip_coef;       // 1 when there is none
+};
+
+using AdamChunkFn = void (*)(const AdamChunk& chunk, const AdamCommon& common);
+extern KernelTable<AdamChunkFn> adam_chunk_kernels;
 
 }  // namespace mixprec::cpu
 

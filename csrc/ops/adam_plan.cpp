@@ -1,0 +1,141 @@
+#include "ops/adam_plan.h"
+
+#include <c10/util/Exception.h>
+
+#include "ops/cast_plan.h"
+#include "ops/checks.h"
+
+namespace mixprec::detail {
+
+namespace {
+constexpr const char* kOp = "mixprec::adam_step_";
+
+bool is_float_param(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_list(at::TensorList list, const char* name, size_t n, c10::Device device) {
+  TORCH_CHECK(list.size() == n, kOp, ": ", name, " must have one tensor per param (", n, "), got ", list.size());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.defined(), kOp, ": ", name, "[", i, "] is an undefined tensor");
+    TORCH_CHECK(t.layout() == at::kStrided, kOp, ": ", name, "[", i,
+                "] must be a dense (strided) tensor; sparse gradients are not supported, got layout ", t.layout());
+    TORCH_CHECK(t.device() == device, kOp, ": ", name, "[", i, "] is on ", t.device(), " but params[0] is on ", device,
+                "; every tensor must be on the same device");
+  }
+}
+
+void check_optional_scalar(const std::optional<at::Tensor>& t, const char* name, c10::Device device) {
+  if (t.has_value() && t->defined()) check_one_element(*t, kOp, name, at::kFloat, device);
+}
+}  // namespace
+
+MasterMode parse_master_mode(std::string_view mode) {
+  if (mode == "none") return MasterMode::None;
+  if (mode == "fp32") return MasterMode::Fp32;
+  if (mode == "remainder") return MasterMode::Remainder;
+  TORCH_CHECK(false, kOp, ": master_mode must be \"none\", \"fp32\" or \"remainder\", got \"", std::string(mode), "\"");
+}
+
+void check_adam_args(const AdamArgs& a) {
+  TORCH_CHECK(a.lr >= 0, kOp, ": lr must be >= 0, got ", a.lr);
+  TORCH_CHECK(a.eps >= 0, kOp, ": eps must be >= 0, got ", a.eps);
+  TORCH_CHECK(a.beta1 >= 0 && a.beta1 < 1, kOp, ": beta1 must be in [0, 1), got ", a.beta1);
+  TORCH_CHECK(a.beta2 >= 0 && a.beta2 < 1, kOp, ": beta2 must be in [0, 1), got ", a.beta2);
+  TORCH_CHECK(a.weight_decay >= 0, kOp, ": weight_decay must be >= 0, got ", a.weight_decay);
+  const size_t n = a.params.size();
+  if (n == 0) return;
+  const c10::Device device = a.params[0].device();
+  check_list(a.params, "params", n, device);
+  check_list(a.grads, "grads", n, device);
+  check_list(a.exp_avgs, "exp_avgs", n, device);
+  check_list(a.exp_avg_sqs, "exp_avg_sqs", n, device);
+  check_list(a.steps, "steps", n, device);
+  if (a.master_mode == MasterMode::None) {
+    TORCH_CHECK(a.masters.empty(), kOp, ": masters must be empty when master_mode is \"none\", got ", a.masters.size(),
+                " tensors");
+  } else {
+    check_list(a.masters, "masters", n, device);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(is_float_param(p.scalar_type()), kOp, ": params[", i, "] must be float32, float16 or bfloat16, got ",
+                p.scalar_type());
+    TORCH_CHECK(is_float_param(a.grads[i].scalar_type()), kOp, ": grads[", i,
+                "] must be float32, float16 or bfloat16, got ", a.grads[i].scalar_type());
+    TORCH_CHECK(a.grads[i].sizes() == p.sizes(), kOp, ": grads[", i, "] has shape ", a.grads[i].sizes(),
+                " but params[", i, "] has shape ", p.sizes());
+    for (const auto& [list, name] : {std::pair{a.exp_avgs, "exp_avgs"}, std::pair{a.exp_avg_sqs, "exp_avg_sqs"}}) {
+      const at::Tensor& m = list[i];
+      TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16, kOp, ": ", name, "[", i,
+                  "] must be float32 or bfloat16 (moments keep their own dtype), got ", m.scalar_type());
+      TORCH_CHECK(m.sizes() == p.sizes(), kOp, ": ", name, "[", i, "] has shape ", m.sizes(), " but params[", i,
+                  "] has shape ", p.sizes());
+    }
+    TORCH_CHECK(a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(), kOp, ": exp_avg_sqs[", i,
+                "] must have the dtype of exp_avgs[", i, "] (", a.exp_avgs[i].scalar_type(), "), got ",
+                a.exp_avg_sqs[i].scalar_type());
+    check_one_element(a.steps[i], kOp, ("steps[" + std::to_string(i) + "]").c_str(), at::kFloat, device);
+    if (a.master_mode == MasterMode::Fp32) {
+      TORCH_CHECK(a.masters[i].scalar_type() == at::kFloat, kOp, ": masters[", i,
+                  "] must be float32 when master_mode is \"fp32\", got ", a.masters[i].scalar_type());
+      TORCH_CHECK(a.masters[i].sizes() == p.sizes(), kOp, ": masters[", i, "] has shape ", a.masters[i].sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+    } else if (a.master_mode == MasterMode::Remainder) {
+      TORCH_CHECK(p.scalar_type() == at::kBFloat16, kOp, ": params[", i,
+                  "] must be bfloat16 when master_mode is \"remainder\", got ", p.scalar_type());
+      TORCH_CHECK(a.masters[i].scalar_type() == at::kShort, kOp, ": masters[", i,
+                  "] must be int16 remainders when master_mode is \"remainder\", got ", a.masters[i].scalar_type());
+      TORCH_CHECK(a.masters[i].sizes() == p.sizes(), kOp, ": masters[", i, "] has shape ", a.masters[i].sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+    }
+  }
+  check_optional_scalar(a.lr_tensor, "lr_tensor", device);
+  check_optional_scalar(a.grad_scale, "grad_scale", device);
+  check_optional_scalar(a.found_inf, "found_inf", device);
+  check_optional_scalar(a.clip_coef, "clip_coef", device);
+}
+
+AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
+  const size_t n = a.params.size();
+  const bool has_master = a.master_mode != MasterMode::None;
+  uint64_t next = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    bool in_place = p.is_non_overlapping_and_dense();
+    for (const at::Tensor* t : {&a.grads[i], &a.exp_avgs[i], &a.exp_avg_sqs[i]}) {
+      in_place = in_place && t->is_non_overlapping_and_dense() && t->strides() == p.strides();
+    }
+    if (has_master) {
+      in_place = in_place && a.masters[i].is_non_overlapping_and_dense() && a.masters[i].strides() == p.strides();
+    }
+    if (in_place) {
+      params.push_back(p);
+      grads.push_back(a.grads[i]);
+      exp_avgs.push_back(a.exp_avgs[i]);
+      exp_avg_sqs.push_back(a.exp_avg_sqs[i]);
+      masters.push_back(has_master ? a.masters[i] : p);
+    } else {
+      params.push_back(p.contiguous());
+      grads.push_back(a.grads[i].contiguous());
+      exp_avgs.push_back(a.exp_avgs[i].contiguous());
+      exp_avg_sqs.push_back(a.exp_avg_sqs[i].contiguous());
+      masters.push_back(has_master ? a.masters[i].contiguous() : params.back());
+      copied_.push_back(i);
+    }
+    rng_base.push_back(next);
+    next += (static_cast<uint64_t>(p.numel()) + 7) / 8 * 8;
+  }
+}
+
+void AdamPlan::finish() {
+  const bool has_master = args_.master_mode != MasterMode::None;
+  for (size_t i : copied_) {
+    // const_cast: the schema marks these lists as mutated.
+    const_cast<at::Tensor&>(args_.params[i]).copy_(params[i]);
+    const_cast<at::Tensor&>(args_.exp_avgs[i]).copy_(exp_avgs[i]);
+    const_cast<at::Tensor&>(args_.exp_avg_sqs[i]).copy_(exp_avg_sqs[i]);
+    if (has_master) const_cast<at::Tensor&>(args_.masters[i]).copy_(masters[i]);
+  }
+}
+
+}  // namespace mixprec::detail

@@ -1,0 +1,47 @@
+// What the CPU and CUDA kernels of adam_step_ share: argument checks (same messages on both backends,
+// all before anything is written) and the per-row layout plan.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "ops/adam_rule.h"
+#include "ops/rounding.h"
+
+namespace mixprec::detail {
+
+struct AdamArgs {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, masters, steps;
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+  MasterMode master_mode;
+  rounding::Mode rounding;
+  std::optional<int64_t> seed;
+  std::optional<at::Tensor> lr_tensor, grad_scale, found_inf, clip_coef;
+};
+
+/// "none", "fp32" or "remainder"; anything else is an error listing what is accepted.
+MasterMode parse_master_mode(std::string_view mode);
+
+/// Every precondition of adam_step_, with the argument named in the message.
+void check_adam_args(const AdamArgs& a);
+
+/// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master). A row whose
+/// tensors are all dense with identical strides is walked in place; any other row through contiguous
+/// copies that finish() writes back. rng_base numbers elements across the list for stochastic rounding.
+class AdamPlan {
+ public:
+  explicit AdamPlan(const AdamArgs& a);
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, masters;
+  std::vector<uint64_t> rng_base;
+  void finish();
+
+ private:
+  const AdamArgs& args_;
+  std::vector<size_t> copied_;
+};
+
+}  // namespace mixprec::detail

@@ -1,0 +1,103 @@
+// adam_step_ on the CPU: checks, the overflow skip, per-tensor bias corrections, then 64K-element chunks
+// of every row in parallel through the capability-specific kernel, and finally the step counts.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "ops/adam_plan.h"
+#include "ops/cast_plan.h"
+#include "ops/cpu/cpu_dispatch.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;
+
+float read_scalar(const std::optional<at::Tensor>& t, float fallback) {
+  return t.has_value() && t->defined() ? t->item<float>() : fallback;  // CPU tensors: a memory read
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, bool decoupled_weight_decay, bool maximize, c10::string_view master_mode,
+                   c10::string_view rounding, std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& clip_coef) {
+  const detail::AdamArgs args{params,
+                              grads,
+                              exp_avgs,
+                              exp_avg_sqs,
+                              masters,
+                              steps,
+                              lr,
+                              beta1,
+                              beta2,
+                              eps,
+                              weight_decay,
+                              decoupled_weight_decay,
+                              maximize,
+                              detail::parse_master_mode(std::string_view(master_mode.data(), master_mode.size())),
+                              detail::parse_rounding(std::string_view(rounding.data(), rounding.size()),
+                                                     "mixprec::adam_step_"),
+                              seed,
+                              lr_tensor,
+                              grad_scale,
+                              found_inf,
+                              clip_coef};
+  detail::check_adam_args(args);
+  if (params.empty()) return;
+  // An overflow in this step's gradients: nothing at all is written.
+  if (read_scalar(found_inf, 0.0f) != 0.0f) return;
+
+  const double lr_value = lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr;
+  TORCH_CHECK(lr_value >= 0, "mixprec::adam_step_: lr_tensor must hold a value >= 0, got ", lr_value);
+  AdamCommon common{args.master_mode, args.rounding, {0, 0},
+                    static_cast<float>(1.0 / static_cast<double>(read_scalar(grad_scale, 1.0f))),
+                    read_scalar(clip_coef, 1.0f)};
+  if (args.rounding == Rounding::Stochastic && args.master_mode != detail::MasterMode::Remainder) {
+    if (seed.has_value()) {
+      common.key = {static_cast<uint64_t>(*seed), 0};
+    } else {
+      at::Generator gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      common.key = {gen.get<at::CPUGeneratorImpl>()->random64(), 0};
+    }
+  }
+
+  detail::AdamPlan plan(args);
+  std::vector<AdamChunk> chunks;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double step = static_cast<double>(steps[i].item<float>()) + 1.0;
+    const detail::AdamScalars scalars =
+        detail::adam_scalars(lr_value, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize);
+    const at::Tensor& p = plan.params[i];
+    const int64_t numel = p.numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      auto at_offset = [begin](const at::Tensor& t) {
+        return static_cast<void*>(static_cast<char*>(t.data_ptr()) + begin * t.element_size());
+      };
+      chunks.push_back({at_offset(p), at_offset(plan.grads[i]), at_offset(plan.exp_avgs[i]),
+                        at_offset(plan.exp_avg_sqs[i]), at_offset(plan.masters[i]), std::min(kChunk, numel - begin),
+                        p.scalar_type(), plan.grads[i].scalar_type(), plan.exp_avgs[i].scalar_type(), scalars,
+                        plan.rng_base[i] + static_cast<uint64_t>(begin)});
+    }
+  }
+  const AdamChunkFn kernel = adam_chunk_kernels.get("adam_step_");
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) kernel(chunks[c], common);
+  });
+  plan.finish();
+  for (const at::Tensor& s : steps) const_cast<at::Tensor&>(s).add_(1);  // only applied steps count
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+
+// A sparse gradient routes the call here; the checks then name it (see unscale_and_check).
+TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,415 @@
+"""adam_step_ and mixprec.optim.Adam/AdamW: parity with torch, master weights, remainders, stochastic
+rounding, overflow skipping, checkpoints, opcheck, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, requires_cuda, run_with_cpu_capability
+
+import mixprec
+from mixprec import ops
+
+
+def grads_for(step: int, shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=gen).to(device) for s in shapes]
+
+
+SHAPES = [(33, 17), (1000,), (5,), (64, 64)]
+
+
+def assert_close_to_torch(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    # The step's arithmetic follows torch's op for op; what remains is last-bit rounding (|diff| of a few
+    # ulps of the parameter scale), so the bound is relative to max(|p|, 1).
+    diff = (ours.double() - theirs.double()).abs()
+    bound = 1e-6 * theirs.double().abs().clamp(min=1.0)
+    assert torch.all(diff <= bound), f"max |diff| {diff.max().item():.3g}"
+
+
+# ---- fp32 parameters: the same as torch.optim.Adam / AdamW -------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls_name", ["AdamW", "Adam"])
+@pytest.mark.parametrize("weight_decay, maximize", [(0.0, False), (0.05, False), (0.05, True)])
+def test_fp32_matches_torch(device: str, cls_name: str, weight_decay: float, maximize: bool) -> None:
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in SHAPES]
+    ours_p = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    ref_p = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}]  # noqa: E731
+    ours = getattr(mixprec.optim, cls_name)(groups(ours_p), lr=1e-2, weight_decay=weight_decay, maximize=maximize)
+    ref = getattr(torch.optim, cls_name)(groups(ref_p), lr=1e-2, weight_decay=weight_decay, maximize=maximize)
+    sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=30, gamma=0.5)
+    sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=30, gamma=0.5)
+    for step in range(100):
+        for ps in (ours_p, ref_p):
+            for p, g in zip(ps, grads_for(step, SHAPES, device)):
+                p.grad = g
+        ours.step()
+        ref.step()
+        sched_ours.step()
+        sched_ref.step()
+    for a, b in zip(ours_p, ref_p):
+        assert_close_to_torch(a.detach(), b.detach())
+    for a, b in zip(ours_p, ref_p):
+        assert ours.state[a]["step"].item() == 100
+        assert_close_to_torch(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+
+
+# ---- 16-bit parameters with fp32 masters ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masters_track_fp32_reference(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    init = [torch.randn(s) for s in SHAPES]
+    low = [torch.nn.Parameter(t.to(dtype).to(device)) for t in init]
+    ref_p = [torch.nn.Parameter(t.to(dtype).float().to(device)) for t in init]  # same starting values
+    ours = mixprec.optim.AdamW(low, lr=1e-3, weight_decay=0.01)
+    ref = torch.optim.AdamW(ref_p, lr=1e-3, weight_decay=0.01)
+    for step in range(50):
+        gs = grads_for(step, SHAPES, device)
+        for p, r, g in zip(low, ref_p, gs):
+            p.grad = g.to(dtype)
+            r.grad = g.to(dtype).float()  # the reference sees the same 16-bit gradients
+        ours.step()
+        ref.step()
+    for p, r in zip(low, ref_p):
+        master = ours.state[p]["master"]
+        assert master.dtype == torch.float32
+        assert_close_to_torch(master, r.detach())
+        assert torch.equal(p.detach(), master.to(dtype)), "a 16-bit param is not the rounding of its master"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_remainder_mode_is_bit_identical_to_fp32_masters(device: str) -> None:
+    torch.manual_seed(2)
+    init = [torch.randn(s).bfloat16() for s in SHAPES]
+    a = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    b = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    opt_a = mixprec.optim.AdamW(a, lr=1e-3, master_weights="fp32")
+    opt_b = mixprec.optim.AdamW(b, lr=1e-3, master_weights="remainder")
+    for step in range(30):
+        for pa, pb, g in zip(a, b, grads_for(step, SHAPES, device)):
+            pa.grad = g.bfloat16()
+            pb.grad = g.bfloat16()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a, b):
+        state_b = opt_b.state[pb]
+        assert "master" not in state_b and state_b["remainder"].dtype == torch.int16
+        merged = ops.merge_bf16_remainder(pb.detach(), state_b["remainder"])
+        assert torch.equal(merged.view(torch.int32), opt_a.state[pa]["master"].view(torch.int32))
+
+
+# ---- pure bf16 with stochastic rounding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_of_updates_is_unbiased(device: str) -> None:
+    """With plain SGD-like tiny steps, E[bf16 param after the step] equals the fp32 result."""
+    n = 200_000
+    p = torch.full((n,), 1.0, dtype=torch.bfloat16, device=device)
+    g = torch.ones(n, device=device)
+    m = torch.zeros(n, device=device)
+    v = torch.zeros(n, device=device)
+    s = torch.zeros(n, device=device)[:1].reshape(())
+    lr = 1e-3  # the update (lr, after bias correction) is an eighth of bf16's ulp at 1.0 (2^-7)
+    ops.adam_step_([p], [g], [m], [v], [], [s], lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                   master_mode="none", rounding="stochastic", seed=4)
+    exact = 1.0 - lr * 1.0 / (1.0 + 1e-8)  # step 1: m_hat / sqrt(v_hat) = 1
+    out = p.double()
+    ulp = 2.0**-8  # bf16 spacing just below 1.0
+    prob = (1.0 - exact) / ulp
+    sigma = ulp * math.sqrt(prob * (1 - prob) / n)
+    assert abs(out.mean().item() - exact) < 5 * sigma
+    nearest = torch.full((n,), 1.0, dtype=torch.bfloat16, device=device)
+    ops.adam_step_([nearest], [g], [m.zero_()], [v.zero_()], [], [s.zero_()], lr=lr, beta1=0.9, beta2=0.999,
+                   eps=1e-8, weight_decay=0.0, master_mode="none", rounding="nearest")
+    assert torch.all(nearest == 1.0), "the update should round away under nearest rounding"
+
+
+def _train_tiny_regression(mode: str, rounding: str) -> float:
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    w_true = torch.randn(8, 1)
+    y = x @ w_true + 5.0
+    model = torch.nn.Linear(8, 1)
+    with torch.no_grad():
+        model.bias.fill_(16.0)  # bf16's spacing is 1/8 in [16, 32) and 1/16 in [8, 16): lr-sized steps round away
+    model = model.bfloat16()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=0.03, weight_decay=0.0, master_weights=mode, rounding=rounding,
+                              seed=11)
+    for _ in range(800):
+        loss = torch.nn.functional.mse_loss(model(x.bfloat16()).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return abs(model.bias.float().item() - 5.0)
+
+
+def test_stochastic_rounding_and_masters_train_where_plain_bf16_stalls() -> None:
+    plain = _train_tiny_regression("none", "nearest")
+    stochastic = _train_tiny_regression("none", "stochastic")
+    masters = _train_tiny_regression("fp32", "nearest")
+    assert plain > 10, f"plain bf16 moved the bias to within {plain} of the target: it did not stall"
+    assert stochastic < 1 and masters < 1, (stochastic, masters)
+
+
+# ---- overflow, checkpoints ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["none", "fp32", "remainder"])
+def test_overflow_step_changes_nothing(device: str, mode: str) -> None:
+    torch.manual_seed(3)
+    dtype = torch.float32 if mode == "none" else torch.bfloat16
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype).to(device)) for s in SHAPES]
+    opt = mixprec.optim.AdamW(params, lr=1e-2, master_weights=mode if mode != "none" else "auto")
+    for step in range(3):
+        for p, g in zip(params, grads_for(step, SHAPES, device)):
+            p.grad = g.to(dtype)
+        opt.step()
+    before = copy.deepcopy(opt.state_dict()["state"])
+    values = [p.detach().clone() for p in params]
+    params[1].grad[7] = math.inf
+    opt.found_inf = torch.ones(1, device=device)  # as a GradScaler hands it over
+    opt.grad_scale = torch.full((1,), 1024.0, device=device)
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           v.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    after = opt.state_dict()["state"]
+    for pid, st in before.items():
+        for key, value in st.items():
+            assert torch.equal(after[pid][key], value), f"state {key} of param {pid} changed"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode, rounding", [("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic")])
+def test_checkpoint_resume_is_bitwise(device: str, mode: str, rounding: str) -> None:
+    def make() -> tuple[list[torch.nn.Parameter], mixprec.optim.AdamW]:
+        torch.manual_seed(5)
+        ps = [torch.nn.Parameter(torch.randn(s).bfloat16().to(device)) for s in SHAPES]
+        return ps, mixprec.optim.AdamW(ps, lr=1e-3, master_weights=mode, rounding=rounding, seed=7,
+                                       moment_dtype=torch.bfloat16 if mode == "none" else torch.float32)
+
+    def run(ps, opt, steps) -> None:
+        for step in steps:
+            for p, g in zip(ps, grads_for(step, SHAPES, device)):
+                p.grad = g.bfloat16()
+            opt.step()
+
+    ps, opt = make()
+    run(ps, opt, range(20))
+    straight = [p.detach().clone() for p in ps]
+
+    ps, opt = make()
+    run(ps, opt, range(8))
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in ps], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    ps2, opt2 = make()
+    with torch.no_grad():
+        for p, v in zip(ps2, saved["params"]):
+            p.copy_(v)
+    opt2.load_state_dict(saved["opt"])
+    run(ps2, opt2, range(8, 20))
+    for a, b in zip(ps2, straight):
+        assert torch.equal(a.detach().view(torch.int16), b.view(torch.int16))
+
+
+def test_loads_a_torch_adamw_state_dict() -> None:
+    torch.manual_seed(6)
+    model = torch.nn.Linear(16, 4)
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 16)).sum().backward()
+    ref.step()
+    low = copy.deepcopy(model).bfloat16()
+    ours = mixprec.optim.AdamW(low.parameters(), lr=1e-3)
+    ours.load_state_dict(ref.state_dict())
+    low(torch.randn(3, 16).bfloat16()).float().sum().backward()
+    ours.step()
+    state = ours.state[low.weight]
+    assert state["step"].item() == 2.0 and state["exp_avg"].dtype == torch.float32
+    assert torch.equal(low.weight.detach(), state["master"].bfloat16())
+
+
+def test_works_with_torch_grad_scaler_without_unscaling_on_host() -> None:
+    torch.manual_seed(7)
+    model = torch.nn.Linear(8, 8)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(4, 8)
+    w0 = model.weight.detach().clone()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    model.weight.grad[0, 0] = math.inf
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model.weight.detach(), w0) and scaler.get_scale() == 512.0
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    grads = [p.grad.clone() / 512.0 for p in model.parameters()]
+    scaler.step(opt)
+    assert not torch.equal(model.weight.detach(), w0)
+    assert opt.state[model.weight]["step"].item() == 1.0
+    # The step saw unscaled gradients: its first moment is (1 - beta1) * grad.
+    torch.testing.assert_close(opt.state[model.weight]["exp_avg"], 0.1 * grads[0], rtol=1e-6, atol=1e-9)
+
+
+# ---- op-level checks -------------------------------------------------------------------------------------------
+
+
+def _op_args(device: str, mode: str) -> tuple:
+    dtype = torch.float32 if mode == "none" else torch.bfloat16
+    p = [torch.randn(9, 5, device=device).to(dtype), torch.randn(17, device=device).to(dtype)]
+    g = [torch.randn_like(t, dtype=torch.float32) for t in p]
+    m = [torch.zeros_like(t, dtype=torch.float32) for t in p]
+    v = [torch.zeros_like(t, dtype=torch.float32) for t in p]
+    w = {"none": [], "fp32": [t.float() for t in p], "remainder": [torch.zeros_like(t, dtype=torch.int16) for t in p]}[mode]
+    s = [torch.zeros((), device=device) for _ in p]
+    return (p, g, m, v, w, s, 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False, mode, "nearest", None,
+            torch.full((1,), 1e-2, device=device), torch.full((1,), 8.0, device=device), torch.zeros(1, device=device),
+            torch.full((1,), 0.5, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["none", "fp32", "remainder"])
+def test_opcheck(device: str, mode: str) -> None:
+    torch.library.opcheck(torch.ops.mixprec.adam_step_.default, _op_args(device, mode))
+
+
+def test_on_device_inputs_scale_and_clip() -> None:
+    """grad_scale divides and clip_coef multiplies the gradients inside the step; lr_tensor replaces lr."""
+    p1, p2 = torch.ones(10), torch.ones(10)
+    g = torch.full((10,), 8.0)
+    st1, st2 = [torch.zeros(()), torch.zeros(())]
+    common = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    m1, v1, m2, v2 = (torch.zeros(10) for _ in range(4))
+    ops.adam_step_([p1], [g], [m1], [v1], [], [st1], lr=0.0, lr_tensor=torch.full((1,), 0.1),
+                   grad_scale=torch.full((1,), 4.0), clip_coef=torch.full((1,), 0.5), **common)
+    ops.adam_step_([p2], [g / 4 * 0.5], [m2], [v2], [], [st2], lr=0.1, **common)
+    assert torch.equal(p1, p2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+
+
+def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
+    torch.manual_seed(8)
+    inputs = {"p": [torch.randn(10007).bfloat16(), torch.randn(333)], "g": [torch.randn(10007).bfloat16(), torch.randn(333)]}
+    script = """
+        out = []
+        for mode, rounding in (("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic")):
+            p = [t.clone() for t in INPUTS["p"]]
+            if mode == "remainder":
+                p = [p[0]]
+            g = [t.clone() for t in INPUTS["g"]][: len(p)]
+            m = [torch.zeros_like(t, dtype=torch.float32) for t in p]
+            v = [torch.zeros_like(t, dtype=torch.float32) for t in p]
+            w = {"none": [], "fp32": [t.float() for t in p], "remainder": [torch.zeros_like(t, dtype=torch.int16) for t in p]}[mode]
+            s = [torch.zeros(()) for _ in p]
+            for _ in range(3):
+                mixprec.ops.adam_step_(p, g, m, v, w, s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+                                       master_mode=mode, rounding=rounding, seed=3)
+            out.append((p, m, v, w))
+        RESULT = out
+    """
+    a = run_with_cpu_capability("default", script, inputs, tmp_path)
+    b = run_with_cpu_capability(None, script, inputs, tmp_path)
+    for ra, rb in zip(a, b):
+        for la, lb in zip(ra, rb):
+            for x, y in zip(la, lb):
+                assert torch.equal(x, y)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode, rounding", [("none", "nearest"), ("fp32", "nearest"), ("remainder", "nearest"),
+                                            ("none", "stochastic")])
+def test_cpu_and_cuda_agree(mode: str, rounding: str) -> None:
+    args = list(_op_args("cpu", mode))
+    args[14], args[15] = rounding, 5
+    cuda_args = [([t.cuda() for t in a] if isinstance(a, list) else (a.cuda() if isinstance(a, torch.Tensor) else a))
+                 for a in args]
+    for _ in range(3):
+        torch.ops.mixprec.adam_step_.default(*args)
+        torch.ops.mixprec.adam_step_.default(*cuda_args)
+    for la, lb in zip(args[:6], cuda_args[:6]):
+        for x, y in zip(la, lb):
+            torch.testing.assert_close(x, y.cpu(), rtol=2e-6, atol=1e-7)
+
+
+
+
+def _one(dtype=torch.float32) -> tuple[list[torch.Tensor], ...]:
+    return [torch.ones(4, dtype=dtype)], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())]
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(beta1=1.0), "beta1"),
+        (dict(beta2=-0.1), "beta2"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(master_mode="fp64"), "master_mode"),
+        (dict(rounding="up"), "rounding"),
+        (dict(grads=[torch.ones(5)]), r"grads\[0\]"),
+        (dict(grads=[torch.ones(4, dtype=torch.int32)]), r"grads\[0\]"),
+        (dict(grads=[torch.ones(4).to_sparse()]), "sparse"),
+        (dict(exp_avgs=[torch.zeros(4, dtype=torch.float16)]), r"exp_avgs\[0\]"),
+        (dict(steps=[]), "steps"),
+        (dict(master_mode="fp32"), "masters"),
+        (dict(master_mode="remainder", masters=[torch.zeros(4, dtype=torch.int16)]), "bfloat16"),
+        (dict(found_inf=torch.zeros(2)), "found_inf"),
+    ],
+)
+def test_op_bad_input_names_the_argument_and_writes_nothing(change: dict, needle: str) -> None:
+    p, g, m, v, w, s = _one()
+    kwargs = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, masters=w, steps=s, lr=1e-2, beta1=0.9, beta2=0.999,
+                  eps=1e-8, weight_decay=0.0)
+    kwargs.update(change)
+    lists = [kwargs.pop(k) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps")]
+    with pytest.raises(RuntimeError, match=needle):
+        ops.adam_step_(*lists, **kwargs)
+    assert torch.equal(p[0], torch.ones(4)) and torch.equal(m[0], torch.zeros(4)) and s[0].item() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(betas=(0.9, 1.0)), "beta"),
+        (dict(eps=-1.0), "epsilon"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(amsgrad=True), "amsgrad"),
+        (dict(master_weights="fp8"), "master_weights"),
+        (dict(moment_dtype=torch.float16), "moment_dtype"),
+        (dict(rounding="floor"), "rounding"),
+    ],
+)
+def test_optimizer_bad_settings(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], **kwargs)
+
+
+def test_optimizer_rejects_sparse_and_skips_params_without_grad() -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = mixprec.optim.AdamW([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert b not in opt.state and torch.equal(b.detach(), torch.ones(3))
+    b.grad = torch.ones(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    with pytest.raises(ValueError, match="remainder"):
+        c = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+        c.grad = torch.ones(3, dtype=torch.float16)
+        mixprec.optim.AdamW([c], master_weights="remainder").step()
