@@ -2,4 +2,5 @@
 #pragma once
 
 #include "mixprec/ops.h"
+#include "mixprec/optim.h"
 #include "mixprec/version.h"
