@@ -37,6 +37,7 @@ if step build build.log env MIXPREC_BUILD_DIR=build/gpu $PY -m pip install --no-
   step pytest pytest.log $PY -m pytest tests/python -q -x -p no:cacheprovider
   step bench_unscale bench_unscale.log $PY benchmarks/bench_unscale.py --device cuda
   step bench_cast bench_cast.log $PY benchmarks/bench_cast.py --device cuda
+  step bench_adam bench_adam.log $PY benchmarks/bench_adam.py --device cuda --size 1b
 fi
 for f in "$OUT"/bench_*.log; do
   [ -f "$f" ] && { echo; echo "## $(basename "$f" .log)"; echo '```'; cat "$f"; echo '```'; } >> "$summary"
