@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import copy_bandwidth, gpt2_small_shapes, print_table, time_it
+from common import gpt2_small_shapes, print_device_header, print_table, time_it
 
 import mixprec
 
@@ -36,10 +36,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["gpt2", "1b"], default="gpt2")
     args = parser.parse_args()
     device = args.device
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    if device.startswith("cuda"):
-        print(f"device-to-device copy bandwidth: {copy_bandwidth(device):.0f} GB/s")
+    print_device_header(device)
     cases = [("gpt2-small", gpt2_small_shapes()[2:14] if args.quick else gpt2_small_shapes())]
     if args.size == "1b":
         cases.append(("1B", one_billion_shapes()))

@@ -13,7 +13,7 @@ import argparse
 import math
 
 import torch
-from common import copy_bandwidth, gpt2_small_shapes, print_table, time_it
+from common import gpt2_small_shapes, print_device_header, print_table, time_it
 
 import mixprec  # noqa: F401
 from mixprec import ops
@@ -41,10 +41,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     device = args.device
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    if device.startswith("cuda"):
-        print(f"device-to-device copy bandwidth: {copy_bandwidth(device):.0f} GB/s")
+    print_device_header(device)
 
     rows = []
     for name, shapes, dtype in cases(args.quick):

@@ -35,6 +35,14 @@ def time_it(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int
     return statistics.median(times)
 
 
+def print_device_header(device: str) -> None:
+    """Where the figures come from: the device, torch's version, threads, and on CUDA the copy ceiling."""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if device.startswith("cuda"):
+        print(f"device-to-device copy bandwidth: {copy_bandwidth(device):.0f} GB/s")
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + written), the ceiling for
     memory-bound kernels."""

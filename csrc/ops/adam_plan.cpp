@@ -36,6 +36,35 @@ MasterMode parse_master_mode(std::string_view mode) {
   TORCH_CHECK(false, kOp, ": master_mode must be \"none\", \"fp32\" or \"remainder\", got \"", std::string(mode), "\"");
 }
 
+AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                        bool maximize, c10::string_view master_mode, c10::string_view rounding,
+                        std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& clip_coef) {
+  return {params,
+          grads,
+          exp_avgs,
+          exp_avg_sqs,
+          masters,
+          steps,
+          lr,
+          beta1,
+          beta2,
+          eps,
+          weight_decay,
+          decoupled_weight_decay,
+          maximize,
+          parse_master_mode(std::string_view(master_mode.data(), master_mode.size())),
+          parse_rounding(std::string_view(rounding.data(), rounding.size()), kOp),
+          seed,
+          lr_tensor,
+          grad_scale,
+          found_inf,
+          clip_coef};
+}
+
 void check_adam_args(const AdamArgs& a) {
   TORCH_CHECK(a.lr >= 0, kOp, ": lr must be >= 0, got ", a.lr);
   TORCH_CHECK(a.eps >= 0, kOp, ": eps must be >= 0, got ", a.eps);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <string_view>
@@ -25,6 +26,15 @@ struct AdamArgs {
 
 /// "none", "fp32" or "remainder"; anything else is an error listing what is accepted.
 MasterMode parse_master_mode(std::string_view mode);
+
+/// The op's arguments as one struct, modes parsed (both backends' entry points start here).
+AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                        bool maximize, c10::string_view master_mode, c10::string_view rounding,
+                        std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& clip_coef);
 
 /// Every precondition of adam_step_, with the argument named in the message.
 void check_adam_args(const AdamArgs& a);

@@ -49,6 +49,16 @@ class CastPlan {
 /// The output of the functional cast: laid out like src (same strides when src is dense).
 at::Tensor empty_cast_output(const at::Tensor& src, at::ScalarType dtype);
 
+/// The functional cast on top of a backend's list cast `cast_lists(dst_list, src_list)`.
+template <typename CastLists>
+at::Tensor cast_functional(const at::Tensor& src, at::ScalarType dtype, CastLists&& cast_lists) {
+  at::Tensor out = empty_cast_output(src, dtype);
+  const at::Tensor srcs[] = {src};
+  const at::Tensor dsts[] = {out};
+  cast_lists(at::TensorList(dsts), at::TensorList(srcs));
+  return out;
+}
+
 /// Checks for split_bf16_remainder / merge_bf16_remainder.
 void check_split_args(const at::Tensor& src);
 void check_merge_args(const at::Tensor& bf16, const at::Tensor& remainder);

@@ -27,9 +27,9 @@ RngKey rng_key(std::optional<int64_t> seed) {
   return {gen.get<at::CPUGeneratorImpl>()->random64(), 0};
 }
 
-void cast_lists(const char* op, at::TensorList dst, at::TensorList src, std::string_view rounding, bool saturate,
+void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
-  const Rounding mode = detail::parse_rounding(rounding, op);
+  const Rounding mode = detail::parse_rounding(std::string_view(rounding.data(), rounding.size()), op);
   detail::check_cast_args(op, dst, src);
   detail::CastPlan plan(dst, src);
   const RngKey key = mode == Rounding::Stochastic ? rng_key(seed) : RngKey{0, 0};
@@ -55,16 +55,14 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, std::str
 
 void cast__cpu(at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                std::optional<int64_t> seed) {
-  cast_lists("mixprec::cast_", dst, src, std::string_view(rounding.data(), rounding.size()), saturate, seed);
+  cast_lists("mixprec::cast_", dst, src, rounding, saturate, seed);
 }
 
 at::Tensor cast_cpu(const at::Tensor& src, at::ScalarType dtype, c10::string_view rounding, bool saturate,
                     std::optional<int64_t> seed) {
-  at::Tensor out = detail::empty_cast_output(src, dtype);
-  const at::Tensor srcs[] = {src};
-  const at::Tensor dsts[] = {out};
-  cast_lists("mixprec::cast", dsts, srcs, std::string_view(rounding.data(), rounding.size()), saturate, seed);
-  return out;
+  return detail::cast_functional(src, dtype, [&](at::TensorList dst, at::TensorList srcs) {
+    cast_lists("mixprec::cast", dst, srcs, rounding, saturate, seed);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> split_bf16_remainder_cpu(const at::Tensor& src) {

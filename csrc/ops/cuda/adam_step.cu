@@ -44,11 +44,6 @@ struct LaunchArgs {
 };
 
 template <typename T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
-};
-
-template <typename T>
 __device__ __forceinline__ bool aligned4(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Quad<T>) == 0;
 }
@@ -239,27 +234,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     c10::string_view rounding, std::optional<int64_t> seed,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
-  const detail::AdamArgs args{params,
-                              grads,
-                              exp_avgs,
-                              exp_avg_sqs,
-                              masters,
-                              steps,
-                              lr,
-                              beta1,
-                              beta2,
-                              eps,
-                              weight_decay,
-                              decoupled_weight_decay,
-                              maximize,
-                              detail::parse_master_mode(std::string_view(master_mode.data(), master_mode.size())),
-                              detail::parse_rounding(std::string_view(rounding.data(), rounding.size()),
-                                                     "mixprec::adam_step_"),
-                              seed,
-                              lr_tensor,
-                              grad_scale,
-                              found_inf,
-                              clip_coef};
+  const detail::AdamArgs args = detail::make_adam_args(
+      params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
+      decoupled_weight_decay, maximize, master_mode, rounding, seed, lr_tensor, grad_scale, found_inf, clip_coef);
   detail::check_adam_args(args);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());

@@ -28,11 +28,6 @@ using rounding::Mode;
 constexpr int kThreads = 512;
 constexpr int kMaxTensors = 448;  // two pointer lists: ~21 KB of kernel arguments
 
-template <typename T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
-};
-
 template <typename Dst>
 __device__ __forceinline__ Dst round_one(float x, Mode mode, bool saturate, uint32_t draw) {
   if constexpr (std::is_same_v<Dst, float>) {
@@ -139,9 +134,9 @@ at::PhiloxCudaState rng_state(std::optional<int64_t> seed, c10::Device device) {
   return gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(4);  // torch wants multiples of 4
 }
 
-void cast_lists(const char* op, at::TensorList dst, at::TensorList src, std::string_view rounding, bool saturate,
+void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
-  const Mode mode = detail::parse_rounding(rounding, op);
+  const Mode mode = detail::parse_rounding(std::string_view(rounding.data(), rounding.size()), op);
   detail::check_cast_args(op, dst, src);
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(src[0].device());
@@ -160,16 +155,14 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, std::str
 
 void cast__cuda(at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
-  cast_lists("mixprec::cast_", dst, src, std::string_view(rounding.data(), rounding.size()), saturate, seed);
+  cast_lists("mixprec::cast_", dst, src, rounding, saturate, seed);
 }
 
 at::Tensor cast_cuda(const at::Tensor& src, at::ScalarType dtype, c10::string_view rounding, bool saturate,
                      std::optional<int64_t> seed) {
-  at::Tensor out = detail::empty_cast_output(src, dtype);
-  const at::Tensor srcs[] = {src};
-  const at::Tensor dsts[] = {out};
-  cast_lists("mixprec::cast", dsts, srcs, std::string_view(rounding.data(), rounding.size()), saturate, seed);
-  return out;
+  return detail::cast_functional(src, dtype, [&](at::TensorList dst, at::TensorList srcs) {
+    cast_lists("mixprec::cast", dst, srcs, rounding, saturate, seed);
+  });
 }
 
 __global__ void split_kernel(const float* src, uint16_t* hi, int16_t* lo, int64_t n) {

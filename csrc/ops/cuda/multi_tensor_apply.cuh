@@ -39,6 +39,12 @@ __host__ __device__ inline int dtype_size(DType t) {
   return t == DType::Double ? 8 : (t == DType::Float ? 4 : 2);
 }
 
+/// Four elements moved as one vector load/store (16 bytes for fp32, 8 for 16-bit types).
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
 // A multiple of every vector width (16 bytes / 2-byte element = 8), so vector alignment carries
 // from a tensor's start to each of its chunks.
 constexpr int64_t kChunkSize = 1 << 16;
