@@ -14,6 +14,7 @@ from . import _C
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
 from . import optim
+from .grad_scaler import GradScaler
 
 __version__: str = _C.version()
 
@@ -26,4 +27,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]

@@ -1,6 +1,7 @@
 // Umbrella header for LibTorch programs: #include <mixprec/mixprec.h> and link mixprec::mixprec.
 #pragma once
 
+#include "mixprec/grad_scaler.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
 #include "mixprec/version.h"

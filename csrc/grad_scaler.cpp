@@ -1,0 +1,313 @@
+// mixprec::GradScaler: torch.amp.GradScaler's state machine in C++, on mixprec's unscale_and_check_ and
+// update_scale_ ops, plus its binding as the torch custom class torch.classes.mixprec.GradScaler (which
+// python/mixprec/grad_scaler.py drives; Python only walks torch.optim param groups).
+#include "mixprec/grad_scaler.h"
+
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include <torch/serialize/archive.h>
+
+#include <cmath>
+#include <limits>
+
+#include "mixprec/ops.h"
+#include "mixprec/optim.h"
+
+namespace mixprec {
+
+namespace {
+void check_options(const GradScalerOptions& o) {
+  TORCH_CHECK(o.init_scale() > 0 && std::isfinite(o.init_scale()),
+              "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
+  TORCH_CHECK(o.growth_factor() > 1.0, "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
+  TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,
+              "mixprec::GradScaler: backoff_factor must be in (0, 1), got ", o.backoff_factor());
+  TORCH_CHECK(o.growth_interval() > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", o.growth_interval());
+  TORCH_CHECK(o.hysteresis() >= 1, "mixprec::GradScaler: hysteresis must be >= 1, got ", o.hysteresis());
+  TORCH_CHECK(o.min_scale() >= 0, "mixprec::GradScaler: min_scale must be >= 0, got ", o.min_scale());
+  if (o.max_scale().has_value()) {
+    TORCH_CHECK(*o.max_scale() >= o.min_scale(), "mixprec::GradScaler: min_scale (", o.min_scale(),
+                ") must not exceed max_scale (", *o.max_scale(), ")");
+  }
+}
+
+std::vector<at::Tensor> optimizer_grads(torch::optim::Optimizer& optimizer) {
+  std::vector<at::Tensor> grads;
+  for (auto& group : optimizer.param_groups()) {
+    for (auto& p : group.params()) {
+      if (p.grad().defined()) grads.push_back(p.grad());
+    }
+  }
+  return grads;
+}
+
+int64_t key_of(const torch::optim::Optimizer& optimizer) { return reinterpret_cast<int64_t>(&optimizer); }
+}  // namespace
+
+GradScaler::GradScaler(c10::Device device, GradScalerOptions options)
+    : options_(std::move(options)), device_(device), init_hysteresis_tracker_(options_.hysteresis()) {
+  if (options_.enabled()) check_options(options_);
+}
+
+void GradScaler::lazy_init(c10::Device device) {
+  if (scale_.defined()) return;
+  const auto opts = at::TensorOptions().device(device);
+  scale_ = at::full({}, options_.init_scale(), opts.dtype(at::kFloat));
+  growth_tracker_ = at::full({}, init_growth_tracker_, opts.dtype(at::kInt));
+  hysteresis_tracker_ = at::full({}, static_cast<double>(init_hysteresis_tracker_), opts.dtype(at::kInt));
+}
+
+at::Tensor GradScaler::scale_tensor() {
+  lazy_init(device_);
+  return scale_;
+}
+at::Tensor GradScaler::growth_tracker_tensor() {
+  lazy_init(device_);
+  return growth_tracker_;
+}
+at::Tensor GradScaler::hysteresis_tracker_tensor() {
+  lazy_init(device_);
+  return hysteresis_tracker_;
+}
+
+at::Tensor GradScaler::scale(const at::Tensor& outputs) {
+  if (!options_.enabled()) return outputs;
+  lazy_init(device_);
+  return outputs * scale_.to(outputs.device(), /*non_blocking=*/true);
+}
+
+std::vector<at::Tensor> GradScaler::scale(at::TensorList outputs) {
+  std::vector<at::Tensor> out;
+  out.reserve(outputs.size());
+  for (const auto& t : outputs) out.push_back(scale(t));
+  return out;
+}
+
+void GradScaler::unscale_grads_(int64_t key, at::TensorList grads) {
+  if (!options_.enabled()) return;
+  OptimizerState& st = per_optimizer_[key];
+  TORCH_CHECK(st.stage != Stage::Unscaled,
+              "unscale_() has already been called on this optimizer since the last update().");
+  TORCH_CHECK(st.stage != Stage::Stepped, "unscale_() is being called after step().");
+  TORCH_CHECK(scale_.defined(),
+              "Attempted unscale_ but the scale is not set. This may indicate your script did not use "
+              "scaler.scale(loss or outputs) earlier in the iteration.");
+  // Computed in double and rounded once, as torch does.
+  const at::Tensor inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat).reshape({1});
+  std::map<std::string, std::vector<at::Tensor>> by_device;
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
+    by_device[g.device().str()].push_back(g);
+  }
+  std::map<std::string, at::Tensor> found;
+  for (auto& [device, list] : by_device) {
+    const c10::Device dev(device);
+    at::Tensor flag = at::zeros({1}, at::TensorOptions().device(dev).dtype(at::kFloat));
+    // One launch per device, whatever mix of fp32/fp16/bf16 the list holds.
+    ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true));
+    found.emplace(device, flag);
+  }
+  st.found_inf_per_device = std::move(found);
+  st.stage = Stage::Unscaled;
+}
+
+void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
+  unscale_grads_(key_of(optimizer), optimizer_grads(optimizer));
+}
+
+at::Tensor GradScaler::combined_found_inf(const OptimizerState& st) const {
+  TORCH_CHECK(!st.found_inf_per_device.empty(), "No inf checks were recorded for this optimizer.");
+  at::Tensor total;
+  for (const auto& [device, flag] : st.found_inf_per_device) {
+    const at::Tensor here = flag.to(scale_.device(), /*non_blocking=*/true);
+    total = total.defined() ? total + here : here.clone();
+  }
+  return total;
+}
+
+at::Tensor GradScaler::found_inf(int64_t key) {
+  auto it = per_optimizer_.find(key);
+  TORCH_CHECK(it != per_optimizer_.end() && it->second.stage != Stage::Ready,
+              "mixprec::GradScaler: no gradients were unscaled for this optimizer in this iteration");
+  return combined_found_inf(it->second);
+}
+
+bool GradScaler::is_unscaled(int64_t key) const {
+  auto it = per_optimizer_.find(key);
+  return it != per_optimizer_.end() && it->second.stage == Stage::Unscaled;
+}
+
+void GradScaler::mark_stepped(int64_t key) {
+  OptimizerState& st = per_optimizer_[key];
+  TORCH_CHECK(st.stage != Stage::Stepped, "step() has already been called since the last update().");
+  st.stage = Stage::Stepped;
+}
+
+void GradScaler::set_found_inf(int64_t key, const at::Tensor& found_inf) {
+  OptimizerState& st = per_optimizer_[key];
+  st.found_inf_per_device.clear();
+  st.found_inf_per_device.emplace(found_inf.device().str(), found_inf);
+}
+
+void GradScaler::step(torch::optim::Optimizer& optimizer) {
+  if (!options_.enabled()) {
+    optimizer.step();
+    return;
+  }
+  const int64_t key = key_of(optimizer);
+  auto it = per_optimizer_.find(key);
+  TORCH_CHECK(it == per_optimizer_.end() || it->second.stage != Stage::Stepped,
+              "step() has already been called since the last update().");
+  if (it == per_optimizer_.end() || it->second.stage == Stage::Ready) unscale_(optimizer);
+  const at::Tensor flag = found_inf(key);
+  if (auto* fused = dynamic_cast<optim::Adam*>(&optimizer)) {
+    // Gradients are already unscaled; the fused step reads the flag on the device and skips itself.
+    fused->step_scaled(std::nullopt, flag);
+  } else if (flag.item<float>() == 0.0f) {  // any other optimizer: a host check, as torch does
+    optimizer.step();
+  }
+  mark_stepped(key);
+}
+
+void GradScaler::update() {
+  if (!options_.enabled()) return;
+  std::vector<at::Tensor> flags;
+  for (const auto& [key, st] : per_optimizer_) {
+    for (const auto& [device, flag] : st.found_inf_per_device) flags.push_back(flag.to(scale_.device(), true));
+  }
+  TORCH_CHECK(!flags.empty(), "No inf checks were recorded prior to update.");
+  at::Tensor combined = flags[0].clone();
+  for (size_t i = 1; i < flags.size(); ++i) combined.add_(flags[i]);
+  if (options_.dynamic()) {
+    ops::update_scale_(scale_, growth_tracker_, hysteresis_tracker_, combined, options_.growth_factor(),
+                       options_.backoff_factor(), options_.growth_interval(), options_.hysteresis(),
+                       options_.min_scale(), options_.max_scale(), options_.consecutive_hysteresis());
+  }
+  per_optimizer_.clear();
+}
+
+void GradScaler::update(double new_scale) {
+  if (!options_.enabled()) return;
+  lazy_init(device_);
+  scale_.fill_(new_scale);
+  per_optimizer_.clear();
+}
+
+double GradScaler::get_scale() const {
+  if (!options_.enabled()) return 1.0;
+  return scale_.defined() ? scale_.item<double>() : options_.init_scale();
+}
+
+c10::Dict<std::string, double> GradScaler::state_dict() const {
+  c10::Dict<std::string, double> d;
+  if (!options_.enabled()) return d;
+  d.insert("scale", get_scale());
+  d.insert("growth_factor", options_.growth_factor());
+  d.insert("backoff_factor", options_.backoff_factor());
+  d.insert("growth_interval", static_cast<double>(options_.growth_interval()));
+  d.insert("_growth_tracker", growth_tracker_.defined() ? growth_tracker_.item<double>() : init_growth_tracker_);
+  d.insert("hysteresis", static_cast<double>(options_.hysteresis()));
+  d.insert("_hysteresis_tracker", hysteresis_tracker_.defined() ? hysteresis_tracker_.item<double>()
+                                                                : static_cast<double>(init_hysteresis_tracker_));
+  d.insert("consecutive_hysteresis", options_.consecutive_hysteresis() ? 1.0 : 0.0);
+  d.insert("min_scale", options_.min_scale());
+  d.insert("max_scale", options_.max_scale().value_or(std::numeric_limits<double>::infinity()));
+  d.insert("dynamic", options_.dynamic() ? 1.0 : 0.0);
+  return d;
+}
+
+void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
+  if (!options_.enabled()) return;
+  TORCH_CHECK(!state.empty(),
+              "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler.");
+  auto number = [&](const char* key) { return state.at(key); };
+  options_.init_scale(number("scale"));
+  options_.growth_factor(number("growth_factor"));
+  options_.backoff_factor(number("backoff_factor"));
+  options_.growth_interval(static_cast<int64_t>(number("growth_interval")));
+  init_growth_tracker_ = number("_growth_tracker");
+  // mixprec's own keys; a torch.amp.GradScaler state dict has none of them.
+  if (state.contains("hysteresis")) options_.hysteresis(static_cast<int64_t>(number("hysteresis")));
+  init_hysteresis_tracker_ =
+      state.contains("_hysteresis_tracker") ? static_cast<int64_t>(number("_hysteresis_tracker")) : options_.hysteresis();
+  if (state.contains("consecutive_hysteresis")) options_.consecutive_hysteresis(number("consecutive_hysteresis") != 0);
+  if (state.contains("min_scale")) options_.min_scale(number("min_scale"));
+  if (state.contains("max_scale")) {
+    const double v = number("max_scale");
+    options_.max_scale(std::isinf(v) ? std::nullopt : std::optional<double>(v));
+  }
+  if (state.contains("dynamic")) options_.dynamic(number("dynamic") != 0);
+  check_options(options_);
+  if (scale_.defined()) {
+    scale_.fill_(options_.init_scale());
+    growth_tracker_.fill_(init_growth_tracker_);
+    hysteresis_tracker_.fill_(init_hysteresis_tracker_);
+  }
+}
+
+void GradScaler::save(torch::serialize::OutputArchive& archive) const {
+  for (const auto& item : state_dict()) archive.write(item.key(), c10::IValue(item.value()));
+}
+
+void GradScaler::load(torch::serialize::InputArchive& archive) {
+  c10::Dict<std::string, double> d;
+  for (const std::string& key : archive.keys()) {
+    c10::IValue v;
+    archive.read(key, v);
+    d.insert(key, v.toDouble());
+  }
+  load_state_dict(d);
+}
+
+// ---- torch.classes.mixprec.GradScaler -----------------------------------------------------------------------
+
+namespace {
+
+struct GradScalerClass : torch::CustomClassHolder {
+  GradScaler impl;
+  GradScalerClass(const std::string& device, double init_scale, double growth_factor, double backoff_factor,
+                  int64_t growth_interval, bool enabled, int64_t hysteresis, bool consecutive_hysteresis,
+                  double min_scale, std::optional<double> max_scale, bool dynamic)
+      : impl(c10::Device(device), GradScalerOptions()
+                                      .init_scale(init_scale)
+                                      .growth_factor(growth_factor)
+                                      .backoff_factor(backoff_factor)
+                                      .growth_interval(growth_interval)
+                                      .enabled(enabled)
+                                      .hysteresis(hysteresis)
+                                      .consecutive_hysteresis(consecutive_hysteresis)
+                                      .min_scale(min_scale)
+                                      .max_scale(max_scale)
+                                      .dynamic(dynamic)) {}
+};
+
+using Self = c10::intrusive_ptr<GradScalerClass>;
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.class_<GradScalerClass>("GradScaler")
+      .def(torch::init<std::string, double, double, double, int64_t, bool, int64_t, bool, double, std::optional<double>,
+                       bool>())
+      .def("scale", [](const Self& s, const at::Tensor& t) { return s->impl.scale(t); })
+      .def("unscale_grads_",
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads) { s->impl.unscale_grads_(key, grads); })
+      .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
+      .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
+      .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })
+      .def("set_found_inf", [](const Self& s, int64_t key, const at::Tensor& f) { s->impl.set_found_inf(key, f); })
+      .def("update", [](const Self& s) { s->impl.update(); })
+      .def("update_to", [](const Self& s, double v) { s->impl.update(v); })
+      .def("get_scale", [](const Self& s) { return s->impl.get_scale(); })
+      .def("is_enabled", [](const Self& s) { return s->impl.is_enabled(); })
+      .def("scale_tensor", [](const Self& s) { return s->impl.scale_tensor(); })
+      .def("growth_tracker_tensor", [](const Self& s) { return s->impl.growth_tracker_tensor(); })
+      .def("hysteresis_tracker_tensor", [](const Self& s) { return s->impl.hysteresis_tracker_tensor(); })
+      .def("state_dict", [](const Self& s) { return s->impl.state_dict(); })
+      .def("load_state_dict",
+           [](const Self& s, c10::Dict<std::string, double> d) { s->impl.load_state_dict(d); });
+}
+
+}  // namespace mixprec

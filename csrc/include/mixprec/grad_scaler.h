@@ -1,0 +1,109 @@
+// mixprec::GradScaler: dynamic loss scaling for LibTorch, with torch.amp.GradScaler's semantics (the
+// defaults reproduce it exactly) plus opt-in hysteresis, scale bounds and a static mode. The same class
+// is Python's mixprec.GradScaler underneath (bound as the torch custom class torch.classes.mixprec.GradScaler).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/Dict.h>
+#include <torch/optim/optimizer.h>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mixprec/version.h"
+
+namespace mixprec {
+
+/// Options of GradScaler, LibTorch style (chainable setters). Defaults are torch.amp.GradScaler's.
+struct GradScalerOptions {
+  TORCH_ARG(double, init_scale) = 65536.0;
+  TORCH_ARG(double, growth_factor) = 2.0;
+  TORCH_ARG(double, backoff_factor) = 0.5;
+  TORCH_ARG(int64_t, growth_interval) = 2000;
+  TORCH_ARG(bool, enabled) = true;
+  /// Overflows tolerated before backing off (Megatron/DeepSpeed); 1 = back off on every overflow.
+  TORCH_ARG(int64_t, hysteresis) = 1;
+  /// With consecutive_hysteresis, only that many overflows *in a row* back off (DeepSpeed's rule).
+  TORCH_ARG(bool, consecutive_hysteresis) = false;
+  TORCH_ARG(double, min_scale) = 0.0;
+  TORCH_ARG(std::optional<double>, max_scale) = std::nullopt;
+  /// false: a static loss scale (init_scale) that never changes; overflowing steps are still skipped.
+  TORCH_ARG(bool, dynamic) = true;
+};
+
+class GradScaler {
+ public:
+  explicit GradScaler(c10::Device device = c10::kCPU, GradScalerOptions options = {});
+
+  /// loss * scale (on the loss's device; no host sync).
+  at::Tensor scale(const at::Tensor& outputs);
+  std::vector<at::Tensor> scale(at::TensorList outputs);
+
+  /// Unscales the optimizer's gradients in place (one launch per device) and records inf/NaN.
+  /// Calling it twice before update(), or after step(), is an error, as in torch.
+  void unscale_(torch::optim::Optimizer& optimizer);
+
+  /// Steps the optimizer unless its gradients overflowed. A mixprec::optim optimizer gets the scale and
+  /// the overflow flag and skips itself on the device (no host sync, no separate unscale pass); any
+  /// other optimizer is unscaled first and skipped by a host check of the flag, as torch does.
+  void step(torch::optim::Optimizer& optimizer);
+
+  /// Moves the scale from this iteration's overflow flags (all optimizers), on the device.
+  void update();
+  /// Sets the scale to new_scale instead.
+  void update(double new_scale);
+
+  /// The current scale (a host sync); init_scale before first use; 1.0 when disabled.
+  double get_scale() const;
+  bool is_enabled() const { return options_.enabled(); }
+  const GradScalerOptions& options() const { return options_; }
+
+  /// torch.amp.GradScaler's state_dict keys ("scale", "growth_factor", "backoff_factor",
+  /// "growth_interval", "_growth_tracker") plus mixprec's ("hysteresis", "_hysteresis_tracker",
+  /// "consecutive_hysteresis", "min_scale", "max_scale", "dynamic"), all as numbers (flags 0/1, no
+  /// max_scale = inf); empty when disabled.
+  c10::Dict<std::string, double> state_dict() const;
+  /// Loads a state dict of ours or of torch.amp.GradScaler (missing mixprec keys keep their values).
+  void load_state_dict(const c10::Dict<std::string, double>& state);
+
+  void save(torch::serialize::OutputArchive& archive) const;
+  void load(torch::serialize::InputArchive& archive);
+
+  // ---- the optimizer-agnostic core (what the Python binding drives) ----------------------------------
+
+  /// Unscale `grads` for the optimizer identified by `key` (e.g. its address or Python id).
+  void unscale_grads_(int64_t key, at::TensorList grads);
+  /// The optimizer's overflow flag (sum over devices, on the scale's device); unscales first if needed.
+  at::Tensor found_inf(int64_t key);
+  /// Whether the optimizer's gradients have been unscaled since the last update().
+  bool is_unscaled(int64_t key) const;
+  /// Records that the optimizer stepped (checks that it had not already since the last update()).
+  void mark_stepped(int64_t key);
+  /// Replaces every recorded flag of the optimizer with `found_inf` (e.g. after an all-reduce).
+  void set_found_inf(int64_t key, const at::Tensor& found_inf);
+  /// The scale tensor (one element, float32, on the scale's device), created on first use.
+  at::Tensor scale_tensor();
+  at::Tensor growth_tracker_tensor();
+  at::Tensor hysteresis_tracker_tensor();
+
+ private:
+  enum class Stage { Ready, Unscaled, Stepped };
+  struct OptimizerState {
+    Stage stage = Stage::Ready;
+    std::map<std::string, at::Tensor> found_inf_per_device;  // keyed by device string
+  };
+
+  void lazy_init(c10::Device device);
+  at::Tensor combined_found_inf(const OptimizerState& st) const;
+
+  GradScalerOptions options_;
+  c10::Device device_;
+  at::Tensor scale_, growth_tracker_, hysteresis_tracker_;
+  double init_growth_tracker_ = 0;
+  int64_t init_hysteresis_tracker_;
+  std::map<int64_t, OptimizerState> per_optimizer_;
+};
+
+}  // namespace mixprec
