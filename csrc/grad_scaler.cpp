@@ -139,10 +139,15 @@ bool GradScaler::is_unscaled(int64_t key) const {
   return it != per_optimizer_.end() && it->second.stage == Stage::Unscaled;
 }
 
+void GradScaler::check_not_stepped(int64_t key) const {
+  auto it = per_optimizer_.find(key);
+  TORCH_CHECK(it == per_optimizer_.end() || it->second.stage != Stage::Stepped,
+              "step() has already been called since the last update().");
+}
+
 void GradScaler::mark_stepped(int64_t key) {
-  OptimizerState& st = per_optimizer_[key];
-  TORCH_CHECK(st.stage != Stage::Stepped, "step() has already been called since the last update().");
-  st.stage = Stage::Stepped;
+  check_not_stepped(key);
+  per_optimizer_[key].stage = Stage::Stepped;
 }
 
 void GradScaler::set_found_inf(int64_t key, const at::Tensor& found_inf) {
@@ -157,10 +162,8 @@ void GradScaler::step(torch::optim::Optimizer& optimizer) {
     return;
   }
   const int64_t key = key_of(optimizer);
-  auto it = per_optimizer_.find(key);
-  TORCH_CHECK(it == per_optimizer_.end() || it->second.stage != Stage::Stepped,
-              "step() has already been called since the last update().");
-  if (it == per_optimizer_.end() || it->second.stage == Stage::Ready) unscale_(optimizer);
+  check_not_stepped(key);
+  if (!is_unscaled(key)) unscale_(optimizer);
   const at::Tensor flag = found_inf(key);
   if (auto* fused = dynamic_cast<optim::Adam*>(&optimizer)) {
     // Gradients are already unscaled; the fused step reads the flag on the device and skips itself.
@@ -296,6 +299,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads) { s->impl.unscale_grads_(key, grads); })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
       .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
+      .def("check_not_stepped", [](const Self& s, int64_t key) { s->impl.check_not_stepped(key); })
       .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })
       .def("set_found_inf", [](const Self& s, int64_t key, const at::Tensor& f) { s->impl.set_found_inf(key, f); })
       .def("update", [](const Self& s) { s->impl.update(); })

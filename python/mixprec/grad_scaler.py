@@ -127,6 +127,7 @@ class GradScaler:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        self._impl.check_not_stepped(id(optimizer))
         found = self._found_inf(optimizer)
         retval = None
         if getattr(optimizer, "_step_supports_amp_scaling", False):

@@ -79,6 +79,8 @@ class GradScaler {
   at::Tensor found_inf(int64_t key);
   /// Whether the optimizer's gradients have been unscaled since the last update().
   bool is_unscaled(int64_t key) const;
+  /// Fails if the optimizer already stepped since the last update().
+  void check_not_stepped(int64_t key) const;
   /// Records that the optimizer stepped (checks that it had not already since the last update()).
   void mark_stepped(int64_t key);
   /// Replaces every recorded flag of the optimizer with `found_inf` (e.g. after an all-reduce).

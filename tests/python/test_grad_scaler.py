@@ -1,0 +1,287 @@
+"""mixprec.GradScaler against torch.amp.GradScaler step for step, plus what torch's lacks."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import textwrap
+import subprocess
+from typing import Callable
+from unittest import mock
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import mixprec
+from mixprec import ops
+
+
+def make_model(seed: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+
+
+def run(scaler_cls: type, device: str, body: Callable, steps: int = 40, **scaler_kwargs) -> tuple:
+    """Train a small model with `body(i, model, opt, scaler, x)` per step; return the scales seen, the
+    final parameters and the scaler's state dict."""
+    model = make_model(0, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = scaler_cls(device, init_scale=2.0**10, growth_interval=3, **scaler_kwargs)
+    gen = torch.Generator().manual_seed(1)
+    scales = []
+    for i in range(steps):
+        x = torch.randn(6, 8, generator=gen).to(device)
+        body(i, model, opt, scaler, x)
+        scales.append(scaler.get_scale())
+    return scales, [p.detach().clone() for p in model.parameters()], scaler.state_dict()
+
+
+def assert_same_runs(body: Callable, device: str = "cpu", **kw) -> None:
+    a = run(torch.amp.GradScaler, device, body, **kw)
+    b = run(mixprec.GradScaler, device, body, **kw)
+    assert a[0] == b[0], "scale histories differ"
+    for x, y in zip(a[1], b[1]):
+        assert torch.equal(x, y)
+    assert {k: b[2][k] for k in a[2]} == a[2]
+
+
+def plant_inf(i: int, model: torch.nn.Module) -> None:
+    if i in (4, 5, 13, 21):
+        model[0].weight.grad.view(-1)[i] = math.inf if i % 2 else math.nan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unscale_then_clip(device: str) -> None:
+    def body(i, model, opt, scaler, x):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        plant_inf(i, model)
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+
+    assert_same_runs(body, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulation(device: str) -> None:
+    def body(i, model, opt, scaler, x):
+        opt.zero_grad()
+        for chunk in x.chunk(3):
+            scaler.scale(model(chunk).pow(2).mean() / 3).backward()
+        plant_inf(i, model)
+        scaler.step(opt)
+        scaler.update()
+
+    assert_same_runs(body, device)
+
+
+def test_multiple_optimizers_and_losses() -> None:
+    def body(i, model, opt, scaler, x):
+        # a second optimizer over the last layer only, created once per model
+        if not hasattr(model, "opt2"):
+            model.opt2 = torch.optim.Adam(model[2].parameters(), lr=1e-3)
+        opt2 = model.opt2
+        opt.zero_grad()
+        opt2.zero_grad()
+        out = model(x)
+        loss1, loss2 = out.pow(2).mean(), out.abs().mean()
+        scaler.scale(loss1).backward(retain_graph=True)
+        scaler.scale(loss2).backward()
+        plant_inf(i, model)
+        scaler.step(opt)
+        scaler.step(opt2)
+        scaler.update()
+
+    assert_same_runs(body)
+
+
+def test_gradient_penalty_through_scaled_outputs() -> None:
+    def body(i, model, opt, scaler, x):
+        opt.zero_grad()
+        x = x.requires_grad_()
+        out = model(x)
+        scaled_grads = torch.autograd.grad(scaler.scale(out.sum()), [x], create_graph=True)
+        inv = 1.0 / scaler.get_scale()
+        penalty = sum((g * inv).pow(2).sum() for g in scaled_grads)
+        scaler.scale(out.pow(2).mean() + penalty).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    assert_same_runs(body, steps=10)
+
+
+def test_disabled_is_a_pass_through() -> None:
+    def body(i, model, opt, scaler, x):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        assert scaler.scale(loss) is loss
+        loss.backward()
+        scaler.step(opt)
+        scaler.update()
+
+    a = run(torch.amp.GradScaler, "cpu", body, enabled=False)
+    b = run(mixprec.GradScaler, "cpu", body, enabled=False)
+    assert a[0] == b[0] == [1.0] * 40 and a[2] == b[2] == {}
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def test_state_dict_round_trips_both_ways_and_update_new_scale() -> None:
+    ours = mixprec.GradScaler("cpu", init_scale=300.0, growth_interval=7, hysteresis=2, max_scale=1e6)
+    ours.update(512.0)
+    theirs = torch.amp.GradScaler("cpu")
+    theirs.load_state_dict(ours.state_dict())  # torch ignores our extra keys
+    assert theirs.get_scale() == 512.0 and theirs.get_growth_interval() == 7
+    back = mixprec.GradScaler("cpu", hysteresis=3)
+    back.load_state_dict(theirs.state_dict())  # keys torch lacks keep their values
+    assert back.get_scale() == 512.0 and back.state_dict()["hysteresis"] == 3
+    back.load_state_dict(ours.state_dict())
+    assert back.state_dict() == ours.state_dict()
+    ours.update(torch.full((1,), 64.0))
+    assert ours.get_scale() == 64.0
+    with pytest.raises(RuntimeError, match="empty"):
+        mixprec.GradScaler("cpu").load_state_dict({})
+
+
+def test_growth_and_backoff_follow_torch_exactly_over_many_steps() -> None:
+    def body(i, model, opt, scaler, x):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if i % 7 == 3:
+            model[2].bias.grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+
+    assert_same_runs(body, steps=120)
+
+
+def test_hysteresis_bounds_and_static_mode() -> None:
+    def overflow_every_step(i, model, opt, scaler, x):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        model[0].bias.grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+
+    scales, params, _ = run(mixprec.GradScaler, "cpu", overflow_every_step, steps=8, hysteresis=3, min_scale=64.0)
+    # two overflows tolerated, then back off every step, floor at 64
+    assert scales == [1024.0, 1024.0, 512.0, 256.0, 128.0, 64.0, 64.0, 64.0]
+    assert all(torch.equal(a, b) for a, b in zip(params, [p.detach() for p in make_model(0, "cpu").parameters()]))
+    static, _, _ = run(mixprec.GradScaler, "cpu", overflow_every_step, steps=5, dynamic=False)
+    assert static == [1024.0] * 5
+
+
+def test_call_order_errors() -> None:
+    model = make_model(0, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler("cpu")
+    scaler.scale(model(torch.randn(2, 8)).sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="step\\(\\) has already been called"):
+        scaler.step(opt)
+    with pytest.raises(RuntimeError, match="after step"):
+        scaler.unscale_(opt)
+    scaler.update()
+    fresh = mixprec.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match="No inf checks"):
+        fresh.update()
+    with pytest.raises(RuntimeError, match="Closure"):
+        scaler.step(opt, closure=lambda: 0)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(init_scale=0.0), "init_scale"), (dict(growth_factor=1.0), "growth factor"),
+    (dict(backoff_factor=1.5), "backoff"), (dict(growth_interval=0), "growth_interval"),
+    (dict(hysteresis=0), "hysteresis"), (dict(min_scale=10.0, max_scale=1.0), "min_scale"),
+])
+def test_bad_settings(kwargs: dict, needle: str) -> None:
+    with pytest.raises((ValueError, RuntimeError), match=needle):
+        mixprec.GradScaler("cpu", **kwargs)
+
+
+def test_no_host_sync_with_mixprec_optimizers() -> None:
+    """With a mixprec optimizer, scale/step/update never read a tensor back to the host: every path that
+    could (Tensor.item, Tensor.__bool__, Tensor.tolist) is made to fail."""
+    model = make_model(0, "cpu").bfloat16()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler("cpu", growth_interval=2)
+    x = torch.randn(4, 8).bfloat16()
+    w0 = model[0].weight.detach().clone()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    with mock.patch.object(torch.Tensor, "item", boom), mock.patch.object(torch.Tensor, "__bool__", boom), \
+            mock.patch.object(torch.Tensor, "tolist", boom):
+        for i in range(4):
+            opt.zero_grad()
+            scaler.scale(model(x).float().pow(2).mean()).backward()
+            if i == 1:
+                model[0].weight.grad[0, 0] = math.inf
+            scaler.step(opt)
+            scaler.update()
+    assert not torch.equal(model[0].weight.detach(), w0)
+    assert opt.state[model[0].weight]["step"].item() == 3.0  # the overflowing step did not count
+    assert scaler.get_scale() == 2.0**16  # backed off at step 1, grew back after steps 2 and 3
+
+
+def test_bf16_and_fp16_grads_are_unscaled_in_one_call() -> None:
+    model = make_model(0, "cpu").half()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(model(torch.randn(4, 8).half()).float().pow(2).mean()).backward()
+    expected = [p.grad.float() / 256.0 for p in model.parameters()]
+    scaler.unscale_(opt)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.float(), e, rtol=1e-3, atol=1e-6)
+    scaler.step(opt)
+    scaler.update()
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import math, os, sys, torch, torch.distributed as dist
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler("cpu", init_scale=1024.0, growth_interval=100, process_group=dist.group.WORLD)
+    torch.manual_seed(100 + rank)
+    steps = []
+    for i in range(6):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(5, 8)).pow(2).mean()).backward()
+        if i == 2 and rank == 1:  # an overflow on one rank only, after DDP's all-reduce of gradients
+            model.module.weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        steps.append(opt.state[model.module.weight]["step"].item())
+    torch.save({"params": [p.detach() for p in model.parameters()], "steps": steps, "scale": scaler.get_scale()},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), "2", str(port), out]) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["steps"] == r1["steps"] == [1.0, 2.0, 2.0, 3.0, 4.0, 5.0]  # step 3 skipped on both ranks
+    assert r0["scale"] == r1["scale"] == 512.0
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
