@@ -1,0 +1,121 @@
+// mixprec::GradScaler from C++: with torch::optim::SGD/AdamW (host-checked skip) and with
+// mixprec::optim::AdamW (skip on device), growth/backoff, call-order errors, save/load.
+#include <catch2/catch.hpp>
+#include <mixprec/mixprec.h>
+#include <torch/torch.h>
+
+#include <limits>
+#include <sstream>
+
+namespace {
+
+struct Net : torch::nn::Module {
+  Net() { fc = register_module("fc", torch::nn::Linear(8, 4)); }
+  torch::Tensor forward(const torch::Tensor& x) { return fc->forward(x); }
+  torch::nn::Linear fc{nullptr};
+};
+
+// Runs `steps` iterations planting an inf at the given steps; returns the scales seen.
+template <typename Optimizer>
+std::vector<double> train(Net& net, Optimizer& opt, mixprec::GradScaler& scaler, int steps, std::vector<int> plant) {
+  std::vector<double> scales;
+  torch::manual_seed(3);
+  for (int i = 0; i < steps; ++i) {
+    opt.zero_grad();
+    auto x = torch::randn({5, 8});
+    scaler.scale(net.forward(x).pow(2).mean()).backward();
+    if (std::find(plant.begin(), plant.end(), i) != plant.end()) {
+      net.fc->weight.mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+    }
+    scaler.step(opt);
+    scaler.update();
+    scales.push_back(scaler.get_scale());
+  }
+  return scales;
+}
+
+}  // namespace
+
+TEST_CASE("GradScaler with torch::optim::SGD: skips overflowing steps, grows and backs off", "[scaler]") {
+  torch::manual_seed(0);
+  Net net;
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).growth_interval(2));
+  auto scales = train(net, opt, scaler, 6, {2});
+  REQUIRE(scales == std::vector<double>{1024, 2048, 1024, 1024, 2048, 2048});
+}
+
+TEST_CASE("GradScaler with mixprec::optim::AdamW skips on the device and leaves state untouched", "[scaler]") {
+  torch::manual_seed(0);
+  Net net;
+  net.to(torch::kBFloat16);
+  mixprec::optim::AdamW opt(net.parameters(), mixprec::optim::AdamOptions(1e-3));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(256).growth_interval(100));
+  auto step_once = [&](bool overflow) {
+    opt.zero_grad();
+    scaler.scale(net.forward(torch::randn({5, 8}).to(torch::kBFloat16)).to(torch::kFloat).pow(2).mean()).backward();
+    if (overflow) net.fc->weight.mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+    scaler.step(opt);
+    scaler.update();
+  };
+  step_once(false);
+  auto w = net.fc->weight.detach().clone();
+  auto& st = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(net.fc->weight.unsafeGetTensorImpl()));
+  auto master = st.master().clone();
+  step_once(true);
+  REQUIRE(torch::equal(net.fc->weight.detach(), w));
+  REQUIRE(torch::equal(st.master(), master));
+  REQUIRE(st.step().item<float>() == 1.f);
+  REQUIRE(scaler.get_scale() == 128.0);
+  step_once(false);
+  REQUIRE(st.step().item<float>() == 2.f);
+}
+
+TEST_CASE("GradScaler with torch::optim::AdamW and hysteresis, bounds, static mode", "[scaler]") {
+  torch::manual_seed(0);
+  Net net;
+  torch::optim::AdamW opt(net.parameters(), torch::optim::AdamWOptions(1e-3));
+  mixprec::GradScaler hyst(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).hysteresis(2).min_scale(256));
+  REQUIRE(train(net, opt, hyst, 5, {0, 1, 2, 3, 4}) == std::vector<double>{1024, 512, 256, 256, 256});
+  mixprec::GradScaler fixed(torch::kCPU, mixprec::GradScalerOptions().init_scale(128).dynamic(false));
+  REQUIRE(train(net, opt, fixed, 3, {1}) == std::vector<double>{128, 128, 128});
+}
+
+TEST_CASE("GradScaler call-order errors and disabled pass-through", "[scaler][errors]") {
+  torch::manual_seed(0);
+  Net net;
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  mixprec::GradScaler scaler;
+  scaler.scale(net.forward(torch::randn({2, 8})).sum()).backward();
+  scaler.unscale_(opt);
+  REQUIRE_THROWS_WITH(scaler.unscale_(opt), Catch::Contains("already been called"));
+  scaler.step(opt);
+  REQUIRE_THROWS_WITH(scaler.step(opt), Catch::Contains("step() has already been called"));
+  scaler.update();
+  REQUIRE_THROWS_WITH(scaler.update(), Catch::Contains("No inf checks"));
+  REQUIRE_THROWS_WITH(mixprec::GradScaler(torch::kCPU, mixprec::GradScalerOptions().growth_factor(0.5)),
+                      Catch::Contains("growth_factor"));
+  mixprec::GradScaler off(torch::kCPU, mixprec::GradScalerOptions().enabled(false));
+  auto loss = net.forward(torch::randn({2, 8})).sum();
+  REQUIRE(off.scale(loss).equal(loss));
+  REQUIRE(off.get_scale() == 1.0);
+}
+
+TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][checkpoint]") {
+  mixprec::GradScaler a(torch::kCPU, mixprec::GradScalerOptions().init_scale(4096).growth_interval(7).hysteresis(3));
+  a.update(300.0);
+  std::stringstream stream;
+  {
+    torch::serialize::OutputArchive archive;
+    a.save(archive);
+    archive.save_to(stream);
+  }
+  mixprec::GradScaler b;
+  torch::serialize::InputArchive archive;
+  archive.load_from(stream);
+  b.load(archive);
+  REQUIRE(b.get_scale() == 300.0);
+  REQUIRE(b.options().growth_interval() == 7);
+  REQUIRE(b.options().hysteresis() == 3);
+  REQUIRE(b.state_dict().at("_hysteresis_tracker") == 3.0);
+}
