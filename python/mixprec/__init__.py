@@ -15,6 +15,7 @@ from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
 from . import optim
 from .grad_scaler import GradScaler
+from .policy import Policy, autocast
 
 __version__: str = _C.version()
 
@@ -27,4 +28,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["GradScaler", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "Policy", "autocast", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]

@@ -4,4 +4,5 @@
 #include "mixprec/grad_scaler.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
+#include "mixprec/policy.h"
 #include "mixprec/version.h"

@@ -1,0 +1,176 @@
+// mixprec::Policy (one parser for every precision name users know), AutocastGuard, apply(), and the
+// torch custom class torch.classes.mixprec.Policy that Python's mixprec.Policy wraps.
+#include "mixprec/policy.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <map>
+#include <sstream>
+
+namespace mixprec {
+
+namespace {
+
+constexpr const char* kAccepted =
+    "float32, mixed_float16, mixed_bfloat16, float16, bfloat16 (mixprec/Keras); 32-true, 16-mixed, bf16-mixed, "
+    "16-true, bf16-true, 32, 16, bf16 (Lightning); no, fp16 (Accelerate); or jmp's explicit "
+    "\"params=<dtype>,compute=<dtype>,output=<dtype>\" with dtypes float32/f32, float16/f16/half, bfloat16/bf16";
+
+std::string lower_trimmed(std::string s) {
+  s.erase(std::remove_if(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c); }), s.end());
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+c10::ScalarType parse_dtype(const std::string& s, const std::string& whole) {
+  static const std::map<std::string, c10::ScalarType> names = {
+      {"float32", c10::kFloat}, {"f32", c10::kFloat},  {"fp32", c10::kFloat},      {"float", c10::kFloat},
+      {"full", c10::kFloat},    {"float16", c10::kHalf}, {"f16", c10::kHalf},      {"fp16", c10::kHalf},
+      {"half", c10::kHalf},     {"bfloat16", c10::kBFloat16}, {"bf16", c10::kBFloat16}};
+  auto it = names.find(s);
+  TORCH_CHECK(it != names.end(), "mixprec::Policy: unknown dtype \"", s, "\" in \"", whole, "\"; accepted names: ",
+              kAccepted);
+  return it->second;
+}
+
+Policy make(const std::string& name, c10::ScalarType compute, c10::ScalarType param, c10::ScalarType output) {
+  Policy p;
+  p.name = name;
+  p.compute_dtype = compute;
+  p.param_dtype = param;
+  p.master_dtype = param == c10::kFloat ? c10::kFloat : param;  // pure 16-bit: no master copy
+  p.output_dtype = output;
+  return p;
+}
+
+const char* dtype_name(c10::ScalarType t) {
+  return t == c10::kHalf ? "float16" : (t == c10::kBFloat16 ? "bfloat16" : "float32");
+}
+
+}  // namespace
+
+bool Policy::keeps_fp32(const std::string& module_type) const {
+  return std::any_of(keep_fp32.begin(), keep_fp32.end(),
+                     [&](const std::string& k) { return !k.empty() && module_type.find(k) != std::string::npos; });
+}
+
+Policy Policy::from_string(const std::string& raw) {
+  const std::string s = lower_trimmed(raw);
+  static const std::map<std::string, std::string> aliases = {
+      {"float32", "float32"},         {"32-true", "float32"},         {"32", "float32"},
+      {"no", "float32"},              {"mixed_float16", "mixed_float16"}, {"16-mixed", "mixed_float16"},
+      {"16", "mixed_float16"},        {"fp16", "mixed_float16"},      {"mixed_bfloat16", "mixed_bfloat16"},
+      {"bf16-mixed", "mixed_bfloat16"}, {"bf16", "mixed_bfloat16"},   {"float16", "float16"},
+      {"16-true", "float16"},         {"bfloat16", "bfloat16"},       {"bf16-true", "bfloat16"}};
+  auto it = aliases.find(s);
+  if (it != aliases.end()) {
+    const std::string& canon = it->second;
+    if (canon == "float32") return make(canon, c10::kFloat, c10::kFloat, c10::kFloat);
+    if (canon == "mixed_float16") return make(canon, c10::kHalf, c10::kFloat, c10::kHalf);
+    if (canon == "mixed_bfloat16") return make(canon, c10::kBFloat16, c10::kFloat, c10::kBFloat16);
+    if (canon == "float16") return make(canon, c10::kHalf, c10::kHalf, c10::kHalf);
+    return make(canon, c10::kBFloat16, c10::kBFloat16, c10::kBFloat16);
+  }
+  TORCH_CHECK(s.find('=') != std::string::npos, "mixprec::Policy: unknown policy \"", raw, "\"; accepted: ", kAccepted);
+  // jmp's explicit form: comma-separated key=dtype pairs; compute is required, the others default to it
+  // (params to float32, as in jmp).
+  std::map<std::string, c10::ScalarType> parts;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto eq = item.find('=');
+    TORCH_CHECK(eq != std::string::npos, "mixprec::Policy: \"", item, "\" in \"", raw,
+                "\" is not key=dtype; accepted: ", kAccepted);
+    std::string key = item.substr(0, eq);
+    if (key == "p" || key == "param") key = "params";
+    if (key == "c") key = "compute";
+    if (key == "o") key = "output";
+    TORCH_CHECK(key == "params" || key == "compute" || key == "output", "mixprec::Policy: unknown key \"", key,
+                "\" in \"", raw, "\" (keys: params, compute, output)");
+    parts[key] = parse_dtype(item.substr(eq + 1), raw);
+  }
+  TORCH_CHECK(parts.count("compute"), "mixprec::Policy: \"", raw, "\" names no compute dtype");
+  const c10::ScalarType compute = parts["compute"];
+  const c10::ScalarType params = parts.count("params") ? parts["params"] : c10::kFloat;
+  const c10::ScalarType output = parts.count("output") ? parts["output"] : compute;
+  std::string canon = std::string("params=") + dtype_name(params) + ",compute=" + dtype_name(compute) +
+                      ",output=" + dtype_name(output);
+  return make(canon, compute, params, output);
+}
+
+AutocastGuard::AutocastGuard(const Policy& policy, c10::DeviceType device_type)
+    : device_type_(device_type),
+      prev_enabled_(at::autocast::is_autocast_enabled(device_type)),
+      prev_dtype_(at::autocast::get_autocast_dtype(device_type)),
+      prev_cache_enabled_(at::autocast::is_autocast_cache_enabled()) {
+  TORCH_CHECK(at::autocast::is_autocast_available(device_type), "mixprec::AutocastGuard: autocast is not available for ",
+              device_type, " devices");
+  const bool enable = policy.compute_dtype != c10::kFloat;
+  if (enable) {
+    TORCH_CHECK(device_type != c10::DeviceType::CPU || policy.compute_dtype == c10::kBFloat16 ||
+                    policy.compute_dtype == c10::kHalf,
+                "mixprec::AutocastGuard: policy \"", policy.name, "\" computes in ", policy.compute_dtype,
+                ", which CPU autocast cannot use");
+    at::autocast::set_autocast_dtype(device_type, policy.compute_dtype);
+  }
+  at::autocast::set_autocast_enabled(device_type, enable);
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_type_, prev_enabled_);
+  at::autocast::set_autocast_dtype(device_type_, prev_dtype_);
+  at::autocast::set_autocast_cache_enabled(prev_cache_enabled_);
+}
+
+void apply(torch::nn::Module& module, const Policy& policy) {
+  // Check everything first, so a failure leaves the module untouched.
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    TORCH_CHECK(at::isFloatingType(item.value().scalar_type()), "mixprec::apply: parameter \"", item.key(),
+                "\" has dtype ", item.value().scalar_type(), "; only floating-point parameters can follow a policy");
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& named : module.named_modules("", /*include_self=*/true)) {
+    torch::nn::Module& m = *named.value();
+    const c10::ScalarType target = policy.keeps_fp32(m.name()) ? c10::kFloat : policy.param_dtype;
+    for (auto& p : m.named_parameters(/*recurse=*/false)) {
+      if (p.value().scalar_type() != target) p.value().set_data(p.value().to(target));
+    }
+    for (auto& b : m.named_buffers(/*recurse=*/false)) {
+      if (at::isFloatingType(b.value().scalar_type()) && b.value().scalar_type() != target) {
+        b.value().set_data(b.value().to(target));
+      }
+    }
+  }
+}
+
+// ---- torch.classes.mixprec.Policy ----------------------------------------------------------------------------
+
+namespace {
+struct PolicyClass : torch::CustomClassHolder {
+  Policy policy;
+  explicit PolicyClass(const std::string& name) : policy(Policy::from_string(name)) {}
+};
+using Self = c10::intrusive_ptr<PolicyClass>;
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.class_<PolicyClass>("Policy")
+      .def(torch::init<std::string>())
+      .def("name", [](const Self& s) { return s->policy.name; })
+      .def("compute_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.compute_dtype); })
+      .def("param_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.param_dtype); })
+      .def("master_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.master_dtype); })
+      .def("output_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.output_dtype); })
+      .def("needs_loss_scaling", [](const Self& s) { return s->policy.needs_loss_scaling(); })
+      .def("keep_fp32", [](const Self& s) { return s->policy.keep_fp32; })
+      .def("set_keep_fp32", [](const Self& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })
+      .def("keeps_fp32", [](const Self& s, const std::string& type_name) { return s->policy.keeps_fp32(type_name); });
+}
+
+}  // namespace mixprec

@@ -1,0 +1,189 @@
+"""Precision policies and autocast for Python, on the C++ ``mixprec::Policy``.
+
+``Policy`` is the C++ parser and record (``torch.classes.mixprec.Policy``) with Python conveniences:
+``policy.apply(model)`` (storage dtypes, norm layers kept in fp32 through forward hooks), and helpers
+that build the matching loss scaler and optimizer. ``autocast(policy, device_type)`` is a context
+manager and decorator with ``torch.autocast``'s semantics (it wraps it); C++ code uses
+``mixprec::AutocastGuard``, which restores the same state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Policy", "autocast"]
+
+# c10::ScalarType codes of the dtypes a policy can name.
+_FROM_CODE = {5: torch.float16, 6: torch.float32, 15: torch.bfloat16}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
+class Policy:
+    """A precision policy: compute dtype, parameter (storage) dtype, master dtype, output dtype, the
+    module types kept in fp32, and whether loss scaling is needed.
+
+    Accepts every name users already know: ``float32``, ``mixed_float16``, ``mixed_bfloat16``,
+    ``float16``, ``bfloat16`` (mixprec/Keras), Lightning's ``32-true``, ``16-mixed``, ``bf16-mixed``,
+    ``16-true``, ``bf16-true``, Accelerate's ``no``, ``fp16``, ``bf16`` and jmp's explicit
+    ``"params=float32,compute=bfloat16,output=float32"``. Unknown names raise an error listing these.
+
+    Args:
+        name: the policy name, or another Policy to copy.
+        keep_fp32: module type names to keep in fp32 (default: BatchNorm, LayerNorm, GroupNorm); a
+            module is kept when its class name contains one of them.
+    """
+
+    def __init__(self, name: Union[str, "Policy"], keep_fp32: Optional[Iterable[str]] = None) -> None:
+        base = name.name if isinstance(name, Policy) else str(name)
+        self._impl = torch.classes.mixprec.Policy(base)
+        if isinstance(name, Policy) and keep_fp32 is None:
+            keep_fp32 = name.keep_fp32
+        if keep_fp32 is not None:
+            self._impl.set_keep_fp32([str(k) for k in keep_fp32])
+
+    @property
+    def name(self) -> str:
+        return str(self._impl.name())
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _FROM_CODE[self._impl.compute_dtype()]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return _FROM_CODE[self._impl.param_dtype()]
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return _FROM_CODE[self._impl.master_dtype()]
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return _FROM_CODE[self._impl.output_dtype()]
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return bool(self._impl.needs_loss_scaling())
+
+    @property
+    def keep_fp32(self) -> list[str]:
+        return list(self._impl.keep_fp32())
+
+    def keeps_fp32(self, module: Union[nn.Module, type, str]) -> bool:
+        """Whether this module (or module type, or type name) stays in fp32."""
+        if isinstance(module, nn.Module):
+            module = type(module)
+        if isinstance(module, type):
+            module = module.__name__
+        return bool(self._impl.keeps_fp32(module))
+
+    def __repr__(self) -> str:
+        return (f"Policy({self.name!r}, compute={self.compute_dtype}, params={self.param_dtype}, "
+                f"master={self.master_dtype}, keep_fp32={self.keep_fp32})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and self.name == other.name and self.keep_fp32 == other.keep_fp32
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Cast ``model``'s parameters and floating buffers to the storage dtype, except those of
+        fp32-kept modules, which become fp32 and get their floating inputs upcast to fp32 and their
+        outputs cast back to the compute dtype (forward hooks). Returns ``model``."""
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                raise TypeError(f"Policy.apply: parameter {name!r} has dtype {p.dtype}; only floating-point "
+                                "parameters can follow a precision policy")
+        compute = self.compute_dtype
+        for module in model.modules():
+            kept = self.keeps_fp32(module)
+            target = torch.float32 if kept else self.param_dtype
+            for p in module.parameters(recurse=False):
+                if p.dtype != target:
+                    p.data = p.data.to(target)
+            for key, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and b.dtype != target:
+                    setattr(module, key, b.to(target))
+            if kept and not getattr(module, "_mixprec_fp32_hooks", False):
+                module.register_forward_pre_hook(
+                    lambda m, args, kwargs: (_cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)),
+                    with_kwargs=True,
+                )
+                if compute != torch.float32:
+                    module.register_forward_hook(lambda m, args, out: _cast_floating(out, compute))
+                module._mixprec_fp32_hooks = True
+        return model
+
+    def grad_scaler(self, device: str = "cuda", **kwargs: Any) -> "Any":
+        """A ``mixprec.GradScaler`` for this policy: dynamic for fp16 compute, disabled otherwise."""
+        from .grad_scaler import GradScaler
+
+        kwargs.setdefault("enabled", self.needs_loss_scaling)
+        return GradScaler(device, **kwargs)
+
+    def optimizer(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> "Any":
+        """A ``mixprec.optim.AdamW`` for this policy: fp32 masters for mixed policies; for pure 16-bit
+        policies no master copy and stochastic rounding of the updates."""
+        from .optim import AdamW
+
+        if self.param_dtype != torch.float32 and self.master_dtype != torch.float32:
+            kwargs.setdefault("master_weights", "none")
+            kwargs.setdefault("rounding", "stochastic")
+        return AdamW(params, lr=lr, **kwargs)
+
+    def autocast(self, device_type: str = "cuda") -> "autocast":
+        return autocast(self, device_type)
+
+
+class autocast:  # noqa: N801 (named like torch.autocast)
+    """``torch.autocast`` driven by a policy: context manager and decorator.
+
+    Inside, autocast computes in the policy's compute dtype; a float32 policy disables autocast inside.
+    On exit the previous state (enabled flag, dtype, cache setting) comes back and the cast cache is
+    cleared when the outermost autocast exits, exactly as with ``torch.autocast``.
+    """
+
+    def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None):
+        policy = policy if isinstance(policy, Policy) else Policy(policy)
+        try:
+            available = torch.amp.is_autocast_available(device_type)
+        except RuntimeError:  # not even a device type torch knows
+            available = False
+        if not available:
+            raise RuntimeError(f"mixprec.autocast: autocast is not available for device type {device_type!r}")
+        compute = policy.compute_dtype
+        if device_type == "cuda" and compute == torch.bfloat16 and torch.cuda.is_available() \
+                and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
+        self.policy = policy
+        self.device_type = device_type
+        enabled = compute != torch.float32
+        self._autocast = torch.autocast(device_type, dtype=compute if enabled else None, enabled=enabled,
+                                        cache_enabled=cache_enabled)
+
+    def __enter__(self) -> "autocast":
+        self._autocast.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._autocast.__exit__(*exc)
+
+    def __call__(self, func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with autocast(self.policy, self.device_type):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
