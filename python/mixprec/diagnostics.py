@@ -1,0 +1,200 @@
+"""Diagnostics a mixed-precision practitioner needs: how far a policy's outputs are from fp32, which
+gradients an fp16 loss scale would flush or overflow (and which scale to use), and what each precision
+costs in time and memory.
+
+    python -m mixprec.bench [--device cpu|cuda]   # the tables for the demo's transformer
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from .policy import Policy, autocast
+
+__all__ = ["OutputError", "UnderflowReport", "PrecisionTiming", "compare_outputs", "underflow_report",
+           "benchmark_precision"]
+
+FP16_MIN_SUBNORMAL = 2.0**-24
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MAX = 65504.0
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+@dataclass
+class OutputError:
+    """Error of one output under a policy, against the fp32 run."""
+
+    index: int
+    shape: tuple
+    max_abs: float
+    max_rel: float
+    mean_rel: float
+
+
+def compare_outputs(model_or_fn: Union[nn.Module, Callable[..., Any]], inputs: Sequence[Any],
+                    policy: Union[Policy, str], device_type: str = "cpu", eps: float = 1e-12) -> list[OutputError]:
+    """Run ``model_or_fn(*inputs)`` in fp32 and under ``policy`` and compare every output tensor.
+
+    A module is copied twice: one copy stays fp32, the other goes through ``policy.apply``; a plain
+    function runs once without and once within ``mixprec.autocast(policy)``. Relative errors divide
+    by ``max(|fp32 value|, eps)``."""
+    policy = policy if isinstance(policy, Policy) else Policy(policy)
+    if isinstance(model_or_fn, nn.Module):
+        ref_model = copy.deepcopy(model_or_fn).float()
+        low_model = policy.apply(copy.deepcopy(model_or_fn).float())
+        ref_fn, low_fn = ref_model, low_model
+    else:
+        ref_fn = low_fn = model_or_fn
+    fp32_inputs = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    low_inputs = [x.to(policy.param_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for x in inputs]
+    with torch.no_grad():
+        ref = _flatten(ref_fn(*fp32_inputs))
+        with autocast(policy, device_type):
+            low = _flatten(low_fn(*low_inputs))
+    errors = []
+    for i, (r, l) in enumerate(zip(ref, low)):
+        r64, l64 = r.double(), l.double()
+        diff = (l64 - r64).abs()
+        rel = diff / r64.abs().clamp(min=eps)
+        errors.append(OutputError(i, tuple(r.shape), float(diff.max()) if diff.numel() else 0.0,
+                                  float(rel.max()) if rel.numel() else 0.0, float(rel.mean()) if rel.numel() else 0.0))
+    return errors
+
+
+@dataclass
+class UnderflowReport:
+    """What an fp16 loss scale would do to a set of gradients."""
+
+    scale: float
+    total: int
+    zero: int                 # exactly zero already
+    flush_to_zero: int        # non-zero, but |g * scale| rounds to 0 in fp16 (< 2^-25)
+    subnormal: int            # lands in fp16's subnormal range (2^-25 <= |g * scale| < 2^-14): precision lost
+    overflow: int             # |g * scale| > 65504: inf, the step would be skipped
+    exponent_histogram: dict = field(default_factory=dict)  # floor(log2 |g|) -> count, non-zero g only
+    recommended_scale: float = 1.0  # smallest power of two keeping `fraction` of non-zero g representable
+
+    @property
+    def nonzero(self) -> int:
+        return self.total - self.zero
+
+    def __str__(self) -> str:
+        nz = max(self.nonzero, 1)
+        lines = [f"fp16 at loss scale {self.scale:g}: {self.total} gradient elements, {self.zero} already zero",
+                 f"  flushed to zero: {self.flush_to_zero} ({100 * self.flush_to_zero / nz:.2f}% of non-zero)",
+                 f"  subnormal:       {self.subnormal} ({100 * self.subnormal / nz:.2f}%)",
+                 f"  overflow (inf):  {self.overflow} ({100 * self.overflow / nz:.2f}%)",
+                 f"  recommended power-of-two scale: {self.recommended_scale:g}",
+                 "  exponent histogram (floor(log2|g|): count):"]
+        for e in sorted(self.exponent_histogram):
+            lines.append(f"    2^{e:>4}: {self.exponent_histogram[e]}")
+        return "\n".join(lines)
+
+
+def _gradients(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]]) -> list[torch.Tensor]:
+    if isinstance(grads_or_model, nn.Module):
+        return [p.grad for p in grads_or_model.parameters() if p.grad is not None]
+    return [g for g in grads_or_model if g is not None]
+
+
+def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], scale: float = 1.0,
+                     fraction: float = 0.999) -> UnderflowReport:
+    """Count the gradient elements that fp16 would flush to zero, make subnormal or overflow at loss
+    scale ``scale``, histogram their exponents, and find the smallest power-of-two scale under which at
+    least ``fraction`` of the non-zero elements are representable (>= 2^-24 after scaling) while none
+    overflows (if no such scale exists, the one that keeps the largest element finite)."""
+    grads = _gradients(grads_or_model)
+    mags = torch.cat([g.detach().double().abs().flatten() for g in grads]) if grads else torch.zeros(0)
+    finite = mags[torch.isfinite(mags)]
+    nonzero = finite[finite > 0]
+    scaled = nonzero * scale
+    hist: dict[int, int] = {}
+    if nonzero.numel():
+        exps, counts = torch.unique(torch.floor(torch.log2(nonzero)).to(torch.int64), return_counts=True)
+        hist = {int(e): int(c) for e, c in zip(exps, counts)}
+    report = UnderflowReport(
+        scale=scale,
+        total=int(mags.numel()),
+        zero=int((finite == 0).sum()),
+        flush_to_zero=int((scaled < FP16_MIN_SUBNORMAL / 2).sum()),
+        subnormal=int(((scaled >= FP16_MIN_SUBNORMAL / 2) & (scaled < FP16_MIN_NORMAL)).sum()),
+        overflow=int((scaled > FP16_MAX).sum()) + int((~torch.isfinite(mags)).sum()),
+        exponent_histogram=hist,
+    )
+    if nonzero.numel():
+        # Representable means >= 2^-24 after scaling: the scale must lift the (1 - fraction) quantile there.
+        k = max(0, min(nonzero.numel() - 1, int(math.floor((1.0 - fraction) * nonzero.numel()))))
+        low = float(torch.sort(nonzero).values[k])
+        needed = math.ceil(math.log2(FP16_MIN_SUBNORMAL / low))
+        ceiling = math.floor(math.log2(FP16_MAX / float(nonzero.max())))
+        report.recommended_scale = 2.0 ** min(needed, ceiling)
+    return report
+
+
+@dataclass
+class PrecisionTiming:
+    dtype: torch.dtype
+    seconds: float          # median forward+backward time
+    peak_mib: float         # CUDA: peak allocated; CPU: parameters + gradients + saved activations estimate
+    speedup: float = 1.0    # fp32 time / this time
+
+
+def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
+                        dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),
+                        device: Union[str, torch.device] = "cpu", warmup: int = 2, repeats: int = 5,
+                        loss_fn: Callable[[Any], torch.Tensor] = lambda out: out.float().sum()) -> list[PrecisionTiming]:
+    """Forward+backward time (median of ``repeats`` after ``warmup``, device synchronised) and peak memory
+    of ``model(*inputs)`` under autocast at each dtype, with the speedup over fp32."""
+    device = torch.device(device)
+    results = []
+    for dtype in dtypes:
+        m = copy.deepcopy(model).to(device)
+        xs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
+        enabled = dtype != torch.float32
+
+        def step() -> None:
+            m.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled):
+                out = m(*xs)
+            loss_fn(out).backward()
+
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = sum(p.numel() * p.element_size() * 2 for p in m.parameters()) / 2**20
+        results.append(PrecisionTiming(dtype, statistics.median(times), peak))
+        del m
+    base = next((r.seconds for r in results if r.dtype == torch.float32), results[0].seconds)
+    for r in results:
+        r.speedup = base / r.seconds
+    return results
