@@ -1,0 +1,171 @@
+"""Cross-cutting reliability: injected faults, exact resume in a fresh process, torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1)).bfloat16()
+
+
+def _data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 1, generator=gen) * 0.3
+    out = []
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=gen)
+        out.append((x.bfloat16(), torch.sin(x @ w)))
+    return out
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for st in opt.state.values():
+        tensors += [v.clone() for v in st.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def _run(steps: int, inject: set[int], skip: set[int], rng_seed: int = 0):
+    """Train with fp16-style loss scaling; inf/NaN planted into random gradient tensors at `inject` steps;
+    `skip` steps are simply not taken (the reference for what injection should amount to)."""
+    model = _model()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    scaler = mixprec.GradScaler("cpu", init_scale=2.0**12, growth_interval=20, hysteresis=2, min_scale=1.0,
+                                max_scale=2.0**14)
+    rng = random.Random(rng_seed)
+    params = list(model.parameters())
+    losses = []
+    skipped_ok = True
+    for step, (x, y) in enumerate(_data(steps)):
+        if step in skip:
+            continue
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if step in inject:
+            target = rng.choice(params).grad.view(-1)
+            target[rng.randrange(target.numel())] = rng.choice([math.inf, -math.inf, math.nan])
+            before = _snapshot(model, opt)
+        scaler.step(opt)
+        scaler.update()
+        if step in inject:
+            after = _snapshot(model, opt)
+            skipped_ok &= all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+                              for a, b in zip(before, after))
+        assert 1.0 <= scaler.get_scale() <= 2.0**14
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = sum(nn.functional.mse_loss(model(x).float(), y).item() for x, y in _data(steps)[-20:]) / 20
+    return skipped_ok, final, losses
+
+
+def test_fault_injection_skips_leave_everything_untouched() -> None:
+    steps = 1000
+    rng = random.Random(42)
+    inject = set(rng.sample(range(steps), steps // 20))  # 5% of the steps
+    ok, final_injected, _ = _run(steps, inject, set())
+    assert ok, "an overflowing step changed parameters, masters, moments or step counts"
+    _, final_reference, _ = _run(steps, set(), inject)
+    assert abs(final_injected - final_reference) <= 0.01 * final_reference, (final_injected, final_reference)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, mixprec
+    from torch import nn
+    mode, start, stop, ckpt, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1)).bfloat16()
+    kw = dict(fp32=dict(master_weights="fp32"), remainder=dict(master_weights="remainder"),
+              stochastic=dict(master_weights="none", rounding="stochastic", seed=3, moment_dtype=torch.bfloat16))[mode]
+    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3, **kw)
+    scaler = mixprec.GradScaler("cpu", init_scale=2.0**10, growth_interval=3, hysteresis=2)
+    if start > 0:
+        state = torch.load(ckpt)
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); scaler.load_state_dict(state["scaler"])
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(stop)]
+    for step in range(start, stop):
+        x, y = batches[step]
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x.bfloat16()).float(), y)).backward()
+        if step % 5 == 4:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt); scaler.update()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()},
+               out)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "remainder", "stochastic"])
+def test_resume_in_a_fresh_process_is_bitwise(tmp_path, mode: str) -> None:
+    def run(start: int, stop: int, ckpt: str, out: str) -> None:
+        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, mode, str(start), str(stop), ckpt, out], check=True)
+
+    k = random.Random(mode).randrange(3, 17)
+    run(0, 20, "", str(tmp_path / "straight.pt"))
+    run(0, k, "", str(tmp_path / "ckpt.pt"))
+    run(k, 20, str(tmp_path / "ckpt.pt"), str(tmp_path / "resumed.pt"))
+    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    for key, v in a["model"].items():
+        assert torch.equal(v.reshape(-1).view(torch.uint8), b["model"][key].reshape(-1).view(torch.uint8)), key
+    for pid, st in a["opt"]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, b["opt"]["state"][pid][key]), (pid, key)
+    assert a["scaler"] == b["scaler"]
+
+
+def test_compile_fullgraph_training_step_uses_mixprec_ops() -> None:
+    """A whole step (forward, backward, fused unscale+check, fused Adam, scale update) traces with
+    torch.compile(fullgraph=True) and matches eager."""
+    from mixprec import ops
+
+    def make():
+        torch.manual_seed(0)
+        lin = nn.Linear(8, 4)
+        params = list(lin.parameters())
+        state = dict(m=[torch.zeros_like(p) for p in params], v=[torch.zeros_like(p) for p in params],
+                     s=[torch.zeros(()) for _ in params], scale=torch.full((1,), 1024.0),
+                     growth=torch.zeros(1, dtype=torch.int32), hyst=torch.ones(1, dtype=torch.int32),
+                     found=torch.zeros(1))
+        return lin, params, state
+
+    def step(lin, params, st, x):
+        loss = lin(x).pow(2).mean() * st["scale"]
+        grads = torch.autograd.grad(loss, params)
+        grads = [g.clone() for g in grads]
+        st["found"].zero_()
+        ops.unscale_and_check_(grads, st["found"], st["scale"].reciprocal())
+        with torch.no_grad():
+            ops.adam_step_([p.data for p in params], grads, st["m"], st["v"], [], st["s"], lr=1e-2, beta1=0.9,
+                           beta2=0.999, eps=1e-8, weight_decay=0.0, found_inf=st["found"])
+        ops.update_scale_(st["scale"], st["growth"], st["hyst"], st["found"], 2.0, 0.5, 2)
+        return loss.detach()
+
+    x = torch.randn(5, 8)
+    eager_lin, eager_params, eager_state = make()
+    comp_lin, comp_params, comp_state = make()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    # The backward inside the step: dynamo traces torch.autograd.grad when asked to.
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for _ in range(3):
+            step(eager_lin, eager_params, eager_state, x)
+            compiled(comp_lin, comp_params, comp_state, x)
+    for a, b in zip(eager_params, comp_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(eager_state["scale"], comp_state["scale"]) and comp_state["s"][0].item() == 3
