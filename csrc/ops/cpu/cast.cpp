@@ -106,4 +106,12 @@ TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("merge_bf16_remainder", &merge_bf16_remainder_cpu);
 }
 
+// A sparse tensor routes the call here; the checks then name it (see unscale_and_check).
+TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) {
+  m.impl("cast", &cast_cpu);
+  m.impl("cast_", &cast__cpu);
+  m.impl("split_bf16_remainder", &split_bf16_remainder_cpu);
+  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cpu);
+}
+
 }  // namespace mixprec::cpu

@@ -224,4 +224,12 @@ TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
   m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
 }
 
+// A sparse tensor routes the call here; the checks then name it (see unscale_and_check).
+TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
+  m.impl("cast", &cast_cuda);
+  m.impl("cast_", &cast__cuda);
+  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
+  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
+}
+
 }  // namespace mixprec::cuda
