@@ -43,6 +43,17 @@ if(_want_cuda)
   unset(CMAKE_CUDA_ARCHITECTURES CACHE)
 endif()
 
+# A CUDA build of torch looks for the toolkit even when libmixprec is built without CUDA; offer the
+# usual places (a wrapper nvcc first on PATH would otherwise point it at the wrong prefix).
+if(NOT CUDA_TOOLKIT_ROOT_DIR)
+  foreach(_root $ENV{CUDA_HOME} $ENV{CUDA_PATH} /usr/local/cuda)
+    if(EXISTS "${_root}/include/cuda_runtime.h")
+      set(CUDA_TOOLKIT_ROOT_DIR "${_root}" CACHE PATH "CUDA toolkit root")
+      break()
+    endif()
+  endforeach()
+endif()
+
 if(NOT CUDA_nvrtc_LIBRARY)
   find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
     HINTS ${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/lib64 ${_mixprec_wheel_libdirs})

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs every test: pytest, then the Catch2 suite and the
-# installed-package example through ctest. CUDA tests skip, with the reason, on a machine without a GPU.
+# installed-package examples through ctest, then the Catch2 suite again under AddressSanitizer and
+# UndefinedBehaviorSanitizer (scripts/sanitize.sh; MIXPREC_SKIP_SANITIZE=1 skips it). CUDA tests skip,
+# with the reason, on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,3 +13,7 @@ echo "== pytest"
 python -m pytest tests/python -q
 echo "== ctest"
 ctest --test-dir "${MIXPREC_BUILD_DIR:-build/cmake}" --output-on-failure
+if [ "${MIXPREC_SKIP_SANITIZE:-0}" = "0" ]; then
+  echo "== Catch2 suite under ASan + UBSan"
+  bash scripts/sanitize.sh
+fi
