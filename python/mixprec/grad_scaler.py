@@ -23,6 +23,8 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .optim import _local
+
 __all__ = ["GradScaler"]
 
 _INT_KEYS = ("growth_interval", "_growth_tracker", "hysteresis", "_hysteresis_tracker")
@@ -100,7 +102,7 @@ class GradScaler:
                 if grad is None:
                     grad = p.grad
                 if grad is not None:
-                    grads.append(grad)
+                    grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
         return grads
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:

@@ -28,6 +28,15 @@ _MASTER_CHOICES = ("auto", "fp32", "remainder", "none")
 _MASK64 = (1 << 64) - 1
 
 
+def _local(t: Tensor) -> Tensor:
+    """The shard a rank holds of a DTensor (FSDP2's fully_shard params and grads); other tensors as they are.
+
+    The fused step works element-wise, so updating each rank's shard in place is the whole update."""
+    if type(t).__name__ == "DTensor":
+        return t.to_local()
+    return t
+
+
 def _splitmix64(x: int) -> int:
     """A well-mixed 64-bit value from a counter: distinct Philox keys for consecutive steps."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -107,8 +116,10 @@ class _MixprecAdam(torch.optim.Optimizer):
             return "none"  # an fp32 parameter is its own master
         return choice
 
-    def _init_state(self, p: Tensor, group: dict[str, Any], mode: str) -> dict[str, Any]:
+    def _init_state(self, p: Tensor, local: Tensor, group: dict[str, Any], mode: str) -> dict[str, Any]:
+        """State of `p` (keyed by the parameter), shaped like `local`, the part of it this rank updates."""
         state = self.state[p]
+        p = local
         moment_dtype = group["moment_dtype"]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -173,10 +184,11 @@ class _MixprecAdam(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 mode = self._master_mode(p, group)
-                state = self._init_state(p, group, mode)
+                local = _local(p)
+                state = self._init_state(p, local, group, mode)
                 b = buckets.setdefault((p.device, mode), {k: [] for k in ("p", "g", "m", "v", "w", "s")})
-                b["p"].append(p)
-                b["g"].append(grad)
+                b["p"].append(local)
+                b["g"].append(_local(grad))
                 b["m"].append(state["exp_avg"])
                 b["v"].append(state["exp_avg_sq"])
                 b["s"].append(state["step"])

@@ -285,3 +285,63 @@ def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
     assert r0["scale"] == r1["scale"] == 512.0
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler("cpu", init_scale=256.0, process_group=dist.group.WORLD)
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2 * world, 8, generator=gen) for _ in range(4)]
+    for i, x in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(model(x.chunk(world)[rank]).pow(2).mean()).backward()
+        if i == 1 and rank == 0:
+            next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    full = [p.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"params": full, "scale": scaler.get_scale()}, out)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_fsdp2_fully_shard_with_mixprec_optimizer(tmp_path) -> None:
+    """FSDP2 (fully_shard) on 2 gloo ranks: the fused step updates each rank's shard; the result equals one
+    process training on the whole batch, and an overflow on one rank skips the step everywhere."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "fsdp.pt")
+    procs = [subprocess.Popen([sys.executable, "-c", FSDP_SCRIPT, str(r), "2", str(port), out]) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+    result = torch.load(out)
+    # The same training without sharding, on the full batches (FSDP averages the two halves' gradients).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 8, generator=gen) for _ in range(4)]
+    for i, x in enumerate(batches):
+        if i == 1:
+            continue  # skipped on both ranks
+        opt.zero_grad()
+        sum(model(half).pow(2).mean() for half in x.chunk(2)).div(2).backward()
+        opt.step()
+    for a, b in zip(result["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    assert result["scale"] == 128.0
