@@ -345,3 +345,29 @@ def test_fsdp2_fully_shard_with_mixprec_optimizer(tmp_path) -> None:
     for a, b in zip(result["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
     assert result["scale"] == 128.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the sync check needs a GPU")
+def test_no_host_sync_on_cuda_with_mixprec_optimizer() -> None:
+    """torch.cuda.set_sync_debug_mode('error') turns every host synchronisation into an error."""
+    model = make_model(0, "cuda").half()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler("cuda", growth_interval=2)
+    x = torch.randn(4, 8, device="cuda").half()
+    for _ in range(2):  # warm-up: lazy state creation may allocate from the host
+        opt.zero_grad()
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(4):
+            opt.zero_grad()
+            scaler.scale(model(x).float().pow(2).mean()).backward()
+            if i == 1:
+                model[0].weight.grad[0, 0] = math.inf
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.state[model[0].weight]["step"].item() == 5.0
