@@ -47,20 +47,22 @@ def adam(w: World, **over) -> None:
     ops.adam_step_(*lists, **args)
 
 
-def scaler_twice(w: World) -> None:
+def _scaled_backward() -> tuple[torch.optim.Optimizer, mixprec.GradScaler]:
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     s = mixprec.GradScaler("cpu")
     s.scale(model(torch.ones(1, 2)).sum()).backward()
+    return opt, s
+
+
+def scaler_twice(w: World) -> None:
+    opt, s = _scaled_backward()
     s.unscale_(opt)
     s.unscale_(opt)
 
 
 def scaler_step_twice(w: World) -> None:
-    model = nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = mixprec.GradScaler("cpu")
-    s.scale(model(torch.ones(1, 2)).sum()).backward()
+    opt, s = _scaled_backward()
     s.step(opt)
     s.step(opt)
 
@@ -117,9 +119,8 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("Policy: unknown name", lambda w: mixprec.Policy("fp8-mixed"), RuntimeError, "accepted"),
     ("Policy: unknown dtype", lambda w: mixprec.Policy("params=float32,compute=fp8"), RuntimeError, "dtype"),
     ("autocast: unavailable device", lambda w: mixprec.autocast("mixed_float16", "meta"), RuntimeError, "not available"),
-    ("Policy.apply: integer parameter", lambda w: mixprec.Policy("bfloat16").apply(
-        type("M", (nn.Module,), {})().register_parameter("ticks", nn.Parameter(torch.zeros(1, dtype=torch.long), False)) or
-        _with_int_param()), TypeError, "ticks"),
+    ("Policy.apply: integer parameter", lambda w: mixprec.Policy("bfloat16").apply(_with_int_param()), TypeError,
+     "ticks"),
 ]
 
 
