@@ -38,6 +38,12 @@ if step build build.log env MIXPREC_BUILD_DIR=build/gpu $PY -m pip install --no-
   step bench_unscale bench_unscale.log $PY benchmarks/bench_unscale.py --device cuda
   step bench_cast bench_cast.log $PY benchmarks/bench_cast.py --device cuda
   step bench_adam bench_adam.log $PY benchmarks/bench_adam.py --device cuda --size 1b
+  # The CUDA kernels under compute-sanitizer (memory errors, then shared-memory races).
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool" sanitizer_$tool.log compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY -m pytest -q -x -p no:cacheprovider -k cuda tests/python/test_unscale_and_check.py tests/python/test_cast.py \
+      tests/python/test_adam.py
+  done
 fi
 for f in "$OUT"/bench_*.log; do
   [ -f "$f" ] && { echo; echo "## $(basename "$f" .log)"; echo '```'; cat "$f"; echo '```'; } >> "$summary"
