@@ -16,6 +16,7 @@ from . import ops
 from . import optim
 from .grad_scaler import GradScaler
 from .policy import Policy, autocast
+from . import diagnostics
 
 __version__: str = _C.version()
 
@@ -28,4 +29,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["GradScaler", "Policy", "autocast", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "Policy", "autocast", "diagnostics", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
