@@ -65,7 +65,35 @@ if(MIXPREC_CUDA_ENABLED)
   set(CMAKE_CUDA_ARCHITECTURES OFF)
 endif()
 
-# libmixprec needs torch, c10 and, with CUDA, c10_cuda and the CUDA runtime; nothing of nvrtc.
+# cuBLASLt (the weight-gradient GEMM). A toolkit may lack it (torch's pip wheel brings its own copy in
+# site-packages/nvidia/*/): then take the library from there, and its two headers through a folder of
+# their own, so the wheel's other CUDA headers never shadow the toolkit's.
+if(MIXPREC_CUDA_ENABLED)
+  find_package(CUDAToolkit REQUIRED)
+  set(_mixprec_wheel_incdirs)
+  foreach(_d ${_mixprec_wheel_libdirs})
+    list(APPEND _mixprec_wheel_incdirs "${_d}/../include")
+  endforeach()
+  find_library(MIXPREC_CUBLASLT_LIBRARY NAMES cublasLt libcublasLt.so.13 libcublasLt.so.12
+    HINTS ${CUDAToolkit_LIBRARY_DIR} ${_mixprec_wheel_libdirs})
+  find_path(MIXPREC_CUBLASLT_INCLUDE cublasLt.h HINTS ${CUDAToolkit_INCLUDE_DIRS} NO_DEFAULT_PATH)
+  if(NOT MIXPREC_CUBLASLT_INCLUDE)
+    find_path(_mixprec_wheel_cublaslt cublasLt.h HINTS ${_mixprec_wheel_incdirs} NO_DEFAULT_PATH)
+    if(_mixprec_wheel_cublaslt)
+      set(MIXPREC_CUBLASLT_INCLUDE "${CMAKE_BINARY_DIR}/cublaslt-include")
+      file(COPY "${_mixprec_wheel_cublaslt}/cublasLt.h" "${_mixprec_wheel_cublaslt}/cublas_api.h"
+           DESTINATION "${MIXPREC_CUBLASLT_INCLUDE}")
+    endif()
+  endif()
+  if(NOT MIXPREC_CUBLASLT_LIBRARY OR NOT MIXPREC_CUBLASLT_INCLUDE)
+    message(FATAL_ERROR "mixprec: cuBLASLt not found (library: ${MIXPREC_CUBLASLT_LIBRARY}, header: "
+      "${MIXPREC_CUBLASLT_INCLUDE}); install the CUDA toolkit's cuBLAS or the nvidia-cublas wheel, or build "
+      "with -DMIXPREC_WITH_CUDA=OFF")
+  endif()
+  message(STATUS "mixprec: cuBLASLt ${MIXPREC_CUBLASLT_LIBRARY} (header in ${MIXPREC_CUBLASLT_INCLUDE})")
+endif()
+
+# libmixprec needs torch, c10 and, with CUDA, c10_cuda, the CUDA runtime and cuBLASLt; nothing of nvrtc.
 function(mixprec_link_torch target)
   target_link_libraries(${target} PUBLIC torch)
   set(_extra)
@@ -76,7 +104,7 @@ function(mixprec_link_torch target)
   endforeach()
   target_link_libraries(${target} PRIVATE ${_extra})
   if(MIXPREC_CUDA_ENABLED)
-    find_package(CUDAToolkit REQUIRED)
-    target_link_libraries(${target} PRIVATE CUDA::cudart)
+    target_link_libraries(${target} PRIVATE CUDA::cudart ${MIXPREC_CUBLASLT_LIBRARY})
+    target_include_directories(${target} SYSTEM PRIVATE ${MIXPREC_CUBLASLT_INCLUDE})
   endif()
 endfunction()

@@ -2,7 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace mixprec::detail {
 
@@ -70,6 +72,50 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
     TORCH_CHECK(min_scale <= *max_scale, op, ": min_scale (", min_scale, ") must not exceed max_scale (",
                 *max_scale, ")");
   }
+}
+
+void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
+  constexpr const char* op = "mixprec::linear_wgrad_accum_";
+  TORCH_CHECK(main_grad.defined() && grad_output.defined() && input.defined(), op,
+              ": main_grad, grad_output and input must be tensors, got an undefined tensor");
+  const std::pair<const at::Tensor*, const char*> all[] = {
+      {&main_grad, "main_grad"}, {&grad_output, "grad_output"}, {&input, "input"}};
+  for (const auto& [t, name] : all) {
+    TORCH_CHECK(t->layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+                t->layout());
+    TORCH_CHECK(t->device() == main_grad.device(), op, ": ", name, " is on ", t->device(), " but main_grad is on ",
+                main_grad.device(), "; every tensor must be on the same device");
+  }
+  TORCH_CHECK(main_grad.scalar_type() == at::kFloat, op, ": main_grad must be float32 (the fp32 accumulator), got ",
+              main_grad.scalar_type());
+  TORCH_CHECK(main_grad.dim() == 2, op, ": main_grad must be 2-D [out_features, in_features], got shape ",
+              main_grad.sizes());
+  TORCH_CHECK(main_grad.is_contiguous(), op,
+              ": main_grad must be contiguous (it is accumulated in place), got strides ", main_grad.strides());
+  const at::ScalarType dtype = grad_output.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": grad_output must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, op, ": input must have grad_output's dtype (", dtype, "), got ",
+              input.scalar_type());
+  TORCH_CHECK(grad_output.dim() >= 1 && input.dim() == grad_output.dim(), op,
+              ": grad_output [..., out_features] and input [..., in_features] must have the same number (>= 1) "
+              "of dimensions, got shapes ",
+              grad_output.sizes(), " and ", input.sizes());
+  TORCH_CHECK(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1), op,
+              ": grad_output and input must have the same leading (batch) shape, got ", grad_output.sizes(), " and ",
+              input.sizes());
+  TORCH_CHECK(grad_output.size(-1) == main_grad.size(0) && input.size(-1) == main_grad.size(1), op,
+              ": main_grad must have shape [grad_output.size(-1), input.size(-1)] = [", grad_output.size(-1), ", ",
+              input.size(-1), "], got ", main_grad.sizes());
+}
+
+at::Tensor as_row_matrix(const at::Tensor& t) {
+  at::Tensor m = t.dim() == 1 ? t.unsqueeze(0) : t.reshape({-1, t.size(-1)});
+  const bool rows_ok = m.size(1) <= 1 || m.stride(1) == 1;
+  if (!rows_ok || m.stride(0) < std::max<int64_t>(m.size(1), 1)) {
+    m = m.contiguous();
+  }
+  return m;
 }
 
 DenseViews::DenseViews(at::TensorList tensors) : originals_(tensors) {

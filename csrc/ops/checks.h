@@ -28,6 +28,15 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
                              double growth_factor, double backoff_factor, int64_t growth_interval,
                              int64_t hysteresis, double min_scale, std::optional<double> max_scale);
 
+/// Checks for linear_wgrad_accum_: main_grad a contiguous fp32 [out, in] matrix; grad_output [..., out]
+/// and input [..., in] of one dtype (fp32, fp16 or bf16) with equal leading shapes; one device.
+void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);
+
+/// `t` ([..., width], at least 1-D) as a 2-D [rows, width] matrix whose rows are contiguous and evenly
+/// spaced (a view when the layout allows, else a contiguous copy), as a GEMM with a leading dimension
+/// reads it.
+at::Tensor as_row_matrix(const at::Tensor& t);
+
 /// Element-wise kernels walk raw memory. A tensor whose elements fill one block of memory (any
 /// permutation of strides: contiguous, transposed, channels-last) can be walked as it is; any other
 /// view (a slice with gaps) is walked through a contiguous copy that is written back afterwards.

@@ -93,5 +93,11 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
           extras.found_inf, extras.clip_coef);
 }
 
+void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
+  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "mixprec::linear_wgrad_accum_");
+  op.call(main_grad, grad_output, input);
+}
+
 }  // namespace ops
 }  // namespace mixprec

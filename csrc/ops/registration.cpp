@@ -29,4 +29,5 @@ TORCH_LIBRARY(mixprec, m) {
       "str rounding=\"nearest\", int? seed=None, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()",
       tags);
+  m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
 }

@@ -14,6 +14,7 @@ from . import _C
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
 from . import optim
+from . import nn
 from .grad_scaler import GradScaler
 from .policy import Policy, autocast
 from . import diagnostics
@@ -29,4 +30,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["GradScaler", "Policy", "autocast", "diagnostics", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "Policy", "autocast", "diagnostics", "nn", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]

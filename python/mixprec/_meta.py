@@ -95,3 +95,8 @@ def _adam_step_fake(
     clip_coef: Optional[torch.Tensor] = None,
 ) -> None:
     return None
+
+
+@torch.library.register_fake("mixprec::linear_wgrad_accum_")
+def _linear_wgrad_accum_fake(main_grad: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> None:
+    return None

@@ -15,6 +15,7 @@ __all__ = [
     "split_bf16_remainder",
     "merge_bf16_remainder",
     "adam_step_",
+    "linear_wgrad_accum_",
 ]
 
 #: The master-weight modes ``adam_step_`` accepts.
@@ -186,3 +187,18 @@ def adam_step_(
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay),
         bool(maximize), master_mode, rounding, seed, lr_tensor, grad_scale, found_inf, clip_coef,
     )
+
+
+def linear_wgrad_accum_(main_grad: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> None:
+    """Accumulate a linear layer's weight gradient in fp32: ``main_grad += grad_output^T @ input``.
+
+    Args:
+        main_grad: contiguous float32 ``[out_features, in_features]`` accumulator, updated in place.
+        grad_output: ``[..., out_features]``, float32/float16/bfloat16.
+        input: ``[..., in_features]``, same dtype and leading (batch) shape as ``grad_output``.
+
+    Products and sums are fp32 (fp32 operands get a true fp32 GEMM, no TF32), so no 16-bit gradient is
+    ever formed. On CUDA it is one cuBLASLt GEMM with ``beta = 1`` on the current stream; inputs whose
+    rows are not contiguous and evenly spaced are copied to a contiguous layout first.
+    """
+    torch.ops.mixprec.linear_wgrad_accum_.default(main_grad, grad_output, input)

@@ -10,6 +10,9 @@ taken from the parameters).
 With a ``torch.amp.GradScaler`` or a ``mixprec.GradScaler`` the optimizer consumes ``grad_scale`` and
 ``found_inf`` itself (``_step_supports_amp_scaling``): gradients are unscaled inside the fused step and an
 overflowing step writes nothing, with no host synchronisation.
+
+A parameter with a ``main_grad`` (the fp32 weight-gradient accumulator of :class:`mixprec.nn.Linear`) is
+stepped from it instead of ``.grad``, and ``zero_grad`` zeroes it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x - (1 << 64) if x >= (1 << 63) else x  # as a signed int64 for the op's `int? seed`
+
+
+def _grad_of(p: Tensor) -> Optional[Tensor]:
+    """The gradient the step reads: the fp32 ``main_grad`` of mixprec.nn.Linear weights, else ``.grad``."""
+    buffer = getattr(p, "main_grad", None)
+    return p.grad if buffer is None else buffer
 
 
 class _MixprecAdam(torch.optim.Optimizer):
@@ -163,6 +172,16 @@ class _MixprecAdam(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device).clone()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, and zero the fp32 ``main_grad`` buffers in place.
+
+        ``main_grad`` is zeroed rather than dropped even with ``set_to_none``: the buffer is reused by the
+        next backward (no re-allocation, stable addresses for CUDA graphs)."""
+        super().zero_grad(set_to_none=set_to_none)
+        buffers = [b for g in self.param_groups for p in g["params"] if (b := getattr(p, "main_grad", None)) is not None]
+        if buffers:
+            torch._foreach_zero_(buffers)
+
     # -- the step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -178,7 +197,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, str], dict[str, list[Tensor]]] = {}
             for p in group["params"]:
-                grad = p.grad
+                grad = _grad_of(p)
                 if grad is None:
                     continue
                 if grad.is_sparse:

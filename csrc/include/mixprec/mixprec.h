@@ -2,6 +2,7 @@
 #pragma once
 
 #include "mixprec/grad_scaler.h"
+#include "mixprec/nn.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
 #include "mixprec/policy.h"

@@ -92,4 +92,14 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 std::string_view master_mode = "none", std::string_view rounding = "nearest",
                 std::optional<int64_t> seed = std::nullopt, const AdamStepExtras& extras = {});
 
+/// The weight gradient of a linear layer accumulated in fp32: `main_grad += grad_output^T @ input`.
+///
+/// `grad_output` is [..., out_features] and `input` [..., in_features] with the same leading (batch)
+/// shape and one dtype (fp32, fp16 or bf16); `main_grad` is a contiguous fp32 [out_features,
+/// in_features] tensor, accumulated in place. Products and sums are fp32 (fp32 inputs: plain fp32 GEMM,
+/// no TF32), so many micro-batches of 16-bit gradients add up without 16-bit rounding. On CUDA one
+/// cuBLASLt GEMM with beta = 1 reads the 16-bit operands and reads and writes main_grad once. Inputs
+/// whose rows are not contiguous and evenly spaced are copied to a contiguous layout first.
+void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);
+
 }  // namespace mixprec::ops

@@ -18,7 +18,8 @@
 
 namespace mixprec::cuda {
 
-enum class DType : uint8_t { Float = 0, Half = 1, BFloat16 = 2, Double = 3 };
+// Short carries the int16 low halves of fp32 master weights kept as bf16 + remainder (adam_step_).
+enum class DType : uint8_t { Float = 0, Half = 1, BFloat16 = 2, Double = 3, Short = 4 };
 
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -30,6 +31,8 @@ inline DType to_dtype(at::ScalarType t) {
       return DType::BFloat16;
     case at::kDouble:
       return DType::Double;
+    case at::kShort:
+      return DType::Short;
     default:
       TORCH_CHECK(false, "mixprec: unsupported dtype ", t, " in a multi-tensor kernel");
   }

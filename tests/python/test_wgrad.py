@@ -1,0 +1,350 @@
+"""linear_wgrad_accum_ (fp32 weight-gradient accumulation in the GEMM) and mixprec.nn.Linear/convert."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+from mixprec import ops
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda
+
+U32 = 2.0**-24  # unit roundoff of fp32
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def check_against_float64(main_grad: torch.Tensor, before: torch.Tensor, go: torch.Tensor, x: torch.Tensor) -> None:
+    """main_grad == before + go^T x up to fp32 GEMM rounding: |err| <= (k + 2) u (|go|^T |x| + |before|)."""
+    g, xx = rows(go).double().cpu(), rows(x).double().cpu()
+    ref = before.double().cpu() + g.t() @ xx
+    bound = (g.shape[0] + 2) * U32 * (g.abs().t() @ xx.abs() + before.double().abs().cpu()) + 1e-30
+    err = (main_grad.double().cpu() - ref).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, max bound {bound.max().item():.3g}"
+
+
+SHAPES = {
+    "2d": ((37,), 19, 23),
+    "3d": ((4, 9), 16, 33),
+    "1d": ((), 5, 3),
+    "ones": ((1,), 1, 1),
+    "long batch": ((1000,), 8, 12),
+    "odd": ((3, 1, 7), 17, 129),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_matches_float64_reference(device: str, dtype: torch.dtype, shape: str) -> None:
+    lead, out_f, in_f = SHAPES[shape]
+    torch.manual_seed(0)
+    go = torch.randn(*lead, out_f, device=device).to(dtype)
+    x = torch.randn(*lead, in_f, device=device).to(dtype)
+    main_grad = torch.randn(out_f, in_f, device=device)
+    before = main_grad.clone()
+    ops.linear_wgrad_accum_(main_grad, go, x)
+    check_against_float64(main_grad, before, go, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_contiguous_inputs(device: str, dtype: torch.dtype) -> None:
+    """Rows with a larger stride are read in place; other layouts are made contiguous first."""
+    torch.manual_seed(1)
+    n, out_f, in_f = 29, 10, 14
+    cases = {
+        "row stride > width": (torch.randn(n, out_f + 6, device=device).to(dtype)[:, 3:3 + out_f],
+                               torch.randn(n, in_f + 2, device=device).to(dtype)[:, :in_f]),
+        "transposed": (torch.randn(out_f, n, device=device).to(dtype).t(), torch.randn(in_f, n, device=device).to(dtype).t()),
+        "every other row": (torch.randn(2 * n, out_f, device=device).to(dtype)[::2],
+                            torch.randn(2 * n, in_f, device=device).to(dtype)[::2]),
+        "permuted 3-d": (torch.randn(out_f, 5, 3, device=device).to(dtype).permute(1, 2, 0),
+                         torch.randn(5, in_f, 3, device=device).to(dtype).permute(0, 2, 1)),
+    }
+    for name, (go, x) in cases.items():
+        assert not (go.is_contiguous() and x.is_contiguous()), name
+        main_grad = torch.randn(out_f, in_f, device=device)
+        before = main_grad.clone()
+        go_before, x_before = go.clone(), x.clone()
+        ops.linear_wgrad_accum_(main_grad, go, x)
+        check_against_float64(main_grad, before, go, x)
+        assert torch.equal(go, go_before) and torch.equal(x, x_before), f"{name}: inputs modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 4)], ids=str)
+def test_empty_batch_adds_nothing(device: str, lead: tuple[int, ...]) -> None:
+    main_grad = torch.randn(6, 5, device=device)
+    before = main_grad.clone()
+    ops.linear_wgrad_accum_(main_grad, torch.empty(*lead, 6, device=device).bfloat16(),
+                            torch.empty(*lead, 5, device=device).bfloat16())
+    assert torch.equal(main_grad, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_layer(device: str) -> None:
+    for out_f, in_f in [(0, 4), (4, 0)]:
+        main_grad = torch.zeros(out_f, in_f, device=device)
+        ops.linear_wgrad_accum_(main_grad, torch.randn(3, out_f, device=device), torch.randn(3, in_f, device=device))
+        assert main_grad.shape == (out_f, in_f)
+
+
+BAD = {
+    "main_grad dtype": (lambda d: (torch.zeros(3, 4, device=d).half(), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d)),
+                        "main_grad must be float32"),
+    "main_grad not contiguous": (lambda d: (torch.zeros(4, 3, device=d).t(), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d)),
+                                 "main_grad must be contiguous"),
+    "main_grad shape": (lambda d: (torch.zeros(3, 5, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d)),
+                        r"main_grad must have shape \[grad_output.size\(-1\), input.size\(-1\)\] = \[3, 4\]"),
+    "main_grad 1-d": (lambda d: (torch.zeros(12, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d)),
+                      "main_grad must be 2-D"),
+    "mixed dtypes": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d).half(), torch.ones(2, 4, device=d).bfloat16()),
+                     "input must have grad_output's dtype"),
+    "integer operands": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d, dtype=torch.int32),
+                                    torch.ones(2, 4, device=d, dtype=torch.int32)), "grad_output must be float32, float16 or bfloat16"),
+    "float64 operands": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d).double(), torch.ones(2, 4, device=d).double()),
+                         "grad_output must be float32, float16 or bfloat16"),
+    "batch mismatch": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d), torch.ones(5, 4, device=d)),
+                       "same leading"),
+    "rank mismatch": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d), torch.ones(1, 2, 4, device=d)),
+                      "same number"),
+    "sparse input": (lambda d: (torch.zeros(3, 4, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d).to_sparse()),
+                     "input must be a dense"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_names_the_argument_and_writes_nothing(device: str, case: str) -> None:
+    make, message = BAD[case]
+    main_grad, go, x = make(device)
+    before = main_grad.clone()
+    with pytest.raises(RuntimeError, match=message):
+        ops.linear_wgrad_accum_(main_grad, go, x)
+    assert torch.equal(main_grad, before)
+
+
+@requires_cuda
+def test_mixed_devices_are_rejected() -> None:
+    with pytest.raises(RuntimeError, match="input is on cpu but main_grad is on cuda"):
+        ops.linear_wgrad_accum_(torch.zeros(3, 4, device="cuda"), torch.ones(2, 3, device="cuda"), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
+    go = torch.randn(2, 5, 6, device=device).to(dtype)
+    x = torch.randn(2, 5, 3, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.mixprec.linear_wgrad_accum_.default, (torch.randn(6, 3, device=device), go, x))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_and_cuda_agree(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    go = torch.randn(3, 300, 96).to(dtype)
+    x = torch.randn(3, 300, 80).to(dtype)
+    main_cpu = torch.randn(96, 80)
+    main_cuda = main_cpu.cuda()
+    ops.linear_wgrad_accum_(main_cpu, go, x)
+    ops.linear_wgrad_accum_(main_cuda, go.cuda(), x.cuda())
+    # Both are fp32 GEMMs of the same operands; they differ only in summation order.
+    torch.testing.assert_close(main_cuda.cpu(), main_cpu, rtol=1e-5, atol=1e-4)
+
+
+@requires_cuda
+def test_cuda_runs_on_the_current_stream_and_in_a_graph() -> None:
+    go = torch.randn(64, 48, device="cuda").bfloat16()
+    x = torch.randn(64, 40, device="cuda").bfloat16()
+    expected = rows(go).float().t() @ rows(x).float()
+    main_grad = torch.zeros(48, 40, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.linear_wgrad_accum_(main_grad, go, x)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(main_grad, expected, rtol=1e-5, atol=1e-5)
+    graph = torch.cuda.CUDAGraph()
+    main_grad.zero_()
+    with torch.cuda.graph(graph):
+        ops.linear_wgrad_accum_(main_grad, go, x)
+    main_grad.zero_()
+    for _ in range(3):
+        graph.replay()
+    torch.testing.assert_close(main_grad, 3 * expected, rtol=1e-5, atol=1e-4)
+
+
+# ---- the accumulation benefit -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_64_bf16_micro_batches_stay_within_fp32_rounding(device: str) -> None:
+    """main_grad stays within fp32 rounding of the float64 sum; bf16 .grad accumulation is far worse."""
+    torch.manual_seed(3)
+    out_f, in_f, batch, micro_batches = 48, 40, 16, 64
+    plain = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
+    fused = mixprec.nn.convert(copy.deepcopy(plain))
+    exact = torch.zeros(out_f, in_f, dtype=torch.float64)
+    for _ in range(micro_batches):
+        x = torch.randn(batch, in_f, device=device).bfloat16()
+        upstream = torch.randn(batch, out_f, device=device).bfloat16()
+        plain(x).backward(upstream)
+        fused(x).backward(upstream)
+        exact += upstream.double().cpu().t() @ x.double().cpu()
+    assert fused.weight.grad is None and fused.weight.main_grad.dtype == torch.float32
+    scale = exact.abs().max().item()
+    fused_error = (fused.weight.main_grad.double().cpu() - exact).abs().max().item() / scale
+    bf16_error = (plain.weight.grad.double().cpu() - exact).abs().max().item() / scale
+    # fp32: (batch products + micro_batches adds) * 2^-24 ~ 5e-6 at the very worst.
+    assert fused_error < 5e-6, fused_error
+    # bf16 keeps 8 bits: each of the 64 additions rounds to ~2^-9 of the running sum.
+    assert bf16_error > 1e-3, bf16_error
+    assert bf16_error > 100 * fused_error
+
+
+# ---- mixprec.nn.Linear and convert ---------------------------------------------------------------------------
+
+
+def make_mlp(device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Sequential(nn.Linear(32, 16), nn.Tanh()), nn.Linear(16, 3)).to(
+        device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_keeps_outputs_parameters_and_state_dict(device: str) -> None:
+    model = make_mlp(device)
+    params_before = list(model.parameters())
+    keys_before = list(model.state_dict())
+    x = torch.randn(7, 12, device=device)
+    out_before = model(x)
+    assert mixprec.nn.convert(model) is model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3 and all(type(m) is mixprec.nn.Linear for m in linears)
+    assert all(a is b for a, b in zip(model.parameters(), params_before))
+    assert list(model.state_dict()) == keys_before
+    assert torch.equal(model(x), out_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_nn_linear(device: str) -> None:
+    """Input and bias gradients as nn.Linear's; the weight gradient lands in main_grad, not .grad."""
+    ref = make_mlp(device)
+    ours = mixprec.nn.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 5, 12, device=device)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(x_ref).pow(2).sum().backward()
+    ours(x_ours).pow(2).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (name, p_ref), p in zip(ref.named_parameters(), ours.parameters()):
+        if name.endswith("weight"):
+            assert p.grad is None
+            torch.testing.assert_close(p.main_grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_runs_the_gemms_in_the_autocast_dtype() -> None:
+    torch.manual_seed(5)
+    ref = nn.Linear(24, 8)
+    ours = mixprec.nn.convert(copy.deepcopy(ref))
+    x = torch.randn(6, 24)
+    upstream = torch.randn(6, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), ours(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    y.backward(upstream)
+    y_ref.backward(upstream)
+    main_grad = ours.weight.main_grad
+    assert main_grad.dtype == torch.float32
+    before = torch.zeros_like(main_grad)
+    check_against_float64(main_grad, before, upstream, x.bfloat16())  # the bf16 operands the GEMM saw
+    torch.testing.assert_close(main_grad, ref.weight.grad, rtol=1e-2, atol=1e-2)  # torch's is rounded to bf16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_like_nn_linear_with_fp32_grads(device: str) -> None:
+    """fp32: mixprec.nn.Linear + main_grad tracks nn.Linear step for step; bf16 + fp32 masters tracks the
+    fp32 run within bf16 noise. Two micro-batches per step, so main_grad accumulates and is zeroed."""
+    torch.manual_seed(6)
+    data = [(torch.randn(16, 12, device=device), torch.randn(16, 3, device=device)) for _ in range(4)]
+
+    def train(model: nn.Module, dtype: torch.dtype, steps: int = 30) -> list[float]:
+        opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        losses = []
+        for step in range(steps):
+            opt.zero_grad()
+            total = 0.0
+            for x, y in data[(2 * step) % 4:(2 * step) % 4 + 2]:
+                loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y) / 2
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            losses.append(total)
+        return losses
+
+    reference = make_mlp(device)
+    ours = mixprec.nn.convert(make_mlp(device))
+    ref_losses = train(reference, torch.float32)
+    our_losses = train(ours, torch.float32)
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert ref_losses[-1] < 0.8 * ref_losses[0]
+    bf16 = mixprec.nn.convert(make_mlp(device, torch.bfloat16))
+    bf16_losses = train(bf16, torch.bfloat16)
+    assert all(p.grad is None or p.dim() == 1 for p in bf16.parameters())
+    assert abs(bf16_losses[-1] - ref_losses[-1]) < 0.05 * ref_losses[0]
+    assert max(abs(a - b) for a, b in zip(our_losses, ref_losses)) < 1e-4 * ref_losses[0]
+
+
+def test_zero_grad_zeroes_main_grad_in_place() -> None:
+    model = mixprec.nn.convert(make_mlp())
+    opt = mixprec.optim.AdamW(model.parameters())
+    model(torch.randn(4, 12)).sum().backward()
+    weight = model[0].weight
+    buffer = weight.main_grad
+    assert buffer.abs().sum() > 0
+    opt.zero_grad()
+    assert weight.main_grad is buffer and buffer.abs().sum() == 0
+    model(torch.randn(4, 12)).sum().backward()
+    mixprec.nn.zero_main_grad(model)
+    assert buffer.abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_unscales_and_checks_main_grad(device: str) -> None:
+    """Scaled gradients in main_grad are unscaled by GradScaler; an inf there skips the step and backs off."""
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    model = mixprec.nn.convert(make_mlp(device, dtype))
+    reference = copy.deepcopy(model)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler(device, init_scale=1024.0)
+    x = torch.randn(8, 12, device=device).to(dtype)
+    scaler.scale(model(x).float().pow(2).mean()).backward()
+    reference(x).float().pow(2).mean().backward()
+    scaler.unscale_(opt)
+    for p, r in zip(model.parameters(), reference.parameters()):
+        if hasattr(p, "main_grad"):
+            torch.testing.assert_close(p.main_grad, r.main_grad, rtol=1e-3, atol=1e-5)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == 1024.0
+
+    opt.zero_grad()
+    scaler.scale(model(x).float().pow(2).mean()).backward()
+    model[0].weight.main_grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == 512.0
