@@ -2,7 +2,7 @@
 # One full check on a GPU machine (a lent H100/H200): build from source against the torch that is
 # installed there (no internet, no venv), run the whole pytest suite (CUDA tests included), the
 # benchmarks and compute-sanitizer over the CUDA kernels, and write the logs and a summary table into
-# OUTDIR (five files: summary.md, build.log, pytest.log, benchmarks.log, sanitizer.log).
+# OUTDIR (six files: summary.md, build.log, debug.log, pytest.log, benchmarks.log, sanitizer.log).
 # Every step is time-boxed so the whole check ends inside one device call (about 8 minutes).
 # Usage: bash scripts/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -40,12 +40,27 @@ step() {  # step NAME LOG SECONDS COMMAND...   (appends to LOG)
 }
 
 xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n 6"
+$PY -c "import xdist" 2>/dev/null && xdist="-n 12 --max-worker-restart=1000"
 if step build build.log 240 env MIXPREC_BUILD_DIR=build/gpu $PY -m pip install --no-build-isolation --no-deps -e .; then
-  step pytest pytest.log 240 $PY -m pytest tests/python -q -ra $xdist -p no:cacheprovider
+  # A C++ error must reach Python as a RuntimeError in a fresh process; where it crashes instead, take a
+  # native backtrace of the crash with cuda-gdb (the machine has no gdb) into debug.log.
+  errors='import torch, mixprec
+for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
+          lambda: mixprec.ops.update_scale_(torch.ones(1), torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.zeros(1), -2.0, 0.5, 10),
+          lambda: mixprec.GradScaler("cpu", hysteresis=0)):
+    try:
+        f()
+        raise SystemExit("no error raised")
+    except RuntimeError as e:
+        print("ok:", str(e).splitlines()[0])'
+  if ! step "C++ errors reach Python" debug.log 60 $PY -X faulthandler -c "$errors"; then
+    { gcc --version | head -n 1; ldd build/gpu/libmixprec.so* 2>/dev/null | head -n 40; } >> "$OUT/debug.log" 2>&1
+    step "backtrace of the crash" debug.log 150 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c "$errors"
+  fi
+  step pytest pytest.log 240 env OMP_NUM_THREADS=2 $PY -m pytest tests/python -q -ra $xdist -p no:cacheprovider
   { echo; echo "pytest: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -n 1)";
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" | head -n 40; } >> "$summary"
-  for b in unscale cast adam wgrad; do
+  for b in wgrad adam unscale cast; do
     [ -f benchmarks/bench_$b.py ] || continue
     args="--device cuda"; [ $b = adam ] && args="$args --size 1b"
     step "bench_$b" benchmarks.log 120 $PY benchmarks/bench_$b.py $args

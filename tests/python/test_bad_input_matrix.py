@@ -103,6 +103,11 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("adam: master dtype", lambda w: adam(w, masters=[torch.zeros(4).half()]), RuntimeError, r"masters\[0\]"),
     ("adam: step dtype", lambda w: adam(w, steps=[torch.zeros((), dtype=torch.int64)]), RuntimeError, r"steps\[0\]"),
     ("adam: found_inf shape", lambda w: adam(w, found_inf=torch.zeros(3)), RuntimeError, "found_inf"),
+    # linear_wgrad_accum_
+    ("wgrad: main_grad dtype", lambda w: ops.linear_wgrad_accum_(w.dst[0].reshape(2, 2), torch.ones(3, 2), torch.ones(3, 2)),
+     RuntimeError, "main_grad must be float32"),
+    ("wgrad: batch mismatch", lambda w: ops.linear_wgrad_accum_(w.m[0].reshape(2, 2), torch.ones(3, 2), torch.ones(4, 2)),
+     RuntimeError, "leading"),
     # classes and functions
     ("AdamW: negative lr", lambda w: mixprec.optim.AdamW(w.pg, lr=-1.0), ValueError, "learning rate"),
     ("AdamW: betas", lambda w: mixprec.optim.AdamW(w.pg, betas=(1.0, 0.9)), ValueError, "beta"),
