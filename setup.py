@@ -90,7 +90,8 @@ setup(
             libraries=["mixprec"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             # libmixprec is installed in mixprec/lib next to this module.
-            extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],
+            # The shared libstdc++ even under LDFLAGS=-static-libstdc++: one C++ runtime with torch.
+            extra_link_args=["-Wl,-rpath,$ORIGIN/lib", "-Wl,-Bdynamic", "-lstdc++"],
         )
     ],
     cmdclass={"build_ext": BuildWithLibmixprec},

@@ -21,6 +21,7 @@ summary="$OUT/summary.md"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/- GPU: /'
   $PY -c "import torch;print('- torch', torch.__version__, '| CUDA', torch.version.cuda)"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (+ working tree), archs $MIXPREC_CUDA_ARCHS"
+  echo "- $(g++ --version | head -n 1); LDFLAGS='${LDFLAGS:-}' CXXFLAGS='${CXXFLAGS:-}'"
   echo
   echo "| step | result | seconds |"
   echo "|---|---|---|"
@@ -53,6 +54,7 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
         raise SystemExit("no error raised")
     except RuntimeError as e:
         print("ok:", str(e).splitlines()[0])'
+  readelf -d build/gpu/libmixprec.so | grep NEEDED >> "$OUT/debug.log" 2>&1
   if ! step "C++ errors reach Python" debug.log 60 $PY -X faulthandler -c "$errors"; then
     { gcc --version | head -n 1; ldd build/gpu/libmixprec.so* 2>/dev/null | head -n 40; } >> "$OUT/debug.log" 2>&1
     step "backtrace of the crash" debug.log 150 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c "$errors"

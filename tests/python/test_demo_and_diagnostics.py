@@ -16,7 +16,8 @@ from mixprec import demo, diagnostics
 def test_demo_runs_end_to_end(tmp_path) -> None:
     buf = io.StringIO()
     with redirect_stdout(buf):
-        results = demo.main(["--size", "tiny", "--steps", "40", "--out", str(tmp_path), "--no-progress"])
+        results = demo.main(["--size", "tiny", "--steps", "40", "--out", str(tmp_path), "--no-progress",
+                             "--policies", "mixed_bfloat16"])
     text = buf.getvalue()
     assert [r.policy.split()[0] for r in results] == ["float32", "mixed_bfloat16"]
     fp32, mixed = results
