@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import requires_cuda
 
+import mixprec
 from mixprec import ops
 
 
@@ -96,3 +101,14 @@ def test_mixed_devices_are_rejected() -> None:
     scale, growth, hyst, found = state()
     with pytest.raises(RuntimeError, match="growth_tracker"):
         ops.update_scale_(scale.cuda(), growth, hyst.cuda(), found.cuda(), 2.0, 0.5, 10)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_libmixprec_uses_the_shared_libstdcxx() -> None:
+    """One C++ runtime per process: a libstdc++ linked statically into libmixprec (as a GCC 13 toolchain
+    without the libstdc++.so link did) crashes while formatting the first error message."""
+    lib = sorted(Path(mixprec.__file__).parent.glob("lib/libmixprec.so*"))
+    assert lib, "libmixprec is not installed inside the package"
+    dynamic = subprocess.run(["readelf", "-d", str(lib[0])], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any("libstdc++.so.6" in line for line in needed), needed
