@@ -65,17 +65,19 @@ if(MIXPREC_CUDA_ENABLED)
   set(CMAKE_CUDA_ARCHITECTURES OFF)
 endif()
 
-# cuBLASLt (the weight-gradient GEMM). A toolkit may lack it (torch's pip wheel brings its own copy in
-# site-packages/nvidia/*/): then take the library from there, and its two headers through a folder of
-# their own, so the wheel's other CUDA headers never shadow the toolkit's.
+# cuBLASLt (the weight-gradient GEMM). torch's pip wheel brings its own copy in site-packages/nvidia/*/:
+# link that one where it exists (else the toolkit's), and take the header from the toolkit or, where the
+# toolkit lacks it, from the wheel through a folder of its own, so the wheel's other CUDA headers never
+# shadow the toolkit's.
 if(MIXPREC_CUDA_ENABLED)
   find_package(CUDAToolkit REQUIRED)
   set(_mixprec_wheel_incdirs)
   foreach(_d ${_mixprec_wheel_libdirs})
     list(APPEND _mixprec_wheel_incdirs "${_d}/../include")
   endforeach()
-  find_library(MIXPREC_CUBLASLT_LIBRARY NAMES cublasLt libcublasLt.so.13 libcublasLt.so.12
-    HINTS ${CUDAToolkit_LIBRARY_DIR} ${_mixprec_wheel_libdirs})
+  # torch's own copy (the wheel's) first: the handle libmixprec borrows from torch was made by it.
+  find_library(MIXPREC_CUBLASLT_LIBRARY NAMES libcublasLt.so.13 libcublasLt.so.12 cublasLt NAMES_PER_DIR
+    HINTS ${_mixprec_wheel_libdirs} ${CUDAToolkit_LIBRARY_DIR})
   find_path(MIXPREC_CUBLASLT_INCLUDE cublasLt.h HINTS ${CUDAToolkit_INCLUDE_DIRS} NO_DEFAULT_PATH)
   if(NOT MIXPREC_CUBLASLT_INCLUDE)
     find_path(_mixprec_wheel_cublaslt cublasLt.h HINTS ${_mixprec_wheel_incdirs} NO_DEFAULT_PATH)

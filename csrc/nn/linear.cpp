@@ -59,19 +59,26 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (ctx->needs_input_grad(0)) {
       grad_input = go.matmul(w);
     }
+    torch::Tensor grad_weight;
     if (ctx->needs_input_grad(1)) {
       torch::Tensor weight = ctx->saved_data["weight"].toTensor();
-      torch::Tensor& accumulator = weight.mutable_grad();
-      if (!accumulator.defined()) {
-        accumulator = torch::zeros(weight.sizes(), weight.options().dtype(torch::kFloat));
+      if (weight.is_leaf()) {
+        torch::Tensor& accumulator = weight.mutable_grad();
+        if (!accumulator.defined()) {
+          accumulator = torch::zeros(weight.sizes(), weight.options().dtype(torch::kFloat));
+        } else if (accumulator.scalar_type() != torch::kFloat) {
+          accumulator = accumulator.to(torch::kFloat);  // a 16-bit grad from another use (tied weights)
+        }
+        ops::linear_wgrad_accum_(accumulator, go, x);
+      } else {  // a computed weight: its gradient must flow on through autograd
+        grad_weight = go.reshape({-1, go.size(-1)}).t().matmul(x.reshape({-1, x.size(-1)}));
       }
-      ops::linear_wgrad_accum_(accumulator, go, x);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       // fp32 sum over the batch, rounded once to the bias's dtype by autograd.
       grad_bias = go.reshape({-1, go.size(-1)}).sum(0, /*keepdim=*/false, torch::kFloat);
     }
-    return {grad_input, torch::Tensor(), grad_bias};
+    return {grad_input, grad_weight, grad_bias};
   }
 };
 

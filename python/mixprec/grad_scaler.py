@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .nn import step_grad
 from .optim import _local
 
 __all__ = ["GradScaler"]
@@ -98,9 +99,7 @@ class GradScaler:
         grads = []
         for group in optimizer.param_groups:
             for p in group["params"]:
-                grad = getattr(p, "main_grad", None)  # fp32 accumulators of mixprec.nn.Linear, when present
-                if grad is None:
-                    grad = p.grad
+                grad = step_grad(p)  # the fp32 main_grad of mixprec.nn.Linear weights, else .grad
                 if grad is not None:
                     grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
         return grads
@@ -136,11 +135,13 @@ class GradScaler:
             # The optimizer skips itself on the device; the gradients are already unscaled.
             optimizer.grad_scale = None  # type: ignore[attr-defined]
             optimizer.found_inf = found  # type: ignore[attr-defined]
+            optimizer._mixprec_scaled_step = True  # type: ignore[attr-defined]  (main_grads included)
             try:
                 retval = optimizer.step(*args, **kwargs)
             finally:
                 del optimizer.grad_scale  # type: ignore[attr-defined]
                 del optimizer.found_inf  # type: ignore[attr-defined]
+                del optimizer._mixprec_scaled_step  # type: ignore[attr-defined]
         elif not found.item():  # a plain optimizer: the host decides, as in torch
             retval = optimizer.step(*args, **kwargs)
         self._impl.mark_stepped(id(optimizer))

@@ -9,10 +9,14 @@ fp32 products and sums, straight into an fp32 buffer (one cuBLASLt GEMM with ``b
 
 ``weight.main_grad`` takes the place of ``weight.grad``, which stays ``None``: it is created (zeros,
 fp32) at the first backward, keeps accumulating over micro-batches, and is zeroed by the ``zero_grad``
-of :mod:`mixprec.optim` optimizers (or :func:`zero_main_grad`). :mod:`mixprec.optim` optimizers and
-:class:`mixprec.GradScaler` read ``main_grad`` where a parameter has one. An optimizer that only reads
-``.grad`` (``torch.optim.*``) does not see these weights: use mixprec's, or copy ``main_grad`` yourself.
-Input and bias gradients flow through autograd as usual.
+of :mod:`mixprec.optim` optimizers (or :func:`zero_main_grad`). Each backward also sets
+``weight.grad_added_to_main_grad`` (Megatron's name), so a weight that took no gradient since the last
+``zero_grad`` is skipped by the step, as torch skips a ``None`` gradient. :mod:`mixprec.optim` optimizers
+and :class:`mixprec.GradScaler` read ``main_grad`` where a parameter has one; a ``.grad`` that the same
+weight received through another path (a tied embedding) is added into ``main_grad`` first. An optimizer
+that only reads ``.grad`` (``torch.optim.*``), and ``torch.amp.GradScaler``'s ``unscale_``, do not see
+``main_grad``: use mixprec's. A weight that is not a leaf (a parametrization's output) gets an ordinary
+gradient. Input and bias gradients flow through autograd as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["Linear", "linear", "convert", "main_grad", "zero_main_grad"]
+__all__ = ["Linear", "linear", "convert", "main_grad", "zero_main_grad", "step_grad"]
 
 
 def main_grad(weight: Tensor) -> Tensor:
@@ -42,9 +46,28 @@ def zero_main_grad(params: Union[torch.nn.Module, Iterable[Tensor]]) -> None:
 
     For optimizers other than :mod:`mixprec.optim`'s, whose ``zero_grad`` does this already."""
     tensors = params.parameters() if isinstance(params, torch.nn.Module) else params
-    buffers = [b for b in (getattr(p, "main_grad", None) for p in tensors) if b is not None]
+    buffers = []
+    for p in tensors:
+        buffer = getattr(p, "main_grad", None)
+        if buffer is not None:
+            buffers.append(buffer)
+            p.grad_added_to_main_grad = False  # type: ignore[attr-defined]
     if buffers:
         torch._foreach_zero_(buffers)
+
+
+def step_grad(p: Tensor) -> Optional[Tensor]:
+    """The gradient an optimizer step should read for ``p``: its ``main_grad`` when a backward has added
+    to it since the last zero (any ``.grad`` from another use of the same weight is folded in first and
+    cleared), else ``p.grad``."""
+    buffer: Optional[Tensor] = getattr(p, "main_grad", None)
+    if buffer is None:
+        return p.grad
+    if p.grad is not None:  # the same weight used elsewhere too (e.g. tied to an embedding)
+        buffer.add_(p.grad)
+        p.grad = None
+        p.grad_added_to_main_grad = True  # type: ignore[attr-defined]
+    return buffer if getattr(p, "grad_added_to_main_grad", False) else None
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -78,19 +101,25 @@ class _LinearMainGrad(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], None, Optional[Tensor]]:  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
         x, w = ctx.saved_tensors
         if grad_output.dtype != x.dtype:
             grad_output = grad_output.to(x.dtype)
         grad_input = grad_bias = None
+        grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(w)
         if ctx.needs_input_grad[1]:
-            ops.linear_wgrad_accum_(main_grad(ctx.weight), grad_output, x)
+            weight = ctx.weight
+            if weight.is_leaf:
+                ops.linear_wgrad_accum_(main_grad(weight), grad_output, x)
+                weight.grad_added_to_main_grad = True
+            else:  # a computed weight (parametrization): its gradient must flow on through autograd
+                grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # fp32 sum over the batch, rounded once to the bias's dtype by autograd.
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32)
-        return grad_input, None, grad_bias
+        return grad_input, grad_weight, grad_bias
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .nn import step_grad, zero_main_grad
 
 __all__ = ["Adam", "AdamW"]
 
@@ -47,12 +48,6 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x - (1 << 64) if x >= (1 << 63) else x  # as a signed int64 for the op's `int? seed`
-
-
-def _grad_of(p: Tensor) -> Optional[Tensor]:
-    """The gradient the step reads: the fp32 ``main_grad`` of mixprec.nn.Linear weights, else ``.grad``."""
-    buffer = getattr(p, "main_grad", None)
-    return p.grad if buffer is None else buffer
 
 
 class _MixprecAdam(torch.optim.Optimizer):
@@ -178,9 +173,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         ``main_grad`` is zeroed rather than dropped even with ``set_to_none``: the buffer is reused by the
         next backward (no re-allocation, stable addresses for CUDA graphs)."""
         super().zero_grad(set_to_none=set_to_none)
-        buffers = [b for g in self.param_groups for p in g["params"] if (b := getattr(p, "main_grad", None)) is not None]
-        if buffers:
-            torch._foreach_zero_(buffers)
+        zero_main_grad(p for g in self.param_groups for p in g["params"])
 
     # -- the step ---------------------------------------------------------------------------------------------
 
@@ -193,13 +186,21 @@ class _MixprecAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        # A scaler other than mixprec's (torch.amp.GradScaler) unscales and checks .grad only: the fp32
+        # main_grad of mixprec.nn.Linear weights would go unchecked, or stay scaled after its unscale_.
+        foreign_scaler = (grad_scale is not None or found_inf is not None) and not getattr(
+            self, "_mixprec_scaled_step", False)
 
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, str], dict[str, list[Tensor]]] = {}
             for p in group["params"]:
-                grad = _grad_of(p)
+                grad = step_grad(p)
                 if grad is None:
                     continue
+                if foreign_scaler and grad is getattr(p, "main_grad", None):
+                    raise RuntimeError(
+                        "a mixprec.nn.Linear weight keeps its gradient in main_grad, which torch.amp.GradScaler "
+                        "does not unscale or check; use mixprec.GradScaler (a drop-in) with mixprec.nn.Linear")
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 mode = self._master_mode(p, group)

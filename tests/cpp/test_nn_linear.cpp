@@ -105,3 +105,17 @@ TEST_CASE("nn::Linear clones as itself and prints its shape", "[nn]") {
   out << *layer;
   REQUIRE(out.str() == "mixprec::nn::Linear(in_features=4, out_features=2, bias=false)");
 }
+
+TEST_CASE("nn::Linear adds into a 16-bit gradient from another use as fp32", "[nn]") {
+  torch::manual_seed(3);
+  mixprec::nn::Linear layer(5, 4);
+  layer->to(torch::kBFloat16);
+  auto earlier = torch::randn({4, 5}).to(torch::kBFloat16);
+  layer->weight.mutable_grad() = earlier.clone();  // e.g. the tied embedding's backward ran first
+  auto x = torch::randn({3, 5}).to(torch::kBFloat16);
+  auto upstream = torch::randn({3, 4}).to(torch::kBFloat16);
+  layer(x).backward(upstream);
+  REQUIRE(layer->main_grad().scalar_type() == torch::kFloat);
+  auto exact = earlier.to(torch::kDouble) + reference_wgrad({x}, {upstream}, torch::kBFloat16);
+  REQUIRE((layer->main_grad().to(torch::kDouble) - exact).abs().max().item<double>() < 1e-5);
+}

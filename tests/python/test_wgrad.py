@@ -159,18 +159,29 @@ def test_cpu_and_cuda_agree(dtype: torch.dtype) -> None:
     torch.testing.assert_close(main_cuda.cpu(), main_cpu, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_row_with_arbitrary_strides(device: str) -> None:
+    """A one-row matrix may report any row stride (0, or 1 when transposed); cuBLASLt needs
+    a leading dimension >= the width, so the kernel picks one itself."""
+    torch.manual_seed(7)
+    for dtype in FLOAT_DTYPES:
+        g = torch.randn(9, device=device).to(dtype).as_strided((1, 9), (0, 1))
+        xx = torch.randn(6, 1, device=device).to(dtype).t()
+        assert g.stride() == (0, 1) and xx.stride() == (1, 1)
+        main_grad = torch.randn(9, 6, device=device)
+        before = main_grad.clone()
+        ops.linear_wgrad_accum_(main_grad, g, xx)
+        check_against_float64(main_grad, before, g, xx)
+
+
 @requires_cuda
-def test_cuda_runs_on_the_current_stream_and_in_a_graph() -> None:
+def test_cuda_graph_capture_and_replay() -> None:
+    """Captured into a CUDA graph (which fails if the GEMM ran off the capturing stream), replayed 3x."""
     go = torch.randn(64, 48, device="cuda").bfloat16()
     x = torch.randn(64, 40, device="cuda").bfloat16()
     expected = rows(go).float().t() @ rows(x).float()
     main_grad = torch.zeros(48, 40, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.linear_wgrad_accum_(main_grad, go, x)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(main_grad, expected, rtol=1e-5, atol=1e-5)
+    ops.linear_wgrad_accum_(main_grad, go, x)  # warm-up outside capture: plan cache and workspace
     graph = torch.cuda.CUDAGraph()
     main_grad.zero_()
     with torch.cuda.graph(graph):
@@ -348,3 +359,81 @@ def test_grad_scaler_unscales_and_checks_main_grad(device: str) -> None:
     scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 512.0
+
+
+# ---- review cases: tied, unused and computed weights; torch.amp.GradScaler -----------------------------------
+
+
+def test_tied_weight_gradient_is_folded_into_main_grad() -> None:
+    """An LM head tied to the embedding: the embedding's .grad is added into main_grad before the step."""
+    torch.manual_seed(8)
+    vocab, d = 11, 6
+
+    def make() -> nn.Module:
+        torch.manual_seed(8)
+        m = nn.ModuleDict({"emb": nn.Embedding(vocab, d), "head": nn.Linear(d, vocab, bias=False)})
+        m["head"].weight = m["emb"].weight
+        return m
+
+    ref, ours = make(), make()
+    mixprec.nn.convert(ours)
+    idx = torch.randint(0, vocab, (4, 5))
+    for m in (ref, ours):
+        m["head"](m["emb"](idx)).logsumexp(-1).sum().backward()
+    weight = ours["emb"].weight
+    assert weight.grad is not None and weight.main_grad is not None  # one part each, before the fold
+    opt = mixprec.optim.AdamW(ours.parameters(), lr=1e-2)
+    opt_ref = mixprec.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt.step()
+    opt_ref.step()
+    assert weight.grad is None
+    torch.testing.assert_close(weight.main_grad, ref["emb"].weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight, ref["emb"].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_without_a_gradient_this_step_are_skipped() -> None:
+    """As torch skips a None .grad: an unused Linear's weight gets no decay and no step count."""
+    model = mixprec.nn.convert(nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)}))
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    for step in range(2):
+        opt.zero_grad()
+        model["used"](torch.randn(2, 4)).sum().backward()
+        if step == 0:
+            model["unused"](torch.randn(2, 4)).sum().backward()  # used once, then never
+        before = model["unused"].weight.detach().clone()
+        opt.step()
+    assert torch.equal(model["unused"].weight, before)
+    assert int(opt.state[model["used"].weight]["step"]) == 2
+    assert int(opt.state[model["unused"].weight]["step"]) == 1
+
+
+def test_computed_weight_gets_an_ordinary_gradient() -> None:
+    """A parametrized weight is not a leaf: its gradient flows on to the underlying parameter."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    torch.manual_seed(9)
+    ref = nn.Linear(5, 3)
+    ours = mixprec.nn.convert(copy.deepcopy(ref))
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight", Double())
+    x = torch.randn(4, 5)
+    ref(x).pow(2).sum().backward()
+    ours(x).pow(2).sum().backward()
+    original = ours.parametrizations.weight.original
+    assert getattr(original, "main_grad", None) is None
+    torch.testing.assert_close(original.grad, ref.parametrizations.weight.original.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_amp_grad_scaler_is_refused_with_main_grad() -> None:
+    """torch.amp.GradScaler unscales and checks .grad only; stepping main_grad under it would skip the
+    overflow check, so the optimizer refuses and names the drop-in."""
+    model = mixprec.nn.convert(make_mlp())
+    opt = mixprec.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(3, 12)).sum()).backward()
+    with pytest.raises(RuntimeError, match="use mixprec.GradScaler"):
+        scaler.step(opt)
