@@ -20,7 +20,8 @@ summary="$OUT/summary.md"
   echo
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/- GPU: /'
   $PY -c "import torch;print('- torch', torch.__version__, '| CUDA', torch.version.cuda)"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (+ working tree), archs $MIXPREC_CUDA_ARCHS"
+  # The device tool copies the working tree; the .git it carries may be older than the tree.
+  echo "- source: the working tree (git HEAD there says $(git rev-parse --short HEAD 2>/dev/null || echo unknown)), archs $MIXPREC_CUDA_ARCHS"
   echo "- $(g++ --version | head -n 1); LDFLAGS='${LDFLAGS:-}' CXXFLAGS='${CXXFLAGS:-}'"
   echo
   echo "| step | result | seconds |"
