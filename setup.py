@@ -46,17 +46,6 @@ def _want_cuda() -> bool:
     return not _flag("MIXPREC_CPU_ONLY") and torch.version.cuda is not None and _cuda_root() is not None
 
 
-def _shared_libstdcxx() -> list[str]:
-    """The full path of the C++ compiler's libstdc++.so.6 (empty when it is not GCC's or not found)."""
-    cxx = os.environ.get("CXX", "c++")
-    try:
-        path = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [path] if os.path.isabs(path) and os.path.exists(path) else []
-
-
 def _cmake() -> str:
     # CUDA_STANDARD 20 with nvcc needs CMake >= 3.26: prefer the one pip installed beside this Python.
     local = Path(sys.executable).parent / "cmake"
@@ -101,9 +90,7 @@ setup(
             libraries=["mixprec"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             # libmixprec is installed in mixprec/lib next to this module.
-            # The shared libstdc++, by full path, even where the toolchain would link the static one:
-            # one C++ runtime per process (see the same step in CMakeLists.txt).
-            extra_link_args=["-Wl,-rpath,$ORIGIN/lib", *_shared_libstdcxx()],
+            extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],
         )
     ],
     cmdclass={"build_ext": BuildWithLibmixprec},

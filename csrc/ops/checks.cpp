@@ -115,6 +115,11 @@ at::Tensor as_row_matrix(const at::Tensor& t) {
   if (!rows_ok || m.stride(0) < std::max<int64_t>(m.size(1), 1)) {
     m = m.contiguous();
   }
+  if (m.size(0) == 1) {
+    // One row may report any row stride (0 when broadcast, 1 when transposed), and .contiguous() keeps
+    // it; give it the canonical one so a GEMM's leading dimension (>= width) can be read off stride(0).
+    m = m.as_strided({1, m.size(1)}, {std::max<int64_t>(m.size(1), 1), 1});
+  }
   return m;
 }
 

@@ -33,8 +33,8 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
 void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);
 
 /// `t` ([..., width], at least 1-D) as a 2-D [rows, width] matrix whose rows are contiguous and evenly
-/// spaced (a view when the layout allows, else a contiguous copy), as a GEMM with a leading dimension
-/// reads it.
+/// spaced with stride(0) >= width (a view when the layout allows, else a contiguous copy), as a GEMM
+/// reads it with stride(0) as its leading dimension.
 at::Tensor as_row_matrix(const at::Tensor& t);
 
 /// Element-wise kernels walk raw memory. A tensor whose elements fill one block of memory (any

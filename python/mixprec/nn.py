@@ -92,8 +92,11 @@ class _LinearMainGrad(torch.autograd.Function):
         # instead (the same rule), keep the 16-bit input for the wgrad GEMM, and run with autocast off.
         dtype = _autocast_dtype(input.device.type)
         x, w, b = _to(input, dtype), _to(weight, dtype), _to(bias, dtype)
-        with torch.autocast(input.device.type, enabled=False):
+        if dtype is None:
             output = F.linear(x, w, b)
+        else:
+            with torch.autocast(input.device.type, enabled=False):
+                output = F.linear(x, w, b)
         ctx.save_for_backward(x, w)
         ctx.weight = weight  # the Parameter itself: main_grad hangs on it (a leaf, so no reference cycle)
         ctx.has_bias = bias is not None

@@ -18,7 +18,6 @@
 
 #include <cublasLt.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -167,13 +166,6 @@ uint32_t alignment_of(const void* ptr) {
   return alignment;
 }
 
-// The row stride of a [rows, width] matrix from as_row_matrix. A single row's stride is arbitrary in
-// torch (an expanded or transposed vector can report 0 or 1, and .contiguous() keeps it), but cuBLASLt
-// wants ld >= width.
-int64_t leading_dimension(const at::Tensor& m) {
-  return m.size(0) == 1 ? std::max<int64_t>(m.size(1), 1) : m.stride(0);
-}
-
 cudaDataType_t cuda_type(at::ScalarType t) {
   switch (t) {
     case at::kHalf:
@@ -202,8 +194,8 @@ void linear_wgrad_accum_cuda(const at::Tensor& main_grad, const at::Tensor& grad
                     /*m=*/x.size(1),
                     /*n=*/go.size(1),
                     /*k=*/go.size(0),
-                    /*lda=*/leading_dimension(x),
-                    /*ldb=*/leading_dimension(go),
+                    /*lda=*/x.stride(0),
+                    /*ldb=*/go.stride(0),
                     /*ldc=*/main_grad.size(1),
                     alignment_of(x.const_data_ptr()),
                     alignment_of(go.const_data_ptr()),
