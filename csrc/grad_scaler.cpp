@@ -4,6 +4,7 @@
 #include "mixprec/grad_scaler.h"
 
 #include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -85,6 +86,24 @@ std::vector<at::Tensor> GradScaler::scale(at::TensorList outputs) {
   return out;
 }
 
+void GradScaler::check_grads(OptimizerState& st, at::TensorList grads, const at::Tensor& inv_scale) {
+  std::map<std::string, std::vector<at::Tensor>> by_device;
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
+    by_device[g.device().str()].push_back(g);
+  }
+  std::map<std::string, at::Tensor> found;
+  for (auto& [device, list] : by_device) {
+    const c10::Device dev(device);
+    // 0-dim like torch's flags: torch's fused optimizers broadcast it against their 0-dim step counts.
+    at::Tensor flag = at::zeros({}, at::TensorOptions().device(dev).dtype(at::kFloat));
+    // One launch per device, whatever mix of fp32/fp16/bf16 the list holds.
+    ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true));
+    found.emplace(device, flag);
+  }
+  st.found_inf_per_device = std::move(found);
+}
+
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads) {
   if (!options_.enabled()) return;
   OptimizerState& st = per_optimizer_[key];
@@ -95,22 +114,21 @@ void GradScaler::unscale_grads_(int64_t key, at::TensorList grads) {
               "Attempted unscale_ but the scale is not set. This may indicate your script did not use "
               "scaler.scale(loss or outputs) earlier in the iteration.");
   // Computed in double and rounded once, as torch does.
-  const at::Tensor inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat).reshape({1});
-  std::map<std::string, std::vector<at::Tensor>> by_device;
-  for (const auto& g : grads) {
-    TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
-    by_device[g.device().str()].push_back(g);
-  }
-  std::map<std::string, at::Tensor> found;
-  for (auto& [device, list] : by_device) {
-    const c10::Device dev(device);
-    at::Tensor flag = at::zeros({1}, at::TensorOptions().device(dev).dtype(at::kFloat));
-    // One launch per device, whatever mix of fp32/fp16/bf16 the list holds.
-    ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true));
-    found.emplace(device, flag);
-  }
-  st.found_inf_per_device = std::move(found);
+  check_grads(st, grads, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
   st.stage = Stage::Unscaled;
+}
+
+GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads) {
+  TORCH_CHECK(options_.enabled(), "mixprec::GradScaler: prepare_scaled_step() on a disabled scaler");
+  check_not_stepped(key);
+  TORCH_CHECK(scale_.defined(),
+              "Attempted step but the scale is not set. This may indicate your script did not use "
+              "scaler.scale(loss or outputs) earlier in the iteration.");
+  OptimizerState& st = per_optimizer_[key];
+  if (st.stage == Stage::Unscaled) return {std::nullopt, combined_found_inf(st)};
+  // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
+  check_grads(st, grads, at::ones({}, scale_.options()));
+  return {scale_, combined_found_inf(st)};
 }
 
 void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
@@ -163,13 +181,14 @@ void GradScaler::step(torch::optim::Optimizer& optimizer) {
   }
   const int64_t key = key_of(optimizer);
   check_not_stepped(key);
-  if (!is_unscaled(key)) unscale_(optimizer);
-  const at::Tensor flag = found_inf(key);
   if (auto* fused = dynamic_cast<optim::Adam*>(&optimizer)) {
-    // Gradients are already unscaled; the fused step reads the flag on the device and skips itself.
-    fused->step_scaled(std::nullopt, flag);
-  } else if (flag.item<float>() == 0.0f) {  // any other optimizer: a host check, as torch does
-    optimizer.step();
+    // The fused step divides by the scale itself (unless unscale_() came first) and reads the flag on
+    // the device: an overflowing step writes nothing.
+    const ScaledStep handed = prepare_scaled_step(key, optimizer_grads(optimizer));
+    fused->step_scaled(handed.grad_scale, handed.found_inf);
+  } else {
+    if (!is_unscaled(key)) unscale_(optimizer);
+    if (found_inf(key).item<float>() == 0.0f) optimizer.step();  // a host check, as torch does
   }
   mark_stepped(key);
 }
@@ -196,6 +215,22 @@ void GradScaler::update(double new_scale) {
   lazy_init(device_);
   scale_.fill_(new_scale);
   per_optimizer_.clear();
+}
+
+void GradScaler::set_growth_factor(double growth_factor) {
+  TORCH_CHECK(growth_factor > 1.0, "mixprec::GradScaler: growth_factor must be > 1.0, got ", growth_factor);
+  options_.growth_factor(growth_factor);
+}
+
+void GradScaler::set_backoff_factor(double backoff_factor) {
+  TORCH_CHECK(backoff_factor > 0.0 && backoff_factor < 1.0, "mixprec::GradScaler: backoff_factor must be in (0, 1), got ",
+              backoff_factor);
+  options_.backoff_factor(backoff_factor);
+}
+
+void GradScaler::set_growth_interval(int64_t growth_interval) {
+  TORCH_CHECK(growth_interval > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", growth_interval);
+  options_.growth_interval(growth_interval);
 }
 
 double GradScaler::get_scale() const {
@@ -298,6 +333,18 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("unscale_grads_",
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads) { s->impl.unscale_grads_(key, grads); })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
+      .def("prepare_scaled_step",
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads) {
+             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads);
+             return std::make_tuple(r.grad_scale, r.found_inf);
+           })
+      .def("in_iteration", [](const Self& s) { return s->impl.in_iteration(); })
+      .def("get_growth_factor", [](const Self& s) { return s->impl.options().growth_factor(); })
+      .def("get_backoff_factor", [](const Self& s) { return s->impl.options().backoff_factor(); })
+      .def("get_growth_interval", [](const Self& s) { return s->impl.options().growth_interval(); })
+      .def("set_growth_factor", [](const Self& s, double v) { s->impl.set_growth_factor(v); })
+      .def("set_backoff_factor", [](const Self& s, double v) { s->impl.set_backoff_factor(v); })
+      .def("set_growth_interval", [](const Self& s, int64_t v) { s->impl.set_growth_interval(v); })
       .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
       .def("check_not_stepped", [](const Self& s, int64_t key) { s->impl.check_not_stepped(key); })
       .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })

@@ -158,12 +158,14 @@ AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
 
 void AdamPlan::finish() {
   const bool has_master = args_.master_mode != MasterMode::None;
+  const bool writes_grads = args_.grad_scale.has_value() && args_.grad_scale->defined();
   for (size_t i : copied_) {
     // const_cast: the schema marks these lists as mutated.
     const_cast<at::Tensor&>(args_.params[i]).copy_(params[i]);
     const_cast<at::Tensor&>(args_.exp_avgs[i]).copy_(exp_avgs[i]);
     const_cast<at::Tensor&>(args_.exp_avg_sqs[i]).copy_(exp_avg_sqs[i]);
     if (has_master) const_cast<at::Tensor&>(args_.masters[i]).copy_(masters[i]);
+    if (writes_grads) const_cast<at::Tensor&>(args_.grads[i]).copy_(grads[i]);
   }
 }
 

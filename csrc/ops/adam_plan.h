@@ -41,7 +41,8 @@ void check_adam_args(const AdamArgs& a);
 
 /// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master). A row whose
 /// tensors are all dense with identical strides is walked in place; any other row through contiguous
-/// copies that finish() writes back. rng_base numbers elements across the list for stochastic rounding.
+/// copies that finish() writes back (grads too when a grad_scale is given: the step stores them
+/// unscaled). rng_base numbers elements across the list for stochastic rounding.
 class AdamPlan {
  public:
   explicit AdamPlan(const AdamArgs& a);

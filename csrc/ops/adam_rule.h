@@ -53,12 +53,26 @@ C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, c
   w = w + (-s.step_size * m) / denom;             // param.addcdiv_(exp_avg, denom, -step_size)
 }
 
+/// beta^step for a whole-number step by binary exponentiation. Only IEEE multiplications, which every
+/// build rounds alike, so the CPU and the GPU agree bit for bit; glibc's pow and CUDA's may differ in the
+/// last bit of a double, and that can decide the rounding to float. Within a few double ulps of pow.
+C10_HOST_DEVICE inline double pow_steps(double base, double step) {
+  auto n = static_cast<uint64_t>(step);
+  double result = 1.0;
+  while (n != 0) {
+    if (n & 1u) result *= base;
+    base *= base;
+    n >>= 1;
+  }
+  return result;
+}
+
 /// Bias-corrected scalars for a tensor whose step count (after this step) is `step`; formed in double
 /// like torch's Python floats, then rounded once.
 C10_HOST_DEVICE inline AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
                                                 double step, bool decoupled, bool maximize) {
-  const double bc1 = 1.0 - ::pow(beta1, step);
-  const double bc2 = 1.0 - ::pow(beta2, step);
+  const double bc1 = 1.0 - pow_steps(beta1, step);
+  const double bc2 = 1.0 - pow_steps(beta2, step);
   return {static_cast<float>(beta2),
           static_cast<float>(eps),
           static_cast<float>(weight_decay),

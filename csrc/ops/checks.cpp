@@ -74,24 +74,16 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
   }
 }
 
-void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
-  constexpr const char* op = "mixprec::linear_wgrad_accum_";
-  TORCH_CHECK(main_grad.defined() && grad_output.defined() && input.defined(), op,
-              ": main_grad, grad_output and input must be tensors, got an undefined tensor");
-  const std::pair<const at::Tensor*, const char*> all[] = {
-      {&main_grad, "main_grad"}, {&grad_output, "grad_output"}, {&input, "input"}};
+void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.defined() && input.defined(), op,
+              ": grad_output and input must be tensors, got an undefined tensor");
+  const std::pair<const at::Tensor*, const char*> all[] = {{&grad_output, "grad_output"}, {&input, "input"}};
   for (const auto& [t, name] : all) {
     TORCH_CHECK(t->layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
                 t->layout());
-    TORCH_CHECK(t->device() == main_grad.device(), op, ": ", name, " is on ", t->device(), " but main_grad is on ",
-                main_grad.device(), "; every tensor must be on the same device");
   }
-  TORCH_CHECK(main_grad.scalar_type() == at::kFloat, op, ": main_grad must be float32 (the fp32 accumulator), got ",
-              main_grad.scalar_type());
-  TORCH_CHECK(main_grad.dim() == 2, op, ": main_grad must be 2-D [out_features, in_features], got shape ",
-              main_grad.sizes());
-  TORCH_CHECK(main_grad.is_contiguous(), op,
-              ": main_grad must be contiguous (it is accumulated in place), got strides ", main_grad.strides());
+  TORCH_CHECK(input.device() == grad_output.device(), op, ": input is on ", input.device(),
+              " but grad_output is on ", grad_output.device(), "; every tensor must be on the same device");
   const at::ScalarType dtype = grad_output.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": grad_output must be float32, float16 or bfloat16, got ", dtype);
@@ -104,6 +96,25 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
   TORCH_CHECK(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1), op,
               ": grad_output and input must have the same leading (batch) shape, got ", grad_output.sizes(), " and ",
               input.sizes());
+}
+
+void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
+  constexpr const char* op = "mixprec::linear_wgrad_accum_";
+  TORCH_CHECK(main_grad.defined() && grad_output.defined() && input.defined(), op,
+              ": main_grad, grad_output and input must be tensors, got an undefined tensor");
+  TORCH_CHECK(main_grad.layout() == at::kStrided, op, ": main_grad must be a dense (strided) tensor, got layout ",
+              main_grad.layout());
+  for (const auto& [t, name] : {std::pair{&grad_output, "grad_output"}, std::pair{&input, "input"}}) {
+    TORCH_CHECK(t->device() == main_grad.device(), op, ": ", name, " is on ", t->device(), " but main_grad is on ",
+                main_grad.device(), "; every tensor must be on the same device");
+  }
+  TORCH_CHECK(main_grad.scalar_type() == at::kFloat, op, ": main_grad must be float32 (the fp32 accumulator), got ",
+              main_grad.scalar_type());
+  TORCH_CHECK(main_grad.dim() == 2, op, ": main_grad must be 2-D [out_features, in_features], got shape ",
+              main_grad.sizes());
+  TORCH_CHECK(main_grad.is_contiguous(), op,
+              ": main_grad must be contiguous (it is accumulated in place), got strides ", main_grad.strides());
+  check_wgrad_operands(op, grad_output, input);
   TORCH_CHECK(grad_output.size(-1) == main_grad.size(0) && input.size(-1) == main_grad.size(1), op,
               ": main_grad must have shape [grad_output.size(-1), input.size(-1)] = [", grad_output.size(-1), ", ",
               input.size(-1), "], got ", main_grad.sizes());

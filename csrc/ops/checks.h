@@ -28,8 +28,12 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
                              double growth_factor, double backoff_factor, int64_t growth_interval,
                              int64_t hysteresis, double min_scale, std::optional<double> max_scale);
 
-/// Checks for linear_wgrad_accum_: main_grad a contiguous fp32 [out, in] matrix; grad_output [..., out]
-/// and input [..., in] of one dtype (fp32, fp16 or bf16) with equal leading shapes; one device.
+/// Checks for linear_wgrad: grad_output [..., out] and input [..., in], dense, of one dtype (fp32, fp16 or
+/// bf16) with equal leading shapes, on one device; the message names `op`.
+void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const at::Tensor& input);
+
+/// Checks for linear_wgrad_accum_: main_grad a contiguous fp32 [out, in] matrix on the operands' device,
+/// and the operands as check_wgrad_operands.
 void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);
 
 /// `t` ([..., width], at least 1-D) as a 2-D [rows, width] matrix whose rows are contiguous and evenly

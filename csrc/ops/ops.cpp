@@ -99,5 +99,11 @@ void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_out
   op.call(main_grad, grad_output, input);
 }
 
+at::Tensor linear_wgrad(const at::Tensor& grad_output, const at::Tensor& input) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixprec::linear_wgrad");
+  return op.call(grad_output, input);
+}
+
 }  // namespace ops
 }  // namespace mixprec

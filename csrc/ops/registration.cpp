@@ -23,11 +23,12 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("split_bf16_remainder(Tensor src) -> (Tensor, Tensor)", tags);
   m.def("merge_bf16_remainder(Tensor bf16, Tensor remainder) -> Tensor", tags);
   m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "adam_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled_weight_decay=True, bool maximize=False, str master_mode=\"none\", "
       "str rounding=\"nearest\", int? seed=None, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()",
       tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
+  m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
 }

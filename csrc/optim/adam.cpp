@@ -40,6 +40,8 @@ void check_options(const AdamOptions& o) {
   TORCH_CHECK(b1 >= 0 && b1 < 1, "mixprec::optim: invalid beta parameter at index 0: ", b1, " (must be in [0, 1))");
   TORCH_CHECK(b2 >= 0 && b2 < 1, "mixprec::optim: invalid beta parameter at index 1: ", b2, " (must be in [0, 1))");
   TORCH_CHECK(o.weight_decay() >= 0, "mixprec::optim: invalid weight_decay value: ", o.weight_decay());
+  TORCH_CHECK(!o.amsgrad(), "mixprec::optim: amsgrad=true is not supported by the fused step (it keeps no maximum of "
+              "the second moments); use torch::optim::Adam with amsgrad");
   const std::string& mw = o.master_weights();
   TORCH_CHECK(mw == "auto" || mw == "fp32" || mw == "remainder" || mw == "none",
               "mixprec::optim: master_weights must be \"auto\", \"fp32\", \"remainder\" or \"none\", got \"", mw, "\"");
@@ -58,6 +60,7 @@ void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weights);
   archive.write("moment_dtype", c10::IValue(static_cast<int64_t>(moment_dtype())));
@@ -71,6 +74,8 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  c10::IValue amsgrad_value;
+  if (archive.try_read("amsgrad", amsgrad_value)) amsgrad(amsgrad_value.toBool());  // absent in older checkpoints
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, master_weights);
   c10::IValue dtype;

@@ -100,3 +100,8 @@ def _adam_step_fake(
 @torch.library.register_fake("mixprec::linear_wgrad_accum_")
 def _linear_wgrad_accum_fake(main_grad: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> None:
     return None
+
+
+@torch.library.register_fake("mixprec::linear_wgrad")
+def _linear_wgrad_fake(grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    return grad_output.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=torch.float32)

@@ -5,12 +5,20 @@ dict) lives in C++ and is reached through the torch custom class ``torch.classes
 this file only does what needs Python: walking ``torch.optim`` param groups, calling ``optimizer.step``,
 the ``_step_supports_amp_scaling`` protocol, and the optional all-reduce across ranks.
 
+torch's protocols hold exactly: an optimizer with ``_step_supports_amp_scaling`` (torch's fused ones) gets
+``grad_scale`` and a 0-dim ``found_inf`` after a read-only inf check, any other optimizer is unscaled
+first, and ``.grad`` holds afterwards what it holds under ``torch.amp.GradScaler``. The scaler pickles and
+deep-copies between iterations, and its getters never touch the device.
+
 Differences from torch, all opt-in or strictly more permissive:
   * ``hysteresis``, ``consecutive_hysteresis``, ``min_scale``, ``max_scale``, ``dynamic=False`` (static scale);
   * fp16 and bf16 gradients are unscaled too (one launch per device for any dtype mix), so 16-bit
     parameters with master-weight optimizers work;
-  * with an optimizer that sets ``_step_supports_amp_scaling`` (mixprec.optim, torch's fused Adam) the step
-    decision stays on the device: no host synchronisation per step;
+  * mixprec's optimizers skip an overflowing step on the device even without ``fused=True``: no host
+    synchronisation per step. The price: ``optimizer.step()`` is called on every step, so a framework that
+    learns of skipped steps from a missing call (Accelerate's ``optimizer_step_was_skipped``, and the LR
+    schedulers it drives) sees none; ``host_skip=True`` reads the flag on the host instead (one sync per
+    step) and skips the call as torch does;
   * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps.
 """
 
@@ -23,7 +31,6 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from .nn import step_grad
 from .optim import _local
 
 __all__ = ["GradScaler"]
@@ -42,6 +49,8 @@ class GradScaler:
         min_scale, max_scale: bounds for the scale (none by default).
         dynamic: ``False`` keeps ``init_scale`` fixed (a static loss scale); overflowing steps are still skipped.
         process_group: all-reduce the overflow flag over this group (e.g. ``torch.distributed.group.WORLD``).
+        host_skip: decide every step on the host, as torch does for plain optimizers: one device sync per
+            step, and ``optimizer.step()`` is not called on an overflow, so frameworks see skipped steps.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class GradScaler:
         max_scale: Optional[float] = None,
         dynamic: bool = True,
         process_group: Optional[Any] = None,
+        host_skip: bool = False,
     ) -> None:
         device = str(torch.device(device))
         if enabled and device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,13 +81,23 @@ class GradScaler:
                 raise ValueError(f"The growth factor must be > 1.0, got {growth_factor}")
             if not 0.0 < backoff_factor < 1.0:
                 raise ValueError(f"The backoff factor must be in (0, 1), got {backoff_factor}")
+        options = dict(init_scale=float(init_scale), growth_factor=float(growth_factor),
+                       backoff_factor=float(backoff_factor), growth_interval=int(growth_interval),
+                       hysteresis=int(hysteresis), consecutive_hysteresis=bool(consecutive_hysteresis),
+                       min_scale=float(min_scale), max_scale=None if max_scale is None else float(max_scale),
+                       dynamic=bool(dynamic), host_skip=bool(host_skip))
+        self._construct(device, enabled, process_group, options)
+
+    def _construct(self, device: str, enabled: bool, process_group: Optional[Any], options: dict[str, Any]) -> None:
         self._device = device
         self._enabled = enabled
         self._process_group = process_group
+        self._options = options  # the constructor's settings; the live ones are in the C++ object
+        self._host_skip = options["host_skip"]
+        o = options
         self._impl = torch.classes.mixprec.GradScaler(
-            device, float(init_scale), float(growth_factor), float(backoff_factor), int(growth_interval), bool(enabled),
-            int(hysteresis), bool(consecutive_hysteresis), float(min_scale),
-            None if max_scale is None else float(max_scale), bool(dynamic),
+            device, o["init_scale"], o["growth_factor"], o["backoff_factor"], o["growth_interval"], bool(enabled),
+            o["hysteresis"], o["consecutive_hysteresis"], o["min_scale"], o["max_scale"], o["dynamic"],
         )
 
     # -- torch.amp.GradScaler's API ----------------------------------------------------------------------
@@ -99,7 +119,7 @@ class GradScaler:
         grads = []
         for group in optimizer.param_groups:
             for p in group["params"]:
-                grad = step_grad(p)  # the fp32 main_grad of mixprec.nn.Linear weights, else .grad
+                grad = p.grad
                 if grad is not None:
                     grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
         return grads
@@ -110,11 +130,8 @@ class GradScaler:
             return
         self._impl.unscale_grads_(id(optimizer), self._grads(optimizer))
 
-    def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
-        key = id(optimizer)
-        if not self._impl.is_unscaled(key):
-            self._impl.unscale_grads_(key, self._grads(optimizer))
-        found = self._impl.found_inf(key)
+    def _all_reduce(self, key: int, found: Tensor) -> Tensor:
+        """With a process group, every rank takes the largest flag (so all skip together)."""
         if self._process_group is not None:
             import torch.distributed as dist
 
@@ -122,30 +139,61 @@ class GradScaler:
             self._impl.set_found_inf(key, found)
         return found
 
+    def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
+        key = id(optimizer)
+        if not self._impl.is_unscaled(key):
+            self._impl.unscale_grads_(key, self._grads(optimizer))
+        return self._all_reduce(key, self._impl.found_inf(key))
+
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        """Step the optimizer unless its gradients overflowed (unscaling them first if needed)."""
+        """Step the optimizer unless its gradients overflowed, as ``torch.amp.GradScaler.step`` does.
+
+        * An optimizer with ``_step_supports_amp_scaling`` (torch's fused optimizers; mixprec's with
+          ``fused=True``) gets torch's protocol: unless :meth:`unscale_` came first its gradients are only
+          checked for inf/NaN (read, not written), then it receives ``optimizer.grad_scale`` (the scale) and
+          ``optimizer.found_inf`` (0-dim float32), divides and skips on the device.
+        * A mixprec optimizer without that flag is unscaled first, as torch unscales a plain optimizer, and
+          then receives ``found_inf`` and skips itself on the device: the same ``.grad`` afterwards as with
+          torch's scaler, but no host synchronisation.
+        * Any other optimizer is unscaled first and skipped by a host check of the flag."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
-        self._impl.check_not_stepped(id(optimizer))
-        found = self._found_inf(optimizer)
+        key = id(optimizer)
+        self._impl.check_not_stepped(key)
         retval = None
         if getattr(optimizer, "_step_supports_amp_scaling", False):
-            # The optimizer skips itself on the device; the gradients are already unscaled.
-            optimizer.grad_scale = None  # type: ignore[attr-defined]
-            optimizer.found_inf = found  # type: ignore[attr-defined]
-            optimizer._mixprec_scaled_step = True  # type: ignore[attr-defined]  (main_grads included)
-            try:
-                retval = optimizer.step(*args, **kwargs)
-            finally:
-                del optimizer.grad_scale  # type: ignore[attr-defined]
-                del optimizer.found_inf  # type: ignore[attr-defined]
-                del optimizer._mixprec_scaled_step  # type: ignore[attr-defined]
-        elif not found.item():  # a plain optimizer: the host decides, as in torch
+            unscaled = self._impl.is_unscaled(key)
+            grad_scale, found = self._impl.prepare_scaled_step(key, [] if unscaled else self._grads(optimizer))
+            found = self._all_reduce(key, found)
+            if self._host_skip and found.item():
+                self._impl.mark_stepped(key)
+                return None
+            previous = getattr(optimizer, "grad_scale", None)
+            if grad_scale is None:  # unscale_() came first: only a scale the user set stays
+                grad_scale = previous
+            elif previous is not None:  # torch multiplies a user-set grad_scale in
+                grad_scale = grad_scale * previous
+            retval = self._step_with(optimizer, grad_scale, found, args, kwargs)
+        elif getattr(optimizer, "_mixprec_skips_on_device", False) and not self._host_skip:
+            retval = self._step_with(optimizer, None, self._found_inf(optimizer), args, kwargs)
+        elif not self._found_inf(optimizer).item():  # a plain optimizer: the host decides, as in torch
             retval = optimizer.step(*args, **kwargs)
-        self._impl.mark_stepped(id(optimizer))
+        self._impl.mark_stepped(key)
         return retval
+
+    @staticmethod
+    def _step_with(optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor], found_inf: Tensor,
+                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """optimizer.step() with torch's ``grad_scale`` / ``found_inf`` attributes set for its duration."""
+        optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+        try:
+            return optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale  # type: ignore[attr-defined]
+            del optimizer.found_inf  # type: ignore[attr-defined]
 
     def update(self, new_scale: Optional[Union[float, Tensor]] = None) -> None:
         """Move the scale from this iteration's overflow flags (on device), or set it to ``new_scale``."""
@@ -166,16 +214,41 @@ class GradScaler:
         return float(self._impl.get_scale())
 
     def is_enabled(self) -> bool:
+        """Whether this scaler scales at all (``enabled`` and, for CUDA, a GPU present)."""
         return self._enabled
 
+    # Getters read the C++ options (no device access); setters take effect at the next update().
     def get_growth_factor(self) -> float:
-        return float(self._impl.state_dict()["growth_factor"]) if self._enabled else 2.0
+        """The scale growth factor."""
+        return float(self._impl.get_growth_factor())
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the scale growth factor (> 1)."""
+        self._impl.set_growth_factor(float(new_factor))
 
     def get_backoff_factor(self) -> float:
-        return float(self._impl.state_dict()["backoff_factor"]) if self._enabled else 0.5
+        """The scale backoff factor."""
+        return float(self._impl.get_backoff_factor())
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the scale backoff factor (in (0, 1))."""
+        self._impl.set_backoff_factor(float(new_factor))
 
     def get_growth_interval(self) -> int:
-        return int(self._impl.state_dict()["growth_interval"]) if self._enabled else 2000
+        """The number of clean steps between scale growths."""
+        return int(self._impl.get_growth_interval())
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the number of clean steps between scale growths (> 0)."""
+        self._impl.set_growth_interval(int(new_interval))
+
+    def _get_growth_tracker(self) -> int:
+        return int(self._impl.state_dict()["_growth_tracker"]) if self._enabled else 0
+
+    def _lazy_init_scale_growth_tracker(self, dev: Any = None) -> None:
+        """torch's private hook (Accelerate calls it after loading a state): create the scale tensors now."""
+        if self._enabled:
+            self._impl.scale_tensor()
 
     @property
     def _scale(self) -> Tensor:
@@ -218,3 +291,44 @@ class GradScaler:
             elif isinstance(value, (bool, int, float)):
                 numeric[key] = float(value)
         self._impl.load_state_dict(numeric)
+
+    # -- pickling and copying (torch.amp.GradScaler pickles between iterations) ------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._enabled and self._impl.in_iteration():
+            raise AssertionError(
+                "A GradScaler instance may only be pickled at the beginning of an iteration, or at the end after "
+                "scaler.update().")
+        group = self._process_group
+        if group is not None:
+            import torch.distributed as dist
+
+            if group is not dist.group.WORLD:
+                raise TypeError("a mixprec.GradScaler with a process_group other than torch.distributed.group.WORLD "
+                                "cannot be pickled (process groups are not picklable); pass the group again after "
+                                "loading")
+            group = "WORLD"
+        return {"device": self._device, "enabled": self._enabled, "process_group": group,
+                "options": self._options, "state": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        group = state["process_group"]
+        if group == "WORLD":
+            import torch.distributed as dist
+
+            group = dist.group.WORLD
+        self._construct(state["device"], state["enabled"], group, state["options"])
+        if state["state"]:
+            self.load_state_dict(state["state"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GradScaler":
+        """An independent scaler in the same state (sharing the process group, which is not copied)."""
+        if self._enabled and self._impl.in_iteration():
+            raise AssertionError(
+                "A GradScaler instance may only be copied at the beginning of an iteration, or at the end after "
+                "scaler.update().")
+        copy = GradScaler.__new__(GradScaler)
+        copy._construct(self._device, self._enabled, self._process_group, dict(self._options))
+        if self._enabled:
+            copy.load_state_dict(self.state_dict())
+        return copy

@@ -1,27 +1,35 @@
-"""Linear layers whose weight gradient is accumulated in fp32, in the weight-gradient GEMM itself.
+"""Linear layers whose weight gradient is formed and accumulated in fp32, by the weight-gradient GEMM itself.
 
 With fp16/bf16 parameters, autograd rounds every micro-batch's weight gradient to 16 bits and adds the
-micro-batches up in 16 bits, losing small contributions; casting each one to fp32 and adding it to an
-fp32 buffer costs an extra pass over memory. :class:`Linear` (Megatron-LM's gradient-accumulation
-fusion, Transformer Engine's ``fuse_wgrad_accumulation``) instead computes
-``weight.main_grad += grad_output^T @ input`` with :func:`mixprec.ops.linear_wgrad_accum_`: 16-bit operands,
-fp32 products and sums, straight into an fp32 buffer (one cuBLASLt GEMM with ``beta = 1`` on CUDA).
+micro-batches up in 16 bits, losing small contributions; casting each one to fp32 and adding it to an fp32
+buffer costs extra passes over memory. :class:`Linear` (Megatron-LM's gradient-accumulation fusion,
+Transformer Engine's ``fuse_wgrad_accumulation``) keeps the weight's gradient in fp32 instead:
 
-``weight.main_grad`` takes the place of ``weight.grad``, which stays ``None``: it is created (zeros,
-fp32) at the first backward, keeps accumulating over micro-batches, and is zeroed by the ``zero_grad``
-of :mod:`mixprec.optim` optimizers (or :func:`zero_main_grad`). Each backward also sets
-``weight.grad_added_to_main_grad`` (Megatron's name), so a weight that took no gradient since the last
-``zero_grad`` is skipped by the step, as torch skips a ``None`` gradient. :mod:`mixprec.optim` optimizers
-and :class:`mixprec.GradScaler` read ``main_grad`` where a parameter has one; a ``.grad`` that the same
-weight received through another path (a tied embedding) is added into ``main_grad`` first. An optimizer
-that only reads ``.grad`` (``torch.optim.*``), and ``torch.amp.GradScaler``'s ``unscale_``, do not see
-``main_grad``: use mixprec's. A weight that is not a leaf (a parametrization's output) gets an ordinary
-gradient. Input and bias gradients flow through autograd as usual.
+* ``weight.grad_dtype`` is ``torch.float32`` (torch >= 2.10), so ``weight.grad`` is an fp32 tensor even
+  for a 16-bit weight. It is an ordinary ``.grad``: ``zero_grad`` (the optimizer's, the model's or a
+  framework's) clears it, ``torch.nn.utils.clip_grad_norm_``, both GradScalers and every hook see it, and
+  :mod:`mixprec.optim` steps from it.
+* The backward computes ``grad_output^T @ input`` with 16-bit operands and fp32 products and sums
+  (:func:`mixprec.ops.linear_wgrad`, one cuBLASLt GEMM on CUDA); no 16-bit weight gradient is ever formed.
+  When ``weight.grad`` already holds an fp32 gradient (gradient accumulation) and nothing needs to see
+  the new part on its own (no tensor hooks on the weight, no ``create_graph``), the GEMM adds into it in
+  place (:func:`mixprec.ops.linear_wgrad_accum_`, ``beta = 1``): the accumulator is read and written once.
+
+Input and bias gradients flow as usual (the bias gradient summed in fp32). A weight that is not a leaf (a
+parametrization's output) gets an ordinary gradient in its own dtype.
+
+``torch.optim`` optimizers such as Adam refuse an fp32 gradient on a 16-bit parameter (their moments take
+the parameter's dtype): use :mod:`mixprec.optim`, which keeps fp32 master weights.
+
+Distributed training: under FSDP2 (``fully_shard``) the layer computes the same fp32 GEMM and FSDP2 takes
+the gradient in its own dtype (``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` reduces and
+accumulates it in fp32). ``DistributedDataParallel`` buckets gradients in the parameters' dtype and cannot
+carry an fp32 gradient of a 16-bit weight: a forward under DDP raises with what to do instead.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,45 +37,28 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["Linear", "linear", "convert", "main_grad", "zero_main_grad", "step_grad"]
+__all__ = ["Linear", "linear", "convert"]
 
 
-def main_grad(weight: Tensor) -> Tensor:
-    """The fp32 gradient accumulator of ``weight`` (``weight.main_grad``), created as zeros when missing."""
-    buffer: Optional[Tensor] = getattr(weight, "main_grad", None)
-    if buffer is None:
-        buffer = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        weight.main_grad = buffer  # type: ignore[attr-defined]
-    return buffer
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
-def zero_main_grad(params: Union[torch.nn.Module, Iterable[Tensor]]) -> None:
-    """Zero the ``main_grad`` buffers of a module's parameters (or of the given tensors), in place.
+def keep_fp32_grad(weight: Tensor) -> None:
+    """Give ``weight`` an fp32 ``.grad`` (``weight.grad_dtype = torch.float32``), converting one it holds.
 
-    For optimizers other than :mod:`mixprec.optim`'s, whose ``zero_grad`` does this already."""
-    tensors = params.parameters() if isinstance(params, torch.nn.Module) else params
-    buffers = []
-    for p in tensors:
-        buffer = getattr(p, "main_grad", None)
-        if buffer is not None:
-            buffers.append(buffer)
-            p.grad_added_to_main_grad = False  # type: ignore[attr-defined]
-    if buffers:
-        torch._foreach_zero_(buffers)
-
-
-def step_grad(p: Tensor) -> Optional[Tensor]:
-    """The gradient an optimizer step should read for ``p``: its ``main_grad`` when a backward has added
-    to it since the last zero (any ``.grad`` from another use of the same weight is folded in first and
-    cleared), else ``p.grad``."""
-    buffer: Optional[Tensor] = getattr(p, "main_grad", None)
-    if buffer is None:
-        return p.grad
-    if p.grad is not None:  # the same weight used elsewhere too (e.g. tied to an embedding)
-        buffer.add_(p.grad)
-        p.grad = None
-        p.grad_added_to_main_grad = True  # type: ignore[attr-defined]
-    return buffer if getattr(p, "grad_added_to_main_grad", False) else None
+    Only leaf tensors carry a ``grad_dtype``; FSDP2's sharded parameters (DTensors) keep theirs, since FSDP2
+    assigns gradients in its own dtypes."""
+    if not weight.is_leaf or _is_dtensor(weight):
+        return
+    grad = weight.grad
+    if grad is not None and grad.dtype != torch.float32:
+        weight.grad = None  # grad_dtype cannot change while a .grad of another dtype is attached
+        weight.grad_dtype = torch.float32
+        weight.grad = grad.float()
+    else:
+        # Set even for an fp32 weight: an explicit grad_dtype survives a later model.bfloat16().
+        weight.grad_dtype = torch.float32
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -83,11 +74,31 @@ def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return t.to(dtype)
 
 
-class _LinearMainGrad(torch.autograd.Function):
-    """y = x W^T + b whose backward adds dL/dW into ``W.main_grad`` (fp32) and returns no weight grad."""
+def _check_not_under_ddp(weight: Tensor) -> None:
+    ddp = torch.nn.parallel.DistributedDataParallel._active_ddp_module
+    if ddp is not None and weight.is_leaf and weight.grad_dtype != weight.dtype:
+        raise RuntimeError(
+            f"mixprec.nn.Linear keeps an fp32 gradient for its {weight.dtype} weight (weight.grad_dtype = "
+            f"{weight.grad_dtype}), which DistributedDataParallel cannot reduce: it buckets gradients in the "
+            "parameters' dtype. Under DDP keep torch.nn.Linear (16-bit gradients, reduced as usual), or shard the "
+            "model with FSDP2 (torch.distributed.fsdp.fully_shard with MixedPrecisionPolicy(reduce_dtype="
+            "torch.float32) reduces and accumulates the gradients in fp32)")
+
+
+def _adds_in_place(weight: Tensor) -> bool:
+    """Whether the backward may add into ``weight.grad`` itself instead of returning a new gradient: an fp32
+    accumulator is there, and nothing (a tensor hook, a double backward) needs the new part on its own."""
+    grad = weight.grad
+    return (grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == weight.shape
+            and grad.device == weight.device and not grad.is_sparse and not _is_dtensor(grad)
+            and not weight._backward_hooks and not torch.is_grad_enabled())
+
+
+class _LinearFp32Grad(torch.autograd.Function):
+    """y = x W^T + b whose backward forms dL/dW in fp32 (adding into an fp32 ``W.grad`` where it can)."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         # Autocast would cast inside F.linear and hide the 16-bit operands from backward; cast here
         # instead (the same rule), keep the 16-bit input for the wgrad GEMM, and run with autocast off.
         dtype = _autocast_dtype(input.device.type)
@@ -98,27 +109,28 @@ class _LinearMainGrad(torch.autograd.Function):
             with torch.autocast(input.device.type, enabled=False):
                 output = F.linear(x, w, b)
         ctx.save_for_backward(x, w)
-        ctx.weight = weight  # the Parameter itself: main_grad hangs on it (a leaf, so no reference cycle)
+        # The Parameter itself, to reach its .grad (a leaf: no reference cycle through the graph).
+        ctx.weight = weight if weight.is_leaf else None
         ctx.has_bias = bias is not None
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         x, w = ctx.saved_tensors
         if grad_output.dtype != x.dtype:
             grad_output = grad_output.to(x.dtype)
-        grad_input = grad_bias = None
-        grad_weight = None
+        grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(w)
         if ctx.needs_input_grad[1]:
             weight = ctx.weight
-            if weight.is_leaf:
-                ops.linear_wgrad_accum_(main_grad(weight), grad_output, x)
-                weight.grad_added_to_main_grad = True
-            else:  # a computed weight (parametrization): its gradient must flow on through autograd
-                grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+            if weight is not None and _adds_in_place(weight):
+                ops.linear_wgrad_accum_(weight.grad, grad_output, x)  # AccumulateGrad then has nothing to add
+            else:
+                # Autograd casts it to the weight's grad_dtype: fp32 for converted weights (a no-op), the
+                # weight's own dtype otherwise (a computed weight, FSDP2's unsharded parameter).
+                grad_weight = ops.linear_wgrad(grad_output, x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # fp32 sum over the batch, rounded once to the bias's dtype by autograd.
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=torch.float32)
@@ -126,27 +138,58 @@ class _LinearMainGrad(torch.autograd.Function):
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``torch.nn.functional.linear`` whose weight gradient is accumulated into ``weight.main_grad`` (fp32)."""
-    return _LinearMainGrad.apply(input, weight, bias)
+    """``torch.nn.functional.linear`` whose weight gradient is formed in fp32 (see the module docstring).
+
+    The gradient reaches ``weight.grad`` in ``weight.grad_dtype``: set it to ``torch.float32`` (as
+    :class:`Linear` does) to keep it in fp32."""
+    _check_not_under_ddp(weight)
+    return _LinearFp32Grad.apply(input, weight, bias)
+
+
+def _restore_fp32_grad(module: torch.nn.Module, incompatible_keys: Any = None) -> None:
+    if isinstance(module.weight, Tensor):
+        keep_fp32_grad(module.weight)
 
 
 class Linear(torch.nn.Linear):
-    """Drop-in ``torch.nn.Linear`` whose weight gradient goes to ``weight.main_grad`` (fp32), not ``weight.grad``.
+    """Drop-in ``torch.nn.Linear`` whose weight gradient is fp32 (``weight.grad_dtype = torch.float32``),
+    formed and accumulated by the weight-gradient GEMM.
 
-    Same constructor, parameters and state dict as ``torch.nn.Linear``; see the module docstring for
-    how ``main_grad`` is created, zeroed and consumed."""
+    Same constructor, parameters and state dict as ``torch.nn.Linear``; see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _adopt(self)
 
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Copies and unpickled modules get new Parameter objects, without the grad_dtype.
+        super().__setstate__(state)
+        keep_fp32_grad(self.weight)
+
+
+def _adopt(module: Linear) -> None:
+    keep_fp32_grad(module.weight)
+    # load_state_dict(assign=True) puts new Parameters in place: give them the fp32 gradient too.
+    module.register_load_state_dict_post_hook(_restore_fp32_grad)
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
     """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place.
 
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
-    tensor is copied), so an optimizer built before the call keeps working. Subclasses of
-    ``torch.nn.Linear`` with their own ``forward`` are left alone. Returns ``module``."""
+    tensor is copied), so an optimizer built before the call keeps working; each weight's ``.grad`` becomes
+    fp32 from then on. Subclasses of ``torch.nn.Linear`` with their own ``forward`` are left alone. A model
+    already wrapped in ``DistributedDataParallel`` is refused (see the module docstring). Returns ``module``."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        raise RuntimeError(
+            "mixprec.nn.convert: DistributedDataParallel cannot reduce the fp32 weight gradients of "
+            "mixprec.nn.Linear (it buckets gradients in the parameters' dtype); keep torch.nn.Linear under DDP, "
+            "or shard with FSDP2 (fully_shard with MixedPrecisionPolicy(reduce_dtype=torch.float32))")
     for m in module.modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = Linear
+            _adopt(m)  # type: ignore[arg-type]
     return module

@@ -16,6 +16,7 @@ __all__ = [
     "merge_bf16_remainder",
     "adam_step_",
     "linear_wgrad_accum_",
+    "linear_wgrad",
 ]
 
 #: The master-weight modes ``adam_step_`` accepts.
@@ -180,7 +181,9 @@ def adam_step_(
 
     On-device inputs (one-element float32 tensors): ``lr_tensor`` replaces ``lr``; grads are divided by
     ``grad_scale`` and multiplied by ``clip_coef`` inside the step; when ``found_inf`` is non-zero nothing
-    at all is written, step counts included. No host synchronisation on CUDA.
+    at all is written, step counts included. With a ``grad_scale`` the gradients themselves are written
+    back divided by it (not clipped), as torch's fused optimizers leave them. No host synchronisation on
+    CUDA.
     """
     torch.ops.mixprec.adam_step_.default(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters), list(steps),
@@ -202,3 +205,13 @@ def linear_wgrad_accum_(main_grad: torch.Tensor, grad_output: torch.Tensor, inpu
     rows are not contiguous and evenly spaced are copied to a contiguous layout first.
     """
     torch.ops.mixprec.linear_wgrad_accum_.default(main_grad, grad_output, input)
+
+
+def linear_wgrad(grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight gradient as a fresh fp32 tensor: ``grad_output^T @ input``.
+
+    The same GEMM as :func:`linear_wgrad_accum_` (16-bit or fp32 operands, fp32 products and sums, no 16-bit
+    gradient ever formed) writing a new ``[out_features, in_features]`` float32 tensor (``beta = 0`` on CUDA)
+    instead of adding into one. An empty batch gives zeros.
+    """
+    return torch.ops.mixprec.linear_wgrad.default(grad_output, input)

@@ -7,12 +7,15 @@ parameters back, in one pass over memory. Everything the step needs lives in ``o
 ``load_state_dict()`` resume bit for bit; a ``torch.optim.AdamW`` state dict loads too (masters are then
 taken from the parameters).
 
-With a ``torch.amp.GradScaler`` or a ``mixprec.GradScaler`` the optimizer consumes ``grad_scale`` and
-``found_inf`` itself (``_step_supports_amp_scaling``): gradients are unscaled inside the fused step and an
-overflowing step writes nothing, with no host synchronisation.
+Under a loss scaler the optimizer follows torch's protocol for fused optimizers: it reads ``grad_scale``
+and ``found_inf`` on the device, divides the gradients inside the fused step (leaving them unscaled in
+``.grad``, as torch's fused Adam does) and writes nothing on an overflowing step, with no host
+synchronisation. ``mixprec.GradScaler`` always hands them over; ``torch.amp.GradScaler`` does so when the
+optimizer is built with ``fused=True`` (which sets ``_step_supports_amp_scaling``, as torch's fused
+optimizers do), and otherwise unscales first and skips on the host.
 
-A parameter with a ``main_grad`` (the fp32 weight-gradient accumulator of :class:`mixprec.nn.Linear`) is
-stepped from it instead of ``.grad``, and ``zero_grad`` zeroes it.
+Gradients may be fp32 for 16-bit parameters (:class:`mixprec.nn.Linear` keeps them so): the step reads any
+mix of fp32/fp16/bf16 gradients.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .nn import step_grad, zero_main_grad
 
 __all__ = ["Adam", "AdamW"]
 
@@ -41,6 +43,15 @@ def _local(t: Tensor) -> Tensor:
     return t
 
 
+def _scalar(value: Union[float, Tensor], name: str) -> float:
+    """A hyper-parameter given as a number or a one-element tensor (torch accepts both for betas)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        return float(value.detach().cpu())
+    return float(value)
+
+
 def _splitmix64(x: int) -> int:
     """A well-mixed 64-bit value from a counter: distinct Philox keys for consecutive steps."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -52,17 +63,24 @@ def _splitmix64(x: int) -> int:
 
 class _MixprecAdam(torch.optim.Optimizer):
     _decoupled: bool = True
+    # mixprec.GradScaler hands found_inf to these optimizers (no host check) whatever `fused` says.
+    _mixprec_skips_on_device = True
 
     def __init__(
         self,
         params: Iterable[Any],
         lr: Union[float, Tensor] = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        *,
         amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: Optional[bool] = None,
         master_weights: str = "auto",
         moment_dtype: torch.dtype = torch.float32,
         rounding: str = "nearest",
@@ -70,11 +88,12 @@ class _MixprecAdam(torch.optim.Optimizer):
     ) -> None:
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
-                raise ValueError(f"lr as a Tensor must have one element, got {lr.numel()}")
+                raise ValueError("Tensor lr must be 1-element")
         elif not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr} (lr must be >= 0)")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
+        betas = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
         if not 0.0 <= betas[0] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (must be in [0, 1))")
         if not 0.0 <= betas[1] < 1.0:
@@ -82,7 +101,13 @@ class _MixprecAdam(torch.optim.Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
         if amsgrad:
-            raise ValueError("amsgrad=True is not supported by mixprec's fused Adam step")
+            raise ValueError("amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum of "
+                             "the second moments); use torch.optim.Adam(amsgrad=True)")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported: mixprec's fused step runs outside autograd; use "
+                             "torch.optim with differentiable=True to differentiate through the update")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if master_weights not in _MASTER_CHOICES:
             raise ValueError(f"master_weights must be one of {_MASTER_CHOICES}, got {master_weights!r}")
         if moment_dtype not in (torch.float32, torch.bfloat16):
@@ -96,6 +121,13 @@ class _MixprecAdam(torch.optim.Optimizer):
             weight_decay=weight_decay,
             amsgrad=False,
             maximize=maximize,
+            # torch's keys, kept so state dicts and frameworks see what they expect. The step is always one
+            # fused kernel that never synchronises, so foreach and capturable change nothing.
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=False,
+            fused=fused,
+            decoupled_weight_decay=self._decoupled if decoupled_weight_decay is None else bool(decoupled_weight_decay),
             master_weights=master_weights,
             moment_dtype=moment_dtype,
             rounding=rounding,
@@ -103,9 +135,20 @@ class _MixprecAdam(torch.optim.Optimizer):
             rng_calls=0,
         )
         super().__init__(params, defaults)
-        # torch.amp.GradScaler (and ours) hand grad_scale / found_inf to this optimizer instead of
-        # unscaling the gradients and checking them on the host.
-        self._step_supports_amp_scaling = True
+        # As torch's fused optimizers: only with fused=True does the optimizer tell *any* scaler
+        # (torch.amp.GradScaler included) that it takes grad_scale / found_inf itself. Frameworks key on this
+        # flag (Lightning then refuses gradient clipping, Accelerate cannot see skipped steps), so it stays off
+        # by default; mixprec.GradScaler still skips these on the device (_mixprec_skips_on_device).
+        self._step_supports_amp_scaling = bool(fused)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickles from before a key existed
+            for key in ("foreach", "fused"):
+                group.setdefault(key, None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled)
 
     # -- master modes and state ---------------------------------------------------------------------------
 
@@ -167,14 +210,6 @@ class _MixprecAdam(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device).clone()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``, and zero the fp32 ``main_grad`` buffers in place.
-
-        ``main_grad`` is zeroed rather than dropped even with ``set_to_none``: the buffer is reused by the
-        next backward (no re-allocation, stable addresses for CUDA graphs)."""
-        super().zero_grad(set_to_none=set_to_none)
-        zero_main_grad(p for g in self.param_groups for p in g["params"])
-
     # -- the step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -186,21 +221,13 @@ class _MixprecAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
-        # A scaler other than mixprec's (torch.amp.GradScaler) unscales and checks .grad only: the fp32
-        # main_grad of mixprec.nn.Linear weights would go unchecked, or stay scaled after its unscale_.
-        foreign_scaler = (grad_scale is not None or found_inf is not None) and not getattr(
-            self, "_mixprec_scaled_step", False)
 
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, str], dict[str, list[Tensor]]] = {}
             for p in group["params"]:
-                grad = step_grad(p)
+                grad = p.grad
                 if grad is None:
                     continue
-                if foreign_scaler and grad is getattr(p, "main_grad", None):
-                    raise RuntimeError(
-                        "a mixprec.nn.Linear weight keeps its gradient in main_grad, which torch.amp.GradScaler "
-                        "does not unscale or check; use mixprec.GradScaler (a drop-in) with mixprec.nn.Linear")
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 mode = self._master_mode(p, group)
@@ -224,18 +251,22 @@ class _MixprecAdam(torch.optim.Optimizer):
             if group["seed"] is not None:
                 seed = _splitmix64((int(group["seed"]) << 20) ^ int(group["rng_calls"]))
                 group["rng_calls"] = int(group["rng_calls"]) + 1
+            beta1, beta2 = _scalar(beta1, "betas[0]"), _scalar(beta2, "betas[1]")
+            lr_value = lr
+            if isinstance(lr, Tensor) and lr.device.type == "cpu":
+                lr_value = float(lr)  # a host tensor: reading it costs no device synchronisation
             for (device, mode), b in buckets.items():
                 lr_tensor = None
-                if isinstance(lr, Tensor):
-                    lr_tensor = lr.detach().to(device=device, dtype=torch.float32).reshape(1)
+                if isinstance(lr_value, Tensor):  # on a device: the kernel reads it there
+                    lr_tensor = lr_value.detach().to(device=device, dtype=torch.float32, non_blocking=True)
                 ops.adam_step_(
                     b["p"], b["g"], b["m"], b["v"], b["w"], b["s"],
-                    lr=float(lr) if not isinstance(lr, Tensor) else 0.0,
+                    lr=0.0 if lr_tensor is not None else float(lr_value),
                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=self._decoupled, maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
                     master_mode=mode, rounding=group["rounding"], seed=seed, lr_tensor=lr_tensor,
-                    grad_scale=None if grad_scale is None else grad_scale.to(device).reshape(1),
-                    found_inf=None if found_inf is None else found_inf.to(device).reshape(1),
+                    grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                    found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
                 )
         return loss
 
@@ -244,8 +275,17 @@ class AdamW(_MixprecAdam):
     """AdamW (decoupled weight decay) with master weights, a drop-in for ``torch.optim.AdamW``.
 
     Args:
-        params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (lr may be a Tensor).
-        amsgrad: only ``False`` (the fused step keeps no max of second moments).
+        params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW``. ``lr`` may be a Tensor: on
+            the parameters' device it is read there (no host sync); on the CPU its value is read on the host.
+        amsgrad: only ``False`` (the fused step keeps no maximum of the second moments): ``True`` is refused.
+        foreach, capturable: accepted and recorded as torch does; the step is always one fused kernel per
+            (device, master mode) that never synchronises with the host, so they change nothing.
+        fused: ``True`` also sets ``_step_supports_amp_scaling``, as torch's fused optimizers do:
+            ``torch.amp.GradScaler`` then hands ``grad_scale`` / ``found_inf`` to the step instead of unscaling
+            and checking on the host. ``mixprec.GradScaler`` skips the step on the device (no host sync)
+            whatever ``fused`` says. Off by default, since frameworks key on the flag (Lightning refuses
+            gradient clipping with it, Accelerate cannot see skipped steps).
+        differentiable: only ``False``: the fused step runs outside autograd.
         master_weights: ``"auto"`` (fp32 masters for fp16/bf16 params, none for fp32 params),
             ``"fp32"``, ``"remainder"`` (bf16 params + int16 remainders: exact fp32 at 4 bytes per
             parameter) or ``"none"`` (16-bit params updated in place, rounded with ``rounding``).
@@ -259,19 +299,22 @@ class AdamW(_MixprecAdam):
 
     _decoupled = True
 
-    def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs: Any) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+    def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
 
 
 class Adam(_MixprecAdam):
-    """Adam (L2 weight decay added to the gradient) with master weights, a drop-in for ``torch.optim.Adam``.
+    """Adam with master weights, a drop-in for ``torch.optim.Adam``: L2 weight decay added to the gradient,
+    or decoupled (AdamW) with ``decoupled_weight_decay=True`` as in torch.
 
     Same options as :class:`AdamW`; ``weight_decay`` defaults to 0 as in torch.
     """
 
     _decoupled = False
 
-    def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+    def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

@@ -119,3 +119,41 @@ TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][check
   REQUIRE(b.options().hysteresis() == 3);
   REQUIRE(b.state_dict().at("_hysteresis_tracker") == 3.0);
 }
+
+TEST_CASE("GradScaler with mixprec::optim: the step divides by the scale and leaves the gradients unscaled",
+          "[scaler]") {
+  torch::manual_seed(0);
+  Net net, twin;
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < net.parameters().size(); ++i) twin.parameters()[i].copy_(net.parameters()[i]);
+  }
+  mixprec::optim::AdamW opt(net.parameters(), mixprec::optim::AdamWOptions(1e-2));
+  mixprec::optim::AdamW ref(twin.parameters(), mixprec::optim::AdamWOptions(1e-2));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(512));
+  const auto x = torch::randn({5, 8});
+  scaler.scale(net.forward(x).pow(2).mean()).backward();
+  twin.forward(x).pow(2).mean().backward();
+  scaler.step(opt);
+  ref.step();
+  scaler.update();
+  for (size_t i = 0; i < net.parameters().size(); ++i) {
+    REQUIRE(torch::equal(net.parameters()[i].grad(), twin.parameters()[i].grad()));  // 512: exact in fp32
+    REQUIRE(torch::equal(net.parameters()[i].detach(), twin.parameters()[i].detach()));
+  }
+}
+
+TEST_CASE("GradScaler setters are checked and take effect at the next update", "[scaler]") {
+  torch::manual_seed(0);
+  Net net;
+  torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(64).growth_interval(100));
+  scaler.set_growth_factor(4.0);
+  scaler.set_backoff_factor(0.25);
+  scaler.set_growth_interval(1);
+  REQUIRE(scaler.options().growth_factor() == 4.0);
+  REQUIRE(train(net, opt, scaler, 3, {1}) == std::vector<double>{256, 64, 256});
+  REQUIRE_THROWS_WITH(scaler.set_growth_factor(1.0), Catch::Contains("growth_factor"));
+  REQUIRE_THROWS_WITH(scaler.set_backoff_factor(0.0), Catch::Contains("backoff_factor"));
+  REQUIRE_THROWS_WITH(scaler.set_growth_interval(0), Catch::Contains("growth_interval"));
+}

@@ -65,18 +65,60 @@ TEST_CASE("bf16 params keep fp32 masters; each param is its master rounded", "[o
 
 TEST_CASE("step_scaled with found_inf writes nothing; with a scale it unscales", "[optim]") {
   auto params = make_params(torch::kBFloat16);
+  auto twin = make_params(torch::kBFloat16);  // the same start, stepped with unscaled gradients
   mixprec::optim::AdamW opt(params, mixprec::optim::AdamOptions(1e-3));
+  mixprec::optim::AdamW ref(twin, mixprec::optim::AdamOptions(1e-3));
   set_grads(params, 0);
+  set_grads(twin, 0);
   opt.step();
+  ref.step();
   std::vector<torch::Tensor> before;
   for (const auto& p : params) before.push_back(p.detach().clone());
+
+  // An overflow: parameters, gradients and step counts stay exactly as they were.
   set_grads(params, 1);
-  opt.step_scaled(torch::full({1}, 1024.f), torch::ones({1}));
-  for (size_t i = 0; i < params.size(); ++i) REQUIRE(torch::equal(params[i].detach(), before[i]));
+  std::vector<torch::Tensor> scaled;
+  for (auto& p : params) {
+    p.mutable_grad() = p.grad() * 1024;
+    scaled.push_back(p.grad().clone());
+  }
+  opt.step_scaled(torch::full({}, 1024.f), torch::ones({}));
+  for (size_t i = 0; i < params.size(); ++i) {
+    REQUIRE(torch::equal(params[i].detach(), before[i]));
+    REQUIRE(torch::equal(params[i].grad(), scaled[i]));
+  }
   auto& st = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
   REQUIRE(st.step().item<float>() == 1.f);
-  opt.step_scaled(torch::full({1}, 1024.f), torch::zeros({1}));
+
+  // A clean step with the scale: the same update as the twin's with the unscaled gradients (1024 is a power
+  // of two, so dividing is exact), and the gradients are left unscaled, as torch's fused Adam leaves them.
+  opt.step_scaled(torch::full({}, 1024.f), torch::zeros({}));
+  set_grads(twin, 1);
+  ref.step();
   REQUIRE(st.step().item<float>() == 2.f);
+  for (size_t i = 0; i < params.size(); ++i) {
+    REQUIRE(torch::equal(params[i].detach(), twin[i].detach()));
+    REQUIRE(torch::equal(params[i].grad(), twin[i].grad()));
+  }
+}
+
+TEST_CASE("AdamWOptions has torch::optim::AdamWOptions' defaults; AdamW takes them by default", "[optim]") {
+  const torch::optim::AdamWOptions theirs;
+  const mixprec::optim::AdamWOptions ours;
+  REQUIRE(ours.lr() == theirs.lr());
+  REQUIRE(ours.weight_decay() == theirs.weight_decay());
+  REQUIRE(ours.eps() == theirs.eps());
+  REQUIRE(ours.betas() == theirs.betas());
+  REQUIRE(ours.amsgrad() == theirs.amsgrad());
+  REQUIRE(mixprec::optim::AdamOptions().weight_decay() == torch::optim::AdamOptions().weight_decay());
+  auto params = make_params(torch::kFloat);
+  mixprec::optim::AdamW opt(params);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(opt.defaults()).weight_decay() == 1e-2);
+  // Chained setters as with torch's options.
+  mixprec::optim::AdamW tuned(params, mixprec::optim::AdamWOptions(3e-4).weight_decay(0.1));
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(tuned.defaults()).lr() == 3e-4);
+  REQUIRE_THROWS_WITH(mixprec::optim::AdamW(params, mixprec::optim::AdamWOptions().amsgrad(true)),
+                      Catch::Contains("amsgrad"));
 }
 
 TEST_CASE("save and load through torch::save/torch::load resume bit for bit", "[optim][checkpoint]") {

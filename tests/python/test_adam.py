@@ -244,10 +244,15 @@ def test_loads_a_torch_adamw_state_dict() -> None:
     assert torch.equal(low.weight.detach(), state["master"].bfloat16())
 
 
-def test_works_with_torch_grad_scaler_without_unscaling_on_host() -> None:
+@pytest.mark.parametrize("fused", [True, None])
+def test_works_with_torch_grad_scaler(fused) -> None:
+    """fused=True: torch.amp.GradScaler hands grad_scale/found_inf to the step (no unscale on the host, the
+    gradients left unscaled afterwards as torch's fused Adam leaves them); fused=None: torch's scaler
+    unscales and checks on the host as for any plain optimizer. Same parameters either way."""
     torch.manual_seed(7)
     model = torch.nn.Linear(8, 8)
-    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    assert opt._step_supports_amp_scaling is bool(fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randn(4, 8)
     w0 = model.weight.detach().clone()
@@ -262,8 +267,97 @@ def test_works_with_torch_grad_scaler_without_unscaling_on_host() -> None:
     scaler.step(opt)
     assert not torch.equal(model.weight.detach(), w0)
     assert opt.state[model.weight]["step"].item() == 1.0
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)  # unscaled in .grad afterwards, on either path
     # The step saw unscaled gradients: its first moment is (1 - beta1) * grad.
     torch.testing.assert_close(opt.state[model.weight]["exp_avg"], 0.1 * grads[0], rtol=1e-6, atol=1e-9)
+
+
+def test_torch_keyword_arguments_are_accepted_and_recorded() -> None:
+    """Code written for torch.optim.AdamW/Adam passes these; each is kept in the param groups as torch keeps it."""
+    p = torch.nn.Parameter(torch.ones(3))
+    for cls in (mixprec.optim.AdamW, mixprec.optim.Adam):
+        opt = cls([p], 1e-3, (0.9, 0.99), 1e-8, 0.0, False, foreach=False, maximize=True, capturable=True,
+                  differentiable=False, fused=None)
+        group = opt.param_groups[0]
+        assert (group["foreach"], group["maximize"], group["capturable"], group["differentiable"], group["fused"]) == (
+            False, True, True, False, None)
+        assert group["decoupled_weight_decay"] is (cls is mixprec.optim.AdamW)
+        assert not opt._step_supports_amp_scaling
+    assert mixprec.optim.AdamW([p], fused=True)._step_supports_amp_scaling
+    assert mixprec.optim.AdamW([p], betas=(torch.tensor(0.9), torch.tensor(0.99))).param_groups[0]["betas"] == (
+        pytest.approx(0.9), pytest.approx(0.99))
+
+
+def test_decoupled_weight_decay_makes_adam_adamw() -> None:
+    """torch.optim.Adam(decoupled_weight_decay=True) is AdamW; so is ours."""
+    torch.manual_seed(14)
+    w = torch.randn(50)
+    grads = [torch.randn(50) for _ in range(5)]
+
+    def run(cls, **kw) -> torch.Tensor:
+        p = torch.nn.Parameter(w.clone())
+        opt = cls([p], lr=1e-2, weight_decay=0.3, **kw)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(mixprec.optim.Adam, decoupled_weight_decay=True), run(mixprec.optim.AdamW))
+    assert not torch.equal(run(mixprec.optim.Adam), run(mixprec.optim.AdamW))
+    torch.testing.assert_close(run(mixprec.optim.Adam, decoupled_weight_decay=True),
+                               run(torch.optim.Adam, decoupled_weight_decay=True), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(differentiable=True), ValueError, "differentiable=True is not supported"),
+        (dict(amsgrad=True), ValueError, "amsgrad=True is not supported"),
+        (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+        (dict(lr=torch.ones(2)), ValueError, "Tensor lr must be 1-element"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused(kwargs: dict, error: type, needle: str) -> None:
+    with pytest.raises(error, match=needle):
+        mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], **kwargs)
+
+
+def test_lr_tensor_on_the_cpu_is_read_on_the_host_and_follows_schedulers() -> None:
+    """A CPU lr tensor gives the float-lr result, and writing into it (as schedulers on tensor lrs do) takes
+    effect at the next step."""
+    torch.manual_seed(15)
+    grads = [torch.randn(20) for _ in range(4)]
+    lrs = [1e-2, 1e-2, 5e-3, 5e-3]
+
+    def run(lr_tensor: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.ones(20))
+        lr = torch.tensor(lrs[0]) if lr_tensor else lrs[0]
+        opt = mixprec.optim.AdamW([p], lr=lr)
+        for g, value in zip(grads, lrs):
+            if lr_tensor:
+                opt.param_groups[0]["lr"].fill_(value)
+            else:
+                opt.param_groups[0]["lr"] = value
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(True), run(False))
+
+
+@requires_cuda
+def test_cpu_lr_tensor_with_cuda_params_costs_no_device_sync() -> None:
+    p = torch.nn.Parameter(torch.ones(20, device="cuda"))
+    opt = mixprec.optim.AdamW([p], lr=torch.tensor(1e-2))
+    p.grad = torch.ones(20, device="cuda")
+    opt.step()  # warm-up: state creation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---- op-level checks -------------------------------------------------------------------------------------------
@@ -289,16 +383,25 @@ def test_opcheck(device: str, mode: str) -> None:
 
 
 def test_on_device_inputs_scale_and_clip() -> None:
-    """grad_scale divides and clip_coef multiplies the gradients inside the step; lr_tensor replaces lr."""
+    """grad_scale divides and clip_coef multiplies the gradients inside the step; lr_tensor replaces lr. The
+    gradients are written back divided by grad_scale (not clipped), as torch's fused Adam leaves them."""
     p1, p2 = torch.ones(10), torch.ones(10)
     g = torch.full((10,), 8.0)
     st1, st2 = [torch.zeros(()), torch.zeros(())]
     common = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     m1, v1, m2, v2 = (torch.zeros(10) for _ in range(4))
+    ops.adam_step_([p2], [torch.full((10,), 8.0 / 4 * 0.5)], [m2], [v2], [], [st2], lr=0.1, **common)
     ops.adam_step_([p1], [g], [m1], [v1], [], [st1], lr=0.0, lr_tensor=torch.full((1,), 0.1),
                    grad_scale=torch.full((1,), 4.0), clip_coef=torch.full((1,), 0.5), **common)
-    ops.adam_step_([p2], [g / 4 * 0.5], [m2], [v2], [], [st2], lr=0.1, **common)
     assert torch.equal(p1, p2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert torch.equal(g, torch.full((10,), 2.0))
+    h = torch.full((10,), 8.0)
+    ops.adam_step_([p1], [h], [m1], [v1], [], [st1], lr=0.1, clip_coef=torch.full((1,), 0.5), **common)
+    assert torch.equal(h, torch.full((10,), 8.0))  # no grad_scale: the gradients are only read
+    skipped = torch.full((10,), 8.0)
+    ops.adam_step_([p1], [skipped], [m1], [v1], [], [st1], lr=0.1, grad_scale=torch.full((1,), 4.0),
+                   found_inf=torch.ones(()), **common)
+    assert torch.equal(skipped, torch.full((10,), 8.0))  # an overflowing step writes nothing, grads included
 
 
 def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
@@ -340,9 +443,11 @@ def test_cpu_and_cuda_agree(mode: str, rounding: str) -> None:
     for _ in range(3):
         torch.ops.mixprec.adam_step_.default(*args)
         torch.ops.mixprec.adam_step_.default(*cuda_args)
+    # The same element rule, explicit fmaf and no other contraction, IEEE-only bias corrections and the same
+    # Philox draws: the documented contract is identical bits, including the unscaled gradients written back.
     for la, lb in zip(args[:6], cuda_args[:6]):
         for x, y in zip(la, lb):
-            torch.testing.assert_close(x, y.cpu(), rtol=2e-6, atol=1e-7)
+            assert torch.equal(x, y.cpu())
 
 
 
@@ -389,7 +494,6 @@ def test_op_bad_input_names_the_argument_and_writes_nothing(change: dict, needle
         (dict(betas=(0.9, 1.0)), "beta"),
         (dict(eps=-1.0), "epsilon"),
         (dict(weight_decay=-1.0), "weight_decay"),
-        (dict(amsgrad=True), "amsgrad"),
         (dict(master_weights="fp8"), "master_weights"),
         (dict(moment_dtype=torch.float16), "moment_dtype"),
         (dict(rounding="floor"), "rounding"),

@@ -45,9 +45,12 @@ class GradScaler {
   /// Calling it twice before update(), or after step(), is an error, as in torch.
   void unscale_(torch::optim::Optimizer& optimizer);
 
-  /// Steps the optimizer unless its gradients overflowed. A mixprec::optim optimizer gets the scale and
-  /// the overflow flag and skips itself on the device (no host sync, no separate unscale pass); any
-  /// other optimizer is unscaled first and skipped by a host check of the flag, as torch does.
+  /// Steps the optimizer unless its gradients overflowed. A mixprec::optim optimizer follows torch's
+  /// protocol for optimizers that handle scaling (`_step_supports_amp_scaling`): unless unscale_() came
+  /// first, its gradients are only checked (read, not written), then it receives the scale and the
+  /// overflow flag, divides the gradients by the scale inside its fused step (writing them back unscaled,
+  /// as torch's fused optimizers do) and skips itself on the device: no host sync, no separate unscale
+  /// pass. Any other optimizer is unscaled first and skipped by a host check of the flag, as torch does.
   void step(torch::optim::Optimizer& optimizer);
 
   /// Moves the scale from this iteration's overflow flags (all optimizers), on the device.
@@ -59,6 +62,12 @@ class GradScaler {
   double get_scale() const;
   bool is_enabled() const { return options_.enabled(); }
   const GradScalerOptions& options() const { return options_; }
+
+  /// torch.amp.GradScaler's setters (checked like the constructor's arguments); they take effect at the
+  /// next update(). Reading them back (options()) never touches the device.
+  void set_growth_factor(double growth_factor);
+  void set_backoff_factor(double backoff_factor);
+  void set_growth_interval(int64_t growth_interval);
 
   /// torch.amp.GradScaler's state_dict keys ("scale", "growth_factor", "backoff_factor",
   /// "growth_interval", "_growth_tracker") plus mixprec's ("hysteresis", "_hysteresis_tracker",
@@ -75,8 +84,19 @@ class GradScaler {
 
   /// Unscale `grads` for the optimizer identified by `key` (e.g. its address or Python id).
   void unscale_grads_(int64_t key, at::TensorList grads);
-  /// The optimizer's overflow flag (sum over devices, on the scale's device); unscales first if needed.
+  /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);
+
+  /// What an optimizer that handles scaling itself receives (torch's `grad_scale` / `found_inf`).
+  struct ScaledStep {
+    std::optional<at::Tensor> grad_scale;  ///< the scale (0-dim float32) when the grads are still scaled
+    at::Tensor found_inf;                  ///< 0-dim float32 on the scale's device
+  };
+  /// torch's rule for such optimizers: when `grads` have not been unscaled this iteration, they are only
+  /// checked for inf/NaN (read, not written) and the scale is handed over; after unscale_() the flag alone.
+  ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads);
+  /// Whether a step() or unscale_() happened since the last update() (torch refuses to pickle then).
+  bool in_iteration() const { return !per_optimizer_.empty(); }
   /// Whether the optimizer's gradients have been unscaled since the last update().
   bool is_unscaled(int64_t key) const;
   /// Fails if the optimizer already stepped since the last update().
@@ -97,6 +117,9 @@ class GradScaler {
     std::map<std::string, at::Tensor> found_inf_per_device;  // keyed by device string
   };
 
+  /// Runs the fused unscale-and-check over `grads` (an inv_scale of 1 makes it a read-only check) and
+  /// records the per-device flags in `st`; the stage is left to the caller.
+  void check_grads(OptimizerState& st, at::TensorList grads, const at::Tensor& inv_scale);
   void lazy_init(c10::Device device);
   at::Tensor combined_found_inf(const OptimizerState& st) const;
 

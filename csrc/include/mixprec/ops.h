@@ -102,4 +102,8 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
 /// whose rows are not contiguous and evenly spaced are copied to a contiguous layout first.
 void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);
 
+/// The same weight gradient as a fresh fp32 [out_features, in_features] tensor, `grad_output^T @ input`
+/// (one cuBLASLt GEMM with beta = 0 on CUDA): what a backward returns when there is nothing to add to yet.
+at::Tensor linear_wgrad(const at::Tensor& grad_output, const at::Tensor& input);
+
 }  // namespace mixprec::ops

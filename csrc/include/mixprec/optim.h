@@ -15,7 +15,8 @@
 
 namespace mixprec::optim {
 
-/// Options of Adam/AdamW, LibTorch style (chainable setters).
+/// Options of Adam, LibTorch style (chainable setters); defaults are torch::optim::AdamOptions'.
+/// mixprec::optim::AdamW takes AdamWOptions (weight_decay 1e-2, as torch::optim::AdamWOptions).
 struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions> {
   AdamOptions(double lr = 1e-3);  // NOLINT(google-explicit-constructor): mirrors torch::optim
   TORCH_ARG(double, lr) = 1e-3;
@@ -23,6 +24,8 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
   TORCH_ARG(double, eps) = 1e-8;
   TORCH_ARG(double, weight_decay) = 0.0;
+  /// Only false: the fused step keeps no maximum of the second moments (true is refused).
+  TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
   /// "auto" (fp32 masters for fp16/bf16 params), "fp32", "remainder" (bf16 + int16) or "none".
   TORCH_ARG(std::string, master_weights) = "auto";
@@ -40,6 +43,12 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   void serialize(torch::serialize::OutputArchive& archive) const override;
   double get_lr() const override { return lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
+};
+
+/// torch::optim::AdamWOptions' defaults (weight_decay 1e-2) for mixprec::optim::AdamW. The setters are
+/// AdamOptions', so `AdamWOptions(3e-4).weight_decay(0.1)` chains as with torch.
+struct AdamWOptions : public AdamOptions {
+  AdamWOptions(double lr = 1e-3) : AdamOptions(lr) { weight_decay(1e-2); }  // NOLINT(google-explicit-constructor)
 };
 
 /// Per-parameter state: step count, moments, and the master copy (fp32) or bf16 remainder (int16).
@@ -64,9 +73,9 @@ class Adam : public torch::optim::Optimizer {
 
   torch::Tensor step(LossClosure closure = nullptr) override;
 
-  /// The step a loss scaler drives: gradients are divided by `grad_scale` inside the fused kernel, and
-  /// when `found_inf` (one-element float32, on the params' device) is non-zero nothing is written.
-  /// No host synchronisation.
+  /// The step a loss scaler drives: gradients are divided by `grad_scale` inside the fused kernel (and
+  /// written back divided, as torch's fused optimizers leave them), and when `found_inf` (one-element
+  /// float32) is non-zero nothing is written. No host synchronisation.
   void step_scaled(const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf);
 
   void save(torch::serialize::OutputArchive& archive) const override;
@@ -83,9 +92,9 @@ class Adam : public torch::optim::Optimizer {
 class AdamW : public Adam {
  public:
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                 AdamOptions defaults = AdamOptions().weight_decay(1e-2))
+                 AdamOptions defaults = AdamWOptions())
       : Adam(param_groups, std::move(defaults), /*decoupled=*/true) {}
-  explicit AdamW(std::vector<torch::Tensor> params, AdamOptions defaults = AdamOptions().weight_decay(1e-2))
+  explicit AdamW(std::vector<torch::Tensor> params, AdamOptions defaults = AdamWOptions())
       : AdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 };
 

@@ -90,7 +90,7 @@ inline P write_param(float w, rounding::Mode mode, uint32_t draw) {
 template <typename P, typename G, typename M>
 void adam_typed(const AdamChunk& c, const AdamCommon& k) {
   P* p = static_cast<P*>(c.param);
-  const G* g = static_cast<const G*>(c.grad);
+  G* g = static_cast<G*>(c.grad);
   M* m1 = static_cast<M*>(c.exp_avg);
   M* m2 = static_cast<M*>(c.exp_avg_sq);
   float* master = static_cast<float*>(c.master);
@@ -110,8 +110,11 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
       Io<G>::load(g + i, g0, g1);
       Io<M>::load(m1 + i, m0, m1v);
       Io<M>::load(m2 + i, v0, v1);
-      adam_update_vec(w0, m0, v0, g0 * inv * clip, s);
-      adam_update_vec(w1, m1v, v1, g1 * inv * clip, s);
+      g0 = g0 * inv;
+      g1 = g1 * inv;
+      if (k.write_grad) Io<G>::store(g + i, g0, g1);
+      adam_update_vec(w0, m0, v0, g0 * clip, s);
+      adam_update_vec(w1, m1v, v1, g1 * clip, s);
       Io<M>::store(m1 + i, m0, m1v);
       Io<M>::store(m2 + i, v0, v1);
       if (k.mode == MasterMode::Fp32) Io<float>::store(master + i, w0, w1);
@@ -139,7 +142,9 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
     }
     float mv = static_cast<float>(m1[i]);
     float vv = static_cast<float>(m2[i]);
-    detail::adam_update(w, mv, vv, static_cast<float>(g[i]) * k.grad_inv_scale * k.clip_coef, s);
+    const float unscaled = static_cast<float>(g[i]) * k.grad_inv_scale;
+    if (k.write_grad) g[i] = static_cast<G>(unscaled);
+    detail::adam_update(w, mv, vv, unscaled * k.clip_coef, s);
     m1[i] = static_cast<M>(mv);
     m2[i] = static_cast<M>(vv);
     if (k.mode == MasterMode::Remainder) {

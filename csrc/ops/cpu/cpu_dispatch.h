@@ -75,7 +75,7 @@ extern KernelTable<CastChunkFn> cast_chunk_kernels;
 /// One piece of an Adam step: `n` elements of one parameter's row (all laid out alike).
 struct AdamChunk {
   void* param;
-  const void* grad;
+  void* grad;  // written back divided by grad_scale when AdamCommon::write_grad
   void* exp_avg;
   void* exp_avg_sq;
   void* master;  // fp32 master, int16 remainder, or unused (see AdamCommon::mode)
@@ -94,6 +94,7 @@ struct AdamCommon {
   RngKey key;
   float grad_inv_scale;  // 1 / grad_scale (1 when there is none)
   float clip_coef;       // 1 when there is none
+  bool write_grad;       // store grad * grad_inv_scale back (a grad_scale was given), as torch's fused Adam does
 };
 
 using AdamChunkFn = void (*)(const AdamChunk& chunk, const AdamCommon& common);

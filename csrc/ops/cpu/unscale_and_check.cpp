@@ -49,7 +49,7 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
       partial[c] = r.sumsq;
     }
   });
-  dense.write_back();
+  if (inv != 1.0f) dense.write_back();  // an inv_scale of 1 changed nothing (a read-only check)
 
   bool any = false;
   double sumsq = 0.0;

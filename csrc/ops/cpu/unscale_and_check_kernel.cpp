@@ -1,5 +1,6 @@
 // The vectorised inner loop of unscale_and_check_ on the CPU: one pass that multiplies by inv_scale,
-// flags inf/NaN and (optionally) sums squares. Compiled once per CPU capability (see cpu_dispatch.h);
+// flags inf/NaN and (optionally) sums squares. With an inv_scale of exactly 1 nothing would change, so
+// the pass only reads (a scaler's inf check before a fused optimizer step). Compiled once per CPU capability (see cpu_dispatch.h);
 // the op itself (checks, chunking, threads) is in unscale_and_check.cpp.
 #include "ops/cpu/cpu_dispatch.h"
 
@@ -27,7 +28,7 @@ inline float lanes_sum(const FVec& v) {
   return s;
 }
 
-template <bool kSumsq>
+template <bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_float(float* p, int64_t n, float inv_scale) {
   const FVec vinv(inv_scale);
   const FVec zero(0.f);
@@ -41,8 +42,10 @@ UnscaleChunkResult unscale_float(float* p, int64_t n, float inv_scale) {
     bad = bad + x0 * zero + x1 * zero;
     const FVec y0 = x0 * vinv;
     const FVec y1 = x1 * vinv;
-    y0.store(p + i);
-    y1.store(p + i + FVec::size());
+    if constexpr (kStore) {
+      y0.store(p + i);
+      y1.store(p + i + FVec::size());
+    }
     if constexpr (kSumsq) {
       sq0 = at::vec::fmadd(y0, y0, sq0);
       sq1 = at::vec::fmadd(y1, y1, sq1);
@@ -54,13 +57,13 @@ UnscaleChunkResult unscale_float(float* p, int64_t n, float inv_scale) {
     const float x = p[i];
     bad_s += x * 0.f;
     const float y = x * inv_scale;
-    p[i] = y;
+    if constexpr (kStore) p[i] = y;
     if constexpr (kSumsq) sq += static_cast<double>(y) * y;
   }
   return {std::isnan(bad_s), sq};
 }
 
-template <typename T, bool kSumsq>
+template <typename T, bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_reduced(T* p, int64_t n, float inv_scale) {
   using RVec = Vectorized<T>;  // holds 2 * FVec::size() elements
   const FVec vinv(inv_scale);
@@ -73,7 +76,7 @@ UnscaleChunkResult unscale_reduced(T* p, int64_t n, float inv_scale) {
     bad = bad + x0 * zero + x1 * zero;
     const FVec y0 = x0 * vinv;
     const FVec y1 = x1 * vinv;
-    at::vec::convert_from_float<T>(y0, y1).store(p + i);
+    if constexpr (kStore) at::vec::convert_from_float<T>(y0, y1).store(p + i);
     if constexpr (kSumsq) {
       sq0 = at::vec::fmadd(y0, y0, sq0);
       sq1 = at::vec::fmadd(y1, y1, sq1);
@@ -85,14 +88,14 @@ UnscaleChunkResult unscale_reduced(T* p, int64_t n, float inv_scale) {
     const float x = static_cast<float>(p[i]);
     bad_s += x * 0.f;
     const float y = x * inv_scale;
-    p[i] = static_cast<T>(y);
+    if constexpr (kStore) p[i] = static_cast<T>(y);
     if constexpr (kSumsq) sq += static_cast<double>(y) * y;
   }
   return {std::isnan(bad_s), sq};
 }
 
 // fp64 gradients are rare (tests, scientific models); they keep fp64 math and a plain loop.
-template <bool kSumsq>
+template <bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_double(double* p, int64_t n, float inv_scale) {
   const double inv = inv_scale;
   double bad = 0.0, sq = 0.0;
@@ -100,31 +103,35 @@ UnscaleChunkResult unscale_double(double* p, int64_t n, float inv_scale) {
     const double x = p[i];
     bad += x * 0.0;
     const double y = x * inv;
-    p[i] = y;
+    if constexpr (kStore) p[i] = y;
     if constexpr (kSumsq) sq += y * y;
   }
   return {std::isnan(bad), sq};
 }
 
-template <bool kSumsq>
+template <bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_typed(void* data, int64_t n, at::ScalarType dtype, float inv_scale) {
   switch (dtype) {
     case at::kFloat:
-      return unscale_float<kSumsq>(static_cast<float*>(data), n, inv_scale);
+      return unscale_float<kSumsq, kStore>(static_cast<float*>(data), n, inv_scale);
     case at::kHalf:
-      return unscale_reduced<c10::Half, kSumsq>(static_cast<c10::Half*>(data), n, inv_scale);
+      return unscale_reduced<c10::Half, kSumsq, kStore>(static_cast<c10::Half*>(data), n, inv_scale);
     case at::kBFloat16:
-      return unscale_reduced<c10::BFloat16, kSumsq>(static_cast<c10::BFloat16*>(data), n, inv_scale);
+      return unscale_reduced<c10::BFloat16, kSumsq, kStore>(static_cast<c10::BFloat16*>(data), n, inv_scale);
     case at::kDouble:
-      return unscale_double<kSumsq>(static_cast<double*>(data), n, inv_scale);
+      return unscale_double<kSumsq, kStore>(static_cast<double*>(data), n, inv_scale);
     default:
       TORCH_INTERNAL_ASSERT(false, "unscale_and_check_: unexpected dtype ", dtype);
   }
 }
 
 UnscaleChunkResult unscale_chunk(void* data, int64_t n, at::ScalarType dtype, float inv_scale, bool want_sumsq) {
-  return want_sumsq ? unscale_typed<true>(data, n, dtype, inv_scale)
-                    : unscale_typed<false>(data, n, dtype, inv_scale);
+  if (inv_scale == 1.0f) {  // x * 1 == x for every value: a read-only check
+    return want_sumsq ? unscale_typed<true, false>(data, n, dtype, inv_scale)
+                      : unscale_typed<false, false>(data, n, dtype, inv_scale);
+  }
+  return want_sumsq ? unscale_typed<true, true>(data, n, dtype, inv_scale)
+                    : unscale_typed<false, true>(data, n, dtype, inv_scale);
 }
 
 }  // namespace

@@ -4,7 +4,8 @@
 // aligned, one Philox call per octet for stochastic rounding. The element rule is adam_rule.h and the
 // roundings are rounding.h, shared with the CPU. Step counts advance in a second small launch, so no
 // block reads a count another block has already advanced; bias corrections come from the count on the
-// device, so the whole step needs no host synchronisation (and can be captured in a CUDA graph).
+// device, so the whole step needs no host synchronisation (and can be captured in a CUDA graph). With a
+// grad_scale, the gradients are stored back divided by it, as torch's fused optimizers leave them.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
@@ -95,7 +96,7 @@ __device__ __forceinline__ P write_param(float w, Mode mode, uint32_t draw) {
 }
 
 template <typename P, typename G, typename M>
-__device__ void adam_chunk(P* p, const G* g, M* m1, M* m2, void* master, int64_t n, const LaunchArgs& a,
+__device__ void adam_chunk(P* p, G* g, M* m1, M* m2, void* master, int64_t n, const LaunchArgs& a,
                            const detail::AdamScalars& s, float inv, float clip, uint64_t seed, uint64_t offset,
                            uint64_t index0) {
   const bool vec = aligned4<P>(p) && aligned4<G>(g) && aligned4<M>(m1) && aligned4<M>(m2) &&
@@ -125,7 +126,15 @@ __device__ void adam_chunk(P* p, const G* g, M* m1, M* m2, void* master, int64_t
     load8(m1, i, n, full, mv);
     load8(m2, i, n, full, vv);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) detail::adam_update(w[k], mv[k], vv[k], gv[k] * inv * clip, s);
+    for (int k = 0; k < 8; ++k) gv[k] = gv[k] * inv;
+    if (a.grad_scale != nullptr) {  // torch's fused optimizers leave the gradients unscaled
+      G go[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) go[k] = static_cast<G>(gv[k]);
+      store8(g, i, n, full, go);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) detail::adam_update(w[k], mv[k], vv[k], gv[k] * clip, s);
     M mo[8], vo[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -161,20 +170,20 @@ __device__ void adam_chunk(P* p, const G* g, M* m1, M* m2, void* master, int64_t
 }
 
 template <typename P, typename G>
-__device__ void adam_moment(DType mt, void* p, const void* g, void* m1, void* m2, void* master, int64_t n,
+__device__ void adam_moment(DType mt, void* p, void* g, void* m1, void* m2, void* master, int64_t n,
                             const LaunchArgs& a, const detail::AdamScalars& s, float inv, float clip, uint64_t seed,
                             uint64_t offset, uint64_t index0) {
   if (mt == DType::BFloat16) {
-    adam_chunk(static_cast<P*>(p), static_cast<const G*>(g), static_cast<c10::BFloat16*>(m1),
+    adam_chunk(static_cast<P*>(p), static_cast<G*>(g), static_cast<c10::BFloat16*>(m1),
                static_cast<c10::BFloat16*>(m2), master, n, a, s, inv, clip, seed, offset, index0);
   } else {
-    adam_chunk(static_cast<P*>(p), static_cast<const G*>(g), static_cast<float*>(m1), static_cast<float*>(m2), master,
+    adam_chunk(static_cast<P*>(p), static_cast<G*>(g), static_cast<float*>(m1), static_cast<float*>(m2), master,
                n, a, s, inv, clip, seed, offset, index0);
   }
 }
 
 template <typename P>
-__device__ void adam_grad(DType gt, DType mt, void* p, const void* g, void* m1, void* m2, void* master, int64_t n,
+__device__ void adam_grad(DType gt, DType mt, void* p, void* g, void* m1, void* m2, void* master, int64_t n,
                           const LaunchArgs& a, const detail::AdamScalars& s, float inv, float clip, uint64_t seed,
                           uint64_t offset, uint64_t index0) {
   switch (gt) {

@@ -1,4 +1,5 @@
-// linear_wgrad_accum_ on CUDA: one cuBLASLt GEMM, main_grad(fp32) = grad_output^T @ input + main_grad.
+// linear_wgrad_accum_ on CUDA: one cuBLASLt GEMM, main_grad(fp32) = grad_output^T @ input + main_grad;
+// linear_wgrad: the same GEMM with beta = 0 into a fresh fp32 tensor.
 //
 // cuBLASLt takes 16-bit A/B with fp32 C/D and an fp32 compute type, so the weight gradient goes from
 // the 16-bit activations straight into the fp32 accumulator: no 16-bit gradient is ever formed, and
@@ -10,6 +11,8 @@
 //   D (col-major [in, out], ld = in)  = A (input: col-major [in, N], op N) x B (grad_output: stored
 //   col-major [out, N], op T) + C (= D),
 // which is main_grad (row-major [out, in]) += grad_output^T @ input.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -177,42 +180,64 @@ cudaDataType_t cuda_type(at::ScalarType t) {
   }
 }
 
-void linear_wgrad_accum_cuda(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
-  detail::check_wgrad_args(main_grad, grad_output, input);
-  if (main_grad.numel() == 0 || grad_output.numel() == 0) {
-    return;  // nothing to add (an empty batch adds zero)
-  }
-  const c10::cuda::CUDAGuard guard(main_grad.device());
+// out = go^T @ x + beta * out in one cuBLASLt GEMM (beta 0: out's old contents are never read).
+void wgrad_into(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input, float beta) {
+  const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor go = detail::as_row_matrix(grad_output);
   const at::Tensor x = detail::as_row_matrix(input);
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  const PlanKey key{main_grad.get_device(),
+  const PlanKey key{out.get_device(),
                     cuda_type(go.scalar_type()),
                     /*m=*/x.size(1),
                     /*n=*/go.size(1),
                     /*k=*/go.size(0),
                     /*lda=*/x.stride(0),
                     /*ldb=*/go.stride(0),
-                    /*ldc=*/main_grad.size(1),
+                    /*ldc=*/out.size(1),
                     alignment_of(x.const_data_ptr()),
                     alignment_of(go.const_data_ptr()),
-                    alignment_of(main_grad.const_data_ptr()),
+                    alignment_of(out.const_data_ptr()),
                     workspace_size};
   const Plan& plan = cached_plan(key, handle);
-  const float alpha = 1.0f, beta = 1.0f;
-  float* d = main_grad.data_ptr<float>();
+  const float alpha = 1.0f;
+  float* d = out.data_ptr<float>();
   check_cublas(cublasLtMatmul(handle, plan.desc.get(), &alpha, x.const_data_ptr(), plan.a.get(), go.const_data_ptr(),
                               plan.b.get(), &beta, d, plan.c.get(), d, plan.c.get(), &plan.algo, workspace,
                               workspace_size, c10::cuda::getCurrentCUDAStream()),
                "cublasLtMatmul");
 }
 
+void linear_wgrad_accum_cuda(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {
+  detail::check_wgrad_args(main_grad, grad_output, input);
+  if (main_grad.numel() == 0 || grad_output.numel() == 0) {
+    return;  // nothing to add (an empty batch adds zero)
+  }
+  wgrad_into(main_grad, grad_output, input, 1.0f);
+}
+
+at::Tensor linear_wgrad_cuda(const at::Tensor& grad_output, const at::Tensor& input) {
+  detail::check_wgrad_operands("mixprec::linear_wgrad", grad_output, input);
+  const auto options = grad_output.options().dtype(at::kFloat);
+  if (grad_output.numel() == 0 || input.numel() == 0) {
+    return at::zeros({grad_output.size(-1), input.size(-1)}, options);  // an empty batch: a zero gradient
+  }
+  at::Tensor out = at::empty({grad_output.size(-1), input.size(-1)}, options);
+  wgrad_into(out, grad_output, input, 0.0f);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("linear_wgrad_accum_", &linear_wgrad_accum_cuda); }
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) { m.impl("linear_wgrad_accum_", &linear_wgrad_accum_cuda); }
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("linear_wgrad_accum_", &linear_wgrad_accum_cuda);
+  m.impl("linear_wgrad", &linear_wgrad_cuda);
+}
+TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
+  m.impl("linear_wgrad_accum_", &linear_wgrad_accum_cuda);
+  m.impl("linear_wgrad", &linear_wgrad_cuda);
+}
 
 }  // namespace mixprec::cuda

@@ -42,8 +42,10 @@ __device__ __forceinline__ void unscale_element(T& value, float inv, bool& bad, 
   if constexpr (kSumsq) sq += static_cast<float>(y) * static_cast<float>(y);
 }
 
+// `store` is false when inv is exactly 1 (x * 1 == x): the block then only reads, for the inf check a
+// scaler runs before handing the scale to a fused optimizer. Uniform per block, so no divergence.
 template <typename T, bool kSumsq>
-__device__ void unscale_chunk(T* p, int64_t n, float inv, bool& bad, float& sq) {
+__device__ void unscale_chunk(T* p, int64_t n, float inv, bool store, bool& bad, float& sq) {
   constexpr int kVec = Pack<T>::kN;
   int64_t scalar_from = 0;
   if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
@@ -62,13 +64,17 @@ __device__ void unscale_chunk(T* p, int64_t n, float inv, bool& bad, float& sq) 
         if (v < nvec) {
 #pragma unroll
           for (int k = 0; k < kVec; ++k) unscale_element<T, kSumsq>(r[u].v[k], inv, bad, sq);
-          vp[v] = r[u];
+          if (store) vp[v] = r[u];
         }
       }
     }
     scalar_from = nvec * kVec;
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) unscale_element<T, kSumsq>(p[i], inv, bad, sq);
+  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
+    T value = p[i];
+    unscale_element<T, kSumsq>(value, inv, bad, sq);
+    if (store) p[i] = value;
+  }
 }
 
 template <bool kSumsq>
@@ -80,20 +86,21 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = (chunk - meta.chunk_start[t]) * kChunkSize;
   const int64_t n = min(kChunkSize, meta.numel[t] - begin);
   const float inv = *inv_scale;
+  const bool store = inv != 1.f;
   bool bad = false;
   float sq = 0.f;
   switch (meta.dtype[0][t]) {
     case DType::Float:
-      unscale_chunk<float, kSumsq>(static_cast<float*>(meta.ptr[0][t]) + begin, n, inv, bad, sq);
+      unscale_chunk<float, kSumsq>(static_cast<float*>(meta.ptr[0][t]) + begin, n, inv, store, bad, sq);
       break;
     case DType::Half:
-      unscale_chunk<c10::Half, kSumsq>(static_cast<c10::Half*>(meta.ptr[0][t]) + begin, n, inv, bad, sq);
+      unscale_chunk<c10::Half, kSumsq>(static_cast<c10::Half*>(meta.ptr[0][t]) + begin, n, inv, store, bad, sq);
       break;
     case DType::BFloat16:
-      unscale_chunk<c10::BFloat16, kSumsq>(static_cast<c10::BFloat16*>(meta.ptr[0][t]) + begin, n, inv, bad, sq);
+      unscale_chunk<c10::BFloat16, kSumsq>(static_cast<c10::BFloat16*>(meta.ptr[0][t]) + begin, n, inv, store, bad, sq);
       break;
     case DType::Double:
-      unscale_chunk<double, kSumsq>(static_cast<double*>(meta.ptr[0][t]) + begin, n, inv, bad, sq);
+      unscale_chunk<double, kSumsq>(static_cast<double*>(meta.ptr[0][t]) + begin, n, inv, store, bad, sq);
       break;
   }
   // One write per block at most; the flag is only ever set, so racing blocks agree.

@@ -1,0 +1,112 @@
+"""mixprec.nn.Linear under torch.distributed, 2 gloo ranks on the CPU: FSDP2 (fully_shard) trains a converted
+model exactly as it trains the plain one; DistributedDataParallel, which cannot carry an fp32 gradient of a
+16-bit weight, is refused at the first forward with what to do instead."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import mixprec
+
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    import mixprec
+    rank, world, port, out, convert = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    if convert:
+        mixprec.nn.convert(model)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(4):
+        opt.zero_grad()
+        for micro in range(2):  # gradient accumulation: FSDP2 keeps the unsharded gradients in reduce_dtype
+            model.set_requires_gradient_sync(micro == 1)
+            x = torch.randn(2 * world, 8, generator=gen)
+            model(x.chunk(world)[rank]).float().pow(2).mean().backward()
+        opt.step()
+    full = [p.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+    """
+)
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import mixprec
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = mixprec.nn.convert(torch.nn.Sequential(torch.nn.Linear(8, 4)).bfloat16())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        ddp(torch.randn(3, 8).bfloat16()).sum().backward()
+        raise SystemExit("DDP with an fp32 gradient of a bf16 weight was not refused")
+    except RuntimeError as e:
+        assert "DistributedDataParallel cannot reduce" in str(e) and "fully_shard" in str(e), e
+    # fp32 weights have fp32 gradients anyway: DDP reduces them as usual.
+    fp32 = torch.nn.parallel.DistributedDataParallel(mixprec.nn.convert(torch.nn.Linear(8, 4)))
+    fp32(torch.randn(3, 8)).sum().backward()
+    dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, *extra: str, timeout: int = 180) -> None:
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), "2", port, *extra]) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=timeout) == 0
+
+
+def test_fsdp2_trains_a_converted_model_like_the_plain_one(tmp_path) -> None:
+    """Under FSDP2 the layer hands its fp32 GEMM result to FSDP2 in the unsharded parameter's dtype; FSDP2
+    reduces and accumulates it in reduce_dtype. The result equals FSDP2 with torch.nn.Linear up to the
+    rounding of the fp32 GEMM result to bf16, and both equal an unsharded run on the whole batch closely."""
+    plain, converted = str(tmp_path / "plain.pt"), str(tmp_path / "converted.pt")
+    run_ranks(FSDP_SCRIPT, plain, "0")
+    run_ranks(FSDP_SCRIPT, converted, "1")
+    a, b = torch.load(plain), torch.load(converted)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-3)
+    # One process, the whole batch, bf16 compute under autocast, fp32 parameters: what FSDP2 computes.
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    initial = [p.detach().clone() for p in ref.parameters()]
+    opt = mixprec.optim.AdamW(ref.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        opt.zero_grad()
+        for _ in range(2):
+            x = torch.randn(4, 8, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = sum(ref(c).float().pow(2).mean() for c in x.chunk(2)) / 2
+            loss.backward()
+        opt.step()
+    for x, p, p0 in zip(b, ref.parameters(), initial):
+        assert not torch.equal(x, p0)  # every parameter trained
+        torch.testing.assert_close(x, p.detach(), rtol=2e-2, atol=2e-3)
+
+
+def test_ddp_is_refused_with_a_way_out() -> None:
+    run_ranks(DDP_SCRIPT)

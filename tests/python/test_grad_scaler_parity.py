@@ -1,0 +1,287 @@
+"""torch's grad-scaling scenarios run with torch.amp.GradScaler and with mixprec.GradScaler, for torch's
+optimizers (SGD, Adam, AdamW, Adagrad: for-loop, foreach and fused) and mixprec's: the scale history, the
+parameters, the optimizer state and what ``.grad`` holds after every step must be identical."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+from typing import Callable
+from unittest import mock
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import mixprec
+
+
+def _opt(cls: type, **kw) -> Callable:
+    return lambda params: cls(params, **kw)
+
+
+OPTIMIZERS = {
+    "sgd": _opt(torch.optim.SGD, lr=0.05, momentum=0.9, foreach=False),
+    "sgd-foreach": _opt(torch.optim.SGD, lr=0.05, momentum=0.9, foreach=True),
+    "sgd-fused": _opt(torch.optim.SGD, lr=0.05, momentum=0.9, fused=True),
+    "adam": _opt(torch.optim.Adam, lr=1e-2, foreach=False),
+    "adam-foreach": _opt(torch.optim.Adam, lr=1e-2, foreach=True),
+    "adam-fused": _opt(torch.optim.Adam, lr=1e-2, fused=True),
+    "adamw": _opt(torch.optim.AdamW, lr=1e-2, foreach=False),
+    "adamw-foreach": _opt(torch.optim.AdamW, lr=1e-2, foreach=True),
+    "adamw-fused": _opt(torch.optim.AdamW, lr=1e-2, fused=True),
+    "adagrad": _opt(torch.optim.Adagrad, lr=0.1, foreach=False),
+    "adagrad-foreach": _opt(torch.optim.Adagrad, lr=0.1, foreach=True),
+    "adagrad-fused": _opt(torch.optim.Adagrad, lr=0.1, fused=True),
+    "mixprec-adamw": _opt(mixprec.optim.AdamW, lr=1e-2),
+    "mixprec-adamw-fused": _opt(mixprec.optim.AdamW, lr=1e-2, fused=True),
+    "mixprec-adam": _opt(mixprec.optim.Adam, lr=1e-2, weight_decay=0.1),
+}
+PLANT = (4, 5, 13)  # iterations whose gradients get an inf or a NaN
+
+
+def make_model(device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+
+
+def plant(i: int, model: torch.nn.Module) -> None:
+    if i in PLANT:
+        model[0].weight.grad.view(-1)[i] = math.inf if i % 2 else math.nan
+
+
+# -- the scenarios: body(i, model, opts, scaler, x) runs one iteration ------------------------------------------
+
+def plain(i, model, opts, scaler, x):
+    opts[0].zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    plant(i, model)
+    scaler.step(opts[0])
+    scaler.update()
+
+
+def unscale_and_clip(i, model, opts, scaler, x):
+    opts[0].zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    plant(i, model)
+    scaler.unscale_(opts[0])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+    scaler.step(opts[0])
+    scaler.update()
+
+
+def accumulation(i, model, opts, scaler, x):
+    opts[0].zero_grad()
+    for chunk in x.chunk(3):
+        scaler.scale(model(chunk).pow(2).mean() / 3).backward()
+    plant(i, model)
+    scaler.step(opts[0])
+    scaler.update()
+
+
+def two_optimizers_two_losses(i, model, opts, scaler, x):
+    for opt in opts:
+        opt.zero_grad()
+    out = model(x)
+    scaler.scale(out.pow(2).mean()).backward(retain_graph=True)
+    scaler.scale(out.abs().mean()).backward()
+    plant(i, model)
+    scaler.step(opts[0])
+    scaler.step(opts[1])
+    scaler.update()
+
+
+def gradient_penalty(i, model, opts, scaler, x):
+    opts[0].zero_grad()
+    x = x.clone().requires_grad_()
+    out = model(x)
+    scaled = torch.autograd.grad(scaler.scale(out.sum()), [x], create_graph=True)
+    inv = 1.0 / scaler.get_scale()
+    penalty = sum((g * inv).pow(2).sum() for g in scaled)
+    scaler.scale(out.pow(2).mean() + penalty).backward()
+    plant(i, model)
+    scaler.step(opts[0])
+    scaler.update()
+
+
+def setters(i, model, opts, scaler, x):
+    if i == 7:
+        scaler.set_growth_factor(4.0)
+        scaler.set_backoff_factor(0.25)
+        scaler.set_growth_interval(2)
+    plain(i, model, opts, scaler, x)
+
+
+SCENARIOS = {f.__name__: f for f in (plain, unscale_and_clip, accumulation, two_optimizers_two_losses,
+                                     gradient_penalty, setters)}
+
+
+def run(scaler_cls: type, device: str, make_opt: Callable, body: Callable, steps: int = 20,
+        restart_at: int | None = None, restart: str = "state_dict") -> dict:
+    """Train with `body`; with `restart_at`, rebuild scaler and optimizers from a checkpoint (state dicts, a
+    pickle or a deepcopy of the scaler) at that iteration and go on with the new objects."""
+    model = make_model(device)
+    params = list(model.parameters())
+    opts = [make_opt(params[:2]), make_opt(params[2:])] if body is two_optimizers_two_losses else [make_opt(params)]
+    scaler = scaler_cls(device, init_scale=2.0**10, growth_interval=3)
+    gen = torch.Generator().manual_seed(1)
+    record: dict = {"scales": [], "grads": [], "growth": []}
+    for i in range(steps):
+        if i == restart_at:
+            if restart == "state_dict":
+                saved = scaler.state_dict()
+                scaler = scaler_cls(device)
+                scaler.load_state_dict(saved)
+            elif restart == "pickle":
+                scaler = pickle.loads(pickle.dumps(scaler))
+            else:
+                scaler = copy.deepcopy(scaler)
+            fresh = []
+            for opt in opts:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                new = make_opt(opt.param_groups[0]["params"])
+                new.load_state_dict(torch.load(buffer))
+                fresh.append(new)
+            opts = fresh
+        x = torch.randn(6, 8, generator=gen).to(device)
+        body(i, model, opts, scaler, x)
+        record["scales"].append(scaler.get_scale())
+        record["growth"].append(scaler.state_dict()["_growth_tracker"])
+        record["grads"].append([None if p.grad is None else p.grad.detach().clone() for p in params])
+    record["params"] = [p.detach().clone() for p in params]
+    record["state"] = [{k: v for k, v in opt.state_dict()["state"].items()} for opt in opts]
+    record["scaler"] = scaler.state_dict()
+    return record
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a["scales"] == b["scales"], "scale histories differ"
+    assert a["growth"] == b["growth"], "growth trackers differ"
+    for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
+        for x, y in zip(ga, gb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.equal(x, y) or (x.isnan() == y.isnan()).all() and torch.equal(x.nan_to_num(), y.nan_to_num()), \
+                    f".grad differs after step {step}"
+    for x, y in zip(a["params"], b["params"]):
+        assert torch.equal(x, y), "parameters differ"
+    for sa, sb in zip(a["state"], b["state"]):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            for name, value in sa[key].items():
+                other = sb[key][name]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other), f"optimizer state {name} differs"
+                else:
+                    assert value == other
+    common = a["scaler"].keys() & b["scaler"].keys()  # at least torch's five keys; ours has more
+    assert {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} <= common
+    assert all(a["scaler"][k] == b["scaler"][k] for k in common)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_same_as_torch_grad_scaler(optimizer: str, scenario: str, device: str) -> None:
+    make_opt, body = OPTIMIZERS[optimizer], SCENARIOS[scenario]
+    ours = run(mixprec.GradScaler, device, make_opt, body)
+    theirs = run(torch.amp.GradScaler, device, make_opt, body)
+    assert any(math.isinf(s) or s < 2.0**10 for s in ours["scales"]), "no overflow was exercised"
+    assert_identical(ours, theirs)
+
+
+@pytest.mark.parametrize("restart", ["state_dict", "pickle", "deepcopy"])
+@pytest.mark.parametrize("optimizer", ["adam-fused", "sgd", "mixprec-adamw"])
+def test_resume_mid_run_is_identical(optimizer: str, restart: str) -> None:
+    """Checkpointing the scaler (state dict, pickle, deepcopy) and the optimizer at step 9 and going on with
+    the restored objects gives the run that never stopped, with either scaler."""
+    straight = run(mixprec.GradScaler, "cpu", OPTIMIZERS[optimizer], plain)
+    resumed = run(mixprec.GradScaler, "cpu", OPTIMIZERS[optimizer], plain, restart_at=9, restart=restart)
+    torch_resumed = run(torch.amp.GradScaler, "cpu", OPTIMIZERS[optimizer], plain, restart_at=9,
+                        restart=restart)
+    assert_identical(straight, resumed)
+    assert_identical(straight, torch_resumed)
+
+
+def test_fused_optimizers_receive_torchs_shapes() -> None:
+    """What a `_step_supports_amp_scaling` optimizer sees: 0-dim float32 grad_scale (the scale, gradients still
+    scaled) and found_inf, on the scale's device; after unscale_() only found_inf and no grad_scale."""
+    seen = []
+
+    class Probe(torch.optim.SGD):
+        _step_supports_amp_scaling = True
+
+        def step(self, closure=None):
+            seen.append((getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                         self.param_groups[0]["params"][0].grad.clone()))
+
+    model = make_model("cpu")
+    opt = Probe(model.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+    raw = model[0].weight.grad.clone()
+    scaler.step(opt)
+    scaler.update()
+    grad_scale, found_inf, grad = seen[0]
+    assert grad_scale.shape == () and grad_scale.dtype == torch.float32 and grad_scale.item() == 8.0
+    assert found_inf.shape == () and found_inf.dtype == torch.float32 and found_inf.item() == 0.0
+    assert torch.equal(grad, raw)  # only checked, not unscaled
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+    opt.zero_grad()
+    scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert seen[1][0] is None and seen[1][1].shape == ()
+    scaler.update()
+
+
+def test_getters_do_not_touch_the_device_and_setters_are_checked() -> None:
+    scaler = mixprec.GradScaler("cpu", growth_factor=3.0, backoff_factor=0.25, growth_interval=7)
+    scaler.scale(torch.ones(()))  # the scale tensor exists now
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a getter read a tensor")
+
+    with mock.patch.object(torch.Tensor, "item", boom), mock.patch.object(torch.Tensor, "tolist", boom):
+        assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (3.0, 0.25, 7)
+    scaler.set_growth_factor(5.0)
+    scaler.set_backoff_factor(0.75)
+    scaler.set_growth_interval(11)
+    assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (5.0, 0.75, 11)
+    sd = scaler.state_dict()
+    assert (sd["growth_factor"], sd["backoff_factor"], sd["growth_interval"]) == (5.0, 0.75, 11)
+    for setter, bad, needle in [(scaler.set_growth_factor, 1.0, "growth_factor"),
+                                (scaler.set_backoff_factor, 1.0, "backoff_factor"),
+                                (scaler.set_growth_interval, 0, "growth_interval")]:
+        with pytest.raises(RuntimeError, match=needle):
+            setter(bad)
+    disabled = mixprec.GradScaler("cpu", enabled=False, growth_factor=3.0)
+    assert disabled.get_growth_factor() == 3.0 and disabled.state_dict() == {}
+
+
+def test_pickle_rules_follow_torch() -> None:
+    """Pickling and deep-copying work between iterations and are refused inside one, as torch's; a copy is
+    independent of the original; a disabled scaler round-trips too."""
+    model = make_model("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler("cpu", init_scale=64.0, hysteresis=2, max_scale=2.0**20)
+    scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+    scaler.unscale_(opt)
+    for fn in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(AssertionError, match="only be"):
+            fn(scaler)
+    scaler.step(opt)
+    scaler.update()
+    clone = pickle.loads(pickle.dumps(scaler))
+    twin = copy.deepcopy(scaler)
+    for other in (clone, twin):
+        assert other.state_dict() == scaler.state_dict() and other.is_enabled()
+    twin.update(2.0)
+    assert twin.get_scale() == 2.0 and scaler.get_scale() == 64.0
+    off = pickle.loads(pickle.dumps(mixprec.GradScaler("cpu", enabled=False)))
+    assert not off.is_enabled() and off.state_dict() == {}
