@@ -3,11 +3,17 @@
 libmixprec (every kernel, CPU and CUDA) is built by CMakeLists.txt, the same build LibTorch users and
 the C++ tests get, and installed into the package (lib/, include/, share/cmake/); then the small
 native module mixprec._C is built with torch.utils.cpp_extension and linked against it. So each
-source is compiled once, whichever door (pip or CMake) is used.
+source is compiled once, whichever door (pip or CMake) is used. The build records the torch it compiled
+against (mixprec/_build_info.py); importing under another torch release fails with both versions named.
+
+Needs torch, setuptools, and CMake >= 3.22 (pip's `cmake` package or the system's); uses Ninja when it
+is there. With `pip install .` (build isolation) pip brings them; with `--no-build-isolation` they come
+from the environment: `pip install setuptools cmake ninja` if it lacks them.
 
 Environment:
   MIXPREC_CPU_ONLY=1           build without CUDA kernels even when nvcc and a CUDA torch are present
-  MIXPREC_CUDA_ARCHS="8.0;9.0" CUDA architectures (default: 8.0;9.0)
+  MIXPREC_REQUIRE_CUDA=1       fail instead of warning when torch has CUDA but no CUDA toolkit is found
+  MIXPREC_CUDA_ARCHS="8.0;9.0" CUDA architectures (default: 8.0;8.6;8.9;9.0;10.0;12.0+PTX)
   MIXPREC_BUILD_DIR=path       CMake build directory (default: build/cmake), reused between builds
   MIXPREC_BUILD_TESTS=1        also build the Catch2 tests there (run them with ctest --test-dir ...)
   MIXPREC_DEBUG=1              debug build
@@ -17,9 +23,11 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +35,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
 
 ROOT = Path(__file__).resolve().parent
+MIN_CMAKE = (3, 22)
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
 
 def _flag(name: str) -> bool:
@@ -43,13 +53,59 @@ def _cuda_root() -> Path | None:
 
 
 def _want_cuda() -> bool:
-    return not _flag("MIXPREC_CPU_ONLY") and torch.version.cuda is not None and _cuda_root() is not None
+    if _flag("MIXPREC_CPU_ONLY") or torch.version.cuda is None:
+        return False
+    if _cuda_root() is None:
+        message = (f"torch {torch.__version__} has CUDA {torch.version.cuda}, but no CUDA toolkit (nvcc) was found "
+                   "(looked at $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH): mixprec is being built WITHOUT its "
+                   "CUDA kernels, and its ops will refuse CUDA tensors. Install the CUDA toolkit or set CUDA_HOME; "
+                   "MIXPREC_CPU_ONLY=1 builds CPU-only on purpose, MIXPREC_REQUIRE_CUDA=1 makes this an error.")
+        if _flag("MIXPREC_REQUIRE_CUDA"):
+            raise RuntimeError(message)
+        warnings.warn(message)
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _version_of(cmake: str) -> tuple[int, ...]:
+    out = subprocess.run([cmake, "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"version (\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else (0,)
 
 
 def _cmake() -> str:
-    # CUDA_STANDARD 20 with nvcc needs CMake >= 3.26: prefer the one pip installed beside this Python.
-    local = Path(sys.executable).parent / "cmake"
-    return str(local) if local.exists() else (shutil.which("cmake") or "cmake")
+    """pip's cmake beside this Python first (the isolated build env's, or the venv's), then PATH's."""
+    found = []
+    for candidate in (Path(sys.executable).parent / "cmake", shutil.which("cmake")):
+        if candidate and Path(candidate).exists():
+            version = _version_of(str(candidate))
+            if version >= MIN_CMAKE:
+                return str(candidate)
+            found.append(f"{candidate} ({'.'.join(map(str, version))})")
+    raise RuntimeError(
+        f"mixprec needs CMake >= {'.'.join(map(str, MIN_CMAKE))} to build libmixprec; found "
+        f"{', '.join(found) or 'none'}. Install it with `pip install cmake` (or your system's package manager).")
+
+
+def _generator_args(build_dir: Path) -> list[str]:
+    """Ninja where there is one (pip's or the system's); CMake's default generator otherwise. A build
+    directory keeps the generator it was first configured with."""
+    if (build_dir / "CMakeCache.txt").exists():
+        return []
+    for candidate in (Path(sys.executable).parent / "ninja", shutil.which("ninja")):
+        if candidate and Path(candidate).exists():
+            return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={candidate}"]
+    return []
+
+
+def _write_build_info(package_dir: Path, cuda: bool, archs: str) -> None:
+    (package_dir / "_build_info.py").write_text(
+        '"""Written by setup.py: what this build of mixprec was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {cuda!r}\n"
+        f"CUDA_ARCHS = {archs if cuda else ''!r}\n")
 
 
 class BuildWithLibmixprec(BuildExtension):
@@ -57,16 +113,19 @@ class BuildWithLibmixprec(BuildExtension):
 
     def run(self) -> None:
         package_dir = Path(self.get_ext_fullpath("mixprec._C")).resolve().parent
+        package_dir.mkdir(parents=True, exist_ok=True)
         build_dir = Path(os.environ.get("MIXPREC_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         cuda = _want_cuda()
+        archs = os.environ.get("MIXPREC_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        cmake = _cmake()
         configure = [
-            _cmake(), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), *_generator_args(build_dir),
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if _flag('MIXPREC_DEBUG') else 'Release'}",
             f"-DMIXPREC_WITH_CUDA={'ON' if cuda else 'OFF'}",
             f"-DMIXPREC_BUILD_TESTS={'ON' if _flag('MIXPREC_BUILD_TESTS') else 'OFF'}",
-            f"-DMIXPREC_CUDA_ARCHS={os.environ.get('MIXPREC_CUDA_ARCHS', '8.0;9.0')}",
+            f"-DMIXPREC_CUDA_ARCHS={archs}",
         ]
         root = _cuda_root()
         if root is not None:  # torch's own CMake config looks for the toolkit even for a CPU-only libmixprec
@@ -74,8 +133,9 @@ class BuildWithLibmixprec(BuildExtension):
         if cuda:
             configure.append(f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}")
         subprocess.check_call(configure)
-        subprocess.check_call([_cmake(), "--build", str(build_dir), "-j", jobs])
-        subprocess.check_call([_cmake(), "--install", str(build_dir), "--prefix", str(package_dir)])
+        subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs])
+        subprocess.check_call([cmake, "--install", str(build_dir), "--prefix", str(package_dir)])
+        _write_build_info(package_dir, cuda, archs)
         for ext in self.extensions:
             ext.library_dirs.append(str(package_dir / "lib"))
         super().run()

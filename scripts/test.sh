@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs every test: pytest, then the Catch2 suite and the
 # installed-package examples through ctest, then the Catch2 suite again under AddressSanitizer and
-# UndefinedBehaviorSanitizer (scripts/sanitize.sh; MIXPREC_SKIP_SANITIZE=1 skips it). CUDA tests skip,
+# UndefinedBehaviorSanitizer (scripts/sanitize.sh; MIXPREC_SKIP_SANITIZE=1 skips it), then the wheel
+# installed into a fresh venv (scripts/wheel_check.sh; MIXPREC_SKIP_WHEEL=1 skips it). CUDA tests skip,
 # with the reason, on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +17,8 @@ ctest --test-dir "${MIXPREC_BUILD_DIR:-build/cmake}" --output-on-failure
 if [ "${MIXPREC_SKIP_SANITIZE:-0}" = "0" ]; then
   echo "== Catch2 suite under ASan + UBSan"
   bash scripts/sanitize.sh
+fi
+if [ "${MIXPREC_SKIP_WHEEL:-0}" = "0" ]; then
+  echo "== the wheel in a fresh venv"
+  bash scripts/wheel_check.sh
 fi

@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
   torch::nn::Sequential model(torch::nn::Linear(16, 64), torch::nn::LayerNorm(torch::nn::LayerNormOptions({64})),
                               torch::nn::GELU(), torch::nn::Linear(64, 1));
   mixprec::apply(*model, policy);
-  mixprec::optim::AdamW opt(model->parameters(), mixprec::optim::AdamOptions(3e-3).weight_decay(0.0));
+  mixprec::optim::AdamW opt(model->parameters(), mixprec::optim::AdamWOptions(3e-3).weight_decay(0.0));
   mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().enabled(policy.needs_loss_scaling()));
 
   double first = 0, last = 0;

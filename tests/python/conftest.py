@@ -32,7 +32,9 @@ def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tm
     """Run `script` in a fresh Python with ATEN_CPU_CAPABILITY=capability (None: the CPU's best).
 
     The script sees `inputs` as the variable INPUTS and must assign its answer to RESULT. Inputs travel
-    through a file because torch's own random generators give different numbers per capability."""
+    through a file because torch's own random generators give different numbers per capability. The run
+    reports the capability it had: "default" must give DEFAULT, and the CPU's best must be more than
+    DEFAULT (else the test is skipped: comparing DEFAULT with itself would prove nothing)."""
     tag = capability or "native"
     torch.save(inputs, tmp_path / f"in_{tag}.pt")
     env = dict(os.environ)
@@ -43,8 +45,13 @@ def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tm
         "import sys, torch, mixprec\n"
         "INPUTS = torch.load(sys.argv[1])\n"
         + textwrap.dedent(script)
-        + "\ntorch.save(RESULT, sys.argv[2])\n"
+        + "\ntorch.save({'result': RESULT, 'capability': torch.backends.cpu.get_cpu_capability()}, sys.argv[2])\n"
     )
     subprocess.run([sys.executable, "-c", wrapper, str(tmp_path / f"in_{tag}.pt"), str(tmp_path / f"out_{tag}.pt")],
                    check=True, env=env)
-    return torch.load(tmp_path / f"out_{tag}.pt")
+    out = torch.load(tmp_path / f"out_{tag}.pt")
+    if capability == "default":
+        assert out["capability"] == "DEFAULT", out["capability"]
+    elif capability is None and out["capability"] == "DEFAULT":
+        pytest.skip("this CPU has no vector capability beyond DEFAULT (no AVX2): nothing to compare DEFAULT with")
+    return out["result"]

@@ -232,15 +232,26 @@ def test_no_host_sync_with_mixprec_optimizers() -> None:
     assert scaler.get_scale() == 2.0**16  # backed off at step 1, grew back after steps 2 and 3
 
 
-def test_bf16_and_fp16_grads_are_unscaled_in_one_call() -> None:
-    model = make_model(0, "cpu").half()
-    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = mixprec.GradScaler("cpu", init_scale=256.0)
-    scaler.scale(model(torch.randn(4, 8).half()).float().pow(2).mean()).backward()
-    expected = [p.grad.float() / 256.0 for p in model.parameters()]
+@pytest.mark.parametrize("init_scale", [256.0, 1000.0])
+def test_fp32_bf16_and_fp16_grads_are_unscaled_in_one_call(init_scale: float) -> None:
+    """One optimizer over fp32, fp16 and bf16 parameters: unscale_ divides each gradient in its own dtype as
+    torch's own unscale kernel does (multiplying by the fp32 reciprocal of the scale, formed in double),
+    bit for bit; a power-of-two scale is exact, 1000 exercises the rounding."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(37, 5).to(dtype)) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    for p in params:
+        # magnitudes from tiny (fp16 subnormals after unscaling) to large
+        p.grad = (torch.randn(p.shape) * torch.logspace(-6, 3, p.numel()).reshape(p.shape)).to(p.dtype)
+    raw = [p.grad.clone() for p in params]
+    opt = mixprec.optim.AdamW(params, lr=1e-3)
+    scaler = mixprec.GradScaler("cpu", init_scale=init_scale)
+    scaler.scale(torch.ones(()))  # creates the scale tensor, as a scaled backward would
     scaler.unscale_(opt)
-    for p, e in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad.float(), e, rtol=1e-3, atol=1e-6)
+    inv = torch.full((), init_scale, dtype=torch.float64).reciprocal().float()
+    for p, g in zip(params, raw):
+        expected = g.clone()
+        torch._amp_foreach_non_finite_check_and_unscale_([expected], torch.zeros(()), inv)
+        assert torch.equal(p.grad, expected), p.dtype
     scaler.step(opt)
     scaler.update()
 

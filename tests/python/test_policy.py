@@ -21,11 +21,63 @@ from mixprec import Policy
     ],
 )
 def test_every_known_name(names: list[str], compute: torch.dtype, params: torch.dtype, scaling: bool) -> None:
+    """The table is what each framework documents for its name; the behaviour behind it (autocast dtype,
+    parameter dtype, scaler, optimizer) is checked against torch and Lightning below."""
     for n in names:
         p = Policy(n)
         assert (p.compute_dtype, p.param_dtype, p.needs_loss_scaling) == (compute, params, scaling), n
         assert p == Policy(p.name)
-    assert Policy(names[0]).master_dtype == (torch.float32 if params == torch.float32 else params)
+
+
+LIGHTNING_NAMES = ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+
+
+@pytest.mark.parametrize("name", LIGHTNING_NAMES)
+def test_lightning_names_behave_as_lightnings_own_plugins(name: str) -> None:
+    """Lightning's own precision plugins are the oracle for its names: the dtype its forward context computes
+    in, the dtype it gives the module's parameters, and whether it makes a loss scaler; our policy under the
+    same name must produce the same on a model."""
+    pytest.importorskip("lightning")
+    from lightning.fabric.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+    plugin = {"32-true": lambda: Precision(), "16-mixed": lambda: MixedPrecision("16-mixed", "cpu"),
+              "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu"),
+              "16-true": lambda: HalfPrecision("16-true"), "bf16-true": lambda: HalfPrecision("bf16-true")}[name]()
+    policy = Policy(name)
+    theirs = plugin.convert_module(nn.Sequential(nn.Linear(4, 4)))
+    ours = policy.apply(nn.Sequential(nn.Linear(4, 4)))
+    assert ours[0].weight.dtype == theirs[0].weight.dtype
+    x = torch.randn(2, 4)
+    with plugin.forward_context():
+        expected = (x.to(theirs[0].weight.dtype) @ x.to(theirs[0].weight.dtype).t()).dtype
+    with mixprec.autocast(policy, "cpu"):
+        got = (x.to(ours[0].weight.dtype) @ x.to(ours[0].weight.dtype).t()).dtype
+    assert got == expected
+    if isinstance(plugin, MixedPrecision):
+        assert policy.needs_loss_scaling == (plugin.scaler is not None)
+    else:  # Lightning gives pure fp16 no scaler; ours asks for one, since fp16 gradients underflow without it
+        assert policy.needs_loss_scaling == (policy.compute_dtype == torch.float16)
+
+
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16", "float16", "bfloat16"])
+def test_the_policys_optimizer_keeps_fp32_where_the_parameters_are_16_bit(name: str) -> None:
+    """Mixed policies keep fp32 parameters (they are their own masters: no copy); pure 16-bit policies keep no
+    fp32 copy and round updates stochastically, so small updates still move the 16-bit weights."""
+    policy = Policy(name)
+    model = policy.apply(nn.Linear(64, 64))
+    opt = policy.optimizer(model.parameters(), lr=1e-4, seed=0)
+    before = model.weight.detach().clone()
+    model(torch.randn(8, 64).to(policy.param_dtype)).float().pow(2).sum().backward()
+    opt.step()
+    state = opt.state[model.weight]
+    if policy.param_dtype == torch.float32:
+        assert "master" not in state and model.weight.dtype == torch.float32
+    else:
+        assert "master" not in state and model.weight.dtype == policy.param_dtype
+        # lr 1e-4 moves each weight by ~1e-4, far below half a 16-bit ulp of most weights: only stochastic
+        # rounding lets a good share of them move at all.
+        moved = (model.weight.detach() != before).float().mean().item()
+        assert moved > 0.02, moved
 
 
 def test_jmp_form_and_errors() -> None:
@@ -95,6 +147,13 @@ def test_apply_keeps_norms_fp32_and_forward_works(name: str) -> None:
         out = model(x)
     assert out.dtype == policy.compute_dtype
     assert torch.isfinite(out).all()
+    if policy.param_dtype == torch.float32:
+        # A mixed policy leaves an fp32 model as it is, so its forward is torch.autocast's, bit for bit.
+        reference = make_model()  # train mode: BatchNorm normalises with this batch's statistics in both
+        with torch.autocast("cpu", dtype=policy.compute_dtype):
+            expected = reference(x)
+        with mixprec.autocast(policy, "cpu"):
+            assert torch.equal(model(x), expected)
 
 
 @pytest.mark.parametrize("name", ["mixed_bfloat16", "bfloat16", "mixed_float16"])
