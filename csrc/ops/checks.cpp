@@ -1,8 +1,11 @@
 #include "ops/checks.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <utility>
 
@@ -96,6 +99,14 @@ void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const a
   TORCH_CHECK(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1), op,
               ": grad_output and input must have the same leading (batch) shape, got ", grad_output.sizes(), " and ",
               input.sizes());
+}
+
+at::Tensor prepare_wgrad_output(const at::Tensor& grad_output, const at::Tensor& input, bool& has_work) {
+  check_wgrad_operands("mixprec::linear_wgrad", grad_output, input);
+  const auto options = grad_output.options().dtype(at::kFloat);
+  const std::array<int64_t, 2> shape = {grad_output.size(-1), input.size(-1)};
+  has_work = grad_output.numel() != 0 && input.numel() != 0;
+  return has_work ? at::empty(shape, options) : at::zeros(shape, options);  // an empty batch: a zero gradient
 }
 
 void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {

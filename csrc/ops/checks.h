@@ -32,6 +32,10 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
 /// bf16) with equal leading shapes, on one device; the message names `op`.
 void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const at::Tensor& input);
 
+/// linear_wgrad's checks and output, shared by both backends: a fresh fp32 [out, in] tensor on the operands'
+/// device. An empty batch (or layer) makes it zeros and `has_work` false: there is no GEMM to run.
+at::Tensor prepare_wgrad_output(const at::Tensor& grad_output, const at::Tensor& input, bool& has_work);
+
 /// Checks for linear_wgrad_accum_: main_grad a contiguous fp32 [out, in] matrix on the operands' device,
 /// and the operands as check_wgrad_operands.
 void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input);

@@ -43,14 +43,21 @@ SHAPES = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_matches_float64_reference(device: str, dtype: torch.dtype, shape: str) -> None:
+@pytest.mark.parametrize("op", ["accumulate", "fresh"])
+def test_matches_float64_reference(device: str, dtype: torch.dtype, shape: str, op: str) -> None:
+    """linear_wgrad_accum_ adds into an fp32 accumulator; linear_wgrad returns a fresh fp32 gradient."""
     lead, out_f, in_f = SHAPES[shape]
     torch.manual_seed(0)
     go = torch.randn(*lead, out_f, device=device).to(dtype)
     x = torch.randn(*lead, in_f, device=device).to(dtype)
-    main_grad = torch.randn(out_f, in_f, device=device)
-    before = main_grad.clone()
-    ops.linear_wgrad_accum_(main_grad, go, x)
+    if op == "accumulate":
+        main_grad = torch.randn(out_f, in_f, device=device)
+        before = main_grad.clone()
+        ops.linear_wgrad_accum_(main_grad, go, x)
+    else:
+        before = torch.zeros(out_f, in_f)
+        main_grad = ops.linear_wgrad(go, x)
+        assert main_grad.dtype == torch.float32 and main_grad.shape == (out_f, in_f) and main_grad.device.type == device
     check_against_float64(main_grad, before, go, x)
 
 
@@ -194,19 +201,6 @@ def test_cuda_graph_capture_and_replay() -> None:
 
 
 # ---- linear_wgrad: the same GEMM into a fresh fp32 tensor ------------------------------------------------------
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_linear_wgrad_matches_float64_reference(device: str, dtype: torch.dtype, shape: str) -> None:
-    lead, out_f, in_f = SHAPES[shape]
-    torch.manual_seed(10)
-    go = torch.randn(*lead, out_f, device=device).to(dtype)
-    x = torch.randn(*lead, in_f, device=device).to(dtype)
-    grad = ops.linear_wgrad(go, x)
-    assert grad.dtype == torch.float32 and grad.shape == (out_f, in_f) and grad.device.type == device
-    check_against_float64(grad, torch.zeros(out_f, in_f), go, x)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -5,9 +5,7 @@
 // long the batch is) and handed to torch's fp32 GEMM: the products of two 16-bit values are exact in
 // fp32 and every sum is an fp32 sum, the semantics of the CUDA cuBLASLt path.
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,13 +47,9 @@ void linear_wgrad_accum_cpu(const at::Tensor& main_grad, const at::Tensor& grad_
 }
 
 at::Tensor linear_wgrad_cpu(const at::Tensor& grad_output, const at::Tensor& input) {
-  detail::check_wgrad_operands("mixprec::linear_wgrad", grad_output, input);
-  const auto options = grad_output.options().dtype(at::kFloat);
-  if (grad_output.numel() == 0 || input.numel() == 0) {
-    return at::zeros({grad_output.size(-1), input.size(-1)}, options);  // an empty batch: a zero gradient
-  }
-  at::Tensor out = at::empty({grad_output.size(-1), input.size(-1)}, options);
-  wgrad_into(out, grad_output, input, /*accumulate=*/false);
+  bool has_work = false;
+  at::Tensor out = detail::prepare_wgrad_output(grad_output, input, has_work);
+  if (has_work) wgrad_into(out, grad_output, input, /*accumulate=*/false);
   return out;
 }
 

@@ -11,8 +11,6 @@
 //   D (col-major [in, out], ld = in)  = A (input: col-major [in, N], op N) x B (grad_output: stored
 //   col-major [out, N], op T) + C (= D),
 // which is main_grad (row-major [out, in]) += grad_output^T @ input.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -219,13 +217,9 @@ void linear_wgrad_accum_cuda(const at::Tensor& main_grad, const at::Tensor& grad
 }
 
 at::Tensor linear_wgrad_cuda(const at::Tensor& grad_output, const at::Tensor& input) {
-  detail::check_wgrad_operands("mixprec::linear_wgrad", grad_output, input);
-  const auto options = grad_output.options().dtype(at::kFloat);
-  if (grad_output.numel() == 0 || input.numel() == 0) {
-    return at::zeros({grad_output.size(-1), input.size(-1)}, options);  // an empty batch: a zero gradient
-  }
-  at::Tensor out = at::empty({grad_output.size(-1), input.size(-1)}, options);
-  wgrad_into(out, grad_output, input, 0.0f);
+  bool has_work = false;
+  at::Tensor out = detail::prepare_wgrad_output(grad_output, input, has_work);
+  if (has_work) wgrad_into(out, grad_output, input, 0.0f);
   return out;
 }
 
