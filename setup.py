@@ -4,7 +4,8 @@ libmixprec (every kernel, CPU and CUDA) is built by CMakeLists.txt, the same bui
 the C++ tests get, and installed into the package (lib/, include/, share/cmake/); then the small
 native module mixprec._C is built with torch.utils.cpp_extension and linked against it. So each
 source is compiled once, whichever door (pip or CMake) is used. The build records the torch it compiled
-against (mixprec/_build_info.py); importing under another torch release fails with both versions named.
+against (mixprec/_build_info.py) and requires that minor release in the wheel's metadata; importing under
+another torch release fails with both versions named.
 
 Needs torch, setuptools, and CMake >= 3.22 (pip's `cmake` package or the system's); uses Ninja when it
 is there. With `pip install .` (build isolation) pip brings them; with `--no-build-isolation` they come
@@ -141,7 +142,14 @@ class BuildWithLibmixprec(BuildExtension):
         super().run()
 
 
+def _torch_requirement() -> str:
+    """The torch minor release this build is compiled against: the only one its binary works with."""
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 setup(
+    install_requires=[_torch_requirement()],
     ext_modules=[
         CppExtension(
             "mixprec._C",

@@ -28,10 +28,20 @@ if(_want_cuda STREQUAL "AUTO")
 endif()
 
 if(_want_cuda)
-  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
-    set(TORCH_CUDA_ARCH_LIST "${MIXPREC_CUDA_ARCHS}")
-  endif()
   enable_language(CUDA)
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(_archs "${MIXPREC_CUDA_ARCHS}")
+    # Blackwell (10.0, 12.0) needs nvcc >= 12.8: an older toolkit builds the rest, with PTX of its newest.
+    if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.8 AND _archs MATCHES "1[02]\\.0")
+      list(FILTER _archs EXCLUDE REGEX "^1[02]\\.0")
+      list(GET _archs -1 _newest)
+      string(REPLACE "+PTX" "" _newest_plain "${_newest}")
+      list(REMOVE_AT _archs -1)
+      list(APPEND _archs "${_newest_plain}+PTX")
+      message(STATUS "mixprec: nvcc ${CMAKE_CUDA_COMPILER_VERSION} predates Blackwell; CUDA archs ${_archs}")
+    endif()
+    set(TORCH_CUDA_ARCH_LIST "${_archs}")
+  endif()
   # Torch's config locates the toolkit with the old FindCUDA, from the directory of the first nvcc on
   # PATH; a wrapper script such as /usr/local/bin/nvcc misleads it. The compiler knows its real root.
   if(NOT CUDA_TOOLKIT_ROOT_DIR AND CMAKE_CUDA_COMPILER_TOOLKIT_ROOT)

@@ -23,7 +23,7 @@ echo "== pip wheel"
 wheel=$(ls "$wheels"/mixprec-*.whl)
 echo "== a fresh venv with only torch, then the wheel ($(basename "$wheel"))"
 torch_pin=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
-python3 -m venv "$work/venv"
+"$VENV/bin/python" -m venv "$work/venv"  # the same Python as the wheel's tag
 "$work/venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_pin"
 "$work/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "$wheel"
 echo "== smoke test"

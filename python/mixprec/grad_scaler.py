@@ -71,9 +71,7 @@ class GradScaler:
         host_skip: bool = False,
     ) -> None:
         device = str(torch.device(device))
-        if enabled and device.startswith("cuda") and not torch.cuda.is_available():
-            warnings.warn("mixprec.GradScaler is enabled, but CUDA is not available. Disabling.")
-            enabled = False
+        enabled = self._usable(device, enabled)
         if enabled:
             if not init_scale > 0:
                 raise ValueError(f"init_scale must be > 0, got {init_scale}")
@@ -87,6 +85,14 @@ class GradScaler:
                        min_scale=float(min_scale), max_scale=None if max_scale is None else float(max_scale),
                        dynamic=bool(dynamic), host_skip=bool(host_skip))
         self._construct(device, enabled, process_group, options)
+
+    @staticmethod
+    def _usable(device: str, enabled: bool) -> bool:
+        """torch's rule: a CUDA scaler on a machine without CUDA disables itself, with a warning."""
+        if enabled and device.startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn("mixprec.GradScaler is enabled, but CUDA is not available. Disabling.")
+            return False
+        return enabled
 
     def _construct(self, device: str, enabled: bool, process_group: Optional[Any], options: dict[str, Any]) -> None:
         self._device = device
@@ -317,8 +323,9 @@ class GradScaler:
             import torch.distributed as dist
 
             group = dist.group.WORLD
-        self._construct(state["device"], state["enabled"], group, state["options"])
-        if state["state"]:
+        enabled = self._usable(state["device"], state["enabled"])  # unpickled where there is no GPU
+        self._construct(state["device"], enabled, group, state["options"])
+        if enabled and state["state"]:
             self.load_state_dict(state["state"])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "GradScaler":

@@ -273,6 +273,41 @@ def test_works_with_torch_grad_scaler(fused) -> None:
     torch.testing.assert_close(opt.state[model.weight]["exp_avg"], 0.1 * grads[0], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_step_divides_by_the_scale_as_torchs_fused_adamw(dtype: torch.dtype) -> None:
+    """Under torch.amp.GradScaler with a scale that is not a power of two, fused=True: the gradients left in
+    .grad are torch's fused AdamW's, bit for bit (both divide by the scale in fp32), and the parameters
+    follow torch's closely. fp16 parameters need fused=True with torch's scaler (it refuses to unscale fp16
+    gradients itself, for torch's optimizers as for ours)."""
+    torch.manual_seed(18)
+    grads = [torch.randn(33, 7) * 3 for _ in range(3)]
+    results = []
+    for cls in (mixprec.optim.AdamW, torch.optim.AdamW):
+        p = torch.nn.Parameter(torch.randn(33, 7, generator=torch.Generator().manual_seed(0)).to(dtype))
+        opt = cls([p], lr=1e-2, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
+        after = []
+        for g in grads:
+            opt.zero_grad()
+            scaler.scale((p.float() * g).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            after.append(p.grad.clone())
+        results.append((p.detach().clone(), after))
+    (ours, ours_grads), (theirs, their_grads) = results
+    for a, b in zip(ours_grads, their_grads):
+        assert torch.equal(a, b)
+    # fp32: the same Adam rule; fp16: ours keeps fp32 masters, torch updates the fp16 values themselves.
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(ours, theirs, **tolerance)
+    plain = mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3, dtype=torch.float16))])
+    plain.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float16)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    with pytest.raises(ValueError, match="FP16 gradients"):
+        scaler.step(plain)
+
+
 def test_torch_keyword_arguments_are_accepted_and_recorded() -> None:
     """Code written for torch.optim.AdamW/Adam passes these; each is kept in the param groups as torch keeps it."""
     p = torch.nn.Parameter(torch.ones(3))

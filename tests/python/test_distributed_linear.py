@@ -1,6 +1,7 @@
 """mixprec.nn.Linear under torch.distributed, 2 gloo ranks on the CPU: FSDP2 (fully_shard) trains a converted
-model exactly as it trains the plain one; DistributedDataParallel, which cannot carry an fp32 gradient of a
-16-bit weight, is refused at the first forward with what to do instead."""
+model as it trains the plain one (FSDP2 owns the gradient dtype there); DistributedDataParallel, which
+cannot carry an fp32 gradient of a 16-bit weight, is refused at the first forward with what to do
+instead."""
 
 from __future__ import annotations
 

@@ -59,43 +59,32 @@ def test_lightning_names_behave_as_lightnings_own_plugins(name: str) -> None:
         assert policy.needs_loss_scaling == (policy.compute_dtype == torch.float16)
 
 
-@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16", "float16", "bfloat16"])
-def test_the_policys_optimizer_keeps_fp32_where_the_parameters_are_16_bit(name: str) -> None:
-    """Mixed policies keep fp32 parameters (they are their own masters: no copy); pure 16-bit policies keep no
-    fp32 copy and round updates stochastically, so small updates still move the 16-bit weights."""
+@pytest.mark.parametrize("name, lr", [("mixed_float16", 1e-5), ("mixed_bfloat16", 1e-5), ("float16", 1e-7),
+                                      ("bfloat16", 3e-6)])
+def test_the_policys_optimizer_moves_16_bit_weights_by_sub_ulp_updates(name: str, lr: float) -> None:
+    """Mixed policies keep fp32 parameters (their own masters: no copy). Pure 16-bit policies keep no fp32
+    copy and round the updates stochastically: with an lr far below half an ulp of most weights, nearest
+    rounding leaves almost every weight where it was, while the policy's optimizer moves several times as
+    many (each with probability |update| / ulp), so training still makes progress on average."""
     policy = Policy(name)
-    model = policy.apply(nn.Linear(64, 64))
-    opt = policy.optimizer(model.parameters(), lr=1e-4, seed=0)
-    before = model.weight.detach().clone()
-    model(torch.randn(8, 64).to(policy.param_dtype)).float().pow(2).sum().backward()
-    opt.step()
-    state = opt.state[model.weight]
+
+    def moved(**overrides) -> tuple[float, dict]:
+        torch.manual_seed(0)
+        model = policy.apply(nn.Linear(256, 256))
+        opt = policy.optimizer(model.parameters(), lr=lr, seed=0, **overrides)
+        before = model.weight.detach().clone()
+        model(torch.randn(16, 256).to(policy.param_dtype)).float().pow(2).sum().backward()
+        opt.step()
+        return (model.weight.detach() != before).float().mean().item(), opt.state[model.weight]
+
+    fraction, state = moved()
+    assert "master" not in state
     if policy.param_dtype == torch.float32:
-        assert "master" not in state and model.weight.dtype == torch.float32
+        assert fraction > 0.99  # fp32 resolves an update of lr everywhere
     else:
-        assert "master" not in state and model.weight.dtype == policy.param_dtype
-        # lr 1e-4 moves each weight by ~1e-4, far below half a 16-bit ulp of most weights: only stochastic
-        # rounding lets a good share of them move at all.
-        moved = (model.weight.detach() != before).float().mean().item()
-        assert moved > 0.02, moved
-
-
-def test_jmp_form_and_errors() -> None:
-    p = Policy("params=float32,compute=bfloat16,output=float32")
-    assert (p.param_dtype, p.compute_dtype, p.output_dtype) == (torch.float32, torch.bfloat16, torch.float32)
-    assert Policy("p=f32, c=f16").output_dtype == torch.float16
-    with pytest.raises(RuntimeError, match="accepted"):
-        Policy("mixed_float8")
-    with pytest.raises(RuntimeError, match="unknown dtype"):
-        Policy("params=float32,compute=int8")
-
-
-def test_keep_fp32_is_extensible() -> None:
-    p = Policy("mixed_bfloat16")
-    assert p.keeps_fp32(nn.BatchNorm2d(3)) and p.keeps_fp32(nn.LayerNorm(3)) and p.keeps_fp32(nn.GroupNorm(1, 3))
-    assert not p.keeps_fp32(nn.Linear(2, 2))
-    q = Policy(p, keep_fp32=p.keep_fp32 + ["Embedding"])
-    assert q.keeps_fp32(nn.Embedding(3, 3)) and not p.keeps_fp32(nn.Embedding(3, 3))
+        nearest, _ = moved(rounding="nearest")
+        # measured: 1.8% vs 0.4% (fp16), 5.2% vs 1.7% (bf16) of 65536 weights
+        assert fraction > 2.5 * nearest, (fraction, nearest)
 
 
 def test_autocast_sets_and_restores_state_like_torch() -> None:

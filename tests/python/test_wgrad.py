@@ -524,10 +524,15 @@ def test_computed_weight_gets_an_ordinary_gradient() -> None:
     torch.testing.assert_close(original.grad, ref.parametrizations.weight.original.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_convert_refuses_a_ddp_wrapped_model() -> None:
+def test_convert_refuses_a_ddp_wrapped_model_with_16_bit_weights() -> None:
+    """(Without a process group: the check needs only the wrapper's class and its module.)"""
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = make_mlp(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="DistributedDataParallel cannot reduce"):
         mixprec.nn.convert(ddp)
+    ddp.module = make_mlp()  # fp32 weights: fp32 gradients are what DDP buckets anyway
+    assert mixprec.nn.convert(ddp) is ddp and type(ddp.module[0]) is mixprec.nn.Linear
 
 
 def test_torch_compile_runs_a_converted_model() -> None:
@@ -546,3 +551,41 @@ def test_torch_compile_runs_a_converted_model() -> None:
     for a, b in zip(compiled_model.parameters(), eager.parameters()):
         assert a.grad.dtype == b.grad.dtype
         torch.testing.assert_close(a.grad, b.grad, rtol=2**-7, atol=1e-3 * b.grad.abs().max().item())
+
+
+def test_only_a_plain_backward_adds_into_grad() -> None:
+    """With an fp32 .grad already there, torch.autograd.grad and backward(inputs=...) leave it untouched (as
+    torch promises), autograd.grad with respect to the weight returns the weight's gradient, and a
+    create_graph backward accumulates correctly; only a plain backward() adds in place."""
+    torch.manual_seed(17)
+    layer = mixprec.nn.Linear(6, 4, dtype=torch.bfloat16)
+    x = torch.randn(3, 6).bfloat16().requires_grad_()
+    layer(x).float().sum().backward()
+    accumulated = layer.weight.grad.clone()
+    expected = ops.linear_wgrad(torch.ones(3, 4).bfloat16(), x.detach())
+
+    (gx,) = torch.autograd.grad(layer(x).float().sum(), [x])
+    assert gx is not None and torch.equal(layer.weight.grad, accumulated)
+    layer(x).float().sum().backward(inputs=[x])
+    assert torch.equal(layer.weight.grad, accumulated)
+    (gw,) = torch.autograd.grad(layer(x).float().sum(), [layer.weight])
+    assert gw.dtype == torch.float32 and torch.equal(gw, expected) and torch.equal(layer.weight.grad, accumulated)
+    layer(x).float().sum().backward(create_graph=True)
+    assert torch.equal(layer.weight.grad.detach(), accumulated + expected)
+    layer.weight.grad = None
+    layer(x).float().sum().backward()
+    address = layer.weight.grad.data_ptr()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad.data_ptr() == address and torch.equal(layer.weight.grad, 2 * expected)
+
+
+def test_float64_weights_keep_float64_gradients() -> None:
+    """A converted model cast to float64 (after conversion, too) has float64 gradients, computed in float64."""
+    ref = make_mlp().double()
+    ours = mixprec.nn.convert(make_mlp()).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    ref(x).pow(2).sum().backward()
+    ours(x).pow(2).sum().backward()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert a.grad.dtype == torch.float64
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

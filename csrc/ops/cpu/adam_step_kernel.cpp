@@ -99,7 +99,7 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
   const bool vector_rule =
       k.mode != MasterMode::Remainder && (k.rounding == rounding::Mode::Nearest || std::is_same_v<P, float>);
   if (vector_rule) {
-    const FVec inv(k.grad_inv_scale), clip(k.clip_coef);
+    const FVec scale(k.grad_scale), clip(k.clip_coef);
     for (; i + kW <= c.n; i += kW) {
       FVec w0, w1, m0, m1v, v0, v1, g0, g1;
       if (k.mode == MasterMode::Fp32) {
@@ -110,8 +110,8 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
       Io<G>::load(g + i, g0, g1);
       Io<M>::load(m1 + i, m0, m1v);
       Io<M>::load(m2 + i, v0, v1);
-      g0 = g0 * inv;
-      g1 = g1 * inv;
+      g0 = g0 / scale;
+      g1 = g1 / scale;
       if (k.write_grad) Io<G>::store(g + i, g0, g1);
       adam_update_vec(w0, m0, v0, g0 * clip, s);
       adam_update_vec(w1, m1v, v1, g1 * clip, s);
@@ -142,7 +142,7 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
     }
     float mv = static_cast<float>(m1[i]);
     float vv = static_cast<float>(m2[i]);
-    const float unscaled = static_cast<float>(g[i]) * k.grad_inv_scale;
+    const float unscaled = static_cast<float>(g[i]) / k.grad_scale;
     if (k.write_grad) g[i] = static_cast<G>(unscaled);
     detail::adam_update(w, mv, vv, unscaled * k.clip_coef, s);
     m1[i] = static_cast<M>(mv);

@@ -92,9 +92,9 @@ struct AdamCommon {
   detail::MasterMode mode;
   Rounding rounding;  // how a 16-bit param is written from its fp32 value
   RngKey key;
-  float grad_inv_scale;  // 1 / grad_scale (1 when there is none)
-  float clip_coef;       // 1 when there is none
-  bool write_grad;       // store grad * grad_inv_scale back (a grad_scale was given), as torch's fused Adam does
+  float grad_scale;  // the gradients are divided by it, as torch's fused Adam divides (1 when there is none)
+  float clip_coef;   // 1 when there is none
+  bool write_grad;   // store grad / grad_scale back (a grad_scale was given), as torch's fused Adam does
 };
 
 using AdamChunkFn = void (*)(const AdamChunk& chunk, const AdamCommon& common);

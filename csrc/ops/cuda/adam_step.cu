@@ -97,7 +97,7 @@ __device__ __forceinline__ P write_param(float w, Mode mode, uint32_t draw) {
 
 template <typename P, typename G, typename M>
 __device__ void adam_chunk(P* p, G* g, M* m1, M* m2, void* master, int64_t n, const LaunchArgs& a,
-                           const detail::AdamScalars& s, float inv, float clip, uint64_t seed, uint64_t offset,
+                           const detail::AdamScalars& s, float scale, float clip, uint64_t seed, uint64_t offset,
                            uint64_t index0) {
   const bool vec = aligned4<P>(p) && aligned4<G>(g) && aligned4<M>(m1) && aligned4<M>(m2) &&
                    (a.mode == MasterMode::None ||
@@ -126,7 +126,7 @@ __device__ void adam_chunk(P* p, G* g, M* m1, M* m2, void* master, int64_t n, co
     load8(m1, i, n, full, mv);
     load8(m2, i, n, full, vv);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) gv[k] = gv[k] * inv;
+    for (int k = 0; k < 8; ++k) gv[k] = gv[k] / scale;  // divided as torch's fused Adam divides
     if (a.grad_scale != nullptr) {  // torch's fused optimizers leave the gradients unscaled
       G go[8];
 #pragma unroll
@@ -171,28 +171,28 @@ __device__ void adam_chunk(P* p, G* g, M* m1, M* m2, void* master, int64_t n, co
 
 template <typename P, typename G>
 __device__ void adam_moment(DType mt, void* p, void* g, void* m1, void* m2, void* master, int64_t n,
-                            const LaunchArgs& a, const detail::AdamScalars& s, float inv, float clip, uint64_t seed,
+                            const LaunchArgs& a, const detail::AdamScalars& s, float scale, float clip, uint64_t seed,
                             uint64_t offset, uint64_t index0) {
   if (mt == DType::BFloat16) {
     adam_chunk(static_cast<P*>(p), static_cast<G*>(g), static_cast<c10::BFloat16*>(m1),
-               static_cast<c10::BFloat16*>(m2), master, n, a, s, inv, clip, seed, offset, index0);
+               static_cast<c10::BFloat16*>(m2), master, n, a, s, scale, clip, seed, offset, index0);
   } else {
     adam_chunk(static_cast<P*>(p), static_cast<G*>(g), static_cast<float*>(m1), static_cast<float*>(m2), master,
-               n, a, s, inv, clip, seed, offset, index0);
+               n, a, s, scale, clip, seed, offset, index0);
   }
 }
 
 template <typename P>
 __device__ void adam_grad(DType gt, DType mt, void* p, void* g, void* m1, void* m2, void* master, int64_t n,
-                          const LaunchArgs& a, const detail::AdamScalars& s, float inv, float clip, uint64_t seed,
+                          const LaunchArgs& a, const detail::AdamScalars& s, float scale, float clip, uint64_t seed,
                           uint64_t offset, uint64_t index0) {
   switch (gt) {
     case DType::Half:
-      return adam_moment<P, c10::Half>(mt, p, g, m1, m2, master, n, a, s, inv, clip, seed, offset, index0);
+      return adam_moment<P, c10::Half>(mt, p, g, m1, m2, master, n, a, s, scale, clip, seed, offset, index0);
     case DType::BFloat16:
-      return adam_moment<P, c10::BFloat16>(mt, p, g, m1, m2, master, n, a, s, inv, clip, seed, offset, index0);
+      return adam_moment<P, c10::BFloat16>(mt, p, g, m1, m2, master, n, a, s, scale, clip, seed, offset, index0);
     default:
-      return adam_moment<P, float>(mt, p, g, m1, m2, master, n, a, s, inv, clip, seed, offset, index0);
+      return adam_moment<P, float>(mt, p, g, m1, m2, master, n, a, s, scale, clip, seed, offset, index0);
   }
 }
 
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const TensorListMeta<6, 
   const double lr = a.lr_tensor != nullptr ? static_cast<double>(*a.lr_tensor) : a.lr;
   const detail::AdamScalars s =
       detail::adam_scalars(lr, a.beta1, a.beta2, a.eps, a.weight_decay, step, a.decoupled, a.maximize);
-  const float inv = a.grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*a.grad_scale)) : 1.f;
+  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
   const float clip = a.clip_coef != nullptr ? *a.clip_coef : 1.f;
   const auto [seed, offset] = at::cuda::philox::unpack(a.rng);
   const uint64_t index0 = static_cast<uint64_t>(meta.aux[t] + begin);
@@ -217,13 +217,13 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const TensorListMeta<6, 
   const DType gt = meta.dtype[1][t], mt = meta.dtype[2][t];
   switch (meta.dtype[0][t]) {
     case DType::Half:
-      return adam_grad<c10::Half>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, inv,
+      return adam_grad<c10::Half>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, scale,
                                   clip, seed, offset, index0);
     case DType::BFloat16:
-      return adam_grad<c10::BFloat16>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, inv,
+      return adam_grad<c10::BFloat16>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, scale,
                                       clip, seed, offset, index0);
     default:
-      return adam_grad<float>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, inv, clip,
+      return adam_grad<float>(gt, mt, at_begin(0), at_begin(1), at_begin(2), at_begin(3), master, n, a, s, scale, clip,
                               seed, offset, index0);
   }
 }
