@@ -9,7 +9,10 @@ case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 export PATH="$VENV/bin:$PATH"
 BUILD=${MIXPREC_SANITIZE_DIR:-build/sanitize}
 TORCH_PREFIX=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
+# -O1 -g1: ASan's recommended optimisation, and line tables only (what its reports need): full debug
+# info for torch's templates would double the build time.
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
   -DMIXPREC_WITH_CUDA=OFF -DMIXPREC_SANITIZE=ON -DMIXPREC_BUILD_TESTS=ON > "$BUILD.configure.log" 2>&1 \
   || { cat "$BUILD.configure.log"; exit 1; }
 # Leak checking is off: libtorch's own process-lifetime allocations would be reported as leaks.

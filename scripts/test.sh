@@ -6,19 +6,22 @@
 # with the reason, on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$(date +%s)
+phase() { echo "== $1 (at $(( $(date +%s) - t0 )) s)"; }
 bash scripts/setup.sh
 VENV=${MIXPREC_VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 
-echo "== pytest"
+phase pytest
 python -m pytest tests/python -q
-echo "== ctest"
+phase ctest
 ctest --test-dir "${MIXPREC_BUILD_DIR:-build/cmake}" --output-on-failure
 if [ "${MIXPREC_SKIP_SANITIZE:-0}" = "0" ]; then
-  echo "== Catch2 suite under ASan + UBSan"
+  phase "Catch2 suite under ASan + UBSan"
   bash scripts/sanitize.sh
 fi
 if [ "${MIXPREC_SKIP_WHEEL:-0}" = "0" ]; then
-  echo "== the wheel in a fresh venv"
+  phase "the wheel in a fresh venv"
   bash scripts/wheel_check.sh
 fi
+phase done
