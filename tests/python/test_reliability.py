@@ -88,6 +88,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys, torch, mixprec
     from torch import nn
     mode, start, stop, ckpt, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    save_at = int(sys.argv[6]) if len(sys.argv) > 6 else -1  # also checkpoint (into ckpt) after this many steps
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1)).bfloat16()
     kw = dict(fp32=dict(master_weights="fp32"), remainder=dict(master_weights="remainder"),
@@ -99,28 +100,32 @@ RESUME_SCRIPT = textwrap.dedent(
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); scaler.load_state_dict(state["scaler"])
     gen = torch.Generator().manual_seed(7)
     batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(stop)]
+    def save(path):
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, path)
+
     for step in range(start, stop):
+        if step == save_at:
+            save(ckpt)
         x, y = batches[step]
         opt.zero_grad()
         scaler.scale(nn.functional.mse_loss(model(x.bfloat16()).float(), y)).backward()
         if step % 5 == 4:
             model[0].weight.grad[0, 0] = float("inf")
         scaler.step(opt); scaler.update()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()},
-               out)
+    save(out)
     """
 )
 
 
 @pytest.mark.parametrize("mode", ["fp32", "remainder", "stochastic"])
 def test_resume_in_a_fresh_process_is_bitwise(tmp_path, mode: str) -> None:
-    def run(start: int, stop: int, ckpt: str, out: str) -> None:
-        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, mode, str(start), str(stop), ckpt, out], check=True)
+    def run(*args: object) -> None:
+        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, mode, *map(str, args)], check=True)
 
     k = random.Random(mode).randrange(3, 17)
-    run(0, 20, "", str(tmp_path / "straight.pt"))
-    run(0, k, "", str(tmp_path / "ckpt.pt"))
-    run(k, 20, str(tmp_path / "ckpt.pt"), str(tmp_path / "resumed.pt"))
+    # The straight run also writes the checkpoint after step k; a fresh process resumes from it.
+    run(0, 20, tmp_path / "ckpt.pt", tmp_path / "straight.pt", k)
+    run(k, 20, tmp_path / "ckpt.pt", tmp_path / "resumed.pt")
     a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     for key, v in a["model"].items():
         assert torch.equal(v.reshape(-1).view(torch.uint8), b["model"][key].reshape(-1).view(torch.uint8)), key
