@@ -8,6 +8,8 @@ Model: GPT-2 small's parameter shapes (~124M parameters; --size 1b adds a 1B-par
                torch.optim.AdamW(fused=True) on the fp32 masters, torch._foreach_copy_ into the bf16
                params (48 bytes/param)
   fp32 fused   torch.optim.AdamW(fused=True) on fp32 params with fp32 grads, nothing else (28 bytes/param)
+  no master    mixprec AdamW on bf16 params without masters, written back with nearest or stochastic
+               rounding (24 bytes/param): what stochastic rounding costs
 
     python benchmarks/bench_adam.py [--device cpu|cuda] [--quick] [--size 1b]
 """
@@ -59,6 +61,19 @@ def main() -> None:
         t_ours = time_it(ours.step, device)
         del ours, params
 
+        # ours without masters: bf16 parameters written back by nearest or stochastic rounding (the issue-17
+        # goal: stochastic within 1.5x of nearest), 24 bytes/param
+        t_plain16 = {}
+        for rounding in ("nearest", "stochastic"):
+            params = [torch.nn.Parameter(t.bfloat16()) for t in init]
+            for p in params:
+                p.grad = (torch.randn_like(p, dtype=torch.float32) * 1024).bfloat16()
+            opt = mixprec.optim.AdamW(params, lr=1e-4, master_weights="none", rounding=rounding, seed=0)
+            opt.grad_scale = scale
+            opt.found_inf = torch.zeros(1, device=device)
+            t_plain16[rounding] = time_it(opt.step, device)
+            del opt, params
+
         # torch composition
         params = [t.bfloat16() for t in init]
         grads = [(torch.randn_like(p, dtype=torch.float32) * 1024).bfloat16() for p in params]
@@ -88,7 +103,9 @@ def main() -> None:
         del plain, fp32, init
 
         for label, t, nbytes in (("ours (bf16 + fp32 master)", t_ours, 30), ("torch composition", t_comp, 48),
-                                 ("torch fused AdamW, fp32 params", t_plain, 28)):
+                                 ("torch fused AdamW, fp32 params", t_plain, 28),
+                                 ("ours (bf16, no master, nearest)", t_plain16["nearest"], 24),
+                                 ("ours (bf16, no master, stochastic)", t_plain16["stochastic"], 24)):
             rows.append([name, f"{n / 1e6:.0f}M", label, f"{t * 1e3:.2f}", nbytes, f"{n * nbytes / t / 1e9:.1f}",
                          f"{t / t_ours:.2f}x"])
     print_table(["model", "params", "step", "ms", "bytes/param", "GB/s", "time vs ours"], rows)

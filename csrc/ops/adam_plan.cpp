@@ -103,7 +103,11 @@ void check_adam_args(const AdamArgs& a) {
     TORCH_CHECK(a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(), kOp, ": exp_avg_sqs[", i,
                 "] must have the dtype of exp_avgs[", i, "] (", a.exp_avgs[i].scalar_type(), "), got ",
                 a.exp_avg_sqs[i].scalar_type());
-    check_one_element(a.steps[i], kOp, ("steps[" + std::to_string(i) + "]").c_str(), at::kFloat, device);
+    const at::Tensor& st = a.steps[i];
+    if (!(st.layout() == at::kStrided && st.numel() == 1 && st.scalar_type() == at::kFloat && st.device() == device)) {
+      // The name is only composed for the message: a string per row would cost more than the row's checks.
+      check_one_element(st, kOp, ("steps[" + std::to_string(i) + "]").c_str(), at::kFloat, device);
+    }
     if (a.master_mode == MasterMode::Fp32) {
       TORCH_CHECK(a.masters[i].scalar_type() == at::kFloat, kOp, ": masters[", i,
                   "] must be float32 when master_mode is \"fp32\", got ", a.masters[i].scalar_type());

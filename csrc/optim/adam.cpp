@@ -146,7 +146,17 @@ void Adam::step_scaled(const std::optional<torch::Tensor>& grad_scale, const std
       // A state loaded from elsewhere: steps onto the param's device, masters from the params.
       if (st.step().device() != p.device()) st.step(st.step().to(p.device(), at::kFloat));
       if (mode == "fp32" && !st.master().defined()) st.master(p.detach().to(at::kFloat).clone());
-      if (mode == "remainder" && !st.remainder().defined()) st.remainder(torch::zeros_like(p, p.options().dtype(at::kShort)));
+      if (mode == "remainder" && !st.remainder().defined()) {
+        if (st.master().defined()) {
+          // Switching from fp32 masters keeps the exact value: the param takes its bf16 half, the state the rest.
+          auto [bf16, remainder] = ops::split_bf16_remainder(st.master());
+          p.detach().copy_(bf16);
+          st.remainder(remainder);
+          st.master(torch::Tensor());
+        } else {  // the bf16 value is exact: its remainder is zero
+          st.remainder(torch::zeros_like(p, p.options().dtype(at::kShort)));
+        }
+      }
       Bucket& b = buckets[{p.device().str(), mode}];
       b.p.push_back(p);
       b.g.push_back(p.grad());

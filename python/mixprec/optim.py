@@ -233,7 +233,10 @@ class _MixprecAdam(torch.optim.Optimizer):
                 mode = self._master_mode(p, group)
                 local = _local(p)
                 state = self._init_state(p, local, group, mode)
-                b = buckets.setdefault((p.device, mode), {k: [] for k in ("p", "g", "m", "v", "w", "s")})
+                key = (p.device, mode)
+                b = buckets.get(key)
+                if b is None:  # not setdefault: that would build the lists for every parameter
+                    b = buckets[key] = {k: [] for k in ("p", "g", "m", "v", "w", "s")}
                 b["p"].append(local)
                 b["g"].append(_local(grad))
                 b["m"].append(state["exp_avg"])

@@ -172,3 +172,30 @@ TEST_CASE("bad optimizer settings are rejected by name", "[optim][errors]") {
   REQUIRE_THROWS_WITH(mixprec::optim::AdamW(params, mixprec::optim::AdamOptions(1e-3).betas({0.9, 1.0})),
                       Catch::Contains("beta"));
 }
+
+TEST_CASE("switching from fp32 masters to remainder mode keeps the exact master", "[optim]") {
+  // As the Python optimizer does: the param takes the master's bf16 half, the remainder the rest, so
+  // merging the two gives the master's fp32 bits (zero remainders would drop them).
+  auto params = make_params(torch::kBFloat16);
+  mixprec::optim::AdamW opt(params, mixprec::optim::AdamWOptions(1e-2).master_weights("fp32"));
+  for (int step = 0; step < 3; ++step) {
+    set_grads(params, step);
+    opt.step();
+  }
+  auto state_of = [&](const torch::Tensor& p) -> mixprec::optim::AdamParamState& {
+    return static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(p.unsafeGetTensorImpl()));
+  };
+  std::vector<torch::Tensor> masters;
+  for (const auto& p : params) masters.push_back(state_of(p).master().clone());
+  REQUIRE(!torch::equal(masters[1], params[1].detach().to(torch::kFloat)));  // the master holds more than bf16
+  // lr 0: the step leaves every weight as it is (w - 0 * update, decay factor 1), so only the switch acts.
+  static_cast<mixprec::optim::AdamOptions&>(opt.param_groups()[0].options()).master_weights("remainder").lr(0.0);
+  set_grads(params, 3);
+  opt.step();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& st = state_of(params[i]);
+    REQUIRE(!st.master().defined());
+    REQUIRE(st.remainder().scalar_type() == torch::kShort);
+    REQUIRE(torch::equal(mixprec::ops::merge_bf16_remainder(params[i].detach(), st.remainder()), masters[i]));
+  }
+}

@@ -441,10 +441,14 @@ def test_on_device_inputs_scale_and_clip() -> None:
 
 def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
     torch.manual_seed(8)
-    inputs = {"p": [torch.randn(10007).bfloat16(), torch.randn(333)], "g": [torch.randn(10007).bfloat16(), torch.randn(333)]}
+    # bf16, fp32 and fp16 rows of odd sizes: vector blocks, the 64-element stochastic blocks and scalar tails,
+    # with list-wide draw indices that are not multiples of 64.
+    inputs = {"p": [torch.randn(10007).bfloat16(), torch.randn(333), torch.randn(1029).half()],
+              "g": [torch.randn(10007).bfloat16(), torch.randn(333), torch.randn(1029).half()]}
     script = """
         out = []
-        for mode, rounding in (("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic")):
+        for mode, rounding in (("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic"),
+                               ("fp32", "stochastic")):
             p = [t.clone() for t in INPUTS["p"]]
             if mode == "remainder":
                 p = [p[0]]
@@ -455,8 +459,8 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
             s = [torch.zeros(()) for _ in p]
             for _ in range(3):
                 mixprec.ops.adam_step_(p, g, m, v, w, s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
-                                       master_mode=mode, rounding=rounding, seed=3)
-            out.append((p, m, v, w))
+                                       master_mode=mode, rounding=rounding, seed=3, grad_scale=torch.full((1,), 2.0))
+            out.append((p, m, v, w, g))
         RESULT = out
     """
     a = run_with_cpu_capability("default", script, inputs, tmp_path)

@@ -1,16 +1,19 @@
 // The inner loops of adam_step_ on the CPU, compiled once per CPU capability (see cpu_dispatch.h).
-// Rows with fp32 masters or no master and nearest rounding run on ATen's vector types, 16 elements at a
-// time, with the operations in adam_rule.h's order (so both capability builds agree bit for bit); the
-// int16-remainder and stochastic-rounding rows run the scalar rule with rounding.h.
+// Rows with fp32 masters or no master run on ATen's vector types, 16 elements at a time, with the
+// operations in adam_rule.h's order (so both capability builds agree bit for bit); stochastic rounding of
+// the 16-bit parameters is vectorised too on AVX2 (stochastic_avx2.h, the cast's code). The int16-remainder
+// rows, the tails and the DEFAULT capability's stochastic rows run the scalar rule with rounding.h.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/adam_rule.h"
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/stochastic_avx2.h"
 #include "ops/philox.h"
 #include "ops/rounding.h"
 
@@ -87,45 +90,20 @@ inline P write_param(float w, rounding::Mode mode, uint32_t draw) {
   }
 }
 
+// Elements [from, to) by the scalar rule: tails, int16 remainders, and stochastic rounding where there is
+// no vector rounding (the DEFAULT capability).
 template <typename P, typename G, typename M>
-void adam_typed(const AdamChunk& c, const AdamCommon& k) {
+void adam_scalar(const AdamChunk& c, const AdamCommon& k, int64_t from, int64_t to) {
   P* p = static_cast<P*>(c.param);
   G* g = static_cast<G*>(c.grad);
   M* m1 = static_cast<M*>(c.exp_avg);
   M* m2 = static_cast<M*>(c.exp_avg_sq);
   float* master = static_cast<float*>(c.master);
   const detail::AdamScalars& s = c.scalars;
-  int64_t i = 0;
-  const bool vector_rule =
-      k.mode != MasterMode::Remainder && (k.rounding == rounding::Mode::Nearest || std::is_same_v<P, float>);
-  if (vector_rule) {
-    const FVec scale(k.grad_scale), clip(k.clip_coef);
-    for (; i + kW <= c.n; i += kW) {
-      FVec w0, w1, m0, m1v, v0, v1, g0, g1;
-      if (k.mode == MasterMode::Fp32) {
-        Io<float>::load(master + i, w0, w1);
-      } else {
-        Io<P>::load(p + i, w0, w1);
-      }
-      Io<G>::load(g + i, g0, g1);
-      Io<M>::load(m1 + i, m0, m1v);
-      Io<M>::load(m2 + i, v0, v1);
-      g0 = g0 / scale;
-      g1 = g1 / scale;
-      if (k.write_grad) Io<G>::store(g + i, g0, g1);
-      adam_update_vec(w0, m0, v0, g0 * clip, s);
-      adam_update_vec(w1, m1v, v1, g1 * clip, s);
-      Io<M>::store(m1 + i, m0, m1v);
-      Io<M>::store(m2 + i, v0, v1);
-      if (k.mode == MasterMode::Fp32) Io<float>::store(master + i, w0, w1);
-      Io<P>::store(p + i, w0, w1);
-    }
-  }
-  // The rest: tails, int16 remainders and stochastic rounding, one element at a time.
   philox::Draw4 draws{{0, 0, 0, 0}};
-  for (; i < c.n; ++i) {
+  for (int64_t i = from; i < to; ++i) {
     const uint64_t index = c.rng_index + static_cast<uint64_t>(i);
-    if (k.rounding == rounding::Mode::Stochastic && (i == 0 || index % 8 == 0)) {
+    if (k.rounding == rounding::Mode::Stochastic && (i == from || index % 8 == 0)) {
       draws = philox::philox4x32_10(index / 8, k.key.offset, k.key.seed);
     }
     float w;
@@ -158,6 +136,73 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
       p[i] = write_param<P>(w, k.rounding, rounding::draw16(draws.v, index));
     }
   }
+}
+
+// kW elements from i by the vector rule; the new weights come back in w0, w1 for the caller to store.
+template <typename P, typename G, typename M>
+inline void adam_vec_step(const AdamChunk& c, const AdamCommon& k, int64_t i, FVec& w0, FVec& w1) {
+  P* p = static_cast<P*>(c.param);
+  G* g = static_cast<G*>(c.grad);
+  M* m1 = static_cast<M*>(c.exp_avg);
+  M* m2 = static_cast<M*>(c.exp_avg_sq);
+  float* master = static_cast<float*>(c.master);
+  FVec m0, m1v, v0, v1, g0, g1;
+  if (k.mode == MasterMode::Fp32) {
+    Io<float>::load(master + i, w0, w1);
+  } else {
+    Io<P>::load(p + i, w0, w1);
+  }
+  Io<G>::load(g + i, g0, g1);
+  Io<M>::load(m1 + i, m0, m1v);
+  Io<M>::load(m2 + i, v0, v1);
+  const FVec scale(k.grad_scale), clip(k.clip_coef);
+  g0 = g0 / scale;
+  g1 = g1 / scale;
+  if (k.write_grad) Io<G>::store(g + i, g0, g1);
+  adam_update_vec(w0, m0, v0, g0 * clip, c.scalars);
+  adam_update_vec(w1, m1v, v1, g1 * clip, c.scalars);
+  Io<M>::store(m1 + i, m0, m1v);
+  Io<M>::store(m2 + i, v0, v1);
+  if (k.mode == MasterMode::Fp32) Io<float>::store(master + i, w0, w1);
+}
+
+template <typename P, typename G, typename M>
+void adam_typed(const AdamChunk& c, const AdamCommon& k) {
+  P* p = static_cast<P*>(c.param);
+  int64_t i = 0;
+  if (k.mode != MasterMode::Remainder) {
+    if (k.rounding == rounding::Mode::Nearest || std::is_same_v<P, float>) {
+      for (; i + kW <= c.n; i += kW) {
+        FVec w0, w1;
+        adam_vec_step<P, G, M>(c, k, i, w0, w1);
+        Io<P>::store(p + i, w0, w1);
+      }
+    } else {
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (!std::is_same_v<P, float>) {
+        // Stochastic rounding, 64 elements (8 Philox groups) per step after a scalar head that brings the
+        // draw index to a group boundary: the same draws, the same rounding, the same bits as the scalar
+        // rule, at vector speed.
+        static_assert(kW == 16, "the AVX2 stochastic write-back rounds 16 elements at a time");
+        i = std::min<int64_t>(c.n, static_cast<int64_t>((8 - c.rng_index % 8) % 8));
+        adam_scalar<P, G, M>(c, k, 0, i);
+        for (; i + 64 <= c.n; i += 64) {
+          __m256i pairs[4];
+          avx2::philox8((c.rng_index + static_cast<uint64_t>(i)) / 8, k.key.offset, k.key.seed, pairs);
+          for (int q = 0; q < 4; ++q) {
+            FVec w[2];
+            adam_vec_step<P, G, M>(c, k, i + 16 * q, w[0], w[1]);
+            __m256i draws[2];
+            avx2::element_draws(pairs[q], draws);
+            const __m256 x[2] = {w[0], w[1]};
+            avx2::store_stochastic16(p + i + 16 * q, x, draws);
+          }
+        }
+      }
+#endif
+    }
+  }
+  adam_scalar<P, G, M>(c, k, i, c.n);
 }
 
 template <typename P, typename G>
