@@ -150,6 +150,11 @@ class _MixprecAdam(torch.optim.Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", self._decoupled)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``."""
+        super().add_param_group(param_group)
+        self.__dict__.pop("_resolved", None)
+
     # -- master modes and state ---------------------------------------------------------------------------
 
     @staticmethod
@@ -202,6 +207,7 @@ class _MixprecAdam(torch.optim.Optimizer):
             merged = {**{k: v for k, v in self.defaults.items()}, **g}  # torch dicts lack our keys
             groups.append(merged)
         super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        self.__dict__.pop("_resolved", None)  # release the replaced state tensors now
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in originals:
@@ -222,30 +228,48 @@ class _MixprecAdam(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
 
+        # What each parameter's last step resolved (bucket, state tensors), reused while nothing it depends on
+        # changed: the same state dict holding the same tensors, the same dtype, the same group options. The
+        # checks are identity tests, so replacing a state tensor, loading a state dict or editing a group's
+        # master_weights / moment_dtype takes the full path again.
+        resolved: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_resolved", {})
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, str], dict[str, list[Tensor]]] = {}
+            options = (group["master_weights"], group["moment_dtype"])
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                mode = self._master_mode(p, group)
-                local = _local(p)
-                state = self._init_state(p, local, group, mode)
-                key = (p.device, mode)
+                state = self.state[p]
+                r = resolved.get(id(p))
+                if (r is not None and r[0] is p and r[1] is state and r[2] == options and r[3] is p.dtype
+                        and r[4][0] == p.device and state.get("exp_avg") is r[6] and state.get("exp_avg_sq") is r[7]
+                        and state.get("step") is r[8] and (r[10] is None or state.get(r[10]) is r[9])):
+                    key, local, m, v, step, w = r[4], r[5], r[6], r[7], r[8], r[9]
+                    grad = _local(grad)
+                else:
+                    mode = self._master_mode(p, group)
+                    local = _local(p)
+                    state = self._init_state(p, local, group, mode)
+                    key = (p.device, mode)
+                    m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                    w_key = {"fp32": "master", "remainder": "remainder"}.get(mode)
+                    w = None if w_key is None else state[w_key]
+                    grad = _local(grad)
+                    if local is p:  # a DTensor's local shard is a new object per call: resolved afresh
+                        resolved[id(p)] = (p, state, options, p.dtype, key, local, m, v, step, w, w_key)
                 b = buckets.get(key)
-                if b is None:  # not setdefault: that would build the lists for every parameter
+                if b is None:
                     b = buckets[key] = {k: [] for k in ("p", "g", "m", "v", "w", "s")}
                 b["p"].append(local)
-                b["g"].append(_local(grad))
-                b["m"].append(state["exp_avg"])
-                b["v"].append(state["exp_avg_sq"])
-                b["s"].append(state["step"])
-                if mode == "fp32":
-                    b["w"].append(state["master"])
-                elif mode == "remainder":
-                    b["w"].append(state["remainder"])
+                b["g"].append(grad)
+                b["m"].append(m)
+                b["v"].append(v)
+                b["s"].append(step)
+                if w is not None:
+                    b["w"].append(w)
             if not buckets:
                 continue
             beta1, beta2 = group["betas"]

@@ -556,3 +556,54 @@ def test_optimizer_rejects_sparse_and_skips_params_without_grad() -> None:
         c = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
         c.grad = torch.ones(3, dtype=torch.float16)
         mixprec.optim.AdamW([c], master_weights="remainder").step()
+
+
+def _train(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: range, forget: bool) -> None:
+    for step in steps:
+        gen = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if step % 3 or p.dim() > 1 else None
+        if forget:
+            opt.__dict__.pop("_resolved", None)  # every parameter through the full path
+        opt.step()
+
+
+def test_resolved_state_is_reused_only_while_nothing_changed() -> None:
+    """The step reuses what it resolved per parameter (bucket, state tensors) across steps. A run that
+    resolves everything afresh every step must give the same bits, through a state tensor replaced by the
+    user, a group switched from fp32 masters to remainders, and a loaded state dict."""
+    def run(forget: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in ((7, 5), (5,), (64,))]
+        opt = mixprec.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        _train(opt, params, range(0, 4), forget)
+        opt.state[params[0]]["exp_avg"] = torch.zeros_like(opt.state[params[0]]["exp_avg"])  # replaced
+        _train(opt, params, range(4, 7), forget)
+        opt.param_groups[0]["master_weights"] = "remainder"  # fp32 masters split into remainders
+        _train(opt, params, range(7, 10), forget)
+        saved = copy.deepcopy(opt.state_dict())
+        _train(opt, params, range(10, 12), forget)
+        opt.load_state_dict(saved)  # back two steps: the replaced state must be the one stepped
+        _train(opt, params, range(10, 14), forget)
+        st = opt.state[params[0]]
+        assert "master" not in st and st["remainder"].dtype == torch.int16
+        return [p.detach().clone() for p in params] + [opt.state[p]["exp_avg"] for p in params]
+
+    reused, fresh = run(False), run(True)
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
+
+
+def test_a_replaced_state_tensor_is_the_one_updated() -> None:
+    p = torch.nn.Parameter(torch.randn(10).bfloat16())
+    opt = mixprec.optim.AdamW([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.ones(10).bfloat16()
+        opt.step()
+    old = opt.state[p]["exp_avg"]
+    before = old.clone()
+    opt.state[p]["exp_avg"] = torch.zeros(10)
+    p.grad = torch.ones(10).bfloat16()
+    opt.step()
+    assert torch.equal(old, before)  # the replaced tensor is left alone
+    assert torch.allclose(opt.state[p]["exp_avg"], torch.full((10,), 0.1))  # 0.9 * 0 + 0.1 * 1
