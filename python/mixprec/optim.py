@@ -242,13 +242,13 @@ class _MixprecAdam(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                grad = _local(grad)
                 state = self.state[p]
                 r = resolved.get(id(p))
                 if (r is not None and r[0] is p and r[1] is state and r[2] == options and r[3] is p.dtype
                         and r[4][0] == p.device and state.get("exp_avg") is r[6] and state.get("exp_avg_sq") is r[7]
                         and state.get("step") is r[8] and (r[10] is None or state.get(r[10]) is r[9])):
                     key, local, m, v, step, w = r[4], r[5], r[6], r[7], r[8], r[9]
-                    grad = _local(grad)
                 else:
                     mode = self._master_mode(p, group)
                     local = _local(p)
@@ -257,7 +257,6 @@ class _MixprecAdam(torch.optim.Optimizer):
                     m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                     w_key = {"fp32": "master", "remainder": "remainder"}.get(mode)
                     w = None if w_key is None else state[w_key]
-                    grad = _local(grad)
                     if local is p:  # a DTensor's local shard is a new object per call: resolved afresh
                         resolved[id(p)] = (p, state, options, p.dtype, key, local, m, v, step, w, w_key)
                 b = buckets.get(key)
