@@ -1,9 +1,12 @@
-// mixprec::optim::Adam / AdamW: the LibTorch twin of python/mixprec/optim.py, on the same fused op.
+// The Adam core shared by both front doors (mixprec::optim::AdamCore), the C++ front door
+// (mixprec::optim::Adam / AdamW) and the Python one's binding (torch.classes.mixprec.AdamCore, driven by
+// python/mixprec/optim.py).
 #include "mixprec/optim.h"
 
+#include <torch/custom_class.h>
 #include <torch/serialize/archive.h>
 
-#include <map>
+#include <unordered_map>
 
 #include "mixprec/ops.h"
 
@@ -11,47 +14,87 @@ namespace mixprec::optim {
 
 namespace {
 
-bool is_low_precision(const torch::Tensor& p) {
-  return p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16;
+bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+}  // namespace
+
+// ---- the core: rules ----------------------------------------------------------------------------------------
+
+void AdamCore::check_options(const AdamOptions& o) {
+  TORCH_CHECK_VALUE(o.lr() >= 0, "Invalid learning rate: ", o.lr(), " (lr must be >= 0)");
+  TORCH_CHECK_VALUE(o.eps() >= 0, "Invalid epsilon value: ", o.eps(), " (eps must be >= 0)");
+  const auto [b1, b2] = o.betas();
+  TORCH_CHECK_VALUE(b1 >= 0 && b1 < 1, "Invalid beta parameter at index 0: ", b1, " (must be in [0, 1))");
+  TORCH_CHECK_VALUE(b2 >= 0 && b2 < 1, "Invalid beta parameter at index 1: ", b2, " (must be in [0, 1))");
+  TORCH_CHECK_VALUE(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay(), " (must be >= 0)");
+  TORCH_CHECK_VALUE(!o.amsgrad(), "amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum "
+                    "of the second moments); use torch's Adam with amsgrad");
+  const std::string& mw = o.master_weights();
+  TORCH_CHECK_VALUE(mw == "auto" || mw == "fp32" || mw == "remainder" || mw == "none",
+                    "master_weights must be one of ('auto', 'fp32', 'remainder', 'none'), got '", mw, "'");
+  TORCH_CHECK_VALUE(o.moment_dtype() == at::kFloat || o.moment_dtype() == at::kBFloat16,
+                    "moment_dtype must be torch.float32 or torch.bfloat16, got ", o.moment_dtype());
+  TORCH_CHECK_VALUE(o.rounding() == "nearest" || o.rounding() == "stochastic",
+                    "rounding must be one of ('nearest', 'stochastic'), got '", o.rounding(), "'");
 }
 
-std::string master_mode_for(const torch::Tensor& p, const AdamOptions& o) {
-  const std::string& choice = o.master_weights();
-  if (choice == "auto") return is_low_precision(p) ? "fp32" : "none";
-  if (choice == "remainder") {
-    TORCH_CHECK(p.scalar_type() == at::kBFloat16, "mixprec::optim: master_weights \"remainder\" needs bfloat16 params, got ",
-                p.scalar_type());
-  }
-  if (choice == "fp32" && p.scalar_type() == at::kFloat) return "none";
+std::string AdamCore::master_mode(const torch::Tensor& p, const std::string& choice) {
+  if (choice == "auto") return is_low_precision(p.scalar_type()) ? "fp32" : "none";
+  TORCH_CHECK_VALUE(choice != "remainder" || p.scalar_type() == at::kBFloat16,
+                    "master_weights='remainder' needs bfloat16 parameters, got ", p.scalar_type());
+  if (choice == "fp32" && p.scalar_type() == at::kFloat) return "none";  // an fp32 param is its own master
   return choice;
 }
 
-int64_t splitmix64(uint64_t x) {
+int64_t AdamCore::step_seed(int64_t seed, int64_t rng_calls) {
+  // splitmix64: well-mixed, distinct Philox keys for consecutive steps of one seed.
+  uint64_t x = (static_cast<uint64_t>(seed) << 20) ^ static_cast<uint64_t>(rng_calls);
   x += 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
   return static_cast<int64_t>(x ^ (x >> 31));
 }
 
-void check_options(const AdamOptions& o) {
-  TORCH_CHECK(o.lr() >= 0, "mixprec::optim: invalid learning rate: ", o.lr(), " (lr must be >= 0)");
-  TORCH_CHECK(o.eps() >= 0, "mixprec::optim: invalid epsilon value: ", o.eps(), " (eps must be >= 0)");
-  const auto [b1, b2] = o.betas();
-  TORCH_CHECK(b1 >= 0 && b1 < 1, "mixprec::optim: invalid beta parameter at index 0: ", b1, " (must be in [0, 1))");
-  TORCH_CHECK(b2 >= 0 && b2 < 1, "mixprec::optim: invalid beta parameter at index 1: ", b2, " (must be in [0, 1))");
-  TORCH_CHECK(o.weight_decay() >= 0, "mixprec::optim: invalid weight_decay value: ", o.weight_decay());
-  TORCH_CHECK(!o.amsgrad(), "mixprec::optim: amsgrad=true is not supported by the fused step (it keeps no maximum of "
-              "the second moments); use torch::optim::Adam with amsgrad");
-  const std::string& mw = o.master_weights();
-  TORCH_CHECK(mw == "auto" || mw == "fp32" || mw == "remainder" || mw == "none",
-              "mixprec::optim: master_weights must be \"auto\", \"fp32\", \"remainder\" or \"none\", got \"", mw, "\"");
-  TORCH_CHECK(o.moment_dtype() == at::kFloat || o.moment_dtype() == at::kBFloat16,
-              "mixprec::optim: moment_dtype must be float32 or bfloat16, got ", o.moment_dtype());
-  TORCH_CHECK(o.rounding() == "nearest" || o.rounding() == "stochastic",
-              "mixprec::optim: rounding must be \"nearest\" or \"stochastic\", got \"", o.rounding(), "\"");
+bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, const std::string& mode,
+                             c10::ScalarType moment_dtype) {
+  bool replaced = false;
+  const auto like = [&](c10::ScalarType dtype) {
+    return torch::zeros_like(param, param.options().dtype(dtype), at::MemoryFormat::Preserve);
+  };
+  if (!st.step().defined()) {
+    st.step(torch::zeros({}, param.options().dtype(at::kFloat)));
+    replaced = true;
+  } else if (st.step().device() != param.device() || st.step().scalar_type() != at::kFloat) {
+    st.step(st.step().to(param.device(), at::kFloat));  // e.g. torch's CPU step counts
+    replaced = true;
+  }
+  for (torch::Tensor* t : {&st.exp_avg(), &st.exp_avg_sq()}) {  // TORCH_ARG's mutable getters
+    if (!t->defined()) {
+      *t = like(moment_dtype);
+      replaced = true;
+    } else if (t->scalar_type() != moment_dtype || t->device() != param.device()) {
+      *t = t->to(param.device(), moment_dtype);
+      replaced = true;
+    }
+  }
+  if (mode == "fp32" && !st.master().defined()) {
+    st.master(param.detach().to(at::kFloat).clone(at::MemoryFormat::Preserve));
+    replaced = true;
+  }
+  if (mode == "remainder" && !st.remainder().defined()) {
+    if (st.master().defined()) {
+      // Switching from fp32 masters keeps the exact value: the param takes its bf16 half, the state the rest.
+      auto [bf16, remainder] = ops::split_bf16_remainder(st.master());
+      param.detach().copy_(bf16);
+      st.remainder(remainder);
+      st.master(torch::Tensor());
+    } else {  // the bf16 value is exact: its remainder is zero
+      st.remainder(like(at::kShort));
+    }
+    replaced = true;
+  }
+  return replaced;
 }
-
-}  // namespace
 
 AdamOptions::AdamOptions(double lr) : lr_(lr) {}
 
@@ -107,7 +150,7 @@ Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, A
 
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults, bool decoupled)
     : torch::optim::Optimizer(param_groups, std::make_unique<AdamOptions>(defaults)), decoupled_(decoupled) {
-  check_options(defaults);
+  AdamCore::check_options(defaults);
 }
 
 torch::Tensor Adam::step(LossClosure closure) {
@@ -120,67 +163,174 @@ torch::Tensor Adam::step(LossClosure closure) {
   return loss;
 }
 
+// ---- the core: cached lists and the launch ------------------------------------------------------------------
+
+namespace {
+
+// The tensor a bucket's kernel takes as the master: the fp32 master or the int16 remainder.
+const torch::Tensor& master_of(const AdamParamState& st, const std::string& mode) {
+  static const torch::Tensor none;
+  if (mode == "fp32") return st.master();
+  if (mode == "remainder") return st.remainder();
+  return none;
+}
+
+const torch::Tensor& grad_of(at::TensorList params, const AdamCore::StepInputs& in, size_t i) {
+  static const torch::Tensor none;
+  if (in.grads.has_value()) {
+    const auto& g = (*in.grads)[i];
+    return g.has_value() ? *g : none;
+  }
+  return params[i].grad();
+}
+
+}  // namespace
+
+bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options,
+                          const StateLookup& state_of, std::vector<std::vector<torch::Tensor>>& grads) const {
+  if (!plan.valid || plan.rows.size() != params.size() || plan.master_weights != options.master_weights() ||
+      plan.moment_dtype != options.moment_dtype()) {
+    return false;
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Row& row = plan.rows[i];
+    const torch::Tensor& p = params[i];
+    if (p.unsafeGetTensorImpl() != row.param.unsafeGetTensorImpl() || p.scalar_type() != row.dtype ||
+        p.device() != row.device) {
+      return false;
+    }
+    const torch::Tensor& g = p.grad();
+    if (g.defined() != row.has_grad) return false;
+    if (!row.has_grad) continue;
+    TORCH_CHECK(!g.is_sparse(), "mixprec's Adam does not support sparse gradients");
+    const AdamParamState& st = state_of(p);
+    // The plan holds these tensors, so equal pointers mean the very same tensors.
+    if (st.step().unsafeGetTensorImpl() != row.step.unsafeGetTensorImpl() ||
+        st.exp_avg().unsafeGetTensorImpl() != row.exp_avg.unsafeGetTensorImpl() ||
+        st.exp_avg_sq().unsafeGetTensorImpl() != row.exp_avg_sq.unsafeGetTensorImpl() ||
+        master_of(st, plan.buckets[row.bucket].mode).unsafeGetTensorImpl() != row.master.unsafeGetTensorImpl()) {
+      return false;
+    }
+    grads[row.bucket].push_back(g);
+  }
+  return true;
+}
+
+std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, const AdamOptions& options,
+                                          const StateLookup& state_of, const StepInputs& in,
+                                          std::vector<std::vector<torch::Tensor>>& grads) const {
+  plan = Plan{};
+  plan.master_weights = options.master_weights();
+  plan.moment_dtype = options.moment_dtype();
+  plan.rows.reserve(params.size());
+  grads.clear();
+  std::vector<int64_t> changed;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const torch::Tensor& p = params[i];
+    Row row;
+    row.param = p;
+    row.dtype = p.scalar_type();
+    row.device = p.device();
+    const torch::Tensor& g = grad_of(params, in, i);
+    row.has_grad = g.defined();
+    if (row.has_grad) {
+      TORCH_CHECK(!g.is_sparse(), "mixprec's Adam does not support sparse gradients");
+      const torch::Tensor& local = in.locals.has_value() ? (*in.locals)[i] : p;
+      TORCH_CHECK(in.locals.has_value() || !p.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python),
+                  "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
+      const std::string mode = master_mode(local, options.master_weights());
+      AdamParamState& st = state_of(p);
+      if (prepare_state(local, st, mode, options.moment_dtype())) changed.push_back(static_cast<int64_t>(i));
+      size_t b = 0;
+      while (b < plan.buckets.size() && !(plan.buckets[b].device == local.device() && plan.buckets[b].mode == mode)) {
+        ++b;
+      }
+      if (b == plan.buckets.size()) {
+        plan.buckets.push_back(Bucket{local.device(), mode, {}, {}, {}, {}, {}});
+        grads.emplace_back();
+      }
+      Bucket& bucket = plan.buckets[b];
+      row.bucket = b;
+      row.step = st.step();
+      row.exp_avg = st.exp_avg();
+      row.exp_avg_sq = st.exp_avg_sq();
+      row.master = master_of(st, mode);
+      bucket.p.push_back(local);
+      bucket.m.push_back(row.exp_avg);
+      bucket.v.push_back(row.exp_avg_sq);
+      bucket.s.push_back(row.step);
+      if (row.master.defined()) bucket.w.push_back(row.master);
+      grads[b].push_back(g);
+    }
+    plan.rows.push_back(std::move(row));
+  }
+  // Shards handed in per call are new tensors every step: nothing to reuse.
+  plan.valid = !in.locals.has_value() && !in.grads.has_value();
+  return changed;
+}
+
+std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, AdamOptions& options, bool decoupled,
+                                          const StateLookup& state_of, const StepInputs& in) {
+  check_options(options);
+  TORCH_CHECK_VALUE(!in.locals.has_value() || in.locals->size() == params.size(),
+                    "mixprec's Adam: locals must have one tensor per parameter");
+  TORCH_CHECK_VALUE(!in.grads.has_value() || in.grads->size() == params.size(),
+                    "mixprec's Adam: grads must have one entry per parameter");
+  if (plans_.size() <= group) plans_.resize(group + 1);
+  Plan& plan = plans_[group];
+  std::vector<std::vector<torch::Tensor>> grads(plan.buckets.size());
+  std::vector<int64_t> changed;
+  if (in.locals.has_value() || in.grads.has_value() || !plan_holds(plan, params, options, state_of, grads)) {
+    plan.valid = false;  // a check above may throw half way: never reuse a plan that was not rebuilt
+    changed = build_plan(plan, params, options, state_of, in, grads);
+  }
+  bool any = false;
+  for (const auto& g : grads) any = any || !g.empty();
+  if (!any) return changed;
+
+  std::optional<int64_t> seed;
+  if (options.seed() >= 0) {
+    seed = step_seed(options.seed(), options.rng_calls());
+    options.rng_calls(options.rng_calls() + 1);
+  }
+  const auto on = [](const std::optional<torch::Tensor>& t, c10::Device device) -> std::optional<torch::Tensor> {
+    if (!t.has_value() || !t->defined()) return std::nullopt;
+    torch::Tensor r = t->device() == device ? *t : t->to(device, /*non_blocking=*/true);
+    return r.dim() == 1 ? r : r.reshape({1});
+  };
+  const auto [beta1, beta2] = options.betas();
+  for (size_t b = 0; b < plan.buckets.size(); ++b) {
+    if (grads[b].empty()) continue;
+    const Bucket& bucket = plan.buckets[b];
+    ops::AdamStepExtras extras;
+    extras.lr_tensor = on(in.lr_tensor, bucket.device);
+    if (extras.lr_tensor.has_value() && extras.lr_tensor->scalar_type() != at::kFloat) {
+      extras.lr_tensor = extras.lr_tensor->to(at::kFloat);
+    }
+    extras.grad_scale = on(in.grad_scale, bucket.device);
+    extras.found_inf = on(in.found_inf, bucket.device);
+    ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
+                    options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
+                    options.rounding(), seed, extras);
+  }
+  return changed;
+}
+
+// ---- the C++ front door -------------------------------------------------------------------------------------
+
 void Adam::step_scaled(const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf) {
   torch::NoGradGuard no_grad;
-  for (auto& group : param_groups_) {
-    auto& options = static_cast<AdamOptions&>(group.options());
-    check_options(options);
-    struct Bucket {
-      std::vector<torch::Tensor> p, g, m, v, w, s;
-    };
-    std::map<std::pair<std::string, std::string>, Bucket> buckets;  // (device, master mode)
-    for (auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      TORCH_CHECK(!p.grad().is_sparse(), "mixprec::optim::Adam does not support sparse gradients");
-      const std::string mode = master_mode_for(p, options);
-      auto key = p.unsafeGetTensorImpl();
-      auto it = state_.find(key);
-      if (it == state_.end()) {
-        auto st = std::make_unique<AdamParamState>();
-        st->step(torch::zeros({}, p.options().dtype(at::kFloat)));
-        st->exp_avg(torch::zeros_like(p, p.options().dtype(options.moment_dtype())));
-        st->exp_avg_sq(torch::zeros_like(p, p.options().dtype(options.moment_dtype())));
-        it = state_.emplace(key, std::move(st)).first;
-      }
-      auto& st = static_cast<AdamParamState&>(*it->second);
-      // A state loaded from elsewhere: steps onto the param's device, masters from the params.
-      if (st.step().device() != p.device()) st.step(st.step().to(p.device(), at::kFloat));
-      if (mode == "fp32" && !st.master().defined()) st.master(p.detach().to(at::kFloat).clone());
-      if (mode == "remainder" && !st.remainder().defined()) {
-        if (st.master().defined()) {
-          // Switching from fp32 masters keeps the exact value: the param takes its bf16 half, the state the rest.
-          auto [bf16, remainder] = ops::split_bf16_remainder(st.master());
-          p.detach().copy_(bf16);
-          st.remainder(remainder);
-          st.master(torch::Tensor());
-        } else {  // the bf16 value is exact: its remainder is zero
-          st.remainder(torch::zeros_like(p, p.options().dtype(at::kShort)));
-        }
-      }
-      Bucket& b = buckets[{p.device().str(), mode}];
-      b.p.push_back(p);
-      b.g.push_back(p.grad());
-      b.m.push_back(st.exp_avg());
-      b.v.push_back(st.exp_avg_sq());
-      b.s.push_back(st.step());
-      if (mode == "fp32") b.w.push_back(st.master());
-      if (mode == "remainder") b.w.push_back(st.remainder());
-    }
-    if (buckets.empty()) continue;
-    std::optional<int64_t> seed;
-    if (options.seed() >= 0) {
-      seed = splitmix64((static_cast<uint64_t>(options.seed()) << 20) ^ static_cast<uint64_t>(options.rng_calls()));
-      options.rng_calls(options.rng_calls() + 1);
-    }
-    for (auto& [key, b] : buckets) {
-      const c10::Device device = b.p[0].device();
-      ops::AdamStepExtras extras;
-      if (grad_scale.has_value() && grad_scale->defined()) extras.grad_scale = grad_scale->to(device).reshape({1});
-      if (found_inf.has_value() && found_inf->defined()) extras.found_inf = found_inf->to(device).reshape({1});
-      const auto [beta1, beta2] = options.betas();
-      ops::adam_step_(b.p, b.g, b.m, b.v, b.w, b.s, options.lr(), beta1, beta2, options.eps(), options.weight_decay(),
-                      decoupled_, options.maximize(), key.second, options.rounding(), seed, extras);
-    }
+  const AdamCore::StateLookup state_of = [this](const torch::Tensor& p) -> AdamParamState& {
+    auto& slot = state_[p.unsafeGetTensorImpl()];
+    if (!slot) slot = std::make_unique<AdamParamState>();
+    return static_cast<AdamParamState&>(*slot);
+  };
+  AdamCore::StepInputs inputs;
+  inputs.grad_scale = grad_scale;
+  inputs.found_inf = found_inf;
+  for (size_t i = 0; i < param_groups_.size(); ++i) {
+    auto& group = param_groups_[i];
+    core_.step_group(i, group.params(), static_cast<AdamOptions&>(group.options()), decoupled_, state_of, inputs);
   }
 }
 
@@ -190,6 +340,124 @@ void Adam::save(torch::serialize::OutputArchive& archive) const {
 
 void Adam::load(torch::serialize::InputArchive& archive) {
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+}
+
+// ---- torch.classes.mixprec.AdamCore: the Python front door's handle on the core ----------------------------
+
+namespace {
+
+// The core plus the state of the parameters it has seen. Python's optimizer.state holds the same tensors:
+// the Python layer pushes its state here when it changed (set_states) and mirrors what a step created or
+// replaced (state_of), so the per-step path crosses into C++ once per param group.
+struct AdamCoreClass : torch::CustomClassHolder {
+  struct Entry {
+    torch::Tensor param;  // held, so the key (its TensorImpl) cannot be reused by another tensor
+    AdamParamState state;
+  };
+  AdamCore core;
+  std::unordered_map<const c10::TensorImpl*, Entry> states;
+
+  AdamParamState& state_of(const torch::Tensor& p) {
+    auto [it, inserted] = states.try_emplace(p.unsafeGetTensorImpl());
+    if (inserted) it->second.param = p;
+    return it->second.state;
+  }
+};
+
+using CoreRef = c10::intrusive_ptr<AdamCoreClass>;
+
+AdamOptions options_from(double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                         const std::string& master_weights, c10::ScalarType moment_dtype, const std::string& rounding,
+                         std::optional<int64_t> seed, int64_t rng_calls) {
+  TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be a non-negative integer or None, got ", *seed);
+  return AdamOptions(lr)
+      .betas({beta1, beta2})
+      .eps(eps)
+      .weight_decay(weight_decay)
+      .maximize(maximize)
+      .master_weights(master_weights)
+      .moment_dtype(moment_dtype)
+      .rounding(rounding)
+      .seed(seed.value_or(-1))
+      .rng_calls(rng_calls);
+}
+
+std::optional<torch::Tensor> defined_or_none(const std::optional<torch::Tensor>& t) {
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.class_<AdamCoreClass>("AdamCore")
+      .def(torch::init<>())
+      .def("check_options",
+           [](const CoreRef&, double lr, double beta1, double beta2, double eps, double weight_decay,
+              const std::string& master_weights, c10::ScalarType moment_dtype, const std::string& rounding,
+              std::optional<int64_t> seed) {
+             AdamCore::check_options(options_from(lr, beta1, beta2, eps, weight_decay, false, master_weights,
+                                                  moment_dtype, rounding, seed, 0));
+           })
+      // One param group's step. Returns (rng_calls after the step, indices whose state was created or replaced).
+      .def("step_group",
+           [](const CoreRef& self, int64_t group, std::vector<torch::Tensor> params,
+              std::optional<std::vector<torch::Tensor>> locals, std::optional<std::vector<std::optional<torch::Tensor>>> grads,
+              double lr, std::optional<torch::Tensor> lr_tensor, double beta1, double beta2, double eps,
+              double weight_decay, bool decoupled, bool maximize, const std::string& master_weights,
+              c10::ScalarType moment_dtype, const std::string& rounding, std::optional<int64_t> seed,
+              int64_t rng_calls, std::optional<torch::Tensor> grad_scale, std::optional<torch::Tensor> found_inf) {
+             TORCH_CHECK_VALUE(group >= 0, "group must be >= 0, got ", group);
+             torch::NoGradGuard no_grad;
+             AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, maximize, master_weights,
+                                                moment_dtype, rounding, seed, rng_calls);
+             AdamCore::StepInputs inputs;
+             inputs.lr_tensor = defined_or_none(lr_tensor);
+             inputs.grad_scale = defined_or_none(grad_scale);
+             inputs.found_inf = defined_or_none(found_inf);
+             inputs.locals = std::move(locals);
+             inputs.grads = std::move(grads);
+             std::vector<int64_t> changed = self->core.step_group(
+                 static_cast<size_t>(group), params, options, decoupled,
+                 [&self](const torch::Tensor& p) -> AdamParamState& { return self->state_of(p); }, inputs);
+             return std::make_tuple(options.rng_calls(), changed);
+           })
+      // Replaces all state with Python's: one row per parameter; an undefined step means no state.
+      .def("set_states",
+           [](const CoreRef& self, std::vector<torch::Tensor> params, std::vector<std::optional<torch::Tensor>> steps,
+              std::vector<std::optional<torch::Tensor>> exp_avgs, std::vector<std::optional<torch::Tensor>> exp_avg_sqs,
+              std::vector<std::optional<torch::Tensor>> masters, std::vector<std::optional<torch::Tensor>> remainders) {
+             const size_t n = params.size();
+             TORCH_CHECK_VALUE(steps.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                                   masters.size() == n && remainders.size() == n,
+                               "set_states: every list needs one entry per parameter (", n, ")");
+             self->core.invalidate();
+             self->states.clear();
+             const auto get = [](const std::optional<torch::Tensor>& t) { return t.value_or(torch::Tensor()); };
+             for (size_t i = 0; i < n; ++i) {
+               AdamParamState& st = self->state_of(params[i]);
+               st.step(get(steps[i]));
+               st.exp_avg(get(exp_avgs[i]));
+               st.exp_avg_sq(get(exp_avg_sqs[i]));
+               st.master(get(masters[i]));
+               st.remainder(get(remainders[i]));
+             }
+           })
+      // The state tensors of `param` the core holds (only the defined ones).
+      .def("state_of",
+           [](const CoreRef& self, const torch::Tensor& param) {
+             c10::Dict<std::string, torch::Tensor> out;
+             auto it = self->states.find(param.unsafeGetTensorImpl());
+             if (it == self->states.end()) return out;
+             const AdamParamState& st = it->second.state;
+             const std::pair<const char*, const torch::Tensor*> fields[] = {
+                 {"step", &st.step()}, {"exp_avg", &st.exp_avg()}, {"exp_avg_sq", &st.exp_avg_sq()},
+                 {"master", &st.master()}, {"remainder", &st.remainder()}};
+             for (const auto& [name, t] : fields) {
+               if (t->defined()) out.insert(name, *t);
+             }
+             return out;
+           })
+      .def("invalidate", [](const CoreRef& self) { self->core.invalidate(); });
 }
 
 }  // namespace mixprec::optim

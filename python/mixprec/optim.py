@@ -1,8 +1,13 @@
 """Master-weight Adam and AdamW as ``torch.optim.Optimizer`` subclasses, on mixprec's fused step.
 
-One call of :func:`mixprec.ops.adam_step_` per (device, master mode) bucket reads the gradients once,
-updates fp32 master weights (or exact bf16 remainders) and moments, and writes the 16-bit model
-parameters back, in one pass over memory. Everything the step needs lives in ``optimizer.state``
+The logic is C++'s: ``mixprec::optim::AdamCore`` (reached as ``torch.classes.mixprec.AdamCore``) checks the
+options, applies the master-mode rule, creates and converts state, derives stochastic-rounding seeds,
+groups parameters by (device, master mode) and launches one fused ``adam_step_`` per bucket, which reads
+the gradients once, updates fp32 master weights (or exact bf16 remainders) and moments, and writes the
+16-bit model parameters back, in one pass over memory. The same core drives ``mixprec::optim::AdamW`` in
+C++. It caches each param group's flattened lists across steps, so a step costs one call into C++ per
+param group; this file keeps torch's contract around it (``param_groups`` that schedulers edit,
+``optimizer.state`` holding the very tensors the core updates, ``add_param_group``, state dicts). Everything the step needs lives in ``optimizer.state``
 (``step``, ``exp_avg``, ``exp_avg_sq``, ``master`` or ``remainder``), so ``state_dict()`` /
 ``load_state_dict()`` resume bit for bit; a ``torch.optim.AdamW`` state dict loads too (masters are then
 taken from the parameters).
@@ -20,18 +25,15 @@ mix of fp32/fp16/bf16 gradients.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import ops
-
 __all__ = ["Adam", "AdamW"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_MASTER_CHOICES = ("auto", "fp32", "remainder", "none")
-_MASK64 = (1 << 64) - 1
+_CORE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master", "remainder")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -52,13 +54,116 @@ def _scalar(value: Union[float, Tensor], name: str) -> float:
     return float(value)
 
 
-def _splitmix64(x: int) -> int:
-    """A well-mixed 64-bit value from a counter: distinct Philox keys for consecutive steps."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    x ^= x >> 31
-    return x - (1 << 64) if x >= (1 << 63) else x  # as a signed int64 for the op's `int? seed`
+class _Tracker:
+    """Set when anything in ``optimizer.state`` is edited from outside, so the next step hands the state to
+    the C++ core again (the core keeps the same tensors; this is how it learns of replaced ones)."""
+
+    __slots__ = ("dirty",)
+
+    def __init__(self) -> None:
+        self.dirty = True
+
+
+class _ParamState(dict):
+    """One parameter's state: a dict that marks the tracker on every edit. Pickles and copies as a dict."""
+
+    __slots__ = ("_tracker",)
+
+    def __init__(self, tracker: _Tracker, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tracker = tracker
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._tracker.dirty = True
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._tracker.dirty = True
+
+    def __ior__(self, other: Any) -> "_ParamState":
+        self.update(other)
+        return self
+
+    def pop(self, *args: Any) -> Any:
+        self._tracker.dirty = True
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._tracker.dirty = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._tracker.dirty = True
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._tracker.dirty = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._tracker.dirty = True
+        return super().setdefault(key, default)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+class _StateMap(defaultdict):
+    """``optimizer.state``: torch's ``defaultdict(dict)`` keyed by parameter, whose edits mark the tracker.
+    Pickles and copies as a plain ``defaultdict(dict)``."""
+
+    __slots__ = ("_tracker",)
+
+    def __init__(self, tracker: _Tracker, items: Any = ()) -> None:
+        super().__init__(dict)
+        self._tracker = tracker
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, _ParamState(tracker, value))
+
+    def __missing__(self, key: Any) -> _ParamState:
+        value = _ParamState(self._tracker)  # a new empty state changes nothing the core holds
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, _ParamState(self._tracker, value))
+        self._tracker.dirty = True
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._tracker.dirty = True
+
+    def pop(self, *args: Any) -> Any:
+        self._tracker.dirty = True
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._tracker.dirty = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._tracker.dirty = True
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+    def __reduce__(self) -> Any:
+        return (defaultdict, (dict,), None, None, ((k, dict(v)) for k, v in self.items()))
+
+
+def _as_tensor(value: Any) -> Optional[Tensor]:
+    """A state entry as the core takes it: a tensor (a DTensor's local shard), a number as a tensor, or None."""
+    if value is None or isinstance(value, Tensor):
+        return None if value is None else _local(value)
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 class _MixprecAdam(torch.optim.Optimizer):
@@ -86,34 +191,22 @@ class _MixprecAdam(torch.optim.Optimizer):
         rounding: str = "nearest",
         seed: Optional[int] = None,
     ) -> None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        elif not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr} (lr must be >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         betas = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (must be in [0, 1))")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (must be in [0, 1))")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if amsgrad:
-            raise ValueError("amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum of "
-                             "the second moments); use torch.optim.Adam(amsgrad=True)")
         if differentiable:
             raise ValueError("differentiable=True is not supported: mixprec's fused step runs outside autograd; use "
                              "torch.optim with differentiable=True to differentiate through the update")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if master_weights not in _MASTER_CHOICES:
-            raise ValueError(f"master_weights must be one of {_MASTER_CHOICES}, got {master_weights!r}")
-        if moment_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
-        if rounding not in ops.ROUNDING_MODES:
-            raise ValueError(f"rounding must be one of {ops.ROUNDING_MODES}, got {rounding!r}")
+        # The core must exist before torch's __init__ assigns self.state (see __setattr__).
+        self.__dict__["_tracker"] = _Tracker()
+        self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
+        self._core.check_options(0.0 if isinstance(lr, Tensor) else float(lr), betas[0], betas[1], float(eps),
+                                 float(weight_decay), master_weights, moment_dtype, rounding, seed)
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum of "
+                             "the second moments); use torch.optim.Adam(amsgrad=True)")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -141,7 +234,14 @@ class _MixprecAdam(torch.optim.Optimizer):
         # by default; mixprec.GradScaler still skips these on the device (_mixprec_skips_on_device).
         self._step_supports_amp_scaling = bool(fused)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state" and "_tracker" in self.__dict__:  # torch's __init__, or a user resetting the state
+            value = _StateMap(self._tracker, value)
+            self._tracker.dirty = True
+        super().__setattr__(name, value)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, deepcopy and torch's load_state_dict come through here: the core takes the state afresh."""
         super().__setstate__(state)
         for group in self.param_groups:  # pickles from before a key existed
             for key in ("foreach", "fused"):
@@ -149,49 +249,30 @@ class _MixprecAdam(torch.optim.Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", self._decoupled)
+        if "_core" not in self.__dict__:  # a pickle carries no core: a fresh one takes the state at the next step
+            self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
+        tracker = self.__dict__.setdefault("_tracker", _Tracker())
+        self.__dict__["state"] = _StateMap(tracker, self.state)
+        # torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
+        self.__dict__.setdefault("_step_supports_amp_scaling", bool(self.defaults.get("fused")))
+        self._forget_cache()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``."""
         super().add_param_group(param_group)
-        self.__dict__.pop("_resolved", None)
+        self._forget_cache()
 
-    # -- master modes and state ---------------------------------------------------------------------------
+    def _forget_cache(self) -> None:
+        """Hand all state to the core again at the next step and drop its cached lists (and the state
+        tensors they hold): after anything replaced state wholesale."""
+        self._tracker.dirty = True
+        self._core.invalidate()
 
-    @staticmethod
-    def _master_mode(p: Tensor, group: dict[str, Any]) -> str:
-        choice = group["master_weights"]
-        if choice == "auto":
-            return "fp32" if p.dtype in _LOW_PRECISION else "none"
-        if choice == "remainder" and p.dtype != torch.bfloat16:
-            raise ValueError(f"master_weights='remainder' needs bfloat16 parameters, got {p.dtype}")
-        if choice == "fp32" and p.dtype == torch.float32:
-            return "none"  # an fp32 parameter is its own master
-        return choice
-
-    def _init_state(self, p: Tensor, local: Tensor, group: dict[str, Any], mode: str) -> dict[str, Any]:
-        """State of `p` (keyed by the parameter), shaped like `local`, the part of it this rank updates."""
-        state = self.state[p]
-        p = local
-        moment_dtype = group["moment_dtype"]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
-            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)  # e.g. from torch's CPU steps
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            elif state[key].dtype != moment_dtype or state[key].device != p.device:
-                state[key] = state[key].to(device=p.device, dtype=moment_dtype)
-        if mode == "fp32" and "master" not in state:
-            state["master"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
-        if mode == "remainder" and "remainder" not in state:
-            if "master" in state:  # switching from fp32 masters keeps the exact value
-                bf16, remainder = ops.split_bf16_remainder(state.pop("master"))
-                p.detach().copy_(bf16)
-                state["remainder"] = remainder
-            else:  # the bf16 value is exact: its remainder is zero
-                state["remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
-        return state
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``, with plain dicts for the per-parameter states."""
+        out = super().state_dict()
+        out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in out["state"].items()}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping mixprec's state tensors in their own dtypes.
@@ -207,7 +288,6 @@ class _MixprecAdam(torch.optim.Optimizer):
             merged = {**{k: v for k, v in self.defaults.items()}, **g}  # torch dicts lack our keys
             groups.append(merged)
         super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
-        self.__dict__.pop("_resolved", None)  # release the replaced state tensors now
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in originals:
@@ -215,6 +295,34 @@ class _MixprecAdam(torch.optim.Optimizer):
             for key, value in originals[pid].items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device).clone()
+
+    # -- the core and the state it shares -------------------------------------------------------------------
+
+    def _push_state(self) -> None:
+        """Hand every parameter's state in ``optimizer.state`` to the core (after it was edited from outside)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        rows = [dict.get(self.state, p) or {} for p in params]
+        self._core.set_states(params, *([_as_tensor(st.get(key)) for st in rows] for key in _CORE_KEYS))
+        self._tracker.dirty = False
+
+    def _mirror(self, p: Tensor) -> None:
+        """Copy into ``optimizer.state[p]`` the state tensors the core created or replaced for ``p``."""
+        st = self.state[p]
+        new = self._core.state_of(p)
+        for key in _CORE_KEYS:
+            value = new.get(key)
+            if value is None:
+                dict.pop(st, key, None)
+            else:
+                dict.__setitem__(st, key, value)
+
+    def _sharded(self, index: int, params: list[Tensor]) -> bool:
+        """Whether a group holds DTensors, whose local shards the step must hand over (cached per list)."""
+        cache: dict[int, tuple[Any, int, bool]] = self.__dict__.setdefault("_sharded_cache", {})
+        hit = cache.get(index)
+        if hit is None or hit[0] is not params or hit[1] != len(params):
+            hit = cache[index] = (params, len(params), any(type(p).__name__ == "DTensor" for p in params))
+        return hit[2]
 
     # -- the step ---------------------------------------------------------------------------------------------
 
@@ -227,73 +335,33 @@ class _MixprecAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
-
-        # What each parameter's last step resolved (bucket, state tensors), reused while nothing it depends on
-        # changed: the same state dict holding the same tensors, the same dtype, the same group options. The
-        # checks are identity tests, so replacing a state tensor, loading a state dict or editing a group's
-        # master_weights / moment_dtype takes the full path again.
-        resolved: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_resolved", {})
-        for group in self.param_groups:
-            buckets: dict[tuple[torch.device, str], dict[str, list[Tensor]]] = {}
-            options = (group["master_weights"], group["moment_dtype"])
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                grad = _local(grad)
-                state = self.state[p]
-                r = resolved.get(id(p))
-                if (r is not None and r[0] is p and r[1] is state and r[2] == options and r[3] is p.dtype
-                        and r[4][0] == p.device and state.get("exp_avg") is r[6] and state.get("exp_avg_sq") is r[7]
-                        and state.get("step") is r[8] and (r[10] is None or state.get(r[10]) is r[9])):
-                    key, local, m, v, step, w = r[4], r[5], r[6], r[7], r[8], r[9]
-                else:
-                    mode = self._master_mode(p, group)
-                    local = _local(p)
-                    state = self._init_state(p, local, group, mode)
-                    key = (p.device, mode)
-                    m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                    w_key = {"fp32": "master", "remainder": "remainder"}.get(mode)
-                    w = None if w_key is None else state[w_key]
-                    if local is p:  # a DTensor's local shard is a new object per call: resolved afresh
-                        resolved[id(p)] = (p, state, options, p.dtype, key, local, m, v, step, w, w_key)
-                b = buckets.get(key)
-                if b is None:
-                    b = buckets[key] = {k: [] for k in ("p", "g", "m", "v", "w", "s")}
-                b["p"].append(local)
-                b["g"].append(grad)
-                b["m"].append(m)
-                b["v"].append(v)
-                b["s"].append(step)
-                if w is not None:
-                    b["w"].append(w)
-            if not buckets:
-                continue
+        if self._tracker.dirty:
+            self._push_state()
+        core = self._core
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            local_params = grads = None
+            if self._sharded(index, params):
+                local_params = [_local(p) for p in params]
+                grads = [None if p.grad is None else _local(p.grad) for p in params]
+            lr, lr_tensor = group["lr"], None
+            if isinstance(lr, Tensor):
+                if lr.device.type == "cpu":
+                    lr = float(lr)  # a host tensor: reading it costs no device synchronisation
+                else:  # on a device: the kernel reads it there
+                    lr, lr_tensor = 0.0, lr.detach()
             beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            seed = None
-            if group["seed"] is not None:
-                seed = _splitmix64((int(group["seed"]) << 20) ^ int(group["rng_calls"]))
-                group["rng_calls"] = int(group["rng_calls"]) + 1
-            beta1, beta2 = _scalar(beta1, "betas[0]"), _scalar(beta2, "betas[1]")
-            lr_value = lr
-            if isinstance(lr, Tensor) and lr.device.type == "cpu":
-                lr_value = float(lr)  # a host tensor: reading it costs no device synchronisation
-            for (device, mode), b in buckets.items():
-                lr_tensor = None
-                if isinstance(lr_value, Tensor):  # on a device: the kernel reads it there
-                    lr_tensor = lr_value.detach().to(device=device, dtype=torch.float32, non_blocking=True)
-                ops.adam_step_(
-                    b["p"], b["g"], b["m"], b["v"], b["w"], b["s"],
-                    lr=0.0 if lr_tensor is not None else float(lr_value),
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"],
-                    master_mode=mode, rounding=group["rounding"], seed=seed, lr_tensor=lr_tensor,
-                    grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                    found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
-                )
+            seed = group["seed"]
+            rng_calls, changed = core.step_group(
+                index, params, local_params, grads, float(lr), lr_tensor, _scalar(beta1, "betas[0]"),
+                _scalar(beta2, "betas[1]"), float(group["eps"]), float(group["weight_decay"]),
+                bool(group["decoupled_weight_decay"]), bool(group["maximize"]), group["master_weights"],
+                group["moment_dtype"], group["rounding"], None if seed is None else int(seed),
+                int(group["rng_calls"]), grad_scale, found_inf)
+            if seed is not None:
+                group["rng_calls"] = rng_calls
+            for i in changed:
+                self._mirror(params[i])
         return loss
 
 

@@ -3,6 +3,7 @@ rounding, overflow skipping, checkpoints, opcheck, bad input."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import math
@@ -564,7 +565,7 @@ def _train(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: 
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if step % 3 or p.dim() > 1 else None
         if forget:
-            opt.__dict__.pop("_resolved", None)  # every parameter through the full path
+            opt._forget_cache()  # every parameter through the full path
         opt.step()
 
 
@@ -607,3 +608,89 @@ def test_a_replaced_state_tensor_is_the_one_updated() -> None:
     opt.step()
     assert torch.equal(old, before)  # the replaced tensor is left alone
     assert torch.allclose(opt.state[p]["exp_avg"], torch.full((10,), 0.1))  # 0.9 * 0 + 0.1 * 1
+
+
+def _bf16_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in ((7, 5), (5,), (64,))]
+
+
+def _steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: range) -> None:
+    _train(opt, params, steps, forget=False)
+
+
+@pytest.mark.parametrize("edit", ["reassign_dict", "delete", "reset_state", "clear", "update", "cpu_step"])
+def test_state_edits_from_outside_reach_the_core(edit: str) -> None:
+    """optimizer.state is torch's contract: whatever a user does to it, the next step uses what it holds,
+    exactly as an optimizer built afresh with that state would."""
+    def run(fresh: bool) -> list[torch.Tensor]:
+        params = _bf16_params()
+        opt = mixprec.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        _steps(opt, params, range(0, 3))
+        p = params[0]
+        if edit == "reassign_dict":
+            opt.state[p] = {k: (v * 0.5 if k.startswith("exp") else v.clone()) for k, v in opt.state[p].items()}
+        elif edit == "delete":
+            del opt.state[p]
+        elif edit == "reset_state":
+            opt.state = collections.defaultdict(dict)
+        elif edit == "clear":
+            opt.state[p].clear()
+        elif edit == "update":
+            opt.state[p].update(exp_avg_sq=torch.full((7, 5), 0.25))
+        elif edit == "cpu_step":  # as torch's non-fused AdamW keeps it
+            opt.state[p]["step"] = torch.tensor(10.0)
+        if fresh:  # the reference: a new optimizer that loads exactly this state
+            saved = {"state": {i: dict(opt.state[q]) for i, q in enumerate(params) if opt.state.get(q)},
+                     "param_groups": [{**opt.param_groups[0], "params": [0, 1, 2]}]}
+            opt = mixprec.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+            opt.load_state_dict(copy.deepcopy(saved))
+        _steps(opt, params, range(3, 6))
+        assert isinstance(opt.state[p]["exp_avg"], torch.Tensor) and opt.state[p]["step"].item() > 0
+        return [q.detach().clone() for q in params] + [opt.state[q]["exp_avg"].clone() for q in params]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_state_created_by_the_core_is_the_state_in_optimizer_state() -> None:
+    params = _bf16_params()
+    opt = mixprec.optim.AdamW(params, lr=1e-2)
+    _steps(opt, params, range(0, 2))
+    st = opt.state[params[0]]
+    m, master = st["exp_avg"], st["master"]
+    before = m.clone()
+    _steps(opt, params, range(2, 3))
+    assert opt.state[params[0]]["exp_avg"] is m and not torch.equal(m, before)  # updated in place
+    assert torch.equal(master.bfloat16(), params[0].detach())
+    sd = opt.state_dict()
+    assert all(type(v) is dict for v in sd["state"].values())  # plain dicts, loadable without mixprec
+
+
+def test_pickle_and_deepcopy_resume_bit_for_bit() -> None:
+    import pickle
+
+    params = _bf16_params()
+    opt = mixprec.optim.AdamW(params, lr=1e-2, weight_decay=0.1, rounding="stochastic", seed=3,
+                              master_weights="none", fused=True)
+    _steps(opt, params, range(0, 3))
+    blob = pickle.dumps((params, opt))
+    twin_params, twin = pickle.loads(blob)
+    copied_params, copied = copy.deepcopy((params, opt))
+    assert twin._step_supports_amp_scaling and type(twin.state) is not collections.defaultdict
+    for o, ps in ((opt, params), (twin, twin_params), (copied, copied_params)):
+        _steps(o, ps, range(3, 6))
+    for a, b, c in zip(params, twin_params, copied_params):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_parameter_converted_in_place_is_stepped_in_its_new_dtype() -> None:
+    params = _bf16_params()
+    opt = mixprec.optim.AdamW(params, lr=1e-2)
+    _steps(opt, params, range(0, 2))
+    params[1].data = params[1].data.float()  # same Parameter object, now fp32: its own master from here on
+    before = params[1].detach().clone()
+    _steps(opt, params, range(2, 4))  # (5,) gets a gradient on steps 1 and 2 only
+    assert params[1].dtype == torch.float32 and opt.state[params[1]]["step"].item() == 2
+    assert not torch.equal(params[1], before) and not torch.equal(params[1], params[1].bfloat16().float())
+    assert params[0].dtype == torch.bfloat16 and torch.equal(opt.state[params[0]]["master"].bfloat16(), params[0])

@@ -6,6 +6,7 @@
 #include <torch/optim/optimizer.h>
 #include <torch/optim/serialize.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -64,6 +65,82 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
+/// The one implementation of the master-weight Adam step behind both front doors: mixprec::optim::Adam /
+/// AdamW here and mixprec.optim.Adam / AdamW in Python (through torch.classes.mixprec.AdamCore). It owns
+/// the option checks, the master-mode rule, state creation and conversion, the stochastic-rounding seeds,
+/// grouping by (device, master mode) and the launch of the fused op. The front doors keep the state
+/// (AdamParamState objects) where their users expect it and hand it over through `StateLookup`.
+///
+/// The flattened lists of each param group are cached across steps. A step reuses them while every
+/// parameter is the same tensor with the same dtype and device, has (or lacks) a gradient as before, and its
+/// state holds the same tensors; the group's master_weights and moment_dtype must be unchanged too.
+/// Anything else rebuilds that group's lists (and creates or converts state where needed).
+class AdamCore {
+ public:
+  /// The state of a parameter, created empty on first use; the reference must stay valid for the step.
+  using StateLookup = std::function<AdamParamState&(const torch::Tensor& param)>;
+
+  /// Optional inputs of one step, as in ops::AdamStepExtras: moved to each bucket's device.
+  struct StepInputs {
+    std::optional<torch::Tensor> lr_tensor;   // on a device: read there instead of options.lr()
+    std::optional<torch::Tensor> grad_scale;  // gradients are divided by it inside the step
+    std::optional<torch::Tensor> found_inf;   // non-zero: nothing is written
+    /// Tensors to update instead of the parameters (a DTensor's local shard), with their gradients.
+    /// State is still keyed by the parameter. Lists given this way are not cached.
+    std::optional<std::vector<torch::Tensor>> locals;
+    std::optional<std::vector<std::optional<torch::Tensor>>> grads;
+  };
+
+  /// Rejects bad options with a c10::ValueError (ValueError in Python) naming the option.
+  static void check_options(const AdamOptions& options);
+  /// "fp32", "remainder" or "none": the master kept for `param` under the choice `master_weights`.
+  static std::string master_mode(const torch::Tensor& param, const std::string& master_weights);
+  /// The Philox key of one stochastic-rounding step: splitmix64((seed << 20) ^ rng_calls).
+  static int64_t step_seed(int64_t seed, int64_t rng_calls);
+  /// Creates or converts what `mode` needs in `state` for `param` (the tensor updated): float32 step on its
+  /// device, moments of `moment_dtype`, the fp32 master or the int16 remainder (a master is split into the
+  /// param and its remainder, keeping the exact value). Returns whether any state tensor was replaced.
+  static bool prepare_state(const torch::Tensor& param, AdamParamState& state, const std::string& mode,
+                            c10::ScalarType moment_dtype);
+
+  /// One step of param group `group` (the index keys the cache). Parameters without a gradient are
+  /// skipped. With a non-negative seed, options.rng_calls advances when anything was stepped. Returns the
+  /// indices (into `params`) whose state tensors were created or replaced, for front doors that mirror them.
+  std::vector<int64_t> step_group(size_t group, at::TensorList params, AdamOptions& options, bool decoupled,
+                                  const StateLookup& state_of, const StepInputs& inputs);
+
+  /// Drops the cached lists (and the references they hold to state tensors).
+  void invalidate() { plans_.clear(); }
+
+ private:
+  struct Row {
+    torch::Tensor param;  // held, so pointer comparisons are identity tests
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    c10::Device device = c10::kCPU;
+    bool has_grad = false;
+    size_t bucket = 0;
+    torch::Tensor step, exp_avg, exp_avg_sq, master;  // master: the fp32 master or the remainder, if any
+  };
+  struct Bucket {
+    c10::Device device = c10::kCPU;
+    std::string mode;
+    std::vector<torch::Tensor> p, m, v, w, s;
+  };
+  struct Plan {
+    bool valid = false;
+    std::string master_weights;
+    c10::ScalarType moment_dtype = c10::ScalarType::Float;
+    std::vector<Row> rows;
+    std::vector<Bucket> buckets;
+  };
+  bool plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options, const StateLookup& state_of,
+                  std::vector<std::vector<torch::Tensor>>& grads) const;
+  std::vector<int64_t> build_plan(Plan& plan, at::TensorList params, const AdamOptions& options,
+                                  const StateLookup& state_of, const StepInputs& inputs,
+                                  std::vector<std::vector<torch::Tensor>>& grads) const;
+  std::vector<Plan> plans_;
+};
+
 /// Adam with master weights (L2 weight decay added to the gradient), a drop-in for torch::optim::Adam.
 class Adam : public torch::optim::Optimizer {
  public:
@@ -86,6 +163,7 @@ class Adam : public torch::optim::Optimizer {
 
  private:
   bool decoupled_;
+  AdamCore core_;
 };
 
 /// AdamW (decoupled weight decay, default 1e-2) with master weights, a drop-in for torch::optim::AdamW.
