@@ -64,7 +64,30 @@ class _Tracker:
         self.dirty = True
 
 
-class _ParamState(dict):
+class _Marking:
+    """Removals that mark the tracker, shared by the two dict types below (which hold ``_tracker``)."""
+
+    __slots__ = ()
+    _tracker: _Tracker
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)  # type: ignore[misc]
+        self._tracker.dirty = True
+
+    def pop(self, *args: Any) -> Any:
+        self._tracker.dirty = True
+        return super().pop(*args)  # type: ignore[misc]
+
+    def popitem(self) -> Any:
+        self._tracker.dirty = True
+        return super().popitem()  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._tracker.dirty = True
+        super().clear()  # type: ignore[misc]
+
+
+class _ParamState(_Marking, dict):
     """One parameter's state: a dict that marks the tracker on every edit. Pickles and copies as a dict."""
 
     __slots__ = ("_tracker",)
@@ -77,25 +100,9 @@ class _ParamState(dict):
         super().__setitem__(key, value)
         self._tracker.dirty = True
 
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        self._tracker.dirty = True
-
     def __ior__(self, other: Any) -> "_ParamState":
         self.update(other)
         return self
-
-    def pop(self, *args: Any) -> Any:
-        self._tracker.dirty = True
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._tracker.dirty = True
-        return super().popitem()
-
-    def clear(self) -> None:
-        self._tracker.dirty = True
-        super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._tracker.dirty = True
@@ -109,7 +116,7 @@ class _ParamState(dict):
         return (dict, (dict(self),))
 
 
-class _StateMap(defaultdict):
+class _StateMap(_Marking, defaultdict):
     """``optimizer.state``: torch's ``defaultdict(dict)`` keyed by parameter, whose edits mark the tracker.
     Pickles and copies as a plain ``defaultdict(dict)``."""
 
@@ -129,22 +136,6 @@ class _StateMap(defaultdict):
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, _ParamState(self._tracker, value))
         self._tracker.dirty = True
-
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        self._tracker.dirty = True
-
-    def pop(self, *args: Any) -> Any:
-        self._tracker.dirty = True
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._tracker.dirty = True
-        return super().popitem()
-
-    def clear(self) -> None:
-        self._tracker.dirty = True
-        super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
