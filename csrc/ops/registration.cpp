@@ -31,4 +31,7 @@ TORCH_LIBRARY(mixprec, m) {
       tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
   m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
+  // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor", tags);
+  m.def("keep_fp32_grad_(Tensor weight) -> ()");
 }

@@ -119,3 +119,42 @@ TEST_CASE("nn::Linear adds into a 16-bit gradient from another use as fp32", "[n
   auto exact = earlier.to(torch::kDouble) + reference_wgrad({x}, {upstream}, torch::kBFloat16);
   REQUIRE((layer->main_grad().to(torch::kDouble) - exact).abs().max().item<double>() < 1e-5);
 }
+
+TEST_CASE("nn::Linear adds in place only in a plain backward; autograd::grad leaves weight.grad alone", "[nn]") {
+  torch::manual_seed(4);
+  mixprec::nn::Linear layer(torch::nn::LinearOptions(6, 4).bias(false));
+  layer->to(torch::kBFloat16);
+  auto x = torch::randn({3, 6}).to(torch::kBFloat16).requires_grad_();
+  auto expected = mixprec::ops::linear_wgrad(torch::ones({3, 4}).to(torch::kBFloat16), x.detach());
+  layer(x).to(torch::kFloat).sum().backward();
+  REQUIRE(layer->weight.grad().scalar_type() == torch::kFloat);  // grad_dtype fp32: autograd kept it so
+  REQUIRE(torch::equal(layer->weight.grad(), expected));
+  const void* address = layer->weight.grad().data_ptr();
+  const auto accumulated = layer->weight.grad().clone();
+
+  auto gx = torch::autograd::grad({layer(x).to(torch::kFloat).sum()}, {x});
+  REQUIRE(gx[0].defined());
+  REQUIRE(torch::equal(layer->weight.grad(), accumulated));  // torch's promise: grad() does not touch .grad
+  auto gw = torch::autograd::grad({layer(x).to(torch::kFloat).sum()}, {layer->weight});
+  REQUIRE(gw[0].scalar_type() == torch::kFloat);
+  REQUIRE(torch::equal(gw[0], expected));
+  REQUIRE(torch::equal(layer->weight.grad(), accumulated));
+
+  layer(x).to(torch::kFloat).sum().backward();  // a plain backward: the GEMM adds into .grad itself
+  REQUIRE(layer->weight.grad().data_ptr() == address);
+  REQUIRE(torch::equal(layer->weight.grad(), 2 * expected));
+}
+
+TEST_CASE("nn::Linear: a tensor hook on the weight sees each micro-batch's own gradient", "[nn]") {
+  torch::manual_seed(5);
+  mixprec::nn::Linear layer(torch::nn::LinearOptions(5, 3));
+  std::vector<torch::Tensor> seen;
+  layer->weight.register_hook([&seen](const torch::Tensor& g) { seen.push_back(g.clone()); });
+  std::vector<torch::Tensor> xs = {torch::randn({2, 5}), torch::randn({4, 5})};
+  for (const auto& x : xs) layer(x).sum().backward();
+  REQUIRE(seen.size() == 2);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    REQUIRE(torch::equal(seen[i], mixprec::ops::linear_wgrad(torch::ones({xs[i].size(0), 3}), xs[i])));
+  }
+  REQUIRE(torch::equal(layer->weight.grad(), seen[0] + seen[1]));
+}

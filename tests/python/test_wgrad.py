@@ -589,3 +589,22 @@ def test_float64_weights_keep_float64_gradients() -> None:
     for a, b in zip(ours.parameters(), ref.parameters()):
         assert a.grad.dtype == torch.float64
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_op_opcheck(device: str, dtype: torch.dtype, bias: bool) -> None:
+    """mixprec::linear (C++'s mixprec::nn::linear, which Python's mixprec.nn.linear calls) under opcheck."""
+    x = torch.randn(2, 5, 6, device=device).to(dtype).requires_grad_()
+    w = nn.Parameter(torch.randn(4, 6, device=device).to(dtype))
+    b = nn.Parameter(torch.randn(4, device=device).to(dtype)) if bias else None
+    torch.library.opcheck(torch.ops.mixprec.linear.default, (x, w, b))
+
+
+def test_a_layer_without_bias_trains() -> None:
+    layer = mixprec.nn.Linear(6, 4, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(3, 6).bfloat16()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert torch.equal(layer.weight.grad, ops.linear_wgrad(torch.ones(3, 4).bfloat16(), x))
