@@ -63,7 +63,7 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
   step pytest pytest.log 240 env OMP_NUM_THREADS=2 $PY -m pytest tests/python -q -ra $xdist -p no:cacheprovider
   { echo; echo "pytest: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -n 1)";
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" | head -n 40; } >> "$summary"
-  for b in wgrad adam unscale cast overhead; do
+  for b in wgrad adam unscale cast overhead e2e; do
     [ -f benchmarks/bench_$b.py ] || continue
     args="--device cuda"; [ $b = adam ] && args="$args --size 1b"
     step "bench_$b" benchmarks.log 120 $PY benchmarks/bench_$b.py $args
