@@ -2,6 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "ops/cast_plan.h"
 #include "ops/checks.h"
 
@@ -65,6 +69,23 @@ AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorL
           clip_coef};
 }
 
+namespace {
+
+// Each row advances its own count: two rows counting in one place would advance it twice (and on CUDA race).
+void check_distinct_steps(at::TensorList steps) {
+  std::vector<std::pair<const void*, size_t>> at;
+  at.reserve(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) at.emplace_back(steps[i].const_data_ptr(), i);
+  std::sort(at.begin(), at.end());
+  for (size_t k = 1; k < at.size(); ++k) {
+    TORCH_CHECK(at[k].first != at[k - 1].first, kOp, ": steps[", std::min(at[k - 1].second, at[k].second),
+                      "] and steps[", std::max(at[k - 1].second, at[k].second),
+                      "] are the same memory; every row needs its own step count");
+  }
+}
+
+}  // namespace
+
 void check_adam_args(const AdamArgs& a) {
   TORCH_CHECK(a.lr >= 0, kOp, ": lr must be >= 0, got ", a.lr);
   TORCH_CHECK(a.eps >= 0, kOp, ": eps must be >= 0, got ", a.eps);
@@ -122,6 +143,7 @@ void check_adam_args(const AdamArgs& a) {
                   " but params[", i, "] has shape ", p.sizes());
     }
   }
+  check_distinct_steps(a.steps);
   check_optional_scalar(a.lr_tensor, "lr_tensor", device);
   check_optional_scalar(a.grad_scale, "grad_scale", device);
   check_optional_scalar(a.found_inf, "found_inf", device);

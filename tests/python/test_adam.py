@@ -496,6 +496,28 @@ def _one(dtype=torch.float32) -> tuple[list[torch.Tensor], ...]:
     return [torch.ones(4, dtype=dtype)], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_sharing_a_step_count_are_refused_and_nothing_is_written(device: str) -> None:
+    """Two rows counting in one place would advance it twice (on CUDA: race); distinct elements of one
+    buffer are distinct counts and fine."""
+    def rows(steps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [[torch.ones(4, device=device) for _ in steps], [torch.ones(4, device=device) for _ in steps],
+                [torch.zeros(4, device=device) for _ in steps], [torch.zeros(4, device=device) for _ in steps], [],
+                steps]
+
+    shared = torch.zeros((), device=device)
+    buffer = torch.zeros(3, device=device)
+    for steps in ([shared, torch.zeros((), device=device), shared], [buffer[1], buffer[0], buffer[1:2].view(())]):
+        lists = rows(steps)
+        with pytest.raises(RuntimeError, match=r"steps\[0\] and steps\[2\] are the same memory"):
+            ops.adam_step_(*lists, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        assert all(torch.equal(p, torch.ones(4, device=device)) for p in lists[0])
+        assert shared.item() == 0 and buffer.sum().item() == 0
+    lists = rows(list(buffer.unbind()))
+    ops.adam_step_(*lists, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert torch.equal(buffer.cpu(), torch.ones(3))
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [
