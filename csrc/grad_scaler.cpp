@@ -323,6 +323,21 @@ struct GradScalerClass : torch::CustomClassHolder {
 
 using Self = c10::intrusive_ptr<GradScalerClass>;
 
+// The gradients of `params` that are set, read in C++ so Python hands over one list of parameters instead
+// of walking them. Nothing when a gradient is a tensor subclass (FSDP2's DTensor): Python then hands over
+// the local shards itself.
+std::optional<std::vector<at::Tensor>> grads_of(const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return std::nullopt;
+    grads.push_back(g);
+  }
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
@@ -332,6 +347,22 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("scale", [](const Self& s, const at::Tensor& t) { return s->impl.scale(t); })
       .def("unscale_grads_",
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads) { s->impl.unscale_grads_(key, grads); })
+      // As unscale_grads_ / prepare_scaled_step with the parameters' gradients; (false, ...) when a gradient
+      // is a tensor subclass and nothing was done.
+      .def("unscale_params_",
+           [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
+             auto grads = grads_of(params);
+             if (grads.has_value()) s->impl.unscale_grads_(key, *grads);
+             return grads.has_value();
+           })
+      .def("prepare_scaled_step_params",
+           [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
+             auto grads = grads_of(params);
+             using Result = std::tuple<bool, std::optional<at::Tensor>, at::Tensor>;
+             if (!grads.has_value()) return Result(false, std::nullopt, at::Tensor());
+             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, *grads);
+             return Result(true, r.grad_scale, r.found_inf);
+           })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
       .def("prepare_scaled_step",
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads) {

@@ -130,11 +130,20 @@ class GradScaler:
                     grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
         return grads
 
+    @staticmethod
+    def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def _unscale(self, key: int, optimizer: torch.optim.Optimizer) -> None:
+        # C++ reads the gradients off the parameters; DTensor gradients need their local shards from Python.
+        if not self._impl.unscale_params_(key, self._params(optimizer)):
+            self._impl.unscale_grads_(key, self._grads(optimizer))
+
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (one pass per device)."""
         if not self._enabled:
             return
-        self._impl.unscale_grads_(id(optimizer), self._grads(optimizer))
+        self._unscale(id(optimizer), optimizer)
 
     def _all_reduce(self, key: int, found: Tensor) -> Tensor:
         """With a process group, every rank takes the largest flag (so all skip together)."""
@@ -148,7 +157,7 @@ class GradScaler:
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
         if not self._impl.is_unscaled(key):
-            self._impl.unscale_grads_(key, self._grads(optimizer))
+            self._unscale(key, optimizer)
         return self._all_reduce(key, self._impl.found_inf(key))
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -171,7 +180,10 @@ class GradScaler:
         retval = None
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             unscaled = self._impl.is_unscaled(key)
-            grad_scale, found = self._impl.prepare_scaled_step(key, [] if unscaled else self._grads(optimizer))
+            handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
+                                                                                self._params(optimizer))
+            if not handled:
+                grad_scale, found = self._impl.prepare_scaled_step(key, self._grads(optimizer))
             found = self._all_reduce(key, found)
             if self._host_skip and found.item():
                 self._impl.mark_stepped(key)

@@ -31,14 +31,17 @@ FSDP_SCRIPT = textwrap.dedent(
             fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    # A power-of-two scale unscales exactly; the scaler unscales each rank's local shards (DTensor grads).
+    scaler = mixprec.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
     gen = torch.Generator().manual_seed(5)
     for i in range(4):
         opt.zero_grad()
         for micro in range(2):  # gradient accumulation: FSDP2 keeps the unsharded gradients in reduce_dtype
             model.set_requires_gradient_sync(micro == 1)
             x = torch.randn(2 * world, 8, generator=gen)
-            model(x.chunk(world)[rank]).float().pow(2).mean().backward()
-        opt.step()
+            scaler.scale(model(x.chunk(world)[rank]).float().pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
     full = [p.full_tensor() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
