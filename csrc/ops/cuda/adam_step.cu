@@ -30,7 +30,8 @@ using detail::MasterMode;
 using rounding::Mode;
 
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 320;  // six pointer lists: ~25 KB of kernel arguments
+constexpr int kMaxTensors = 320;      // six pointer lists: ~25 KB of kernel arguments
+constexpr int kMaxTensorsSmall = 48;  // drivers limited to 4 KB of kernel arguments
 
 struct LaunchArgs {
   double lr, beta1, beta2, eps, weight_decay;
@@ -196,7 +197,8 @@ __device__ void adam_grad(DType gt, DType mt, void* p, void* g, void* m1, void* 
   }
 }
 
-__global__ void __launch_bounds__(kThreads) adam_kernel(const TensorListMeta<6, kMaxTensors> meta, const LaunchArgs a) {
+template <int M>
+__global__ void __launch_bounds__(kThreads) adam_kernel(const TensorListMeta<6, M, true> meta, const LaunchArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.f) return;  // overflow: write nothing
   const int64_t chunk = blockIdx.x;
   const int t = tensor_of_chunk(meta, chunk);
@@ -228,7 +230,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const TensorListMeta<6, 
   }
 }
 
-__global__ void advance_steps_kernel(const TensorListMeta<6, kMaxTensors> meta, const float* found_inf) {
+template <int M>
+__global__ void advance_steps_kernel(const TensorListMeta<6, M, true> meta, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
   for (int t = threadIdx.x; t < meta.num_tensors; t += blockDim.x) *static_cast<float*>(meta.ptr[5][t]) += 1.f;
 }
@@ -264,15 +267,21 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   detail::AdamPlan plan(args);
   std::vector<at::Tensor> step_list(steps.begin(), steps.end());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  multi_tensor_apply<6, kMaxTensors>(
-      {&plan.params, &plan.grads, &plan.exp_avgs, &plan.exp_avg_sqs, &plan.masters, &step_list},
-      [&](const TensorListMeta<6, kMaxTensors>& meta, int64_t chunks, int64_t) {
-        adam_kernel<<<chunks, kThreads, 0, stream>>>(meta, a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        advance_steps_kernel<<<1, 256, 0, stream>>>(meta, a.found_inf);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      },
-      &plan.rng_base);
+  static_assert(fits_small_kernel_args<TensorListMeta<6, kMaxTensorsSmall, true>, LaunchArgs>());
+  with_max_tensors<kMaxTensors, kMaxTensorsSmall>([&](auto capacity) {
+    constexpr int M = decltype(capacity)::value;
+    // Each launch's counts advance after its update (same stream), and every row has its own count
+    // (check_adam_args refuses shared ones): no block reads a count another block is changing.
+    multi_tensor_apply<6, M, true>(
+        {&plan.params, &plan.grads, &plan.exp_avgs, &plan.exp_avg_sqs, &plan.masters, &step_list},
+        [&](const TensorListMeta<6, M, true>& meta, int64_t chunks, int64_t) {
+          adam_kernel<M><<<chunks, kThreads, 0, stream>>>(meta, a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          advance_steps_kernel<M><<<1, 256, 0, stream>>>(meta, a.found_inf);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        &plan.rng_base);
+  });
   plan.finish();
   // Empty params have no chunks; their counts advance here, still without reading found_inf on the host.
   for (size_t i = 0; i < params.size(); ++i) {

@@ -26,7 +26,8 @@ namespace {
 using rounding::Mode;
 
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 448;  // two pointer lists: ~21 KB of kernel arguments
+constexpr int kMaxTensors = 448;      // two pointer lists: ~19 KB of kernel arguments
+constexpr int kMaxTensorsSmall = 88;  // drivers limited to 4 KB of kernel arguments
 
 template <typename Dst>
 __device__ __forceinline__ Dst round_one(float x, Mode mode, bool saturate, uint32_t draw) {
@@ -98,8 +99,9 @@ __device__ void cast_from(DType dst_dtype, void* d, const Src* s, int64_t n, Mod
   }
 }
 
+template <int M>
 __global__ void __launch_bounds__(kThreads)
-    cast_kernel(const TensorListMeta<2, kMaxTensors> meta, Mode mode, bool saturate, at::PhiloxCudaState rng) {
+    cast_kernel(const TensorListMeta<2, M, true> meta, Mode mode, bool saturate, at::PhiloxCudaState rng) {
   const int64_t chunk = blockIdx.x;
   const int t = tensor_of_chunk(meta, chunk);
   const int64_t begin = (chunk - meta.chunk_start[t]) * kChunkSize;
@@ -143,13 +145,18 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   detail::CastPlan plan(dst, src);
   const at::PhiloxCudaState rng = mode == Mode::Stochastic ? rng_state(seed, src[0].device()) : at::PhiloxCudaState(0, 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  multi_tensor_apply<2, kMaxTensors>(
-      {&plan.dst_work(), &plan.src_work()},
-      [&](const TensorListMeta<2, kMaxTensors>& meta, int64_t chunks, int64_t) {
-        cast_kernel<<<chunks, kThreads, 0, stream>>>(meta, mode, saturate, rng);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      },
-      &plan.rng_base());
+  static_assert(
+      fits_small_kernel_args<TensorListMeta<2, kMaxTensorsSmall, true>, Mode, bool, at::PhiloxCudaState>());
+  with_max_tensors<kMaxTensors, kMaxTensorsSmall>([&](auto capacity) {
+    constexpr int M = decltype(capacity)::value;
+    multi_tensor_apply<2, M, true>(
+        {&plan.dst_work(), &plan.src_work()},
+        [&](const TensorListMeta<2, M, true>& meta, int64_t chunks, int64_t) {
+          cast_kernel<M><<<chunks, kThreads, 0, stream>>>(meta, mode, saturate, rng);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        &plan.rng_base());
+  });
   plan.finish();
 }
 

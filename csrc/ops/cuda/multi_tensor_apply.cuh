@@ -3,17 +3,25 @@
 //
 // Each tensor is cut into chunks of kChunkSize elements and every thread block takes one chunk. The
 // tensors' addresses, element counts, dtypes and the prefix sums of their chunk counts travel to the
-// kernel as one by-value argument: CUDA >= 12.1 allows 32 KB of kernel arguments on sm_70 and newer,
-// so a launch can carry hundreds of tensors without a host-to-device copy. A block finds its tensor
-// by binary search over the prefix sums. Longer lists are split into several launches; `chunk_base`
-// tells each launch where its chunks sit in the list-wide numbering (for per-chunk outputs).
+// kernel as one by-value argument: CUDA >= 12.1 drivers allow 32 KB of kernel arguments on sm_70 and
+// newer, so a launch can carry hundreds of tensors without a host-to-device copy. Older drivers take
+// 4 KB: large_kernel_args() asks the driver once, and ops instantiate their kernels for both sizes
+// (with_max_tensors). A block finds its tensor by binary search over the prefix sums (uniform across the
+// block, in the constant bank). Longer lists are split into several launches; `chunk_base` tells each
+// launch where its chunks sit in the list-wide numbering (for per-chunk outputs). Only kernels that need
+// a per-tensor number (the RNG base of stochastic rounding) carry `aux`, so the others fit more tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cuda_runtime_api.h>
+
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace mixprec::cuda {
@@ -52,19 +60,55 @@ struct alignas(4 * sizeof(T)) Quad {
 // from a tensor's start to each of its chunks.
 constexpr int64_t kChunkSize = 1 << 16;
 
-template <int Depth, int MaxTensors>
-struct TensorListMeta {
+template <int MaxTensors, bool HasAux>
+struct AuxField {
+  int64_t aux[MaxTensors];  // one per-tensor number for the op (e.g. its RNG base index)
+};
+template <int MaxTensors>
+struct AuxField<MaxTensors, false> {};
+
+template <int Depth, int MaxTensors, bool HasAux = false>
+struct TensorListMeta : AuxField<MaxTensors, HasAux> {
   void* ptr[Depth][MaxTensors];
   int64_t numel[MaxTensors];
   int64_t chunk_start[MaxTensors + 1];  // chunk_start[i]: first chunk of tensor i in this launch
-  int64_t aux[MaxTensors];              // one per-tensor number for the op (e.g. its RNG base index)
   DType dtype[Depth][MaxTensors];
   int num_tensors;
 };
 
+/// Whether kernels may take 32 KB of arguments (CUDA >= 12.1 driver; every architecture mixprec builds for
+/// is sm_70 or newer) rather than the classic 4 KB. MIXPREC_SMALL_KERNEL_ARGS=1 forces the 4 KB path, so
+/// that it can be tested on any machine. Asked once per process.
+inline bool large_kernel_args() {
+  static const bool large = [] {
+    const char* force = std::getenv("MIXPREC_SMALL_KERNEL_ARGS");
+    if (force != nullptr && *force != '\0' && std::string_view(force) != "0") return false;
+    int driver = 0;
+    return cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12010;
+  }();
+  return large;
+}
+
+/// Calls body(std::integral_constant<int, Large>{}) where large_kernel_args(), else with Small: the op
+/// instantiates its launch for both list capacities and picks one at run time.
+template <int Large, int Small, typename Body>
+void with_max_tensors(Body&& body) {
+  if (large_kernel_args()) {
+    body(std::integral_constant<int, Large>{});
+  } else {
+    body(std::integral_constant<int, Small>{});
+  }
+}
+
+/// The 4 KB limit minus what else a kernel takes by value.
+template <typename Meta, typename... Others>
+constexpr bool fits_small_kernel_args() {
+  return sizeof(Meta) + (sizeof(Others) + ... + 0) <= 4096;
+}
+
 // Index of the tensor that owns chunk `chunk` of this launch.
-template <int Depth, int MaxTensors>
-__device__ __forceinline__ int tensor_of_chunk(const TensorListMeta<Depth, MaxTensors>& meta, int64_t chunk) {
+template <int Depth, int MaxTensors, bool HasAux>
+__device__ __forceinline__ int tensor_of_chunk(const TensorListMeta<Depth, MaxTensors, HasAux>& meta, int64_t chunk) {
   int lo = 0, hi = meta.num_tensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -81,14 +125,16 @@ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kCh
 
 /// Calls `launch(meta, chunks_in_launch, chunk_base)` once per batch of tensors. `lists[d][i]` is the
 /// i-th tensor of the d-th list; all lists have the same length and every tensor in a row has the same
-/// number of elements and is dense. Empty tensors are skipped. `aux`, when given, fills meta.aux.
-template <int Depth, int MaxTensors, typename Launch>
+/// number of elements and is dense. Empty tensors are skipped. With HasAux, `aux` (one number per row)
+/// fills meta.aux.
+template <int Depth, int MaxTensors, bool HasAux = false, typename Launch>
 void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>& lists, Launch&& launch,
                         const std::vector<uint64_t>* aux = nullptr) {
-  static_assert(sizeof(TensorListMeta<Depth, MaxTensors>) <= 30 * 1024,
+  static_assert(sizeof(TensorListMeta<Depth, MaxTensors, HasAux>) <= 30 * 1024,
                 "kernel argument larger than CUDA's 32 KB limit");
+  TORCH_INTERNAL_ASSERT((aux != nullptr) == HasAux, "multi_tensor_apply: aux given iff the kernel takes it");
   const size_t n = lists[0]->size();
-  TensorListMeta<Depth, MaxTensors> meta;
+  TensorListMeta<Depth, MaxTensors, HasAux> meta;
   meta.num_tensors = 0;
   meta.chunk_start[0] = 0;
   int64_t chunk_base = 0;
@@ -110,7 +156,7 @@ void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>&
       meta.dtype[d][slot] = to_dtype(t.scalar_type());
     }
     meta.numel[slot] = numel;
-    meta.aux[slot] = aux != nullptr ? static_cast<int64_t>((*aux)[i]) : 0;
+    if constexpr (HasAux) meta.aux[slot] = static_cast<int64_t>((*aux)[i]);
     meta.chunk_start[slot + 1] = meta.chunk_start[slot] + num_chunks(numel);
     meta.num_tensors = slot + 1;
     if (meta.num_tensors == MaxTensors) flush();

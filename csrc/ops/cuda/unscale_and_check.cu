@@ -1,6 +1,6 @@
 // unscale_and_check_ / unscale_and_check_sumsq_ on CUDA: one launch for the whole gradient list,
 // whatever mix of fp32/fp16/bf16/fp64 it holds (each block branches once on its tensor's dtype).
-// 16-byte vector loads where a tensor is aligned, a scalar loop otherwise, 64-bit indices, and the
+// 16-byte vector loads (a misaligned start takes a short scalar head first), 64-bit indices, and the
 // optional sum of squares reduced per block into its own slot and summed afterwards in a fixed order
 // (deterministic, no atomics).
 #include <ATen/core/Tensor.h>
@@ -21,7 +21,8 @@ namespace mixprec::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 640;  // ~22 KB of kernel arguments
+constexpr int kMaxTensors = 1100;      // no aux: ~27 KB of kernel arguments (1000 small grads in one launch)
+constexpr int kMaxTensorsSmall = 150;  // drivers limited to 4 KB of kernel arguments
 constexpr int kUnroll = 4;        // 16-byte loads in flight per thread
 
 template <typename T>
@@ -44,42 +45,49 @@ __device__ __forceinline__ void unscale_element(T& value, float inv, bool& bad, 
 
 // `store` is false when inv is exactly 1 (x * 1 == x): the block then only reads, for the inf check a
 // scaler runs before handing the scale to a fused optimizer. Uniform per block, so no divergence.
+// A start that is not 16-byte aligned (a gradient viewed inside a flat buffer) takes fewer than one
+// vector's worth of elements as a scalar head; the rest is aligned and vectorised.
 template <typename T, bool kSumsq>
 __device__ void unscale_chunk(T* p, int64_t n, float inv, bool store, bool& bad, float& sq) {
   constexpr int kVec = Pack<T>::kN;
-  int64_t scalar_from = 0;
-  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
-    const int64_t nvec = n / kVec;
-    Pack<T>* vp = reinterpret_cast<Pack<T>*>(p);
-    for (int64_t base = threadIdx.x; base < nvec; base += static_cast<int64_t>(kThreads) * kUnroll) {
-      Pack<T> r[kUnroll];
+  const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16);
+  const int64_t head = misalign % static_cast<int64_t>(sizeof(T)) != 0
+                           ? n
+                           : min(n, (16 - misalign) % 16 / static_cast<int64_t>(sizeof(T)));
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+    T value = p[i];
+    unscale_element<T, kSumsq>(value, inv, bad, sq);
+    if (store) p[i] = value;
+  }
+  const int64_t nvec = (n - head) / kVec;
+  Pack<T>* vp = reinterpret_cast<Pack<T>*>(p + head);  // 16-byte aligned (or nvec == 0)
+  for (int64_t base = threadIdx.x; base < nvec; base += static_cast<int64_t>(kThreads) * kUnroll) {
+    Pack<T> r[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = base + static_cast<int64_t>(u) * kThreads;
-        if (v < nvec) r[u] = vp[v];
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = base + static_cast<int64_t>(u) * kThreads;
+      if (v < nvec) r[u] = vp[v];
+    }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = base + static_cast<int64_t>(u) * kThreads;
-        if (v < nvec) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = base + static_cast<int64_t>(u) * kThreads;
+      if (v < nvec) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) unscale_element<T, kSumsq>(r[u].v[k], inv, bad, sq);
-          if (store) vp[v] = r[u];
-        }
+        for (int k = 0; k < kVec; ++k) unscale_element<T, kSumsq>(r[u].v[k], inv, bad, sq);
+        if (store) vp[v] = r[u];
       }
     }
-    scalar_from = nvec * kVec;
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
+  for (int64_t i = head + nvec * kVec + threadIdx.x; i < n; i += kThreads) {
     T value = p[i];
     unscale_element<T, kSumsq>(value, inv, bad, sq);
     if (store) p[i] = value;
   }
 }
 
-template <bool kSumsq>
+template <bool kSumsq, int M>
 __global__ void __launch_bounds__(kThreads)
-    unscale_and_check_kernel(const TensorListMeta<1, kMaxTensors> meta, float* found_inf, const float* inv_scale,
+    unscale_and_check_kernel(const TensorListMeta<1, M> meta, float* found_inf, const float* inv_scale,
                              float* partials, int64_t chunk_base) {
   const int64_t chunk = blockIdx.x;
   const int t = tensor_of_chunk(meta, chunk);
@@ -131,16 +139,19 @@ at::Tensor unscale_impl(const char* op, at::TensorList grads, const at::Tensor& 
   float* found_ptr = found_inf.data_ptr<float>();
   const float* inv_ptr = inv_scale.const_data_ptr<float>();
   float* partial_ptr = want_sumsq ? partials.data_ptr<float>() : nullptr;
-  multi_tensor_apply<1, kMaxTensors>({&views}, [&](const TensorListMeta<1, kMaxTensors>& meta, int64_t n_chunks,
-                                                   int64_t chunk_base) {
-    if (want_sumsq) {
-      unscale_and_check_kernel<true>
-          <<<n_chunks, kThreads, 0, stream>>>(meta, found_ptr, inv_ptr, partial_ptr, chunk_base);
-    } else {
-      unscale_and_check_kernel<false>
-          <<<n_chunks, kThreads, 0, stream>>>(meta, found_ptr, inv_ptr, partial_ptr, chunk_base);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  static_assert(fits_small_kernel_args<TensorListMeta<1, kMaxTensorsSmall>, float*, float*, float*, int64_t>());
+  with_max_tensors<kMaxTensors, kMaxTensorsSmall>([&](auto capacity) {
+    constexpr int M = decltype(capacity)::value;
+    multi_tensor_apply<1, M>({&views}, [&](const TensorListMeta<1, M>& meta, int64_t n_chunks, int64_t chunk_base) {
+      if (want_sumsq) {
+        unscale_and_check_kernel<true, M>
+            <<<n_chunks, kThreads, 0, stream>>>(meta, found_ptr, inv_ptr, partial_ptr, chunk_base);
+      } else {
+        unscale_and_check_kernel<false, M>
+            <<<n_chunks, kThreads, 0, stream>>>(meta, found_ptr, inv_ptr, partial_ptr, chunk_base);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   dense.write_back();
   if (!want_sumsq) return {};
