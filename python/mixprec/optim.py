@@ -343,12 +343,18 @@ class _MixprecAdam(torch.optim.Optimizer):
                     lr, lr_tensor = 0.0, lr.detach()
             beta1, beta2 = group["betas"]
             seed = group["seed"]
-            rng_calls, changed = core.step_group(
-                index, params, local_params, grads, float(lr), lr_tensor, _scalar(beta1, "betas[0]"),
-                _scalar(beta2, "betas[1]"), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["decoupled_weight_decay"]), bool(group["maximize"]), group["master_weights"],
-                group["moment_dtype"], group["rounding"], None if seed is None else int(seed),
-                int(group["rng_calls"]), grad_scale, found_inf)
+            try:
+                rng_calls, changed = core.step_group(
+                    index, params, local_params, grads, float(lr), lr_tensor, _scalar(beta1, "betas[0]"),
+                    _scalar(beta2, "betas[1]"), float(group["eps"]), float(group["weight_decay"]),
+                    bool(group["decoupled_weight_decay"]), bool(group["maximize"]), group["master_weights"],
+                    group["moment_dtype"], group["rounding"], None if seed is None else int(seed),
+                    int(group["rng_calls"]), grad_scale, found_inf)
+            except Exception:
+                # State the core may have created before the error never reached optimizer.state: the next
+                # step starts again from what optimizer.state holds.
+                self._forget_cache()
+                raise
             if seed is not None:
                 group["rng_calls"] = rng_calls
             for i in changed:

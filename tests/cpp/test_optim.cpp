@@ -199,3 +199,29 @@ TEST_CASE("switching from fp32 masters to remainder mode keeps the exact master"
     REQUIRE(torch::equal(mixprec::ops::merge_bf16_remainder(params[i].detach(), st.remainder()), masters[i]));
   }
 }
+
+TEST_CASE("the core's cached lists follow state replaced between steps and params without gradients", "[optim]") {
+  auto params = make_params(torch::kBFloat16);
+  mixprec::optim::AdamW opt(params, mixprec::optim::AdamWOptions(1e-2));
+  auto state_of = [&](const torch::Tensor& p) -> mixprec::optim::AdamParamState& {
+    return static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(p.unsafeGetTensorImpl()));
+  };
+  for (int step = 0; step < 2; ++step) {
+    set_grads(params, step);
+    opt.step();
+  }
+  // Replaced through the state's setter: the next step must update the new tensor, not the cached one.
+  auto old = state_of(params[0]).exp_avg();
+  const auto old_values = old.clone();
+  state_of(params[0]).exp_avg(torch::zeros_like(old));
+  // And a param without a gradient this step is skipped (its count stays).
+  params[2].mutable_grad() = torch::Tensor();
+  auto gs = grads_for(2, params);
+  params[0].mutable_grad() = gs[0];
+  params[1].mutable_grad() = gs[1];
+  opt.step();
+  REQUIRE(torch::equal(old, old_values));
+  REQUIRE(torch::allclose(state_of(params[0]).exp_avg(), 0.1 * gs[0].to(torch::kFloat)));
+  REQUIRE(state_of(params[2]).step().item<float>() == 2.0f);
+  REQUIRE(state_of(params[1]).step().item<float>() == 3.0f);
+}

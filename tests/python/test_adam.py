@@ -716,3 +716,24 @@ def test_a_parameter_converted_in_place_is_stepped_in_its_new_dtype() -> None:
     assert params[1].dtype == torch.float32 and opt.state[params[1]]["step"].item() == 2
     assert not torch.equal(params[1], before) and not torch.equal(params[1], params[1].bfloat16().float())
     assert params[0].dtype == torch.bfloat16 and torch.equal(opt.state[params[0]]["master"].bfloat16(), params[0])
+
+
+def test_a_failed_step_leaves_optimizer_state_and_core_in_agreement() -> None:
+    """A group that fails half way (remainders asked for an fp16 parameter after bf16 ones got state) must
+    not leave state in the core that optimizer.state lacks: after the fix, a step matches a fresh optimizer."""
+    def run(fail_first: bool) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(6).bfloat16()), torch.nn.Parameter(torch.randn(6).half())]
+        opt = mixprec.optim.AdamW(params, lr=1e-2, master_weights="remainder" if fail_first else "auto")
+        for p in params:
+            p.grad = torch.ones(6, dtype=p.dtype)
+        if fail_first:
+            with pytest.raises(ValueError, match="remainder"):
+                opt.step()
+            opt.param_groups[0]["master_weights"] = "auto"
+        opt.step()
+        assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq", "master"}
+        return [p.detach().clone() for p in params] + [opt.state[p]["master"] for p in params]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
