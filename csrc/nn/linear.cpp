@@ -47,9 +47,11 @@ struct Probe {
 
 const Probe& probe_for(const c10::Device& device) {
   static std::mutex mutex;
-  static std::map<std::string, Probe> probes;  // never freed: the nodes must outlive every graph
+  // Never freed (a leaked heap object, not a static one): the nodes must outlive every graph, and no
+  // autograd node may be destroyed at exit after torch's own statics are gone.
+  static auto* probes = new std::map<std::string, Probe>();
   const std::lock_guard<std::mutex> lock(mutex);
-  auto [it, inserted] = probes.try_emplace(device.str());
+  auto [it, inserted] = probes->try_emplace(device.str());
   if (inserted) {
     it->second.leaf = torch::empty({0}, torch::TensorOptions().device(device).requires_grad(true));
     it->second.node = torch::autograd::impl::grad_accumulator(it->second.leaf);
