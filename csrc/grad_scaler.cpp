@@ -34,12 +34,23 @@ void check_options(const GradScalerOptions& o) {
   }
 }
 
+// Appends the gradients of `params` that are set. False (stopping there) at a gradient that is a tensor
+// subclass (FSDP2's DTensor), whose local shard only Python can take.
+bool append_grads(at::TensorList params, std::vector<at::Tensor>& grads) {
+  for (const at::Tensor& p : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return false;
+    grads.push_back(g);
+  }
+  return true;
+}
+
 std::vector<at::Tensor> optimizer_grads(torch::optim::Optimizer& optimizer) {
   std::vector<at::Tensor> grads;
   for (auto& group : optimizer.param_groups()) {
-    for (auto& p : group.params()) {
-      if (p.grad().defined()) grads.push_back(p.grad());
-    }
+    TORCH_CHECK(append_grads(group.params(), grads),
+                "mixprec::GradScaler: a gradient is a tensor subclass (e.g. a DTensor); unscale its local shard");
   }
   return grads;
 }
@@ -329,12 +340,7 @@ using Self = c10::intrusive_ptr<GradScalerClass>;
 std::optional<std::vector<at::Tensor>> grads_of(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
-  for (const at::Tensor& p : params) {
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return std::nullopt;
-    grads.push_back(g);
-  }
+  if (!append_grads(params, grads)) return std::nullopt;
   return grads;
 }
 

@@ -55,3 +55,13 @@ def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tm
     elif capability is None and out["capability"] == "DEFAULT":
         pytest.skip("this CPU has no vector capability beyond DEFAULT (no AVX2): nothing to compare DEFAULT with")
     return out["result"]
+
+
+def on_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """`t` on `device` with the same sizes, strides and storage offset (so misalignment carries over)."""
+    if device == "cpu":
+        return t
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=device)
+    out = storage.as_strided(t.shape, t.stride(), t.storage_offset())
+    out.copy_(t)
+    return out

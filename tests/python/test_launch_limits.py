@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import on_device, requires_cuda
 
 import mixprec
 from mixprec import ops
@@ -36,16 +36,8 @@ def _make(sizes: list[int], dtype: torch.dtype, seed: int, scale: float = 1.0) -
 
 
 def _cuda_copy(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The same values on the GPU with the same misalignment (offset into a one-longer buffer)."""
-    out = []
-    for t in ts:
-        if t.storage_offset() == 1:
-            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-            buf[1:].copy_(t)
-            out.append(buf[1:])
-        else:
-            out.append(t.cuda())
-    return out
+    """The same values on the GPU with the same layout, misalignment included."""
+    return [on_device(t, "cuda") for t in ts]
 
 
 @pytest.mark.parametrize("mode, rounding", [("fp32", "nearest"), ("none", "stochastic"), ("remainder", "nearest")])

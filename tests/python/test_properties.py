@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICES
+from conftest import on_device as on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,16 +45,6 @@ def tensors(draw, min_numel: int = 0, max_numel: int = 5000, dtypes=DTYPES):
     else:
         t = base[:numel]
     return t.to(dtype) if layout != "strided" else base.to(dtype)[: numel * 2 : 2]
-
-
-def on(t: torch.Tensor, device: str) -> torch.Tensor:
-    """`t` on `device` with the same sizes, strides and storage offset (so misalignment carries over)."""
-    if device == "cpu":
-        return t
-    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=device)
-    out = storage.as_strided(t.shape, t.stride(), t.storage_offset())
-    out.copy_(t)
-    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
