@@ -29,6 +29,20 @@ TORCH_LIBRARY(mixprec, m) {
       "str rounding=\"nearest\", int? seed=None, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()",
       tags);
+  // FP8 (csrc/ops/fp8.h): data = fp8(input * scale); scale_inv = 1 / scale dequantizes.
+  m.def(
+      "fp8_quantize(Tensor input, Tensor scale, ScalarType dtype, str rounding=\"nearest\", bool saturate=True, "
+      "int? seed=None, bool transpose=False) -> (Tensor data, Tensor data_t, Tensor amax)",
+      tags);
+  m.def(
+      "fp8_quantize_blockwise(Tensor input, ScalarType dtype, int block_rows, int block_cols, int margin=0, "
+      "bool pow2_scales=False, str rounding=\"nearest\", bool saturate=True, int? seed=None) "
+      "-> (Tensor data, Tensor scale_inv)",
+      tags);
+  m.def(
+      "fp8_update_scales_(Tensor(a!) amax_history, Tensor(b!) scale, Tensor(c!) scale_inv, ScalarType dtype, "
+      "str algo=\"max\", int margin=0, bool pow2_scales=False) -> ()",
+      tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
   m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
   // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.

@@ -45,6 +45,7 @@ if _build_info is not None:
 from . import _C
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
+from . import fp8
 from . import optim
 from . import nn
 from .grad_scaler import GradScaler

@@ -105,3 +105,62 @@ def _linear_wgrad_accum_fake(main_grad: torch.Tensor, grad_output: torch.Tensor,
 @torch.library.register_fake("mixprec::linear_wgrad")
 def _linear_wgrad_fake(grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     return grad_output.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=torch.float32)
+
+
+def _fp8_matrix(input: torch.Tensor) -> tuple[int, int]:
+    """The [rows, cols] matrix the FP8 ops see: cols is the last dimension (a 0-dim tensor is [1, 1])."""
+    if input.dim() == 0:
+        return 1, 1
+    rows = 1
+    for size in input.shape[:-1]:
+        rows *= size
+    return rows, input.shape[-1]
+
+
+@torch.library.register_fake("mixprec::fp8_quantize")
+def _fp8_quantize_fake(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    seed: Optional[int] = None,
+    transpose: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = _fp8_matrix(input)
+    return (
+        input.new_empty(input.shape, dtype=dtype),
+        input.new_empty((cols, rows) if transpose else (0,), dtype=dtype),
+        input.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("mixprec::fp8_quantize_blockwise")
+def _fp8_quantize_blockwise_fake(
+    input: torch.Tensor,
+    dtype: torch.dtype,
+    block_rows: int,
+    block_cols: int,
+    margin: int = 0,
+    pow2_scales: bool = False,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    seed: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = _fp8_matrix(input)
+    grid_rows = 1 if block_rows == -1 else -(-rows // block_rows)
+    grid_cols = 1 if block_cols == -1 else -(-cols // block_cols)
+    return input.new_empty(input.shape, dtype=dtype), input.new_empty((grid_rows, grid_cols), dtype=torch.float32)
+
+
+@torch.library.register_fake("mixprec::fp8_update_scales_")
+def _fp8_update_scales_fake(
+    amax_history: torch.Tensor,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    dtype: torch.dtype,
+    algo: str = "max",
+    margin: int = 0,
+    pow2_scales: bool = False,
+) -> None:
+    return None

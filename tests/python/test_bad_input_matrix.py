@@ -108,6 +108,15 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
      RuntimeError, "main_grad must be float32"),
     ("wgrad: batch mismatch", lambda w: ops.linear_wgrad_accum_(w.m[0].reshape(2, 2), torch.ones(3, 2), torch.ones(4, 2)),
      RuntimeError, "leading"),
+    # fp8 (amax_history, scale and scale_inv are the world's tensors: nothing of them may change)
+    ("fp8 quantize: dtype", lambda w: mixprec.fp8.quantize(w.g[0], w.inv, torch.float16), ValueError, "dtype must be"),
+    ("fp8 quantize: scale", lambda w: mixprec.fp8.quantize(w.g[0], w.growth), RuntimeError, "scale must be"),
+    ("fp8 quantize: integer input", lambda w: mixprec.fp8.quantize(w.growth, w.inv), RuntimeError, "input must be"),
+    ("fp8 blockwise: block", lambda w: mixprec.fp8.quantize_blockwise(w.g[0], block=(1, 0)), ValueError, "block_cols"),
+    ("fp8 update: scale shape", lambda w: mixprec.fp8.update_scales_(w.m[0].reshape(2, 2), w.v[0], w.inv),
+     RuntimeError, r"scale must have shape \[2\]"),
+    ("fp8 update: algo", lambda w: mixprec.fp8.update_scales_(w.m[0].reshape(4, 1), w.inv, w.found, algo="avg"),
+     ValueError, "algo"),
     # classes and functions
     ("AdamW: negative lr", lambda w: mixprec.optim.AdamW(w.pg, lr=-1.0), ValueError, "learning rate"),
     ("AdamW: betas", lambda w: mixprec.optim.AdamW(w.pg, betas=(1.0, 0.9)), ValueError, "beta"),

@@ -1,6 +1,7 @@
 // Umbrella header for LibTorch programs: #include <mixprec/mixprec.h> and link mixprec::mixprec.
 #pragma once
 
+#include "mixprec/fp8.h"
 #include "mixprec/grad_scaler.h"
 #include "mixprec/nn.h"
 #include "mixprec/ops.h"

@@ -1,10 +1,8 @@
 // adam_step_ on the CPU: checks, the overflow skip, per-tensor bias corrections, then 64K-element chunks
 // of every row in parallel through the capability-specific kernel, and finally the step counts.
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <vector>
 
 #include "ops/adam_plan.h"
@@ -40,13 +38,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                     read_scalar(grad_scale, 1.0f),
                     read_scalar(clip_coef, 1.0f), grad_scale.has_value() && grad_scale->defined()};
   if (args.rounding == Rounding::Stochastic && args.master_mode != detail::MasterMode::Remainder) {
-    if (seed.has_value()) {
-      common.key = {static_cast<uint64_t>(*seed), 0};
-    } else {
-      at::Generator gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      common.key = {gen.get<at::CPUGeneratorImpl>()->random64(), 0};
-    }
+    common.key = stochastic_key(seed);
   }
 
   detail::AdamPlan plan(args);

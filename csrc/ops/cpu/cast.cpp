@@ -1,12 +1,10 @@
 // cast / cast_ and the bf16 remainder split/merge on the CPU: checks and planning (cast_plan.h), then
 // 64K-element chunks over every pair run in parallel through the capability-specific kernel.
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -19,20 +17,12 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // a multiple of 4: chunks start on Philox groups
 
-RngKey rng_key(std::optional<int64_t> seed) {
-  if (seed.has_value()) return {static_cast<uint64_t>(*seed), 0};
-  // No seed: a fresh key from torch's default CPU generator, so torch.manual_seed governs the draws.
-  at::Generator gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return {gen.get<at::CPUGeneratorImpl>()->random64(), 0};
-}
-
 void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
   const Rounding mode = detail::parse_rounding(std::string_view(rounding.data(), rounding.size()), op);
   detail::check_cast_args(op, dst, src);
   detail::CastPlan plan(dst, src);
-  const RngKey key = mode == Rounding::Stochastic ? rng_key(seed) : RngKey{0, 0};
+  const RngKey key = mode == Rounding::Stochastic ? stochastic_key(seed) : RngKey{0, 0};
 
   std::vector<CastChunk> chunks;
   for (size_t i = 0; i < plan.dst_work().size(); ++i) {

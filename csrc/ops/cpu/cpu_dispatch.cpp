@@ -1,6 +1,9 @@
 #include "ops/cpu/cpu_dispatch.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Version.h>
+
+#include <mutex>
 
 #include <string>
 
@@ -14,6 +17,13 @@ Capability runtime_capability() {
     return (name == "AVX2" || name == "AVX512") ? Capability::Avx2 : Capability::Default;
   }();
   return cap;
+}
+
+RngKey stochastic_key(std::optional<int64_t> seed) {
+  if (seed.has_value()) return {static_cast<uint64_t>(*seed), 0};
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return {gen.get<at::CPUGeneratorImpl>()->random64(), 0};
 }
 
 KernelTable<UnscaleChunkFn> unscale_chunk_kernels;

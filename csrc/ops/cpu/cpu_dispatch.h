@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "ops/adam_rule.h"
 #include "ops/rounding.h"
@@ -68,6 +69,10 @@ struct RngKey {
   uint64_t seed;
   uint64_t offset;
 };
+
+/// The key of a stochastic rounding: `seed` itself, or with no seed a fresh one from torch's default CPU
+/// generator, so torch.manual_seed governs the draws.
+RngKey stochastic_key(std::optional<int64_t> seed);
 
 using CastChunkFn = void (*)(const CastChunk& chunk, Rounding rounding, bool saturate, RngKey key);
 extern KernelTable<CastChunkFn> cast_chunk_kernels;

@@ -20,6 +20,7 @@
 #include "ops/adam_rule.h"
 #include "ops/cast_plan.h"
 #include "ops/cuda/multi_tensor_apply.cuh"
+#include "ops/cuda/rng.cuh"
 #include "ops/philox.h"
 #include "ops/rounding.h"
 
@@ -256,13 +257,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                optional_ptr(found_inf), optional_ptr(clip_coef), decoupled_weight_decay, maximize, args.master_mode,
                args.rounding, at::PhiloxCudaState(0, 0)};
   if (args.rounding == Mode::Stochastic) {
-    if (seed.has_value()) {
-      a.rng = at::PhiloxCudaState(static_cast<uint64_t>(*seed), 0);
-    } else {
-      auto gen = at::cuda::detail::getDefaultCUDAGenerator(params[0].device().index());
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      a.rng = gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(4);
-    }
+    a.rng = stochastic_state(seed, params[0].device());
   }
   detail::AdamPlan plan(args);
   std::vector<at::Tensor> step_list(steps.begin(), steps.end());

@@ -17,6 +17,7 @@
 
 #include "ops/cast_plan.h"
 #include "ops/cuda/multi_tensor_apply.cuh"
+#include "ops/cuda/rng.cuh"
 #include "ops/philox.h"
 #include "ops/rounding.h"
 
@@ -126,16 +127,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::PhiloxCudaState rng_state(std::optional<int64_t> seed, c10::Device device) {
-  if (seed.has_value()) return at::PhiloxCudaState(static_cast<uint64_t>(*seed), 0);
-  // No seed: torch's default generator for this device (so torch.manual_seed governs it). Each call
-  // takes a fresh stream: the offset becomes the upper half of every Philox counter. The state is
-  // read inside the kernel, which keeps this safe under CUDA-graph capture.
-  auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index());
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(4);  // torch wants multiples of 4
-}
-
 void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
   const Mode mode = detail::parse_rounding(std::string_view(rounding.data(), rounding.size()), op);
@@ -143,7 +134,7 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(src[0].device());
   detail::CastPlan plan(dst, src);
-  const at::PhiloxCudaState rng = mode == Mode::Stochastic ? rng_state(seed, src[0].device()) : at::PhiloxCudaState(0, 0);
+  const at::PhiloxCudaState rng = mode == Mode::Stochastic ? stochastic_state(seed, src[0].device()) : at::PhiloxCudaState(0, 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   static_assert(
       fits_small_kernel_args<TensorListMeta<2, kMaxTensorsSmall, true>, Mode, bool, at::PhiloxCudaState>());

@@ -1,0 +1,54 @@
+// mixprec::fp8's functions: typed calls of the fp8_* ops (csrc/ops/registration.cpp).
+#include "mixprec/fp8.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+#include "ops/fp8_plan.h"
+
+namespace mixprec::fp8 {
+namespace {
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+c10::string_view view(std::string_view s) { return {s.data(), s.size()}; }
+}  // namespace
+
+double max_finite(at::ScalarType dtype) {
+  return fp8::max_finite(detail::parse_fp8_dtype(dtype, "mixprec::fp8::max_finite"));
+}
+
+Quantized quantize(const at::Tensor& input, const at::Tensor& scale, at::ScalarType dtype,
+                   const QuantizeOptions& options) {
+  static const auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::ScalarType,
+                                                             c10::string_view, bool, std::optional<int64_t>, bool)>(
+          "mixprec::fp8_quantize");
+  auto [data, data_t, amax] =
+      op.call(input, scale, dtype, view(options.rounding), options.saturate, options.seed, options.transpose);
+  return {data, options.transpose ? data_t : at::Tensor(), amax};
+}
+
+BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype, int64_t block_rows,
+                                  int64_t block_cols, const BlockwiseOptions& options) {
+  static const auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::ScalarType, int64_t, int64_t, int64_t, bool,
+                                                 c10::string_view, bool, std::optional<int64_t>)>(
+          "mixprec::fp8_quantize_blockwise");
+  auto [data, scale_inv] = op.call(input, dtype, block_rows, block_cols, options.margin, options.pow2_scales,
+                                   view(options.rounding), options.saturate, options.seed);
+  return {data, scale_inv};
+}
+
+void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
+                    at::ScalarType dtype, std::string_view algo, int64_t margin, bool pow2_scales) {
+  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
+                                      c10::string_view, int64_t, bool)>("mixprec::fp8_update_scales_");
+  op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales);
+}
+
+}  // namespace mixprec::fp8

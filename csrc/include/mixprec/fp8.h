@@ -1,0 +1,77 @@
+// FP8 training from LibTorch: the formats, quantization with every scaling granularity the recipes use,
+// and the delayed-scaling update. Each function calls its op (torch.ops.mixprec.fp8_*), so C++ and
+// Python share one routing, and CPU and CUDA give the same bits.
+//
+// Conventions (Transformer Engine's): quantized = fp8(x * scale), and x ~= fp8 value * scale_inv with
+// scale_inv = 1 / scale. A scale maps an amax (max |x|) to the format's largest finite value, divided by
+// 2^margin, optionally rounded down to a power of two (then scale_inv is exact).
+//
+// Rounding is round-to-nearest-even (bit-identical to Tensor.to(dtype)) or stochastic (unbiased, seeded
+// Philox draws per element, the same bits on CPU and CUDA). `saturate` (the default) turns a value beyond
+// the largest finite one, inf included, into +-that value (as CUDA's SATFINITE conversion and torch 2.14's
+// Tensor.to(float8_e4m3fn) do); without it, an overflow becomes NaN in E4M3 (which has no inf) and +-inf in
+// E5M2 (as Tensor.to(float8_e5m2) does). NaN stays NaN.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace mixprec::fp8 {
+
+/// The largest finite value of `dtype` (448 for torch::kFloat8_e4m3fn, 57344 for torch::kFloat8_e5m2).
+double max_finite(at::ScalarType dtype);
+
+struct QuantizeOptions {
+  std::string rounding = "nearest";  // or "stochastic"
+  bool saturate = true;
+  std::optional<int64_t> seed = std::nullopt;  // stochastic rounding's key; none: the device's default generator
+  bool transpose = false;                      // also return the [cols, rows] transposed copy
+};
+
+/// `input` as FP8 and what came out of the same pass over it.
+struct Quantized {
+  at::Tensor data;    // fp8(input * scale), shaped like input
+  at::Tensor data_t;  // with `transpose`: the same codes as a contiguous [cols, rows] matrix, else undefined
+  at::Tensor amax;    // max |input| (0-dim float32; NaN if input holds a NaN): the next delayed scale's input
+};
+
+/// Quantizes `input` (fp32, fp16 or bf16; seen as a [rows, cols] matrix, cols = its last dimension) to
+/// `dtype` (float8_e4m3fn or float8_e5m2) with `scale`, a one-element float32 tensor on input's device
+/// that is read on the device (no host sync), as delayed scaling needs.
+Quantized quantize(const at::Tensor& input, const at::Tensor& scale, at::ScalarType dtype,
+                   const QuantizeOptions& options = {});
+
+struct BlockwiseOptions {
+  int64_t margin = 0;  // the scale is divided by 2^margin (0..32)
+  bool pow2_scales = false;
+  std::string rounding = "nearest";
+  bool saturate = true;
+  std::optional<int64_t> seed = std::nullopt;
+};
+
+struct BlockQuantized {
+  at::Tensor data;       // shaped like input
+  at::Tensor scale_inv;  // float32 [ceil(rows / block_rows), ceil(cols / block_cols)]
+};
+
+/// Current scaling at any granularity: each block_rows x block_cols block of the [rows, cols] matrix gets
+/// the scale of its own amax (an amax of 0, inf or NaN gives scale 1). -1 takes the whole extent:
+/// (-1, -1) is per-tensor, (1, -1) row-wise, (1, 128) and (128, 128) DeepSeek-V3's activation and weight
+/// blocks. Element [r, c] dequantizes as data[r, c] * scale_inv[r / block_rows, c / block_cols].
+BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype, int64_t block_rows,
+                                  int64_t block_cols, const BlockwiseOptions& options = {});
+
+/// Delayed scaling, on the device: `amax_history` is a float32 [history, n] matrix whose row 0 holds this
+/// step's amax of each of n tensors and rows 1.. the steps before, newest first. Each scale[j] becomes the
+/// scale of the history's max (algo "max") or of row 0 ("most_recent"), and scale_inv[j] = 1 / scale[j];
+/// an amax of 0, inf or NaN keeps the previous scale. Then the window moves: every row moves down one,
+/// the oldest drops out, and row 0 is zeroed for the next step.
+void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
+                    at::ScalarType dtype, std::string_view algo = "max", int64_t margin = 0,
+                    bool pow2_scales = false);
+
+}  // namespace mixprec::fp8

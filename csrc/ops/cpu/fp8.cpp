@@ -1,0 +1,180 @@
+// The FP8 ops on the CPU: quantize with a given scale (amax and the transposed copy in the same call),
+// block-scaled quantize (per tensor, per row, 1x128, 128x128, ...), and the delayed-scaling update. The
+// rounding is ops/fp8.h, the code the CUDA kernels run, so the two backends give the same bits; this
+// backend is also the reference the recipes are tested against.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "ops/cpu/cpu_dispatch.h"
+#include "ops/fp8.h"
+#include "ops/fp8_plan.h"
+#include "ops/philox.h"
+#include "ops/rounding.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
+
+/// Element-by-element draws in index order: one Philox call per group of eight (rounding::draw16).
+class Draws {
+ public:
+  explicit Draws(RngKey key) : key_(key) {}
+  uint32_t at(uint64_t index) {
+    if (index / 8 != group_) {
+      group_ = index / 8;
+      const philox::Draw4 r = philox::philox4x32_10(group_, key_.offset, key_.seed);
+      for (int k = 0; k < 4; ++k) words_[k] = r.v[k];
+    }
+    return rounding::draw16(words_, index);
+  }
+
+ private:
+  RngKey key_;
+  uint64_t group_ = ~uint64_t{0};
+  uint32_t words_[4] = {};
+};
+
+/// |x|'s bits: their unsigned order is the order of the magnitudes, and any NaN sorts above inf, so a
+/// max over them propagates NaN into the amax as torch's amax does.
+inline uint32_t magnitude_bits(float x) { return rounding::float_bits(x) & 0x7fffffffu; }
+
+/// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits.
+template <typename Src>
+uint32_t quantize_range(const Src* src, uint8_t* dst, int64_t begin, int64_t end, float scale,
+                        const detail::Fp8Input& in, bool saturate, RngKey key) {
+  uint32_t amax = 0;
+  Draws draws(key);
+  const bool stochastic = in.mode == rounding::Mode::Stochastic;
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = static_cast<float>(src[i]);
+    amax = std::max(amax, magnitude_bits(x));
+    dst[i] = fp8::to_fp8(x * scale, in.format, in.mode, saturate, stochastic ? draws.at(i) : 0u);
+  }
+  return amax;
+}
+
+/// out[c * rows + r] = data[r * cols + c], in cache-sized tiles.
+void transpose_bytes(const uint8_t* data, uint8_t* out, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 64;
+  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r0 = t * kTile, r1 = std::min(rows, r0 + kTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t c1 = std::min(cols, c0 + kTile);
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = data[r * cols + c];
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
+                                                                at::ScalarType dtype, c10::string_view rounding,
+                                                                bool saturate, std::optional<int64_t> seed,
+                                                                bool transpose) {
+  const detail::Fp8Input in = detail::check_fp8_quantize(input, scale, dtype, rounding);
+  detail::Fp8QuantizeOutputs out = detail::empty_fp8_quantize_outputs(in, dtype, transpose);
+  const float s = *scale.const_data_ptr<float>();
+  const RngKey key = in.mode == rounding::Mode::Stochastic ? stochastic_key(seed) : RngKey{0, 0};
+  auto* dst = static_cast<uint8_t*>(out.data.data_ptr());
+  uint32_t amax = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::fp8_quantize", [&] {
+    const scalar_t* src = in.input.const_data_ptr<scalar_t>();
+    amax = at::parallel_reduce(
+        0, in.input.numel(), kGrain, uint32_t{0},
+        [&](int64_t begin, int64_t end, uint32_t ident) {
+          return std::max(ident, quantize_range(src, dst, begin, end, s, in, saturate, key));
+        },
+        [](uint32_t a, uint32_t b) { return std::max(a, b); });
+  });
+  *out.amax.data_ptr<float>() = rounding::bits_float(amax);
+  if (transpose) transpose_bytes(dst, static_cast<uint8_t*>(out.data_t.data_ptr()), in.rows, in.cols);
+  return {out.data, out.data_t, out.amax};
+}
+
+std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& input, at::ScalarType dtype,
+                                                              int64_t block_rows, int64_t block_cols, int64_t margin,
+                                                              bool pow2_scales, c10::string_view rounding,
+                                                              bool saturate, std::optional<int64_t> seed) {
+  detail::Fp8Blocks b{};
+  const detail::Fp8Input in =
+      detail::check_fp8_blockwise(input, dtype, block_rows, block_cols, margin, rounding, b);
+  at::Tensor data = at::empty(in.input.sizes(), in.input.options().dtype(dtype));
+  at::Tensor scale_inv = at::empty({b.grid_rows, b.grid_cols}, in.input.options().dtype(at::kFloat));
+  const RngKey key = in.mode == rounding::Mode::Stochastic ? stochastic_key(seed) : RngKey{0, 0};
+  const float fp8_max = fp8::max_finite(in.format);
+  auto* dst = static_cast<uint8_t*>(data.data_ptr());
+  float* inv = scale_inv.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::fp8_quantize_blockwise", [&] {
+        const scalar_t* src = in.input.const_data_ptr<scalar_t>();
+        // One block per task: its amax, its scale, then its elements (read again, from cache).
+        at::parallel_for(0, b.grid_rows * b.grid_cols, 1, [&](int64_t first, int64_t last) {
+          for (int64_t blk = first; blk < last; ++blk) {
+            const int64_t r0 = blk / b.grid_cols * b.block_rows, r1 = std::min(in.rows, r0 + b.block_rows);
+            const int64_t c0 = blk % b.grid_cols * b.block_cols, c1 = std::min(in.cols, c0 + b.block_cols);
+            uint32_t amax = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+            }
+            const float scale = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin),
+                                                     pow2_scales, 1.0f);
+            inv[blk] = 1.0f / scale;
+            for (int64_t r = r0; r < r1; ++r) {
+              quantize_range(src, dst, r * in.cols + c0, r * in.cols + c1, scale, in, saturate, key);
+            }
+          }
+        });
+      });
+  return {data, scale_inv};
+}
+
+void fp8_update_scales__cpu(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
+                            at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales) {
+  const detail::AmaxAlgo a = detail::check_fp8_update_scales(amax_history, scale, scale_inv, dtype, algo, margin);
+  const float fp8_max = fp8::max_finite(detail::parse_fp8_dtype(dtype, "mixprec::fp8_update_scales_"));
+  const int64_t history = amax_history.size(0), n = amax_history.size(1);
+  float* h = amax_history.data_ptr<float>();
+  float* s = scale.data_ptr<float>();
+  float* si = scale_inv.data_ptr<float>();
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t amax = magnitude_bits(h[j]);
+    if (a == detail::AmaxAlgo::Max) {
+      for (int64_t k = 1; k < history; ++k) amax = std::max(amax, magnitude_bits(h[k * n + j]));
+    }
+    s[j] = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin), pow2_scales, s[j]);
+    si[j] = 1.0f / s[j];
+    // The window moves on: row k + 1 takes row k, row 0 is cleared for the next step's amax.
+    for (int64_t k = history - 1; k > 0; --k) h[k * n + j] = h[(k - 1) * n + j];
+    h[j] = 0.0f;
+  }
+  // The in-place writes went around the dispatcher: bump the version counters as in-place ops do.
+  amax_history.unsafeGetTensorImpl()->bump_version();
+  scale.unsafeGetTensorImpl()->bump_version();
+  scale_inv.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("fp8_quantize", &fp8_quantize_cpu);
+  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cpu);
+  m.impl("fp8_update_scales_", &fp8_update_scales__cpu);
+}
+
+// A sparse input routes the call here; the checks then name it.
+TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) {
+  m.impl("fp8_quantize", &fp8_quantize_cpu);
+  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cpu);
+}
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,66 @@
+// What the CPU and CUDA kernels of the FP8 ops share: argument checks (same messages on both backends,
+// raised before anything is written), the matrix view every FP8 kernel walks, and the outputs.
+//
+// Every FP8 op sees its input as a row-major [rows, cols] matrix: cols is the last dimension and rows the
+// product of the others (a 0-dim tensor is [1, 1]), which is how a Linear's activations, weights and
+// gradients enter a GEMM. A non-contiguous input is read through a contiguous copy.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+
+#include "ops/fp8.h"
+#include "ops/rounding.h"
+
+namespace mixprec::detail {
+
+/// torch.float8_e4m3fn -> E4M3, torch.float8_e5m2 -> E5M2; anything else is an error naming `op`.
+fp8::Format parse_fp8_dtype(at::ScalarType dtype, const char* op);
+
+/// The checked input of a quantize op, as the kernels walk it.
+struct Fp8Input {
+  at::Tensor input;  // contiguous, fp32 / fp16 / bf16
+  int64_t rows;
+  int64_t cols;
+  fp8::Format format;
+  rounding::Mode mode;
+};
+
+/// fp8_quantize: input dense fp32/fp16/bf16; scale a one-element fp32 tensor on input's device.
+Fp8Input check_fp8_quantize(const at::Tensor& input, const at::Tensor& scale, at::ScalarType dtype,
+                            c10::string_view rounding);
+
+/// fp8_quantize's outputs: data shaped like input; data_t [cols, rows] when `transpose`, else empty [0];
+/// amax a 0-dim fp32 tensor. All on the input's device.
+struct Fp8QuantizeOutputs {
+  at::Tensor data;
+  at::Tensor data_t;
+  at::Tensor amax;
+};
+Fp8QuantizeOutputs empty_fp8_quantize_outputs(const Fp8Input& in, at::ScalarType dtype, bool transpose);
+
+/// A block scaling layout: blocks of block_rows x block_cols elements of the [rows, cols] matrix (the
+/// last blocks of a row or column may be partial), grid_rows x grid_cols of them.
+struct Fp8Blocks {
+  int64_t block_rows;
+  int64_t block_cols;
+  int64_t grid_rows;
+  int64_t grid_cols;
+};
+
+/// fp8_quantize_blockwise: block_rows / block_cols are positive or -1 (the whole extent); margin in [0, 32].
+Fp8Input check_fp8_blockwise(const at::Tensor& input, at::ScalarType dtype, int64_t block_rows, int64_t block_cols,
+                             int64_t margin, c10::string_view rounding, Fp8Blocks& blocks);
+
+/// How delayed scaling reduces the amax history.
+enum class AmaxAlgo : int { Max = 0, MostRecent = 1 };
+
+/// fp8_update_scales_: amax_history a contiguous fp32 [history, n] matrix (history >= 1), scale and
+/// scale_inv contiguous fp32 [n] vectors, all on one device; algo "max" or "most_recent"; margin in [0, 32].
+AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tensor& scale,
+                                 const at::Tensor& scale_inv, at::ScalarType dtype, c10::string_view algo,
+                                 int64_t margin);
+
+}  // namespace mixprec::detail

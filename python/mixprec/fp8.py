@@ -1,0 +1,144 @@
+"""FP8 quantization and scaling: the Python face of ``mixprec::fp8`` (``csrc/include/mixprec/fp8.h``).
+
+Conventions (Transformer Engine's): ``data = fp8(x * scale)`` and ``x ~= data.float() * scale_inv`` with
+``scale_inv = 1 / scale``. A scale maps an amax (``max |x|``) onto the format's largest finite value
+(448 for ``torch.float8_e4m3fn``, 57344 for ``torch.float8_e5m2``), divided by ``2**margin`` and, with
+``pow2_scales``, rounded down to a power of two (then ``scale_inv`` is exact).
+
+Rounding is ``"nearest"`` (round-to-nearest-even, bit-identical to ``Tensor.to(dtype)``) or
+``"stochastic"`` (unbiased; seeded Philox draws per element, the same bits on CPU and CUDA). With
+``saturate`` (the default) a value beyond the largest finite one, inf included, becomes +-that value (as
+CUDA's SATFINITE conversion and torch 2.14's ``Tensor.to(torch.float8_e4m3fn)`` do); without it, an
+overflow becomes NaN in E4M3 (which has no inf) and +-inf in E5M2 (as ``Tensor.to(torch.float8_e5m2)``
+does). NaN stays NaN.
+
+Every function runs on CPU and CUDA, reads scales on the device (no host synchronisation), and traces
+under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = [
+    "FORMATS",
+    "max_finite",
+    "Quantized",
+    "BlockQuantized",
+    "quantize",
+    "quantize_blockwise",
+    "update_scales_",
+]
+
+#: The FP8 dtypes mixprec quantizes to.
+FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_MAX_FINITE = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def max_finite(dtype: torch.dtype) -> float:
+    """The largest finite value of an FP8 ``dtype`` (448 for E4M3, 57344 for E5M2)."""
+    if dtype not in _MAX_FINITE:
+        raise ValueError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    return _MAX_FINITE[dtype]
+
+
+class Quantized(NamedTuple):
+    """What :func:`quantize` returns."""
+
+    data: torch.Tensor
+    """``fp8(input * scale)``, shaped like the input."""
+    data_t: Optional[torch.Tensor]
+    """With ``transpose``: the same codes as a contiguous ``[cols, rows]`` matrix; else ``None``."""
+    amax: torch.Tensor
+    """``max |input|`` (0-dim float32, NaN if the input holds a NaN): what delayed scaling records."""
+
+
+class BlockQuantized(NamedTuple):
+    """What :func:`quantize_blockwise` returns."""
+
+    data: torch.Tensor
+    """The FP8 codes, shaped like the input."""
+    scale_inv: torch.Tensor
+    """float32 ``[ceil(rows / block_rows), ceil(cols / block_cols)]``: each block's dequantization factor."""
+
+
+def quantize(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    seed: Optional[int] = None,
+    transpose: bool = False,
+) -> Quantized:
+    """Quantize ``input`` with a given per-tensor ``scale`` (delayed scaling), in one pass.
+
+    Args:
+        input: fp32, fp16 or bf16, seen as a ``[rows, cols]`` matrix (``cols`` = last dimension).
+        scale: one-element float32 tensor on ``input``'s device, read there (no host sync).
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        rounding: ``"nearest"`` or ``"stochastic"``.
+        saturate: overflows (inf included) become the largest finite value instead of NaN (E4M3) / inf (E5M2).
+        seed: key of stochastic rounding; ``None`` takes one from the device's default generator.
+        transpose: also return the ``[cols, rows]`` transposed copy that Hopper's FP8 GEMM wants for
+            the weight-gradient and input-gradient products.
+
+    Returns:
+        :class:`Quantized`: ``data``, ``data_t`` (or ``None``) and the input's ``amax``.
+    """
+    data, data_t, amax = torch.ops.mixprec.fp8_quantize.default(
+        input, scale, dtype, rounding, bool(saturate), seed, bool(transpose)
+    )
+    return Quantized(data, data_t if transpose else None, amax)
+
+
+def quantize_blockwise(
+    input: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    block: tuple[int, int] = (-1, -1),
+    *,
+    margin: int = 0,
+    pow2_scales: bool = False,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    seed: Optional[int] = None,
+) -> BlockQuantized:
+    """Current scaling at any granularity: each ``block`` of the ``[rows, cols]`` matrix gets the scale of its
+    own amax (an amax of 0, inf or NaN gives scale 1).
+
+    ``block = (block_rows, block_cols)``, -1 meaning the whole extent: ``(-1, -1)`` per tensor, ``(1, -1)``
+    per row, ``(1, 128)`` and ``(128, 128)`` DeepSeek-V3's activation and weight blocks. Element ``[r, c]``
+    dequantizes as ``data[r, c].float() * scale_inv[r // block_rows, c // block_cols]``.
+    """
+    if len(block) != 2:
+        raise ValueError(f"block must be (block_rows, block_cols), got {block!r}")
+    data, scale_inv = torch.ops.mixprec.fp8_quantize_blockwise.default(
+        input, dtype, int(block[0]), int(block[1]), int(margin), bool(pow2_scales), rounding, bool(saturate), seed
+    )
+    return BlockQuantized(data, scale_inv)
+
+
+def update_scales_(
+    amax_history: torch.Tensor,
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    *,
+    algo: str = "max",
+    margin: int = 0,
+    pow2_scales: bool = False,
+) -> None:
+    """Delayed scaling's update, in place and on the device.
+
+    ``amax_history`` is a float32 ``[history, n]`` matrix: row 0 holds this step's amax of each of ``n``
+    tensors, rows 1.. the steps before (newest first). ``scale[j]`` becomes the scale of the column's max
+    (``algo="max"``) or of row 0 (``"most_recent"``), ``scale_inv[j] = 1 / scale[j]``; an amax of 0, inf or
+    NaN keeps the previous scale. Then the window moves down one row and row 0 is zeroed.
+    """
+    torch.ops.mixprec.fp8_update_scales_.default(
+        amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales)
+    )

@@ -1,0 +1,112 @@
+// mixprec::fp8 from C++ (CPU): casts against Tensor::to over every code and random fp32 bit patterns,
+// the numerics header's decoder, block scaling against a reference computed with plain tensor ops, and
+// the delayed-scaling window.
+#include <catch2/catch.hpp>
+#include <mixprec/fp8.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops/fp8.h"
+
+namespace {
+torch::Tensor one(float v) { return torch::full({1}, v); }
+
+bool same_codes(const torch::Tensor& a, const torch::Tensor& b) {
+  return torch::equal(a.view(torch::kByte), b.view(torch::kByte));
+}
+}  // namespace
+
+TEST_CASE("fp8 nearest quantize equals Tensor::to on every code and on random bit patterns", "[fp8]") {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  auto random = torch::randint(-(int64_t{1} << 31), int64_t{1} << 31, {1 << 18}, gen, torch::kLong)
+                    .to(torch::kInt)
+                    .view(torch::kFloat);
+  for (auto dtype : {torch::kFloat8_e4m3fn, torch::kFloat8_e5m2}) {
+    auto codes = torch::arange(256, torch::kInt).to(torch::kByte).view(dtype).to(torch::kFloat);
+    auto x = torch::cat({codes, random, random * 1e-30, random * 1e-38});
+    const double max = mixprec::fp8::max_finite(dtype);
+    // Saturation: what torch gives for the clamped input (clamp keeps NaN, makes inf +-max).
+    auto q = mixprec::fp8::quantize(x, one(1.f), dtype);
+    REQUIRE(same_codes(q.data, x.clamp(-max, max).to(dtype)));
+    REQUIRE_FALSE(q.data_t.defined());
+    // Without: E5M2 is Tensor::to everywhere; E4M3 where every torch release agrees (it rounds to a
+    // finite code), and NaN beyond.
+    auto raw = mixprec::fp8::quantize(x, one(1.f), dtype, {.saturate = false}).data;
+    if (dtype == torch::kFloat8_e5m2) {
+      REQUIRE(same_codes(raw, x.to(dtype)));
+    } else {
+      auto finite = x.abs() <= 464;
+      REQUIRE(same_codes(raw.index({finite}), x.index({finite}).to(dtype)));
+      REQUIRE(raw.index({~finite}).to(torch::kFloat).isnan().all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("the numerics header decodes every code as torch does", "[fp8]") {
+  for (auto [dtype, format] : {std::pair{torch::kFloat8_e4m3fn, mixprec::fp8::Format::E4M3},
+                               std::pair{torch::kFloat8_e5m2, mixprec::fp8::Format::E5M2}}) {
+    auto ref = torch::arange(256, torch::kInt).to(torch::kByte).view(dtype).to(torch::kFloat);
+    for (int c = 0; c < 256; ++c) {
+      const float ours = mixprec::fp8::from_fp8(static_cast<uint8_t>(c), format);
+      const float theirs = ref[c].item<float>();
+      if (std::isnan(theirs)) {
+        REQUIRE(std::isnan(ours));
+      } else {
+        REQUIRE(ours == theirs);
+        REQUIRE(std::signbit(ours) == std::signbit(theirs));
+      }
+    }
+  }
+  REQUIRE(mixprec::fp8::max_finite(torch::kFloat8_e4m3fn) == 448.0);
+  REQUIRE(mixprec::fp8::max_finite(torch::kFloat8_e5m2) == 57344.0);
+  REQUIRE_THROWS_WITH(mixprec::fp8::max_finite(torch::kHalf),
+                      Catch::Contains("dtype must be torch.float8_e4m3fn or torch.float8_e5m2"));
+}
+
+TEST_CASE("fp8 quantize: amax and the transposed copy come from the same pass", "[fp8]") {
+  auto x = torch::randn({45, 70}) * 20;
+  x.index_put_({3, 4}, -300.f);
+  auto q = mixprec::fp8::quantize(x, one(0.5f), torch::kFloat8_e5m2, {.transpose = true});
+  REQUIRE(q.amax.item<float>() == 300.f);
+  REQUIRE(same_codes(q.data, (x * 0.5f).to(torch::kFloat8_e5m2)));
+  REQUIRE(q.data_t.sizes() == torch::IntArrayRef{70, 45});
+  REQUIRE(torch::equal(q.data_t.view(torch::kByte), q.data.view(torch::kByte).t()));
+}
+
+TEST_CASE("fp8 block scaling: each block's amax maps to the format's largest value", "[fp8]") {
+  auto x = torch::randn({130, 260}) * torch::logspace(-2, 2, 260);
+  auto q = mixprec::fp8::quantize_blockwise(x, torch::kFloat8_e4m3fn, 128, 128, {.pow2_scales = true});
+  REQUIRE(q.scale_inv.sizes() == torch::IntArrayRef{2, 3});
+  for (int64_t i = 0; i < 2; ++i) {
+    for (int64_t j = 0; j < 3; ++j) {
+      using torch::indexing::Slice;
+      auto blk = x.index({Slice(i * 128, (i + 1) * 128), Slice(j * 128, (j + 1) * 128)});
+      const double amax = blk.abs().max().item<double>();
+      const double scale = std::exp2(std::floor(std::log2(448.0 / amax)));  // pow2: exact in float
+      REQUIRE(q.scale_inv[i][j].item<float>() == static_cast<float>(1.0 / scale));
+      auto codes = q.data.index({Slice(i * 128, (i + 1) * 128), Slice(j * 128, (j + 1) * 128)});
+      REQUIRE(same_codes(codes.contiguous(), (blk * static_cast<float>(scale)).to(torch::kFloat8_e4m3fn)));
+    }
+  }
+}
+
+TEST_CASE("fp8 delayed scaling keeps a spike for the history's length", "[fp8]") {
+  const int64_t history = 3;
+  auto h = torch::zeros({history, 1});
+  auto scale = torch::ones({1});
+  auto scale_inv = torch::ones({1});
+  const float amaxes[] = {4.f, 448.f, 4.f, 4.f, 4.f, 0.f, std::numeric_limits<float>::infinity()};
+  const float expected[] = {112.f, 1.f, 1.f, 1.f, 112.f, 112.f, 112.f};
+  for (int k = 0; k < 7; ++k) {
+    h.index_put_({0, 0}, amaxes[k]);
+    mixprec::fp8::update_scales_(h, scale, scale_inv, torch::kFloat8_e4m3fn);
+    INFO("step " << k);
+    REQUIRE(scale.item<float>() == expected[k]);
+    REQUIRE(scale_inv.item<float>() == 1.f / expected[k]);
+    REQUIRE(h[0][0].item<float>() == 0.f);
+  }
+  REQUIRE_THROWS_WITH(mixprec::fp8::update_scales_(h, scale, scale_inv, torch::kFloat8_e4m3fn, "mean"),
+                      Catch::Contains("algo must be \"max\" or \"most_recent\""));
+}

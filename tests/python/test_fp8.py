@@ -1,0 +1,464 @@
+"""FP8 quantization (mixprec.fp8 / torch.ops.mixprec.fp8_*): the casts against torch's own conversion,
+exhaustively over the codes and over random fp32 bit patterns; amax and scales against float64; every
+block-scaling granularity; the delayed-scaling window after a spike; opcheck; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mixprec
+from mixprec import fp8
+
+from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, on_device
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def one(value: float, device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float32, device=device)
+
+
+def assert_same_codes(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bit equality of two FP8 tensors, reporting the first differing element."""
+    a, b = bits(ours).cpu().flatten(), bits(ref).cpu().flatten()
+    diff = (a != b).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} codes differ, first at {diff[0].item()}: {a[diff[0]].item():#04x} vs {b[diff[0]].item():#04x}"
+
+
+def all_codes(dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 value of every one of the 256 codes (NaN codes included)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+
+
+def finite_grid(dtype: torch.dtype) -> torch.Tensor:
+    """The non-negative finite values of the format, ascending (float64, exact)."""
+    v = all_codes(dtype).double()
+    return torch.unique(v[torch.isfinite(v) & (v >= 0)])
+
+
+def rounding_probes(dtype: torch.dtype) -> torch.Tensor:
+    """Every grid value, every midpoint between neighbours and the fp32 neighbours of each midpoint (the
+    ties and near-ties where rounding decides), beyond the largest value too, with both signs."""
+    g = finite_grid(dtype)
+    top = g[-1] + (g[-1] - g[-2])  # the value one step past the largest finite one
+    g = torch.cat([g, top.reshape(1), (2 * top).reshape(1)])
+    mids = ((g[1:] + g[:-1]) / 2).float()
+    up = torch.nextafter(mids, torch.full_like(mids, math.inf))
+    down = torch.nextafter(mids, torch.zeros_like(mids))
+    x = torch.cat([g.float(), mids, up, down])
+    return torch.cat([x, -x])
+
+
+# ---- the casts, bit for bit against Tensor.to ----------------------------------------------------------------
+#
+# torch 2.14 made Tensor.to(float8_e4m3fn) saturate (overflow and inf -> +-448); earlier releases (the GPU
+# machines' 2.11) give NaN. Our two modes are fixed: saturate=True is the former, saturate=False the latter;
+# E5M2's Tensor.to never saturates. So each mode is checked against torch's conversion of inputs where
+# every release agrees, and whichever mode this torch's Tensor.to implements is checked against it on
+# everything.
+
+TORCH_E4M3_SATURATES = bits(torch.tensor([1e30]).to(torch.float8_e4m3fn)).item() == 0x7E
+
+
+def saturated_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Saturation through torch alone: clamp (NaN passes, inf becomes +-max), then convert."""
+    return x.clamp(-MAX[dtype], MAX[dtype]).to(dtype)
+
+
+def unsaturated_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Without saturation: E5M2 is Tensor.to; E4M3 is Tensor.to where the value rounds to a finite
+    code (|x| <= 464, the tie above 448 going to even 448) and NaN, with x's sign, beyond."""
+    ref = x.to(dtype)
+    if dtype == torch.float8_e5m2:
+        return ref
+    codes = bits(ref).clone()
+    over = ~(x.abs() <= 464.0) & ~x.isnan()
+    codes[over] = torch.where(x[over] < 0, 0xFF, 0x7F).to(torch.uint8)
+    return codes.view(dtype)
+
+
+def check_both_modes(x: torch.Tensor, dtype: torch.dtype, device: str) -> None:
+    sat = fp8.quantize(on_device(x, device), one(1.0, device), dtype).data  # saturate=True is the default
+    raw = fp8.quantize(on_device(x, device), one(1.0, device), dtype, saturate=False).data
+    assert sat.dtype == dtype and sat.shape == x.shape
+    assert_same_codes(sat, saturated_reference(x, dtype))
+    assert_same_codes(raw, unsaturated_reference(x, dtype))
+    torch_saturates = dtype == torch.float8_e4m3fn and TORCH_E4M3_SATURATES
+    assert_same_codes(sat if torch_saturates else raw, x.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+def test_nearest_matches_torch_on_every_code_and_tie(device: str, dtype: torch.dtype) -> None:
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 1e-45, -1e-45, 3e38, -3e38,
+                             MAX[dtype] * 1.03, -MAX[dtype] * 1.07])
+    x = torch.cat([all_codes(dtype), rounding_probes(dtype), specials])
+    check_both_modes(x, dtype, device)
+    # Every code's value comes back as that code: the 256 codes round-trip.
+    q = fp8.quantize(all_codes(dtype).to(device), one(1.0, device), dtype, saturate=False).data
+    assert torch.equal(q.float().cpu().nan_to_num(7.0), all_codes(dtype).nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+def test_nearest_matches_torch_on_random_fp32_bit_patterns(device: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    raw = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = raw.view(torch.float32)
+    # Half of them moved into the format's range, where rounding (not overflow) decides.
+    x[::2] = x[::2].nan_to_num(0.0).abs().clamp(max=1.0).mul(2 * MAX[dtype]) * torch.where(x[::2] < 0, -1.0, 1.0)
+    check_both_modes(x, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FP8)
+def test_every_16_bit_input_matches_torch(device: str, src_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src_dtype)
+    ours = fp8.quantize(x.to(device), one(1.0, device), dtype).data
+    assert_same_codes(ours, saturated_reference(x.float(), dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("src_dtype", FLOAT_DTYPES)
+def test_scaled_quantize_and_amax(device: str, dtype: torch.dtype, src_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 61, generator=g) * 5).to(src_dtype)
+    x[3, 5] = -40.0
+    scale = one(3.25, device)
+    q = fp8.quantize(on_device(x, device), scale, dtype)
+    # fp32 product, then the format's rounding: what x.float() * scale does in torch.
+    assert_same_codes(q.data, (x.float() * 3.25).clamp(-MAX[dtype], MAX[dtype]).to(dtype))
+    assert q.amax.shape == () and q.amax.dtype == torch.float32
+    assert q.amax.item() == x.double().abs().max().item() == 40.0
+    # Dequantized values are within half an fp8 ulp (relative 2^-(mantissa+1)) of the float64 product.
+    mantissa = 3 if dtype == torch.float8_e4m3fn else 2
+    exact = x.double() * 3.25
+    err = (q.data.cpu().double() - exact).abs()
+    normal = exact.abs() >= 2.0 ** (-6 if mantissa == 3 else -14)
+    assert (err[normal] <= exact.abs()[normal] * 2.0 ** -(mantissa + 1)).all()
+    assert q.data_t is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(33, 65), (1, 7), (128, 128), (3, 5, 40), (17,), (0, 9), (9, 0)])
+def test_transposed_copy_holds_the_same_codes(device: str, shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape) * 30
+    q = fp8.quantize(on_device(x, device), one(2.0, device), torch.float8_e4m3fn, transpose=True)
+    rows = math.prod(shape[:-1])
+    assert q.data_t is not None and q.data_t.shape == (shape[-1], rows) and q.data_t.is_contiguous()
+    assert torch.equal(bits(q.data_t).cpu(), bits(q.data).cpu().reshape(rows, shape[-1]).t())
+    assert_same_codes(q.data, (x * 2.0).clamp(-448, 448).to(torch.float8_e4m3fn))
+    assert q.amax.item() == (x.abs().max().item() if x.numel() else 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_and_misaligned_inputs(device: str) -> None:
+    base = torch.randn(4099) * 100
+    x = base[3:].reshape(128, 32)[:, 1:30].t()  # offset start, gaps and a transpose
+    q = fp8.quantize(on_device(x, device), one(1.5, device), torch.float8_e5m2)
+    assert_same_codes(q.data, (x * 1.5).to(torch.float8_e5m2))
+    assert q.amax.item() == x.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_amax_propagates_nan_and_inf_and_is_zero_when_empty(device: str) -> None:
+    x = torch.ones(1000)
+    x[500] = -math.inf
+    assert fp8.quantize(x.to(device), one(1.0, device)).amax.item() == math.inf
+    x[600] = math.nan
+    assert math.isnan(fp8.quantize(x.to(device), one(1.0, device)).amax.item())
+    assert fp8.quantize(torch.empty(0, 4, device=device), one(1.0, device)).amax.item() == 0.0
+
+
+# ---- stochastic rounding ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours(device: str, dtype: torch.dtype) -> None:
+    grid = finite_grid(dtype)
+    n = 1 << 16
+    # Points between neighbours in the subnormal range, the normal range and the top binade.
+    picks = [2, 5, len(grid) // 2, len(grid) - 3]
+    for i in picks:
+        lo, hi = grid[i].item(), grid[i + 1].item()
+        for frac in (0.1, 0.5, 0.83):
+            value = lo + frac * (hi - lo)
+            x = torch.full((n,), value, dtype=torch.float32)
+            for sign in (1.0, -1.0):
+                q = fp8.quantize((sign * x).to(device), one(1.0, device), dtype, rounding="stochastic", seed=7).data
+                v = q.cpu().double() * sign
+                assert ((v == lo) | (v == hi)).all()
+                p = (v == hi).double().mean().item()
+                sigma = math.sqrt(frac * (1 - frac) / n)
+                assert abs(p - frac) < 5 * sigma + 2.0**-16, (value, p, frac)
+    # Values on the grid never move.
+    g = torch.cat([grid, -grid]).float()
+    exact = fp8.quantize(g.to(device), one(1.0, device), dtype, rounding="stochastic", seed=1).data
+    assert torch.equal(exact.cpu().float(), g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_is_seeded(device: str) -> None:
+    x = (torch.randn(4097) * 10).to(device)
+    a = fp8.quantize(x, one(1.0, device), rounding="stochastic", seed=5).data
+    b = fp8.quantize(x, one(1.0, device), rounding="stochastic", seed=5).data
+    c = fp8.quantize(x, one(1.0, device), rounding="stochastic", seed=6).data
+    assert torch.equal(bits(a), bits(b)) and not torch.equal(bits(a), bits(c))
+    torch.manual_seed(0)
+    d = fp8.quantize(x, one(1.0, device), rounding="stochastic").data
+    torch.manual_seed(0)
+    e = fp8.quantize(x, one(1.0, device), rounding="stochastic").data
+    assert torch.equal(bits(d), bits(e))
+    # The transposed copy and the block-scaled path draw element i's bits from the same place.
+    t = fp8.quantize(x.reshape(17, 241), one(1.0, device), rounding="stochastic", seed=5, transpose=True)
+    assert torch.equal(bits(t.data).flatten(), bits(a)) and torch.equal(bits(t.data_t), bits(a).reshape(17, 241).t())
+
+
+# ---- block scaling -----------------------------------------------------------------------------------------------
+
+
+def reference_blockwise(x: torch.Tensor, dtype: torch.dtype, block: tuple[int, int], margin: int, pow2: bool):
+    """Scales from float64 amaxes, then torch's own fp32 multiply and FP8 conversion, block by block."""
+    m = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    rows, cols = m.shape
+    br = rows if block[0] == -1 else block[0]
+    bc = cols if block[1] == -1 else block[1]
+    gr = 1 if block[0] == -1 else -(-rows // br)
+    gc = 1 if block[1] == -1 else -(-cols // bc)
+    data = torch.empty(rows, cols, dtype=dtype)
+    scale_inv = torch.empty(gr, gc)
+    for i in range(gr):
+        for j in range(gc):
+            blk = m[i * br:(i + 1) * br, j * bc:(j + 1) * bc].float()
+            amax = blk.double().abs().max().item() if blk.numel() else 0.0
+            if amax == 0 or not math.isfinite(amax):
+                scale = torch.tensor(1.0)
+            else:
+                scale = torch.tensor(MAX[dtype], dtype=torch.float32) / torch.tensor(amax, dtype=torch.float32)
+                scale = scale / 2.0**margin
+                if pow2:
+                    scale = torch.exp2(torch.floor(torch.log2(scale)))
+            scale_inv[i, j] = 1.0 / scale
+            data[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk * scale).clamp(-MAX[dtype], MAX[dtype]).to(dtype)
+    return data.reshape(x.shape), scale_inv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "block,shape",
+    [
+        ((-1, -1), (300, 70)),  # per tensor
+        ((1, -1), (33, 257)),  # row-wise
+        ((1, 128), (5, 300)),  # activations and gradients, partial last block
+        ((128, 128), (130, 200)),  # weights, partial blocks on both axes
+        ((16, 8), (2, 3, 40)),  # 3-D input: leading dimensions are rows
+        ((1, 128), (0, 128)),
+        ((-1, -1), (0, 4)),
+        ((-1, -1), ()),
+    ],
+)
+@pytest.mark.parametrize("dtype", FP8)
+def test_blockwise_matches_a_float64_reference(device, block, shape, dtype) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + block[0])
+    x = torch.randn(shape, generator=g) * (torch.logspace(-3, 3, shape[-1]) if shape else 1.0)
+    if x.numel() > 300:
+        x.view(-1)[:200] = 0.0  # an all-zero block gets scale 1
+    q = fp8.quantize_blockwise(on_device(x, device), dtype, block)
+    data, scale_inv = reference_blockwise(x, dtype, block, 0, False)
+    assert q.scale_inv.dtype == torch.float32 and q.scale_inv.shape == scale_inv.shape
+    assert torch.equal(q.scale_inv.cpu(), scale_inv)
+    assert_same_codes(q.data, data)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("src_dtype", FLOAT_DTYPES)
+def test_blockwise_margin_pow2_and_input_dtypes(device: str, src_dtype: torch.dtype) -> None:
+    x = (torch.randn(64, 256) * 7).to(src_dtype)
+    for margin, pow2 in [(0, True), (2, False), (3, True)]:
+        q = fp8.quantize_blockwise(on_device(x, device), torch.float8_e4m3fn, (1, 128), margin=margin, pow2_scales=pow2)
+        data, scale_inv = reference_blockwise(x, torch.float8_e4m3fn, (1, 128), margin, pow2)
+        assert torch.equal(q.scale_inv.cpu(), scale_inv)
+        assert_same_codes(q.data, data)
+        if pow2:  # power-of-two scales: scale_inv is exact, a power of two too
+            assert torch.equal(torch.exp2(torch.log2(q.scale_inv)), q.scale_inv)
+    # Dequantization error per block is at most half an E4M3 ulp of the value (2^-4 relative).
+    q = fp8.quantize_blockwise(x.to(device), torch.float8_e4m3fn, (1, 128))
+    deq = q.data.cpu().double().reshape(64, 2, 128) * q.scale_inv.cpu().double().reshape(64, 2, 1)
+    exact = x.double().reshape(64, 2, 128)
+    amax = exact.abs().amax(-1, keepdim=True)
+    normal = exact.abs() * 448 / amax >= 2.0**-6
+    assert ((deq - exact).abs()[normal] <= exact.abs()[normal] * 2.0**-4 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blockwise_stochastic_uses_the_same_draws_as_quantize(device: str) -> None:
+    x = (torch.randn(8, 96) * 3).to(device)
+    b = fp8.quantize_blockwise(x, torch.float8_e5m2, (-1, -1), pow2_scales=True, rounding="stochastic", seed=9)
+    scale = (1.0 / b.scale_inv).reshape(1)
+    q = fp8.quantize(x, scale, torch.float8_e5m2, rounding="stochastic", seed=9)
+    assert torch.equal(bits(b.data), bits(q.data))
+
+
+# ---- delayed scaling -----------------------------------------------------------------------------------------------
+
+
+def reference_window(amaxes: list[list[float]], history: int, dtype: torch.dtype, algo: str, margin: int):
+    """The scales delayed scaling must produce, step by step, from the rule in plain Python and float64."""
+    scale = [1.0] * len(amaxes[0])
+    window: list[list[float]] = []
+    out = []
+    for step in amaxes:
+        window = [step] + window[: history - 1]
+        for j in range(len(step)):
+            col = [w[j] for w in window]
+            a = col[0] if algo == "most_recent" else (math.nan if any(map(math.isnan, col)) else max(col))
+            if a > 0 and math.isfinite(a):
+                s = torch.tensor(MAX[dtype], dtype=torch.float32) / torch.tensor(a, dtype=torch.float32) / 2.0**margin
+                scale[j] = s.item()
+        out.append(list(scale))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+def test_delayed_scaling_after_a_spike(device: str, algo: str) -> None:
+    history, n = 4, 3
+    amax_history = torch.zeros(history, n, device=device)
+    scale = torch.ones(n, device=device)
+    scale_inv = torch.ones(n, device=device)
+    steps = [[1.0, 2.0, 0.5]] * 3 + [[1000.0, 2.0, 0.0]] + [[1.0, 2.0, math.inf]] * 5 + [[1.0, math.nan, 0.5]]
+    expected = reference_window(steps, history, torch.float8_e4m3fn, algo, 1)
+    for k, step in enumerate(steps):
+        amax_history[0] = torch.tensor(step, device=device)
+        fp8.update_scales_(amax_history, scale, scale_inv, torch.float8_e4m3fn, algo=algo, margin=1)
+        assert scale.cpu().tolist() == expected[k], (k, scale.cpu().tolist(), expected[k])
+        assert torch.equal(scale_inv.cpu(), 1.0 / scale.cpu())
+        assert (amax_history[0] == 0).all()
+    if algo == "max":
+        # The spike (step 3) held column 0's scale down for exactly `history` steps, then it recovered.
+        s0 = [e[0] for e in expected]
+        spike = torch.tensor(448 / 1000 / 2, dtype=torch.float32).item()
+        assert s0[3] == s0[6] == spike and s0[7] == s0[2] == 448 / 2 and s0[2] != spike
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_scales_window_and_pow2(device: str) -> None:
+    h = torch.tensor([[3.0, 0.0], [5.0, 7.0], [2.0, 1.0]], device=device)
+    scale = torch.tensor([1.0, 4.0], device=device)
+    scale_inv = torch.empty(2, device=device)
+    fp8.update_scales_(h, scale, scale_inv, torch.float8_e5m2, pow2_scales=True)
+    # Column 0: max 5 -> 57344 / 5 = 11468.8 -> 8192; column 1: max 7 -> 8192.0 exactly -> 8192.
+    assert scale.cpu().tolist() == [8192.0, 8192.0] and scale_inv.cpu().tolist() == [2.0**-13, 2.0**-13]
+    assert h.cpu().tolist() == [[0.0, 0.0], [3.0, 0.0], [5.0, 7.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_delayed_recipe_round_trip(device: str) -> None:
+    """quantize's amax feeds the history; the next step's scale maps that amax onto 448."""
+    x = (torch.randn(64, 64) * 12).to(device)
+    h = torch.zeros(8, 1, device=device)
+    scale, scale_inv = torch.ones(1, device=device), torch.ones(1, device=device)
+    q = fp8.quantize(x, scale, torch.float8_e4m3fn)
+    h[0, 0] = q.amax
+    fp8.update_scales_(h, scale, scale_inv, torch.float8_e4m3fn)
+    q2 = fp8.quantize(x, scale, torch.float8_e4m3fn)
+    assert q2.data.float().abs().max().item() == 448.0
+    assert torch.allclose(q2.data.float() * scale_inv, x, rtol=2**-4, atol=0)
+
+
+# ---- opcheck, compile, C++ parity of max_finite, errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    x = torch.randn(6, 40, device=device)
+    s = one(2.0, device)
+    for args in [(x, s, torch.float8_e4m3fn, "nearest", True, None, False),
+                 (x.half(), s, torch.float8_e5m2, "stochastic", False, 3, True)]:
+        torch.library.opcheck(torch.ops.mixprec.fp8_quantize.default, args)
+    torch.library.opcheck(torch.ops.mixprec.fp8_quantize_blockwise.default,
+                          (x, torch.float8_e4m3fn, 1, 16, 1, True, "nearest", True, None))
+    torch.library.opcheck(torch.ops.mixprec.fp8_quantize_blockwise.default,
+                          (x.bfloat16(), torch.float8_e5m2, -1, -1, 0, False, "stochastic", True, 4))
+    h = torch.rand(4, 3, device=device)
+    torch.library.opcheck(torch.ops.mixprec.fp8_update_scales_.default,
+                          (h, torch.ones(3, device=device), torch.ones(3, device=device), torch.float8_e4m3fn,
+                           "max", 0, False))
+
+
+def test_max_finite() -> None:
+    assert fp8.max_finite(torch.float8_e4m3fn) == torch.finfo(torch.float8_e4m3fn).max
+    assert fp8.max_finite(torch.float8_e5m2) == torch.finfo(torch.float8_e5m2).max
+    with pytest.raises(ValueError, match="float8_e4m3fn or torch.float8_e5m2"):
+        fp8.max_finite(torch.float16)
+
+
+def test_bad_input_names_the_argument() -> None:
+    x = torch.randn(4, 4)
+    s = one(1.0)
+    with pytest.raises(ValueError, match=r"fp8_quantize: dtype must be torch.float8_e4m3fn or torch.float8_e5m2"):
+        fp8.quantize(x, s, torch.float16)
+    with pytest.raises(ValueError, match="got Float8_e4m3fnuz"):
+        fp8.quantize(x, s, torch.float8_e4m3fnuz)
+    with pytest.raises(RuntimeError, match="input must be float32, float16 or bfloat16, got Int"):
+        fp8.quantize(torch.ones(3, dtype=torch.int32), s)
+    with pytest.raises(RuntimeError, match="scale must be a one-element Float tensor, got 2 elements"):
+        fp8.quantize(x, torch.ones(2), torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="scale must be a one-element Float tensor, got dtype Double"):
+        fp8.quantize(x, torch.ones(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match='rounding must be "nearest" or "stochastic", got "up"'):
+        fp8.quantize(x, s, rounding="up")
+    with pytest.raises(RuntimeError, match="input must be a dense"):
+        fp8.quantize(x.to_sparse(), s)
+    with pytest.raises(ValueError, match="block_rows must be positive or -1"):
+        fp8.quantize_blockwise(x, block=(0, 4))
+    with pytest.raises(ValueError, match="block_cols must be positive or -1"):
+        fp8.quantize_blockwise(x, block=(1, -2))
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 32\]"):
+        fp8.quantize_blockwise(x, block=(1, 4), margin=-1)
+    with pytest.raises(ValueError, match="block must be"):
+        fp8.quantize_blockwise(x, block=(1,))  # type: ignore[arg-type]
+
+
+def test_bad_update_writes_nothing() -> None:
+    h = torch.rand(3, 2)
+    scale = torch.ones(2)
+    scale_inv = torch.ones(2)
+    before = (h.clone(), scale.clone(), scale_inv.clone())
+    cases = [
+        (dict(algo="mean"), ValueError, 'algo must be "max" or "most_recent", got "mean"'),
+        (dict(margin=40), ValueError, r"margin must be in \[0, 32\]"),
+        (dict(scale=torch.ones(3)), RuntimeError, r"scale must have shape \[2\]"),
+        (dict(scale_inv=torch.ones(2, dtype=torch.float64)), RuntimeError, "scale_inv must be float32"),
+        (dict(amax_history=torch.rand(2)), RuntimeError, r"amax_history must be a \[history, n\] matrix"),
+        (dict(amax_history=torch.rand(2, 3)[:, :2]), RuntimeError, "amax_history must be a contiguous"),
+        (dict(dtype=torch.bfloat16), ValueError, "dtype must be torch.float8_e4m3fn"),
+    ]
+    for overrides, error, message in cases:
+        args = dict(amax_history=h, scale=scale, scale_inv=scale_inv, dtype=torch.float8_e4m3fn)
+        kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ("algo", "margin")}
+        args.update(overrides)
+        with pytest.raises(error, match=message):
+            fp8.update_scales_(args["amax_history"], args["scale"], args["scale_inv"], args["dtype"], **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip((h, scale, scale_inv), before))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU to place tensors on two devices")
+def test_scale_on_another_device_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="scale must be on cuda:0"):
+        fp8.quantize(torch.ones(4, device="cuda"), one(1.0))
+
+
+def test_package_exports() -> None:
+    assert mixprec.fp8 is fp8 and set(fp8.__all__) <= set(dir(fp8))
