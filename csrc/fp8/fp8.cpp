@@ -51,4 +51,19 @@ void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, con
   op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales);
 }
 
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,
+                at::ScalarType out_dtype, const std::optional<at::Tensor>& bias, bool use_fast_accum) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
+                         const std::optional<at::Tensor>&, bool)>("mixprec::fp8_gemm");
+  return op.call(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, use_fast_accum);
+}
+
+void gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                 const at::Tensor& b_scale_inv) {
+  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&)>("mixprec::fp8_gemm_accum_");
+  op.call(out, a, b, a_scale_inv, b_scale_inv);
+}
+
 }  // namespace mixprec::fp8

@@ -1,6 +1,7 @@
 #include "ops/fp8_plan.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -110,6 +111,112 @@ AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tenso
   TORCH_CHECK(scale_inv.dim() == 1 && scale_inv.size(0) == n, op, ": scale_inv must have shape [", n,
               "] (one per column of amax_history), got ", scale_inv.sizes());
   return a == "max" ? AmaxAlgo::Max : AmaxAlgo::MostRecent;
+}
+
+namespace {
+
+Fp8ScaleLayout scale_layout(const char* op, const char* name, const at::Tensor& s, int64_t rows, int64_t k,
+                            c10::Device device) {
+  TORCH_CHECK(s.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
+  TORCH_CHECK(s.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", s.layout());
+  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", s.scalar_type());
+  TORCH_CHECK(s.device() == device, op, ": ", name, " is on ", s.device(), " but the operands are on ", device);
+  if (s.numel() == 1) return {std::max<int64_t>(rows, 1), std::max<int64_t>(k, 1), true};
+  const int64_t row_blocks = (rows + 127) / 128, col_blocks = (k + 127) / 128;
+  Fp8ScaleLayout layout;
+  if (s.dim() == 2) {
+    if (s.size(0) == rows) {
+      layout.block_rows = 1;
+    } else if (s.size(0) == row_blocks) {
+      layout.block_rows = 128;
+    }
+    if (s.size(1) == 1) {
+      layout.block_cols = std::max<int64_t>(k, 1);
+    } else if (s.size(1) == col_blocks) {
+      layout.block_cols = 128;
+    }
+  }
+  TORCH_CHECK(layout.block_rows > 0 && layout.block_cols > 0, op, ": ", name, " must have shape [1] (per tensor), [",
+              rows, ", 1] (per row), [", rows, ", ", col_blocks, "] (1x128 blocks) or [", row_blocks, ", ", col_blocks,
+              "] (128x128 blocks) for its [", rows, ", ", k, "] operand, got ", s.sizes());
+  return layout;
+}
+
+void check_fp8_operand(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
+  TORCH_CHECK(x.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", x.layout());
+  parse_fp8_dtype(x.scalar_type(), op);
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D matrix, got ", x.dim(), " dimensions");
+}
+
+}  // namespace
+
+Fp8GemmArgs check_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                           const at::Tensor& b_scale_inv) {
+  check_fp8_operand(op, "a", a);
+  check_fp8_operand(op, "b", b);
+  TORCH_CHECK(b.device() == a.device(), op, ": b is on ", b.device(), " but a is on ", a.device());
+  TORCH_CHECK(a.size(1) == b.size(1), op, ": a [m, k] and b [n, k] must share k, got a ", a.sizes(), " and b ",
+              b.sizes());
+  Fp8GemmArgs g;
+  g.m = a.size(0);
+  g.n = b.size(0);
+  g.k = a.size(1);
+  g.a_layout = scale_layout(op, "a_scale_inv", a_scale_inv, g.m, g.k, a.device());
+  g.b_layout = scale_layout(op, "b_scale_inv", b_scale_inv, g.n, g.k, a.device());
+  g.a = a.contiguous();
+  g.b = b.contiguous();
+  g.a_scale_inv = a_scale_inv.contiguous();
+  g.b_scale_inv = b_scale_inv.contiguous();
+  return g;
+}
+
+void check_fp8_gemm_output(at::ScalarType out_dtype, const std::optional<at::Tensor>& bias, const Fp8GemmArgs& g) {
+  constexpr const char* op = "mixprec::fp8_gemm";
+  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op,
+                    ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(bias->layout() == at::kStrided, op, ": bias must be a dense tensor, got layout ", bias->layout());
+  const at::ScalarType t = bias->scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": bias must be float32, bfloat16 or float16, got ", t);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.n, op, ": bias must have shape [", g.n, "] (b's rows), got ",
+              bias->sizes());
+  TORCH_CHECK(bias->device() == g.a.device(), op, ": bias is on ", bias->device(), " but the operands are on ",
+              g.a.device());
+}
+
+void check_fp8_gemm_accum(const at::Tensor& out, const Fp8GemmArgs& g) {
+  constexpr const char* op = "mixprec::fp8_gemm_accum_";
+  TORCH_CHECK(out.defined(), op, ": out must be a tensor, got an undefined tensor");
+  TORCH_CHECK(out.layout() == at::kStrided && out.is_contiguous(), op,
+              ": out must be a contiguous dense tensor (it is accumulated in place)");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, op, ": out must be float32 (the fp32 accumulator), got ",
+              out.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == g.m && out.size(1) == g.n, op, ": out must have shape [", g.m, ", ",
+              g.n, "] (a's rows by b's rows), got ", out.sizes());
+  TORCH_CHECK(out.device() == g.a.device(), op, ": out is on ", out.device(), " but the operands are on ",
+              g.a.device());
+}
+
+at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout) {
+  const at::Tensor values = x.to(at::kFloat);
+  if (layout.per_tensor) return values.mul(scale_inv.reshape({}));
+  at::Tensor s = scale_inv;
+  if (layout.block_rows > 1) s = s.repeat_interleave(layout.block_rows, 0).narrow(0, 0, x.size(0));
+  if (layout.block_cols > 1) s = s.repeat_interleave(layout.block_cols, 1).narrow(1, 0, x.size(1));
+  return values.mul(s);
+}
+
+at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
+  at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t())
+                       .to(out_dtype);
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
+  return out;
+}
+
+void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {
+  out.addmm_(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
 }
 
 }  // namespace mixprec::detail

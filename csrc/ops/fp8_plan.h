@@ -10,6 +10,7 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "ops/fp8.h"
 #include "ops/rounding.h"
@@ -62,5 +63,41 @@ enum class AmaxAlgo : int { Max = 0, MostRecent = 1 };
 AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tensor& scale,
                                  const at::Tensor& scale_inv, at::ScalarType dtype, c10::string_view algo,
                                  int64_t margin);
+
+/// How a scale_inv tensor covers its [rows, k] GEMM operand: blocks of block_rows x block_cols elements.
+struct Fp8ScaleLayout {
+  int64_t block_rows = 0;
+  int64_t block_cols = 0;
+  bool per_tensor = false;  // one element: the whole operand is one block
+};
+
+/// The checked operands of fp8_gemm / fp8_gemm_accum_: a [m, k] and b [n, k] FP8 matrices (row-major,
+/// contiguous), each with its scale_inv layout. out = dequant(a) @ dequant(b)^T, shape [m, n].
+struct Fp8GemmArgs {
+  at::Tensor a, b, a_scale_inv, b_scale_inv;
+  Fp8ScaleLayout a_layout, b_layout;
+  int64_t m, n, k;
+};
+
+/// Checks shared by both GEMM ops: FP8 2-D operands on one device with equal k, and scale_inv tensors of
+/// one of the layouts: one element (per tensor), [rows, 1] (per row), [rows, ceil(k / 128)] (1x128 blocks)
+/// or [ceil(rows / 128), ceil(k / 128)] (128x128 blocks).
+Fp8GemmArgs check_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                           const at::Tensor& b_scale_inv);
+
+/// fp8_gemm's own checks: out_dtype fp32/bf16/fp16, bias a float [n] vector on the operands' device.
+void check_fp8_gemm_output(at::ScalarType out_dtype, const std::optional<at::Tensor>& bias, const Fp8GemmArgs& g);
+
+/// fp8_gemm_accum_'s own check: out a contiguous fp32 [m, n] matrix on the operands' device.
+void check_fp8_gemm_accum(const at::Tensor& out, const Fp8GemmArgs& g);
+
+/// The operand in fp32: every code times its block's scale_inv (fp32 products).
+at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout);
+
+/// The GEMMs through dequantization and an fp32 GEMM with fp32 accumulation (no TF32): the CPU
+/// implementation and the reference every other path is tested against. The bias is added to the output
+/// in out_dtype, after the product is rounded to it, as the CUDA path does.
+at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
+void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g);
 
 }  // namespace mixprec::detail

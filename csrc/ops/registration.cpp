@@ -43,6 +43,14 @@ TORCH_LIBRARY(mixprec, m) {
       "fp8_update_scales_(Tensor(a!) amax_history, Tensor(b!) scale, Tensor(c!) scale_inv, ScalarType dtype, "
       "str algo=\"max\", int margin=0, bool pow2_scales=False) -> ()",
       tags);
+  // out = (a * a_scale_inv) @ (b * b_scale_inv)^T for FP8 a [m, k], b [n, k]; scales per tensor, row or block.
+  m.def(
+      "fp8_gemm(Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv, ScalarType out_dtype, "
+      "Tensor? bias=None, bool use_fast_accum=False) -> Tensor",
+      tags);
+  m.def(
+      "fp8_gemm_accum_(Tensor(a!) out, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv) -> ()",
+      tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
   m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
   // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.

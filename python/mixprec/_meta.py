@@ -164,3 +164,23 @@ def _fp8_update_scales_fake(
     pow2_scales: bool = False,
 ) -> None:
     return None
+
+
+@torch.library.register_fake("mixprec::fp8_gemm")
+def _fp8_gemm_fake(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale_inv: torch.Tensor,
+    b_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: Optional[torch.Tensor] = None,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("mixprec::fp8_gemm_accum_")
+def _fp8_gemm_accum_fake(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor
+) -> None:
+    return None

@@ -30,6 +30,8 @@ __all__ = [
     "quantize",
     "quantize_blockwise",
     "update_scales_",
+    "gemm",
+    "gemm_accum_",
 ]
 
 #: The FP8 dtypes mixprec quantizes to.
@@ -142,3 +144,39 @@ def update_scales_(
     torch.ops.mixprec.fp8_update_scales_.default(
         amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales)
     )
+
+
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale_inv: torch.Tensor,
+    b_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """Scaled FP8 GEMM: ``(a * a_scale_inv) @ (b * b_scale_inv).T`` (the layout of ``F.linear(a, b)``).
+
+    Args:
+        a, b: ``[m, k]`` and ``[n, k]`` float8_e4m3fn / float8_e5m2 matrices.
+        a_scale_inv, b_scale_inv: float32; one element (per tensor), ``[rows, 1]`` (per row),
+            ``[rows, ceil(k / 128)]`` (1x128 blocks) or ``[ceil(rows / 128), ceil(k / 128)]`` (128x128
+            blocks), as :func:`quantize` / :func:`quantize_blockwise` produce them.
+        out_dtype: float32, bfloat16 or float16.
+        bias: ``[n]``, added in ``out_dtype``.
+        use_fast_accum: CUDA's faster, less exact FP8 accumulation (forward GEMMs only).
+
+    CUDA: per-tensor scales on sm_89+ run one cuBLASLt FP8 GEMM with fp32 accumulation; other cases the
+    emulation. Every dimension must be a multiple of 16 there. CPU: the exact emulation (dequantize, fp32
+    GEMM with fp32 accumulation), the reference of every other path.
+    """
+    return torch.ops.mixprec.fp8_gemm.default(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, bool(use_fast_accum))
+
+
+def gemm_accum_(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor
+) -> None:
+    """``out += (a * a_scale_inv) @ (b * b_scale_inv).T`` into a contiguous fp32 ``[m, n]`` accumulator (one
+    cuBLASLt GEMM with beta = 1 on CUDA): an FP8 weight gradient accumulated straight into an fp32 main_grad."""
+    torch.ops.mixprec.fp8_gemm_accum_.default(out, a, b, a_scale_inv, b_scale_inv)

@@ -110,3 +110,24 @@ TEST_CASE("fp8 delayed scaling keeps a spike for the history's length", "[fp8]")
   REQUIRE_THROWS_WITH(mixprec::fp8::update_scales_(h, scale, scale_inv, torch::kFloat8_e4m3fn, "mean"),
                       Catch::Contains("algo must be \"max\" or \"most_recent\""));
 }
+
+TEST_CASE("fp8 gemm and gemm_accum_ against a float64 product of the dequantized operands", "[fp8]") {
+  auto x = torch::randn({32, 160});
+  auto w = torch::randn({48, 160});
+  auto qx = mixprec::fp8::quantize_blockwise(x, torch::kFloat8_e4m3fn, 1, 128);    // 1x128 blocks
+  auto qw = mixprec::fp8::quantize_blockwise(w, torch::kFloat8_e4m3fn, 128, 128);  // one partial 128-row block
+  REQUIRE(qx.scale_inv.sizes() == torch::IntArrayRef{32, 2});
+  REQUIRE(qw.scale_inv.sizes() == torch::IntArrayRef{1, 2});
+  auto cols = torch::arange(160, torch::kLong).div(128, "floor");
+  auto xd = qx.data.to(torch::kDouble) * qx.scale_inv.to(torch::kDouble).index_select(1, cols);
+  auto wd = qw.data.to(torch::kDouble) * qw.scale_inv.to(torch::kDouble).index_select(1, cols);
+  auto exact = torch::mm(xd, wd.t());
+  auto bound = torch::mm(xd.abs(), wd.abs().t()) * (162 * std::ldexp(1.0, -24) * 1.01);
+  auto out = mixprec::fp8::gemm(qx.data, qw.data, qx.scale_inv, qw.scale_inv, torch::kFloat);
+  REQUIRE(((out.to(torch::kDouble) - exact).abs() <= bound).all().item<bool>());
+  auto acc = torch::ones({32, 48});
+  mixprec::fp8::gemm_accum_(acc, qx.data, qw.data, qx.scale_inv, qw.scale_inv);
+  REQUIRE(((acc.to(torch::kDouble) - exact - 1).abs() <= bound + 1e-6).all().item<bool>());
+  REQUIRE_THROWS_WITH(mixprec::fp8::gemm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv),
+                      Catch::Contains("must share k"));
+}

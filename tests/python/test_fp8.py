@@ -462,3 +462,148 @@ def test_scale_on_another_device_is_refused() -> None:
 
 def test_package_exports() -> None:
     assert mixprec.fp8 is fp8 and set(fp8.__all__) <= set(dir(fp8))
+
+
+# ---- scaled GEMMs ------------------------------------------------------------------------------------------------
+
+
+def expand_scale(scale_inv: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """scale_inv broadcast to its [rows, k] operand, in float64, from the layout rules (independently of
+    the kernels' own expansion)."""
+    s = scale_inv.double().cpu()
+    if s.numel() == 1:
+        return s.reshape(1, 1).expand(rows, k)
+    br = 1 if s.shape[0] == rows else 128
+    bc = k if s.shape[1] == 1 else 128
+    r = torch.arange(rows) // br
+    c = torch.arange(k) // bc
+    return s[r][:, c]
+
+
+def gemm_reference(a, b, sa, sb) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product in float64 and the bound of an fp32 computation of it: the two dequantizing
+    products (one rounding each) and k additions, each within 2^-24 relative, over sum |a_i b_i|."""
+    m, k = a.shape
+    n = b.shape[0]
+    a64 = a.cpu().double() * expand_scale(sa, m, k)
+    b64 = b.cpu().double() * expand_scale(sb, n, k)
+    exact = a64 @ b64.t()
+    bound = (k + 2) * 2.0**-24 * (a64.abs() @ b64.abs().t()) * 1.01
+    return exact, bound
+
+
+GRANULARITIES = {
+    "tensor": ((-1, -1), (-1, -1)),
+    "row": ((1, -1), (1, -1)),
+    "block": ((1, 128), (128, 128)),
+    "tensor x row": ((-1, -1), (1, -1)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("granularity", list(GRANULARITIES))
+@pytest.mark.parametrize("types", [(torch.float8_e4m3fn, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.float8_e5m2),
+                                   (torch.float8_e5m2, torch.float8_e5m2)])
+def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str, types) -> None:
+    g = torch.Generator().manual_seed(4)
+    m, n, k = 48, 80, 272  # multiples of 16 (CUDA), k not of 128 (partial blocks)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)
+    w = torch.randn(n, k, generator=g) * 0.1
+    (ba, bb) = GRANULARITIES[granularity]
+    qa = fp8.quantize_blockwise(x.to(device), types[0], ba, pow2_scales=granularity == "row")
+    qb = fp8.quantize_blockwise(w.to(device), types[1], bb)
+    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert ((out.cpu().double() - exact).abs() <= bound).all()
+    # bf16 output: the fp32 result rounded once more (half a bf16 ulp, 2^-9 relative).
+    out16 = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.bfloat16)
+    assert out16.dtype == torch.bfloat16
+    assert ((out16.cpu().double() - exact).abs() <= bound + exact.abs() * 2.0**-8).all()
+    # And it is a matmul of the original operands within FP8's precision.
+    rel = (out.cpu() - x @ w.t()).norm() / (x @ w.t()).norm()
+    assert rel < (0.15 if torch.float8_e5m2 in types else 0.08)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
+    g = torch.Generator().manual_seed(8)
+    a32, b32 = torch.randn(32, 64, generator=g), torch.randn(16, 64, generator=g)
+    qa = fp8.quantize_blockwise(a32.to(device), torch.float8_e4m3fn, (-1, -1))
+    qb = fp8.quantize_blockwise(b32.to(device), torch.float8_e4m3fn, (-1, -1))
+    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    bias = torch.randn(16, generator=g).to(device)
+    out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32, bias)
+    assert ((out.cpu().double() - exact - bias.cpu().double()).abs() <= bound + 1e-6).all()
+    fast = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32, use_fast_accum=True)
+    if device == "cpu":  # every CPU sum is fp32 anyway
+        assert torch.equal(fast, fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32))
+    else:
+        assert ((fast.cpu().double() - exact).abs() <= 2 * bound + exact.abs() * 2.0**-10).all()
+    # beta = 1: accumulate into an fp32 main_grad twice.
+    acc0 = torch.randn(32, 16, generator=g)
+    acc = acc0.clone().to(device)
+    fp8.gemm_accum_(acc, qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    fp8.gemm_accum_(acc, qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    expected = acc0.double() + 2 * exact
+    assert ((acc.cpu().double() - expected).abs() <= 2 * bound + acc0.abs().double() * 2.0**-23 + 1e-6).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_empty_shapes(device: str) -> None:
+    s = one(1.0, device)
+    for m, n, k in [(0, 16, 32), (16, 0, 32), (16, 16, 0)]:
+        a = torch.zeros(m, k, device=device).to(torch.float8_e4m3fn)
+        b = torch.zeros(n, k, device=device).to(torch.float8_e4m3fn)
+        out = fp8.gemm(a, b, s, s, torch.float32)
+        assert out.shape == (m, n) and (out == 0).all()
+        acc = torch.ones(m, n, device=device)
+        fp8.gemm_accum_(acc, a, b, s, s)
+        assert (acc == 1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_opcheck(device: str) -> None:
+    a = torch.randn(32, 48, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 48, device=device).to(torch.float8_e4m3fn)
+    s = one(0.5, device)
+    # torch's schema check (SchemaCheckMode) compares inputs before and after with a multiply that has no
+    # FP8 kernel, so it cannot run on FP8 inputs; every other opcheck test does.
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.mixprec.fp8_gemm.default, (a, b, s, s, torch.bfloat16, None, False),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.mixprec.fp8_gemm.default,
+                          (a, b, torch.rand(32, 1, device=device), torch.rand(1, 1, device=device), torch.float32,
+                           torch.randn(16, device=device), False), test_utils=utils)
+    torch.library.opcheck(torch.ops.mixprec.fp8_gemm_accum_.default, (torch.zeros(32, 16, device=device), a, b, s, s),
+                          test_utils=utils)
+
+
+def test_gemm_bad_input_names_the_argument() -> None:
+    a = torch.randn(32, 48).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 48).to(torch.float8_e4m3fn)
+    s = one(1.0)
+    cases = [
+        (lambda: fp8.gemm(a.float(), b, s, s), ValueError, "mixprec::fp8_gemm: dtype must be torch.float8_e4m3fn"),
+        (lambda: fp8.gemm(a, b[:, :40], s, s), RuntimeError, r"a \[m, k\] and b \[n, k\] must share k"),
+        (lambda: fp8.gemm(a.reshape(2, 16, 48), b, s, s), RuntimeError, "a must be a 2-D matrix"),
+        (lambda: fp8.gemm(a, b, torch.ones(32, 2), s), RuntimeError,
+         r"a_scale_inv must have shape \[1\] \(per tensor\), \[32, 1\] \(per row\), \[32, 1\] \(1x128 blocks\)"),
+        (lambda: fp8.gemm(a, b, s, s.double()), RuntimeError, "b_scale_inv must be float32"),
+        (lambda: fp8.gemm(a, b, s, s, torch.int32), ValueError, "out_dtype must be float32, bfloat16 or float16"),
+        (lambda: fp8.gemm(a, b, s, s, bias=torch.ones(32)), RuntimeError, r"bias must have shape \[16\]"),
+        (lambda: fp8.gemm_accum_(torch.zeros(32, 16).bfloat16(), a, b, s, s), RuntimeError, "out must be float32"),
+        (lambda: fp8.gemm_accum_(torch.zeros(16, 32), a, b, s, s), RuntimeError, r"out must have shape \[32, 16\]"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the multiple-of-16 rule is CUDA's (cuBLASLt's FP8 kernels)")
+def test_gemm_on_cuda_wants_multiples_of_16() -> None:
+    a = torch.randn(24, 48, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(16, 48, device="cuda").to(torch.float8_e4m3fn)
+    s = one(1.0, "cuda")
+    with pytest.raises(RuntimeError, match="must be a multiple of 16 .* got m=24, n=16, k=48"):
+        fp8.gemm(a, b, s, s)

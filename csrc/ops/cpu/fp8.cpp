@@ -163,9 +163,28 @@ void fp8_update_scales__cpu(const at::Tensor& amax_history, const at::Tensor& sc
   scale_inv.unsafeGetTensorImpl()->bump_version();
 }
 
+// The GEMMs on the CPU are the exact emulation: dequantize, then an fp32 GEMM with fp32 accumulation.
+// use_fast_accum only changes CUDA's forward GEMM; here every sum is fp32.
+at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                        const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias,
+                        bool /*use_fast_accum*/) {
+  const detail::Fp8GemmArgs g = detail::check_fp8_gemm("mixprec::fp8_gemm", a, b, a_scale_inv, b_scale_inv);
+  detail::check_fp8_gemm_output(out_dtype, bias, g);
+  return detail::emulated_fp8_gemm(g, out_dtype, bias);
+}
+
+void fp8_gemm_accum__cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                         const at::Tensor& b_scale_inv) {
+  const detail::Fp8GemmArgs g = detail::check_fp8_gemm("mixprec::fp8_gemm_accum_", a, b, a_scale_inv, b_scale_inv);
+  detail::check_fp8_gemm_accum(out, g);
+  detail::emulated_fp8_gemm_accum_(out, g);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("fp8_gemm", &fp8_gemm_cpu);
+  m.impl("fp8_gemm_accum_", &fp8_gemm_accum__cpu);
   m.impl("fp8_quantize", &fp8_quantize_cpu);
   m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cpu);
   m.impl("fp8_update_scales_", &fp8_update_scales__cpu);

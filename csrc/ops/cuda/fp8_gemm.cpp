@@ -1,0 +1,155 @@
+// fp8_gemm / fp8_gemm_accum_ on CUDA. Per-tensor scales on a GPU with FP8 tensor cores (sm_89 and newer)
+// take one cuBLASLt FP8 GEMM: the scale_inv tensors are its A/B scale pointers (read on the device), the
+// accumulation is fp32 (CUBLASLT_MATMUL_DESC_FAST_ACCUM only when asked, for forward GEMMs), and the
+// output is fp32/bf16/fp16. fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
+// an FP8 weight gradient lands in main_grad without a separate add. Row-wise and block scales, E5M2 x
+// E5M2 (which cuBLASLt does not multiply) and older GPUs go through the emulation (dequantize, fp32
+// GEMM), the CPU's implementation; cuBLASLt's outer-vector and 128-block scale modes are the next step.
+//
+// Layout. cuBLASLt is column-major and its FP8 kernels want A transposed and B not ("TN"). Row-major a
+// [m, k] is column-major [k, m] and b [n, k] is column-major [k, n], so
+//   D (col-major [n, m] = row-major out [m, n]) = op_T(A = b) x op_N(B = a),
+// with b's scale as A's and a's scale as B's. Host code only.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "ops/cuda/cublaslt.h"
+#include "ops/fp8_plan.h"
+
+namespace mixprec::cuda {
+namespace {
+
+struct Fp8PlanKey {
+  int device;
+  cudaDataType_t a_type, b_type, d_type;  // cuBLASLt's A (our b), B (our a), D
+  int64_t m, n, k;                        // cuBLASLt's: m = our n, n = our m
+  bool fast_accum, accumulate;
+  uint32_t align_d;
+  size_t workspace;
+  bool operator==(const Fp8PlanKey& o) const {
+    return device == o.device && a_type == o.a_type && b_type == o.b_type && d_type == o.d_type && m == o.m &&
+           n == o.n && k == o.k && fast_accum == o.fast_accum && accumulate == o.accumulate &&
+           align_d == o.align_d && workspace == o.workspace;
+  }
+};
+
+struct Fp8PlanKeyHash {
+  size_t operator()(const Fp8PlanKey& key) const {
+    return lt::hash_fields({key.device, key.a_type, key.b_type, key.d_type, key.m, key.n, key.k, key.fast_accum,
+                            key.accumulate, key.align_d, static_cast<int64_t>(key.workspace)});
+  }
+};
+
+cudaDataType_t fp8_type(at::ScalarType t) { return t == at::kFloat8_e4m3fn ? CUDA_R_8F_E4M3 : CUDA_R_8F_E5M2; }
+
+cudaDataType_t out_type(at::ScalarType t) {
+  return t == at::kBFloat16 ? CUDA_R_16BF : (t == at::kHalf ? CUDA_R_16F : CUDA_R_32F);
+}
+
+// The descriptor carries the scale pointers, which change from call to call: each call gets its own
+// (a host object, cheap), while the layouts and the algorithm are cached by problem.
+lt::MatmulDesc fp8_desc(const char* op, bool fast_accum, const void* scale_a, const void* scale_b) {
+  lt::MatmulDesc desc = lt::make_desc(op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, "setting TRANSA");
+  lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, "setting TRANSB");
+  const int8_t fast = fast_accum ? 1 : 0;
+  lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast, "setting FAST_ACCUM");
+  lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a, "setting the A scale");
+  lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b, "setting the B scale");
+  return desc;
+}
+
+/// Whether cuBLASLt's per-tensor FP8 GEMM takes this problem on this GPU.
+bool takes_cublaslt(const detail::Fp8GemmArgs& g) {
+  if (!g.a_layout.per_tensor || !g.b_layout.per_tensor) return false;
+  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return false;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, g.a.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, g.a.get_device()));
+  return major * 10 + minor >= 89;
+}
+
+/// cuBLASLt's FP8 kernels need 16-byte aligned rows: every dimension a multiple of 16.
+void check_multiples_of_16(const char* op, const detail::Fp8GemmArgs& g) {
+  TORCH_CHECK(g.m % 16 == 0 && g.n % 16 == 0 && g.k % 16 == 0, op,
+              ": on CUDA every dimension of an FP8 GEMM must be a multiple of 16 (pad the operands), got m=", g.m,
+              ", n=", g.n, ", k=", g.k);
+}
+
+// out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0).
+void cublaslt_fp8_gemm(const char* op, const detail::Fp8GemmArgs& g, const at::Tensor& out, bool fast_accum,
+                       bool accumulate) {
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  const Fp8PlanKey key{g.a.get_device(), fp8_type(g.b.scalar_type()), fp8_type(g.a.scalar_type()),
+                       out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum, accumulate,
+                       lt::alignment_of(out.const_data_ptr()), workspace_size};
+  const void* scale_a = g.b_scale_inv.const_data_ptr();
+  const void* scale_b = g.a_scale_inv.const_data_ptr();
+  const lt::Plan& plan = lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
+    auto p = std::make_unique<lt::Plan>();
+    p->desc = fp8_desc(op, k.fast_accum, scale_a, scale_b);
+    p->a = lt::make_layout(op, k.a_type, k.k, k.m, k.k);  // b: col-major [k, n_ours], op T
+    p->b = lt::make_layout(op, k.b_type, k.k, k.n, k.k);  // a: col-major [k, m_ours], op N
+    p->c = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
+    p->d = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
+    const uint32_t align[4] = {16, 16, k.align_d, k.align_d};
+    lt::choose_algo(op, handle, *p, k.workspace, align, c10::str("FP8 m=", k.n, ", n=", k.m, ", k=", k.k));
+    return p;
+  });
+  const lt::MatmulDesc desc = fp8_desc(op, fast_accum, scale_a, scale_b);
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  void* d = out.data_ptr();
+  lt::check(cublasLtMatmul(handle, desc.get(), &alpha, g.b.const_data_ptr(), plan.a.get(), g.a.const_data_ptr(),
+                           plan.b.get(), &beta, d, plan.c.get(), d, plan.d.get(), &plan.algo, workspace,
+                           workspace_size, c10::cuda::getCurrentCUDAStream()),
+            op, "cublasLtMatmul");
+}
+
+at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                         const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias,
+                         bool use_fast_accum) {
+  constexpr const char* op = "mixprec::fp8_gemm";
+  const detail::Fp8GemmArgs g = detail::check_fp8_gemm(op, a, b, a_scale_inv, b_scale_inv);
+  detail::check_fp8_gemm_output(out_dtype, bias, g);
+  check_multiples_of_16(op, g);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (!takes_cublaslt(g) || g.m == 0 || g.n == 0 || g.k == 0) return detail::emulated_fp8_gemm(g, out_dtype, bias);
+  at::Tensor out = at::empty({g.m, g.n}, a.options().dtype(out_dtype));
+  cublaslt_fp8_gemm(op, g, out, use_fast_accum, false);
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
+  return out;
+}
+
+void fp8_gemm_accum__cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                          const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv) {
+  constexpr const char* op = "mixprec::fp8_gemm_accum_";
+  const detail::Fp8GemmArgs g = detail::check_fp8_gemm(op, a, b, a_scale_inv, b_scale_inv);
+  detail::check_fp8_gemm_accum(out, g);
+  check_multiples_of_16(op, g);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (g.m == 0 || g.n == 0 || g.k == 0) return;  // adds nothing
+  if (!takes_cublaslt(g)) return detail::emulated_fp8_gemm_accum_(out, g);
+  cublaslt_fp8_gemm(op, g, out, false, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("fp8_gemm", &fp8_gemm_cuda);
+  m.impl("fp8_gemm_accum_", &fp8_gemm_accum__cuda);
+}
+
+}  // namespace mixprec::cuda
