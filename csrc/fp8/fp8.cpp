@@ -2,8 +2,12 @@
 #include "mixprec/fp8.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <tuple>
 
 #include "ops/fp8_plan.h"
@@ -64,6 +68,41 @@ void gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&)>("mixprec::fp8_gemm_accum_");
   op.call(out, a, b, a_scale_inv, b_scale_inv);
+}
+
+Scaling parse_scaling(std::string_view name) {
+  if (name == "delayed") return Scaling::Delayed;
+  if (name == "current") return Scaling::Current;
+  if (name == "rowwise") return Scaling::Rowwise;
+  if (name == "blockwise") return Scaling::Blockwise;
+  TORCH_CHECK_VALUE(false, "mixprec: scaling must be \"delayed\", \"current\", \"rowwise\" or \"blockwise\", got \"",
+                    std::string(name), "\"");
+}
+
+std::string_view scaling_name(Scaling scaling) {
+  switch (scaling) {
+    case Scaling::Delayed:
+      return "delayed";
+    case Scaling::Current:
+      return "current";
+    case Scaling::Rowwise:
+      return "rowwise";
+    case Scaling::Blockwise:
+      return "blockwise";
+  }
+  return "?";
+}
+
+ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options) {
+  const at::TensorOptions f = options.dtype(at::kFloat);
+  if (recipe.scaling != Scaling::Delayed) {
+    const at::Tensor none = at::empty({0}, f);
+    return {none, none, none, none, none, none};
+  }
+  TORCH_CHECK_VALUE(recipe.amax_history_len >= 1, "mixprec: amax_history_len must be >= 1, got ",
+                    recipe.amax_history_len);
+  return {at::zeros({recipe.amax_history_len, 2}, f), at::ones({2}, f), at::ones({2}, f),
+          at::zeros({recipe.amax_history_len, 1}, f), at::ones({1}, f), at::ones({1}, f)};
 }
 
 }  // namespace mixprec::fp8

@@ -1,8 +1,11 @@
 // mixprec::nn::linear: the one implementation of the fp32-weight-gradient linear layer, behind both front
 // doors: mixprec::nn::Linear (C++) and mixprec.nn.Linear (Python, through the op mixprec::linear).
+// mixprec::nn::float8_linear, its FP8 sibling, shares the weight-gradient accumulation: mixprec::nn::
+// Float8Linear (C++) and mixprec.nn.Float8Linear (Python, through the op mixprec::float8_linear).
 #include "mixprec/nn.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/autograd.h>
@@ -15,6 +18,7 @@
 #include <map>
 #include <mutex>
 
+#include "mixprec/fp8.h"
 #include "mixprec/ops.h"
 
 namespace mixprec::nn {
@@ -159,6 +163,186 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
+// ---- FP8 -------------------------------------------------------------------------------------------------------
+
+// One GEMM operand in FP8 with its dequantization factor.
+struct Fp8Operand {
+  torch::Tensor data;
+  torch::Tensor scale_inv;
+};
+
+// Per-tensor FP8 of a [rows, cols] matrix and of its transpose (the same codes), from `scale`.
+struct Fp8PerTensor {
+  Fp8Operand rows, cols;  // rows: the matrix; cols: its transpose
+  torch::Tensor amax;
+};
+
+Fp8PerTensor fp8_per_tensor(const torch::Tensor& m, const torch::Tensor& scale, const torch::Tensor& scale_inv,
+                                 at::ScalarType dtype) {
+  const fp8::Quantized q = fp8::quantize(m, scale, dtype, {.transpose = true});
+  return {{q.data, scale_inv}, {q.data_t, scale_inv}, q.amax};
+}
+
+// Current scaling: the scale of `m`'s own amax, by the same rule (a one-row history) as delayed scaling.
+Fp8PerTensor quantize_current(const torch::Tensor& m, at::ScalarType dtype, const fp8::Recipe& recipe) {
+  const at::TensorOptions f = m.options().dtype(at::kFloat);
+  const torch::Tensor history = at::linalg_vector_norm(m, INFINITY, {}, false, at::kFloat).reshape({1, 1});
+  const torch::Tensor scale = torch::ones({1}, f), scale_inv = torch::empty({1}, f);
+  fp8::update_scales_(history, scale, scale_inv, dtype, "max", recipe.margin, recipe.pow2_scales);
+  return fp8_per_tensor(m, scale, scale_inv, dtype);
+}
+
+// Delayed scaling of column `j` of a state: update the scales from the history (row 0: the previous call's
+// amax), quantize with the new scale, record this amax in row 0.
+Fp8PerTensor quantize_delayed(const torch::Tensor& m, const torch::Tensor& history, const torch::Tensor& scale,
+                              const torch::Tensor& scale_inv, int64_t j, at::ScalarType dtype) {
+  // A snapshot of this call's scale_inv: the next update rewrites the state before a late backward runs.
+  const Fp8PerTensor q = fp8_per_tensor(m, scale.narrow(0, j, 1), scale_inv.narrow(0, j, 1).clone(), dtype);
+  history.select(0, 0).narrow(0, j, 1).copy_(q.amax.reshape({1}));
+  return q;
+}
+
+Fp8Operand quantize_blocks(const torch::Tensor& m, at::ScalarType dtype, bool weight, const fp8::Recipe& recipe) {
+  const bool rowwise = recipe.scaling == fp8::Scaling::Rowwise;
+  const int64_t block_rows = rowwise || !weight ? 1 : 128, block_cols = rowwise ? -1 : 128;
+  const fp8::BlockQuantized q = fp8::quantize_blockwise(
+      m, dtype, block_rows, block_cols, {.margin = recipe.margin, .pow2_scales = recipe.pow2_scales});
+  return {q.data, q.scale_inv};
+}
+
+bool per_tensor(const fp8::Recipe& recipe) {
+  return recipe.scaling == fp8::Scaling::Delayed || recipe.scaling == fp8::Scaling::Current;
+}
+
+struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
+                               const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
+                               const fp8::ScalingState& state, const fp8::Recipe& recipe) {
+    const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
+    const c10::DeviceType device_type = input.device().type();
+    std::optional<at::ScalarType> dtype;
+    if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+    const torch::Tensor x = autocast_to(input, dtype), w = autocast_to(weight, dtype), b = autocast_to(bias, dtype);
+    TORCH_CHECK(x.scalar_type() != at::kDouble && w.scalar_type() != at::kDouble,
+                "mixprec::float8_linear: float64 input or weight has no FP8 path; use a float32/16-bit layer");
+    TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::float8_linear: input [..., ",
+                w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
+                w.sizes());
+    const torch::Tensor x2 = rows(x).contiguous(), w2 = w.contiguous();
+    Fp8Operand qx, qw;
+    if (recipe.scaling == fp8::Scaling::Delayed) {
+      fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
+                          recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
+      const auto hx = quantize_delayed(x2, state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
+                                       0, recipe.forward_dtype);
+      const auto hw = quantize_delayed(w2, state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
+                                       1, recipe.forward_dtype);
+      qx = hx.rows;
+      qw = hw.rows;
+      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, hw.cols.data, hw.cols.scale_inv});
+    } else if (recipe.scaling == fp8::Scaling::Current) {
+      const auto hx = quantize_current(x2, recipe.forward_dtype, recipe);
+      const auto hw = quantize_current(w2, recipe.forward_dtype, recipe);
+      qx = hx.rows;
+      qw = hw.rows;
+      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, hw.cols.data, hw.cols.scale_inv});
+    } else {
+      // Row and block scales run along k: the transposed products need the operands scaled along the
+      // other axis, so backward quantizes the high-precision tensors again.
+      qx = quantize_blocks(x2, recipe.forward_dtype, false, recipe);
+      qw = quantize_blocks(w2, recipe.forward_dtype, true, recipe);
+      ctx->save_for_backward({x2, w2});
+    }
+    std::optional<torch::Tensor> b_opt;
+    if (b.defined()) b_opt = b;
+    torch::Tensor out = fp8::gemm(qx.data, qw.data, qx.scale_inv, qw.scale_inv, x.scalar_type(), b_opt,
+                                  recipe.fast_accum);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = w.size(0);
+    ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
+    ctx->saved_data["has_bias"] = bias.defined();
+    ctx->saved_data["probe_device"] = probe.device();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["backward_amax_history"] = state.backward_amax_history;
+    ctx->saved_data["backward_scale"] = state.backward_scale;
+    ctx->saved_data["backward_scale_inv"] = state.backward_scale_inv;
+    ctx->saved_data["scaling"] = static_cast<int64_t>(recipe.scaling);
+    ctx->saved_data["forward_dtype"] = recipe.forward_dtype;
+    ctx->saved_data["backward_dtype"] = recipe.backward_dtype;
+    ctx->saved_data["algo"] = recipe.amax_compute_algo;
+    ctx->saved_data["margin"] = recipe.margin;
+    ctx->saved_data["pow2_scales"] = recipe.pow2_scales;
+    return out.reshape(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    fp8::Recipe recipe;
+    recipe.scaling = static_cast<fp8::Scaling>(ctx->saved_data["scaling"].toInt());
+    recipe.forward_dtype = ctx->saved_data["forward_dtype"].toScalarType();
+    recipe.backward_dtype = ctx->saved_data["backward_dtype"].toScalarType();
+    recipe.amax_compute_algo = ctx->saved_data["algo"].toStringRef();
+    recipe.margin = ctx->saved_data["margin"].toInt();
+    recipe.pow2_scales = ctx->saved_data["pow2_scales"].toBool();
+    const at::ScalarType x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor go = grad_outputs[0].to(x_dtype);
+    const torch::Tensor g2 = rows(go).contiguous();
+    // The three quantized views of the output gradient and what the two products pair them with.
+    Fp8Operand g, gt, wt, xt;
+    if (per_tensor(recipe)) {
+      Fp8PerTensor hg;
+      if (recipe.scaling == fp8::Scaling::Delayed) {
+        const torch::Tensor history = ctx->saved_data["backward_amax_history"].toTensor();
+        const torch::Tensor scale = ctx->saved_data["backward_scale"].toTensor();
+        const torch::Tensor scale_inv = ctx->saved_data["backward_scale_inv"].toTensor();
+        fp8::update_scales_(history, scale, scale_inv, recipe.backward_dtype, recipe.amax_compute_algo,
+                            recipe.margin, recipe.pow2_scales);
+        hg = quantize_delayed(g2, history, scale, scale_inv, 0, recipe.backward_dtype);
+      } else {
+        hg = quantize_current(g2, recipe.backward_dtype, recipe);
+      }
+      g = hg.rows;
+      gt = hg.cols;
+      xt = {saved[0], saved[1]};
+      wt = {saved[2], saved[3]};
+    } else {
+      const torch::Tensor& x2 = saved[0];
+      const torch::Tensor& w2 = saved[1];
+      g = quantize_blocks(g2, recipe.backward_dtype, false, recipe);
+      if (ctx->needs_input_grad(0)) wt = quantize_blocks(w2.t().contiguous(), recipe.forward_dtype, true, recipe);
+      if (ctx->needs_input_grad(1)) {
+        gt = quantize_blocks(g2.t().contiguous(), recipe.backward_dtype, false, recipe);
+        xt = quantize_blocks(x2.t().contiguous(), recipe.forward_dtype, false, recipe);
+      }
+    }
+    torch::Tensor grad_input, grad_weight, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      // dL/dx [m, k] = g [m, n] @ w [n, k] = gemm(g, w^T as [k, n]).
+      grad_input = fp8::gemm(g.data, wt.data, g.scale_inv, wt.scale_inv, x_dtype)
+                       .reshape(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    if (ctx->needs_input_grad(1)) {
+      // dL/dw [n, k] = g^T [n, m] @ x [m, k] = gemm(g^T, x^T as [k, m]), fp32.
+      const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
+      const c10::Device probe_device = ctx->saved_data["probe_device"].toDevice();
+      if (!at::GradMode::is_enabled() && weight.defined() && adds_in_place(weight, probe_device)) {
+        torch::Tensor& accumulator = weight.mutable_grad();
+        if (accumulator.scalar_type() != at::kFloat) accumulator = accumulator.to(at::kFloat);
+        fp8::gemm_accum_(accumulator, gt.data, xt.data, gt.scale_inv, xt.scale_inv);  // beta = 1
+        if (go.device().type() != c10::kCPU) after_backward_wait_for(go.device());
+      } else {
+        grad_weight = fp8::gemm(gt.data, xt.data, gt.scale_inv, xt.scale_inv, at::kFloat);
+      }
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
+      grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
+    }
+    // One per forward argument: input, weight, bias, probe, state, recipe.
+    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 void keep_fp32_grad(const torch::Tensor& weight) {
@@ -187,6 +371,35 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
   return LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf);
 }
 
+torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+                            const fp8::ScalingState& state, const fp8::Recipe& recipe) {
+  constexpr const char* op = "mixprec::float8_linear";
+  fp8::max_finite(recipe.forward_dtype);  // each names the dtype it refuses
+  fp8::max_finite(recipe.backward_dtype);
+  TORCH_CHECK_VALUE(recipe.amax_compute_algo == "max" || recipe.amax_compute_algo == "most_recent", op,
+                    ": amax_compute_algo must be \"max\" or \"most_recent\", got \"", recipe.amax_compute_algo, "\"");
+  TORCH_CHECK_VALUE(recipe.margin >= 0 && recipe.margin <= 32, op, ": margin must be in [0, 32], got ", recipe.margin);
+  if (recipe.scaling == fp8::Scaling::Delayed) {
+    const std::pair<const torch::Tensor*, const char*> parts[] = {
+        {&state.forward_amax_history, "forward_amax_history"}, {&state.forward_scale, "forward_scale"},
+        {&state.forward_scale_inv, "forward_scale_inv"},       {&state.backward_amax_history, "backward_amax_history"},
+        {&state.backward_scale, "backward_scale"},             {&state.backward_scale_inv, "backward_scale_inv"}};
+    for (const auto& [t, name] : parts) {
+      TORCH_CHECK(t->defined() && t->numel() > 0, op, ": delayed scaling needs its state; ", name,
+                  " is empty (make it with mixprec::fp8::make_scaling_state)");
+      TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
+                  input.device(), " (move the layer with its buffers)");
+    }
+    TORCH_CHECK(state.forward_amax_history.dim() == 2 && state.forward_amax_history.size(1) == 2 &&
+                    state.backward_amax_history.dim() == 2 && state.backward_amax_history.size(1) == 1,
+                op, ": the amax histories must be [history, 2] (forward) and [history, 1] (backward), got ",
+                state.forward_amax_history.sizes(), " and ", state.backward_amax_history.sizes());
+  }
+  std::optional<torch::Tensor> maybe_bias;
+  if (bias.defined()) maybe_bias = bias;
+  return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe);
+}
+
 // Above autograd (CompositeImplicitAutograd): the autograd function records its own node, and Python's
 // mixprec.nn.linear / keep_fp32_grad are these very functions.
 TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
@@ -194,6 +407,26 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return linear(input, weight, bias.value_or(at::Tensor()));
   });
   m.impl("keep_fp32_grad_", [](const at::Tensor& weight) { keep_fp32_grad(weight); });
+  m.impl("float8_linear",
+         [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const at::Tensor& forward_amax_history, const at::Tensor& forward_scale,
+            const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
+            const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
+            at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
+            int64_t margin, bool pow2_scales, bool fast_accum) {
+           fp8::Recipe recipe;
+           recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
+           recipe.forward_dtype = forward_dtype;
+           recipe.backward_dtype = backward_dtype;
+           recipe.amax_history_len = forward_amax_history.dim() == 2 ? forward_amax_history.size(0) : 0;
+           recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
+           recipe.margin = margin;
+           recipe.pow2_scales = pow2_scales;
+           recipe.fast_accum = fast_accum;
+           const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
+                                         backward_amax_history, backward_scale, backward_scale_inv};
+           return float8_linear(input, weight, bias.value_or(at::Tensor()), state, recipe);
+         });
 }
 
 LinearImpl::LinearImpl(const torch::nn::LinearOptions& options_) : options(options_) { reset(); }
@@ -231,5 +464,59 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) { return linear(input, weight, bias); }
+
+Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearOptions& options_, fp8::Recipe recipe_)
+    : options(options_), recipe(std::move(recipe_)) {
+  reset();
+}
+
+Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearImpl& other, fp8::Recipe recipe_)
+    : options(other.options), recipe(std::move(recipe_)) {
+  weight = register_parameter("weight", other.weight);
+  bias = register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+  keep_fp32_grad(weight);
+  register_state();
+}
+
+void Float8LinearImpl::register_state() {
+  state = fp8::make_scaling_state(recipe, weight.options());
+  state.forward_amax_history = register_buffer("fp8_forward_amax_history", state.forward_amax_history);
+  state.forward_scale = register_buffer("fp8_forward_scale", state.forward_scale);
+  state.forward_scale_inv = register_buffer("fp8_forward_scale_inv", state.forward_scale_inv);
+  state.backward_amax_history = register_buffer("fp8_backward_amax_history", state.backward_amax_history);
+  state.backward_scale = register_buffer("fp8_backward_scale", state.backward_scale);
+  state.backward_scale_inv = register_buffer("fp8_backward_scale_inv", state.backward_scale_inv);
+}
+
+void Float8LinearImpl::reset() {
+  weight = register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
+  if (options.bias()) {
+    bias = register_parameter("bias", torch::empty(options.out_features()));
+  } else {
+    bias = register_parameter("bias", {}, /*requires_grad=*/false);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+    if (bias.defined()) {
+      const auto fans = torch::nn::init::_calculate_fan_in_and_fan_out(weight);
+      const double bound = std::get<0>(fans) > 0 ? 1.0 / std::sqrt(static_cast<double>(std::get<0>(fans))) : 0.0;
+      torch::nn::init::uniform_(bias, -bound, bound);
+    }
+  }
+  keep_fp32_grad(weight);
+  register_state();
+}
+
+void Float8LinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::nn::Float8Linear(in_features=" << options.in_features()
+         << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha << options.bias()
+         << ", scaling=" << fp8::scaling_name(recipe.scaling) << ")";
+}
+
+// Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.
+torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input) {
+  return float8_linear(input, weight, bias, state, recipe);
+}
 
 }  // namespace mixprec::nn

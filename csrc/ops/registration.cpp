@@ -56,4 +56,10 @@ TORCH_LIBRARY(mixprec, m) {
   // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor", tags);
   m.def("keep_fp32_grad_(Tensor weight) -> ()");
+  // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling).
+  m.def(
+      "float8_linear(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
+      "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
+      "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
+      "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum) -> Tensor");
 }

@@ -18,6 +18,7 @@ under ``torch.compile``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -32,7 +33,58 @@ __all__ = [
     "update_scales_",
     "gemm",
     "gemm_accum_",
+    "Recipe",
+    "SCALINGS",
 ]
+
+#: The scaling granularities a :class:`Recipe` names (``mixprec::fp8::Scaling``).
+SCALINGS = ("delayed", "current", "rowwise", "blockwise")
+
+_FORMATS = {"hybrid": (torch.float8_e4m3fn, torch.float8_e5m2), "e4m3": (torch.float8_e4m3fn, torch.float8_e4m3fn)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How :class:`mixprec.nn.Float8Linear` quantizes (``mixprec::fp8::Recipe`` in C++, which checks it).
+
+    Attributes:
+        scaling: ``"delayed"`` (per tensor, from the max of the last ``amax_history_len`` amaxes: one pass
+            over the data; Transformer Engine's default), ``"current"`` (per tensor, from this tensor's amax),
+            ``"rowwise"`` (per row of every GEMM operand), ``"blockwise"`` (1x128 activations and gradients,
+            128x128 weights: DeepSeek-V3).
+        format: ``"hybrid"`` (E4M3 input and weight, E5M2 output gradient) or ``"e4m3"`` (E4M3 everywhere).
+        amax_history_len: delayed scaling's window.
+        amax_compute_algo: ``"max"`` or ``"most_recent"`` (delayed scaling).
+        margin: scales are divided by ``2**margin``.
+        pow2_scales: round scales down to powers of two (exact dequantization).
+        fast_accum: CUDA's faster FP8 accumulation for the forward GEMM (backward GEMMs never use it).
+    """
+
+    scaling: str = "delayed"
+    format: str = "hybrid"
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    pow2_scales: bool = False
+    fast_accum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.format not in _FORMATS:
+            raise ValueError(f"format must be 'hybrid' or 'e4m3', got {self.format!r}")
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        """The FP8 dtype of the input and the weight."""
+        return _FORMATS[self.format][0]
+
+    @property
+    def backward_dtype(self) -> torch.dtype:
+        """The FP8 dtype of the output gradient."""
+        return _FORMATS[self.format][1]
 
 #: The FP8 dtypes mixprec quantizes to.
 FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)

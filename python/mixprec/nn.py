@@ -32,12 +32,14 @@ float64 weights keep float64 gradients (a plain float64 GEMM).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Linear", "linear", "convert"]
+from . import fp8
+
+__all__ = ["Linear", "linear", "convert", "Float8Linear", "float8_linear", "fp8_default_filter"]
 
 
 def keep_fp32_grad(weight: Tensor) -> None:
@@ -102,22 +104,110 @@ def _adopt(module: Linear) -> None:
     module.register_load_state_dict_post_hook(_restore_fp32_grad)
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place.
+_FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_scale_inv",
+                "fp8_backward_amax_history", "fp8_backward_scale", "fp8_backward_scale_inv")
+
+
+def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
+                  recipe: fp8.Recipe) -> Tensor:
+    """``torch.nn.functional.linear`` through FP8 GEMMs (C++'s ``mixprec::nn::float8_linear``, the op
+    ``mixprec::float8_linear``).
+
+    The input and weight are quantized to ``recipe.forward_dtype``, the output gradient to
+    ``recipe.backward_dtype``, each scaled as the recipe says; the output, input-gradient and
+    weight-gradient products are :func:`mixprec.fp8.gemm` calls with fp32 accumulation. The weight
+    gradient is fp32 and, as in :func:`linear`, is added into an fp32 ``weight.grad`` in place (beta = 1)
+    in a plain backward. ``state`` holds the six delayed-scaling tensors (:class:`Float8Linear`'s buffers),
+    updated in place; other recipes ignore it. On CUDA every GEMM dimension (tokens, in and out features)
+    must be a multiple of 16."""
+    _check_ddp(weight)
+    return torch.ops.mixprec.float8_linear(input, weight, bias, *state, recipe.scaling, recipe.forward_dtype,
+                                           recipe.backward_dtype, recipe.amax_compute_algo, int(recipe.margin),
+                                           bool(recipe.pow2_scales), bool(recipe.fast_accum))
+
+
+class Float8Linear(torch.nn.Linear):
+    """A ``torch.nn.Linear`` whose three GEMMs run in FP8 (:func:`float8_linear`).
+
+    Same constructor, parameters and initialisation as ``torch.nn.Linear`` plus ``recipe``; the weight
+    keeps its dtype and gets an fp32 gradient as in :class:`Linear`. Delayed scaling's state lives in
+    buffers (``fp8_forward_amax_history`` ``[history, 2]``, ``fp8_forward_scale``/``_scale_inv`` ``[2]``,
+    ``fp8_backward_*`` likewise for the output gradient), so ``state_dict()`` holds it as plain tensors and
+    resuming is exact. :meth:`from_linear` converts an existing layer in place."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Optional[torch.dtype] = None, *, recipe: Optional[fp8.Recipe] = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        _adopt(self)
+        self._set_recipe(recipe or fp8.Recipe())
+
+    def _set_recipe(self, recipe: fp8.Recipe) -> None:
+        self.recipe = recipe
+        delayed = recipe.scaling == "delayed"
+        h = recipe.amax_history_len
+        shapes = [(h, 2), (2,), (2,), (h, 1), (1,), (1,)] if delayed else [(0,)] * 6
+        fills = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+        for name, shape, fill in zip(_FP8_BUFFERS, shapes, fills):
+            self.register_buffer(name, torch.full(shape, fill, dtype=torch.float32, device=self.weight.device))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, recipe: Optional[fp8.Recipe] = None) -> "Float8Linear":
+        """Turn ``linear`` into a :class:`Float8Linear` in place (same parameters, hooks and state-dict keys,
+        plus the scaling buffers) and return it."""
+        linear.__class__ = cls
+        _adopt(linear)  # type: ignore[arg-type]
+        linear._set_recipe(recipe or fp8.Recipe())  # type: ignore[attr-defined]
+        return linear  # type: ignore[return-value]
+
+    def forward(self, input: Tensor) -> Tensor:
+        state = [getattr(self, name) for name in _FP8_BUFFERS]
+        return float8_linear(input, self.weight, self.bias, state, self.recipe)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        keep_fp32_grad(self.weight)
+
+
+def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
+    """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` but the
+    model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
+    only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
+    names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    edges = {names[0], names[-1]} if names else set()
+
+    def take(name: str, layer: torch.nn.Linear) -> bool:
+        return name not in edges and layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+    return take
+
+
+def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
+            filter: Optional[Callable[[str, torch.nn.Linear], bool]] = None) -> torch.nn.Module:
+    """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place; with
+    ``fp8=recipe``, the layers ``filter(name, layer)`` accepts become :class:`Float8Linear` instead
+    (default filter: :func:`fp8_default_filter`).
 
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
-    tensor is copied), so an optimizer built before the call keeps working; each weight's ``.grad`` becomes
-    fp32 from then on. Subclasses of ``torch.nn.Linear`` with their own ``forward`` are left alone. A model
-    wrapped in ``DistributedDataParallel`` with 16-bit Linear weights is refused (see the module docstring).
-    Returns ``module``."""
+    tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
+    working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` with their
+    own ``forward`` are left alone. A model wrapped in ``DistributedDataParallel`` with 16-bit Linear weights
+    is refused (see the module docstring). Returns ``module``."""
     if isinstance(module, torch.nn.parallel.DistributedDataParallel) and any(
             type(m) is torch.nn.Linear and m.weight.dtype in (torch.float16, torch.bfloat16) for m in module.modules()):
         raise RuntimeError(
             "mixprec.nn.convert: DistributedDataParallel cannot reduce the fp32 weight gradients of 16-bit "
             "mixprec.nn.Linear weights (it buckets gradients in the parameters' dtype); keep torch.nn.Linear under "
             "DDP, or shard with FSDP2 (fully_shard with MixedPrecisionPolicy(reduce_dtype=torch.float32))")
-    for m in module.modules():
+    recipe = fp8
+    take = (filter or fp8_default_filter(module)) if recipe is not None else None
+    for name, m in module.named_modules():
         if type(m) is torch.nn.Linear:
-            m.__class__ = Linear
-            _adopt(m)  # type: ignore[arg-type]
+            if take is not None and take(name, m):
+                Float8Linear.from_linear(m, recipe)
+            else:
+                m.__class__ = Linear
+                _adopt(m)  # type: ignore[arg-type]
     return module

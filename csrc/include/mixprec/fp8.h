@@ -90,4 +90,39 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_sc
 void gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                  const at::Tensor& b_scale_inv);
 
+/// How a Float8Linear scales its three operands (input, weight, output gradient).
+///   Delayed    per tensor, from the max of the last amax_history_len amaxes (Transformer Engine's default):
+///              the scale is known before the data is read, so quantizing is one pass; the state lives in
+///              the layer's buffers.
+///   Current    per tensor, from this tensor's own amax (an extra read of the input).
+///   Rowwise    per row of each GEMM operand (and per column for the transposed products).
+///   Blockwise  1x128 blocks for activations and gradients, 128x128 for weights (DeepSeek-V3).
+enum class Scaling : int { Delayed = 0, Current = 1, Rowwise = 2, Blockwise = 3 };
+
+/// "delayed", "current", "rowwise", "blockwise"; anything else is an error that lists them.
+Scaling parse_scaling(std::string_view name);
+std::string_view scaling_name(Scaling scaling);
+
+struct Recipe {
+  Scaling scaling = Scaling::Delayed;
+  at::ScalarType forward_dtype = at::kFloat8_e4m3fn;  // input and weight
+  at::ScalarType backward_dtype = at::kFloat8_e5m2;   // output gradient: E5M2's range ("hybrid"), or E4M3
+  int64_t amax_history_len = 16;                      // Delayed only
+  std::string amax_compute_algo = "max";              // Delayed only: "max" or "most_recent"
+  int64_t margin = 0;                                 // scales divided by 2^margin
+  bool pow2_scales = false;
+  bool fast_accum = true;  // the forward GEMM's faster FP8 accumulation (CUDA); backward GEMMs never use it
+};
+
+/// Delayed scaling's state, as plain fp32 tensors (a layer's buffers, so state dicts hold them): the
+/// forward's amax history [history, 2] (input, weight) with its scale and scale_inv [2], and the
+/// backward's [history, 1] (output gradient) with scale and scale_inv [1]. Scales start at 1.
+struct ScalingState {
+  at::Tensor forward_amax_history, forward_scale, forward_scale_inv;
+  at::Tensor backward_amax_history, backward_scale, backward_scale_inv;
+};
+
+/// Fresh state for `recipe` on `options`' device (empty tensors for the recipes without state).
+ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options);
+
 }  // namespace mixprec::fp8

@@ -8,7 +8,9 @@
 #include <torch/nn/pimpl.h>
 
 #include <ostream>
+#include <utility>
 
+#include "mixprec/fp8.h"
 #include "mixprec/version.h"
 
 namespace mixprec::nn {
@@ -54,5 +56,44 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
 };
 
 TORCH_MODULE(Linear);
+
+/// `input @ weight^T + bias` through FP8 GEMMs: the input and the weight are quantized to
+/// recipe.forward_dtype, the output gradient to recipe.backward_dtype, each scaled as the recipe says, and
+/// all three products (output, input gradient, weight gradient) are mixprec::fp8::gemm calls with fp32
+/// accumulation. The weight keeps its storage dtype (the optimizer's fp32 masters stay the source of truth);
+/// the weight gradient is fp32 and, as in mixprec::nn::linear, is added into an fp32 `weight.grad()` in
+/// place (beta = 1) in a plain backward. `state` is updated in place (Delayed). Under autocast the output
+/// and the input gradient take the autocast dtype. On CUDA every GEMM dimension (tokens, in and out
+/// features) must be a multiple of 16. The same function is Python's mixprec.nn.float8_linear.
+torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+                            const fp8::ScalingState& state, const fp8::Recipe& recipe = {});
+
+/// A Linear whose forward is float8_linear: same options, parameters and initialisation as
+/// torch::nn::Linear, plus the recipe's scaling state as buffers ("fp8_forward_amax_history", ...), so a
+/// state dict holds it as plain tensors and resuming is exact.
+class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
+ public:
+  Float8LinearImpl(int64_t in_features, int64_t out_features, fp8::Recipe recipe = {})
+      : Float8LinearImpl(torch::nn::LinearOptions(in_features, out_features), std::move(recipe)) {}
+  explicit Float8LinearImpl(const torch::nn::LinearOptions& options, fp8::Recipe recipe = {});
+  /// Takes over `other`'s parameters (the same tensors, not copies), as LinearImpl's converting constructor.
+  explicit Float8LinearImpl(const torch::nn::LinearImpl& other, fp8::Recipe recipe = {});
+
+  void reset() override;
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::LinearOptions options;
+  fp8::Recipe recipe;
+  torch::Tensor weight;
+  torch::Tensor bias;
+  fp8::ScalingState state;
+
+ private:
+  void register_state();
+};
+
+TORCH_MODULE(Float8Linear);
 
 }  // namespace mixprec::nn
