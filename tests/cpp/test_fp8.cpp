@@ -3,6 +3,7 @@
 // the delayed-scaling window.
 #include <catch2/catch.hpp>
 #include <mixprec/fp8.h>
+#include <mixprec/nn.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -130,4 +131,58 @@ TEST_CASE("fp8 gemm and gemm_accum_ against a float64 product of the dequantized
   REQUIRE(((acc.to(torch::kDouble) - exact - 1).abs() <= bound + 1e-6).all().item<bool>());
   REQUIRE_THROWS_WITH(mixprec::fp8::gemm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv),
                       Catch::Contains("must share k"));
+}
+
+TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-scaling state in buffers", "[fp8][nn]") {
+  torch::manual_seed(0);
+  torch::nn::Linear base(torch::nn::LinearOptions(64, 32));
+  mixprec::nn::Float8Linear layer(*base);  // the same parameters
+  REQUIRE(layer->weight.is_same(base->weight));
+  auto buffers = layer->named_buffers();
+  REQUIRE(buffers.contains("fp8_forward_amax_history"));
+  REQUIRE(buffers["fp8_forward_amax_history"].sizes() == torch::IntArrayRef{16, 2});
+  REQUIRE(buffers["fp8_backward_scale"].sizes() == torch::IntArrayRef{1});
+
+  auto x = torch::randn({8, 64}) * 2;
+  auto g = torch::randn({8, 32}) * 1e-2;
+  for (int step = 0; step < 3; ++step) {
+    layer->zero_grad();
+    auto xi = x.clone().requires_grad_();
+    layer->forward(xi).backward(g);
+    if (step == 2) {
+      // Against the fp32 layer: FP8's relative error (E4M3 forward, E5M2 gradients).
+      auto xr = x.clone().requires_grad_();
+      base->zero_grad();
+      auto ref = base->forward(xr);
+      ref.backward(g);
+      auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+        return ((a - b).norm() / b.norm()).item<double>();
+      };
+      REQUIRE(rel(layer->forward(x), ref) < 0.05);
+      REQUIRE(rel(xi.grad(), xr.grad()) < 0.08);
+      REQUIRE(layer->weight.grad().scalar_type() == torch::kFloat);
+    }
+  }
+  // After three forwards: the scales come from the recorded amaxes.
+  const float amax_x = x.abs().max().item<float>();
+  REQUIRE(layer->state.forward_scale[0].item<float>() == 448.f / amax_x);
+  REQUIRE(layer->state.forward_amax_history[1][0].item<float>() == amax_x);
+  REQUIRE(layer->state.backward_scale[0].item<float>() == 57344.f / g.abs().max().item<float>());
+
+  // clone() carries the state: the copy computes the same output.
+  auto copy = std::dynamic_pointer_cast<mixprec::nn::Float8LinearImpl>(layer->clone());
+  REQUIRE(torch::equal(copy->state.forward_scale, layer->state.forward_scale));
+  REQUIRE(torch::equal(copy->forward(x), layer->forward(x)));
+
+  for (auto scaling : {mixprec::fp8::Scaling::Current, mixprec::fp8::Scaling::Rowwise,
+                       mixprec::fp8::Scaling::Blockwise}) {
+    mixprec::fp8::Recipe recipe;
+    recipe.scaling = scaling;
+    mixprec::nn::Float8Linear other(torch::nn::LinearOptions(64, 32), recipe);
+    auto xi = x.clone().requires_grad_();
+    other->forward(xi).sum().backward();
+    REQUIRE(xi.grad().sizes() == x.sizes());
+    REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
+  }
+  REQUIRE_THROWS_WITH(mixprec::fp8::parse_scaling("tensor"), Catch::Contains("scaling must be \"delayed\""));
 }
