@@ -10,6 +10,12 @@ Cases, on an activation-sized bf16 matrix (8192 tokens x 4096 features; --quick:
 Bytes moved = the input read once + every FP8 output written once (the minimum any implementation
 needs), so "GB/s" and "% of copy" say how close each op is to the memory bound.
 
+Then a Linear layer's forward + backward (bf16 weights and activations) on the GPT-2, 1B and 8B layer
+shapes at 8192 tokens: torch.nn.Linear in bf16 against mixprec.nn.Float8Linear (delayed and current
+scaling), and torchao's float8 training (tensorwise) when torchao is installed. On the CPU the shapes
+are divided by 8 and the FP8 GEMMs are the exact emulation: the figures there say what checking costs,
+not what FP8 gains.
+
     python benchmarks/bench_fp8.py [--device cpu|cuda] [--quick]
 """
 
@@ -82,6 +88,74 @@ def main() -> None:
     # device: the kernels alone; wall: a synchronised call as a user makes it (see common.Timing)
     print_table(["case", "MiB moved", "torch ms", "mixprec ms", "GB/s", "% of copy", "speedup", "torch wall ms",
                  "mixprec wall ms", "wall speedup"], table)
+    print()
+    linear_table(device, args.quick)
+
+
+LAYER_SHAPES = [  # (model, in_features, out_features)
+    ("gpt2 qkv", 768, 2304),
+    ("gpt2 mlp up", 768, 3072),
+    ("gpt2 mlp down", 3072, 768),
+    ("1b mlp up", 2048, 8192),
+    ("1b mlp down", 8192, 2048),
+    ("8b qkv", 4096, 6144),
+    ("8b mlp up", 4096, 14336),
+    ("8b mlp down", 14336, 4096),
+]
+
+
+def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:
+    """torchao's float8 training layer (tensorwise scaling) around a copy of `base`, or None without torchao."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        return None
+    import copy
+
+    return convert_to_float8_training(torch.nn.Sequential(copy.deepcopy(base)))
+
+
+def linear_table(device: str, quick: bool) -> None:
+    cuda = device.startswith("cuda")
+    tokens = 8192 if cuda and not quick else (1024 if cuda else 512)
+    divisor = 1 if cuda and not quick else 8
+    shapes = LAYER_SHAPES if cuda or not quick else LAYER_SHAPES[:3]
+    table = []
+    for name, k, n in shapes:
+        k, n = k // divisor, n // divisor
+        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+
+        def step(layer: torch.nn.Module):
+            def run() -> None:
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                layer(x).backward(g)
+            return run
+
+        layers = {"bf16": base}
+        for scaling in ("delayed", "current"):
+            f8 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+            f8.load_state_dict(base.state_dict())
+            layers[scaling] = mixprec.nn.Float8Linear.from_linear(f8, mixprec.fp8.Recipe(scaling=scaling))
+        ao = torchao_layer(base) if cuda else None
+        if ao is not None:
+            layers["torchao"] = ao
+        times = {key: measure(step(layer), device) for key, layer in layers.items()}
+        flops = 3 * 2 * tokens * k * n  # forward, input gradient, weight gradient
+        ref = times["bf16"]
+        row = [f"{name} [{tokens}x{k}]x[{k}x{n}]", f"{ref.device * 1e3:.3f}"]
+        for key in ("delayed", "current"):
+            row += [f"{times[key].device * 1e3:.3f}", f"{ref.device / times[key].device:.2f}x"]
+        row += [f"{times['torchao'].device * 1e3:.3f}" if "torchao" in times else "-",
+                f"{times['torchao'].device / times['delayed'].device:.2f}x" if "torchao" in times else "-",
+                f"{flops / times['delayed'].device / 1e12:.1f}",
+                f"{ref.wall * 1e3:.3f}", f"{times['delayed'].wall * 1e3:.3f}"]
+        table.append(row)
+    print("Linear forward + backward, bf16 weights and activations (ms; speedups vs bf16; vs torchao: its time / ours)")
+    print_table(["layer", "bf16 ms", "fp8 delayed ms", "speedup", "fp8 current ms", "speedup", "torchao ms",
+                 "ours vs torchao", "delayed TFLOP/s", "bf16 wall ms", "delayed wall ms"], table)
 
 
 if __name__ == "__main__":

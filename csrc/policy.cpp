@@ -142,6 +142,8 @@ void apply(torch::nn::Module& module, const Policy& policy) {
       if (p.value().scalar_type() != target) p.value().set_data(p.value().to(target));
     }
     for (auto& b : m.named_buffers(/*recurse=*/false)) {
+      // FP8 scaling state (Float8Linear's "fp8_*" buffers) is fp32 by definition, whatever the storage dtype.
+      if (b.key().rfind("fp8_", 0) == 0) continue;
       if (at::isFloatingType(b.value().scalar_type()) && b.value().scalar_type() != target) {
         b.value().set_data(b.value().to(target));
       }

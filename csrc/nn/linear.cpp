@@ -5,6 +5,7 @@
 #include "mixprec/nn.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_unsafe_view.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -273,7 +274,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     ctx->saved_data["algo"] = recipe.amax_compute_algo;
     ctx->saved_data["margin"] = recipe.margin;
     ctx->saved_data["pow2_scales"] = recipe.pow2_scales;
-    return out.reshape(shape);
+    // Not a view of the GEMM's result (as at::linear's own output): callers may write into it in place.
+    return x.dim() == 2 ? out : at::_unsafe_view(out, shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -513,6 +515,18 @@ void Float8LinearImpl::pretty_print(std::ostream& stream) const {
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha << options.bias()
          << ", scaling=" << fp8::scaling_name(recipe.scaling) << ")";
 }
+
+void Float8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);  // everything moves
+  to(dtype, non_blocking);                      // the parameters alone change dtype
+}
+
+void Float8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : parameters(/*recurse=*/false)) p.set_data(p.to(dtype, non_blocking));
+}
+
+void Float8LinearImpl::to(torch::Device device, bool non_blocking) { torch::nn::Module::to(device, non_blocking); }
 
 // Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.
 torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input) {

@@ -11,7 +11,10 @@ progress. Same seed, same initial weights, same batches in every run.
 
 On CPU the default compares fp32 with mixed bf16 (bf16 params, fp32 masters, no loss scale): CPUs
 without fp16 matrix units emulate fp16 products, which makes an fp16 run many times slower there. On
-CUDA the default adds mixed fp16 with dynamic loss scaling; --size gpt2ish suits a GPU.
+CUDA the default adds mixed fp16 with dynamic loss scaling, and on GPUs with FP8 tensor cores (sm_89+)
+``mixed_bfloat16+fp8``: the same bf16 run with the transformer blocks' MLP layers as
+mixprec.nn.Float8Linear (delayed scaling, E4M3 forward, E5M2 gradients). Any policy name + "+fp8" works,
+on the CPU too (through the exact emulation). --size gpt2ish suits a GPU.
 Writes ``demo_out/loss.png`` (loss curves, loss scale with skipped steps marked) and
 ``demo_out/results.json``.
 """
@@ -38,6 +41,7 @@ SIZES = {  # d_model, layers, heads, context, batch
     "small": (128, 2, 4, 64, 32),
     "gpt2ish": (384, 6, 6, 256, 32),
 }
+FP8_SUFFIX = "+fp8"
 COLUMNS = ["policy", "final loss", "best loss", "val loss", "tokens/s", "state MiB", "peak MiB", "skipped",
            "final scale"]
 
@@ -134,9 +138,12 @@ def train(policy_name: str, data: torch.Tensor, val: torch.Tensor, args: argpars
           progress: bool = True) -> RunResult:
     d, layers, heads, context, batch = SIZES[args.size]
     device = torch.device(args.device)
-    policy = mixprec.Policy(policy_name)
+    use_fp8 = policy_name.endswith(FP8_SUFFIX)
+    policy = mixprec.Policy(policy_name[: -len(FP8_SUFFIX)] if use_fp8 else policy_name)
     torch.manual_seed(args.seed)
     model = CharTransformer(d, layers, heads, context)
+    if use_fp8:  # the MLPs' GEMMs in FP8; attention, embeddings and the head stay as the policy says
+        mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(), filter=lambda name, layer: ".mlp." in name)
     # Mixed policies keep the parameters in 16 bits with fp32 masters in the optimizer; fp32 stays fp32.
     if policy.compute_dtype != torch.float32:
         policy = mixprec.Policy(f"params={_short(policy.compute_dtype)},compute={_short(policy.compute_dtype)},"
@@ -241,8 +248,9 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--policies", nargs="+", default=None,
-                        help="mixed policies to compare with float32 (default: mixed_bfloat16 on CPU, whose "
-                             "fp16 matrix products are emulated and slow; mixed_float16 and mixed_bfloat16 on CUDA)")
+                        help="mixed policies to compare with float32, each optionally with '+fp8' (the MLPs in FP8) "
+                             "(default: mixed_bfloat16 on CPU, whose fp16 matrix products are emulated and slow; "
+                             "mixed_float16, mixed_bfloat16 and, on sm_89+, mixed_bfloat16+fp8 on CUDA)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--growth-interval", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -251,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     args = parser.parse_args(argv)
     if args.policies is None:
         args.policies = ["mixed_float16", "mixed_bfloat16"] if args.device.startswith("cuda") else ["mixed_bfloat16"]
+        if args.device.startswith("cuda") and torch.cuda.get_device_capability(args.device) >= (8, 9):
+            args.policies.append("mixed_bfloat16" + FP8_SUFFIX)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     text = torch.tensor(list(stdlib_text()), dtype=torch.long)

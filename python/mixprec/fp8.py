@@ -219,8 +219,8 @@ def gemm(
         bias: ``[n]``, added in ``out_dtype``.
         use_fast_accum: CUDA's faster, less exact FP8 accumulation (forward GEMMs only).
 
-    CUDA: per-tensor scales on sm_89+ run one cuBLASLt FP8 GEMM with fp32 accumulation; other cases the
-    emulation. Every dimension must be a multiple of 16 there. CPU: the exact emulation (dequantize, fp32
+    CUDA: per-tensor scales on sm_89+ and row scales on sm_90+ run one cuBLASLt FP8 GEMM with fp32
+    accumulation; other cases the emulation. Every dimension must be a multiple of 16 there. CPU: the exact emulation (dequantize, fp32
     GEMM with fp32 accumulation), the reference of every other path.
     """
     return torch.ops.mixprec.fp8_gemm.default(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, bool(use_fast_accum))

@@ -166,6 +166,17 @@ class Float8Linear(torch.nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
+        # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
+        # values exact), so it follows device moves only.
+        state = {name: getattr(self, name) for name in _FP8_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in state.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)

@@ -114,6 +114,8 @@ class Policy:
                 if p.dtype != target:
                     p.data = p.data.to(target)
             for key, b in module.named_buffers(recurse=False):
+                if key.startswith("fp8_"):  # FP8 scaling state (Float8Linear) is fp32 by definition
+                    continue
                 if b.is_floating_point() and b.dtype != target:
                     setattr(module, key, b.to(target))
             if kept and not getattr(module, "_mixprec_fp32_hooks", False):

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <mixprec/fp8.h>
 #include <mixprec/nn.h>
+#include <mixprec/policy.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -185,4 +186,21 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
     REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
   }
   REQUIRE_THROWS_WITH(mixprec::fp8::parse_scaling("tensor"), Catch::Contains("scaling must be \"delayed\""));
+}
+
+TEST_CASE("nn::Float8Linear: dtype casts and policies leave the scaling state in fp32", "[fp8][nn]") {
+  mixprec::nn::Float8Linear layer(32, 16);
+  layer->state.forward_scale.fill_(1.0 / 3.0);
+  const auto third = layer->state.forward_scale.clone();
+  layer->to(torch::kBFloat16);
+  REQUIRE(layer->weight.scalar_type() == torch::kBFloat16);
+  REQUIRE(layer->state.forward_scale.scalar_type() == torch::kFloat);
+  REQUIRE(torch::equal(layer->state.forward_scale, third));
+  torch::nn::Sequential model(torch::nn::Linear(32, 32), mixprec::nn::Float8Linear(32, 32));
+  model->to(torch::kHalf);
+  mixprec::apply(*model, mixprec::Policy::from_string("bf16-true"));
+  auto inner = model[1]->as<mixprec::nn::Float8LinearImpl>();
+  REQUIRE(inner->weight.scalar_type() == torch::kBFloat16);
+  REQUIRE(inner->state.backward_scale.scalar_type() == torch::kFloat);
+  REQUIRE(inner->named_buffers()["fp8_forward_amax_history"].scalar_type() == torch::kFloat);
 }

@@ -17,14 +17,15 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     buf = io.StringIO()
     with redirect_stdout(buf):
         results = demo.main(["--size", "tiny", "--steps", "40", "--out", str(tmp_path), "--no-progress",
-                             "--policies", "mixed_bfloat16"])
+                             "--policies", "mixed_bfloat16", "mixed_bfloat16+fp8"])
     text = buf.getvalue()
-    assert [r.policy.split()[0] for r in results] == ["float32", "mixed_bfloat16"]
-    fp32, mixed = results
-    assert len(fp32.losses) == len(mixed.losses) == 40
+    assert [r.policy.split()[0] for r in results] == ["float32", "mixed_bfloat16", "mixed_bfloat16+fp8"]
+    fp32, mixed, fp8 = results
+    assert len(fp32.losses) == len(mixed.losses) == len(fp8.losses) == 40
     assert fp32.losses[-1] < fp32.losses[0] * 0.8, "fp32 did not train"
-    # Same seed, same batches: the mixed run ends within 3% of fp32's loss.
+    # Same seed, same batches: the mixed runs (the MLPs in FP8 in the last) end within 3% of fp32's loss.
     assert abs(mixed.losses[-1] - fp32.losses[-1]) / fp32.losses[-1] < 0.03
+    assert abs(fp8.losses[-1] - fp32.losses[-1]) / fp32.losses[-1] < 0.03
     header = next(line for line in text.splitlines() if line.strip().startswith("policy"))
     for column in demo.COLUMNS:
         assert column in header, column

@@ -213,3 +213,20 @@ def test_bad_input() -> None:
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *layer.buffers(), "delayed",
                                         torch.float8_e4m3fn, torch.float8_e5m2, "mean", 0, False, True)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
+
+
+def test_dtype_casts_leave_the_scaling_state_in_fp32() -> None:
+    layer = mixprec.nn.Float8Linear(32, 16)
+    layer.fp8_forward_scale.fill_(1.0 / 3.0)  # not representable in bf16: a cast would change it
+    third = layer.fp8_forward_scale.clone()
+    for cast in (lambda m: m.bfloat16(), lambda m: m.to(torch.float16), lambda m: m.half().float(),
+                 lambda m: mixprec.Policy("bf16-true").apply(m)):
+        cast(layer)
+        assert all(getattr(layer, n).dtype == torch.float32 for n in mixprec.nn._FP8_BUFFERS)
+        assert torch.equal(layer.fp8_forward_scale, third)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    mixprec.nn.convert(model, fp8=fp8.Recipe())
+    mixprec.Policy("bf16-true").apply(model)  # bf16 storage
+    assert model[1].weight.dtype == torch.bfloat16 and model[1].fp8_forward_scale.dtype == torch.float32
+    model(torch.randn(4, 32).bfloat16()).float().sum().backward()
+    assert model[1].weight.grad.dtype == torch.float32

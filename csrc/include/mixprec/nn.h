@@ -83,6 +83,10 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
+  /// Module::to, except that the scaling state stays fp32 (its values exact) and follows device moves only.
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
 
   torch::nn::LinearOptions options;
   fp8::Recipe recipe;

@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(kTile* kTileRows)
   __shared__ uint32_t shared[kTile * kTileRows / 32];
   const auto [seed, offset] = at::cuda::philox::unpack(args.rng);
   const float s = *scale;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  // Row tiles on x (up to 2^31 - 1 of them: any token count), column tiles on y.
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, c0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   uint32_t local = 0;
   for (int k = ty; k < kTile; k += kTileRows) {
@@ -223,9 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cuda(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::fp8_quantize", [&] {
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
     if (transpose) {
-      const dim3 grid(static_cast<unsigned>((in.cols + kTile - 1) / kTile), static_cast<unsigned>((in.rows + kTile - 1) / kTile));
+      const dim3 grid(static_cast<unsigned>((in.rows + kTile - 1) / kTile),
+                      static_cast<unsigned>((in.cols + kTile - 1) / kTile));
       TORCH_CHECK(grid.y <= 65535u, "mixprec::fp8_quantize: transpose supports at most ", 65535 * kTile,
-                  " rows, got ", in.rows);
+                  " columns (the last dimension), got ", in.cols);
       quantize_transpose_kernel<scalar_t><<<grid, kTile * kTileRows, 0, stream>>>(
           src, dst, static_cast<uint8_t*>(out.data_t.data_ptr()), in.rows, in.cols, scale.const_data_ptr<float>(),
           amax, args);

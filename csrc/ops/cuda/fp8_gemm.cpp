@@ -1,10 +1,11 @@
 // fp8_gemm / fp8_gemm_accum_ on CUDA. Per-tensor scales on a GPU with FP8 tensor cores (sm_89 and newer)
 // take one cuBLASLt FP8 GEMM: the scale_inv tensors are its A/B scale pointers (read on the device), the
 // accumulation is fp32 (CUBLASLT_MATMUL_DESC_FAST_ACCUM only when asked, for forward GEMMs), and the
-// output is fp32/bf16/fp16. fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
-// an FP8 weight gradient lands in main_grad without a separate add. Row-wise and block scales, E5M2 x
-// E5M2 (which cuBLASLt does not multiply) and older GPUs go through the emulation (dequantize, fp32
-// GEMM), the CPU's implementation; cuBLASLt's outer-vector and 128-block scale modes are the next step.
+// output is fp32/bf16/fp16. Row-wise scales on both operands take cuBLASLt's outer-vector scale mode
+// (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
+// an FP8 weight gradient lands in main_grad without a separate add. Block scales, mixed granularities,
+// E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem cuBLASLt's heuristic turns
+// down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
 //
 // Layout. cuBLASLt is column-major and its FP8 kernels want A transposed and B not ("TN"). Row-major a
 // [m, k] is column-major [k, m] and b [n, k] is column-major [k, n], so
@@ -22,7 +23,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <unordered_set>
 
 #include "ops/cuda/cublaslt.h"
 #include "ops/fp8_plan.h"
@@ -30,15 +33,19 @@
 namespace mixprec::cuda {
 namespace {
 
+/// How cuBLASLt applies the scales: one per tensor, or one per row of each operand (outer vectors).
+enum class LtScales : int { None = 0, Tensor = 1, OuterVector = 2 };
+
 struct Fp8PlanKey {
   int device;
+  LtScales scales;
   cudaDataType_t a_type, b_type, d_type;  // cuBLASLt's A (our b), B (our a), D
   int64_t m, n, k;                        // cuBLASLt's: m = our n, n = our m
   bool fast_accum, accumulate;
   uint32_t align_d;
   size_t workspace;
   bool operator==(const Fp8PlanKey& o) const {
-    return device == o.device && a_type == o.a_type && b_type == o.b_type && d_type == o.d_type && m == o.m &&
+    return device == o.device && scales == o.scales && a_type == o.a_type && b_type == o.b_type && d_type == o.d_type && m == o.m &&
            n == o.n && k == o.k && fast_accum == o.fast_accum && accumulate == o.accumulate &&
            align_d == o.align_d && workspace == o.workspace;
   }
@@ -46,7 +53,7 @@ struct Fp8PlanKey {
 
 struct Fp8PlanKeyHash {
   size_t operator()(const Fp8PlanKey& key) const {
-    return lt::hash_fields({key.device, key.a_type, key.b_type, key.d_type, key.m, key.n, key.k, key.fast_accum,
+    return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_type, key.b_type, key.d_type, key.m, key.n, key.k, key.fast_accum,
                             key.accumulate, key.align_d, static_cast<int64_t>(key.workspace)});
   }
 };
@@ -59,25 +66,43 @@ cudaDataType_t out_type(at::ScalarType t) {
 
 // The descriptor carries the scale pointers, which change from call to call: each call gets its own
 // (a host object, cheap), while the layouts and the algorithm are cached by problem.
-lt::MatmulDesc fp8_desc(const char* op, bool fast_accum, const void* scale_a, const void* scale_b) {
+lt::MatmulDesc fp8_desc(const char* op, LtScales scales, bool fast_accum, const void* scale_a, const void* scale_b) {
   lt::MatmulDesc desc = lt::make_desc(op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, "setting TRANSA");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, "setting TRANSB");
   const int8_t fast = fast_accum ? 1 : 0;
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast, "setting FAST_ACCUM");
+  if (scales == LtScales::OuterVector) {
+    // A's vector has one scale per row of op(A) (our b's rows), B's one per column of op(B) (our a's rows).
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode, "setting the A scale mode");
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode, "setting the B scale mode");
+  }
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a, "setting the A scale");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b, "setting the B scale");
   return desc;
 }
 
-/// Whether cuBLASLt's per-tensor FP8 GEMM takes this problem on this GPU.
-bool takes_cublaslt(const detail::Fp8GemmArgs& g) {
-  if (!g.a_layout.per_tensor || !g.b_layout.per_tensor) return false;
-  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return false;
+int compute_capability(int device) {
   int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, g.a.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, g.a.get_device()));
-  return major * 10 + minor >= 89;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor;
+}
+
+bool rowwise(const detail::Fp8ScaleLayout& layout, int64_t k) {
+  return !layout.per_tensor && layout.block_rows == 1 && layout.block_cols >= k;
+}
+
+/// The cuBLASLt scale mode that takes this problem on this GPU, or None (the emulation takes it).
+LtScales cublaslt_scales(const detail::Fp8GemmArgs& g) {
+  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return LtScales::None;
+  const int cc = compute_capability(g.a.get_device());
+  if (g.a_layout.per_tensor && g.b_layout.per_tensor) return cc >= 89 ? LtScales::Tensor : LtScales::None;
+  if (rowwise(g.a_layout, g.k) && rowwise(g.b_layout, g.k) && cc >= 90 && cublasLtGetVersion() >= 120900) {
+    return LtScales::OuterVector;
+  }
+  return LtScales::None;
 }
 
 /// cuBLASLt's FP8 kernels need 16-byte aligned rows: every dimension a multiple of 16.
@@ -87,35 +112,61 @@ void check_multiples_of_16(const char* op, const detail::Fp8GemmArgs& g) {
               ", n=", g.n, ", k=", g.k);
 }
 
-// out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0).
-void cublaslt_fp8_gemm(const char* op, const detail::Fp8GemmArgs& g, const at::Tensor& out, bool fast_accum,
-                       bool accumulate) {
+// Problems whose plan cuBLASLt turned down (no algorithm): the emulation takes them from then on.
+struct Declined {
+  std::mutex mutex;
+  std::unordered_set<Fp8PlanKey, Fp8PlanKeyHash> keys;
+};
+Declined& declined() {
+  static Declined* d = new Declined();  // leaked: usable from other statics' destructors
+  return *d;
+}
+
+// out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0). Returns false, with
+// nothing written, when cuBLASLt has no algorithm for the problem.
+bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArgs& g, const at::Tensor& out,
+                       bool fast_accum, bool accumulate) {
+  // The FP8 kernels read 16-byte rows (k is a multiple of 16): a view that starts off 16 bytes is copied.
+  const at::Tensor a = lt::alignment_of(g.a.const_data_ptr()) < 16 ? g.a.clone() : g.a;
+  const at::Tensor b = lt::alignment_of(g.b.const_data_ptr()) < 16 ? g.b.clone() : g.b;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  const Fp8PlanKey key{g.a.get_device(), fp8_type(g.b.scalar_type()), fp8_type(g.a.scalar_type()),
+  const Fp8PlanKey key{g.a.get_device(), scales, fp8_type(g.b.scalar_type()), fp8_type(g.a.scalar_type()),
                        out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum, accumulate,
                        lt::alignment_of(out.const_data_ptr()), workspace_size};
+  {
+    std::lock_guard<std::mutex> lock(declined().mutex);
+    if (declined().keys.count(key)) return false;
+  }
   const void* scale_a = g.b_scale_inv.const_data_ptr();
   const void* scale_b = g.a_scale_inv.const_data_ptr();
-  const lt::Plan& plan = lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
-    auto p = std::make_unique<lt::Plan>();
-    p->desc = fp8_desc(op, k.fast_accum, scale_a, scale_b);
-    p->a = lt::make_layout(op, k.a_type, k.k, k.m, k.k);  // b: col-major [k, n_ours], op T
-    p->b = lt::make_layout(op, k.b_type, k.k, k.n, k.k);  // a: col-major [k, m_ours], op N
-    p->c = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
-    p->d = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
-    const uint32_t align[4] = {16, 16, k.align_d, k.align_d};
-    lt::choose_algo(op, handle, *p, k.workspace, align, c10::str("FP8 m=", k.n, ", n=", k.m, ", k=", k.k));
-    return p;
-  });
-  const lt::MatmulDesc desc = fp8_desc(op, fast_accum, scale_a, scale_b);
+  const lt::Plan* plan = nullptr;
+  try {
+    plan = &lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
+      auto p = std::make_unique<lt::Plan>();
+      p->desc = fp8_desc(op, k.scales, k.fast_accum, scale_a, scale_b);
+      p->a = lt::make_layout(op, k.a_type, k.k, k.m, k.k);  // b: col-major [k, n_ours], op T
+      p->b = lt::make_layout(op, k.b_type, k.k, k.n, k.k);  // a: col-major [k, m_ours], op N
+      p->c = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
+      p->d = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
+      const uint32_t align[4] = {16, 16, k.align_d, k.align_d};
+      lt::choose_algo(op, handle, *p, k.workspace, align, c10::str("FP8 m=", k.n, ", n=", k.m, ", k=", k.k));
+      return p;
+    });
+  } catch (const c10::Error&) {
+    std::lock_guard<std::mutex> lock(declined().mutex);
+    declined().keys.insert(key);
+    return false;
+  }
+  const lt::MatmulDesc desc = fp8_desc(op, scales, fast_accum, scale_a, scale_b);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   void* d = out.data_ptr();
-  lt::check(cublasLtMatmul(handle, desc.get(), &alpha, g.b.const_data_ptr(), plan.a.get(), g.a.const_data_ptr(),
-                           plan.b.get(), &beta, d, plan.c.get(), d, plan.d.get(), &plan.algo, workspace,
+  lt::check(cublasLtMatmul(handle, desc.get(), &alpha, b.const_data_ptr(), plan->a.get(), a.const_data_ptr(),
+                           plan->b.get(), &beta, d, plan->c.get(), d, plan->d.get(), &plan->algo, workspace,
                            workspace_size, c10::cuda::getCurrentCUDAStream()),
             op, "cublasLtMatmul");
+  return true;
 }
 
 at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
@@ -126,11 +177,15 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Ten
   detail::check_fp8_gemm_output(out_dtype, bias, g);
   check_multiples_of_16(op, g);
   const c10::cuda::CUDAGuard guard(a.device());
-  if (!takes_cublaslt(g) || g.m == 0 || g.n == 0 || g.k == 0) return detail::emulated_fp8_gemm(g, out_dtype, bias);
-  at::Tensor out = at::empty({g.m, g.n}, a.options().dtype(out_dtype));
-  cublaslt_fp8_gemm(op, g, out, use_fast_accum, false);
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
-  return out;
+  const LtScales scales = g.m == 0 || g.n == 0 || g.k == 0 ? LtScales::None : cublaslt_scales(g);
+  if (scales != LtScales::None) {
+    at::Tensor out = at::empty({g.m, g.n}, a.options().dtype(out_dtype));
+    if (cublaslt_fp8_gemm(op, scales, g, out, use_fast_accum, false)) {
+      if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
+      return out;
+    }
+  }
+  return detail::emulated_fp8_gemm(g, out_dtype, bias);
 }
 
 void fp8_gemm_accum__cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
@@ -141,8 +196,9 @@ void fp8_gemm_accum__cuda(const at::Tensor& out, const at::Tensor& a, const at::
   check_multiples_of_16(op, g);
   const c10::cuda::CUDAGuard guard(a.device());
   if (g.m == 0 || g.n == 0 || g.k == 0) return;  // adds nothing
-  if (!takes_cublaslt(g)) return detail::emulated_fp8_gemm_accum_(out, g);
-  cublaslt_fp8_gemm(op, g, out, false, true);
+  const LtScales scales = cublaslt_scales(g);
+  if (scales != LtScales::None && cublaslt_fp8_gemm(op, scales, g, out, false, true)) return;
+  detail::emulated_fp8_gemm_accum_(out, g);
 }
 
 }  // namespace
