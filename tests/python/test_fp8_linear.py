@@ -146,7 +146,7 @@ def test_convert_default_filter_and_deepcopy() -> None:
     assert torch.equal(twin(x), model(x))
 
 
-_TEXT_STEPS = 80
+_TEXT_STEPS = 50
 
 
 @functools.cache
@@ -159,7 +159,7 @@ def _text_batches() -> tuple[torch.Tensor, ...]:
 
 @functools.cache
 def _train_on_text(recipe: fp8.Recipe | None) -> float:
-    """Mean loss of the last 10 of 80 steps of the demo's byte-level transformer (MLPs in FP8 with a recipe)
+    """Mean loss of the last 10 of 50 steps of the demo's byte-level transformer (MLPs in FP8 with a recipe)
     under bf16 autocast, on the standard library's text."""
     torch.manual_seed(0)
     model = CharTransformer(64, 2, 2, 32)
