@@ -345,6 +345,32 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   }
 };
 
+// torch::nn::Linear's parameters and initialisation, shared by Linear and Float8Linear.
+void init_linear_parameters(const torch::Tensor& weight, const torch::Tensor& bias) {
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const auto fans = torch::nn::init::_calculate_fan_in_and_fan_out(weight);
+    const double bound = std::get<0>(fans) > 0 ? 1.0 / std::sqrt(static_cast<double>(std::get<0>(fans))) : 0.0;
+    torch::nn::init::uniform_(bias, -bound, bound);
+  }
+}
+
+void register_linear_parameters(torch::nn::Module& m, const torch::nn::LinearOptions& options, torch::Tensor& weight,
+                                torch::Tensor& bias) {
+  weight = m.register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
+  bias = options.bias() ? m.register_parameter("bias", torch::empty(options.out_features()))
+                        : m.register_parameter("bias", {}, /*requires_grad=*/false);
+  init_linear_parameters(weight, bias);
+}
+
+// A converting constructor's parameters: `other`'s own tensors, not copies.
+void adopt_linear_parameters(torch::nn::Module& m, const torch::nn::LinearImpl& other, torch::Tensor& weight,
+                             torch::Tensor& bias) {
+  weight = m.register_parameter("weight", other.weight);
+  bias = m.register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+}
+
 }  // namespace
 
 void keep_fp32_grad(const torch::Tensor& weight) {
@@ -434,31 +460,16 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
 LinearImpl::LinearImpl(const torch::nn::LinearOptions& options_) : options(options_) { reset(); }
 
 LinearImpl::LinearImpl(const torch::nn::LinearImpl& other) : options(other.options) {
-  weight = register_parameter("weight", other.weight);
-  bias = register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+  adopt_linear_parameters(*this, other, weight, bias);
   keep_fp32_grad(weight);
 }
 
 void LinearImpl::reset() {
-  weight = register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
-  if (options.bias()) {
-    bias = register_parameter("bias", torch::empty(options.out_features()));
-  } else {
-    bias = register_parameter("bias", {}, /*requires_grad=*/false);
-  }
-  reset_parameters();
+  register_linear_parameters(*this, options, weight, bias);
   keep_fp32_grad(weight);  // also for clone(), which calls reset() and copies the values in
 }
 
-void LinearImpl::reset_parameters() {
-  torch::NoGradGuard no_grad;
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  if (bias.defined()) {
-    const auto fans = torch::nn::init::_calculate_fan_in_and_fan_out(weight);
-    const double bound = std::get<0>(fans) > 0 ? 1.0 / std::sqrt(static_cast<double>(std::get<0>(fans))) : 0.0;
-    torch::nn::init::uniform_(bias, -bound, bound);
-  }
-}
+void LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
 
 void LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Linear(in_features=" << options.in_features()
@@ -474,8 +485,7 @@ Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearOptions& options_, fp8
 
 Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearImpl& other, fp8::Recipe recipe_)
     : options(other.options), recipe(std::move(recipe_)) {
-  weight = register_parameter("weight", other.weight);
-  bias = register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+  adopt_linear_parameters(*this, other, weight, bias);
   keep_fp32_grad(weight);
   register_state();
 }
@@ -491,24 +501,12 @@ void Float8LinearImpl::register_state() {
 }
 
 void Float8LinearImpl::reset() {
-  weight = register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
-  if (options.bias()) {
-    bias = register_parameter("bias", torch::empty(options.out_features()));
-  } else {
-    bias = register_parameter("bias", {}, /*requires_grad=*/false);
-  }
-  {
-    torch::NoGradGuard no_grad;
-    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-    if (bias.defined()) {
-      const auto fans = torch::nn::init::_calculate_fan_in_and_fan_out(weight);
-      const double bound = std::get<0>(fans) > 0 ? 1.0 / std::sqrt(static_cast<double>(std::get<0>(fans))) : 0.0;
-      torch::nn::init::uniform_(bias, -bound, bound);
-    }
-  }
+  register_linear_parameters(*this, options, weight, bias);
   keep_fp32_grad(weight);
   register_state();
 }
+
+void Float8LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
 
 void Float8LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Float8Linear(in_features=" << options.in_features()

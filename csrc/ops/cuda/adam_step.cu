@@ -46,46 +46,6 @@ struct LaunchArgs {
   at::PhiloxCudaState rng;
 };
 
-template <typename T>
-__device__ __forceinline__ bool aligned4(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Quad<T>) == 0;
-}
-
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, int64_t i, int64_t n, bool full, float (&out)[8]) {
-  if (full) {
-    const Quad<T> a = reinterpret_cast<const Quad<T>*>(p + i)[0];
-    const Quad<T> b = reinterpret_cast<const Quad<T>*>(p + i)[1];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      out[k] = static_cast<float>(a.v[k]);
-      out[k + 4] = static_cast<float>(b.v[k]);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) out[k] = i + k < n ? static_cast<float>(p[i + k]) : 0.f;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, int64_t i, int64_t n, bool full, const T (&v)[8]) {
-  if (full) {
-    Quad<T> a, b;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      a.v[k] = v[k];
-      b.v[k] = v[k + 4];
-    }
-    reinterpret_cast<Quad<T>*>(p + i)[0] = a;
-    reinterpret_cast<Quad<T>*>(p + i)[1] = b;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      if (i + k < n) p[i + k] = v[k];
-    }
-  }
-}
-
 template <typename P>
 __device__ __forceinline__ P write_param(float w, Mode mode, uint32_t draw) {
   if constexpr (std::is_same_v<P, float>) {

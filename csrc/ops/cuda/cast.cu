@@ -48,40 +48,20 @@ __device__ __forceinline__ Dst round_one(float x, Mode mode, bool saturate, uint
 template <typename Dst, typename Src>
 __device__ void cast_chunk(Dst* d, const Src* s, int64_t n, Mode mode, bool saturate, uint64_t seed, uint64_t offset,
                            uint64_t index0) {
-  const bool vec = reinterpret_cast<uintptr_t>(d) % sizeof(Quad<Dst>) == 0 &&
-                   reinterpret_cast<uintptr_t>(s) % sizeof(Quad<Src>) == 0;
+  const bool vec = aligned4<Dst>(d) && aligned4<Src>(s);
   const int64_t octets = (n + 7) / 8;
   for (int64_t o = threadIdx.x; o < octets; o += kThreads) {
     const int64_t i = o * 8;
     const bool full = vec && i + 8 <= n;
     float x[8];
-    if (full) {
-      const Quad<Src> a = reinterpret_cast<const Quad<Src>*>(s)[2 * o];
-      const Quad<Src> b = reinterpret_cast<const Quad<Src>*>(s)[2 * o + 1];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[k] = static_cast<float>(a.v[k]);
-        x[k + 4] = static_cast<float>(b.v[k]);
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) x[k] = i + k < n ? static_cast<float>(s[i + k]) : 0.f;
-    }
+    load8(s, i, n, full, x);
     const uint64_t index = index0 + static_cast<uint64_t>(i);
     philox::Draw4 r{{0, 0, 0, 0}};
     if (mode == Mode::Stochastic) r = philox::philox4x32_10(index / 8, offset, seed);
-    Quad<Dst> out[2];
+    Dst out[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) out[k / 4].v[k % 4] = round_one<Dst>(x[k], mode, saturate, rounding::draw16(r.v, index + k));
-    if (full) {
-      reinterpret_cast<Quad<Dst>*>(d)[2 * o] = out[0];
-      reinterpret_cast<Quad<Dst>*>(d)[2 * o + 1] = out[1];
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (i + k < n) d[i + k] = out[k / 4].v[k % 4];
-      }
-    }
+    for (int k = 0; k < 8; ++k) out[k] = round_one<Dst>(x[k], mode, saturate, rounding::draw16(r.v, index + k));
+    store8(d, i, n, full, out);
   }
 }
 

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t shared[kThreads / 32];
   const auto [seed, offset] = at::cuda::philox::unpack(args.rng);
   const float s = write ? *scale : 1.0f;
-  const bool vec = reinterpret_cast<uintptr_t>(src) % sizeof(Quad<Src>) == 0;
+  const bool vec = aligned4<Src>(src);
   uint32_t local = 0;
   const int64_t octets = (n + 7) / 8;
   for (int64_t o = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; o < octets;
@@ -86,18 +86,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = o * 8;
     const bool full = i + 8 <= n;
     float x[8];
-    if (full && vec) {
-      const Quad<Src> a = reinterpret_cast<const Quad<Src>*>(src)[2 * o];
-      const Quad<Src> b = reinterpret_cast<const Quad<Src>*>(src)[2 * o + 1];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[k] = static_cast<float>(a.v[k]);
-        x[k + 4] = static_cast<float>(b.v[k]);
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) x[k] = i + k < n ? static_cast<float>(src[i + k]) : 0.f;
-    }
+    load8(src, i, n, full && vec, x);
 #pragma unroll
     for (int k = 0; k < 8; ++k) local = max(local, magnitude_bits(x[k]));
     if (!write) continue;
