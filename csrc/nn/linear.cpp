@@ -179,7 +179,7 @@ struct Fp8PerTensor {
 };
 
 Fp8PerTensor fp8_per_tensor(const torch::Tensor& m, const torch::Tensor& scale, const torch::Tensor& scale_inv,
-                                 at::ScalarType dtype) {
+                            at::ScalarType dtype) {
   const fp8::Quantized q = fp8::quantize(m, scale, dtype, {.transpose = true});
   return {{q.data, scale_inv}, {q.data_t, scale_inv}, q.amax};
 }

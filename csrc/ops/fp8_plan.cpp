@@ -1,5 +1,6 @@
 #include "ops/fp8_plan.h"
 
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
@@ -209,6 +210,7 @@ at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp
 }
 
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
+  const at::NoTF32Guard fp32_products;  // what the contract says, whatever torch's TF32 settings
   at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t())
                        .to(out_dtype);
   if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
@@ -216,6 +218,7 @@ at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, con
 }
 
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {
+  const at::NoTF32Guard fp32_products;
   out.addmm_(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
 }
 

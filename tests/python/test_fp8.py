@@ -150,7 +150,8 @@ def test_scaled_quantize_and_amax(device: str, dtype: torch.dtype, src_dtype: to
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(33, 65), (1, 7), (128, 128), (3, 5, 40), (17,), (0, 9), (9, 0)])
+# (2_100_000,): more 32-wide column tiles than a CUDA grid's y dimension holds (65535).
+@pytest.mark.parametrize("shape", [(33, 65), (1, 7), (128, 128), (3, 5, 40), (17,), (0, 9), (9, 0), (2_100_000,)])
 def test_transposed_copy_holds_the_same_codes(device: str, shape: tuple[int, ...]) -> None:
     x = torch.randn(*shape) * 30
     q = fp8.quantize(on_device(x, device), one(2.0, device), torch.float8_e4m3fn, transpose=True)
@@ -357,7 +358,10 @@ def test_update_scales_window_and_pow2(device: str) -> None:
     h = torch.tensor([[3.0, 0.0], [5.0, 7.0], [2.0, 1.0]], device=device)
     scale = torch.tensor([1.0, 4.0], device=device)
     scale_inv = torch.empty(2, device=device)
+    versions = [t._version for t in (h, scale, scale_inv)]
     fp8.update_scales_(h, scale, scale_inv, torch.float8_e5m2, pow2_scales=True)
+    # Written in place: autograd sees the new versions (a saved scale_inv would be caught).
+    assert all(t._version > v for t, v in zip((h, scale, scale_inv), versions))
     # Column 0: max 5 -> 57344 / 5 = 11468.8 -> 8192; column 1: max 7 -> 8192.0 exactly -> 8192.
     assert scale.cpu().tolist() == [8192.0, 8192.0] and scale_inv.cpu().tolist() == [2.0**-13, 2.0**-13]
     assert h.cpu().tolist() == [[0.0, 0.0], [3.0, 0.0], [5.0, 7.0]]

@@ -80,7 +80,8 @@ void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, con
 /// tensor), [rows, 1] (per row), [rows, ceil(k / 128)] (1x128 blocks) or [ceil(rows / 128), ceil(k / 128)]
 /// (128x128 blocks): what quantize / quantize_blockwise return. CUDA: per-tensor scales on sm_89+ and row
 /// scales on sm_90+ run one cuBLASLt FP8 GEMM (fp32 accumulation; `use_fast_accum` for forward GEMMs
-/// only), other cases the emulation; every dimension must be a multiple of 16. CPU: the exact emulation (dequantize, fp32 GEMM).
+/// only), other cases the emulation; every dimension must be a multiple of 16. CPU: the exact emulation
+/// (dequantize, fp32 GEMM).
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,
                 at::ScalarType out_dtype = at::kBFloat16, const std::optional<at::Tensor>& bias = std::nullopt,
                 bool use_fast_accum = false);

@@ -124,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
             const int64_t c0 = blk % b.grid_cols * b.block_cols, c1 = std::min(in.cols, c0 + b.block_cols);
             uint32_t amax = 0;
             for (int64_t r = r0; r < r1; ++r) {
-              for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+              for (int64_t c = c0; c < c1; ++c) {
+                amax = std::max(amax, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+              }
             }
             const float scale = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin),
                                                      pow2_scales, 1.0f);

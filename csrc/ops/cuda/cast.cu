@@ -114,7 +114,8 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   if (dst.empty()) return;
   const c10::cuda::CUDAGuard guard(src[0].device());
   detail::CastPlan plan(dst, src);
-  const at::PhiloxCudaState rng = mode == Mode::Stochastic ? stochastic_state(seed, src[0].device()) : at::PhiloxCudaState(0, 0);
+  const at::PhiloxCudaState rng =
+      mode == Mode::Stochastic ? stochastic_state(seed, src[0].device()) : at::PhiloxCudaState(0, 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   static_assert(
       fits_small_kernel_args<TensorListMeta<2, kMaxTensorsSmall, true>, Mode, bool, at::PhiloxCudaState>());

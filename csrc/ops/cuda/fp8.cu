@@ -119,26 +119,31 @@ __global__ void __launch_bounds__(kTile* kTileRows)
   __shared__ uint32_t shared[kTile * kTileRows / 32];
   const auto [seed, offset] = at::cuda::philox::unpack(args.rng);
   const float s = *scale;
-  // Row tiles on x (up to 2^31 - 1 of them: any token count), column tiles on y.
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, c0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  // Row tiles on x (up to 2^31 - 1 of them: any token count); column tiles on y, striding past 65535.
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   uint32_t local = 0;
-  for (int k = ty; k < kTile; k += kTileRows) {
-    const int64_t r = r0 + k, c = c0 + tx;
-    if (r < rows && c < cols) {
-      const int64_t index = r * cols + c;
-      const float x = static_cast<float>(src[index]);
-      local = max(local, magnitude_bits(x));
-      const uint32_t draw = args.mode == Mode::Stochastic ? draw_of(static_cast<uint64_t>(index), seed, offset) : 0u;
-      const uint8_t code = fp8::to_fp8(x * s, args.format, args.mode, args.saturate, draw);
-      dst[index] = code;
-      tile[k][tx] = code;
+  const int64_t c_stride = static_cast<int64_t>(gridDim.y) * kTile;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile; c0 < cols; c0 += c_stride) {
+    for (int k = ty; k < kTile; k += kTileRows) {
+      const int64_t r = r0 + k, c = c0 + tx;
+      if (r < rows && c < cols) {
+        const int64_t index = r * cols + c;
+        const float x = static_cast<float>(src[index]);
+        local = max(local, magnitude_bits(x));
+        const uint32_t draw =
+            args.mode == Mode::Stochastic ? draw_of(static_cast<uint64_t>(index), seed, offset) : 0u;
+        const uint8_t code = fp8::to_fp8(x * s, args.format, args.mode, args.saturate, draw);
+        dst[index] = code;
+        tile[k][tx] = code;
+      }
     }
-  }
-  __syncthreads();
-  for (int k = ty; k < kTile; k += kTileRows) {
-    const int64_t c = c0 + k, r = r0 + tx;  // row c of the transpose, column r
-    if (c < cols && r < rows) dst_t[c * rows + r] = tile[tx][k];
+    __syncthreads();
+    for (int k = ty; k < kTile; k += kTileRows) {
+      const int64_t c = c0 + k, r = r0 + tx;  // row c of the transpose, column r
+      if (c < cols && r < rows) dst_t[c * rows + r] = tile[tx][k];
+    }
+    __syncthreads();  // the tile is written again for the next column tile
   }
   const uint32_t m = block_max(local, shared);
   if (threadIdx.x == 0 && m != 0) atomicMax(amax, m);
@@ -179,16 +184,17 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 __global__ void update_scales_kernel(float* history, float* scale, float* scale_inv, int64_t length, int64_t n,
                                      float fp8_max, bool use_max, int margin, bool pow2) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= n) return;
-  uint32_t amax = magnitude_bits(history[j]);
-  if (use_max) {
-    for (int64_t k = 1; k < length; ++k) amax = max(amax, magnitude_bits(history[k * n + j]));
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t amax = magnitude_bits(history[j]);
+    if (use_max) {
+      for (int64_t k = 1; k < length; ++k) amax = max(amax, magnitude_bits(history[k * n + j]));
+    }
+    scale[j] = fp8::scale_from_amax(__uint_as_float(amax), fp8_max, margin, pow2, scale[j]);
+    scale_inv[j] = 1.0f / scale[j];
+    for (int64_t k = length - 1; k > 0; --k) history[k * n + j] = history[(k - 1) * n + j];
+    history[j] = 0.0f;
   }
-  scale[j] = fp8::scale_from_amax(__uint_as_float(amax), fp8_max, margin, pow2, scale[j]);
-  scale_inv[j] = 1.0f / scale[j];
-  for (int64_t k = length - 1; k > 0; --k) history[k * n + j] = history[(k - 1) * n + j];
-  history[j] = 0.0f;
 }
 
 int grid_for(int64_t items, int threads) {
@@ -214,9 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cuda(const at::Tenso
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
     if (transpose) {
       const dim3 grid(static_cast<unsigned>((in.rows + kTile - 1) / kTile),
-                      static_cast<unsigned>((in.cols + kTile - 1) / kTile));
-      TORCH_CHECK(grid.y <= 65535u, "mixprec::fp8_quantize: transpose supports at most ", 65535 * kTile,
-                  " columns (the last dimension), got ", in.cols);
+                      static_cast<unsigned>(std::min<int64_t>((in.cols + kTile - 1) / kTile, 65535)));
       quantize_transpose_kernel<scalar_t><<<grid, kTile * kTileRows, 0, stream>>>(
           src, dst, static_cast<uint8_t*>(out.data_t.data_ptr()), in.rows, in.cols, scale.const_data_ptr<float>(),
           amax, args);
@@ -290,6 +294,10 @@ void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& s
       amax_history.data_ptr<float>(), scale.data_ptr<float>(), scale_inv.data_ptr<float>(), amax_history.size(0), n,
       fp8_max, a == detail::AmaxAlgo::Max, static_cast<int>(margin), pow2_scales);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The kernel wrote around the dispatcher: bump the version counters as in-place ops do (as the CPU kernel).
+  amax_history.unsafeGetTensorImpl()->bump_version();
+  scale.unsafeGetTensorImpl()->bump_version();
+  scale_inv.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace

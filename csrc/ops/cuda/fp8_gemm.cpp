@@ -45,16 +45,17 @@ struct Fp8PlanKey {
   uint32_t align_d;
   size_t workspace;
   bool operator==(const Fp8PlanKey& o) const {
-    return device == o.device && scales == o.scales && a_type == o.a_type && b_type == o.b_type && d_type == o.d_type && m == o.m &&
-           n == o.n && k == o.k && fast_accum == o.fast_accum && accumulate == o.accumulate &&
-           align_d == o.align_d && workspace == o.workspace;
+    return device == o.device && scales == o.scales && a_type == o.a_type && b_type == o.b_type &&
+           d_type == o.d_type && m == o.m && n == o.n && k == o.k && fast_accum == o.fast_accum &&
+           accumulate == o.accumulate && align_d == o.align_d && workspace == o.workspace;
   }
 };
 
 struct Fp8PlanKeyHash {
   size_t operator()(const Fp8PlanKey& key) const {
-    return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_type, key.b_type, key.d_type, key.m, key.n, key.k, key.fast_accum,
-                            key.accumulate, key.align_d, static_cast<int64_t>(key.workspace)});
+    return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_type, key.b_type, key.d_type, key.m,
+                            key.n, key.k, key.fast_accum, key.accumulate, key.align_d,
+                            static_cast<int64_t>(key.workspace)});
   }
 };
 
@@ -139,8 +140,12 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
     std::lock_guard<std::mutex> lock(declined().mutex);
     if (declined().keys.count(key)) return false;
   }
-  const void* scale_a = g.b_scale_inv.const_data_ptr();
-  const void* scale_b = g.a_scale_inv.const_data_ptr();
+  // Scale vectors start 16-byte aligned, as cuBLASLt's vector loads may assume (a one-element view is cloned
+  // too: cheap).
+  const at::Tensor sa = lt::alignment_of(g.b_scale_inv.const_data_ptr()) < 16 ? g.b_scale_inv.clone() : g.b_scale_inv;
+  const at::Tensor sb = lt::alignment_of(g.a_scale_inv.const_data_ptr()) < 16 ? g.a_scale_inv.clone() : g.a_scale_inv;
+  const void* scale_a = sa.const_data_ptr();
+  const void* scale_b = sb.const_data_ptr();
   const lt::Plan* plan = nullptr;
   try {
     plan = &lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
@@ -162,10 +167,21 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   const lt::MatmulDesc desc = fp8_desc(op, scales, fast_accum, scale_a, scale_b);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   void* d = out.data_ptr();
-  lt::check(cublasLtMatmul(handle, desc.get(), &alpha, b.const_data_ptr(), plan->a.get(), a.const_data_ptr(),
-                           plan->b.get(), &beta, d, plan->c.get(), d, plan->d.get(), &plan->algo, workspace,
-                           workspace_size, c10::cuda::getCurrentCUDAStream()),
-            op, "cublasLtMatmul");
+  const cublasStatus_t status =
+      cublasLtMatmul(handle, desc.get(), &alpha, b.const_data_ptr(), plan->a.get(), a.const_data_ptr(),
+                     plan->b.get(), &beta, d, plan->c.get(), d, plan->d.get(), &plan->algo, workspace, workspace_size,
+                     c10::cuda::getCurrentCUDAStream());
+  // A scale-mode combination cuBLASLt only refuses at launch (nothing is written then): the emulation
+  // takes this problem from now on. Per-tensor scales are the documented FP8 path: an error there is one.
+  if (scales == LtScales::OuterVector &&
+      (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE)) {
+    std::lock_guard<std::mutex> lock(declined().mutex);
+    declined().keys.insert(key);
+    return false;
+  }
+  lt::check(status, op, "cublasLtMatmul");
+  // The GEMM wrote `out` around the dispatcher: bump its version counter as an in-place op does.
+  if (accumulate) out.unsafeGetTensorImpl()->bump_version();
   return true;
 }
 
