@@ -12,7 +12,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <mutex>
 
@@ -20,6 +19,7 @@
 #include "ops/adam_rule.h"
 #include "ops/cast_plan.h"
 #include "ops/cuda/multi_tensor_apply.cuh"
+#include "ops/cuda/ops.h"
 #include "ops/cuda/rng.cuh"
 #include "ops/philox.h"
 #include "ops/rounding.h"
@@ -201,6 +201,8 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<float>() : nullptr;
 }
 
+}  // namespace
+
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled_weight_decay, bool maximize, c10::string_view master_mode,
@@ -249,12 +251,5 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   }
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
-
-// A sparse gradient routes the call here; the checks then name it (see unscale_and_check).
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) { m.impl("adam_step_", &adam_step_cuda); }
 
 }  // namespace mixprec::cuda

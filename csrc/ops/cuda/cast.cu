@@ -10,13 +10,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <mutex>
 #include <tuple>
 
 #include "ops/cast_plan.h"
 #include "ops/cuda/multi_tensor_apply.cuh"
+#include "ops/cuda/ops.h"
 #include "ops/cuda/rng.cuh"
 #include "ops/philox.h"
 #include "ops/rounding.h"
@@ -132,18 +132,6 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   plan.finish();
 }
 
-void cast__cuda(at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
-                std::optional<int64_t> seed) {
-  cast_lists("mixprec::cast_", dst, src, rounding, saturate, seed);
-}
-
-at::Tensor cast_cuda(const at::Tensor& src, at::ScalarType dtype, c10::string_view rounding, bool saturate,
-                     std::optional<int64_t> seed) {
-  return detail::cast_functional(src, dtype, [&](at::TensorList dst, at::TensorList srcs) {
-    cast_lists("mixprec::cast", dst, srcs, rounding, saturate, seed);
-  });
-}
-
 __global__ void split_kernel(const float* src, uint16_t* hi, int16_t* lo, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -162,6 +150,20 @@ __global__ void merge_kernel(const uint16_t* hi, const int16_t* lo, float* out, 
 
 int elementwise_blocks(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+}
+
+}  // namespace
+
+void cast__cuda(at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
+                std::optional<int64_t> seed) {
+  cast_lists("mixprec::cast_", dst, src, rounding, saturate, seed);
+}
+
+at::Tensor cast_cuda(const at::Tensor& src, at::ScalarType dtype, c10::string_view rounding, bool saturate,
+                     std::optional<int64_t> seed) {
+  return detail::cast_functional(src, dtype, [&](at::TensorList dst, at::TensorList srcs) {
+    cast_lists("mixprec::cast", dst, srcs, rounding, saturate, seed);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> split_bf16_remainder_cuda(const at::Tensor& src) {
@@ -192,23 +194,6 @@ at::Tensor merge_bf16_remainder_cuda(const at::Tensor& bf16, const at::Tensor& r
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
-  m.impl("cast", &cast_cuda);
-  m.impl("cast_", &cast__cuda);
-  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
-  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
-}
-
-// A sparse tensor routes the call here; the checks then name it (see unscale_and_check).
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
-  m.impl("cast", &cast_cuda);
-  m.impl("cast_", &cast__cuda);
-  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
-  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
 }
 
 }  // namespace mixprec::cuda

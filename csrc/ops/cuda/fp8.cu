@@ -19,13 +19,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 
 #include "ops/cuda/multi_tensor_apply.cuh"
+#include "ops/cuda/ops.h"
 #include "ops/cuda/rng.cuh"
 #include "ops/fp8.h"
 #include "ops/fp8_plan.h"
@@ -201,6 +201,8 @@ int grid_for(int64_t items, int threads) {
   return static_cast<int>(std::clamp<int64_t>((items + threads - 1) / threads, 1, 65535));
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
                                                                  at::ScalarType dtype, c10::string_view rounding,
                                                                  bool saturate, std::optional<int64_t> seed,
@@ -298,20 +300,6 @@ void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& s
   amax_history.unsafeGetTensorImpl()->bump_version();
   scale.unsafeGetTensorImpl()->bump_version();
   scale_inv.unsafeGetTensorImpl()->bump_version();
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
-  m.impl("fp8_quantize", &fp8_quantize_cuda);
-  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
-  m.impl("fp8_update_scales_", &fp8_update_scales__cuda);
-}
-
-// A sparse input routes the call here; the checks then name it.
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
-  m.impl("fp8_quantize", &fp8_quantize_cuda);
-  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
 }
 
 }  // namespace mixprec::cuda

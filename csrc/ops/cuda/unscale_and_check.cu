@@ -12,9 +12,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include "ops/checks.h"
+#include "ops/cuda/ops.h"
 #include "ops/cuda/multi_tensor_apply.cuh"
 
 namespace mixprec::cuda {
@@ -158,6 +158,8 @@ at::Tensor unscale_impl(const char* op, at::TensorList grads, const at::Tensor& 
   return chunks > 0 ? partials.sum() : at::zeros({}, found_inf.options());
 }
 
+}  // namespace
+
 void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale) {
   unscale_impl("mixprec::unscale_and_check_", grads, found_inf, inv_scale, false);
 }
@@ -165,19 +167,6 @@ void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& found_inf, c
 at::Tensor unscale_and_check_sumsq_cuda(at::TensorList grads, const at::Tensor& found_inf,
                                         const at::Tensor& inv_scale) {
   return unscale_impl("mixprec::unscale_and_check_sumsq_", grads, found_inf, inv_scale, true);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
-  m.impl("unscale_and_check_", &unscale_and_check_cuda);
-  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
-}
-
-// See the SparseCPU registration in ops/cpu/unscale_and_check.cpp.
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
-  m.impl("unscale_and_check_", &unscale_and_check_cuda);
-  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
 }
 
 }  // namespace mixprec::cuda

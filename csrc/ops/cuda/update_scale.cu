@@ -3,11 +3,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 
 #include "ops/checks.h"
+#include "ops/cuda/ops.h"
 #include "ops/update_scale_rule.h"
 
 namespace mixprec::cuda {
@@ -17,6 +17,8 @@ __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker, int32
                                     const float* found_inf, const detail::UpdateScaleParams params) {
   detail::update_scale_rule(scale, growth_tracker, hysteresis_tracker, *found_inf, params);
 }
+
+}  // namespace
 
 void update_scale_cuda(const at::Tensor& scale, const at::Tensor& growth_tracker, const at::Tensor& hysteresis_tracker,
                        const at::Tensor& found_inf, double growth_factor, double backoff_factor,
@@ -37,9 +39,5 @@ void update_scale_cuda(const at::Tensor& scale, const at::Tensor& growth_tracker
       found_inf.const_data_ptr<float>(), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { m.impl("update_scale_", &update_scale_cuda); }
 
 }  // namespace mixprec::cuda

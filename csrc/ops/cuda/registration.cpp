@@ -1,0 +1,38 @@
+// Registers the CUDA kernels of the .cu files (declared in ops/cuda/ops.h) with the dispatcher; see
+// ops.h for why this is not done beside them. The cuBLASLt GEMMs (linear_wgrad.cpp, fp8_gemm.cpp) are
+// C++ and register themselves.
+#include <torch/library.h>
+
+#include "ops/cuda/ops.h"
+
+namespace mixprec::cuda {
+
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cuda);
+  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
+  m.impl("update_scale_", &update_scale_cuda);
+  m.impl("cast", &cast_cuda);
+  m.impl("cast_", &cast__cuda);
+  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
+  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("fp8_quantize", &fp8_quantize_cuda);
+  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
+  m.impl("fp8_update_scales_", &fp8_update_scales__cuda);
+}
+
+// A sparse tensor routes the call to SparseCUDA; the argument checks then name it (as the SparseCPU
+// registrations in ops/cpu do), instead of the dispatcher reporting a missing kernel.
+TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cuda);
+  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
+  m.impl("cast", &cast_cuda);
+  m.impl("cast_", &cast__cuda);
+  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
+  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
+  m.impl("adam_step_", &adam_step_cuda);
+  m.impl("fp8_quantize", &fp8_quantize_cuda);
+  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
+}
+
+}  // namespace mixprec::cuda
