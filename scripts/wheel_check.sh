@@ -22,18 +22,49 @@ echo "== pip wheel"
 "$VENV/bin/pip" wheel --quiet --disable-pip-version-check --no-build-isolation --no-deps -w "$wheels" .
 wheel=$(ls "$wheels"/mixprec-*.whl)
 echo "== a fresh venv with only torch, then the wheel ($(basename "$wheel"))"
-torch_pin=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
-"$VENV/bin/python" -m venv "$work/venv"  # the same Python as the wheel's tag
-"$work/venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_pin"
-"$work/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "$wheel"
+# The same Python as the wheel's tag; no pip or setuptools of its own (the build venv's pip installs into
+# it), so what it can import is the wheel and the torch below.
+"$VENV/bin/python" -m venv --without-pip "$work/venv"
+pip_there=("$VENV/bin/pip" --python "$work/venv/bin/python" --disable-pip-version-check)
+# torch and its dependencies, and nothing else, come from the build's venv: links to exactly those
+# distributions (their code and .dist-info) in one directory that the fresh venv sees through a .pth
+# file. Installing the 5 GB torch again took 100 s, most of this step.
+site=$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$VENV/bin/python" - "$work/torch-only" <<'PY' > "$site/torch-only.pth"
+import os, sys
+from importlib import metadata
+from packaging.requirements import Requirement
+
+dest = sys.argv[1]
+os.makedirs(dest)
+todo, seen, linked = ["torch"], set(), set()
+while todo:
+    dist = metadata.distribution(todo.pop())
+    name = dist.metadata["Name"].lower().replace("_", "-")
+    if name in seen:
+        continue
+    seen.add(name)
+    for req in map(Requirement, dist.requires or []):
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            todo.append(req.name)
+    for f in dist.files or []:
+        top = f.parts[0]
+        if top not in linked and not top.startswith("..") and top != "__pycache__":
+            linked.add(top)
+            os.symlink(os.path.join(dist.locate_file(""), top), os.path.join(dest, top))
+print(dest)
+PY
+"${pip_there[@]}" install --quiet --no-deps "$wheel"
+"${pip_there[@]}" check  # the wheel's torch requirement, and torch's own, are met
 echo "== smoke test"
 cd "$work"
-"$work/venv/bin/python" - <<'PY'
+WHEEL_VENV="$work/venv" "$work/venv/bin/python" - <<'PY'
 import os, torch, mixprec
 from mixprec import _build_info
 
 assert _build_info.TORCH_VERSION == torch.__version__, (_build_info.TORCH_VERSION, torch.__version__)
 package = os.path.dirname(mixprec.__file__)
+assert package.startswith(os.path.realpath(os.environ["WHEEL_VENV"])), package  # the wheel, not the source
 assert os.path.exists(os.path.join(package, "py.typed"))
 assert os.path.exists(os.path.join(mixprec.cmake_prefix_path, "mixprec", "mixprecConfig.cmake"))
 torch.manual_seed(0)
