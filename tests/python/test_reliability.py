@@ -83,56 +83,66 @@ def test_fault_injection_skips_leave_everything_untouched() -> None:
     assert abs(final_injected - final_reference) <= 0.01 * final_reference, (final_injected, final_reference)
 
 
+RESUME_MODES = ["fp32", "remainder", "stochastic", "fp8-delayed"]
 RESUME_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, mixprec
+    import random, sys, torch, mixprec
     from torch import nn
-    mode, start, stop, ckpt, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    save_at = int(sys.argv[6]) if len(sys.argv) > 6 else -1  # also checkpoint (into ckpt) after this many steps
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1)).bfloat16()
-    kw = dict(fp32=dict(master_weights="fp32"), remainder=dict(master_weights="remainder"),
-              stochastic=dict(master_weights="none", rounding="stochastic", seed=3, moment_dtype=torch.bfloat16))[mode]
-    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3, **kw)
-    scaler = mixprec.GradScaler("cpu", init_scale=2.0**10, growth_interval=3, hysteresis=2)
-    if start > 0:
-        state = torch.load(ckpt)
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); scaler.load_state_dict(state["scaler"])
-    gen = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(stop)]
-    def save(path):
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, path)
+    phase, folder = sys.argv[1], sys.argv[2]  # "straight": steps 0-19, checkpointing after k; "resume": k-19
+    for mode in sys.argv[3:]:
+        k = random.Random(mode).randrange(3, 17)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1)).bfloat16()
+        if mode == "fp8-delayed":  # every Linear in FP8, with a short amax window that the checkpoint cuts
+            mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="delayed", amax_history_len=4),
+                               filter=lambda name, layer: True)
+        kw = dict(fp32=dict(master_weights="fp32"), remainder=dict(master_weights="remainder"),
+                  stochastic=dict(master_weights="none", rounding="stochastic", seed=3, moment_dtype=torch.bfloat16))
+        opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3, **kw.get(mode, kw["fp32"]))
+        scaler = mixprec.GradScaler("cpu", init_scale=2.0**10, growth_interval=3, hysteresis=2)
+        start = 0
+        if phase == "resume":
+            state = torch.load(f"{folder}/{mode}.ckpt.pt")
+            model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+            scaler.load_state_dict(state["scaler"])
+            start = k
+        gen = torch.Generator().manual_seed(7)
+        batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(20)]
+        def save(path):
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, path)
 
-    for step in range(start, stop):
-        if step == save_at:
-            save(ckpt)
-        x, y = batches[step]
-        opt.zero_grad()
-        scaler.scale(nn.functional.mse_loss(model(x.bfloat16()).float(), y)).backward()
-        if step % 5 == 4:
-            model[0].weight.grad[0, 0] = float("inf")
-        scaler.step(opt); scaler.update()
-    save(out)
+        for step in range(start, 20):
+            if phase == "straight" and step == k:
+                save(f"{folder}/{mode}.ckpt.pt")
+            x, y = batches[step]
+            opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(x.bfloat16()).float(), y)).backward()
+            if step % 5 == 4:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt); scaler.update()
+        save(f"{folder}/{mode}.{phase}.pt")
     """
 )
 
 
-@pytest.mark.parametrize("mode", ["fp32", "remainder", "stochastic"])
-def test_resume_in_a_fresh_process_is_bitwise(tmp_path, mode: str) -> None:
-    def run(*args: object) -> None:
-        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, mode, *map(str, args)], check=True)
-
-    k = random.Random(mode).randrange(3, 17)
-    # The straight run also writes the checkpoint after step k; a fresh process resumes from it.
-    run(0, 20, tmp_path / "ckpt.pt", tmp_path / "straight.pt", k)
-    run(k, 20, tmp_path / "ckpt.pt", tmp_path / "resumed.pt")
-    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
-    for key, v in a["model"].items():
-        assert torch.equal(v.reshape(-1).view(torch.uint8), b["model"][key].reshape(-1).view(torch.uint8)), key
-    for pid, st in a["opt"]["state"].items():
-        for key, v in st.items():
-            assert torch.equal(v, b["opt"]["state"][pid][key]), (pid, key)
-    assert a["scaler"] == b["scaler"]
+def test_resume_in_a_fresh_process_is_bitwise(tmp_path) -> None:
+    """A run checkpointed after step k and finished in a fresh process ends with the bits of the straight
+    run: parameters, FP8 scaling state, optimizer state and scaler, for each master mode and for delayed
+    FP8 scaling. All modes share one pair of processes (each start costs seconds of imports)."""
+    for phase in ("straight", "resume"):
+        subprocess.run([sys.executable, "-c", RESUME_SCRIPT, phase, str(tmp_path), *RESUME_MODES], check=True)
+    for mode in RESUME_MODES:
+        a, b = torch.load(tmp_path / f"{mode}.straight.pt"), torch.load(tmp_path / f"{mode}.resume.pt")
+        assert a["model"].keys() == b["model"].keys()
+        for key, v in a["model"].items():
+            assert torch.equal(v.reshape(-1).view(torch.uint8), b["model"][key].reshape(-1).view(torch.uint8)), (mode, key)
+        if mode == "fp8-delayed":  # the scaling state is in the model's state dict, and it moved
+            history = a["model"]["0.fp8_forward_amax_history"]
+            assert history.shape[0] == 4 and history.abs().sum() > 0
+        for pid, st in a["opt"]["state"].items():
+            for key, v in st.items():
+                assert torch.equal(v, b["opt"]["state"][pid][key]), (mode, pid, key)
+        assert a["scaler"] == b["scaler"], mode
 
 
 def test_compile_fullgraph_training_step_uses_mixprec_ops() -> None:
