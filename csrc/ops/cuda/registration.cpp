@@ -7,10 +7,14 @@
 
 namespace mixprec::cuda {
 
-TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+namespace {
+
+// A sparse tensor routes a call to SparseCUDA; the ops that take gradients or parameters are registered
+// there too, so their argument checks name it (as the SparseCPU registrations in ops/cpu do) instead of the
+// dispatcher reporting a missing kernel. The scale updates take no such tensors.
+void register_kernels(torch::Library& m, bool sparse) {
   m.impl("unscale_and_check_", &unscale_and_check_cuda);
   m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
-  m.impl("update_scale_", &update_scale_cuda);
   m.impl("cast", &cast_cuda);
   m.impl("cast_", &cast__cuda);
   m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
@@ -18,21 +22,15 @@ TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
   m.impl("adam_step_", &adam_step_cuda);
   m.impl("fp8_quantize", &fp8_quantize_cuda);
   m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
-  m.impl("fp8_update_scales_", &fp8_update_scales__cuda);
+  if (!sparse) {
+    m.impl("update_scale_", &update_scale_cuda);
+    m.impl("fp8_update_scales_", &fp8_update_scales__cuda);
+  }
 }
 
-// A sparse tensor routes the call to SparseCUDA; the argument checks then name it (as the SparseCPU
-// registrations in ops/cpu do), instead of the dispatcher reporting a missing kernel.
-TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) {
-  m.impl("unscale_and_check_", &unscale_and_check_cuda);
-  m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
-  m.impl("cast", &cast_cuda);
-  m.impl("cast_", &cast__cuda);
-  m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);
-  m.impl("merge_bf16_remainder", &merge_bf16_remainder_cuda);
-  m.impl("adam_step_", &adam_step_cuda);
-  m.impl("fp8_quantize", &fp8_quantize_cuda);
-  m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
-}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) { register_kernels(m, false); }
+TORCH_LIBRARY_IMPL(mixprec, SparseCUDA, m) { register_kernels(m, true); }
 
 }  // namespace mixprec::cuda
