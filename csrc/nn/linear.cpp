@@ -193,12 +193,13 @@ Fp8PerTensor quantize_current(const torch::Tensor& m, at::ScalarType dtype, cons
   return fp8_per_tensor(m, scale, scale_inv, dtype);
 }
 
-// Delayed scaling of column `j` of a state: update the scales from the history (row 0: the previous call's
-// amax), quantize with the new scale, record this amax in row 0.
+// Delayed scaling of column `j` of a state whose scales the caller has just updated from the history (row
+// 0: the previous call's amax): quantize with scale[j], record this amax in row 0. `scale_inv` is the
+// caller's snapshot of the state's scale_inv, taken once for all its columns after the update: the next
+// update rewrites the state before a late backward runs.
 Fp8PerTensor quantize_delayed(const torch::Tensor& m, const torch::Tensor& history, const torch::Tensor& scale,
                               const torch::Tensor& scale_inv, int64_t j, at::ScalarType dtype) {
-  // A snapshot of this call's scale_inv: the next update rewrites the state before a late backward runs.
-  const Fp8PerTensor q = fp8_per_tensor(m, scale.narrow(0, j, 1), scale_inv.narrow(0, j, 1).clone(), dtype);
+  const Fp8PerTensor q = fp8_per_tensor(m, scale.narrow(0, j, 1), scale_inv.narrow(0, j, 1), dtype);
   history.select(0, 0).narrow(0, j, 1).copy_(q.amax.reshape({1}));
   return q;
 }
@@ -215,48 +216,111 @@ bool per_tensor(const fp8::Recipe& recipe) {
   return recipe.scaling == fp8::Scaling::Delayed || recipe.scaling == fp8::Scaling::Current;
 }
 
+// The weight's two FP8 operands: `rows` for the forward product, `cols` (its transpose) for the input
+// gradient. Per-tensor recipes get both from one pass; row and block scales run along k, so the transpose
+// is quantized on its own.
+struct Fp8Weight {
+  Fp8Operand rows, cols;
+  torch::Tensor amax;  // per-tensor recipes: what the pass measured (delayed scaling records it)
+};
+
+// `scale_inv`: delayed scaling's snapshot of the forward scale_inv (see quantize_delayed).
+Fp8Weight quantize_weight(const torch::Tensor& w2, const fp8::ScalingState& state, const torch::Tensor& scale_inv,
+                          const fp8::Recipe& recipe, bool want_cols) {
+  if (recipe.scaling == fp8::Scaling::Delayed) {
+    const auto h = quantize_delayed(w2, state.forward_amax_history, state.forward_scale, scale_inv, 1,
+                                    recipe.forward_dtype);
+    return {h.rows, h.cols, h.amax};
+  }
+  if (recipe.scaling == fp8::Scaling::Current) {
+    const auto h = quantize_current(w2, recipe.forward_dtype, recipe);
+    return {h.rows, h.cols, h.amax};
+  }
+  Fp8Weight q{quantize_blocks(w2, recipe.forward_dtype, true, recipe), {}, torch::Tensor()};
+  if (want_cols) q.cols = quantize_blocks(w2.t().contiguous(), recipe.forward_dtype, true, recipe);
+  return q;
+}
+
+// A filled cache must be the weight's: same shape and device, the recipe's format and scale layout.
+void check_weight_cache(const nn::Float8WeightCache& c, const torch::Tensor& weight, const fp8::Recipe& recipe) {
+  constexpr const char* op = "mixprec::float8_linear";
+  const bool ok = c.data.defined() && c.data_t.defined() && c.scale_inv.defined() && c.scale_inv_t.defined() &&
+                  c.data.sizes() == weight.sizes() && c.data.scalar_type() == recipe.forward_dtype &&
+                  c.data_t.dim() == 2 && c.data_t.size(0) == weight.size(1) && c.data_t.size(1) == weight.size(0) &&
+                  c.data.device() == weight.device() && c.scale_inv.device() == weight.device() &&
+                  c.scale_inv.scalar_type() == at::kFloat && c.scale_inv_t.scalar_type() == at::kFloat &&
+                  c.scale_inv.dim() == (per_tensor(recipe) ? 1 : 2);  // [1] per tensor, [row blocks, col blocks]
+  TORCH_CHECK_VALUE(ok, op, ": the weight cache does not hold this weight's ", weight.sizes(), " ",
+                    recipe.forward_dtype, " quantization on ", weight.device(), " for scaling \"",
+                    fp8::scaling_name(recipe.scaling), "\" (got ", c.data.defined() ? c.data.sizes() : at::IntArrayRef{},
+                    "); fill it again (is_first_microbatch=true)");
+}
+
 struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
-                               const fp8::ScalingState& state, const fp8::Recipe& recipe) {
+                               const fp8::ScalingState& state, const fp8::Recipe& recipe,
+                               nn::Float8WeightCache* cache) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
     if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
-    const torch::Tensor x = autocast_to(input, dtype), w = autocast_to(weight, dtype), b = autocast_to(bias, dtype);
+    const bool reuse = cache != nullptr && !cache->empty();
+    // A reused weight is not read at all: neither cast nor quantized again.
+    const torch::Tensor x = autocast_to(input, dtype), w = reuse ? weight : autocast_to(weight, dtype),
+                        b = autocast_to(bias, dtype);
     TORCH_CHECK(x.scalar_type() != at::kDouble && w.scalar_type() != at::kDouble,
                 "mixprec::float8_linear: float64 input or weight has no FP8 path; use a float32/16-bit layer");
     TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::float8_linear: input [..., ",
                 w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
                 w.sizes());
-    const torch::Tensor x2 = rows(x).contiguous(), w2 = w.contiguous();
-    Fp8Operand qx, qw;
+    const torch::Tensor x2 = rows(x).contiguous();
+    Fp8Operand qx;
+    torch::Tensor scale_inv;  // delayed scaling: this call's snapshot of the forward scale_inv
     if (recipe.scaling == fp8::Scaling::Delayed) {
       fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
                           recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
-      const auto hx = quantize_delayed(x2, state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
-                                       0, recipe.forward_dtype);
-      const auto hw = quantize_delayed(w2, state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
-                                       1, recipe.forward_dtype);
+      scale_inv = state.forward_scale_inv.clone();
+    }
+    // The input first, then the weight: delayed scaling records their amaxes in this order.
+    Fp8PerTensor hx;
+    if (recipe.scaling == fp8::Scaling::Delayed) {
+      hx = quantize_delayed(x2, state.forward_amax_history, state.forward_scale, scale_inv, 0,
+                            recipe.forward_dtype);
       qx = hx.rows;
-      qw = hw.rows;
-      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, hw.cols.data, hw.cols.scale_inv});
     } else if (recipe.scaling == fp8::Scaling::Current) {
-      const auto hx = quantize_current(x2, recipe.forward_dtype, recipe);
-      const auto hw = quantize_current(w2, recipe.forward_dtype, recipe);
+      hx = quantize_current(x2, recipe.forward_dtype, recipe);
       qx = hx.rows;
-      qw = hw.rows;
-      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, hw.cols.data, hw.cols.scale_inv});
     } else {
-      // Row and block scales run along k: the transposed products need the operands scaled along the
-      // other axis, so backward quantizes the high-precision tensors again.
       qx = quantize_blocks(x2, recipe.forward_dtype, false, recipe);
-      qw = quantize_blocks(w2, recipe.forward_dtype, true, recipe);
-      ctx->save_for_backward({x2, w2});
+    }
+    Fp8Weight qw;
+    if (reuse) {
+      qw = {{cache->data, cache->scale_inv}, {cache->data_t, cache->scale_inv_t}, cache->amax};
+      // The history sees the weight's amax every call, as without the cache, so the window and the
+      // scales evolve the same either way.
+      if (recipe.scaling == fp8::Scaling::Delayed) {
+        state.forward_amax_history.select(0, 0).narrow(0, 1, 1).copy_(cache->amax.reshape({1}));
+      }
+    } else {
+      // Without an input gradient (a first layer) the transpose is only wanted for the cache.
+      qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input.requires_grad());
+      if (cache != nullptr) {
+        *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv,
+                  qw.amax.defined() ? qw.amax : torch::Tensor()};
+      }
+    }
+    if (per_tensor(recipe)) {
+      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, qw.cols.data, qw.cols.scale_inv});
+    } else {
+      // Row and block scales run along k: the input-gradient product pairs the output gradient with the
+      // weight's transpose (quantized with the weight), the weight gradient needs the input scaled along
+      // the other axis, so backward quantizes the saved input again.
+      ctx->save_for_backward({x2, qw.cols.data, qw.cols.scale_inv});
     }
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
-    torch::Tensor out = fp8::gemm(qx.data, qw.data, qx.scale_inv, qw.scale_inv, x.scalar_type(), b_opt,
+    torch::Tensor out = fp8::gemm(qx.data, qw.rows.data, qx.scale_inv, qw.rows.scale_inv, x.scalar_type(), b_opt,
                                   recipe.fast_accum);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = w.size(0);
@@ -300,7 +364,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         const torch::Tensor scale_inv = ctx->saved_data["backward_scale_inv"].toTensor();
         fp8::update_scales_(history, scale, scale_inv, recipe.backward_dtype, recipe.amax_compute_algo,
                             recipe.margin, recipe.pow2_scales);
-        hg = quantize_delayed(g2, history, scale, scale_inv, 0, recipe.backward_dtype);
+        hg = quantize_delayed(g2, history, scale, scale_inv.clone(), 0, recipe.backward_dtype);
       } else {
         hg = quantize_current(g2, recipe.backward_dtype, recipe);
       }
@@ -310,9 +374,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       wt = {saved[2], saved[3]};
     } else {
       const torch::Tensor& x2 = saved[0];
-      const torch::Tensor& w2 = saved[1];
       g = quantize_blocks(g2, recipe.backward_dtype, false, recipe);
-      if (ctx->needs_input_grad(0)) wt = quantize_blocks(w2.t().contiguous(), recipe.forward_dtype, true, recipe);
+      wt = {saved[1], saved[2]};
       if (ctx->needs_input_grad(1)) {
         gt = quantize_blocks(g2.t().contiguous(), recipe.backward_dtype, false, recipe);
         xt = quantize_blocks(x2.t().contiguous(), recipe.forward_dtype, false, recipe);
@@ -340,8 +403,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
-    // One per forward argument: input, weight, bias, probe, state, recipe.
-    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    // One per forward argument: input, weight, bias, probe, state, recipe, cache.
+    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -400,7 +463,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
 }
 
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-                            const fp8::ScalingState& state, const fp8::Recipe& recipe) {
+                            const fp8::ScalingState& state, const fp8::Recipe& recipe, Float8WeightCache* cache) {
   constexpr const char* op = "mixprec::float8_linear";
   fp8::max_finite(recipe.forward_dtype);  // each names the dtype it refuses
   fp8::max_finite(recipe.backward_dtype);
@@ -413,7 +476,8 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
         {&state.forward_scale_inv, "forward_scale_inv"},       {&state.backward_amax_history, "backward_amax_history"},
         {&state.backward_scale, "backward_scale"},             {&state.backward_scale_inv, "backward_scale_inv"}};
     for (const auto& [t, name] : parts) {
-      TORCH_CHECK(t->defined() && t->numel() > 0, op, ": delayed scaling needs its state; ", name,
+      // sym_numel: under torch.compile with dynamic shapes the state's sizes may be symbolic.
+      TORCH_CHECK(t->defined() && t->sym_numel() != 0, op, ": delayed scaling needs its state; ", name,
                   " is empty (make it with mixprec::fp8::make_scaling_state)");
       TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
                   input.device(), " (move the layer with its buffers)");
@@ -423,10 +487,32 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
                 op, ": the amax histories must be [history, 2] (forward) and [history, 1] (backward), got ",
                 state.forward_amax_history.sizes(), " and ", state.backward_amax_history.sizes());
   }
+  if (cache != nullptr && !cache->empty()) check_weight_cache(*cache, weight, recipe);
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
-  return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe);
+  return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe,
+                                     cache);
 }
+
+namespace {
+
+// The recipe of the ops' arguments (Python's mixprec.fp8.Recipe, flattened).
+fp8::Recipe op_recipe(const fp8::ScalingState& state, c10::string_view scaling, at::ScalarType forward_dtype,
+                      at::ScalarType backward_dtype, c10::string_view amax_compute_algo, int64_t margin,
+                      bool pow2_scales, bool fast_accum) {
+  fp8::Recipe recipe;
+  recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
+  recipe.forward_dtype = forward_dtype;
+  recipe.backward_dtype = backward_dtype;
+  recipe.amax_history_len = state.forward_amax_history.dim() == 2 ? state.forward_amax_history.size(0) : 0;
+  recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
+  recipe.margin = margin;
+  recipe.pow2_scales = pow2_scales;
+  recipe.fast_accum = fast_accum;
+  return recipe;
+}
+
+}  // namespace
 
 // Above autograd (CompositeImplicitAutograd): the autograd function records its own node, and Python's
 // mixprec.nn.linear / keep_fp32_grad are these very functions.
@@ -442,18 +528,37 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
             at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
             int64_t margin, bool pow2_scales, bool fast_accum) {
-           fp8::Recipe recipe;
-           recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
-           recipe.forward_dtype = forward_dtype;
-           recipe.backward_dtype = backward_dtype;
-           recipe.amax_history_len = forward_amax_history.dim() == 2 ? forward_amax_history.size(0) : 0;
-           recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
-           recipe.margin = margin;
-           recipe.pow2_scales = pow2_scales;
-           recipe.fast_accum = fast_accum;
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
                                          backward_amax_history, backward_scale, backward_scale_inv};
-           return float8_linear(input, weight, bias.value_or(at::Tensor()), state, recipe);
+           return float8_linear(input, weight, bias.value_or(at::Tensor()), state,
+                                op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo, margin,
+                                          pow2_scales, fast_accum));
+         });
+  m.impl("float8_linear_cached",
+         [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const at::Tensor& forward_amax_history, const at::Tensor& forward_scale,
+            const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
+            const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
+            at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
+            int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache) {
+           const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
+                                         backward_amax_history, backward_scale, backward_scale_inv};
+           TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 5,
+                             "mixprec::float8_linear_cached: weight_cache must be empty (to fill) or the five "
+                             "tensors a fill returned, got ", weight_cache.size());
+           Float8WeightCache cache;
+           if (!weight_cache.empty()) {
+             // An undefined amax travels as an empty tensor (a list cannot hold None).
+             cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3],
+                      weight_cache[4].sym_numel() == 0 ? at::Tensor() : weight_cache[4]};
+           }
+           at::Tensor out = float8_linear(input, weight, bias.value_or(at::Tensor()), state,
+                                          op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo,
+                                                    margin, pow2_scales, fast_accum),
+                                          &cache);
+           const at::Tensor amax = cache.amax.defined() ? cache.amax : at::empty({0}, input.options().dtype(at::kFloat));
+           return std::make_tuple(out, std::vector<at::Tensor>{cache.data, cache.scale_inv, cache.data_t,
+                                                               cache.scale_inv_t, amax});
          });
 }
 
@@ -520,15 +625,26 @@ void Float8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blo
 }
 
 void Float8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  weight_cache = {};
   torch::NoGradGuard no_grad;
   for (auto& p : parameters(/*recurse=*/false)) p.set_data(p.to(dtype, non_blocking));
 }
 
-void Float8LinearImpl::to(torch::Device device, bool non_blocking) { torch::nn::Module::to(device, non_blocking); }
+void Float8LinearImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  weight_cache = {};  // quantized on the old device
+}
 
 // Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.
-torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input) {
-  return float8_linear(input, weight, bias, state, recipe);
+torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch) {
+  if (!is_first_microbatch.has_value()) return float8_linear(input, weight, bias, state, recipe);
+  if (*is_first_microbatch) {
+    weight_cache = {};
+  } else {
+    TORCH_CHECK(!weight_cache.empty(), "mixprec::nn::Float8Linear: is_first_microbatch=false reuses the weight "
+                "quantized by an earlier call with is_first_microbatch=true, and there was none");
+  }
+  return float8_linear(input, weight, bias, state, recipe, &weight_cache);
 }
 
 }  // namespace mixprec::nn

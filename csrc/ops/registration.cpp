@@ -62,4 +62,11 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
       "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum) -> Tensor");
+  // The same with Float8WeightCache's five tensors: [] to fill (they are returned), or a filled list to use.
+  m.def(
+      "float8_linear_cached(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
+      "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
+      "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
+      "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, "
+      "Tensor[] weight_cache) -> (Tensor, Tensor[])");
 }

@@ -109,7 +109,7 @@ _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_sc
 
 
 def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
-                  recipe: fp8.Recipe) -> Tensor:
+                  recipe: fp8.Recipe, weight_cache: Optional[list[Tensor]] = None) -> Tensor:
     """``torch.nn.functional.linear`` through FP8 GEMMs (C++'s ``mixprec::nn::float8_linear``, the op
     ``mixprec::float8_linear``).
 
@@ -119,11 +119,20 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     gradient is fp32 and, as in :func:`linear`, is added into an fp32 ``weight.grad`` in place (beta = 1)
     in a plain backward. ``state`` holds the six delayed-scaling tensors (:class:`Float8Linear`'s buffers),
     updated in place; other recipes ignore it. On CUDA every GEMM dimension (tokens, in and out features)
-    must be a multiple of 16."""
+    must be a multiple of 16.
+
+    ``weight_cache`` keeps the quantized weight across gradient-accumulation micro-batches: an empty list
+    is filled by the call (the op ``mixprec::float8_linear_cached`` returns the tensors), a filled one is
+    used instead of ``weight``, which is then not read (delayed scaling still records the cached amax).
+    Emptying it after each optimizer step is the caller's part."""
     _check_ddp(weight)
-    return torch.ops.mixprec.float8_linear(input, weight, bias, *state, recipe.scaling, recipe.forward_dtype,
-                                           recipe.backward_dtype, recipe.amax_compute_algo, int(recipe.margin),
-                                           bool(recipe.pow2_scales), bool(recipe.fast_accum))
+    args = (input, weight, bias, *state, recipe.scaling, recipe.forward_dtype, recipe.backward_dtype,
+            recipe.amax_compute_algo, int(recipe.margin), bool(recipe.pow2_scales), bool(recipe.fast_accum))
+    if weight_cache is None:
+        return torch.ops.mixprec.float8_linear(*args)
+    out, filled = torch.ops.mixprec.float8_linear_cached(*args, weight_cache)
+    weight_cache[:] = filled
+    return out
 
 
 class Float8Linear(torch.nn.Linear):
@@ -133,7 +142,15 @@ class Float8Linear(torch.nn.Linear):
     keeps its dtype and gets an fp32 gradient as in :class:`Linear`. Delayed scaling's state lives in
     buffers (``fp8_forward_amax_history`` ``[history, 2]``, ``fp8_forward_scale``/``_scale_inv`` ``[2]``,
     ``fp8_backward_*`` likewise for the output gradient), so ``state_dict()`` holds it as plain tensors and
-    resuming is exact. :meth:`from_linear` converts an existing layer in place."""
+    resuming is exact. :meth:`from_linear` converts an existing layer in place.
+
+    ``amax_group`` (a ``torch.distributed`` process group, default ``None``): with delayed scaling, the
+    amaxes the previous step recorded are reduced with MAX over this group before they set the scales, so
+    every rank scales alike (Transformer Engine's ``reduce_amax``). Without it each rank scales by its own
+    data, which is correct but not identical across data-parallel ranks. One all-reduce of three floats
+    per layer and step, asynchronous on NCCL. Other recipes scale each tensor from itself and ignore it."""
+
+    amax_group: Optional[Any] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
                  dtype: Optional[torch.dtype] = None, *, recipe: Optional[fp8.Recipe] = None) -> None:
@@ -159,9 +176,21 @@ class Float8Linear(torch.nn.Linear):
         linear._set_recipe(recipe or fp8.Recipe())  # type: ignore[attr-defined]
         return linear  # type: ignore[return-value]
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, is_first_microbatch: Optional[bool] = None) -> Tensor:
+        """``is_first_microbatch`` (Transformer Engine's argument): ``None``, the weight is quantized on every
+        call; ``True``, it is quantized and kept; ``False``, the kept one is used. Pass ``True`` on the first
+        micro-batch after each optimizer step and ``False`` on the others of a gradient-accumulation cycle."""
         state = [getattr(self, name) for name in _FP8_BUFFERS]
-        return float8_linear(input, self.weight, self.bias, state, self.recipe)
+        if self.amax_group is not None and self.recipe.scaling == "delayed":
+            _reduce_amax(state[0], state[3], self.amax_group)
+        if is_first_microbatch is None:
+            return float8_linear(input, self.weight, self.bias, state, self.recipe)
+        if is_first_microbatch:
+            self._fp8_weight_cache: list[Tensor] = []
+        elif not getattr(self, "_fp8_weight_cache", None):
+            raise RuntimeError("Float8Linear: is_first_microbatch=False reuses the weight quantized by an earlier "
+                               "call with is_first_microbatch=True, and there was none")
+        return float8_linear(input, self.weight, self.bias, state, self.recipe, self._fp8_weight_cache)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
@@ -170,6 +199,7 @@ class Float8Linear(torch.nn.Linear):
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.
         state = {name: getattr(self, name) for name in _FP8_BUFFERS}
+        self._fp8_weight_cache = []  # quantized from the weight before the move or cast
         super()._apply(fn, recurse)
         for name, before in state.items():
             after = getattr(self, name)
@@ -177,9 +207,27 @@ class Float8Linear(torch.nn.Linear):
                 self._buffers[name] = before.to(after.device)
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)
+
+
+def _reduce_amax(forward_history: Tensor, backward_history: Tensor, group: Any) -> None:
+    """MAX-reduce row 0 of both histories (the amaxes the last forward and backward recorded) over ``group``:
+    the forward updates its scales next, and the backward's row 0 waits for the next backward, so both see
+    every rank's amax."""
+    import torch.distributed as dist
+
+    rows = torch.cat([forward_history[0], backward_history[0]])
+    dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+    with torch.no_grad():
+        forward_history[0].copy_(rows[:2])
+        backward_history[0].copy_(rows[2:])
 
 
 def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
@@ -196,7 +244,8 @@ def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear
 
 
 def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
-            filter: Optional[Callable[[str, torch.nn.Linear], bool]] = None) -> torch.nn.Module:
+            filter: Optional[Callable[[str, torch.nn.Linear], bool]] = None,
+            amax_group: Optional[Any] = None) -> torch.nn.Module:
     """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place; with
     ``fp8=recipe``, the layers ``filter(name, layer)`` accepts become :class:`Float8Linear` instead
     (default filter: :func:`fp8_default_filter`).
@@ -205,7 +254,8 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
     tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
     working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` with their
     own ``forward`` are left alone. A model wrapped in ``DistributedDataParallel`` with 16-bit Linear weights
-    is refused (see the module docstring). Returns ``module``."""
+    is refused (see the module docstring). ``amax_group`` becomes each FP8 layer's
+    :attr:`Float8Linear.amax_group`. Returns ``module``."""
     if isinstance(module, torch.nn.parallel.DistributedDataParallel) and any(
             type(m) is torch.nn.Linear and m.weight.dtype in (torch.float16, torch.bfloat16) for m in module.modules()):
         raise RuntimeError(
@@ -217,7 +267,7 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
     for name, m in module.named_modules():
         if type(m) is torch.nn.Linear:
             if take is not None and take(name, m):
-                Float8Linear.from_linear(m, recipe)
+                Float8Linear.from_linear(m, recipe).amax_group = amax_group
             else:
                 m.__class__ = Linear
                 _adopt(m)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 // Exact resume across processes, from C++: `mixprec_resume straight OUT` trains 20 steps;
 // `mixprec_resume first CKPT K` trains K steps and saves model, optimizer and scaler;
 // `mixprec_resume second CKPT K OUT` starts a fresh process from that checkpoint and trains the rest;
-// `mixprec_resume compare A B` exits non-zero unless the two results are bitwise identical.
+// `mixprec_resume compare A B` exits non-zero unless the two results are bitwise identical (parameters, the
+// FP8 layer's delayed-scaling state, optimizer state, scaler).
 // ctest runs the four in order (tests/cpp/CMakeLists.txt).
 #include <mixprec/mixprec.h>
 #include <torch/torch.h>
@@ -16,7 +17,12 @@ constexpr int kSteps = 20;
 
 torch::nn::Sequential make_model() {
   torch::manual_seed(0);
-  torch::nn::Sequential model(torch::nn::Linear(16, 32), torch::nn::GELU(), torch::nn::Linear(32, 1));
+  // The middle layer in FP8 with delayed scaling and a window shorter than the run, so the checkpoint
+  // cuts through the amax history.
+  mixprec::fp8::Recipe recipe;
+  recipe.amax_history_len = 4;
+  torch::nn::Sequential model(torch::nn::Linear(16, 32), torch::nn::GELU(), mixprec::nn::Float8Linear(32, 32, recipe),
+                              torch::nn::GELU(), torch::nn::Linear(32, 1));
   model->to(torch::kBFloat16);
   return model;
 }
@@ -96,6 +102,10 @@ int main(int argc, char** argv) {
     for (const auto& item : sa) same = same && sb.contains(item.key()) && sb.at(item.key()) == item.value();
     auto a = model->parameters(), b = other->parameters();
     for (size_t i = 0; i < a.size(); ++i) same = same && torch::equal(a[i].view(torch::kShort), b[i].view(torch::kShort));
+    // The FP8 scaling state: histories, scales and their inverses.
+    const auto buffers_a = model->named_buffers(), buffers_b = other->named_buffers();
+    same = same && buffers_a.size() == 6 && buffers_b.size() == 6;
+    for (const auto& item : buffers_a) same = same && torch::equal(item.value(), buffers_b[item.key()]);
     for (size_t i = 0; i < a.size(); ++i) {
       auto& sa = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(a[i].unsafeGetTensorImpl()));
       auto& sb = static_cast<mixprec::optim::AdamParamState&>(*other_opt.state().at(b[i].unsafeGetTensorImpl()));

@@ -204,3 +204,33 @@ TEST_CASE("nn::Float8Linear: dtype casts and policies leave the scaling state in
   REQUIRE(inner->state.backward_scale.scalar_type() == torch::kFloat);
   REQUIRE(inner->named_buffers()["fp8_forward_amax_history"].scalar_type() == torch::kFloat);
 }
+
+TEST_CASE("nn::Float8Linear: the weight cache spans a gradient-accumulation cycle", "[fp8][nn]") {
+  torch::manual_seed(5);
+  mixprec::fp8::Recipe recipe;
+  recipe.scaling = mixprec::fp8::Scaling::Blockwise;
+  mixprec::nn::Float8Linear plain(torch::nn::LinearOptions(64, 32), recipe);
+  auto cached = std::dynamic_pointer_cast<mixprec::nn::Float8LinearImpl>(plain->clone());
+  const auto x = torch::randn({16, 64}), g = torch::randn({16, 32});
+  REQUIRE_THROWS_WITH(cached->forward(x, false), Catch::Contains("there was none"));
+  for (int i = 0; i < 3; ++i) {  // the same outputs and gradients as quantizing the weight every time
+    const auto xa = x.clone().requires_grad_(), xb = x.clone().requires_grad_();
+    const auto a = plain->forward(xa), b = cached->forward(xb, i == 0);
+    a.backward(g);
+    b.backward(g);
+    REQUIRE(torch::equal(a, b));
+    REQUIRE(torch::equal(xa.grad(), xb.grad()));
+    REQUIRE(torch::equal(plain->weight.grad(), cached->weight.grad()));
+  }
+  REQUIRE(cached->weight_cache.data.sizes() == torch::IntArrayRef{32, 64});
+  {
+    torch::NoGradGuard no_grad;
+    cached->weight.mul_(2);  // not read while the cache is reused
+  }
+  REQUIRE(torch::equal(cached->forward(x, false), plain->forward(x)));
+  // Sequential passes the default (no cache) through AnyModule.
+  torch::nn::Sequential model(mixprec::nn::Float8Linear(64, 32, recipe));
+  REQUIRE(model->forward(x).sizes() == torch::IntArrayRef{16, 32});
+  cached->to(torch::kBFloat16);
+  REQUIRE(cached->weight_cache.empty());
+}

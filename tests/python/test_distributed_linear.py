@@ -72,6 +72,46 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+AMAX_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import mixprec
+    rank, world, port, reduce = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="delayed", amax_history_len=4),
+                       filter=lambda name, m: True, amax_group=dist.group.WORLD if reduce else None)
+    # Each rank its own data, rank 1's four times larger: the amaxes differ by rank.
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(world, 8, 16, generator=gen) * torch.tensor([1.0, 4.0])[:world, None, None] for _ in range(3)]
+    for x in xs:
+        model(x[rank]).pow(2).mean().backward()
+    model(xs[0][rank])  # its forward reduces what the third step recorded, then updates the scales
+    layer = model[0]
+    # Row 1 holds the third step's amaxes: the input's, then the weight's (the same on every rank).
+    want_x = xs[2].abs().amax(dim=(1, 2))
+    got = layer.fp8_forward_amax_history[1].clone()
+    assert got[0].item() == (want_x.max() if reduce else want_x[rank]).item(), (rank, got, want_x)
+    assert got[1].item() == layer.weight.abs().max().item()
+    # Everything but the row the last forward just recorded (reduced by the next forward).
+    state = torch.cat([layer.fp8_forward_amax_history[1:].reshape(-1)] +
+                      [getattr(layer, n).reshape(-1) for n in mixprec.nn._FP8_BUFFERS[1:]])
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    assert torch.equal(states[0], states[1]) == reduce, (reduce, states)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_delayed_scaling_amax_reduced_over_a_group() -> None:
+    """amax_group: ranks that see different data end with the same delayed-scaling state (the amax window
+    holds the MAX over ranks); without it each rank keeps its own."""
+    run_ranks(AMAX_SCRIPT, "1")
+    run_ranks(AMAX_SCRIPT, "0")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -98,6 +98,66 @@ def test_weight_gradient_accumulates_in_fp32_in_place() -> None:
     assert torch.equal(layer.weight.grad, before) and torch.allclose(gw.float(), singles[0], rtol=1e-2, atol=1e-2)
 
 
+def _accumulate(layer: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> tuple:
+    """One gradient-accumulation cycle; returns the outputs, input gradients, weight gradient and state."""
+    layer.zero_grad()
+    outs, input_grads = [], []
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        x = x.clone().requires_grad_()
+        out = layer(x, is_first_microbatch=(i == 0)) if cached else layer(x)
+        out.backward(g)
+        outs.append(out.detach())
+        input_grads.append(x.grad)
+    state = [getattr(layer, name).clone() for name in mixprec.nn._FP8_BUFFERS]
+    return outs, input_grads, layer.weight.grad.clone(), state
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_weight_cache_across_micro_batches_changes_nothing(name: str) -> None:
+    """is_first_microbatch=True quantizes the weight and keeps it, False reuses it: with the weight unchanged
+    within a cycle, every output, gradient and scaling-state bit equals the uncached run's. Delayed scaling
+    first runs a cycle, so the weight's scale has settled (the cache keeps the scale of the cycle's first
+    call; without it each call would use the newest, which differs only while the window fills)."""
+    torch.manual_seed(3)
+    a = mixprec.nn.Float8Linear(64, 48, recipe=RECIPES[name]).bfloat16()
+    b = copy.deepcopy(a)
+    xs = [torch.randn(16, 64).bfloat16() for _ in range(3)]
+    gs = [torch.randn(16, 48).bfloat16() for _ in range(3)]
+    if RECIPES[name].scaling == "delayed":
+        _accumulate(a, xs, gs, cached=False)
+        _accumulate(b, xs, gs, cached=False)
+    plain, cached = _accumulate(a, xs, gs, cached=False), _accumulate(b, xs, gs, cached=True)
+    for got, want in zip(cached, plain):
+        for u, v in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+            assert torch.equal(u, v)
+
+
+def test_weight_cache_is_used_and_checked() -> None:
+    torch.manual_seed(4)
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current"))
+    x = torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match="is_first_microbatch=True"):
+        layer(x, is_first_microbatch=False)
+    first = layer(x, is_first_microbatch=True)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # not read again until the next True
+    assert torch.equal(layer(x, is_first_microbatch=False), first)
+    assert not torch.equal(layer(x, is_first_microbatch=True), first)
+    assert not torch.equal(layer(x), first)
+    layer.to(torch.bfloat16)  # a cast empties the cache
+    with pytest.raises(RuntimeError, match="there was none"):
+        layer(x.bfloat16(), is_first_microbatch=False)
+    # The functional form checks a cache against the weight it is used with.
+    cache: list[torch.Tensor] = []
+    state = [getattr(layer, name) for name in mixprec.nn._FP8_BUFFERS]
+    mixprec.nn.float8_linear(x.bfloat16(), layer.weight, None, state, layer.recipe, cache)
+    assert [t.dtype for t in cache[:4]] == [torch.float8_e4m3fn, torch.float32, torch.float8_e4m3fn, torch.float32]
+    assert cache[0].shape == (16, 32) and cache[2].shape == (32, 16)
+    other = torch.randn(16, 48, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight cache does not hold"):
+        mixprec.nn.float8_linear(torch.randn(8, 48).bfloat16(), other, None, state, layer.recipe, cache)
+
+
 def test_state_dict_resume_is_exact() -> None:
     def make() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(3)
@@ -248,3 +308,24 @@ def test_torch_compile_fullgraph_matches_eager_bit_for_bit() -> None:
         assert torch.equal(y, z)
     assert torch.equal(layer.weight.grad, twin.weight.grad)
     assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), twin.buffers()))
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed", "blockwise"])
+def test_opcheck(scaling: str) -> None:
+    """float8_linear and float8_linear_cached (filling and reusing) under opcheck; the SchemaCheckMode test
+    cannot run (it multiplies the FP8 intermediates, which has no CPU kernel), and the AOT test, which
+    differentiates a sum of every floating output, cannot sum the FP8 cache: it runs without gradients."""
+    torch.manual_seed(6)
+    recipe = fp8.Recipe(scaling=scaling)
+    state = [getattr(mixprec.nn.Float8Linear(32, 16, recipe=recipe), n) for n in mixprec.nn._FP8_BUFFERS]
+    flags = (recipe.scaling, recipe.forward_dtype, recipe.backward_dtype, recipe.amax_compute_algo, 0, False, True)
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for grad in (True, False):
+        x, w, b = (torch.randn(*shape, requires_grad=grad) for shape in ((8, 32), (16, 32), (16,)))
+        args = (x, w, b, *state, *flags)
+        torch.library.opcheck(torch.ops.mixprec.float8_linear.default, args, test_utils=no_schema)
+        utils = no_schema if not grad else no_schema[:2]
+        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, []), test_utils=utils)
+        cache: list[torch.Tensor] = []
+        mixprec.nn.float8_linear(x, w, b, state, recipe, cache)
+        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, cache), test_utils=utils)

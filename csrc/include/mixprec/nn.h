@@ -3,10 +3,13 @@
 #pragma once
 
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/options/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <optional>
 #include <ostream>
 #include <utility>
 
@@ -57,6 +60,15 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
 
 TORCH_MODULE(Linear);
 
+/// A weight quantized for float8_linear: the forward operand and its transpose (the input-gradient operand),
+/// each with its scale inverses, and for per-tensor recipes the amax it was scaled from.
+struct Float8WeightCache {
+  torch::Tensor data, scale_inv;
+  torch::Tensor data_t, scale_inv_t;
+  torch::Tensor amax;
+  bool empty() const { return !data.defined(); }
+};
+
 /// `input @ weight^T + bias` through FP8 GEMMs: the input and the weight are quantized to
 /// recipe.forward_dtype, the output gradient to recipe.backward_dtype, each scaled as the recipe says, and
 /// all three products (output, input gradient, weight gradient) are mixprec::fp8::gemm calls with fp32
@@ -65,8 +77,15 @@ TORCH_MODULE(Linear);
 /// place (beta = 1) in a plain backward. `state` is updated in place (Delayed). Under autocast the output
 /// and the input gradient take the autocast dtype. On CUDA every GEMM dimension (tokens, in and out
 /// features) must be a multiple of 16. The same function is Python's mixprec.nn.float8_linear.
+///
+/// `cache` keeps the quantized weight across gradient-accumulation micro-batches (the weight does not change
+/// between them): an empty cache is filled by the call, a filled one is used instead of the weight, which
+/// is then not read at all (delayed scaling still records the cached amax, so the window evolves as without
+/// the cache). Refilling it after each optimizer step is the caller's part; Float8Linear's forward does it
+/// with `is_first_microbatch`.
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-                            const fp8::ScalingState& state, const fp8::Recipe& recipe = {});
+                            const fp8::ScalingState& state, const fp8::Recipe& recipe = {},
+                            Float8WeightCache* cache = nullptr);
 
 /// A Linear whose forward is float8_linear: same options, parameters and initialisation as
 /// torch::nn::Linear, plus the recipe's scaling state as buffers ("fp8_forward_amax_history", ...), so a
@@ -82,7 +101,10 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   void reset() override;
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
-  torch::Tensor forward(const torch::Tensor& input);
+  /// `is_first_microbatch` (Transformer Engine's argument): unset, the weight is quantized on every call;
+  /// true, it is quantized and kept in `weight_cache`; false, the kept one is used. Pass true on the first
+  /// micro-batch after each optimizer step and false on the others of a gradient-accumulation cycle.
+  torch::Tensor forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch = std::nullopt);
   /// Module::to, except that the scaling state stays fp32 (its values exact) and follows device moves only.
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
@@ -93,6 +115,10 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   torch::Tensor weight;
   torch::Tensor bias;
   fp8::ScalingState state;
+  Float8WeightCache weight_cache;  // not state: a function of the weight; emptied by to()
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<bool>())})
 
  private:
   void register_state();
