@@ -64,7 +64,7 @@ from mixprec import _build_info
 
 assert _build_info.TORCH_VERSION == torch.__version__, (_build_info.TORCH_VERSION, torch.__version__)
 package = os.path.dirname(mixprec.__file__)
-assert package.startswith(os.path.realpath(os.environ["WHEEL_VENV"])), package  # the wheel, not the source
+assert os.path.realpath(package).startswith(os.path.realpath(os.environ["WHEEL_VENV"])), package  # the wheel, not the source
 assert os.path.exists(os.path.join(package, "py.typed"))
 assert os.path.exists(os.path.join(mixprec.cmake_prefix_path, "mixprec", "mixprecConfig.cmake"))
 torch.manual_seed(0)

@@ -241,15 +241,27 @@ Fp8Weight quantize_weight(const torch::Tensor& w2, const fp8::ScalingState& stat
   return q;
 }
 
-// A filled cache must be the weight's: same shape and device, the recipe's format and scale layout.
+// The scale-inverse shape quantize_weight gives a [rows, cols] operand: [1] per tensor, else one per
+// block (weights: rows of 1 x all columns for row-wise scaling, 128x128 for block scaling).
+std::vector<int64_t> weight_scale_shape(int64_t rows, int64_t cols, const fp8::Recipe& recipe) {
+  if (per_tensor(recipe)) return {1};
+  if (recipe.scaling == fp8::Scaling::Rowwise) return {rows, 1};
+  return {(rows + 127) / 128, (cols + 127) / 128};
+}
+
+// A filled cache must be the weight's: both operands' shapes, format and device, the recipe's scale
+// layout, and (delayed scaling) the amax it records.
 void check_weight_cache(const nn::Float8WeightCache& c, const torch::Tensor& weight, const fp8::Recipe& recipe) {
   constexpr const char* op = "mixprec::float8_linear";
-  const bool ok = c.data.defined() && c.data_t.defined() && c.scale_inv.defined() && c.scale_inv_t.defined() &&
-                  c.data.sizes() == weight.sizes() && c.data.scalar_type() == recipe.forward_dtype &&
-                  c.data_t.dim() == 2 && c.data_t.size(0) == weight.size(1) && c.data_t.size(1) == weight.size(0) &&
-                  c.data.device() == weight.device() && c.scale_inv.device() == weight.device() &&
-                  c.scale_inv.scalar_type() == at::kFloat && c.scale_inv_t.scalar_type() == at::kFloat &&
-                  c.scale_inv.dim() == (per_tensor(recipe) ? 1 : 2);  // [1] per tensor, [row blocks, col blocks]
+  const auto fits = [&](const torch::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+    return t.defined() && t.sizes() == shape && t.scalar_type() == dtype && t.device() == weight.device();
+  };
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const bool ok = weight.dim() == 2 && fits(c.data, {n, k}, recipe.forward_dtype) &&
+                  fits(c.data_t, {k, n}, recipe.forward_dtype) &&
+                  fits(c.scale_inv, weight_scale_shape(n, k, recipe), at::kFloat) &&
+                  fits(c.scale_inv_t, weight_scale_shape(k, n, recipe), at::kFloat) &&
+                  (recipe.scaling != fp8::Scaling::Delayed || (c.amax.defined() && c.amax.numel() == 1));
   TORCH_CHECK_VALUE(ok, op, ": the weight cache does not hold this weight's ", weight.sizes(), " ",
                     recipe.forward_dtype, " quantization on ", weight.device(), " for scaling \"",
                     fp8::scaling_name(recipe.scaling), "\" (got ", c.data.defined() ? c.data.sizes() : at::IntArrayRef{},
@@ -260,7 +272,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
                                const fp8::ScalingState& state, const fp8::Recipe& recipe,
-                               nn::Float8WeightCache* cache) {
+                               nn::Float8WeightCache* cache, bool input_grad) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
@@ -303,8 +315,9 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         state.forward_amax_history.select(0, 0).narrow(0, 1, 1).copy_(cache->amax.reshape({1}));
       }
     } else {
-      // Without an input gradient (a first layer) the transpose is only wanted for the cache.
-      qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input.requires_grad());
+      // The transpose serves the input gradient (and the cache). For row and block scales it costs a pass
+      // and, held until backward, an FP8 copy of the weight: skipped without an input gradient.
+      qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input_grad);
       if (cache != nullptr) {
         *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv,
                   qw.amax.defined() ? qw.amax : torch::Tensor()};
@@ -403,8 +416,9 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
-    // One per forward argument: input, weight, bias, probe, state, recipe, cache.
-    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad.
+    return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -490,8 +504,11 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
   if (cache != nullptr && !cache->empty()) check_weight_cache(*cache, weight, recipe);
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
+  // Grad mode is off inside the autograd function's forward: whether backward will want an input gradient
+  // is decided here.
+  const bool input_grad = at::GradMode::is_enabled() && input.requires_grad();
   return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe,
-                                     cache);
+                                     cache, input_grad);
 }
 
 namespace {
@@ -546,8 +563,9 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
            TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 5,
                              "mixprec::float8_linear_cached: weight_cache must be empty (to fill) or the five "
                              "tensors a fill returned, got ", weight_cache.size());
+           const bool fill = weight_cache.empty();
            Float8WeightCache cache;
-           if (!weight_cache.empty()) {
+           if (!fill) {
              // An undefined amax travels as an empty tensor (a list cannot hold None).
              cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3],
                       weight_cache[4].sym_numel() == 0 ? at::Tensor() : weight_cache[4]};
@@ -556,9 +574,14 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
                                           op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo,
                                                     margin, pow2_scales, fast_accum),
                                           &cache);
+           // A reused cache comes back empty: the op's outputs never alias its inputs. A filled one's
+           // per-tensor scale inverses are one tensor in C++; the list gets two.
+           if (!fill) return std::make_tuple(out, std::vector<at::Tensor>{});
            const at::Tensor amax = cache.amax.defined() ? cache.amax : at::empty({0}, input.options().dtype(at::kFloat));
+           const at::Tensor scale_inv_t =
+               cache.scale_inv_t.is_same(cache.scale_inv) ? cache.scale_inv_t.clone() : cache.scale_inv_t;
            return std::make_tuple(out, std::vector<at::Tensor>{cache.data, cache.scale_inv, cache.data_t,
-                                                               cache.scale_inv_t, amax});
+                                                               scale_inv_t, amax});
          });
 }
 
@@ -606,6 +629,7 @@ void Float8LinearImpl::register_state() {
 }
 
 void Float8LinearImpl::reset() {
+  weight_cache = {};
   register_linear_parameters(*this, options, weight, bias);
   keep_fp32_grad(weight);
   register_state();

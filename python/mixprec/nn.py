@@ -131,7 +131,8 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     if weight_cache is None:
         return torch.ops.mixprec.float8_linear(*args)
     out, filled = torch.ops.mixprec.float8_linear_cached(*args, weight_cache)
-    weight_cache[:] = filled
+    if not weight_cache:  # a reused cache comes back empty (the op returns no alias of its inputs)
+        weight_cache[:] = filled
     return out
 
 
@@ -148,7 +149,10 @@ class Float8Linear(torch.nn.Linear):
     amaxes the previous step recorded are reduced with MAX over this group before they set the scales, so
     every rank scales alike (Transformer Engine's ``reduce_amax``). Without it each rank scales by its own
     data, which is correct but not identical across data-parallel ranks. One all-reduce of three floats
-    per layer and step, asynchronous on NCCL. Other recipes scale each tensor from itself and ignore it."""
+    per layer and step, asynchronous on NCCL, in training forwards with gradients enabled (every rank must
+    run them, as under DDP). The backward's amax is reduced by the next forward, so a layer that runs two
+    forwards before their backwards (shared weights, pipeline schedules) reduces it less often. Other
+    recipes scale each tensor from itself and ignore it."""
 
     amax_group: Optional[Any] = None
 
@@ -181,7 +185,8 @@ class Float8Linear(torch.nn.Linear):
         call; ``True``, it is quantized and kept; ``False``, the kept one is used. Pass ``True`` on the first
         micro-batch after each optimizer step and ``False`` on the others of a gradient-accumulation cycle."""
         state = [getattr(self, name) for name in _FP8_BUFFERS]
-        if self.amax_group is not None and self.recipe.scaling == "delayed":
+        if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
+                and torch.is_grad_enabled()):
             _reduce_amax(state[0], state[3], self.amax_group)
         if is_first_microbatch is None:
             return float8_linear(input, self.weight, self.bias, state, self.recipe)
@@ -208,8 +213,9 @@ class Float8Linear(torch.nn.Linear):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
+        state.pop("_fp8_weight_cache", None)  # derived from the weight
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

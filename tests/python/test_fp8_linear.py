@@ -156,6 +156,12 @@ def test_weight_cache_is_used_and_checked() -> None:
     other = torch.randn(16, 48, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="weight cache does not hold"):
         mixprec.nn.float8_linear(torch.randn(8, 48).bfloat16(), other, None, state, layer.recipe, cache)
+    with pytest.raises(ValueError, match="weight cache does not hold"):  # per-tensor scales, row-wise recipe
+        mixprec.nn.float8_linear(x.bfloat16(), layer.weight, None, state, fp8.Recipe(scaling="rowwise"), cache)
+    # A copy (or a pickle) leaves the cache behind: it is derived from the weight.
+    layer(x.bfloat16(), is_first_microbatch=True)
+    with pytest.raises(RuntimeError, match="there was none"):
+        copy.deepcopy(layer)(x.bfloat16(), is_first_microbatch=False)
 
 
 def test_state_dict_resume_is_exact() -> None:
