@@ -18,6 +18,8 @@
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "mixprec/fp8.h"
 #include "mixprec/ops.h"
@@ -204,9 +206,15 @@ Fp8PerTensor quantize_delayed(const torch::Tensor& m, const torch::Tensor& histo
   return q;
 }
 
-Fp8Operand quantize_blocks(const torch::Tensor& m, at::ScalarType dtype, bool weight, const fp8::Recipe& recipe) {
+// The scaling blocks of a row-wise or block recipe ({rows, cols}; -1: the whole extent): rows for
+// row-wise scaling; 1x128 for activations and gradients, 128x128 for weights in block scaling.
+std::pair<int64_t, int64_t> scale_blocks(const fp8::Recipe& recipe, bool weight) {
   const bool rowwise = recipe.scaling == fp8::Scaling::Rowwise;
-  const int64_t block_rows = rowwise || !weight ? 1 : 128, block_cols = rowwise ? -1 : 128;
+  return {rowwise || !weight ? 1 : 128, rowwise ? -1 : 128};
+}
+
+Fp8Operand quantize_blocks(const torch::Tensor& m, at::ScalarType dtype, bool weight, const fp8::Recipe& recipe) {
+  const auto [block_rows, block_cols] = scale_blocks(recipe, weight);
   const fp8::BlockQuantized q = fp8::quantize_blockwise(
       m, dtype, block_rows, block_cols, {.margin = recipe.margin, .pow2_scales = recipe.pow2_scales});
   return {q.data, q.scale_inv};
@@ -241,12 +249,12 @@ Fp8Weight quantize_weight(const torch::Tensor& w2, const fp8::ScalingState& stat
   return q;
 }
 
-// The scale-inverse shape quantize_weight gives a [rows, cols] operand: [1] per tensor, else one per
-// block (weights: rows of 1 x all columns for row-wise scaling, 128x128 for block scaling).
+// The scale-inverse shape quantize_weight gives a [rows, cols] operand: [1] per tensor, else one per block.
 std::vector<int64_t> weight_scale_shape(int64_t rows, int64_t cols, const fp8::Recipe& recipe) {
   if (per_tensor(recipe)) return {1};
-  if (recipe.scaling == fp8::Scaling::Rowwise) return {rows, 1};
-  return {(rows + 127) / 128, (cols + 127) / 128};
+  const auto [br, bc] = scale_blocks(recipe, /*weight=*/true);
+  const auto blocks = [](int64_t n, int64_t b) { return b < 0 ? 1 : (n + b - 1) / b; };
+  return {blocks(rows, br), blocks(cols, bc)};
 }
 
 // A filled cache must be the weight's: both operands' shapes, format and device, the recipe's scale
@@ -319,8 +327,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       // and, held until backward, an FP8 copy of the weight: skipped without an input gradient.
       qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input_grad);
       if (cache != nullptr) {
-        *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv,
-                  qw.amax.defined() ? qw.amax : torch::Tensor()};
+        *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv, qw.amax};
       }
     }
     if (per_tensor(recipe)) {
