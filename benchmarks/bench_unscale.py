@@ -2,7 +2,8 @@
 
 Cases: (a) the gradients of GPT-2 small (~124M elements) in fp32 and in bf16, (b) 1000 tensors of
 4K elements, (c) one 64M-element tensor. Bytes moved = every gradient read once and written once.
-On CUDA the measured device-to-device copy bandwidth is printed as the ceiling.
+On CUDA the measured device-to-device copy bandwidth is printed as the ceiling. "ours+amax" also takes
+each gradient's max |g| (GradScaler's overflow attribution) in the same pass.
 
     python benchmarks/bench_unscale.py [--device cpu|cuda] [--quick]
 """
@@ -54,6 +55,8 @@ def main() -> None:
 
         ours = measure(lambda: ops.unscale_and_check_(grads, found, inv), device)
         ours_sq = measure(lambda: ops.unscale_and_check_sumsq_(grads, found, inv), device)
+        amax = torch.zeros(len(grads), device=device)  # per-tensor max |g| on the side (overflow attribution)
+        ours_amax = measure(lambda: ops.unscale_and_check_(grads, found, inv, amax), device)
         try:
             theirs = measure(lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv), device)
         except RuntimeError as e:  # e.g. a dtype torch's kernel does not take
@@ -65,6 +68,7 @@ def main() -> None:
             f"{theirs.device * 1e3:.3f}",
             f"{ours.device * 1e3:.3f}",
             f"{ours_sq.device * 1e3:.3f}",
+            f"{ours_amax.device * 1e3:.3f}",
             f"{nbytes / theirs.device / 1e9:.1f}",
             f"{nbytes / ours.device / 1e9:.1f}",
             f"{theirs.device / ours.device:.2f}x",
@@ -74,7 +78,7 @@ def main() -> None:
         ])
         del grads
     # device: the kernels alone; wall: a synchronised call as a user makes it (see common.Timing)
-    print_table(["case", "MiB moved", "torch ms", "ours ms", "ours+sumsq ms", "torch GB/s", "ours GB/s", "speedup",
+    print_table(["case", "MiB moved", "torch ms", "ours ms", "ours+sumsq ms", "ours+amax ms", "torch GB/s", "ours GB/s", "speedup",
                  "torch wall ms", "ours wall ms", "wall speedup"], rows)
 
 

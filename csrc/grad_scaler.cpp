@@ -4,15 +4,21 @@
 #include "mixprec/grad_scaler.h"
 
 #include <ATen/ops/full.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include <torch/serialize/archive.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 
+#include "grad_scaler_class.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
 
@@ -34,25 +40,39 @@ void check_options(const GradScalerOptions& o) {
   }
 }
 
-// Appends the gradients of `params` that are set. False (stopping there) at a gradient that is a tensor
-// subclass (FSDP2's DTensor), whose local shard only Python can take.
-bool append_grads(at::TensorList params, std::vector<at::Tensor>& grads) {
+// The parameters whose gradients are set, and those gradients, in the same order.
+struct ParamGrads {
+  std::vector<at::Tensor> params, grads;
+};
+
+// Appends the parameters of `params` whose gradients are set, and the gradients. False (stopping there)
+// at a gradient that is a tensor subclass (FSDP2's DTensor), whose local shard only Python can take.
+bool append_grads(at::TensorList params, ParamGrads& out) {
   for (const at::Tensor& p : params) {
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;
     if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return false;
-    grads.push_back(g);
+    out.params.push_back(p);
+    out.grads.push_back(g);
   }
   return true;
 }
 
-std::vector<at::Tensor> optimizer_grads(torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> grads;
+ParamGrads optimizer_grads(torch::optim::Optimizer& optimizer) {
+  ParamGrads out;
   for (auto& group : optimizer.param_groups()) {
-    TORCH_CHECK(append_grads(group.params(), grads),
+    TORCH_CHECK(append_grads(group.params(), out),
                 "mixprec::GradScaler: a gradient is a tensor subclass (e.g. a DTensor); unscale its local shard");
   }
-  return grads;
+  return out;
+}
+
+bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!a[i].is_same(b[i])) return false;
+  }
+  return true;
 }
 
 int64_t key_of(const torch::optim::Optimizer& optimizer) { return reinterpret_cast<int64_t>(&optimizer); }
@@ -97,25 +117,48 @@ std::vector<at::Tensor> GradScaler::scale(at::TensorList outputs) {
   return out;
 }
 
-void GradScaler::check_grads(OptimizerState& st, at::TensorList grads, const at::Tensor& inv_scale) {
+void GradScaler::check_grads(OptimizerState& st, at::TensorList grads, at::TensorList params,
+                             const at::Tensor& inv_scale) {
+  TORCH_INTERNAL_ASSERT(params.empty() || params.size() == grads.size());
+  const bool track = options_.track_overflows() && !params.empty();
   std::map<std::string, std::vector<at::Tensor>> by_device;
-  for (const auto& g : grads) {
+  std::map<std::string, std::vector<int64_t>> positions;  // each gradient's index in `grads`
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
     TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
     by_device[g.device().str()].push_back(g);
+    if (track) positions[g.device().str()].push_back(static_cast<int64_t>(i));
   }
+  at::Tensor amax;
+  if (track) amax = at::zeros({static_cast<int64_t>(grads.size())}, scale_.options());
   std::map<std::string, at::Tensor> found;
   for (auto& [device, list] : by_device) {
     const c10::Device dev(device);
+    const auto opts = at::TensorOptions().device(dev).dtype(at::kFloat);
     // 0-dim like torch's flags: torch's fused optimizers broadcast it against their 0-dim step counts.
-    at::Tensor flag = at::zeros({}, at::TensorOptions().device(dev).dtype(at::kFloat));
+    at::Tensor flag = at::zeros({}, opts);
+    // With one device (the usual case) the kernel writes straight into the optimizer's vector.
+    std::optional<at::Tensor> local;
+    if (track) local = by_device.size() == 1 && dev == amax.device() ? amax : at::zeros({int64_t(list.size())}, opts);
     // One launch per device, whatever mix of fp32/fp16/bf16 the list holds.
-    ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true));
+    ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true), local);
+    if (track && !local->is_same(amax)) {
+      const at::Tensor index = at::tensor(positions[device], at::kLong).to(amax.device(), /*non_blocking=*/true);
+      amax.index_copy_(0, index, local->to(amax.device(), /*non_blocking=*/true));
+    }
     found.emplace(device, flag);
   }
   st.found_inf_per_device = std::move(found);
+  if (track) {
+    st.params.assign(params.begin(), params.end());
+    st.amax = std::move(amax);
+  } else {
+    st.params.clear();
+    st.amax = at::Tensor();
+  }
 }
 
-void GradScaler::unscale_grads_(int64_t key, at::TensorList grads) {
+void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params) {
   if (!options_.enabled()) return;
   OptimizerState& st = per_optimizer_[key];
   TORCH_CHECK(st.stage != Stage::Unscaled,
@@ -125,11 +168,11 @@ void GradScaler::unscale_grads_(int64_t key, at::TensorList grads) {
               "Attempted unscale_ but the scale is not set. This may indicate your script did not use "
               "scaler.scale(loss or outputs) earlier in the iteration.");
   // Computed in double and rounded once, as torch does.
-  check_grads(st, grads, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
+  check_grads(st, grads, params, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
   st.stage = Stage::Unscaled;
 }
 
-GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads) {
+GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params) {
   TORCH_CHECK(options_.enabled(), "mixprec::GradScaler: prepare_scaled_step() on a disabled scaler");
   check_not_stepped(key);
   TORCH_CHECK(scale_.defined(),
@@ -138,12 +181,13 @@ GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorLi
   OptimizerState& st = per_optimizer_[key];
   if (st.stage == Stage::Unscaled) return {std::nullopt, combined_found_inf(st)};
   // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
-  check_grads(st, grads, at::ones({}, scale_.options()));
+  check_grads(st, grads, params, at::ones({}, scale_.options()));
   return {scale_, combined_found_inf(st)};
 }
 
 void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
-  unscale_grads_(key_of(optimizer), optimizer_grads(optimizer));
+  const ParamGrads pg = optimizer_grads(optimizer);
+  unscale_grads_(key_of(optimizer), pg.grads, pg.params);
 }
 
 at::Tensor GradScaler::combined_found_inf(const OptimizerState& st) const {
@@ -195,7 +239,8 @@ void GradScaler::step(torch::optim::Optimizer& optimizer) {
   if (auto* fused = dynamic_cast<optim::Adam*>(&optimizer)) {
     // The fused step divides by the scale itself (unless unscale_() came first) and reads the flag on
     // the device: an overflowing step writes nothing.
-    const ScaledStep handed = prepare_scaled_step(key, optimizer_grads(optimizer));
+    const ParamGrads pg = optimizer_grads(optimizer);
+    const ScaledStep handed = prepare_scaled_step(key, pg.grads, pg.params);
     fused->step_scaled(handed.grad_scale, handed.found_inf);
   } else {
     if (!is_unscaled(key)) unscale_(optimizer);
@@ -213,19 +258,108 @@ void GradScaler::update() {
   TORCH_CHECK(!flags.empty(), "No inf checks were recorded prior to update.");
   at::Tensor combined = flags[0].clone();
   for (size_t i = 1; i < flags.size(); ++i) combined.add_(flags[i]);
+  if (options_.track_overflows()) record_overflows(combined > 0);
   if (options_.dynamic()) {
     ops::update_scale_(scale_, growth_tracker_, hysteresis_tracker_, combined, options_.growth_factor(),
                        options_.backoff_factor(), options_.growth_interval(), options_.hysteresis(),
                        options_.min_scale(), options_.max_scale(), options_.consecutive_hysteresis());
   }
   per_optimizer_.clear();
+  ++updates_;
 }
 
 void GradScaler::update(double new_scale) {
   if (!options_.enabled()) return;
   lazy_init(device_);
+  if (options_.track_overflows()) {
+    // The scale is set by hand, but the step's overflows (if it ran one) are still worth recording.
+    at::Tensor combined;
+    for (const auto& [key, st] : per_optimizer_) {
+      for (const auto& [device, flag] : st.found_inf_per_device) {
+        const at::Tensor f = flag.to(scale_.device(), true);
+        combined = combined.defined() ? combined + f : f;
+      }
+    }
+    if (combined.defined()) record_overflows(combined > 0);
+  }
   scale_.fill_(new_scale);
   per_optimizer_.clear();
+  ++updates_;
+}
+
+void GradScaler::record_overflows(const at::Tensor& overflowed) {
+  if (!overflow_count_.defined()) overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
+  overflow_count_.add_(overflowed);
+  for (auto& [key, st] : per_optimizer_) {
+    if (!st.amax.defined()) continue;
+    OverflowRecord& rec = overflow_records_[key];
+    if (!same_tensors(rec.params, st.params)) {  // new, or the optimizer's parameters changed: start afresh
+      rec.params = st.params;
+      rec.amax = at::zeros_like(st.amax);
+      rec.step = at::full({}, -1, scale_.options().dtype(at::kLong));
+      rec.scale = at::zeros({}, scale_.options());
+    }
+    // Selects on the device flag: the record keeps the last overflowing step without a host sync.
+    rec.amax = at::where(overflowed, st.amax, rec.amax);
+    rec.step = at::where(overflowed, at::Scalar(updates_), rec.step);
+    rec.scale = at::where(overflowed, scale_, rec.scale);
+  }
+}
+
+void GradScaler::set_track_overflows(bool track) {
+  options_.track_overflows(track);
+  if (!track) {
+    overflow_records_.clear();
+    overflow_count_ = at::Tensor();
+  }
+}
+
+std::optional<OverflowReport> GradScaler::last_overflow(
+    const torch::OrderedDict<std::string, at::Tensor>& named_parameters) const {
+  // The latest step any record holds; records from older steps (an optimizer that has not stepped since)
+  // do not belong to it.
+  int64_t last = -1;
+  std::vector<std::pair<const OverflowRecord*, int64_t>> steps;
+  for (const auto& [key, rec] : overflow_records_) {
+    const int64_t step = rec.step.item<int64_t>();
+    steps.emplace_back(&rec, step);
+    last = std::max(last, step);
+  }
+  if (last < 0) return std::nullopt;
+  std::map<const c10::TensorImpl*, std::string> names;
+  for (const auto& item : named_parameters) names.emplace(item.value().unsafeGetTensorImpl(), item.key());
+  OverflowReport report{last, 0.0, 0, {}};
+  for (const auto& [rec, step] : steps) {
+    if (step != last) continue;
+    report.scale = rec->scale.item<double>();
+    report.num_tensors += static_cast<int64_t>(rec->params.size());
+    const at::Tensor amax = rec->amax.to(at::kCPU);
+    const float* a = amax.const_data_ptr<float>();
+    for (size_t i = 0; i < rec->params.size(); ++i) {
+      if (std::isfinite(a[i])) continue;
+      auto it = names.find(rec->params[i].unsafeGetTensorImpl());
+      std::string name = it != names.end() ? it->second : "param[" + std::to_string(i) + "]";
+      report.sources.push_back({std::move(name), rec->params[i], static_cast<double>(a[i])});
+    }
+  }
+  return report;
+}
+
+std::optional<OverflowReport> GradScaler::last_overflow() const {
+  return last_overflow(torch::OrderedDict<std::string, at::Tensor>());
+}
+
+std::string OverflowReport::str() const {
+  std::ostringstream out;
+  out << "step " << step << " (loss scale " << scale << "): ";
+  constexpr size_t kShown = 8;  // a NaN that spread through the model would otherwise list every tensor
+  for (size_t i = 0; i < sources.size() && i < kShown; ++i) {
+    out << (i ? ", " : "") << sources[i].name << ": " << (std::isnan(sources[i].max_abs) ? "nan" : "inf");
+  }
+  if (sources.size() > kShown) out << ", ... " << sources.size() - kShown << " more";
+  if (sources.empty()) out << "no tracked gradient was non-finite (the overflow came from elsewhere)";
+  out << " (" << sources.size() << " of " << num_tensors << " tensors)";
+  return out.str();
 }
 
 void GradScaler::set_growth_factor(double growth_factor) {
@@ -314,34 +448,18 @@ void GradScaler::load(torch::serialize::InputArchive& archive) {
 
 namespace {
 
-struct GradScalerClass : torch::CustomClassHolder {
-  GradScaler impl;
-  GradScalerClass(const std::string& device, double init_scale, double growth_factor, double backoff_factor,
-                  int64_t growth_interval, bool enabled, int64_t hysteresis, bool consecutive_hysteresis,
-                  double min_scale, std::optional<double> max_scale, bool dynamic)
-      : impl(c10::Device(device), GradScalerOptions()
-                                      .init_scale(init_scale)
-                                      .growth_factor(growth_factor)
-                                      .backoff_factor(backoff_factor)
-                                      .growth_interval(growth_interval)
-                                      .enabled(enabled)
-                                      .hysteresis(hysteresis)
-                                      .consecutive_hysteresis(consecutive_hysteresis)
-                                      .min_scale(min_scale)
-                                      .max_scale(max_scale)
-                                      .dynamic(dynamic)) {}
-};
-
+using detail::GradScalerClass;
 using Self = c10::intrusive_ptr<GradScalerClass>;
 
-// The gradients of `params` that are set, read in C++ so Python hands over one list of parameters instead
-// of walking them. Nothing when a gradient is a tensor subclass (FSDP2's DTensor): Python then hands over
-// the local shards itself.
-std::optional<std::vector<at::Tensor>> grads_of(const std::vector<at::Tensor>& params) {
-  std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
-  if (!append_grads(params, grads)) return std::nullopt;
-  return grads;
+// The parameters whose gradients are set, and the gradients, read in C++ so Python hands over one list of
+// parameters instead of walking them. Nothing when a gradient is a tensor subclass (FSDP2's DTensor):
+// Python then hands over the local shards itself.
+std::optional<ParamGrads> grads_of(const std::vector<at::Tensor>& params) {
+  ParamGrads out;
+  out.params.reserve(params.size());
+  out.grads.reserve(params.size());
+  if (!append_grads(params, out)) return std::nullopt;
+  return out;
 }
 
 }  // namespace
@@ -357,16 +475,16 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       // is a tensor subclass and nothing was done.
       .def("unscale_params_",
            [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
-             auto grads = grads_of(params);
-             if (grads.has_value()) s->impl.unscale_grads_(key, *grads);
-             return grads.has_value();
+             auto pg = grads_of(params);
+             if (pg.has_value()) s->impl.unscale_grads_(key, pg->grads, pg->params);
+             return pg.has_value();
            })
       .def("prepare_scaled_step_params",
            [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
-             auto grads = grads_of(params);
+             auto pg = grads_of(params);
              using Result = std::tuple<bool, std::optional<at::Tensor>, at::Tensor>;
-             if (!grads.has_value()) return Result(false, std::nullopt, at::Tensor());
-             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, *grads);
+             if (!pg.has_value()) return Result(false, std::nullopt, at::Tensor());
+             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, pg->grads, pg->params);
              return Result(true, r.grad_scale, r.found_inf);
            })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
@@ -386,6 +504,30 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("check_not_stepped", [](const Self& s, int64_t key) { s->impl.check_not_stepped(key); })
       .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })
       .def("set_found_inf", [](const Self& s, int64_t key, const at::Tensor& f) { s->impl.set_found_inf(key, f); })
+      .def("set_track_overflows", [](const Self& s, bool v) { s->impl.set_track_overflows(v); })
+      .def("track_overflows", [](const Self& s) { return s->impl.options().track_overflows(); })
+      // (step, scale, tensors checked, names, max |g|s, text) of the last overflow, named from the given
+      // (name, parameter) pairs; None when no tracked step overflowed.
+      .def("last_overflow",
+           [](const Self& s, std::vector<std::string> names, std::vector<at::Tensor> params) {
+             TORCH_CHECK(names.size() == params.size(), "last_overflow: ", names.size(), " names for ",
+                         params.size(), " parameters");
+             torch::OrderedDict<std::string, at::Tensor> named;
+             for (size_t i = 0; i < names.size(); ++i) named.insert(names[i], params[i]);
+             using Result = std::tuple<int64_t, double, int64_t, std::vector<std::string>, std::vector<double>,
+                                       std::string>;
+             std::optional<Result> out;
+             if (auto r = s->impl.last_overflow(named)) {
+               std::vector<std::string> source_names;
+               std::vector<double> max_abs;
+               for (const auto& src : r->sources) {
+                 source_names.push_back(src.name);
+                 max_abs.push_back(src.max_abs);
+               }
+               out = Result(r->step, r->scale, r->num_tensors, source_names, max_abs, r->str());
+             }
+             return out;
+           })
       .def("update", [](const Self& s) { s->impl.update(); })
       .def("update_to", [](const Self& s, double v) { s->impl.update(v); })
       .def("get_scale", [](const Self& s) { return s->impl.get_scale(); })

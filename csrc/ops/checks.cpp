@@ -43,12 +43,32 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 }
 
 void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,
-                        const at::Tensor& inv_scale) {
+                        const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax) {
   TORCH_CHECK(found_inf.defined(), op, ": found_inf must be a tensor, got an undefined tensor");
   const c10::Device device = found_inf.device();
   check_one_element(found_inf, op, "found_inf", at::kFloat, device);
   check_one_element(inv_scale, op, "inv_scale", at::kFloat, device);
   check_float_list(grads, op, "grads", device);
+  if (amax.has_value() && amax->defined()) {
+    const at::Tensor& a = *amax;
+    const auto n = static_cast<int64_t>(grads.size());
+    TORCH_CHECK(a.layout() == at::kStrided && a.dim() == 1 && a.numel() == n && a.scalar_type() == at::kFloat &&
+                    a.is_contiguous(),
+                op, ": amax must be a contiguous float32 vector with one entry per gradient (", n,
+                "), got a ", a.scalar_type(), " tensor of shape ", a.sizes());
+    TORCH_CHECK(a.device() == device, op, ": amax must be on ", device, " (the device of the other tensors), got ",
+                a.device());
+  }
+}
+
+void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins) {
+  constexpr const char* op = "mixprec::grad_stats";
+  TORCH_CHECK(scale.defined(), op, ": scale must be a tensor, got an undefined tensor");
+  check_one_element(scale, op, "scale", at::kFloat, scale.device());
+  check_float_list(grads, op, "grads", scale.device());
+  TORCH_CHECK(min_exponent >= -1100 && min_exponent <= 1100, op, ": min_exponent must be in [-1100, 1100], got ",
+              min_exponent);
+  TORCH_CHECK(num_bins >= 1 && num_bins <= 4096, op, ": num_bins must be in [1, 4096], got ", num_bins);
 }
 
 void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -18,9 +18,14 @@ void check_one_element(const at::Tensor& t, const char* op, const char* name, at
 /// bf16 or fp64) on `device`; the message names `op`, `name` and the index.
 void check_float_list(at::TensorList list, const char* op, const char* name, c10::Device device);
 
-/// Checks shared by unscale_and_check_ and unscale_and_check_sumsq_.
+/// Checks shared by unscale_and_check_ and unscale_and_check_sumsq_ (`amax`, when given: a contiguous
+/// float32 vector with one entry per gradient, on the gradients' device).
 void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,
-                        const at::Tensor& inv_scale);
+                        const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax);
+
+/// Checks for grad_stats: `grads` as unscale_and_check_'s, `scale` a one-element float32 tensor on their
+/// device, min_exponent in [-1100, 1100] and num_bins in [1, 4096].
+void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins);
 
 /// Checks for update_scale_ (tensor kinds, devices and hyper-parameter ranges).
 void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -28,17 +28,26 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 }
 }  // namespace
 
-void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale) {
+void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                        const std::optional<at::Tensor>& amax) {
   static const auto op =
-      find_op<void(at::TensorList, const at::Tensor&, const at::Tensor&)>("mixprec::unscale_and_check_");
-  op.call(grads, found_inf, inv_scale);
+      find_op<void(at::TensorList, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "mixprec::unscale_and_check_");
+  op.call(grads, found_inf, inv_scale, amax);
 }
 
-at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& found_inf,
-                                    const at::Tensor& inv_scale) {
-  static const auto op = find_op<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&)>(
-      "mixprec::unscale_and_check_sumsq_");
-  return op.call(grads, found_inf, inv_scale);
+at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                                    const std::optional<at::Tensor>& amax) {
+  static const auto op =
+      find_op<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "mixprec::unscale_and_check_sumsq_");
+  return op.call(grads, found_inf, inv_scale, amax);
+}
+
+at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins) {
+  static const auto op =
+      find_op<at::Tensor(at::TensorList, const at::Tensor&, int64_t, int64_t)>("mixprec::grad_stats");
+  return op.call(grads, scale, min_exponent, num_bins);
 }
 
 void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -5,9 +5,16 @@
 
 TORCH_LIBRARY(mixprec, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
-  m.def("unscale_and_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> ()", tags);
-  m.def("unscale_and_check_sumsq_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> Tensor",
-        tags);
+  m.def(
+      "unscale_and_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, Tensor(c!)? amax=None) -> ()",
+      tags);
+  m.def(
+      "unscale_and_check_sumsq_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, "
+      "Tensor(c!)? amax=None) -> Tensor",
+      tags);
+  // One row per gradient (float64): numel, zero, flush, subnormal, overflow, nonfinite, sumsq, amax, then
+  // num_bins exponent bins; see ops/grad_stats_rule.h.
+  m.def("grad_stats(Tensor[] grads, Tensor scale, int min_exponent=-40, int num_bins=64) -> Tensor", tags);
   m.def(
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "

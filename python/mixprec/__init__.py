@@ -48,7 +48,8 @@ from . import ops
 from . import fp8
 from . import optim
 from . import nn
-from .grad_scaler import GradScaler
+from .grad_scaler import GradScaler, OverflowReport
+from .monitor import Monitor
 from .policy import Policy, autocast
 from . import diagnostics
 
@@ -68,4 +69,4 @@ if not built_with_cuda() and _torch.version.cuda is not None and _torch.cuda.is_
                    "available: mixprec's ops will refuse CUDA tensors. Rebuild with the CUDA toolkit installed.")
 
 
-__all__ = ["GradScaler", "Policy", "autocast", "diagnostics", "nn", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "OverflowReport", "Monitor", "Policy", "autocast", "diagnostics", "nn", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]

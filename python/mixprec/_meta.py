@@ -12,15 +12,23 @@ import torch
 
 
 @torch.library.register_fake("mixprec::unscale_and_check_")
-def _unscale_and_check_fake(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+def _unscale_and_check_fake(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
+                            amax: Optional[torch.Tensor] = None) -> None:
     return None
 
 
 @torch.library.register_fake("mixprec::unscale_and_check_sumsq_")
 def _unscale_and_check_sumsq_fake(
-    grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor
+    grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
+    amax: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return found_inf.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("mixprec::grad_stats")
+def _grad_stats_fake(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent: int = -40,
+                     num_bins: int = 64) -> torch.Tensor:
+    return scale.new_empty((len(grads), 8 + num_bins), dtype=torch.float64)
 
 
 @torch.library.register_fake("mixprec::update_scale_")

@@ -7,7 +7,7 @@ Python, and a byte-level model on it learns fast enough that a CPU run of a minu
 progress. Same seed, same initial weights, same batches in every run.
 
     python -m mixprec.demo [--steps 500] [--size small|tiny|gpt2ish] [--device cpu|cuda]
-                           [--policies mixed_bfloat16 mixed_float16] [--out demo_out]
+                           [--policies mixed_bfloat16 mixed_float16] [--out demo_out] [--log-every 50]
 
 On CPU the default compares fp32 with mixed bf16 (bf16 params, fp32 masters, no loss scale): CPUs
 without fp16 matrix units emulate fp16 products, which makes an fp16 run many times slower there. On
@@ -15,8 +15,11 @@ CUDA the default adds mixed fp16 with dynamic loss scaling, and on GPUs with FP8
 ``mixed_bfloat16+fp8``: the same bf16 run with the transformer blocks' MLP layers as
 mixprec.nn.Float8Linear (delayed scaling, E4M3 forward, E5M2 gradients). Any policy name + "+fp8" works,
 on the CPU too (through the exact emulation). --size gpt2ish suits a GPU.
-Writes ``demo_out/loss.png`` (loss curves, loss scale with skipped steps marked) and
-``demo_out/results.json``.
+Writes ``demo_out/loss.png`` (loss curves, loss scale with skipped steps marked),
+``demo_out/results.json``, and per policy a mixprec.Monitor log in ``demo_out/tensorboard/<policy>``
+(TensorBoard events when tensorboard is installed, and ``metrics.jsonl``: loss, loss scale, skipped steps
+and their sources, fp16 underflow/overflow fractions, gradient norm, tokens/s, peak memory every
+``--log-every`` steps): ``tensorboard --logdir demo_out/tensorboard``.
 """
 
 from __future__ import annotations
@@ -158,6 +161,16 @@ def train(policy_name: str, data: torch.Tensor, val: torch.Tensor, args: argpars
     train_batches = batches(data, args.steps, batch, context, args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # TensorBoard events and JSON lines per policy, next to the plot (TensorBoard when it is installed).
+    sinks = ["jsonl"]
+    try:
+        import tensorboard  # noqa: F401
+
+        sinks.append("tensorboard")
+    except ImportError:
+        pass
+    monitor = mixprec.Monitor(model, scaler if scaler.is_enabled() else None, every=args.log_every,
+                              log_dir=str(Path(args.out) / "tensorboard" / policy_name), sinks=sinks)
     iterator = range(args.steps)
     if progress:
         from tqdm import tqdm
@@ -180,10 +193,12 @@ def train(policy_name: str, data: torch.Tensor, val: torch.Tensor, args: argpars
         if skipped:
             result.skipped_steps.append(step)
         scaler.update()
+        monitor.step(loss, tokens=x.numel())
         result.losses.append(loss.item())
         result.scales.append(scaler.get_scale())
         if progress:
             iterator.set_postfix(loss=f"{result.losses[-1]:.3f}", scale=f"{result.scales[-1]:g}")
+    monitor.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
         result.peak_mib = torch.cuda.max_memory_allocated() / 2**20
@@ -256,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--log-every", type=int, default=50,
+                        help="mixprec.Monitor's interval: TensorBoard events and metrics.jsonl in OUT/tensorboard")
     args = parser.parse_args(argv)
     if args.policies is None:
         args.policies = ["mixed_float16", "mixed_bfloat16"] if args.device.startswith("cuda") else ["mixed_bfloat16"]
@@ -282,6 +299,7 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
         print(f"{r.policy}: final loss {100 * gap:+.2f}% vs fp32, {r.tokens_per_s / base.tokens_per_s:.2f}x its "
               f"tokens/s, {r.state_mib / base.state_mib:.2f}x its parameter+gradient+optimizer memory")
     print(f"plot: {out / 'loss.png'}")
+    print(f"monitor logs (TensorBoard, metrics.jsonl): {out / 'tensorboard'}")
     return results
 
 

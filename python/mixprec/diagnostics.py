@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from . import ops
 from .policy import Policy, autocast
 
 __all__ = ["OutputError", "UnderflowReport", "PrecisionTiming", "compare_outputs", "underflow_report",
@@ -121,30 +122,43 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
     scale ``scale``, histogram their exponents, and find the smallest power-of-two scale under which at
     least ``fraction`` of the non-zero elements are representable (>= 2^-24 after scaling) while none
     overflows (if no such scale exists, the one that keeps the largest element finite)."""
-    grads = _gradients(grads_or_model)
-    mags = torch.cat([g.detach().double().abs().flatten() for g in grads]) if grads else torch.zeros(0)
-    finite = mags[torch.isfinite(mags)]
-    nonzero = finite[finite > 0]
-    scaled = nonzero * scale
-    hist: dict[int, int] = {}
-    if nonzero.numel():
-        exps, counts = torch.unique(torch.floor(torch.log2(nonzero)).to(torch.int64), return_counts=True)
-        hist = {int(e): int(c) for e, c in zip(exps, counts)}
+    grads = [g.detach() for g in _gradients(grads_or_model)]
+    # One grad_stats pass per device (mixprec's fused kernel: the Monitor's statistics too), with bins wide
+    # enough for every fp64 exponent, so the histogram is exact.
+    lo, bins = -1075, 2100
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    total = torch.zeros(8 + bins, dtype=torch.float64)
+    amax = 0.0
+    for device, group in by_device.items():
+        rows = ops.grad_stats(group, torch.full((1,), float(scale), device=device), lo, bins).cpu()
+        total += rows.sum(0)
+        amax = max([amax, *rows[:, 7].tolist()])  # the largest finite |g|: a max over rows, not a sum
+    counts = [int(v) for v in total[:6].tolist()]
+    hist = {lo + k: int(c) for k, c in enumerate(total[8:].tolist()) if c}
     report = UnderflowReport(
         scale=scale,
-        total=int(mags.numel()),
-        zero=int((finite == 0).sum()),
-        flush_to_zero=int((scaled < FP16_MIN_SUBNORMAL / 2).sum()),
-        subnormal=int(((scaled >= FP16_MIN_SUBNORMAL / 2) & (scaled < FP16_MIN_NORMAL)).sum()),
-        overflow=int((scaled > FP16_MAX).sum()) + int((~torch.isfinite(mags)).sum()),
+        total=counts[0],
+        zero=counts[1],
+        flush_to_zero=counts[2],
+        subnormal=counts[3],
+        overflow=counts[4] + counts[5],
         exponent_histogram=hist,
     )
-    if nonzero.numel():
+    nonzero = sum(hist.values())
+    if nonzero:
         # Representable means >= 2^-24 after scaling: the scale must lift the (1 - fraction) quantile there.
-        k = max(0, min(nonzero.numel() - 1, int(math.floor((1.0 - fraction) * nonzero.numel()))))
-        low = float(torch.sort(nonzero).values[k])
-        needed = math.ceil(math.log2(FP16_MIN_SUBNORMAL / low))
-        ceiling = math.floor(math.log2(FP16_MAX / float(nonzero.max())))
+        # For the k-th smallest magnitude m with floor(log2 m) = e, ceil(log2(2^-24 / m)) = -24 - e exactly,
+        # so the histogram gives the same power of two as sorting the values would.
+        k = max(0, min(nonzero - 1, int(math.floor((1.0 - fraction) * nonzero))))
+        seen = 0
+        for e in sorted(hist):
+            seen += hist[e]
+            if seen > k:
+                break
+        needed = -24 - e
+        ceiling = math.floor(math.log2(FP16_MAX / amax))
         report.recommended_scale = 2.0 ** min(needed, ceiling)
     return report
 

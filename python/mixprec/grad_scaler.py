@@ -19,13 +19,15 @@ Differences from torch, all opt-in or strictly more permissive:
     learns of skipped steps from a missing call (Accelerate's ``optimizer_step_was_skipped``, and the LR
     schedulers it drives) sees none; ``host_skip=True`` reads the flag on the host instead (one sync per
     step) and skips the call as torch does;
-  * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps.
+  * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps;
+  * ``track_overflows``: :meth:`GradScaler.last_overflow` names the parameters whose gradients overflowed.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -33,10 +35,28 @@ from torch import Tensor
 
 from .optim import _local
 
-__all__ = ["GradScaler"]
+__all__ = ["GradScaler", "OverflowReport"]
 
 _INT_KEYS = ("growth_interval", "_growth_tracker", "hysteresis", "_hysteresis_tracker")
 _BOOL_KEYS = ("consecutive_hysteresis", "dynamic")
+
+
+@dataclass
+class OverflowReport:
+    """The last step whose gradients overflowed (:meth:`GradScaler.last_overflow`).
+
+    ``sources`` lists ``(name, max |g|)`` for each parameter whose gradient held inf (``max |g|`` is inf) or
+    NaN (NaN); ``str(report)`` reads e.g. ``step 12 (loss scale 65536): blocks.3.mlp.fc1.weight: inf (1 of
+    149 tensors)``."""
+
+    step: int          # how many update() calls came before it (0 = the first iteration)
+    scale: float       # the loss scale of that step
+    num_tensors: int   # gradients checked in that step
+    sources: list[tuple[str, float]]
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class GradScaler:
@@ -51,6 +71,8 @@ class GradScaler:
         process_group: all-reduce the overflow flag over this group (e.g. ``torch.distributed.group.WORLD``).
         host_skip: decide every step on the host, as torch does for plain optimizers: one device sync per
             step, and ``optimizer.step()`` is not called on an overflow, so frameworks see skipped steps.
+        track_overflows: record which parameters' gradients overflowed, for :meth:`last_overflow` (the
+            unscale pass takes each gradient's max |g| on the side; a few tiny device ops per step).
     """
 
     def __init__(
@@ -69,6 +91,7 @@ class GradScaler:
         dynamic: bool = True,
         process_group: Optional[Any] = None,
         host_skip: bool = False,
+        track_overflows: bool = False,
     ) -> None:
         device = str(torch.device(device))
         enabled = self._usable(device, enabled)
@@ -83,7 +106,7 @@ class GradScaler:
                        backoff_factor=float(backoff_factor), growth_interval=int(growth_interval),
                        hysteresis=int(hysteresis), consecutive_hysteresis=bool(consecutive_hysteresis),
                        min_scale=float(min_scale), max_scale=None if max_scale is None else float(max_scale),
-                       dynamic=bool(dynamic), host_skip=bool(host_skip))
+                       dynamic=bool(dynamic), host_skip=bool(host_skip), track_overflows=bool(track_overflows))
         self._construct(device, enabled, process_group, options)
 
     @staticmethod
@@ -105,6 +128,7 @@ class GradScaler:
             device, o["init_scale"], o["growth_factor"], o["backoff_factor"], o["growth_interval"], bool(enabled),
             o["hysteresis"], o["consecutive_hysteresis"], o["min_scale"], o["max_scale"], o["dynamic"],
         )
+        self._impl.set_track_overflows(bool(o.get("track_overflows", False)))  # absent from older pickles
 
     # -- torch.amp.GradScaler's API ----------------------------------------------------------------------
 
@@ -259,6 +283,32 @@ class GradScaler:
     def set_growth_interval(self, new_interval: int) -> None:
         """Set the number of clean steps between scale growths (> 0)."""
         self._impl.set_growth_interval(int(new_interval))
+
+    # -- overflow attribution (mixprec) -------------------------------------------------------------------
+
+    def set_track_overflows(self, enabled: bool) -> None:
+        """Turn overflow tracking on or off (from the next unscale or step); off drops what was recorded."""
+        self._options["track_overflows"] = bool(enabled)
+        self._impl.set_track_overflows(bool(enabled))
+
+    def last_overflow(self, model: Optional[torch.nn.Module] = None) -> Optional[OverflowReport]:
+        """The last overflowing step since tracking began, naming the offending parameters from
+        ``model.named_parameters()`` (else ``param[i]``, i its position among the optimizer's parameters
+        with gradients); ``None`` when no tracked step overflowed or tracking is off. Reads a small record
+        back from the device: a host sync, only when called."""
+        if not self._enabled:
+            return None
+        names: list[str] = []
+        params: list[Tensor] = []
+        if model is not None:
+            for name, p in model.named_parameters():
+                names.append(name)
+                params.append(p)
+        found = self._impl.last_overflow(names, params)
+        if found is None:
+            return None
+        step, scale, num_tensors, source_names, max_abs, text = found
+        return OverflowReport(int(step), float(scale), int(num_tensors), list(zip(source_names, max_abs)), text)
 
     def _get_growth_tracker(self) -> int:
         return int(self._impl.state_dict()["_growth_tracker"]) if self._enabled else 0

@@ -9,6 +9,8 @@ import torch
 __all__ = [
     "unscale_and_check_",
     "unscale_and_check_sumsq_",
+    "grad_stats",
+    "GRAD_STATS_COLUMNS",
     "update_scale_",
     "cast",
     "cast_",
@@ -26,7 +28,8 @@ MASTER_MODES = ("none", "fp32", "remainder")
 ROUNDING_MODES = ("nearest", "stochastic")
 
 
-def unscale_and_check_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+def unscale_and_check_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
+                       amax: Optional[torch.Tensor] = None) -> None:
     """Multiply every gradient in place by ``inv_scale`` and raise ``found_inf`` on any inf/NaN.
 
     Args:
@@ -34,22 +37,53 @@ def unscale_and_check_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, i
         found_inf: one-element float32 tensor on that device; set to 1.0 when any element of any
             gradient is non-finite, never cleared (one flag can collect several calls).
         inv_scale: one-element float32 tensor on that device, usually ``1 / scale``.
+        amax: optional contiguous float32 vector with one entry per gradient on that device, holding
+            non-negative values (zeros to start). In the same pass entry ``i`` becomes the larger of itself
+            and ``max |grads[i]|`` as read (before the multiplication), ordered NaN > inf > finite, so it
+            names the gradients that overflowed. Like ``found_inf`` it only grows.
 
     Math is fp32 (fp64 for fp64 gradients); the whole list is one kernel launch on CUDA.
     """
-    torch.ops.mixprec.unscale_and_check_.default(list(grads), found_inf, inv_scale)
+    torch.ops.mixprec.unscale_and_check_.default(list(grads), found_inf, inv_scale, amax)
 
 
 def unscale_and_check_sumsq_(
-    grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor
+    grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
+    amax: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`unscale_and_check_`, returning also the sum of squares of the unscaled gradients.
 
     The result is a 0-dim float32 tensor on the gradients' device (no host synchronisation); its
     square root is the global gradient norm used for clipping, computed in the same pass. Squares are
-    taken of the fp32 products before they are rounded to each gradient's dtype.
+    taken of the fp32 products before they are rounded to each gradient's dtype. ``amax`` is as in
+    :func:`unscale_and_check_`.
     """
-    return torch.ops.mixprec.unscale_and_check_sumsq_.default(list(grads), found_inf, inv_scale)
+    return torch.ops.mixprec.unscale_and_check_sumsq_.default(list(grads), found_inf, inv_scale, amax)
+
+
+#: The columns of a :func:`grad_stats` row before the exponent histogram.
+GRAD_STATS_COLUMNS = ("numel", "zero", "flush_to_zero", "subnormal", "overflow", "nonfinite", "sumsq", "amax")
+
+
+def grad_stats(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent: int = -40,
+               num_bins: int = 64) -> torch.Tensor:
+    """Statistics of the gradients' values from one pass (one launch on CUDA), with no host sync.
+
+    Returns a float64 tensor ``[len(grads), 8 + num_bins]`` on ``scale``'s device, one row per gradient
+    with the columns :data:`GRAD_STATS_COLUMNS`: element count; exact zeros; non-zero elements that fp16
+    flushes to zero at loss scale ``scale`` (``|g * scale| < 2^-25``); elements it makes subnormal
+    (``2^-25 <= |g * scale| < 2^-14``); finite elements it overflows (``|g * scale| > 65504``); inf/NaN
+    elements; the sum of ``g^2`` (the squared norm; inf/NaN propagate); ``max |g|`` over finite elements.
+    Then a histogram of ``floor(log2 |g|)`` over finite non-zero elements, bin ``k`` holding exponent
+    ``min_exponent + k`` (the end bins also take what lies beyond them).
+
+    Args:
+        grads: true (unscaled) gradients, fp32/fp16/bf16/fp64 mixed, all on one device, any strides.
+        scale: one-element float32 tensor on that device: the loss scale fp16 is judged at.
+        min_exponent: the exponent of the first histogram bin, in [-1100, 1100].
+        num_bins: the number of histogram bins, in [1, 4096].
+    """
+    return torch.ops.mixprec.grad_stats.default(list(grads), scale, int(min_exponent), int(num_bins))
 
 
 def update_scale_(

@@ -1,10 +1,15 @@
 // mixprec::GradScaler from C++: with torch::optim::SGD/AdamW (host-checked skip) and with
-// mixprec::optim::AdamW (skip on device), growth/backoff, call-order errors, save/load.
+// mixprec::optim::AdamW (skip on device), growth/backoff, call-order errors, save/load, overflow
+// attribution, and the mixprec::Monitor built on it.
 #include <catch2/catch.hpp>
 #include <mixprec/mixprec.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 namespace {
@@ -156,4 +161,107 @@ TEST_CASE("GradScaler setters are checked and take effect at the next update", "
   REQUIRE_THROWS_WITH(scaler.set_growth_factor(1.0), Catch::Contains("growth_factor"));
   REQUIRE_THROWS_WITH(scaler.set_backoff_factor(0.0), Catch::Contains("backoff_factor"));
   REQUIRE_THROWS_WITH(scaler.set_growth_interval(0), Catch::Contains("growth_interval"));
+}
+
+TEST_CASE("GradScaler names the parameters whose gradients overflowed", "[scaler][overflow]") {
+  torch::manual_seed(0);
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 4));
+  const auto named = model->named_parameters();
+  const auto n = static_cast<int64_t>(named.size());
+  auto run = [&](torch::optim::Optimizer& opt, mixprec::GradScaler& scaler) {
+    std::vector<std::optional<mixprec::OverflowReport>> reports;
+    for (int i = 0; i < 4; ++i) {
+      opt.zero_grad();
+      scaler.scale(model->forward(torch::randn({5, 8})).pow(2).mean()).backward();
+      if (i == 1) named["2.weight"].mutable_grad()[3][7] = std::numeric_limits<float>::infinity();
+      if (i == 2) named["0.bias"].mutable_grad()[0] = std::numeric_limits<float>::quiet_NaN();
+      scaler.step(opt);
+      scaler.update();
+      reports.push_back(scaler.last_overflow(named));
+    }
+    return reports;
+  };
+  for (bool fused : {false, true}) {
+    SECTION(fused ? "mixprec::optim::AdamW (read-only check, skip on device)" : "torch::optim::SGD (unscale_)") {
+      std::unique_ptr<torch::optim::Optimizer> opt;
+      if (fused) {
+        opt = std::make_unique<mixprec::optim::AdamW>(model->parameters(), mixprec::optim::AdamOptions(1e-3));
+      } else {
+        opt = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+      }
+      mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).track_overflows(true));
+      const auto reports = run(*opt, scaler);
+      REQUIRE_FALSE(reports[0].has_value());
+      REQUIRE(reports[1]->str() == "step 1 (loss scale 1024): 2.weight: inf (1 of " + std::to_string(n) + " tensors)");
+      REQUIRE(reports[2]->step == 2);
+      REQUIRE(reports[2]->scale == 512.0);
+      REQUIRE(reports[2]->sources.size() == 1);
+      REQUIRE(reports[2]->sources[0].name == "0.bias");
+      REQUIRE(reports[2]->sources[0].param.is_same(named["0.bias"]));
+      REQUIRE(std::isnan(reports[2]->sources[0].max_abs));
+      REQUIRE(reports[3]->step == 2);  // a clean step keeps the last overflow
+      // Without names: the position among the optimizer's parameters with gradients.
+      REQUIRE(scaler.last_overflow()->sources[0].name == "param[1]");
+    }
+  }
+  SECTION("off by default: nothing is recorded") {
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+    mixprec::GradScaler scaler(torch::kCPU);
+    for (const auto& r : run(opt, scaler)) REQUIRE_FALSE(r.has_value());
+  }
+}
+
+TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow source", "[monitor]") {
+  torch::manual_seed(0);
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 4));
+  mixprec::optim::AdamW opt(model->parameters(), mixprec::optim::AdamOptions(1e-3));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024));
+  const std::string path = "mixprec_monitor_test.jsonl";
+  std::remove(path.c_str());
+  std::vector<mixprec::MonitorRecord> records;
+  double losses = 0;
+  {
+    mixprec::Monitor monitor(model->named_parameters(), &scaler,
+                             mixprec::MonitorOptions().every(2).jsonl(path).progress(false).min_exponent(-30).num_bins(40));
+    REQUIRE(scaler.options().track_overflows());
+    for (int i = 0; i < 4; ++i) {
+      opt.zero_grad();
+      auto loss = model->forward(torch::randn({5, 8})).pow(2).mean();
+      if (i >= 2) losses += loss.item<double>();
+      scaler.scale(loss).backward();
+      if (i == 3) model->named_parameters()["2.bias"].mutable_grad()[1] = std::numeric_limits<float>::infinity();
+      scaler.step(opt);
+      scaler.update();
+      auto r = monitor.step(loss, 40);
+      REQUIRE(r.has_value() == (i % 2 == 1));
+      if (r) records.push_back(*r);
+    }
+    // The per-gradient statistics of the last logged step, against a float64 count of the same gradients.
+    const at::Tensor stats = monitor.last_stats();
+    REQUIRE(monitor.last_stats_names() == model->named_parameters().keys());
+    int64_t zeros = 0, numel = 0;
+    for (const auto& p : model->parameters()) {
+      numel += p.grad().numel();
+      zeros += (p.grad() == 0).sum().item<int64_t>();
+    }
+    REQUIRE(stats.select(1, 0).sum().item<double>() == static_cast<double>(numel));
+    REQUIRE(stats.select(1, 1).sum().item<double>() == static_cast<double>(zeros));
+  }
+  REQUIRE(records.size() == 2);
+  REQUIRE(records[0].skipped_steps == 0);
+  REQUIRE(records[1].step == 4);
+  REQUIRE(records[1].skipped_steps == 1);
+  REQUIRE(records[1].loss == Approx(losses / 2).epsilon(1e-12));
+  REQUIRE(records[1].loss_scale == 512.0);
+  REQUIRE(records[1].overflow == "step 3 (loss scale 1024): 2.bias: inf (1 of 4 tensors)");
+  REQUIRE(records[1].tokens_per_second > 0);
+  std::ifstream in(path);
+  std::string line;
+  std::vector<std::string> lines;
+  while (std::getline(in, line)) lines.push_back(line);
+  REQUIRE(lines == std::vector<std::string>{records[0].json(), records[1].json()});
+  REQUIRE(lines[1].find("\"overflow\": \"step 3 (loss scale 1024): 2.bias: inf (1 of 4 tensors)\"") != std::string::npos);
+  std::remove(path.c_str());
+  REQUIRE_THROWS_WITH(mixprec::Monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().every(0)),
+                      Catch::Contains("every must be > 0"));
 }

@@ -74,6 +74,12 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("unscale: found_inf shape", lambda w: ops.unscale_and_check_(w.g, torch.zeros(2), w.inv), RuntimeError, "found_inf"),
     ("unscale: found_inf dtype", lambda w: ops.unscale_and_check_(w.g, torch.zeros(1, dtype=torch.int32), w.inv), RuntimeError, "found_inf"),
     ("unscale: inv_scale dtype", lambda w: ops.unscale_and_check_sumsq_(w.g, w.found, w.inv.double()), RuntimeError, "inv_scale"),
+    ("unscale: amax length", lambda w: ops.unscale_and_check_(w.g, w.found, w.inv, torch.zeros(3)), RuntimeError,
+     r"amax.*one entry per gradient \(2\)"),
+    ("unscale: amax dtype", lambda w: ops.unscale_and_check_sumsq_(w.g, w.found, w.inv, torch.zeros(2).half()),
+     RuntimeError, "amax must be a contiguous float32"),
+    ("unscale: amax strided", lambda w: ops.unscale_and_check_(w.g, w.found, w.inv, torch.zeros(4)[::2]), RuntimeError,
+     "amax must be a contiguous"),
     # update_scale_
     ("update: growth_factor", lambda w: ops.update_scale_(w.scale, w.growth, w.hyst, w.found, -2.0, 0.5, 10), RuntimeError, "growth_factor"),
     ("update: backoff_factor", lambda w: ops.update_scale_(w.scale, w.growth, w.hyst, w.found, 2.0, 0.0, 10), RuntimeError, "backoff_factor"),

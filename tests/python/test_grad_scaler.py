@@ -359,11 +359,12 @@ def test_fsdp2_fully_shard_with_mixprec_optimizer(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the sync check needs a GPU")
-def test_no_host_sync_on_cuda_with_mixprec_optimizer() -> None:
+@pytest.mark.parametrize("track", [False, True])
+def test_no_host_sync_on_cuda_with_mixprec_optimizer(track: bool) -> None:
     """torch.cuda.set_sync_debug_mode('error') turns every host synchronisation into an error."""
     model = make_model(0, "cuda").half()
     opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = mixprec.GradScaler("cuda", growth_interval=2)
+    scaler = mixprec.GradScaler("cuda", growth_interval=2, track_overflows=track)
     x = torch.randn(4, 8, device="cuda").half()
     for _ in range(2):  # warm-up: lazy state creation may allocate from the host
         opt.zero_grad()
@@ -382,3 +383,5 @@ def test_no_host_sync_on_cuda_with_mixprec_optimizer() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.state[model[0].weight]["step"].item() == 5.0
+    if track:
+        assert str(scaler.last_overflow(model)).startswith("step 3 (loss scale 65536): 0.weight: inf (1 of 4")

@@ -5,6 +5,8 @@ chunk boundary plus one, and starts misaligned for vector loads."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import on_device, requires_cuda
@@ -106,11 +108,15 @@ def test_unscale_over_2500_tensors_matches_cpu_and_flags_any_launch(where: str) 
     grads[index][-1] = float("inf")
     ggrads = _cuda_copy(grads)
     f_cpu, f_gpu = torch.zeros(1), torch.zeros(1, device="cuda")
-    ops.unscale_and_check_(grads, f_cpu, torch.full((1,), 0.37))
-    ops.unscale_and_check_(ggrads, f_gpu, torch.full((1,), 0.37, device="cuda"))
+    a_cpu, a_gpu = torch.zeros(len(grads)), torch.zeros(len(grads), device="cuda")
+    ops.unscale_and_check_(grads, f_cpu, torch.full((1,), 0.37), a_cpu)
+    ops.unscale_and_check_(ggrads, f_gpu, torch.full((1,), 0.37, device="cuda"), a_gpu)
     assert f_cpu.item() == 1.0 and f_gpu.item() == 1.0
     for a, b in zip(grads, ggrads):
         assert torch.equal(a, b.cpu())
+    # Per-tensor maxima land at each tensor's list index across launches (880 tensors a launch with amax).
+    assert torch.equal(a_cpu, a_gpu.cpu())
+    assert math.isinf(a_cpu[index].item()) and int(torch.isinf(a_cpu).sum()) == 1
 
 
 def test_the_4kb_kernel_argument_path_gives_the_same_bits() -> None:

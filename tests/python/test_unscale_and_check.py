@@ -152,6 +152,65 @@ def test_non_contiguous_views(device: str) -> None:
     assert torch.equal(base[untouched], before_base[untouched])
 
 
+def reference_amax(grads: list[torch.Tensor]) -> torch.Tensor:
+    """max |g| per tensor in float64, NaN if any NaN, then rounded once to fp32 (0 for an empty tensor)."""
+    out = []
+    for g in grads:
+        g64 = g.detach().to(torch.float64).abs().flatten()
+        if g64.numel() == 0:
+            out.append(0.0)
+        elif torch.isnan(g64).any():
+            out.append(math.nan)
+        else:
+            out.append(float(g64.max()))
+    return torch.tensor(out, dtype=torch.float64).to(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sumsq", [False, True])
+def test_amax_per_tensor_matches_float64(device: str, sumsq: bool) -> None:
+    """The optional per-tensor max |g| (of the values as read) for every dtype, empty, strided, misaligned and
+    multi-chunk tensors, planted inf/NaN (NaN beats inf), fp64 beyond fp32's range, and accumulation into
+    entries that were already larger."""
+    torch.manual_seed(5)
+    grads = [
+        torch.randn(3, 5, device=device) * 7,
+        (torch.randn(1001, device=device) * 300).half(),
+        torch.randn(17, 33, 2, device=device, dtype=torch.bfloat16),
+        torch.randn(9, device=device, dtype=torch.float64) * 1e300,    # |g| beyond fp32: inf
+        torch.empty(0, 4, device=device, dtype=torch.float16),
+        torch.randn(200001, device=device),                           # several 64K chunks
+        torch.randn(40, 30, device=device)[:, 1::3],                  # gaps: a copy written back
+        torch.randn(100, device=device, dtype=torch.bfloat16)[3:97],  # misaligned start
+        torch.randn(70000, device=device),                            # inf planted late
+        torch.randn(130000, device=device, dtype=torch.float16),      # inf and NaN in different chunks
+        torch.randn(5, device=device) * 1e-30,                        # tiny
+    ]
+    grads[8][69999] = -math.inf
+    grads[9][3] = math.inf
+    grads[9][129000] = math.nan
+    expected = reference_amax(grads)
+    expected[10] = 1.0e6  # an entry already larger than the tensor's max stays as it was
+    amax = torch.zeros(len(grads), device=device)
+    amax[10] = 1.0e6
+    found_inf = one(0.0, device)
+    if sumsq:
+        ops.unscale_and_check_sumsq_(grads, found_inf, one(0.25, device), amax)
+    else:
+        ops.unscale_and_check_(grads, found_inf, one(0.25, device), amax)
+    torch.testing.assert_close(amax.cpu(), expected, equal_nan=True, rtol=0, atol=0)
+    assert not torch.signbit(amax).any()  # NaN included: the contract is non-negative bits
+    assert found_inf.item() == 1.0
+    # The same call without the planted values: the flag stays clear, and only maxima grow.
+    clean = [g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) for g in grads[:3]]
+    before = reference_amax(clean)
+    small = torch.full((3,), 1e-3, device=device)
+    f2 = one(0.0, device)
+    ops.unscale_and_check_(clean, f2, one(1.0, device), small)
+    assert f2.item() == 0.0
+    torch.testing.assert_close(small.cpu(), torch.maximum(before, torch.tensor(1e-3)), rtol=0, atol=0)
+
+
 def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
     """The DEFAULT and AVX2 builds of the CPU kernel give identical bits (forced via ATEN_CPU_CAPABILITY)."""
     torch.manual_seed(0)
@@ -163,15 +222,20 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
         planted = grads[1].clone()
         planted[77] = float("nan")
         found = torch.zeros(1)
-        mixprec.ops.unscale_and_check_([planted], found, torch.full((1,), 0.3))
+        amax = torch.zeros(1)
+        mixprec.ops.unscale_and_check_([planted], found, torch.full((1,), 0.3), amax)
         assert clean.item() == 0.0
-        RESULT = {"grads": grads, "found": found, "sumsq": s}
+        amax_clean = torch.zeros(3)
+        mixprec.ops.unscale_and_check_(grads, torch.zeros(1), torch.full((1,), 1.0), amax_clean)
+        RESULT = {"grads": grads, "found": found, "sumsq": s, "amax": amax, "amax_clean": amax_clean}
     """
     a = run_with_cpu_capability("default", script, grads, tmp_path)
     b = run_with_cpu_capability(None, script, grads, tmp_path)
     for x, y in zip(a["grads"], b["grads"]):
         torch.testing.assert_close(x, y, equal_nan=True, rtol=0, atol=0)
     assert a["found"].item() == b["found"].item() == 1.0
+    assert math.isnan(a["amax"].item()) and math.isnan(b["amax"].item())
+    assert torch.equal(a["amax_clean"], b["amax_clean"])
     # Sums of squares may differ only by the order of fp32 lane additions.
     assert math.isclose(a["sumsq"].item(), b["sumsq"].item(), rel_tol=1e-5)
 
@@ -182,11 +246,15 @@ def test_cpu_and_cuda_agree() -> None:
     grads = [torch.randn(n, dtype=d) * 100 for n, d in [(12345, torch.float32), (777, torch.float16), (65537, torch.bfloat16)]]
     cuda_grads = [g.cuda() for g in grads]
     f_cpu, f_cuda = one(0.0, "cpu"), one(0.0, "cuda")
-    s_cpu = ops.unscale_and_check_sumsq_(grads, f_cpu, one(0.37, "cpu"))
-    s_cuda = ops.unscale_and_check_sumsq_(cuda_grads, f_cuda, one(0.37, "cuda"))
+    grads[1][5] = math.inf
+    cuda_grads[1][5] = math.inf
+    a_cpu, a_cuda = torch.zeros(3), torch.zeros(3, device="cuda")
+    s_cpu = ops.unscale_and_check_sumsq_(grads, f_cpu, one(0.37, "cpu"), a_cpu)
+    s_cuda = ops.unscale_and_check_sumsq_(cuda_grads, f_cuda, one(0.37, "cuda"), a_cuda)
     for a, b in zip(grads, cuda_grads):
         assert torch.equal(a, b.cpu())
-    assert math.isclose(s_cpu.item(), s_cuda.item(), rel_tol=1e-5)
+    assert torch.equal(a_cpu, a_cuda.cpu())
+    assert math.isinf(s_cpu.item()) and math.isinf(s_cuda.item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,6 +265,8 @@ def test_opcheck(device: str) -> None:
 
     torch.library.opcheck(torch.ops.mixprec.unscale_and_check_.default, sample())
     torch.library.opcheck(torch.ops.mixprec.unscale_and_check_sumsq_.default, sample())
+    torch.library.opcheck(torch.ops.mixprec.unscale_and_check_.default, (*sample(), torch.zeros(2, device=device)))
+    torch.library.opcheck(torch.ops.mixprec.unscale_and_check_sumsq_.default, (*sample(), torch.zeros(2, device=device)))
 
 
 @settings(max_examples=int(os.environ.get("MIXPREC_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
@@ -215,10 +285,13 @@ def test_property_random_lists(sizes: list[int], dtype_codes: list[int], exponen
         nonempty[seed % len(nonempty)][seed % nonempty[seed % len(nonempty)].numel()] = math.nan
     inv = 2.0**exponent
     expected, found, expected_sumsq = reference(grads, inv)
+    expected_amax = reference_amax(grads)
     found_inf = one(0.0, "cpu")
-    sumsq = ops.unscale_and_check_sumsq_(grads, found_inf, one(inv, "cpu"))
+    amax = torch.zeros(len(grads))
+    sumsq = ops.unscale_and_check_sumsq_(grads, found_inf, one(inv, "cpu"), amax)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(amax, expected_amax, equal_nan=True, rtol=0, atol=0)
     assert found_inf.item() == float(found)
     if not found and math.isfinite(expected_sumsq) and expected_sumsq < 3e38:
         assert math.isclose(sumsq.item(), expected_sumsq, rel_tol=1e-4, abs_tol=1e-30)

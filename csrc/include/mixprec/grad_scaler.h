@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/Dict.h>
 #include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
 
 #include <map>
 #include <optional>
@@ -31,6 +32,27 @@ struct GradScalerOptions {
   TORCH_ARG(std::optional<double>, max_scale) = std::nullopt;
   /// false: a static loss scale (init_scale) that never changes; overflowing steps are still skipped.
   TORCH_ARG(bool, dynamic) = true;
+  /// Record which parameters' gradients overflowed (last_overflow()): the unscale pass also takes each
+  /// gradient's max |g| into a small device buffer (no extra pass), kept on the device for the last
+  /// overflowing step. Costs a few tiny device ops per step; off by default.
+  TORCH_ARG(bool, track_overflows) = false;
+};
+
+/// One parameter whose gradient held inf/NaN (GradScaler::last_overflow()).
+struct OverflowSource {
+  std::string name;  ///< from the names given to last_overflow(), else "param[i]" (i: its optimizer position)
+  at::Tensor param;
+  double max_abs;    ///< max |g| as the scaled gradient held it: inf or NaN
+};
+
+/// The last step whose gradients overflowed, as GradScaler::last_overflow() reads it back.
+struct OverflowReport {
+  int64_t step;         ///< how many update() calls came before it (0 = the first iteration)
+  double scale;         ///< the loss scale of that step
+  int64_t num_tensors;  ///< gradients checked in that step
+  std::vector<OverflowSource> sources;
+  /// E.g. "step 12 (loss scale 65536): blocks.3.mlp.fc1.weight: inf (1 of 149 tensors)".
+  std::string str() const;
 };
 
 class GradScaler {
@@ -68,6 +90,18 @@ class GradScaler {
   void set_growth_factor(double growth_factor);
   void set_backoff_factor(double backoff_factor);
   void set_growth_interval(int64_t growth_interval);
+  /// Turns overflow tracking on or off (from the next unscale or step); off drops what was recorded.
+  void set_track_overflows(bool track);
+
+  /// The last overflowing step since tracking began (track_overflows), naming the offending parameters
+  /// from `named_parameters` (a module's named_parameters(); identity decides); nullopt when no tracked
+  /// step overflowed. Reads the record back from the device: a host sync, only when asked.
+  /// Overflowing steps since tracking began: an int64 0-dim tensor on the scale's device (no host sync;
+  /// undefined before the first tracked update()).
+  const at::Tensor& overflow_count() const { return overflow_count_; }
+  std::optional<OverflowReport> last_overflow(const torch::OrderedDict<std::string, at::Tensor>& named_parameters) const;
+  /// As above, the parameters named by position ("param[i]").
+  std::optional<OverflowReport> last_overflow() const;
 
   /// torch.amp.GradScaler's state_dict keys ("scale", "growth_factor", "backoff_factor",
   /// "growth_interval", "_growth_tracker") plus mixprec's ("hysteresis", "_hysteresis_tracker",
@@ -82,8 +116,9 @@ class GradScaler {
 
   // ---- the optimizer-agnostic core (what the Python binding drives) ----------------------------------
 
-  /// Unscale `grads` for the optimizer identified by `key` (e.g. its address or Python id).
-  void unscale_grads_(int64_t key, at::TensorList grads);
+  /// Unscale `grads` for the optimizer identified by `key` (e.g. its address or Python id). With `params`
+  /// (the parameters the gradients belong to, one per gradient) an overflow can be traced to them.
+  void unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params = {});
   /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);
 
@@ -94,7 +129,7 @@ class GradScaler {
   };
   /// torch's rule for such optimizers: when `grads` have not been unscaled this iteration, they are only
   /// checked for inf/NaN (read, not written) and the scale is handed over; after unscale_() the flag alone.
-  ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads);
+  ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params = {});
   /// Whether a step() or unscale_() happened since the last update() (torch refuses to pickle then).
   bool in_iteration() const { return !per_optimizer_.empty(); }
   /// Whether the optimizer's gradients have been unscaled since the last update().
@@ -115,11 +150,24 @@ class GradScaler {
   struct OptimizerState {
     Stage stage = Stage::Ready;
     std::map<std::string, at::Tensor> found_inf_per_device;  // keyed by device string
+    // With track_overflows: the checked parameters and their gradients' max |g| (float32, scale's device).
+    std::vector<at::Tensor> params;
+    at::Tensor amax;
+  };
+  /// One optimizer's record of the last overflowing step, kept on the scale's device and updated by
+  /// update() with a select on the overflow flag (no host sync).
+  struct OverflowRecord {
+    std::vector<at::Tensor> params;
+    at::Tensor amax;   // float32 [params]
+    at::Tensor step;   // int64 0-dim, -1: none yet
+    at::Tensor scale;  // float32 0-dim
   };
 
   /// Runs the fused unscale-and-check over `grads` (an inv_scale of 1 makes it a read-only check) and
   /// records the per-device flags in `st`; the stage is left to the caller.
-  void check_grads(OptimizerState& st, at::TensorList grads, const at::Tensor& inv_scale);
+  void check_grads(OptimizerState& st, at::TensorList grads, at::TensorList params, const at::Tensor& inv_scale);
+  /// Folds this iteration's per-tensor maxima into the overflow records (where `overflowed` holds).
+  void record_overflows(const at::Tensor& overflowed);
   void lazy_init(c10::Device device);
   at::Tensor combined_found_inf(const OptimizerState& st) const;
 
@@ -129,6 +177,9 @@ class GradScaler {
   double init_growth_tracker_ = 0;
   int64_t init_hysteresis_tracker_;
   std::map<int64_t, OptimizerState> per_optimizer_;
+  int64_t updates_ = 0;  // update() calls so far: the step number overflow reports give
+  std::map<int64_t, OverflowRecord> overflow_records_;
+  at::Tensor overflow_count_;
 };
 
 }  // namespace mixprec

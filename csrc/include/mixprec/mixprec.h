@@ -3,6 +3,7 @@
 
 #include "mixprec/fp8.h"
 #include "mixprec/grad_scaler.h"
+#include "mixprec/monitor.h"
 #include "mixprec/nn.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"

@@ -17,13 +17,32 @@ namespace mixprec::ops {
 /// `found_inf = 1` if any element of any gradient is inf or NaN. `found_inf` is never cleared, so
 /// one flag can collect several calls. Gradients may mix fp32, fp16, bf16 and fp64 in one call.
 /// `found_inf` and `inv_scale` are one-element float32 tensors on the gradients' device.
-void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale);
+///
+/// `amax`, when given, is a contiguous float32 vector with one entry per gradient, on the same device,
+/// holding non-negative values (zeros to start): in the same pass, entry i becomes the larger of itself
+/// and max|grads[i]| as read (before the multiplication), ordered NaN > inf > finite; an fp64 magnitude
+/// beyond fp32's range reads as inf. Like `found_inf` it only grows, so it can collect several calls; it
+/// tells which gradient overflowed (GradScaler's overflow report).
+void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                        const std::optional<at::Tensor>& amax = std::nullopt);
 
 /// unscale_and_check_ that also returns the sum of squares of the unscaled gradients (a 0-dim fp32
 /// tensor on the device, computed from the fp32 products before they are rounded to the gradient's
 /// dtype), so clipping by the global norm needs no second pass over the gradients.
 at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& found_inf,
-                                    const at::Tensor& inv_scale);
+                                    const at::Tensor& inv_scale,
+                                    const std::optional<at::Tensor>& amax = std::nullopt);
+
+/// Statistics of the gradients' values, for monitoring, from one pass (one launch on CUDA) and with no
+/// host synchronisation: a float64 tensor [len(grads), 8 + num_bins] on `scale`'s device, one row per
+/// gradient: numel, zeros, flushed (non-zero but |g * scale| < 2^-25: fp16 rounds it to zero), subnormal
+/// (2^-25 <= |g * scale| < 2^-14), overflow (finite, |g * scale| > 65504), non-finite, sum of g^2, max |g|
+/// over finite elements, then a histogram of floor(log2 |g|) over finite non-zero elements in bins
+/// min_exponent .. min_exponent + num_bins - 1 (the end bins also take what lies beyond). `scale` (a
+/// one-element float32 tensor) is the loss scale to judge fp16 at; the gradients hold true (unscaled)
+/// values. fp32/fp16/bf16/fp64 gradients mixed, any strides.
+at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent = -40,
+                      int64_t num_bins = 64);
 
 /// The dynamic loss-scale state machine, in place on device tensors, with no host synchronisation.
 ///

@@ -44,6 +44,7 @@ class KernelTable {
 struct UnscaleChunkResult {
   bool found_nonfinite;
   double sumsq;
+  float amax;  ///< max |x| of the values as read: NaN if any is NaN, else inf if any is inf (non-negative)
 };
 
 /// Unscales `n` elements of dtype `dtype` at `data` in place; sums squares when `want_sumsq`.

@@ -1,12 +1,14 @@
 // unscale_and_check_ / unscale_and_check_sumsq_ on the CPU: validation, splitting every gradient
 // into chunks, and running the chunks in parallel through the vectorised kernel of the best CPU
-// capability. Each chunk reports its own flag and partial sum into its own slot, and the partial sums
-// are added in chunk order, so the result does not depend on the number of threads.
+// capability. Each chunk reports its own flag, partial sum and max |x| into its own slot; the partial
+// sums are added in chunk order, so the result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <optional>
 #include <vector>
 
 #include "ops/checks.h"
@@ -22,31 +24,43 @@ struct Chunk {
   void* data;
   int64_t n;
   at::ScalarType dtype;
+  size_t tensor;
 };
 
+// Magnitudes are compared as the bits of non-negative floats, which order finite < inf < NaN: the same
+// rule as the CUDA kernel's atomicMax, so both backends leave the same entry for the same gradients.
+uint32_t magnitude_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
 double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
-                    bool want_sumsq) {
-  detail::check_unscale_args(op, grads, found_inf, inv_scale);
+                    const std::optional<at::Tensor>& amax, bool want_sumsq) {
+  detail::check_unscale_args(op, grads, found_inf, inv_scale, amax);
   const float inv = inv_scale.item<float>();  // a CPU tensor: reading it is not a device sync
   detail::DenseViews dense(grads);
 
   std::vector<Chunk> chunks;
-  for (const at::Tensor& g : dense.views()) {
+  for (size_t t = 0; t < dense.views().size(); ++t) {
+    const at::Tensor& g = dense.views()[t];
     const int64_t numel = g.numel();
     char* base = static_cast<char*>(g.data_ptr());
     const int64_t item = g.element_size();
     for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({base + begin * item, std::min(kChunk, numel - begin), g.scalar_type()});
+      chunks.push_back({base + begin * item, std::min(kChunk, numel - begin), g.scalar_type(), t});
     }
   }
   std::vector<uint8_t> found(chunks.size(), 0);
   std::vector<double> partial(chunks.size(), 0.0);
+  std::vector<float> chunk_amax(chunks.size(), 0.f);
   const UnscaleChunkFn kernel = unscale_chunk_kernels.get("unscale_and_check_");
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const UnscaleChunkResult r = kernel(chunks[c].data, chunks[c].n, chunks[c].dtype, inv, want_sumsq);
       found[c] = r.found_nonfinite;
       partial[c] = r.sumsq;
+      chunk_amax[c] = r.amax;
     }
   });
   if (inv != 1.0f) dense.write_back();  // an inv_scale of 1 changed nothing (a read-only check)
@@ -58,16 +72,23 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
     sumsq += partial[c];
   }
   if (any) found_inf.fill_(1.0);  // set, never cleared: one flag can collect several calls
+  if (amax.has_value() && amax->defined()) {
+    float* out = amax->data_ptr<float>();
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      if (magnitude_bits(chunk_amax[c]) > magnitude_bits(out[chunks[c].tensor])) out[chunks[c].tensor] = chunk_amax[c];
+    }
+  }
   return sumsq;
 }
 
-void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale) {
-  unscale_impl("mixprec::unscale_and_check_", grads, found_inf, inv_scale, /*want_sumsq=*/false);
+void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                           const std::optional<at::Tensor>& amax) {
+  unscale_impl("mixprec::unscale_and_check_", grads, found_inf, inv_scale, amax, /*want_sumsq=*/false);
 }
 
 at::Tensor unscale_and_check_sumsq_cpu(at::TensorList grads, const at::Tensor& found_inf,
-                                       const at::Tensor& inv_scale) {
-  const double sumsq = unscale_impl("mixprec::unscale_and_check_sumsq_", grads, found_inf, inv_scale, true);
+                                       const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax) {
+  const double sumsq = unscale_impl("mixprec::unscale_and_check_sumsq_", grads, found_inf, inv_scale, amax, true);
   return at::scalar_tensor(sumsq, found_inf.options());
 }
 

@@ -1,5 +1,5 @@
 // The vectorised inner loop of unscale_and_check_ on the CPU: one pass that multiplies by inv_scale,
-// flags inf/NaN and (optionally) sums squares. With an inv_scale of exactly 1 nothing would change, so
+// takes max |x| (which flags inf/NaN) and (optionally) sums squares. With an inv_scale of exactly 1 nothing would change, so
 // the pass only reads (a scaler's inf check before a fused optimizer step). Compiled once per CPU capability (see cpu_dispatch.h);
 // the op itself (checks, chunking, threads) is in unscale_and_check.cpp.
 #include "ops/cpu/cpu_dispatch.h"
@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <limits>
 
 namespace mixprec::cpu {
 inline namespace CPU_CAPABILITY {
@@ -18,8 +19,18 @@ namespace {
 using at::vec::Vectorized;
 using FVec = Vectorized<float>;
 
-// x * 0 is 0 for every finite x and NaN for inf and NaN, so summing it flags a non-finite value
-// without a branch or a compare per element.
+// The chunk's max |x| is tracked with a NaN-propagating maximum, so it also answers the inf/NaN check
+// (it is finite exactly when every element is): one max per element instead of a separate test.
+inline float nan_max(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
+
+inline float lanes_max(const FVec& v) {
+  alignas(64) float tmp[FVec::size()];
+  v.store(tmp);
+  float m = 0.f;
+  for (int i = 0; i < FVec::size(); ++i) m = nan_max(tmp[i], m);
+  return m;
+}
+
 inline float lanes_sum(const FVec& v) {
   alignas(64) float tmp[FVec::size()];
   v.store(tmp);
@@ -28,18 +39,23 @@ inline float lanes_sum(const FVec& v) {
   return s;
 }
 
+inline UnscaleChunkResult chunk_result(float amax, double sumsq) {
+  amax = std::fabs(amax);  // a propagated NaN may carry a sign bit; the contract is a non-negative value
+  return {!std::isfinite(amax), sumsq, amax};
+}
+
 template <bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_float(float* p, int64_t n, float inv_scale) {
   const FVec vinv(inv_scale);
-  const FVec zero(0.f);
-  FVec bad(0.f);
+  FVec mx0(0.f), mx1(0.f);
   FVec sq0(0.f), sq1(0.f);
   int64_t i = 0;
   // Two vectors per iteration: independent accumulators hide the FMA latency.
   for (; i + 2 * FVec::size() <= n; i += 2 * FVec::size()) {
     const FVec x0 = FVec::loadu(p + i);
     const FVec x1 = FVec::loadu(p + i + FVec::size());
-    bad = bad + x0 * zero + x1 * zero;
+    mx0 = at::vec::maximum(mx0, x0.abs());
+    mx1 = at::vec::maximum(mx1, x1.abs());
     const FVec y0 = x0 * vinv;
     const FVec y1 = x1 * vinv;
     if constexpr (kStore) {
@@ -51,29 +67,29 @@ UnscaleChunkResult unscale_float(float* p, int64_t n, float inv_scale) {
       sq1 = at::vec::fmadd(y1, y1, sq1);
     }
   }
-  float bad_s = lanes_sum(bad);
+  float mx = lanes_max(at::vec::maximum(mx0, mx1));
   double sq = kSumsq ? static_cast<double>(lanes_sum(sq0 + sq1)) : 0.0;
   for (; i < n; ++i) {
     const float x = p[i];
-    bad_s += x * 0.f;
+    mx = nan_max(std::fabs(x), mx);
     const float y = x * inv_scale;
     if constexpr (kStore) p[i] = y;
     if constexpr (kSumsq) sq += static_cast<double>(y) * y;
   }
-  return {std::isnan(bad_s), sq};
+  return chunk_result(mx, sq);
 }
 
 template <typename T, bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_reduced(T* p, int64_t n, float inv_scale) {
   using RVec = Vectorized<T>;  // holds 2 * FVec::size() elements
   const FVec vinv(inv_scale);
-  const FVec zero(0.f);
-  FVec bad(0.f);
+  FVec mx0(0.f), mx1(0.f);
   FVec sq0(0.f), sq1(0.f);
   int64_t i = 0;
   for (; i + RVec::size() <= n; i += RVec::size()) {
     auto [x0, x1] = at::vec::convert_to_float<T>(RVec::loadu(p + i));
-    bad = bad + x0 * zero + x1 * zero;
+    mx0 = at::vec::maximum(mx0, x0.abs());
+    mx1 = at::vec::maximum(mx1, x1.abs());
     const FVec y0 = x0 * vinv;
     const FVec y1 = x1 * vinv;
     if constexpr (kStore) at::vec::convert_from_float<T>(y0, y1).store(p + i);
@@ -82,31 +98,35 @@ UnscaleChunkResult unscale_reduced(T* p, int64_t n, float inv_scale) {
       sq1 = at::vec::fmadd(y1, y1, sq1);
     }
   }
-  float bad_s = lanes_sum(bad);
+  float mx = lanes_max(at::vec::maximum(mx0, mx1));
   double sq = kSumsq ? static_cast<double>(lanes_sum(sq0 + sq1)) : 0.0;
   for (; i < n; ++i) {
     const float x = static_cast<float>(p[i]);
-    bad_s += x * 0.f;
+    mx = nan_max(std::fabs(x), mx);
     const float y = x * inv_scale;
     if constexpr (kStore) p[i] = static_cast<T>(y);
     if constexpr (kSumsq) sq += static_cast<double>(y) * y;
   }
-  return {std::isnan(bad_s), sq};
+  return chunk_result(mx, sq);
 }
 
-// fp64 gradients are rare (tests, scientific models); they keep fp64 math and a plain loop.
+// fp64 gradients are rare (tests, scientific models); they keep fp64 math and a plain loop. The flag
+// comes from the fp64 values; the reported max |x| is rounded to fp32 (inf beyond its range).
 template <bool kSumsq, bool kStore>
 UnscaleChunkResult unscale_double(double* p, int64_t n, float inv_scale) {
   const double inv = inv_scale;
-  double bad = 0.0, sq = 0.0;
+  double mx = 0.0, sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double x = p[i];
-    bad += x * 0.0;
+    const double a = std::fabs(x);
+    if (std::isnan(a) || a > mx) mx = a;
     const double y = x * inv;
     if constexpr (kStore) p[i] = y;
     if constexpr (kSumsq) sq += y * y;
   }
-  return {std::isnan(bad), sq};
+  const float amax = mx > std::numeric_limits<float>::max() ? std::numeric_limits<float>::infinity()
+                                                             : static_cast<float>(mx);  // NaN stays NaN
+  return {!std::isfinite(mx), sq, std::fabs(amax)};
 }
 
 template <bool kSumsq, bool kStore>

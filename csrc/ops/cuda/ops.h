@@ -13,9 +13,12 @@
 
 namespace mixprec::cuda {
 
-void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale);
+void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                            const std::optional<at::Tensor>& amax);
 at::Tensor unscale_and_check_sumsq_cuda(at::TensorList grads, const at::Tensor& found_inf,
-                                        const at::Tensor& inv_scale);
+                                        const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax);
+
+at::Tensor grad_stats_cuda(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins);
 
 void update_scale_cuda(const at::Tensor& scale, const at::Tensor& growth_tracker, const at::Tensor& hysteresis_tracker,
                        const at::Tensor& found_inf, double growth_factor, double backoff_factor,

@@ -15,6 +15,7 @@ namespace {
 void register_kernels(torch::Library& m, bool sparse) {
   m.impl("unscale_and_check_", &unscale_and_check_cuda);
   m.impl("unscale_and_check_sumsq_", &unscale_and_check_sumsq_cuda);
+  m.impl("grad_stats", &grad_stats_cuda);
   m.impl("cast", &cast_cuda);
   m.impl("cast_", &cast__cuda);
   m.impl("split_bf16_remainder", &split_bf16_remainder_cuda);

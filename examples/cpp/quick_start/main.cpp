@@ -12,6 +12,8 @@ int main() {
   mixprec::apply(*model, policy);
   mixprec::optim::AdamW opt(model->parameters(), mixprec::optim::AdamWOptions(3e-4).weight_decay(0.1));
   mixprec::GradScaler scaler(device, mixprec::GradScalerOptions().enabled(policy.needs_loss_scaling()));
+  // Every 10 steps: loss, scale, skipped steps and their sources, fp16 underflow, grad norm, speed, memory.
+  mixprec::Monitor monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().every(10).jsonl("metrics.jsonl"));
   for (auto& [x, y] : data) {
     opt.zero_grad();
     torch::Tensor loss;
@@ -22,6 +24,7 @@ int main() {
     scaler.scale(loss).backward();
     scaler.step(opt);      // mixprec optimizers skip on device; torch::optim ones through a host check
     scaler.update();
+    monitor.step(loss, x.size(0));   // reads nothing back from the device between logged steps
   }
   torch::save(opt, "opt.pt");   // masters and moments included
 }

@@ -1,0 +1,91 @@
+"""What mixprec.Monitor and the GradScaler's overflow tracking cost per training step, on the demo's model.
+
+Three variants train the same model on the same batches (mixprec.optim.AdamW, mixprec.GradScaler), in
+interleaved rounds so that drift in the machine's speed hits all of them alike:
+
+  baseline        no monitor, no overflow tracking
+  not logging     a Monitor whose interval is never reached: overflow tracking and the per-step bookkeeping
+  every N         a Monitor logging every N steps (grad_stats pass, one host read, JSON lines; no TensorBoard)
+
+Reported: median step time per variant (device-synchronised at the end of each round) and the overhead
+relative to the baseline. Goals: < 0.5% not logging, < 2% logging every 100 steps.
+
+    python benchmarks/bench_monitor.py [--device cpu|cuda] [--size tiny|small|gpt2ish] [--steps N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from common import print_device_header, print_table, sync
+from torch import nn
+
+import mixprec
+from mixprec.demo import SIZES, CharTransformer
+
+
+def run_round(variant: str, args: argparse.Namespace, data: torch.Tensor, log_dir: str) -> float:
+    d, layers, heads, context, batch = SIZES[args.size]
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    model = CharTransformer(d, layers, heads, context).to(device=device, dtype=dtype)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3, master_weights="fp32")
+    scaler = mixprec.GradScaler(device.type, growth_interval=1000)
+    monitor = None
+    if variant != "baseline":
+        every = args.steps * 10 if variant == "not logging" else args.every
+        monitor = mixprec.Monitor(model, scaler, every=every, log_dir=log_dir, sinks=("jsonl",))
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, data.numel() - context - 1, (args.warmup + args.steps, batch), generator=gen)
+    xs = [torch.stack([data[s:s + context + 1] for s in row]).to(device) for row in starts]
+    t0 = 0.0
+    for i, xy in enumerate(xs):
+        if i == args.warmup:
+            sync(args.device)
+            t0 = time.perf_counter()
+        x, y = xy[:, :-1], xy[:, 1:]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).float().reshape(-1, 256), y.reshape(-1))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if monitor is not None:
+            monitor.step(loss, tokens=x.numel())
+    sync(args.device)
+    return (time.perf_counter() - t0) / args.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--every", type=int, default=100)
+    args = parser.parse_args()
+    print_device_header(args.device)
+    data = torch.randint(0, 256, (1 << 16,))
+    variants = ["baseline", "not logging", f"every {args.every}"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as log_dir:
+        for _ in range(args.rounds):
+            for v in variants:
+                times[v].append(run_round(v, args, data, log_dir))
+    base = statistics.median(times["baseline"])
+    rows = []
+    for v in variants:
+        t = statistics.median(times[v])
+        spread = (max(times[v]) - min(times[v])) / t
+        rows.append([v, f"{t * 1e3:.3f}", f"{100 * spread:.1f}%", f"{100 * (t / base - 1):+.2f}%"])
+    print(f"model {args.size} {SIZES[args.size]}, {args.steps} timed steps x {args.rounds} rounds")
+    print_table(["variant", "median ms/step", "spread (max-min)", "overhead vs baseline"], rows)
+
+
+if __name__ == "__main__":
+    main()

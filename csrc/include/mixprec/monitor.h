@@ -1,0 +1,97 @@
+// mixprec::Monitor: what precision is doing during training, logged every N steps: loss, loss scale,
+// skipped steps and the parameters that overflowed, the fraction of gradient elements fp16 would flush to
+// zero, make subnormal or overflow at the current scale, an exponent histogram, the gradient norm, step
+// time, tokens/s and peak memory. Between logged steps it reads nothing back from the device; a logged
+// step costs one grad_stats pass and one host read. Records go to a JSON-lines file and/or a progress
+// line; Python's mixprec.Monitor is this class underneath and adds TensorBoard.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/ordered_dict.h>
+
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mixprec/grad_scaler.h"
+#include "mixprec/version.h"
+
+namespace mixprec {
+
+/// Options of Monitor, LibTorch style.
+struct MonitorOptions {
+  /// Log every `every` steps (> 0).
+  TORCH_ARG(int64_t, every) = 100;
+  /// A JSON-lines file to append one record per logged step to; "" writes none.
+  TORCH_ARG(std::string, jsonl) = "";
+  /// Print a one-line summary per logged step to stdout.
+  TORCH_ARG(bool, progress) = true;
+  /// The exponent histogram: bins for floor(log2 |g|) = min_exponent .. min_exponent + num_bins - 1.
+  TORCH_ARG(int64_t, min_exponent) = -40;
+  TORCH_ARG(int64_t, num_bins) = 64;
+};
+
+/// One logged step (Monitor::step()).
+struct MonitorRecord {
+  int64_t step = 0;           ///< steps seen so far (the one just finished counts)
+  int64_t interval = 0;       ///< steps this record covers
+  double loss = 0;            ///< mean loss over those steps
+  double loss_scale = 1;      ///< after this step's update (1 without a scaler)
+  int64_t skipped_steps = 0;  ///< overflowing (skipped) steps among them
+  int64_t skipped_total = 0;  ///< since the monitor began
+  std::string overflow;       ///< the scaler's last_overflow() text when a step was skipped in the interval
+  // Over all gradient elements at this step, judged at loss_scale (see ops::grad_stats):
+  int64_t grad_elements = 0;
+  double zero_fraction = 0, flush_fraction = 0, subnormal_fraction = 0, overflow_fraction = 0,
+         nonfinite_fraction = 0;
+  double grad_norm = 0;
+  int64_t min_exponent = 0;
+  std::vector<double> exponent_histogram;  ///< counts of floor(log2 |g|) from min_exponent up
+  double step_time = 0;       ///< mean wall-clock seconds per step over the interval
+  double tokens_per_second = 0;
+  double peak_memory = 0;     ///< bytes: CUDA peak allocated on the loss's device, else the process's peak RSS
+
+  /// One JSON object on one line (non-finite numbers as NaN / Infinity, as Python's json reads them).
+  std::string json() const;
+  /// E.g. "step 200 | loss 2.3412 | scale 32768 | skipped 1 | flush 0.12% | ... | 45.1 ms/step".
+  std::string progress_line() const;
+};
+
+class Monitor {
+ public:
+  /// `named_parameters` (a module's named_parameters()) are the gradients the statistics read and the names
+  /// overflows are reported by. A `scaler` (kept by pointer: it must outlive the monitor) gets overflow
+  /// tracking turned on, and supplies the loss scale and the skipped steps.
+  explicit Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, GradScaler* scaler = nullptr,
+                   MonitorOptions options = {});
+
+  /// Call once per optimizer step, after scaler.update(). `loss` is the step's (unscaled) loss, a
+  /// one-element tensor: it stays on the device until the step is logged. Returns the record on a logged
+  /// step (every `every` steps), having written it to the sinks; nullopt otherwise, having read nothing.
+  std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens = 0);
+
+  /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names.
+  const at::Tensor& last_stats() const { return last_stats_; }
+  const std::vector<std::string>& last_stats_names() const { return last_stats_names_; }
+  const MonitorOptions& options() const { return options_; }
+
+ private:
+  MonitorRecord make_record();
+
+  torch::OrderedDict<std::string, at::Tensor> params_;
+  GradScaler* scaler_;
+  MonitorOptions options_;
+  std::ofstream jsonl_;
+  int64_t steps_ = 0;
+  std::vector<at::Tensor> losses_;  // this interval's, detached, on their device
+  int64_t tokens_ = 0;
+  int64_t skipped_before_ = 0;
+  std::chrono::steady_clock::time_point interval_start_;
+  at::Tensor last_stats_;
+  std::vector<std::string> last_stats_names_;
+};
+
+}  // namespace mixprec

@@ -1,0 +1,255 @@
+// mixprec::Monitor (see mixprec/monitor.h) and its binding as the torch custom class
+// torch.classes.mixprec.Monitor, which python/mixprec/monitor.py drives (adding TensorBoard).
+#include "mixprec/monitor.h"
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <sys/resource.h>
+
+#include <cmath>
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <sstream>
+
+#include "grad_scaler_class.h"
+#include "mixprec/ops.h"
+
+#ifdef MIXPREC_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace mixprec {
+
+namespace {
+
+// Python's json module reads NaN and Infinity (and writes them), so non-finite values stay visible.
+std::string json_number(double v) {
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "Infinity" : "-Infinity";
+  std::ostringstream out;
+  out << std::setprecision(17) << v;
+  return out.str();
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+double peak_memory(const c10::Device& device) {
+#ifdef MIXPREC_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return static_cast<double>(
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak);
+  }
+#endif
+  (void)device;
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) * 1024.0;  // Linux reports KiB
+}
+
+}  // namespace
+
+std::string MonitorRecord::json() const {
+  std::ostringstream o;
+  o << "{\"step\": " << step << ", \"interval\": " << interval << ", \"loss\": " << json_number(loss)
+    << ", \"loss_scale\": " << json_number(loss_scale) << ", \"skipped_steps\": " << skipped_steps
+    << ", \"skipped_total\": " << skipped_total << ", \"overflow\": " << json_string(overflow)
+    << ", \"grad_elements\": " << grad_elements << ", \"zero_fraction\": " << json_number(zero_fraction)
+    << ", \"flush_fraction\": " << json_number(flush_fraction)
+    << ", \"subnormal_fraction\": " << json_number(subnormal_fraction)
+    << ", \"overflow_fraction\": " << json_number(overflow_fraction)
+    << ", \"nonfinite_fraction\": " << json_number(nonfinite_fraction) << ", \"grad_norm\": " << json_number(grad_norm)
+    << ", \"step_time\": " << json_number(step_time) << ", \"tokens_per_second\": " << json_number(tokens_per_second)
+    << ", \"peak_memory\": " << json_number(peak_memory) << ", \"min_exponent\": " << min_exponent
+    << ", \"exponent_histogram\": [";
+  for (size_t i = 0; i < exponent_histogram.size(); ++i) o << (i ? ", " : "") << json_number(exponent_histogram[i]);
+  o << "]}";
+  return o.str();
+}
+
+std::string MonitorRecord::progress_line() const {
+  std::ostringstream o;
+  o << std::fixed << "step " << step << " | loss " << std::setprecision(4) << loss << " | scale "
+    << std::defaultfloat << loss_scale << std::fixed << " | skipped " << skipped_steps << " | flush "
+    << std::setprecision(2) << 100.0 * flush_fraction << "% | subnormal " << 100.0 * subnormal_fraction
+    << "% | overflow " << 100.0 * (overflow_fraction + nonfinite_fraction) << "% | grad norm " << std::setprecision(3)
+    << grad_norm << " | " << std::setprecision(1) << 1e3 * step_time << " ms/step";
+  if (tokens_per_second > 0) o << " | " << std::setprecision(0) << tokens_per_second << " tok/s";
+  o << " | peak " << std::setprecision(1) << peak_memory / (1024.0 * 1024.0) << " MiB";
+  if (!overflow.empty()) o << "\n  overflow: " << overflow;
+  return o.str();
+}
+
+Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, GradScaler* scaler,
+                 MonitorOptions options)
+    : params_(std::move(named_parameters)), scaler_(scaler), options_(std::move(options)) {
+  TORCH_CHECK(options_.every() > 0, "mixprec::Monitor: every must be > 0, got ", options_.every());
+  TORCH_CHECK(options_.min_exponent() >= -1100 && options_.min_exponent() <= 1100,
+              "mixprec::Monitor: min_exponent must be in [-1100, 1100], got ", options_.min_exponent());
+  TORCH_CHECK(options_.num_bins() >= 1 && options_.num_bins() <= 4096,
+              "mixprec::Monitor: num_bins must be in [1, 4096], got ", options_.num_bins());
+  if (!options_.jsonl().empty()) {
+    jsonl_.open(options_.jsonl(), std::ios::app);
+    TORCH_CHECK(jsonl_.is_open(), "mixprec::Monitor: cannot open the jsonl file '", options_.jsonl(), "' for writing");
+  }
+  if (scaler_ != nullptr && scaler_->is_enabled()) scaler_->set_track_overflows(true);
+  interval_start_ = std::chrono::steady_clock::now();
+}
+
+std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t tokens) {
+  TORCH_CHECK(loss.defined() && loss.numel() == 1, "mixprec::Monitor::step: loss must be a one-element tensor, got ",
+              loss.defined() ? loss.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(tokens >= 0, "mixprec::Monitor::step: tokens must be >= 0, got ", tokens);
+  ++steps_;
+  losses_.push_back(loss.detach().reshape({}));  // no arithmetic: nothing is launched between logged steps
+  tokens_ += tokens;
+  if (steps_ % options_.every() != 0) return std::nullopt;
+  MonitorRecord r = make_record();
+  if (jsonl_.is_open()) {
+    jsonl_ << r.json() << '\n';
+    jsonl_.flush();
+  }
+  if (options_.progress()) std::cout << r.progress_line() << std::endl;
+  return r;
+}
+
+MonitorRecord Monitor::make_record() {
+  const c10::Device device = losses_.back().device();
+  const auto f64 = at::TensorOptions().device(device).dtype(at::kDouble);
+  const bool scaled = scaler_ != nullptr && scaler_->is_enabled();
+  const at::Tensor scale = scaled ? scaler_->scale_tensor().to(device) : at::ones({}, f64.dtype(at::kFloat));
+
+  // The statistics, per device the gradients live on, summed over gradients into one row.
+  std::map<std::string, std::vector<at::Tensor>> grads_by_device;
+  std::map<std::string, std::vector<std::string>> names_by_device;
+  for (const auto& item : params_) {
+    const at::Tensor& g = item.value().grad();
+    if (!g.defined()) continue;
+    grads_by_device[g.device().str()].push_back(g.detach());
+    names_by_device[g.device().str()].push_back(item.key());
+  }
+  const int64_t width = 8 + options_.num_bins();
+  std::vector<at::Tensor> rows;
+  last_stats_names_.clear();
+  for (auto& [dev, grads] : grads_by_device) {
+    const c10::Device d(dev);
+    rows.push_back(ops::grad_stats(grads, scale.to(d), options_.min_exponent(), options_.num_bins()).to(device));
+    for (auto& n : names_by_device[dev]) last_stats_names_.push_back(n);
+  }
+  last_stats_ = rows.empty() ? at::zeros({0, width}, f64) : at::cat(rows);
+  // Everything the record needs, gathered on the device and read back at once: one host sync.
+  const at::Tensor count = scaled && scaler_->overflow_count().defined()
+                               ? scaler_->overflow_count().to(device).to(at::kDouble).reshape({1})
+                               : at::zeros({1}, f64);
+  const at::Tensor packed = at::cat({last_stats_.sum(0), at::stack(losses_).to(at::kDouble).mean().reshape({1}),
+                                     scale.to(at::kDouble).reshape({1}), count})
+                                .cpu();
+  const double* v = packed.const_data_ptr<double>();
+  const auto now = std::chrono::steady_clock::now();
+  const double seconds = std::chrono::duration<double>(now - interval_start_).count();
+
+  MonitorRecord r;
+  r.step = steps_;
+  r.interval = static_cast<int64_t>(losses_.size());
+  r.loss = v[width];
+  r.loss_scale = v[width + 1];
+  r.skipped_total = static_cast<int64_t>(v[width + 2]);
+  r.skipped_steps = r.skipped_total - skipped_before_;
+  if (r.skipped_steps > 0) {
+    if (auto report = scaler_->last_overflow(params_)) r.overflow = report->str();
+  }
+  const double n = v[0];
+  r.grad_elements = static_cast<int64_t>(n);
+  const double denom = n > 0 ? n : 1.0;
+  r.zero_fraction = v[1] / denom;
+  r.flush_fraction = v[2] / denom;
+  r.subnormal_fraction = v[3] / denom;
+  r.overflow_fraction = v[4] / denom;
+  r.nonfinite_fraction = v[5] / denom;
+  r.grad_norm = std::sqrt(v[6]);
+  r.min_exponent = options_.min_exponent();
+  r.exponent_histogram.assign(v + 8, v + width);
+  r.step_time = seconds / static_cast<double>(r.interval);
+  r.tokens_per_second = seconds > 0 ? static_cast<double>(tokens_) / seconds : 0.0;
+  r.peak_memory = peak_memory(device);
+
+  skipped_before_ = r.skipped_total;
+  losses_.clear();
+  tokens_ = 0;
+  interval_start_ = now;
+  return r;
+}
+
+// ---- torch.classes.mixprec.Monitor ---------------------------------------------------------------------------
+
+namespace {
+
+struct MonitorClass : torch::CustomClassHolder {
+  c10::intrusive_ptr<detail::GradScalerClass> scaler;  // keeps the scaler the monitor points to alive
+  std::unique_ptr<Monitor> impl;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+  m.class_<MonitorClass>("Monitor")
+      .def(torch::init([](std::vector<std::string> names, std::vector<at::Tensor> params,
+                          std::optional<c10::intrusive_ptr<detail::GradScalerClass>> scaler, int64_t every,
+                          std::string jsonl, bool progress, int64_t min_exponent, int64_t num_bins) {
+        TORCH_CHECK(names.size() == params.size(), "mixprec.Monitor: ", names.size(), " names for ", params.size(),
+                    " parameters");
+        torch::OrderedDict<std::string, at::Tensor> named;
+        for (size_t i = 0; i < names.size(); ++i) named.insert(names[i], params[i]);
+        auto self = c10::make_intrusive<MonitorClass>();
+        if (scaler.has_value()) self->scaler = *scaler;
+        self->impl = std::make_unique<Monitor>(
+            std::move(named), scaler.has_value() ? &(*scaler)->impl : nullptr,
+            MonitorOptions().every(every).jsonl(jsonl).progress(progress).min_exponent(min_exponent).num_bins(
+                num_bins));
+        return self;
+      }))
+      // The record as its JSON line (Python parses it) and its progress line, or None between logged steps.
+      .def("step",
+           [](const c10::intrusive_ptr<MonitorClass>& s, const at::Tensor& loss, int64_t tokens) {
+             std::optional<std::tuple<std::string, std::string>> out;
+             if (auto r = s->impl->step(loss, tokens)) out = std::make_tuple(r->json(), r->progress_line());
+             return out;
+           })
+      .def("last_stats", [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats(); })
+      .def("last_stats_names",
+           [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats_names(); });
+}
+
+}  // namespace mixprec

@@ -1,0 +1,144 @@
+"""mixprec.Monitor: what precision is doing during training, logged every N steps.
+
+The C++ ``mixprec::Monitor`` (through ``torch.classes.mixprec.Monitor``) keeps the step's loss on the
+device, and on a logged step runs one ``grad_stats`` pass over the gradients and reads everything back
+at once: loss, loss scale, skipped steps and the parameters that overflowed (``GradScaler.last_overflow``),
+the fractions of gradient elements fp16 would flush to zero, make subnormal or overflow at the current
+scale, an exponent histogram, the gradient norm, step time, tokens/s and peak memory. Between logged steps
+it reads nothing back. This file adds what needs Python: TensorBoard event files and the progress line.
+
+    monitor = mixprec.Monitor(model, scaler, every=100, log_dir="runs/exp1")
+    for batch in data:
+        ...
+        scaler.step(optimizer)
+        scaler.update()
+        monitor.step(loss, tokens=batch.numel())
+    monitor.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .grad_scaler import GradScaler
+
+__all__ = ["Monitor", "SINKS"]
+
+#: The sinks a Monitor writes to: TensorBoard event files (needs the ``tensorboard`` package), a
+#: ``metrics.jsonl`` file, and a progress line printed per logged step.
+SINKS = ("tensorboard", "jsonl", "progress")
+
+_SCALARS = ("loss", "loss_scale", "skipped_steps", "flush_fraction", "subnormal_fraction", "overflow_fraction",
+            "nonfinite_fraction", "zero_fraction", "grad_norm", "step_time", "tokens_per_second", "peak_memory")
+
+
+class Monitor:
+    """Log precision statistics every ``every`` steps; call :meth:`step` once per optimizer step, after
+    ``scaler.update()``.
+
+    Args:
+        model: the module whose parameters' gradients are measured and whose names overflows are reported by.
+        scaler: a :class:`mixprec.GradScaler` (its overflow tracking is turned on), or ``None``.
+        every: log every this many steps (> 0).
+        log_dir: where the TensorBoard events and ``metrics.jsonl`` go (needed by those sinks).
+        sinks: any of :data:`SINKS`; by default all of them when ``log_dir`` is given, else the progress line.
+        min_exponent, num_bins: the exponent histogram's bins, ``floor(log2 |g|)`` from ``min_exponent`` up.
+    """
+
+    def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
+                 log_dir: Optional[str] = None, sinks: Optional[Sequence[str]] = None, min_exponent: int = -40,
+                 num_bins: int = 64) -> None:
+        if sinks is None:
+            sinks = SINKS if log_dir is not None else ("progress",)
+        sinks = tuple(sinks)
+        unknown = [s for s in sinks if s not in SINKS]
+        if unknown:
+            raise ValueError(f"mixprec.Monitor: unknown sink(s) {unknown}; accepted: {list(SINKS)}")
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(f"mixprec.Monitor: every must be a positive int, got {every!r}")
+        if scaler is not None and not isinstance(scaler, GradScaler):
+            raise TypeError(f"mixprec.Monitor: scaler must be a mixprec.GradScaler or None, got {type(scaler).__name__}")
+        if ("tensorboard" in sinks or "jsonl" in sinks) and log_dir is None:
+            raise ValueError("mixprec.Monitor: the tensorboard and jsonl sinks need a log_dir")
+        self.sinks = sinks
+        self.log_dir = log_dir
+        self._writer: Any = None
+        if "tensorboard" in sinks:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is an optional dependency
+                raise ImportError("mixprec.Monitor: the tensorboard sink needs the tensorboard package "
+                                  "(pip install tensorboard), or leave it out of sinks") from e
+            self._writer = SummaryWriter(log_dir=log_dir)
+        jsonl = ""
+        if "jsonl" in sinks:
+            os.makedirs(log_dir, exist_ok=True)  # type: ignore[arg-type]
+            jsonl = os.path.join(log_dir, "metrics.jsonl")  # type: ignore[arg-type]
+        names, params = [], []
+        for name, p in model.named_parameters():
+            names.append(name)
+            params.append(p)
+        impl_scaler = None
+        if scaler is not None and scaler.is_enabled():
+            scaler.set_track_overflows(True)
+            impl_scaler = scaler._impl
+        self._impl = torch.classes.mixprec.Monitor(names, params, impl_scaler, int(every), jsonl, False,
+                                                   int(min_exponent), int(num_bins))
+        self.records: list[dict[str, Any]] = []  # every logged record, as dicts
+
+    def step(self, loss: torch.Tensor, tokens: int = 0) -> Optional[dict[str, Any]]:
+        """Count one step. On a logged step, returns the record (a dict, as in ``metrics.jsonl``) after
+        writing it to the sinks; otherwise ``None``, having read nothing back from the device."""
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
+        out = self._impl.step(loss, int(tokens))
+        if out is None:
+            return None
+        text, line = out
+        record = json.loads(text)
+        self.records.append(record)
+        if "progress" in self.sinks:
+            print(line, flush=True)
+        if self._writer is not None:
+            step = record["step"]
+            for key in _SCALARS:
+                self._writer.add_scalar(f"mixprec/{key}", record[key], step)
+            self._add_histogram(record, step)
+            self._writer.flush()
+        return record
+
+    def _add_histogram(self, record: dict[str, Any], step: int) -> None:
+        counts = record["exponent_histogram"]
+        total = sum(counts)
+        if total == 0:
+            return
+        lo = record["min_exponent"]
+        # Bin k holds floor(log2 |g|) = lo + k: the exponent axis, as TensorBoard's raw histogram.
+        limits = [float(lo + k + 1) for k in range(len(counts))]
+        first = next(k for k, c in enumerate(counts) if c)
+        self._writer.add_histogram_raw(
+            "mixprec/grad_log2_magnitude", min=float(lo + first), max=float(lo + max(k for k, c in enumerate(counts) if c) + 1),
+            num=int(total), sum=sum((lo + k + 0.5) * c for k, c in enumerate(counts)),
+            sum_squares=sum((lo + k + 0.5) ** 2 * c for k, c in enumerate(counts)), bucket_limits=limits,
+            bucket_counts=[int(c) for c in counts], global_step=step)
+
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """The per-gradient ``grad_stats`` rows of the last logged step, by parameter name."""
+        return dict(zip(self._impl.last_stats_names(), self._impl.last_stats()))
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,319 @@
+"""Issue 14: seeing what precision does. Overflow attribution (GradScaler(track_overflows=True) and the
+per-tensor amax of the unscale pass) with torch's optimizers and mixprec's, the grad_stats op against
+float64, and mixprec.Monitor (records, JSON lines, TensorBoard events, no host reads between logs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mixprec
+
+
+def named_model() -> nn.Module:
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(OrderedDict(fc1=nn.Linear(6, 12), act=nn.ReLU(), fc2=nn.Linear(12, 6)))  # noqa: E731
+    return nn.Sequential(OrderedDict(embed=nn.Linear(4, 6), blocks=nn.Sequential(block(), block(), block()),
+                                     head=nn.Linear(6, 2)))
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's value back to the host (``item()``, ``tolist()``, ``if t``):
+    on CUDA each is a device synchronisation. Ops that mixprec's C++ calls are seen too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+PLANTS = {1: ("blocks.1.fc1.weight", math.inf), 2: None, 4: ("head.bias", math.nan), 5: None}
+
+
+def train(optimizer: str, track: bool = True, steps: int = 6, plants=PLANTS, watch: HostReads | None = None):
+    model = named_model()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    else:
+        opt = mixprec.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", growth_interval=1000, track_overflows=track)
+    params = dict(model.named_parameters())
+    reports = []
+    for i in range(steps):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(3, 4)).pow(2).mean()).backward()
+        if plants.get(i):
+            name, value = plants[i]
+            params[name].grad.view(-1)[-1] = value
+        if watch is not None:
+            with watch:
+                scaler.step(opt)
+                scaler.update()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        reports.append(scaler.last_overflow(model))
+    return model, scaler, reports
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "mixprec"])
+def test_planted_overflow_is_named(optimizer: str) -> None:
+    model, scaler, reports = train(optimizer)
+    assert reports[0] is None  # nothing overflowed yet
+    n = len(list(model.parameters()))
+    for i in (1, 2, 3):  # the step-1 overflow stays the answer until the next one
+        r = reports[i]
+        assert (r.step, r.scale, r.num_tensors) == (1, 65536.0, n)
+        assert r.sources == [("blocks.1.fc1.weight", math.inf)]
+        assert str(r) == f"step 1 (loss scale 65536): blocks.1.fc1.weight: inf (1 of {n} tensors)"
+    r = reports[5]
+    assert (r.step, r.scale) == (4, 32768.0)  # backed off once after step 1
+    assert len(r.sources) == 1 and r.sources[0][0] == "head.bias" and math.isnan(r.sources[0][1])
+    assert str(r).endswith(f"head.bias: nan (1 of {n} tensors)")
+    # Without a module the parameters are named by their position among the optimizer's parameters.
+    assert str(scaler.last_overflow()).startswith(f"step 4 (loss scale 32768): param[{n - 1}]: nan")
+
+
+def test_a_nan_that_spread_is_listed_with_every_source() -> None:
+    model = named_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", track_overflows=True)
+    scaler.scale(model(torch.randn(3, 4)).pow(2).mean() * math.nan).backward()  # NaN reaches every gradient
+    scaler.step(opt)
+    scaler.update()
+    r = scaler.last_overflow(model)
+    names = [name for name, _ in model.named_parameters()]
+    assert [s[0] for s in r.sources] == names and all(math.isnan(v) for _, v in r.sources)
+    assert str(r).endswith(f", ... {len(names) - 8} more ({len(names)} of {len(names)} tensors)")
+
+
+def test_tracking_changes_nothing_else_and_is_off_by_default() -> None:
+    a_model, a_scaler, a_reports = train("mixprec", track=False)
+    b_model, b_scaler, _ = train("mixprec", track=True)
+    assert all(r is None for r in a_reports)
+    for x, y in zip(a_model.parameters(), b_model.parameters()):
+        assert torch.equal(x, y)
+    assert a_scaler.state_dict() == b_scaler.state_dict()
+    # The option survives pickling; switching it off drops the record.
+    copy = pickle.loads(pickle.dumps(b_scaler))
+    assert copy._impl.track_overflows()
+    b_scaler.set_track_overflows(False)
+    assert b_scaler.last_overflow() is None
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "mixprec"])
+def test_tracking_reads_nothing_back_to_the_host(optimizer: str) -> None:
+    """The structural form of CUDA's sync-debug check: with a mixprec optimizer, a tracked step and update
+    read no tensor value back to the host (torch's own plain-optimizer rule reads the flag once a step)."""
+    watch = HostReads()
+    _, scaler, _ = train(optimizer, steps=3, watch=watch)
+    reads_per_step = 0 if optimizer == "mixprec" else 1
+    assert len(watch.reads) == 3 * reads_per_step, watch.reads
+
+
+# ---- grad_stats: the gradient statistics behind the monitor and underflow_report -------------------------------
+
+def reference_stats(grads: list[torch.Tensor], scale: float, min_exponent: int, num_bins: int) -> torch.Tensor:
+    """The op's rows computed independently in float64: masks for the fp16 categories at ``scale``,
+    frexp for the exponents (m * 2^e with m in [0.5, 1): floor(log2 |g|) = e - 1)."""
+    rows = []
+    for g in grads:
+        x = g.detach().to(torch.float64).flatten().cpu()
+        finite = torch.isfinite(x)
+        nz = finite & (x != 0)
+        a = x.abs()
+        s = a * scale
+        _, e = torch.frexp(a[nz])
+        bins = (e.to(torch.int64) - 1 - min_exponent).clamp(0, num_bins - 1)
+        hist = torch.bincount(bins, minlength=num_bins).to(torch.float64)
+        row = [x.numel(), int((x == 0).sum()), int((nz & (s < 2.0**-25)).sum()),
+               int((nz & (s >= 2.0**-25) & (s < 2.0**-14)).sum()), int((nz & (s > 65504)).sum()), int((~finite).sum()),
+               float((x * x).sum()), float(a[finite].max()) if finite.any() else 0.0]
+        rows.append(torch.cat([torch.tensor(row, dtype=torch.float64), hist]))
+    return torch.stack(rows) if rows else torch.zeros(0, 8 + num_bins, dtype=torch.float64)
+
+
+def stats_inputs(device: str) -> list[torch.Tensor]:
+    torch.manual_seed(7)
+    spread = lambda n: torch.randn(n, dtype=torch.float64) * torch.exp2(torch.randint(-60, 30, (n,)).double())  # noqa: E731
+    grads = [
+        spread(1000).float(),
+        spread(70001).half(),                            # fp16: many flush/overflow at any scale; two chunks
+        spread(3001).bfloat16(),
+        spread(500) * 1e200,                              # fp64 beyond fp32's range
+        torch.zeros(0, 3),
+        spread(6000).float().reshape(60, 100)[:, ::3],    # strided
+        spread(300).bfloat16()[1:],                       # misaligned
+        torch.zeros(77),
+        torch.tensor([1e-45, -3e-44, 2.0**-126, 1.0, -0.0]),  # fp32 subnormals, a negative zero
+    ]
+    grads[0][::97] = 0.0
+    grads[1][5] = math.inf
+    grads[2][7] = math.nan
+    grads[3][0] = -math.inf
+    return [g.to(device) for g in grads]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("scale,min_exponent,num_bins", [(1.0, -40, 64), (2.0**16, -150, 300), (2.0**-5, 0, 1)])
+def test_grad_stats_match_float64(device: str, scale: float, min_exponent: int, num_bins: int) -> None:
+    grads = stats_inputs(device)
+    out = mixprec.ops.grad_stats(grads, torch.full((1,), scale, device=device), min_exponent, num_bins)
+    expected = reference_stats(grads, scale, min_exponent, num_bins)
+    assert out.dtype == torch.float64 and out.shape == expected.shape and out.device.type == device
+    counts = [c for c in range(out.shape[1]) if c not in (6, 7)]
+    assert torch.equal(out[:, counts].cpu(), expected[:, counts])  # counts are exact
+    torch.testing.assert_close(out[:, 6].cpu(), expected[:, 6], rtol=1e-12, atol=0, equal_nan=True)  # order only
+    assert torch.equal(out[:, 7].cpu(), expected[:, 7])  # a max is exact
+
+
+def test_grad_stats_empty_list_opcheck_and_bad_input() -> None:
+    assert mixprec.ops.grad_stats([], torch.ones(1)).shape == (0, 72)
+    sample = (stats_inputs("cpu")[:2], torch.full((1,), 8.0), -30, 40)  # no NaN: opcheck compares with ==
+    torch.library.opcheck(torch.ops.mixprec.grad_stats.default, sample)
+    for args, needle in [(([torch.ones(2)], torch.ones(1, dtype=torch.float64)), "scale"),
+                         (([torch.ones(2, dtype=torch.int32)], torch.ones(1)), r"grads\[0\]"),
+                         (([torch.ones(2)], torch.ones(1), -40, 0), "num_bins"),
+                         (([torch.ones(2)], torch.ones(1), -2000, 8), "min_exponent")]:
+        with pytest.raises(RuntimeError, match=needle):
+            mixprec.ops.grad_stats(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_grad_stats_cpu_and_cuda_agree() -> None:
+    grads = stats_inputs("cpu")
+    a = mixprec.ops.grad_stats(grads, torch.full((1,), 1024.0), -60, 100)
+    b = mixprec.ops.grad_stats([g.cuda() for g in grads], torch.full((1,), 1024.0, device="cuda"), -60, 100).cpu()
+    counts = [c for c in range(a.shape[1]) if c != 6]
+    assert torch.equal(a[:, counts], b[:, counts])
+    torch.testing.assert_close(a[:, 6], b[:, 6], rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_underflow_report_reads_the_same_counts() -> None:
+    """underflow_report is built on grad_stats: its counts are the op's column sums at the same scale."""
+    grads = [g for g in stats_inputs("cpu") if g.dtype != torch.float64]
+    report = mixprec.diagnostics.underflow_report(grads, scale=2.0**10)
+    ref = reference_stats(grads, 2.0**10, -1075, 2100).sum(0)
+    assert (report.total, report.zero, report.flush_to_zero, report.subnormal) == tuple(int(v) for v in ref[:4])
+    assert report.overflow == int(ref[4] + ref[5])
+    assert sum(report.exponent_histogram.values()) == int(ref[8:].sum())
+    # The recommended scale from the histogram equals the one from sorting the magnitudes (the old way).
+    mags = torch.cat([g.double().abs().flatten() for g in grads])
+    nonzero = torch.sort(mags[torch.isfinite(mags) & (mags > 0)]).values
+    for fraction in (0.5, 0.9, 0.999, 1.0):
+        k = max(0, min(nonzero.numel() - 1, int(math.floor((1.0 - fraction) * nonzero.numel()))))
+        needed = math.ceil(math.log2(2.0**-24 / float(nonzero[k])))
+        ceiling = math.floor(math.log2(65504.0 / float(nonzero.max())))
+        got = mixprec.diagnostics.underflow_report(grads, scale=2.0**10, fraction=fraction).recommended_scale
+        assert got == 2.0 ** min(needed, ceiling), fraction
+
+
+# ---- Monitor ------------------------------------------------------------------------------------------------
+
+def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4):
+    model = named_model()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", growth_interval=1000)
+    monitor = mixprec.Monitor(model, scaler, every=every, log_dir=str(tmp_path), sinks=sinks, min_exponent=-30,
+                              num_bins=40)
+    records, losses = [], []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = model(torch.randn(3, 4)).pow(2).mean()
+        losses.append(loss.item())
+        scaler.scale(loss).backward()
+        if i == plant_at:
+            model.blocks[2].fc2.bias.grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        records.append(monitor.step(loss, tokens=12))
+    monitor.close()
+    return model, scaler, monitor, records, losses
+
+
+def test_monitor_records_every_n_steps_and_matches_float64(tmp_path) -> None:
+    model, scaler, monitor, records, losses = monitored_run(tmp_path)
+    assert [r is not None for r in records] == [False, False, True, False, False, True]
+    first, second = records[2], records[5]
+    assert (first["step"], first["interval"], second["step"]) == (3, 3, 6)
+    assert first["loss"] == pytest.approx(sum(losses[:3]) / 3, rel=1e-12)
+    assert second["loss"] == pytest.approx(sum(losses[3:]) / 3, rel=1e-12)
+    assert (first["skipped_steps"], second["skipped_steps"], second["skipped_total"]) == (0, 1, 1)
+    assert first["overflow"] == ""
+    assert second["overflow"] == f"step 4 (loss scale 65536): blocks.2.fc2.bias: inf (1 of {len(list(model.parameters()))} tensors)"
+    assert second["loss_scale"] == 32768.0
+    # The statistics are of the gradients as they stand at step 6, at the scale after its update.
+    grads = [p.grad for p in model.parameters()]
+    ref = reference_stats(grads, 32768.0, -30, 40).sum(0)
+    n = ref[0].item()
+    assert second["grad_elements"] == int(n)
+    for key, col in [("zero_fraction", 1), ("flush_fraction", 2), ("subnormal_fraction", 3), ("overflow_fraction", 4),
+                     ("nonfinite_fraction", 5)]:
+        assert second[key] == ref[col].item() / n
+    assert second["grad_norm"] == pytest.approx(math.sqrt(ref[6].item()), rel=1e-12)
+    assert second["exponent_histogram"] == ref[8:].tolist()
+    assert second["tokens_per_second"] > 0 and second["step_time"] > 0 and second["peak_memory"] > 0
+    per_tensor = monitor.last_stats()
+    assert list(per_tensor) == [name for name, _ in model.named_parameters()]
+    # The JSON-lines sink holds the same records.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [first, second]
+
+
+def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, records, _ = monitored_run(tmp_path, sinks=("tensorboard",))
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for key in ("loss", "loss_scale", "skipped_steps", "flush_fraction", "overflow_fraction", "grad_norm",
+                "tokens_per_second", "step_time", "peak_memory"):
+        assert f"mixprec/{key}" in scalars, key
+        events = acc.Scalars(f"mixprec/{key}")
+        assert [e.step for e in events] == [3, 6]
+        assert [e.value for e in events] == pytest.approx([records[2][key], records[5][key]], rel=1e-6)
+    hist = acc.Histograms("mixprec/grad_log2_magnitude")
+    assert [h.step for h in hist] == [3, 6]
+    assert hist[-1].histogram_value.num == sum(records[5]["exponent_histogram"])
+
+
+def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:
+    model = named_model()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu")
+    monitor = mixprec.Monitor(model, scaler, every=4, sinks=())
+    watch = HostReads()
+    for i in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(3, 4)).pow(2).mean()
+        scaler.scale(loss).backward()
+        with watch:
+            scaler.step(opt)
+            scaler.update()
+            assert monitor.step(loss, tokens=5) is None
+    assert watch.reads == []
+
+
+@pytest.mark.parametrize("kwargs,error,needle", [
+    (dict(sinks=("wandb",)), ValueError, r"unknown sink.*accepted"),
+    (dict(every=0), ValueError, "every must be a positive int"),
+    (dict(every=-5), ValueError, "every must be a positive int"),
+    (dict(sinks=("jsonl",)), ValueError, "need a log_dir"),
+    (dict(scaler=torch.amp.GradScaler("cpu")), TypeError, "mixprec.GradScaler"),
+    (dict(num_bins=0), RuntimeError, "num_bins"),
+])
+def test_monitor_bad_input(kwargs, error, needle) -> None:
+    with pytest.raises(error, match=needle):
+        mixprec.Monitor(named_model(), **kwargs)
