@@ -3,6 +3,7 @@
 // python/mixprec/grad_scaler.py drives; Python only walks torch.optim param groups).
 #include "mixprec/grad_scaler.h"
 
+#include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
@@ -67,13 +68,7 @@ ParamGrads optimizer_grads(torch::optim::Optimizer& optimizer) {
   return out;
 }
 
-bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!a[i].is_same(b[i])) return false;
-  }
-  return true;
-}
+
 
 int64_t key_of(const torch::optim::Optimizer& optimizer) { return reinterpret_cast<int64_t>(&optimizer); }
 }  // namespace
@@ -117,45 +112,78 @@ std::vector<at::Tensor> GradScaler::scale(at::TensorList outputs) {
   return out;
 }
 
-void GradScaler::check_grads(OptimizerState& st, at::TensorList grads, at::TensorList params,
+std::vector<int64_t> GradScaler::place_params(int64_t key, at::TensorList params, bool& identity) {
+  OverflowRecord& rec = overflow_records_[key];
+  std::vector<int64_t> positions(params.size());
+  identity = params.size() == rec.params.size();
+  const size_t known = rec.params.size();
+  for (size_t i = 0; i < params.size(); ++i) {
+    c10::TensorImpl* impl = params[i].unsafeGetTensorImpl();
+    auto [it, inserted] = rec.index.emplace(impl, static_cast<int64_t>(rec.params.size()));
+    if (inserted) {
+      rec.params.emplace_back(params[i].getIntrusivePtr());
+    } else if (rec.params[it->second]._unsafe_get_target() != impl || rec.params[it->second].expired()) {
+      // The address of a parameter that no longer exists, now another's.
+      rec.params[it->second] =
+          c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(params[i].getIntrusivePtr());
+    }
+    positions[i] = it->second;
+    identity = identity && positions[i] == static_cast<int64_t>(i);
+  }
+  const auto total = static_cast<int64_t>(rec.params.size());
+  if (!rec.record.defined()) {
+    rec.record = at::zeros({3 + total}, scale_.options().dtype(at::kDouble));
+    rec.record.narrow(0, 0, 1).fill_(-1.0);  // no overflow yet
+    rec.amax = at::zeros({total}, scale_.options());
+  } else if (rec.params.size() > known) {  // new parameters: the record grows; amax is all zeros between steps
+    const auto grown = static_cast<int64_t>(rec.params.size() - known);
+    rec.record = at::cat({rec.record, at::zeros({grown}, rec.record.options())});
+    rec.amax = at::zeros({total}, scale_.options());
+  }
+  return positions;
+}
+
+void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList grads, at::TensorList params,
                              const at::Tensor& inv_scale) {
   TORCH_INTERNAL_ASSERT(params.empty() || params.size() == grads.size());
   const bool track = options_.track_overflows() && !params.empty();
   std::map<std::string, std::vector<at::Tensor>> by_device;
-  std::map<std::string, std::vector<int64_t>> positions;  // each gradient's index in `grads`
+  std::map<std::string, std::vector<int64_t>> positions_by_device;
+  bool identity = false;
+  std::vector<int64_t> positions;
+  if (track) positions = place_params(key, params, identity);
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
     by_device[g.device().str()].push_back(g);
-    if (track) positions[g.device().str()].push_back(static_cast<int64_t>(i));
+    if (track) positions_by_device[g.device().str()].push_back(positions[i]);
   }
-  at::Tensor amax;
-  if (track) amax = at::zeros({static_cast<int64_t>(grads.size())}, scale_.options());
+  const at::Tensor amax = track ? overflow_records_[key].amax : at::Tensor();
   std::map<std::string, at::Tensor> found;
   for (auto& [device, list] : by_device) {
     const c10::Device dev(device);
     const auto opts = at::TensorOptions().device(dev).dtype(at::kFloat);
     // 0-dim like torch's flags: torch's fused optimizers broadcast it against their 0-dim step counts.
     at::Tensor flag = at::zeros({}, opts);
-    // With one device (the usual case) the kernel writes straight into the optimizer's vector.
+    // The record's amax is zero between steps; with the same parameters in the same order on the scale's
+    // device (the usual case) the kernel writes straight into it, otherwise through a scatter.
     std::optional<at::Tensor> local;
-    if (track) local = by_device.size() == 1 && dev == amax.device() ? amax : at::zeros({int64_t(list.size())}, opts);
+    if (track) {
+      local = identity && by_device.size() == 1 && dev == amax.device() ? amax
+                                                                         : at::zeros({int64_t(list.size())}, opts);
+    }
     // One launch per device, whatever mix of fp32/fp16/bf16 the list holds.
     ops::unscale_and_check_(list, flag, inv_scale.to(dev, /*non_blocking=*/true), local);
     if (track && !local->is_same(amax)) {
-      const at::Tensor index = at::tensor(positions[device], at::kLong).to(amax.device(), /*non_blocking=*/true);
+      const at::Tensor index =
+          at::tensor(positions_by_device[device], at::kLong).to(amax.device(), /*non_blocking=*/true);
       amax.index_copy_(0, index, local->to(amax.device(), /*non_blocking=*/true));
     }
     found.emplace(device, flag);
   }
   st.found_inf_per_device = std::move(found);
-  if (track) {
-    st.params.assign(params.begin(), params.end());
-    st.amax = std::move(amax);
-  } else {
-    st.params.clear();
-    st.amax = at::Tensor();
-  }
+  st.tracked = track;
+  st.checked = static_cast<int64_t>(grads.size());
 }
 
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params) {
@@ -168,7 +196,7 @@ void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorLis
               "Attempted unscale_ but the scale is not set. This may indicate your script did not use "
               "scaler.scale(loss or outputs) earlier in the iteration.");
   // Computed in double and rounded once, as torch does.
-  check_grads(st, grads, params, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
+  check_grads(key, st, grads, params, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
   st.stage = Stage::Unscaled;
 }
 
@@ -181,7 +209,8 @@ GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorLi
   OptimizerState& st = per_optimizer_[key];
   if (st.stage == Stage::Unscaled) return {std::nullopt, combined_found_inf(st)};
   // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
-  check_grads(st, grads, params, at::ones({}, scale_.options()));
+  check_grads(key, st, grads, params, at::ones({}, scale_.options()));
+  st.handed_scale = true;
   return {scale_, combined_found_inf(st)};
 }
 
@@ -258,7 +287,7 @@ void GradScaler::update() {
   TORCH_CHECK(!flags.empty(), "No inf checks were recorded prior to update.");
   at::Tensor combined = flags[0].clone();
   for (size_t i = 1; i < flags.size(); ++i) combined.add_(flags[i]);
-  if (options_.track_overflows()) record_overflows(combined > 0);
+  if (options_.track_overflows()) record_overflows(combined);
   if (options_.dynamic()) {
     ops::update_scale_(scale_, growth_tracker_, hysteresis_tracker_, combined, options_.growth_factor(),
                        options_.backoff_factor(), options_.growth_interval(), options_.hysteresis(),
@@ -280,30 +309,34 @@ void GradScaler::update(double new_scale) {
         combined = combined.defined() ? combined + f : f;
       }
     }
-    if (combined.defined()) record_overflows(combined > 0);
+    if (combined.defined()) record_overflows(combined);
   }
   scale_.fill_(new_scale);
   per_optimizer_.clear();
   ++updates_;
 }
 
-void GradScaler::record_overflows(const at::Tensor& overflowed) {
-  if (!overflow_count_.defined()) overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
-  overflow_count_.add_(overflowed);
-  for (auto& [key, st] : per_optimizer_) {
-    if (!st.amax.defined()) continue;
-    OverflowRecord& rec = overflow_records_[key];
-    if (!same_tensors(rec.params, st.params)) {  // new, or the optimizer's parameters changed: start afresh
-      rec.params = st.params;
-      rec.amax = at::zeros_like(st.amax);
-      rec.step = at::full({}, -1, scale_.options().dtype(at::kLong));
-      rec.scale = at::zeros({}, scale_.options());
-    }
-    // Selects on the device flag: the record keeps the last overflowing step without a host sync.
-    rec.amax = at::where(overflowed, st.amax, rec.amax);
-    rec.step = at::where(overflowed, at::Scalar(updates_), rec.step);
-    rec.scale = at::where(overflowed, scale_, rec.scale);
+void GradScaler::record_overflows(const at::Tensor& found_inf) {
+  if (!overflow_count_.defined()) {
+    overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
+    grads_scale_ = at::ones({}, scale_.options());
   }
+  bool handed = false;
+  for (const auto& [key, st] : per_optimizer_) handed = handed || st.handed_scale;
+  // One small op per optimizer (record_overflow_): on an overflow the record takes this step's maxima,
+  // step number and scale; the maxima are zeroed for the next step. The first also counts the step and
+  // says whether gradients stayed scaled (an optimizer that takes the scale skips before unscaling).
+  bool first = true;
+  for (auto& [key, st] : per_optimizer_) {
+    if (!st.tracked) continue;
+    OverflowRecord& rec = overflow_records_[key];
+    ops::record_overflow_(rec.record, rec.amax, found_inf, scale_, updates_, st.checked,
+                          first ? std::optional<at::Tensor>(overflow_count_) : std::nullopt,
+                          first && handed ? std::optional<at::Tensor>(grads_scale_) : std::nullopt);
+    first = false;
+  }
+  if (!handed && grads_may_be_scaled_) grads_scale_.fill_(1.0);
+  grads_may_be_scaled_ = handed;
 }
 
 void GradScaler::set_track_overflows(bool track) {
@@ -311,6 +344,8 @@ void GradScaler::set_track_overflows(bool track) {
   if (!track) {
     overflow_records_.clear();
     overflow_count_ = at::Tensor();
+    grads_scale_ = at::Tensor();
+    grads_may_be_scaled_ = false;
   }
 }
 
@@ -319,27 +354,30 @@ std::optional<OverflowReport> GradScaler::last_overflow(
   // The latest step any record holds; records from older steps (an optimizer that has not stepped since)
   // do not belong to it.
   int64_t last = -1;
-  std::vector<std::pair<const OverflowRecord*, int64_t>> steps;
+  std::vector<std::pair<const OverflowRecord*, at::Tensor>> read;
   for (const auto& [key, rec] : overflow_records_) {
-    const int64_t step = rec.step.item<int64_t>();
-    steps.emplace_back(&rec, step);
-    last = std::max(last, step);
+    if (!rec.record.defined()) continue;
+    at::Tensor host = rec.record.to(at::kCPU);  // [step, scale, checked, amax...]
+    last = std::max(last, static_cast<int64_t>(host.const_data_ptr<double>()[0]));
+    read.emplace_back(&rec, std::move(host));
   }
   if (last < 0) return std::nullopt;
   std::map<const c10::TensorImpl*, std::string> names;
   for (const auto& item : named_parameters) names.emplace(item.value().unsafeGetTensorImpl(), item.key());
   OverflowReport report{last, 0.0, 0, {}};
-  for (const auto& [rec, step] : steps) {
-    if (step != last) continue;
-    report.scale = rec->scale.item<double>();
-    report.num_tensors += static_cast<int64_t>(rec->params.size());
-    const at::Tensor amax = rec->amax.to(at::kCPU);
-    const float* a = amax.const_data_ptr<float>();
+  for (const auto& [rec, host] : read) {
+    const double* v = host.const_data_ptr<double>();
+    if (static_cast<int64_t>(v[0]) != last) continue;
+    report.scale = v[1];
+    report.num_tensors += static_cast<int64_t>(v[2]);
     for (size_t i = 0; i < rec->params.size(); ++i) {
-      if (std::isfinite(a[i])) continue;
-      auto it = names.find(rec->params[i].unsafeGetTensorImpl());
+      const double a = v[3 + i];
+      if (std::isfinite(a)) continue;
+      at::Tensor param;
+      if (auto alive = rec->params[i].lock()) param = at::Tensor(std::move(alive));
+      auto it = param.defined() ? names.find(param.unsafeGetTensorImpl()) : names.end();
       std::string name = it != names.end() ? it->second : "param[" + std::to_string(i) + "]";
-      report.sources.push_back({std::move(name), rec->params[i], static_cast<double>(a[i])});
+      report.sources.push_back({std::move(name), std::move(param), a});
     }
   }
   return report;
@@ -538,6 +576,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("state_dict", [](const Self& s) { return s->impl.state_dict(); })
       .def("load_state_dict",
            [](const Self& s, c10::Dict<std::string, double> d) { s->impl.load_state_dict(d); });
+  detail::register_monitor_class(m);
 }
 
 }  // namespace mixprec

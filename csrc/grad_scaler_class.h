@@ -3,6 +3,7 @@
 #pragma once
 
 #include <torch/custom_class.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string>
@@ -28,5 +29,8 @@ struct GradScalerClass : torch::CustomClassHolder {
                                       .max_scale(max_scale)
                                       .dynamic(dynamic)) {}
 };
+
+/// Registers torch.classes.mixprec.Monitor (csrc/monitor.cpp) into `m`.
+void register_monitor_class(torch::Library& m);
 
 }  // namespace mixprec::detail

@@ -3,6 +3,8 @@
 #include "mixprec/monitor.h"
 
 #include <ATen/ops/cat.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -11,6 +13,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
@@ -124,7 +127,11 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
     jsonl_.open(options_.jsonl(), std::ios::app);
     TORCH_CHECK(jsonl_.is_open(), "mixprec::Monitor: cannot open the jsonl file '", options_.jsonl(), "' for writing");
   }
-  if (scaler_ != nullptr && scaler_->is_enabled()) scaler_->set_track_overflows(true);
+  if (scaler_ != nullptr && scaler_->is_enabled()) {
+    scaler_->set_track_overflows(true);
+    // A scaler that tracked before counts earlier overflows too: the monitor's count starts from here.
+    if (scaler_->overflow_count().defined()) count_at_start_ = scaler_->overflow_count().clone();
+  }
   interval_start_ = std::chrono::steady_clock::now();
 }
 
@@ -150,6 +157,17 @@ MonitorRecord Monitor::make_record() {
   const auto f64 = at::TensorOptions().device(device).dtype(at::kDouble);
   const bool scaled = scaler_ != nullptr && scaler_->is_enabled();
   const at::Tensor scale = scaled ? scaler_->scale_tensor().to(device) : at::ones({}, f64.dtype(at::kFloat));
+  // Gradients an optimizer left scaled (it took the scale itself and skipped an overflowing step before
+  // unscaling) hold g * gs. Judged at scale / gs, with the histogram's bins moved up by log2(gs), they are
+  // counted as g would be (exactly for a power-of-two scale); the norm is divided below. The scaler knows
+  // on the host whether that can be so; only then is gs read (a second read on such a logged step).
+  double gs = 1.0;
+  if (scaled && scaler_->grads_may_be_scaled() && scaler_->grads_scale().defined()) {
+    gs = scaler_->grads_scale().item<double>();
+  }
+  const auto shift = static_cast<int64_t>(std::lround(std::log2(gs)));
+  const int64_t stats_min_exponent = std::clamp<int64_t>(options_.min_exponent() + shift, -1100, 1100);
+  const at::Tensor stats_scale = scale.to(at::kDouble).div(gs).to(at::kFloat);
 
   // The statistics, per device the gradients live on, summed over gradients into one row.
   std::map<std::string, std::vector<at::Tensor>> grads_by_device;
@@ -165,14 +183,17 @@ MonitorRecord Monitor::make_record() {
   last_stats_names_.clear();
   for (auto& [dev, grads] : grads_by_device) {
     const c10::Device d(dev);
-    rows.push_back(ops::grad_stats(grads, scale.to(d), options_.min_exponent(), options_.num_bins()).to(device));
+    rows.push_back(ops::grad_stats(grads, stats_scale.reshape({1}).to(d), stats_min_exponent, options_.num_bins())
+                       .to(device));
     for (auto& n : names_by_device[dev]) last_stats_names_.push_back(n);
   }
   last_stats_ = rows.empty() ? at::zeros({0, width}, f64) : at::cat(rows);
-  // Everything the record needs, gathered on the device and read back at once: one host sync.
-  const at::Tensor count = scaled && scaler_->overflow_count().defined()
-                               ? scaler_->overflow_count().to(device).to(at::kDouble).reshape({1})
-                               : at::zeros({1}, f64);
+  // Everything the record needs, gathered on the device and read back at once: one host read.
+  at::Tensor count = at::zeros({1}, f64);
+  if (scaled && scaler_->overflow_count().defined()) {
+    count = scaler_->overflow_count().to(device).to(at::kDouble).reshape({1});
+    if (count_at_start_.defined()) count = count.sub(count_at_start_.to(device).to(at::kDouble));
+  }
   const at::Tensor packed = at::cat({last_stats_.sum(0), at::stack(losses_).to(at::kDouble).mean().reshape({1}),
                                      scale.to(at::kDouble).reshape({1}), count})
                                 .cpu();
@@ -186,7 +207,7 @@ MonitorRecord Monitor::make_record() {
   r.loss = v[width];
   r.loss_scale = v[width + 1];
   r.skipped_total = static_cast<int64_t>(v[width + 2]);
-  r.skipped_steps = r.skipped_total - skipped_before_;
+  r.skipped_steps = std::max<int64_t>(0, r.skipped_total - skipped_before_);  // 0 after a tracking restart
   if (r.skipped_steps > 0) {
     if (auto report = scaler_->last_overflow(params_)) r.overflow = report->str();
   }
@@ -198,7 +219,7 @@ MonitorRecord Monitor::make_record() {
   r.subnormal_fraction = v[3] / denom;
   r.overflow_fraction = v[4] / denom;
   r.nonfinite_fraction = v[5] / denom;
-  r.grad_norm = std::sqrt(v[6]);
+  r.grad_norm = std::sqrt(v[6]) / gs;
   r.min_exponent = options_.min_exponent();
   r.exponent_histogram.assign(v + 8, v + width);
   r.step_time = seconds / static_cast<double>(r.interval);
@@ -223,7 +244,12 @@ struct MonitorClass : torch::CustomClassHolder {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mixprec, m) {
+namespace detail {
+
+// Called from grad_scaler.cpp's registration, right after the GradScaler class: the Monitor's constructor
+// takes one, so its schema can only be formed once that class is known (static initialisation order
+// across files is not something to rely on).
+void register_monitor_class(torch::Library& m) {
   m.class_<MonitorClass>("Monitor")
       .def(torch::init([](std::vector<std::string> names, std::vector<at::Tensor> params,
                           std::optional<c10::intrusive_ptr<detail::GradScalerClass>> scaler, int64_t every,
@@ -252,4 +278,5 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats_names(); });
 }
 
+}  // namespace detail
 }  // namespace mixprec

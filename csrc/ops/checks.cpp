@@ -71,6 +71,31 @@ void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_
   TORCH_CHECK(num_bins >= 1 && num_bins <= 4096, op, ": num_bins must be in [1, 4096], got ", num_bins);
 }
 
+void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
+                                const at::Tensor& scale, int64_t step, int64_t checked,
+                                const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& grads_scale) {
+  constexpr const char* op = "mixprec::record_overflow_";
+  TORCH_CHECK(amax.defined() && amax.layout() == at::kStrided && amax.dim() == 1 && amax.scalar_type() == at::kFloat &&
+                  amax.is_contiguous(),
+              op, ": amax must be a contiguous float32 vector");
+  const c10::Device device = amax.device();
+  TORCH_CHECK(record.defined() && record.layout() == at::kStrided && record.dim() == 1 &&
+                  record.scalar_type() == at::kDouble && record.is_contiguous() && record.numel() == 3 + amax.numel(),
+              op, ": record must be a contiguous float64 vector of 3 + len(amax) = ", 3 + amax.numel(), " entries, got ",
+              record.defined() ? record.scalar_type() : at::ScalarType::Undefined, " of shape ",
+              record.defined() ? record.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(record.device() == device, op, ": record must be on ", device, " (the device of amax), got ",
+              record.device());
+  check_one_element(found_inf, op, "found_inf", at::kFloat, device);
+  check_one_element(scale, op, "scale", at::kFloat, device);
+  if (count.has_value() && count->defined()) check_one_element(*count, op, "count", at::kLong, device);
+  if (grads_scale.has_value() && grads_scale->defined()) {
+    check_one_element(*grads_scale, op, "grads_scale", at::kFloat, device);
+  }
+  TORCH_CHECK(step >= 0, op, ": step must be >= 0, got ", step);
+  TORCH_CHECK(checked >= 0, op, ": checked must be >= 0, got ", checked);
+}
+
 void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
                              const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
                              double growth_factor, double backoff_factor, int64_t growth_interval,

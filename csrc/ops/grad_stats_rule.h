@@ -13,9 +13,9 @@ namespace mixprec::detail {
 enum GradStatsColumn : int {
   kStatsNumel = 0,
   kStatsZero,       // exactly zero
-  kStatsFlush,      // non-zero, but |g * scale| < 2^-25: fp16 rounds it to zero
-  kStatsSubnormal,  // 2^-25 <= |g * scale| < 2^-14: fp16 keeps it with reduced precision
-  kStatsOverflow,   // finite, but |g * scale| > 65504: fp16 makes it inf
+  kStatsFlush,      // non-zero, but fp16 rounds g * scale to zero: |g * scale| <= 2^-25
+  kStatsSubnormal,  // fp16 rounds g * scale to a subnormal: 2^-25 < |g * scale| < 2^-14 - 2^-25
+  kStatsOverflow,   // finite, but fp16 rounds g * scale to inf: |g * scale| >= 65520
   kStatsNonfinite,  // inf or NaN already
   kStatsSumsq,      // sum of g^2 (NaN/inf propagate): the squared norm
   kStatsAmax,       // max |g| over finite elements (0 when none)
@@ -23,10 +23,13 @@ enum GradStatsColumn : int {
 };
 constexpr int kStatsCounts = kStatsSumsq;  // the integer-valued columns come first
 
-/// The fp16 thresholds the counts use, in the terms of |g * scale|.
-constexpr double kFp16FlushBelow = 0x1p-25;  // half the smallest subnormal: rounds to zero below
-constexpr double kFp16MinNormal = 0x1p-14;
-constexpr double kFp16Max = 65504.0;
+/// The fp16 thresholds the counts use, in the terms of |g * scale|, under round-to-nearest-even: the
+/// categories say what a cast to fp16 would produce. Half the smallest subnormal is a tie that rounds to
+/// zero (even); halfway between the largest subnormal and 2^-14 rounds up to the normal 2^-14 (even);
+/// halfway between 65504 and the next step (65536) rounds to inf.
+constexpr double kFp16FlushAtOrBelow = 0x1p-25;
+constexpr double kFp16NormalFrom = 0x1p-14 - 0x1p-25;
+constexpr double kFp16InfFrom = 65520.0;
 
 /// The count column an element falls in (kStatsNumel for a normal, representable one, which adds to no
 /// count but numel) and, for a finite non-zero element, its histogram bin: floor(log2 |g|) - min_exponent
@@ -49,11 +52,11 @@ C10_HOST_DEVICE inline void classify_grad(Op g, Op scale, int min_exponent, int 
   }
   const Op a = g < Op(0) ? -g : g;
   const Op scaled = a * scale;  // in Op: an fp32 product beyond fp32's range is inf, an overflow too
-  if (scaled < Op(kFp16FlushBelow)) {
+  if (scaled <= Op(kFp16FlushAtOrBelow)) {
     column = kStatsFlush;
-  } else if (scaled < Op(kFp16MinNormal)) {
+  } else if (scaled < Op(kFp16NormalFrom)) {
     column = kStatsSubnormal;
-  } else if (scaled > Op(kFp16Max)) {
+  } else if (scaled >= Op(kFp16InfFrom)) {
     column = kStatsOverflow;
   } else {
     column = kStatsNumel;

@@ -50,6 +50,15 @@ at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min
   return op.call(grads, scale, min_exponent, num_bins);
 }
 
+void record_overflow_(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
+                      const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count,
+                      const std::optional<at::Tensor>& grads_scale) {
+  static const auto op =
+      find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>("mixprec::record_overflow_");
+  op.call(record, amax, found_inf, scale, step, checked, count, grads_scale);
+}
+
 void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
                    const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf, double growth_factor,
                    double backoff_factor, int64_t growth_interval, int64_t hysteresis, double min_scale,

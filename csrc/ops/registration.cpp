@@ -15,6 +15,11 @@ TORCH_LIBRARY(mixprec, m) {
   // One row per gradient (float64): numel, zero, flush, subnormal, overflow, nonfinite, sumsq, amax, then
   // num_bins exponent bins; see ops/grad_stats_rule.h.
   m.def("grad_stats(Tensor[] grads, Tensor scale, int min_exponent=-40, int num_bins=64) -> Tensor", tags);
+  // Overflow attribution's bookkeeping per step, on the device: see ops/update_scale_rule.h.
+  m.def(
+      "record_overflow_(Tensor(a!) record, Tensor(b!) amax, Tensor found_inf, Tensor scale, int step, int checked, "
+      "Tensor(c!)? count=None, Tensor(d!)? grads_scale=None) -> ()",
+      tags);
   m.def(
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "

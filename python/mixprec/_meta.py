@@ -31,6 +31,13 @@ def _grad_stats_fake(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exp
     return scale.new_empty((len(grads), 8 + num_bins), dtype=torch.float64)
 
 
+@torch.library.register_fake("mixprec::record_overflow_")
+def _record_overflow_fake(record: torch.Tensor, amax: torch.Tensor, found_inf: torch.Tensor, scale: torch.Tensor,
+                          step: int, checked: int, count: Optional[torch.Tensor] = None,
+                          grads_scale: Optional[torch.Tensor] = None) -> None:
+    return None
+
+
 @torch.library.register_fake("mixprec::update_scale_")
 def _update_scale_fake(
     scale: torch.Tensor,

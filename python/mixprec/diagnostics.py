@@ -87,9 +87,9 @@ class UnderflowReport:
     scale: float
     total: int
     zero: int                 # exactly zero already
-    flush_to_zero: int        # non-zero, but |g * scale| rounds to 0 in fp16 (< 2^-25)
-    subnormal: int            # lands in fp16's subnormal range (2^-25 <= |g * scale| < 2^-14): precision lost
-    overflow: int             # |g * scale| > 65504: inf, the step would be skipped
+    flush_to_zero: int        # non-zero, but g * scale rounds to 0 in fp16 (|g * scale| <= 2^-25)
+    subnormal: int            # g * scale rounds to an fp16 subnormal: precision lost
+    overflow: int             # g * scale rounds to inf in fp16 (|g * scale| >= 65520), or g is inf/NaN: the step would be skipped
     exponent_histogram: dict = field(default_factory=dict)  # floor(log2 |g|) -> count, non-zero g only
     recommended_scale: float = 1.0  # smallest power of two keeping `fraction` of non-zero g representable
 

@@ -246,8 +246,8 @@ class GradScaler:
         elif isinstance(new_scale, Tensor):
             if new_scale.numel() != 1 or new_scale.dtype != torch.float32 or new_scale.requires_grad:
                 raise ValueError("new_scale should be a float or a 1-element torch.FloatTensor without requires_grad")
-            self._impl.scale_tensor().copy_(new_scale.reshape(()))
-            self._impl.update_to(self._impl.get_scale())
+            # One read of the value (as before); update_to records this step's overflow at the old scale first.
+            self._impl.update_to(float(new_scale.reshape(()).item()))
         else:
             self._impl.update_to(float(new_scale))
 

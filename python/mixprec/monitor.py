@@ -68,13 +68,13 @@ class Monitor:
         self.sinks = sinks
         self.log_dir = log_dir
         self._writer: Any = None
+        writer_cls: Any = None
         if "tensorboard" in sinks:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter as writer_cls
             except ImportError as e:  # tensorboard is an optional dependency
                 raise ImportError("mixprec.Monitor: the tensorboard sink needs the tensorboard package "
                                   "(pip install tensorboard), or leave it out of sinks") from e
-            self._writer = SummaryWriter(log_dir=log_dir)
         jsonl = ""
         if "jsonl" in sinks:
             os.makedirs(log_dir, exist_ok=True)  # type: ignore[arg-type]
@@ -83,12 +83,15 @@ class Monitor:
         for name, p in model.named_parameters():
             names.append(name)
             params.append(p)
-        impl_scaler = None
-        if scaler is not None and scaler.is_enabled():
-            scaler.set_track_overflows(True)
-            impl_scaler = scaler._impl
-        self._impl = torch.classes.mixprec.Monitor(names, params, impl_scaler, int(every), jsonl, False,
-                                                   int(min_exponent), int(num_bins))
+        enabled_scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        # The C++ constructor checks its arguments before it turns the scaler's overflow tracking on, so a
+        # refused monitor changes nothing; the event writer comes last.
+        self._impl = torch.classes.mixprec.Monitor(names, params, None if enabled_scaler is None else enabled_scaler._impl,
+                                                   int(every), jsonl, False, int(min_exponent), int(num_bins))
+        if enabled_scaler is not None:
+            enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
+        if writer_cls is not None:
+            self._writer = writer_cls(log_dir=log_dir)
         self.records: list[dict[str, Any]] = []  # every logged record, as dicts
 
     def step(self, loss: torch.Tensor, tokens: int = 0) -> Optional[dict[str, Any]]:

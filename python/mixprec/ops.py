@@ -11,6 +11,7 @@ __all__ = [
     "unscale_and_check_sumsq_",
     "grad_stats",
     "GRAD_STATS_COLUMNS",
+    "record_overflow_",
     "update_scale_",
     "cast",
     "cast_",
@@ -70,10 +71,9 @@ def grad_stats(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent:
     """Statistics of the gradients' values from one pass (one launch on CUDA), with no host sync.
 
     Returns a float64 tensor ``[len(grads), 8 + num_bins]`` on ``scale``'s device, one row per gradient
-    with the columns :data:`GRAD_STATS_COLUMNS`: element count; exact zeros; non-zero elements that fp16
-    flushes to zero at loss scale ``scale`` (``|g * scale| < 2^-25``); elements it makes subnormal
-    (``2^-25 <= |g * scale| < 2^-14``); finite elements it overflows (``|g * scale| > 65504``); inf/NaN
-    elements; the sum of ``g^2`` (the squared norm; inf/NaN propagate); ``max |g|`` over finite elements.
+    with the columns :data:`GRAD_STATS_COLUMNS`: element count; exact zeros; non-zero elements whose
+    product with ``scale`` a cast to fp16 rounds to zero (``|g * scale| <= 2^-25``); those it rounds to a
+    subnormal; finite elements it rounds to inf (``|g * scale| >= 65520``); inf/NaN elements; the sum of ``g^2`` (the squared norm; inf/NaN propagate); ``max |g|`` over finite elements.
     Then a histogram of ``floor(log2 |g|)`` over finite non-zero elements, bin ``k`` holding exponent
     ``min_exponent + k`` (the end bins also take what lies beyond them).
 
@@ -84,6 +84,20 @@ def grad_stats(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent:
         num_bins: the number of histogram bins, in [1, 4096].
     """
     return torch.ops.mixprec.grad_stats.default(list(grads), scale, int(min_exponent), int(num_bins))
+
+
+def record_overflow_(record: torch.Tensor, amax: torch.Tensor, found_inf: torch.Tensor, scale: torch.Tensor,
+                     step: int, checked: int, count: Optional[torch.Tensor] = None,
+                     grads_scale: Optional[torch.Tensor] = None) -> None:
+    """GradScaler's overflow bookkeeping for one step, on the device (no host sync).
+
+    When ``found_inf`` is non-zero, ``record`` (float64, ``3 + len(amax)``) becomes ``[step, scale,
+    checked, *amax]``; ``amax`` (float32, filled by :func:`unscale_and_check_`) is zeroed either way, for
+    the next step; ``count`` (int64, one element) counts overflowing steps; ``grads_scale`` (float32, one
+    element) becomes ``scale`` on an overflow, else 1.
+    """
+    torch.ops.mixprec.record_overflow_.default(record, amax, found_inf, scale, int(step), int(checked), count,
+                                               grads_scale)
 
 
 def update_scale_(

@@ -119,6 +119,19 @@ def test_unscale_over_2500_tensors_matches_cpu_and_flags_any_launch(where: str) 
     assert math.isinf(a_cpu[index].item()) and int(torch.isinf(a_cpu).sum()) == 1
 
 
+def test_grad_stats_over_2500_tensors_match_cpu() -> None:
+    """grad_stats carries each tensor's list index (880 tensors a launch; 115 on the 4 KB path)."""
+    sizes = _sizes(2500, seed=14)
+    grads = _make(sizes, torch.float32, seed=15, scale=100.0)
+    for i in range(2, len(sizes), 7):
+        grads[i] = (torch.randn(sizes[i] + 1) * 1e-6).to(torch.float16)[1:]
+    cpu = ops.grad_stats(grads, torch.full((1,), 2.0**10), -40, 64)
+    gpu = ops.grad_stats(_cuda_copy(grads), torch.full((1,), 2.0**10, device="cuda"), -40, 64).cpu()
+    counts = [c for c in range(cpu.shape[1]) if c != 6]
+    assert torch.equal(cpu[:, counts], gpu[:, counts])
+    torch.testing.assert_close(cpu[:, 6], gpu[:, 6], rtol=1e-12, atol=0)
+
+
 def test_the_4kb_kernel_argument_path_gives_the_same_bits() -> None:
     """Drivers older than CUDA 12.1 take 4 KB of kernel arguments: the ops then launch for fewer tensors at
     a time. MIXPREC_SMALL_KERNEL_ARGS=1 forces that path (it is chosen once per process, hence the

@@ -125,20 +125,21 @@ def test_tracking_reads_nothing_back_to_the_host(optimizer: str) -> None:
 # ---- grad_stats: the gradient statistics behind the monitor and underflow_report -------------------------------
 
 def reference_stats(grads: list[torch.Tensor], scale: float, min_exponent: int, num_bins: int) -> torch.Tensor:
-    """The op's rows computed independently in float64: masks for the fp16 categories at ``scale``,
-    frexp for the exponents (m * 2^e with m in [0.5, 1): floor(log2 |g|) = e - 1)."""
+    """The op's rows computed independently: the fp16 categories from what torch's own cast to fp16 makes
+    of the float64 product g * scale (zero, subnormal, inf), frexp for the exponents (m * 2^e with m in
+    [0.5, 1): floor(log2 |g|) = e - 1), sums and maxima in float64."""
     rows = []
     for g in grads:
         x = g.detach().to(torch.float64).flatten().cpu()
         finite = torch.isfinite(x)
         nz = finite & (x != 0)
         a = x.abs()
-        s = a * scale
+        h = (a * scale).to(torch.float16).abs()
         _, e = torch.frexp(a[nz])
         bins = (e.to(torch.int64) - 1 - min_exponent).clamp(0, num_bins - 1)
         hist = torch.bincount(bins, minlength=num_bins).to(torch.float64)
-        row = [x.numel(), int((x == 0).sum()), int((nz & (s < 2.0**-25)).sum()),
-               int((nz & (s >= 2.0**-25) & (s < 2.0**-14)).sum()), int((nz & (s > 65504)).sum()), int((~finite).sum()),
+        row = [x.numel(), int((x == 0).sum()), int((nz & (h == 0)).sum()),
+               int((nz & (h > 0) & (h < 2.0**-14)).sum()), int((nz & torch.isinf(h)).sum()), int((~finite).sum()),
                float((x * x).sum()), float(a[finite].max()) if finite.any() else 0.0]
         rows.append(torch.cat([torch.tensor(row, dtype=torch.float64), hist]))
     return torch.stack(rows) if rows else torch.zeros(0, 8 + num_bins, dtype=torch.float64)
@@ -157,6 +158,10 @@ def stats_inputs(device: str) -> list[torch.Tensor]:
         spread(300).bfloat16()[1:],                       # misaligned
         torch.zeros(77),
         torch.tensor([1e-45, -3e-44, 2.0**-126, 1.0, -0.0]),  # fp32 subnormals, a negative zero
+        # fp16's rounding boundaries (at scale 1; the other scales are powers of two, so the products are
+        # exact): ties at 2^-25 (to zero), at the top of the subnormals (up to 2^-14) and at 65520 (to inf)
+        torch.tensor([2.0**-25, 2.0**-25 + 2.0**-40, 2.0**-14 - 2.0**-25, 2.0**-14 - 2.0**-24, 65504.0, 65519.99,
+                      65520.0, -65520.0, 2.0**-24, 3 * 2.0**-26]),
     ]
     grads[0][::97] = 0.0
     grads[1][5] = math.inf
@@ -221,9 +226,10 @@ def test_underflow_report_reads_the_same_counts() -> None:
 
 # ---- Monitor ------------------------------------------------------------------------------------------------
 
-def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4):
+def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
+                  fused: bool = False):
     model = named_model()
-    opt = mixprec.optim.AdamW(model.parameters(), lr=0.01)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
     scaler = mixprec.GradScaler("cpu", growth_interval=1000)
     monitor = mixprec.Monitor(model, scaler, every=every, log_dir=str(tmp_path), sinks=sinks, min_exponent=-30,
                               num_bins=40)
@@ -269,6 +275,22 @@ def test_monitor_records_every_n_steps_and_matches_float64(tmp_path) -> None:
     # The JSON-lines sink holds the same records.
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [first, second]
+
+
+def test_monitor_on_a_skipped_step_judges_the_true_gradients(tmp_path) -> None:
+    """With fused=True mixprec's AdamW takes the scale itself (torch's protocol): on an overflowing step it
+    skips before unscaling, so .grad still holds g * 65536 when the step is logged. The record must
+    describe g (at the scale after the backoff), not the scaled values."""
+    model, scaler, _, records, _ = monitored_run(tmp_path, sinks=("jsonl",), plant_at=5, fused=True)
+    r = records[5]
+    assert r["skipped_steps"] == 1 and r["loss_scale"] == 32768.0
+    true_grads = [p.grad.double() / 65536.0 for p in model.parameters()]
+    ref = reference_stats(true_grads, 32768.0, -30, 40).sum(0)
+    n = ref[0].item()
+    for key, col in [("flush_fraction", 2), ("subnormal_fraction", 3), ("overflow_fraction", 4), ("nonfinite_fraction", 5)]:
+        assert r[key] == ref[col].item() / n, key
+    assert r["exponent_histogram"] == ref[8:].tolist()
+    assert math.isinf(r["grad_norm"])
 
 
 def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
@@ -317,3 +339,67 @@ def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:
 def test_monitor_bad_input(kwargs, error, needle) -> None:
     with pytest.raises(error, match=needle):
         mixprec.Monitor(named_model(), **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the sync check needs a GPU")
+def test_monitor_no_host_sync_between_logged_steps_on_cuda() -> None:
+    """torch.cuda.set_sync_debug_mode('error') turns every host synchronisation into an error: tracked steps
+    and the monitor's per-step bookkeeping must not synchronise; the logged step (one read) may."""
+    torch.manual_seed(0)
+    model = named_model().cuda().half()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler("cuda")
+    monitor = mixprec.Monitor(model, scaler, every=4, sinks=())
+    x = torch.randn(3, 4, device="cuda").half()
+
+    def one_step(i: int) -> None:
+        opt.zero_grad()
+        loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        if i == 1:
+            model.blocks[0].fc1.weight.grad[0, 0].fill_(math.inf)
+        scaler.step(opt)
+        scaler.update()
+        monitor.step(loss, tokens=3)
+
+    for i in range(4):  # warm-up, ending with a logged step
+        one_step(i)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(3):
+            one_step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    one_step(3)
+    record = monitor.records[-1]
+    assert record["skipped_steps"] == 1 and "blocks.0.fc1.weight: inf" in record["overflow"]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_record_overflow_op(device: str) -> None:
+    """The scaler's per-step bookkeeping op: on an overflow the record takes [step, scale, checked, amax...];
+    amax is zeroed either way; count and grads_scale follow the flag."""
+    kw = dict(device=device)
+    record = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, **kw)
+    amax = torch.tensor([1.5, math.inf, math.nan], **kw)
+    count = torch.zeros((), dtype=torch.int64, **kw)
+    gs = torch.full((), 7.0, **kw)
+    clean, over, scale = torch.zeros(1, **kw), torch.full((1,), 2.0, **kw), torch.full((1,), 1024.0, **kw)
+    mixprec.ops.record_overflow_(record, amax, clean, scale, 4, 3, count, gs)
+    assert record.tolist() == [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and amax.tolist() == [0.0] * 3
+    assert count.item() == 0 and gs.item() == 1.0
+    amax.copy_(torch.tensor([1.5, math.inf, math.nan]))
+    mixprec.ops.record_overflow_(record, amax, over, scale, 5, 3, count, gs)
+    r = record.tolist()
+    assert r[:5] == [5.0, 1024.0, 3.0, 1.5, math.inf] and math.isnan(r[5])
+    assert amax.tolist() == [0.0] * 3 and count.item() == 1 and gs.item() == 1024.0
+    torch.library.opcheck(torch.ops.mixprec.record_overflow_.default,
+                          (record.clone(), torch.ones(3, **kw), over, scale, 6, 3, count.clone(), gs.clone()))
+    before = record.clone()
+    with pytest.raises(RuntimeError, match=r"record must be a contiguous float64 vector of 3 \+ len\(amax\) = 6"):
+        mixprec.ops.record_overflow_(record[:5], amax, over, scale, 1, 3)
+    with pytest.raises(RuntimeError, match="step must be >= 0"):
+        mixprec.ops.record_overflow_(record, amax, over, scale, -1, 3)
+    with pytest.raises(RuntimeError, match="count must be a one-element Long"):
+        mixprec.ops.record_overflow_(record, amax, over, scale, 1, 3, count.float())
+    torch.testing.assert_close(record, before, equal_nan=True, rtol=0, atol=0)

@@ -246,6 +246,12 @@ def test_cpu_and_cuda_agree() -> None:
     grads = [torch.randn(n, dtype=d) * 100 for n, d in [(12345, torch.float32), (777, torch.float16), (65537, torch.bfloat16)]]
     cuda_grads = [g.cuda() for g in grads]
     f_cpu, f_cuda = one(0.0, "cpu"), one(0.0, "cuda")
+    s_cpu = ops.unscale_and_check_sumsq_(grads, f_cpu, one(0.37, "cpu"))
+    s_cuda = ops.unscale_and_check_sumsq_(cuda_grads, f_cuda, one(0.37, "cuda"))
+    for a, b in zip(grads, cuda_grads):
+        assert torch.equal(a, b.cpu())
+    assert math.isclose(s_cpu.item(), s_cuda.item(), rel_tol=1e-5)
+    # With an inf planted, and the per-tensor maxima
     grads[1][5] = math.inf
     cuda_grads[1][5] = math.inf
     a_cpu, a_cuda = torch.zeros(3), torch.zeros(3, device="cuda")

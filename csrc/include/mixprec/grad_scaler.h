@@ -40,8 +40,9 @@ struct GradScalerOptions {
 
 /// One parameter whose gradient held inf/NaN (GradScaler::last_overflow()).
 struct OverflowSource {
-  std::string name;  ///< from the names given to last_overflow(), else "param[i]" (i: its optimizer position)
-  at::Tensor param;
+  std::string name;  ///< from the names given to last_overflow(), else "param[i]" (i: the order in which the
+                     ///< scaler first saw the optimizer's parameters with gradients)
+  at::Tensor param;  ///< undefined when the parameter no longer exists
   double max_abs;    ///< max |g| as the scaled gradient held it: inf or NaN
 };
 
@@ -99,6 +100,14 @@ class GradScaler {
   /// Overflowing steps since tracking began: an int64 0-dim tensor on the scale's device (no host sync;
   /// undefined before the first tracked update()).
   const at::Tensor& overflow_count() const { return overflow_count_; }
+  /// What the parameters' gradients hold relative to the true gradients after the last update(): a float32
+  /// 0-dim tensor on the scale's device, 1 unless an optimizer that takes the scale itself (a read-only
+  /// check) skipped an overflowing step, which leaves its gradients scaled. Tracked with track_overflows;
+  /// undefined before. The Monitor divides by it.
+  const at::Tensor& grads_scale() const { return grads_scale_; }
+  /// Whether grads_scale() can differ from 1 (an optimizer was handed the scale in the last iteration),
+  /// known on the host: a monitor reads grads_scale() back only then.
+  bool grads_may_be_scaled() const { return grads_may_be_scaled_; }
   std::optional<OverflowReport> last_overflow(const torch::OrderedDict<std::string, at::Tensor>& named_parameters) const;
   /// As above, the parameters named by position ("param[i]").
   std::optional<OverflowReport> last_overflow() const;
@@ -150,24 +159,30 @@ class GradScaler {
   struct OptimizerState {
     Stage stage = Stage::Ready;
     std::map<std::string, at::Tensor> found_inf_per_device;  // keyed by device string
-    // With track_overflows: the checked parameters and their gradients' max |g| (float32, scale's device).
-    std::vector<at::Tensor> params;
-    at::Tensor amax;
+    bool tracked = false;       // track_overflows: the unscale pass filled the record's amax
+    int64_t checked = 0;        // gradients checked
+    bool handed_scale = false;  // prepare_scaled_step handed the scale over: .grad stays scaled on overflow
   };
-  /// One optimizer's record of the last overflowing step, kept on the scale's device and updated by
-  /// update() with a select on the overflow flag (no host sync).
+  /// One optimizer's record of the last overflowing step, on the scale's device and updated by update()
+  /// with one record_overflow_ op (no host sync). Its parameters are every one the scaler has seen for the
+  /// optimizer (a set that may vary per step: unused branches have no gradient), held weakly so that the
+  /// record never keeps a model alive.
   struct OverflowRecord {
-    std::vector<at::Tensor> params;
-    at::Tensor amax;   // float32 [params]
-    at::Tensor step;   // int64 0-dim, -1: none yet
-    at::Tensor scale;  // float32 0-dim
+    std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> params;
+    std::map<const c10::TensorImpl*, int64_t> index;  // position of each parameter in `params`
+    at::Tensor record;  // float64 [3 + params]: step (-1: none yet), scale, gradients checked, max |g| each
+    at::Tensor amax;    // float32 [params]: this step's max |g| (the unscale pass's output), zero between steps
   };
 
+  /// The positions of `params` in the optimizer's record (created or grown as needed); `identity` when they
+  /// are the record's parameters in order.
+  std::vector<int64_t> place_params(int64_t key, at::TensorList params, bool& identity);
   /// Runs the fused unscale-and-check over `grads` (an inv_scale of 1 makes it a read-only check) and
   /// records the per-device flags in `st`; the stage is left to the caller.
-  void check_grads(OptimizerState& st, at::TensorList grads, at::TensorList params, const at::Tensor& inv_scale);
-  /// Folds this iteration's per-tensor maxima into the overflow records (where `overflowed` holds).
-  void record_overflows(const at::Tensor& overflowed);
+  void check_grads(int64_t key, OptimizerState& st, at::TensorList grads, at::TensorList params,
+                   const at::Tensor& inv_scale);
+  /// Folds this iteration's per-tensor maxima into the overflow records (where `found_inf` is non-zero).
+  void record_overflows(const at::Tensor& found_inf);
   void lazy_init(c10::Device device);
   at::Tensor combined_found_inf(const OptimizerState& st) const;
 
@@ -180,6 +195,8 @@ class GradScaler {
   int64_t updates_ = 0;  // update() calls so far: the step number overflow reports give
   std::map<int64_t, OverflowRecord> overflow_records_;
   at::Tensor overflow_count_;
+  at::Tensor grads_scale_;
+  bool grads_may_be_scaled_ = false;
 };
 
 }  // namespace mixprec

@@ -73,7 +73,8 @@ class Monitor {
   /// step (every `every` steps), having written it to the sinks; nullopt otherwise, having read nothing.
   std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens = 0);
 
-  /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names.
+  /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names, as the
+  /// op gave them for the gradients as stored (see GradScaler::grads_scale()).
   const at::Tensor& last_stats() const { return last_stats_; }
   const std::vector<std::string>& last_stats_names() const { return last_stats_names_; }
   const MonitorOptions& options() const { return options_; }
@@ -89,6 +90,7 @@ class Monitor {
   std::vector<at::Tensor> losses_;  // this interval's, detached, on their device
   int64_t tokens_ = 0;
   int64_t skipped_before_ = 0;
+  at::Tensor count_at_start_;  // the scaler's overflow counter when the monitor began (device, a copy)
   std::chrono::steady_clock::time_point interval_start_;
   at::Tensor last_stats_;
   std::vector<std::string> last_stats_names_;

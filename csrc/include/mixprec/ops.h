@@ -35,14 +35,23 @@ at::Tensor unscale_and_check_sumsq_(at::TensorList grads, const at::Tensor& foun
 
 /// Statistics of the gradients' values, for monitoring, from one pass (one launch on CUDA) and with no
 /// host synchronisation: a float64 tensor [len(grads), 8 + num_bins] on `scale`'s device, one row per
-/// gradient: numel, zeros, flushed (non-zero but |g * scale| < 2^-25: fp16 rounds it to zero), subnormal
-/// (2^-25 <= |g * scale| < 2^-14), overflow (finite, |g * scale| > 65504), non-finite, sum of g^2, max |g|
+/// gradient: numel, zeros, flushed (non-zero, but fp16 rounds g * scale to zero), subnormal (fp16 rounds
+/// it to a subnormal), overflow (finite, but fp16 rounds it to inf), non-finite, sum of g^2, max |g|
 /// over finite elements, then a histogram of floor(log2 |g|) over finite non-zero elements in bins
 /// min_exponent .. min_exponent + num_bins - 1 (the end bins also take what lies beyond). `scale` (a
 /// one-element float32 tensor) is the loss scale to judge fp16 at; the gradients hold true (unscaled)
 /// values. fp32/fp16/bf16/fp64 gradients mixed, any strides.
 at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent = -40,
                       int64_t num_bins = 64);
+
+/// GradScaler's overflow bookkeeping for one step, on the device: when `found_inf` is non-zero, `record`
+/// (float64 [3 + n]) becomes [step, scale, checked, amax...]; `amax` (float32 [n], filled by
+/// unscale_and_check_) is then zeroed for the next step; `count` (int64, optional) counts overflowing steps
+/// and `grads_scale` (float32, optional) becomes the scale on an overflow, else 1.
+void record_overflow_(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
+                      const at::Tensor& scale, int64_t step, int64_t checked,
+                      const std::optional<at::Tensor>& count = std::nullopt,
+                      const std::optional<at::Tensor>& grads_scale = std::nullopt);
 
 /// The dynamic loss-scale state machine, in place on device tensors, with no host synchronisation.
 ///

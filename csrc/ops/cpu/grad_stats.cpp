@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -67,33 +68,39 @@ at::Tensor grad_stats_cpu(at::TensorList grads, const at::Tensor& scale, int64_t
   }
   const float s = scale.item<float>();  // a CPU tensor: reading it is not a device sync
   const int lo = static_cast<int>(min_exponent), bins = static_cast<int>(num_bins);
-  std::vector<double> rows(chunks.size() * width, 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& ch = chunks[c];
-      double* row = rows.data() + c * width;
-      switch (ch.dtype) {
-        case at::kFloat:
-          count_chunk<float, float>(static_cast<const float*>(ch.data), ch.n, s, lo, bins, row);
-          break;
-        case at::kHalf:
-          count_chunk<c10::Half, float>(static_cast<const c10::Half*>(ch.data), ch.n, s, lo, bins, row);
-          break;
-        case at::kBFloat16:
-          count_chunk<c10::BFloat16, float>(static_cast<const c10::BFloat16*>(ch.data), ch.n, s, lo, bins, row);
-          break;
-        default:
-          count_chunk<double, double>(static_cast<const double*>(ch.data), ch.n, s, lo, bins, row);
-          break;
-      }
-    }
-  });
+  // Chunks go in batches, so scratch rows stay small (a wide histogram over a large model would otherwise
+  // need a row per 64K elements at once); batches and the rows within one are added in order.
+  constexpr int64_t kBatch = 256;
+  std::vector<double> rows(static_cast<size_t>(std::min<int64_t>(kBatch, static_cast<int64_t>(chunks.size()))) * width);
   double* o = out.data_ptr<double>();
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    double* dst = o + chunks[c].tensor * width;
-    const double* src = rows.data() + c * width;
-    for (int k = 0; k < width; ++k) {
-      dst[k] = k == detail::kStatsAmax ? std::max(dst[k], src[k]) : dst[k] + src[k];
+  for (int64_t first = 0; first < static_cast<int64_t>(chunks.size()); first += kBatch) {
+    const int64_t count = std::min<int64_t>(kBatch, static_cast<int64_t>(chunks.size()) - first);
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const Chunk& ch = chunks[first + c];
+        double* row = rows.data() + c * width;
+        switch (ch.dtype) {
+          case at::kFloat:
+            count_chunk<float, float>(static_cast<const float*>(ch.data), ch.n, s, lo, bins, row);
+            break;
+          case at::kHalf:
+            count_chunk<c10::Half, float>(static_cast<const c10::Half*>(ch.data), ch.n, s, lo, bins, row);
+            break;
+          case at::kBFloat16:
+            count_chunk<c10::BFloat16, float>(static_cast<const c10::BFloat16*>(ch.data), ch.n, s, lo, bins, row);
+            break;
+          default:
+            count_chunk<double, double>(static_cast<const double*>(ch.data), ch.n, s, lo, bins, row);
+            break;
+        }
+      }
+    });
+    for (int64_t c = 0; c < count; ++c) {
+      double* dst = o + chunks[first + c].tensor * width;
+      const double* src = rows.data() + c * width;
+      for (int k = 0; k < width; ++k) {
+        dst[k] = k == detail::kStatsAmax ? std::max(dst[k], src[k]) : dst[k] + src[k];
+      }
     }
   }
   return out;

@@ -1,7 +1,9 @@
 // update_scale_ on the CPU: the shared rule of update_scale_rule.h applied to the tensors' memory.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <optional>
 
 #include "ops/checks.h"
 #include "ops/update_scale_rule.h"
@@ -26,8 +28,29 @@ void update_scale_cpu(const at::Tensor& scale, const at::Tensor& growth_tracker,
                             hysteresis_tracker.data_ptr<int32_t>(), *found_inf.const_data_ptr<float>(), params);
 }
 
+void record_overflow_cpu(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
+                         const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count,
+                         const std::optional<at::Tensor>& grads_scale) {
+  detail::check_record_overflow_args(record, amax, found_inf, scale, step, checked, count, grads_scale);
+  const float found = *found_inf.const_data_ptr<float>();
+  double* rec = record.data_ptr<double>();
+  detail::record_overflow_head(rec, found, *scale.const_data_ptr<float>(), step, checked,
+                               count.has_value() && count->defined() ? count->data_ptr<int64_t>() : nullptr,
+                               grads_scale.has_value() && grads_scale->defined() ? grads_scale->data_ptr<float>()
+                                                                                 : nullptr);
+  float* a = amax.data_ptr<float>();
+  const int64_t n = amax.numel();
+  if (found != 0.0f) {
+    for (int64_t i = 0; i < n; ++i) rec[3 + i] = static_cast<double>(a[i]);
+  }
+  std::fill(a, a + n, 0.0f);  // ready for the next step's unscale pass
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixprec, CPU, m) { m.impl("update_scale_", &update_scale_cpu); }
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("update_scale_", &update_scale_cpu);
+  m.impl("record_overflow_", &record_overflow_cpu);
+}
 
 }  // namespace mixprec::cpu

@@ -25,6 +25,7 @@ void register_kernels(torch::Library& m, bool sparse) {
   m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
   if (!sparse) {
     m.impl("update_scale_", &update_scale_cuda);
+    m.impl("record_overflow_", &record_overflow_cuda);
     m.impl("fp8_update_scales_", &fp8_update_scales__cuda);
   }
 }

@@ -47,7 +47,14 @@ template <typename T, bool kSumsq, bool kAmax>
 __device__ __forceinline__ void unscale_element(T& value, float inv, bool& bad, float& sq, unsigned& mx) {
   const opmath_t<T> x = static_cast<opmath_t<T>>(value);
   bad |= !isfinite(x);
-  if constexpr (kAmax) mx = max(mx, __float_as_uint(fabsf(static_cast<float>(x))));
+  if constexpr (kAmax) {
+    if constexpr (std::is_same_v<T, double>) {  // beyond fp32's range reads as inf, as on the CPU
+      const double a = fabs(x);
+      mx = max(mx, __float_as_uint(a > 3.4028234663852886e38 ? __int_as_float(0x7f800000) : static_cast<float>(a)));
+    } else {
+      mx = max(mx, __float_as_uint(fabsf(static_cast<float>(x))));
+    }
+  }
   const opmath_t<T> y = x * static_cast<opmath_t<T>>(inv);
   value = static_cast<T>(y);
   if constexpr (kSumsq) sq += static_cast<float>(y) * static_cast<float>(y);
