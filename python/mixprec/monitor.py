@@ -48,11 +48,13 @@ class Monitor:
         log_dir: where the TensorBoard events and ``metrics.jsonl`` go (needed by those sinks).
         sinks: any of :data:`SINKS`; by default all of them when ``log_dir`` is given, else the progress line.
         min_exponent, num_bins: the exponent histogram's bins, ``floor(log2 |g|)`` from ``min_exponent`` up.
+        per_tensor: also write each parameter's exponent histogram to TensorBoard
+            (``mixprec/grad_log2_magnitude/<name>``; one more device read per logged step).
     """
 
     def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
                  log_dir: Optional[str] = None, sinks: Optional[Sequence[str]] = None, min_exponent: int = -40,
-                 num_bins: int = 64) -> None:
+                 num_bins: int = 64, per_tensor: bool = False) -> None:
         if sinks is None:
             sinks = SINKS if log_dir is not None else ("progress",)
         sinks = tuple(sinks)
@@ -67,6 +69,7 @@ class Monitor:
             raise ValueError("mixprec.Monitor: the tensorboard and jsonl sinks need a log_dir")
         self.sinks = sinks
         self.log_dir = log_dir
+        self.per_tensor = bool(per_tensor)
         self._writer: Any = None
         writer_cls: Any = None
         if "tensorboard" in sinks:
@@ -111,24 +114,25 @@ class Monitor:
             step = record["step"]
             for key in _SCALARS:
                 self._writer.add_scalar(f"mixprec/{key}", record[key], step)
-            self._add_histogram(record, step)
+            lo = record["min_exponent"]
+            self._add_histogram("mixprec/grad_log2_magnitude", record["exponent_histogram"], lo, step)
+            if self.per_tensor:  # one more read: the per-gradient rows
+                for name, row in self.last_stats().items():
+                    self._add_histogram(f"mixprec/grad_log2_magnitude/{name}", row[8:].tolist(), lo, step)
             self._writer.flush()
         return record
 
-    def _add_histogram(self, record: dict[str, Any], step: int) -> None:
-        counts = record["exponent_histogram"]
-        total = sum(counts)
-        if total == 0:
+    def _add_histogram(self, tag: str, counts: list[float], lo: int, step: int) -> None:
+        """Bin k holds floor(log2 |g|) = lo + k: written as TensorBoard's raw histogram over that axis."""
+        used = [k for k, c in enumerate(counts) if c]
+        if not used:
             return
-        lo = record["min_exponent"]
-        # Bin k holds floor(log2 |g|) = lo + k: the exponent axis, as TensorBoard's raw histogram.
-        limits = [float(lo + k + 1) for k in range(len(counts))]
-        first = next(k for k, c in enumerate(counts) if c)
         self._writer.add_histogram_raw(
-            "mixprec/grad_log2_magnitude", min=float(lo + first), max=float(lo + max(k for k, c in enumerate(counts) if c) + 1),
-            num=int(total), sum=sum((lo + k + 0.5) * c for k, c in enumerate(counts)),
-            sum_squares=sum((lo + k + 0.5) ** 2 * c for k, c in enumerate(counts)), bucket_limits=limits,
-            bucket_counts=[int(c) for c in counts], global_step=step)
+            tag, min=float(lo + used[0]), max=float(lo + used[-1] + 1), num=int(sum(counts)),
+            sum=sum((lo + k + 0.5) * c for k, c in enumerate(counts)),
+            sum_squares=sum((lo + k + 0.5) ** 2 * c for k, c in enumerate(counts)),
+            bucket_limits=[float(lo + k + 1) for k in range(len(counts))], bucket_counts=[int(c) for c in counts],
+            global_step=step)
 
     def last_stats(self) -> dict[str, torch.Tensor]:
         """The per-gradient ``grad_stats`` rows of the last logged step, by parameter name."""

@@ -227,12 +227,12 @@ def test_underflow_report_reads_the_same_counts() -> None:
 # ---- Monitor ------------------------------------------------------------------------------------------------
 
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
-                  fused: bool = False):
+                  fused: bool = False, per_tensor: bool = False):
     model = named_model()
     opt = mixprec.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
     scaler = mixprec.GradScaler("cpu", growth_interval=1000)
     monitor = mixprec.Monitor(model, scaler, every=every, log_dir=str(tmp_path), sinks=sinks, min_exponent=-30,
-                              num_bins=40)
+                              num_bins=40, per_tensor=per_tensor)
     records, losses = [], []
     for i in range(steps):
         opt.zero_grad()
@@ -296,7 +296,7 @@ def test_monitor_on_a_skipped_step_judges_the_true_gradients(tmp_path) -> None:
 def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, _, _, records, _ = monitored_run(tmp_path, sinks=("tensorboard",))
+    model, _, monitor, records, _ = monitored_run(tmp_path, sinks=("tensorboard",), per_tensor=True)
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]
@@ -309,6 +309,13 @@ def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
     hist = acc.Histograms("mixprec/grad_log2_magnitude")
     assert [h.step for h in hist] == [3, 6]
     assert hist[-1].histogram_value.num == sum(records[5]["exponent_histogram"])
+    assert list(hist[-1].histogram_value.bucket) == records[5]["exponent_histogram"]
+    # per_tensor: each parameter's own histogram, from the same rows as monitor.last_stats()
+    for name, row in monitor.last_stats().items():
+        counts = row[8:].tolist()
+        if sum(counts):
+            h = acc.Histograms(f"mixprec/grad_log2_magnitude/{name}")[-1]
+            assert h.step == 6 and list(h.histogram_value.bucket) == counts
 
 
 def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:
