@@ -120,13 +120,8 @@ std::vector<int64_t> GradScaler::place_params(int64_t key, at::TensorList params
   for (size_t i = 0; i < params.size(); ++i) {
     c10::TensorImpl* impl = params[i].unsafeGetTensorImpl();
     auto [it, inserted] = rec.index.emplace(impl, static_cast<int64_t>(rec.params.size()));
-    if (inserted) {
-      rec.params.emplace_back(params[i].getIntrusivePtr());
-    } else if (rec.params[it->second]._unsafe_get_target() != impl || rec.params[it->second].expired()) {
-      // The address of a parameter that no longer exists, now another's.
-      rec.params[it->second] =
-          c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(params[i].getIntrusivePtr());
-    }
+    // A weak reference keeps the TensorImpl's memory (not its storage), so an address is never reused.
+    if (inserted) rec.params.emplace_back(params[i].getIntrusivePtr());
     positions[i] = it->second;
     identity = identity && positions[i] == static_cast<int64_t>(i);
   }
@@ -177,7 +172,8 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
     if (track && !local->is_same(amax)) {
       const at::Tensor index =
           at::tensor(positions_by_device[device], at::kLong).to(amax.device(), /*non_blocking=*/true);
-      amax.index_copy_(0, index, local->to(amax.device(), /*non_blocking=*/true));
+      // Blocking into host memory: the CPU-side index_copy_ must see the finished copy.
+      amax.index_copy_(0, index, local->to(amax.device(), /*non_blocking=*/!amax.device().is_cpu()));
     }
     found.emplace(device, flag);
   }
@@ -321,19 +317,33 @@ void GradScaler::record_overflows(const at::Tensor& found_inf) {
     overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
     grads_scale_ = at::ones({}, scale_.options());
   }
-  bool handed = false;
-  for (const auto& [key, st] : per_optimizer_) handed = handed || st.handed_scale;
+  // Gradients stay scaled when an optimizer that takes the scale skips an overflowing step; it skips on its
+  // own flag. With one optimizer that is the summed flag, so grads_scale can say so; with several, whose
+  // gradients are in which state is not one number, and no correction is offered.
+  const bool handed = per_optimizer_.size() == 1 && per_optimizer_.begin()->second.handed_scale;
   // One small op per optimizer (record_overflow_): on an overflow the record takes this step's maxima,
   // step number and scale; the maxima are zeroed for the next step. The first also counts the step and
-  // says whether gradients stayed scaled (an optimizer that takes the scale skips before unscaling).
+  // sets grads_scale.
   bool first = true;
+  auto extras = [&] {
+    return std::make_pair(first ? std::optional<at::Tensor>(overflow_count_) : std::nullopt,
+                          first && handed ? std::optional<at::Tensor>(grads_scale_) : std::nullopt);
+  };
   for (auto& [key, st] : per_optimizer_) {
     if (!st.tracked) continue;
-    OverflowRecord& rec = overflow_records_[key];
-    ops::record_overflow_(rec.record, rec.amax, found_inf, scale_, updates_, st.checked,
-                          first ? std::optional<at::Tensor>(overflow_count_) : std::nullopt,
-                          first && handed ? std::optional<at::Tensor>(grads_scale_) : std::nullopt);
+    auto it = overflow_records_.find(key);
+    if (it == overflow_records_.end() || !it->second.record.defined()) continue;  // tracking was restarted
+    const auto [count, gs] = extras();
+    ops::record_overflow_(it->second.record, it->second.amax, found_inf, scale_, updates_, st.checked, count, gs);
     first = false;
+  }
+  if (first) {  // no tracked optimizer (e.g. DTensor shards unscaled from Python): still count the step
+    if (!scratch_record_.defined()) {
+      scratch_record_ = at::zeros({3}, scale_.options().dtype(at::kDouble));
+      scratch_amax_ = at::zeros({0}, scale_.options());
+    }
+    const auto [count, gs] = extras();
+    ops::record_overflow_(scratch_record_, scratch_amax_, found_inf, scale_, updates_, 0, count, gs);
   }
   if (!handed && grads_may_be_scaled_) grads_scale_.fill_(1.0);
   grads_may_be_scaled_ = handed;
@@ -342,6 +352,7 @@ void GradScaler::record_overflows(const at::Tensor& found_inf) {
 void GradScaler::set_track_overflows(bool track) {
   options_.track_overflows(track);
   if (!track) {
+    for (auto& [key, st] : per_optimizer_) st.tracked = false;  // this iteration's maxima are dropped too
     overflow_records_.clear();
     overflow_count_ = at::Tensor();
     grads_scale_ = at::Tensor();

@@ -130,7 +130,10 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
   if (scaler_ != nullptr && scaler_->is_enabled()) {
     scaler_->set_track_overflows(true);
     // A scaler that tracked before counts earlier overflows too: the monitor's count starts from here.
-    if (scaler_->overflow_count().defined()) count_at_start_ = scaler_->overflow_count().clone();
+    if (scaler_->overflow_count().defined()) {
+      count_at_start_ = scaler_->overflow_count().clone();
+      counter_ = scaler_->overflow_count();
+    }
   }
   interval_start_ = std::chrono::steady_clock::now();
 }
@@ -164,6 +167,7 @@ MonitorRecord Monitor::make_record() {
   double gs = 1.0;
   if (scaled && scaler_->grads_may_be_scaled() && scaler_->grads_scale().defined()) {
     gs = scaler_->grads_scale().item<double>();
+    if (!(std::isfinite(gs) && gs > 0)) gs = 1.0;  // a scale that underflowed to 0: nothing to correct by
   }
   const auto shift = static_cast<int64_t>(std::lround(std::log2(gs)));
   const int64_t stats_min_exponent = std::clamp<int64_t>(options_.min_exponent() + shift, -1100, 1100);
@@ -191,6 +195,11 @@ MonitorRecord Monitor::make_record() {
   // Everything the record needs, gathered on the device and read back at once: one host read.
   at::Tensor count = at::zeros({1}, f64);
   if (scaled && scaler_->overflow_count().defined()) {
+    if (!scaler_->overflow_count().is_same(counter_)) {  // a new counter: it started after we did
+      counter_ = scaler_->overflow_count();
+      count_at_start_ = at::Tensor();
+      skipped_before_ = 0;
+    }
     count = scaler_->overflow_count().to(device).to(at::kDouble).reshape({1});
     if (count_at_start_.defined()) count = count.sub(count_at_start_.to(device).to(at::kDouble));
   }

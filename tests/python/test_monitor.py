@@ -410,3 +410,51 @@ def test_record_overflow_op(device: str) -> None:
     with pytest.raises(RuntimeError, match="count must be a one-element Long"):
         mixprec.ops.record_overflow_(record, amax, over, scale, 1, 3, count.float())
     torch.testing.assert_close(record, before, equal_nan=True, rtol=0, atol=0)
+
+
+def test_overflow_record_survives_a_changing_gradient_set_and_a_deleted_model() -> None:
+    """Parameters without gradients on some steps (an unused branch) grow the record instead of resetting
+    it; a model that is gone leaves positional names, not a kept-alive model."""
+    import gc
+    import weakref
+
+    model = named_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", track_overflows=True)
+    n = len(list(model.parameters()))
+    for i in range(4):
+        opt.zero_grad(set_to_none=True)
+        x = torch.randn(3, 4)
+        # steps 0 and 2 skip blocks.2 (no gradients there); step 1 uses everything and overflows in it
+        h = model.embed(x)
+        for k, block in enumerate(model.blocks):
+            if k < 2 or i % 2 == 1:
+                h = block(h)
+        scaler.scale(model.head(h).pow(2).mean()).backward()
+        if i == 1:
+            model.blocks[2].fc2.weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+    r = scaler.last_overflow(model)
+    assert (r.step, r.num_tensors) == (1, n) and r.sources == [("blocks.2.fc2.weight", math.inf)]
+    # Tracking switched off and on in the middle of an iteration: update() still works, the record restarts.
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(3, 4)).pow(2).mean()).backward()
+    scaler.unscale_(opt)
+    scaler.set_track_overflows(False)
+    scaler.set_track_overflows(True)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.last_overflow(model) is None
+    # The record holds its parameters weakly.
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(3, 4)).pow(2).mean()).backward()
+    model.head.bias.grad[0] = math.nan
+    scaler.step(opt)
+    scaler.update()
+    alive = weakref.ref(model.head.bias)
+    del model, opt
+    gc.collect()
+    assert alive() is None
+    report = scaler.last_overflow()
+    assert report.sources[0][0].startswith("param[") and math.isnan(report.sources[0][1])

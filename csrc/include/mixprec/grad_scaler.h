@@ -101,9 +101,10 @@ class GradScaler {
   /// undefined before the first tracked update()).
   const at::Tensor& overflow_count() const { return overflow_count_; }
   /// What the parameters' gradients hold relative to the true gradients after the last update(): a float32
-  /// 0-dim tensor on the scale's device, 1 unless an optimizer that takes the scale itself (a read-only
-  /// check) skipped an overflowing step, which leaves its gradients scaled. Tracked with track_overflows;
-  /// undefined before. The Monitor divides by it.
+  /// 0-dim tensor on the scale's device, 1 unless the iteration's one optimizer took the scale itself (a
+  /// read-only check) and skipped an overflowing step, which leaves its gradients scaled (with several
+  /// optimizers it stays 1: no single factor describes them). Tracked with track_overflows; undefined
+  /// before. The Monitor divides by it.
   const at::Tensor& grads_scale() const { return grads_scale_; }
   /// Whether grads_scale() can differ from 1 (an optimizer was handed the scale in the last iteration),
   /// known on the host: a monitor reads grads_scale() back only then.
@@ -197,6 +198,7 @@ class GradScaler {
   at::Tensor overflow_count_;
   at::Tensor grads_scale_;
   bool grads_may_be_scaled_ = false;
+  at::Tensor scratch_record_, scratch_amax_;  // record_overflow_'s operands when no optimizer is tracked
 };
 
 }  // namespace mixprec

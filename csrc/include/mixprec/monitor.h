@@ -91,6 +91,7 @@ class Monitor {
   int64_t tokens_ = 0;
   int64_t skipped_before_ = 0;
   at::Tensor count_at_start_;  // the scaler's overflow counter when the monitor began (device, a copy)
+  at::Tensor counter_;  // which counter that was (a tracking restart makes a new one); held, so never confused
   std::chrono::steady_clock::time_point interval_start_;
   at::Tensor last_stats_;
   std::vector<std::string> last_stats_names_;
