@@ -6,8 +6,6 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/custom_class.h>
@@ -274,15 +272,25 @@ void GradScaler::step(torch::optim::Optimizer& optimizer) {
   mark_stepped(key);
 }
 
+at::Tensor GradScaler::iteration_found_inf() const {
+  at::Tensor combined;  // a fresh tensor: the flags themselves stay as the optimizers saw them
+  for (const auto& [key, st] : per_optimizer_) {
+    for (const auto& [device, flag] : st.found_inf_per_device) {
+      const at::Tensor here = flag.to(scale_.device(), /*non_blocking=*/true);
+      if (combined.defined()) {
+        combined.add_(here);
+      } else {
+        combined = here.clone();
+      }
+    }
+  }
+  return combined;
+}
+
 void GradScaler::update() {
   if (!options_.enabled()) return;
-  std::vector<at::Tensor> flags;
-  for (const auto& [key, st] : per_optimizer_) {
-    for (const auto& [device, flag] : st.found_inf_per_device) flags.push_back(flag.to(scale_.device(), true));
-  }
-  TORCH_CHECK(!flags.empty(), "No inf checks were recorded prior to update.");
-  at::Tensor combined = flags[0].clone();
-  for (size_t i = 1; i < flags.size(); ++i) combined.add_(flags[i]);
+  const at::Tensor combined = iteration_found_inf();
+  TORCH_CHECK(combined.defined(), "No inf checks were recorded prior to update.");
   if (options_.track_overflows()) record_overflows(combined);
   if (options_.dynamic()) {
     ops::update_scale_(scale_, growth_tracker_, hysteresis_tracker_, combined, options_.growth_factor(),
@@ -298,13 +306,7 @@ void GradScaler::update(double new_scale) {
   lazy_init(device_);
   if (options_.track_overflows()) {
     // The scale is set by hand, but the step's overflows (if it ran one) are still worth recording.
-    at::Tensor combined;
-    for (const auto& [key, st] : per_optimizer_) {
-      for (const auto& [device, flag] : st.found_inf_per_device) {
-        const at::Tensor f = flag.to(scale_.device(), true);
-        combined = combined.defined() ? combined + f : f;
-      }
-    }
+    const at::Tensor combined = iteration_found_inf();
     if (combined.defined()) record_overflows(combined);
   }
   scale_.fill_(new_scale);
