@@ -23,14 +23,11 @@
 
 #include "mixprec/fp8.h"
 #include "mixprec/ops.h"
+#include "nn/linear_detail.h"
 
 namespace mixprec::nn {
-namespace {
+namespace detail {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// autocast's rule for its lower-precision ops: floating tensors other than fp64 take its dtype.
 torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
   if (!t.defined() || !dtype || !t.is_floating_point() || t.scalar_type() == *dtype ||
       t.scalar_type() == at::kDouble) {
@@ -39,18 +36,9 @@ torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> 
   return t.to(*dtype);
 }
 
-bool is_subclass(const torch::Tensor& t) {  // a Python tensor subclass, e.g. FSDP2's DTensor
+bool is_subclass(const torch::Tensor& t) {
   return t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
 }
-
-// A zero-size leaf per device that every layer's autograd node takes as an extra input, so that its
-// AccumulateGrad node is in every graph the layer is in (on the layer's device: the engine runs that node
-// on the device's own thread). The engine runs it only in a plain .backward() (no inputs=, not
-// autograd::grad), the one kind of backward in which torch itself would add into weight.grad.
-struct Probe {
-  torch::Tensor leaf;
-  decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::Tensor&>())) node;
-};
 
 const Probe& probe_for(const c10::Device& device) {
   static std::mutex mutex;
@@ -77,9 +65,6 @@ bool in_plain_backward(const c10::Device& device) {
   return it != exec_info->end() && it->second.should_execute() && !it->second.captures_;
 }
 
-// Whether the backward may add into weight.grad itself instead of returning a new gradient: a plain
-// .backward() that accumulates into .grad anyway, an accumulator of the weight's shape there, and nothing
-// (a tensor hook, a post-accumulate hook, a double backward) that needs the new part on its own.
 bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
   const torch::Tensor& grad = weight.grad();
   return grad.defined() && grad.is_floating_point() && grad.layout() == at::kStrided && grad.is_contiguous() &&
@@ -88,8 +73,6 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
          in_plain_backward(device);
 }
 
-// Autograd makes the caller's stream wait for the gradients it hands over; a gradient added in place is not
-// handed over, so make the caller's stream (current when backward's final callbacks run) wait too.
 void after_backward_wait_for(const c10::Device& device) {
   const c10::impl::VirtualGuardImpl guard(device.type());
   const c10::Stream producer = guard.getStream(device);
@@ -104,6 +87,14 @@ void after_backward_wait_for(const c10::Device& device) {
 }
 
 torch::Tensor rows(const torch::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+}  // namespace detail
+
+namespace {
+
+using namespace detail;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   // The bias is optional<Tensor>: autograd::Function tracks an undefined plain Tensor as a variable and fails.
@@ -429,7 +420,10 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   }
 };
 
-// torch::nn::Linear's parameters and initialisation, shared by Linear and Float8Linear.
+}  // namespace
+
+namespace detail {
+
 void init_linear_parameters(const torch::Tensor& weight, const torch::Tensor& bias) {
   torch::NoGradGuard no_grad;
   torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
@@ -448,14 +442,15 @@ void register_linear_parameters(torch::nn::Module& m, const torch::nn::LinearOpt
   init_linear_parameters(weight, bias);
 }
 
-// A converting constructor's parameters: `other`'s own tensors, not copies.
 void adopt_linear_parameters(torch::nn::Module& m, const torch::nn::LinearImpl& other, torch::Tensor& weight,
                              torch::Tensor& bias) {
   weight = m.register_parameter("weight", other.weight);
   bias = m.register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 void keep_fp32_grad(const torch::Tensor& weight) {
   if (!weight.is_leaf() || !weight.requires_grad() || is_subclass(weight) || weight.scalar_type() == at::kDouble) {

@@ -17,6 +17,18 @@ namespace {
 
 constexpr int64_t kMaxMargin = 32;
 
+void check_margin(int64_t margin, const char* op) {
+  TORCH_CHECK_VALUE(margin >= 0 && margin <= kMaxMargin, op, ": margin must be in [0, ", kMaxMargin,
+                    "] (the scale is divided by 2^margin), got ", margin);
+}
+
+Fp8Input matrix_view(const at::Tensor& input, fp8::Format format, rounding::Mode mode) {
+  const auto [rows, cols] = matrix_extent(input);
+  return {input.contiguous(), rows, cols, format, mode};
+}
+
+}  // namespace
+
 void check_dense_float_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.defined(), op, ": input must be a tensor, got an undefined tensor");
   TORCH_CHECK(input.layout() == at::kStrided, op, ": input must be a dense (strided) tensor, got layout ",
@@ -26,21 +38,28 @@ void check_dense_float_input(const at::Tensor& input, const char* op) {
               ": input must be float32, float16 or bfloat16, got ", t);
 }
 
-void check_margin(int64_t margin, const char* op) {
-  TORCH_CHECK_VALUE(margin >= 0 && margin <= kMaxMargin, op, ": margin must be in [0, ", kMaxMargin,
-                    "] (the scale is divided by 2^margin), got ", margin);
-}
-
-Fp8Input matrix_view(const at::Tensor& input, fp8::Format format, rounding::Mode mode) {
-  Fp8Input in{input.contiguous(), 1, 1, format, mode};
+std::pair<int64_t, int64_t> matrix_extent(const at::Tensor& input) {
+  int64_t rows = 1, cols = 1;
   if (input.dim() > 0) {
-    in.cols = input.size(-1);
-    for (int64_t d = 0; d + 1 < input.dim(); ++d) in.rows *= input.size(d);
+    cols = input.size(-1);
+    for (int64_t d = 0; d + 1 < input.dim(); ++d) rows *= input.size(d);
   }
-  return in;
+  return {rows, cols};
 }
 
-}  // namespace
+Fp8Blocks block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, const char* op) {
+  TORCH_CHECK_VALUE(block_rows == -1 || block_rows >= 1, op,
+                    ": block_rows must be positive or -1 (all rows in one block), got ", block_rows);
+  TORCH_CHECK_VALUE(block_cols == -1 || block_cols >= 1, op,
+                    ": block_cols must be positive or -1 (all columns in one block), got ", block_cols);
+  Fp8Blocks blocks;
+  // A whole-extent block of an empty extent is still one (empty) block: the scale exists, and is 1.
+  blocks.block_rows = block_rows == -1 ? std::max<int64_t>(rows, 1) : block_rows;
+  blocks.block_cols = block_cols == -1 ? std::max<int64_t>(cols, 1) : block_cols;
+  blocks.grid_rows = block_rows == -1 ? 1 : (rows + blocks.block_rows - 1) / blocks.block_rows;
+  blocks.grid_cols = block_cols == -1 ? 1 : (cols + blocks.block_cols - 1) / blocks.block_cols;
+  return blocks;
+}
 
 fp8::Format parse_fp8_dtype(at::ScalarType dtype, const char* op) {
   if (dtype == at::kFloat8_e4m3fn) return fp8::Format::E4M3;
@@ -71,17 +90,9 @@ Fp8Input check_fp8_blockwise(const at::Tensor& input, at::ScalarType dtype, int6
   check_dense_float_input(input, op);
   const fp8::Format format = parse_fp8_dtype(dtype, op);
   const rounding::Mode mode = parse_rounding(std::string_view(rounding.data(), rounding.size()), op);
-  TORCH_CHECK_VALUE(block_rows == -1 || block_rows >= 1, op,
-                    ": block_rows must be positive or -1 (all rows in one block), got ", block_rows);
-  TORCH_CHECK_VALUE(block_cols == -1 || block_cols >= 1, op,
-                    ": block_cols must be positive or -1 (all columns in one block), got ", block_cols);
   check_margin(margin, op);
   Fp8Input in = matrix_view(input, format, mode);
-  // A whole-extent block of an empty extent is still one (empty) block: the scale exists, and is 1.
-  blocks.block_rows = block_rows == -1 ? std::max<int64_t>(in.rows, 1) : block_rows;
-  blocks.block_cols = block_cols == -1 ? std::max<int64_t>(in.cols, 1) : block_cols;
-  blocks.grid_rows = block_rows == -1 ? 1 : (in.rows + blocks.block_rows - 1) / blocks.block_rows;
-  blocks.grid_cols = block_cols == -1 ? 1 : (in.cols + blocks.block_cols - 1) / blocks.block_cols;
+  blocks = block_grid(in.rows, in.cols, block_rows, block_cols, op);
   return in;
 }
 

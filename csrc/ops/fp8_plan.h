@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "ops/fp8.h"
 #include "ops/rounding.h"
@@ -50,6 +51,15 @@ struct Fp8Blocks {
   int64_t grid_rows;
   int64_t grid_cols;
 };
+
+/// Shared with the INT8 ops: `input` must be a dense fp32 / fp16 / bf16 tensor (the message names `op`).
+void check_dense_float_input(const at::Tensor& input, const char* op);
+
+/// The [rows, cols] matrix view's extents: cols the last dimension, rows the product of the others.
+std::pair<int64_t, int64_t> matrix_extent(const at::Tensor& input);
+
+/// The blocks of block_rows x block_cols (each positive, or -1 for the whole extent) over [rows, cols].
+Fp8Blocks block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, const char* op);
 
 /// fp8_quantize_blockwise: block_rows / block_cols are positive or -1 (the whole extent); margin in [0, 32].
 Fp8Input check_fp8_blockwise(const at::Tensor& input, at::ScalarType dtype, int64_t block_rows, int64_t block_cols,

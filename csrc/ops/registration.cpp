@@ -63,6 +63,30 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "fp8_gemm_accum_(Tensor(a!) out, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv) -> ()",
       tags);
+  // INT8 (csrc/ops/int8.h): data = round(input * 127 / amax) per block; input ~= data * scale_inv.
+  m.def(
+      "int8_quantize(Tensor input, int block_rows, int block_cols, str rounding=\"nearest\", int? seed=None, "
+      "bool pow2_scales=False) -> (Tensor data, Tensor scale_inv)",
+      tags);
+  // out = (a * a_scale_inv) @ (b * b_scale_inv) for int8 a [m, k], b [k, n]: int32 sums, fp32 dequantization.
+  m.def(
+      "int8_mm(Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv, ScalarType out_dtype, Tensor? bias=None) "
+      "-> Tensor",
+      tags);
+  // Fake quantization (QAT): fake_quantize is differentiable (csrc/int8/int8.cpp, above autograd); the other
+  // two are its kernels. scale_terms: the learnable scale's per-element gradient terms, or [0].
+  m.def(
+      "fake_quantize(Tensor input, Tensor scale, int quant_min, int quant_max, int block_rows=-1, "
+      "int block_cols=-1, float grad_factor=1.0) -> Tensor",
+      tags);
+  m.def(
+      "fake_quantize_forward(Tensor input, Tensor scale, int quant_min, int quant_max, int block_rows=-1, "
+      "int block_cols=-1) -> Tensor",
+      tags);
+  m.def(
+      "fake_quantize_backward(Tensor grad, Tensor input, Tensor scale, int quant_min, int quant_max, "
+      "int block_rows, int block_cols, bool scale_grad) -> (Tensor grad_input, Tensor scale_terms)",
+      tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
   m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
   // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.
@@ -81,4 +105,9 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
       "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, "
       "Tensor[] weight_cache) -> (Tensor, Tensor[])");
+  // mixprec::nn::int8_linear (csrc/nn/int8_linear.cpp): which GEMMs run in INT8.
+  m.def(
+      "int8_linear(Tensor input, Tensor weight, Tensor? bias=None, bool int8_forward=True, "
+      "bool int8_input_grad=True, bool int8_weight_grad=False) -> Tensor",
+      tags);
 }

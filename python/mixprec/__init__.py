@@ -46,6 +46,8 @@ from . import _C
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops
 from . import fp8
+from . import int8
+from . import qat
 from . import optim
 from . import nn
 from .grad_scaler import GradScaler, OverflowReport

@@ -199,3 +199,36 @@ def _fp8_gemm_accum_fake(
     out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor
 ) -> None:
     return None
+
+
+def _grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int, int]:
+    """The blocks of block_rows x block_cols (-1: the whole extent) over a [rows, cols] matrix."""
+    return (1 if block_rows == -1 else -(-rows // block_rows), 1 if block_cols == -1 else -(-cols // block_cols))
+
+
+@torch.library.register_fake("mixprec::int8_quantize")
+def _int8_quantize_fake(input: torch.Tensor, block_rows: int, block_cols: int, rounding: str = "nearest",
+                        seed: Optional[int] = None, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = _fp8_matrix(input)
+    return (input.new_empty(input.shape, dtype=torch.int8),
+            input.new_empty(_grid(rows, cols, block_rows, block_cols), dtype=torch.float32))
+
+
+@torch.library.register_fake("mixprec::int8_mm")
+def _int8_mm_fake(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
+                  out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("mixprec::fake_quantize_forward")
+def _fake_quantize_forward_fake(input: torch.Tensor, scale: torch.Tensor, quant_min: int, quant_max: int,
+                                block_rows: int = -1, block_cols: int = -1) -> torch.Tensor:
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("mixprec::fake_quantize_backward")
+def _fake_quantize_backward_fake(grad: torch.Tensor, input: torch.Tensor, scale: torch.Tensor, quant_min: int,
+                                 quant_max: int, block_rows: int, block_cols: int,
+                                 scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = _fp8_matrix(input)
+    return input.new_empty(input.shape), input.new_empty((rows, cols) if scale_grad else (0,), dtype=torch.float32)

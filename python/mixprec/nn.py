@@ -32,14 +32,16 @@ float64 weights keep float64 gradients (a plain float64 GEMM).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import fp8
 
-__all__ = ["Linear", "linear", "convert", "Float8Linear", "float8_linear", "fp8_default_filter"]
+__all__ = ["Linear", "linear", "convert", "Float8Linear", "float8_linear", "fp8_default_filter", "Int8Gemms",
+           "Int8Linear", "int8_linear", "int8_default_filter"]
 
 
 def keep_fp32_grad(weight: Tensor) -> None:
@@ -236,25 +238,98 @@ def _reduce_amax(forward_history: Tensor, backward_history: Tensor, group: Any) 
         backward_history[0].copy_(rows[2:])
 
 
-def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
-    """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` but the
-    model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
-    only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
+def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.nn.Linear], bool]:
     names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
     edges = {names[0], names[-1]} if names else set()
 
     def take(name: str, layer: torch.nn.Linear) -> bool:
-        return name not in edges and layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+        return name not in edges and layer.in_features % multiple == 0 and layer.out_features % multiple == 0
 
     return take
 
 
+def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
+    """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` but the
+    model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
+    only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
+    return _edge_filter(model, 16)
+
+
+def int8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
+    """The layers :func:`convert` puts in INT8 unless told otherwise: every ``torch.nn.Linear`` but the model's
+    first and last, where both feature counts are multiples of 8 (what INT8 GEMMs need on CUDA)."""
+    return _edge_filter(model, 8)
+
+
+@dataclass(frozen=True)
+class Int8Gemms:
+    """Which of an :class:`Int8Linear`'s GEMMs run in INT8 (``mixprec::nn::Int8Gemms``); the others run in the
+    input's dtype, the weight gradient with fp32 products and sums as in :class:`Linear`. The default is
+    SwitchBack's: INT8 output and input gradient, the weight gradient in 16 bits (its sum over all tokens is
+    where INT8 loses most)."""
+
+    forward: bool = True
+    input_grad: bool = True
+    weight_grad: bool = False
+
+
+def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                gemms: Int8Gemms = Int8Gemms()) -> Tensor:
+    """``torch.nn.functional.linear`` with INT8 GEMMs (C++'s ``mixprec::nn::int8_linear``, the op
+    ``mixprec::int8_linear``).
+
+    Each INT8 GEMM quantizes its operands row-wise along the summed dimension (per token and per output
+    channel for the output; per token and per input channel for the input gradient), from their own amax,
+    sums in int32 and dequantizes in fp32 (:func:`mixprec.int8.mm`). The weight gradient is fp32 and, as in
+    :func:`linear`, is added into an fp32 ``weight.grad`` in place in a plain backward. Under autocast the
+    operands take the autocast dtype first. On CUDA the feature counts must be multiples of 8 (an INT8
+    weight gradient also needs a token count that is one; other batches take the 16-bit GEMM for it)."""
+    _check_ddp(weight)
+    return torch.ops.mixprec.int8_linear(input, weight, bias, bool(gemms.forward), bool(gemms.input_grad),
+                                         bool(gemms.weight_grad))
+
+
+class Int8Linear(torch.nn.Linear):
+    """A ``torch.nn.Linear`` whose GEMMs run in INT8 (:func:`int8_linear`): same constructor, parameters,
+    initialisation and state dict, plus ``gemms``; the weight keeps its dtype and gets an fp32 gradient as in
+    :class:`Linear`. :meth:`from_linear` converts an existing layer in place."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Optional[torch.dtype] = None, *, gemms: Optional[Int8Gemms] = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        _adopt(self)
+        self.gemms = gemms or Int8Gemms()
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, gemms: Optional[Int8Gemms] = None) -> "Int8Linear":
+        """Turn ``linear`` into an :class:`Int8Linear` in place (same parameters, hooks and state-dict keys)
+        and return it."""
+        linear.__class__ = cls
+        _adopt(linear)  # type: ignore[arg-type]
+        linear.gemms = gemms or Int8Gemms()  # type: ignore[attr-defined]
+        return linear  # type: ignore[return-value]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return int8_linear(input, self.weight, self.bias, self.gemms)
+
+    def extra_repr(self) -> str:
+        g = self.gemms
+        return (f"{super().extra_repr()}, int8_forward={g.forward}, int8_input_grad={g.input_grad}, "
+                f"int8_weight_grad={g.weight_grad}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        keep_fp32_grad(self.weight)
+
+
 def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
+            int8: Union[Int8Gemms, bool, None] = None,
             filter: Optional[Callable[[str, torch.nn.Linear], bool]] = None,
             amax_group: Optional[Any] = None) -> torch.nn.Module:
     """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place; with
-    ``fp8=recipe``, the layers ``filter(name, layer)`` accepts become :class:`Float8Linear` instead
-    (default filter: :func:`fp8_default_filter`).
+    ``fp8=recipe``, the layers ``filter(name, layer)`` accepts become :class:`Float8Linear` instead (default
+    filter: :func:`fp8_default_filter`); with ``int8=Int8Gemms(...)`` (or ``True`` for the default GEMMs),
+    they become :class:`Int8Linear` (default filter: :func:`int8_default_filter`).
 
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
     tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
@@ -268,12 +343,23 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
             "mixprec.nn.convert: DistributedDataParallel cannot reduce the fp32 weight gradients of 16-bit "
             "mixprec.nn.Linear weights (it buckets gradients in the parameters' dtype); keep torch.nn.Linear under "
             "DDP, or shard with FSDP2 (fully_shard with MixedPrecisionPolicy(reduce_dtype=torch.float32))")
-    recipe = fp8
-    take = (filter or fp8_default_filter(module)) if recipe is not None else None
+    gemms = Int8Gemms() if int8 is True else (int8 or None)
+    if fp8 is not None and gemms is not None:
+        raise ValueError("mixprec.nn.convert: pass fp8= or int8=, not both")
+    if gemms is not None and not isinstance(gemms, Int8Gemms):
+        raise TypeError(f"mixprec.nn.convert: int8 must be an Int8Gemms or True, got {int8!r}")
+    take = None
+    if fp8 is not None:
+        take = filter or fp8_default_filter(module)
+    elif gemms is not None:
+        take = filter or int8_default_filter(module)
     for name, m in module.named_modules():
         if type(m) is torch.nn.Linear:
             if take is not None and take(name, m):
-                Float8Linear.from_linear(m, recipe).amax_group = amax_group
+                if fp8 is not None:
+                    Float8Linear.from_linear(m, fp8).amax_group = amax_group
+                else:
+                    Int8Linear.from_linear(m, gemms)
             else:
                 m.__class__ = Linear
                 _adopt(m)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "mixprec/fp8.h"
+#include "mixprec/int8.h"
 #include "mixprec/version.h"
 
 namespace mixprec::nn {
@@ -125,5 +126,48 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
 };
 
 TORCH_MODULE(Float8Linear);
+
+/// Which of an Int8Linear's three GEMMs run in INT8 (the others run in the input's dtype, the weight
+/// gradient with fp32 products and sums as in mixprec::nn::linear). The default is SwitchBack's: INT8
+/// forward and input gradient, the weight gradient in 16 bits (its sum over tokens is where INT8 hurts).
+struct Int8Gemms {
+  bool forward = true;
+  bool input_grad = true;
+  bool weight_grad = false;
+};
+
+/// `input @ weight^T + bias` with INT8 GEMMs (int32 sums, fp32 dequantization): each GEMM's operands are
+/// quantized row-wise along the summed dimension (tokens and output channels for the output, tokens and input
+/// channels for the input gradient, output and input channels for an INT8 weight gradient), per call, from
+/// their own amax. The weight keeps its dtype and gets an fp32 gradient, added into an fp32 `weight.grad()`
+/// in place in a plain backward, as mixprec::nn::linear does. Under autocast the operands take the autocast
+/// dtype first. On CUDA the in and out features must be multiples of 8 (an INT8 weight gradient also needs a
+/// token count that is one; other batches take the 16-bit GEMM for it). The same function is Python's
+/// mixprec.nn.int8_linear.
+torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias = {},
+                          const Int8Gemms& gemms = {});
+
+/// A Linear whose forward is int8_linear: same options, parameters, initialisation and state dict as
+/// torch::nn::Linear.
+class Int8LinearImpl : public torch::nn::Cloneable<Int8LinearImpl> {
+ public:
+  Int8LinearImpl(int64_t in_features, int64_t out_features, Int8Gemms gemms = {})
+      : Int8LinearImpl(torch::nn::LinearOptions(in_features, out_features), gemms) {}
+  explicit Int8LinearImpl(const torch::nn::LinearOptions& options, Int8Gemms gemms = {});
+  /// Takes over `other`'s parameters (the same tensors, not copies), as LinearImpl's converting constructor.
+  explicit Int8LinearImpl(const torch::nn::LinearImpl& other, Int8Gemms gemms = {});
+
+  void reset() override;
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::LinearOptions options;
+  Int8Gemms gemms;
+  torch::Tensor weight;
+  torch::Tensor bias;
+};
+
+TORCH_MODULE(Int8Linear);
 
 }  // namespace mixprec::nn

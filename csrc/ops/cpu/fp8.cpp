@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/draws.h"
 #include "ops/fp8.h"
 #include "ops/fp8_plan.h"
 #include "ops/philox.h"
@@ -22,25 +23,6 @@ namespace mixprec::cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
-
-/// Element-by-element draws in index order: one Philox call per group of eight (rounding::draw16).
-class Draws {
- public:
-  explicit Draws(RngKey key) : key_(key) {}
-  uint32_t at(uint64_t index) {
-    if (index / 8 != group_) {
-      group_ = index / 8;
-      const philox::Draw4 r = philox::philox4x32_10(group_, key_.offset, key_.seed);
-      for (int k = 0; k < 4; ++k) words_[k] = r.v[k];
-    }
-    return rounding::draw16(words_, index);
-  }
-
- private:
-  RngKey key_;
-  uint64_t group_ = ~uint64_t{0};
-  uint32_t words_[4] = {};
-};
 
 /// |x|'s bits: their unsigned order is the order of the magnitudes, and any NaN sorts above inf, so a
 /// max over them propagates NaN into the amax as torch's amax does.

@@ -53,4 +53,16 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cuda(const at::Tensor&
 void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                              at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales);
 
+std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& input, int64_t block_rows, int64_t block_cols,
+                                                      c10::string_view rounding, std::optional<int64_t> seed,
+                                                      bool pow2_scales);
+at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                        const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
+at::Tensor fake_quantize_forward_cuda(const at::Tensor& input, const at::Tensor& scale, int64_t quant_min,
+                                      int64_t quant_max, int64_t block_rows, int64_t block_cols);
+std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                                               const at::Tensor& scale, int64_t quant_min,
+                                                               int64_t quant_max, int64_t block_rows,
+                                                               int64_t block_cols, bool scale_grad);
+
 }  // namespace mixprec::cuda

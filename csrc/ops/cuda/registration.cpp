@@ -23,6 +23,10 @@ void register_kernels(torch::Library& m, bool sparse) {
   m.impl("adam_step_", &adam_step_cuda);
   m.impl("fp8_quantize", &fp8_quantize_cuda);
   m.impl("fp8_quantize_blockwise", &fp8_quantize_blockwise_cuda);
+  m.impl("int8_quantize", &int8_quantize_cuda);
+  m.impl("int8_mm", &int8_mm_cuda);
+  m.impl("fake_quantize_forward", &fake_quantize_forward_cuda);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
   if (!sparse) {
     m.impl("update_scale_", &update_scale_cuda);
     m.impl("record_overflow_", &record_overflow_cuda);

@@ -1,0 +1,163 @@
+// mixprec::nn::int8_linear: the one implementation of the INT8 linear layer behind both front doors:
+// mixprec::nn::Int8Linear (C++) and mixprec.nn.Int8Linear (Python, through the op mixprec::int8_linear).
+#include <ATen/autocast_mode.h>
+#include <ATen/ops/_unsafe_view.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "mixprec/int8.h"
+#include "mixprec/nn.h"
+#include "mixprec/ops.h"
+#include "nn/linear_detail.h"
+
+namespace mixprec::nn {
+namespace {
+
+using namespace detail;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Row-wise along each GEMM's summed dimension: the scales factor out of every sum, so the int32 result
+// dequantizes exactly with one factor per row of a and one per column of b.
+int8::Quantized per_row(const torch::Tensor& m) { return int8::quantize(m, 1, -1); }
+int8::Quantized per_column(const torch::Tensor& m) { return int8::quantize(m, -1, 1); }
+
+struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
+                               const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
+                               bool int8_forward, bool int8_input_grad, bool int8_weight_grad) {
+    const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
+    const c10::DeviceType device_type = input.device().type();
+    std::optional<at::ScalarType> dtype;
+    if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+    const torch::Tensor x = autocast_to(input, dtype), w = autocast_to(weight, dtype), b = autocast_to(bias, dtype);
+    TORCH_CHECK(x.scalar_type() != at::kDouble && w.scalar_type() != at::kDouble,
+                "mixprec::int8_linear: float64 input or weight has no INT8 path; use a float32/16-bit layer");
+    TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::int8_linear: input [..., ",
+                w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
+                w.sizes());
+    TORCH_CHECK(x.scalar_type() == w.scalar_type(), "mixprec::int8_linear: input and weight must share a dtype, got ",
+                x.scalar_type(), " and ", w.scalar_type(), " (run under autocast to cast both)");
+    const torch::Tensor x2 = rows(x).contiguous();
+    torch::Tensor out;
+    if (int8_forward) {
+      const int8::Quantized qx = per_row(x2), qw = per_row(w);
+      std::optional<torch::Tensor> b_opt;
+      if (b.defined()) b_opt = b;
+      // x [m, k] @ w^T [k, n]: w's per-row scales are the columns' of the transposed view.
+      out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape({1, w.size(0)}), x.scalar_type(), b_opt);
+    } else {
+      const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      out = at::linear(x2, w, b);
+    }
+    ctx->save_for_backward({x2, w});
+    ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
+    ctx->saved_data["has_bias"] = bias.defined();
+    ctx->saved_data["probe_device"] = probe.device();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["int8_input_grad"] = int8_input_grad;
+    ctx->saved_data["int8_weight_grad"] = int8_weight_grad;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = w.size(0);
+    // Not a view of the GEMM's result (as at::linear's own output): callers may write into it in place.
+    return x.dim() == 2 ? out : at::_unsafe_view(out, shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &x2 = saved[0], &w = saved[1];
+    const torch::Tensor g2 = rows(grad_outputs[0].to(x2.scalar_type())).contiguous();
+    torch::Tensor grad_input, grad_weight, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      if (ctx->saved_data["int8_input_grad"].toBool()) {
+        // g [m, n] @ w [n, k]: w quantized per column (its input channels), the summed n along each.
+        const int8::Quantized qg = per_row(g2), qw = per_column(w);
+        grad_input = int8::mm(qg.data, qw.data, qg.scale_inv, qw.scale_inv, x2.scalar_type());
+      } else {
+        grad_input = g2.mm(w);
+      }
+      grad_input = grad_input.reshape(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    if (ctx->needs_input_grad(1)) {
+      const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
+      const c10::Device probe_device = ctx->saved_data["probe_device"].toDevice();
+      const bool in_place = !at::GradMode::is_enabled() && weight.defined() && adds_in_place(weight, probe_device);
+      // An INT8 weight gradient sums over tokens: on CUDA their count must be a multiple of 8 (cuBLASLt).
+      const bool int8_wgrad = ctx->saved_data["int8_weight_grad"].toBool() && !at::GradMode::is_enabled() &&
+                              (g2.device().is_cpu() || g2.size(0) % 8 == 0);
+      if (int8_wgrad) {
+        // g^T [n, m] @ x [m, k], both quantized along the tokens m: g and x per column.
+        const int8::Quantized qg = per_column(g2), qx = per_column(x2);
+        const torch::Tensor dw =
+            int8::mm(qg.data.t(), qx.data, qg.scale_inv.reshape({g2.size(1), 1}), qx.scale_inv, at::kFloat);
+        if (in_place) {
+          torch::Tensor& accumulator = weight.mutable_grad();
+          if (accumulator.scalar_type() != at::kFloat) accumulator = accumulator.to(at::kFloat);
+          accumulator.add_(dw);
+        } else {
+          grad_weight = dw;
+        }
+      } else if (at::GradMode::is_enabled()) {  // double backward: differentiable, exact products, fp32 sums
+        grad_weight = g2.t().to(at::kFloat).matmul(x2.to(at::kFloat));
+      } else if (in_place) {
+        torch::Tensor& accumulator = weight.mutable_grad();
+        if (accumulator.scalar_type() != at::kFloat) accumulator = accumulator.to(at::kFloat);
+        ops::linear_wgrad_accum_(accumulator, g2, x2);
+        if (g2.device().type() != c10::kCPU) after_backward_wait_for(g2.device());
+      } else {
+        grad_weight = ops::linear_wgrad(g2, x2);
+      }
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_bias = g2.sum(0, false, at::kFloat);
+    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+                          const Int8Gemms& gemms) {
+  std::optional<torch::Tensor> maybe_bias;
+  if (bias.defined()) maybe_bias = bias;
+  return Int8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, gemms.forward,
+                                   gemms.input_grad, gemms.weight_grad);
+}
+
+TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
+  m.impl("int8_linear", [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           bool forward, bool input_grad, bool weight_grad) {
+    return int8_linear(input, weight, bias.value_or(at::Tensor()), Int8Gemms{forward, input_grad, weight_grad});
+  });
+}
+
+Int8LinearImpl::Int8LinearImpl(const torch::nn::LinearOptions& options_, Int8Gemms gemms_)
+    : options(options_), gemms(gemms_) {
+  reset();
+}
+
+Int8LinearImpl::Int8LinearImpl(const torch::nn::LinearImpl& other, Int8Gemms gemms_)
+    : options(other.options), gemms(gemms_) {
+  adopt_linear_parameters(*this, other, weight, bias);
+  keep_fp32_grad(weight);
+}
+
+void Int8LinearImpl::reset() {
+  register_linear_parameters(*this, options, weight, bias);
+  keep_fp32_grad(weight);
+}
+
+void Int8LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
+
+void Int8LinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::nn::Int8Linear(in_features=" << options.in_features()
+         << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha << options.bias()
+         << ", int8_forward=" << gemms.forward << ", int8_input_grad=" << gemms.input_grad
+         << ", int8_weight_grad=" << gemms.weight_grad << ")";
+}
+
+torch::Tensor Int8LinearImpl::forward(const torch::Tensor& input) { return int8_linear(input, weight, bias, gemms); }
+
+}  // namespace mixprec::nn

@@ -1,0 +1,53 @@
+// What the linear layers' autograd functions share (csrc/nn/linear.cpp defines it): autocast's cast rule,
+// the in-place fp32 weight-gradient accumulation and its conditions, and torch::nn::Linear's parameters.
+// Internal to libmixprec.
+#pragma once
+
+#include <torch/autograd.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/options/linear.h>
+
+#include <optional>
+#include <utility>
+
+namespace mixprec::nn::detail {
+
+/// autocast's rule for its lower-precision ops: floating tensors other than fp64 take `dtype` (if any).
+torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
+
+/// Whether `t` is a Python tensor subclass (e.g. FSDP2's DTensor).
+bool is_subclass(const torch::Tensor& t);
+
+/// A zero-size leaf per device that every layer's autograd node takes as an extra input, so that its
+/// AccumulateGrad node is in every graph the layer is in (on the layer's device: the engine runs that node
+/// on the device's own thread). The engine runs it only in a plain .backward() (no inputs=, not
+/// autograd::grad), the one kind of backward in which torch itself would add into weight.grad.
+struct Probe {
+  torch::Tensor leaf;
+  decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::Tensor&>())) node;
+};
+const Probe& probe_for(const c10::Device& device);
+
+/// Whether the backward may add into weight.grad itself instead of returning a new gradient: a plain
+/// .backward() that accumulates into .grad anyway, an accumulator of the weight's shape there, and nothing
+/// (a tensor hook, a post-accumulate hook, a double backward) that needs the new part on its own.
+bool adds_in_place(const torch::Tensor& weight, const c10::Device& device);
+
+/// Autograd makes the caller's stream wait for the gradients it hands over; a gradient added in place is not
+/// handed over, so this makes the caller's stream (current when backward's final callbacks run) wait too.
+void after_backward_wait_for(const c10::Device& device);
+
+/// [..., width] as [rows, width].
+torch::Tensor rows(const torch::Tensor& t);
+
+/// torch::nn::Linear's initialisation: kaiming-uniform weight, uniform(+-1/sqrt(in)) bias.
+void init_linear_parameters(const torch::Tensor& weight, const torch::Tensor& bias);
+/// Registers "weight" [out, in] and "bias" [out] (or an undefined one) on `m` and initialises them.
+void register_linear_parameters(torch::nn::Module& m, const torch::nn::LinearOptions& options, torch::Tensor& weight,
+                                torch::Tensor& bias);
+/// A converting constructor's parameters: `other`'s own tensors, not copies.
+void adopt_linear_parameters(torch::nn::Module& m, const torch::nn::LinearImpl& other, torch::Tensor& weight,
+                             torch::Tensor& bias);
+
+}  // namespace mixprec::nn::detail

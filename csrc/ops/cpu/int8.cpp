@@ -1,0 +1,166 @@
+// The integer ops on the CPU: block-scaled symmetric INT8 quantization, the INT8 GEMM (exact: a float64
+// GEMM of the codes, whose sums are integers below 2^53, then the fp32 dequantization), and fake
+// quantization with its straight-through / learnable-scale backward. The rounding is ops/int8.h, the code
+// the CUDA kernels run, so both backends give the same bits; this backend is also the reference.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/draws.h"
+#include "ops/int8.h"
+#include "ops/int8_plan.h"
+#include "ops/rounding.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+
+inline uint32_t magnitude_bits(float x) { return rounding::float_bits(x) & 0x7fffffffu; }
+
+// Rows per parallel task for a pass over a [rows, cols] matrix.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, int64_t block_rows, int64_t block_cols,
+                                                     c10::string_view rounding, std::optional<int64_t> seed,
+                                                     bool pow2_scales) {
+  const detail::Int8Input in = detail::check_int8_quantize(input, block_rows, block_cols, rounding);
+  const detail::Fp8Blocks b = in.blocks;
+  at::Tensor data = at::empty(in.input.sizes(), in.input.options().dtype(at::kChar));
+  at::Tensor scale_inv = at::empty({b.grid_rows, b.grid_cols}, in.input.options().dtype(at::kFloat));
+  const int64_t nblocks = b.grid_rows * b.grid_cols;
+  const RngKey key = in.mode == rounding::Mode::Stochastic ? stochastic_key(seed) : RngKey{0, 0};
+  std::vector<float> scale(static_cast<size_t>(nblocks));
+  auto* dst = data.data_ptr<int8_t>();
+  float* inv = scale_inv.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::int8_quantize", [&] {
+    const scalar_t* src = in.input.const_data_ptr<scalar_t>();
+    // Every block's amax: tasks take row ranges, each with its own table, combined by max.
+    using Table = std::vector<uint32_t>;
+    const Table amax = at::parallel_reduce(
+        0, in.rows, row_grain(in.cols), Table(static_cast<size_t>(nblocks), 0u),
+        [&](int64_t r0, int64_t r1, Table table) {
+          for (int64_t r = r0; r < r1; ++r) {
+            uint32_t* row_blocks = table.data() + r / b.block_rows * b.grid_cols;
+            for (int64_t c = 0; c < in.cols; ++c) {
+              uint32_t& m = row_blocks[c / b.block_cols];
+              m = std::max(m, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+            }
+          }
+          return table;
+        },
+        [](Table x, const Table& y) {
+          for (size_t j = 0; j < x.size(); ++j) x[j] = std::max(x[j], y[j]);
+          return x;
+        });
+    for (int64_t j = 0; j < nblocks; ++j) {
+      const float a = rounding::bits_float(amax[static_cast<size_t>(j)]);
+      scale[static_cast<size_t>(j)] = int8::scale_from_amax(a, pow2_scales);
+      inv[j] = int8::scale_inv_from_amax(a, scale[static_cast<size_t>(j)]);
+    }
+    const bool stochastic = in.mode == rounding::Mode::Stochastic;
+    at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) {
+      Draws draws(key);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row_scale = scale.data() + r / b.block_rows * b.grid_cols;
+        for (int64_t c = 0; c < in.cols; ++c) {
+          const int64_t i = r * in.cols + c;
+          dst[i] = int8::to_int8(static_cast<float>(src[i]), row_scale[c / b.block_cols], in.mode,
+                                 stochastic ? draws.at(static_cast<uint64_t>(i)) : 0u);
+        }
+      }
+    });
+  });
+  return {data, scale_inv};
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
+                       const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
+  const detail::Int8MmArgs g = detail::check_int8_mm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias);
+  return detail::int8_mm_dequantize(detail::int8_mm_exact(g), g, out_dtype, bias);
+}
+
+// Calls fn(r, row_steps) for every row, with row_steps the scale row of the row's block row.
+template <typename Fn>
+void for_rows(const detail::FakeQuantArgs& f, Fn&& fn) {
+  at::parallel_for(0, f.rows, row_grain(f.cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) fn(r, r / f.blocks.block_rows * f.blocks.grid_cols);
+  });
+}
+
+at::Tensor fake_quantize_forward_cpu(const at::Tensor& input, const at::Tensor& scale, int64_t quant_min,
+                                     int64_t quant_max, int64_t block_rows, int64_t block_cols) {
+  const detail::FakeQuantArgs f = detail::check_fake_quantize("mixprec::fake_quantize_forward", input, scale,
+                                                              quant_min, quant_max, block_rows, block_cols);
+  at::Tensor out = at::empty_like(f.input);
+  const float* steps = f.scale.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.input.scalar_type(), "mixprec::fake_quantize", [&] {
+    const scalar_t* x = f.input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    for_rows(f, [&](int64_t r, int64_t first_block) {
+      for (int64_t c = 0; c < f.cols; ++c) {
+        const float s = steps[first_block + c / f.blocks.block_cols];
+        const int64_t i = r * f.cols + c;
+        y[i] = static_cast<scalar_t>(int8::fake_quantize(static_cast<float>(x[i]), s, 1.0f / s, f.qmin, f.qmax).value);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                              const at::Tensor& scale, int64_t quant_min,
+                                                              int64_t quant_max, int64_t block_rows,
+                                                              int64_t block_cols, bool scale_grad) {
+  const detail::FakeQuantArgs f = detail::check_fake_quantize("mixprec::fake_quantize_backward", input, scale,
+                                                              quant_min, quant_max, block_rows, block_cols);
+  const at::Tensor g = detail::check_fake_quantize_grad(grad, f);
+  at::Tensor grad_input = at::empty_like(f.input);
+  at::Tensor terms = scale_grad ? at::empty({f.rows, f.cols}, f.input.options().dtype(at::kFloat))
+                                : at::empty({0}, f.input.options().dtype(at::kFloat));
+  const float* steps = f.scale.const_data_ptr<float>();
+  float* t = scale_grad ? terms.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.input.scalar_type(), "mixprec::fake_quantize", [&] {
+    const scalar_t* x = f.input.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_input.data_ptr<scalar_t>();
+    const scalar_t* gy = g.const_data_ptr<scalar_t>();
+    for_rows(f, [&](int64_t r, int64_t first_block) {
+      for (int64_t c = 0; c < f.cols; ++c) {
+        const float s = steps[first_block + c / f.blocks.block_cols];
+        const int64_t i = r * f.cols + c;
+        const int8::FakeQuantized q = int8::fake_quantize(static_cast<float>(x[i]), s, 1.0f / s, f.qmin, f.qmax);
+        const float dy = static_cast<float>(gy[i]);
+        gx[i] = static_cast<scalar_t>(q.inside ? dy : 0.0f);
+        if (t != nullptr) t[i] = int8::lsq_scale_term(q) * dy;
+      }
+    });
+  });
+  return {grad_input, terms};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("int8_quantize", &int8_quantize_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
+  m.impl("fake_quantize_forward", &fake_quantize_forward_cpu);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+}
+
+// A sparse input routes the call here; the checks then name it.
+TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) {
+  m.impl("int8_quantize", &int8_quantize_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
+  m.impl("fake_quantize_forward", &fake_quantize_forward_cpu);
+}
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,363 @@
+"""The integer ops: int8_quantize, int8_mm and fake_quantize (mixprec.int8 / mixprec::int8).
+
+Quantization against a float64 computation of the documented rule (every block shape, dtype, empty,
+non-contiguous and misaligned inputs, inf/NaN/zero blocks), stochastic rounding unbiased and seeded, the GEMM
+exact against an int64 reference, fake quantization bit-identical to torch's fake_quantize in fp32 with the
+same straight-through and LSQ gradients, opcheck, bad input, and CPU/CUDA agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mixprec
+from mixprec import int8
+
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda
+
+BLOCKS = [(1, -1), (-1, 1), (-1, -1), (1, 16), (3, 5), (128, 128)]
+
+
+def reference_quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False):
+    """The rule of ops/int8.h in float64: amax per block, scale = fp32(127 / amax), code = round-half-even of
+    fp32(x * scale) saturated to +-127, scale_inv = fp32(1 / scale) (NaN for a non-finite amax)."""
+    m = x.double().reshape(-1, x.shape[-1]) if x.dim() > 0 else x.double().reshape(1, 1)
+    rows, cols = m.shape
+    br = rows if block[0] == -1 else block[0]
+    bc = cols if block[1] == -1 else block[1]
+    gr = 1 if block[0] == -1 else -(-rows // br)
+    gc = 1 if block[1] == -1 else -(-cols // bc)
+    codes = torch.zeros(rows, cols, dtype=torch.int8)
+    scale_inv = torch.empty(gr, gc, dtype=torch.float32)
+    for i in range(gr):
+        for j in range(gc):
+            blk = m[i * max(br, 1):(i + 1) * max(br, 1), j * max(bc, 1):(j + 1) * max(bc, 1)]
+            amax = blk.abs().max().item() if blk.numel() else 0.0
+            if blk.isnan().any():
+                amax = float("nan")
+            finite = amax == amax and amax != float("inf")
+            if not finite or amax == 0:
+                scale = 1.0
+            else:
+                scale = torch.tensor(127.0 / amax, dtype=torch.float32).item()  # fp64 quotient rounded once
+                if scale == float("inf"):
+                    scale = torch.finfo(torch.float32).max
+                if pow2:
+                    scale = 2.0 ** torch.tensor(scale).log2().floor().item()
+            scale_inv[i, j] = float("nan") if not finite else torch.tensor(1.0 / scale, dtype=torch.float32)
+            v = (blk * scale).float().double()  # the fp32 product (exact in fp64, rounded once)
+            v = torch.nan_to_num(v, nan=0.0).clamp(-127, 127)
+            codes[i * max(br, 1):(i + 1) * max(br, 1), j * max(bc, 1):(j + 1) * max(bc, 1)] = torch.round(v).to(
+                torch.int8)
+    return codes.reshape(x.shape), scale_inv
+
+
+def assert_quantize_matches(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> None:
+    q = int8.quantize(x, block, pow2_scales=pow2)
+    codes, scale_inv = reference_quantize(x.cpu(), block, pow2)
+    assert q.data.dtype == torch.int8 and q.data.shape == x.shape
+    assert torch.equal(q.data.cpu(), codes)
+    torch.testing.assert_close(q.scale_inv.cpu(), scale_inv, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_quantize_matches_a_float64_reference(device: str, dtype: torch.dtype, block: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    for shape in [(37, 70), (2, 3, 45), (5,), (1, 1), (0, 9)]:
+        x = (torch.randn(shape) * torch.logspace(-3, 3, shape[-1])).to(dtype).to(device)
+        assert_quantize_matches(x, block)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_ties_saturation_pow2_and_layouts(device: str) -> None:
+    # amax 127 makes the scale 1: the codes are round-half-even of the inputs themselves.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -127.0]], device=device)
+    q = int8.quantize(x)
+    assert q.data.tolist() == [[127, 0, 2, 2, 0, -2, 126, -127]]
+    assert q.scale_inv.item() == 1.0
+    torch.manual_seed(1)
+    base = torch.randn(65, 130, device=device)
+    for view in (base[:, 1:], base.t(), base[::2, ::3], base.flatten()[1:8065].reshape(64, 126)[:, :5]):
+        for block in BLOCKS:
+            assert_quantize_matches(view, block)
+    assert_quantize_matches(base * 1e-30, (1, -1), pow2=True)
+    assert_quantize_matches(torch.tensor(3.0, device=device), (-1, -1))  # 0-dim: a [1, 1] matrix
+    # Dequantized values are within half a step of the input.
+    q = int8.quantize(base, (1, 16))
+    step = q.scale_inv.repeat_interleave(16, 1)[:, :130]
+    assert ((q.data.float() * step - base).abs() <= step * 0.5000001).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_zero_inf_and_nan_blocks(device: str) -> None:
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, float("inf"), -2.0], [float("nan"), 3.0, -3.0], [0.5, -1.0, 0.25]],
+                     device=device)
+    q = int8.quantize(x)
+    assert q.data.tolist() == [[0, 0, 0], [1, 127, -2], [0, 3, -3], [64, -127, 32]]  # inf saturates
+    assert q.scale_inv[0].item() == 1.0 and q.scale_inv[1:3].isnan().all()
+    assert torch.equal(q.scale_inv[3], torch.tensor([1.0 / 127.0], device=device))
+    # A NaN scale makes every product with the block NaN: an overflow upstream is not hidden.
+    out = int8.mm(q.data, torch.eye(3, dtype=torch.int8, device=device), q.scale_inv, torch.ones(1, device=device))
+    assert out[1:3].isnan().all() and out[[0, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_is_unbiased_and_seeded(device: str) -> None:
+    x = torch.full((2000, 64), 0.3, device=device)
+    x[:, 0] = 127.0  # scale 1: the codes are the stochastic roundings of 0.3
+    q = int8.quantize(x, (1, -1), rounding="stochastic", seed=7)
+    codes = q.data[:, 1:].double()
+    assert set(codes.unique().tolist()) == {0.0, 1.0}
+    # 126000 Bernoulli(0.3) draws: the mean is within 5 standard deviations (0.0065) of 0.3.
+    assert abs(codes.mean().item() - 0.3) < 5 * (0.3 * 0.7 / codes.numel()) ** 0.5
+    again = int8.quantize(x, (1, -1), rounding="stochastic", seed=7)
+    other = int8.quantize(x, (1, -1), rounding="stochastic", seed=8)
+    assert torch.equal(q.data, again.data) and not torch.equal(q.data, other.data)
+    # The same draws for every block shape: element i always uses Philox group i / 8.
+    assert torch.equal(int8.quantize(x, (-1, -1), rounding="stochastic", seed=7).data, q.data)
+    torch.manual_seed(3)
+    a = int8.quantize(x, rounding="stochastic").data
+    torch.manual_seed(3)
+    assert torch.equal(int8.quantize(x, rounding="stochastic").data, a)
+
+
+def int_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.long() @ b.long()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+def test_mm_is_exact_in_int32_and_dequantizes_in_fp32(device: str, out_dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    m, k, n = 40, 2056, 24  # sums up to 2056 * 127^2 > 2^24: the int32 -> fp32 rounding is exercised
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+    a[0] = 127
+    bt = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    bt[0] = 127
+    acc = int_reference(a.cpu(), bt.cpu().t())
+    assert acc.abs().max() > 2**24
+    ones = torch.ones(1, device=device)
+    exact = int8.mm(a, bt.t(), ones, ones, torch.float32)
+    assert torch.equal(exact.cpu(), acc.float())  # int64 -> fp32 rounds to nearest even, as int32 -> fp32
+    sa = torch.rand(m, 1, device=device) + 0.5
+    sb = torch.rand(1, n, device=device) + 0.5
+    bias = torch.randn(n, device=device)
+    out = int8.mm(a, bt.t(), sa, sb, out_dtype, bias)
+    ref = ((acc.float() * sa.cpu()) * sb.cpu()).to(out_dtype) + bias.cpu().to(out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out.cpu(), ref)
+    # Against float64: three fp32 roundings (the sum, then each product), nothing else.
+    plain = int8.mm(a, bt.t(), sa, sb, torch.float32).cpu().double()
+    ref64 = acc.double() * sa.cpu().double() * sb.cpu().double()
+    assert ((plain - ref64).abs() <= ref64.abs() * 3.01 * 2.0**-24).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mm_layouts_scales_and_empty(device: str) -> None:
+    torch.manual_seed(4)
+    a = torch.randint(-128, 128, (24, 32), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 128, (32, 16), dtype=torch.int8, device=device)
+    s = torch.tensor([0.5], device=device)
+    ref = int_reference(a.cpu(), b.cpu()).float() * 0.5 * 0.5
+    for aa, bb in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        assert torch.equal(int8.mm(aa, bb, s, s).cpu(), ref)
+    assert torch.equal(int8.mm(a, b, s.reshape(1, 1), s.reshape(1, 1)).cpu(), ref)
+    assert int8.mm(a[:0], b, s, s).shape == (0, 16)
+    bias = torch.arange(16.0, device=device)
+    assert torch.equal(int8.mm(a[:, :0], b[:0], s, s, torch.float32, bias).cpu(), bias.cpu().expand(24, 16))
+    small = int8.mm(a[:3], b, s, s)  # CUDA pads fewer than 17 rows for torch._int_mm
+    assert torch.equal(small.cpu(), ref[:3])
+
+
+def torch_fake_quantize(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, s.reshape(()), torch.tensor(0, dtype=torch.int32), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, s.reshape(-1), torch.zeros(s.numel(), dtype=torch.int32), axis,
+                                                  qmin, qmax)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qrange", [(-127, 127), (-8, 7), (-128, 127)])
+def test_fake_quantize_matches_torch_bit_for_bit(device: str, qrange: tuple[int, int]) -> None:
+    torch.manual_seed(5)
+    qmin, qmax = qrange
+    x = torch.randn(24, 40, device=device) * 3
+    x[0, :4] = torch.tensor([0.05, 0.15, 0.25, -0.35])  # ties at a step of 0.1
+    per_row = (x.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-6)
+    per_tensor = torch.tensor([0.1], device=device)
+    per_col = (x.abs().amax(0, keepdim=True) / qmax).clamp_min(1e-6)
+    cases = [(per_tensor, (-1, -1), None), (per_row, (1, -1), 0), (per_col, (-1, 1), 1),
+             (per_tensor * 40, (-1, -1), None)]  # a large step: most values round into the range's ends
+    for s, block, axis in cases:
+        xr = x.clone().requires_grad_()
+        ours = x.clone().requires_grad_()
+        ref = torch_fake_quantize(xr.cpu(), s.cpu(), qmin, qmax, axis)
+        out = int8.fake_quantize(ours, s, qmin, qmax, block)
+        assert torch.equal(out.cpu(), ref.detach())
+        g = torch.randn_like(x)
+        ref.backward(g.cpu())
+        out.backward(g)
+        assert torch.equal(ours.grad.cpu(), xr.grad)  # the straight-through mask is torch's
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_learnable_scale_gradient_matches_torch(device: str) -> None:
+    torch.manual_seed(6)
+    x = torch.randn(16, 32, device=device) * 2
+    g = torch.randn(16, 32, device=device)
+    for qmin, qmax in ((-127, 127), (-8, 7)):
+        s = torch.tensor([0.05], device=device, requires_grad=True)
+        ours_x = x.clone().requires_grad_()
+        int8.fake_quantize(ours_x, s, qmin, qmax, grad_factor=0.5).backward(g)
+        sr = torch.tensor([0.05], requires_grad=True)
+        xr = x.cpu().clone().requires_grad_()
+        zp = torch.zeros(1)
+        torch._fake_quantize_learnable_per_tensor_affine(xr, sr, zp, qmin, qmax, 0.5).backward(g.cpu())
+        assert torch.allclose(s.grad.cpu(), sr.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ours_x.grad.cpu(), xr.grad)
+    # Per-row learnable steps against torch's per-channel version.
+    s = (x.abs().amax(1, keepdim=True) / 100).requires_grad_()
+    int8.fake_quantize(x, s, -127, 127, (1, -1)).backward(g)
+    sr = s.detach().cpu().reshape(-1).clone().requires_grad_()
+    torch._fake_quantize_learnable_per_channel_affine(x.cpu(), sr, torch.zeros(16), 0, -127, 127, 1.0).backward(g.cpu())
+    # fp32 sums of 32 terms of magnitude <= 127, in different orders: a few ulps of 32 * 127 apart.
+    assert s.grad.shape == (16, 1) and torch.allclose(s.grad.cpu().reshape(-1), sr.grad, rtol=0, atol=32 * 127 * 2.0**-22)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fake_quantize_16_bit_inputs_and_autocast(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(7)
+    x = (torch.randn(8, 64, device=device) * 4).to(dtype)
+    s = torch.full((1, 1), 0.03, device=device)
+    out = int8.fake_quantize(x, s)
+    assert out.dtype == dtype
+    assert torch.equal(out, int8.fake_quantize(x.float(), s).to(dtype))
+    groups = (x.float().abs().reshape(8, 4, 16).amax(-1) / 7).clamp_min(1e-6)
+    assert torch.equal(int8.fake_quantize(x, groups, -8, 7, (1, 16)),
+                       int8.fake_quantize(x.float(), groups, -8, 7, (1, 16)).to(dtype))
+    with torch.autocast(device, dtype):
+        y = int8.fake_quantize(x.float().requires_grad_(), s)
+    assert y.dtype == torch.float32  # fake quantization keeps its input's dtype, as torch's does
+    nan = int8.fake_quantize(torch.tensor([float("nan"), 1.0], device=device, dtype=dtype), s)
+    assert nan[0].isnan() and nan[1].item() == pytest.approx(0.99, abs=0.01)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 20), cols=st.integers(1, 40), br=st.sampled_from([-1, 1, 2, 7]),
+       bc=st.sampled_from([-1, 1, 3, 16]), scale=st.floats(1e-6, 1e6), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_quantize_properties(rows: int, cols: int, br: int, bc: int, scale: float, dtype: torch.dtype) -> None:
+    x = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 41 + cols)) * scale).to(dtype)
+    assert_quantize_matches(x, (br, bc))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    torch.manual_seed(8)
+    x = torch.randn(16, 32, device=device)
+    torch.library.opcheck(torch.ops.mixprec.int8_quantize.default, (x, 1, -1))
+    torch.library.opcheck(torch.ops.mixprec.int8_quantize.default, (x.bfloat16(), 4, 8, "stochastic", 3, True))
+    q = int8.quantize(x)
+    w = int8.quantize(torch.randn(24, 32, device=device))
+    torch.library.opcheck(torch.ops.mixprec.int8_mm.default,
+                          (q.data, w.data.t(), q.scale_inv, w.scale_inv.reshape(1, 24), torch.bfloat16,
+                           torch.randn(24, device=device)))
+    s = torch.full((16, 1), 0.02, device=device)
+    torch.library.opcheck(torch.ops.mixprec.fake_quantize_forward.default, (x, s, -127, 127, 1, -1))
+    torch.library.opcheck(torch.ops.mixprec.fake_quantize_backward.default,
+                          (torch.randn_like(x), x, s, -127, 127, 1, -1, True))
+    # The differentiable op, above autograd: its own schema checks do not apply (as float8_linear's).
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.mixprec.fake_quantize.default,
+                          (x.requires_grad_(), s.requires_grad_(), -127, 127, 1, -1, 0.5), test_utils=no_schema)
+
+
+def test_bad_input_names_the_argument() -> None:
+    x = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="int8_quantize: input must be float32, float16 or bfloat16, got Double"):
+        int8.quantize(x.double())
+    with pytest.raises(ValueError, match="block_rows must be positive or -1"):
+        int8.quantize(x, (0, -1))
+    with pytest.raises(RuntimeError, match="int8_quantize: rounding must be \"nearest\" or \"stochastic\""):
+        int8.quantize(x, rounding="up")
+    with pytest.raises(ValueError, match=r"block must be \(block_rows, block_cols\)"):
+        int8.quantize(x, (1,))  # type: ignore[arg-type]
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    one = torch.ones(1)
+    with pytest.raises(RuntimeError, match="int8_mm: b must be int8, got Float"):
+        int8.mm(a, torch.zeros(8, 4), one, one)
+    with pytest.raises(RuntimeError, match=r"a \[m, k\] and b \[k, n\] must share k"):
+        int8.mm(a, a, one, one)
+    with pytest.raises(RuntimeError, match=r"a_scale_inv must have one element \(per tensor\) or shape \[4, 1\]"):
+        int8.mm(a, a.t(), torch.ones(3), one)
+    with pytest.raises(RuntimeError, match=r"b_scale_inv must have one element \(per tensor\) or shape \[1, 4\]"):
+        int8.mm(a, a.t(), one, torch.ones(4, 1))
+    with pytest.raises(RuntimeError, match="b_scale_inv must be float32"):
+        int8.mm(a, a.t(), one, one.double())
+    with pytest.raises(ValueError, match="k must be at most 131071"):
+        int8.mm(torch.zeros(1, 131072, dtype=torch.int8), torch.zeros(131072, 1, dtype=torch.int8), one, one)
+    with pytest.raises(ValueError, match="out_dtype must be float32, bfloat16 or float16"):
+        int8.mm(a, a.t(), one, one, torch.int32)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[4\]"):
+        int8.mm(a, a.t(), one, one, torch.float32, torch.ones(5))
+    with pytest.raises(ValueError, match=r"quant_min < quant_max"):
+        int8.fake_quantize(x, one, 5, 5)
+    with pytest.raises(ValueError, match=r"blocks of 3 x -1 must divide the input's \[8, 16\] matrix view"):
+        int8.fake_quantize(x, torch.ones(3, 1), -127, 127, (3, -1))
+    with pytest.raises(RuntimeError, match=r"fake_quantize_forward: scale must have shape \[8, 1\]"):
+        int8.fake_quantize(x, one, -127, 127, (1, -1))
+    with pytest.raises(RuntimeError, match="int8_quantize: input must be a dense"):
+        int8.quantize(x.to_sparse())
+
+
+def test_package_exports() -> None:
+    assert mixprec.int8.quantize is int8.quantize
+    assert {"quantize", "mm", "fake_quantize", "Quantized"} <= set(int8.__all__)
+
+
+@requires_cuda
+def test_cpu_and_cuda_agree_bit_for_bit() -> None:
+    torch.manual_seed(9)
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(300, 520) * torch.logspace(-4, 4, 520)).to(dtype)
+        x[3, 5] = float("nan")
+        x[7, 9] = float("inf")
+        for block in BLOCKS:
+            for rounding in ("nearest", "stochastic"):
+                c = int8.quantize(x, block, rounding=rounding, seed=11)
+                g = int8.quantize(x.cuda(), block, rounding=rounding, seed=11)
+                assert torch.equal(c.data, g.data.cpu())
+                assert torch.equal(c.scale_inv, g.scale_inv.cpu(), ) or torch.equal(
+                    c.scale_inv.isnan(), g.scale_inv.cpu().isnan())
+        s = (x.float().abs().reshape(300, 65, 8).amax(-1).nan_to_num(1.0, 1.0) / 7).clamp_min(1e-6)
+        xg = x.cuda().requires_grad_()
+        xc = x.clone().requires_grad_()
+        sg, sc = s.cuda().requires_grad_(), s.clone().requires_grad_()
+        out_g = int8.fake_quantize(xg, sg, -8, 7, (1, 8))
+        out_c = int8.fake_quantize(xc, sc, -8, 7, (1, 8))
+        assert torch.equal(out_g.cpu().nan_to_num(), out_c.nan_to_num())
+        grad = torch.randn(300, 520).to(dtype)
+        out_g.backward(grad.cuda())
+        out_c.backward(grad)
+        assert torch.equal(xg.grad.cpu(), xc.grad)
+        assert torch.allclose(sg.grad.cpu().nan_to_num(), sc.grad.nan_to_num(), rtol=1e-4, atol=1e-4)
+    for m in (5, 64, 1000):
+        a = torch.randint(-127, 128, (m, 1024), dtype=torch.int8)
+        b = torch.randint(-127, 128, (256, 1024), dtype=torch.int8)
+        sa, sb = torch.rand(m, 1), torch.rand(1, 256)
+        bias = torch.randn(256)
+        for out_dtype in FLOAT_DTYPES:
+            c = int8.mm(a, b.t(), sa, sb, out_dtype, bias)
+            g = int8.mm(a.cuda(), b.cuda().t(), sa.cuda(), sb.cuda(), out_dtype, bias.cuda())
+            assert torch.equal(c, g.cpu())
+
+
+@requires_cuda
+def test_cuda_mm_shape_rules() -> None:
+    a = torch.zeros(32, 12, dtype=torch.int8, device="cuda")
+    one = torch.ones(1, device="cuda")
+    with pytest.raises(ValueError, match="on CUDA k and n must be multiples of 8"):
+        int8.mm(a, torch.zeros(12, 16, dtype=torch.int8, device="cuda"), one, one)

@@ -1,0 +1,201 @@
+"""mixprec.nn.Int8Linear / int8_linear / convert(int8=...): INT8 GEMMs in training.
+
+Accuracy against fp32 nn.Linear for every choice of INT8 GEMMs, exactness of the forward against the int8
+ops it is built from, the fp32 weight gradient and its in-place accumulation, autocast, state dicts, a small
+transformer trained on real text within 2% of its bf16 run, torch.compile, opcheck and bad input."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import mixprec
+from mixprec import int8
+from mixprec.demo import CharTransformer, stdlib_text
+from mixprec.nn import Int8Gemms
+
+from conftest import DEVICES
+
+GEMMS = {
+    "switchback": Int8Gemms(),
+    "all": Int8Gemms(weight_grad=True),
+    "forward-only": Int8Gemms(input_grad=False),
+    "none": Int8Gemms(forward=False, input_grad=False),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", list(GEMMS))
+def test_forward_and_backward_track_fp32_linear(name: str) -> None:
+    torch.manual_seed(0)
+    ref = nn.Linear(256, 128)
+    layer = mixprec.nn.Int8Linear(256, 128, gemms=GEMMS[name])
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 32, 256)
+    grad = torch.randn(4, 32, 128) * 1e-3
+    xr, xi = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out = ref(xr), layer(xi)
+    out_ref.backward(grad)
+    out.backward(grad)
+    g = GEMMS[name]
+    assert out.shape == (4, 32, 128) and out.dtype == torch.float32
+    # Row-wise INT8 of Gaussian data: about 1% relative error per GEMM; exact (fp32) otherwise.
+    assert rel(out, out_ref) < (0.02 if g.forward else 1e-6)
+    assert rel(xi.grad, xr.grad) < (0.02 if g.input_grad else 1e-6)
+    assert layer.weight.grad.dtype == torch.float32
+    assert rel(layer.weight.grad, ref.weight.grad) < (0.02 if g.weight_grad else 1e-6)
+    assert torch.allclose(layer.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_is_exactly_the_int8_ops() -> None:
+    torch.manual_seed(1)
+    layer = mixprec.nn.Int8Linear(64, 48)
+    x = torch.randn(5, 7, 64)
+    qx, qw = int8.quantize(x.reshape(35, 64)), int8.quantize(layer.weight.detach())
+    expected = int8.mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape(1, 48), torch.float32, layer.bias)
+    assert torch.equal(layer(x), expected.reshape(5, 7, 48))
+    g = torch.randn(5, 7, 48)
+    xg = x.clone().requires_grad_()
+    layer(xg).backward(g)
+    qg, qwc = int8.quantize(g.reshape(35, 48)), int8.quantize(layer.weight.detach(), (-1, 1))
+    assert torch.equal(xg.grad, int8.mm(qg.data, qwc.data, qg.scale_inv, qwc.scale_inv).reshape(5, 7, 64))
+
+
+def test_weight_gradient_accumulates_in_fp32_in_place() -> None:
+    torch.manual_seed(2)
+    for gemms in (Int8Gemms(), Int8Gemms(weight_grad=True)):
+        layer = mixprec.nn.Int8Linear(32, 16, dtype=torch.bfloat16, gemms=gemms)
+        xs = [torch.randn(8, 32, dtype=torch.bfloat16) for _ in range(3)]
+        layer(xs[0]).float().sum().backward()
+        accumulator = layer.weight.grad
+        assert accumulator.dtype == torch.float32
+        for x in xs[1:]:
+            layer(x).float().sum().backward()
+        assert layer.weight.grad is accumulator  # added into, not replaced
+        fresh = copy.deepcopy(layer)
+        fresh.weight.grad = None
+        total = torch.zeros(16, 32)
+        for x in xs:
+            fresh.weight.grad = None
+            fresh(x).float().sum().backward()
+            total += fresh.weight.grad
+        assert torch.allclose(accumulator, total, rtol=1e-6, atol=1e-5)
+
+
+def test_autocast_and_16_bit_weights() -> None:
+    torch.manual_seed(3)
+    layer = mixprec.nn.Int8Linear(64, 32)
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = nn.functional.linear(x, layer.weight, layer.bias)
+    assert rel(y.float(), ref) < 0.03
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="input and weight must share a dtype"):
+        layer(x.bfloat16())
+
+
+def test_state_dict_pickle_convert_and_repr() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    keys = set(model.state_dict())
+    mixprec.nn.convert(model, int8=True)
+    assert type(model[0]) is mixprec.nn.Linear and type(model[4]) is mixprec.nn.Linear  # edges stay
+    assert type(model[2]) is mixprec.nn.Int8Linear and model[2].gemms == Int8Gemms()
+    assert set(model.state_dict()) == keys
+    assert "int8_forward=True" in repr(model[2])
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(4, 16)
+    assert torch.equal(clone(x), model(x))
+    clone(x).sum().backward()
+    assert clone[2].weight.grad.dtype == torch.float32
+    every = mixprec.nn.convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), int8=Int8Gemms(weight_grad=True),
+                               filter=lambda n, m: True)
+    assert all(type(m) is mixprec.nn.Int8Linear and m.gemms.weight_grad for m in every)
+    with pytest.raises(ValueError, match="pass fp8= or int8=, not both"):
+        mixprec.nn.convert(nn.Linear(8, 8), fp8=mixprec.fp8.Recipe(), int8=True)
+
+
+_TEXT_STEPS = 50
+
+
+@functools.cache
+def _text_batches() -> tuple[torch.Tensor, ...]:
+    text = torch.tensor(list(stdlib_text(1 << 16)), dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, text.numel() - 33, (_TEXT_STEPS, 16), generator=gen)
+    return tuple(text[s[:, None] + torch.arange(33)] for s in starts)
+
+
+@functools.cache
+def _train_on_text(name: str | None) -> float:
+    """Mean loss of the last 10 of 50 steps of the demo's byte-level transformer (its MLPs and attention
+    projections in INT8) under bf16 autocast, on the standard library's text."""
+    torch.manual_seed(0)
+    model = CharTransformer(64, 2, 2, 32)
+    if name is not None:
+        mixprec.nn.convert(model, int8=GEMMS[name], filter=lambda n, m: n.startswith("blocks."))
+        assert sum(isinstance(m, mixprec.nn.Int8Linear) for m in model.modules()) >= 4
+    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for b in _text_batches():
+        opt.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(b[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 256), b[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-10:]) / 10
+
+
+@pytest.mark.parametrize("name", ["switchback", "all"])
+def test_small_transformer_on_real_text_within_2_percent_of_bf16(name: str) -> None:
+    baseline = _train_on_text(None)
+    assert baseline < 3.2  # it learns: ln(256) = 5.5 at the start
+    final = _train_on_text(name)
+    assert abs(final - baseline) <= 0.02 * baseline, (final, baseline)
+
+
+def test_torch_compile_fullgraph_matches_eager_bit_for_bit() -> None:
+    torch.manual_seed(5)
+    layer = mixprec.nn.Int8Linear(64, 32)
+    twin = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(16, 64)
+        y = compiled(x)
+        y.sum().backward()
+        z = twin(x)
+        z.sum().backward()
+        assert torch.equal(y, z)
+    assert torch.equal(layer.weight.grad, twin.weight.grad)
+
+
+def test_opcheck() -> None:
+    torch.manual_seed(6)
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for grad in (True, False):
+        x, w, b = (torch.randn(*shape, requires_grad=grad) for shape in ((8, 32), (16, 32), (16,)))
+        for gemms in GEMMS.values():
+            args = (x, w, b, gemms.forward, gemms.input_grad, gemms.weight_grad)
+            torch.library.opcheck(torch.ops.mixprec.int8_linear.default, args, test_utils=no_schema)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device: str) -> None:
+    layer = mixprec.nn.Int8Linear(32, 16, device=device)
+    with pytest.raises(RuntimeError, match="float64 input or weight has no INT8 path"):
+        layer(torch.randn(4, 32, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="do not match"):
+        layer(torch.randn(4, 31, device=device))
