@@ -63,7 +63,7 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
   step pytest pytest.log 240 env OMP_NUM_THREADS=2 $PY -m pytest tests/python -q -ra $xdist -p no:cacheprovider
   { echo; echo "pytest: $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -n 1)";
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" | head -n 40; } >> "$summary"
-  for b in wgrad adam unscale cast fp8 overhead e2e monitor; do
+  for b in wgrad adam unscale cast fp8 int8 overhead e2e monitor; do
     [ -f benchmarks/bench_$b.py ] || continue
     args="--device cuda"; [ $b = adam ] && args="$args --size 1b"; [ $b = monitor ] && args="$args --size small"
     step "bench_$b" benchmarks.log 120 $PY benchmarks/bench_$b.py $args
@@ -74,7 +74,7 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
   for tool in ${MIXPREC_SANITIZERS:-memcheck racecheck}; do
     step "compute-sanitizer $tool" sanitizer.log 120 compute-sanitizer --tool $tool --error-exitcode 9 \
       $PY -m pytest -q -x -p no:cacheprovider -k "$sel" tests/python/test_unscale_and_check.py \
-      tests/python/test_cast.py tests/python/test_adam.py tests/python/test_fp8.py tests/python/test_monitor.py $(ls tests/python/test_wgrad.py 2>/dev/null)
+      tests/python/test_cast.py tests/python/test_adam.py tests/python/test_fp8.py tests/python/test_int8.py tests/python/test_monitor.py $(ls tests/python/test_wgrad.py 2>/dev/null)
   done
   grep -E "ERROR SUMMARY|========= (Invalid|Race|Error)" "$OUT/sanitizer.log" | sort | uniq -c | head -n 20 >> "$summary"
 else

@@ -110,4 +110,21 @@ TORCH_LIBRARY(mixprec, m) {
       "int8_linear(Tensor input, Tensor weight, Tensor? bias=None, bool int8_forward=True, "
       "bool int8_input_grad=True, bool int8_weight_grad=False) -> Tensor",
       tags);
+  // mixprec::qat (csrc/qat/qat.cpp), above autograd: Python's mixprec.qat layers are these functions.
+  m.def("qat_fake_quantize_input(Tensor input, bool per_token) -> Tensor", tags);
+  m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
+  m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
+  m.def(
+      "qat_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> (Tensor codes, "
+      "Tensor scale)",
+      tags);
+  m.def("qat_dequantize_weight(Tensor codes, Tensor scale) -> Tensor", tags);
+  m.def(
+      "qat_quantized_linear(Tensor input, Tensor codes, Tensor scale, Tensor? bias, int weight_bits, "
+      "int? group_size, bool activations) -> Tensor",
+      tags);
+  m.def(
+      "qat_quantized_conv2d(Tensor input, Tensor codes, Tensor scale, int[] weight_shape, Tensor? bias, "
+      "int[] stride, int[] padding, int[] dilation, int groups, bool activations) -> Tensor",
+      tags);
 }

@@ -24,11 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int8
-
 __all__ = ["QATConfig", "QATLinear", "QATConv2d", "QuantizedLinear", "QuantizedConv2d", "prepare", "convert"]
-
-_TINY = torch.finfo(torch.float32).tiny  # a step for all-zero blocks: their codes stay 0, 1 / step is finite
 
 
 @dataclass(frozen=True)
@@ -62,23 +58,10 @@ class QATConfig:
         return (-127, 127) if self.weight_bits == 8 else (-8, 7)
 
 
-def _steps(m: Tensor, block: tuple[int, int], qmax: int) -> Tensor:
-    """Each block's step amax / qmax (float32, ``[grid_rows, grid_cols]``) of a 2-D ``m``, without gradient."""
-    rows, cols = m.shape
-    br = rows if block[0] == -1 else block[0]
-    bc = cols if block[1] == -1 else block[1]
-    amax = m.detach().abs().reshape(rows // br, br, cols // bc, bc).amax(dim=(1, 3))
-    return (amax.float() / qmax).clamp_min(_TINY)
-
-
 def _fake_quantize_input(x: Tensor, per_token: bool) -> Tensor:
-    """INT8 fake quantization of an activation: per token (rows of the [..., features] view) or per tensor."""
-    if x.numel() == 0:
-        return x
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
-    block = (1, -1) if per_token else (-1, -1)
-    out = int8.fake_quantize(rows, _steps(rows, block, 127), -127, 127, block)
-    return out.reshape(x.shape)
+    """INT8 fake quantization of an activation: per token (rows of the [..., features] view) or per tensor, from
+    its own amax (``mixprec::qat::fake_quantize_input``)."""
+    return torch.ops.mixprec.qat_fake_quantize_input(x, per_token)
 
 
 class _QATWeight:
@@ -87,33 +70,19 @@ class _QATWeight:
     weight: Tensor
     qat_config: QATConfig
 
-    def _weight_block(self) -> tuple[int, int]:
-        g = self.qat_config.group_size
-        return (1, -1) if g is None else (1, g)
-
     def _init_qat(self, config: QATConfig) -> None:
-        w2 = self.weight.detach().reshape(self.weight.shape[0], -1)
-        if config.group_size is not None:
-            if not isinstance(self, nn.Linear):
-                raise ValueError("QATConfig.group_size applies to Linear layers only")
-            if w2.shape[1] % config.group_size != 0:
-                raise ValueError(f"group_size {config.group_size} must divide in_features {w2.shape[1]}")
+        if config.group_size is not None and not isinstance(self, nn.Linear):
+            raise ValueError("QATConfig.group_size applies to Linear layers only")
+        # The steps of the weight's amax: checks the groups now, and starts learnable steps.
+        step = torch.ops.mixprec.qat_weight_steps(self.weight, config.weight_bits, config.group_size)
         self.qat_config = config
         if config.learnable_scales:
-            step = _steps(w2, self._weight_block(), config.qrange[1])
-            self.weight_step = nn.Parameter(step.to(self.weight.device))  # type: ignore[misc]
+            self.weight_step = nn.Parameter(step)  # type: ignore[misc]
 
     def _fake_weight(self) -> Tensor:
-        qmin, qmax = self.qat_config.qrange
-        w2 = self.weight.reshape(self.weight.shape[0], -1)
-        block = self._weight_block()
-        if self.qat_config.learnable_scales:
-            step = self.weight_step.float()  # type: ignore[attr-defined]
-            per_block = w2.numel() // step.numel()
-            out = int8.fake_quantize(w2, step, qmin, qmax, block, grad_factor=(per_block * qmax) ** -0.5)
-        else:
-            out = int8.fake_quantize(w2, _steps(w2, block, qmax), qmin, qmax, block)
-        return out.reshape(self.weight.shape)
+        step = self.weight_step if self.qat_config.learnable_scales else None  # type: ignore[attr-defined]
+        return torch.ops.mixprec.qat_fake_quantize_weight(self.weight, step, self.qat_config.weight_bits,
+                                                          self.qat_config.group_size)
 
 
 class QATLinear(nn.Linear, _QATWeight):
@@ -150,58 +119,28 @@ class QATConv2d(nn.Conv2d, _QATWeight):
         return f"{super().extra_repr()}, qat={self.qat_config}"
 
 
-def _pack_int4(codes: Tensor) -> Tensor:
-    """[rows, cols] codes in [-8, 7] (cols even) -> uint8 [rows, cols / 2]: element 2j in the low nibble."""
-    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def _unpack_int4(packed: Tensor) -> Tensor:
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    codes = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(codes > 7, codes - 16, codes)
-
-
 class _QuantizedWeight(nn.Module):
-    """Integer weight codes (int8, or INT4 packed in uint8) and float32 steps, as buffers of the state dict."""
+    """Integer weight codes (int8, or INT4 packed two per byte in uint8) and float32 steps, as buffers of the
+    state dict (``mixprec::qat::quantize_weight``)."""
 
     weight_codes: Tensor
     weight_scale: Tensor
 
     def _set_weight(self, layer: nn.Module, config: QATConfig) -> None:
-        w = layer.weight.detach()  # type: ignore[union-attr]
-        qmin, qmax = config.qrange
-        w2 = w.reshape(w.shape[0], -1).float()
-        block = layer._weight_block()  # type: ignore[operator]
-        step = layer.weight_step.detach().float() if config.learnable_scales else _steps(w2, block, qmax)  # type: ignore[union-attr]
-        # The codes the training forward simulated: fake_quantize's output is code * step exactly.
-        codes = torch.round(int8.fake_quantize(w2, step, qmin, qmax, block) / step.repeat_interleave(
-            w2.shape[1] // step.shape[1], dim=1)).to(torch.int8)
-        self.weight_shape = tuple(w.shape)
+        step = layer.weight_step if config.learnable_scales else None
+        codes, scale = torch.ops.mixprec.qat_quantize_weight(layer.weight, step, config.weight_bits,
+                                                             config.group_size)
+        self.weight_shape = tuple(layer.weight.shape)  # type: ignore[union-attr]
         self.weight_bits = config.weight_bits
         self.group_size = config.group_size
         self.activations = config.activations
-        packed = _pack_int4(codes) if config.weight_bits == 4 and w2.shape[1] % 2 == 0 else codes
-        self.register_buffer("weight_codes", packed)
-        self.register_buffer("weight_scale", step.contiguous())
-
-    def codes(self) -> Tensor:
-        """The weight's integer codes as int8 ``[out, in * ...]``."""
-        c = self.weight_codes
-        return _unpack_int4(c) if c.dtype == torch.uint8 else c
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """codes * step in fp32, as ``dtype``, in the layer's weight shape."""
-        c = self.codes().float()
-        step = self.weight_scale.repeat_interleave(c.shape[1] // self.weight_scale.shape[1], dim=1)
-        return (c * step).to(dtype).reshape(self.weight_shape)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+        w = torch.ops.mixprec.qat_dequantize_weight(self.weight_codes, self.weight_scale)
+        return w.to(dtype).reshape(self.weight_shape)
 
 
 class QuantizedLinear(_QuantizedWeight):
@@ -215,17 +154,8 @@ class QuantizedLinear(_QuantizedWeight):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
     def forward(self, input: Tensor) -> Tensor:
-        dtype = _compute_dtype(input)
-        x = input.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        if self.weight_bits == 8 and self.group_size is None and self.activations and dtype != torch.float64:
-            rows = x.reshape(-1, self.in_features)
-            q = int8.quantize(rows, (1, -1))
-            out = int8.mm(q.data, self.weight_codes.t(), q.scale_inv, self.weight_scale.reshape(1, -1), dtype, bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        if self.activations:
-            x = _fake_quantize_input(x, per_token=True)
-        return F.linear(x, self.dequantized_weight(dtype), bias)
+        return torch.ops.mixprec.qat_quantized_linear(input, self.weight_codes, self.weight_scale, self.bias,
+                                                      self.weight_bits, self.group_size, self.activations)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}, "
@@ -240,17 +170,15 @@ class QuantizedConv2d(_QuantizedWeight):
         super().__init__()
         self._set_weight(layer, layer.qat_config)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("mixprec.qat.convert: Conv2d needs zero padding given as sizes, got padding="
+                             f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
-        if layer.padding_mode != "zeros":
-            raise ValueError(f"mixprec.qat.convert: Conv2d padding_mode {layer.padding_mode!r} is not supported")
 
     def forward(self, input: Tensor) -> Tensor:
-        dtype = _compute_dtype(input)
-        x = input.to(dtype)
-        if self.activations:
-            x = _fake_quantize_input(x, per_token=False)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.conv2d(x, self.dequantized_weight(dtype), bias, self.stride, self.padding, self.dilation, self.groups)
+        return torch.ops.mixprec.qat_quantized_conv2d(
+            input, self.weight_codes, self.weight_scale, list(self.weight_shape), self.bias, list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, self.activations)
 
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,

@@ -92,10 +92,13 @@ def test_converted_weights_are_what_training_simulated() -> None:
         q = qat.convert(layer)
         assert isinstance(q, qat.QuantizedLinear)
         assert torch.equal(q.dequantized_weight(torch.float32), simulated)
-        codes = q.codes()
+        ratio = simulated / q.weight_scale.repeat_interleave(32 // q.weight_scale.shape[1], dim=1)
+        codes = ratio.round()  # code * step rounded to fp32, divided by the step: within an ulp of the code
         lo, hi = config.qrange
-        assert codes.dtype == torch.int8 and codes.min() >= lo and codes.max() <= hi
-        if config.weight_bits == 4:
+        assert torch.allclose(ratio, codes, rtol=2**-22, atol=0) and codes.min() >= lo and codes.max() <= hi
+        if config.weight_bits == 8:
+            assert torch.equal(q.weight_codes, codes.to(torch.int8))
+        else:
             assert q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (12, 16)  # two codes a byte
         # The converted layer computes what the QAT forward did, up to fp32 rounding (the INT8 GEMM path
         # forms each activation's scale as 127 / amax instead of 1 / (amax / 127)).

@@ -1,0 +1,136 @@
+"""INT8: mixprec's fused quantization and Int8Linear vs the eager torch code / bf16 layer, same inputs, same run.
+
+Quantization, on an activation-sized bf16 matrix (8192 tokens x 4096 features; --quick: 1024 x 1024):
+  per row     amax, scale, rounded and saturated codes:  torch  x.abs().amax(1), 127 / amax, round, clamp, to(int8)
+  per column  the same along columns (a weight for the input-gradient product)
+  per group   groups of 128 along rows (INT4-style weights use such groups)
+  stochastic  per row with stochastic rounding (torch's line: nearest rounding, no cheaper eager equivalent)
+Bytes moved = the input read once + the codes written once, so "GB/s" and "% of copy" say how close each op
+is to the memory bound.
+
+Then a Linear layer's forward + backward (bf16 weights and activations) on the GPT-2, 1B and 8B layer shapes
+at 8192 tokens: torch.nn.Linear in bf16 against mixprec.nn.Int8Linear with SwitchBack's GEMMs (INT8 output and
+input gradient, bf16 weight gradient) and with all three GEMMs in INT8, and torchao's INT8 mixed-precision
+training when torchao is installed. On the CPU the shapes are divided by 8 and the INT8 GEMM is the exact
+float64 reference: the figures there say what checking costs, not what INT8 gains.
+
+    python benchmarks/bench_int8.py [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from bench_fp8 import LAYER_SHAPES
+from common import copy_bandwidth, measure, print_device_header, print_table
+
+import mixprec
+from mixprec import int8
+
+
+def torch_quantize(x: torch.Tensor, dim: int | None, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager version: amax, scale, round, clamp, cast (three or more passes over x)."""
+    m = x.float()
+    if group is not None:
+        m = m.reshape(x.shape[0], -1, group)
+        dim = -1
+    amax = m.abs().amax(dim=dim, keepdim=True)
+    scale = torch.where(amax > 0, 127.0 / amax, torch.ones_like(amax))
+    data = (m * scale).round().clamp(-127, 127).to(torch.int8)
+    return data.reshape(x.shape), 1.0 / scale
+
+
+def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:
+    """torchao's INT8 mixed-precision training layer around a copy of `base`, or None without torchao."""
+    try:
+        from torchao import quantize_
+        from torchao.prototype.quantized_training import int8_mixed_precision_training
+    except ImportError:
+        return None
+    model = torch.nn.Sequential(copy.deepcopy(base))
+    quantize_(model, int8_mixed_precision_training())
+    return model
+
+
+def quantize_table(device: str, quick: bool) -> None:
+    rows, cols = (1024, 1024) if quick else (8192, 4096)
+    x = (torch.randn(rows, cols, device=device) * 3).bfloat16()
+    n = x.numel()
+    ceiling = copy_bandwidth(device) if device.startswith("cuda") else float("nan")
+    nbytes = 3 * n  # bf16 read + int8 written
+    cases = [
+        ("per row", lambda: torch_quantize(x, 1), lambda: int8.quantize(x, (1, -1))),
+        ("per column", lambda: torch_quantize(x, 0), lambda: int8.quantize(x, (-1, 1))),
+        ("per group of 128", lambda: torch_quantize(x, None, 128), lambda: int8.quantize(x, (1, 128))),
+        ("per row, stochastic (torch: nearest)", lambda: torch_quantize(x, 1),
+         lambda: int8.quantize(x, (1, -1), rounding="stochastic", seed=1)),
+    ]
+    table = []
+    for name, base_fn, ours_fn in cases:
+        base = measure(base_fn, device)
+        ours = measure(ours_fn, device)
+        gbs = nbytes / ours.device / 1e9
+        table.append([name, f"{nbytes / 2**20:.0f}", f"{base.device * 1e3:.3f}", f"{ours.device * 1e3:.3f}",
+                      f"{gbs:.1f}", f"{100 * gbs / ceiling:.0f}%" if ceiling == ceiling else "-",
+                      f"{base.device / ours.device:.2f}x", f"{base.wall * 1e3:.3f}", f"{ours.wall * 1e3:.3f}",
+                      f"{base.wall / ours.wall:.2f}x"])
+    print(f"bf16 input [{rows}, {cols}] -> int8")
+    # device: the kernels alone; wall: a synchronised call as a user makes it (see common.Timing)
+    print_table(["case", "MiB moved", "torch ms", "mixprec ms", "GB/s", "% of copy", "speedup", "torch wall ms",
+                 "mixprec wall ms", "wall speedup"], table)
+
+
+def linear_table(device: str, quick: bool) -> None:
+    cuda = device.startswith("cuda")
+    tokens = 8192 if cuda and not quick else (1024 if cuda else 512)
+    divisor = 1 if cuda and not quick else 8
+    shapes = LAYER_SHAPES if cuda or not quick else LAYER_SHAPES[:3]
+    table = []
+    for name, k, n in shapes:
+        k, n = k // divisor, n // divisor
+        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+
+        def step(layer: torch.nn.Module):
+            def run() -> None:
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                layer(x).backward(g)
+            return run
+
+        layers = {"bf16": base}
+        for key, gemms in (("switchback", mixprec.nn.Int8Gemms()), ("all", mixprec.nn.Int8Gemms(weight_grad=True))):
+            layers[key] = mixprec.nn.Int8Linear.from_linear(copy.deepcopy(base), gemms)
+        ao = torchao_layer(base) if cuda else None
+        if ao is not None:
+            layers["torchao"] = ao
+        times = {key: measure(step(layer), device) for key, layer in layers.items()}
+        ref = times["bf16"]
+        row = [f"{name} [{tokens}x{k}]x[{k}x{n}]", f"{ref.device * 1e3:.3f}"]
+        for key in ("switchback", "all"):
+            row += [f"{times[key].device * 1e3:.3f}", f"{ref.device / times[key].device:.2f}x"]
+        row += [f"{times['torchao'].device * 1e3:.3f}" if "torchao" in times else "-",
+                f"{times['torchao'].device / times['switchback'].device:.2f}x" if "torchao" in times else "-",
+                f"{ref.wall * 1e3:.3f}", f"{times['switchback'].wall * 1e3:.3f}"]
+        table.append(row)
+    print("Linear forward + backward, bf16 weights and activations (ms; speedups vs bf16; vs torchao: its time / ours)")
+    print_table(["layer", "bf16 ms", "int8 switchback ms", "speedup", "int8 all GEMMs ms", "speedup", "torchao ms",
+                 "ours vs torchao", "bf16 wall ms", "switchback wall ms"], table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    print_device_header(args.device)
+    quantize_table(args.device, args.quick)
+    print()
+    linear_table(args.device, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+// Quantization-aware training from LibTorch: the one implementation of mixprec's QAT arithmetic (Python's
+// mixprec.qat calls these functions through ops), QAT and converted layers for Linear and Conv2d, and
+// prepare / convert for torch::nn::Sequential models.
+//
+// A QAT layer fake-quantizes its weight (INT8 per output channel, or INT4 [-8, 7] per channel or per group of
+// input features) and its input (INT8, per token for Linear, per tensor for Conv2d) with
+// mixprec::int8::fake_quantize: fp32, fp16 and bf16 alike (under autocast too), straight-through gradients,
+// and LSQ gradients for learnable steps. convert() stores the codes training simulated (INT4 packed two per
+// byte) with their float32 steps; a converted Linear with INT8 per-channel weights runs its product as an INT8
+// GEMM on per-token INT8 activations.
+#pragma once
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <utility>
+#include <vector>
+
+namespace mixprec::qat {
+
+struct QATConfig {
+  int64_t weight_bits = 8;                        // 8: codes in [-127, 127]; 4: [-8, 7]
+  std::optional<int64_t> group_size = std::nullopt;  // none: one step per output channel; else per group (Linear)
+  bool activations = true;                        // fake-quantize the inputs to INT8 (dynamic, from their amax)
+  bool learnable_scales = false;                  // the weight steps are parameters (LSQ), else from the amax
+};
+
+/// The weight code range of `weight_bits` (8 or 4; anything else is an error).
+std::pair<int64_t, int64_t> code_range(int64_t weight_bits);
+
+/// `x` fake-quantized to INT8 per token (rows of its [..., features] view) or per tensor, from its own amax
+/// (steps amax / 127, without gradient); differentiable straight through. Keeps x's dtype.
+torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token);
+
+/// The steps (amax / qmax per output channel or group; float32 [out, groups]) of `weight` ([out, ...]).
+torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config);
+
+/// `weight` fake-quantized as `config` says, with `step` ([out, groups] float32, learnable) or, undefined, the
+/// steps of its own amax. Differentiable (straight through; LSQ for a step that requires grad).
+torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig& config,
+                                   const torch::Tensor& step = {});
+
+/// What convert() stores for a weight: the codes fake_quantize_weight simulated, as int8 [out, in * ...]
+/// (INT4 with an even row length: uint8 [out, in * ... / 2], element 2j in the low nibble), and the steps.
+struct QuantizedWeight {
+  torch::Tensor codes;
+  torch::Tensor scale;
+};
+QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step = {});
+
+/// The weight codes * steps in fp32, as a [out, in * ...] matrix (unpacking INT4).
+torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor& scale);
+
+/// A converted Linear's forward: with INT8 per-channel weights and `activations`, an INT8 GEMM on per-token
+/// INT8 activations (mixprec::int8::mm); otherwise the dequantized weight in the compute dtype (autocast's, or
+/// the input's) on the fake-quantized input.
+torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
+                               const torch::Tensor& bias, const QATConfig& config);
+
+/// A Linear trained with fake-quantized weight and input.
+class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
+ public:
+  /// Takes over `other`'s parameters (the same tensors, not copies).
+  explicit QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::LinearOptions options;
+  QATConfig config;
+  torch::Tensor weight, bias;
+  torch::Tensor weight_step;  // with learnable_scales: [out, groups], registered as "weight_step"
+};
+TORCH_MODULE(QATLinear);
+
+/// A Conv2d (zero padding given as sizes) trained with weights fake-quantized per output channel and inputs per
+/// tensor.
+class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl> {
+ public:
+  explicit QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::detail::ConvNdOptions<2> options;
+  QATConfig config;
+  torch::Tensor weight, bias;
+  torch::Tensor weight_step;
+};
+TORCH_MODULE(QATConv2d);
+
+/// A converted QATLinear: buffers "weight_codes" and "weight_scale", and the bias.
+class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
+ public:
+  explicit QuantizedLinearImpl(const QATLinearImpl& layer);
+  void reset() override {}
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  QATConfig config;
+  torch::Tensor weight_codes, weight_scale, bias;
+};
+TORCH_MODULE(QuantizedLinear);
+
+/// A converted QATConv2d: the convolution runs on the dequantized weight with the input quantized per tensor.
+class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
+ public:
+  explicit QuantizedConv2dImpl(const QATConv2dImpl& layer);
+  void reset() override {}
+  void pretty_print(std::ostream& stream) const override;
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::detail::ConvNdOptions<2> options;
+  QATConfig config;
+  std::vector<int64_t> weight_shape;
+  torch::Tensor weight_codes, weight_scale, bias;
+};
+TORCH_MODULE(QuantizedConv2d);
+
+/// A Sequential like `model` (sharing its modules and parameters) whose Linear and Conv2d layers are QAT
+/// layers: build the optimizer on the result.
+torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config = {});
+
+/// A Sequential like `model` whose QAT layers are converted (integer weights plus scales).
+torch::nn::Sequential convert(const torch::nn::Sequential& model);
+
+}  // namespace mixprec::qat

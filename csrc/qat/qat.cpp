@@ -1,0 +1,341 @@
+// mixprec::qat: the QAT arithmetic behind both front doors (Python's mixprec.qat calls it through the qat_*
+// ops registered at the end), the QAT and converted layers, and prepare / convert for Sequential models.
+#include "mixprec/qat.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+#include <torch/nn/functional/conv.h>
+
+#include <cfloat>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <variant>
+
+#include "mixprec/int8.h"
+#include "nn/linear_detail.h"
+
+namespace mixprec::qat {
+namespace {
+
+using ConvOptions = torch::nn::detail::ConvNdOptions<2>;
+
+constexpr float kTiny = FLT_MIN;  // the step of an all-zero block: its codes stay 0 and 1 / step is finite
+
+// [out, everything else]: the matrix view every weight is quantized in.
+torch::Tensor weight_matrix(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() >= 1, "mixprec::qat: a weight needs at least one dimension, got a 0-dim tensor");
+  return weight.reshape({weight.size(0), -1});
+}
+
+// The group length along a weight row (the whole row without groups), checked to divide it.
+int64_t group_length(const torch::Tensor& w2, const QATConfig& config) {
+  const int64_t cols = w2.size(1);
+  if (!config.group_size.has_value()) return std::max<int64_t>(cols, 1);
+  const int64_t g = *config.group_size;
+  TORCH_CHECK_VALUE(g >= 1 && cols % g == 0, "mixprec::qat: group_size ", g, " must divide in_features ", cols);
+  return g;
+}
+
+torch::Tensor pack_int4(const torch::Tensor& codes) {
+  const torch::Tensor u = codes.to(torch::kShort).bitwise_and(0xF).to(torch::kByte);
+  using torch::indexing::Slice;
+  return u.index({Slice(), Slice(0, torch::indexing::None, 2)})
+      .bitwise_or(u.index({Slice(), Slice(1, torch::indexing::None, 2)}).bitwise_left_shift(4));
+}
+
+torch::Tensor unpack_int4(const torch::Tensor& packed) {
+  const torch::Tensor low = packed.bitwise_and(0xF).to(torch::kChar);
+  const torch::Tensor high = packed.bitwise_right_shift(4).to(torch::kChar);
+  const torch::Tensor codes = torch::stack({low, high}, -1).reshape({packed.size(0), -1});
+  return torch::where(codes > 7, codes - 16, codes);
+}
+
+std::optional<at::ScalarType> autocast_dtype(const torch::Tensor& x) {
+  const c10::DeviceType type = x.device().type();
+  if (at::autocast::is_autocast_enabled(type)) return at::autocast::get_autocast_dtype(type);
+  return std::nullopt;
+}
+
+std::vector<int64_t> vec(const torch::ExpandingArray<2>& a) {
+  const c10::IntArrayRef r = a;
+  return r.vec();
+}
+
+std::vector<int64_t> padding_of(const ConvOptions& options) {
+  const auto* sizes = std::get_if<torch::ExpandingArray<2>>(&options.padding());
+  TORCH_CHECK_VALUE(sizes != nullptr, "mixprec::qat: Conv2d padding must be given as sizes (not \"same\"/\"valid\")");
+  TORCH_CHECK_VALUE(std::holds_alternative<torch::enumtype::kZeros>(options.padding_mode()),
+                    "mixprec::qat: only Conv2d's zero padding_mode is supported");
+  return vec(*sizes);
+}
+
+torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
+                     const ConvOptions& options) {
+  return torch::conv2d(x, w, bias, vec(options.stride()), padding_of(options), vec(options.dilation()),
+                       options.groups());
+}
+
+// A converted Conv2d's forward: the dequantized weight in the compute dtype, the input quantized per tensor.
+torch::Tensor quantized_conv2d(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
+                               at::IntArrayRef weight_shape, const torch::Tensor& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool activations) {
+  const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
+  torch::Tensor x = input.to(dtype);
+  if (activations) x = fake_quantize_input(x, false);
+  const torch::Tensor w = dequantize_weight(codes, scale).reshape(weight_shape).to(dtype);
+  return torch::conv2d(x, w, bias.defined() ? bias.to(dtype) : bias, stride, padding, dilation, groups);
+}
+
+}  // namespace
+
+std::pair<int64_t, int64_t> code_range(int64_t weight_bits) {
+  TORCH_CHECK_VALUE(weight_bits == 8 || weight_bits == 4, "mixprec::qat: weight_bits must be 8 or 4, got ",
+                    weight_bits);
+  return weight_bits == 8 ? std::pair<int64_t, int64_t>{-127, 127} : std::pair<int64_t, int64_t>{-8, 7};
+}
+
+torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
+  if (x.numel() == 0) return x;
+  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, x.size(-1)});
+  const torch::Tensor a = m.detach().abs();
+  const torch::Tensor amax = per_token ? a.amax({-1}, true) : a.max().reshape({1, 1});
+  const torch::Tensor steps = amax.to(torch::kFloat).div(127.0).clamp_min(kTiny);
+  return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape(x.sizes());
+}
+
+torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config) {
+  const int64_t qmax = code_range(config.weight_bits).second;
+  const torch::Tensor w2 = weight_matrix(weight.detach());
+  const int64_t g = group_length(w2, config);
+  const torch::Tensor amax = w2.abs().reshape({w2.size(0), -1, g}).amax({-1});
+  return amax.to(torch::kFloat).div(static_cast<double>(qmax)).clamp_min(kTiny);
+}
+
+torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
+  const auto [qmin, qmax] = code_range(config.weight_bits);
+  const torch::Tensor w2 = weight_matrix(weight);
+  const int64_t g = group_length(w2, config);
+  const int64_t block_cols = config.group_size.has_value() ? g : -1;
+  torch::Tensor out;
+  if (step.defined()) {
+    const torch::Tensor s = step.to(torch::kFloat);
+    // LSQ's gradient scale: 1 / sqrt(elements per step * qmax).
+    const double per_block = static_cast<double>(w2.numel()) / static_cast<double>(std::max<int64_t>(s.numel(), 1));
+    out = int8::fake_quantize(w2, s, qmin, qmax, 1, block_cols, 1.0 / std::sqrt(per_block * static_cast<double>(qmax)));
+  } else {
+    out = int8::fake_quantize(w2, weight_steps(weight, config), qmin, qmax, 1, block_cols);
+  }
+  return out.reshape(weight.sizes());
+}
+
+QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
+  const torch::NoGradGuard no_grad;
+  const torch::Tensor w2 = weight_matrix(weight.detach()).to(torch::kFloat);
+  const torch::Tensor s = step.defined() ? step.detach().to(torch::kFloat).contiguous() : weight_steps(weight, config);
+  // fake_quantize's output is code * step exactly, so dividing by the step gives the code back.
+  const torch::Tensor simulated = fake_quantize_weight(w2, config, s);
+  const torch::Tensor codes =
+      simulated.div(s.repeat_interleave(w2.size(1) / std::max<int64_t>(s.size(1), 1), 1)).round().to(torch::kChar);
+  const bool pack = config.weight_bits == 4 && w2.size(1) % 2 == 0;
+  return {pack ? pack_int4(codes) : codes, s};
+}
+
+torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor& scale) {
+  const torch::Tensor c = (codes.scalar_type() == torch::kByte ? unpack_int4(codes) : codes).to(torch::kFloat);
+  return c.mul(scale.repeat_interleave(c.size(1) / std::max<int64_t>(scale.size(1), 1), 1));
+}
+
+torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
+                               const torch::Tensor& bias, const QATConfig& config) {
+  const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
+  const torch::Tensor x = input.to(dtype);
+  const torch::Tensor b = bias.defined() ? bias.to(dtype) : bias;
+  if (config.weight_bits == 8 && !config.group_size.has_value() && config.activations && dtype != torch::kDouble) {
+    const int64_t in = x.size(-1), out = codes.size(0);
+    const int8::Quantized q = int8::quantize(x.reshape({-1, in}), 1, -1);
+    std::optional<torch::Tensor> b_opt;
+    if (b.defined()) b_opt = b;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out;
+    return int8::mm(q.data, codes.t(), q.scale_inv, scale.reshape({1, out}), dtype, b_opt).reshape(shape);
+  }
+  const torch::Tensor xq = config.activations ? fake_quantize_input(x, true) : x;
+  return torch::linear(xq, dequantize_weight(codes, scale).to(dtype), b);
+}
+
+// ---- layers ----------------------------------------------------------------------------------------------------
+
+QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config_)
+    : options(other.options), config(std::move(config_)) {
+  code_range(config.weight_bits);
+  nn::detail::adopt_linear_parameters(*this, other, weight, bias);
+  if (config.learnable_scales) {
+    weight_step = register_parameter("weight_step", weight_steps(weight, config));
+  } else {
+    weight_steps(weight, config);  // checks the groups now, not at the first forward
+  }
+}
+
+void QATLinearImpl::reset() {
+  // clone(): fresh tensors of the same shapes, which clone() then fills with copies of the values.
+  weight = register_parameter("weight", torch::empty_like(weight));
+  bias = bias.defined() ? register_parameter("bias", torch::empty_like(bias))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
+}
+
+void QATLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::qat::QATLinear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
+         << ", weight_bits=" << config.weight_bits << ")";
+}
+
+torch::Tensor QATLinearImpl::forward(const torch::Tensor& input) {
+  const torch::Tensor x = config.activations ? fake_quantize_input(input, true) : input;
+  return torch::linear(x, fake_quantize_weight(weight, config, weight_step), bias);
+}
+
+QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config_)
+    : options(other.options), config(std::move(config_)) {
+  code_range(config.weight_bits);
+  TORCH_CHECK_VALUE(!config.group_size.has_value(), "mixprec::qat: group_size applies to Linear layers only");
+  padding_of(options);
+  weight = register_parameter("weight", other.weight);
+  bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);
+  if (config.learnable_scales) weight_step = register_parameter("weight_step", weight_steps(weight, config));
+}
+
+void QATConv2dImpl::reset() {
+  weight = register_parameter("weight", torch::empty_like(weight));
+  bias = bias.defined() ? register_parameter("bias", torch::empty_like(bias)) : register_parameter("bias", {}, false);
+  if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
+}
+
+void QATConv2dImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::qat::QATConv2d(" << options.in_channels() << ", " << options.out_channels()
+         << ", weight_bits=" << config.weight_bits << ")";
+}
+
+torch::Tensor QATConv2dImpl::forward(const torch::Tensor& input) {
+  const torch::Tensor x = config.activations ? fake_quantize_input(input, false) : input;
+  return conv2d(x, fake_quantize_weight(weight, config, weight_step), bias, options);
+}
+
+QuantizedLinearImpl::QuantizedLinearImpl(const QATLinearImpl& layer) : config(layer.config) {
+  const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
+  weight_codes = register_buffer("weight_codes", q.codes);
+  weight_scale = register_buffer("weight_scale", q.scale);
+  if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+}
+
+void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::qat::QuantizedLinear(out_features=" << weight_codes.size(0) << ", weight_bits="
+         << config.weight_bits << ")";
+}
+
+torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
+  return quantized_linear(input, weight_codes, weight_scale, bias, config);
+}
+
+QuantizedConv2dImpl::QuantizedConv2dImpl(const QATConv2dImpl& layer)
+    : options(layer.options), config(layer.config), weight_shape(layer.weight.sizes().vec()) {
+  const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
+  weight_codes = register_buffer("weight_codes", q.codes);
+  weight_scale = register_buffer("weight_scale", q.scale);
+  if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+}
+
+void QuantizedConv2dImpl::pretty_print(std::ostream& stream) const {
+  stream << "mixprec::qat::QuantizedConv2d(" << options.in_channels() << ", " << options.out_channels()
+         << ", weight_bits=" << config.weight_bits << ")";
+}
+
+torch::Tensor QuantizedConv2dImpl::forward(const torch::Tensor& input) {
+  return quantized_conv2d(input, weight_codes, weight_scale, weight_shape, bias, vec(options.stride()),
+                          padding_of(options), vec(options.dilation()), options.groups(), config.activations);
+}
+
+// ---- Sequential ------------------------------------------------------------------------------------------------
+
+torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config) {
+  torch::nn::Sequential out;
+  int64_t i = 0;
+  for (const torch::nn::AnyModule& any : *model) {
+    std::string name = std::to_string(i++);
+    const std::shared_ptr<torch::nn::Module> m = any.ptr();
+    if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+      out->push_back(std::move(name), QATLinear(*linear, config));
+    } else if (auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) {
+      out->push_back(std::move(name), QATConv2d(*conv, config));
+    } else {
+      out->push_back(std::move(name), any);
+    }
+  }
+  return out;
+}
+
+torch::nn::Sequential convert(const torch::nn::Sequential& model) {
+  torch::nn::Sequential out;
+  int64_t i = 0;
+  for (const torch::nn::AnyModule& any : *model) {
+    std::string name = std::to_string(i++);
+    const std::shared_ptr<torch::nn::Module> m = any.ptr();
+    if (auto linear = std::dynamic_pointer_cast<QATLinearImpl>(m)) {
+      out->push_back(std::move(name), QuantizedLinear(*linear));
+    } else if (auto conv = std::dynamic_pointer_cast<QATConv2dImpl>(m)) {
+      out->push_back(std::move(name), QuantizedConv2d(*conv));
+    } else {
+      out->push_back(std::move(name), any);
+    }
+  }
+  return out;
+}
+
+namespace {
+
+QATConfig op_config(int64_t weight_bits, std::optional<int64_t> group_size, bool activations = true) {
+  QATConfig c;
+  c.weight_bits = weight_bits;
+  c.group_size = group_size;
+  c.activations = activations;
+  return c;
+}
+
+}  // namespace
+
+// Python's mixprec.qat calls these (above autograd: the fake quantization records its own node).
+TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
+  m.impl("qat_fake_quantize_input", [](const at::Tensor& input, bool per_token) {
+    return fake_quantize_input(input, per_token);
+  });
+  m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
+                                        int64_t weight_bits, std::optional<int64_t> group_size) {
+    return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));
+  });
+  m.impl("qat_weight_steps", [](const at::Tensor& weight, int64_t weight_bits, std::optional<int64_t> group_size) {
+    return weight_steps(weight, op_config(weight_bits, group_size));
+  });
+  m.impl("qat_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
+                                   int64_t weight_bits, std::optional<int64_t> group_size) {
+    const QuantizedWeight q = quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));
+    return std::make_tuple(q.codes, q.scale);
+  });
+  m.impl("qat_dequantize_weight", [](const at::Tensor& codes, const at::Tensor& scale) {
+    return dequantize_weight(codes, scale);
+  });
+  m.impl("qat_quantized_linear", [](const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& bias, int64_t weight_bits,
+                                    std::optional<int64_t> group_size, bool activations) {
+    return quantized_linear(input, codes, scale, bias.value_or(at::Tensor()),
+                            op_config(weight_bits, group_size, activations));
+  });
+  m.impl("qat_quantized_conv2d",
+         [](const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scale, at::IntArrayRef weight_shape,
+            const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+            at::IntArrayRef dilation, int64_t groups, bool activations) {
+           return quantized_conv2d(input, codes, scale, weight_shape, bias.value_or(at::Tensor()), stride, padding,
+                                   dilation, groups, activations);
+         });
+}
+
+}  // namespace mixprec::qat

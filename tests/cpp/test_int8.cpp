@@ -1,0 +1,125 @@
+// mixprec::int8, mixprec::nn::Int8Linear and mixprec::qat from C++ (CPU): quantization against plain tensor
+// arithmetic in float64, the GEMM against an int64 product, fake quantization against torch's own, the layer
+// against torch::nn::Linear, and QAT prepare / convert on a Sequential with a convolution.
+#include <catch2/catch.hpp>
+#include <mixprec/int8.h>
+#include <mixprec/nn.h>
+#include <mixprec/optim.h>
+#include <mixprec/qat.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+namespace {
+double rel(const torch::Tensor& a, const torch::Tensor& b) {
+  return ((a.to(torch::kDouble) - b.to(torch::kDouble)).norm() / b.to(torch::kDouble).norm()).item<double>();
+}
+}  // namespace
+
+TEST_CASE("int8 quantize per row equals the rule computed in float64", "[int8]") {
+  torch::manual_seed(0);
+  auto x = torch::randn({33, 70}) * torch::logspace(-3, 3, 70);
+  const auto q = mixprec::int8::quantize(x, 1, -1);
+  auto xd = x.to(torch::kDouble);
+  auto amax = xd.abs().amax({1}, true);
+  // 127 / amax correctly rounded to fp32, then the fp32 product, then round half to even.
+  auto scale = (127.0 / amax).to(torch::kFloat).to(torch::kDouble);
+  auto codes = (xd * scale).to(torch::kFloat).to(torch::kDouble).clamp(-127, 127).round().to(torch::kChar);
+  REQUIRE(torch::equal(q.data, codes));
+  REQUIRE(torch::equal(q.scale_inv, (1.0 / scale).to(torch::kFloat)));
+  // Per group of 16 and per column keep the same bounds: dequantized within half a step.
+  for (auto [br, bc] : {std::pair<int64_t, int64_t>{1, 16}, {-1, 1}, {-1, -1}}) {
+    const auto g = mixprec::int8::quantize(x, br, bc);
+    auto step = g.scale_inv;
+    if (br == 1) step = step.repeat_interleave(16, 1).narrow(1, 0, 70);
+    REQUIRE(((g.data.to(torch::kFloat) * step - x).abs() <= step * 0.5000001).all().item<bool>());
+  }
+  const auto bad = torch::tensor({1.0f, std::numeric_limits<float>::infinity(), -2.0f});
+  REQUIRE(std::isnan(mixprec::int8::quantize(bad, -1, -1).scale_inv.item<float>()));
+  REQUIRE_THROWS_WITH(mixprec::int8::quantize(x.to(torch::kDouble), 1, -1),
+                      Catch::Contains("input must be float32, float16 or bfloat16"));
+}
+
+TEST_CASE("int8 mm is exact in int32 and dequantizes in fp32", "[int8]") {
+  torch::manual_seed(1);
+  auto a = torch::randint(-127, 128, {20, 3000}, torch::kChar);
+  auto b = torch::randint(-127, 128, {3000, 12}, torch::kChar);
+  auto acc = a.to(torch::kLong).matmul(b.to(torch::kLong));
+  auto one = torch::ones({1});
+  REQUIRE(torch::equal(mixprec::int8::mm(a, b, one, one), acc.to(torch::kFloat)));
+  auto sa = torch::rand({20, 1}) + 0.5, sb = torch::rand({1, 12}) + 0.5;
+  auto out = mixprec::int8::mm(a, b, sa, sb, torch::kBFloat16, torch::ones({12}));
+  REQUIRE(torch::equal(out, (acc.to(torch::kFloat) * sa * sb).to(torch::kBFloat16) + 1));
+  REQUIRE_THROWS_WITH(mixprec::int8::mm(a, a, one, one), Catch::Contains("must share k"));
+}
+
+TEST_CASE("fake_quantize matches torch's fake quantization and its gradients", "[int8]") {
+  torch::manual_seed(2);
+  auto x = (torch::randn({8, 32}) * 2).requires_grad_();
+  auto s = torch::full({1}, 0.02f);
+  auto y = mixprec::int8::fake_quantize(x, s, -127, 127);
+  auto xr = x.detach().clone().requires_grad_();
+  auto ref = torch::fake_quantize_per_tensor_affine(xr, 0.02, 0, -127, 127);
+  REQUIRE(torch::equal(y, ref));
+  auto g = torch::randn({8, 32});
+  y.backward(g);
+  ref.backward(g);
+  REQUIRE(torch::equal(x.grad(), xr.grad()));
+  auto half = mixprec::int8::fake_quantize(x.detach().to(torch::kHalf), s, -8, 7);
+  REQUIRE(half.scalar_type() == torch::kHalf);
+  REQUIRE(torch::equal(half, mixprec::int8::fake_quantize(x.detach(), s, -8, 7).to(torch::kHalf)));
+}
+
+TEST_CASE("Int8Linear tracks torch::nn::Linear and accumulates an fp32 weight gradient", "[int8]") {
+  torch::manual_seed(3);
+  torch::nn::Linear ref(64, 32);
+  mixprec::nn::Int8Linear layer(*ref);  // shares the parameters
+  auto x = torch::randn({16, 64});
+  REQUIRE(rel(layer(x), ref(x)) < 0.02);
+  layer(x).sum().backward();
+  REQUIRE(layer->weight.grad().scalar_type() == torch::kFloat);
+  const auto first = layer->weight.grad().clone();
+  layer(x).sum().backward();
+  REQUIRE(torch::allclose(layer->weight.grad(), first * 2));
+  mixprec::nn::Int8Linear all(torch::nn::LinearOptions(64, 32), mixprec::nn::Int8Gemms{.weight_grad = true});
+  all(x).sum().backward();
+  REQUIRE(all->weight.grad().defined());
+}
+
+TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores integer weights", "[int8][qat]") {
+  torch::manual_seed(4);
+  torch::nn::Sequential model(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)), torch::nn::ReLU(),
+                              torch::nn::Flatten(), torch::nn::Linear(4 * 6 * 6, 8), torch::nn::ReLU(),
+                              torch::nn::Linear(8, 2));
+  auto prepared = mixprec::qat::prepare(model, {.learnable_scales = true});
+  REQUIRE(prepared->ptr(0)->as<mixprec::qat::QATConv2d>() != nullptr);
+  REQUIRE(prepared->ptr(3)->as<mixprec::qat::QATLinear>() != nullptr);
+  auto x = torch::randn({32, 1, 6, 6});
+  auto y = (x.mean({1, 2, 3}) > 0).to(torch::kLong);
+  mixprec::optim::AdamW opt(prepared->parameters(), mixprec::optim::AdamWOptions(1e-2));
+  double first = 0, last = 0;
+  for (int step = 0; step < 60; ++step) {
+    opt.zero_grad();
+    auto loss = torch::cross_entropy_loss(prepared->forward(x), y);
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  REQUIRE(last < first / 2);
+  // The codes convert() stores are what training simulated.
+  auto* qat_linear = prepared->ptr(3)->as<mixprec::qat::QATLinear>();
+  const auto simulated = mixprec::qat::fake_quantize_weight(qat_linear->weight, qat_linear->config,
+                                                            qat_linear->weight_step).detach();
+  auto converted = mixprec::qat::convert(prepared);
+  auto* q = converted->ptr(3)->as<mixprec::qat::QuantizedLinear>();
+  REQUIRE(q != nullptr);
+  REQUIRE(q->weight_codes.scalar_type() == torch::kChar);
+  REQUIRE(torch::equal(mixprec::qat::dequantize_weight(q->weight_codes, q->weight_scale), simulated));
+  torch::NoGradGuard no_grad;
+  REQUIRE(rel(converted->forward(x), prepared->forward(x)) < 0.02);
+  auto state = converted->named_buffers();
+  REQUIRE(state.contains("3.weight_codes"));
+  REQUIRE(state.contains("0.weight_scale"));
+  REQUIRE_THROWS_WITH(mixprec::qat::prepare(model, {.weight_bits = 2}), Catch::Contains("weight_bits must be 8 or 4"));
+}
