@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import copy_bandwidth, measure, print_device_header, print_table
+from common import copy_bandwidth, layer_cases, measure, print_device_header, print_table
 
 import mixprec  # noqa: F401
 from mixprec import fp8
@@ -93,18 +93,6 @@ def main() -> None:
     linear_table(device, args.quick)
 
 
-LAYER_SHAPES = [  # (model, in_features, out_features)
-    ("gpt2 qkv", 768, 2304),
-    ("gpt2 mlp up", 768, 3072),
-    ("gpt2 mlp down", 3072, 768),
-    ("1b mlp up", 2048, 8192),
-    ("1b mlp down", 8192, 2048),
-    ("8b qkv", 4096, 6144),
-    ("8b mlp up", 4096, 14336),
-    ("8b mlp down", 14336, 4096),
-]
-
-
 def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:
     """torchao's float8 training layer (tensorwise scaling) around a copy of `base`, or None without torchao."""
     try:
@@ -118,23 +106,10 @@ def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:
 
 def linear_table(device: str, quick: bool) -> None:
     cuda = device.startswith("cuda")
-    tokens = 8192 if cuda and not quick else (1024 if cuda else 512)
-    divisor = 1 if cuda and not quick else 8
-    shapes = LAYER_SHAPES if cuda or not quick else LAYER_SHAPES[:3]
     table = []
-    for name, k, n in shapes:
-        k, n = k // divisor, n // divisor
-        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
-
-        def step(layer: torch.nn.Module):
-            def run() -> None:
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                layer(x).backward(g)
-            return run
-
+    for case in layer_cases(device, quick):
+        base, x, g, k, n, tokens = case.base, case.x, case.g, case.k, case.n, case.tokens
+        step = case.step
         layers = {"bf16": base}
         for scaling in ("delayed", "current"):
             f8 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
@@ -155,7 +130,7 @@ def linear_table(device: str, quick: bool) -> None:
         times["cached"] = measure(reuse, device)
         flops = 3 * 2 * tokens * k * n  # forward, input gradient, weight gradient
         ref = times["bf16"]
-        row = [f"{name} [{tokens}x{k}]x[{k}x{n}]", f"{ref.device * 1e3:.3f}"]
+        row = [case.label, f"{ref.device * 1e3:.3f}"]
         for key in ("delayed", "cached", "current"):
             row += [f"{times[key].device * 1e3:.3f}", f"{ref.device / times[key].device:.2f}x"]
         row += [f"{times['torchao'].device * 1e3:.3f}" if "torchao" in times else "-",

@@ -23,8 +23,7 @@ import argparse
 import copy
 
 import torch
-from bench_fp8 import LAYER_SHAPES
-from common import copy_bandwidth, measure, print_device_header, print_table
+from common import copy_bandwidth, layer_cases, measure, print_device_header, print_table
 
 import mixprec
 from mixprec import int8
@@ -84,23 +83,9 @@ def quantize_table(device: str, quick: bool) -> None:
 
 def linear_table(device: str, quick: bool) -> None:
     cuda = device.startswith("cuda")
-    tokens = 8192 if cuda and not quick else (1024 if cuda else 512)
-    divisor = 1 if cuda and not quick else 8
-    shapes = LAYER_SHAPES if cuda or not quick else LAYER_SHAPES[:3]
     table = []
-    for name, k, n in shapes:
-        k, n = k // divisor, n // divisor
-        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
-
-        def step(layer: torch.nn.Module):
-            def run() -> None:
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                layer(x).backward(g)
-            return run
-
+    for case in layer_cases(device, quick):
+        base, step = case.base, case.step
         layers = {"bf16": base}
         for key, gemms in (("switchback", mixprec.nn.Int8Gemms()), ("all", mixprec.nn.Int8Gemms(weight_grad=True))):
             layers[key] = mixprec.nn.Int8Linear.from_linear(copy.deepcopy(base), gemms)
@@ -109,7 +94,7 @@ def linear_table(device: str, quick: bool) -> None:
             layers["torchao"] = ao
         times = {key: measure(step(layer), device) for key, layer in layers.items()}
         ref = times["bf16"]
-        row = [f"{name} [{tokens}x{k}]x[{k}x{n}]", f"{ref.device * 1e3:.3f}"]
+        row = [case.label, f"{ref.device * 1e3:.3f}"]
         for key in ("switchback", "all"):
             row += [f"{times[key].device * 1e3:.3f}", f"{ref.device / times[key].device:.2f}x"]
         row += [f"{times['torchao'].device * 1e3:.3f}" if "torchao" in times else "-",

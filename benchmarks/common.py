@@ -114,3 +114,53 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     for _ in range(layers):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return shapes + [(d,), (d,)]
+
+
+LAYER_SHAPES = [  # (model, in_features, out_features)
+    ("gpt2 qkv", 768, 2304),
+    ("gpt2 mlp up", 768, 3072),
+    ("gpt2 mlp down", 3072, 768),
+    ("1b mlp up", 2048, 8192),
+    ("1b mlp down", 8192, 2048),
+    ("8b qkv", 4096, 6144),
+    ("8b mlp up", 4096, 14336),
+    ("8b mlp down", 14336, 4096),
+]
+
+
+@dataclass
+class LayerCase:
+    """One layer shape of the Linear benchmarks: a bf16 nn.Linear, its input and output gradient."""
+
+    label: str
+    tokens: int
+    k: int
+    n: int
+    base: torch.nn.Linear
+    x: torch.Tensor
+    g: torch.Tensor
+
+    def step(self, layer: torch.nn.Module) -> Callable[[], None]:
+        """A forward + backward of `layer` on this case's input, gradients cleared first."""
+        def run() -> None:
+            layer.zero_grad(set_to_none=True)
+            self.x.grad = None
+            layer(self.x).backward(self.g)
+        return run
+
+
+def layer_cases(device: str, quick: bool) -> list[LayerCase]:
+    """LAYER_SHAPES at 8192 tokens on CUDA; on the CPU (or --quick) divided by 8 with fewer tokens."""
+    cuda = device.startswith("cuda")
+    tokens = 8192 if cuda and not quick else (1024 if cuda else 512)
+    divisor = 1 if cuda and not quick else 8
+    shapes = LAYER_SHAPES if cuda or not quick else LAYER_SHAPES[:3]
+    cases = []
+    for name, k, n in shapes:
+        k, n = k // divisor, n // divisor
+        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+        cases.append(LayerCase(f"{name} [{tokens}x{k}]x[{k}x{n}]", tokens, k, n, base, x, g))
+    return cases
+

@@ -60,14 +60,22 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
     const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
     const int64_t block_cols = ctx->saved_data["block_cols"].toInt();
     const bool scale_grad = ctx->needs_input_grad(1);
-    auto [grad_input, terms] =
-        fake_quantize_backward(grad_outputs[0], input, scale, qmin, qmax, block_rows, block_cols, scale_grad);
+    const at::Tensor& grad = grad_outputs[0];
+    // Under create_graph the gradients must be differentiable in `grad`: the kernel gives the mask and the
+    // LSQ terms for a gradient of ones, and the products with `grad` are recorded ops.
+    const bool differentiable = at::GradMode::is_enabled();
+    auto [grad_input, terms] = fake_quantize_backward(differentiable ? at::ones_like(grad) : grad, input, scale, qmin,
+                                                      qmax, block_rows, block_cols, scale_grad);
+    if (differentiable) {
+      grad_input = grad_input.mul(grad);
+      if (scale_grad) terms = terms.mul(grad.to(at::kFloat).reshape(terms.sizes()));
+    }
     at::Tensor grad_scale;
     if (scale_grad) {
       const detail::FakeQuantArgs f = detail::check_fake_quantize("mixprec::fake_quantize", input, scale, qmin, qmax,
                                                                   block_rows, block_cols);
       // Per-block sums of the per-element terms (fp32), in the scale's own shape.
-      grad_scale = detail::sum_blocks(terms, f).mul_(ctx->saved_data["grad_factor"].toDouble()).reshape(scale.sizes());
+      grad_scale = detail::sum_blocks(terms, f).mul(ctx->saved_data["grad_factor"].toDouble()).reshape(scale.sizes());
     }
     return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), grad_scale, at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};

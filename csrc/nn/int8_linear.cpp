@@ -72,7 +72,8 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     const torch::Tensor g2 = rows(grad_outputs[0].to(x2.scalar_type())).contiguous();
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) {
-      if (ctx->saved_data["int8_input_grad"].toBool()) {
+      // Under create_graph the 16-bit product, which autograd can differentiate.
+      if (ctx->saved_data["int8_input_grad"].toBool() && !at::GradMode::is_enabled()) {
         // g [m, n] @ w [n, k]: w quantized per column (its input channels), the summed n along each.
         const int8::Quantized qg = per_row(g2), qw = per_column(w);
         grad_input = int8::mm(qg.data, qw.data, qg.scale_inv, qw.scale_inv, x2.scalar_type());

@@ -2,13 +2,14 @@
 // kernels, the CUDA kernels and the tests' expectations all round the same way.
 //
 // Symmetric INT8 (int8_quantize, Int8Linear): each scaling block of a [rows, cols] matrix gets
-//   scale     = 127 / amax            (fp8::scale_from_amax with 127 as the largest value; optionally
-//                                      rounded down to a power of two)
+//   step      = amax / 127 (fp32; at least FLT_MIN; optionally rounded up to a power of two)
+//   scale     = 1 / step
 //   code      = round(x * scale), saturated to [-127, 127] (so -code is always a code too)
-//   scale_inv = 1 / scale             (x ~= code * scale_inv)
-// An all-zero block gets scale 1 (codes 0). A block holding inf or NaN gets scale 1 and scale_inv NaN:
-// every product that reads it is NaN, so an overflow upstream still reaches GradScaler's inf check instead
-// of vanishing into saturated codes. A NaN element's code is 0.
+//   scale_inv = step               (x ~= code * scale_inv)
+// which is fake quantization's arithmetic with that step (below), so QAT's simulated codes, the converted
+// model's and Int8Linear's agree bit for bit. An all-zero block gets scale 1 (codes 0). A block holding inf or
+// NaN gets scale 1 and scale_inv NaN: every product that reads it is NaN, so an overflow upstream still
+// reaches GradScaler's inf check instead of vanishing into saturated codes. A NaN element's code is 0.
 //
 // Rounding: "nearest" is round-to-nearest-even; "stochastic" rounds up with probability equal to the
 // fraction (a 16-bit draw per element, rounding::draw16: the bias is below 2^-16).
@@ -25,7 +26,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/fp8.h"
 #include "ops/rounding.h"
 
 namespace mixprec::int8 {
@@ -63,15 +63,30 @@ C10_HOST_DEVICE inline int8_t to_int8(float x, float scale, rounding::Mode mode,
   return static_cast<int8_t>(r);
 }
 
-/// The scale of a block whose largest magnitude is `amax` (see the header comment).
-C10_HOST_DEVICE inline float scale_from_amax(float amax, bool pow2) {
-  return fp8::scale_from_amax(amax, kInt8Max, 0, pow2, 1.0f);
+/// The step of a block whose largest magnitude is `amax` (finite and non-zero): amax / 127, at least FLT_MIN
+/// (so 1 / step is finite), rounded up to a power of two when `pow2` (then 1 / step is exact).
+C10_HOST_DEVICE inline float step_from_amax(float amax, bool pow2) {
+  float step = amax / kInt8Max;
+  if (step < 1.17549435e-38f) step = 1.17549435e-38f;
+  if (pow2) {
+    const uint32_t b = rounding::float_bits(step);
+    if (b & 0x007fffffu) step = rounding::bits_float((b & 0x7f800000u) + 0x00800000u);
+  }
+  return step;
 }
 
-/// The dequantization factor of that block: 1 / scale, or NaN when amax is inf or NaN.
-C10_HOST_DEVICE inline float scale_inv_from_amax(float amax, float scale) {
-  const uint32_t a = rounding::float_bits(amax);
-  return rounding::is_finite_bits(a) ? 1.0f / scale : rounding::bits_float(0x7fc00000u);
+/// The block's scale and dequantization factor (see the header comment).
+struct BlockScale {
+  float scale;
+  float scale_inv;
+};
+
+C10_HOST_DEVICE inline BlockScale block_scale(float amax, bool pow2) {
+  const uint32_t a = rounding::float_bits(amax) & 0x7fffffffu;
+  if (!rounding::is_finite_bits(a)) return {1.0f, rounding::bits_float(0x7fc00000u)};
+  if (a == 0) return {1.0f, 1.0f};
+  const float step = step_from_amax(rounding::bits_float(a), pow2);
+  return {1.0f / step, step};
 }
 
 /// One element of fake quantization with step `s` (inv = 1 / s, computed once by the caller).

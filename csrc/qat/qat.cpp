@@ -81,9 +81,9 @@ torch::Tensor quantized_conv2d(const torch::Tensor& input, const torch::Tensor& 
                                at::IntArrayRef weight_shape, const torch::Tensor& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool activations) {
   const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
-  torch::Tensor x = input.to(dtype);
-  if (activations) x = fake_quantize_input(x, false);
-  const torch::Tensor w = dequantize_weight(codes, scale).reshape(weight_shape).to(dtype);
+  // Quantized in the input's own dtype, then cast: what training did under autocast.
+  const torch::Tensor x = (activations ? fake_quantize_input(input, false) : input).to(dtype);
+  const torch::Tensor w = dequantize_weight(codes, scale.to(torch::kFloat)).reshape(weight_shape).to(dtype);
   return torch::conv2d(x, w, bias.defined() ? bias.to(dtype) : bias, stride, padding, dilation, groups);
 }
 
@@ -119,7 +119,9 @@ torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig&
   const int64_t block_cols = config.group_size.has_value() ? g : -1;
   torch::Tensor out;
   if (step.defined()) {
-    const torch::Tensor s = step.to(torch::kFloat);
+    // A learnable step is used by magnitude (an optimizer may push it through zero; with a symmetric range
+    // -s quantizes as s does), and never below FLT_MIN, so 1 / step stays finite.
+    const torch::Tensor s = step.to(torch::kFloat).abs().clamp_min(kTiny);
     // LSQ's gradient scale: 1 / sqrt(elements per step * qmax).
     const double per_block = static_cast<double>(w2.numel()) / static_cast<double>(std::max<int64_t>(s.numel(), 1));
     out = int8::fake_quantize(w2, s, qmin, qmax, 1, block_cols, 1.0 / std::sqrt(per_block * static_cast<double>(qmax)));
@@ -131,12 +133,15 @@ torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig&
 
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
   const torch::NoGradGuard no_grad;
+  const auto [qmin, qmax] = code_range(config.weight_bits);
   const torch::Tensor w2 = weight_matrix(weight.detach()).to(torch::kFloat);
-  const torch::Tensor s = step.defined() ? step.detach().to(torch::kFloat).contiguous() : weight_steps(weight, config);
-  // fake_quantize's output is code * step exactly, so dividing by the step gives the code back.
-  const torch::Tensor simulated = fake_quantize_weight(w2, config, s);
-  const torch::Tensor codes =
-      simulated.div(s.repeat_interleave(w2.size(1) / std::max<int64_t>(s.size(1), 1), 1)).round().to(torch::kChar);
+  group_length(w2, config);
+  const torch::Tensor s = step.defined() ? step.detach().to(torch::kFloat).abs().clamp_min(kTiny).contiguous()
+                                         : weight_steps(weight, config);
+  // fake_quantize's rule, directly: round(w * (1 / s)) half to even (torch::round), clamped; NaN -> 0.
+  const torch::Tensor inv = s.reciprocal().repeat_interleave(w2.size(1) / std::max<int64_t>(s.size(1), 1), 1);
+  const torch::Tensor codes = w2.mul(inv).round().clamp(static_cast<double>(qmin), static_cast<double>(qmax))
+                                  .nan_to_num(0.0).to(torch::kChar);
   const bool pack = config.weight_bits == 4 && w2.size(1) % 2 == 0;
   return {pack ? pack_int4(codes) : codes, s};
 }
@@ -149,19 +154,25 @@ torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor&
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
                                const torch::Tensor& bias, const QATConfig& config) {
   const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
-  const torch::Tensor x = input.to(dtype);
   const torch::Tensor b = bias.defined() ? bias.to(dtype) : bias;
-  if (config.weight_bits == 8 && !config.group_size.has_value() && config.activations && dtype != torch::kDouble) {
-    const int64_t in = x.size(-1), out = codes.size(0);
-    const int8::Quantized q = int8::quantize(x.reshape({-1, in}), 1, -1);
+  const torch::Tensor steps = scale.to(torch::kFloat);
+  const int64_t in = input.size(-1), out = codes.size(0);
+  // The INT8 GEMM where it runs: INT8 per-channel weights, INT8 activations, and on CUDA the shapes
+  // cuBLASLt's INT8 kernels take. Activations are quantized in the input's own dtype, as training did
+  // before autocast cast the result: the same codes.
+  const bool gemm = config.weight_bits == 8 && !config.group_size.has_value() && config.activations &&
+                    dtype != torch::kDouble && input.scalar_type() != torch::kDouble &&
+                    (input.device().is_cpu() || (in % 8 == 0 && out % 8 == 0));
+  if (gemm) {
+    const int8::Quantized q = int8::quantize(input.reshape({-1, in}), 1, -1);
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
     shape.back() = out;
-    return int8::mm(q.data, codes.t(), q.scale_inv, scale.reshape({1, out}), dtype, b_opt).reshape(shape);
+    return int8::mm(q.data, codes.t(), q.scale_inv, steps.reshape({1, out}), dtype, b_opt).reshape(shape);
   }
-  const torch::Tensor xq = config.activations ? fake_quantize_input(x, true) : x;
-  return torch::linear(xq, dequantize_weight(codes, scale).to(dtype), b);
+  const torch::Tensor x = (config.activations ? fake_quantize_input(input, true) : input).to(dtype);
+  return torch::linear(x, dequantize_weight(codes, steps).to(dtype), b);
 }
 
 // ---- layers ----------------------------------------------------------------------------------------------------
@@ -228,6 +239,13 @@ QuantizedLinearImpl::QuantizedLinearImpl(const QATLinearImpl& layer) : config(la
   if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
 }
 
+void QuantizedLinearImpl::reset() {
+  // clone(): buffers of the same shapes, which clone() then fills with copies of the values.
+  weight_codes = register_buffer("weight_codes", torch::empty_like(weight_codes));
+  weight_scale = register_buffer("weight_scale", torch::empty_like(weight_scale));
+  if (bias.defined()) bias = register_buffer("bias", torch::empty_like(bias));
+}
+
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::qat::QuantizedLinear(out_features=" << weight_codes.size(0) << ", weight_bits="
          << config.weight_bits << ")";
@@ -243,6 +261,12 @@ QuantizedConv2dImpl::QuantizedConv2dImpl(const QATConv2dImpl& layer)
   weight_codes = register_buffer("weight_codes", q.codes);
   weight_scale = register_buffer("weight_scale", q.scale);
   if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+}
+
+void QuantizedConv2dImpl::reset() {
+  weight_codes = register_buffer("weight_codes", torch::empty_like(weight_codes));
+  weight_scale = register_buffer("weight_scale", torch::empty_like(weight_scale));
+  if (bias.defined()) bias = register_buffer("bias", torch::empty_like(bias));
 }
 
 void QuantizedConv2dImpl::pretty_print(std::ostream& stream) const {

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
               variant.c_str(), first, last, ok ? "trained" : "did NOT train");
   if (variant == "qat") {  // the converted model: INT8 weight codes, INT8 GEMMs
     torch::NoGradGuard no_grad;
-    const auto converted = mixprec::qat::convert(model);
+    auto converted = mixprec::qat::convert(model);
     const double loss = torch::mse_loss(converted->forward(x.to(policy.param_dtype)).to(torch::kFloat), y).item<double>();
     std::printf("converted to INT8: loss %.5f\n", loss);
     ok = ok && loss < first / 10;

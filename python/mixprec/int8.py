@@ -5,8 +5,9 @@ the others) cut into ``block = (block_rows, block_cols)`` blocks, ``-1`` meaning
 ``(1, -1)`` per row (a Linear weight's output channels, or tokens), ``(-1, 1)`` per column, ``(1, g)``
 groups of ``g`` along each row, ``(-1, -1)`` the whole tensor.
 
-Symmetric INT8: ``scale = 127 / amax`` per block, ``data = round(input * scale)`` saturated to
-``[-127, 127]``, and ``input ~= data * scale_inv`` with ``scale_inv = 1 / scale``. An all-zero block gets
+Symmetric INT8: ``step = amax / 127`` per block (fp32, at least the smallest normal float),
+``data = round(input * (1 / step))`` saturated to ``[-127, 127]``, and ``input ~= data * scale_inv`` with
+``scale_inv = step``: :func:`fake_quantize`'s arithmetic with that step, so QAT simulates exactly these codes. An all-zero block gets
 scale 1; a block holding inf or NaN gets ``scale_inv`` NaN, so every product that reads it is NaN and an
 overflow still reaches the GradScaler's check instead of vanishing into saturated codes.
 

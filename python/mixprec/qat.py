@@ -64,20 +64,31 @@ def _fake_quantize_input(x: Tensor, per_token: bool) -> Tensor:
     return torch.ops.mixprec.qat_fake_quantize_input(x, per_token)
 
 
+def _check(layer: nn.Module, config: QATConfig) -> Tensor:
+    """What makes `layer` unfit for `config` raises here, before anything is changed; returns the steps of its
+    weight's amax (the start of learnable steps)."""
+    if isinstance(layer, nn.Conv2d):
+        if config.group_size is not None:
+            raise ValueError("QATConfig.group_size applies to Linear layers only")
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("mixprec.qat: Conv2d needs zero padding given as sizes, got padding="
+                             f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
+    return torch.ops.mixprec.qat_weight_steps(layer.weight, config.weight_bits, config.group_size)
+
+
 class _QATWeight:
     """The weight side shared by QATLinear and QATConv2d (the weight viewed as [out, everything else])."""
 
     weight: Tensor
     qat_config: QATConfig
 
-    def _init_qat(self, config: QATConfig) -> None:
-        if config.group_size is not None and not isinstance(self, nn.Linear):
-            raise ValueError("QATConfig.group_size applies to Linear layers only")
-        # The steps of the weight's amax: checks the groups now, and starts learnable steps.
-        step = torch.ops.mixprec.qat_weight_steps(self.weight, config.weight_bits, config.group_size)
-        self.qat_config = config
+    @classmethod
+    def _swap(cls, layer: nn.Module, config: QATConfig, step: Tensor) -> nn.Module:
+        layer.__class__ = cls
+        layer.qat_config = config  # type: ignore[assignment]
         if config.learnable_scales:
-            self.weight_step = nn.Parameter(step)  # type: ignore[misc]
+            layer.weight_step = nn.Parameter(step)
+        return layer
 
     def _fake_weight(self) -> Tensor:
         step = self.weight_step if self.qat_config.learnable_scales else None  # type: ignore[attr-defined]
@@ -90,9 +101,7 @@ class QATLinear(nn.Linear, _QATWeight):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, config: QATConfig) -> "QATLinear":
-        layer.__class__ = cls
-        layer._init_qat(config)  # type: ignore[attr-defined]
-        return layer  # type: ignore[return-value]
+        return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         x = _fake_quantize_input(input, per_token=True) if self.qat_config.activations else input
@@ -107,9 +116,7 @@ class QATConv2d(nn.Conv2d, _QATWeight):
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, config: QATConfig) -> "QATConv2d":
-        layer.__class__ = cls
-        layer._init_qat(config)  # type: ignore[attr-defined]
-        return layer  # type: ignore[return-value]
+        return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         x = _fake_quantize_input(input, per_token=False) if self.qat_config.activations else input
@@ -170,9 +177,6 @@ class QuantizedConv2d(_QuantizedWeight):
         super().__init__()
         self._set_weight(layer, layer.qat_config)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError("mixprec.qat.convert: Conv2d needs zero padding given as sizes, got padding="
-                             f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, input: Tensor) -> Tensor:
@@ -184,23 +188,23 @@ class QuantizedConv2d(_QuantizedWeight):
 def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
     """Swap every ``nn.Linear`` and ``nn.Conv2d`` that ``filter(name, layer)`` accepts (default: all) for its
-    QAT layer, in place: the same parameters (an optimizer built before keeps working), hooks and state-dict
-    keys, plus ``weight_step`` with ``learnable_scales``. Returns ``model``."""
+    QAT layer, in place: the same parameters, hooks and state-dict keys, plus ``weight_step`` with
+    ``learnable_scales`` (new parameters: build the optimizer after ``prepare`` then). Every layer is checked
+    before any is swapped, so an error leaves the model as it was. Returns ``model``."""
     config = config or QATConfig()
-    for name, m in list(model.named_modules()):
-        if filter is not None and not filter(name, m):
-            continue
-        if type(m) is nn.Linear:
-            QATLinear.from_linear(m, config)
-        elif type(m) is nn.Conv2d:
-            QATConv2d.from_conv(m, config)
+    todo = []
+    for name, m in model.named_modules():
+        if (filter is None or filter(name, m)) and type(m) in (nn.Linear, nn.Conv2d):
+            todo.append((m, _check(m, config)))
+    for m, step in todo:
+        (QATLinear if type(m) is nn.Linear else QATConv2d)._swap(m, config, step)
     return model
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every QAT layer of ``model`` by its quantized layer (integer weight codes plus float32 scales
     in the state dict), in place, and return ``model`` (a QAT layer passed as ``model`` itself is returned
-    converted)."""
+    converted). Every replacement is built before any is put in place."""
     def swap(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, QATLinear):
             return QuantizedLinear(m)
@@ -211,10 +215,12 @@ def convert(model: nn.Module) -> nn.Module:
     root = swap(model)
     if root is not None:
         return root
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+    todo = []
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
             new = swap(child)
             if new is not None:
-                setattr(parent, child_name, new)
+                todo.append((parent, child_name, new))
+    for parent, child_name, new in todo:
+        setattr(parent, child_name, new)
     return model
-

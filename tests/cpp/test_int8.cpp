@@ -23,11 +23,13 @@ TEST_CASE("int8 quantize per row equals the rule computed in float64", "[int8]")
   const auto q = mixprec::int8::quantize(x, 1, -1);
   auto xd = x.to(torch::kDouble);
   auto amax = xd.abs().amax({1}, true);
-  // 127 / amax correctly rounded to fp32, then the fp32 product, then round half to even.
-  auto scale = (127.0 / amax).to(torch::kFloat).to(torch::kDouble);
+  // step = amax / 127 and scale = 1 / step, each correctly rounded to fp32 (an fp64 quotient of fp32 values
+  // rounded once), then the fp32 product, then round half to even.
+  auto step = (amax / 127.0).to(torch::kFloat).to(torch::kDouble);
+  auto scale = (1.0 / step).to(torch::kFloat).to(torch::kDouble);
   auto codes = (xd * scale).to(torch::kFloat).to(torch::kDouble).clamp(-127, 127).round().to(torch::kChar);
   REQUIRE(torch::equal(q.data, codes));
-  REQUIRE(torch::equal(q.scale_inv, (1.0 / scale).to(torch::kFloat)));
+  REQUIRE(torch::equal(q.scale_inv, step.to(torch::kFloat)));
   // Per group of 16 and per column keep the same bounds: dequantized within half a step.
   for (auto [br, bc] : {std::pair<int64_t, int64_t>{1, 16}, {-1, 1}, {-1, -1}}) {
     const auto g = mixprec::int8::quantize(x, br, bc);
@@ -118,6 +120,8 @@ TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores
   REQUIRE(torch::equal(mixprec::qat::dequantize_weight(q->weight_codes, q->weight_scale), simulated));
   torch::NoGradGuard no_grad;
   REQUIRE(rel(converted->forward(x), prepared->forward(x)) < 0.02);
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(converted->clone());
+  REQUIRE(torch::equal(copy->forward(x), converted->forward(x)));
   auto state = converted->named_buffers();
   REQUIRE(state.contains("3.weight_codes"));
   REQUIRE(state.contains("0.weight_scale"));

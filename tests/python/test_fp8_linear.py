@@ -7,7 +7,6 @@ its in-place accumulation, state dicts and exact resume, a small transformer tra
 from __future__ import annotations
 
 import copy
-import functools
 import io
 
 import pytest
@@ -16,7 +15,8 @@ from torch import nn
 
 import mixprec
 from mixprec import fp8
-from mixprec.demo import CharTransformer, stdlib_text
+
+from text_training import train_on_text
 
 RECIPES = {
     "delayed": fp8.Recipe(),
@@ -212,37 +212,13 @@ def test_convert_default_filter_and_deepcopy() -> None:
     assert torch.equal(twin(x), model(x))
 
 
-_TEXT_STEPS = 50
-
-
-@functools.cache
-def _text_batches() -> tuple[torch.Tensor, ...]:
-    text = torch.tensor(list(stdlib_text(1 << 16)), dtype=torch.long)
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, text.numel() - 33, (_TEXT_STEPS, 16), generator=gen)
-    return tuple(text[s[:, None] + torch.arange(33)] for s in starts)
-
-
-@functools.cache
 def _train_on_text(recipe: fp8.Recipe | None) -> float:
-    """Mean loss of the last 10 of 50 steps of the demo's byte-level transformer (MLPs in FP8 with a recipe)
-    under bf16 autocast, on the standard library's text."""
-    torch.manual_seed(0)
-    model = CharTransformer(64, 2, 2, 32)
-    if recipe is not None:
+    """The text run (text_training.py) with the blocks' MLPs in FP8 under `recipe` (None: bf16)."""
+    def convert(model: nn.Module) -> None:
         mixprec.nn.convert(model, fp8=recipe, filter=lambda n, m: ".mlp." in n)
         assert sum(isinstance(m, mixprec.nn.Float8Linear) for m in model.modules()) == 4
-    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for b in _text_batches():
-        opt.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16):
-            logits = model(b[:, :-1])
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 256), b[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses[-10:]) / 10
+
+    return train_on_text(None if recipe is None else ("fp8", recipe), None if recipe is None else convert)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

@@ -7,6 +7,8 @@ same straight-through and LSQ gradients, opcheck, bad input, and CPU/CUDA agreem
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,36 +23,36 @@ BLOCKS = [(1, -1), (-1, 1), (-1, -1), (1, 16), (3, 5), (128, 128)]
 
 
 def reference_quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False):
-    """The rule of ops/int8.h in float64: amax per block, scale = fp32(127 / amax), code = round-half-even of
-    fp32(x * scale) saturated to +-127, scale_inv = fp32(1 / scale) (NaN for a non-finite amax)."""
+    """The rule of ops/int8.h in float64: amax per block, step = fp32(amax / 127) (at least FLT_MIN; with pow2
+    the next power of two up), scale = fp32(1 / step), code = round-half-even of fp32(x * scale) saturated to
+    +-127, scale_inv = step (NaN for a non-finite amax, 1 for a zero one). Each fp64 quotient or product of two
+    fp32 values, rounded once to fp32, is the correctly rounded fp32 operation."""
     m = x.double().reshape(-1, x.shape[-1]) if x.dim() > 0 else x.double().reshape(1, 1)
     rows, cols = m.shape
-    br = rows if block[0] == -1 else block[0]
-    bc = cols if block[1] == -1 else block[1]
+    br = max(rows if block[0] == -1 else block[0], 1)
+    bc = max(cols if block[1] == -1 else block[1], 1)
     gr = 1 if block[0] == -1 else -(-rows // br)
     gc = 1 if block[1] == -1 else -(-cols // bc)
     codes = torch.zeros(rows, cols, dtype=torch.int8)
     scale_inv = torch.empty(gr, gc, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
     for i in range(gr):
         for j in range(gc):
-            blk = m[i * max(br, 1):(i + 1) * max(br, 1), j * max(bc, 1):(j + 1) * max(bc, 1)]
-            amax = blk.abs().max().item() if blk.numel() else 0.0
-            if blk.isnan().any():
-                amax = float("nan")
-            finite = amax == amax and amax != float("inf")
-            if not finite or amax == 0:
-                scale = 1.0
+            blk = m[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            amax = float("nan") if blk.isnan().any() else (blk.abs().max().item() if blk.numel() else 0.0)
+            if amax != amax or amax == float("inf"):
+                scale, scale_inv[i, j] = 1.0, float("nan")
+            elif amax == 0:
+                scale, scale_inv[i, j] = 1.0, 1.0
             else:
-                scale = torch.tensor(127.0 / amax, dtype=torch.float32).item()  # fp64 quotient rounded once
-                if scale == float("inf"):
-                    scale = torch.finfo(torch.float32).max
+                step = max(torch.tensor(amax / 127.0, dtype=torch.float32).item(), tiny)
                 if pow2:
-                    scale = 2.0 ** torch.tensor(scale).log2().floor().item()
-            scale_inv[i, j] = float("nan") if not finite else torch.tensor(1.0 / scale, dtype=torch.float32)
+                    step = 2.0 ** math.ceil(math.log2(step))
+                scale = torch.tensor(1.0 / step, dtype=torch.float32).item()
+                scale_inv[i, j] = step
             v = (blk * scale).float().double()  # the fp32 product (exact in fp64, rounded once)
             v = torch.nan_to_num(v, nan=0.0).clamp(-127, 127)
-            codes[i * max(br, 1):(i + 1) * max(br, 1), j * max(bc, 1):(j + 1) * max(bc, 1)] = torch.round(v).to(
-                torch.int8)
+            codes[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = torch.round(v).to(torch.int8)
     return codes.reshape(x.shape), scale_inv
 
 
@@ -94,12 +96,11 @@ def test_quantize_ties_saturation_pow2_and_layouts(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize_zero_inf_and_nan_blocks(device: str) -> None:
-    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, float("inf"), -2.0], [float("nan"), 3.0, -3.0], [0.5, -1.0, 0.25]],
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, float("inf"), -2.0], [float("nan"), 3.0, -3.0], [63.5, -127.0, 32.0]],
                      device=device)
     q = int8.quantize(x)
-    assert q.data.tolist() == [[0, 0, 0], [1, 127, -2], [0, 3, -3], [64, -127, 32]]  # inf saturates
-    assert q.scale_inv[0].item() == 1.0 and q.scale_inv[1:3].isnan().all()
-    assert torch.equal(q.scale_inv[3], torch.tensor([1.0 / 127.0], device=device))
+    assert q.data.tolist() == [[0, 0, 0], [1, 127, -2], [0, 3, -3], [64, -127, 32]]  # inf saturates, NaN is 0
+    assert q.scale_inv[0].item() == 1.0 and q.scale_inv[1:3].isnan().all() and q.scale_inv[3].item() == 1.0
     # A NaN scale makes every product with the block NaN: an overflow upstream is not hidden.
     out = int8.mm(q.data, torch.eye(3, dtype=torch.int8, device=device), q.scale_inv, torch.ones(1, device=device))
     assert out[1:3].isnan().all() and out[[0, 3]].isfinite().all()
@@ -227,6 +228,28 @@ def test_learnable_scale_gradient_matches_torch(device: str) -> None:
     assert s.grad.shape == (16, 1) and torch.allclose(s.grad.cpu().reshape(-1), sr.grad, rtol=0, atol=32 * 127 * 2.0**-22)
 
 
+def test_fake_quantize_double_backward() -> None:
+    """Under create_graph the gradients are recorded as functions of the incoming gradient g: x's is mask * g,
+    the step's the per-block sum of the LSQ terms times g; differentiating them again in g gives those
+    factors back, computed here from the rule."""
+    torch.manual_seed(10)
+    x = torch.randn(6, 8) * 0.3
+    x[0, 0] = 9.0  # outside the range: masked, and its LSQ term is the clamped code
+    s = torch.full((6, 1), 0.05, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    g = torch.randn(6, 8, requires_grad=True)
+    gx, gs = torch.autograd.grad(int8.fake_quantize(xg, s, -127, 127, (1, -1)), (xg, s), g, create_graph=True)
+    v = torch.randn(6, 8)
+    (dg,) = torch.autograd.grad((gx * v).sum() + gs.sum(), g)
+    scaled = x * (1 / s.detach())
+    r = scaled.round()
+    inside = (r >= -127) & (r <= 127)
+    q = r.clamp(-127, 127)
+    terms = torch.where(inside, q - scaled, q)
+    assert not inside[0, 0]
+    assert torch.allclose(dg, inside.float() * v + terms, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fake_quantize_16_bit_inputs_and_autocast(device: str, dtype: torch.dtype) -> None:
@@ -330,20 +353,23 @@ def test_cpu_and_cuda_agree_bit_for_bit() -> None:
                 c = int8.quantize(x, block, rounding=rounding, seed=11)
                 g = int8.quantize(x.cuda(), block, rounding=rounding, seed=11)
                 assert torch.equal(c.data, g.data.cpu())
-                assert torch.equal(c.scale_inv, g.scale_inv.cpu(), ) or torch.equal(
-                    c.scale_inv.isnan(), g.scale_inv.cpu().isnan())
+                torch.testing.assert_close(g.scale_inv.cpu(), c.scale_inv, rtol=0, atol=0, equal_nan=True)
         s = (x.float().abs().reshape(300, 65, 8).amax(-1).nan_to_num(1.0, 1.0) / 7).clamp_min(1e-6)
         xg = x.cuda().requires_grad_()
         xc = x.clone().requires_grad_()
         sg, sc = s.cuda().requires_grad_(), s.clone().requires_grad_()
         out_g = int8.fake_quantize(xg, sg, -8, 7, (1, 8))
         out_c = int8.fake_quantize(xc, sc, -8, 7, (1, 8))
-        assert torch.equal(out_g.cpu().nan_to_num(), out_c.nan_to_num())
+        torch.testing.assert_close(out_g.cpu(), out_c, rtol=0, atol=0, equal_nan=True)
         grad = torch.randn(300, 520).to(dtype)
         out_g.backward(grad.cuda())
         out_c.backward(grad)
         assert torch.equal(xg.grad.cpu(), xc.grad)
         assert torch.allclose(sg.grad.cpu().nan_to_num(), sc.grad.nan_to_num(), rtol=1e-4, atol=1e-4)
+    # More blocks than one launch of 65535 x 256 threads covers: every scale is written.
+    big = torch.randn(4100, 4100)
+    c, g = int8.quantize(big, (1, 1)), int8.quantize(big.cuda(), (1, 1))
+    assert torch.equal(c.scale_inv, g.scale_inv.cpu()) and torch.equal(c.data, g.data.cpu())
     for m in (5, 64, 1000):
         a = torch.randint(-127, 128, (m, 1024), dtype=torch.int8)
         b = torch.randint(-127, 128, (256, 1024), dtype=torch.int8)

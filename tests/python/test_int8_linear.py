@@ -7,7 +7,6 @@ transformer trained on real text within 2% of its bf16 run, torch.compile, opche
 from __future__ import annotations
 
 import copy
-import functools
 import pickle
 
 import pytest
@@ -16,10 +15,10 @@ from torch import nn
 
 import mixprec
 from mixprec import int8
-from mixprec.demo import CharTransformer, stdlib_text
 from mixprec.nn import Int8Gemms
 
 from conftest import DEVICES
+from text_training import train_on_text
 
 GEMMS = {
     "switchback": Int8Gemms(),
@@ -126,37 +125,13 @@ def test_state_dict_pickle_convert_and_repr() -> None:
         mixprec.nn.convert(nn.Linear(8, 8), fp8=mixprec.fp8.Recipe(), int8=True)
 
 
-_TEXT_STEPS = 50
-
-
-@functools.cache
-def _text_batches() -> tuple[torch.Tensor, ...]:
-    text = torch.tensor(list(stdlib_text(1 << 16)), dtype=torch.long)
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, text.numel() - 33, (_TEXT_STEPS, 16), generator=gen)
-    return tuple(text[s[:, None] + torch.arange(33)] for s in starts)
-
-
-@functools.cache
 def _train_on_text(name: str | None) -> float:
-    """Mean loss of the last 10 of 50 steps of the demo's byte-level transformer (its MLPs and attention
-    projections in INT8) under bf16 autocast, on the standard library's text."""
-    torch.manual_seed(0)
-    model = CharTransformer(64, 2, 2, 32)
-    if name is not None:
+    """The text run (text_training.py) with the blocks' MLPs as Int8Linear with GEMMS[name] (None: bf16)."""
+    def convert(model: nn.Module) -> None:
         mixprec.nn.convert(model, int8=GEMMS[name], filter=lambda n, m: n.startswith("blocks."))
-        assert sum(isinstance(m, mixprec.nn.Int8Linear) for m in model.modules()) >= 4
-    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for b in _text_batches():
-        opt.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16):
-            logits = model(b[:, :-1])
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 256), b[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses[-10:]) / 10
+        assert sum(isinstance(m, mixprec.nn.Int8Linear) for m in model.modules()) == 4
+
+    return train_on_text(None if name is None else ("int8", name), None if name is None else convert)
 
 
 @pytest.mark.parametrize("name", ["switchback", "all"])

@@ -88,23 +88,39 @@ def test_converted_weights_are_what_training_simulated() -> None:
     for config in (qat.QATConfig(), qat.QATConfig(weight_bits=4, group_size=8),
                    qat.QATConfig(weight_bits=4, learnable_scales=True)):
         layer = qat.prepare(nn.Linear(32, 12), config)
+        lo, hi = config.qrange
+        g = config.group_size or 32
+        if config.learnable_scales:
+            step = layer.weight_step.detach()
+        else:
+            step = (layer.weight.detach().abs().reshape(12, -1, g).amax(-1) / hi).clamp_min(torch.finfo().tiny)
+        step = step.repeat_interleave(32 // step.shape[1], dim=1)
+        # The rule, independently: codes = clamp(round(w * (1 / step))), dequantized as codes * step.
+        codes = (layer.weight.detach() * step.reciprocal()).round().clamp(lo, hi)
         simulated = layer._fake_weight().detach()
+        assert torch.equal(simulated, codes * step)
         q = qat.convert(layer)
         assert isinstance(q, qat.QuantizedLinear)
         assert torch.equal(q.dequantized_weight(torch.float32), simulated)
-        ratio = simulated / q.weight_scale.repeat_interleave(32 // q.weight_scale.shape[1], dim=1)
-        codes = ratio.round()  # code * step rounded to fp32, divided by the step: within an ulp of the code
-        lo, hi = config.qrange
-        assert torch.allclose(ratio, codes, rtol=2**-22, atol=0) and codes.min() >= lo and codes.max() <= hi
         if config.weight_bits == 8:
             assert torch.equal(q.weight_codes, codes.to(torch.int8))
         else:
             assert q.weight_codes.dtype == torch.uint8 and q.weight_codes.shape == (12, 16)  # two codes a byte
-        # The converted layer computes what the QAT forward did, up to fp32 rounding (the INT8 GEMM path
-        # forms each activation's scale as 127 / amax instead of 1 / (amax / 127)).
+        # The converted layer quantizes activations with the same codes; only the GEMM's sums differ (exact
+        # int32 there, fp32 here).
         x = torch.randn(6, 32)
         expected = nn.functional.linear(qat._fake_quantize_input(x, True), simulated, q.bias)
-        assert torch.allclose(q(x), expected, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(q(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_packing_layout() -> None:
+    layer = qat.prepare(nn.Linear(2, 1, bias=False), qat.QATConfig(weight_bits=4, learnable_scales=True))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-8.0, 7.0]]))
+        layer.weight_step.fill_(1.0)
+    q = qat.convert(layer)
+    assert q.weight_codes.tolist() == [[0x78]]  # element 0 (-8 = 0x8) in the low nibble, element 1 in the high
+    assert q.dequantized_weight(torch.float32).tolist() == [[-8.0, 7.0]]
 
 
 def test_learnable_steps_train_and_qat_composes_with_policy() -> None:
@@ -126,10 +142,14 @@ def test_learnable_steps_train_and_qat_composes_with_policy() -> None:
     assert model[0].weight.grad is not None
 
 
-def test_bad_config() -> None:
+def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="weight_bits must be 8 or 4"):
         qat.QATConfig(weight_bits=2)
     with pytest.raises(ValueError, match="group_size 5 must divide in_features 16"):
         qat.prepare(nn.Linear(16, 4), qat.QATConfig(group_size=5))
     with pytest.raises(ValueError, match="group_size applies to Linear layers only"):
         qat.prepare(nn.Conv2d(3, 4, 3), qat.QATConfig(group_size=3))
+    model = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 4), nn.Conv2d(1, 1, 3, padding="same"))
+    with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
+        qat.prepare(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear, nn.Conv2d]  # nothing was swapped

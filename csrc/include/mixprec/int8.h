@@ -30,7 +30,7 @@ struct Quantized {
   at::Tensor scale_inv;  // float32 [ceil(rows / block_rows), ceil(cols / block_cols)]
 };
 
-/// Symmetric INT8 quantization in one op: each block's amax, its scale 127 / amax, and the rounded, saturated
+/// Symmetric INT8 quantization in one op: each block's amax, its step amax / 127, and the rounded, saturated
 /// codes. An all-zero block gets scale 1; a block holding inf or NaN gets scale_inv NaN (so products that use
 /// it are NaN and an overflow is not hidden), and a NaN element's code is 0. `input`: fp32, fp16 or bf16.
 Quantized quantize(const at::Tensor& input, int64_t block_rows, int64_t block_cols, const QuantizeOptions& options = {});

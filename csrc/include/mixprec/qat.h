@@ -99,7 +99,7 @@ TORCH_MODULE(QATConv2d);
 class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
  public:
   explicit QuantizedLinearImpl(const QATLinearImpl& layer);
-  void reset() override {}
+  void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
 
@@ -112,7 +112,7 @@ TORCH_MODULE(QuantizedLinear);
 class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
  public:
   explicit QuantizedConv2dImpl(const QATConv2dImpl& layer);
-  void reset() override {}
+  void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
 

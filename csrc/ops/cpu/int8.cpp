@@ -44,28 +44,39 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
   float* inv = scale_inv.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::int8_quantize", [&] {
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
-    // Every block's amax: tasks take row ranges, each with its own table, combined by max.
-    using Table = std::vector<uint32_t>;
-    const Table amax = at::parallel_reduce(
-        0, in.rows, row_grain(in.cols), Table(static_cast<size_t>(nblocks), 0u),
-        [&](int64_t r0, int64_t r1, Table table) {
-          for (int64_t r = r0; r < r1; ++r) {
-            uint32_t* row_blocks = table.data() + r / b.block_rows * b.grid_cols;
-            for (int64_t c = 0; c < in.cols; ++c) {
-              uint32_t& m = row_blocks[c / b.block_cols];
-              m = std::max(m, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
-            }
-          }
-          return table;
-        },
-        [](Table x, const Table& y) {
-          for (size_t j = 0; j < x.size(); ++j) x[j] = std::max(x[j], y[j]);
-          return x;
-        });
+    // Every block's amax. With several block rows, tasks take whole block rows and write their own entries;
+    // with one, tasks take row ranges with a table each (grid_cols entries), combined by max.
+    std::vector<uint32_t> amax(static_cast<size_t>(nblocks), 0u);
+    const auto scan = [&](int64_t r0, int64_t r1, uint32_t* table) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint32_t* row_blocks = table + r / b.block_rows * b.grid_cols;
+        for (int64_t c = 0; c < in.cols; ++c) {
+          uint32_t& m = row_blocks[c / b.block_cols];
+          m = std::max(m, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+        }
+      }
+    };
+    if (b.grid_rows > 1) {
+      at::parallel_for(0, b.grid_rows, std::max<int64_t>(1, row_grain(in.cols) / b.block_rows), [&](int64_t g0, int64_t g1) {
+        scan(g0 * b.block_rows, std::min(in.rows, g1 * b.block_rows), amax.data());
+      });
+    } else {
+      using Table = std::vector<uint32_t>;
+      amax = at::parallel_reduce(
+          0, in.rows, row_grain(in.cols), Table(static_cast<size_t>(nblocks), 0u),
+          [&](int64_t r0, int64_t r1, Table table) {
+            scan(r0, r1, table.data());
+            return table;
+          },
+          [](Table x, const Table& y) {
+            for (size_t j = 0; j < x.size(); ++j) x[j] = std::max(x[j], y[j]);
+            return x;
+          });
+    }
     for (int64_t j = 0; j < nblocks; ++j) {
-      const float a = rounding::bits_float(amax[static_cast<size_t>(j)]);
-      scale[static_cast<size_t>(j)] = int8::scale_from_amax(a, pow2_scales);
-      inv[j] = int8::scale_inv_from_amax(a, scale[static_cast<size_t>(j)]);
+      const int8::BlockScale bs = int8::block_scale(rounding::bits_float(amax[static_cast<size_t>(j)]), pow2_scales);
+      scale[static_cast<size_t>(j)] = bs.scale;
+      inv[j] = bs.scale_inv;
     }
     const bool stochastic = in.mode == rounding::Mode::Stochastic;
     at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) {

@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(kRowThreads)
     const Src* row = src + r * cols;
     uint32_t local = 0;
     for (int64_t c = threadIdx.x; c < cols; c += kRowThreads) local = max(local, magnitude_bits(static_cast<float>(row[c])));
-    const float amax = __uint_as_float(block_max(local, shared));
-    const float scale = int8::scale_from_amax(amax, pow2);
-    if (threadIdx.x == 0) scale_inv[r] = int8::scale_inv_from_amax(amax, scale);
+    const int8::BlockScale bs = int8::block_scale(__uint_as_float(block_max(local, shared)), pow2);
+    const float scale = bs.scale;
+    if (threadIdx.x == 0) scale_inv[r] = bs.scale_inv;
     for (int64_t c = threadIdx.x; c < cols; c += kRowThreads) {
       const int64_t i = r * cols + c;
       const uint32_t draw = codes.mode == Mode::Stochastic ? draw_of(static_cast<uint64_t>(i), seed, offset) : 0u;
@@ -97,11 +97,12 @@ __global__ void __launch_bounds__(kCols)
 }
 
 __global__ void block_scales_kernel(const uint32_t* amax, float* scale, float* scale_inv, int64_t n, bool pow2) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= n) return;
-  const float a = __uint_as_float(amax[j]);
-  scale[j] = int8::scale_from_amax(a, pow2);
-  scale_inv[j] = int8::scale_inv_from_amax(a, scale[j]);
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int8::BlockScale bs = int8::block_scale(__uint_as_float(amax[j]), pow2);
+    scale[j] = bs.scale;
+    scale_inv[j] = bs.scale_inv;
+  }
 }
 
 template <typename Src>
