@@ -22,15 +22,19 @@ using ConvOptions = torch::nn::detail::ConvNdOptions<2>;
 
 constexpr float kTiny = FLT_MIN;  // the step of an all-zero block: its codes stay 0 and 1 / step is finite
 
+// A dimension's size, also under torch.compile's symbolic shapes (which it then specializes to).
+int64_t size_of(const torch::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
+int64_t numel_of(const torch::Tensor& t) { return t.sym_numel().guard_int(__FILE__, __LINE__); }
+
 // [out, everything else]: the matrix view every weight is quantized in.
 torch::Tensor weight_matrix(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() >= 1, "mixprec::qat: a weight needs at least one dimension, got a 0-dim tensor");
-  return weight.reshape({weight.size(0), -1});
+  return weight.reshape({size_of(weight, 0), -1});
 }
 
 // The group length along a weight row (the whole row without groups), checked to divide it.
 int64_t group_length(const torch::Tensor& w2, const QATConfig& config) {
-  const int64_t cols = w2.size(1);
+  const int64_t cols = size_of(w2, 1);
   if (!config.group_size.has_value()) return std::max<int64_t>(cols, 1);
   const int64_t g = *config.group_size;
   TORCH_CHECK_VALUE(g >= 1 && cols % g == 0, "mixprec::qat: group_size ", g, " must divide in_features ", cols);
@@ -47,7 +51,7 @@ torch::Tensor pack_int4(const torch::Tensor& codes) {
 torch::Tensor unpack_int4(const torch::Tensor& packed) {
   const torch::Tensor low = packed.bitwise_and(0xF).to(torch::kChar);
   const torch::Tensor high = packed.bitwise_right_shift(4).to(torch::kChar);
-  const torch::Tensor codes = torch::stack({low, high}, -1).reshape({packed.size(0), -1});
+  const torch::Tensor codes = torch::stack({low, high}, -1).reshape({size_of(packed, 0), -1});
   return torch::where(codes > 7, codes - 16, codes);
 }
 
@@ -96,19 +100,19 @@ std::pair<int64_t, int64_t> code_range(int64_t weight_bits) {
 }
 
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
-  if (x.numel() == 0) return x;
-  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, x.size(-1)});
+  if (numel_of(x) == 0) return x;
+  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   const torch::Tensor a = m.detach().abs();
   const torch::Tensor amax = per_token ? a.amax({-1}, true) : a.max().reshape({1, 1});
   const torch::Tensor steps = amax.to(torch::kFloat).div(127.0).clamp_min(kTiny);
-  return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape(x.sizes());
+  return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
 }
 
 torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config) {
   const int64_t qmax = code_range(config.weight_bits).second;
   const torch::Tensor w2 = weight_matrix(weight.detach());
   const int64_t g = group_length(w2, config);
-  const torch::Tensor amax = w2.abs().reshape({w2.size(0), -1, g}).amax({-1});
+  const torch::Tensor amax = w2.abs().reshape({size_of(w2, 0), -1, g}).amax({-1});
   return amax.to(torch::kFloat).div(static_cast<double>(qmax)).clamp_min(kTiny);
 }
 
@@ -123,12 +127,13 @@ torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig&
     // -s quantizes as s does), and never below FLT_MIN, so 1 / step stays finite.
     const torch::Tensor s = step.to(torch::kFloat).abs().clamp_min(kTiny);
     // LSQ's gradient scale: 1 / sqrt(elements per step * qmax).
-    const double per_block = static_cast<double>(w2.numel()) / static_cast<double>(std::max<int64_t>(s.numel(), 1));
+    const double per_block =
+        static_cast<double>(numel_of(w2)) / static_cast<double>(std::max<int64_t>(numel_of(s), 1));
     out = int8::fake_quantize(w2, s, qmin, qmax, 1, block_cols, 1.0 / std::sqrt(per_block * static_cast<double>(qmax)));
   } else {
     out = int8::fake_quantize(w2, weight_steps(weight, config), qmin, qmax, 1, block_cols);
   }
-  return out.reshape(weight.sizes());
+  return out.reshape_as(weight);
 }
 
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
@@ -139,16 +144,16 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& co
   const torch::Tensor s = step.defined() ? step.detach().to(torch::kFloat).abs().clamp_min(kTiny).contiguous()
                                          : weight_steps(weight, config);
   // fake_quantize's rule, directly: round(w * (1 / s)) half to even (torch::round), clamped; NaN -> 0.
-  const torch::Tensor inv = s.reciprocal().repeat_interleave(w2.size(1) / std::max<int64_t>(s.size(1), 1), 1);
+  const torch::Tensor inv = s.reciprocal().repeat_interleave(size_of(w2, 1) / std::max<int64_t>(size_of(s, 1), 1), 1);
   const torch::Tensor codes = w2.mul(inv).round().clamp(static_cast<double>(qmin), static_cast<double>(qmax))
                                   .nan_to_num(0.0).to(torch::kChar);
-  const bool pack = config.weight_bits == 4 && w2.size(1) % 2 == 0;
+  const bool pack = config.weight_bits == 4 && size_of(w2, 1) % 2 == 0;
   return {pack ? pack_int4(codes) : codes, s};
 }
 
 torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor& scale) {
   const torch::Tensor c = (codes.scalar_type() == torch::kByte ? unpack_int4(codes) : codes).to(torch::kFloat);
-  return c.mul(scale.repeat_interleave(c.size(1) / std::max<int64_t>(scale.size(1), 1), 1));
+  return c.mul(scale.repeat_interleave(size_of(c, 1) / std::max<int64_t>(size_of(scale, 1), 1), 1));
 }
 
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
@@ -156,7 +161,7 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
   const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
   const torch::Tensor b = bias.defined() ? bias.to(dtype) : bias;
   const torch::Tensor steps = scale.to(torch::kFloat);
-  const int64_t in = input.size(-1), out = codes.size(0);
+  const int64_t in = size_of(input, -1), out = size_of(codes, 0);
   // The INT8 GEMM where it runs: INT8 per-channel weights, INT8 activations, and on CUDA the shapes
   // cuBLASLt's INT8 kernels take. Activations are quantized in the input's own dtype, as training did
   // before autocast cast the result: the same codes.
@@ -167,8 +172,9 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
     const int8::Quantized q = int8::quantize(input.reshape({-1, in}), 1, -1);
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
-    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-    shape.back() = out;
+    std::vector<int64_t> shape;
+    for (int64_t d = 0; d + 1 < input.dim(); ++d) shape.push_back(size_of(input, d));
+    shape.push_back(out);
     return int8::mm(q.data, codes.t(), q.scale_inv, steps.reshape({1, out}), dtype, b_opt).reshape(shape);
   }
   const torch::Tensor x = (config.activations ? fake_quantize_input(input, true) : input).to(dtype);

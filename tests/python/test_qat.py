@@ -153,3 +153,31 @@ def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
         qat.prepare(model)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear, nn.Conv2d]  # nothing was swapped
+
+
+def test_opcheck() -> None:
+    """The qat_* ops (C++'s mixprec::qat functions, above autograd) under opcheck; as for the other ops above
+    autograd, the schema, fake-tensor and AOT checks of a kernel do not apply."""
+    torch.manual_seed(4)
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    w = torch.randn(12, 32, requires_grad=True)
+    step = torch.full((12, 4), 0.02, requires_grad=True)
+    x = torch.randn(5, 32, requires_grad=True)
+    ops = torch.ops.mixprec
+    cases = [
+        (ops.qat_fake_quantize_input.default, (x, True)),
+        (ops.qat_fake_quantize_weight.default, (w, None, 8, None)),
+        (ops.qat_fake_quantize_weight.default, (w, step, 4, 8)),
+        (ops.qat_weight_steps.default, (w, 4, 8)),
+        (ops.qat_quantize_weight.default, (w, None, 4, None)),
+    ]
+    codes, scale = ops.qat_quantize_weight(w, None, 8, None)
+    cases += [
+        (ops.qat_dequantize_weight.default, (codes, scale)),
+        (ops.qat_quantized_linear.default, (x.detach(), codes, scale, torch.randn(12), 8, None, True)),
+    ]
+    conv_codes, conv_scale = ops.qat_quantize_weight(torch.randn(4, 2, 3, 3), None, 8, None)
+    cases.append((ops.qat_quantized_conv2d.default, (torch.randn(1, 2, 6, 6), conv_codes, conv_scale, [4, 2, 3, 3],
+                                                     None, [1, 1], [1, 1], [1, 1], 1, True)))
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=no_schema)
