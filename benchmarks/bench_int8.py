@@ -1,7 +1,8 @@
 """INT8: mixprec's fused quantization and Int8Linear vs the eager torch code / bf16 layer, same inputs, same run.
 
 Quantization, on an activation-sized bf16 matrix (8192 tokens x 4096 features; --quick: 1024 x 1024):
-  per row     amax, scale, rounded and saturated codes:  torch  x.abs().amax(1), 127 / amax, round, clamp, to(int8)
+  per row     amax, step, rounded and saturated codes:  torch  x.abs().amax(1), amax / 127, * (1 / step), round,
+              clamp, to(int8)
   per column  the same along columns (a weight for the input-gradient product)
   per group   groups of 128 along rows (INT4-style weights use such groups)
   stochastic  per row with stochastic rounding (torch's line: nearest rounding, no cheaper eager equivalent)
@@ -36,9 +37,9 @@ def torch_quantize(x: torch.Tensor, dim: int | None, group: int | None = None) -
         m = m.reshape(x.shape[0], -1, group)
         dim = -1
     amax = m.abs().amax(dim=dim, keepdim=True)
-    scale = torch.where(amax > 0, 127.0 / amax, torch.ones_like(amax))
-    data = (m * scale).round().clamp(-127, 127).to(torch.int8)
-    return data.reshape(x.shape), 1.0 / scale
+    step = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    data = (m * (1.0 / step)).round().clamp(-127, 127).to(torch.int8)
+    return data.reshape(x.shape), step
 
 
 def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:

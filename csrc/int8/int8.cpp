@@ -61,11 +61,13 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
     const int64_t block_cols = ctx->saved_data["block_cols"].toInt();
     const bool scale_grad = ctx->needs_input_grad(1);
     const at::Tensor& grad = grad_outputs[0];
-    // Under create_graph the gradients must be differentiable in `grad`: the kernel gives the mask and the
-    // LSQ terms for a gradient of ones, and the products with `grad` are recorded ops.
+    // Under create_graph the gradients are differentiable in `grad` (they are linear in it): the kernel gives
+    // the mask and the LSQ terms for a gradient of ones, and the products with `grad` are recorded ops. Their
+    // dependence on input and scale is not (the mask is piecewise constant; the LSQ terms' slope is dropped).
     const bool differentiable = at::GradMode::is_enabled();
-    auto [grad_input, terms] = fake_quantize_backward(differentiable ? at::ones_like(grad) : grad, input, scale, qmin,
-                                                      qmax, block_rows, block_cols, scale_grad);
+    auto [grad_input, terms] =
+        fake_quantize_backward(differentiable ? at::ones_like(grad) : grad, input.detach(), scale.detach(), qmin, qmax,
+                               block_rows, block_cols, scale_grad);
     if (differentiable) {
       grad_input = grad_input.mul(grad);
       if (scale_grad) terms = terms.mul(grad.to(at::kFloat).reshape(terms.sizes()));

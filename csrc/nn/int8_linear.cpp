@@ -98,6 +98,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
           torch::Tensor& accumulator = weight.mutable_grad();
           if (accumulator.scalar_type() != at::kFloat) accumulator = accumulator.to(at::kFloat);
           accumulator.add_(dw);
+          if (g2.device().type() != c10::kCPU) after_backward_wait_for(g2.device());
         } else {
           grad_weight = dw;
         }

@@ -63,7 +63,7 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "fp8_gemm_accum_(Tensor(a!) out, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv) -> ()",
       tags);
-  // INT8 (csrc/ops/int8.h): data = round(input / (amax / 127)) per block; input ~= data * scale_inv.
+  // INT8 (csrc/ops/int8.h): per block step = amax / 127, data = round(input * (1 / step)); input ~= data * scale_inv.
   m.def(
       "int8_quantize(Tensor input, int block_rows, int block_cols, str rounding=\"nearest\", int? seed=None, "
       "bool pow2_scales=False) -> (Tensor data, Tensor scale_inv)",

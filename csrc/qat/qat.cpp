@@ -26,6 +26,12 @@ constexpr float kTiny = FLT_MIN;  // the step of an all-zero block: its codes st
 int64_t size_of(const torch::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
 int64_t numel_of(const torch::Tensor& t) { return t.sym_numel().guard_int(__FILE__, __LINE__); }
 
+// `value` as a float32 tensor on `like`'s device. Dividing by it is a true division everywhere: CUDA divides by a
+// CPU scalar as a multiplication by its reciprocal, which can differ by an ulp from int8.h's amax / 127.
+torch::Tensor on_device(float value, const torch::Tensor& like) {
+  return torch::full({}, value, like.options().dtype(torch::kFloat));
+}
+
 // [out, everything else]: the matrix view every weight is quantized in.
 torch::Tensor weight_matrix(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() >= 1, "mixprec::qat: a weight needs at least one dimension, got a 0-dim tensor");
@@ -104,7 +110,7 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   const torch::Tensor a = m.detach().abs();
   const torch::Tensor amax = per_token ? a.amax({-1}, true) : a.max().reshape({1, 1});
-  const torch::Tensor steps = amax.to(torch::kFloat).div(127.0).clamp_min(kTiny);
+  const torch::Tensor steps = amax.to(torch::kFloat).div(on_device(127.0f, amax)).clamp_min(kTiny);
   return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
 }
 
@@ -113,7 +119,7 @@ torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config)
   const torch::Tensor w2 = weight_matrix(weight.detach());
   const int64_t g = group_length(w2, config);
   const torch::Tensor amax = w2.abs().reshape({size_of(w2, 0), -1, g}).amax({-1});
-  return amax.to(torch::kFloat).div(static_cast<double>(qmax)).clamp_min(kTiny);
+  return amax.to(torch::kFloat).div(on_device(static_cast<float>(qmax), amax)).clamp_min(kTiny);
 }
 
 torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {

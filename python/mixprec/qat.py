@@ -9,10 +9,12 @@ straight through, and optionally learns the weight steps (LSQ). Train as usual: 
 :class:`mixprec.Policy`, with :class:`mixprec.GradScaler` and :mod:`mixprec.optim`.
 
 :func:`convert` then replaces each QAT layer with a quantized one whose state dict holds integer weights
-plus float32 scales (INT4 packed two per byte). A converted Linear with INT8 weights runs its product as an
-INT8 GEMM (:func:`mixprec.int8.mm`) on activations quantized per token; INT4 and Conv2d layers dequantize
-their weights and compute in the input's dtype with the same activation quantization as in training. The
-quantized codes are exactly those the training forward simulated.
+plus float32 scales (INT4 packed two per byte; the bias a buffer). A converted Linear with INT8 per-channel
+weights and INT8 activations runs its product as an INT8 GEMM (:func:`mixprec.int8.mm`) on activations
+quantized per token (on CUDA where both feature counts are multiples of 8); other layers (INT4, groups,
+``activations=False``, Conv2d) dequantize their weights and compute in the autocast or input dtype with the
+same activation quantization as in training. The quantized codes are exactly those the training forward
+simulated.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class QuantizedLinear(_QuantizedWeight):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._set_weight(layer, layer.qat_config)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
         return torch.ops.mixprec.qat_quantized_linear(input, self.weight_codes, self.weight_scale, self.bias,
@@ -176,7 +178,7 @@ class QuantizedConv2d(_QuantizedWeight):
     def __init__(self, layer: QATConv2d) -> None:
         super().__init__()
         self._set_weight(layer, layer.qat_config)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, input: Tensor) -> Tensor:

@@ -87,6 +87,12 @@ def test_weight_gradient_accumulates_in_fp32_in_place() -> None:
             fresh(x).float().sum().backward()
             total += fresh.weight.grad
         assert torch.allclose(accumulator, total, rtol=1e-6, atol=1e-5)
+        # The GEMM added into it itself: the layer's node hands autograd no weight gradient to add.
+        handed = []
+        y = layer(xs[0])
+        y.grad_fn.register_hook(lambda grad_inputs, _: handed.append(grad_inputs[1]))
+        y.float().sum().backward()
+        assert handed == [None]
 
 
 def test_autocast_and_16_bit_weights() -> None:
@@ -152,6 +158,21 @@ def test_torch_compile_fullgraph_matches_eager_bit_for_bit() -> None:
         y = compiled(x)
         y.sum().backward()
         z = twin(x)
+        z.sum().backward()
+        assert torch.equal(y, z)
+    assert torch.equal(layer.weight.grad, twin.weight.grad)
+
+
+def test_torch_compile_with_dynamic_batch_sizes() -> None:
+    """Two batch sizes under dynamic=True: the layer traces with a symbolic token count."""
+    torch.manual_seed(7)
+    layer = mixprec.nn.Int8Linear(64, 32, gemms=Int8Gemms(weight_grad=True))
+    twin = copy.deepcopy(layer)
+    compiled = torch.compile(layer, dynamic=True)
+    for tokens in (16, 24):
+        x = torch.randn(tokens, 64)
+        y, z = compiled(x), twin(x)
+        y.sum().backward()
         z.sum().backward()
         assert torch.equal(y, z)
     assert torch.equal(layer.weight.grad, twin.weight.grad)

@@ -142,6 +142,28 @@ def test_learnable_steps_train_and_qat_composes_with_policy() -> None:
     assert model[0].weight.grad is not None
 
 
+def test_torch_compile_with_dynamic_batch_sizes() -> None:
+    torch.manual_seed(5)
+    layer = qat.prepare(nn.Linear(32, 16), qat.QATConfig(weight_bits=4, group_size=8, learnable_scales=True))
+    compiled = torch.compile(layer, dynamic=True)
+    for tokens in (6, 10):
+        x = torch.randn(tokens, 32, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        assert torch.equal(y, layer(x))
+    assert layer.weight_step.grad is not None
+
+
+def test_activation_codes_are_int8_quantize_codes() -> None:
+    """QAT's per-token activation quantization and mixprec.int8.quantize (the converted model's) agree."""
+    torch.manual_seed(6)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        x = torch.randn(64, 96, device=device) * torch.logspace(-3, 3, 96, device=device)
+        q = mixprec.int8.quantize(x, (1, -1))
+        assert torch.equal(qat._fake_quantize_input(x, True), q.data.float() * q.scale_inv)
+
+
 def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="weight_bits must be 8 or 4"):
         qat.QATConfig(weight_bits=2)

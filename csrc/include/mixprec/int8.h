@@ -33,7 +33,8 @@ struct Quantized {
 /// Symmetric INT8 quantization in one op: each block's amax, its step amax / 127, and the rounded, saturated
 /// codes. An all-zero block gets scale 1; a block holding inf or NaN gets scale_inv NaN (so products that use
 /// it are NaN and an overflow is not hidden), and a NaN element's code is 0. `input`: fp32, fp16 or bf16.
-Quantized quantize(const at::Tensor& input, int64_t block_rows, int64_t block_cols, const QuantizeOptions& options = {});
+Quantized quantize(const at::Tensor& input, int64_t block_rows = 1, int64_t block_cols = -1,
+                   const QuantizeOptions& options = {});
 
 /// (a * a_scale_inv) @ (b * b_scale_inv) for int8 a [m, k] and b [k, n] (any strides; a transposed view is
 /// free), with the products summed exactly in int32 (k <= 131071), then dequantized in fp32 as

@@ -57,9 +57,10 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& co
 /// The weight codes * steps in fp32, as a [out, in * ...] matrix (unpacking INT4).
 torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor& scale);
 
-/// A converted Linear's forward: with INT8 per-channel weights and `activations`, an INT8 GEMM on per-token
-/// INT8 activations (mixprec::int8::mm); otherwise the dequantized weight in the compute dtype (autocast's, or
-/// the input's) on the fake-quantized input.
+/// A converted Linear's forward: with INT8 per-channel weights and `activations` (and on CUDA feature counts
+/// that are multiples of 8), an INT8 GEMM on per-token INT8 activations (mixprec::int8::mm); otherwise the
+/// dequantized weight in the compute dtype (autocast's, or the input's) on the fake-quantized input. Either
+/// way the activations are quantized in the input's own dtype, as in training.
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
                                const torch::Tensor& bias, const QATConfig& config);
 
@@ -123,8 +124,8 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
 };
 TORCH_MODULE(QuantizedConv2d);
 
-/// A Sequential like `model` (sharing its modules and parameters) whose Linear and Conv2d layers are QAT
-/// layers: build the optimizer on the result.
+/// A Sequential like `model` (sharing its modules and parameters) whose own Linear and Conv2d entries are QAT
+/// layers (layers inside other modules of it are left as they are): build the optimizer on the result.
 torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config = {});
 
 /// A Sequential like `model` whose QAT layers are converted (integer weights plus scales).
