@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import copy_bandwidth, layer_cases, measure, print_device_header, print_table
+from common import layer_cases, measure, print_bandwidth_table, print_device_header, print_table
 
 import mixprec  # noqa: F401
 from mixprec import fp8
@@ -54,7 +54,6 @@ def main() -> None:
     x = (torch.randn(rows, cols, device=device) * 3).bfloat16()
     scale = torch.tensor([100.0], device=device)
     n = x.numel()
-    ceiling = copy_bandwidth(device) if device.startswith("cuda") else float("nan")
 
     def torch_delayed(transpose: bool):
         amax = x.abs().amax().float()
@@ -76,19 +75,8 @@ def main() -> None:
         ("delayed stochastic (torch: nearest)", n * 3, lambda: torch_delayed(False),
          lambda: fp8.quantize(x, scale, E4M3, rounding="stochastic", seed=1)),
     ]
-    table = []
-    for name, nbytes, base_fn, ours_fn in cases:
-        base = measure(base_fn, device)
-        ours = measure(ours_fn, device)
-        gbs = nbytes / ours.device / 1e9
-        table.append([name, f"{nbytes / 2**20:.0f}", f"{base.device * 1e3:.3f}", f"{ours.device * 1e3:.3f}",
-                      f"{gbs:.1f}", f"{100 * gbs / ceiling:.0f}%" if ceiling == ceiling else "-",
-                      f"{base.device / ours.device:.2f}x", f"{base.wall * 1e3:.3f}", f"{ours.wall * 1e3:.3f}",
-                      f"{base.wall / ours.wall:.2f}x"])
     print(f"bf16 input [{rows}, {cols}] -> float8_e4m3fn")
-    # device: the kernels alone; wall: a synchronised call as a user makes it (see common.Timing)
-    print_table(["case", "MiB moved", "torch ms", "mixprec ms", "GB/s", "% of copy", "speedup", "torch wall ms",
-                 "mixprec wall ms", "wall speedup"], table)
+    print_bandwidth_table(cases, device)
     print()
     linear_table(device, args.quick)
 

@@ -24,7 +24,7 @@ import argparse
 import copy
 
 import torch
-from common import copy_bandwidth, layer_cases, measure, print_device_header, print_table
+from common import layer_cases, measure, print_bandwidth_table, print_device_header, print_table
 
 import mixprec
 from mixprec import int8
@@ -57,29 +57,16 @@ def torchao_layer(base: torch.nn.Linear) -> torch.nn.Module | None:
 def quantize_table(device: str, quick: bool) -> None:
     rows, cols = (1024, 1024) if quick else (8192, 4096)
     x = (torch.randn(rows, cols, device=device) * 3).bfloat16()
-    n = x.numel()
-    ceiling = copy_bandwidth(device) if device.startswith("cuda") else float("nan")
-    nbytes = 3 * n  # bf16 read + int8 written
+    nbytes = 3 * x.numel()  # bf16 read + int8 written
     cases = [
-        ("per row", lambda: torch_quantize(x, 1), lambda: int8.quantize(x, (1, -1))),
-        ("per column", lambda: torch_quantize(x, 0), lambda: int8.quantize(x, (-1, 1))),
-        ("per group of 128", lambda: torch_quantize(x, None, 128), lambda: int8.quantize(x, (1, 128))),
-        ("per row, stochastic (torch: nearest)", lambda: torch_quantize(x, 1),
+        ("per row", nbytes, lambda: torch_quantize(x, 1), lambda: int8.quantize(x, (1, -1))),
+        ("per column", nbytes, lambda: torch_quantize(x, 0), lambda: int8.quantize(x, (-1, 1))),
+        ("per group of 128", nbytes, lambda: torch_quantize(x, None, 128), lambda: int8.quantize(x, (1, 128))),
+        ("per row, stochastic (torch: nearest)", nbytes, lambda: torch_quantize(x, 1),
          lambda: int8.quantize(x, (1, -1), rounding="stochastic", seed=1)),
     ]
-    table = []
-    for name, base_fn, ours_fn in cases:
-        base = measure(base_fn, device)
-        ours = measure(ours_fn, device)
-        gbs = nbytes / ours.device / 1e9
-        table.append([name, f"{nbytes / 2**20:.0f}", f"{base.device * 1e3:.3f}", f"{ours.device * 1e3:.3f}",
-                      f"{gbs:.1f}", f"{100 * gbs / ceiling:.0f}%" if ceiling == ceiling else "-",
-                      f"{base.device / ours.device:.2f}x", f"{base.wall * 1e3:.3f}", f"{ours.wall * 1e3:.3f}",
-                      f"{base.wall / ours.wall:.2f}x"])
     print(f"bf16 input [{rows}, {cols}] -> int8")
-    # device: the kernels alone; wall: a synchronised call as a user makes it (see common.Timing)
-    print_table(["case", "MiB moved", "torch ms", "mixprec ms", "GB/s", "% of copy", "speedup", "torch wall ms",
-                 "mixprec wall ms", "wall speedup"], table)
+    print_bandwidth_table(cases, device)
 
 
 def linear_table(device: str, quick: bool) -> None:

@@ -164,3 +164,22 @@ def layer_cases(device: str, quick: bool) -> list[LayerCase]:
         cases.append(LayerCase(f"{name} [{tokens}x{k}]x[{k}x{n}]", tokens, k, n, base, x, g))
     return cases
 
+
+def print_bandwidth_table(cases: Sequence[tuple[str, int, Callable[[], object], Callable[[], object]]],
+                          device: str) -> None:
+    """Times each (name, bytes moved, torch's fn, mixprec's fn) and prints device and wall times, mixprec's
+    GB/s and its share of the copy bandwidth (CUDA), and the speedups."""
+    ceiling = copy_bandwidth(device) if device.startswith("cuda") else float("nan")
+    table = []
+    for name, nbytes, base_fn, ours_fn in cases:
+        base = measure(base_fn, device)
+        ours = measure(ours_fn, device)
+        gbs = nbytes / ours.device / 1e9
+        table.append([name, f"{nbytes / 2**20:.0f}", f"{base.device * 1e3:.3f}", f"{ours.device * 1e3:.3f}",
+                      f"{gbs:.1f}", f"{100 * gbs / ceiling:.0f}%" if ceiling == ceiling else "-",
+                      f"{base.device / ours.device:.2f}x", f"{base.wall * 1e3:.3f}", f"{ours.wall * 1e3:.3f}",
+                      f"{base.wall / ours.wall:.2f}x"])
+    # device: the kernels alone; wall: a synchronised call as a user makes it (see Timing)
+    print_table(["case", "MiB moved", "torch ms", "mixprec ms", "GB/s", "% of copy", "speedup", "torch wall ms",
+                 "mixprec wall ms", "wall speedup"], table)
+
