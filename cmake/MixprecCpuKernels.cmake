@@ -26,7 +26,7 @@ function(mixprec_add_cpu_kernels target)
       set(_gen ${CMAKE_CURRENT_BINARY_DIR}/cpu_kernels/${_name}.${_cap}.cpp)
       file(CONFIGURE OUTPUT ${_gen} CONTENT "#include \"${_abs}\"\n" @ONLY)
       target_sources(${target} PRIVATE ${_gen})
-      set_source_files_properties(${_gen} PROPERTIES SKIP_PRECOMPILE_HEADERS ON
+      set_source_files_properties(${_gen} PROPERTIES SKIP_PRECOMPILE_HEADERS ON SKIP_UNITY_BUILD_INCLUSION ON
         COMPILE_DEFINITIONS "CPU_CAPABILITY=${_cap};CPU_CAPABILITY_${_cap};MIXPREC_CPU_CAPABILITY_ID=${_id}")
       if(_cap STREQUAL "AVX2")
         set_source_files_properties(${_gen} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")

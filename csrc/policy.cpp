@@ -158,21 +158,21 @@ struct PolicyClass : torch::CustomClassHolder {
   Policy policy;
   explicit PolicyClass(const std::string& name) : policy(Policy::from_string(name)) {}
 };
-using Self = c10::intrusive_ptr<PolicyClass>;
+using PolicyPtr = c10::intrusive_ptr<PolicyClass>;
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.class_<PolicyClass>("Policy")
       .def(torch::init<std::string>())
-      .def("name", [](const Self& s) { return s->policy.name; })
-      .def("compute_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.compute_dtype); })
-      .def("param_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.param_dtype); })
-      .def("master_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.master_dtype); })
-      .def("output_dtype", [](const Self& s) { return static_cast<int64_t>(s->policy.output_dtype); })
-      .def("needs_loss_scaling", [](const Self& s) { return s->policy.needs_loss_scaling(); })
-      .def("keep_fp32", [](const Self& s) { return s->policy.keep_fp32; })
-      .def("set_keep_fp32", [](const Self& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })
-      .def("keeps_fp32", [](const Self& s, const std::string& type_name) { return s->policy.keeps_fp32(type_name); });
+      .def("name", [](const PolicyPtr& s) { return s->policy.name; })
+      .def("compute_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.compute_dtype); })
+      .def("param_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.param_dtype); })
+      .def("master_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.master_dtype); })
+      .def("output_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.output_dtype); })
+      .def("needs_loss_scaling", [](const PolicyPtr& s) { return s->policy.needs_loss_scaling(); })
+      .def("keep_fp32", [](const PolicyPtr& s) { return s->policy.keep_fp32; })
+      .def("set_keep_fp32", [](const PolicyPtr& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })
+      .def("keeps_fp32", [](const PolicyPtr& s, const std::string& type_name) { return s->policy.keeps_fp32(type_name); });
 }
 
 }  // namespace mixprec

@@ -34,6 +34,10 @@ C10_HOST_DEVICE inline uint32_t float_bits(float x) {
 #endif
 }
 
+/// |x|'s bits: their unsigned order is the order of the magnitudes, and any NaN sorts above inf, so a max
+/// over them propagates NaN into an amax as torch's amax does (and on CUDA can be an integer atomicMax).
+C10_HOST_DEVICE inline uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
 C10_HOST_DEVICE inline float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);

@@ -12,7 +12,7 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kAdamChunk = 1 << 16;
 
 float read_scalar(const std::optional<at::Tensor>& t, float fallback) {
   return t.has_value() && t->defined() ? t->item<float>() : fallback;  // CPU tensors: a memory read
@@ -50,12 +50,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         detail::adam_scalars(lr_value, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize);
     const at::Tensor& p = plan.params[i];
     const int64_t numel = p.numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+    for (int64_t begin = 0; begin < numel; begin += kAdamChunk) {
       auto at_offset = [begin](const at::Tensor& t) {
         return static_cast<void*>(static_cast<char*>(t.data_ptr()) + begin * t.element_size());
       };
       chunks.push_back({at_offset(p), at_offset(plan.grads[i]), at_offset(plan.exp_avgs[i]),
-                        at_offset(plan.exp_avg_sqs[i]), at_offset(plan.masters[i]), std::min(kChunk, numel - begin),
+                        at_offset(plan.exp_avg_sqs[i]), at_offset(plan.masters[i]), std::min(kAdamChunk, numel - begin),
                         p.scalar_type(), plan.grads[i].scalar_type(), plan.exp_avgs[i].scalar_type(), scalars,
                         plan.rng_base[i] + static_cast<uint64_t>(begin)});
     }

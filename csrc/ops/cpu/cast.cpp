@@ -15,7 +15,7 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;  // a multiple of 4: chunks start on Philox groups
+constexpr int64_t kCastChunk = 1 << 16;  // a multiple of 4: chunks start on Philox groups
 
 void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::string_view rounding, bool saturate,
                 std::optional<int64_t> seed) {
@@ -31,8 +31,8 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
     const int64_t numel = d.numel();
     char* dp = static_cast<char*>(d.data_ptr());
     const char* sp = static_cast<const char*>(s.const_data_ptr());
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({dp + begin * d.element_size(), sp + begin * s.element_size(), std::min(kChunk, numel - begin),
+    for (int64_t begin = 0; begin < numel; begin += kCastChunk) {
+      chunks.push_back({dp + begin * d.element_size(), sp + begin * s.element_size(), std::min(kCastChunk, numel - begin),
                         d.scalar_type(), s.scalar_type(), plan.rng_base()[i] + static_cast<uint64_t>(begin)});
     }
   }
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> split_bf16_remainder_cpu(const at::Tensor& sr
   const float* sp = s.const_data_ptr<float>();
   auto* hp = reinterpret_cast<uint16_t*>(hi.data_ptr<at::BFloat16>());
   int16_t* lp = lo.data_ptr<int16_t>();
-  at::parallel_for(0, s.numel(), kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.numel(), kCastChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const rounding::SplitBFloat16 r = rounding::split_bf16_remainder(sp[i]);
       hp[i] = r.bf16;
@@ -81,7 +81,7 @@ at::Tensor merge_bf16_remainder_cpu(const at::Tensor& bf16, const at::Tensor& re
   const auto* hp = reinterpret_cast<const uint16_t*>(h.const_data_ptr<at::BFloat16>());
   const int16_t* rp = r.const_data_ptr<int16_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, h.numel(), kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, h.numel(), kCastChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) op[i] = rounding::merge_bf16_remainder(hp[i], rp[i]);
   });
   return out;

@@ -22,11 +22,7 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kGrain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
-
-/// |x|'s bits: their unsigned order is the order of the magnitudes, and any NaN sorts above inf, so a
-/// max over them propagates NaN into the amax as torch's amax does.
-inline uint32_t magnitude_bits(float x) { return rounding::float_bits(x) & 0x7fffffffu; }
+constexpr int64_t kFp8Grain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
 
 /// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits.
 template <typename Src>
@@ -37,7 +33,7 @@ uint32_t quantize_range(const Src* src, uint8_t* dst, int64_t begin, int64_t end
   const bool stochastic = in.mode == rounding::Mode::Stochastic;
   for (int64_t i = begin; i < end; ++i) {
     const float x = static_cast<float>(src[i]);
-    amax = std::max(amax, magnitude_bits(x));
+    amax = std::max(amax, rounding::magnitude_bits(x));
     dst[i] = fp8::to_fp8(x * scale, in.format, in.mode, saturate, stochastic ? draws.at(i) : 0u);
   }
   return amax;
@@ -72,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cpu(const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::fp8_quantize", [&] {
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
     amax = at::parallel_reduce(
-        0, in.input.numel(), kGrain, uint32_t{0},
+        0, in.input.numel(), kFp8Grain, uint32_t{0},
         [&](int64_t begin, int64_t end, uint32_t ident) {
           return std::max(ident, quantize_range(src, dst, begin, end, s, in, saturate, key));
         },
@@ -107,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
             uint32_t amax = 0;
             for (int64_t r = r0; r < r1; ++r) {
               for (int64_t c = c0; c < c1; ++c) {
-                amax = std::max(amax, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+                amax = std::max(amax, rounding::magnitude_bits(static_cast<float>(src[r * in.cols + c])));
               }
             }
             const float scale = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin),
@@ -131,9 +127,9 @@ void fp8_update_scales__cpu(const at::Tensor& amax_history, const at::Tensor& sc
   float* s = scale.data_ptr<float>();
   float* si = scale_inv.data_ptr<float>();
   for (int64_t j = 0; j < n; ++j) {
-    uint32_t amax = magnitude_bits(h[j]);
+    uint32_t amax = rounding::magnitude_bits(h[j]);
     if (a == detail::AmaxAlgo::Max) {
-      for (int64_t k = 1; k < history; ++k) amax = std::max(amax, magnitude_bits(h[k * n + j]));
+      for (int64_t k = 1; k < history; ++k) amax = std::max(amax, rounding::magnitude_bits(h[k * n + j]));
     }
     s[j] = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin), pow2_scales, s[j]);
     si[j] = 1.0f / s[j];

@@ -18,9 +18,9 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kStatsChunk = 1 << 16;
 
-struct Chunk {
+struct StatsChunk {
   const void* data;
   int64_t n;
   at::ScalarType dtype;
@@ -57,12 +57,12 @@ at::Tensor grad_stats_cpu(at::TensorList grads, const at::Tensor& scale, int64_t
   const int width = detail::kStatsHistogram + static_cast<int>(num_bins);
   at::Tensor out = at::zeros({static_cast<int64_t>(grads.size()), width}, scale.options().dtype(at::kDouble));
   const detail::DenseViews dense(grads);  // read only: nothing is written back
-  std::vector<Chunk> chunks;
+  std::vector<StatsChunk> chunks;
   for (size_t t = 0; t < dense.views().size(); ++t) {
     const at::Tensor& g = dense.views()[t];
     const char* base = static_cast<const char*>(g.const_data_ptr());
-    for (int64_t begin = 0; begin < g.numel(); begin += kChunk) {
-      chunks.push_back({base + begin * g.element_size(), std::min(kChunk, g.numel() - begin), g.scalar_type(),
+    for (int64_t begin = 0; begin < g.numel(); begin += kStatsChunk) {
+      chunks.push_back({base + begin * g.element_size(), std::min(kStatsChunk, g.numel() - begin), g.scalar_type(),
                         static_cast<int64_t>(t)});
     }
   }
@@ -77,7 +77,7 @@ at::Tensor grad_stats_cpu(at::TensorList grads, const at::Tensor& scale, int64_t
     const int64_t count = std::min<int64_t>(kBatch, static_cast<int64_t>(chunks.size()) - first);
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const Chunk& ch = chunks[first + c];
+        const StatsChunk& ch = chunks[first + c];
         double* row = rows.data() + c * width;
         switch (ch.dtype) {
           case at::kFloat:

@@ -23,12 +23,10 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
-
-inline uint32_t magnitude_bits(float x) { return rounding::float_bits(x) & 0x7fffffffu; }
+constexpr int64_t kInt8Grain = 1 << 15;  // elements per parallel task
 
 // Rows per parallel task for a pass over a [rows, cols] matrix.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kInt8Grain / std::max<int64_t>(cols, 1)); }
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, int64_t block_rows, int64_t block_cols,
                                                      c10::string_view rounding, std::optional<int64_t> seed,
@@ -52,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
         uint32_t* row_blocks = table + r / b.block_rows * b.grid_cols;
         for (int64_t c = 0; c < in.cols; ++c) {
           uint32_t& m = row_blocks[c / b.block_cols];
-          m = std::max(m, magnitude_bits(static_cast<float>(src[r * in.cols + c])));
+          m = std::max(m, rounding::magnitude_bits(static_cast<float>(src[r * in.cols + c])));
         }
       }
     };

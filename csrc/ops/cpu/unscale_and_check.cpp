@@ -7,18 +7,18 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <optional>
 #include <vector>
 
 #include "ops/checks.h"
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/rounding.h"
 
 namespace mixprec::cpu {
 namespace {
 
 // 64K elements: large enough to amortise the per-chunk call, small enough to balance threads.
-constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kUnscaleChunk = 1 << 16;
 
 struct Chunk {
   void* data;
@@ -27,13 +27,6 @@ struct Chunk {
   size_t tensor;
 };
 
-// Magnitudes are compared as the bits of non-negative floats, which order finite < inf < NaN: the same
-// rule as the CUDA kernel's atomicMax, so both backends leave the same entry for the same gradients.
-uint32_t magnitude_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
 
 double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& found_inf, const at::Tensor& inv_scale,
                     const std::optional<at::Tensor>& amax, bool want_sumsq) {
@@ -47,8 +40,8 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
     const int64_t numel = g.numel();
     char* base = static_cast<char*>(g.data_ptr());
     const int64_t item = g.element_size();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({base + begin * item, std::min(kChunk, numel - begin), g.scalar_type(), t});
+    for (int64_t begin = 0; begin < numel; begin += kUnscaleChunk) {
+      chunks.push_back({base + begin * item, std::min(kUnscaleChunk, numel - begin), g.scalar_type(), t});
     }
   }
   std::vector<uint8_t> found(chunks.size(), 0);
@@ -75,7 +68,10 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
   if (amax.has_value() && amax->defined()) {
     float* out = amax->data_ptr<float>();
     for (size_t c = 0; c < chunks.size(); ++c) {
-      if (magnitude_bits(chunk_amax[c]) > magnitude_bits(out[chunks[c].tensor])) out[chunks[c].tensor] = chunk_amax[c];
+      // Magnitudes are compared as the bits of non-negative floats, which order finite < inf < NaN: the
+      // same rule as the CUDA kernel's atomicMax, so both backends leave the same entry for the same gradients.
+      const size_t t = chunks[c].tensor;
+      if (rounding::float_bits(chunk_amax[c]) > rounding::float_bits(out[t])) out[t] = chunk_amax[c];
     }
   }
   return sumsq;

@@ -8,8 +8,7 @@
 
 namespace mixprec::cuda {
 
-/// |x|'s bits: their unsigned order is the order of the magnitudes, and any NaN sorts above inf.
-__device__ __forceinline__ uint32_t magnitude_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+using rounding::magnitude_bits;
 
 /// The max of `v` over the thread block; every thread gets it. `shared` holds one word per warp.
 __device__ inline uint32_t block_max(uint32_t v, uint32_t* shared) {
