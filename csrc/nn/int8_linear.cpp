@@ -25,35 +25,81 @@ using torch::autograd::variable_list;
 int8::Quantized per_row(const torch::Tensor& m) { return int8::quantize(m, 1, -1); }
 int8::Quantized per_column(const torch::Tensor& m) { return int8::quantize(m, -1, 1); }
 
+// The dtype autocast_to would give `t`, without casting it (a cached weight is not read).
+at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
+  const at::ScalarType s = t.scalar_type();
+  return dtype.has_value() && at::isFloatingType(s) && s != at::kDouble ? *dtype : s;
+}
+
+// A filled cache must be this weight's: codes of its shape on its device, for each GEMM that is INT8.
+void check_weight_cache(const Int8WeightCache& c, const torch::Tensor& weight, const Int8Gemms& gemms) {
+  const auto fits = [&](const torch::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+    return t.defined() && t.sizes() == shape && t.scalar_type() == dtype && t.device() == weight.device();
+  };
+  const int64_t n = weight.dim() == 2 ? weight.size(0) : -1, k = weight.dim() == 2 ? weight.size(1) : -1;
+  const bool ok = weight.dim() == 2 &&
+                  (!gemms.forward || (fits(c.data, {n, k}, at::kChar) && fits(c.scale_inv, {n, 1}, at::kFloat))) &&
+                  (!gemms.input_grad || (fits(c.data_t, {n, k}, at::kChar) && fits(c.scale_inv_t, {1, k}, at::kFloat)));
+  TORCH_CHECK_VALUE(ok, "mixprec::int8_linear: the weight cache does not hold this weight's ", weight.sizes(),
+                    " INT8 operands on ", weight.device(), " (forward ", c.data.defined() ? c.data.sizes() : at::IntArrayRef{},
+                    ", input gradient ", c.data_t.defined() ? c.data_t.sizes() : at::IntArrayRef{},
+                    "); fill it again (is_first_microbatch=true)");
+}
+
 struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
-                               bool int8_forward, bool int8_input_grad, bool int8_weight_grad) {
+                               bool int8_forward, bool int8_input_grad, bool int8_weight_grad,
+                               Int8WeightCache* cache) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
     if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
-    const torch::Tensor x = autocast_to(input, dtype), w = autocast_to(weight, dtype), b = autocast_to(bias, dtype);
-    TORCH_CHECK(x.scalar_type() != at::kDouble && w.scalar_type() != at::kDouble,
+    const bool reuse = cache != nullptr && !cache->empty();
+    // A reused weight is read only by a GEMM that is not INT8: the forward's here, the input gradient's in
+    // backward (which casts it then).
+    const bool cast_now = !reuse || !int8_forward;
+    const torch::Tensor x = autocast_to(input, dtype), w = cast_now ? autocast_to(weight, dtype) : weight,
+                        b = autocast_to(bias, dtype);
+    const at::ScalarType w_dtype = cast_now ? w.scalar_type() : autocast_dtype_of(weight, dtype);
+    TORCH_CHECK(x.scalar_type() != at::kDouble && w_dtype != at::kDouble,
                 "mixprec::int8_linear: float64 input or weight has no INT8 path; use a float32/16-bit layer");
     TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::int8_linear: input [..., ",
                 w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
                 w.sizes());
-    TORCH_CHECK(x.scalar_type() == w.scalar_type(), "mixprec::int8_linear: input and weight must share a dtype, got ",
-                x.scalar_type(), " and ", w.scalar_type(), " (run under autocast to cast both)");
+    TORCH_CHECK(x.scalar_type() == w_dtype, "mixprec::int8_linear: input and weight must share a dtype, got ",
+                x.scalar_type(), " and ", w_dtype, " (run under autocast to cast both)");
     const torch::Tensor x2 = rows(x).contiguous();
+    // The input-gradient operand: from the cache, or quantized now to fill it; else backward quantizes it.
+    int8::Quantized qwt;
+    if (reuse && int8_input_grad) {
+      qwt = {cache->data_t, cache->scale_inv_t};
+    } else if (cache != nullptr && int8_input_grad) {
+      qwt = per_column(w);
+    }
     torch::Tensor out;
     if (int8_forward) {
-      const int8::Quantized qx = per_row(x2), qw = per_row(w);
+      int8::Quantized qw;
+      if (reuse) {
+        qw = {cache->data, cache->scale_inv};
+      } else {
+        qw = per_row(w);
+      }
       std::optional<torch::Tensor> b_opt;
       if (b.defined()) b_opt = b;
       // x [m, k] @ w^T [k, n]: w's per-row scales are the columns' of the transposed view.
+      const int8::Quantized qx = per_row(x2);
       out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape({1, w.size(0)}), x.scalar_type(), b_opt);
+      if (cache != nullptr && !reuse) *cache = {qw.data, qw.scale_inv, qwt.data, qwt.scale_inv, true};
     } else {
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       out = at::linear(x2, w, b);
+      if (cache != nullptr && !reuse) *cache = {torch::Tensor(), torch::Tensor(), qwt.data, qwt.scale_inv, true};
     }
-    ctx->save_for_backward({x2, w});
+    // A reused weight is saved as it is (not copied): backward casts it only if a 16-bit product needs it.
+    ctx->save_for_backward({x2, w, qwt.data, qwt.scale_inv});
+    ctx->saved_data["cast_weight"] = !cast_now;
+    if (dtype.has_value()) ctx->saved_data["autocast_dtype"] = *dtype;
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
     ctx->saved_data["has_bias"] = bias.defined();
     ctx->saved_data["probe_device"] = probe.device();
@@ -68,17 +114,25 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor &x2 = saved[0], &w = saved[1];
+    const torch::Tensor& x2 = saved[0];
+    // The weight as the 16-bit products use it: a reused cache's weight was left uncast by forward.
+    const auto weight_operand = [&] {
+      if (!ctx->saved_data["cast_weight"].toBool()) return saved[1];
+      std::optional<at::ScalarType> dtype;
+      if (ctx->saved_data.count("autocast_dtype")) dtype = ctx->saved_data["autocast_dtype"].toScalarType();
+      return autocast_to(saved[1], dtype);
+    };
     const torch::Tensor g2 = rows(grad_outputs[0].to(x2.scalar_type())).contiguous();
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) {
       // Under create_graph the 16-bit product, which autograd can differentiate.
       if (ctx->saved_data["int8_input_grad"].toBool() && !at::GradMode::is_enabled()) {
         // g [m, n] @ w [n, k]: w quantized per column (its input channels), the summed n along each.
-        const int8::Quantized qg = per_row(g2), qw = per_column(w);
+        const int8::Quantized qg = per_row(g2);
+        const int8::Quantized qw = saved[2].defined() ? int8::Quantized{saved[2], saved[3]} : per_column(saved[1]);
         grad_input = int8::mm(qg.data, qw.data, qg.scale_inv, qw.scale_inv, x2.scalar_type());
       } else {
-        grad_input = g2.mm(w);
+        grad_input = g2.mm(weight_operand());
       }
       grad_input = grad_input.reshape(ctx->saved_data["x_sizes"].toIntVector());
     }
@@ -114,24 +168,46 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       }
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_bias = g2.sum(0, false, at::kFloat);
-    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {grad_input, grad_weight, grad_bias, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
 }  // namespace
 
 torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-                          const Int8Gemms& gemms) {
+                          const Int8Gemms& gemms, Int8WeightCache* cache) {
+  if (cache != nullptr && !cache->empty()) check_weight_cache(*cache, weight, gemms);
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
   return Int8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, gemms.forward,
-                                   gemms.input_grad, gemms.weight_grad);
+                                   gemms.input_grad, gemms.weight_grad, cache);
 }
 
 TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("int8_linear", [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool forward, bool input_grad, bool weight_grad) {
     return int8_linear(input, weight, bias.value_or(at::Tensor()), Int8Gemms{forward, input_grad, weight_grad});
+  });
+  m.impl("int8_linear_cached", [](const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, bool forward, bool input_grad,
+                                  bool weight_grad, at::TensorList weight_cache) {
+    TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 4,
+                      "mixprec::int8_linear_cached: weight_cache must be empty (to fill) or the four tensors a fill "
+                      "returned, got ", weight_cache.size());
+    const bool fill = weight_cache.empty();
+    Int8WeightCache cache;
+    if (!fill) cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3], true};
+    at::Tensor out = int8_linear(input, weight, bias.value_or(at::Tensor()),
+                                 Int8Gemms{forward, input_grad, weight_grad}, &cache);
+    // A reused cache comes back empty (the op's outputs never alias its inputs). In a filled one, the operand
+    // of a GEMM that is not INT8 travels as an empty tensor (a list cannot hold None).
+    if (!fill) return std::make_tuple(out, std::vector<at::Tensor>{});
+    std::vector<at::Tensor> filled{cache.data, cache.scale_inv, cache.data_t, cache.scale_inv_t};
+    for (at::Tensor& t : filled) {
+      if (!t.defined()) t = at::empty({0}, weight.options().dtype(at::kChar));
+    }
+    return std::make_tuple(out, std::move(filled));
   });
 }
 
@@ -147,6 +223,7 @@ Int8LinearImpl::Int8LinearImpl(const torch::nn::LinearImpl& other, Int8Gemms gem
 }
 
 void Int8LinearImpl::reset() {
+  weight_cache = {};
   register_linear_parameters(*this, options, weight, bias);
   keep_fp32_grad(weight);
 }
@@ -160,6 +237,30 @@ void Int8LinearImpl::pretty_print(std::ostream& stream) const {
          << ", int8_weight_grad=" << gemms.weight_grad << ")";
 }
 
-torch::Tensor Int8LinearImpl::forward(const torch::Tensor& input) { return int8_linear(input, weight, bias, gemms); }
+void Int8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  weight_cache = {};
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+
+void Int8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  weight_cache = {};
+  torch::nn::Module::to(dtype, non_blocking);
+}
+
+void Int8LinearImpl::to(torch::Device device, bool non_blocking) {
+  weight_cache = {};
+  torch::nn::Module::to(device, non_blocking);
+}
+
+torch::Tensor Int8LinearImpl::forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch) {
+  if (!is_first_microbatch.has_value()) return int8_linear(input, weight, bias, gemms);
+  if (*is_first_microbatch) {
+    weight_cache = {};
+  } else {
+    TORCH_CHECK(!weight_cache.empty(), "mixprec::nn::Int8Linear: is_first_microbatch=false reuses the weight "
+                "quantized by an earlier call with is_first_microbatch=true, and there was none");
+  }
+  return int8_linear(input, weight, bias, gemms, &weight_cache);
+}
 
 }  // namespace mixprec::nn

@@ -110,6 +110,10 @@ TORCH_LIBRARY(mixprec, m) {
       "int8_linear(Tensor input, Tensor weight, Tensor? bias=None, bool int8_forward=True, "
       "bool int8_input_grad=True, bool int8_weight_grad=False) -> Tensor",
       tags);
+  // The same with Int8WeightCache's four tensors: [] to fill (they are returned), or a filled list to use.
+  m.def(
+      "int8_linear_cached(Tensor input, Tensor weight, Tensor? bias, bool int8_forward, bool int8_input_grad, "
+      "bool int8_weight_grad, Tensor[] weight_cache) -> (Tensor, Tensor[])");
   // mixprec::qat (csrc/qat/qat.cpp), above autograd: Python's mixprec.qat layers are these functions.
   m.def("qat_fake_quantize_input(Tensor input, bool per_token) -> Tensor", tags);
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);

@@ -192,12 +192,8 @@ class Float8Linear(torch.nn.Linear):
             _reduce_amax(state[0], state[3], self.amax_group)
         if is_first_microbatch is None:
             return float8_linear(input, self.weight, self.bias, state, self.recipe)
-        if is_first_microbatch:
-            self._fp8_weight_cache: list[Tensor] = []
-        elif not getattr(self, "_fp8_weight_cache", None):
-            raise RuntimeError("Float8Linear: is_first_microbatch=False reuses the weight quantized by an earlier "
-                               "call with is_first_microbatch=True, and there was none")
-        return float8_linear(input, self.weight, self.bias, state, self.recipe, self._fp8_weight_cache)
+        return float8_linear(input, self.weight, self.bias, state, self.recipe,
+                             _microbatch_cache(self, "_fp8_weight_cache", is_first_microbatch))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
@@ -223,6 +219,17 @@ class Float8Linear(torch.nn.Linear):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)
+
+
+def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:
+    """The weight cache a layer's forward passes for ``is_first_microbatch``: a new empty list to fill on the
+    first micro-batch, the filled one after it."""
+    if is_first_microbatch:
+        setattr(layer, attr, [])
+    elif not getattr(layer, attr, None):
+        raise RuntimeError(f"{type(layer).__name__}: is_first_microbatch=False reuses the weight quantized by an "
+                           "earlier call with is_first_microbatch=True, and there was none")
+    return getattr(layer, attr)
 
 
 def _reduce_amax(forward_history: Tensor, backward_history: Tensor, group: Any) -> None:
@@ -274,7 +281,7 @@ class Int8Gemms:
 
 
 def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                gemms: Int8Gemms = Int8Gemms()) -> Tensor:
+                gemms: Int8Gemms = Int8Gemms(), weight_cache: Optional[list[Tensor]] = None) -> Tensor:
     """``torch.nn.functional.linear`` with INT8 GEMMs (C++'s ``mixprec::nn::int8_linear``, the op
     ``mixprec::int8_linear``).
 
@@ -283,10 +290,20 @@ def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     sums in int32 and dequantizes in fp32 (:func:`mixprec.int8.mm`). The weight gradient is fp32 and, as in
     :func:`linear`, is added into an fp32 ``weight.grad`` in place in a plain backward. Under autocast the
     operands take the autocast dtype first. On CUDA the feature counts must be multiples of 8 (an INT8
-    weight gradient also needs a token count that is one; other batches take the 16-bit GEMM for it)."""
+    weight gradient also needs a token count that is one; other batches take the 16-bit GEMM for it).
+
+    ``weight_cache`` keeps the quantized weight across gradient-accumulation micro-batches, as in
+    :func:`float8_linear`: an empty list is filled by the call (the op ``mixprec::int8_linear_cached``
+    returns the tensors), a filled one is used instead of quantizing ``weight`` again, which is then read
+    only by the GEMMs that are not INT8. Emptying it after each optimizer step is the caller's part."""
     _check_ddp(weight)
-    return torch.ops.mixprec.int8_linear(input, weight, bias, bool(gemms.forward), bool(gemms.input_grad),
-                                         bool(gemms.weight_grad))
+    args = (input, weight, bias, bool(gemms.forward), bool(gemms.input_grad), bool(gemms.weight_grad))
+    if weight_cache is None:
+        return torch.ops.mixprec.int8_linear(*args)
+    out, filled = torch.ops.mixprec.int8_linear_cached(*args, weight_cache)
+    if not weight_cache:  # a reused cache comes back empty (the op returns no alias of its inputs)
+        weight_cache[:] = filled
+    return out
 
 
 class Int8Linear(torch.nn.Linear):
@@ -309,13 +326,27 @@ class Int8Linear(torch.nn.Linear):
         linear.gemms = gemms or Int8Gemms()  # type: ignore[attr-defined]
         return linear  # type: ignore[return-value]
 
-    def forward(self, input: Tensor) -> Tensor:
-        return int8_linear(input, self.weight, self.bias, self.gemms)
+    def forward(self, input: Tensor, is_first_microbatch: Optional[bool] = None) -> Tensor:
+        """``is_first_microbatch`` as in :meth:`Float8Linear.forward`: ``None``, the weight is quantized on
+        every call; ``True``, it is quantized and kept; ``False``, the kept one is used."""
+        if is_first_microbatch is None:
+            return int8_linear(input, self.weight, self.bias, self.gemms)
+        return int8_linear(input, self.weight, self.bias, self.gemms,
+                           _microbatch_cache(self, "_int8_weight_cache", is_first_microbatch))
 
     def extra_repr(self) -> str:
         g = self.gemms
         return (f"{super().extra_repr()}, int8_forward={g.forward}, int8_input_grad={g.input_grad}, "
                 f"int8_weight_grad={g.weight_grad}")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Int8Linear":
+        self._int8_weight_cache = []  # quantized from the weight before the move or cast
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_int8_weight_cache", None)  # derived from the weight
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -89,6 +89,40 @@ TEST_CASE("Int8Linear tracks torch::nn::Linear and accumulates an fp32 weight gr
   REQUIRE(all->weight.grad().defined());
 }
 
+TEST_CASE("Int8Linear: the weight cache spans a gradient-accumulation cycle", "[int8]") {
+  torch::manual_seed(5);
+  mixprec::nn::Int8Linear plain(64, 32);
+  auto cached = std::dynamic_pointer_cast<mixprec::nn::Int8LinearImpl>(plain->clone());
+  const auto x = torch::randn({16, 64}), g = torch::randn({16, 32});
+  REQUIRE_THROWS_WITH(cached->forward(x, false), Catch::Contains("there was none"));
+  for (int i = 0; i < 3; ++i) {  // the same outputs and gradients as quantizing the weight every time
+    const auto xa = x.clone().requires_grad_(), xb = x.clone().requires_grad_();
+    const auto a = plain->forward(xa), b = cached->forward(xb, i == 0);
+    a.backward(g);
+    b.backward(g);
+    REQUIRE(torch::equal(a, b));
+    REQUIRE(torch::equal(xa.grad(), xb.grad()));
+    REQUIRE(torch::equal(plain->weight.grad(), cached->weight.grad()));
+  }
+  REQUIRE(cached->weight_cache.data.sizes() == torch::IntArrayRef{32, 64});
+  REQUIRE(cached->weight_cache.scale_inv_t.sizes() == torch::IntArrayRef{1, 64});
+  {
+    torch::NoGradGuard no_grad;
+    cached->weight.mul_(2);  // not read while the cache is reused
+  }
+  REQUIRE(torch::equal(cached->forward(x, false), plain->forward(x)));
+  // Sequential passes the default (no cache) through AnyModule.
+  torch::nn::Sequential model(mixprec::nn::Int8Linear(64, 32));
+  REQUIRE(model->forward(x).sizes() == torch::IntArrayRef{16, 32});
+  // A cache that is not this weight's is refused, naming what it holds.
+  mixprec::nn::Int8WeightCache other;
+  mixprec::nn::int8_linear(torch::randn({4, 48}), torch::randn({32, 48}), {}, {}, &other);
+  REQUIRE_THROWS_WITH(mixprec::nn::int8_linear(x, cached->weight, {}, {}, &other),
+                      Catch::Contains("weight cache does not hold"));
+  cached->to(torch::kBFloat16);
+  REQUIRE(cached->weight_cache.empty());
+}
+
 TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores integer weights", "[int8][qat]") {
   torch::manual_seed(4);
   torch::nn::Sequential model(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)), torch::nn::ReLU(),

@@ -178,6 +178,86 @@ def test_torch_compile_with_dynamic_batch_sizes() -> None:
     assert torch.equal(layer.weight.grad, twin.weight.grad)
 
 
+def _accumulate(layer: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> list:
+    """One gradient-accumulation cycle: the outputs, the input gradients and the parameters' gradients."""
+    layer.zero_grad()
+    outs, input_grads = [], []
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        x = x.clone().requires_grad_()
+        out = layer(x, is_first_microbatch=(i == 0)) if cached else layer(x)
+        out.backward(g)
+        outs.append(out.detach())
+        input_grads.append(x.grad)
+    return outs + input_grads + [layer.weight.grad.clone(), layer.bias.grad.clone()]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("name", list(GEMMS))
+def test_weight_cache_across_micro_batches_changes_nothing(name: str, autocast: bool) -> None:
+    """is_first_microbatch=True quantizes the weight (both INT8 operands) and keeps it, False reuses it: with
+    the weight unchanged within a cycle, every output and gradient bit equals the uncached run's."""
+    torch.manual_seed(3)
+    a = mixprec.nn.Int8Linear(64, 48, gemms=GEMMS[name])
+    b = copy.deepcopy(a)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    xs = [torch.randn(16, 64) for _ in range(3)]
+    gs = [torch.randn(16, 48, dtype=dtype) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain, cached = _accumulate(a, xs, gs, cached=False), _accumulate(b, xs, gs, cached=True)
+    for got, want in zip(cached, plain):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_weight_cache_is_used_and_checked() -> None:
+    torch.manual_seed(4)
+    layer = mixprec.nn.Int8Linear(32, 16)
+    x, g = torch.randn(8, 32), torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="is_first_microbatch=True"):
+        layer(x, is_first_microbatch=False)
+    x1 = x.clone().requires_grad_()
+    first = layer(x1, is_first_microbatch=True)
+    first.backward(g)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # not read again until the next True: neither operand is quantized from it
+    x2 = x.clone().requires_grad_()
+    again = layer(x2, is_first_microbatch=False)
+    again.backward(g)
+    assert torch.equal(again, first) and torch.equal(x2.grad, x1.grad)
+    assert not torch.equal(layer(x, is_first_microbatch=True), first)
+    assert not torch.equal(layer(x), first)
+    layer.to(torch.bfloat16)  # a cast empties the cache
+    with pytest.raises(RuntimeError, match="there was none"):
+        layer(x.bfloat16(), is_first_microbatch=False)
+    # The functional form: the operands by row (forward) and by column (input gradient), checked against the
+    # weight they are used with.
+    cache: list[torch.Tensor] = []
+    mixprec.nn.int8_linear(x.bfloat16(), layer.weight, None, Int8Gemms(), cache)
+    assert [t.dtype for t in cache] == [torch.int8, torch.float32, torch.int8, torch.float32]
+    assert [tuple(t.shape) for t in cache] == [(16, 32), (16, 1), (16, 32), (1, 32)]
+    rows, cols = int8.quantize(layer.weight, (1, -1)), int8.quantize(layer.weight, (-1, 1))
+    assert torch.equal(cache[0], rows.data) and torch.equal(cache[1], rows.scale_inv)
+    assert torch.equal(cache[2], cols.data) and torch.equal(cache[3], cols.scale_inv)
+    other = torch.randn(16, 48, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight cache does not hold"):
+        mixprec.nn.int8_linear(torch.randn(8, 48).bfloat16(), other, None, Int8Gemms(), cache)
+    with pytest.raises(ValueError, match="four tensors"):
+        mixprec.nn.int8_linear(x.bfloat16(), layer.weight, None, Int8Gemms(), cache[:2])
+    # Only the INT8 GEMMs' operands are kept; a 16-bit input gradient reads the weight as it is then.
+    cache = []
+    forward_only = Int8Gemms(input_grad=False)
+    mixprec.nn.int8_linear(x.bfloat16(), layer.weight, None, forward_only, cache)
+    assert cache[2].numel() == 0 and cache[3].numel() == 0
+    x3 = x.bfloat16().requires_grad_()
+    mixprec.nn.int8_linear(x3, layer.weight, None, forward_only, cache).backward(g.bfloat16())
+    assert torch.equal(x3.grad, g.bfloat16() @ layer.weight)
+    # A copy (or a pickle) leaves the cache behind: it is derived from the weight.
+    layer(x.bfloat16(), is_first_microbatch=True)
+    with pytest.raises(RuntimeError, match="there was none"):
+        copy.deepcopy(layer)(x.bfloat16(), is_first_microbatch=False)
+    with pytest.raises(RuntimeError, match="there was none"):
+        pickle.loads(pickle.dumps(layer))(x.bfloat16(), is_first_microbatch=False)
+
+
 def test_opcheck() -> None:
     torch.manual_seed(6)
     no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -186,6 +266,10 @@ def test_opcheck() -> None:
         for gemms in GEMMS.values():
             args = (x, w, b, gemms.forward, gemms.input_grad, gemms.weight_grad)
             torch.library.opcheck(torch.ops.mixprec.int8_linear.default, args, test_utils=no_schema)
+            filled = torch.ops.mixprec.int8_linear_cached(*args, [])[1]
+            for cache in ([], filled):
+                torch.library.opcheck(torch.ops.mixprec.int8_linear_cached.default, (*args, cache),
+                                      test_utils=no_schema)
 
 
 @pytest.mark.parametrize("device", DEVICES)

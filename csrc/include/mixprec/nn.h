@@ -136,6 +136,16 @@ struct Int8Gemms {
   bool weight_grad = false;
 };
 
+/// A weight quantized for int8_linear, kept across gradient-accumulation micro-batches: the forward operand
+/// (codes [out, in] per output channel, scale inverses [out, 1]) where the forward GEMM is INT8, and the
+/// input-gradient operand (codes [out, in] per input channel, scale inverses [1, in]) where that GEMM is.
+struct Int8WeightCache {
+  torch::Tensor data, scale_inv;
+  torch::Tensor data_t, scale_inv_t;
+  bool filled = false;  // a layer with no INT8 weight operand fills it with nothing
+  bool empty() const { return !filled; }
+};
+
 /// `input @ weight^T + bias` with INT8 GEMMs (int32 sums, fp32 dequantization): each GEMM's operands are
 /// quantized row-wise along the summed dimension (tokens and output channels for the output, tokens and input
 /// channels for the input gradient, output and input channels for an INT8 weight gradient), per call, from
@@ -144,8 +154,14 @@ struct Int8Gemms {
 /// dtype first. On CUDA the in and out features must be multiples of 8 (an INT8 weight gradient also needs a
 /// token count that is one; other batches take the 16-bit GEMM for it). The same function is Python's
 /// mixprec.nn.int8_linear.
+///
+/// `cache` keeps the quantized weight across gradient-accumulation micro-batches, as float8_linear's does: an
+/// empty cache is filled by the call (both INT8 operands, quantized from the weight in the autocast dtype),
+/// a filled one is used instead, and the weight is then read only by the GEMMs that are not INT8.
+/// Refilling it after each optimizer step is the caller's part; Int8Linear's forward does it with
+/// `is_first_microbatch`.
 torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias = {},
-                          const Int8Gemms& gemms = {});
+                          const Int8Gemms& gemms = {}, Int8WeightCache* cache = nullptr);
 
 /// A Linear whose forward is int8_linear: same options, parameters, initialisation and state dict as
 /// torch::nn::Linear.
@@ -160,12 +176,22 @@ class Int8LinearImpl : public torch::nn::Cloneable<Int8LinearImpl> {
   void reset() override;
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
-  torch::Tensor forward(const torch::Tensor& input);
+  /// `is_first_microbatch` as in Float8Linear: unset, the weight is quantized on every call; true, it is
+  /// quantized and kept in `weight_cache`; false, the kept one is used.
+  torch::Tensor forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch = std::nullopt);
+  /// Module::to, and the weight cache is dropped (it was quantized from the weight before the move or cast).
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
 
   torch::nn::LinearOptions options;
   Int8Gemms gemms;
   torch::Tensor weight;
   torch::Tensor bias;
+  Int8WeightCache weight_cache;  // not state: a function of the weight
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<bool>())})
 };
 
 TORCH_MODULE(Int8Linear);
