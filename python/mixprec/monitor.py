@@ -18,6 +18,7 @@ it reads nothing back. This file adds what needs Python: TensorBoard event files
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -50,11 +51,13 @@ class Monitor:
         min_exponent, num_bins: the exponent histogram's bins, ``floor(log2 |g|)`` from ``min_exponent`` up.
         per_tensor: also write each parameter's exponent histogram to TensorBoard
             (``mixprec/grad_log2_magnitude/<name>``; one more device read per logged step).
+        keep: how many of the latest records :attr:`records` holds (about 2 KB each with 64 bins; the sinks
+            have them all), or ``None`` for every one.
     """
 
     def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
                  log_dir: Optional[str] = None, sinks: Optional[Sequence[str]] = None, min_exponent: int = -40,
-                 num_bins: int = 64, per_tensor: bool = False) -> None:
+                 num_bins: int = 64, per_tensor: bool = False, keep: Optional[int] = 1000) -> None:
         if sinks is None:
             sinks = SINKS if log_dir is not None else ("progress",)
         sinks = tuple(sinks)
@@ -63,6 +66,8 @@ class Monitor:
             raise ValueError(f"mixprec.Monitor: unknown sink(s) {unknown}; accepted: {list(SINKS)}")
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"mixprec.Monitor: every must be a positive int, got {every!r}")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError(f"mixprec.Monitor: keep must be a non-negative int or None, got {keep!r}")
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"mixprec.Monitor: scaler must be a mixprec.GradScaler or None, got {type(scaler).__name__}")
         if ("tensorboard" in sinks or "jsonl" in sinks) and log_dir is None:
@@ -95,7 +100,8 @@ class Monitor:
             enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
         if writer_cls is not None:
             self._writer = writer_cls(log_dir=log_dir)
-        self.records: list[dict[str, Any]] = []  # every logged record, as dicts
+        # The latest logged records, as dicts (a long run logs without bound; the sinks keep the history).
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
 
     def step(self, loss: torch.Tensor, tokens: int = 0) -> Optional[dict[str, Any]]:
         """Count one step. On a logged step, returns the record (a dict, as in ``metrics.jsonl``) after

@@ -227,12 +227,12 @@ def test_underflow_report_reads_the_same_counts() -> None:
 # ---- Monitor ------------------------------------------------------------------------------------------------
 
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
-                  fused: bool = False, per_tensor: bool = False):
+                  fused: bool = False, per_tensor: bool = False, keep: int | None = 1000):
     model = named_model()
     opt = mixprec.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
     scaler = mixprec.GradScaler("cpu", growth_interval=1000)
     monitor = mixprec.Monitor(model, scaler, every=every, log_dir=str(tmp_path), sinks=sinks, min_exponent=-30,
-                              num_bins=40, per_tensor=per_tensor)
+                              num_bins=40, per_tensor=per_tensor, keep=keep)
     records, losses = [], []
     for i in range(steps):
         opt.zero_grad()
@@ -275,6 +275,17 @@ def test_monitor_records_every_n_steps_and_matches_float64(tmp_path) -> None:
     # The JSON-lines sink holds the same records.
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [first, second]
+    assert list(monitor.records) == [first, second]
+
+
+@pytest.mark.parametrize("keep", [0, 1, None])
+def test_monitor_keeps_the_latest_records_the_sinks_keep_all(tmp_path, keep) -> None:
+    _, _, monitor, records, _ = monitored_run(tmp_path, steps=9, every=2, sinks=("jsonl",), keep=keep)
+    logged = [r for r in records if r is not None]
+    assert len(logged) == 4
+    assert list(monitor.records) == (logged if keep is None else logged[len(logged) - keep:])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == logged
 
 
 def test_monitor_on_a_skipped_step_judges_the_true_gradients(tmp_path) -> None:
@@ -342,6 +353,8 @@ def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:
     (dict(sinks=("jsonl",)), ValueError, "need a log_dir"),
     (dict(scaler=torch.amp.GradScaler("cpu")), TypeError, "mixprec.GradScaler"),
     (dict(num_bins=0), RuntimeError, "num_bins"),
+    (dict(keep=-1), ValueError, "keep must be a non-negative int or None"),
+    (dict(keep=2.5), ValueError, "keep must be a non-negative int or None"),
 ])
 def test_monitor_bad_input(kwargs, error, needle) -> None:
     with pytest.raises(error, match=needle):
