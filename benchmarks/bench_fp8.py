@@ -96,7 +96,7 @@ def linear_table(device: str, quick: bool) -> None:
     cuda = device.startswith("cuda")
     table = []
     for case in layer_cases(device, quick):
-        base, x, g, k, n, tokens = case.base, case.x, case.g, case.k, case.n, case.tokens
+        base, k, n, tokens = case.base, case.k, case.n, case.tokens
         step = case.step
         layers = {"bf16": base}
         for scaling in ("delayed", "current"):
@@ -107,15 +107,7 @@ def linear_table(device: str, quick: bool) -> None:
         if ao is not None:
             layers["torchao"] = ao
         times = {key: measure(step(layer), device) for key, layer in layers.items()}
-        # A later micro-batch of a gradient-accumulation cycle: the weight quantized by the first is reused.
-        cached = layers["delayed"]
-        cached(x, is_first_microbatch=True)
-
-        def reuse() -> None:
-            cached.zero_grad(set_to_none=True)
-            x.grad = None
-            cached(x, is_first_microbatch=False).backward(g)
-        times["cached"] = measure(reuse, device)
+        times["cached"] = measure(case.cached_step(layers["delayed"]), device)
         flops = 3 * 2 * tokens * k * n  # forward, input gradient, weight gradient
         ref = times["bf16"]
         row = [case.label, f"{ref.device * 1e3:.3f}"]

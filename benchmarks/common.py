@@ -148,6 +148,17 @@ class LayerCase:
             layer(self.x).backward(self.g)
         return run
 
+    def cached_step(self, layer: torch.nn.Module) -> Callable[[], None]:
+        """A later micro-batch of a gradient-accumulation cycle: forward + backward with
+        ``is_first_microbatch=False``, the weight quantized by a first call (made here) reused."""
+        layer(self.x, is_first_microbatch=True)
+
+        def run() -> None:
+            layer.zero_grad(set_to_none=True)
+            self.x.grad = None
+            layer(self.x, is_first_microbatch=False).backward(self.g)
+        return run
+
 
 def layer_cases(device: str, quick: bool) -> list[LayerCase]:
     """LAYER_SHAPES at 8192 tokens on CUDA; on the CPU (or --quick) divided by 8 with fewer tokens."""
