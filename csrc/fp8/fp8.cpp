@@ -96,8 +96,9 @@ std::string_view scaling_name(Scaling scaling) {
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options) {
   const at::TensorOptions f = options.dtype(at::kFloat);
   if (recipe.scaling != Scaling::Delayed) {
-    const at::Tensor none = at::empty({0}, f);
-    return {none, none, none, none, none, none};
+    // Six tensors, not one six times: each becomes a buffer of its own.
+    const auto none = [&] { return at::empty({0}, f); };
+    return {none(), none(), none(), none(), none(), none()};
   }
   TORCH_CHECK_VALUE(recipe.amax_history_len >= 1, "mixprec: amax_history_len must be >= 1, got ",
                     recipe.amax_history_len);

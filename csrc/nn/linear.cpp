@@ -540,6 +540,14 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return linear(input, weight, bias.value_or(at::Tensor()));
   });
   m.impl("keep_fp32_grad_", [](const at::Tensor& weight) { keep_fp32_grad(weight); });
+  m.impl("fp8_scaling_state", [](c10::string_view scaling, int64_t amax_history_len, const at::Tensor& like) {
+    fp8::Recipe recipe;
+    recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
+    recipe.amax_history_len = amax_history_len;
+    const fp8::ScalingState s = fp8::make_scaling_state(recipe, like.options());
+    return std::vector<at::Tensor>{s.forward_amax_history,  s.forward_scale,  s.forward_scale_inv,
+                                   s.backward_amax_history, s.backward_scale, s.backward_scale_inv};
+  });
   m.impl("float8_linear",
          [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
             const at::Tensor& forward_amax_history, const at::Tensor& forward_scale,

@@ -92,6 +92,8 @@ TORCH_LIBRARY(mixprec, m) {
   // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor", tags);
   m.def("keep_fp32_grad_(Tensor weight) -> ()");
+  // mixprec::fp8::make_scaling_state: a Float8Linear's six state tensors for a recipe, on `like`'s device.
+  m.def("fp8_scaling_state(str scaling, int amax_history_len, Tensor like) -> Tensor[]");
   // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling).
   m.def(
       "float8_linear(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "

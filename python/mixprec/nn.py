@@ -166,12 +166,10 @@ class Float8Linear(torch.nn.Linear):
 
     def _set_recipe(self, recipe: fp8.Recipe) -> None:
         self.recipe = recipe
-        delayed = recipe.scaling == "delayed"
-        h = recipe.amax_history_len
-        shapes = [(h, 2), (2,), (2,), (h, 1), (1,), (1,)] if delayed else [(0,)] * 6
-        fills = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
-        for name, shape, fill in zip(_FP8_BUFFERS, shapes, fills):
-            self.register_buffer(name, torch.full(shape, fill, dtype=torch.float32, device=self.weight.device))
+        # The state's shapes and initial values are C++'s (mixprec::fp8::make_scaling_state).
+        state = torch.ops.mixprec.fp8_scaling_state(recipe.scaling, int(recipe.amax_history_len), self.weight)
+        for name, tensor in zip(_FP8_BUFFERS, state):
+            self.register_buffer(name, tensor)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, recipe: Optional[fp8.Recipe] = None) -> "Float8Linear":

@@ -257,6 +257,22 @@ def test_bad_input() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
 
 
+def test_scaling_state_buffers() -> None:
+    """The buffers Float8Linear registers (C++'s make_scaling_state): delayed scaling's window and scales,
+    fp32 on the weight's device; other recipes six empty, distinct tensors."""
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(amax_history_len=5), dtype=torch.bfloat16)
+    state = [getattr(layer, n) for n in mixprec.nn._FP8_BUFFERS]
+    assert [tuple(t.shape) for t in state] == [(5, 2), (2,), (2,), (5, 1), (1,), (1,)]
+    assert [t.unique().tolist() for t in state] == [[0.0], [1.0], [1.0], [0.0], [1.0], [1.0]]
+    assert all(t.dtype == torch.float32 and t.device == layer.weight.device for t in state)
+    current = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current"), device="meta")
+    state = [getattr(current, n) for n in mixprec.nn._FP8_BUFFERS]
+    assert all(t.shape == (0,) and t.device.type == "meta" for t in state)
+    assert len({id(t) for t in state}) == 6
+    with pytest.raises(ValueError, match="amax_history_len must be >= 1"):
+        torch.ops.mixprec.fp8_scaling_state("delayed", 0, layer.weight)
+
+
 def test_dtype_casts_leave_the_scaling_state_in_fp32() -> None:
     layer = mixprec.nn.Float8Linear(32, 16)
     layer.fp8_forward_scale.fill_(1.0 / 3.0)  # not representable in bf16: a cast would change it
