@@ -32,6 +32,13 @@ torch::Tensor on_device(float value, const torch::Tensor& like) {
   return torch::full({}, value, like.options().dtype(torch::kFloat));
 }
 
+// max |t| along `dims` (all of them when empty), in t's dtype, as max(amax, -amin): two reading passes,
+// where t.abs().amax() writes |t| out and reads it back (on the CPU also 4-5x slower: 48 vs 13 ms for a bf16
+// [8192, 4096]; the infinity norm took 60). Exact, and NaN propagates as through amax.
+torch::Tensor abs_max(const torch::Tensor& t, at::IntArrayRef dims, bool keepdim) {
+  return at::maximum(t.amax(dims, keepdim), t.amin(dims, keepdim).neg());
+}
+
 // [out, everything else]: the matrix view every weight is quantized in.
 torch::Tensor weight_matrix(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() >= 1, "mixprec::qat: a weight needs at least one dimension, got a 0-dim tensor");
@@ -108,8 +115,8 @@ std::pair<int64_t, int64_t> code_range(int64_t weight_bits) {
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   if (numel_of(x) == 0) return x;
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
-  const torch::Tensor a = m.detach().abs();
-  const torch::Tensor amax = per_token ? a.amax({-1}, true) : a.max().reshape({1, 1});
+  const torch::Tensor a = m.detach();
+  const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
   const torch::Tensor steps = amax.to(torch::kFloat).div(on_device(127.0f, amax)).clamp_min(kTiny);
   return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
 }
@@ -118,7 +125,7 @@ torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config)
   const int64_t qmax = code_range(config.weight_bits).second;
   const torch::Tensor w2 = weight_matrix(weight.detach());
   const int64_t g = group_length(w2, config);
-  const torch::Tensor amax = w2.abs().reshape({size_of(w2, 0), -1, g}).amax({-1});
+  const torch::Tensor amax = abs_max(w2.reshape({size_of(w2, 0), -1, g}), {-1}, false);
   return amax.to(torch::kFloat).div(on_device(static_cast<float>(qmax), amax)).clamp_min(kTiny);
 }
 
