@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import mixprec
 from mixprec import int8
 
-from conftest import DEVICES, FLOAT_DTYPES, requires_cuda
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, run_with_cpu_capability
 
 BLOCKS = [(1, -1), (-1, 1), (-1, -1), (1, 16), (3, 5), (128, 128)]
 
@@ -92,6 +92,39 @@ def test_quantize_ties_saturation_pow2_and_layouts(device: str) -> None:
     q = int8.quantize(base, (1, 16))
     step = q.scale_inv.repeat_interleave(16, 1)[:, :130]
     assert ((q.data.float() * step - base).abs() <= step * 0.5000001).all()
+
+
+def test_quantize_vector_paths_match_the_reference() -> None:
+    """Rows long enough for the vector steps (16 elements) with odd tails, per-column blocks across many
+    rows, groups wider and narrower than a vector step, ties, saturation and non-finite values inside runs."""
+    torch.manual_seed(7)
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(67, 301) * torch.logspace(-4, 4, 301)).to(dtype)
+        x[3, 40], x[5, 17], x[9, 290] = float("nan"), float("inf"), -float("inf")
+        x[11, :] = torch.arange(301) - 150.5  # amax 150.5: many x * scale land on .5 ties
+        for block in [(1, -1), (-1, 1), (1, 1), (1, 16), (1, 33), (4, 128), (-1, -1), (2, 7)]:
+            assert_quantize_matches(x, block)
+            assert_quantize_matches(x[:, 3:], block)  # misaligned rows
+
+
+def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
+    """The DEFAULT and AVX2 builds of the quantize kernels give identical codes and scales."""
+    torch.manual_seed(8)
+    inputs = []
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(129, 515) * torch.logspace(-5, 5, 515)).to(dtype)
+        x[7, 100], x[8, 3], x[100, 514] = float("nan"), float("inf"), -float("inf")
+        inputs.append(x)
+    script = """
+        RESULT = [tuple(mixprec.int8.quantize(x, block)) for x in INPUTS
+                  for block in [(1, -1), (-1, 1), (1, 128), (1, 5), (16, 16), (-1, -1)]]
+    """
+    a = run_with_cpu_capability("default", script, inputs, tmp_path)
+    b = run_with_cpu_capability(None, script, inputs, tmp_path)
+    assert len(a) == len(b) == 18
+    for (data_a, inv_a), (data_b, inv_b) in zip(a, b):
+        assert torch.equal(data_a, data_b)
+        torch.testing.assert_close(inv_a, inv_b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -29,5 +29,7 @@ RngKey stochastic_key(std::optional<int64_t> seed) {
 KernelTable<UnscaleChunkFn> unscale_chunk_kernels;
 KernelTable<CastChunkFn> cast_chunk_kernels;
 KernelTable<AdamChunkFn> adam_chunk_kernels;
+KernelTable<Int8AmaxFn> int8_amax_kernels;
+KernelTable<Int8CodesFn> int8_codes_kernels;
 
 }  // namespace mixprec::cpu

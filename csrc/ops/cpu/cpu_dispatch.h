@@ -106,6 +106,22 @@ struct AdamCommon {
 using AdamChunkFn = void (*)(const AdamChunk& chunk, const AdamCommon& common);
 extern KernelTable<AdamChunkFn> adam_chunk_kernels;
 
+/// A contiguous [rows, cols] matrix being quantized to INT8 in blocks of block_rows x block_cols (int8.h's
+/// rule): row r's block scales start at r / block_rows * grid_cols in a table of the grid.
+struct Int8Rows {
+  const void* src;
+  int8_t* dst;
+  at::ScalarType dtype;
+  int64_t cols, block_rows, block_cols, grid_cols;
+};
+
+/// Rows [r0, r1): each block's entry of `table` becomes the max of itself and its elements' magnitude bits.
+using Int8AmaxFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table);
+extern KernelTable<Int8AmaxFn> int8_amax_kernels;
+/// Rows [r0, r1): the codes with nearest rounding, each element by its block's entry of `scales`.
+using Int8CodesFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales);
+extern KernelTable<Int8CodesFn> int8_codes_kernels;
+
 }  // namespace mixprec::cpu
 
 // In a *_kernel.cpp: MIXPREC_REGISTER_CPU_KERNEL(table, function) registers this build's entry.

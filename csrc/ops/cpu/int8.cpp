@@ -40,43 +40,43 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
   std::vector<float> scale(static_cast<size_t>(nblocks));
   auto* dst = data.data_ptr<int8_t>();
   float* inv = scale_inv.data_ptr<float>();
+  // Both passes run the vectorised kernels of the CPU's capability (cpu_dispatch.h; int8_kernel.cpp);
+  // stochastic rounding draws per element here.
+  const Int8Rows m{in.input.const_data_ptr(), dst, in.input.scalar_type(), in.cols, b.block_rows, b.block_cols,
+                   b.grid_cols};
+  const Int8AmaxFn amax_rows = int8_amax_kernels.get("int8_quantize");
+  // Every block's amax. With several block rows, tasks take whole block rows and write their own entries;
+  // with one, tasks take row ranges with a table each (grid_cols entries), combined by max.
+  std::vector<uint32_t> amax(static_cast<size_t>(nblocks), 0u);
+  if (b.grid_rows > 1) {
+    at::parallel_for(0, b.grid_rows, std::max<int64_t>(1, row_grain(in.cols) / b.block_rows), [&](int64_t g0, int64_t g1) {
+      amax_rows(m, g0 * b.block_rows, std::min(in.rows, g1 * b.block_rows), amax.data());
+    });
+  } else {
+    using Table = std::vector<uint32_t>;
+    amax = at::parallel_reduce(
+        0, in.rows, row_grain(in.cols), Table(static_cast<size_t>(nblocks), 0u),
+        [&](int64_t r0, int64_t r1, Table table) {
+          amax_rows(m, r0, r1, table.data());
+          return table;
+        },
+        [](Table x, const Table& y) {
+          for (size_t j = 0; j < x.size(); ++j) x[j] = std::max(x[j], y[j]);
+          return x;
+        });
+  }
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int8::BlockScale bs = int8::block_scale(rounding::bits_float(amax[static_cast<size_t>(j)]), pow2_scales);
+    scale[static_cast<size_t>(j)] = bs.scale;
+    inv[j] = bs.scale_inv;
+  }
+  if (in.mode == rounding::Mode::Nearest) {
+    const Int8CodesFn codes_rows = int8_codes_kernels.get("int8_quantize");
+    at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) { codes_rows(m, r0, r1, scale.data()); });
+    return {data, scale_inv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::int8_quantize", [&] {
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
-    // Every block's amax. With several block rows, tasks take whole block rows and write their own entries;
-    // with one, tasks take row ranges with a table each (grid_cols entries), combined by max.
-    std::vector<uint32_t> amax(static_cast<size_t>(nblocks), 0u);
-    const auto scan = [&](int64_t r0, int64_t r1, uint32_t* table) {
-      for (int64_t r = r0; r < r1; ++r) {
-        uint32_t* row_blocks = table + r / b.block_rows * b.grid_cols;
-        for (int64_t c = 0; c < in.cols; ++c) {
-          uint32_t& m = row_blocks[c / b.block_cols];
-          m = std::max(m, rounding::magnitude_bits(static_cast<float>(src[r * in.cols + c])));
-        }
-      }
-    };
-    if (b.grid_rows > 1) {
-      at::parallel_for(0, b.grid_rows, std::max<int64_t>(1, row_grain(in.cols) / b.block_rows), [&](int64_t g0, int64_t g1) {
-        scan(g0 * b.block_rows, std::min(in.rows, g1 * b.block_rows), amax.data());
-      });
-    } else {
-      using Table = std::vector<uint32_t>;
-      amax = at::parallel_reduce(
-          0, in.rows, row_grain(in.cols), Table(static_cast<size_t>(nblocks), 0u),
-          [&](int64_t r0, int64_t r1, Table table) {
-            scan(r0, r1, table.data());
-            return table;
-          },
-          [](Table x, const Table& y) {
-            for (size_t j = 0; j < x.size(); ++j) x[j] = std::max(x[j], y[j]);
-            return x;
-          });
-    }
-    for (int64_t j = 0; j < nblocks; ++j) {
-      const int8::BlockScale bs = int8::block_scale(rounding::bits_float(amax[static_cast<size_t>(j)]), pow2_scales);
-      scale[static_cast<size_t>(j)] = bs.scale;
-      inv[j] = bs.scale_inv;
-    }
-    const bool stochastic = in.mode == rounding::Mode::Stochastic;
     at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) {
       Draws draws(key);
       for (int64_t r = r0; r < r1; ++r) {
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
         for (int64_t c = 0; c < in.cols; ++c) {
           const int64_t i = r * in.cols + c;
           dst[i] = int8::to_int8(static_cast<float>(src[i]), row_scale[c / b.block_cols], in.mode,
-                                 stochastic ? draws.at(static_cast<uint64_t>(i)) : 0u);
+                                 draws.at(static_cast<uint64_t>(i)));
         }
       }
     });
