@@ -6,6 +6,8 @@ Quantization, on an activation-sized bf16 matrix (8192 tokens x 4096 features; -
   per column  the same along columns (a weight for the input-gradient product)
   per group   groups of 128 along rows (INT4-style weights use such groups)
   stochastic  per row with stochastic rounding (torch's line: nearest rounding, no cheaper eager equivalent)
+  fake quant  QAT's quantize -> dequantize with per-row steps, bf16 in and out: torch
+              fake_quantize_per_channel_affine (fp32 only, so a cast first)
 Bytes moved = the input read once + the codes written once, so "GB/s" and "% of copy" say how close each op
 is to the memory bound.
 
@@ -60,12 +62,18 @@ def quantize_table(device: str, quick: bool) -> None:
     rows, cols = (1024, 1024) if quick else (8192, 4096)
     x = (torch.randn(rows, cols, device=device) * 3).bfloat16()
     nbytes = 3 * x.numel()  # bf16 read + int8 written
+    steps = (x.float().abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
+    zero_points = torch.zeros(rows, dtype=torch.int32, device=device)
     cases = [
         ("per row", nbytes, lambda: torch_quantize(x, 1), lambda: int8.quantize(x, (1, -1))),
         ("per column", nbytes, lambda: torch_quantize(x, 0), lambda: int8.quantize(x, (-1, 1))),
         ("per group of 128", nbytes, lambda: torch_quantize(x, None, 128), lambda: int8.quantize(x, (1, 128))),
         ("per row, stochastic (torch: nearest)", nbytes, lambda: torch_quantize(x, 1),
          lambda: int8.quantize(x, (1, -1), rounding="stochastic", seed=1)),
+        # QAT's fake quantization with per-row steps; torch's fused op takes fp32 only (a cast first).
+        ("fake quantize per row (bf16 -> bf16)", 4 * x.numel(),
+         lambda: torch.fake_quantize_per_channel_affine(x.float(), steps.reshape(-1), zero_points, 0, -127, 127),
+         lambda: int8.fake_quantize(x, steps, -127, 127, (1, -1))),
     ]
     print(f"bf16 input [{rows}, {cols}] -> int8")
     print_bandwidth_table(cases, device)

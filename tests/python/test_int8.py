@@ -261,6 +261,72 @@ def test_learnable_scale_gradient_matches_torch(device: str) -> None:
     assert s.grad.shape == (16, 1) and torch.allclose(s.grad.cpu().reshape(-1), sr.grad, rtol=0, atol=32 * 127 * 2.0**-22)
 
 
+def reference_fake_quantize(x: torch.Tensor, steps: torch.Tensor, qmin: int, qmax: int):
+    """The rule in fp32 torch ops, `steps` expanded to x's shape: (output in x's dtype, the straight-through
+    mask, the LSQ term per element). NaN stays NaN; a NaN's code and term are 0."""
+    xf, sf = x.float(), steps.float()
+    v = xf * (1.0 / sf)
+    r = torch.round(v.clamp(qmin - 1, qmax + 1))
+    inside = (r >= qmin) & (r <= qmax)
+    q = torch.nan_to_num(r.clamp(qmin, qmax), nan=0.0)
+    y = torch.where(v.isnan(), v, q * sf).to(x.dtype)
+    return y, inside, torch.where(inside, q - v, q)
+
+
+def test_fake_quantize_vector_paths_match_the_rule() -> None:
+    """The CPU kernels' vector steps (16 elements sharing a step, or per-column steps), their scalar tails and
+    blocks narrower than a step, with NaN, inf and ties inside runs: forward, straight-through gradient and
+    the per-element LSQ terms, bit for bit."""
+    torch.manual_seed(11)
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(48, 203) * torch.logspace(-2, 2, 203)).to(dtype)
+        x[1, 30], x[2, 64], x[3, 100] = float("nan"), float("inf"), -float("inf")
+        x[4, :] = (torch.arange(203) - 101).to(dtype) * 0.05  # ties at a step of 0.1
+        g = torch.randn(48, 203).to(dtype)
+        g[5, 17], g[6, 50] = float("nan"), float("inf")
+        for block in [(-1, -1), (1, -1), (-1, 1), (1, 1), (2, 29), (48, 7), (16, 203)]:
+            br = 48 if block[0] == -1 else block[0]
+            bc = 203 if block[1] == -1 else block[1]
+            steps = (torch.rand(48 // br, 203 // bc) * 0.2 + 0.01).float()
+            steps.view(-1)[0] = 0.1
+            full = steps.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+            y_ref, inside, terms_ref = reference_fake_quantize(x, full, -127, 127)
+            y = torch.ops.mixprec.fake_quantize_forward(x, steps, -127, 127, *block)
+            torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+            gx, terms = torch.ops.mixprec.fake_quantize_backward(g, x, steps, -127, 127, *block, True)
+            torch.testing.assert_close(gx, torch.where(inside, g, torch.zeros_like(g)), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(terms, terms_ref * g.float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_fake_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
+    """The DEFAULT and AVX2 builds of the fake-quantization kernels give identical bits, NaN payloads
+    included."""
+    torch.manual_seed(12)
+    inputs = []
+    for dtype in FLOAT_DTYPES:
+        x = (torch.randn(40, 301) * 3).to(dtype)
+        x[0, 5], x[1, 200], x[2, 33] = float("nan"), float("inf"), -float("nan")
+        g = torch.randn(40, 301).to(dtype)
+        g[3, 18] = float("nan")
+        inputs.append((x, g))
+    script = """
+        RESULT = []
+        for x, g in INPUTS:
+            for block, steps in [((1, -1), torch.full((40, 1), 0.02)), ((-1, 1), torch.full((1, 301), 0.05)),
+                                 ((1, 43), torch.full((40, 7), 0.03)), ((-1, -1), torch.full((1, 1), 0.1))]:
+                y = torch.ops.mixprec.fake_quantize_forward(x, steps, -8, 7, *block)
+                gx, terms = torch.ops.mixprec.fake_quantize_backward(g, x, steps, -8, 7, *block, True)
+                RESULT.append((y, gx, terms))
+    """
+    a = run_with_cpu_capability("default", script, inputs, tmp_path)
+    b = run_with_cpu_capability(None, script, inputs, tmp_path)
+    assert len(a) == len(b) == 12
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    for ta, tb in zip(a, b):
+        for u, v in zip(ta, tb):
+            assert torch.equal(u.view(bits[u.dtype]), v.view(bits[v.dtype]))
+
+
 def test_fake_quantize_double_backward() -> None:
     """Under create_graph the gradients are recorded as functions of the incoming gradient g: x's is mask * g,
     the step's the per-block sum of the LSQ terms times g; differentiating them again in g gives those

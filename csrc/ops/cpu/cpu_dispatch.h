@@ -122,6 +122,24 @@ extern KernelTable<Int8AmaxFn> int8_amax_kernels;
 using Int8CodesFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales);
 extern KernelTable<Int8CodesFn> int8_codes_kernels;
 
+/// A contiguous [rows, cols] matrix being fake-quantized in blocks (int8.h's fake_quantize), the block
+/// layout as in Int8Rows; `x` and `y` (and the gradients) are of `dtype`.
+struct FakeQuantRows {
+  const void* x;
+  at::ScalarType dtype;
+  int64_t cols, block_rows, block_cols, grid_cols;
+  float qmin, qmax;
+};
+
+/// Rows [r0, r1) of the forward: y = the fake-quantized x, each element by its block's step in `steps`.
+using FakeQuantForwardFn = void (*)(const FakeQuantRows& m, void* y, int64_t r0, int64_t r1, const float* steps);
+extern KernelTable<FakeQuantForwardFn> fake_quantize_forward_kernels;
+/// Rows [r0, r1) of the backward: dx = dy where the code was in range, else 0; and, when `terms` is not
+/// null, the learnable step's per-element term times dy (fp32).
+using FakeQuantBackwardFn = void (*)(const FakeQuantRows& m, const void* dy, void* dx, float* terms, int64_t r0,
+                                     int64_t r1, const float* steps);
+extern KernelTable<FakeQuantBackwardFn> fake_quantize_backward_kernels;
+
 }  // namespace mixprec::cpu
 
 // In a *_kernel.cpp: MIXPREC_REGISTER_CPU_KERNEL(table, function) registers this build's entry.

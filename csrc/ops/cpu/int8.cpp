@@ -98,31 +98,23 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   return detail::int8_mm_dequantize(detail::int8_mm_exact(g), g, out_dtype, bias);
 }
 
-// Calls fn(r, row_steps) for every row, with row_steps the scale row of the row's block row.
-template <typename Fn>
-void for_rows(const detail::FakeQuantArgs& f, Fn&& fn) {
-  at::parallel_for(0, f.rows, row_grain(f.cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) fn(r, r / f.blocks.block_rows * f.blocks.grid_cols);
-  });
+FakeQuantRows fake_quant_rows(const detail::FakeQuantArgs& f) {
+  return {f.input.const_data_ptr(), f.input.scalar_type(), f.cols, f.blocks.block_rows, f.blocks.block_cols,
+          f.blocks.grid_cols, f.qmin, f.qmax};
 }
 
+// Both directions run the kernels of the CPU's capability (int8_kernel.cpp): vectorised where 16 elements
+// share a step or have per-column steps, the scalar rule elsewhere.
 at::Tensor fake_quantize_forward_cpu(const at::Tensor& input, const at::Tensor& scale, int64_t quant_min,
                                      int64_t quant_max, int64_t block_rows, int64_t block_cols) {
   const detail::FakeQuantArgs f = detail::check_fake_quantize("mixprec::fake_quantize_forward", input, scale,
                                                               quant_min, quant_max, block_rows, block_cols);
   at::Tensor out = at::empty_like(f.input);
+  const FakeQuantRows m = fake_quant_rows(f);
+  const FakeQuantForwardFn kernel = fake_quantize_forward_kernels.get("fake_quantize_forward");
   const float* steps = f.scale.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.input.scalar_type(), "mixprec::fake_quantize", [&] {
-    const scalar_t* x = f.input.const_data_ptr<scalar_t>();
-    scalar_t* y = out.data_ptr<scalar_t>();
-    for_rows(f, [&](int64_t r, int64_t first_block) {
-      for (int64_t c = 0; c < f.cols; ++c) {
-        const float s = steps[first_block + c / f.blocks.block_cols];
-        const int64_t i = r * f.cols + c;
-        y[i] = static_cast<scalar_t>(int8::fake_quantize(static_cast<float>(x[i]), s, 1.0f / s, f.qmin, f.qmax).value);
-      }
-    });
-  });
+  void* y = out.data_ptr();
+  at::parallel_for(0, f.rows, row_grain(f.cols), [&](int64_t r0, int64_t r1) { kernel(m, y, r0, r1, steps); });
   return out;
 }
 
@@ -136,23 +128,13 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(const at::Tensor& 
   at::Tensor grad_input = at::empty_like(f.input);
   at::Tensor terms = scale_grad ? at::empty({f.rows, f.cols}, f.input.options().dtype(at::kFloat))
                                 : at::empty({0}, f.input.options().dtype(at::kFloat));
+  const FakeQuantRows m = fake_quant_rows(f);
+  const FakeQuantBackwardFn kernel = fake_quantize_backward_kernels.get("fake_quantize_backward");
   const float* steps = f.scale.const_data_ptr<float>();
+  const void* dy = g.const_data_ptr();
+  void* dx = grad_input.data_ptr();
   float* t = scale_grad ? terms.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.input.scalar_type(), "mixprec::fake_quantize", [&] {
-    const scalar_t* x = f.input.const_data_ptr<scalar_t>();
-    scalar_t* gx = grad_input.data_ptr<scalar_t>();
-    const scalar_t* gy = g.const_data_ptr<scalar_t>();
-    for_rows(f, [&](int64_t r, int64_t first_block) {
-      for (int64_t c = 0; c < f.cols; ++c) {
-        const float s = steps[first_block + c / f.blocks.block_cols];
-        const int64_t i = r * f.cols + c;
-        const int8::FakeQuantized q = int8::fake_quantize(static_cast<float>(x[i]), s, 1.0f / s, f.qmin, f.qmax);
-        const float dy = static_cast<float>(gy[i]);
-        gx[i] = static_cast<scalar_t>(q.inside ? dy : 0.0f);
-        if (t != nullptr) t[i] = int8::lsq_scale_term(q) * dy;
-      }
-    });
-  });
+  at::parallel_for(0, f.rows, row_grain(f.cols), [&](int64_t r0, int64_t r1) { kernel(m, dy, dx, t, r0, r1, steps); });
   return {grad_input, terms};
 }
 

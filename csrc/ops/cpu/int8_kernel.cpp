@@ -186,10 +186,171 @@ void int8_codes_rows(const Int8Rows& m, int64_t r0, int64_t r1, const float* sca
   }
 }
 
+// ---- fake quantization ----------------------------------------------------------------------------------
+
+// kStep elements of two fp32 vectors stored as Dst (16-bit: rounded to nearest even, as static_cast does for
+// every non-NaN value; callers keep NaN lanes off this path).
+template <typename Dst>
+inline void store(Dst* p, const FVec& a, const FVec& b) {
+  if constexpr (std::is_same_v<Dst, float>) {
+    a.store(p);
+    b.store(p + FVec::size());
+  } else {
+    at::vec::convert_from_float<Dst>(a, b).store(p);
+  }
+}
+
+inline bool any_nan(const FVec& a) { return (a != a).zero_mask() != (1 << FVec::size()) - 1; }
+
+// int8::fake_quantize lane-wise for non-NaN x * inv: the rounded code and whether it was in range.
+struct FakeQuantVec {
+  FVec code, scaled;
+  FVec inside;  // all-ones lanes where qmin <= round(x * inv) <= qmax
+};
+inline FakeQuantVec fake_quantize_vec(const FVec& x, const FVec& inv, const FVec& qmin, const FVec& qmax) {
+  const FVec v = x * inv;
+  const FVec r = (at::vec::clamp(v, qmin - FVec(1.0f), qmax + FVec(1.0f)) + FVec(12582912.0f)) - FVec(12582912.0f);
+  return {at::vec::clamp(r, qmin, qmax), v, (r >= qmin) & (r <= qmax)};
+}
+
+// Elements [c0, c1) of row r with the scalar rule (float64 inputs, tails, steps holding a NaN lane).
+template <typename T>
+void forward_scalar(const FakeQuantRows& m, const T* x, T* y, int64_t c0, int64_t c1, const float* s) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float step = s[c / m.block_cols];
+    y[c] = static_cast<T>(int8::fake_quantize(static_cast<float>(x[c]), step, 1.0f / step, m.qmin, m.qmax).value);
+  }
+}
+
+template <typename T>
+void backward_scalar(const FakeQuantRows& m, const T* x, const T* dy, T* dx, float* t, int64_t c0, int64_t c1,
+                     const float* s) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float step = s[c / m.block_cols];
+    const int8::FakeQuantized q = int8::fake_quantize(static_cast<float>(x[c]), step, 1.0f / step, m.qmin, m.qmax);
+    const float g = static_cast<float>(dy[c]);
+    dx[c] = static_cast<T>(q.inside ? g : 0.0f);
+    if (t != nullptr) t[c] = int8::lsq_scale_term(q) * g;
+  }
+}
+
+// The steps of elements [c, c + kStep) of a row as two vectors: per-column steps, or one block's step; false
+// where the elements span blocks (blocks narrower than kStep always do: they take the scalar rule).
+inline bool step_vectors(const FakeQuantRows& m, const float* s, int64_t c, FVec& sa, FVec& sb) {
+  if (m.block_cols == 1) {
+    sa = FVec::loadu(s + c);
+    sb = FVec::loadu(s + c + FVec::size());
+    return true;
+  }
+  if (c / m.block_cols != (c + kStep - 1) / m.block_cols) return false;
+  sa = sb = FVec(s[c / m.block_cols]);
+  return true;
+}
+
+template <typename T>
+void forward_rows_typed(const FakeQuantRows& m, void* out, int64_t r0, int64_t r1, const float* steps) {
+  const FVec qmin(m.qmin), qmax(m.qmax);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(m.x) + r * m.cols;
+    T* y = static_cast<T*>(out) + r * m.cols;
+    const float* s = steps + r / m.block_rows * m.grid_cols;
+    int64_t c = 0;
+    if constexpr (kVectorised<T>) {
+      for (; c + kStep <= m.cols; c += kStep) {
+        FVec xa, xb, sa, sb;
+        if (!step_vectors(m, s, c, sa, sb)) {
+          forward_scalar(m, x, y, c, c + kStep, s);
+          continue;
+        }
+        load(x + c, xa, xb);
+        const FakeQuantVec qa = fake_quantize_vec(xa, FVec(1.0f) / sa, qmin, qmax);
+        const FakeQuantVec qb = fake_quantize_vec(xb, FVec(1.0f) / sb, qmin, qmax);
+        if (any_nan(qa.scaled) || any_nan(qb.scaled)) {  // NaN stays NaN: the scalar rule decides its bits
+          forward_scalar(m, x, y, c, c + kStep, s);
+          continue;
+        }
+        store(y + c, qa.code * sa, qb.code * sb);
+      }
+    }
+    forward_scalar(m, x, y, c, m.cols, s);
+  }
+}
+
+template <typename T>
+void backward_rows_typed(const FakeQuantRows& m, const void* grad, void* grad_input, float* terms, int64_t r0,
+                         int64_t r1, const float* steps) {
+  const FVec qmin(m.qmin), qmax(m.qmax);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(m.x) + r * m.cols;
+    const T* dy = static_cast<const T*>(grad) + r * m.cols;
+    T* dx = static_cast<T*>(grad_input) + r * m.cols;
+    float* t = terms != nullptr ? terms + r * m.cols : nullptr;
+    const float* s = steps + r / m.block_rows * m.grid_cols;
+    int64_t c = 0;
+    if constexpr (kVectorised<T>) {
+      for (; c + kStep <= m.cols; c += kStep) {
+        FVec xa, xb, ga, gb, sa, sb;
+        if (!step_vectors(m, s, c, sa, sb)) {
+          backward_scalar(m, x, dy, dx, t, c, c + kStep, s);
+          continue;
+        }
+        load(x + c, xa, xb);
+        load(dy + c, ga, gb);
+        const FakeQuantVec qa = fake_quantize_vec(xa, FVec(1.0f) / sa, qmin, qmax);
+        const FakeQuantVec qb = fake_quantize_vec(xb, FVec(1.0f) / sb, qmin, qmax);
+        // NaN lanes (in x * inv or in dy) take the scalar rule, whose conversions decide their bits.
+        if (any_nan(qa.scaled) || any_nan(qb.scaled) || any_nan(ga) || any_nan(gb)) {
+          backward_scalar(m, x, dy, dx, t, c, c + kStep, s);
+          continue;
+        }
+        store(dx + c, ga & qa.inside, gb & qb.inside);
+        if (t != nullptr) {
+          (FVec::blendv(qa.code, qa.code - qa.scaled, qa.inside) * ga).store(t + c);
+          (FVec::blendv(qb.code, qb.code - qb.scaled, qb.inside) * gb).store(t + c + FVec::size());
+        }
+      }
+    }
+    backward_scalar(m, x, dy, dx, t, c, m.cols, s);
+  }
+}
+
+void fake_quantize_forward_rows(const FakeQuantRows& m, void* y, int64_t r0, int64_t r1, const float* steps) {
+  switch (m.dtype) {
+    case at::kFloat:
+      return forward_rows_typed<float>(m, y, r0, r1, steps);
+    case at::kHalf:
+      return forward_rows_typed<c10::Half>(m, y, r0, r1, steps);
+    case at::kBFloat16:
+      return forward_rows_typed<c10::BFloat16>(m, y, r0, r1, steps);
+    case at::kDouble:
+      return forward_rows_typed<double>(m, y, r0, r1, steps);
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fake_quantize: unexpected dtype ", m.dtype);
+  }
+}
+
+void fake_quantize_backward_rows(const FakeQuantRows& m, const void* dy, void* dx, float* terms, int64_t r0,
+                                 int64_t r1, const float* steps) {
+  switch (m.dtype) {
+    case at::kFloat:
+      return backward_rows_typed<float>(m, dy, dx, terms, r0, r1, steps);
+    case at::kHalf:
+      return backward_rows_typed<c10::Half>(m, dy, dx, terms, r0, r1, steps);
+    case at::kBFloat16:
+      return backward_rows_typed<c10::BFloat16>(m, dy, dx, terms, r0, r1, steps);
+    case at::kDouble:
+      return backward_rows_typed<double>(m, dy, dx, terms, r0, r1, steps);
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fake_quantize: unexpected dtype ", m.dtype);
+  }
+}
+
 }  // namespace
 }  // namespace CPU_CAPABILITY
 
 MIXPREC_REGISTER_CPU_KERNEL(int8_amax_kernels, CPU_CAPABILITY::int8_amax_rows);
 MIXPREC_REGISTER_CPU_KERNEL(int8_codes_kernels, CPU_CAPABILITY::int8_codes_rows);
+MIXPREC_REGISTER_CPU_KERNEL(fake_quantize_forward_kernels, CPU_CAPABILITY::fake_quantize_forward_rows);
+MIXPREC_REGISTER_CPU_KERNEL(fake_quantize_backward_kernels, CPU_CAPABILITY::fake_quantize_backward_rows);
 
 }  // namespace mixprec::cpu
