@@ -130,10 +130,16 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     _check_ddp(weight)
     args = (input, weight, bias, *state, recipe.scaling, recipe.forward_dtype, recipe.backward_dtype,
             recipe.amax_compute_algo, int(recipe.margin), bool(recipe.pow2_scales), bool(recipe.fast_accum))
+    return _with_cache(torch.ops.mixprec.float8_linear, torch.ops.mixprec.float8_linear_cached, args, weight_cache)
+
+
+def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[list[Tensor]]) -> Tensor:
+    """`op(*args)` without a cache; with one, `cached_op(*args, weight_cache)`, which fills an empty cache (the
+    list takes the tensors it returns) or uses a filled one (and returns none: no output aliases an input)."""
     if weight_cache is None:
-        return torch.ops.mixprec.float8_linear(*args)
-    out, filled = torch.ops.mixprec.float8_linear_cached(*args, weight_cache)
-    if not weight_cache:  # a reused cache comes back empty (the op returns no alias of its inputs)
+        return op(*args)
+    out, filled = cached_op(*args, weight_cache)
+    if not weight_cache:
         weight_cache[:] = filled
     return out
 
@@ -296,12 +302,7 @@ def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     only by the GEMMs that are not INT8. Emptying it after each optimizer step is the caller's part."""
     _check_ddp(weight)
     args = (input, weight, bias, bool(gemms.forward), bool(gemms.input_grad), bool(gemms.weight_grad))
-    if weight_cache is None:
-        return torch.ops.mixprec.int8_linear(*args)
-    out, filled = torch.ops.mixprec.int8_linear_cached(*args, weight_cache)
-    if not weight_cache:  # a reused cache comes back empty (the op returns no alias of its inputs)
-        weight_cache[:] = filled
-    return out
+    return _with_cache(torch.ops.mixprec.int8_linear, torch.ops.mixprec.int8_linear_cached, args, weight_cache)
 
 
 class Int8Linear(torch.nn.Linear):

@@ -28,6 +28,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def accumulate_cycle(layer: torch.nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> list:
+    """One gradient-accumulation cycle through a layer with a weight cache (``is_first_microbatch`` True on the
+    first micro-batch, False after, when `cached`): the outputs, the input gradients and the weight's
+    gradient, as one flat list."""
+    layer.zero_grad()
+    outs, input_grads = [], []
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        x = x.clone().requires_grad_()
+        out = layer(x, is_first_microbatch=(i == 0)) if cached else layer(x)
+        out.backward(g)
+        outs.append(out.detach())
+        input_grads.append(x.grad)
+    return outs + input_grads + [layer.weight.grad.clone()]
+
+
 def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tmp_path: Path) -> Any:
     """Run `script` in a fresh Python with ATEN_CPU_CAPABILITY=capability (None: the CPU's best).
 

@@ -16,6 +16,7 @@ from torch import nn
 import mixprec
 from mixprec import fp8
 
+from conftest import accumulate_cycle
 from text_training import train_on_text
 
 RECIPES = {
@@ -98,18 +99,9 @@ def test_weight_gradient_accumulates_in_fp32_in_place() -> None:
     assert torch.equal(layer.weight.grad, before) and torch.allclose(gw.float(), singles[0], rtol=1e-2, atol=1e-2)
 
 
-def _accumulate(layer: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> tuple:
-    """One gradient-accumulation cycle; returns the outputs, input gradients, weight gradient and state."""
-    layer.zero_grad()
-    outs, input_grads = [], []
-    for i, (x, g) in enumerate(zip(xs, gs)):
-        x = x.clone().requires_grad_()
-        out = layer(x, is_first_microbatch=(i == 0)) if cached else layer(x)
-        out.backward(g)
-        outs.append(out.detach())
-        input_grads.append(x.grad)
-    state = [getattr(layer, name).clone() for name in mixprec.nn._FP8_BUFFERS]
-    return outs, input_grads, layer.weight.grad.clone(), state
+def _accumulate(layer: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> list:
+    """One gradient-accumulation cycle; the outputs, input gradients, weight gradient and scaling state."""
+    return accumulate_cycle(layer, xs, gs, cached) + [getattr(layer, n).clone() for n in mixprec.nn._FP8_BUFFERS]
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -127,9 +119,9 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str) -> None:
         _accumulate(a, xs, gs, cached=False)
         _accumulate(b, xs, gs, cached=False)
     plain, cached = _accumulate(a, xs, gs, cached=False), _accumulate(b, xs, gs, cached=True)
+    assert len(plain) == len(cached) == 13
     for got, want in zip(cached, plain):
-        for u, v in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
-            assert torch.equal(u, v)
+        assert torch.equal(got, want)
 
 
 def test_weight_cache_is_used_and_checked() -> None:

@@ -17,7 +17,7 @@ import mixprec
 from mixprec import int8
 from mixprec.nn import Int8Gemms
 
-from conftest import DEVICES
+from conftest import DEVICES, accumulate_cycle
 from text_training import train_on_text
 
 GEMMS = {
@@ -178,19 +178,6 @@ def test_torch_compile_with_dynamic_batch_sizes() -> None:
     assert torch.equal(layer.weight.grad, twin.weight.grad)
 
 
-def _accumulate(layer: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], cached: bool) -> list:
-    """One gradient-accumulation cycle: the outputs, the input gradients and the parameters' gradients."""
-    layer.zero_grad()
-    outs, input_grads = [], []
-    for i, (x, g) in enumerate(zip(xs, gs)):
-        x = x.clone().requires_grad_()
-        out = layer(x, is_first_microbatch=(i == 0)) if cached else layer(x)
-        out.backward(g)
-        outs.append(out.detach())
-        input_grads.append(x.grad)
-    return outs + input_grads + [layer.weight.grad.clone(), layer.bias.grad.clone()]
-
-
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("name", list(GEMMS))
 def test_weight_cache_across_micro_batches_changes_nothing(name: str, autocast: bool) -> None:
@@ -203,7 +190,8 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str, autocast: 
     xs = [torch.randn(16, 64) for _ in range(3)]
     gs = [torch.randn(16, 48, dtype=dtype) for _ in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        plain, cached = _accumulate(a, xs, gs, cached=False), _accumulate(b, xs, gs, cached=True)
+        plain = accumulate_cycle(a, xs, gs, cached=False) + [a.bias.grad.clone()]
+        cached = accumulate_cycle(b, xs, gs, cached=True) + [b.bias.grad.clone()]
     for got, want in zip(cached, plain):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
