@@ -120,6 +120,9 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (!ctx->saved_data["cast_weight"].toBool()) return saved[1];
       std::optional<at::ScalarType> dtype;
       if (ctx->saved_data.count("autocast_dtype")) dtype = ctx->saved_data["autocast_dtype"].toScalarType();
+      // A constant, as the copy forward casts (with grad mode off) is: a double backward gives the same
+      // result with and without the cache.
+      const at::NoGradGuard no_grad;
       return autocast_to(saved[1], dtype);
     };
     const torch::Tensor g2 = rows(grad_outputs[0].to(x2.scalar_type())).contiguous();

@@ -18,7 +18,6 @@ it reads nothing back. This file adds what needs Python: TensorBoard event files
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -51,8 +50,8 @@ class Monitor:
         min_exponent, num_bins: the exponent histogram's bins, ``floor(log2 |g|)`` from ``min_exponent`` up.
         per_tensor: also write each parameter's exponent histogram to TensorBoard
             (``mixprec/grad_log2_magnitude/<name>``; one more device read per logged step).
-        keep: how many of the latest records :attr:`records` holds (about 2 KB each with 64 bins; the sinks
-            have them all), or ``None`` for every one.
+        keep: how many of the latest records the list :attr:`records` holds (about 2 KB each with 64 bins;
+            the jsonl and TensorBoard sinks have them all), or ``None`` for every one.
     """
 
     def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
@@ -100,8 +99,10 @@ class Monitor:
             enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
         if writer_cls is not None:
             self._writer = writer_cls(log_dir=log_dir)
-        # The latest logged records, as dicts (a long run logs without bound; the sinks keep the history).
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        # The latest logged records, as dicts (a long run logs without bound; the jsonl and TensorBoard sinks
+        # keep the whole history).
+        self.records: list[dict[str, Any]] = []
+        self._keep = keep
 
     def step(self, loss: torch.Tensor, tokens: int = 0) -> Optional[dict[str, Any]]:
         """Count one step. On a logged step, returns the record (a dict, as in ``metrics.jsonl``) after
@@ -114,6 +115,8 @@ class Monitor:
         text, line = out
         record = json.loads(text)
         self.records.append(record)
+        if self._keep is not None and len(self.records) > self._keep:
+            del self.records[: len(self.records) - self._keep]
         if "progress" in self.sinks:
             print(line, flush=True)
         if self._writer is not None:

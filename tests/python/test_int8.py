@@ -101,10 +101,14 @@ def test_quantize_vector_paths_match_the_reference() -> None:
     for dtype in FLOAT_DTYPES:
         x = (torch.randn(67, 301) * torch.logspace(-4, 4, 301)).to(dtype)
         x[3, 40], x[5, 17], x[9, 290] = float("nan"), float("inf"), -float("inf")
-        x[11, :] = torch.arange(301) - 150.5  # amax 150.5: many x * scale land on .5 ties
+        x[11, :] = ((torch.arange(301) % 254) - 126.5).clamp(-126.5, 127)  # amax 127: scale 1, exact .5 ties
+        # Rows whose data starts one element past an aligned address, as the kernels see them.
+        misaligned = x.flatten()[1:1 + 66 * 301].view(66, 301)
+        assert misaligned.data_ptr() % 32 != 0
         for block in [(1, -1), (-1, 1), (1, 1), (1, 16), (1, 33), (4, 128), (-1, -1), (2, 7)]:
             assert_quantize_matches(x, block)
-            assert_quantize_matches(x[:, 3:], block)  # misaligned rows
+            assert_quantize_matches(misaligned, block)
+            assert_quantize_matches(x[:, 3:], block)  # odd widths (copied contiguous first)
 
 
 def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
@@ -281,14 +285,16 @@ def test_fake_quantize_vector_paths_match_the_rule() -> None:
     for dtype in FLOAT_DTYPES:
         x = (torch.randn(48, 203) * torch.logspace(-2, 2, 203)).to(dtype)
         x[1, 30], x[2, 64], x[3, 100] = float("nan"), float("inf"), -float("inf")
-        x[4, :] = (torch.arange(203) - 101).to(dtype) * 0.05  # ties at a step of 0.1
+        x[0, :] = (torch.arange(203) - 101).to(dtype) * 0.0625  # exact ties at a step of 0.125 (block 0's)
         g = torch.randn(48, 203).to(dtype)
         g[5, 17], g[6, 50] = float("nan"), float("inf")
         for block in [(-1, -1), (1, -1), (-1, 1), (1, 1), (2, 29), (48, 7), (16, 203)]:
             br = 48 if block[0] == -1 else block[0]
             bc = 203 if block[1] == -1 else block[1]
             steps = (torch.rand(48 // br, 203 // bc) * 0.2 + 0.01).float()
-            steps.view(-1)[0] = 0.1
+            steps.view(-1)[0] = 0.125
+            if steps.numel() > 2:  # an infinite step (inf amax / 127: its outputs are 0 * inf = NaN) and a NaN one
+                steps.view(-1)[1], steps.view(-1)[2] = float("inf"), float("nan")
             full = steps.repeat_interleave(br, 0).repeat_interleave(bc, 1)
             y_ref, inside, terms_ref = reference_fake_quantize(x, full, -127, 127)
             y = torch.ops.mixprec.fake_quantize_forward(x, steps, -127, 127, *block)
@@ -299,8 +305,8 @@ def test_fake_quantize_vector_paths_match_the_rule() -> None:
 
 
 def test_fake_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
-    """The DEFAULT and AVX2 builds of the fake-quantization kernels give identical bits, NaN payloads
-    included."""
+    """The DEFAULT and AVX2 builds of the fake-quantization kernels give identical bits, the payloads of NaNs
+    from NaN inputs, NaN steps and infinite steps included."""
     torch.manual_seed(12)
     inputs = []
     for dtype in FLOAT_DTYPES:
@@ -312,7 +318,9 @@ def test_fake_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
     script = """
         RESULT = []
         for x, g in INPUTS:
-            for block, steps in [((1, -1), torch.full((40, 1), 0.02)), ((-1, 1), torch.full((1, 301), 0.05)),
+            row_steps = torch.full((40, 1), 0.02)
+            row_steps[4], row_steps[5] = float("inf"), float("nan")
+            for block, steps in [((1, -1), row_steps), ((-1, 1), torch.full((1, 301), 0.05)),
                                  ((1, 43), torch.full((40, 7), 0.03)), ((-1, -1), torch.full((1, 1), 0.1))]:
                 y = torch.ops.mixprec.fake_quantize_forward(x, steps, -8, 7, *block)
                 gx, terms = torch.ops.mixprec.fake_quantize_backward(g, x, steps, -8, 7, *block, True)

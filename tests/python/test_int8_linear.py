@@ -196,6 +196,27 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str, autocast: 
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_weight_cache_double_backward_matches_uncached() -> None:
+    """Under create_graph a 16-bit input gradient reads the weight: as a constant cast either way (the cached
+    path casts the saved weight in backward, the uncached one saved forward's cast), so both give the same
+    gradient and neither a second-order path to the weight."""
+    torch.manual_seed(9)
+    layer = mixprec.nn.Int8Linear(32, 16, gemms=Int8Gemms(input_grad=False))
+    x, g = torch.randn(8, 32), torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for cached in (False, True):
+        if cached:
+            layer(x, is_first_microbatch=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xi, is_first_microbatch=False) if cached else layer(xi)
+        (gx,) = torch.autograd.grad(out, xi, g, create_graph=True)
+        gw, gg = torch.autograd.grad(gx.float().sum(), (layer.weight, g), allow_unused=True)
+        results.append((gx.detach(), gw, gg))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+    assert results[0][1] is None and results[1][1] is None
+
+
 def test_weight_cache_is_used_and_checked() -> None:
     torch.manual_seed(4)
     layer = mixprec.nn.Int8Linear(32, 16)

@@ -265,11 +265,13 @@ void forward_rows_typed(const FakeQuantRows& m, void* out, int64_t r0, int64_t r
         load(x + c, xa, xb);
         const FakeQuantVec qa = fake_quantize_vec(xa, FVec(1.0f) / sa, qmin, qmax);
         const FakeQuantVec qb = fake_quantize_vec(xb, FVec(1.0f) / sb, qmin, qmax);
-        if (any_nan(qa.scaled) || any_nan(qb.scaled)) {  // NaN stays NaN: the scalar rule decides its bits
+        const FVec ya = qa.code * sa, yb = qb.code * sb;
+        // A NaN out (x * inv NaN, or an infinite step's 0 * inf): the scalar rule's conversion decides its bits.
+        if (any_nan(ya) || any_nan(yb) || any_nan(qa.scaled) || any_nan(qb.scaled)) {
           forward_scalar(m, x, y, c, c + kStep, s);
           continue;
         }
-        store(y + c, qa.code * sa, qb.code * sb);
+        store(y + c, ya, yb);
       }
     }
     forward_scalar(m, x, y, c, m.cols, s);
