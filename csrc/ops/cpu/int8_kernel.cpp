@@ -156,34 +156,29 @@ void codes_rows_typed(const Int8Rows& m, int64_t r0, int64_t r1, const float* sc
   }
 }
 
-void int8_amax_rows(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table) {
-  switch (m.dtype) {
+// fn(T{}) with T the C++ type of `dtype` (the four the INT8 ops accept): one switch for every entry below.
+template <typename Fn>
+void with_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
     case at::kFloat:
-      return amax_rows_typed<float>(m, r0, r1, table);
+      return fn(float{});
     case at::kHalf:
-      return amax_rows_typed<c10::Half>(m, r0, r1, table);
+      return fn(c10::Half{});
     case at::kBFloat16:
-      return amax_rows_typed<c10::BFloat16>(m, r0, r1, table);
+      return fn(c10::BFloat16{});
     case at::kDouble:
-      return amax_rows_typed<double>(m, r0, r1, table);
+      return fn(double{});
     default:
-      TORCH_INTERNAL_ASSERT(false, "int8_quantize: unexpected dtype ", m.dtype);
+      TORCH_INTERNAL_ASSERT(false, op, ": unexpected dtype ", dtype);
   }
 }
 
+void int8_amax_rows(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table) {
+  with_dtype(m.dtype, "int8_quantize", [&](auto t) { amax_rows_typed<decltype(t)>(m, r0, r1, table); });
+}
+
 void int8_codes_rows(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales) {
-  switch (m.dtype) {
-    case at::kFloat:
-      return codes_rows_typed<float>(m, r0, r1, scales);
-    case at::kHalf:
-      return codes_rows_typed<c10::Half>(m, r0, r1, scales);
-    case at::kBFloat16:
-      return codes_rows_typed<c10::BFloat16>(m, r0, r1, scales);
-    case at::kDouble:
-      return codes_rows_typed<double>(m, r0, r1, scales);
-    default:
-      TORCH_INTERNAL_ASSERT(false, "int8_quantize: unexpected dtype ", m.dtype);
-  }
+  with_dtype(m.dtype, "int8_quantize", [&](auto t) { codes_rows_typed<decltype(t)>(m, r0, r1, scales); });
 }
 
 // ---- fake quantization ----------------------------------------------------------------------------------
@@ -317,34 +312,13 @@ void backward_rows_typed(const FakeQuantRows& m, const void* grad, void* grad_in
 }
 
 void fake_quantize_forward_rows(const FakeQuantRows& m, void* y, int64_t r0, int64_t r1, const float* steps) {
-  switch (m.dtype) {
-    case at::kFloat:
-      return forward_rows_typed<float>(m, y, r0, r1, steps);
-    case at::kHalf:
-      return forward_rows_typed<c10::Half>(m, y, r0, r1, steps);
-    case at::kBFloat16:
-      return forward_rows_typed<c10::BFloat16>(m, y, r0, r1, steps);
-    case at::kDouble:
-      return forward_rows_typed<double>(m, y, r0, r1, steps);
-    default:
-      TORCH_INTERNAL_ASSERT(false, "fake_quantize: unexpected dtype ", m.dtype);
-  }
+  with_dtype(m.dtype, "fake_quantize", [&](auto t) { forward_rows_typed<decltype(t)>(m, y, r0, r1, steps); });
 }
 
 void fake_quantize_backward_rows(const FakeQuantRows& m, const void* dy, void* dx, float* terms, int64_t r0,
                                  int64_t r1, const float* steps) {
-  switch (m.dtype) {
-    case at::kFloat:
-      return backward_rows_typed<float>(m, dy, dx, terms, r0, r1, steps);
-    case at::kHalf:
-      return backward_rows_typed<c10::Half>(m, dy, dx, terms, r0, r1, steps);
-    case at::kBFloat16:
-      return backward_rows_typed<c10::BFloat16>(m, dy, dx, terms, r0, r1, steps);
-    case at::kDouble:
-      return backward_rows_typed<double>(m, dy, dx, terms, r0, r1, steps);
-    default:
-      TORCH_INTERNAL_ASSERT(false, "fake_quantize: unexpected dtype ", m.dtype);
-  }
+  with_dtype(m.dtype, "fake_quantize",
+             [&](auto t) { backward_rows_typed<decltype(t)>(m, dy, dx, terms, r0, r1, steps); });
 }
 
 }  // namespace
