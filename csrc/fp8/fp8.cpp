@@ -4,8 +4,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/library.h>
 
 #include <string>
 #include <tuple>
@@ -106,4 +110,42 @@ ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& o
           at::zeros({recipe.amax_history_len, 1}, f), at::ones({1}, f), at::ones({1}, f)};
 }
 
+void reduce_amax(const ScalingState& state, c10d::ProcessGroup& group) {
+  const at::Tensor& forward = state.forward_amax_history;
+  const at::Tensor& backward = state.backward_amax_history;
+  const auto check = [](const at::Tensor& history, const char* name, int64_t width) {
+    TORCH_CHECK_VALUE(history.defined() && history.dim() == 2 && history.size(0) >= 1 && history.size(1) == width &&
+                          history.scalar_type() == at::kFloat,
+                      "mixprec::fp8::reduce_amax: ", name, " must be delayed scaling's float32 [history, ", width,
+                      "] amax history, got ",
+                      history.defined() ? history.toString() + " " + c10::str(history.sizes()) : "undefined");
+  };
+  check(forward, "forward_amax_history", 2);
+  check(backward, "backward_amax_history", 1);
+  TORCH_CHECK_VALUE(forward.device() == backward.device(),
+                    "mixprec::fp8::reduce_amax: both amax histories must be on one device, got ", forward.device(),
+                    " and ", backward.device());
+  // One collective for both rows; the group reduces on the tensors' device (its NCCL backend for CUDA).
+  std::vector<at::Tensor> rows{at::cat({forward[0], backward[0]})};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp::MAX;
+  group.allreduce(rows, options)->wait();
+  forward[0].copy_(rows[0].narrow(0, 0, 2));
+  backward[0].copy_(rows[0].narrow(0, 2, 1));
+}
+
 }  // namespace mixprec::fp8
+
+// Python's Float8Linear names its group by torch.distributed's group name, which resolves to the same
+// c10d::ProcessGroup a C++ program holds. Not decomposed: a fake tensor has nothing to reduce (_meta.py).
+TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
+  m.impl("fp8_reduce_amax_", [](const at::Tensor& forward_amax_history, const at::Tensor& backward_amax_history,
+                                c10::string_view group_name) {
+    const c10::intrusive_ptr<c10d::ProcessGroup> group =
+        c10d::resolve_process_group(std::string(group_name.data(), group_name.size()));
+    mixprec::fp8::ScalingState state;
+    state.forward_amax_history = forward_amax_history;
+    state.backward_amax_history = backward_amax_history;
+    mixprec::fp8::reduce_amax(state, *group);
+  });
+}

@@ -671,6 +671,9 @@ void Float8LinearImpl::to(torch::Device device, bool non_blocking) {
 
 // Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.
 torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch) {
+  if (amax_group && recipe.scaling == fp8::Scaling::Delayed && is_training() && at::GradMode::is_enabled()) {
+    fp8::reduce_amax(state, *amax_group);
+  }
   if (!is_first_microbatch.has_value()) return float8_linear(input, weight, bias, state, recipe);
   if (*is_first_microbatch) {
     weight_cache = {};

@@ -181,6 +181,12 @@ def _fp8_update_scales_fake(
     return None
 
 
+@torch.library.register_fake("mixprec::fp8_reduce_amax_")
+def _fp8_reduce_amax_fake(forward_amax_history: torch.Tensor, backward_amax_history: torch.Tensor,
+                          group_name: str) -> None:
+    return None
+
+
 @torch.library.register_fake("mixprec::fp8_gemm")
 def _fp8_gemm_fake(
     a: torch.Tensor,

@@ -193,7 +193,8 @@ class Float8Linear(torch.nn.Linear):
         state = [getattr(self, name) for name in _FP8_BUFFERS]
         if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
                 and torch.is_grad_enabled()):
-            _reduce_amax(state[0], state[3], self.amax_group)
+            # mixprec::fp8::reduce_amax, on the c10d group behind the Python one.
+            torch.ops.mixprec.fp8_reduce_amax_(state[0], state[3], self.amax_group.group_name)
         if is_first_microbatch is None:
             return float8_linear(input, self.weight, self.bias, state, self.recipe)
         return float8_linear(input, self.weight, self.bias, state, self.recipe,
@@ -234,19 +235,6 @@ def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bo
         raise RuntimeError(f"{type(layer).__name__}: is_first_microbatch=False reuses the weight quantized by an "
                            "earlier call with is_first_microbatch=True, and there was none")
     return getattr(layer, attr)
-
-
-def _reduce_amax(forward_history: Tensor, backward_history: Tensor, group: Any) -> None:
-    """MAX-reduce row 0 of both histories (the amaxes the last forward and backward recorded) over ``group``:
-    the forward updates its scales next, and the backward's row 0 waits for the next backward, so both see
-    every rank's amax."""
-    import torch.distributed as dist
-
-    rows = torch.cat([forward_history[0], backward_history[0]])
-    dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
-    with torch.no_grad():
-        forward_history[0].copy_(rows[:2])
-        backward_history[0].copy_(rows[2:])
 
 
 def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.nn.Linear], bool]:

@@ -1,14 +1,21 @@
 // mixprec::fp8 from C++ (CPU): casts against Tensor::to over every code and random fp32 bit patterns,
 // the numerics header's decoder, block scaling against a reference computed with plain tensor ops, and
-// the delayed-scaling window.
+// the delayed-scaling window, and the amax all-reduce over a process group of two threads.
 #include <catch2/catch.hpp>
 #include <mixprec/fp8.h>
 #include <mixprec/nn.h>
 #include <mixprec/policy.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
+#include <condition_variable>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "ops/fp8.h"
 
@@ -233,4 +240,133 @@ TEST_CASE("nn::Float8Linear: the weight cache spans a gradient-accumulation cycl
   REQUIRE(model->forward(x).sizes() == torch::IntArrayRef{16, 32});
   cached->to(torch::kBFloat16);
   REQUIRE(cached->weight_cache.empty());
+}
+
+namespace {
+// Two ranks of one process (threads): the smallest real c10d backend, since the torch wheel ships no Gloo
+// headers. Its all-reduce waits for both ranks and MAX-reduces, as Gloo and NCCL do.
+struct ThreadRendezvous {
+  std::mutex mutex;
+  std::condition_variable arrived;
+  std::vector<torch::Tensor> inputs;
+  torch::Tensor result;
+  int64_t generation = 0;
+  int64_t calls = 0;
+};
+
+// The reduction is done when allreduce returns.
+class DoneWork : public c10d::Work {
+ public:
+  bool isCompleted() override { return true; }
+  bool wait(std::chrono::milliseconds /*timeout*/) override { return true; }
+};
+
+class ThreadMaxBackend : public c10d::Backend {
+ public:
+  ThreadMaxBackend(int rank, int size, std::shared_ptr<ThreadRendezvous> shared)
+      : Backend(rank, size), shared_(std::move(shared)) {}
+  const std::string getBackendName() const override { return "thread_max"; }
+
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<torch::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override {
+    TORCH_CHECK(tensors.size() == 1 && opts.reduceOp == c10d::ReduceOp::MAX, "test backend: one tensor, MAX");
+    std::unique_lock<std::mutex> lock(shared_->mutex);
+    const int64_t generation = shared_->generation;
+    shared_->inputs.push_back(tensors[0].clone());
+    if (static_cast<int>(shared_->inputs.size()) == getSize()) {
+      shared_->result = torch::stack(shared_->inputs).amax(0);
+      shared_->inputs.clear();
+      ++shared_->generation;
+      ++shared_->calls;
+      shared_->arrived.notify_all();
+    } else {
+      shared_->arrived.wait(lock, [&] { return shared_->generation != generation; });
+    }
+    tensors[0].copy_(shared_->result);
+    return c10::make_intrusive<DoneWork>();
+  }
+
+ private:
+  std::shared_ptr<ThreadRendezvous> shared_;
+};
+
+c10::intrusive_ptr<c10d::ProcessGroup> thread_group(int rank, int size, std::shared_ptr<ThreadRendezvous> shared) {
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(rank, size);
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
+                    c10::make_intrusive<ThreadMaxBackend>(rank, size, std::move(shared)));
+  group->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
+  return group;
+}
+}  // namespace
+
+TEST_CASE("nn::Float8Linear: amax_group MAX-reduces delayed scaling's amaxes over the ranks", "[fp8][nn]") {
+  // Two ranks with the same weights and different data (rank 1's four times larger), three training steps,
+  // then one forward that reduces what the third recorded. With the group both ranks end with the same state,
+  // the window holding the larger rank's amaxes; without it each keeps its own.
+  torch::manual_seed(3);
+  const auto xs = torch::randn({3, 2, 8, 16}) * torch::tensor({1.0f, 4.0f}).view({1, 2, 1, 1});
+  mixprec::fp8::Recipe recipe;
+  recipe.amax_history_len = 4;
+  torch::nn::Linear base(16, 8);
+  const auto run = [&](bool reduce) {
+    auto shared = std::make_shared<ThreadRendezvous>();
+    std::vector<mixprec::nn::Float8Linear> layers;
+    for (int rank = 0; rank < 2; ++rank) {
+      torch::nn::Linear copy(16, 8);
+      {
+        torch::NoGradGuard no_grad;
+        copy->weight.copy_(base->weight);
+        copy->bias.copy_(base->bias);
+      }
+      layers.emplace_back(*copy, recipe);
+      if (reduce) layers.back()->amax_group = thread_group(rank, 2, shared);
+    }
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < 2; ++rank) {
+      threads.emplace_back([&, rank] {
+        for (int step = 0; step < 3; ++step) layers[rank]->forward(xs[step][rank]).pow(2).mean().backward();
+        layers[rank]->forward(xs[0][rank]);
+      });
+    }
+    for (auto& t : threads) t.join();
+    if (reduce) REQUIRE(shared->calls == 4);  // one per training forward: three steps and the fourth forward
+    return layers;
+  };
+  const auto x_amax = xs[2].abs().amax({1, 2});  // the third step's input amax, per rank
+  const auto reduced = run(true);
+  const auto own = run(false);
+  for (int rank = 0; rank < 2; ++rank) {
+    REQUIRE(reduced[rank]->state.forward_amax_history[1][0].item<float>() == x_amax.max().item<float>());
+    REQUIRE(own[rank]->state.forward_amax_history[1][0].item<float>() == x_amax[rank].item<float>());
+  }
+  const auto state = [](const mixprec::nn::Float8Linear& layer) {
+    const auto& s = layer->state;
+    return torch::cat({s.forward_amax_history.slice(0, 1).reshape(-1), s.forward_scale, s.forward_scale_inv,
+                       s.backward_amax_history.slice(0, 1).reshape(-1), s.backward_scale, s.backward_scale_inv});
+  };
+  REQUIRE(torch::equal(state(reduced[0]), state(reduced[1])));
+  REQUIRE_FALSE(torch::equal(state(own[0]), state(own[1])));
+
+  // Only training forwards with gradients enabled reduce: the others may run on one rank alone.
+  auto single = std::make_shared<ThreadRendezvous>();
+  mixprec::nn::Float8Linear layer = reduced[0];
+  layer->amax_group = thread_group(0, 1, single);
+  {
+    torch::NoGradGuard no_grad;
+    layer->forward(xs[0][0]);
+  }
+  layer->eval();
+  layer->forward(xs[0][0]);
+  REQUIRE(single->calls == 0);
+  layer->train();
+  layer->forward(xs[0][0]);
+  REQUIRE(single->calls == 1);
+
+  // Histories that are not delayed scaling's are refused before any collective.
+  mixprec::fp8::ScalingState wrong = mixprec::fp8::make_scaling_state(recipe, torch::kFloat);
+  wrong.backward_amax_history = torch::zeros({4, 2});
+  auto shared = std::make_shared<ThreadRendezvous>();
+  REQUIRE_THROWS_WITH(mixprec::fp8::reduce_amax(wrong, *thread_group(0, 1, shared)),
+                      Catch::Contains("backward_amax_history must be delayed scaling's float32 [history, 1]"));
+  REQUIRE(shared->calls == 0);
 }

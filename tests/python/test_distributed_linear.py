@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import mixprec
@@ -183,3 +184,24 @@ def test_fsdp2_trains_float8_layers(tmp_path) -> None:
 
 def test_ddp_is_refused_with_a_way_out() -> None:
     run_ranks(DDP_SCRIPT)
+
+
+def test_reduce_amax_op_schema_and_errors() -> None:
+    """fp8_reduce_amax_ under opcheck (one rank: MAX of one is the identity, so the histories keep their
+    values), and histories that are not delayed scaling's refused before any collective."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+        forward, backward = torch.rand(4, 2), torch.rand(4, 1)
+        before = forward.clone(), backward.clone()
+        torch.library.opcheck(torch.ops.mixprec.fp8_reduce_amax_, (forward, backward, name))
+        torch.ops.mixprec.fp8_reduce_amax_(forward, backward, name)
+        assert torch.equal(forward, before[0]) and torch.equal(backward, before[1])
+        with pytest.raises(ValueError, match=r"forward_amax_history must be delayed scaling's float32 \[history, 2\]"):
+            torch.ops.mixprec.fp8_reduce_amax_(torch.rand(4, 3), backward, name)
+        with pytest.raises(ValueError, match="backward_amax_history"):
+            torch.ops.mixprec.fp8_reduce_amax_(forward, torch.rand(4, 1).double(), name)
+    finally:
+        dist.destroy_process_group()

@@ -20,6 +20,10 @@
 #include <string>
 #include <string_view>
 
+namespace c10d {
+class ProcessGroup;
+}  // namespace c10d
+
 namespace mixprec::fp8 {
 
 /// The largest finite value of `dtype` (448 for torch::kFloat8_e4m3fn, 57344 for torch::kFloat8_e5m2).
@@ -125,5 +129,12 @@ struct ScalingState {
 
 /// Fresh state for `recipe` on `options`' device (empty tensors for the recipes without state).
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options);
+
+/// MAX-reduces row 0 of both amax histories (the amaxes the last forward and backward recorded) over `group`,
+/// in place (Transformer Engine's reduce_amax): the forward updates its scales from them next, and the
+/// backward's row 0 waits for the next backward, so every rank's scales see every rank's amax and the ranks of
+/// a data-parallel group keep identical state. One all-reduce of three floats (asynchronous on NCCL: the
+/// current stream waits for it, the host does not). Every rank of the group must call it, in the same order.
+void reduce_amax(const ScalingState& state, c10d::ProcessGroup& group);
 
 }  // namespace mixprec::fp8

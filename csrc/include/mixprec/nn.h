@@ -8,6 +8,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/options/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <optional>
 #include <ostream>
@@ -117,6 +118,11 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   torch::Tensor bias;
   fp8::ScalingState state;
   Float8WeightCache weight_cache;  // not state: a function of the weight; emptied by to()
+  /// With delayed scaling, training forwards with gradients enabled first MAX-reduce the amaxes the previous
+  /// step recorded over this group (fp8::reduce_amax), so every data-parallel rank scales alike; unset, each
+  /// rank scales by its own data. Every rank of the group must run those forwards. Not state: clone() shares
+  /// it, and a state dict does not hold it.
+  c10::intrusive_ptr<c10d::ProcessGroup> amax_group;
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<bool>())})
