@@ -119,7 +119,9 @@ TORCH_LIBRARY(mixprec, m) {
       "int8_linear_cached(Tensor input, Tensor weight, Tensor? bias, bool int8_forward, bool int8_input_grad, "
       "bool int8_weight_grad, Tensor[] weight_cache) -> (Tensor, Tensor[])");
   // mixprec::qat (csrc/qat/qat.cpp), above autograd: Python's mixprec.qat layers are these functions.
-  m.def("qat_fake_quantize_input(Tensor input, bool per_token) -> Tensor", tags);
+  m.def("qat_fake_quantize_input(Tensor input, bool per_token, Tensor? step=None) -> Tensor", tags);
+  // Sets a learnable input step that is still 0 from the batch's amax; returns whether it did (a host read).
+  m.def("qat_init_input_step_(Tensor(a!) step, Tensor input) -> bool");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
   m.def(
@@ -129,10 +131,11 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_dequantize_weight(Tensor codes, Tensor scale) -> Tensor", tags);
   m.def(
       "qat_quantized_linear(Tensor input, Tensor codes, Tensor scale, Tensor? bias, int weight_bits, "
-      "int? group_size, bool activations) -> Tensor",
+      "int? group_size, bool activations, Tensor? input_scale=None) -> Tensor",
       tags);
   m.def(
       "qat_quantized_conv2d(Tensor input, Tensor codes, Tensor scale, int[] weight_shape, Tensor? bias, "
-      "int[] stride, int[] padding, int[] dilation, int groups, bool activations) -> Tensor",
+      "int[] stride, int[] padding, int[] dilation, int groups, bool activations, Tensor? input_scale=None) "
+      "-> Tensor",
       tags);
 }

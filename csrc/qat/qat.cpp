@@ -93,13 +93,28 @@ torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& w, const torch
                        options.groups());
 }
 
+// A learned input step as a positive float32 [1, 1] (by magnitude, never below FLT_MIN, as fake_quantize_weight
+// takes a learnable weight step).
+torch::Tensor input_step_of(const torch::Tensor& step) {
+  TORCH_CHECK_VALUE(step.numel() == 1, "mixprec::qat: an input step must hold one value, got shape ", step.sizes());
+  return step.to(torch::kFloat).abs().clamp_min(kTiny).reshape({1, 1});
+}
+
+// The activation quantization of a converted layer: a static learned step, else dynamic (per token or tensor).
+torch::Tensor quantize_activations(const torch::Tensor& input, bool per_token, const torch::Tensor& input_scale) {
+  if (!input_scale.defined()) return fake_quantize_input(input, per_token);
+  const torch::NoGradGuard no_grad;
+  return fake_quantize_input(input, input_scale);
+}
+
 // A converted Conv2d's forward: the dequantized weight in the compute dtype, the input quantized per tensor.
 torch::Tensor quantized_conv2d(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
                                at::IntArrayRef weight_shape, const torch::Tensor& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool activations) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool activations,
+                               const torch::Tensor& input_scale) {
   const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
   // Quantized in the input's own dtype, then cast: what training did under autocast.
-  const torch::Tensor x = (activations ? fake_quantize_input(input, false) : input).to(dtype);
+  const torch::Tensor x = (activations ? quantize_activations(input, false, input_scale) : input).to(dtype);
   const torch::Tensor w = dequantize_weight(codes, scale.to(torch::kFloat)).reshape(weight_shape).to(dtype);
   return torch::conv2d(x, w, bias.defined() ? bias.to(dtype) : bias, stride, padding, dilation, groups);
 }
@@ -112,6 +127,12 @@ std::pair<int64_t, int64_t> code_range(int64_t weight_bits) {
   return weight_bits == 8 ? std::pair<int64_t, int64_t>{-127, 127} : std::pair<int64_t, int64_t>{-8, 7};
 }
 
+void check_config(const QATConfig& config) {
+  code_range(config.weight_bits);
+  TORCH_CHECK_VALUE(!config.learnable_activation_scales || config.activations,
+                    "mixprec::qat: learnable_activation_scales needs activations=true (it learns their step)");
+}
+
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   if (numel_of(x) == 0) return x;
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
@@ -119,6 +140,26 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
   const torch::Tensor steps = amax.to(torch::kFloat).div(on_device(127.0f, amax)).clamp_min(kTiny);
   return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
+}
+
+torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step) {
+  const torch::Tensor s = input_step_of(step);
+  if (numel_of(x) == 0) return x;
+  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
+  // LSQ's gradient scale, as for weights: 1 / sqrt(elements per step * qmax).
+  const double grad_factor = 1.0 / std::sqrt(static_cast<double>(numel_of(m)) * 127.0);
+  return int8::fake_quantize(m, s, -127, 127, -1, -1, grad_factor).reshape_as(x);
+}
+
+bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
+  TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == torch::kFloat,
+                    "mixprec::qat: an input step must be a float32 tensor of one value, got ", step.scalar_type(),
+                    " ", step.sizes());
+  if (step.item<float>() != 0.0f || numel_of(x) == 0) return false;
+  const torch::NoGradGuard no_grad;
+  const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat);
+  step.copy_(amax.div(on_device(127.0f, amax)).clamp_min(kTiny).reshape(step.sizes()));
+  return true;
 }
 
 torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config) {
@@ -170,7 +211,7 @@ torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor&
 }
 
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
-                               const torch::Tensor& bias, const QATConfig& config) {
+                               const torch::Tensor& bias, const QATConfig& config, const torch::Tensor& input_scale) {
   const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
   const torch::Tensor b = bias.defined() ? bias.to(dtype) : bias;
   const torch::Tensor steps = scale.to(torch::kFloat);
@@ -182,7 +223,17 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
                     dtype != torch::kDouble && input.scalar_type() != torch::kDouble &&
                     (input.device().is_cpu() || (in % 8 == 0 && out % 8 == 0));
   if (gemm) {
-    const int8::Quantized q = int8::quantize(input.reshape({-1, in}), 1, -1);
+    const torch::Tensor rows = input.reshape({-1, in});
+    int8::Quantized q;
+    if (input_scale.defined()) {
+      // fake_quantize's rule with the static step: round(x * (1 / step)) half to even, clamped; NaN -> 0.
+      const torch::Tensor s = input_step_of(input_scale);
+      q.data = rows.to(torch::kFloat).mul(s.reciprocal()).round().clamp(-127.0, 127.0).nan_to_num(0.0)
+                   .to(torch::kChar);
+      q.scale_inv = s.expand({size_of(rows, 0), 1}).contiguous();
+    } else {
+      q = int8::quantize(rows, 1, -1);
+    }
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
     std::vector<int64_t> shape;
@@ -190,21 +241,52 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
     shape.push_back(out);
     return int8::mm(q.data, codes.t(), q.scale_inv, steps.reshape({1, out}), dtype, b_opt).reshape(shape);
   }
-  const torch::Tensor x = (config.activations ? fake_quantize_input(input, true) : input).to(dtype);
+  const torch::Tensor x = (config.activations ? quantize_activations(input, true, input_scale) : input).to(dtype);
   return torch::linear(x, dequantize_weight(codes, steps).to(dtype), b);
 }
 
 // ---- layers ----------------------------------------------------------------------------------------------------
 
+namespace {
+
+// A QAT layer's input: fake-quantized per token / per tensor from its amax, or per tensor with the learned
+// step (set from the first batch that reaches it).
+torch::Tensor layer_input(const torch::Tensor& input, bool per_token, const QATConfig& config,
+                          const torch::Tensor& input_step, bool& checked) {
+  if (!config.activations) return input;
+  if (!config.learnable_activation_scales) return fake_quantize_input(input, per_token);
+  if (!checked) {
+    init_input_step(input_step, input);
+    checked = true;
+  }
+  return fake_quantize_input(input, input_step);
+}
+
+torch::Tensor new_input_step(const torch::Tensor& weight) {
+  return torch::zeros({1}, weight.options().dtype(torch::kFloat));
+}
+
+// convert() needs a learned step that training set.
+torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* layer) {
+  const torch::NoGradGuard no_grad;
+  const torch::Tensor s = input_step.detach().abs().clone();
+  TORCH_CHECK_VALUE(s.item<float>() != 0.0f, "mixprec::qat::convert: the ", layer, "'s input_step was never set; "
+                    "run at least one forward (training) before convert");
+  return s;
+}
+
+}  // namespace
+
 QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config_)
     : options(other.options), config(std::move(config_)) {
-  code_range(config.weight_bits);
+  check_config(config);
   nn::detail::adopt_linear_parameters(*this, other, weight, bias);
   if (config.learnable_scales) {
     weight_step = register_parameter("weight_step", weight_steps(weight, config));
   } else {
     weight_steps(weight, config);  // checks the groups now, not at the first forward
   }
+  if (config.learnable_activation_scales) input_step = register_parameter("input_step", new_input_step(weight));
 }
 
 void QATLinearImpl::reset() {
@@ -213,6 +295,7 @@ void QATLinearImpl::reset() {
   bias = bias.defined() ? register_parameter("bias", torch::empty_like(bias))
                         : register_parameter("bias", {}, /*requires_grad=*/false);
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
+  if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
 }
 
 void QATLinearImpl::pretty_print(std::ostream& stream) const {
@@ -221,24 +304,26 @@ void QATLinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QATLinearImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor x = config.activations ? fake_quantize_input(input, true) : input;
+  const torch::Tensor x = layer_input(input, true, config, input_step, input_step_checked);
   return torch::linear(x, fake_quantize_weight(weight, config, weight_step), bias);
 }
 
 QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config_)
     : options(other.options), config(std::move(config_)) {
-  code_range(config.weight_bits);
+  check_config(config);
   TORCH_CHECK_VALUE(!config.group_size.has_value(), "mixprec::qat: group_size applies to Linear layers only");
   padding_of(options);
   weight = register_parameter("weight", other.weight);
   bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);
   if (config.learnable_scales) weight_step = register_parameter("weight_step", weight_steps(weight, config));
+  if (config.learnable_activation_scales) input_step = register_parameter("input_step", new_input_step(weight));
 }
 
 void QATConv2dImpl::reset() {
   weight = register_parameter("weight", torch::empty_like(weight));
   bias = bias.defined() ? register_parameter("bias", torch::empty_like(bias)) : register_parameter("bias", {}, false);
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
+  if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
 }
 
 void QATConv2dImpl::pretty_print(std::ostream& stream) const {
@@ -247,15 +332,18 @@ void QATConv2dImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QATConv2dImpl::forward(const torch::Tensor& input) {
-  const torch::Tensor x = config.activations ? fake_quantize_input(input, false) : input;
+  const torch::Tensor x = layer_input(input, false, config, input_step, input_step_checked);
   return conv2d(x, fake_quantize_weight(weight, config, weight_step), bias, options);
 }
 
 QuantizedLinearImpl::QuantizedLinearImpl(const QATLinearImpl& layer) : config(layer.config) {
+  const torch::Tensor s =
+      layer.input_step.defined() ? learned_input_scale(layer.input_step, "QATLinear") : torch::Tensor();
   const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
   weight_codes = register_buffer("weight_codes", q.codes);
   weight_scale = register_buffer("weight_scale", q.scale);
   if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+  if (s.defined()) input_scale = register_buffer("input_scale", s);
 }
 
 void QuantizedLinearImpl::reset() {
@@ -263,6 +351,7 @@ void QuantizedLinearImpl::reset() {
   weight_codes = register_buffer("weight_codes", torch::empty_like(weight_codes));
   weight_scale = register_buffer("weight_scale", torch::empty_like(weight_scale));
   if (bias.defined()) bias = register_buffer("bias", torch::empty_like(bias));
+  if (input_scale.defined()) input_scale = register_buffer("input_scale", torch::empty_like(input_scale));
 }
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
@@ -271,21 +360,25 @@ void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
-  return quantized_linear(input, weight_codes, weight_scale, bias, config);
+  return quantized_linear(input, weight_codes, weight_scale, bias, config, input_scale);
 }
 
 QuantizedConv2dImpl::QuantizedConv2dImpl(const QATConv2dImpl& layer)
     : options(layer.options), config(layer.config), weight_shape(layer.weight.sizes().vec()) {
+  const torch::Tensor s =
+      layer.input_step.defined() ? learned_input_scale(layer.input_step, "QATConv2d") : torch::Tensor();
   const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
   weight_codes = register_buffer("weight_codes", q.codes);
   weight_scale = register_buffer("weight_scale", q.scale);
   if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+  if (s.defined()) input_scale = register_buffer("input_scale", s);
 }
 
 void QuantizedConv2dImpl::reset() {
   weight_codes = register_buffer("weight_codes", torch::empty_like(weight_codes));
   weight_scale = register_buffer("weight_scale", torch::empty_like(weight_scale));
   if (bias.defined()) bias = register_buffer("bias", torch::empty_like(bias));
+  if (input_scale.defined()) input_scale = register_buffer("input_scale", torch::empty_like(input_scale));
 }
 
 void QuantizedConv2dImpl::pretty_print(std::ostream& stream) const {
@@ -295,7 +388,8 @@ void QuantizedConv2dImpl::pretty_print(std::ostream& stream) const {
 
 torch::Tensor QuantizedConv2dImpl::forward(const torch::Tensor& input) {
   return quantized_conv2d(input, weight_codes, weight_scale, weight_shape, bias, vec(options.stride()),
-                          padding_of(options), vec(options.dilation()), options.groups(), config.activations);
+                          padding_of(options), vec(options.dilation()), options.groups(), config.activations,
+                          input_scale);
 }
 
 // ---- Sequential ------------------------------------------------------------------------------------------------
@@ -348,8 +442,14 @@ QATConfig op_config(int64_t weight_bits, std::optional<int64_t> group_size, bool
 
 // Python's mixprec.qat calls these (above autograd: the fake quantization records its own node).
 TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
-  m.impl("qat_fake_quantize_input", [](const at::Tensor& input, bool per_token) {
-    return fake_quantize_input(input, per_token);
+  m.impl("qat_fake_quantize_input", [](const at::Tensor& input, bool per_token, const std::optional<at::Tensor>& step) {
+    if (!step.has_value()) return fake_quantize_input(input, per_token);
+    TORCH_CHECK_VALUE(!per_token, "mixprec::qat_fake_quantize_input: a learnable step is per tensor; pass "
+                      "per_token=False with it");
+    return fake_quantize_input(input, *step);
+  });
+  m.impl("qat_init_input_step_", [](const at::Tensor& step, const at::Tensor& input) {
+    return init_input_step(step, input);
   });
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
@@ -368,16 +468,17 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   });
   m.impl("qat_quantized_linear", [](const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scale,
                                     const std::optional<at::Tensor>& bias, int64_t weight_bits,
-                                    std::optional<int64_t> group_size, bool activations) {
+                                    std::optional<int64_t> group_size, bool activations,
+                                    const std::optional<at::Tensor>& input_scale) {
     return quantized_linear(input, codes, scale, bias.value_or(at::Tensor()),
-                            op_config(weight_bits, group_size, activations));
+                            op_config(weight_bits, group_size, activations), input_scale.value_or(at::Tensor()));
   });
   m.impl("qat_quantized_conv2d",
          [](const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scale, at::IntArrayRef weight_shape,
             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-            at::IntArrayRef dilation, int64_t groups, bool activations) {
+            at::IntArrayRef dilation, int64_t groups, bool activations, const std::optional<at::Tensor>& input_scale) {
            return quantized_conv2d(input, codes, scale, weight_shape, bias.value_or(at::Tensor()), stride, padding,
-                                   dilation, groups, activations);
+                                   dilation, groups, activations, input_scale.value_or(at::Tensor()));
          });
 }
 

@@ -41,18 +41,26 @@ class QATConfig:
             dynamically from their own amax.
         learnable_scales: the weight steps become parameters (``weight_step``), initialised from the weights'
             amax and trained with LSQ's gradient; otherwise each forward takes them from the weights' amax.
+        learnable_activation_scales: with ``activations``, the input step becomes a parameter too
+            (``input_step``, one per tensor, LSQ's gradient) instead of each batch's amax / 127. It starts at 0
+            (not set): the layer's first forward sets it to that batch's amax / 127. Under data parallelism,
+            run that forward on the same calibration batch on every rank, before wrapping the model.
+            :func:`convert` keeps it as a static activation scale (``input_scale``).
     """
 
     weight_bits: int = 8
     group_size: Optional[int] = None
     activations: bool = True
     learnable_scales: bool = False
+    learnable_activation_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 8 or 4, got {self.weight_bits}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be a positive number of input features or None, got {self.group_size}")
+        if self.learnable_activation_scales and not self.activations:
+            raise ValueError("learnable_activation_scales needs activations=True (it learns their step)")
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -90,7 +98,23 @@ class _QATWeight:
         layer.qat_config = config  # type: ignore[assignment]
         if config.learnable_scales:
             layer.weight_step = nn.Parameter(step)
+        if config.learnable_activation_scales:
+            layer.input_step = nn.Parameter(torch.zeros(1, device=step.device))
+            layer._input_step_checked = False  # type: ignore[assignment]
         return layer
+
+    def _fake_input(self, input: Tensor, per_token: bool) -> Tensor:
+        """The input as training quantizes it: dynamic per token / per tensor, or with the learned step (set by
+        the first forward that reaches it)."""
+        config = self.qat_config
+        if not config.activations:
+            return input
+        if not config.learnable_activation_scales:
+            return _fake_quantize_input(input, per_token)
+        if not self._input_step_checked:  # type: ignore[has-type]
+            torch.ops.mixprec.qat_init_input_step_(self.input_step, input)  # type: ignore[attr-defined]
+            self._input_step_checked = True
+        return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 
     def _fake_weight(self) -> Tensor:
         step = self.weight_step if self.qat_config.learnable_scales else None  # type: ignore[attr-defined]
@@ -106,8 +130,7 @@ class QATLinear(nn.Linear, _QATWeight):
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
-        x = _fake_quantize_input(input, per_token=True) if self.qat_config.activations else input
-        return F.linear(x, self._fake_weight(), self.bias)
+        return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.qat_config}"
@@ -121,8 +144,7 @@ class QATConv2d(nn.Conv2d, _QATWeight):
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
-        x = _fake_quantize_input(input, per_token=False) if self.qat_config.activations else input
-        return self._conv_forward(x, self._fake_weight(), self.bias)
+        return self._conv_forward(self._fake_input(input, per_token=False), self._fake_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.qat_config}"
@@ -130,12 +152,19 @@ class QATConv2d(nn.Conv2d, _QATWeight):
 
 class _QuantizedWeight(nn.Module):
     """Integer weight codes (int8, or INT4 packed two per byte in uint8) and float32 steps, as buffers of the
-    state dict (``mixprec::qat::quantize_weight``)."""
+    state dict (``mixprec::qat::quantize_weight``), and with learned input steps the static ``input_scale``."""
 
     weight_codes: Tensor
     weight_scale: Tensor
+    input_scale: Optional[Tensor]
 
     def _set_weight(self, layer: nn.Module, config: QATConfig) -> None:
+        input_scale = None
+        if config.learnable_activation_scales:
+            input_scale = layer.input_step.detach().abs().clone()
+            if not input_scale.any():
+                raise ValueError(f"mixprec.qat.convert: the {type(layer).__name__}'s input_step was never set; run at "
+                                 "least one forward (training) before convert")
         step = layer.weight_step if config.learnable_scales else None
         codes, scale = torch.ops.mixprec.qat_quantize_weight(layer.weight, step, config.weight_bits,
                                                              config.group_size)
@@ -145,6 +174,7 @@ class _QuantizedWeight(nn.Module):
         self.activations = config.activations
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale)
+        self.register_buffer("input_scale", input_scale)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """codes * step in fp32, as ``dtype``, in the layer's weight shape."""
@@ -164,7 +194,8 @@ class QuantizedLinear(_QuantizedWeight):
 
     def forward(self, input: Tensor) -> Tensor:
         return torch.ops.mixprec.qat_quantized_linear(input, self.weight_codes, self.weight_scale, self.bias,
-                                                      self.weight_bits, self.group_size, self.activations)
+                                                      self.weight_bits, self.group_size, self.activations,
+                                                      self.input_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}, "
@@ -184,7 +215,7 @@ class QuantizedConv2d(_QuantizedWeight):
     def forward(self, input: Tensor) -> Tensor:
         return torch.ops.mixprec.qat_quantized_conv2d(
             input, self.weight_codes, self.weight_scale, list(self.weight_shape), self.bias, list(self.stride),
-            list(self.padding), list(self.dilation), self.groups, self.activations)
+            list(self.padding), list(self.dilation), self.groups, self.activations, self.input_scale)
 
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,

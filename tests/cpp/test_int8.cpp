@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <sstream>
 
 namespace {
 double rel(const torch::Tensor& a, const torch::Tensor& b) {
@@ -160,4 +161,61 @@ TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores
   REQUIRE(state.contains("3.weight_codes"));
   REQUIRE(state.contains("0.weight_scale"));
   REQUIRE_THROWS_WITH(mixprec::qat::prepare(model, {.weight_bits = 2}), Catch::Contains("weight_bits must be 8 or 4"));
+}
+
+TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept by loads, static after convert",
+          "[int8][qat]") {
+  torch::manual_seed(9);
+  const mixprec::qat::QATConfig config{.learnable_activation_scales = true};
+  const auto make = [&] {
+    torch::manual_seed(9);
+    return mixprec::qat::prepare(
+        torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 4)), config);
+  };
+  auto model = make();
+  auto* first = model->ptr(0)->as<mixprec::qat::QATLinear>();
+  REQUIRE(first->input_step.sizes() == torch::IntArrayRef{1});
+  REQUIRE(first->input_step.item<float>() == 0.0f);  // not set yet
+  const auto x = torch::randn({32, 8}) * 3;
+  const auto y = torch::randn({32, 4});
+  model->forward(x);
+  REQUIRE(first->input_step.item<float>() == (x.abs().max() / 127).item<float>());
+  const auto start = first->input_step.detach().clone();
+  mixprec::optim::AdamW opt(model->parameters(), mixprec::optim::AdamWOptions(1e-2));
+  for (int step = 0; step < 5; ++step) {
+    opt.zero_grad();
+    torch::mse_loss(model->forward(x * 2), y).backward();
+    opt.step();
+  }
+  REQUIRE(first->input_step.grad().defined());
+  const auto learned = first->input_step.detach().clone();
+  REQUIRE_FALSE(torch::equal(learned, start));
+
+  // A fresh model that loads the trained parameters keeps the loaded steps at its first forward.
+  std::stringstream archive;
+  torch::save(model, archive);
+  auto fresh = make();
+  torch::load(fresh, archive);
+  fresh->forward(x * 100);
+  REQUIRE(torch::equal(fresh->ptr(0)->as<mixprec::qat::QATLinear>()->input_step.detach(), learned));
+
+  // convert: the learned step is the static input scale; the converted model computes what training simulated.
+  model->eval();
+  torch::Tensor simulated;
+  {
+    torch::NoGradGuard no_grad;
+    simulated = model->forward(x);
+  }
+  auto converted = mixprec::qat::convert(model);
+  auto* q = converted->ptr(0)->as<mixprec::qat::QuantizedLinear>();
+  REQUIRE(torch::equal(q->input_scale, learned.abs()));
+  REQUIRE(converted->named_buffers().contains("2.input_scale"));
+  torch::NoGradGuard no_grad;
+  REQUIRE(torch::allclose(converted->forward(x), simulated, 1e-5, 1e-5));
+
+  // Never run: convert refuses; a config without activations refuses the learnable step.
+  REQUIRE_THROWS_WITH(mixprec::qat::convert(make()), Catch::Contains("input_step was never set"));
+  const mixprec::qat::QATConfig no_activations{.activations = false, .learnable_activation_scales = true};
+  REQUIRE_THROWS_WITH(mixprec::qat::QATLinear(*torch::nn::Linear(4, 4), no_activations),
+                      Catch::Contains("learnable_activation_scales needs activations=true"));
 }

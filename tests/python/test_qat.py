@@ -142,6 +142,79 @@ def test_learnable_steps_train_and_qat_composes_with_policy() -> None:
     assert model[0].weight.grad is not None
 
 
+def _fake_reference(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """INT8 fake quantization with one step, computed independently in float64."""
+    s = step.double()
+    return ((x.double() * (1 / s)).round().clamp(-127, 127) * s).to(x.dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_learnable_activation_steps(kind: str) -> None:
+    """learnable_activation_scales: the input step starts unset (0), the first forward sets it to the batch's
+    amax / 127, training moves it with LSQ's gradient (checked against a float64 computation), a loaded
+    state is not set again, and convert keeps it as the static input_scale the converted layer quantizes
+    with."""
+    torch.manual_seed(7)
+    config = qat.QATConfig(learnable_activation_scales=True)
+    base = nn.Linear(32, 12) if kind == "linear" else nn.Conv2d(3, 6, 3, padding=1)
+    state0 = {k: v.clone() for k, v in base.state_dict().items()}
+    layer = qat.prepare(base, config)
+    assert layer.input_step.shape == (1,) and layer.input_step.item() == 0.0
+    x = torch.randn(8, 32) * 3 if kind == "linear" else torch.randn(4, 3, 5, 5) * 3
+    out = layer(x)
+    step = layer.input_step.detach().clone()
+    assert step.item() == (x.abs().max() / 127).item()
+    w = layer._fake_weight().detach()
+    fx = _fake_reference(x, step)
+    ref = nn.functional.linear(fx, w, layer.bias) if kind == "linear" else layer._conv_forward(fx, w, layer.bias)
+    assert torch.equal(out, ref)
+    # LSQ: d fq / d s = round(x / s) - x / s where round(x / s) is in the range, the bound outside; scaled by
+    # 1 / sqrt(N * 127).
+    g = torch.randn_like(out)
+    x_in = x.clone().requires_grad_()
+    (layer(x_in) * g).sum().backward()
+    fx_d = fx.double().requires_grad_()
+    ref_d = (nn.functional.linear(fx_d, w.double(), layer.bias.double()) if kind == "linear" else
+             nn.functional.conv2d(fx_d, w.double(), layer.bias.double(), padding=1))
+    (dfx,) = torch.autograd.grad((ref_d * g.double()).sum(), fx_d)
+    v = x.double() / step.double()
+    term = torch.where(v.round().abs() <= 127, v.round() - v, v.sign() * 127)
+    want = (dfx * term).sum() / (x.numel() * 127) ** 0.5
+    torch.testing.assert_close(layer.input_step.grad.double(), want.reshape(1), rtol=1e-5, atol=1e-9)
+    # The first batch set the step from its amax: every element is inside the range, so x's gradient passes
+    # straight through.
+    torch.testing.assert_close(x_in.grad, dfx.float(), rtol=1e-5, atol=1e-6)
+    # Training moves it; a later batch does not set it again.
+    opt = mixprec.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x * 5).pow(2).mean().backward()
+        opt.step()
+    learned = layer.input_step.detach().clone()
+    assert learned.item() != step.item() and learned.item() != (x * 5).abs().max().item() / 127
+    # A fresh layer that loads the state keeps the loaded step at its first forward.
+    fresh = nn.Linear(32, 12) if kind == "linear" else nn.Conv2d(3, 6, 3, padding=1)
+    fresh.load_state_dict(state0)
+    fresh = qat.prepare(fresh, config)
+    fresh.load_state_dict(layer.state_dict())
+    fresh(x * 100)
+    assert torch.equal(fresh.input_step.detach(), learned)
+    # convert: the static scale, and the same codes as training simulated.
+    layer.eval()
+    with torch.no_grad():
+        simulated = layer(x)
+    q = qat.convert(layer)
+    assert torch.equal(q.input_scale, learned.abs()) and "input_scale" in q.state_dict()
+    torch.testing.assert_close(q(x), simulated, rtol=1e-5, atol=1e-5)
+    # Never run: nothing to convert the step from, and nothing is changed.
+    model = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
+    model(torch.randn(2, 4))
+    model[2].input_step.data.zero_()  # as if the second layer had never run
+    with pytest.raises(ValueError, match="input_step was never set"):
+        qat.convert(model)
+    assert isinstance(model[0], qat.QATLinear) and isinstance(model[2], qat.QATLinear)
+
+
 def test_torch_compile_with_dynamic_batch_sizes() -> None:
     torch.manual_seed(5)
     layer = qat.prepare(nn.Linear(32, 16), qat.QATConfig(weight_bits=4, group_size=8, learnable_scales=True))
@@ -167,6 +240,8 @@ def test_activation_codes_are_int8_quantize_codes() -> None:
 def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="weight_bits must be 8 or 4"):
         qat.QATConfig(weight_bits=2)
+    with pytest.raises(ValueError, match="learnable_activation_scales needs activations=True"):
+        qat.QATConfig(activations=False, learnable_activation_scales=True)
     with pytest.raises(ValueError, match="group_size 5 must divide in_features 16"):
         qat.prepare(nn.Linear(16, 4), qat.QATConfig(group_size=5))
     with pytest.raises(ValueError, match="group_size applies to Linear layers only"):
@@ -197,9 +272,17 @@ def test_opcheck() -> None:
     cases += [
         (ops.qat_dequantize_weight.default, (codes, scale)),
         (ops.qat_quantized_linear.default, (x.detach(), codes, scale, torch.randn(12), 8, None, True)),
+        (ops.qat_quantized_linear.default, (x.detach(), codes, scale, None, 8, None, True, torch.tensor([0.01]))),
+        (ops.qat_fake_quantize_input.default, (x, False, torch.tensor([0.01], requires_grad=True))),
     ]
     conv_codes, conv_scale = ops.qat_quantize_weight(torch.randn(4, 2, 3, 3), None, 8, None)
     cases.append((ops.qat_quantized_conv2d.default, (torch.randn(1, 2, 6, 6), conv_codes, conv_scale, [4, 2, 3, 3],
                                                      None, [1, 1], [1, 1], [1, 1], 1, True)))
+    cases.append((ops.qat_quantized_conv2d.default, (torch.randn(1, 2, 6, 6), conv_codes, conv_scale, [4, 2, 3, 3],
+                                                     None, [1, 1], [1, 1], [1, 1], 1, True, torch.tensor([0.02]))))
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=no_schema)
+    # The learnable input step's start reads the step back (a host read, once per layer): eager only, and its
+    # schema declares the write.
+    torch.library.opcheck(ops.qat_init_input_step_.default, (torch.zeros(1), x.detach()),
+                          test_utils=("test_schema", "test_autograd_registration"))

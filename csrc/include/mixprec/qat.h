@@ -29,7 +29,17 @@ struct QATConfig {
   std::optional<int64_t> group_size = std::nullopt;  // none: one step per output channel; else per group (Linear)
   bool activations = true;                        // fake-quantize the inputs to INT8 (dynamic, from their amax)
   bool learnable_scales = false;                  // the weight steps are parameters (LSQ), else from the amax
+  /// With `activations`: the input step is a parameter ("input_step", [1], one step per tensor, LSQ's
+  /// gradient) instead of each batch's amax / 127. It starts at 0, meaning not set yet: the layer's first
+  /// forward sets it to that batch's amax / 127 (the dynamic rule's step; under data parallelism run that
+  /// forward before the ranks diverge, e.g. on the same calibration batch). convert() keeps it as a static
+  /// activation scale ("input_scale"), so the converted layer needs no amax of its input.
+  bool learnable_activation_scales = false;
 };
+
+/// The checks every QAT layer runs on its config (weight bits, and learnable activation steps only with
+/// activations).
+void check_config(const QATConfig& config);
 
 /// The weight code range of `weight_bits` (8 or 4; anything else is an error).
 std::pair<int64_t, int64_t> code_range(int64_t weight_bits);
@@ -37,6 +47,15 @@ std::pair<int64_t, int64_t> code_range(int64_t weight_bits);
 /// `x` fake-quantized to INT8 per token (rows of its [..., features] view) or per tensor, from its own amax
 /// (steps amax / 127, without gradient); differentiable straight through. Keeps x's dtype.
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token);
+
+/// `x` fake-quantized to INT8 per tensor with the learnable step `step` ([1] float32, used by magnitude):
+/// straight through for x, LSQ's gradient (scaled by 1 / sqrt(x.numel() * 127)) for the step.
+torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step);
+
+/// A learnable input step's start: when `step` is 0 (not set yet), sets it in place to x's amax / 127 (the
+/// dynamic per-tensor step), without gradient. Reads `step` back (a host sync): layers call it on their first
+/// forward only. Returns whether it set the step.
+bool init_input_step(const torch::Tensor& step, const torch::Tensor& x);
 
 /// The steps (amax / qmax per output channel or group; float32 [out, groups]) of `weight` ([out, ...]).
 torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config);
@@ -61,8 +80,11 @@ torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor&
 /// that are multiples of 8), an INT8 GEMM on per-token INT8 activations (mixprec::int8::mm); otherwise the
 /// dequantized weight in the compute dtype (autocast's, or the input's) on the fake-quantized input. Either
 /// way the activations are quantized in the input's own dtype, as in training.
+/// A static `input_scale` ([1], a learned input step) replaces the per-token amax: the codes
+/// round(x * (1 / input_scale)) clamped to [-127, 127], as the QAT layer simulated them.
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
-                               const torch::Tensor& bias, const QATConfig& config);
+                               const torch::Tensor& bias, const QATConfig& config,
+                               const torch::Tensor& input_scale = {});
 
 /// A Linear trained with fake-quantized weight and input.
 class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
@@ -77,6 +99,8 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
   QATConfig config;
   torch::Tensor weight, bias;
   torch::Tensor weight_step;  // with learnable_scales: [out, groups], registered as "weight_step"
+  torch::Tensor input_step;   // with learnable_activation_scales: [1], registered as "input_step"
+  bool input_step_checked = false;  // the first forward has set input_step or seen it set (loaded)
 };
 TORCH_MODULE(QATLinear);
 
@@ -93,10 +117,13 @@ class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl> {
   QATConfig config;
   torch::Tensor weight, bias;
   torch::Tensor weight_step;
+  torch::Tensor input_step;
+  bool input_step_checked = false;
 };
 TORCH_MODULE(QATConv2d);
 
-/// A converted QATLinear: buffers "weight_codes" and "weight_scale", and the bias.
+/// A converted QATLinear: buffers "weight_codes" and "weight_scale", the bias, and with learned input steps
+/// "input_scale".
 class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
  public:
   explicit QuantizedLinearImpl(const QATLinearImpl& layer);
@@ -105,7 +132,7 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   torch::Tensor forward(const torch::Tensor& input);
 
   QATConfig config;
-  torch::Tensor weight_codes, weight_scale, bias;
+  torch::Tensor weight_codes, weight_scale, bias, input_scale;
 };
 TORCH_MODULE(QuantizedLinear);
 
@@ -120,7 +147,7 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
   torch::nn::detail::ConvNdOptions<2> options;
   QATConfig config;
   std::vector<int64_t> weight_shape;
-  torch::Tensor weight_codes, weight_scale, bias;
+  torch::Tensor weight_codes, weight_scale, bias, input_scale;
 };
 TORCH_MODULE(QuantizedConv2d);
 
