@@ -25,12 +25,6 @@ using torch::autograd::variable_list;
 int8::Quantized per_row(const torch::Tensor& m) { return int8::quantize(m, 1, -1); }
 int8::Quantized per_column(const torch::Tensor& m) { return int8::quantize(m, -1, 1); }
 
-// The dtype autocast_to would give `t`, without casting it (a cached weight is not read).
-at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
-  const at::ScalarType s = t.scalar_type();
-  return dtype.has_value() && at::isFloatingType(s) && s != at::kDouble ? *dtype : s;
-}
-
 // A filled cache must be this weight's: codes of its shape on its device, for each GEMM that is INT8.
 void check_weight_cache(const Int8WeightCache& c, const torch::Tensor& weight, const Int8Gemms& gemms) {
   const auto fits = [&](const torch::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -90,11 +84,13 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       // x [m, k] @ w^T [k, n]: w's per-row scales are the columns' of the transposed view.
       const int8::Quantized qx = per_row(x2);
       out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape({1, w.size(0)}), x.scalar_type(), b_opt);
-      if (cache != nullptr && !reuse) *cache = {qw.data, qw.scale_inv, qwt.data, qwt.scale_inv, true};
+      if (cache != nullptr && !reuse) *cache = {qw.data, qw.scale_inv, qwt.data, qwt.scale_inv, true, w_dtype};
     } else {
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       out = at::linear(x2, w, b);
-      if (cache != nullptr && !reuse) *cache = {torch::Tensor(), torch::Tensor(), qwt.data, qwt.scale_inv, true};
+      if (cache != nullptr && !reuse) {
+        *cache = {torch::Tensor(), torch::Tensor(), qwt.data, qwt.scale_inv, true, w_dtype};
+      }
     }
     // A reused weight is saved as it is (not copied): backward casts it only if a 16-bit product needs it.
     ctx->save_for_backward({x2, w, qwt.data, qwt.scale_inv});
@@ -180,7 +176,10 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
 
 torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
                           const Int8Gemms& gemms, Int8WeightCache* cache) {
-  if (cache != nullptr && !cache->empty()) check_weight_cache(*cache, weight, gemms);
+  if (cache != nullptr && !cache->empty()) {
+    check_weight_cache(*cache, weight, gemms);
+    detail::check_cache_dtype(cache->dtype, input, weight, "mixprec::int8_linear");
+  }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
   return Int8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, gemms.forward,
@@ -195,12 +194,15 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("int8_linear_cached", [](const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, bool forward, bool input_grad,
                                   bool weight_grad, at::TensorList weight_cache) {
-    TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 4,
-                      "mixprec::int8_linear_cached: weight_cache must be empty (to fill) or the four tensors a fill "
+    TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 5,
+                      "mixprec::int8_linear_cached: weight_cache must be empty (to fill) or the five tensors a fill "
                       "returned, got ", weight_cache.size());
     const bool fill = weight_cache.empty();
     Int8WeightCache cache;
-    if (!fill) cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3], true};
+    if (!fill) {
+      // The fifth tensor is empty: its dtype is the one the weight was quantized in.
+      cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3], true, weight_cache[4].scalar_type()};
+    }
     at::Tensor out = int8_linear(input, weight, bias.value_or(at::Tensor()),
                                  Int8Gemms{forward, input_grad, weight_grad}, &cache);
     // A reused cache comes back empty (the op's outputs never alias its inputs). In a filled one, the operand
@@ -210,6 +212,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     for (at::Tensor& t : filled) {
       if (!t.defined()) t = at::empty({0}, weight.options().dtype(at::kChar));
     }
+    filled.push_back(at::empty({0}, weight.options().dtype(cache.dtype)));
     return std::make_tuple(out, std::move(filled));
   });
 }

@@ -36,6 +36,22 @@ torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> 
   return t.to(*dtype);
 }
 
+at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
+  const at::ScalarType s = t.scalar_type();
+  return dtype.has_value() && at::isFloatingType(s) && s != at::kDouble ? *dtype : s;
+}
+
+void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const torch::Tensor& weight,
+                       const char* op) {
+  const c10::DeviceType type = input.device().type();
+  std::optional<at::ScalarType> dtype;
+  if (at::autocast::is_autocast_enabled(type)) dtype = at::autocast::get_autocast_dtype(type);
+  const at::ScalarType now = autocast_dtype_of(weight, dtype);
+  TORCH_CHECK_VALUE(cached == now, op, ": the weight cache holds the weight quantized in ", cached,
+                    ", and this call computes in ", now, " (autocast changed since the cache was filled); fill it "
+                    "again (is_first_microbatch=true) in the same autocast state as the calls that reuse it");
+}
+
 bool is_subclass(const torch::Tensor& t) {
   return t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
 }
@@ -318,7 +334,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       // and, held until backward, an FP8 copy of the weight: skipped without an input gradient.
       qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input_grad);
       if (cache != nullptr) {
-        *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv, qw.amax};
+        *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv, qw.amax, w.scalar_type()};
       }
     }
     if (per_tensor(recipe)) {
@@ -503,7 +519,10 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
                 op, ": the amax histories must be [history, 2] (forward) and [history, 1] (backward), got ",
                 state.forward_amax_history.sizes(), " and ", state.backward_amax_history.sizes());
   }
-  if (cache != nullptr && !cache->empty()) check_weight_cache(*cache, weight, recipe);
+  if (cache != nullptr && !cache->empty()) {
+    check_weight_cache(*cache, weight, recipe);
+    check_cache_dtype(cache->dtype, input, weight, "mixprec::float8_linear");
+  }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
   // Grad mode is off inside the autograd function's forward: whether backward will want an input gradient
@@ -570,15 +589,16 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache) {
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
                                          backward_amax_history, backward_scale, backward_scale_inv};
-           TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 5,
-                             "mixprec::float8_linear_cached: weight_cache must be empty (to fill) or the five "
+           TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 6,
+                             "mixprec::float8_linear_cached: weight_cache must be empty (to fill) or the six "
                              "tensors a fill returned, got ", weight_cache.size());
            const bool fill = weight_cache.empty();
            Float8WeightCache cache;
            if (!fill) {
              // An undefined amax travels as an empty tensor (a list cannot hold None).
              cache = {weight_cache[0], weight_cache[1], weight_cache[2], weight_cache[3],
-                      weight_cache[4].sym_numel() == 0 ? at::Tensor() : weight_cache[4]};
+                      weight_cache[4].sym_numel() == 0 ? at::Tensor() : weight_cache[4],
+                      weight_cache[5].scalar_type()};  // empty: its dtype is the one the weight was quantized in
            }
            at::Tensor out = float8_linear(input, weight, bias.value_or(at::Tensor()), state,
                                           op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo,
@@ -591,7 +611,8 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
            const at::Tensor scale_inv_t =
                cache.scale_inv_t.is_same(cache.scale_inv) ? cache.scale_inv_t.clone() : cache.scale_inv_t;
            return std::make_tuple(out, std::vector<at::Tensor>{cache.data, cache.scale_inv, cache.data_t,
-                                                               scale_inv_t, amax});
+                                                               scale_inv_t, amax,
+                                                               at::empty({0}, weight.options().dtype(cache.dtype))});
          });
 }
 

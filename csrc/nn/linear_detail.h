@@ -15,6 +15,13 @@ namespace mixprec::nn::detail {
 
 /// autocast's rule for its lower-precision ops: floating tensors other than fp64 take `dtype` (if any).
 torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
+/// The dtype autocast_to would give `t`, without casting it.
+at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
+/// A reused weight cache holds the weight quantized in `cached`, the dtype the filling call computed in; this
+/// call (autocast's state for `input`'s device now) must compute in the same one, or the codes would not be
+/// the ones this call quantizes: a clear error naming both, for `op`.
+void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const torch::Tensor& weight,
+                       const char* op);
 
 /// Whether `t` is a Python tensor subclass (e.g. FSDP2's DTensor).
 bool is_subclass(const torch::Tensor& t);

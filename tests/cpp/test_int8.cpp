@@ -5,6 +5,7 @@
 #include <mixprec/int8.h>
 #include <mixprec/nn.h>
 #include <mixprec/optim.h>
+#include <mixprec/policy.h>
 #include <mixprec/qat.h>
 #include <torch/torch.h>
 
@@ -120,6 +121,15 @@ TEST_CASE("Int8Linear: the weight cache spans a gradient-accumulation cycle", "[
   mixprec::nn::int8_linear(torch::randn({4, 48}), torch::randn({32, 48}), {}, {}, &other);
   REQUIRE_THROWS_WITH(mixprec::nn::int8_linear(x, cached->weight, {}, {}, &other),
                       Catch::Contains("weight cache does not hold"));
+  // One filled under bf16 autocast holds the bf16 weight's codes: reusing it outside autocast is refused.
+  mixprec::nn::Int8WeightCache under_autocast;
+  {
+    const mixprec::AutocastGuard guard(mixprec::Policy::mixed_bfloat16(), torch::kCPU);
+    mixprec::nn::int8_linear(x, cached->weight, {}, {}, &under_autocast);
+  }
+  REQUIRE(under_autocast.dtype == torch::kBFloat16);
+  REQUIRE_THROWS_WITH(mixprec::nn::int8_linear(x, cached->weight, {}, {}, &under_autocast),
+                      Catch::Contains("quantized in BFloat16, and this call computes in Float"));
   cached->to(torch::kBFloat16);
   REQUIRE(cached->weight_cache.empty());
 }

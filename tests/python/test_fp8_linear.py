@@ -126,8 +126,17 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str) -> None:
 
 def test_weight_cache_is_used_and_checked() -> None:
     torch.manual_seed(4)
-    layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current"))
+    # Filled under bf16 autocast it holds the bf16 weight's quantization: reusing it outside autocast is refused
+    # before anything is written (delayed scaling's state included).
+    delayed = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="delayed"))
     x = torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delayed(x, is_first_microbatch=True)
+    before = [getattr(delayed, n).clone() for n in mixprec.nn._FP8_BUFFERS]
+    with pytest.raises(ValueError, match="quantized in BFloat16, and this call computes in Float"):
+        delayed(x, is_first_microbatch=False)
+    assert all(torch.equal(getattr(delayed, n), b) for n, b in zip(mixprec.nn._FP8_BUFFERS, before))
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current"))
     with pytest.raises(RuntimeError, match="is_first_microbatch=True"):
         layer(x, is_first_microbatch=False)
     first = layer(x, is_first_microbatch=True)
@@ -144,6 +153,7 @@ def test_weight_cache_is_used_and_checked() -> None:
     state = [getattr(layer, name) for name in mixprec.nn._FP8_BUFFERS]
     mixprec.nn.float8_linear(x.bfloat16(), layer.weight, None, state, layer.recipe, cache)
     assert [t.dtype for t in cache[:4]] == [torch.float8_e4m3fn, torch.float32, torch.float8_e4m3fn, torch.float32]
+    assert cache[5].dtype == torch.bfloat16 and cache[5].numel() == 0  # the dtype the weight was quantized in
     assert cache[0].shape == (16, 32) and cache[2].shape == (32, 16)
     other = torch.randn(16, 48, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="weight cache does not hold"):

@@ -206,7 +206,8 @@ def test_weight_cache_double_backward_matches_uncached() -> None:
     results = []
     for cached in (False, True):
         if cached:
-            layer(x, is_first_microbatch=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # filled as it is reused
+                layer(x, is_first_microbatch=True)
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(xi, is_first_microbatch=False) if cached else layer(xi)
@@ -221,6 +222,15 @@ def test_weight_cache_is_used_and_checked() -> None:
     torch.manual_seed(4)
     layer = mixprec.nn.Int8Linear(32, 16)
     x, g = torch.randn(8, 32), torch.randn(8, 16)
+    # Filled under bf16 autocast it holds codes of the bf16 weight: a call outside autocast would quantize the
+    # fp32 weight, so reusing it there is refused (and back under autocast it serves).
+    under_autocast = copy.deepcopy(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        filled = under_autocast(x, is_first_microbatch=True)
+    with pytest.raises(ValueError, match="quantized in BFloat16, and this call computes in Float"):
+        under_autocast(x, is_first_microbatch=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(under_autocast(x, is_first_microbatch=False), filled)
     with pytest.raises(RuntimeError, match="is_first_microbatch=True"):
         layer(x, is_first_microbatch=False)
     x1 = x.clone().requires_grad_()
@@ -241,15 +251,16 @@ def test_weight_cache_is_used_and_checked() -> None:
     # weight they are used with.
     cache: list[torch.Tensor] = []
     mixprec.nn.int8_linear(x.bfloat16(), layer.weight, None, Int8Gemms(), cache)
-    assert [t.dtype for t in cache] == [torch.int8, torch.float32, torch.int8, torch.float32]
-    assert [tuple(t.shape) for t in cache] == [(16, 32), (16, 1), (16, 32), (1, 32)]
+    # The fifth, empty, names the dtype the weight was quantized in.
+    assert [t.dtype for t in cache] == [torch.int8, torch.float32, torch.int8, torch.float32, torch.bfloat16]
+    assert [tuple(t.shape) for t in cache] == [(16, 32), (16, 1), (16, 32), (1, 32), (0,)]
     rows, cols = int8.quantize(layer.weight, (1, -1)), int8.quantize(layer.weight, (-1, 1))
     assert torch.equal(cache[0], rows.data) and torch.equal(cache[1], rows.scale_inv)
     assert torch.equal(cache[2], cols.data) and torch.equal(cache[3], cols.scale_inv)
     other = torch.randn(16, 48, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="weight cache does not hold"):
         mixprec.nn.int8_linear(torch.randn(8, 48).bfloat16(), other, None, Int8Gemms(), cache)
-    with pytest.raises(ValueError, match="four tensors"):
+    with pytest.raises(ValueError, match="five tensors"):
         mixprec.nn.int8_linear(x.bfloat16(), layer.weight, None, Int8Gemms(), cache[:2])
     # Only the INT8 GEMMs' operands are kept; a 16-bit input gradient reads the weight as it is then.
     cache = []

@@ -68,6 +68,8 @@ struct Float8WeightCache {
   torch::Tensor data, scale_inv;
   torch::Tensor data_t, scale_inv_t;
   torch::Tensor amax;
+  /// The dtype the weight was quantized in (autocast's, or its own): a call that computes in another is refused.
+  at::ScalarType dtype = at::ScalarType::Undefined;
   bool empty() const { return !data.defined(); }
 };
 
@@ -149,6 +151,8 @@ struct Int8WeightCache {
   torch::Tensor data, scale_inv;
   torch::Tensor data_t, scale_inv_t;
   bool filled = false;  // a layer with no INT8 weight operand fills it with nothing
+  /// The dtype the weight was quantized in (autocast's, or its own): a call that computes in another is refused.
+  at::ScalarType dtype = at::ScalarType::Undefined;
   bool empty() const { return !filled; }
 };
 
