@@ -8,6 +8,7 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include <torch/serialize/archive.h>
@@ -178,6 +179,14 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
   st.found_inf_per_device = std::move(found);
   st.tracked = track;
   st.checked = static_cast<int64_t>(grads.size());
+  if (options_.process_group() && !st.found_inf_per_device.empty()) {
+    // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer.
+    std::vector<at::Tensor> flag{combined_found_inf(st)};
+    c10d::AllreduceOptions reduce;
+    reduce.reduceOp = c10d::ReduceOp::MAX;
+    options_.process_group()->allreduce(flag, reduce)->wait();
+    set_found_inf(key, flag[0]);
+  }
 }
 
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params) {
@@ -244,6 +253,10 @@ void GradScaler::check_not_stepped(int64_t key) const {
 void GradScaler::mark_stepped(int64_t key) {
   check_not_stepped(key);
   per_optimizer_[key].stage = Stage::Stepped;
+}
+
+void GradScaler::set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group) {
+  options_.process_group(std::move(group));
 }
 
 void GradScaler::set_found_inf(int64_t key, const at::Tensor& found_inf) {
@@ -556,6 +569,13 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })
       .def("set_found_inf", [](const Self& s, int64_t key, const at::Tensor& f) { s->impl.set_found_inf(key, f); })
       .def("set_track_overflows", [](const Self& s, bool v) { s->impl.set_track_overflows(v); })
+      // Python names its torch.distributed group by its group name ("" clears it); C++ resolves the same
+      // c10d::ProcessGroup.
+      .def("set_process_group",
+           [](const Self& s, const std::string& group_name) {
+             s->impl.set_process_group(group_name.empty() ? c10::intrusive_ptr<c10d::ProcessGroup>()
+                                                          : c10d::resolve_process_group(group_name));
+           })
       .def("track_overflows", [](const Self& s) { return s->impl.options().track_overflows(); })
       // (step, scale, tensors checked, names, max |g|s, text) of the last overflow, named from the given
       // (name, parameter) pairs; None when no tracked step overflowed.

@@ -129,6 +129,8 @@ class GradScaler:
             o["hysteresis"], o["consecutive_hysteresis"], o["min_scale"], o["max_scale"], o["dynamic"],
         )
         self._impl.set_track_overflows(bool(o.get("track_overflows", False)))  # absent from older pickles
+        if process_group is not None:  # C++ all-reduces the overflow flags over the same c10d group
+            self._impl.set_process_group(process_group.group_name)
 
     # -- torch.amp.GradScaler's API ----------------------------------------------------------------------
 
@@ -169,20 +171,11 @@ class GradScaler:
             return
         self._unscale(id(optimizer), optimizer)
 
-    def _all_reduce(self, key: int, found: Tensor) -> Tensor:
-        """With a process group, every rank takes the largest flag (so all skip together)."""
-        if self._process_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self._process_group)
-            self._impl.set_found_inf(key, found)
-        return found
-
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
         if not self._impl.is_unscaled(key):
             self._unscale(key, optimizer)
-        return self._all_reduce(key, self._impl.found_inf(key))
+        return self._impl.found_inf(key)
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Step the optimizer unless its gradients overflowed, as ``torch.amp.GradScaler.step`` does.
@@ -208,7 +201,6 @@ class GradScaler:
                                                                                 self._params(optimizer))
             if not handled:
                 grad_scale, found = self._impl.prepare_scaled_step(key, self._grads(optimizer))
-            found = self._all_reduce(key, found)
             if self._host_skip and found.item():
                 self._impl.mark_stepped(key)
                 return None

@@ -5,19 +5,19 @@
 #include <mixprec/fp8.h>
 #include <mixprec/nn.h>
 #include <mixprec/policy.h>
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
-#include <condition_variable>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "ops/fp8.h"
+#include "thread_group.h"
+
+using mixprec_test::thread_group;
+using mixprec_test::ThreadRendezvous;
 
 namespace {
 torch::Tensor one(float v) { return torch::full({1}, v); }
@@ -242,62 +242,6 @@ TEST_CASE("nn::Float8Linear: the weight cache spans a gradient-accumulation cycl
   REQUIRE(cached->weight_cache.empty());
 }
 
-namespace {
-// Two ranks of one process (threads): the smallest real c10d backend, since the torch wheel ships no Gloo
-// headers. Its all-reduce waits for both ranks and MAX-reduces, as Gloo and NCCL do.
-struct ThreadRendezvous {
-  std::mutex mutex;
-  std::condition_variable arrived;
-  std::vector<torch::Tensor> inputs;
-  torch::Tensor result;
-  int64_t generation = 0;
-  int64_t calls = 0;
-};
-
-// The reduction is done when allreduce returns.
-class DoneWork : public c10d::Work {
- public:
-  bool isCompleted() override { return true; }
-  bool wait(std::chrono::milliseconds /*timeout*/) override { return true; }
-};
-
-class ThreadMaxBackend : public c10d::Backend {
- public:
-  ThreadMaxBackend(int rank, int size, std::shared_ptr<ThreadRendezvous> shared)
-      : Backend(rank, size), shared_(std::move(shared)) {}
-  const std::string getBackendName() const override { return "thread_max"; }
-
-  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<torch::Tensor>& tensors,
-                                           const c10d::AllreduceOptions& opts) override {
-    TORCH_CHECK(tensors.size() == 1 && opts.reduceOp == c10d::ReduceOp::MAX, "test backend: one tensor, MAX");
-    std::unique_lock<std::mutex> lock(shared_->mutex);
-    const int64_t generation = shared_->generation;
-    shared_->inputs.push_back(tensors[0].clone());
-    if (static_cast<int>(shared_->inputs.size()) == getSize()) {
-      shared_->result = torch::stack(shared_->inputs).amax(0);
-      shared_->inputs.clear();
-      ++shared_->generation;
-      ++shared_->calls;
-      shared_->arrived.notify_all();
-    } else {
-      shared_->arrived.wait(lock, [&] { return shared_->generation != generation; });
-    }
-    tensors[0].copy_(shared_->result);
-    return c10::make_intrusive<DoneWork>();
-  }
-
- private:
-  std::shared_ptr<ThreadRendezvous> shared_;
-};
-
-c10::intrusive_ptr<c10d::ProcessGroup> thread_group(int rank, int size, std::shared_ptr<ThreadRendezvous> shared) {
-  auto group = c10::make_intrusive<c10d::ProcessGroup>(rank, size);
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
-                    c10::make_intrusive<ThreadMaxBackend>(rank, size, std::move(shared)));
-  group->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
-  return group;
-}
-}  // namespace
 
 TEST_CASE("nn::Float8Linear: amax_group MAX-reduces delayed scaling's amaxes over the ranks", "[fp8][nn]") {
   // Two ranks with the same weights and different data (rank 1's four times larger), three training steps,

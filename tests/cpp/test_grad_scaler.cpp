@@ -1,6 +1,6 @@
 // mixprec::GradScaler from C++: with torch::optim::SGD/AdamW (host-checked skip) and with
 // mixprec::optim::AdamW (skip on device), growth/backoff, call-order errors, save/load, overflow
-// attribution, and the mixprec::Monitor built on it.
+// attribution, the overflow flag all-reduced over a process group, and the mixprec::Monitor built on it.
 #include <catch2/catch.hpp>
 #include <mixprec/mixprec.h>
 #include <torch/torch.h>
@@ -11,6 +11,10 @@
 #include <limits>
 #include <memory>
 #include <sstream>
+#include <thread>
+#include <vector>
+
+#include "thread_group.h"
 
 namespace {
 
@@ -264,4 +268,70 @@ TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow sourc
   std::remove(path.c_str());
   REQUIRE_THROWS_WITH(mixprec::Monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().every(0)),
                       Catch::Contains("every must be > 0"));
+}
+
+TEST_CASE("GradScaler with a process group: an overflow on one rank skips the step on every rank",
+          "[scaler][distributed]") {
+  // Two ranks (threads over mixprec_test's in-process group), the same initial weights, their own data; rank 1
+  // plants an inf at iteration 2. With the group both ranks skip it and back off; without, rank 0 steps on.
+  struct Run {
+    std::vector<std::vector<double>> scales{2};
+    std::vector<std::vector<torch::Tensor>> weights{2};  // the weight after each iteration
+    int64_t collectives = 0;
+  };
+  const auto run = [](bool fused, bool grouped) {
+    auto shared = std::make_shared<mixprec_test::ThreadRendezvous>();
+    torch::manual_seed(0);
+    std::vector<std::shared_ptr<Net>> nets{std::make_shared<Net>(), std::make_shared<Net>()};
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < nets[0]->parameters().size(); ++i) {
+        nets[1]->parameters()[i].copy_(nets[0]->parameters()[i]);
+      }
+    }
+    const torch::Tensor xs = torch::randn({2, 4, 5, 8});  // made here: the threads draw nothing
+    Run out;
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < 2; ++rank) {
+      threads.emplace_back([&, rank] {
+        Net& net = *nets[rank];
+        auto options = mixprec::GradScalerOptions().init_scale(1024).growth_interval(100);
+        if (grouped) options.process_group(mixprec_test::thread_group(rank, 2, shared));
+        mixprec::GradScaler scaler(torch::kCPU, options);
+        std::unique_ptr<torch::optim::Optimizer> opt;
+        if (fused) {
+          opt = std::make_unique<mixprec::optim::AdamW>(net.parameters(), mixprec::optim::AdamOptions(1e-2));
+        } else {
+          opt = std::make_unique<torch::optim::SGD>(net.parameters(), torch::optim::SGDOptions(0.1));
+        }
+        for (int i = 0; i < 4; ++i) {
+          opt->zero_grad();
+          scaler.scale(net.forward(xs[rank][i]).pow(2).mean()).backward();
+          if (rank == 1 && i == 2) net.fc->weight.mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+          scaler.step(*opt);
+          scaler.update();
+          out.scales[rank].push_back(scaler.get_scale());
+          out.weights[rank].push_back(net.fc->weight.detach().clone());
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    out.collectives = shared->calls;
+    return out;
+  };
+  for (const bool fused : {false, true}) {
+    CAPTURE(fused);
+    const Run grouped = run(fused, true);
+    REQUIRE(grouped.collectives == 4);  // one per iteration: where the optimizer's gradients are checked
+    for (int rank = 0; rank < 2; ++rank) {
+      REQUIRE(grouped.scales[rank] == std::vector<double>{1024, 1024, 512, 512});
+      REQUIRE(torch::equal(grouped.weights[rank][2], grouped.weights[rank][1]));  // skipped
+      REQUIRE_FALSE(torch::equal(grouped.weights[rank][3], grouped.weights[rank][2]));
+    }
+    const Run alone = run(fused, false);
+    REQUIRE(alone.collectives == 0);
+    REQUIRE(alone.scales[0] == std::vector<double>{1024, 1024, 1024, 1024});
+    REQUIRE_FALSE(torch::equal(alone.weights[0][2], alone.weights[0][1]));  // rank 0 saw no overflow
+    REQUIRE(alone.scales[1] == std::vector<double>{1024, 1024, 512, 512});
+  }
 }

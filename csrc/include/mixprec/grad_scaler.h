@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/Dict.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/optim/optimizer.h>
 #include <torch/ordered_dict.h>
 
@@ -36,6 +37,12 @@ struct GradScalerOptions {
   /// gradient's max |g| into a small device buffer (no extra pass), kept on the device for the last
   /// overflowing step. Costs a few tiny device ops per step; off by default.
   TORCH_ARG(bool, track_overflows) = false;
+  /// Data parallelism: each optimizer's overflow flag is MAX-reduced over this group where its gradients are
+  /// checked (one all-reduce of one float per optimizer and iteration, asynchronous on NCCL), so every rank
+  /// skips the same steps and moves the scale alike even when only one rank's gradients overflowed (e.g.
+  /// FSDP's shards, or gradients changed after DDP's reduction). Every rank must check the same optimizers in
+  /// the same order (unscale_ / step), as any collective requires. Unset: each rank decides alone.
+  TORCH_ARG(c10::intrusive_ptr<c10d::ProcessGroup>, process_group) = nullptr;
 };
 
 /// One parameter whose gradient held inf/NaN (GradScaler::last_overflow()).
@@ -93,6 +100,8 @@ class GradScaler {
   void set_growth_interval(int64_t growth_interval);
   /// Turns overflow tracking on or off (from the next unscale or step); off drops what was recorded.
   void set_track_overflows(bool track);
+  /// Sets (or, null, clears) GradScalerOptions::process_group, from the next gradient check on.
+  void set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group);
 
   /// The last overflowing step since tracking began (track_overflows), naming the offending parameters
   /// from `named_parameters` (a module's named_parameters(); identity decides); nullopt when no tracked
