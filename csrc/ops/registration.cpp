@@ -129,6 +129,15 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor scale)",
       tags);
   m.def("qat_dequantize_weight(Tensor codes, Tensor scale) -> Tensor", tags);
+  // BatchNorm folding: the folded weight and bias, and a folded QAT convolution's output before its BatchNorm.
+  m.def(
+      "qat_fold_batchnorm(Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "qat_folded_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? step, int weight_bits, Tensor? bn_weight, "
+      "Tensor running_var, float eps, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+      tags);
   m.def(
       "qat_quantized_linear(Tensor input, Tensor codes, Tensor scale, Tensor? bias, int weight_bits, "
       "int? group_size, bool activations, Tensor? input_scale=None) -> Tensor",

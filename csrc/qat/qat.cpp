@@ -190,6 +190,46 @@ torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig&
   return out.reshape_as(weight);
 }
 
+torch::Tensor batchnorm_factor(const torch::Tensor& bn_weight, const torch::Tensor& running_var, double eps) {
+  TORCH_CHECK_VALUE(running_var.defined() && running_var.dim() == 1,
+                    "mixprec::qat: BatchNorm folding needs the BatchNorm's running_var (track_running_stats=true)");
+  // gamma / std, as torch.ao's folding divides (not gamma * rsqrt, which can differ in the last bit).
+  const torch::Tensor std = running_var.to(torch::kFloat).add(eps).sqrt();
+  return bn_weight.defined() ? bn_weight.to(torch::kFloat).div(std) : std.reciprocal();
+}
+
+std::pair<torch::Tensor, torch::Tensor> fold_batchnorm(const torch::Tensor& weight, const torch::Tensor& bias,
+                                                       const torch::Tensor& bn_weight, const torch::Tensor& bn_bias,
+                                                       const torch::Tensor& running_mean,
+                                                       const torch::Tensor& running_var, double eps) {
+  const torch::Tensor f = batchnorm_factor(bn_weight, running_var, eps);
+  TORCH_CHECK_VALUE(weight.dim() >= 1 && size_of(weight, 0) == size_of(f, 0), "mixprec::qat: BatchNorm folding: the "
+                    "convolution's ", weight.dim() >= 1 ? size_of(weight, 0) : 0, " output channels and the "
+                    "BatchNorm's ", size_of(f, 0), " features differ");
+  std::vector<int64_t> shape(static_cast<size_t>(weight.dim()), 1);
+  shape[0] = -1;
+  const torch::Tensor w = weight.to(torch::kFloat).mul(f.reshape(shape));
+  torch::Tensor b = running_mean.to(torch::kFloat).neg();
+  if (bias.defined()) b = b.add(bias.to(torch::kFloat));
+  b = b.mul(f);
+  if (bn_bias.defined()) b = b.add(bn_bias.to(torch::kFloat));
+  return {w, b};
+}
+
+torch::Tensor folded_conv2d(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                            const torch::Tensor& weight_step, const QATConfig& config, const torch::Tensor& bn_weight,
+                            const torch::Tensor& running_var, double eps, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const torch::Tensor f = batchnorm_factor(bn_weight, running_var, eps);
+  // Folded in float32, as fold_batchnorm folds for convert(): the codes simulated here are the ones stored then.
+  const torch::Tensor w = fake_quantize_weight(weight.to(torch::kFloat).mul(f.reshape({-1, 1, 1, 1})), config,
+                                               weight_step);
+  torch::Tensor y = torch::conv2d(x, w.to(x.scalar_type()), {}, stride, padding, dilation, groups);
+  // Back to the convolution's own scale, in its output dtype (as the unfolded pair would hand the BatchNorm).
+  y = y.div(f.to(y.scalar_type()).reshape({1, -1, 1, 1}));
+  return bias.defined() ? y.add(bias.to(y.scalar_type()).reshape({1, -1, 1, 1})) : y;
+}
+
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
   const torch::NoGradGuard no_grad;
   const auto [qmin, qmax] = code_range(config.weight_bits);
@@ -308,14 +348,29 @@ torch::Tensor QATLinearImpl::forward(const torch::Tensor& input) {
   return torch::linear(x, fake_quantize_weight(weight, config, weight_step), bias);
 }
 
-QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config_)
+QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config_, torch::nn::BatchNorm2d bn_)
     : options(other.options), config(std::move(config_)) {
   check_config(config);
   TORCH_CHECK_VALUE(!config.group_size.has_value(), "mixprec::qat: group_size applies to Linear layers only");
   padding_of(options);
+  if (bn_) {
+    TORCH_CHECK_VALUE(bn_->options.num_features() == options.out_channels() && bn_->options.track_running_stats(),
+                      "mixprec::qat: folding needs a BatchNorm2d with running statistics over the convolution's ",
+                      options.out_channels(), " output channels, got ", bn_->options.num_features(),
+                      " features, track_running_stats=", bn_->options.track_running_stats());
+  }
   weight = register_parameter("weight", other.weight);
   bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);
-  if (config.learnable_scales) weight_step = register_parameter("weight_step", weight_steps(weight, config));
+  if (bn_) bn = register_module("bn", bn_);
+  if (config.learnable_scales) {
+    // A folded layer's steps start from the folded weight, the one it quantizes.
+    const torch::NoGradGuard no_grad;
+    const torch::Tensor w =
+        bn ? fold_batchnorm(weight, bias, bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->options.eps())
+                 .first
+           : weight;
+    weight_step = register_parameter("weight_step", weight_steps(w, config));
+  }
   if (config.learnable_activation_scales) input_step = register_parameter("input_step", new_input_step(weight));
 }
 
@@ -324,16 +379,20 @@ void QATConv2dImpl::reset() {
   bias = bias.defined() ? register_parameter("bias", torch::empty_like(bias)) : register_parameter("bias", {}, false);
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
   if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
+  if (bn) bn = register_module("bn", torch::nn::BatchNorm2d(bn->options));
 }
 
 void QATConv2dImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::qat::QATConv2d(" << options.in_channels() << ", " << options.out_channels()
-         << ", weight_bits=" << config.weight_bits << ")";
+         << ", weight_bits=" << config.weight_bits << (bn ? ", folded with its BatchNorm2d" : "") << ")";
 }
 
 torch::Tensor QATConv2dImpl::forward(const torch::Tensor& input) {
   const torch::Tensor x = layer_input(input, false, config, input_step, input_step_checked);
-  return conv2d(x, fake_quantize_weight(weight, config, weight_step), bias, options);
+  if (!bn) return conv2d(x, fake_quantize_weight(weight, config, weight_step), bias, options);
+  return bn->forward(folded_conv2d(x, weight, bias, weight_step, config, bn->weight, bn->running_var,
+                                   bn->options.eps(), vec(options.stride()), padding_of(options),
+                                   vec(options.dilation()), options.groups()));
 }
 
 QuantizedLinearImpl::QuantizedLinearImpl(const QATLinearImpl& layer) : config(layer.config) {
@@ -367,10 +426,17 @@ QuantizedConv2dImpl::QuantizedConv2dImpl(const QATConv2dImpl& layer)
     : options(layer.options), config(layer.config), weight_shape(layer.weight.sizes().vec()) {
   const torch::Tensor s =
       layer.input_step.defined() ? learned_input_scale(layer.input_step, "QATConv2d") : torch::Tensor();
-  const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
+  torch::Tensor w = layer.weight, b = layer.bias.defined() ? layer.bias.detach().clone() : torch::Tensor();
+  if (layer.bn) {
+    const torch::NoGradGuard no_grad;
+    const auto& bn = *layer.bn;
+    std::tie(w, b) = fold_batchnorm(layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    bn.options.eps());
+  }
+  const QuantizedWeight q = quantize_weight(w, config, layer.weight_step);
   weight_codes = register_buffer("weight_codes", q.codes);
   weight_scale = register_buffer("weight_scale", q.scale);
-  if (layer.bias.defined()) bias = register_buffer("bias", layer.bias.detach().clone());
+  if (b.defined()) bias = register_buffer("bias", b);
   if (s.defined()) input_scale = register_buffer("input_scale", s);
 }
 
@@ -396,16 +462,22 @@ torch::Tensor QuantizedConv2dImpl::forward(const torch::Tensor& input) {
 
 torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config) {
   torch::nn::Sequential out;
-  int64_t i = 0;
-  for (const torch::nn::AnyModule& any : *model) {
-    std::string name = std::to_string(i++);
-    const std::shared_ptr<torch::nn::Module> m = any.ptr();
+  const size_t n = model->size();
+  for (size_t i = 0; i < n; ++i) {
+    std::string name = std::to_string(i);
+    const std::shared_ptr<torch::nn::Module> m = model->ptr(i);
     if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
       out->push_back(std::move(name), QATLinear(*linear, config));
     } else if (auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) {
-      out->push_back(std::move(name), QATConv2d(*conv, config));
+      std::shared_ptr<torch::nn::BatchNorm2dImpl> bn;
+      if (config.fold_batchnorm && i + 1 < n) {
+        bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(model->ptr(i + 1));
+      }
+      out->push_back(std::move(name),
+                     QATConv2d(*conv, config, bn ? torch::nn::BatchNorm2d(bn) : torch::nn::BatchNorm2d(nullptr)));
+      if (bn) out->push_back(std::to_string(++i), torch::nn::Identity());  // the conv runs it now
     } else {
-      out->push_back(std::move(name), any);
+      out->push_back(std::move(name), *(model->begin() + static_cast<std::ptrdiff_t>(i)));
     }
   }
   return out;
@@ -473,6 +545,23 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return quantized_linear(input, codes, scale, bias.value_or(at::Tensor()),
                             op_config(weight_bits, group_size, activations), input_scale.value_or(at::Tensor()));
   });
+  m.impl("qat_fold_batchnorm",
+         [](const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+            const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+            double eps) {
+           auto [w, b] = fold_batchnorm(weight, bias.value_or(at::Tensor()), bn_weight.value_or(at::Tensor()),
+                                        bn_bias.value_or(at::Tensor()), running_mean, running_var, eps);
+           return std::make_tuple(w, b);
+         });
+  m.impl("qat_folded_conv2d",
+         [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const std::optional<at::Tensor>& step, int64_t weight_bits, const std::optional<at::Tensor>& bn_weight,
+            const at::Tensor& running_var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+            at::IntArrayRef dilation, int64_t groups) {
+           return folded_conv2d(input, weight, bias.value_or(at::Tensor()), step.value_or(at::Tensor()),
+                                op_config(weight_bits, std::nullopt), bn_weight.value_or(at::Tensor()), running_var,
+                                eps, stride, padding, dilation, groups);
+         });
   m.impl("qat_quantized_conv2d",
          [](const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scale, at::IntArrayRef weight_shape,
             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,

@@ -14,7 +14,8 @@ weights and INT8 activations runs its product as an INT8 GEMM (:func:`mixprec.in
 quantized per token (on CUDA where both feature counts are multiples of 8); other layers (INT4, groups,
 ``activations=False``, Conv2d) dequantize their weights and compute in the autocast or input dtype with the
 same activation quantization as in training. The quantized codes are exactly those the training forward
-simulated.
+simulated. With ``fold_batchnorm``, each Conv2d followed by a BatchNorm2d is trained on its folded weight and
+converted into one integer convolution with the folded bias.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class QATConfig:
             (not set): the layer's first forward sets it to that batch's amax / 127. Under data parallelism,
             run that forward on the same calibration batch on every rank, before wrapping the model.
             :func:`convert` keeps it as a static activation scale (``input_scale``).
+        fold_batchnorm: a ``Conv2d`` directly followed by a ``BatchNorm2d`` in an ``nn.Sequential`` is folded
+            with it (Jacob et al., 2018): the QAT layer quantizes the folded weight
+            ``W * gamma / sqrt(running_var + eps)``, the one the converted layer will hold, and takes the
+            BatchNorm as its child ``bn`` (its place becomes ``nn.Identity``; its parameters keep their tensors,
+            now named ``<conv>.bn.*``), so training still normalizes with batch statistics. :func:`convert`
+            folds it away into the integer convolution.
     """
 
     weight_bits: int = 8
@@ -53,6 +60,7 @@ class QATConfig:
     activations: bool = True
     learnable_scales: bool = False
     learnable_activation_scales: bool = False
+    fold_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8):
@@ -74,16 +82,29 @@ def _fake_quantize_input(x: Tensor, per_token: bool) -> Tensor:
     return torch.ops.mixprec.qat_fake_quantize_input(x, per_token)
 
 
-def _check(layer: nn.Module, config: QATConfig) -> Tensor:
-    """What makes `layer` unfit for `config` raises here, before anything is changed; returns the steps of its
-    weight's amax (the start of learnable steps)."""
+def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The folded weight and bias of `conv` and the BatchNorm after it (``mixprec::qat::fold_batchnorm``)."""
+    return torch.ops.mixprec.qat_fold_batchnorm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                                bn.running_var, bn.eps)
+
+
+def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = None) -> Tensor:
+    """What makes `layer` (and the BatchNorm to fold into it) unfit for `config` raises here, before anything is
+    changed; returns the steps of its (folded) weight's amax (the start of learnable steps)."""
+    weight = layer.weight
     if isinstance(layer, nn.Conv2d):
         if config.group_size is not None:
             raise ValueError("QATConfig.group_size applies to Linear layers only")
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("mixprec.qat: Conv2d needs zero padding given as sizes, got padding="
                              f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
-    return torch.ops.mixprec.qat_weight_steps(layer.weight, config.weight_bits, config.group_size)
+        if bn is not None:
+            if bn.num_features != layer.out_channels or bn.running_var is None:
+                raise ValueError("mixprec.qat: folding needs a BatchNorm2d with running statistics over the "
+                                 f"convolution's {layer.out_channels} output channels, got {bn}")
+            with torch.no_grad():
+                weight = _fold(layer, bn)[0]
+    return torch.ops.mixprec.qat_weight_steps(weight, config.weight_bits, config.group_size)
 
 
 class _QATWeight:
@@ -117,8 +138,12 @@ class _QATWeight:
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 
     def _fake_weight(self) -> Tensor:
+        return self._fake_weight_of(self.weight)
+
+    def _fake_weight_of(self, weight: Tensor) -> Tensor:
+        """`weight` (the layer's, or a folded one) fake-quantized with the layer's steps and config."""
         step = self.weight_step if self.qat_config.learnable_scales else None  # type: ignore[attr-defined]
-        return torch.ops.mixprec.qat_fake_quantize_weight(self.weight, step, self.qat_config.weight_bits,
+        return torch.ops.mixprec.qat_fake_quantize_weight(weight, step, self.qat_config.weight_bits,
                                                           self.qat_config.group_size)
 
 
@@ -144,7 +169,17 @@ class QATConv2d(nn.Conv2d, _QATWeight):
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(self._fake_input(input, per_token=False), self._fake_weight(), self.bias)
+        x = self._fake_input(input, per_token=False)
+        bn = self._modules.get("bn")
+        if bn is None:
+            return self._conv_forward(x, self._fake_weight(), self.bias)
+        # Folded (mixprec::qat::folded_conv2d): the folded weight quantized, the output back at the convolution's
+        # scale for the BatchNorm, which normalizes it as before.
+        step = self.weight_step if self.qat_config.learnable_scales else None
+        y = torch.ops.mixprec.qat_folded_conv2d(x, self.weight, self.bias, step, self.qat_config.weight_bits,
+                                                bn.weight, bn.running_var, bn.eps, list(self.stride),
+                                                list(self.padding), list(self.dilation), self.groups)
+        return bn(y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.qat_config}"
@@ -158,7 +193,7 @@ class _QuantizedWeight(nn.Module):
     weight_scale: Tensor
     input_scale: Optional[Tensor]
 
-    def _set_weight(self, layer: nn.Module, config: QATConfig) -> None:
+    def _set_weight(self, layer: nn.Module, config: QATConfig, weight: Optional[Tensor] = None) -> None:
         input_scale = None
         if config.learnable_activation_scales:
             input_scale = layer.input_step.detach().abs().clone()
@@ -166,8 +201,8 @@ class _QuantizedWeight(nn.Module):
                 raise ValueError(f"mixprec.qat.convert: the {type(layer).__name__}'s input_step was never set; run at "
                                  "least one forward (training) before convert")
         step = layer.weight_step if config.learnable_scales else None
-        codes, scale = torch.ops.mixprec.qat_quantize_weight(layer.weight, step, config.weight_bits,
-                                                             config.group_size)
+        weight = layer.weight if weight is None else weight
+        codes, scale = torch.ops.mixprec.qat_quantize_weight(weight, step, config.weight_bits, config.group_size)
         self.weight_shape = tuple(layer.weight.shape)  # type: ignore[union-attr]
         self.weight_bits = config.weight_bits
         self.group_size = config.group_size
@@ -204,12 +239,20 @@ class QuantizedLinear(_QuantizedWeight):
 
 class QuantizedConv2d(_QuantizedWeight):
     """A converted :class:`QATConv2d`: integer weights and scales; the convolution runs on the dequantized
-    weight with the input quantized per tensor, as in training."""
+    weight with the input quantized per tensor, as in training. A folded one holds the folded weight's codes
+    and the folded bias (its BatchNorm is gone)."""
 
     def __init__(self, layer: QATConv2d) -> None:
         super().__init__()
-        self._set_weight(layer, layer.qat_config)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        bn = layer._modules.get("bn")
+        if bn is None:
+            self._set_weight(layer, layer.qat_config)
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+        else:
+            with torch.no_grad():
+                weight, bias = _fold(layer, bn)
+            self._set_weight(layer, layer.qat_config, weight)
+        self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, input: Tensor) -> Tensor:
@@ -222,15 +265,30 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
     """Swap every ``nn.Linear`` and ``nn.Conv2d`` that ``filter(name, layer)`` accepts (default: all) for its
     QAT layer, in place: the same parameters, hooks and state-dict keys, plus ``weight_step`` with
-    ``learnable_scales`` (new parameters: build the optimizer after ``prepare`` then). Every layer is checked
-    before any is swapped, so an error leaves the model as it was. Returns ``model``."""
+    ``learnable_scales`` (new parameters: build the optimizer after ``prepare`` then). With ``fold_batchnorm``,
+    a Conv2d followed by a BatchNorm2d in an ``nn.Sequential`` takes it as its child ``bn`` and the BatchNorm's
+    place becomes ``nn.Identity`` (the same tensors, named ``<conv>.bn.*``). Every layer is checked before any is
+    swapped, so an error leaves the model as it was. Returns ``model``."""
     config = config or QATConfig()
+    folds: dict[int, tuple[nn.Sequential, str, nn.BatchNorm2d]] = {}  # id(conv) -> where its BatchNorm is
+    if config.fold_batchnorm:
+        for parent in model.modules():
+            if isinstance(parent, nn.Sequential):
+                entries = list(parent._modules.items())
+                for (_, a), (bn_name, b) in zip(entries, entries[1:]):
+                    if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d:
+                        folds[id(a)] = (parent, bn_name, b)
     todo = []
     for name, m in model.named_modules():
         if (filter is None or filter(name, m)) and type(m) in (nn.Linear, nn.Conv2d):
-            todo.append((m, _check(m, config)))
-    for m, step in todo:
+            fold = folds.get(id(m))
+            todo.append((m, _check(m, config, fold[2] if fold else None), fold))
+    for m, step, fold in todo:
         (QATLinear if type(m) is nn.Linear else QATConv2d)._swap(m, config, step)
+        if fold is not None:
+            parent, bn_name, bn = fold
+            m.bn = bn
+            setattr(parent, bn_name, nn.Identity())
     return model
 
 

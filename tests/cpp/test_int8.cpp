@@ -229,3 +229,60 @@ TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept
   REQUIRE_THROWS_WITH(mixprec::qat::QATLinear(*torch::nn::Linear(4, 4), no_activations),
                       Catch::Contains("learnable_activation_scales needs activations=true"));
 }
+
+TEST_CASE("qat fold_batchnorm: the conv quantizes its folded weight, convert leaves no BatchNorm", "[int8][qat]") {
+  torch::manual_seed(12);
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(1, 4, 3).padding(1));
+  torch::nn::BatchNorm2d bn(4);
+  {
+    torch::NoGradGuard no_grad;
+    bn->weight.uniform_(0.5, 2.0);
+    bn->running_var.uniform_(0.5, 3.0);
+  }
+  torch::nn::Sequential model(conv, bn, torch::nn::ReLU(), torch::nn::Flatten(), torch::nn::Linear(4 * 6 * 6, 2));
+  auto prepared = mixprec::qat::prepare(model, {.fold_batchnorm = true});
+  auto* layer = prepared->ptr(0)->as<mixprec::qat::QATConv2d>();
+  REQUIRE(layer != nullptr);
+  REQUIRE(layer->bn.ptr() == bn.ptr());  // the same BatchNorm, now the conv's child
+  REQUIRE(prepared->ptr(1)->as<torch::nn::Identity>() != nullptr);
+  REQUIRE(prepared->named_parameters().contains("0.bn.weight"));
+  REQUIRE(prepared->parameters().size() == model->parameters().size());
+
+  // Training: the output before the BatchNorm is conv(x, fq(W * f)) / f + b, computed here from plain ops.
+  const auto x = torch::randn({16, 1, 6, 6});
+  const auto xq = mixprec::qat::fake_quantize_input(x, false);
+  {
+    torch::NoGradGuard no_grad;
+    const auto f = bn->weight / (bn->running_var + bn->options.eps()).sqrt();
+    const auto w = conv->weight * f.reshape({-1, 1, 1, 1});
+    const auto step = (w.abs().amax({1, 2, 3}, true) / 127).clamp_min(std::numeric_limits<float>::min());
+    const auto wq = (w * step.reciprocal()).round().clamp(-127, 127) * step;
+    const auto want = torch::conv2d(xq, wq, {}, 1, 1) / f.reshape({1, -1, 1, 1}) + conv->bias.reshape({1, -1, 1, 1});
+    const auto got = mixprec::qat::folded_conv2d(xq, conv->weight, conv->bias, {}, layer->config, bn->weight,
+                                                 bn->running_var, bn->options.eps(), {1, 1}, {1, 1}, {1, 1}, 1);
+    REQUIRE(torch::allclose(got, want, 1e-5, 1e-5));
+  }
+  const auto y = (x.mean({1, 2, 3}) > 0).to(torch::kLong);
+  mixprec::optim::AdamW opt(prepared->parameters(), mixprec::optim::AdamWOptions(1e-2));
+  for (int step = 0; step < 20; ++step) {
+    opt.zero_grad();
+    torch::cross_entropy_loss(prepared->forward(x), y).backward();
+    opt.step();
+  }
+  REQUIRE(bn->weight.grad().defined());
+  // A clone takes its own copy of the folded BatchNorm.
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(prepared->clone());
+  REQUIRE(copy->ptr(0)->as<mixprec::qat::QATConv2d>()->bn.ptr() != bn.ptr());
+  prepared->eval();
+  copy->eval();
+  torch::NoGradGuard no_grad;
+  const auto simulated = prepared->forward(x);
+  REQUIRE(torch::equal(copy->forward(x), simulated));
+  // convert: the folded weight's codes and bias; no BatchNorm left, the same outputs.
+  auto converted = mixprec::qat::convert(prepared);
+  REQUIRE(converted->ptr(0)->as<mixprec::qat::QuantizedConv2d>() != nullptr);
+  for (const auto& item : converted->named_buffers()) REQUIRE(item.key().find("bn.") == std::string::npos);
+  REQUIRE(torch::allclose(converted->forward(x), simulated, 1e-4, 1e-5));
+  REQUIRE_THROWS_WITH(mixprec::qat::QATConv2d(*conv, mixprec::qat::QATConfig{}, torch::nn::BatchNorm2d(3)),
+                      Catch::Contains("folding needs a BatchNorm2d with running statistics"));
+}

@@ -83,6 +83,75 @@ def test_qat_cnn_on_digits_within_one_point_of_fp32(dtype: torch.dtype) -> None:
     assert acc >= baseline - 0.01, (acc, baseline)
 
 
+def test_qat_cnn_with_batchnorm_folded_on_digits() -> None:
+    """fold_batchnorm: the digits CNN trains with each conv quantizing its folded weight; convert leaves no
+    BatchNorm, and the integer model is within 1 point of fp32."""
+    baseline = fp32_accuracy()
+    torch.manual_seed(0)
+    model = qat.prepare(make_cnn(), qat.QATConfig(fold_batchnorm=True))
+    assert isinstance(model[0].bn, nn.BatchNorm2d) and isinstance(model[1], nn.Identity)
+    train(model, torch.bfloat16)
+    qat.convert(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert "0.bn.weight" not in model.state_dict() and model.state_dict()["3.weight_codes"].dtype == torch.int8
+    acc = accuracy(model)
+    assert acc >= baseline - 0.01, (acc, baseline)
+
+
+def test_batchnorm_folding_arithmetic() -> None:
+    """The folded QAT conv against an independent computation: W * gamma / sqrt(running_var + eps) quantized per
+    output channel, the convolution divided back by that factor, then the BatchNorm with batch statistics; in
+    eval the converted layer holds exactly those codes and the folded bias, and computes what the pair did."""
+    torch.manual_seed(11)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 3.0)
+    params = {id(p) for p in list(conv.parameters()) + list(bn.parameters())}
+    model = qat.prepare(nn.Sequential(conv, bn, nn.ReLU()), qat.QATConfig(fold_batchnorm=True))
+    layer = model[0]
+    assert layer.bn is bn and isinstance(model[1], nn.Identity)
+    assert {id(p) for p in model.parameters()} == params  # the same tensors, so an optimizer built before stays valid
+    assert [k for k in model.state_dict() if k.startswith("0.bn.")][:2] == ["0.bn.weight", "0.bn.bias"]
+    x = torch.randn(4, 3, 6, 6)
+
+    def folded() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()
+        w = conv.weight.detach() * f.reshape(-1, 1, 1, 1)
+        step = (w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127).clamp_min(torch.finfo().tiny)
+        return (w * step.reciprocal()).round().clamp(-127, 127) * step, f, step
+
+    wq, f, _ = folded()
+    xq = qat._fake_quantize_input(x, False)
+    pre = nn.functional.conv2d(xq, wq, padding=1) / f.reshape(1, -1, 1, 1) + conv.bias.detach().reshape(1, -1, 1, 1)
+    mean, var = pre.mean(dim=(0, 2, 3)), pre.var(dim=(0, 2, 3), unbiased=False)
+    want = (pre - mean.reshape(1, -1, 1, 1)) / (var.reshape(1, -1, 1, 1) + bn.eps).sqrt()
+    want = want * bn.weight.detach().reshape(1, -1, 1, 1) + bn.bias.detach().reshape(1, -1, 1, 1)
+    running_mean = bn.running_mean.clone()
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(bn.running_mean, running_mean)  # training updated the running statistics
+    got.sum().backward()
+    assert conv.weight.grad is not None and bn.weight.grad is not None
+    # Eval: the converted layer holds the codes of the folded weight and computes what the pair does.
+    model.eval()
+    wq, f, step = folded()
+    with torch.no_grad():
+        simulated = model(x)
+        trained = layer._fake_weight_of(qat._fold(layer, bn)[0])
+    qat.convert(model)
+    q = model[0]
+    assert isinstance(q, qat.QuantizedConv2d) and isinstance(model[1], nn.Identity)
+    assert torch.equal(q.dequantized_weight(torch.float32), trained)  # the codes training simulated, exactly
+    torch.testing.assert_close(q.dequantized_weight(torch.float32), wq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.weight_scale, step.reshape(5, 1), rtol=1e-6, atol=0)
+    bias = (conv.bias.detach() - bn.running_mean) * f + bn.bias.detach()
+    torch.testing.assert_close(q.bias, bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(x), simulated, rtol=1e-4, atol=1e-5)
+
+
 def test_converted_weights_are_what_training_simulated() -> None:
     torch.manual_seed(2)
     for config in (qat.QATConfig(), qat.QATConfig(weight_bits=4, group_size=8),
@@ -246,6 +315,9 @@ def test_bad_config_changes_nothing() -> None:
         qat.prepare(nn.Linear(16, 4), qat.QATConfig(group_size=5))
     with pytest.raises(ValueError, match="group_size applies to Linear layers only"):
         qat.prepare(nn.Conv2d(3, 4, 3), qat.QATConfig(group_size=3))
+    with pytest.raises(ValueError, match="folding needs a BatchNorm2d with running statistics"):
+        qat.prepare(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)),
+                    qat.QATConfig(fold_batchnorm=True))
     model = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 4), nn.Conv2d(1, 1, 3, padding="same"))
     with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
         qat.prepare(model)
@@ -280,6 +352,11 @@ def test_opcheck() -> None:
                                                      None, [1, 1], [1, 1], [1, 1], 1, True)))
     cases.append((ops.qat_quantized_conv2d.default, (torch.randn(1, 2, 6, 6), conv_codes, conv_scale, [4, 2, 3, 3],
                                                      None, [1, 1], [1, 1], [1, 1], 1, True, torch.tensor([0.02]))))
+    cw, rv = torch.randn(4, 2, 3, 3, requires_grad=True), torch.rand(4) + 0.5
+    gamma, beta = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    cases.append((ops.qat_fold_batchnorm.default, (cw, torch.randn(4), gamma, beta, torch.randn(4), rv, 1e-5)))
+    cases.append((ops.qat_folded_conv2d.default, (torch.randn(1, 2, 6, 6), cw, None, None, 8, gamma, rv, 1e-5,
+                                                  [1, 1], [1, 1], [1, 1], 1)))
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=no_schema)
     # The learnable input step's start reads the step back (a host read, once per layer): eager only, and its

@@ -7,10 +7,12 @@
 // mixprec::int8::fake_quantize: fp32, fp16 and bf16 alike (under autocast too), straight-through gradients,
 // and LSQ gradients for learnable steps. convert() stores the codes training simulated (INT4 packed two per
 // byte) with their float32 steps; a converted Linear with INT8 per-channel weights runs its product as an INT8
-// GEMM on per-token INT8 activations.
+// GEMM on per-token INT8 activations. With fold_batchnorm, a Conv2d's following BatchNorm2d is folded into it
+// (training quantizes the folded weight; convert leaves no BatchNorm).
 #pragma once
 
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
@@ -35,6 +37,11 @@ struct QATConfig {
   /// forward before the ranks diverge, e.g. on the same calibration batch). convert() keeps it as a static
   /// activation scale ("input_scale"), so the converted layer needs no amax of its input.
   bool learnable_activation_scales = false;
+  /// prepare(): a Conv2d directly followed by a BatchNorm2d in a Sequential is folded with it (Jacob et al.,
+  /// 2018): the QAT layer quantizes the folded weight W * gamma / sqrt(running_var + eps), the one the
+  /// converted layer will hold, and takes the BatchNorm as its child "bn" (its entry becomes an Identity), so
+  /// training still normalizes with batch statistics; convert() folds it away into the integer convolution.
+  bool fold_batchnorm = false;
 };
 
 /// The checks every QAT layer runs on its config (weight bits, and learnable activation steps only with
@@ -64,6 +71,27 @@ torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config)
 /// steps of its own amax. Differentiable (straight through; LSQ for a step that requires grad).
 torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig& config,
                                    const torch::Tensor& step = {});
+
+/// BatchNorm folding's factor per output channel: gamma / sqrt(running_var + eps), or 1 / sqrt(running_var + eps)
+/// without affine weights (`bn_weight` undefined); float32 [out].
+torch::Tensor batchnorm_factor(const torch::Tensor& bn_weight, const torch::Tensor& running_var, double eps);
+
+/// The folded weight W * f and bias beta + (b - running_mean) * f of a convolution and the BatchNorm2d after it
+/// (f = batchnorm_factor), in float32: in eval, conv(x, W) + b followed by the BatchNorm is conv(x, W * f) + that
+/// bias. Undefined bias, gamma or beta count as 0, 1 and 0.
+std::pair<torch::Tensor, torch::Tensor> fold_batchnorm(const torch::Tensor& weight, const torch::Tensor& bias,
+                                                       const torch::Tensor& bn_weight, const torch::Tensor& bn_bias,
+                                                       const torch::Tensor& running_mean,
+                                                       const torch::Tensor& running_var, double eps);
+
+/// A folded QAT convolution before its BatchNorm: conv(x, fake_quantize_weight(W * f)) / f + b, with `x` the
+/// layer's input as already fake-quantized and f the current batchnorm_factor. The weight is quantized as the
+/// folded layer will hold it, and the BatchNorm that follows sees the convolution's own scale (batch statistics
+/// in training); in eval the pair computes the folded convolution.
+torch::Tensor folded_conv2d(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                            const torch::Tensor& weight_step, const QATConfig& config, const torch::Tensor& bn_weight,
+                            const torch::Tensor& running_var, double eps, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 /// What convert() stores for a weight: the codes fake_quantize_weight simulated, as int8 [out, in * ...]
 /// (INT4 with an even row length: uint8 [out, in * ... / 2], element 2j in the low nibble), and the steps.
@@ -108,7 +136,9 @@ TORCH_MODULE(QATLinear);
 /// tensor.
 class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl> {
  public:
-  explicit QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config = {});
+  /// With `bn` (the BatchNorm2d after `other`), the pair is folded: see QATConfig::fold_batchnorm.
+  explicit QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config = {},
+                         torch::nn::BatchNorm2d bn = nullptr);
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
@@ -119,6 +149,7 @@ class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl> {
   torch::Tensor weight_step;
   torch::Tensor input_step;
   bool input_step_checked = false;
+  torch::nn::BatchNorm2d bn{nullptr};  // folded: the child "bn"
 };
 TORCH_MODULE(QATConv2d);
 
@@ -136,7 +167,8 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
 };
 TORCH_MODULE(QuantizedLinear);
 
-/// A converted QATConv2d: the convolution runs on the dequantized weight with the input quantized per tensor.
+/// A converted QATConv2d: the convolution runs on the dequantized weight with the input quantized per tensor. A
+/// folded one holds the folded weight's codes and the folded bias (the BatchNorm is gone).
 class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
  public:
   explicit QuantizedConv2dImpl(const QATConv2dImpl& layer);
@@ -152,7 +184,9 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
 TORCH_MODULE(QuantizedConv2d);
 
 /// A Sequential like `model` (sharing its modules and parameters) whose own Linear and Conv2d entries are QAT
-/// layers (layers inside other modules of it are left as they are): build the optimizer on the result.
+/// layers (layers inside other modules of it are left as they are): build the optimizer on the result. With
+/// fold_batchnorm, a Conv2d entry followed by a BatchNorm2d entry takes it as its child and the BatchNorm's entry
+/// becomes a torch::nn::Identity (parameter names "i.bn.*").
 torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config = {});
 
 /// A Sequential like `model` whose QAT layers are converted (integer weights plus scales).
