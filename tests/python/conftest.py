@@ -72,6 +72,17 @@ def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tm
     return out["result"]
 
 
+def assert_pairs_agree_across_cpu_capabilities(script: str, inputs: Any, tmp_path: Path, count: int) -> None:
+    """`script`'s RESULT, a list of `count` (codes, float tensor) pairs, is the same bit for bit in the DEFAULT
+    build and in the CPU's best (NaNs where the other has NaNs)."""
+    a = run_with_cpu_capability("default", script, inputs, tmp_path)
+    b = run_with_cpu_capability(None, script, inputs, tmp_path)
+    assert len(a) == len(b) == count
+    for (data_a, aux_a), (data_b, aux_b) in zip(a, b):
+        assert torch.equal(data_a, data_b)
+        torch.testing.assert_close(aux_a, aux_b, rtol=0, atol=0, equal_nan=True)
+
+
 def on_device(t: torch.Tensor, device: str) -> torch.Tensor:
     """`t` on `device` with the same sizes, strides and storage offset (so misalignment carries over)."""
     if device == "cpu":

@@ -12,7 +12,7 @@ import torch
 import mixprec
 from mixprec import fp8
 
-from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, on_device
+from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, assert_pairs_agree_across_cpu_capabilities, on_device
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -125,6 +125,30 @@ def test_every_16_bit_input_matches_torch(device: str, src_dtype: torch.dtype, d
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src_dtype)
     ours = fp8.quantize(x.to(device), one(1.0, device), dtype).data
     assert_same_codes(ours, saturated_reference(x.float(), dtype))
+
+
+def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
+    """The DEFAULT (scalar) and AVX2 (8 lanes of integer arithmetic on the fp32 bits) builds of the nearest
+    quantize give identical codes, amaxes and block scales: every 16-bit input, random fp32 bit patterns,
+    odd lengths and block widths that leave scalar tails."""
+    g = torch.Generator().manual_seed(13)
+    bits = torch.randint(-(2**31), 2**31, (4099,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    halves = [torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(d) for d in (torch.float16,
+                                                                                                 torch.bfloat16)]
+    inputs = [bits, bits.clamp(-1e3, 1e3).nan_to_num(5.0)] + halves
+    script = """
+        import mixprec.fp8 as fp8
+        RESULT = []
+        for x in INPUTS:
+            for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                for saturate in (True, False):
+                    q = fp8.quantize(x, torch.tensor([0.75]), dtype, saturate=saturate)
+                    RESULT.append((q.data.view(torch.uint8), q.amax))
+                m = x[: x.numel() // 131 * 131].reshape(-1, 131).nan_to_num(0.0)
+                b = fp8.quantize_blockwise(m, dtype, (1, 128))
+                RESULT.append((b.data.view(torch.uint8), b.scale_inv))
+    """
+    assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 24)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import mixprec
 from mixprec import int8
 
-from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, run_with_cpu_capability
+from conftest import (DEVICES, FLOAT_DTYPES, assert_pairs_agree_across_cpu_capabilities, requires_cuda,
+                      run_with_cpu_capability)
 
 BLOCKS = [(1, -1), (-1, 1), (-1, -1), (1, 16), (3, 5), (128, 128)]
 
@@ -123,12 +124,7 @@ def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
         RESULT = [tuple(mixprec.int8.quantize(x, block)) for x in INPUTS
                   for block in [(1, -1), (-1, 1), (1, 128), (1, 5), (16, 16), (-1, -1)]]
     """
-    a = run_with_cpu_capability("default", script, inputs, tmp_path)
-    b = run_with_cpu_capability(None, script, inputs, tmp_path)
-    assert len(a) == len(b) == 18
-    for (data_a, inv_a), (data_b, inv_b) in zip(a, b):
-        assert torch.equal(data_a, data_b)
-        torch.testing.assert_close(inv_a, inv_b, rtol=0, atol=0, equal_nan=True)
+    assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 18)
 
 
 @pytest.mark.parametrize("device", DEVICES)

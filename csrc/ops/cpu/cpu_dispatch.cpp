@@ -31,6 +31,8 @@ KernelTable<CastChunkFn> cast_chunk_kernels;
 KernelTable<AdamChunkFn> adam_chunk_kernels;
 KernelTable<Int8AmaxFn> int8_amax_kernels;
 KernelTable<Int8CodesFn> int8_codes_kernels;
+KernelTable<Fp8NearestFn> fp8_nearest_kernels;
+KernelTable<MagnitudeMaxFn> magnitude_max_kernels;
 KernelTable<FakeQuantForwardFn> fake_quantize_forward_kernels;
 KernelTable<FakeQuantBackwardFn> fake_quantize_backward_kernels;
 

@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "ops/adam_rule.h"
+#include "ops/fp8.h"
 #include "ops/rounding.h"
 
 namespace mixprec::cpu {
@@ -139,6 +140,15 @@ extern KernelTable<FakeQuantForwardFn> fake_quantize_forward_kernels;
 using FakeQuantBackwardFn = void (*)(const FakeQuantRows& m, const void* dy, void* dx, float* terms, int64_t r0,
                                      int64_t r1, const float* steps);
 extern KernelTable<FakeQuantBackwardFn> fake_quantize_backward_kernels;
+
+/// `n` elements of `dtype` at `src` quantized to FP8 codes of `format` as fp8::to_fp8_nearest(x * scale)
+/// into `dst`; returns the max of the inputs' magnitude bits (their amax, NaN above inf above finite values).
+using Fp8NearestFn = uint32_t (*)(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale,
+                                  fp8::Format format, bool saturate);
+extern KernelTable<Fp8NearestFn> fp8_nearest_kernels;
+/// The max of the magnitude bits of `n` elements of `dtype` at `src`.
+using MagnitudeMaxFn = uint32_t (*)(const void* src, at::ScalarType dtype, int64_t n);
+extern KernelTable<MagnitudeMaxFn> magnitude_max_kernels;
 
 }  // namespace mixprec::cpu
 

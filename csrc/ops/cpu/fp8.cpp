@@ -24,10 +24,15 @@ namespace {
 
 constexpr int64_t kFp8Grain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
 
-/// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits.
+/// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits. Nearest
+/// rounding runs the capability's kernel (fp8_kernel.cpp, vectorised); stochastic rounding the scalar rule.
 template <typename Src>
 uint32_t quantize_range(const Src* src, uint8_t* dst, int64_t begin, int64_t end, float scale,
                         const detail::Fp8Input& in, bool saturate, RngKey key) {
+  if (in.mode == rounding::Mode::Nearest) {
+    return fp8_nearest_kernels.get("fp8_quantize")(src + begin, c10::CppTypeToScalarType<Src>::value, dst + begin,
+                                                   end - begin, scale, in.format, saturate);
+  }
   uint32_t amax = 0;
   Draws draws(key);
   const bool stochastic = in.mode == rounding::Mode::Stochastic;
@@ -95,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::fp8_quantize_blockwise", [&] {
         const scalar_t* src = in.input.const_data_ptr<scalar_t>();
+        const MagnitudeMaxFn max_run = magnitude_max_kernels.get("fp8_quantize_blockwise");
         // One block per task: its amax, its scale, then its elements (read again, from cache).
         at::parallel_for(0, b.grid_rows * b.grid_cols, 1, [&](int64_t first, int64_t last) {
           for (int64_t blk = first; blk < last; ++blk) {
@@ -102,9 +108,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
             const int64_t c0 = blk % b.grid_cols * b.block_cols, c1 = std::min(in.cols, c0 + b.block_cols);
             uint32_t amax = 0;
             for (int64_t r = r0; r < r1; ++r) {
-              for (int64_t c = c0; c < c1; ++c) {
-                amax = std::max(amax, rounding::magnitude_bits(static_cast<float>(src[r * in.cols + c])));
-              }
+              amax = std::max(amax, max_run(src + r * in.cols + c0, in.input.scalar_type(), c1 - c0));
             }
             const float scale = fp8::scale_from_amax(rounding::bits_float(amax), fp8_max, static_cast<int>(margin),
                                                      pow2_scales, 1.0f);
