@@ -12,6 +12,10 @@
 #include <optional>
 #include <tuple>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "ops/cpu/cpu_dispatch.h"
 #include "ops/cpu/draws.h"
 #include "ops/fp8.h"
@@ -44,7 +48,25 @@ uint32_t quantize_range(const Src* src, uint8_t* dst, int64_t begin, int64_t end
   return amax;
 }
 
-/// out[c * rows + r] = data[r * cols + c], in cache-sized tiles.
+#if defined(__SSE2__)
+/// The 8x8 bytes at `src` (rows `src_stride` apart) transposed into `dst` (rows `dst_stride` apart): three
+/// rounds of interleaving (bytes, pairs, quads) turn 8 rows of 8 bytes into 8 columns.
+inline void transpose_8x8(const uint8_t* src, int64_t src_stride, uint8_t* dst, int64_t dst_stride) {
+  const auto row = [&](int k) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k * src_stride)); };
+  const __m128i a0 = _mm_unpacklo_epi8(row(0), row(1)), a1 = _mm_unpacklo_epi8(row(2), row(3));
+  const __m128i a2 = _mm_unpacklo_epi8(row(4), row(5)), a3 = _mm_unpacklo_epi8(row(6), row(7));
+  const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);  // rows 0-3: columns 0-3, 4-7
+  const __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);  // rows 4-7 likewise
+  const __m128i cols[4] = {_mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2), _mm_unpacklo_epi32(b1, b3),
+                           _mm_unpackhi_epi32(b1, b3)};  // two whole columns each
+  for (int k = 0; k < 4; ++k) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (2 * k) * dst_stride), cols[k]);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (2 * k + 1) * dst_stride), _mm_unpackhi_epi64(cols[k], cols[k]));
+  }
+}
+#endif
+
+/// out[c * rows + r] = data[r * cols + c], in cache-sized tiles of 8x8 blocks (SSE2), bytes at the edges.
 void transpose_bytes(const uint8_t* data, uint8_t* out, int64_t rows, int64_t cols) {
   constexpr int64_t kTile = 64;
   at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t tb, int64_t te) {
@@ -52,8 +74,17 @@ void transpose_bytes(const uint8_t* data, uint8_t* out, int64_t rows, int64_t co
       const int64_t r0 = t * kTile, r1 = std::min(rows, r0 + kTile);
       for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
         const int64_t c1 = std::min(cols, c0 + kTile);
+        int64_t r8 = r0, c8 = c0;  // where the 8x8 blocks end
+#if defined(__SSE2__)
+        r8 = r0 + (r1 - r0) / 8 * 8;
+        c8 = c0 + (c1 - c0) / 8 * 8;
+        for (int64_t r = r0; r < r8; r += 8) {
+          for (int64_t c = c0; c < c8; c += 8) transpose_8x8(data + r * cols + c, cols, out + c * rows + r, rows);
+        }
+#endif
         for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = data[r * cols + c];
+          // Outside the blocks: the columns past c8 in every row, and the rows past r8 in the others.
+          for (int64_t r = c < c8 ? r8 : r0; r < r1; ++r) out[c * rows + r] = data[r * cols + c];
         }
       }
     }

@@ -93,8 +93,8 @@ uint32_t nearest_typed(const Src* p, uint8_t* d, int64_t n, float scale, fp8::Fo
   return m;
 }
 
-uint32_t fp8_nearest_run(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale, fp8::Format format,
-                         bool saturate) {
+uint32_t fp8_nearest_run(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale,
+                         fp8::Format format, bool saturate) {
   uint32_t m = 0;
   with_dtype(dtype, "fp8_quantize", [&](auto t) {
     using T = decltype(t);
