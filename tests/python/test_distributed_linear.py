@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mixprec
+from conftest import EXIT_NOW
 
 FSDP_SCRIPT = textwrap.dedent(
     """
@@ -52,7 +53,7 @@ FSDP_SCRIPT = textwrap.dedent(
     """
 )
 
-DDP_SCRIPT = textwrap.dedent(
+DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     import mixprec
@@ -69,6 +70,7 @@ DDP_SCRIPT = textwrap.dedent(
     fp32 = torch.nn.parallel.DistributedDataParallel(mixprec.nn.convert(torch.nn.Linear(8, 4)))
     fp32(torch.randn(3, 8)).sum().backward()
     dist.destroy_process_group()
+    exit_now()
     """
 )
 

@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, EXIT_NOW
 
 import mixprec
 from mixprec import ops
@@ -256,7 +256,7 @@ def test_fp32_bf16_and_fp16_grads_are_unscaled_in_one_call(init_scale: float) ->
     scaler.update()
 
 
-DDP_SCRIPT = textwrap.dedent(
+DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import math, os, sys, torch, torch.distributed as dist
     import mixprec
@@ -279,6 +279,7 @@ DDP_SCRIPT = textwrap.dedent(
     torch.save({"params": [p.detach() for p in model.parameters()], "steps": steps, "scale": scaler.get_scale()},
                f"{out}.{rank}")
     dist.destroy_process_group()
+    exit_now()
     """
 )
 
