@@ -95,16 +95,18 @@ torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& w, const torch
 
 // A learned input step as a positive float32 [1, 1] (by magnitude, never below FLT_MIN, as fake_quantize_weight
 // takes a learnable weight step).
-torch::Tensor input_step_of(const torch::Tensor& step) {
-  TORCH_CHECK_VALUE(step.numel() == 1, "mixprec::qat: an input step must hold one value, got shape ", step.sizes());
+torch::Tensor input_step_of(const torch::Tensor& step, const char* name) {
+  TORCH_CHECK_VALUE(step.numel() == 1 && step.is_floating_point(), "mixprec::qat: ", name,
+                    " must be a floating tensor of one value (a per-tensor input step), got ", step.scalar_type(), " ",
+                    step.sizes());
   return step.to(torch::kFloat).abs().clamp_min(kTiny).reshape({1, 1});
 }
 
 // The activation quantization of a converted layer: a static learned step, else dynamic (per token or tensor).
 torch::Tensor quantize_activations(const torch::Tensor& input, bool per_token, const torch::Tensor& input_scale) {
   if (!input_scale.defined()) return fake_quantize_input(input, per_token);
-  const torch::NoGradGuard no_grad;
-  return fake_quantize_input(input, input_scale);
+  // A constant step (the buffer needs no gradient); the input's passes straight through, as the dynamic one's.
+  return fake_quantize_input(input, input_scale.detach());
 }
 
 // A converted Conv2d's forward: the dequantized weight in the compute dtype, the input quantized per tensor.
@@ -143,7 +145,7 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
 }
 
 torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step) {
-  const torch::Tensor s = input_step_of(step);
+  const torch::Tensor s = input_step_of(step, "step");
   if (numel_of(x) == 0) return x;
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   // LSQ's gradient scale, as for weights: 1 / sqrt(elements per step * qmax).
@@ -152,12 +154,14 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& s
 }
 
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
-  TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == torch::kFloat,
-                    "mixprec::qat: an input step must be a float32 tensor of one value, got ", step.scalar_type(),
-                    " ", step.sizes());
-  if (step.item<float>() != 0.0f || numel_of(x) == 0) return false;
+  input_step_of(step, "step");
+  if (step.item<float>() != 0.0f) return true;
+  if (numel_of(x) == 0) return false;
   const torch::NoGradGuard no_grad;
   const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat);
+  // An all-zero (or NaN) batch says nothing about the range: the step stays unset for the next batch.
+  const float a = amax.item<float>();
+  if (!(a > 0.0f)) return false;
   step.copy_(amax.div(on_device(127.0f, amax)).clamp_min(kTiny).reshape(step.sizes()));
   return true;
 }
@@ -266,8 +270,9 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
     const torch::Tensor rows = input.reshape({-1, in});
     int8::Quantized q;
     if (input_scale.defined()) {
-      // fake_quantize's rule with the static step: round(x * (1 / step)) half to even, clamped; NaN -> 0.
-      const torch::Tensor s = input_step_of(input_scale);
+      // The codes fake_quantize simulates with the static step: round(x * (1 / step)) half to even, clamped;
+      // a NaN becomes code 0, as int8::quantize's codes do on the dynamic path.
+      const torch::Tensor s = input_step_of(input_scale, "input_scale");
       q.data = rows.to(torch::kFloat).mul(s.reciprocal()).round().clamp(-127.0, 127.0).nan_to_num(0.0)
                    .to(torch::kChar);
       q.scale_inv = s.expand({size_of(rows, 0), 1}).contiguous();
@@ -295,10 +300,7 @@ torch::Tensor layer_input(const torch::Tensor& input, bool per_token, const QATC
                           const torch::Tensor& input_step, bool& checked) {
   if (!config.activations) return input;
   if (!config.learnable_activation_scales) return fake_quantize_input(input, per_token);
-  if (!checked) {
-    init_input_step(input_step, input);
-    checked = true;
-  }
+  if (!checked) checked = init_input_step(input_step, input);  // until a batch has set it
   return fake_quantize_input(input, input_step);
 }
 
@@ -336,6 +338,11 @@ void QATLinearImpl::reset() {
                         : register_parameter("bias", {}, /*requires_grad=*/false);
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
   if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
+}
+
+void QATLinearImpl::load(torch::serialize::InputArchive& archive) {
+  torch::nn::Module::load(archive);
+  input_step_checked = false;
 }
 
 void QATLinearImpl::pretty_print(std::ostream& stream) const {
@@ -380,6 +387,11 @@ void QATConv2dImpl::reset() {
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
   if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
   if (bn) bn = register_module("bn", torch::nn::BatchNorm2d(bn->options));
+}
+
+void QATConv2dImpl::load(torch::serialize::InputArchive& archive) {
+  torch::nn::Module::load(archive);
+  input_step_checked = false;
 }
 
 void QATConv2dImpl::pretty_print(std::ostream& stream) const {

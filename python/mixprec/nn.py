@@ -160,7 +160,8 @@ class Float8Linear(torch.nn.Linear):
     per layer and step, asynchronous on NCCL, in training forwards with gradients enabled (every rank must
     run them, as under DDP). The backward's amax is reduced by the next forward, so a layer that runs two
     forwards before their backwards (shared weights, pipeline schedules) reduces it less often. Other
-    recipes scale each tensor from itself and ignore it."""
+    recipes scale each tensor from itself and ignore it. A process group belongs to its process: a pickle
+    or a deep copy of the layer leaves it unset (set it again), where C++'s ``clone()`` shares it."""
 
     amax_group: Optional[Any] = None
 
@@ -193,8 +194,12 @@ class Float8Linear(torch.nn.Linear):
         state = [getattr(self, name) for name in _FP8_BUFFERS]
         if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
                 and torch.is_grad_enabled()):
-            # mixprec::fp8::reduce_amax, on the c10d group behind the Python one.
-            torch.ops.mixprec.fp8_reduce_amax_(state[0], state[3], self.amax_group.group_name)
+            import torch.distributed as dist
+
+            # mixprec::fp8::reduce_amax, on the c10d group behind the Python one (a rank outside the group
+            # has nothing to reduce, as dist.all_reduce does nothing there).
+            if self.amax_group is not dist.GroupMember.NON_GROUP_MEMBER:
+                torch.ops.mixprec.fp8_reduce_amax_(state[0], state[3], self.amax_group.group_name)
         if is_first_microbatch is None:
             return float8_linear(input, self.weight, self.bias, state, self.recipe)
         return float8_linear(input, self.weight, self.bias, state, self.recipe,
@@ -206,13 +211,8 @@ class Float8Linear(torch.nn.Linear):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.
-        state = {name: getattr(self, name) for name in _FP8_BUFFERS}
         self._fp8_weight_cache = []  # quantized from the weight before the move or cast
-        super()._apply(fn, recurse)
-        for name, before in state.items():
-            after = getattr(self, name)
-            if after.dtype != torch.float32:
-                self._buffers[name] = before.to(after.device)
+        apply_keeping_fp32(self, _FP8_BUFFERS, lambda: super(Float8Linear, self)._apply(fn, recurse))
         return self
 
     def __getstate__(self) -> dict[str, Any]:
@@ -224,6 +224,18 @@ class Float8Linear(torch.nn.Linear):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)
+
+
+def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Callable[[], Any]) -> None:
+    """Runs `apply` (the module's ``Module._apply``) and puts back the float32 buffers `names` that it cast to
+    another dtype, moved to the new device only: scales and scaling state must keep their exact values
+    through ``.half()``, ``.bfloat16()`` and ``.to(dtype)``."""
+    before = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    apply()
+    for name, tensor in before.items():
+        after = module._buffers[name]
+        if after is not None and after.dtype != torch.float32:
+            module._buffers[name] = tensor.to(after.device)
 
 
 def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:

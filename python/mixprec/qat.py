@@ -21,11 +21,13 @@ converted into one integer convolution with the folded bias.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .nn import apply_keeping_fp32
 
 __all__ = ["QATConfig", "QATLinear", "QATConv2d", "QuantizedLinear", "QuantizedConv2d", "prepare", "convert"]
 
@@ -88,6 +90,13 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
                                                 bn.running_var, bn.eps)
 
 
+@torch.compiler.disable
+def _init_input_step(step: Tensor, x: Tensor) -> bool:
+    """``mixprec::qat::init_input_step``: sets a learnable input step that is still 0 from the batch's amax and
+    says whether the step is set. It reads values back, so torch.compile runs it eagerly (the first forwards)."""
+    return torch.ops.mixprec.qat_init_input_step_(step, x)
+
+
 def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = None) -> Tensor:
     """What makes `layer` (and the BatchNorm to fold into it) unfit for `config` raises here, before anything is
     changed; returns the steps of its (folded) weight's amax (the start of learnable steps)."""
@@ -133,9 +142,13 @@ class _QATWeight:
         if not config.learnable_activation_scales:
             return _fake_quantize_input(input, per_token)
         if not self._input_step_checked:  # type: ignore[has-type]
-            torch.ops.mixprec.qat_init_input_step_(self.input_step, input)  # type: ignore[attr-defined]
-            self._input_step_checked = True
+            self._input_step_checked = _init_input_step(self.input_step, input)  # type: ignore[attr-defined]
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
+
+    def _load_state_dict_post(self) -> None:
+        # A loaded input step is read again at the next forward (and set there if it is 0).
+        if self.qat_config.learnable_activation_scales:
+            self._input_step_checked = False
 
     def _fake_weight(self) -> Tensor:
         return self._fake_weight_of(self.weight)
@@ -150,6 +163,10 @@ class _QATWeight:
 class QATLinear(nn.Linear, _QATWeight):
     """An ``nn.Linear`` trained with fake-quantized weights and inputs (see the module docstring)."""
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._load_state_dict_post()
+
     @classmethod
     def from_linear(cls, layer: nn.Linear, config: QATConfig) -> "QATLinear":
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
@@ -163,6 +180,10 @@ class QATLinear(nn.Linear, _QATWeight):
 
 class QATConv2d(nn.Conv2d, _QATWeight):
     """An ``nn.Conv2d`` trained with fake-quantized weights (per output channel) and inputs (per tensor)."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._load_state_dict_post()
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, config: QATConfig) -> "QATConv2d":
@@ -210,6 +231,12 @@ class _QuantizedWeight(nn.Module):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("input_scale", input_scale)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_QuantizedWeight":
+        # The scales keep float32 through .half() / .to(dtype): rounded, they would not give the codes' values.
+        apply_keeping_fp32(self, ("weight_scale", "input_scale"),
+                           lambda: super(_QuantizedWeight, self)._apply(fn, recurse))
+        return self
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """codes * step in fp32, as ``dtype``, in the layer's weight shape."""

@@ -207,7 +207,12 @@ TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept
   auto fresh = make();
   torch::load(fresh, archive);
   fresh->forward(x * 100);
-  REQUIRE(torch::equal(fresh->ptr(0)->as<mixprec::qat::QATLinear>()->input_step.detach(), learned));
+  auto* fresh_first = fresh->ptr(0)->as<mixprec::qat::QATLinear>();
+  REQUIRE(torch::equal(fresh_first->input_step.detach(), learned));
+  REQUIRE(fresh_first->input_step_checked);
+  archive.seekg(0);
+  torch::load(fresh, archive);  // a load into a layer that has run: its step is read again at the next forward
+  REQUIRE_FALSE(fresh_first->input_step_checked);
 
   // convert: the learned step is the static input scale; the converted model computes what training simulated.
   model->eval();

@@ -238,21 +238,24 @@ def test_learnable_activation_steps(kind: str) -> None:
     ref = nn.functional.linear(fx, w, layer.bias) if kind == "linear" else layer._conv_forward(fx, w, layer.bias)
     assert torch.equal(out, ref)
     # LSQ: d fq / d s = round(x / s) - x / s where round(x / s) is in the range, the bound outside; scaled by
-    # 1 / sqrt(N * 127).
-    g = torch.randn_like(out)
-    x_in = x.clone().requires_grad_()
-    (layer(x_in) * g).sum().backward()
-    fx_d = fx.double().requires_grad_()
-    ref_d = (nn.functional.linear(fx_d, w.double(), layer.bias.double()) if kind == "linear" else
-             nn.functional.conv2d(fx_d, w.double(), layer.bias.double(), padding=1))
-    (dfx,) = torch.autograd.grad((ref_d * g.double()).sum(), fx_d)
-    v = x.double() / step.double()
-    term = torch.where(v.round().abs() <= 127, v.round() - v, v.sign() * 127)
-    want = (dfx * term).sum() / (x.numel() * 127) ** 0.5
-    torch.testing.assert_close(layer.input_step.grad.double(), want.reshape(1), rtol=1e-5, atol=1e-9)
-    # The first batch set the step from its amax: every element is inside the range, so x's gradient passes
-    # straight through.
-    torch.testing.assert_close(x_in.grad, dfx.float(), rtol=1e-5, atol=1e-6)
+    # 1 / sqrt(N * 127). x's gradient passes where the code is in the range. Checked on the batch that set the
+    # step (every element inside) and on one five times larger (many outside).
+    for xs in (x, x * 5):
+        layer.zero_grad()
+        g = torch.randn_like(out)
+        x_in = xs.clone().requires_grad_()
+        (layer(x_in) * g).sum().backward()
+        fx_d = _fake_reference(xs, step).double().requires_grad_()
+        ref_d = (nn.functional.linear(fx_d, w.double(), layer.bias.double()) if kind == "linear" else
+                 nn.functional.conv2d(fx_d, w.double(), layer.bias.double(), padding=1))
+        (dfx,) = torch.autograd.grad((ref_d * g.double()).sum(), fx_d)
+        v = xs.double() / step.double()
+        inside = v.round().abs() <= 127
+        term = torch.where(inside, v.round() - v, v.sign() * 127)
+        want = (dfx * term).sum() / (xs.numel() * 127) ** 0.5
+        torch.testing.assert_close(layer.input_step.grad.double(), want.reshape(1), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(x_in.grad, (dfx * inside).float(), rtol=1e-5, atol=1e-6)
+    assert not inside.all()  # the larger batch crossed the range
     # Training moves it; a later batch does not set it again.
     opt = mixprec.optim.AdamW(layer.parameters(), lr=1e-2)
     for _ in range(3):
@@ -274,7 +277,30 @@ def test_learnable_activation_steps(kind: str) -> None:
         simulated = layer(x)
     q = qat.convert(layer)
     assert torch.equal(q.input_scale, learned.abs()) and "input_scale" in q.state_dict()
-    torch.testing.assert_close(q(x), simulated, rtol=1e-5, atol=1e-5)
+    x_in = x.clone().requires_grad_()
+    converted = q(x_in)
+    torch.testing.assert_close(converted, simulated, rtol=1e-5, atol=1e-5)
+    if kind == "conv":  # the dequantized path passes the input's gradient straight through, as training did
+        converted.sum().backward()
+        assert x_in.grad is not None
+    # Casting the converted layer keeps its scales float32 (their values exact).
+    q.half()
+    assert q.input_scale.dtype == q.weight_scale.dtype == torch.float32 and torch.equal(q.input_scale, learned.abs())
+    # An empty or all-zero first batch leaves the step unset; the next batch sets it. A state loaded into a
+    # layer that has run is read again: a loaded 0 is set by the next batch.
+    late = qat.prepare(nn.Linear(4, 3), config)
+    late(torch.empty(0, 4))
+    late(torch.zeros(2, 4))
+    assert late.input_step.item() == 0.0
+    late(torch.full((2, 4), 127.0))
+    assert late.input_step.item() == 1.0
+    late.load_state_dict({**late.state_dict(), "input_step": torch.zeros(1)})
+    late(torch.full((2, 4), 254.0))
+    assert late.input_step.item() == 2.0
+    # A bf16 model (the step cast too) still sets and uses its step.
+    half = qat.prepare(nn.Linear(4, 3), config).bfloat16()
+    half(torch.full((2, 4), 127.0, dtype=torch.bfloat16))
+    assert half.input_step.dtype == torch.bfloat16 and half.input_step.item() == 1.0
     # Never run: nothing to convert the step from, and nothing is changed.
     model = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
     model(torch.randn(2, 4))
@@ -294,6 +320,19 @@ def test_torch_compile_with_dynamic_batch_sizes() -> None:
         y.sum().backward()
         assert torch.equal(y, layer(x))
     assert layer.weight_step.grad is not None
+
+
+def test_torch_compile_with_learnable_activation_steps() -> None:
+    """The step's start reads values back, so it runs eagerly inside a compiled model (its first forwards);
+    after that the compiled layer matches eager."""
+    torch.manual_seed(6)
+    layer = qat.prepare(nn.Linear(16, 8), qat.QATConfig(learnable_activation_scales=True))
+    compiled = torch.compile(layer)
+    for scale in (2.0, 3.0):
+        x = torch.randn(5, 16) * scale
+        y = compiled(x)
+        assert torch.equal(y, layer(x))
+    assert layer.input_step.item() > 0
 
 
 def test_activation_codes_are_int8_quantize_codes() -> None:

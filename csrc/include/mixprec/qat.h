@@ -17,6 +17,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/archive.h>
 
 #include <cstdint>
 #include <optional>
@@ -60,8 +61,9 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token);
 torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step);
 
 /// A learnable input step's start: when `step` is 0 (not set yet), sets it in place to x's amax / 127 (the
-/// dynamic per-tensor step), without gradient. Reads `step` back (a host sync): layers call it on their first
-/// forward only. Returns whether it set the step.
+/// dynamic per-tensor step), without gradient; an empty, all-zero or NaN batch leaves it unset. Returns whether
+/// the step is set now. Reads `step` (and the amax) back, a host sync: layers call it until it returns true,
+/// i.e. on their first forward, and again after loading.
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x);
 
 /// The steps (amax / qmax per output channel or group; float32 [out, groups]) of `weight` ([out, ...]).
@@ -128,7 +130,10 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
   torch::Tensor weight, bias;
   torch::Tensor weight_step;  // with learnable_scales: [out, groups], registered as "weight_step"
   torch::Tensor input_step;   // with learnable_activation_scales: [1], registered as "input_step"
-  bool input_step_checked = false;  // the first forward has set input_step or seen it set (loaded)
+  bool input_step_checked = false;  // a forward has seen input_step set; load() clears it
+
+  /// Module::load, and a loaded input step is checked (set if 0) again at the next forward.
+  void load(torch::serialize::InputArchive& archive) override;
 };
 TORCH_MODULE(QATLinear);
 
@@ -150,6 +155,8 @@ class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl> {
   torch::Tensor input_step;
   bool input_step_checked = false;
   torch::nn::BatchNorm2d bn{nullptr};  // folded: the child "bn"
+
+  void load(torch::serialize::InputArchive& archive) override;
 };
 TORCH_MODULE(QATConv2d);
 
