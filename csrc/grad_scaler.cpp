@@ -179,14 +179,18 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
   st.found_inf_per_device = std::move(found);
   st.tracked = track;
   st.checked = static_cast<int64_t>(grads.size());
-  if (options_.process_group() && !st.found_inf_per_device.empty()) {
-    // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer.
-    std::vector<at::Tensor> flag{combined_found_inf(st)};
-    c10d::AllreduceOptions reduce;
-    reduce.reduceOp = c10d::ReduceOp::MAX;
-    options_.process_group()->allreduce(flag, reduce)->wait();
-    set_found_inf(key, flag[0]);
-  }
+}
+
+void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st) {
+  if (!options_.process_group()) return;
+  // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer. A rank
+  // with no gradients this time contributes 0, so every rank makes the same collectives.
+  std::vector<at::Tensor> flag{st.found_inf_per_device.empty() ? at::zeros({}, scale_.options())
+                                                                : combined_found_inf(st)};
+  c10d::AllreduceOptions reduce;
+  reduce.reduceOp = c10d::ReduceOp::MAX;
+  options_.process_group()->allreduce(flag, reduce)->wait();
+  set_found_inf(key, flag[0]);
 }
 
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params) {
@@ -200,7 +204,8 @@ void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorLis
               "scaler.scale(loss or outputs) earlier in the iteration.");
   // Computed in double and rounded once, as torch does.
   check_grads(key, st, grads, params, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
-  st.stage = Stage::Unscaled;
+  st.stage = Stage::Unscaled;  // before the collective: a failed one must not lead to unscaling twice
+  reduce_found_inf(key, st);
 }
 
 GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params) {
@@ -214,6 +219,7 @@ GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorLi
   // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
   check_grads(key, st, grads, params, at::ones({}, scale_.options()));
   st.handed_scale = true;
+  reduce_found_inf(key, st);
   return {scale_, combined_found_inf(st)};
 }
 

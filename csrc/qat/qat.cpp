@@ -228,10 +228,12 @@ torch::Tensor folded_conv2d(const torch::Tensor& x, const torch::Tensor& weight,
   // Folded in float32, as fold_batchnorm folds for convert(): the codes simulated here are the ones stored then.
   const torch::Tensor w = fake_quantize_weight(weight.to(torch::kFloat).mul(f.reshape({-1, 1, 1, 1})), config,
                                                weight_step);
-  torch::Tensor y = torch::conv2d(x, w.to(x.scalar_type()), {}, stride, padding, dilation, groups);
-  // Back to the convolution's own scale, in its output dtype (as the unfolded pair would hand the BatchNorm).
-  y = y.div(f.to(y.scalar_type()).reshape({1, -1, 1, 1}));
-  return bias.defined() ? y.add(bias.to(y.scalar_type()).reshape({1, -1, 1, 1})) : y;
+  const torch::Tensor y = torch::conv2d(x, w.to(x.scalar_type()), {}, stride, padding, dilation, groups);
+  // Back to the convolution's own scale in fp32 (f as convert() folds it, not rounded to a 16-bit output's
+  // dtype), handed to the BatchNorm in the convolution's output dtype, as the unfolded pair would.
+  torch::Tensor out = y.to(torch::kFloat).div(f.reshape({1, -1, 1, 1}));
+  if (bias.defined()) out = out.add(bias.to(torch::kFloat).reshape({1, -1, 1, 1}));
+  return out.to(y.scalar_type());
 }
 
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
@@ -365,6 +367,9 @@ QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig confi
                       "mixprec::qat: folding needs a BatchNorm2d with running statistics over the convolution's ",
                       options.out_channels(), " output channels, got ", bn_->options.num_features(),
                       " features, track_running_stats=", bn_->options.track_running_stats());
+    TORCH_CHECK_VALUE(!bn_->weight.defined() || !bn_->weight.eq(0).any().item<bool>(),
+                      "mixprec::qat: folding divides by the BatchNorm's weight (gamma), and some of its channels are "
+                      "0 (e.g. zero_init_residual); fold before zero-initialising it, or leave this pair unfolded");
   }
   weight = register_parameter("weight", other.weight);
   bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);

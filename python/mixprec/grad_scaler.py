@@ -130,7 +130,11 @@ class GradScaler:
         )
         self._impl.set_track_overflows(bool(o.get("track_overflows", False)))  # absent from older pickles
         if process_group is not None:  # C++ all-reduces the overflow flags over the same c10d group
-            self._impl.set_process_group(process_group.group_name)
+            import torch.distributed as dist
+
+            # A rank outside the group has no one to agree with (dist.all_reduce does nothing there either).
+            if process_group is not dist.GroupMember.NON_GROUP_MEMBER:
+                self._impl.set_process_group(process_group.group_name)
 
     # -- torch.amp.GradScaler's API ----------------------------------------------------------------------
 

@@ -111,6 +111,10 @@ def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = N
             if bn.num_features != layer.out_channels or bn.running_var is None:
                 raise ValueError("mixprec.qat: folding needs a BatchNorm2d with running statistics over the "
                                  f"convolution's {layer.out_channels} output channels, got {bn}")
+            if bn.weight is not None and bool((bn.weight == 0).any()):
+                raise ValueError("mixprec.qat: folding divides by the BatchNorm's weight (gamma), and some of its "
+                                 "channels are 0 (e.g. zero_init_residual); fold before zero-initialising it, or "
+                                 "leave this pair unfolded (filter)")
             with torch.no_grad():
                 weight = _fold(layer, bn)[0]
     return torch.ops.mixprec.qat_weight_steps(weight, config.weight_bits, config.group_size)

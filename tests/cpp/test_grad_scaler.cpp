@@ -279,7 +279,7 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
     std::vector<std::vector<torch::Tensor>> weights{2};  // the weight after each iteration
     int64_t collectives = 0;
   };
-  const auto run = [](bool fused, bool grouped) {
+  const auto run = [](bool fused, bool grouped, bool unscale_first) {
     auto shared = std::make_shared<mixprec_test::ThreadRendezvous>();
     torch::manual_seed(0);
     std::vector<std::shared_ptr<Net>> nets{std::make_shared<Net>(), std::make_shared<Net>()};
@@ -308,6 +308,7 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
           opt->zero_grad();
           scaler.scale(net.forward(xs[rank][i]).pow(2).mean()).backward();
           if (rank == 1 && i == 2) net.fc->weight.mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+          if (unscale_first) scaler.unscale_(*opt);  // as before clipping; step() then reduces nothing again
           scaler.step(*opt);
           scaler.update();
           out.scales[rank].push_back(scaler.get_scale());
@@ -319,16 +320,16 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
     out.collectives = shared->calls;
     return out;
   };
-  for (const bool fused : {false, true}) {
-    CAPTURE(fused);
-    const Run grouped = run(fused, true);
+  for (const auto [fused, unscale_first] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
+    CAPTURE(fused, unscale_first);
+    const Run grouped = run(fused, true, unscale_first);
     REQUIRE(grouped.collectives == 4);  // one per iteration: where the optimizer's gradients are checked
     for (int rank = 0; rank < 2; ++rank) {
       REQUIRE(grouped.scales[rank] == std::vector<double>{1024, 1024, 512, 512});
       REQUIRE(torch::equal(grouped.weights[rank][2], grouped.weights[rank][1]));  // skipped
       REQUIRE_FALSE(torch::equal(grouped.weights[rank][3], grouped.weights[rank][2]));
     }
-    const Run alone = run(fused, false);
+    const Run alone = run(fused, false, unscale_first);
     REQUIRE(alone.collectives == 0);
     REQUIRE(alone.scales[0] == std::vector<double>{1024, 1024, 1024, 1024});
     REQUIRE_FALSE(torch::equal(alone.weights[0][2], alone.weights[0][1]));  // rank 0 saw no overflow

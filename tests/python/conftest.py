@@ -73,8 +73,8 @@ def run_with_cpu_capability(capability: str | None, script: str, inputs: Any, tm
 
 
 def assert_pairs_agree_across_cpu_capabilities(script: str, inputs: Any, tmp_path: Path, count: int) -> None:
-    """`script`'s RESULT, a list of `count` (codes, float tensor) pairs, is the same bit for bit in the DEFAULT
-    build and in the CPU's best (NaNs where the other has NaNs)."""
+    """`script`'s RESULT, a list of `count` (codes, float tensor) pairs, is the same in the DEFAULT build and in
+    the CPU's best: the codes bit for bit, the floats value for value (NaN where the other has NaN)."""
     a = run_with_cpu_capability("default", script, inputs, tmp_path)
     b = run_with_cpu_capability(None, script, inputs, tmp_path)
     assert len(a) == len(b) == count
@@ -93,9 +93,10 @@ def on_device(t: torch.Tensor, device: str) -> torch.Tensor:
     return out
 
 
-# A process that used DistributedDataParallel can abort in torch's teardown after its last line ("terminate
-# called without an active exception": plain torch DDP on gloo, no mixprec, 5 of 20 runs with torch 2.14.1 on
-# this machine). The DDP scripts end with this, once their checks have passed and their output is written.
+# A gloo process that ran autograd with collectives (DDP, FSDP2, the amax all-reduce) can abort in torch's
+# teardown after its last line ("terminate called without an active exception": plain torch DDP on gloo, no
+# mixprec, 5 of 20 runs with torch 2.14.1 on this machine; mixprec's amax script 1 of 20). The multi-rank test
+# scripts end with this, once their checks have passed and their output is written.
 EXIT_NOW = textwrap.dedent(
     """
     def exit_now():

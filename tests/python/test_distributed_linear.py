@@ -16,7 +16,7 @@ import torch
 import mixprec
 from conftest import EXIT_NOW
 
-FSDP_SCRIPT = textwrap.dedent(
+FSDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
@@ -50,6 +50,7 @@ FSDP_SCRIPT = textwrap.dedent(
     if rank == 0:
         torch.save(full, out)
     dist.destroy_process_group()
+    exit_now()
     """
 )
 
@@ -75,7 +76,7 @@ DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
 )
 
 
-AMAX_SCRIPT = textwrap.dedent(
+AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     import mixprec
@@ -104,6 +105,7 @@ AMAX_SCRIPT = textwrap.dedent(
     dist.all_gather(states, state)
     assert torch.equal(states[0], states[1]) == reduce, (reduce, states)
     dist.destroy_process_group()
+    exit_now()
     """
 )
 

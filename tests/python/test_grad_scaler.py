@@ -299,7 +299,7 @@ def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
-FSDP_SCRIPT = textwrap.dedent(
+FSDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -327,6 +327,7 @@ FSDP_SCRIPT = textwrap.dedent(
     if rank == 0:
         torch.save({"params": full, "scale": scaler.get_scale()}, out)
     dist.destroy_process_group()
+    exit_now()
     """
 )
 

@@ -357,6 +357,11 @@ def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="folding needs a BatchNorm2d with running statistics"):
         qat.prepare(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)),
                     qat.QATConfig(fold_batchnorm=True))
+    zero_gamma = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    nn.init.zeros_(zero_gamma[1].weight)
+    with pytest.raises(ValueError, match="folding divides by the BatchNorm's weight"):
+        qat.prepare(zero_gamma, qat.QATConfig(fold_batchnorm=True))
+    assert type(zero_gamma[0]) is nn.Conv2d and isinstance(zero_gamma[1], nn.BatchNorm2d)
     model = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 4), nn.Conv2d(1, 1, 3, padding="same"))
     with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
         qat.prepare(model)

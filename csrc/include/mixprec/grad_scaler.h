@@ -191,6 +191,8 @@ class GradScaler {
   /// records the per-device flags in `st`; the stage is left to the caller.
   void check_grads(int64_t key, OptimizerState& st, at::TensorList grads, at::TensorList params,
                    const at::Tensor& inv_scale);
+  /// With a process group, replaces the optimizer's flags by their MAX over the group (options_).
+  void reduce_found_inf(int64_t key, OptimizerState& st);
   /// The sum of every optimizer's flags this iteration, on the scale's device; undefined when none.
   at::Tensor iteration_found_inf() const;
   /// Folds this iteration's per-tensor maxima into the overflow records (where `found_inf` is non-zero).

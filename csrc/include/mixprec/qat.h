@@ -41,7 +41,8 @@ struct QATConfig {
   /// prepare(): a Conv2d directly followed by a BatchNorm2d in a Sequential is folded with it (Jacob et al.,
   /// 2018): the QAT layer quantizes the folded weight W * gamma / sqrt(running_var + eps), the one the
   /// converted layer will hold, and takes the BatchNorm as its child "bn" (its entry becomes an Identity), so
-  /// training still normalizes with batch statistics; convert() folds it away into the integer convolution.
+  /// training still normalizes with batch statistics; convert() folds it away into the integer convolution. A
+  /// BatchNorm with a zero gamma (zero_init_residual) is refused: the fold divides by it.
   bool fold_batchnorm = false;
 };
 
