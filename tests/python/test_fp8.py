@@ -128,9 +128,10 @@ def test_every_16_bit_input_matches_torch(device: str, src_dtype: torch.dtype, d
 
 
 def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
-    """The DEFAULT (scalar) and AVX2 (8 lanes of integer arithmetic on the fp32 bits) builds of the nearest
-    quantize give identical codes, amaxes and block scales: every 16-bit input, random fp32 bit patterns,
-    odd lengths and block widths that leave scalar tails."""
+    """The DEFAULT (scalar) and AVX2 (8 lanes of arithmetic on the fp32 bits, Philox on 8 groups at once) builds
+    of the quantize give identical codes, amaxes and block scales, with either rounding: every 16-bit input,
+    random fp32 bit patterns, odd lengths, a misaligned start, and 131-wide rows whose blocks start off the
+    8-element Philox groups (a scalar head, vector groups, a scalar tail)."""
     g = torch.Generator().manual_seed(13)
     bits = torch.randint(-(2**31), 2**31, (4099,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
     halves = [torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(d) for d in (torch.float16,
@@ -144,11 +145,16 @@ def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
                 for saturate in (True, False):
                     q = fp8.quantize(x, torch.tensor([0.75]), dtype, saturate=saturate)
                     RESULT.append((q.data.view(torch.uint8), q.amax))
+                    for start in (0, 5):
+                        q = fp8.quantize(x[start:], torch.tensor([0.75]), dtype, saturate=saturate,
+                                         rounding="stochastic", seed=3)
+                        RESULT.append((q.data.view(torch.uint8), q.amax))
                 m = x[: x.numel() // 131 * 131].reshape(-1, 131).nan_to_num(0.0)
-                b = fp8.quantize_blockwise(m, dtype, (1, 128))
-                RESULT.append((b.data.view(torch.uint8), b.scale_inv))
+                for rounding in ("nearest", "stochastic"):
+                    b = fp8.quantize_blockwise(m, dtype, (1, 128), rounding=rounding, seed=4)
+                    RESULT.append((b.data.view(torch.uint8), b.scale_inv))
     """
-    assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 24)
+    assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 64)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -146,6 +146,11 @@ extern KernelTable<FakeQuantBackwardFn> fake_quantize_backward_kernels;
 using Fp8NearestFn = uint32_t (*)(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale,
                                   fp8::Format format, bool saturate);
 extern KernelTable<Fp8NearestFn> fp8_nearest_kernels;
+/// As Fp8NearestFn with fp8::to_fp8_stochastic: element i rounds with the draw of index `index0 + i` under
+/// `key` (draws.h's numbering, the one every backend uses).
+using Fp8StochasticFn = uint32_t (*)(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale,
+                                     fp8::Format format, bool saturate, RngKey key, uint64_t index0);
+extern KernelTable<Fp8StochasticFn> fp8_stochastic_kernels;
 /// The max of the magnitude bits of `n` elements of `dtype` at `src`.
 using MagnitudeMaxFn = uint32_t (*)(const void* src, at::ScalarType dtype, int64_t n);
 extern KernelTable<MagnitudeMaxFn> magnitude_max_kernels;

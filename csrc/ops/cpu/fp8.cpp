@@ -17,10 +17,8 @@
 #endif
 
 #include "ops/cpu/cpu_dispatch.h"
-#include "ops/cpu/draws.h"
 #include "ops/fp8.h"
 #include "ops/fp8_plan.h"
-#include "ops/philox.h"
 #include "ops/rounding.h"
 
 namespace mixprec::cpu {
@@ -28,24 +26,18 @@ namespace {
 
 constexpr int64_t kFp8Grain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
 
-/// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits. Nearest
-/// rounding runs the capability's kernel (fp8_kernel.cpp, vectorised); stochastic rounding the scalar rule.
+/// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits. Either
+/// rounding runs the capability's kernel (fp8_kernel.cpp); element i draws by its index in the whole tensor.
 template <typename Src>
 uint32_t quantize_range(const Src* src, uint8_t* dst, int64_t begin, int64_t end, float scale,
                         const detail::Fp8Input& in, bool saturate, RngKey key) {
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<Src>::value;
   if (in.mode == rounding::Mode::Nearest) {
-    return fp8_nearest_kernels.get("fp8_quantize")(src + begin, c10::CppTypeToScalarType<Src>::value, dst + begin,
-                                                   end - begin, scale, in.format, saturate);
+    return fp8_nearest_kernels.get("fp8_quantize")(src + begin, dtype, dst + begin, end - begin, scale, in.format,
+                                                   saturate);
   }
-  uint32_t amax = 0;
-  Draws draws(key);
-  const bool stochastic = in.mode == rounding::Mode::Stochastic;
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = static_cast<float>(src[i]);
-    amax = std::max(amax, rounding::magnitude_bits(x));
-    dst[i] = fp8::to_fp8(x * scale, in.format, in.mode, saturate, stochastic ? draws.at(i) : 0u);
-  }
-  return amax;
+  return fp8_stochastic_kernels.get("fp8_quantize")(src + begin, dtype, dst + begin, end - begin, scale, in.format,
+                                                    saturate, key, static_cast<uint64_t>(begin));
 }
 
 #if defined(__SSE2__)
