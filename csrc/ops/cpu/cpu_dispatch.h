@@ -119,8 +119,10 @@ struct Int8Rows {
 /// Rows [r0, r1): each block's entry of `table` becomes the max of itself and its elements' magnitude bits.
 using Int8AmaxFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table);
 extern KernelTable<Int8AmaxFn> int8_amax_kernels;
-/// Rows [r0, r1): the codes with nearest rounding, each element by its block's entry of `scales`.
-using Int8CodesFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales);
+/// Rows [r0, r1): the codes, each element by its block's entry of `scales`; stochastic rounding draws by the
+/// element's flat index under `key` (draws.h's numbering).
+using Int8CodesFn = void (*)(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales, Rounding mode,
+                             RngKey key);
 extern KernelTable<Int8CodesFn> int8_codes_kernels;
 
 /// A contiguous [rows, cols] matrix being fake-quantized in blocks (int8.h's fake_quantize), the block

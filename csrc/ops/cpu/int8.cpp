@@ -2,7 +2,6 @@
 // GEMM of the codes, whose sums are integers below 2^53, then the fp32 dequantization), and fake
 // quantization with its straight-through / learnable-scale backward. The rounding is ops/int8.h, the code
 // the CUDA kernels run, so both backends give the same bits; this backend is also the reference.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,7 +14,6 @@
 #include <vector>
 
 #include "ops/cpu/cpu_dispatch.h"
-#include "ops/cpu/draws.h"
 #include "ops/int8.h"
 #include "ops/int8_plan.h"
 #include "ops/rounding.h"
@@ -40,8 +38,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
   std::vector<float> scale(static_cast<size_t>(nblocks));
   auto* dst = data.data_ptr<int8_t>();
   float* inv = scale_inv.data_ptr<float>();
-  // Both passes run the vectorised kernels of the CPU's capability (cpu_dispatch.h; int8_kernel.cpp);
-  // stochastic rounding draws per element here.
+  // Both passes run the vectorised kernels of the CPU's capability (cpu_dispatch.h; int8_kernel.cpp).
   const Int8Rows m{in.input.const_data_ptr(), dst, in.input.scalar_type(), in.cols, b.block_rows, b.block_cols,
                    b.grid_cols};
   const Int8AmaxFn amax_rows = int8_amax_kernels.get("int8_quantize");
@@ -70,25 +67,9 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& input, in
     scale[static_cast<size_t>(j)] = bs.scale;
     inv[j] = bs.scale_inv;
   }
-  if (in.mode == rounding::Mode::Nearest) {
-    const Int8CodesFn codes_rows = int8_codes_kernels.get("int8_quantize");
-    at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) { codes_rows(m, r0, r1, scale.data()); });
-    return {data, scale_inv};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::int8_quantize", [&] {
-    const scalar_t* src = in.input.const_data_ptr<scalar_t>();
-    at::parallel_for(0, in.rows, row_grain(in.cols), [&](int64_t r0, int64_t r1) {
-      Draws draws(key);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row_scale = scale.data() + r / b.block_rows * b.grid_cols;
-        for (int64_t c = 0; c < in.cols; ++c) {
-          const int64_t i = r * in.cols + c;
-          dst[i] = int8::to_int8(static_cast<float>(src[i]), row_scale[c / b.block_cols], in.mode,
-                                 draws.at(static_cast<uint64_t>(i)));
-        }
-      }
-    });
-  });
+  const Int8CodesFn codes_rows = int8_codes_kernels.get("int8_quantize");
+  at::parallel_for(0, in.rows, row_grain(in.cols),
+                   [&](int64_t r0, int64_t r1) { codes_rows(m, r0, r1, scale.data(), in.mode, key); });
   return {data, scale_inv};
 }
 

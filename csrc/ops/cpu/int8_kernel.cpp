@@ -1,8 +1,10 @@
-// The two passes of int8_quantize on the CPU with nearest rounding, compiled once per CPU capability (see
-// cpu_dispatch.h): each block's amax as the max of magnitude bits (NaN above inf above every finite value,
-// as on CUDA), then the codes by ops/int8.h's rule. Runs of a block's elements along a row, and per-column
-// blocks, go through ATen's vector types 16 elements at a time; blocks narrower than that along a row and
-// float64 inputs take the scalar rule. Both builds give the rule's bits (tests compare them).
+// The two passes of int8_quantize on the CPU, compiled once per CPU capability (see cpu_dispatch.h): each
+// block's amax as the max of magnitude bits (NaN above inf above every finite value, as on CUDA), then the
+// codes by ops/int8.h's rule, nearest or stochastic. Runs of a block's elements along a row, and per-column
+// blocks, go through ATen's vector types 16 elements at a time (stochastic rounding: 64 at a time, Philox on 8
+// groups at once, as the cast's kernels draw); blocks narrower than that along a row, heads up to the first
+// 8-aligned draw index and float64 inputs take the scalar rule. Both builds give the rule's bits (tests
+// compare them).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -14,6 +16,8 @@
 #include <type_traits>
 
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/draws.h"
+#include "ops/cpu/stochastic_avx2.h"
 #include "ops/cpu/vec_common.h"
 #include "ops/int8.h"
 #include "ops/rounding.h"
@@ -28,6 +32,15 @@ inline FVec codes(const FVec& x, const FVec& scale) {
   v = FVec::blendv(v, FVec(0.0f), v != v);
   v = at::vec::clamp(v, FVec(-int8::kInt8Max), FVec(int8::kInt8Max));
   return (v + FVec(12582912.0f)) - FVec(12582912.0f);  // int8::round_half_even
+}
+
+// int8::to_int8's stochastic rule lane-wise: up from floor(v) when the fraction exceeds the draw * 2^-16.
+inline FVec stochastic_codes(const FVec& x, const FVec& scale, const FVec& draw16) {
+  FVec v = x * scale;
+  v = FVec::blendv(v, FVec(0.0f), v != v);
+  v = at::vec::clamp(v, FVec(-int8::kInt8Max), FVec(int8::kInt8Max));
+  const FVec low = v.floor();
+  return FVec::blendv(low, low + FVec(1.0f), (v - low) > draw16 * FVec(1.52587890625e-05f));
 }
 
 // Stores 8 integral lanes in [-127, 127] as int8.
@@ -63,6 +76,42 @@ void run_codes(const Src* p, int8_t* d, int64_t n, float scale, const float* sca
   }
 }
 
+// As run_codes with stochastic rounding: element i draws by index index0 + i (draws.h's numbering).
+template <typename Src>
+void run_codes_stochastic(const Src* p, int8_t* d, int64_t n, float scale, const float* scales, RngKey key,
+                          uint64_t index0) {
+  int64_t i = 0;
+  Draws draws(key);
+  const auto scalar_until = [&](int64_t end) {
+    for (; i < end; ++i) {
+      d[i] = int8::to_int8(static_cast<float>(p[i]), scales != nullptr ? scales[i] : scale, rounding::Mode::Stochastic,
+                           draws.at(index0 + static_cast<uint64_t>(i)));
+    }
+  };
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kVectorised<Src>) {
+    scalar_until(std::min<int64_t>(n, static_cast<int64_t>((8 - index0 % 8) % 8)));  // to a Philox group start
+    const FVec s(scale);
+    for (; i + 64 <= n; i += 64) {
+      __m256i pairs[4];
+      avx2::philox8((index0 + static_cast<uint64_t>(i)) / 8, key.offset, key.seed, pairs);
+      for (int q = 0; q < 4; ++q) {
+        __m256i element[2];
+        avx2::element_draws(pairs[q], element);
+        const int64_t k = i + 16 * q;
+        FVec a, b;
+        load(p + k, a, b);
+        const FVec sa = scales != nullptr ? FVec::loadu(scales + k) : s;
+        const FVec sb = scales != nullptr ? FVec::loadu(scales + k + FVec::size()) : s;
+        store_codes(d + k, stochastic_codes(a, sa, FVec(_mm256_cvtepi32_ps(element[0]))));
+        store_codes(d + k + FVec::size(), stochastic_codes(b, sb, FVec(_mm256_cvtepi32_ps(element[1]))));
+      }
+    }
+  }
+#endif
+  scalar_until(n);
+}
+
 template <typename Src>
 void amax_rows_typed(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table) {
   const Src* src = static_cast<const Src*>(m.src);
@@ -90,17 +139,23 @@ void amax_rows_typed(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table)
 }
 
 template <typename Src>
-void codes_rows_typed(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales) {
+void codes_rows_typed(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales, Rounding mode, RngKey key) {
   const Src* src = static_cast<const Src*>(m.src);
+  // A run of n elements starting at flat index `first`, with one scale or per-element scales.
+  const auto run = [&](int64_t first, int64_t n, float scale, const float* per_element) {
+    if (mode == Rounding::Nearest) {
+      run_codes(src + first, m.dst + first, n, scale, per_element);
+    } else {
+      run_codes_stochastic(src + first, m.dst + first, n, scale, per_element, key, static_cast<uint64_t>(first));
+    }
+  };
   for (int64_t r = r0; r < r1; ++r) {
-    const Src* row = src + r * m.cols;
-    int8_t* d = m.dst + r * m.cols;
     const float* s = scales + r / m.block_rows * m.grid_cols;
     if (m.block_cols == 1) {
-      run_codes(row, d, m.cols, 0.0f, s);
+      run(r * m.cols, m.cols, 0.0f, s);
     } else {
       for (int64_t c0 = 0, j = 0; c0 < m.cols; c0 += m.block_cols, ++j) {
-        run_codes(row + c0, d + c0, std::min(m.block_cols, m.cols - c0), s[j], nullptr);
+        run(r * m.cols + c0, std::min(m.block_cols, m.cols - c0), s[j], nullptr);
       }
     }
   }
@@ -110,8 +165,9 @@ void int8_amax_rows(const Int8Rows& m, int64_t r0, int64_t r1, uint32_t* table) 
   with_dtype(m.dtype, "int8_quantize", [&](auto t) { amax_rows_typed<decltype(t)>(m, r0, r1, table); });
 }
 
-void int8_codes_rows(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales) {
-  with_dtype(m.dtype, "int8_quantize", [&](auto t) { codes_rows_typed<decltype(t)>(m, r0, r1, scales); });
+void int8_codes_rows(const Int8Rows& m, int64_t r0, int64_t r1, const float* scales, Rounding mode, RngKey key) {
+  with_dtype(m.dtype, "int8_quantize",
+             [&](auto t) { codes_rows_typed<decltype(t)>(m, r0, r1, scales, mode, key); });
 }
 
 // ---- fake quantization ----------------------------------------------------------------------------------
