@@ -32,6 +32,7 @@ float64 weights keep float64 gradients (a plain float64 GEMM).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -160,8 +161,9 @@ class Float8Linear(torch.nn.Linear):
     per layer and step, asynchronous on NCCL, in training forwards with gradients enabled (every rank must
     run them, as under DDP). The backward's amax is reduced by the next forward, so a layer that runs two
     forwards before their backwards (shared weights, pipeline schedules) reduces it less often. Other
-    recipes scale each tensor from itself and ignore it. A process group belongs to its process: a pickle
-    or a deep copy of the layer leaves it unset (set it again), where C++'s ``clone()`` shares it."""
+    recipes scale each tensor from itself and ignore it. A deep copy shares the group with the original, as
+    C++'s ``clone()`` does (a copy trained beside it keeps reducing); a pickle leaves it unset (a process
+    group belongs to its process; set it again after loading)."""
 
     amax_group: Optional[Any] = None
 
@@ -220,6 +222,17 @@ class Float8Linear(torch.nn.Linear):
         state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
         state.pop("_fp8_weight_cache", None)  # derived from the weight
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Float8Linear":
+        # As pickling copies (without the group and the weight cache), then the copy joins the same group: the
+        # memo maps the group to itself, so every layer of a deep-copied model shares it.
+        group = self.__dict__.get("amax_group")
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if group is not None:
+            twin.amax_group = group
+        return twin
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -346,6 +359,17 @@ class Int8Linear(torch.nn.Linear):
         state = super().__getstate__()
         state.pop("_int8_weight_cache", None)  # derived from the weight
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Float8Linear":
+        # As pickling copies (without the group and the weight cache), then the copy joins the same group: the
+        # memo maps the group to itself, so every layer of a deep-copied model shares it.
+        group = self.__dict__.get("amax_group")
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if group is not None:
+            twin.amax_group = group
+        return twin
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

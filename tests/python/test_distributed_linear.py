@@ -78,14 +78,17 @@ DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
 
 AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import copy, sys, torch, torch.distributed as dist
     import mixprec
     rank, world, port, reduce = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="delayed", amax_history_len=4),
+    original = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    mixprec.nn.convert(original, fp8=mixprec.fp8.Recipe(scaling="delayed", amax_history_len=4),
                        filter=lambda name, m: True, amax_group=dist.group.WORLD if reduce else None)
+    # A deep copy trains: it shares the original's group (as C++'s clone() does).
+    model = copy.deepcopy(original)
+    assert all(m.amax_group is original[0].amax_group for m in model if isinstance(m, mixprec.nn.Float8Linear))
     # Each rank its own data, rank 1's four times larger: the amaxes differ by rank.
     gen = torch.Generator().manual_seed(11)
     xs = [torch.randn(world, 8, 16, generator=gen) * torch.tensor([1.0, 4.0])[:world, None, None] for _ in range(3)]
@@ -112,7 +115,8 @@ AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
 
 def test_delayed_scaling_amax_reduced_over_a_group() -> None:
     """amax_group: ranks that see different data end with the same delayed-scaling state (the amax window
-    holds the MAX over ranks); without it each rank keeps its own."""
+    holds the MAX over ranks), in a deep copy of the converted model too; without it each rank keeps its
+    own."""
     run_ranks(AMAX_SCRIPT, "1")
     run_ranks(AMAX_SCRIPT, "0")
 
