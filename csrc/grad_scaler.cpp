@@ -215,12 +215,17 @@ GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorLi
               "Attempted step but the scale is not set. This may indicate your script did not use "
               "scaler.scale(loss or outputs) earlier in the iteration.");
   OptimizerState& st = per_optimizer_[key];
-  if (st.stage == Stage::Unscaled) return {std::nullopt, combined_found_inf(st)};
+  // An optimizer that takes the flag itself but has no gradients this time steps with a zero flag (a no-op),
+  // as torch's scaler hands such an optimizer the sum of no flags; update() still needs another's checks.
+  const auto flag = [&] {
+    return st.found_inf_per_device.empty() ? at::zeros({}, scale_.options()) : combined_found_inf(st);
+  };
+  if (st.stage == Stage::Unscaled) return {std::nullopt, flag()};
   // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
   check_grads(key, st, grads, params, at::ones({}, scale_.options()));
   st.handed_scale = true;
   reduce_found_inf(key, st);
-  return {scale_, combined_found_inf(st)};
+  return {scale_, flag()};
 }
 
 void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {

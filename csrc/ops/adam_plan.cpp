@@ -46,7 +46,8 @@ AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorL
                         bool maximize, c10::string_view master_mode, c10::string_view rounding,
                         std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                        const std::optional<at::Tensor>& clip_coef) {
+                        const std::optional<at::Tensor>& clip_coef,
+                        std::optional<at::TensorList> max_exp_avg_sqs) {
   return {params,
           grads,
           exp_avgs,
@@ -66,7 +67,8 @@ AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorL
           lr_tensor,
           grad_scale,
           found_inf,
-          clip_coef};
+          clip_coef,
+          max_exp_avg_sqs};
 }
 
 namespace {
@@ -100,6 +102,7 @@ void check_adam_args(const AdamArgs& a) {
   check_list(a.exp_avgs, "exp_avgs", n, device);
   check_list(a.exp_avg_sqs, "exp_avg_sqs", n, device);
   check_list(a.steps, "steps", n, device);
+  if (a.max_exp_avg_sqs.has_value()) check_list(*a.max_exp_avg_sqs, "max_exp_avg_sqs", n, device);
   if (a.master_mode == MasterMode::None) {
     TORCH_CHECK(a.masters.empty(), kOp, ": masters must be empty when master_mode is \"none\", got ", a.masters.size(),
                 " tensors");
@@ -124,6 +127,14 @@ void check_adam_args(const AdamArgs& a) {
     TORCH_CHECK(a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(), kOp, ": exp_avg_sqs[", i,
                 "] must have the dtype of exp_avgs[", i, "] (", a.exp_avgs[i].scalar_type(), "), got ",
                 a.exp_avg_sqs[i].scalar_type());
+    if (a.max_exp_avg_sqs.has_value()) {
+      const at::Tensor& vmax = (*a.max_exp_avg_sqs)[i];
+      TORCH_CHECK(vmax.scalar_type() == a.exp_avgs[i].scalar_type(), kOp, ": max_exp_avg_sqs[", i,
+                  "] must have the dtype of exp_avgs[", i, "] (", a.exp_avgs[i].scalar_type(), "), got ",
+                  vmax.scalar_type());
+      TORCH_CHECK(vmax.sizes() == p.sizes(), kOp, ": max_exp_avg_sqs[", i, "] has shape ", vmax.sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+    }
     const at::Tensor& st = a.steps[i];
     if (!(st.layout() == at::kStrided && st.numel() == 1 && st.scalar_type() == at::kFloat && st.device() == device)) {
       // The name is only composed for the message: a string per row would cost more than the row's checks.
@@ -153,6 +164,7 @@ void check_adam_args(const AdamArgs& a) {
 AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
   const size_t n = a.params.size();
   const bool has_master = a.master_mode != MasterMode::None;
+  const bool amsgrad = a.max_exp_avg_sqs.has_value();
   uint64_t next = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
@@ -163,18 +175,24 @@ AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
     if (has_master) {
       in_place = in_place && a.masters[i].is_non_overlapping_and_dense() && a.masters[i].strides() == p.strides();
     }
+    if (amsgrad) {
+      const at::Tensor& vmax = (*a.max_exp_avg_sqs)[i];
+      in_place = in_place && vmax.is_non_overlapping_and_dense() && vmax.strides() == p.strides();
+    }
     if (in_place) {
       params.push_back(p);
       grads.push_back(a.grads[i]);
       exp_avgs.push_back(a.exp_avgs[i]);
       exp_avg_sqs.push_back(a.exp_avg_sqs[i]);
       masters.push_back(has_master ? a.masters[i] : p);
+      max_exp_avg_sqs.push_back(amsgrad ? (*a.max_exp_avg_sqs)[i] : a.exp_avg_sqs[i]);
     } else {
       params.push_back(p.contiguous());
       grads.push_back(a.grads[i].contiguous());
       exp_avgs.push_back(a.exp_avgs[i].contiguous());
       exp_avg_sqs.push_back(a.exp_avg_sqs[i].contiguous());
       masters.push_back(has_master ? a.masters[i].contiguous() : params.back());
+      max_exp_avg_sqs.push_back(amsgrad ? (*a.max_exp_avg_sqs)[i].contiguous() : exp_avg_sqs.back());
       copied_.push_back(i);
     }
     rng_base.push_back(next);
@@ -192,6 +210,7 @@ void AdamPlan::finish() {
     const_cast<at::Tensor&>(args_.exp_avg_sqs[i]).copy_(exp_avg_sqs[i]);
     if (has_master) const_cast<at::Tensor&>(args_.masters[i]).copy_(masters[i]);
     if (writes_grads) const_cast<at::Tensor&>(args_.grads[i]).copy_(grads[i]);
+    if (args_.max_exp_avg_sqs.has_value()) const_cast<at::Tensor&>((*args_.max_exp_avg_sqs)[i]).copy_(max_exp_avg_sqs[i]);
   }
 }
 

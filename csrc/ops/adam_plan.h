@@ -22,6 +22,7 @@ struct AdamArgs {
   rounding::Mode rounding;
   std::optional<int64_t> seed;
   std::optional<at::Tensor> lr_tensor, grad_scale, found_inf, clip_coef;
+  std::optional<at::TensorList> max_exp_avg_sqs;  // AMSGrad's running maxima of exp_avg_sqs, when given
 };
 
 /// "none", "fp32" or "remainder"; anything else is an error listing what is accepted.
@@ -34,19 +35,21 @@ AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorL
                         bool maximize, c10::string_view master_mode, c10::string_view rounding,
                         std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                        const std::optional<at::Tensor>& clip_coef);
+                        const std::optional<at::Tensor>& clip_coef,
+                        std::optional<at::TensorList> max_exp_avg_sqs);
 
 /// Every precondition of adam_step_, with the argument named in the message.
 void check_adam_args(const AdamArgs& a);
 
-/// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master). A row whose
+/// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master, and with AMSGrad
+/// max_exp_avg_sq; without it that list repeats exp_avg_sqs, unread). A row whose
 /// tensors are all dense with identical strides is walked in place; any other row through contiguous
 /// copies that finish() writes back (grads too when a grad_scale is given: the step stores them
 /// unscaled). rng_base numbers elements across the list for stochastic rounding.
 class AdamPlan {
  public:
   explicit AdamPlan(const AdamArgs& a);
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, masters;
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs;
   std::vector<uint64_t> rng_base;
   void finish();
 

@@ -33,11 +33,17 @@ struct AdamScalars {
   bool maximize;
 };
 
+/// AMSGrad's running maximum of the second moment: torch.maximum's rule (a NaN on either side wins).
+C10_HOST_DEVICE inline float amsgrad_max(float vmax, float v) { return (v != v || v > vmax) ? v : vmax; }
+
 // Where torch's vectorised CPU kernels compute a*b + c as one fused multiply-add (grad.add(param, alpha),
 // lerp, addcmul), this rule calls fmaf explicitly; everything else is plain. The project compiles with
 // -ffp-contract=off (and nvcc --fmad=false), so no other contraction happens: fmaf is correctly rounded
-// on every CPU build and on the GPU, and all of them agree bit for bit.
-C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, const AdamScalars& s) {
+// on every CPU build and on the GPU, and all of them agree bit for bit. With `vmax` (AMSGrad), the
+// denominator takes the running maximum of the second moment, which the step updates first, as torch's
+// single-tensor AMSGrad does.
+C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, const AdamScalars& s,
+                                        float* vmax = nullptr) {
   if (s.maximize) g = -g;
   if (s.weight_decay != 0.0f) {
     if (s.decoupled) {
@@ -49,7 +55,12 @@ C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, c
   m = ::fmaf(s.one_minus_beta1, g - m, m);    // exp_avg.lerp_(grad, 1 - beta1)
   v = v * s.beta2;                            // exp_avg_sq.mul_(beta2)
   v = ::fmaf(s.one_minus_beta2 * g, g, v);    //   .addcmul_(grad, grad, 1 - beta2)
-  const float denom = ::sqrtf(v) / s.bias_correction2_sqrt + s.eps;
+  float second = v;
+  if (vmax != nullptr) {
+    *vmax = amsgrad_max(*vmax, v);            // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+    second = *vmax;
+  }
+  const float denom = ::sqrtf(second) / s.bias_correction2_sqrt + s.eps;
   w = w + (-s.step_size * m) / denom;             // param.addcdiv_(exp_avg, denom, -step_size)
 }
 

@@ -104,11 +104,13 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   static const auto op =
       find_op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                    double, double, double, double, double, bool, bool, c10::string_view, c10::string_view,
-                   std::optional<int64_t>, Opt, Opt, Opt, Opt)>("mixprec::adam_step_");
+                   std::optional<int64_t>, Opt, Opt, Opt, Opt, std::optional<at::TensorList>)>("mixprec::adam_step_");
+  std::optional<at::TensorList> vmax;
+  if (extras.max_exp_avg_sqs.has_value()) vmax = at::TensorList(*extras.max_exp_avg_sqs);
   op.call(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
           decoupled_weight_decay, maximize, c10::string_view(master_mode.data(), master_mode.size()),
           c10::string_view(rounding.data(), rounding.size()), seed, extras.lr_tensor, extras.grad_scale,
-          extras.found_inf, extras.clip_coef);
+          extras.found_inf, extras.clip_coef, vmax);
 }
 
 void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input) {

@@ -39,7 +39,7 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled_weight_decay=True, bool maximize=False, str master_mode=\"none\", "
       "str rounding=\"nearest\", int? seed=None, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()",
+      "Tensor? found_inf=None, Tensor? clip_coef=None, Tensor(g!)[]? max_exp_avg_sqs=None) -> ()",
       tags);
   // FP8 (csrc/ops/fp8.h): data = fp8(input * scale); scale_inv = 1 / scale dequantizes.
   m.def(

@@ -27,8 +27,6 @@ void AdamCore::check_options(const AdamOptions& o) {
   TORCH_CHECK_VALUE(b1 >= 0 && b1 < 1, "Invalid beta parameter at index 0: ", b1, " (must be in [0, 1))");
   TORCH_CHECK_VALUE(b2 >= 0 && b2 < 1, "Invalid beta parameter at index 1: ", b2, " (must be in [0, 1))");
   TORCH_CHECK_VALUE(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay(), " (must be >= 0)");
-  TORCH_CHECK_VALUE(!o.amsgrad(), "amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum "
-                    "of the second moments); use torch's Adam with amsgrad");
   const std::string& mw = o.master_weights();
   TORCH_CHECK_VALUE(mw == "auto" || mw == "fp32" || mw == "remainder" || mw == "none",
                     "master_weights must be one of ('auto', 'fp32', 'remainder', 'none'), got '", mw, "'");
@@ -56,7 +54,7 @@ int64_t AdamCore::step_seed(int64_t seed, int64_t rng_calls) {
 }
 
 bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, const std::string& mode,
-                             c10::ScalarType moment_dtype) {
+                             c10::ScalarType moment_dtype, bool amsgrad) {
   bool replaced = false;
   const auto like = [&](c10::ScalarType dtype) {
     return torch::zeros_like(param, param.options().dtype(dtype), at::MemoryFormat::Preserve);
@@ -68,7 +66,9 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
     st.step(st.step().to(param.device(), at::kFloat));  // e.g. torch's CPU step counts
     replaced = true;
   }
-  for (torch::Tensor* t : {&st.exp_avg(), &st.exp_avg_sq()}) {  // TORCH_ARG's mutable getters
+  std::vector<torch::Tensor*> moments = {&st.exp_avg(), &st.exp_avg_sq()};  // TORCH_ARG's mutable getters
+  if (amsgrad) moments.push_back(&st.max_exp_avg_sq());  // kept, unread, when AMSGrad is off (as torch keeps it)
+  for (torch::Tensor* t : moments) {
     if (!t->defined()) {
       *t = like(moment_dtype);
       replaced = true;
@@ -133,6 +133,7 @@ void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_exp_avg_sq);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(remainder);
 }
@@ -141,6 +142,8 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, step);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
+  c10::IValue vmax;
+  if (archive.try_read("max_exp_avg_sq", vmax) && vmax.isTensor()) max_exp_avg_sq(vmax.toTensor());  // newer key
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, master);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, remainder);
 }
@@ -189,7 +192,7 @@ const torch::Tensor& grad_of(at::TensorList params, const AdamCore::StepInputs& 
 bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options,
                           const StateLookup& state_of, std::vector<std::vector<torch::Tensor>>& grads) const {
   if (!plan.valid || plan.rows.size() != params.size() || plan.master_weights != options.master_weights() ||
-      plan.moment_dtype != options.moment_dtype()) {
+      plan.moment_dtype != options.moment_dtype() || plan.amsgrad != options.amsgrad()) {
     return false;
   }
   for (size_t i = 0; i < params.size(); ++i) {
@@ -208,7 +211,8 @@ bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOpt
     if (st.step().unsafeGetTensorImpl() != row.step.unsafeGetTensorImpl() ||
         st.exp_avg().unsafeGetTensorImpl() != row.exp_avg.unsafeGetTensorImpl() ||
         st.exp_avg_sq().unsafeGetTensorImpl() != row.exp_avg_sq.unsafeGetTensorImpl() ||
-        master_of(st, plan.buckets[row.bucket].mode).unsafeGetTensorImpl() != row.master.unsafeGetTensorImpl()) {
+        master_of(st, plan.buckets[row.bucket].mode).unsafeGetTensorImpl() != row.master.unsafeGetTensorImpl() ||
+        (plan.amsgrad && st.max_exp_avg_sq().unsafeGetTensorImpl() != row.max_exp_avg_sq.unsafeGetTensorImpl())) {
       return false;
     }
     grads[row.bucket].push_back(g);
@@ -222,6 +226,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
   plan = Plan{};
   plan.master_weights = options.master_weights();
   plan.moment_dtype = options.moment_dtype();
+  plan.amsgrad = options.amsgrad();
   plan.rows.reserve(params.size());
   grads.clear();
   std::vector<int64_t> changed;
@@ -240,13 +245,15 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
                   "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
       const std::string mode = master_mode(local, options.master_weights());
       AdamParamState& st = state_of(p);
-      if (prepare_state(local, st, mode, options.moment_dtype())) changed.push_back(static_cast<int64_t>(i));
+      if (prepare_state(local, st, mode, options.moment_dtype(), options.amsgrad())) {
+        changed.push_back(static_cast<int64_t>(i));
+      }
       size_t b = 0;
       while (b < plan.buckets.size() && !(plan.buckets[b].device == local.device() && plan.buckets[b].mode == mode)) {
         ++b;
       }
       if (b == plan.buckets.size()) {
-        plan.buckets.push_back(Bucket{local.device(), mode, {}, {}, {}, {}, {}});
+        plan.buckets.push_back(Bucket{local.device(), mode, {}, {}, {}, {}, {}, {}});
         grads.emplace_back();
       }
       Bucket& bucket = plan.buckets[b];
@@ -260,6 +267,10 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       bucket.v.push_back(row.exp_avg_sq);
       bucket.s.push_back(row.step);
       if (row.master.defined()) bucket.w.push_back(row.master);
+      if (plan.amsgrad) {
+        row.max_exp_avg_sq = st.max_exp_avg_sq();
+        bucket.vmax.push_back(row.max_exp_avg_sq);
+      }
       grads[b].push_back(g);
     }
     plan.rows.push_back(std::move(row));
@@ -309,6 +320,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     }
     extras.grad_scale = on(in.grad_scale, bucket.device);
     extras.found_inf = on(in.found_inf, bucket.device);
+    if (plan.amsgrad) extras.max_exp_avg_sqs = bucket.vmax;
     ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
                     options.rounding(), seed, extras);
@@ -366,14 +378,15 @@ struct AdamCoreClass : torch::CustomClassHolder {
 
 using CoreRef = c10::intrusive_ptr<AdamCoreClass>;
 
-AdamOptions options_from(double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                         const std::string& master_weights, c10::ScalarType moment_dtype, const std::string& rounding,
-                         std::optional<int64_t> seed, int64_t rng_calls) {
+AdamOptions options_from(double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                         bool maximize, const std::string& master_weights, c10::ScalarType moment_dtype,
+                         const std::string& rounding, std::optional<int64_t> seed, int64_t rng_calls) {
   TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be a non-negative integer or None, got ", *seed);
   return AdamOptions(lr)
       .betas({beta1, beta2})
       .eps(eps)
       .weight_decay(weight_decay)
+      .amsgrad(amsgrad)
       .maximize(maximize)
       .master_weights(master_weights)
       .moment_dtype(moment_dtype)
@@ -395,21 +408,21 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            [](const CoreRef&, double lr, double beta1, double beta2, double eps, double weight_decay,
               const std::string& master_weights, c10::ScalarType moment_dtype, const std::string& rounding,
               std::optional<int64_t> seed) {
-             AdamCore::check_options(options_from(lr, beta1, beta2, eps, weight_decay, false, master_weights,
-                                                  moment_dtype, rounding, seed, 0));
+             AdamCore::check_options(options_from(lr, beta1, beta2, eps, weight_decay, false, false,
+                                                  master_weights, moment_dtype, rounding, seed, 0));
            })
       // One param group's step. Returns (rng_calls after the step, indices whose state was created or replaced).
       .def("step_group",
            [](const CoreRef& self, int64_t group, std::vector<torch::Tensor> params,
               std::optional<std::vector<torch::Tensor>> locals, std::optional<std::vector<std::optional<torch::Tensor>>> grads,
               double lr, std::optional<torch::Tensor> lr_tensor, double beta1, double beta2, double eps,
-              double weight_decay, bool decoupled, bool maximize, const std::string& master_weights,
+              double weight_decay, bool decoupled, bool amsgrad, bool maximize, const std::string& master_weights,
               c10::ScalarType moment_dtype, const std::string& rounding, std::optional<int64_t> seed,
               int64_t rng_calls, std::optional<torch::Tensor> grad_scale, std::optional<torch::Tensor> found_inf) {
              TORCH_CHECK_VALUE(group >= 0, "group must be >= 0, got ", group);
              torch::NoGradGuard no_grad;
-             AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, maximize, master_weights,
-                                                moment_dtype, rounding, seed, rng_calls);
+             AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                                master_weights, moment_dtype, rounding, seed, rng_calls);
              AdamCore::StepInputs inputs;
              inputs.lr_tensor = defined_or_none(lr_tensor);
              inputs.grad_scale = defined_or_none(grad_scale);
@@ -425,10 +438,11 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("set_states",
            [](const CoreRef& self, std::vector<torch::Tensor> params, std::vector<std::optional<torch::Tensor>> steps,
               std::vector<std::optional<torch::Tensor>> exp_avgs, std::vector<std::optional<torch::Tensor>> exp_avg_sqs,
-              std::vector<std::optional<torch::Tensor>> masters, std::vector<std::optional<torch::Tensor>> remainders) {
+              std::vector<std::optional<torch::Tensor>> masters, std::vector<std::optional<torch::Tensor>> remainders,
+              std::vector<std::optional<torch::Tensor>> max_exp_avg_sqs) {
              const size_t n = params.size();
              TORCH_CHECK_VALUE(steps.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                                   masters.size() == n && remainders.size() == n,
+                                   masters.size() == n && remainders.size() == n && max_exp_avg_sqs.size() == n,
                                "set_states: every list needs one entry per parameter (", n, ")");
              self->core.invalidate();
              self->states.clear();
@@ -440,6 +454,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
                st.exp_avg_sq(get(exp_avg_sqs[i]));
                st.master(get(masters[i]));
                st.remainder(get(remainders[i]));
+               st.max_exp_avg_sq(get(max_exp_avg_sqs[i]));
              }
            })
       // The state tensors of `param` the core holds (only the defined ones).
@@ -451,7 +466,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              const AdamParamState& st = it->second.state;
              const std::pair<const char*, const torch::Tensor*> fields[] = {
                  {"step", &st.step()}, {"exp_avg", &st.exp_avg()}, {"exp_avg_sq", &st.exp_avg_sq()},
-                 {"master", &st.master()}, {"remainder", &st.remainder()}};
+                 {"master", &st.master()}, {"remainder", &st.remainder()}, {"max_exp_avg_sq", &st.max_exp_avg_sq()}};
              for (const auto& [name, t] : fields) {
                if (t->defined()) out.insert(name, *t);
              }

@@ -108,6 +108,7 @@ def _adam_step_fake(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip_coef: Optional[torch.Tensor] = None,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     return None
 

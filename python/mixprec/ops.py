@@ -217,6 +217,7 @@ def adam_step_(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip_coef: Optional[torch.Tensor] = None,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """One fused Adam/AdamW step over whole lists (one pass over memory, all math in fp32).
 
@@ -232,11 +233,16 @@ def adam_step_(
     at all is written, step counts included. With a ``grad_scale`` the gradients themselves are written
     back divided by it (not clipped), as torch's fused optimizers leave them. No host synchronisation on
     CUDA.
+
+    AMSGrad: ``max_exp_avg_sqs`` (one per row, the moments' dtype) holds the running maximum of
+    ``exp_avg_sqs``; the step updates it in place and divides by its root instead, as
+    ``torch.optim.Adam(amsgrad=True)``.
     """
     torch.ops.mixprec.adam_step_.default(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters), list(steps),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay),
         bool(maximize), master_mode, rounding, seed, lr_tensor, grad_scale, found_inf, clip_coef,
+        None if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
     )
 
 

@@ -8,7 +8,8 @@ the gradients once, updates fp32 master weights (or exact bf16 remainders) and m
 C++. It caches each param group's flattened lists across steps, so a step costs one call into C++ per
 param group; this file keeps torch's contract around it (``param_groups`` that schedulers edit,
 ``optimizer.state`` holding the very tensors the core updates, ``add_param_group``, state dicts). Everything the step needs lives in ``optimizer.state``
-(``step``, ``exp_avg``, ``exp_avg_sq``, ``master`` or ``remainder``), so ``state_dict()`` /
+(``step``, ``exp_avg``, ``exp_avg_sq``, with AMSGrad ``max_exp_avg_sq``, ``master`` or ``remainder``), so
+``state_dict()`` /
 ``load_state_dict()`` resume bit for bit; a ``torch.optim.AdamW`` state dict loads too (masters are then
 taken from the parameters).
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["Adam", "AdamW"]
 
-_CORE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master", "remainder")
+_CORE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master", "remainder", "max_exp_avg_sq")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -195,15 +196,12 @@ class _MixprecAdam(torch.optim.Optimizer):
         self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
         self._core.check_options(0.0 if isinstance(lr, Tensor) else float(lr), betas[0], betas[1], float(eps),
                                  float(weight_decay), master_weights, moment_dtype, rounding, seed)
-        if amsgrad:
-            raise ValueError("amsgrad=True is not supported by mixprec's fused Adam step (it keeps no maximum of "
-                             "the second moments); use torch.optim.Adam(amsgrad=True)")
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
-            amsgrad=False,
+            amsgrad=bool(amsgrad),
             maximize=maximize,
             # torch's keys, kept so state dicts and frameworks see what they expect. The step is always one
             # fused kernel that never synchronises, so foreach and capturable change nothing.
@@ -326,6 +324,12 @@ class _MixprecAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            # torch's scaler hands an optimizer without gradients this iteration the sum of no flags (the
+            # number 0); a number is read on the host, as torch's fused optimizers take it.
+            if found_inf:
+                return loss
+            found_inf = None
         if self._tracker.dirty:
             self._push_state()
         core = self._core
@@ -347,7 +351,8 @@ class _MixprecAdam(torch.optim.Optimizer):
                 rng_calls, changed = core.step_group(
                     index, params, local_params, grads, float(lr), lr_tensor, _scalar(beta1, "betas[0]"),
                     _scalar(beta2, "betas[1]"), float(group["eps"]), float(group["weight_decay"]),
-                    bool(group["decoupled_weight_decay"]), bool(group["maximize"]), group["master_weights"],
+                    bool(group["decoupled_weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+                    group["master_weights"],
                     group["moment_dtype"], group["rounding"], None if seed is None else int(seed),
                     int(group["rng_calls"]), grad_scale, found_inf)
             except Exception:
@@ -368,7 +373,8 @@ class AdamW(_MixprecAdam):
     Args:
         params, lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW``. ``lr`` may be a Tensor: on
             the parameters' device it is read there (no host sync); on the CPU its value is read on the host.
-        amsgrad: only ``False`` (the fused step keeps no maximum of the second moments): ``True`` is refused.
+        amsgrad: as torch: the step divides by the running maximum of the second moment, kept in
+            ``state["max_exp_avg_sq"]`` (the moments' dtype), updated inside the same fused pass.
         foreach, capturable: accepted and recorded as torch does; the step is always one fused kernel per
             (device, master mode) that never synchronises with the host, so they change nothing.
         fused: ``True`` also sets ``_step_supports_amp_scaling``, as torch's fused optimizers do:

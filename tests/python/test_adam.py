@@ -63,6 +63,100 @@ def test_fp32_matches_torch(device: str, cls_name: str, weight_decay: float, max
         assert_close_to_torch(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"])
 
 
+def amsgrad_grads(step: int, shapes: list[tuple[int, ...]], device: str) -> list[torch.Tensor]:
+    """Gradients 10x larger for the first steps, then 10x smaller: the second moment falls while its running
+    maximum does not, so AMSGrad's steps differ from Adam's."""
+    return [g * (10.0 if step < 10 else 0.1) for g in grads_for(step, shapes, device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls_name, weight_decay", [("AdamW", 0.01), ("Adam", 0.05)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_amsgrad_matches_torch(device: str, cls_name: str, weight_decay: float, maximize: bool) -> None:
+    """amsgrad=True: the same parameters and state as torch's (max_exp_avg_sq included), and not Adam's."""
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in SHAPES]
+    params = {k: [torch.nn.Parameter(t.clone().to(device)) for t in init] for k in ("ours", "ref", "plain")}
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=weight_decay, maximize=maximize)
+    ours = getattr(mixprec.optim, cls_name)(params["ours"], amsgrad=True, **kwargs)
+    ref = getattr(torch.optim, cls_name)(params["ref"], amsgrad=True, foreach=False, **kwargs)
+    plain = getattr(mixprec.optim, cls_name)(params["plain"], **kwargs)
+    for step in range(40):
+        for ps in params.values():
+            for p, g in zip(ps, amsgrad_grads(step, SHAPES, device)):
+                p.grad = g
+        for opt in (ours, ref, plain):
+            opt.step()
+    for a, b, c in zip(params["ours"], params["ref"], params["plain"]):
+        assert_close_to_torch(a.detach(), b.detach())
+        assert (a.detach() - c.detach()).abs().max() > 1e-3  # AMSGrad changed the steps
+        st, rs = ours.state[a], ref.state[b]
+        assert st["max_exp_avg_sq"].dtype == torch.float32
+        torch.testing.assert_close(st["max_exp_avg_sq"], rs["max_exp_avg_sq"], rtol=1e-6, atol=0)
+        # The running maximum: at least every second moment seen, above the current (decayed) one.
+        assert torch.all(st["max_exp_avg_sq"] >= st["exp_avg_sq"]) and torch.any(st["max_exp_avg_sq"] > st["exp_avg_sq"])
+    assert "max_exp_avg_sq" not in plain.state[params["plain"][0]]
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_amsgrad_state_dicts_cross_with_torch_and_masters_follow_it(moment_dtype: torch.dtype) -> None:
+    """A torch AdamW(amsgrad=True) state dict loads into ours (and ours into torch's) and the runs go on alike;
+    with bf16 params the fp32 masters follow torch's fp32 AMSGrad; bf16 moments keep a bf16 maximum."""
+    torch.manual_seed(1)
+    init = [torch.randn(s) for s in SHAPES]
+    ref_p = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, amsgrad=True, foreach=False)
+    for step in range(15):
+        for p, g in zip(ref_p, amsgrad_grads(step, SHAPES, "cpu")):
+            p.grad = g
+        ref.step()
+    ours_p = [torch.nn.Parameter(p.detach().clone()) for p in ref_p]
+    ours = mixprec.optim.AdamW(ours_p, lr=1e-2, amsgrad=True, moment_dtype=moment_dtype)
+    ours.load_state_dict(ref.state_dict())
+    back_p = [torch.nn.Parameter(p.detach().clone()) for p in ref_p]
+    for step in range(15, 25):
+        for ps in (ref_p, ours_p):
+            for p, g in zip(ps, amsgrad_grads(step, SHAPES, "cpu")):
+                p.grad = g
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        if moment_dtype == torch.float32:
+            assert_close_to_torch(a.detach(), b.detach())
+        else:  # bf16 moments: an update within a few bf16 roundings of the moments
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=5e-3)
+        assert ours.state[a]["max_exp_avg_sq"].dtype == moment_dtype
+    # Ours into torch's: torch continues from our state as from its own.
+    theirs = torch.optim.AdamW(back_p, lr=1e-2, amsgrad=True, foreach=False)
+    if moment_dtype == torch.float32:
+        theirs.load_state_dict(copy.deepcopy(ours.state_dict()))  # state dicts hold the live tensors
+        for a, b in zip(back_p, ours_p):
+            a.data.copy_(b.detach())
+        for ps in (back_p, ours_p):
+            for p, g in zip(ps, amsgrad_grads(30, SHAPES, "cpu")):
+                p.grad = g
+        theirs.step()
+        ours.step()
+        for a, b in zip(back_p, ours_p):
+            assert_close_to_torch(b.detach(), a.detach())
+    # bf16 params, fp32 masters: the masters follow torch's fp32 AMSGrad run from the same start.
+    low = [torch.nn.Parameter(t.bfloat16()) for t in init]
+    full = [torch.nn.Parameter(t.bfloat16().float()) for t in init]
+    opt_low = mixprec.optim.AdamW(low, lr=1e-2, amsgrad=True, moment_dtype=moment_dtype)
+    opt_full = torch.optim.AdamW(full, lr=1e-2, amsgrad=True, foreach=False)
+    for step in range(25):
+        grads = amsgrad_grads(step, SHAPES, "cpu")
+        for p, q, g in zip(low, full, grads):
+            p.grad, q.grad = g.bfloat16(), g.bfloat16().float()
+        opt_low.step()
+        opt_full.step()
+    for p, q in zip(low, full):
+        master = opt_low.state[p]["master"]
+        if moment_dtype == torch.float32:
+            assert_close_to_torch(master, q.detach())
+        assert torch.equal(p.detach(), master.bfloat16())
+
+
 # ---- 16-bit parameters with fp32 masters ---------------------------------------------------------------------
 
 
@@ -349,7 +443,6 @@ def test_decoupled_weight_decay_makes_adam_adamw() -> None:
     "kwargs, error, needle",
     [
         (dict(differentiable=True), ValueError, "differentiable=True is not supported"),
-        (dict(amsgrad=True), ValueError, "amsgrad=True is not supported"),
         (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
         (dict(lr=torch.ones(2)), ValueError, "Tensor lr must be 1-element"),
     ],
@@ -414,8 +507,12 @@ def _op_args(device: str, mode: str) -> tuple:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["none", "fp32", "remainder"])
-def test_opcheck(device: str, mode: str) -> None:
-    torch.library.opcheck(torch.ops.mixprec.adam_step_.default, _op_args(device, mode))
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck(device: str, mode: str, amsgrad: bool) -> None:
+    args = _op_args(device, mode)
+    if amsgrad:
+        args = (*args, [torch.rand_like(t) for t in args[3]])
+    torch.library.opcheck(torch.ops.mixprec.adam_step_.default, args)
 
 
 def test_on_device_inputs_scale_and_clip() -> None:
@@ -448,8 +545,9 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
               "g": [torch.randn(10007).bfloat16(), torch.randn(333), torch.randn(1029).half()]}
     script = """
         out = []
-        for mode, rounding in (("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic"),
-                               ("fp32", "stochastic")):
+        for mode, rounding, amsgrad in (("fp32", "nearest", False), ("remainder", "nearest", True),
+                                        ("none", "stochastic", True), ("fp32", "stochastic", False),
+                                        ("fp32", "nearest", True)):
             p = [t.clone() for t in INPUTS["p"]]
             if mode == "remainder":
                 p = [p[0]]
@@ -458,10 +556,12 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
             v = [torch.zeros_like(t, dtype=torch.float32) for t in p]
             w = {"none": [], "fp32": [t.float() for t in p], "remainder": [torch.zeros_like(t, dtype=torch.int16) for t in p]}[mode]
             s = [torch.zeros(()) for _ in p]
+            vmax = [torch.full_like(t, 0.5) for t in v] if amsgrad else None  # above v at first: both lanes taken
             for _ in range(3):
                 mixprec.ops.adam_step_(p, g, m, v, w, s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
-                                       master_mode=mode, rounding=rounding, seed=3, grad_scale=torch.full((1,), 2.0))
-            out.append((p, m, v, w, g))
+                                       master_mode=mode, rounding=rounding, seed=3, grad_scale=torch.full((1,), 2.0),
+                                       max_exp_avg_sqs=vmax)
+            out.append((p, m, v, w, g, vmax or []))
         RESULT = out
     """
     a = run_with_cpu_capability("default", script, inputs, tmp_path)
@@ -475,9 +575,12 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
 @requires_cuda
 @pytest.mark.parametrize("mode, rounding", [("none", "nearest"), ("fp32", "nearest"), ("remainder", "nearest"),
                                             ("none", "stochastic")])
-def test_cpu_and_cuda_agree(mode: str, rounding: str) -> None:
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_cpu_and_cuda_agree(mode: str, rounding: str, amsgrad: bool) -> None:
     args = list(_op_args("cpu", mode))
     args[14], args[15] = rounding, 5
+    if amsgrad:
+        args.append([torch.rand_like(t) * 1e-3 for t in args[3]])
     cuda_args = [([t.cuda() for t in a] if isinstance(a, list) else (a.cuda() if isinstance(a, torch.Tensor) else a))
                  for a in args]
     for _ in range(3):
@@ -485,7 +588,7 @@ def test_cpu_and_cuda_agree(mode: str, rounding: str) -> None:
         torch.ops.mixprec.adam_step_.default(*cuda_args)
     # The same element rule, explicit fmaf and no other contraction, IEEE-only bias corrections and the same
     # Philox draws: the documented contract is identical bits, including the unscaled gradients written back.
-    for la, lb in zip(args[:6], cuda_args[:6]):
+    for la, lb in zip(args[:6] + args[20:], cuda_args[:6] + cuda_args[20:]):
         for x, y in zip(la, lb):
             assert torch.equal(x, y.cpu())
 
@@ -536,6 +639,9 @@ def test_rows_sharing_a_step_count_are_refused_and_nothing_is_written(device: st
         (dict(master_mode="fp32"), "masters"),
         (dict(master_mode="remainder", masters=[torch.zeros(4, dtype=torch.int16)]), "bfloat16"),
         (dict(found_inf=torch.zeros(2)), "found_inf"),
+        (dict(max_exp_avg_sqs=[]), "max_exp_avg_sqs"),
+        (dict(max_exp_avg_sqs=[torch.zeros(4, dtype=torch.bfloat16)]), r"max_exp_avg_sqs\[0\] must have the dtype"),
+        (dict(max_exp_avg_sqs=[torch.zeros(5)]), r"max_exp_avg_sqs\[0\] has shape"),
     ],
 )
 def test_op_bad_input_names_the_argument_and_writes_nothing(change: dict, needle: str) -> None:

@@ -127,7 +127,6 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("AdamW: negative lr", lambda w: mixprec.optim.AdamW(w.pg, lr=-1.0), ValueError, "learning rate"),
     ("AdamW: betas", lambda w: mixprec.optim.AdamW(w.pg, betas=(1.0, 0.9)), ValueError, "beta"),
     ("AdamW: master_weights", lambda w: mixprec.optim.AdamW(w.pg, master_weights="fp8"), ValueError, "master_weights"),
-    ("AdamW: amsgrad", lambda w: mixprec.optim.Adam(w.pg, amsgrad=True), ValueError, "amsgrad"),
     ("GradScaler: growth", lambda w: mixprec.GradScaler("cpu", growth_factor=0.9), ValueError, "growth"),
     ("GradScaler: backoff", lambda w: mixprec.GradScaler("cpu", backoff_factor=2.0), ValueError, "backoff"),
     ("GradScaler: init_scale", lambda w: mixprec.GradScaler("cpu", init_scale=-1.0), ValueError, "init_scale"),

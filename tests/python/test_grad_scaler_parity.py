@@ -306,3 +306,31 @@ def test_pickle_rules_follow_torch() -> None:
     assert twin.get_scale() == 2.0 and scaler.get_scale() == 64.0
     off = pickle.loads(pickle.dumps(mixprec.GradScaler("cpu", enabled=False)))
     assert not off.is_enabled() and off.state_dict() == {}
+
+
+@pytest.mark.parametrize("second", ["adamw-fused", "adam-fused", "mixprec-adamw-fused"])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_an_optimizer_without_gradients_this_iteration(second: str, unscale_first: bool) -> None:
+    """Two optimizers, the second's parameters unused in some iterations (no gradients). An optimizer that
+    takes the flag itself steps as a no-op there, with torch's scaler and ours; update() runs on the first's
+    checks; the results are identical."""
+    results = []
+    for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), OPTIMIZERS[second](b.parameters())
+        scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=2)
+        x = torch.randn(2, 4)
+        for it in range(4):
+            opt_a.zero_grad(set_to_none=True)
+            opt_b.zero_grad(set_to_none=True)
+            loss = a(x).sum() + (b(x).sum() if it % 2 == 0 else 0.0)
+            scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(opt_b)
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+        results.append([p.detach().clone() for p in (*a.parameters(), *b.parameters())] + [scaler.get_scale()])
+    for x, y in zip(*results):
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))

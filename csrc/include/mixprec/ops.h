@@ -103,6 +103,9 @@ struct AdamStepExtras {
   std::optional<at::Tensor> grad_scale;  // grads are divided by it inside the step
   std::optional<at::Tensor> found_inf;   // non-zero: nothing at all is written, step counts included
   std::optional<at::Tensor> clip_coef;   // grads are multiplied by it (global-norm clipping)
+  /// AMSGrad: one running maximum of exp_avg_sq per row (dtype of the moments), updated in place; the
+  /// denominator takes it instead of exp_avg_sq, as torch's Adam(amsgrad=True).
+  std::optional<std::vector<at::Tensor>> max_exp_avg_sqs;
 };
 
 /// One fused Adam/AdamW step over whole lists, all math in fp32.

@@ -25,7 +25,7 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
   TORCH_ARG(double, eps) = 1e-8;
   TORCH_ARG(double, weight_decay) = 0.0;
-  /// Only false: the fused step keeps no maximum of the second moments (true is refused).
+  /// AMSGrad: divide by the running maximum of the second moment (state max_exp_avg_sq), as torch's.
   TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
   /// "auto" (fp32 masters for fp16/bf16 params), "fp32", "remainder" (bf16 + int16) or "none".
@@ -52,11 +52,13 @@ struct AdamWOptions : public AdamOptions {
   AdamWOptions(double lr = 1e-3) : AdamOptions(lr) { weight_decay(1e-2); }  // NOLINT(google-explicit-constructor)
 };
 
-/// Per-parameter state: step count, moments, and the master copy (fp32) or bf16 remainder (int16).
+/// Per-parameter state: step count, moments (with AMSGrad also the running maximum of exp_avg_sq, as in
+/// torch::optim::AdamParamState), and the master copy (fp32) or bf16 remainder (int16).
 struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamParamState> {
   TORCH_ARG(torch::Tensor, step);
   TORCH_ARG(torch::Tensor, exp_avg);
   TORCH_ARG(torch::Tensor, exp_avg_sq);
+  TORCH_ARG(torch::Tensor, max_exp_avg_sq);
   TORCH_ARG(torch::Tensor, master);
   TORCH_ARG(torch::Tensor, remainder);
 
@@ -98,10 +100,11 @@ class AdamCore {
   /// The Philox key of one stochastic-rounding step: splitmix64((seed << 20) ^ rng_calls).
   static int64_t step_seed(int64_t seed, int64_t rng_calls);
   /// Creates or converts what `mode` needs in `state` for `param` (the tensor updated): float32 step on its
-  /// device, moments of `moment_dtype`, the fp32 master or the int16 remainder (a master is split into the
-  /// param and its remainder, keeping the exact value). Returns whether any state tensor was replaced.
+  /// device, moments of `moment_dtype` (with `amsgrad` also max_exp_avg_sq, zeros at first), the fp32 master
+  /// or the int16 remainder (a master is split into the param and its remainder, keeping the exact value).
+  /// Returns whether any state tensor was replaced.
   static bool prepare_state(const torch::Tensor& param, AdamParamState& state, const std::string& mode,
-                            c10::ScalarType moment_dtype);
+                            c10::ScalarType moment_dtype, bool amsgrad = false);
 
   /// One step of param group `group` (the index keys the cache). Parameters without a gradient are
   /// skipped. With a non-negative seed, options.rng_calls advances when anything was stepped. Returns the
@@ -120,14 +123,16 @@ class AdamCore {
     bool has_grad = false;
     size_t bucket = 0;
     torch::Tensor step, exp_avg, exp_avg_sq, master;  // master: the fp32 master or the remainder, if any
+    torch::Tensor max_exp_avg_sq;                     // with AMSGrad
   };
   struct Bucket {
     c10::Device device = c10::kCPU;
     std::string mode;
-    std::vector<torch::Tensor> p, m, v, w, s;
+    std::vector<torch::Tensor> p, m, v, w, s, vmax;
   };
   struct Plan {
     bool valid = false;
+    bool amsgrad = false;
     std::string master_weights;
     c10::ScalarType moment_dtype = c10::ScalarType::Float;
     std::vector<Row> rows;

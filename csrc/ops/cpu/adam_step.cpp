@@ -23,10 +23,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double weight_decay, bool decoupled_weight_decay, bool maximize, c10::string_view master_mode,
                    c10::string_view rounding, std::optional<int64_t> seed, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& clip_coef) {
-  const detail::AdamArgs args = detail::make_adam_args(
-      params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps, weight_decay,
-      decoupled_weight_decay, maximize, master_mode, rounding, seed, lr_tensor, grad_scale, found_inf, clip_coef);
+                   const std::optional<at::Tensor>& clip_coef, std::optional<at::TensorList> max_exp_avg_sqs) {
+  const detail::AdamArgs args =
+      detail::make_adam_args(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
+                             weight_decay, decoupled_weight_decay, maximize, master_mode, rounding, seed, lr_tensor,
+                             grad_scale, found_inf, clip_coef, max_exp_avg_sqs);
   detail::check_adam_args(args);
   if (params.empty()) return;
   // An overflow in this step's gradients: nothing at all is written.
@@ -42,6 +43,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   }
 
   detail::AdamPlan plan(args);
+  const bool amsgrad = max_exp_avg_sqs.has_value();
   std::vector<AdamChunk> chunks;
   for (size_t i = 0; i < params.size(); ++i) {
     // A checked one-element float32 CPU tensor: read it in memory (item() would go through the dispatcher).
@@ -55,7 +57,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         return static_cast<void*>(static_cast<char*>(t.data_ptr()) + begin * t.element_size());
       };
       chunks.push_back({at_offset(p), at_offset(plan.grads[i]), at_offset(plan.exp_avgs[i]),
-                        at_offset(plan.exp_avg_sqs[i]), at_offset(plan.masters[i]), std::min(kAdamChunk, numel - begin),
+                        at_offset(plan.exp_avg_sqs[i]), at_offset(plan.masters[i]),
+                        amsgrad ? at_offset(plan.max_exp_avg_sqs[i]) : nullptr, std::min(kAdamChunk, numel - begin),
                         p.scalar_type(), plan.grads[i].scalar_type(), plan.exp_avgs[i].scalar_type(), scalars,
                         plan.rng_base[i] + static_cast<uint64_t>(begin)});
     }

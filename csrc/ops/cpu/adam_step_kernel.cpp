@@ -1,5 +1,6 @@
 // The inner loops of adam_step_ on the CPU, compiled once per CPU capability (see cpu_dispatch.h).
-// Rows with fp32 masters or no master run on ATen's vector types, 16 elements at a time, with the
+// Rows with fp32 masters or no master run on ATen's vector types, 16 elements at a time (AMSGrad's running
+// maximum alongside the moments when the chunk has one), with the
 // operations in adam_rule.h's order (so both capability builds agree bit for bit); stochastic rounding of
 // the 16-bit parameters is vectorised too on AVX2 (stochastic_avx2.h, the cast's code). The int16-remainder
 // rows, the tails and the DEFAULT capability's stochastic rows run the scalar rule with rounding.h.
@@ -62,7 +63,8 @@ inline FVec fma_vec(const FVec& a, const FVec& b, const FVec& c) {
 #endif
 }
 
-inline void adam_update_vec(FVec& w, FVec& m, FVec& v, FVec g, const detail::AdamScalars& s) {
+// adam_rule.h's adam_update on vectors; `vmax`, when given, is AMSGrad's running maximum (updated first).
+inline void adam_update_vec(FVec& w, FVec& m, FVec& v, FVec g, const detail::AdamScalars& s, FVec* vmax) {
   if (s.maximize) g = g.neg();
   if (s.weight_decay != 0.0f) {
     if (s.decoupled) {
@@ -74,7 +76,12 @@ inline void adam_update_vec(FVec& w, FVec& m, FVec& v, FVec g, const detail::Ada
   m = fma_vec(FVec(s.one_minus_beta1), g - m, m);
   v = v * FVec(s.beta2);
   v = fma_vec(FVec(s.one_minus_beta2) * g, g, v);
-  const FVec denom = v.sqrt() / FVec(s.bias_correction2_sqrt) + FVec(s.eps);
+  FVec second = v;
+  if (vmax != nullptr) {
+    *vmax = FVec::blendv(*vmax, v, (v != v) | (v > *vmax));  // detail::amsgrad_max: a NaN wins
+    second = *vmax;
+  }
+  const FVec denom = second.sqrt() / FVec(s.bias_correction2_sqrt) + FVec(s.eps);
   w = w + (FVec(-s.step_size) * m) / denom;
 }
 
@@ -98,6 +105,7 @@ void adam_scalar(const AdamChunk& c, const AdamCommon& k, int64_t from, int64_t 
   G* g = static_cast<G*>(c.grad);
   M* m1 = static_cast<M*>(c.exp_avg);
   M* m2 = static_cast<M*>(c.exp_avg_sq);
+  M* m3 = static_cast<M*>(c.max_exp_avg_sq);
   float* master = static_cast<float*>(c.master);
   const detail::AdamScalars& s = c.scalars;
   philox::Draw4 draws{{0, 0, 0, 0}};
@@ -122,9 +130,11 @@ void adam_scalar(const AdamChunk& c, const AdamCommon& k, int64_t from, int64_t 
     float vv = static_cast<float>(m2[i]);
     const float unscaled = static_cast<float>(g[i]) / k.grad_scale;
     if (k.write_grad) g[i] = static_cast<G>(unscaled);
-    detail::adam_update(w, mv, vv, unscaled * k.clip_coef, s);
+    float vmax = m3 != nullptr ? static_cast<float>(m3[i]) : 0.0f;
+    detail::adam_update(w, mv, vv, unscaled * k.clip_coef, s, m3 != nullptr ? &vmax : nullptr);
     m1[i] = static_cast<M>(mv);
     m2[i] = static_cast<M>(vv);
+    if (m3 != nullptr) m3[i] = static_cast<M>(vmax);
     if (k.mode == MasterMode::Remainder) {
       if constexpr (std::is_same_v<P, c10::BFloat16>) {
         const rounding::SplitBFloat16 sp = rounding::split_bf16_remainder(w);
@@ -145,8 +155,9 @@ inline void adam_vec_step(const AdamChunk& c, const AdamCommon& k, int64_t i, FV
   G* g = static_cast<G*>(c.grad);
   M* m1 = static_cast<M*>(c.exp_avg);
   M* m2 = static_cast<M*>(c.exp_avg_sq);
+  M* m3 = static_cast<M*>(c.max_exp_avg_sq);
   float* master = static_cast<float*>(c.master);
-  FVec m0, m1v, v0, v1, g0, g1;
+  FVec m0, m1v, v0, v1, g0, g1, x0, x1;
   if (k.mode == MasterMode::Fp32) {
     Io<float>::load(master + i, w0, w1);
   } else {
@@ -155,14 +166,16 @@ inline void adam_vec_step(const AdamChunk& c, const AdamCommon& k, int64_t i, FV
   Io<G>::load(g + i, g0, g1);
   Io<M>::load(m1 + i, m0, m1v);
   Io<M>::load(m2 + i, v0, v1);
+  if (m3 != nullptr) Io<M>::load(m3 + i, x0, x1);
   const FVec scale(k.grad_scale), clip(k.clip_coef);
   g0 = g0 / scale;
   g1 = g1 / scale;
   if (k.write_grad) Io<G>::store(g + i, g0, g1);
-  adam_update_vec(w0, m0, v0, g0 * clip, c.scalars);
-  adam_update_vec(w1, m1v, v1, g1 * clip, c.scalars);
+  adam_update_vec(w0, m0, v0, g0 * clip, c.scalars, m3 != nullptr ? &x0 : nullptr);
+  adam_update_vec(w1, m1v, v1, g1 * clip, c.scalars, m3 != nullptr ? &x1 : nullptr);
   Io<M>::store(m1 + i, m0, m1v);
   Io<M>::store(m2 + i, v0, v1);
+  if (m3 != nullptr) Io<M>::store(m3 + i, x0, x1);
   if (k.mode == MasterMode::Fp32) Io<float>::store(master + i, w0, w1);
 }
 

@@ -86,6 +86,7 @@ struct AdamChunk {
   void* exp_avg;
   void* exp_avg_sq;
   void* master;  // fp32 master, int16 remainder, or unused (see AdamCommon::mode)
+  void* max_exp_avg_sq;  // AMSGrad's running maximum (the moments' dtype), or null without AMSGrad
   int64_t n;
   at::ScalarType param_dtype;
   at::ScalarType grad_dtype;

@@ -40,7 +40,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool decoupled_weight_decay, bool maximize, c10::string_view master_mode,
                     c10::string_view rounding, std::optional<int64_t> seed,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef);
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                    std::optional<at::TensorList> max_exp_avg_sqs);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cuda(const at::Tensor& input, const at::Tensor& scale,
                                                                  at::ScalarType dtype, c10::string_view rounding,
