@@ -360,17 +360,6 @@ class Int8Linear(torch.nn.Linear):
         state.pop("_int8_weight_cache", None)  # derived from the weight
         return state
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "Float8Linear":
-        # As pickling copies (without the group and the weight cache), then the copy joins the same group: the
-        # memo maps the group to itself, so every layer of a deep-copied model shares it.
-        group = self.__dict__.get("amax_group")
-        twin = type(self).__new__(type(self))
-        memo[id(self)] = twin
-        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        if group is not None:
-            twin.amax_group = group
-        return twin
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)

@@ -197,20 +197,14 @@ void adam_typed(const AdamChunk& c, const AdamCommon& k) {
         // draw index to a group boundary: the same draws, the same rounding, the same bits as the scalar
         // rule, at vector speed.
         static_assert(kW == 16, "the AVX2 stochastic write-back rounds 16 elements at a time");
-        i = std::min<int64_t>(c.n, static_cast<int64_t>((8 - c.rng_index % 8) % 8));
+        i = avx2::elements_to_group(c.rng_index, c.n);
         adam_scalar<P, G, M>(c, k, 0, i);
-        for (; i + 64 <= c.n; i += 64) {
-          __m256i pairs[4];
-          avx2::philox8((c.rng_index + static_cast<uint64_t>(i)) / 8, k.key.offset, k.key.seed, pairs);
-          for (int q = 0; q < 4; ++q) {
-            FVec w[2];
-            adam_vec_step<P, G, M>(c, k, i + 16 * q, w[0], w[1]);
-            __m256i draws[2];
-            avx2::element_draws(pairs[q], draws);
-            const __m256 x[2] = {w[0], w[1]};
-            avx2::store_stochastic16(p + i + 16 * q, x, draws);
-          }
-        }
+        i = avx2::draw_blocks64(i, c.n, c.rng_index, k.key.offset, k.key.seed, [&](int64_t e, const __m256i draws[2]) {
+          FVec w[2];
+          adam_vec_step<P, G, M>(c, k, e, w[0], w[1]);
+          const __m256 x[2] = {w[0], w[1]};
+          avx2::store_stochastic16(p + e, x, draws);
+        });
       }
 #endif
     }

@@ -71,21 +71,15 @@ void cast_scalar(Dst* d, const Src* s, int64_t n, Rounding mode, bool saturate, 
 // Rounds n0 (a multiple of 64) elements, 8 Philox groups per step; index0 is a multiple of 8.
 template <typename Dst>
 void stochastic_block64_avx2(Dst* d, const float* s, int64_t n0, bool saturate, RngKey key, uint64_t index0) {
-  for (int64_t i = 0; i < n0; i += 64) {
-    __m256i pairs[4];
-    avx2::philox8((index0 + static_cast<uint64_t>(i)) / 8, key.offset, key.seed, pairs);
-    for (int q = 0; q < 4; ++q) {
-      __m256i draws[2];
-      avx2::element_draws(pairs[q], draws);
-      __m256 x[2];
-      for (int h = 0; h < 2; ++h) {
-        FVec v = FVec::loadu(s + i + 16 * q + 8 * h);
-        if (saturate) v = saturate_vec(v, max_finite<Dst>());
-        x[h] = v;
-      }
-      avx2::store_stochastic16(d + i + 16 * q, x, draws);
+  avx2::draw_blocks64(0, n0, index0, key.offset, key.seed, [&](int64_t k, const __m256i draws[2]) {
+    __m256 x[2];
+    for (int h = 0; h < 2; ++h) {
+      FVec v = FVec::loadu(s + k + 8 * h);
+      if (saturate) v = saturate_vec(v, max_finite<Dst>());
+      x[h] = v;
     }
-  }
+    avx2::store_stochastic16(d + k, x, draws);
+  });
 }
 #endif  // CPU_CAPABILITY_AVX2
 

@@ -164,25 +164,19 @@ uint32_t stochastic_typed(const Src* p, uint8_t* d, int64_t n, float scale, fp8:
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (kVectorised<Src>) {
     // Scalar up to the first index on a Philox group, then 64 elements (8 groups) per step.
-    scalar_until(std::min<int64_t>(n, static_cast<int64_t>((8 - index0 % 8) % 8)));
+    scalar_until(avx2::elements_to_group(index0, n));
     if (n - i >= 64) {
       const NearestLanes nearest(format, saturate);
       const StochasticLanes lanes(format);
       const FVec s(scale);
       IVec acc(0);
-      for (; i + 64 <= n; i += 64) {
-        __m256i pairs[4];
-        avx2::philox8((index0 + static_cast<uint64_t>(i)) / 8, key.offset, key.seed, pairs);
-        for (int q = 0; q < 4; ++q) {
-          __m256i element[2];
-          avx2::element_draws(pairs[q], element);
-          FVec a, b;
-          load(p + i + 16 * q, a, b);
-          acc = at::vec::maximum(acc, at::vec::maximum(magnitudes(a), magnitudes(b)));
-          store_stochastic(a * s, element[0], lanes, nearest, d + i + 16 * q);
-          store_stochastic(b * s, element[1], lanes, nearest, d + i + 16 * q + FVec::size());
-        }
-      }
+      i = avx2::draw_blocks64(i, n, index0, key.offset, key.seed, [&](int64_t k, const __m256i draws[2]) {
+        FVec a, b;
+        load(p + k, a, b);
+        acc = at::vec::maximum(acc, at::vec::maximum(magnitudes(a), magnitudes(b)));
+        store_stochastic(a * s, draws[0], lanes, nearest, d + k);
+        store_stochastic(b * s, draws[1], lanes, nearest, d + k + FVec::size());
+      });
       m = horizontal_max(acc);
     }
   }

@@ -90,23 +90,16 @@ void run_codes_stochastic(const Src* p, int8_t* d, int64_t n, float scale, const
   };
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (kVectorised<Src>) {
-    scalar_until(std::min<int64_t>(n, static_cast<int64_t>((8 - index0 % 8) % 8)));  // to a Philox group start
+    scalar_until(avx2::elements_to_group(index0, n));
     const FVec s(scale);
-    for (; i + 64 <= n; i += 64) {
-      __m256i pairs[4];
-      avx2::philox8((index0 + static_cast<uint64_t>(i)) / 8, key.offset, key.seed, pairs);
-      for (int q = 0; q < 4; ++q) {
-        __m256i element[2];
-        avx2::element_draws(pairs[q], element);
-        const int64_t k = i + 16 * q;
-        FVec a, b;
-        load(p + k, a, b);
-        const FVec sa = scales != nullptr ? FVec::loadu(scales + k) : s;
-        const FVec sb = scales != nullptr ? FVec::loadu(scales + k + FVec::size()) : s;
-        store_codes(d + k, stochastic_codes(a, sa, FVec(_mm256_cvtepi32_ps(element[0]))));
-        store_codes(d + k + FVec::size(), stochastic_codes(b, sb, FVec(_mm256_cvtepi32_ps(element[1]))));
-      }
-    }
+    i = avx2::draw_blocks64(i, n, index0, key.offset, key.seed, [&](int64_t k, const __m256i draws[2]) {
+      FVec a, b;
+      load(p + k, a, b);
+      const FVec sa = scales != nullptr ? FVec::loadu(scales + k) : s;
+      const FVec sb = scales != nullptr ? FVec::loadu(scales + k + FVec::size()) : s;
+      store_codes(d + k, stochastic_codes(a, sa, FVec(_mm256_cvtepi32_ps(draws[0]))));
+      store_codes(d + k + FVec::size(), stochastic_codes(b, sb, FVec(_mm256_cvtepi32_ps(draws[1]))));
+    });
   }
 #endif
   scalar_until(n);

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -109,6 +110,29 @@ inline __m128i half_stochastic(__m256 x, __m256i draw) {
 inline void element_draws(__m256i pairs, __m256i draws[2]) {
   draws[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(pairs));
   draws[1] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(pairs, 1));
+}
+
+/// Elements before the first whose draw index (index0 + i) starts a Philox group: a scalar head of at most
+/// 7, after which draw_blocks64 can take over.
+inline int64_t elements_to_group(uint64_t index0, int64_t n) {
+  return std::min<int64_t>(n, static_cast<int64_t>((8 - index0 % 8) % 8));
+}
+
+/// From element i (index0 + i a multiple of 8) while 64 elements remain: Philox for 8 groups at once, then
+/// fn(k, draws) for the four 16-element pieces from k (draws[0]: elements k..k+7, draws[1]: k+8..k+15).
+/// Returns where the blocks end. The one loop every AVX2 stochastic kernel (cast, Adam, FP8, INT8) runs.
+template <typename Fn>
+inline int64_t draw_blocks64(int64_t i, int64_t n, uint64_t index0, uint64_t offset, uint64_t seed, Fn&& fn) {
+  for (; i + 64 <= n; i += 64) {
+    __m256i pairs[4];
+    philox8((index0 + static_cast<uint64_t>(i)) / 8, offset, seed, pairs);
+    for (int q = 0; q < 4; ++q) {
+      __m256i draws[2];
+      element_draws(pairs[q], draws);
+      fn(i + 16 * q, draws);
+    }
+  }
+  return i;
 }
 
 // Rounds 16 floats (x[0]: elements 0..7, x[1]: 8..15) stochastically with `draws` and stores them at d.
