@@ -270,6 +270,11 @@ void GradScaler::set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group)
   options_.process_group(std::move(group));
 }
 
+std::map<std::string, at::Tensor> GradScaler::found_inf_per_device(int64_t key) const {
+  auto it = per_optimizer_.find(key);
+  return it == per_optimizer_.end() ? std::map<std::string, at::Tensor>{} : it->second.found_inf_per_device;
+}
+
 void GradScaler::set_found_inf(int64_t key, const at::Tensor& found_inf) {
   OptimizerState& st = per_optimizer_[key];
   st.found_inf_per_device.clear();
@@ -563,6 +568,12 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              return Result(true, r.grad_scale, r.found_inf);
            })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
+      .def("found_inf_per_device",
+           [](const Self& s, int64_t key) {
+             c10::Dict<std::string, at::Tensor> out;
+             for (const auto& [device, flag] : s->impl.found_inf_per_device(key)) out.insert(device, flag);
+             return out;
+           })
       .def("prepare_scaled_step",
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads) {
              GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads);

@@ -175,6 +175,14 @@ class GradScaler:
             return
         self._unscale(id(optimizer), optimizer)
 
+    def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
+        """torch's accessor of an optimizer's overflow flags this iteration (empty before its ``unscale_``),
+        which distributed training loops all-reduce in place after ``unscale_``: the flags themselves, so
+        what is changed in place is what ``step`` and ``update`` read."""
+        if not self._enabled:
+            return {}
+        return {torch.device(d): t for d, t in self._impl.found_inf_per_device(id(optimizer)).items()}
+
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
         if not self._impl.is_unscaled(key):

@@ -334,3 +334,38 @@ def test_an_optimizer_without_gradients_this_iteration(second: str, unscale_firs
         results.append([p.detach().clone() for p in (*a.parameters(), *b.parameters())] + [scaler.get_scale()])
     for x, y in zip(*results):
         assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused", "mixprec-adamw"])
+def test_flags_changed_in_place_after_unscale_decide_the_step(optimizer: str) -> None:
+    """The data-parallel pattern: after unscale_, loops take _found_inf_per_device(opt) and all-reduce the flags
+    in place (here: another rank's overflow, written in by hand in iteration 1). step() then skips and
+    update() backs off, with torch's scaler and ours alike."""
+    results = []
+    for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = OPTIMIZERS[optimizer](model.parameters())
+        scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=3)
+        x = torch.randn(2, 4)
+        seen = []
+        for it in range(4):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(model(x).sum()).backward()
+            assert scaler._found_inf_per_device(opt) == {}  # nothing recorded before unscale_
+            scaler.unscale_(opt)
+            flags = scaler._found_inf_per_device(opt)
+            assert list(flags) == [torch.device("cpu")]
+            seen.append(float(sum(flags.values())))
+            if it == 1:
+                for flag in flags.values():
+                    flag.fill_(1.0)  # what MAX-reducing with an overflowing rank does
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()] + [scaler.get_scale(), seen])
+    for x, y in zip(*results):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x == y
+    assert results[1][-2] == 2.0**9  # the in-place flag backed the scale off (no growth within 3 steps)

@@ -159,6 +159,10 @@ class GradScaler {
   void mark_stepped(int64_t key);
   /// Replaces every recorded flag of the optimizer with `found_inf` (e.g. after an all-reduce).
   void set_found_inf(int64_t key, const at::Tensor& found_inf);
+  /// The optimizer's flags recorded this iteration, by device string (empty before its unscale or check):
+  /// the tensors themselves, so a change made in place (an all-reduce) is what step() and update() read,
+  /// as with torch's `_found_inf_per_device`.
+  std::map<std::string, at::Tensor> found_inf_per_device(int64_t key) const;
   /// The scale tensor (one element, float32, on the scale's device), created on first use.
   at::Tensor scale_tensor();
   at::Tensor growth_tracker_tensor();
