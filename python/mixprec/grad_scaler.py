@@ -25,10 +25,11 @@ Differences from torch, all opt-in or strictly more permissive:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +58,28 @@ class OverflowReport:
 
     def __str__(self) -> str:
         return self.text
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# Where torch's scaler asserts its call order it raises AssertionError, and training loops catch that type
+# (e.g. to skip a batch that produced no gradients); the C++ checks with the same messages raise RuntimeError.
+_TORCH_ASSERTIONS = ("No inf checks were recorded", "but the scale is not set")
+
+
+def _torch_assertion_types(method: _F) -> _F:
+    """Re-raise the C++ call-order errors that torch's scaler raises as AssertionError with that type."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except RuntimeError as e:
+            if any(needle in str(e) for needle in _TORCH_ASSERTIONS):
+                raise AssertionError(str(e)) from e
+            raise
+
+    return wrapped  # type: ignore[return-value]
 
 
 class GradScaler:
@@ -169,6 +192,7 @@ class GradScaler:
         if not self._impl.unscale_params_(key, self._params(optimizer)):
             self._impl.unscale_grads_(key, self._grads(optimizer))
 
+    @_torch_assertion_types
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (one pass per device)."""
         if not self._enabled:
@@ -189,6 +213,7 @@ class GradScaler:
             self._unscale(key, optimizer)
         return self._impl.found_inf(key)
 
+    @_torch_assertion_types
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Step the optimizer unless its gradients overflowed, as ``torch.amp.GradScaler.step`` does.
 
@@ -241,6 +266,7 @@ class GradScaler:
             del optimizer.grad_scale  # type: ignore[attr-defined]
             del optimizer.found_inf  # type: ignore[attr-defined]
 
+    @_torch_assertion_types
     def update(self, new_scale: Optional[Union[float, Tensor]] = None) -> None:
         """Move the scale from this iteration's overflow flags (on device), or set it to ``new_scale``."""
         if not self._enabled:

@@ -369,3 +369,32 @@ def test_flags_changed_in_place_after_unscale_decide_the_step(optimizer: str) ->
         else:
             assert x == y
     assert results[1][-2] == 2.0**9  # the in-place flag backed the scale off (no growth within 3 steps)
+
+
+def test_call_order_errors_have_torchs_types() -> None:
+    """Where torch's scaler asserts its call order (AssertionError), ours raises the same type: loops catch it."""
+
+    def scenarios(scaler_cls: type) -> list[str]:
+        out = []
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for call in ("step", "unscale_", "update"):
+            fresh = scaler_cls("cpu")
+            try:
+                getattr(fresh, call)(*([] if call == "update" else [opt]))
+                out.append(f"{call}: ok")
+            except Exception as e:  # noqa: BLE001 - the type is what is compared
+                out.append(f"{call}: {type(e).__name__}")
+        scaler = scaler_cls("cpu")
+        scaler.scale(torch.ones(1))
+        try:
+            scaler.step(opt)  # no gradients: no inf checks for a plain optimizer
+            out.append("no grads: ok")
+        except Exception as e:  # noqa: BLE001
+            out.append(f"no grads: {type(e).__name__}")
+        return out
+
+    theirs, ours = scenarios(torch.amp.GradScaler), scenarios(mixprec.GradScaler)
+    assert ours == theirs
+    assert theirs == ["step: AssertionError", "unscale_: AssertionError", "update: AssertionError",
+                      "no grads: AssertionError"]
