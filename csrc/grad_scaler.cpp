@@ -485,24 +485,32 @@ void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
   if (!options_.enabled()) return;
   TORCH_CHECK(!state.empty(),
               "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler.");
-  auto number = [&](const char* key) { return state.at(key); };
-  options_.init_scale(number("scale"));
-  options_.growth_factor(number("growth_factor"));
-  options_.backoff_factor(number("backoff_factor"));
-  options_.growth_interval(static_cast<int64_t>(number("growth_interval")));
-  init_growth_tracker_ = number("_growth_tracker");
+  auto number = [&](const char* key) {
+    TORCH_CHECK(state.contains(key), "mixprec::GradScaler::load_state_dict: the state dict has no '", key, "'");
+    return state.at(key);
+  };
+  // Everything is read and checked into a copy first: a bad state dict leaves the scaler as it was.
+  GradScalerOptions next = options_;
+  next.init_scale(number("scale"));
+  next.growth_factor(number("growth_factor"));
+  next.backoff_factor(number("backoff_factor"));
+  next.growth_interval(static_cast<int64_t>(number("growth_interval")));
+  const double growth_tracker = number("_growth_tracker");
   // mixprec's own keys; a torch.amp.GradScaler state dict has none of them.
-  if (state.contains("hysteresis")) options_.hysteresis(static_cast<int64_t>(number("hysteresis")));
-  init_hysteresis_tracker_ =
-      state.contains("_hysteresis_tracker") ? static_cast<int64_t>(number("_hysteresis_tracker")) : options_.hysteresis();
-  if (state.contains("consecutive_hysteresis")) options_.consecutive_hysteresis(number("consecutive_hysteresis") != 0);
-  if (state.contains("min_scale")) options_.min_scale(number("min_scale"));
+  if (state.contains("hysteresis")) next.hysteresis(static_cast<int64_t>(number("hysteresis")));
+  const int64_t hysteresis_tracker =
+      state.contains("_hysteresis_tracker") ? static_cast<int64_t>(number("_hysteresis_tracker")) : next.hysteresis();
+  if (state.contains("consecutive_hysteresis")) next.consecutive_hysteresis(number("consecutive_hysteresis") != 0);
+  if (state.contains("min_scale")) next.min_scale(number("min_scale"));
   if (state.contains("max_scale")) {
     const double v = number("max_scale");
-    options_.max_scale(std::isinf(v) ? std::nullopt : std::optional<double>(v));
+    next.max_scale(std::isinf(v) ? std::nullopt : std::optional<double>(v));
   }
-  if (state.contains("dynamic")) options_.dynamic(number("dynamic") != 0);
-  check_options(options_);
+  if (state.contains("dynamic")) next.dynamic(number("dynamic") != 0);
+  check_options(next);
+  options_ = next;
+  init_growth_tracker_ = growth_tracker;
+  init_hysteresis_tracker_ = hysteresis_tracker;
   if (scale_.defined()) {
     scale_.fill_(options_.init_scale());
     growth_tracker_.fill_(init_growth_tracker_);

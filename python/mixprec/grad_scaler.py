@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
@@ -382,12 +383,15 @@ class GradScaler:
             raise RuntimeError(
                 "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler."
             )
+        for key in ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"):
+            if key not in state_dict:
+                raise KeyError(key)  # torch's loader reads these five by key
         numeric = {}
         for key, value in state_dict.items():
-            if key == "max_scale":
-                numeric[key] = math.inf if value is None else float(value)
-            elif isinstance(value, (bool, int, float)):
-                numeric[key] = float(value)
+            if key == "max_scale" and value is None:
+                numeric[key] = math.inf
+            elif isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.numel() == 1):
+                numeric[key] = float(value)  # numbers of any kind (NumPy's too) and one-element tensors
         self._impl.load_state_dict(numeric)
 
     # -- pickling and copying (torch.amp.GradScaler pickles between iterations) ------------------------------

@@ -398,3 +398,24 @@ def test_call_order_errors_have_torchs_types() -> None:
     assert ours == theirs
     assert theirs == ["step: AssertionError", "unscale_: AssertionError", "update: AssertionError",
                       "no grads: AssertionError"]
+
+
+def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> None:
+    """Numbers of any kind (NumPy's, one-element tensors) load as with torch; a missing key is a KeyError as
+    there; a value our checks refuse leaves the scaler exactly as it was."""
+    import numpy as np
+
+    loose = {"scale": torch.tensor(8.0), "growth_factor": np.float64(3.0), "backoff_factor": 0.25,
+             "growth_interval": np.int64(10), "_growth_tracker": torch.tensor(3)}
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        scaler = cls("cpu")
+        scaler.load_state_dict(dict(loose))
+        assert (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
+                scaler.get_growth_interval(), scaler._get_growth_tracker()) == (8.0, 3.0, 0.25, 10, 3)
+        with pytest.raises(KeyError, match="growth_factor"):
+            cls("cpu").load_state_dict({k: v for k, v in loose.items() if k != "growth_factor"})
+    scaler = mixprec.GradScaler("cpu", init_scale=64.0, growth_interval=7)
+    before = scaler.state_dict()
+    with pytest.raises(RuntimeError, match="growth"):
+        scaler.load_state_dict({**before, "scale": 2.0, "growth_factor": 0.5})
+    assert scaler.state_dict() == before
