@@ -26,6 +26,7 @@ Differences from torch, all opt-in or strictly more permissive:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -81,6 +82,14 @@ def _torch_assertion_types(method: _F) -> _F:
             raise
 
     return wrapped  # type: ignore[return-value]
+
+
+def _takes_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` has a ``grad_scaler`` parameter (torch's older protocol), as torch asks."""
+    try:
+        return "grad_scaler" in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 class GradScaler:
@@ -208,6 +217,17 @@ class GradScaler:
             return {}
         return {torch.device(d): t for d, t in self._impl.found_inf_per_device(id(optimizer)).items()}
 
+    def _get_scale_async(self) -> Optional[Tensor]:
+        """torch's accessor of the scale tensor (no host sync); ``None`` when disabled."""
+        return self._scale if self._enabled else None
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
+        """torch's read-only check of an optimizer's gradients (not unscaled): records and returns its flags."""
+        if not self._enabled:
+            return {}
+        self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
+        return self._found_inf_per_device(optimizer)
+
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
         if not self._impl.is_unscaled(key):
@@ -233,7 +253,15 @@ class GradScaler:
         key = id(optimizer)
         self._impl.check_not_stepped(key)
         retval = None
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and _takes_grad_scaler(optimizer):
+            # torch's older protocol (apex, timm): the optimizer gets the scaler and unscales and checks itself
+            # through _get_scale_async / _check_inf_per_device.
+            warnings.warn(
+                "GradScaler is going to stop passing itself as a keyword argument to the passed optimizer. In the "
+                "near future GradScaler registers `grad_scale: Tensor` and `found_inf: Tensor` to the passed "
+                "optimizer and let the optimizer use them directly.", FutureWarning, stacklevel=2)
+            retval = optimizer.step(*args, **{**kwargs, "grad_scaler": self})
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
             unscaled = self._impl.is_unscaled(key)
             handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
                                                                                 self._params(optimizer))

@@ -419,3 +419,46 @@ def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> Non
     with pytest.raises(RuntimeError, match="growth"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_factor": 0.5})
     assert scaler.state_dict() == before
+
+
+class _LegacyScalingSGD(torch.optim.SGD):
+    """An optimizer of torch's older protocol (apex, timm): it takes the scaler as `grad_scaler` and checks and
+    unscales itself through the scaler's private accessors."""
+
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None):  # type: ignore[override]
+        if grad_scaler is not None:
+            if sum(v.item() for v in grad_scaler._check_inf_per_device(self).values()):
+                return "skipped"
+            inv = 1.0 / grad_scaler._get_scale_async()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+        super().step(closure)
+        return "stepped"
+
+
+def test_the_older_grad_scaler_keyword_protocol() -> None:
+    """An optimizer whose step takes `grad_scaler` receives the scaler (with torch's FutureWarning) and does the
+    rest itself: the same parameters, returns, scale and warnings as with torch's scaler, overflow included."""
+    results = []
+    for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = _LegacyScalingSGD(model.parameters(), lr=0.1)
+        scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=2)
+        x = torch.randn(2, 4)
+        returns = []
+        for it in range(4):
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).sum() * (math.inf if it == 1 else 1.0)
+            scaler.scale(loss).backward()
+            with pytest.warns(FutureWarning, match="stop passing itself"):
+                returns.append(scaler.step(opt))
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()] + [scaler.get_scale(), returns])
+    for x, y in zip(*results):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert results[1][-1] == ["stepped", "skipped", "stepped", "stepped"]
