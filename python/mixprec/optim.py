@@ -185,7 +185,8 @@ class _MixprecAdam(torch.optim.Optimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        betas = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
+        # Kept as given (tensors too, as torch keeps them: a later in-place change applies); read every step.
+        beta_values = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
         if differentiable:
             raise ValueError("differentiable=True is not supported: mixprec's fused step runs outside autograd; use "
                              "torch.optim with differentiable=True to differentiate through the update")
@@ -194,7 +195,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         # The core must exist before torch's __init__ assigns self.state (see __setattr__).
         self.__dict__["_tracker"] = _Tracker()
         self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
-        self._core.check_options(0.0 if isinstance(lr, Tensor) else float(lr), betas[0], betas[1], float(eps),
+        self._core.check_options(0.0 if isinstance(lr, Tensor) else float(lr), *beta_values, float(eps),
                                  float(weight_decay), master_weights, moment_dtype, rounding, seed)
         defaults = dict(
             lr=lr,
@@ -270,20 +271,32 @@ class _MixprecAdam(torch.optim.Optimizer):
         round fp32 masters and moments of a bf16 model to bf16; here they come back exactly as saved.
         A ``torch.optim.Adam``/``AdamW`` state dict loads as well: missing masters are taken from the
         parameters at the next step."""
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        originals = {pid: dict(state_dict["state"][pid]) for pid in saved_ids if pid in state_dict["state"]}
         groups = []
         for g in state_dict["param_groups"]:
             merged = {**{k: v for k, v in self.defaults.items()}, **g}  # torch dicts lack our keys
             groups.append(merged)
-        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid not in originals:
-                continue
-            for key, value in originals[pid].items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device).clone()
+        saved: dict[str, Any] = {}
+
+        def capture(_: Any, sd: dict[str, Any]) -> None:
+            # Appended: runs after the user's pre-hooks, on the state dict they produced.
+            saved["ids"] = [pid for g in sd["param_groups"] for pid in g["params"]]
+            saved["state"] = {pid: dict(sd["state"][pid]) for pid in saved["ids"] if pid in sd["state"]}
+
+        def restore(_: Any) -> None:
+            # Prepended: the user's post-hooks see the state as saved, not torch's casts of it.
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved["ids"], params):
+                for key, value in saved["state"].get(pid, {}).items():
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = value.to(device=p.device).clone()
+
+        pre = self.register_load_state_dict_pre_hook(capture)
+        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        finally:
+            pre.remove()
+            post.remove()
 
     # -- the core and the state it shares -------------------------------------------------------------------
 
@@ -291,6 +304,13 @@ class _MixprecAdam(torch.optim.Optimizer):
         """Hand every parameter's state in ``optimizer.state`` to the core (after it was edited from outside)."""
         params = [p for g in self.param_groups for p in g["params"]]
         rows = [dict.get(self.state, p) or {} for p in params]
+        for st in rows:
+            for key in _CORE_KEYS:
+                value = st.get(key)
+                if value is not None and not isinstance(value, Tensor):
+                    # A number (a step count from an old checkpoint, or set by hand) becomes the very tensor the
+                    # core advances, so optimizer.state and the next state_dict() follow the steps.
+                    dict.__setitem__(st, key, _as_tensor(value))
         self._core.set_states(params, *([_as_tensor(st.get(key)) for st in rows] for key in _CORE_KEYS))
         self._tracker.dirty = False
 
@@ -399,7 +419,16 @@ class AdamW(_MixprecAdam):
     def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("decoupled_weight_decay", True) is not True:
+            raise TypeError("AdamW's weight decay is always decoupled (use Adam for L2 weight decay); "
+                            "decoupled_weight_decay=False is not an AdamW option")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's AdamW: whatever state is loaded (e.g. a torch.optim.Adam state dict), AdamW stays AdamW."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
 
 class Adam(_MixprecAdam):

@@ -843,3 +843,92 @@ def test_a_failed_step_leaves_optimizer_state_and_core_in_agreement() -> None:
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+# ---- torch.optim's contract in the corners (found by comparing with torch) -----------------------------------
+
+
+def _paired(cls_name: str, **kwargs) -> tuple[list, list, torch.optim.Optimizer, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in SHAPES]
+    ours_p = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_p = [torch.nn.Parameter(t.clone()) for t in init]
+    return (ours_p, ref_p, getattr(mixprec.optim, cls_name)(ours_p, **kwargs),
+            getattr(torch.optim, cls_name)(ref_p, foreach=False, **kwargs))
+
+
+def _step_both(ours_p, ref_p, ours, ref, step: int) -> None:
+    for ps in (ours_p, ref_p):
+        for p, g in zip(ps, grads_for(step, SHAPES, "cpu")):
+            p.grad = g
+    ours.step()
+    ref.step()
+
+
+def test_tensor_betas_are_kept_and_follow_in_place_changes() -> None:
+    b_ours, b_ref = (torch.tensor(0.9), torch.tensor(0.999)), (torch.tensor(0.9), torch.tensor(0.999))
+    ours_p, ref_p, ours, ref = _paired("AdamW", lr=1e-2)
+    ours.param_groups[0]["betas"], ref.param_groups[0]["betas"] = b_ours, b_ref
+    ours_t = mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(2))], betas=b_ours)
+    assert ours_t.param_groups[0]["betas"][0] is b_ours[0]  # the very tensor, as torch keeps it
+    for step in range(6):
+        if step == 3:
+            b_ours[0].fill_(0.5)
+            b_ref[0].fill_(0.5)
+        _step_both(ours_p, ref_p, ours, ref, step)
+    for a, b in zip(ours_p, ref_p):
+        assert_close_to_torch(a.detach(), b.detach())
+
+
+def test_a_number_step_in_a_loaded_state_dict_advances() -> None:
+    """Old checkpoints hold step counts as numbers: the loaded count advances with the steps, as torch's does."""
+    ours_p, ref_p, ours, ref = _paired("AdamW", lr=1e-2)
+    for step in range(3):
+        _step_both(ours_p, ref_p, ours, ref, step)
+    for opt in (ours, ref):
+        sd = copy.deepcopy(opt.state_dict())
+        for st in sd["state"].values():
+            st["step"] = 3  # a plain number, as torch < 1.12 saved it
+        opt.load_state_dict(sd)
+    for step in range(3, 5):
+        _step_both(ours_p, ref_p, ours, ref, step)
+    for a, b in zip(ours_p, ref_p):
+        assert float(ours.state[a]["step"]) == float(ref.state[b]["step"]) == 5.0
+        assert float(ours.state_dict()["state"][0]["step"]) == 5.0
+        assert_close_to_torch(a.detach(), b.detach())
+
+
+def test_adamw_stays_decoupled_whatever_it_loads() -> None:
+    """As torch's AdamW: a torch.optim.Adam state dict loads into AdamW without turning it into L2 Adam, and
+    decoupled_weight_decay=False is not an AdamW option."""
+    ours_p, ref_p, ours, ref = _paired("AdamW", lr=1e-2, weight_decay=0.1)
+    adam_sd = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in ours_p], lr=1e-2,
+                               weight_decay=0.1).state_dict()
+    ours.load_state_dict(copy.deepcopy(adam_sd))
+    ref.load_state_dict(copy.deepcopy(adam_sd))
+    assert ours.param_groups[0]["decoupled_weight_decay"] is True
+    for step in range(3):
+        _step_both(ours_p, ref_p, ours, ref, step)
+    for a, b in zip(ours_p, ref_p):
+        assert_close_to_torch(a.detach(), b.detach())
+    with pytest.raises(TypeError, match="always decoupled"):
+        mixprec.optim.AdamW(ours_p, decoupled_weight_decay=False)
+
+
+def test_load_state_dict_hooks_see_and_shape_the_state_as_with_torch() -> None:
+    """A load pre-hook's changes to state tensors stay; post-hooks see the state the optimizer keeps."""
+    seen = {}
+    for name in ("ours", "torch"):
+        ours_p, ref_p, ours, ref = _paired("AdamW", lr=1e-2)
+        _step_both(ours_p, ref_p, ours, ref, 0)
+        opt = ours if name == "ours" else ref
+        sd = copy.deepcopy(opt.state_dict())
+        opt.register_load_state_dict_pre_hook(
+            lambda o, d: {**d, "state": {k: {**v, "exp_avg": v["exp_avg"] * 0} for k, v in d["state"].items()}})
+        post = []
+        opt.register_load_state_dict_post_hook(lambda o: post.append(float(sum(s["exp_avg"].abs().sum()
+                                                                                for s in o.state.values()))))
+        opt.load_state_dict(sd)
+        kept = float(sum(s["exp_avg"].abs().sum() for s in opt.state.values()))
+        seen[name] = (post, kept)
+    assert seen["ours"] == seen["torch"] == ([0.0], 0.0)
