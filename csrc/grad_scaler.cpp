@@ -489,17 +489,23 @@ void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
     TORCH_CHECK(state.contains(key), "mixprec::GradScaler::load_state_dict: the state dict has no '", key, "'");
     return state.at(key);
   };
+  // Integer fields: a whole number in int64's range before the cast (a NaN or inf would be undefined).
+  auto integer = [&](const char* key) {
+    const double v = number(key);
+    TORCH_CHECK(std::isfinite(v) && v == std::trunc(v) && std::abs(v) < 9.0e18,
+                "mixprec::GradScaler::load_state_dict: '", key, "' must be a whole number, got ", v);
+    return static_cast<int64_t>(v);
+  };
   // Everything is read and checked into a copy first: a bad state dict leaves the scaler as it was.
   GradScalerOptions next = options_;
   next.init_scale(number("scale"));
   next.growth_factor(number("growth_factor"));
   next.backoff_factor(number("backoff_factor"));
-  next.growth_interval(static_cast<int64_t>(number("growth_interval")));
-  const double growth_tracker = number("_growth_tracker");
+  next.growth_interval(integer("growth_interval"));
+  const double growth_tracker = static_cast<double>(integer("_growth_tracker"));
   // mixprec's own keys; a torch.amp.GradScaler state dict has none of them.
-  if (state.contains("hysteresis")) next.hysteresis(static_cast<int64_t>(number("hysteresis")));
-  const int64_t hysteresis_tracker =
-      state.contains("_hysteresis_tracker") ? static_cast<int64_t>(number("_hysteresis_tracker")) : next.hysteresis();
+  if (state.contains("hysteresis")) next.hysteresis(integer("hysteresis"));
+  const int64_t hysteresis_tracker = state.contains("_hysteresis_tracker") ? integer("_hysteresis_tracker") : next.hysteresis();
   if (state.contains("consecutive_hysteresis")) next.consecutive_hysteresis(number("consecutive_hysteresis") != 0);
   if (state.contains("min_scale")) next.min_scale(number("min_scale"));
   if (state.contains("max_scale")) {
@@ -588,6 +594,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              return std::make_tuple(r.grad_scale, r.found_inf);
            })
       .def("in_iteration", [](const Self& s) { return s->impl.in_iteration(); })
+      .def("has_scale", [](const Self& s) { return s->impl.has_scale(); })
       .def("get_growth_factor", [](const Self& s) { return s->impl.options().growth_factor(); })
       .def("get_backoff_factor", [](const Self& s) { return s->impl.options().backoff_factor(); })
       .def("get_growth_interval", [](const Self& s) { return s->impl.options().growth_interval(); })

@@ -218,8 +218,9 @@ class GradScaler:
         return {torch.device(d): t for d, t in self._impl.found_inf_per_device(id(optimizer)).items()}
 
     def _get_scale_async(self) -> Optional[Tensor]:
-        """torch's accessor of the scale tensor (no host sync); ``None`` when disabled."""
-        return self._scale if self._enabled else None
+        """torch's accessor of the scale tensor (no host sync); ``None`` when disabled or before the first
+        ``scale()``, as in torch."""
+        return self._scale if self._enabled and self._impl.has_scale() else None
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """torch's read-only check of an optimizer's gradients (not unscaled): records and returns its flags."""
@@ -259,7 +260,7 @@ class GradScaler:
             warnings.warn(
                 "GradScaler is going to stop passing itself as a keyword argument to the passed optimizer. In the "
                 "near future GradScaler registers `grad_scale: Tensor` and `found_inf: Tensor` to the passed "
-                "optimizer and let the optimizer use them directly.", FutureWarning, stacklevel=2)
+                "optimizer and let the optimizer use them directly.", FutureWarning, stacklevel=3)  # step's wrapper
             retval = optimizer.step(*args, **{**kwargs, "grad_scaler": self})
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
             unscaled = self._impl.is_unscaled(key)

@@ -556,7 +556,8 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
             v = [torch.zeros_like(t, dtype=torch.float32) for t in p]
             w = {"none": [], "fp32": [t.float() for t in p], "remainder": [torch.zeros_like(t, dtype=torch.int16) for t in p]}[mode]
             s = [torch.zeros(()) for _ in p]
-            vmax = [torch.full_like(t, 0.5) for t in v] if amsgrad else None  # above v at first: both lanes taken
+            # Random maxima in v's range: some lanes keep theirs, some take the new second moment.
+            vmax = [torch.rand(t.shape, generator=torch.Generator().manual_seed(9)) * 0.02 for t in v] if amsgrad else None
             for _ in range(3):
                 mixprec.ops.adam_step_(p, g, m, v, w, s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
                                        master_mode=mode, rounding=rounding, seed=3, grad_scale=torch.full((1,), 2.0),
@@ -932,3 +933,14 @@ def test_load_state_dict_hooks_see_and_shape_the_state_as_with_torch() -> None:
         kept = float(sum(s["exp_avg"].abs().sum() for s in opt.state.values()))
         seen[name] = (post, kept)
     assert seen["ours"] == seen["torch"] == ([0.0], 0.0)
+
+
+def test_amsgrad_maximum_follows_torch_maximum_with_nan() -> None:
+    """torch.maximum's rule: a NaN second moment, or a NaN running maximum, makes the maximum NaN."""
+    p, g, m, v, s_ = [torch.ones(4)], [torch.tensor([1.0, float("nan"), 1.0, 1.0])], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(())]
+    vmax = [torch.tensor([0.5, 0.0, float("nan"), 0.0])]
+    ops.adam_step_(p, g, m, v, [], s_, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                   max_exp_avg_sqs=vmax)
+    expected = torch.maximum(torch.tensor([0.5, 0.0, float("nan"), 0.0]), v[0])
+    torch.testing.assert_close(vmax[0], expected, rtol=0, atol=0, equal_nan=True)
+    assert vmax[0][0] == 0.5 and vmax[0][3] == v[0][3] and vmax[0][1].isnan() and vmax[0][2].isnan()

@@ -157,6 +157,22 @@ def test_quantize_cpu_capabilities_agree_bitwise(tmp_path) -> None:
     assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 64)
 
 
+def test_stochastic_amax_counts_elements_before_a_philox_group() -> None:
+    """A parallel piece may start off an 8-element Philox group (100002 elements on 2 threads: the second
+    starts at 50001); its first elements run the scalar rule, and their magnitudes count in the amax."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for at in (50002, 50003, 50007):
+            x = torch.full((100002,), 0.5)
+            x[at] = -300.0
+            for rounding in ("nearest", "stochastic"):
+                q = fp8.quantize(x, torch.tensor([1.0]), torch.float8_e4m3fn, rounding=rounding, seed=1)
+                assert q.amax.item() == 300.0, (at, rounding)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FP8)
 @pytest.mark.parametrize("src_dtype", FLOAT_DTYPES)

@@ -418,7 +418,17 @@ def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> Non
     before = scaler.state_dict()
     with pytest.raises(RuntimeError, match="growth"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_factor": 0.5})
+    with pytest.raises(RuntimeError, match="'growth_interval' must be a whole number"):
+        scaler.load_state_dict({**before, "scale": 2.0, "growth_interval": math.nan})
     assert scaler.state_dict() == before
+
+
+def test_get_scale_async_is_none_until_the_first_scale() -> None:
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        scaler = cls("cpu", init_scale=8.0)
+        assert scaler._get_scale_async() is None
+        scaler.scale(torch.ones(1))
+        assert float(scaler._get_scale_async()) == 8.0
 
 
 class _LegacyScalingSGD(torch.optim.SGD):

@@ -151,6 +151,8 @@ class GradScaler {
   ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params = {});
   /// Whether a step() or unscale_() happened since the last update() (torch refuses to pickle then).
   bool in_iteration() const { return !per_optimizer_.empty(); }
+  /// Whether the scale tensor exists yet (scale() or a tensor getter creates it).
+  bool has_scale() const { return scale_.defined(); }
   /// Whether the optimizer's gradients have been unscaled since the last update().
   bool is_unscaled(int64_t key) const;
   /// Fails if the optimizer already stepped since the last update().

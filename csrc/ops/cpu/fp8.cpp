@@ -24,7 +24,7 @@
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kFp8Grain = 1 << 16;  // a multiple of 8: parallel pieces start on Philox groups
+constexpr int64_t kFp8Grain = 1 << 16;  // elements per parallel piece at least (pieces may start anywhere)
 
 /// Quantizes elements [begin, end) of `src` with `scale`; returns the max of their magnitude bits. Either
 /// rounding runs the capability's kernel (fp8_kernel.cpp); element i draws by its index in the whole tensor.

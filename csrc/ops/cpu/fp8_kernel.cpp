@@ -177,7 +177,7 @@ uint32_t stochastic_typed(const Src* p, uint8_t* d, int64_t n, float scale, fp8:
         store_stochastic(a * s, draws[0], lanes, nearest, d + k);
         store_stochastic(b * s, draws[1], lanes, nearest, d + k + FVec::size());
       });
-      m = horizontal_max(acc);
+      m = std::max(m, horizontal_max(acc));  // the scalar head counted already
     }
   }
 #endif
