@@ -142,8 +142,7 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, step);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
-  c10::IValue vmax;
-  if (archive.try_read("max_exp_avg_sq", vmax) && vmax.isTensor()) max_exp_avg_sq(vmax.toTensor());  // newer key
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, max_exp_avg_sq);  // absent in older checkpoints: stays undefined
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, master);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, remainder);
 }
