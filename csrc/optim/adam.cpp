@@ -7,6 +7,7 @@
 #include <torch/serialize/archive.h>
 
 #include <unordered_map>
+#include <unordered_set>
 
 #include "mixprec/ops.h"
 
@@ -37,6 +38,8 @@ void AdamCore::check_options(const AdamOptions& o) {
 }
 
 std::string AdamCore::master_mode(const torch::Tensor& p, const std::string& choice) {
+  // A float64 parameter is its own master whatever the choice: torch's float64 arithmetic, moments and all.
+  if (p.scalar_type() == at::kDouble && choice != "remainder") return "float64";
   if (choice == "auto") return is_low_precision(p.scalar_type()) ? "fp32" : "none";
   TORCH_CHECK_VALUE(choice != "remainder" || p.scalar_type() == at::kBFloat16,
                     "master_weights='remainder' needs bfloat16 parameters, got ", p.scalar_type());
@@ -186,6 +189,44 @@ const torch::Tensor& grad_of(at::TensorList params, const AdamCore::StepInputs& 
   return params[i].grad();
 }
 
+void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::Tensor>& m,
+                  const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& vmax_list,
+                  const std::vector<torch::Tensor>& s, at::TensorList grads, const AdamOptions& options, bool decoupled,
+                  const ops::AdamStepExtras& extras) {
+  // mixprec's kernels compute in fp32, which float64 users do not want: these rows take torch's own fused
+  // float64 step, driven as torch.optim drives it (count the step first, take a skipped one back after).
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].scalar_type() == at::kDouble, "mixprec's Adam: the gradient of a float64 parameter ",
+                      "must be float64, got ", grads[i].scalar_type());
+    TORCH_CHECK_VALUE(grads[i].sizes() == p[i].sizes() && grads[i].device() == p[i].device(),
+                      "mixprec's Adam: a float64 parameter's gradient must match its shape and device, got ",
+                      grads[i].sizes(), " on ", grads[i].device(), " for ", p[i].sizes(), " on ", p[i].device());
+  }
+  at::_foreach_add_(s, 1);
+  const auto [beta1, beta2] = options.betas();
+  const std::vector<torch::Tensor> vmax = options.amsgrad() ? vmax_list : std::vector<torch::Tensor>{};
+  // The overloads differ in lr (a number, or a tensor read on the device).
+  const auto run = [&](const auto& lr) {
+    const auto call = [&](const auto& op) {
+      op(p, grads, m, v, vmax, s, lr, beta1, beta2, options.weight_decay(), options.eps(),
+         options.amsgrad(), options.maximize(), extras.grad_scale, extras.found_inf);
+    };
+    if (decoupled) {
+      call([](auto&&... a) { at::_fused_adamw_(std::forward<decltype(a)>(a)...); });
+    } else {
+      call([](auto&&... a) { at::_fused_adam_(std::forward<decltype(a)>(a)...); });
+    }
+  };
+  if (extras.lr_tensor.has_value()) {
+    run(extras.lr_tensor->reshape({}));
+  } else {
+    run(options.lr());
+  }
+  if (extras.found_inf.has_value()) {
+    at::_foreach_sub_(s, std::vector<torch::Tensor>(s.size(), extras.found_inf->reshape({})));
+  }
+}
+
 }  // namespace
 
 bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options,
@@ -229,6 +270,17 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
   plan.rows.reserve(params.size());
   grads.clear();
   std::vector<int64_t> changed;
+  // Checked before any state is created, so a refused group leaves none behind.
+  std::unordered_set<const c10::TensorImpl*> seen;
+  seen.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    // torch only warns about a group that lists a parameter twice (and updates it twice); one fused pass cannot
+    // update a tensor twice, so say which entry repeats instead of failing inside the kernel's checks.
+    TORCH_CHECK_VALUE(seen.insert(params[i].unsafeGetTensorImpl()).second, "mixprec's Adam: parameter ", i,
+                      " of the param group appears in it more than once; list each parameter once");
+    TORCH_CHECK_VALUE(params[i].is_floating_point(), "mixprec's Adam: parameter ", i, " is ", params[i].scalar_type(),
+                      "; params must be float32, float16, bfloat16 or float64");
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     const torch::Tensor& p = params[i];
     Row row;
@@ -244,7 +296,9 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
                   "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
       const std::string mode = master_mode(local, options.master_weights());
       AdamParamState& st = state_of(p);
-      if (prepare_state(local, st, mode, options.moment_dtype(), options.amsgrad())) {
+      // float64 params keep float64 moments, as torch's: fp32 moments would throw their precision away.
+      const c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
+      if (prepare_state(local, st, mode, moments, options.amsgrad())) {
         changed.push_back(static_cast<int64_t>(i));
       }
       size_t b = 0;
@@ -319,6 +373,10 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     }
     extras.grad_scale = on(in.grad_scale, bucket.device);
     extras.found_inf = on(in.found_inf, bucket.device);
+    if (bucket.mode == "float64") {
+      step_float64(bucket.p, bucket.m, bucket.v, bucket.vmax, bucket.s, grads[b], options, decoupled, extras);
+      continue;
+    }
     if (plan.amsgrad) extras.max_exp_avg_sqs = bucket.vmax;
     ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,

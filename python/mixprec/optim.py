@@ -159,6 +159,10 @@ def _as_tensor(value: Any) -> Optional[Tensor]:
 
 
 class _MixprecAdam(torch.optim.Optimizer):
+    """The Python front door of the C++ Adam core. The public classes also derive from torch's own class
+    (``isinstance(opt, torch.optim.AdamW)`` holds, as code written for torch checks); nothing of torch's
+    step is used: this class comes first in their MRO and replaces it."""
+
     _decoupled: bool = True
     # mixprec.GradScaler hands found_inf to these optimizers (no host check) whatever `fused` says.
     _mixprec_skips_on_device = True
@@ -217,7 +221,9 @@ class _MixprecAdam(torch.optim.Optimizer):
             seed=seed,
             rng_calls=0,
         )
-        super().__init__(params, defaults)
+        # Optimizer's own __init__, not the torch class's next in the MRO (which would validate and set its own
+        # defaults).
+        torch.optim.Optimizer.__init__(self, params, defaults)
         # As torch's fused optimizers: only with fused=True does the optimizer tell *any* scaler
         # (torch.amp.GradScaler included) that it takes grad_scale / found_inf itself. Frameworks key on this
         # flag (Lightning then refuses gradient clipping, Accelerate cannot see skipped steps), so it stays off
@@ -387,7 +393,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         return loss
 
 
-class AdamW(_MixprecAdam):
+class AdamW(_MixprecAdam, torch.optim.AdamW):
     """AdamW (decoupled weight decay) with master weights, a drop-in for ``torch.optim.AdamW``.
 
     Args:
@@ -405,9 +411,10 @@ class AdamW(_MixprecAdam):
         differentiable: only ``False``: the fused step runs outside autograd.
         master_weights: ``"auto"`` (fp32 masters for fp16/bf16 params, none for fp32 params),
             ``"fp32"``, ``"remainder"`` (bf16 params + int16 remainders: exact fp32 at 4 bytes per
-            parameter) or ``"none"`` (16-bit params updated in place, rounded with ``rounding``).
-        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``; moments never take the
-            parameter's dtype.
+            parameter) or ``"none"`` (16-bit params updated in place, rounded with ``rounding``). float64 params
+            are always their own masters and take torch's float64 step, with float64 moments, as in torch.
+        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``; moments never take a 16-bit
+            parameter's dtype (float64 params keep float64 moments).
         rounding: how 16-bit params are written: ``"nearest"`` or ``"stochastic"`` (unbiased; with
             ``master_weights="none"`` it keeps updates smaller than half an ulp alive).
         seed: key for stochastic rounding; each step draws fresh numbers from (seed, step count), so
@@ -431,7 +438,7 @@ class AdamW(_MixprecAdam):
             group["decoupled_weight_decay"] = True
 
 
-class Adam(_MixprecAdam):
+class Adam(_MixprecAdam, torch.optim.Adam):
     """Adam with master weights, a drop-in for ``torch.optim.Adam``: L2 weight decay added to the gradient,
     or decoupled (AdamW) with ``decoupled_weight_decay=True`` as in torch.
 

@@ -301,3 +301,37 @@ TEST_CASE("the core's cached lists follow state replaced between steps and param
   REQUIRE(state_of(params[2]).step().item<float>() == 2.0f);
   REQUIRE(state_of(params[1]).step().item<float>() == 3.0f);
 }
+
+TEST_CASE("float64 params take a float64 step with float64 moments, as torch::optim::AdamW's", "[optim][float64]") {
+  auto ours = make_params(torch::kDouble);
+  auto theirs = make_params(torch::kDouble);
+  auto opts = mixprec::optim::AdamOptions(1e-2).weight_decay(0.05).amsgrad(true);
+  mixprec::optim::AdamW opt(ours, opts);
+  torch::optim::AdamW ref(theirs, torch::optim::AdamWOptions(1e-2).weight_decay(0.05).amsgrad(true));
+  for (int step = 0; step < 20; ++step) {
+    set_grads(ours, step);
+    set_grads(theirs, step);
+    opt.step();
+    ref.step();
+  }
+  for (size_t i = 0; i < ours.size(); ++i) {
+    REQUIRE(ours[i].scalar_type() == torch::kDouble);
+    // fp32 arithmetic would be ~1e-7 off; the two float64 computations differ only in rounding order.
+    REQUIRE(torch::allclose(ours[i], theirs[i], /*rtol=*/1e-12, /*atol=*/1e-14));
+    auto& st = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(ours[i].unsafeGetTensorImpl()));
+    REQUIRE(st.exp_avg().scalar_type() == torch::kDouble);
+    REQUIRE(st.max_exp_avg_sq().scalar_type() == torch::kDouble);
+    REQUIRE(st.step().item<double>() == 20);
+  }
+}
+
+TEST_CASE("A parameter listed twice in a group is named, and no state is created", "[optim]") {
+  auto p = torch::ones({3}).requires_grad_();
+  auto q = torch::ones({3}).requires_grad_();
+  mixprec::optim::AdamW opt(std::vector<torch::Tensor>{q, p, p}, mixprec::optim::AdamOptions(0.1));
+  p.mutable_grad() = torch::ones({3});
+  q.mutable_grad() = torch::ones({3});
+  REQUIRE_THROWS_WITH(opt.step(), Catch::Contains("parameter 2 of the param group appears in it more than once"));
+  REQUIRE(opt.state().empty());
+  REQUIRE(torch::equal(q, torch::ones({3})));
+}

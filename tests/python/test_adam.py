@@ -419,6 +419,83 @@ def test_torch_keyword_arguments_are_accepted_and_recorded() -> None:
         pytest.approx(0.9), pytest.approx(0.99))
 
 
+def test_is_an_instance_of_torchs_own_class() -> None:
+    """Code written for torch checks isinstance (frameworks pick param-group rules or weight-decay handling by it)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    adamw, adam = mixprec.optim.AdamW([p]), mixprec.optim.Adam([p])
+    # As torch's classes: AdamW derives from Adam, not the other way round.
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(adamw, torch.optim.Adam)
+    assert isinstance(adam, torch.optim.Adam) and not isinstance(adam, torch.optim.AdamW)
+    # Nothing of torch's step runs: ours comes first, and torch's __setstate__ (via copy) keeps the state.
+    assert type(adamw).step is not torch.optim.AdamW.step
+    p.grad = torch.ones(3)
+    adamw.step()
+    clone = copy.deepcopy(adamw)
+    assert clone.param_groups[0]["decoupled_weight_decay"] is True and "master_weights" in clone.param_groups[0]
+
+
+@pytest.mark.parametrize("cls_name", ["AdamW", "Adam"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_float64_params_take_torchs_float64_step(cls_name: str, amsgrad: bool) -> None:
+    """float64 parameters (next to fp32 and bf16 ones in the same group) are stepped in float64 with float64
+    moments, as torch steps them: bit for bit torch's fused step, skipped steps included."""
+    torch.manual_seed(21)
+    ours_cls, torch_cls = getattr(mixprec.optim, cls_name), getattr(torch.optim, cls_name)
+    w64, w32 = torch.randn(37, 5, dtype=torch.float64), torch.randn(11)
+    a64, a32, a16 = (torch.nn.Parameter(w64.clone()), torch.nn.Parameter(w32.clone()),
+                     torch.nn.Parameter(w32.to(torch.bfloat16)))
+    b64 = torch.nn.Parameter(w64.clone())
+    kw = dict(lr=0.02, weight_decay=0.1, amsgrad=amsgrad)
+    ours = ours_cls([a64, a32, a16], **kw)
+    fused = torch_cls([b64], fused=True, **kw)
+    scaler = mixprec.GradScaler("cpu", init_scale=2.0)
+    for i in range(6):
+        g = torch.randn(37, 5, dtype=torch.float64) * (1 + i)
+        if i == 3:
+            g[0, 0] = float("inf")  # a skipped step: nothing moves, the step count included
+        a64.grad, b64.grad = g * 2.0, g.clone()
+        a32.grad, a16.grad = torch.randn(11), torch.randn(11).bfloat16()
+        scaler.scale(torch.ones(()))  # the grads above stand for a backward of a scaled loss
+        scaler.step(ours)
+        scaler.update(2.0)
+        if i != 3:
+            fused.step()
+    assert a64.dtype == torch.float64 and torch.equal(a64, b64)
+    st, ref = ours.state[a64], fused.state[b64]
+    assert set(st) == set(ref)
+    for key, value in st.items():
+        assert value.dtype == ref[key].dtype and torch.equal(value, ref[key]), key
+    assert float(st["step"]) == 5
+    # torch's default (for-each) float64 step agrees to float64 rounding, so the step is float64 arithmetic.
+    c64 = torch.nn.Parameter(w64.clone())
+    plain = torch_cls([c64], **kw)
+    torch.manual_seed(21)
+    torch.randn(37, 5, dtype=torch.float64), torch.randn(11)
+    for i in range(6):
+        g = torch.randn(37, 5, dtype=torch.float64) * (1 + i)
+        torch.randn(11), torch.randn(11)
+        if i != 3:
+            c64.grad = g
+            plain.step()
+    torch.testing.assert_close(a64, c64, rtol=1e-13, atol=1e-15)
+
+
+def test_a_parameter_listed_twice_or_of_an_unsupported_dtype_is_named() -> None:
+    """torch warns about a repeated parameter and updates it twice; one fused pass cannot, so the error names the
+    entry (and the state is left as it was). Complex and integer parameters are refused by name as well."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = mixprec.optim.AdamW([q, p, p], lr=0.1)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    with pytest.raises(ValueError, match="parameter 2 of the param group appears in it more than once"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and torch.equal(q.detach(), torch.ones(3)) and not opt.state
+    c = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    c.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="parameter 0 is ComplexFloat; params must be float32, float16, bfloat16 or"):
+        mixprec.optim.AdamW([c]).step()
+
+
 def test_decoupled_weight_decay_makes_adam_adamw() -> None:
     """torch.optim.Adam(decoupled_weight_decay=True) is AdamW; so is ours."""
     torch.manual_seed(14)

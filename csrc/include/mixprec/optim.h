@@ -95,7 +95,7 @@ class AdamCore {
 
   /// Rejects bad options with a c10::ValueError (ValueError in Python) naming the option.
   static void check_options(const AdamOptions& options);
-  /// "fp32", "remainder" or "none": the master kept for `param` under the choice `master_weights`.
+  /// "fp32", "remainder", "none" or "float64" (a float64 param: torch's own float64 step): the master kept for `param` under the choice `master_weights`.
   static std::string master_mode(const torch::Tensor& param, const std::string& master_weights);
   /// The Philox key of one stochastic-rounding step: splitmix64((seed << 20) ^ rng_calls).
   static int64_t step_seed(int64_t seed, int64_t rng_calls);
