@@ -255,6 +255,42 @@ bool GradScaler::is_unscaled(int64_t key) const {
   return it != per_optimizer_.end() && it->second.stage == Stage::Unscaled;
 }
 
+int64_t GradScaler::stage(int64_t key) const {
+  auto it = per_optimizer_.find(key);
+  return it == per_optimizer_.end() ? 0 : static_cast<int64_t>(it->second.stage);
+}
+
+std::vector<int64_t> GradScaler::optimizer_keys() const {
+  std::vector<int64_t> keys;
+  keys.reserve(per_optimizer_.size());
+  for (const auto& [key, st] : per_optimizer_) keys.push_back(key);
+  return keys;
+}
+
+void GradScaler::set_optimizer_state(int64_t key, int64_t stage,
+                                     const std::map<std::string, at::Tensor>& found_inf_per_device) {
+  TORCH_CHECK_VALUE(stage >= 0 && stage <= 2, "stage must be 0 (ready), 1 (unscaled) or 2 (stepped), got ", stage);
+  for (const auto& [device, flag] : found_inf_per_device) {
+    TORCH_CHECK_VALUE(flag.defined() && flag.numel() == 1 && flag.scalar_type() == at::kFloat,
+                      "found_inf_per_device[", device, "] must be a one-element float32 tensor");
+  }
+  if (stage == 0 && found_inf_per_device.empty()) {
+    per_optimizer_.erase(key);
+    return;
+  }
+  OptimizerState& st = per_optimizer_[key];
+  st.stage = static_cast<Stage>(stage);
+  st.found_inf_per_device = found_inf_per_device;
+}
+
+void GradScaler::forget_optimizer(std::optional<int64_t> key) {
+  if (key.has_value()) {
+    per_optimizer_.erase(*key);
+  } else {
+    per_optimizer_.clear();
+  }
+}
+
 void GradScaler::check_not_stepped(int64_t key) const {
   auto it = per_optimizer_.find(key);
   TORCH_CHECK(it == per_optimizer_.end() || it->second.stage != Stage::Stepped,
@@ -602,6 +638,15 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("set_backoff_factor", [](const Self& s, double v) { s->impl.set_backoff_factor(v); })
       .def("set_growth_interval", [](const Self& s, int64_t v) { s->impl.set_growth_interval(v); })
       .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
+      .def("stage", [](const Self& s, int64_t key) { return s->impl.stage(key); })
+      .def("optimizer_keys", [](const Self& s) { return s->impl.optimizer_keys(); })
+      .def("set_optimizer_state",
+           [](const Self& s, int64_t key, int64_t stage, c10::Dict<std::string, at::Tensor> flags) {
+             std::map<std::string, at::Tensor> found;
+             for (const auto& entry : flags) found.emplace(entry.key(), entry.value());
+             s->impl.set_optimizer_state(key, stage, found);
+           })
+      .def("forget_optimizer", [](const Self& s, std::optional<int64_t> key) { s->impl.forget_optimizer(key); })
       .def("check_not_stepped", [](const Self& s, int64_t key) { s->impl.check_not_stepped(key); })
       .def("mark_stepped", [](const Self& s, int64_t key) { s->impl.mark_stepped(key); })
       .def("set_found_inf", [](const Self& s, int64_t key, const at::Tensor& f) { s->impl.set_found_inf(key, f); })

@@ -30,11 +30,13 @@ import inspect
 import math
 import numbers
 import warnings
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
 from .optim import _local
 
@@ -103,7 +105,129 @@ def _takes_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
         return _function_takes_grad_scaler.__wrapped__(function)
 
 
-class GradScaler:
+class _FoundInfView(MutableMapping):
+    """One optimizer's overflow flags this iteration, keyed by device: the flags the C++ scaler holds (an
+    in-place all-reduce of a value reaches ``step`` and ``update``); adding or removing one edits its record."""
+
+    def __init__(self, impl: Any, key: int) -> None:
+        self._impl, self._key = impl, key
+
+    def _flags(self) -> dict[str, Tensor]:
+        return dict(self._impl.found_inf_per_device(self._key))
+
+    def _store(self, flags: dict[str, Tensor]) -> None:
+        self._impl.set_optimizer_state(self._key, self._impl.stage(self._key), flags)
+
+    def __getitem__(self, device: Any) -> Tensor:
+        return self._flags()[str(torch.device(device))]
+
+    def __setitem__(self, device: Any, flag: Tensor) -> None:
+        self._store({**self._flags(), str(torch.device(device)): flag})
+
+    def __delitem__(self, device: Any) -> None:
+        flags = self._flags()
+        del flags[str(torch.device(device))]
+        self._store(flags)
+
+    def __iter__(self) -> Iterator[torch.device]:
+        return iter([torch.device(d) for d in self._flags()])
+
+    def __len__(self) -> int:
+        return len(self._flags())
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class _OptimizerStateView(MutableMapping):
+    """torch's per-optimizer record ``{"stage": OptState, "found_inf_per_device": {device: flag}}``, read from
+    and written to the C++ scaler (e.g. set back to READY with no flags to run an iteration again)."""
+
+    _KEYS = ("stage", "found_inf_per_device")
+
+    def __init__(self, impl: Any, key: int) -> None:
+        self._impl, self._key = impl, key
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "stage":
+            return OptState(self._impl.stage(self._key))
+        if name == "found_inf_per_device":
+            return _FoundInfView(self._impl, self._key)
+        raise KeyError(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        stage, flags = self._impl.stage(self._key), dict(self._impl.found_inf_per_device(self._key))
+        if name == "stage":
+            stage = OptState(value).value
+        elif name == "found_inf_per_device":
+            flags = {str(torch.device(d)): t for d, t in dict(value).items()}
+        else:
+            raise KeyError(f"a GradScaler's per-optimizer state holds only {self._KEYS}, not {name!r}")
+        self._impl.set_optimizer_state(self._key, stage, flags)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("a GradScaler's per-optimizer state always holds 'stage' and 'found_inf_per_device'")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+    def __repr__(self) -> str:
+        return repr({"stage": self["stage"], "found_inf_per_device": dict(self["found_inf_per_device"])})
+
+
+class _PerOptimizerStates(MutableMapping):
+    """torch's ``GradScaler._per_optimizer_states`` (a defaultdict keyed by ``id(optimizer)``) over the C++
+    records: reading any key gives its live record (READY and empty for an optimizer not seen this
+    iteration); ``pop``, ``del`` and ``clear`` drop records, as resetting torch's dict does."""
+
+    def __init__(self, impl: Any) -> None:
+        self._impl = impl
+
+    def __getitem__(self, key: int) -> _OptimizerStateView:
+        return _OptimizerStateView(self._impl, int(key))
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        value = dict(value)
+        stage = OptState(value.get("stage", OptState.READY)).value
+        flags = {str(torch.device(d)): t for d, t in dict(value.get("found_inf_per_device", {})).items()}
+        self._impl.set_optimizer_state(int(key), stage, flags)
+
+    def __delitem__(self, key: int) -> None:
+        if int(key) not in self._impl.optimizer_keys():
+            raise KeyError(key)
+        self._impl.forget_optimizer(int(key))
+
+    def pop(self, key: int, *default: Any) -> Any:
+        if int(key) not in self._impl.optimizer_keys():
+            if default:
+                return default[0]
+            raise KeyError(key)
+        record = {"stage": OptState(self._impl.stage(int(key))),
+                  "found_inf_per_device": {torch.device(d): t
+                                           for d, t in self._impl.found_inf_per_device(int(key)).items()}}
+        self._impl.forget_optimizer(int(key))
+        return record
+
+    def clear(self) -> None:
+        self._impl.forget_optimizer(None)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and key in self._impl.optimizer_keys()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._impl.optimizer_keys())
+
+    def __len__(self) -> int:
+        return len(self._impl.optimizer_keys())
+
+    def __repr__(self) -> str:
+        return repr({k: self[k] for k in self})
+
+
+class GradScaler(torch.amp.GradScaler):
     """Dynamic loss scaling; same constructor (device first), methods and state dict as ``torch.amp.GradScaler``.
 
     Args:
@@ -117,6 +241,11 @@ class GradScaler:
             step, and ``optimizer.step()`` is not called on an overflow, so frameworks see skipped steps.
         track_overflows: record which parameters' gradients overflowed, for :meth:`last_overflow` (the
             unscale pass takes each gradient's max |g| on the side; a few tiny device ops per step).
+
+    An instance of ``torch.amp.GradScaler`` (isinstance checks written for torch hold), but none of torch's code
+    runs: every method is mixprec's, and the state is the C++ scaler's. torch's private accessors that
+    frameworks use are served from it too: ``_per_optimizer_states``, ``_maybe_opt_step``,
+    ``_unscale_grads_``, ``_check_scale_growth_tracker``, ``_get_scale_async``, ``_found_inf_per_device``.
     """
 
     def __init__(
@@ -239,6 +368,42 @@ class GradScaler:
             return {}
         self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
         return self._found_inf_per_device(optimizer)
+
+    @property
+    def _per_optimizer_states(self) -> _PerOptimizerStates:
+        """torch's per-optimizer records (stage and flags), live over the C++ scaler's."""
+        return _PerOptimizerStates(self._impl)
+
+    def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: Any, *args: Any,
+                        **kwargs: Any) -> Any:
+        """torch's helper: step unless one of the record's flags is set (a host read, as in torch)."""
+        if not sum(v.item() for v in optimizer_state["found_inf_per_device"].values()):
+            return optimizer.step(*args, **kwargs)
+        return None
+
+    def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor,
+                        allow_fp16: bool) -> dict[torch.device, Tensor]:
+        """torch's helper: multiply the optimizer's gradients by ``inv_scale`` and record inf/NaN, one fused
+        pass per device. Returns each device's flag (copies of ``found_inf``, as torch's); records nothing
+        in the scaler."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for grad in self._grads(optimizer):
+            if not allow_fp16 and grad.dtype == torch.float16:
+                raise ValueError("Attempting to unscale FP16 gradients.")
+            by_device.setdefault(grad.device, []).append(grad)
+        flags: dict[torch.device, Tensor] = {}
+        for device, grads in by_device.items():
+            flag = found_inf.to(device, copy=True).reshape(1)
+            torch.ops.mixprec.unscale_and_check_.default(grads, flag, inv_scale.to(device).reshape(1), None)
+            flags[device] = flag.reshape(found_inf.shape)
+        return flags
+
+    def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
+        """torch's helper: the scale and growth tracker tensors, or torch's AssertionError before ``scale()``."""
+        if not self._enabled or not self._impl.has_scale():
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  This may indicate your script did not "
+                                 "use scaler.scale(loss or outputs) earlier in the iteration.")
+        return self._scale, self._growth_tracker
 
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)

@@ -336,3 +336,33 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
     REQUIRE(alone.scales[1] == std::vector<double>{1024, 1024, 512, 512});
   }
 }
+
+TEST_CASE("Per-optimizer records can be read, reset and dropped, as torch's _per_optimizer_states", "[scaler]") {
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(4));
+  auto g = torch::tensor({4.0f, 8.0f});
+  scaler.scale(torch::ones({}));
+  REQUIRE(scaler.stage(7) == 0);
+  REQUIRE(scaler.optimizer_keys().empty());
+  scaler.unscale_grads_(7, {g});
+  REQUIRE(scaler.stage(7) == 1);
+  REQUIRE(scaler.optimizer_keys() == std::vector<int64_t>{7});
+  REQUIRE(torch::equal(g, torch::tensor({1.0f, 2.0f})));
+  // Back to ready with no flags (an iteration run again): the record goes, so the next unscale divides again.
+  scaler.set_optimizer_state(7, 0, {});
+  REQUIRE(scaler.optimizer_keys().empty());
+  REQUIRE_FALSE(scaler.in_iteration());
+  scaler.unscale_grads_(7, {g});
+  REQUIRE(torch::equal(g, torch::tensor({0.25f, 0.5f})));
+  // A flag planted by hand (another rank's overflow) decides the update.
+  scaler.set_optimizer_state(7, 1, {{"cpu", torch::ones({1})}});
+  REQUIRE(scaler.found_inf(7).item<float>() == 1.0f);
+  REQUIRE_THROWS_WITH(scaler.set_optimizer_state(7, 3, {}), Catch::Contains("stage must be 0"));
+  REQUIRE_THROWS_WITH(scaler.set_optimizer_state(7, 1, {{"cpu", torch::ones({2})}}),
+                      Catch::Contains("found_inf_per_device[cpu] must be a one-element float32 tensor"));
+  REQUIRE(scaler.stage(7) == 1);  // a refused edit changes nothing
+  scaler.update();
+  REQUIRE(scaler.get_scale() == 2.0);
+  scaler.unscale_grads_(3, {g});
+  scaler.forget_optimizer();
+  REQUIRE_FALSE(scaler.in_iteration());
+}

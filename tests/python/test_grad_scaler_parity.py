@@ -472,3 +472,98 @@ def test_the_older_grad_scaler_keyword_protocol() -> None:
     for x, y in zip(*results):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
     assert results[1][-1] == ["stepped", "skipped", "stepped", "stepped"]
+
+
+class _ClippingLegacySGD(torch.optim.SGD):
+    """A clipping optimizer of the older protocol as written against torch (timm's AGC wrapper, apex's
+    distributed optimizers): it reads the scaler's per-optimizer record, unscales through the scaler, reads the
+    same record again (now UNSCALED) and lets the scaler decide through `_maybe_opt_step`."""
+
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None):  # type: ignore[override]
+        from torch.amp.grad_scaler import OptState
+
+        if grad_scaler is None:  # _maybe_opt_step's call
+            return super().step(closure)
+        record = grad_scaler._per_optimizer_states[id(self)]
+        assert record["stage"] is OptState.READY
+        grad_scaler.unscale_(self)
+        assert record["stage"] is OptState.UNSCALED and len(record["found_inf_per_device"]) == 1
+        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], 0.5)
+        return grad_scaler._maybe_opt_step(self, record)
+
+
+def _per_optimizer_scenario(scaler_cls: type, edit: str) -> list:
+    from torch.amp.grad_scaler import OptState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = (_ClippingLegacySGD if edit == "legacy" else torch.optim.SGD)(model.parameters(), lr=0.1)
+    scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=2)
+    x = torch.randn(2, 4)
+    out: list = []
+    for it in range(5):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(model(x).sum() * (math.inf if it == 1 else 1.0)).backward()
+        if edit == "legacy":
+            with pytest.warns(FutureWarning):
+                out.append(scaler.step(opt))
+        else:
+            scaler.unscale_(opt)
+            record = scaler._per_optimizer_states[id(opt)]
+            out.append((record["stage"], {d: float(f) for d, f in record["found_inf_per_device"].items()}))
+            if edit == "retry" and it == 1:
+                # Loops that recompute an overflowing micro-batch put the record back to READY and go again.
+                scaler._per_optimizer_states[id(opt)]["stage"] = OptState.READY
+                scaler._per_optimizer_states[id(opt)]["found_inf_per_device"] = {}
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(model(x).sum()).backward()
+            elif edit == "pop":
+                # Phase-wise loops drop the record after clipping; the step unscales (again) on its own.
+                out.append(sorted(scaler._per_optimizer_states.pop(id(opt), {}).keys()))
+                out.append(scaler._per_optimizer_states.pop(id(opt), None))
+            elif edit == "clear" and it == 3:
+                scaler._per_optimizer_states.clear()
+            scaler.step(opt)
+        scaler.update()
+        out.append(scaler.get_scale())
+        out.extend(p.detach().clone() for p in model.parameters())
+    return out
+
+
+@pytest.mark.parametrize("edit", ["legacy", "retry", "pop", "clear"])
+def test_per_optimizer_states_read_and_edited_as_with_torch(edit: str) -> None:
+    """`_per_optimizer_states` (a private dict of torch's that frameworks and optimizers read and reset) is a live
+    view of the C++ records: reading, resetting to READY, popping and clearing it give the run torch's gives."""
+    ours = _per_optimizer_scenario(mixprec.GradScaler, edit)
+    theirs = _per_optimizer_scenario(torch.amp.GradScaler, edit)
+    assert len(ours) == len(theirs)
+    for x, y in zip(ours, theirs):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (x, y)
+
+
+def test_is_an_instance_of_torchs_scaler_and_serves_its_private_helpers() -> None:
+    """isinstance(scaler, torch.amp.GradScaler) holds; torch's helpers that subclasses and frameworks call give
+    torch's results: `_unscale_grads_` (fp16 refused unless allowed), `_check_scale_growth_tracker`."""
+    scalers = [cls("cpu", init_scale=8.0) for cls in (torch.amp.GradScaler, mixprec.GradScaler)]
+    assert all(isinstance(s, torch.amp.GradScaler) for s in scalers)
+    results = []
+    for scaler in scalers:
+        with pytest.raises(AssertionError, match="_scale is None"):
+            scaler._check_scale_growth_tracker("unscale_")
+        scaler.scale(torch.ones(()))
+        scale, tracker = scaler._check_scale_growth_tracker("unscale_")
+        p = torch.nn.Parameter(torch.ones(5))
+        q = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+        p.grad = torch.tensor([2.0, -4.0, math.inf, 0.5, 1e30])
+        q.grad = torch.ones(3, dtype=torch.float16)
+        opt = torch.optim.SGD([p, q], lr=0.1)
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+            scaler._unscale_grads_(opt, torch.full((), 0.25), torch.zeros(()), False)
+        q.grad = None
+        flags = scaler._unscale_grads_(opt, torch.full((), 0.25), torch.zeros(()), False)
+        results.append((float(scale), int(tracker), {d: (f.shape, float(f)) for d, f in flags.items()},
+                        p.grad.clone()))
+    (s1, t1, f1, g1), (s2, t2, f2, g2) = results
+    assert (s1, t1, f1) == (s2, t2, f2) and torch.equal(g1, g2)

@@ -155,6 +155,15 @@ class GradScaler {
   bool has_scale() const { return scale_.defined(); }
   /// Whether the optimizer's gradients have been unscaled since the last update().
   bool is_unscaled(int64_t key) const;
+  /// The optimizer's stage this iteration, as torch's OptState: 0 ready, 1 unscaled, 2 stepped.
+  int64_t stage(int64_t key) const;
+  /// The keys of the optimizers with a record this iteration.
+  std::vector<int64_t> optimizer_keys() const;
+  /// Overwrites an optimizer's record, as code that edits torch's `_per_optimizer_states` does (e.g. back to
+  /// ready with no flags to run the iteration again). A ready record without flags is dropped.
+  void set_optimizer_state(int64_t key, int64_t stage, const std::map<std::string, at::Tensor>& found_inf_per_device);
+  /// Drops an optimizer's record (every record with no key), as popping torch's per-optimizer state does.
+  void forget_optimizer(std::optional<int64_t> key = std::nullopt);
   /// Fails if the optimizer already stepped since the last update().
   void check_not_stepped(int64_t key) const;
   /// Records that the optimizer stepped (checks that it had not already since the last update()).
