@@ -8,6 +8,7 @@
 #include "ops/adam_plan.h"
 #include "ops/cast_plan.h"
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/parallel_chunks.h"
 
 namespace mixprec::cpu {
 namespace {
@@ -45,6 +46,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   detail::AdamPlan plan(args);
   const bool amsgrad = max_exp_avg_sqs.has_value();
   std::vector<AdamChunk> chunks;
+  int64_t elements = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     // A checked one-element float32 CPU tensor: read it in memory (item() would go through the dispatcher).
     const double step = static_cast<double>(*steps[i].const_data_ptr<float>()) + 1.0;
@@ -52,6 +54,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         detail::adam_scalars(lr_value, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize);
     const at::Tensor& p = plan.params[i];
     const int64_t numel = p.numel();
+    elements += numel;
     for (int64_t begin = 0; begin < numel; begin += kAdamChunk) {
       auto at_offset = [begin](const at::Tensor& t) {
         return static_cast<void*>(static_cast<char*>(t.data_ptr()) + begin * t.element_size());
@@ -64,7 +67,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
   }
   const AdamChunkFn kernel = adam_chunk_kernels.get("adam_step_");
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(static_cast<int64_t>(chunks.size()), elements, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) kernel(chunks[c], common);
   });
   plan.finish();

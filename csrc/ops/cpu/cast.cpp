@@ -10,6 +10,7 @@
 
 #include "ops/cast_plan.h"
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/parallel_chunks.h"
 #include "ops/rounding.h"
 
 namespace mixprec::cpu {
@@ -25,10 +26,12 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   const RngKey key = mode == Rounding::Stochastic ? stochastic_key(seed) : RngKey{0, 0};
 
   std::vector<CastChunk> chunks;
+  int64_t elements = 0;
   for (size_t i = 0; i < plan.dst_work().size(); ++i) {
     const at::Tensor& d = plan.dst_work()[i];
     const at::Tensor& s = plan.src_work()[i];
     const int64_t numel = d.numel();
+    elements += numel;
     char* dp = static_cast<char*>(d.data_ptr());
     const char* sp = static_cast<const char*>(s.const_data_ptr());
     for (int64_t begin = 0; begin < numel; begin += kCastChunk) {
@@ -37,7 +40,7 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
     }
   }
   const CastChunkFn kernel = cast_chunk_kernels.get("cast_");
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(static_cast<int64_t>(chunks.size()), elements, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) kernel(chunks[c], mode, saturate, key);
   });
   plan.finish();

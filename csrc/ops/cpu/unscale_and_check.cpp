@@ -12,6 +12,7 @@
 
 #include "ops/checks.h"
 #include "ops/cpu/cpu_dispatch.h"
+#include "ops/cpu/parallel_chunks.h"
 #include "ops/rounding.h"
 
 namespace mixprec::cpu {
@@ -35,9 +36,11 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
   detail::DenseViews dense(grads);
 
   std::vector<Chunk> chunks;
+  int64_t elements = 0;
   for (size_t t = 0; t < dense.views().size(); ++t) {
     const at::Tensor& g = dense.views()[t];
     const int64_t numel = g.numel();
+    elements += numel;
     char* base = static_cast<char*>(g.data_ptr());
     const int64_t item = g.element_size();
     for (int64_t begin = 0; begin < numel; begin += kUnscaleChunk) {
@@ -48,7 +51,7 @@ double unscale_impl(const char* op, at::TensorList grads, const at::Tensor& foun
   std::vector<double> partial(chunks.size(), 0.0);
   std::vector<float> chunk_amax(chunks.size(), 0.f);
   const UnscaleChunkFn kernel = unscale_chunk_kernels.get("unscale_and_check_");
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(static_cast<int64_t>(chunks.size()), elements, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const UnscaleChunkResult r = kernel(chunks[c].data, chunks[c].n, chunks[c].dtype, inv, want_sumsq);
       found[c] = r.found_nonfinite;
