@@ -27,7 +27,9 @@ parameters take the layer's fp32 GEMM result in their own dtype, so a converted 
 ``torch.nn.Linear`` there (``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` reduces and accumulates in
 fp32). ``DistributedDataParallel`` buckets gradients in the parameters' dtype and cannot carry an fp32
 gradient of a 16-bit weight: a forward under DDP raises with what to do instead (fp32 weights are fine).
-float64 weights keep float64 gradients (a plain float64 GEMM).
+float64 weights keep float64 gradients (a plain float64 GEMM). torch.func transforms (``grad``, ``vmap``,
+``jvp``) and forward-mode AD return gradients instead of accumulating them: there the layer computes as
+``torch.nn.Linear`` does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import fp8
@@ -67,12 +70,27 @@ def _check_ddp(weight: Tensor) -> None:
             "torch.float32) reduces and accumulates the gradients in fp32)")
 
 
+def _functional_transform(*tensors: Optional[Tensor]) -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active, or forward-mode AD reaches these tensors:
+    neither can run a C++ autograd Function, and neither accumulates into ``.grad``, which is what the fp32
+    weight-gradient GEMM is for."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if getattr(_forward_ad, "_current_level", -1) >= 0:  # a dual level is open: look for tangents
+        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.linear`` whose weight gradient is formed in fp32 (see the module docstring).
 
     The gradient reaches ``weight.grad`` in ``weight.grad_dtype``: set it to ``torch.float32`` (as
     :class:`Linear` does) to keep it in fp32. One implementation with C++'s ``mixprec::nn::linear``: this
-    calls it (the op ``mixprec::linear``)."""
+    calls it (the op ``mixprec::linear``). Under torch.func transforms and forward-mode AD, which return
+    gradients instead of accumulating them, it is ``torch.nn.functional.linear`` (gradients in the weight's
+    dtype, as torch gives them)."""
+    if _functional_transform(input, weight, bias):
+        return torch.nn.functional.linear(input, weight, bias)
     _check_ddp(weight)
     return torch.ops.mixprec.linear(input, weight, bias)
 

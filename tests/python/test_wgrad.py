@@ -608,3 +608,38 @@ def test_a_layer_without_bias_trains() -> None:
     layer(x).float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     assert torch.equal(layer.weight.grad, ops.linear_wgrad(torch.ones(3, 4).bfloat16(), x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_func_transforms_and_forward_ad_give_torchs_results(dtype: torch.dtype) -> None:
+    """torch.func (grad, vmap, jvp) and forward-mode AD cannot run a C++ autograd Function; they return
+    gradients rather than accumulating into .grad, so the layer is torch's linear there: the same results as
+    torch.nn.Linear bit for bit, and no batching-rule fallback under vmap."""
+    import warnings
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad, jvp, vmap
+
+    torch.manual_seed(3)
+    ours = mixprec.nn.Linear(6, 5).to(dtype)
+    ref = torch.nn.Linear(6, 5).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x, t = torch.randn(4, 6, dtype=dtype), torch.randn(4, 6, dtype=dtype)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(model: torch.nn.Module):  # noqa: ANN202
+        return lambda p, xx: functional_call(model, p, (xx,)).float().pow(2).sum()
+
+    g_ours, g_ref = grad(loss(ours))(params, x), grad(loss(ref))(params, x)
+    assert all(g_ours[k].dtype == dtype and torch.equal(g_ours[k], g_ref[k]) for k in params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing batching rule warns
+        v_ours = vmap(lambda xx: functional_call(ours, params, (xx,)))(x)
+    assert torch.equal(v_ours, vmap(lambda xx: functional_call(ref, params, (xx,)))(x))
+    assert all(torch.equal(a, b) for a, b in zip(jvp(ours, (x,), (t,)), jvp(ref, (x,), (t,))))
+    with fwAD.dual_level():
+        out_ours, out_ref = ours(fwAD.make_dual(x, t)), ref(fwAD.make_dual(x, t))
+        assert torch.equal(fwAD.unpack_dual(out_ours).tangent, fwAD.unpack_dual(out_ref).tangent)
+        # Inside a dual level, tensors without tangents still take the fp32-gradient op.
+        ours(x).float().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32
