@@ -47,13 +47,20 @@ struct ParamGrads {
 
 // Appends the parameters of `params` whose gradients are set, and the gradients. False (stopping there)
 // at a gradient that is a tensor subclass (FSDP2's DTensor), whose local shard only Python can take.
+// A sparse COO gradient (nn.Embedding(sparse=True)) goes in as its values, by torch's rule: an fp16 one is
+// coalesced first (duplicate indices summed, which can overflow) and replaces the parameter's .grad.
 bool append_grads(at::TensorList params, ParamGrads& out) {
   for (const at::Tensor& p : params) {
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;
     if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return false;
     out.params.push_back(p);
-    out.grads.push_back(g);
+    if (g.is_sparse()) {
+      if (g.scalar_type() == at::kHalf) p.mutable_grad() = g.coalesce();
+      out.grads.push_back(p.grad()._values());
+    } else {
+      out.grads.push_back(g);
+    }
   }
   return true;
 }
@@ -148,7 +155,8 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
   if (track) positions = place_params(key, params, identity);
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: sparse gradients are not supported");
+    TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: gradients must be dense or sparse COO (whose "
+                "values are checked), got layout ", g.layout());
     by_device[g.device().str()].push_back(g);
     if (track) positions_by_device[g.device().str()].push_back(positions[i]);
   }

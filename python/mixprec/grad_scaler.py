@@ -329,7 +329,13 @@ class GradScaler(torch.amp.GradScaler):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 grad = p.grad
-                if grad is not None:
+                if grad is None:
+                    continue
+                if grad.is_sparse:  # torch's rule, as the C++ path: an fp16 one coalesced first, then its values
+                    if grad.dtype == torch.float16:
+                        p.grad = grad = grad.coalesce()
+                    grads.append(grad._values())
+                else:
                     grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
         return grads
 

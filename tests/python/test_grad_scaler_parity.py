@@ -567,3 +567,58 @@ def test_is_an_instance_of_torchs_scaler_and_serves_its_private_helpers() -> Non
                         p.grad.clone()))
     (s1, t1, f1, g1), (s2, t2, f2, g2) = results
     assert (s1, t1, f1) == (s2, t2, f2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sparse-adam"])
+def test_sparse_gradients_are_unscaled_and_checked_as_torch_does(optimizer: str) -> None:
+    """nn.Embedding(sparse=True) gives sparse COO gradients: their values are unscaled and checked, with the
+    same parameters, .grad and scales as torch's scaler, an overflowing step included."""
+    results = []
+    for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = (torch.optim.SGD(emb.parameters(), lr=0.1) if optimizer == "sgd"
+               else torch.optim.SparseAdam(emb.parameters(), lr=0.1))
+        scaler = scaler_cls("cpu", init_scale=2.0**12, growth_interval=2)
+        seen = []
+        for it in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss = emb(torch.tensor([1, 4, 4, 4, 7])).sum() * (math.inf if it == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad = emb.weight.grad
+            seen.append((grad.is_sparse, grad.coalesce().to_dense().nan_to_num().clone()))
+            scaler.step(opt)
+            scaler.update()
+            seen.append(scaler.get_scale())
+        results.append(seen + [emb.weight.detach().clone()])
+    for x, y in zip(*results):
+        if isinstance(x, tuple):
+            assert x[0] == y[0] and torch.equal(x[1], y[1])
+        else:
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert results[1][5] == results[1][3] / 2, "the overflow was not seen"
+
+
+def test_fp16_sparse_gradients_are_coalesced_before_the_check() -> None:
+    """torch's rule for fp16 sparse gradients (torch's unscale_ refuses fp16; mixprec's takes it): coalesce
+    first, since rows used several times sum past fp16's range only then. Here each of five uses of row 2
+    gives 30000 (finite in fp16), their sum 150000 is not: the step is skipped and the scale backs off."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True).half()
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler("cpu", init_scale=2.0**12, growth_interval=100)
+    before = emb.weight.detach().clone()
+    scaler.scale(emb(torch.tensor([2, 2, 2, 2, 2])).float().sum() * (30000.0 / 2.0**12)).backward()
+    assert not emb.weight.grad.is_coalesced() and emb.weight.grad._values().isfinite().all()
+    scaler.unscale_(opt)
+    assert emb.weight.grad.is_coalesced()  # replaced by its coalesced form, as torch does
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11 and torch.equal(emb.weight.detach(), before)
+    # A clean fp16 step: the coalesced values divided by the scale.
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(emb(torch.tensor([2, 2, 5])).float().sum()).backward()
+    scaler.unscale_(opt)
+    dense = emb.weight.grad.to_dense()
+    assert dense[2].eq(2.0).all() and dense[5].eq(1.0).all() and dense[0].eq(0.0).all()
