@@ -491,6 +491,12 @@ void GradScaler::set_growth_factor(double growth_factor) {
   options_.growth_factor(growth_factor);
 }
 
+void GradScaler::set_init_scale(double init_scale) {
+  TORCH_CHECK_VALUE(init_scale > 0 && std::isfinite(init_scale),
+                    "mixprec::GradScaler: init_scale must be a finite number > 0, got ", init_scale);
+  options_.init_scale(init_scale);
+}
+
 void GradScaler::set_backoff_factor(double backoff_factor) {
   TORCH_CHECK(backoff_factor > 0.0 && backoff_factor < 1.0, "mixprec::GradScaler: backoff_factor must be in (0, 1), got ",
               backoff_factor);
@@ -645,6 +651,8 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("set_growth_factor", [](const Self& s, double v) { s->impl.set_growth_factor(v); })
       .def("set_backoff_factor", [](const Self& s, double v) { s->impl.set_backoff_factor(v); })
       .def("set_growth_interval", [](const Self& s, int64_t v) { s->impl.set_growth_interval(v); })
+      .def("get_init_scale", [](const Self& s) { return s->impl.options().init_scale(); })
+      .def("set_init_scale", [](const Self& s, double v) { s->impl.set_init_scale(v); })
       .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
       .def("stage", [](const Self& s, int64_t key) { return s->impl.stage(key); })
       .def("optimizer_keys", [](const Self& s) { return s->impl.optimizer_keys(); })

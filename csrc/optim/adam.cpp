@@ -101,6 +101,12 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
 
 AdamOptions::AdamOptions(double lr) : lr_(lr) {}
 
+AdamOptions::AdamOptions(const torch::optim::AdamOptions& o)
+    : lr_(o.lr()), betas_(o.betas()), eps_(o.eps()), weight_decay_(o.weight_decay()), amsgrad_(o.amsgrad()) {}
+
+AdamOptions::AdamOptions(const torch::optim::AdamWOptions& o)
+    : lr_(o.lr()), betas_(o.betas()), eps_(o.eps()), weight_decay_(o.weight_decay()), amsgrad_(o.amsgrad()) {}
+
 void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
@@ -122,14 +128,14 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   c10::IValue amsgrad_value;
   if (archive.try_read("amsgrad", amsgrad_value)) amsgrad(amsgrad_value.toBool());  // absent in older checkpoints
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, master_weights);
-  c10::IValue dtype;
-  archive.read("moment_dtype", dtype);
-  moment_dtype(static_cast<c10::ScalarType>(dtype.toInt()));
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, rounding);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, rng_calls);
+  // mixprec's own options are absent from torch::optim::Adam(W) checkpoints: they keep their defaults.
+  c10::IValue v;
+  if (archive.try_read("maximize", v)) maximize(v.toBool());
+  if (archive.try_read("master_weights", v)) master_weights(v.toStringRef());
+  if (archive.try_read("moment_dtype", v)) moment_dtype(static_cast<c10::ScalarType>(v.toInt()));
+  if (archive.try_read("rounding", v)) rounding(v.toStringRef());
+  if (archive.try_read("seed", v)) seed(v.toInt());
+  if (archive.try_read("rng_calls", v)) rng_calls(v.toInt());
 }
 
 void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -142,7 +148,11 @@ void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, step);
+  c10::IValue saved_step;
+  if (archive.try_read("step", saved_step)) {
+    // torch::optim::Adam(W) counts steps in an int64; mixprec in a float32 tensor (as torch.optim in Python).
+    step(saved_step.isInt() ? torch::tensor(static_cast<float>(saved_step.toInt())) : saved_step.toTensor());
+  }
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, max_exp_avg_sq);  // absent in older checkpoints: stays undefined
@@ -156,6 +166,62 @@ Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, A
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults, bool decoupled)
     : torch::optim::Optimizer(param_groups, std::make_unique<AdamOptions>(defaults)), decoupled_(decoupled) {
   AdamCore::check_options(defaults);
+  // torch's constructor gave every group a copy of the defaults (it merges only its own optimizers' options):
+  // put each group's own options back.
+  TORCH_INTERNAL_ASSERT(param_groups_.size() == param_groups.size());
+  for (size_t i = 0; i < param_groups.size(); ++i) {
+    auto options = group_options(param_groups[i]);
+    AdamCore::check_options(*options);
+    param_groups_[i].set_options(std::move(options));
+  }
+}
+
+void Adam::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  auto options = group_options(param_group);  // checked before anything is added
+  AdamCore::check_options(*options);
+  torch::optim::Optimizer::add_param_group(param_group);
+  param_groups_.back().set_options(std::move(options));
+}
+
+std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerParamGroup& param_group) const {
+  const auto& defaults = static_cast<const AdamOptions&>(*defaults_);
+  if (!param_group.has_options()) return std::make_unique<AdamOptions>(defaults);
+  const torch::optim::OptimizerOptions& given = param_group.options();
+  // The group's options, and what its type's constructor gives (a field equal to that was not set).
+  AdamOptions user, fresh;
+  if (const auto* ours = dynamic_cast<const AdamOptions*>(&given)) {
+    user = *ours;
+    fresh = decoupled_ ? AdamWOptions() : AdamOptions();
+  } else if (const auto* adam = dynamic_cast<const torch::optim::AdamOptions*>(&given)) {
+    user = AdamOptions(*adam);
+    fresh = AdamOptions(torch::optim::AdamOptions());
+  } else if (const auto* adamw = dynamic_cast<const torch::optim::AdamWOptions*>(&given)) {
+    user = AdamOptions(*adamw);
+    fresh = AdamOptions(torch::optim::AdamWOptions());
+  } else {
+    TORCH_CHECK_VALUE(false, "mixprec::optim::Adam: a param group has options of another optimizer; give it "
+                      "mixprec::optim::AdamOptions or torch::optim::AdamOptions / AdamWOptions");
+  }
+  auto out = std::make_unique<AdamOptions>(defaults);
+  // torch::optim::Optimizer's merge rule for its own optimizers (torch >= 2.10), field by field.
+  const auto merge = [&](auto get, auto set) {
+    if (get(user) != get(fresh)) set(*out, get(user));
+  };
+#define MIXPREC_MERGE(field) \
+  merge([](const AdamOptions& o) { return o.field(); }, [](AdamOptions& o, const auto& v) { o.field(v); })
+  MIXPREC_MERGE(lr);
+  MIXPREC_MERGE(betas);
+  MIXPREC_MERGE(eps);
+  MIXPREC_MERGE(weight_decay);
+  MIXPREC_MERGE(amsgrad);
+  MIXPREC_MERGE(maximize);
+  MIXPREC_MERGE(master_weights);
+  MIXPREC_MERGE(moment_dtype);
+  MIXPREC_MERGE(rounding);
+  MIXPREC_MERGE(seed);
+  MIXPREC_MERGE(rng_calls);
+#undef MIXPREC_MERGE
+  return out;
 }
 
 torch::Tensor Adam::step(LossClosure closure) {
@@ -189,12 +255,7 @@ const torch::Tensor& grad_of(at::TensorList params, const AdamCore::StepInputs& 
   return params[i].grad();
 }
 
-void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::Tensor>& m,
-                  const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& vmax_list,
-                  const std::vector<torch::Tensor>& s, at::TensorList grads, const AdamOptions& options, bool decoupled,
-                  const ops::AdamStepExtras& extras) {
-  // mixprec's kernels compute in fp32, which float64 users do not want: these rows take torch's own fused
-  // float64 step, driven as torch.optim drives it (count the step first, take a skipped one back after).
+void check_float64_grads(const std::vector<torch::Tensor>& p, at::TensorList grads) {
   for (size_t i = 0; i < grads.size(); ++i) {
     TORCH_CHECK_VALUE(grads[i].scalar_type() == at::kDouble, "mixprec's Adam: the gradient of a float64 parameter ",
                       "must be float64, got ", grads[i].scalar_type());
@@ -202,6 +263,15 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
                       "mixprec's Adam: a float64 parameter's gradient must match its shape and device, got ",
                       grads[i].sizes(), " on ", grads[i].device(), " for ", p[i].sizes(), " on ", p[i].device());
   }
+}
+
+void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::Tensor>& m,
+                  const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& vmax_list,
+                  const std::vector<torch::Tensor>& s, at::TensorList grads, const AdamOptions& options, bool decoupled,
+                  const ops::AdamStepExtras& extras) {
+  // mixprec's kernels compute in fp32, which float64 users do not want: these rows take torch's own fused
+  // float64 step, driven as torch.optim drives it (count the step first, take a skipped one back after).
+  // The gradients were checked (check_float64_grads) before any bucket stepped.
   at::_foreach_add_(s, 1);
   const auto [beta1, beta2] = options.betas();
   const std::vector<torch::Tensor> vmax = options.amsgrad() ? vmax_list : std::vector<torch::Tensor>{};
@@ -270,10 +340,12 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
   plan.rows.reserve(params.size());
   grads.clear();
   std::vector<int64_t> changed;
-  // Checked before any state is created, so a refused group leaves none behind.
+  // Checked before any state is created, so a refused group leaves none behind. Only parameters with a
+  // gradient count, as in torch's step (a frozen int8 weight in the group is fine).
   std::unordered_set<const c10::TensorImpl*> seen;
   seen.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
+    if (!grad_of(params, in, i).defined()) continue;
     // torch only warns about a group that lists a parameter twice (and updates it twice); one fused pass cannot
     // update a tensor twice, so say which entry repeats instead of failing inside the kernel's checks.
     TORCH_CHECK_VALUE(seen.insert(params[i].unsafeGetTensorImpl()).second, "mixprec's Adam: parameter ", i,
@@ -351,6 +423,9 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   bool any = false;
   for (const auto& g : grads) any = any || !g.empty();
   if (!any) return changed;
+  for (size_t b = 0; b < plan.buckets.size(); ++b) {  // before anything is written or drawn
+    if (plan.buckets[b].mode == "float64") check_float64_grads(plan.buckets[b].p, grads[b]);
+  }
 
   std::optional<int64_t> seed;
   if (options.seed() >= 0) {
@@ -398,9 +473,17 @@ void Adam::step_scaled(const std::optional<torch::Tensor>& grad_scale, const std
   inputs.grad_scale = grad_scale;
   inputs.found_inf = found_inf;
   for (size_t i = 0; i < param_groups_.size(); ++i) {
-    auto& group = param_groups_[i];
-    core_.step_group(i, group.params(), static_cast<AdamOptions&>(group.options()), decoupled_, state_of, inputs);
+    core_.step_group(i, param_groups_[i].params(), options_of(i), decoupled_, state_of, inputs);
   }
+}
+
+AdamOptions& Adam::options_of(size_t group) {
+  // torch's add_param_group, called through a base-class reference, would have given a group the defaults'
+  // type; anything else means a group was edited by hand.
+  auto* options = dynamic_cast<AdamOptions*>(&param_groups_[group].options());
+  TORCH_CHECK_VALUE(options != nullptr, "mixprec::optim::Adam: param group ", group,
+                    " has options of another optimizer; give it mixprec::optim::AdamOptions");
+  return *options;
 }
 
 void Adam::save(torch::serialize::OutputArchive& archive) const {

@@ -138,6 +138,12 @@ class _FoundInfView(MutableMapping):
     def __repr__(self) -> str:
         return repr(dict(self.items()))
 
+    def __copy__(self) -> dict[torch.device, Tensor]:
+        return dict(self.items())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[torch.device, Tensor]:
+        return {d: t.clone() for d, t in self.items()}
+
 
 class _OptimizerStateView(MutableMapping):
     """torch's per-optimizer record ``{"stage": OptState, "found_inf_per_device": {device: flag}}``, read from
@@ -175,7 +181,13 @@ class _OptimizerStateView(MutableMapping):
         return len(self._KEYS)
 
     def __repr__(self) -> str:
-        return repr({"stage": self["stage"], "found_inf_per_device": dict(self["found_inf_per_device"])})
+        return repr(self.__copy__())
+
+    def __copy__(self) -> dict[str, Any]:
+        return {"stage": self["stage"], "found_inf_per_device": dict(self["found_inf_per_device"])}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return {"stage": self["stage"], "found_inf_per_device": self["found_inf_per_device"].__deepcopy__(memo)}
 
 
 class _PerOptimizerStates(MutableMapping):
@@ -213,6 +225,16 @@ class _PerOptimizerStates(MutableMapping):
 
     def clear(self) -> None:
         self._impl.forget_optimizer(None)
+
+    def get(self, key: int, default: Any = None) -> Any:
+        """The record of an optimizer seen this iteration, else ``default`` (torch's dict has no entry yet)."""
+        return self[key] if key in self else default
+
+    def __copy__(self) -> dict[int, dict[str, Any]]:
+        return {k: self[k].__copy__() for k in self}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[int, dict[str, Any]]:
+        return {k: self[k].__deepcopy__(memo) for k in self}
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, int) and key in self._impl.optimizer_keys()
@@ -379,6 +401,16 @@ class GradScaler(torch.amp.GradScaler):
     def _per_optimizer_states(self) -> _PerOptimizerStates:
         """torch's per-optimizer records (stage and flags), live over the C++ scaler's."""
         return _PerOptimizerStates(self._impl)
+
+    @_per_optimizer_states.setter
+    def _per_optimizer_states(self, records: Any) -> None:
+        # Assigning a fresh defaultdict resets every record, as in torch (frameworks do this to drop an
+        # interrupted iteration); records in the assigned mapping are taken over.
+        records = dict(records)
+        live = _PerOptimizerStates(self._impl)
+        live.clear()
+        for key, record in records.items():
+            live[key] = record
 
     def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: Any, *args: Any,
                         **kwargs: Any) -> Any:
@@ -560,14 +592,68 @@ class GradScaler(torch.amp.GradScaler):
         if self._enabled:
             self._impl.scale_tensor()
 
-    @property
-    def _scale(self) -> Tensor:
-        """The scale tensor on its device (torch.amp.GradScaler exposes it under this name)."""
-        return self._impl.scale_tensor()
+    def _torch_attribute(self, name: str) -> None:
+        if not self._enabled:  # torch sets none of its scaling attributes on a disabled scaler
+            raise AttributeError(f"'GradScaler' object has no attribute '{name}'")
 
     @property
-    def _growth_tracker(self) -> Tensor:
-        return self._impl.growth_tracker_tensor()
+    def _scale(self) -> Optional[Tensor]:
+        """The scale tensor on its device, or None before the first ``scale()`` (torch's attribute)."""
+        self._torch_attribute("_scale")
+        return self._impl.scale_tensor() if self._impl.has_scale() else None
+
+    @property
+    def _growth_tracker(self) -> Optional[Tensor]:
+        """The growth tracker tensor, or None before the first ``scale()`` (torch's attribute)."""
+        self._torch_attribute("_growth_tracker")
+        return self._impl.growth_tracker_tensor() if self._impl.has_scale() else None
+
+    # torch's plain attributes for the settings, read and written through the C++ options.
+    @property
+    def _init_scale(self) -> float:
+        self._torch_attribute("_init_scale")
+        return float(self._impl.get_init_scale())
+
+    @_init_scale.setter
+    def _init_scale(self, value: float) -> None:
+        # As torch: takes effect when the scale is created (the first scale()), not on an existing scale.
+        self._torch_attribute("_init_scale")
+        self._impl.set_init_scale(float(value))
+
+    @property
+    def _growth_factor(self) -> float:
+        self._torch_attribute("_growth_factor")
+        return self.get_growth_factor()
+
+    @_growth_factor.setter
+    def _growth_factor(self, value: float) -> None:
+        self._torch_attribute("_growth_factor")
+        self.set_growth_factor(value)
+
+    @property
+    def _backoff_factor(self) -> float:
+        self._torch_attribute("_backoff_factor")
+        return self.get_backoff_factor()
+
+    @_backoff_factor.setter
+    def _backoff_factor(self, value: float) -> None:
+        self._torch_attribute("_backoff_factor")
+        self.set_backoff_factor(value)
+
+    @property
+    def _growth_interval(self) -> int:
+        self._torch_attribute("_growth_interval")
+        return self.get_growth_interval()
+
+    @_growth_interval.setter
+    def _growth_interval(self, value: int) -> None:
+        self._torch_attribute("_growth_interval")
+        self.set_growth_interval(value)
+
+    @property
+    def _init_growth_tracker(self) -> int:
+        self._torch_attribute("_init_growth_tracker")
+        return 0
 
     def state_dict(self) -> dict[str, Any]:
         """torch's keys (so torch.amp.GradScaler loads it) plus mixprec's; ``{}`` when disabled."""

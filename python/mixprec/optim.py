@@ -238,20 +238,23 @@ class _MixprecAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, deepcopy and torch's load_state_dict come through here: the core takes the state afresh."""
-        super().__setstate__(state)
+        try:
+            super().__setstate__(state)  # torch's Adam.__setstate__ may refuse a state (a row without "step")
+        finally:
+            # Whatever happened, optimizer.state stays tracked and the core takes it afresh at the next step.
+            if "_core" not in self.__dict__:  # a pickle carries no core
+                self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
+            tracker = self.__dict__.setdefault("_tracker", _Tracker())
+            self.__dict__["state"] = _StateMap(tracker, self.__dict__.get("state", {}))
+            self._forget_cache()
         for group in self.param_groups:  # pickles from before a key existed
             for key in ("foreach", "fused"):
                 group.setdefault(key, None)
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", self._decoupled)
-        if "_core" not in self.__dict__:  # a pickle carries no core: a fresh one takes the state at the next step
-            self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
-        tracker = self.__dict__.setdefault("_tracker", _Tracker())
-        self.__dict__["state"] = _StateMap(tracker, self.state)
         # torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
         self.__dict__.setdefault("_step_supports_amp_scaling", bool(self.defaults.get("fused")))
-        self._forget_cache()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``."""

@@ -335,3 +335,74 @@ TEST_CASE("A parameter listed twice in a group is named, and no state is created
   REQUIRE(opt.state().empty());
   REQUIRE(torch::equal(q, torch::ones({3})));
 }
+
+TEST_CASE("torch::optim options and checkpoints work unchanged with mixprec::optim::AdamW", "[optim][dropin]") {
+  // Code written for torch::optim::AdamW: its options type, a param group with its own torch options.
+  auto ours = make_params(torch::kFloat);
+  auto theirs = make_params(torch::kFloat);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{ours[0], ours[1]});
+  groups.emplace_back(std::vector<torch::Tensor>{ours[2]},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(5e-3).weight_decay(0.2)));
+  mixprec::optim::AdamW opt(groups, torch::optim::AdamWOptions(1e-2).weight_decay(0.05).amsgrad(true));
+  std::vector<torch::optim::OptimizerParamGroup> ref_groups;
+  ref_groups.emplace_back(std::vector<torch::Tensor>{theirs[0], theirs[1]});
+  ref_groups.emplace_back(std::vector<torch::Tensor>{theirs[2]}, std::make_unique<torch::optim::AdamWOptions>(
+                                                                     torch::optim::AdamWOptions(5e-3).weight_decay(0.2)));
+  torch::optim::AdamW ref(ref_groups, torch::optim::AdamWOptions(1e-2).weight_decay(0.05).amsgrad(true));
+  // add_param_group with torch's options (torch::optim::Optimizer's own method, not virtual) works as well.
+  auto extra = torch::randn({7}).requires_grad_();
+  auto extra_ref = extra.detach().clone().requires_grad_();
+  opt.add_param_group(torch::optim::OptimizerParamGroup({extra}, std::make_unique<torch::optim::AdamOptions>(
+                                                                      torch::optim::AdamOptions(2e-2).weight_decay(0.3))));
+  ref.add_param_group(torch::optim::OptimizerParamGroup({extra_ref}, std::make_unique<torch::optim::AdamWOptions>(
+                                                                          torch::optim::AdamWOptions(2e-2).weight_decay(0.3))));
+  const auto run = [&](int from, int to) {
+    for (int step = from; step < to; ++step) {
+      set_grads(ours, step);
+      set_grads(theirs, step);
+      extra.mutable_grad() = torch::full({7}, 0.01 * step);
+      extra_ref.mutable_grad() = torch::full({7}, 0.01 * step);
+      opt.step();
+      ref.step();
+    }
+  };
+  run(0, 10);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(opt.param_groups()[1].options()).weight_decay() == 0.2);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(opt.param_groups()[2].options()).lr() == 2e-2);
+  // A torch::optim::AdamW checkpoint (int64 step counts, torch's options only) loads into mixprec's AdamW.
+  std::stringstream buffer;
+  torch::save(ref, buffer);
+  mixprec::optim::AdamW resumed(groups, mixprec::optim::AdamWOptions(1.0));
+  resumed.add_param_group(torch::optim::OptimizerParamGroup({extra}));
+  torch::load(resumed, buffer);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(resumed.param_groups()[0].options()).lr() == 1e-2);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(resumed.param_groups()[0].options()).amsgrad());
+  for (int step = 10; step < 20; ++step) {
+    set_grads(ours, step);
+    set_grads(theirs, step);
+    extra.mutable_grad() = torch::full({7}, 0.01 * step);
+    extra_ref.mutable_grad() = torch::full({7}, 0.01 * step);
+    resumed.step();
+    ref.step();
+  }
+  for (size_t i = 0; i < ours.size(); ++i) REQUIRE((ours[i] - theirs[i]).abs().max().item<double>() < 1e-6);
+  REQUIRE((extra - extra_ref).abs().max().item<double>() < 1e-6);
+  auto& st = static_cast<mixprec::optim::AdamParamState&>(*resumed.state().at(ours[0].unsafeGetTensorImpl()));
+  REQUIRE(st.step().item<double>() == 20);
+  REQUIRE(st.max_exp_avg_sq().defined());
+  // mixprec's own per-group options are kept too (torch's base constructor alone would drop them), merged with
+  // the defaults by torch's rule: fields left at their constructor default take the optimizer's.
+  auto q = torch::ones({2}).requires_grad_();
+  std::vector<torch::optim::OptimizerParamGroup> own;
+  own.emplace_back(std::vector<torch::Tensor>{q}, std::make_unique<mixprec::optim::AdamOptions>(
+                                                      mixprec::optim::AdamOptions(0.07).master_weights("fp32")));
+  mixprec::optim::Adam own_opt(own, mixprec::optim::AdamOptions(1e-3).amsgrad(true).eps(1e-6));
+  const auto& got = static_cast<mixprec::optim::AdamOptions&>(own_opt.param_groups()[0].options());
+  REQUIRE((got.lr() == 0.07 && got.master_weights() == "fp32" && got.amsgrad() && got.eps() == 1e-6));
+  // Options of another optimizer are named.
+  std::vector<torch::optim::OptimizerParamGroup> sgd_group;
+  sgd_group.emplace_back(std::vector<torch::Tensor>{torch::ones({2}).requires_grad_()},
+                         std::make_unique<torch::optim::SGDOptions>(0.1));
+  REQUIRE_THROWS_WITH(mixprec::optim::AdamW(sgd_group), Catch::Contains("a param group has options of another optimizer"));
+}

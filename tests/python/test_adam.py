@@ -496,6 +496,54 @@ def test_a_parameter_listed_twice_or_of_an_unsupported_dtype_is_named() -> None:
         mixprec.optim.AdamW([c]).step()
 
 
+def test_parameters_without_gradients_are_not_checked() -> None:
+    """As torch's step: a frozen integer weight, or a repeated entry that has no gradient, is skipped."""
+    results = []
+    for cls in (torch.optim.AdamW, mixprec.optim.AdamW):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+        frozen = torch.nn.Parameter(torch.zeros(3, dtype=torch.int8), requires_grad=False)
+        unused = torch.nn.Parameter(torch.ones(2))
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = cls([w, frozen, unused, unused], lr=0.1)
+        w.grad = torch.ones(3)
+        opt.step()
+        results.append(w.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_refused_float64_gradient_writes_nothing() -> None:
+    """The float64 rows' gradients are checked before any bucket of the group steps: the fp32 parameter next
+    to them is not moved, so optimizer.state (empty) and the parameters agree."""
+    a = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = mixprec.optim.AdamW([a, b], lr=0.1)
+    b.grad_dtype = None  # lets b hold a gradient of another dtype, which the step must refuse
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    with pytest.raises(ValueError, match="gradient of a float64 parameter must be float64"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.linspace(-1, 1, 3)) and not opt.state
+    b.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert float(opt.state[a]["step"]) == 1 and float(opt.state[b]["step"]) == 1
+
+
+def test_a_refused_state_dict_keeps_the_state_tracked() -> None:
+    """torch's Adam.__setstate__ refuses a per-parameter state without "step" (KeyError, as torch); afterwards
+    optimizer.state is still tracked, so the core takes whatever it holds at the next step."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = mixprec.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    del sd["state"][0]["step"]
+    with pytest.raises(KeyError, match="step"):
+        opt.load_state_dict(sd)
+    assert type(opt.state).__name__ == "_StateMap"
+    opt.state[p]["step"] = torch.tensor(41.0)  # an edit after the failure still reaches the core
+    opt.step()
+    assert float(opt.state[p]["step"]) == 42
+
+
 def test_decoupled_weight_decay_makes_adam_adamw() -> None:
     """torch.optim.Adam(decoupled_weight_decay=True) is AdamW; so is ours."""
     torch.manual_seed(14)

@@ -622,3 +622,42 @@ def test_fp16_sparse_gradients_are_coalesced_before_the_check() -> None:
     scaler.unscale_(opt)
     dense = emb.weight.grad.to_dense()
     assert dense[2].eq(2.0).all() and dense[5].eq(1.0).all() and dense[0].eq(0.0).all()
+
+
+def test_torchs_scaler_attributes_read_and_write_as_in_torch() -> None:
+    """Attributes of torch's scaler that code reads or sets (`_init_scale` before the first scale(), the
+    factors, `_per_optimizer_states` reassigned to reset an iteration, `_scale` None until the first
+    scale(), absent on a disabled scaler), with the same outcome as torch's."""
+    from collections import defaultdict
+
+    from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+    outcomes = []
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        scaler = cls("cpu", growth_interval=2)
+        row = [scaler._scale, scaler._growth_tracker, scaler._init_scale, scaler._growth_factor,
+               scaler._backoff_factor, scaler._growth_interval, scaler._init_growth_tracker]
+        scaler._init_scale = 32.0
+        scaler._growth_interval = 1
+        row.append(float(scaler.scale(torch.ones(()))))
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+        scaler.unscale_(opt)
+        scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)  # drop the iteration
+        row.append(len(scaler._per_optimizer_states))
+        scaler.step(opt)  # unscales again: the record was reset
+        scaler.update()
+        row += [scaler.get_scale(), [p.detach().clone() for p in model.parameters()],
+                scaler._per_optimizer_states.get(12345)]
+        outcomes.append(row)
+        disabled = cls("cpu", enabled=False)
+        with pytest.raises(AttributeError):
+            disabled._scale
+    for x, y in zip(*outcomes):
+        if isinstance(x, list):
+            assert all(torch.equal(a, b) for a, b in zip(x, y))
+        else:
+            assert x == y, (x, y)
+    assert outcomes[1][7] == 32.0 and outcomes[1][9] == 64.0

@@ -98,6 +98,9 @@ class GradScaler {
   void set_growth_factor(double growth_factor);
   void set_backoff_factor(double backoff_factor);
   void set_growth_interval(int64_t growth_interval);
+  /// The scale the scale tensor starts from when it is created (the first scale()); an existing scale is kept,
+  /// as assigning torch's `_init_scale` does.
+  void set_init_scale(double init_scale);
   /// Turns overflow tracking on or off (from the next unscale or step); off drops what was recorded.
   void set_track_overflows(bool track);
   /// Sets (or, null, clears) GradScalerOptions::process_group, from the next gradient check on.

@@ -3,6 +3,8 @@
 // torch::load of the optimizer, bit-exact resume included).
 #pragma once
 
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/serialize.h>
 
@@ -20,6 +22,10 @@ namespace mixprec::optim {
 /// mixprec::optim::AdamW takes AdamWOptions (weight_decay 1e-2, as torch::optim::AdamWOptions).
 struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions> {
   AdamOptions(double lr = 1e-3);  // NOLINT(google-explicit-constructor): mirrors torch::optim
+  /// torch's own options (lr, betas, eps, weight_decay, amsgrad) with mixprec's defaults for the rest, so code
+  /// written for torch::optim::Adam / AdamW passes its options unchanged (param groups' options too).
+  AdamOptions(const torch::optim::AdamOptions& o);   // NOLINT(google-explicit-constructor)
+  AdamOptions(const torch::optim::AdamWOptions& o);  // NOLINT(google-explicit-constructor)
   TORCH_ARG(double, lr) = 1e-3;
   typedef std::tuple<double, double> betas_t;
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
@@ -161,12 +167,26 @@ class Adam : public torch::optim::Optimizer {
   void step_scaled(const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf);
 
   void save(torch::serialize::OutputArchive& archive) const override;
+  /// Loads what save() wrote, or a checkpoint of torch::optim::Adam / AdamW (integer step counts, torch's
+  /// options only): masters are then taken from the parameters at the next step.
   void load(torch::serialize::InputArchive& archive) override;
+
+  /// As torch::optim::Optimizer::add_param_group, keeping the group's own options (mixprec's, or
+  /// torch::optim::Adam(W)Options) merged with the defaults as torch merges its optimizers' (a field left at
+  /// its constructor default takes the optimizer's default). torch's own add_param_group, which this hides,
+  /// drops the options of optimizers it does not know; call it through the mixprec type.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
 
  protected:
   Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults, bool decoupled);
 
  private:
+  /// A group's options as AdamOptions (they always are: the constructor and add_param_group set them).
+  AdamOptions& options_of(size_t group);
+  /// The options a group given with `param_group` gets: its own merged with the defaults (see
+  /// add_param_group), or the defaults.
+  std::unique_ptr<AdamOptions> group_options(const torch::optim::OptimizerParamGroup& param_group) const;
+
   bool decoupled_;
   AdamCore core_;
 };
