@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _C
+
 __all__ = [
     "unscale_and_check_",
     "unscale_and_check_sumsq_",
@@ -27,6 +29,15 @@ MASTER_MODES = ("none", "fp32", "remainder")
 
 #: The rounding modes ``cast`` and ``cast_`` accept.
 ROUNDING_MODES = ("nearest", "stochastic")
+
+
+def _eager(*lists: Sequence[torch.Tensor]) -> bool:
+    """Whether a list op may take ``mixprec._C``'s direct binding: plain eager calls with lists of plain tensors.
+    torch.compile traces torch.ops (a pybind function would break the graph), and ``__torch_function__``
+    (tensor subclasses, function modes) is honoured only on the torch.ops path."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(lst) in (list, tuple) and not torch.overrides.has_torch_function(lst) for lst in lists)
 
 
 def unscale_and_check_(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
@@ -174,7 +185,10 @@ def cast_(
     Pairs must have equal shapes; any strides. Stochastic draws are numbered across the list, so no
     two elements share a draw. Typical use: refresh bf16 model parameters from fp32 master weights.
     """
-    torch.ops.mixprec.cast_.default(list(dst), list(src), rounding, bool(saturate), seed)
+    if _eager(dst, src):
+        _C.cast_(dst, src, rounding, bool(saturate), seed)  # the same op, without torch.ops' boxing
+    else:
+        torch.ops.mixprec.cast_.default(list(dst), list(src), rounding, bool(saturate), seed)
 
 
 def split_bf16_remainder(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

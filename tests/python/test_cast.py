@@ -330,3 +330,57 @@ def test_bad_input_writes_nothing() -> None:
 def test_mixed_devices_rejected() -> None:
     with pytest.raises(RuntimeError, match=r"dst\[0\]"):
         ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(3, device="cuda")])
+
+
+def test_direct_binding_is_the_same_op_with_version_counters_advanced() -> None:
+    """ops.cast_ in eager mode takes mixprec._C's binding; it is the same op as torch.ops.mixprec.cast_ (the same
+    bits, seeded stochastic draws included), and like torch's in-place ops both advance the version counter of
+    every destination, so autograd refuses a backward through a tensor overwritten after it was saved."""
+    import mixprec
+
+    torch.manual_seed(5)
+    src = [torch.randn(37), torch.randn(3, 5).t(), torch.randn(0), torch.randn(1000)]
+    for rounding, seed in (("nearest", None), ("stochastic", 11)):
+        fast = [torch.empty(s.shape, dtype=torch.bfloat16) for s in src]
+        boxed = [torch.empty(s.shape, dtype=torch.bfloat16) for s in src]
+        ops.cast_(fast, tuple(src), rounding, seed=seed)
+        torch.ops.mixprec.cast_.default(boxed, src, rounding, False, seed)
+        assert all(torch.equal(a, b) for a, b in zip(fast, boxed))
+        assert [t._version for t in fast] == [1] * 4 and [t._version for t in boxed] == [1] * 4
+    w = torch.ones(3, requires_grad=True)
+    h = torch.ones(3, dtype=torch.bfloat16)
+    y = (w.bfloat16() * h).sum()  # saves h for backward
+    ops.cast_([h], [torch.full((3,), 2.0)])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with pytest.raises(TypeError, match=r"dst\[1\] must be a Tensor, got NoneType"):
+        mixprec._C.cast_([h, None], [h, h], "nearest", False, None)
+
+
+def test_function_and_dispatch_modes_see_the_op() -> None:
+    """Under a __torch_function__ mode ops.cast_ goes through torch.ops (the mode sees the call); a
+    __torch_dispatch__ mode sees the op on either path."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(f"function:{func}")
+            return func(*args, **(kwargs or {}))
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(f"dispatch:{func}")
+            return func(*args, **(kwargs or {}))
+
+    dst, src = [torch.empty(4, dtype=torch.float16)], [torch.ones(4)]
+    with Functions():
+        ops.cast_(dst, src)
+    assert any(s.startswith("function:mixprec.cast_") for s in seen)
+    seen.clear()
+    with Dispatch():
+        ops.cast_(dst, src)
+    assert seen == ["dispatch:mixprec.cast_.default"]
+    assert torch.equal(dst[0], torch.ones(4, dtype=torch.float16))
