@@ -434,28 +434,32 @@ def test_is_an_instance_of_torchs_own_class() -> None:
     assert clone.param_groups[0]["decoupled_weight_decay"] is True and "master_weights" in clone.param_groups[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls_name", ["AdamW", "Adam"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_float64_params_take_torchs_float64_step(cls_name: str, amsgrad: bool) -> None:
+def test_float64_params_take_torchs_float64_step(device: str, cls_name: str, amsgrad: bool) -> None:
     """float64 parameters (next to fp32 and bf16 ones in the same group) are stepped in float64 with float64
     moments, as torch steps them: bit for bit torch's fused step, skipped steps included."""
     torch.manual_seed(21)
     ours_cls, torch_cls = getattr(mixprec.optim, cls_name), getattr(torch.optim, cls_name)
-    w64, w32 = torch.randn(37, 5, dtype=torch.float64), torch.randn(11)
+    w64, w32 = torch.randn(37, 5, dtype=torch.float64).to(device), torch.randn(11).to(device)
     a64, a32, a16 = (torch.nn.Parameter(w64.clone()), torch.nn.Parameter(w32.clone()),
                      torch.nn.Parameter(w32.to(torch.bfloat16)))
     b64 = torch.nn.Parameter(w64.clone())
     kw = dict(lr=0.02, weight_decay=0.1, amsgrad=amsgrad)
     ours = ours_cls([a64, a32, a16], **kw)
     fused = torch_cls([b64], fused=True, **kw)
-    scaler = mixprec.GradScaler("cpu", init_scale=2.0)
+    scaler = mixprec.GradScaler(device, init_scale=2.0)
+    grads = []
     for i in range(6):
         g = torch.randn(37, 5, dtype=torch.float64) * (1 + i)
         if i == 3:
             g[0, 0] = float("inf")  # a skipped step: nothing moves, the step count included
+        g = g.to(device)
+        grads.append(g)
         a64.grad, b64.grad = g * 2.0, g.clone()
-        a32.grad, a16.grad = torch.randn(11), torch.randn(11).bfloat16()
-        scaler.scale(torch.ones(()))  # the grads above stand for a backward of a scaled loss
+        a32.grad, a16.grad = torch.randn(11).to(device), torch.randn(11).bfloat16().to(device)
+        scaler.scale(torch.ones((), device=device))  # the grads above stand for a backward of a scaled loss
         scaler.step(ours)
         scaler.update(2.0)
         if i != 3:
@@ -469,11 +473,7 @@ def test_float64_params_take_torchs_float64_step(cls_name: str, amsgrad: bool) -
     # torch's default (for-each) float64 step agrees to float64 rounding, so the step is float64 arithmetic.
     c64 = torch.nn.Parameter(w64.clone())
     plain = torch_cls([c64], **kw)
-    torch.manual_seed(21)
-    torch.randn(37, 5, dtype=torch.float64), torch.randn(11)
-    for i in range(6):
-        g = torch.randn(37, 5, dtype=torch.float64) * (1 + i)
-        torch.randn(11), torch.randn(11)
+    for i, g in enumerate(grads):
         if i != 3:
             c64.grad = g
             plain.step()
