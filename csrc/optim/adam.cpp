@@ -128,10 +128,11 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   c10::IValue amsgrad_value;
   if (archive.try_read("amsgrad", amsgrad_value)) amsgrad(amsgrad_value.toBool());  // absent in older checkpoints
-  // mixprec's own options are absent from torch::optim::Adam(W) checkpoints: they keep their defaults.
+  // mixprec's own options are absent from torch::optim::Adam(W) checkpoints: Adam::load keeps the group's.
   c10::IValue v;
+  has_mixprec_fields_ = archive.try_read("master_weights", v);
+  if (has_mixprec_fields_) master_weights(v.toStringRef());
   if (archive.try_read("maximize", v)) maximize(v.toBool());
-  if (archive.try_read("master_weights", v)) master_weights(v.toStringRef());
   if (archive.try_read("moment_dtype", v)) moment_dtype(static_cast<c10::ScalarType>(v.toInt()));
   if (archive.try_read("rounding", v)) rounding(v.toStringRef());
   if (archive.try_read("seed", v)) seed(v.toInt());
@@ -491,7 +492,24 @@ void Adam::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void Adam::load(torch::serialize::InputArchive& archive) {
+  std::vector<AdamOptions> configured;
+  configured.reserve(param_groups_.size());
+  for (size_t i = 0; i < param_groups_.size(); ++i) configured.push_back(options_of(i));
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+  for (size_t i = 0; i < param_groups_.size() && i < configured.size(); ++i) {
+    AdamOptions& loaded = options_of(i);
+    if (!loaded.has_mixprec_fields_) {  // torch's checkpoint: its options, the group's mixprec settings
+      const AdamOptions& mine = configured[i];
+      loaded.maximize(mine.maximize())
+          .master_weights(mine.master_weights())
+          .moment_dtype(mine.moment_dtype())
+          .rounding(mine.rounding())
+          .seed(mine.seed())
+          .rng_calls(mine.rng_calls());
+      loaded.has_mixprec_fields_ = true;
+    }
+    AdamCore::check_options(loaded);
+  }
 }
 
 // ---- torch.classes.mixprec.AdamCore: the Python front door's handle on the core ----------------------------

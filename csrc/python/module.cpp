@@ -1,8 +1,9 @@
 // The Python extension module mixprec._C. The ops live in libmixprec and register themselves with the
 // dispatcher when it loads; importing this module is what loads it (the module is linked against it,
 // and the calls below keep that link). Python-only glue goes here; CMake never builds this file.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
 
 #include <optional>
 #include <string>
@@ -39,6 +40,11 @@ class BorrowedTensors {
   ~BorrowedTensors() { release(); }
 
   at::TensorList list() const { return tensors_; }
+  int64_t elements() const {
+    int64_t n = 0;
+    for (const at::Tensor& t : tensors_) n += t.numel();
+    return n;
+  }
 
  private:
   void release() {
@@ -60,12 +66,20 @@ PYBIND11_MODULE(_C, m) {
   // The eager fast path of mixprec.ops.cast_: the same op through the dispatcher (typed, so fake tensors,
   // __torch_dispatch__ modes and the op's checks still apply), without torch.ops' conversion of two tensor
   // lists into IValues and back, which was most of the call's host time for 148 small tensors. Python
-  // falls back to torch.ops under torch.compile and __torch_function__ overrides. The GIL stays held.
+  // falls back to torch.ops under torch.compile and __torch_function__ overrides.
   m.def(
       "cast_",
       [](py::handle dst, py::handle src, const std::string& rounding, bool saturate, std::optional<int64_t> seed) {
         const BorrowedTensors d(dst, "dst"), s(src, "src");
-        mixprec::ops::cast_(d.list(), s.list(), rounding, saturate, seed);
+        // Other Python threads (data loading, checkpoint writers) run while a large cast does, as with
+        // torch's bindings. A small one keeps the GIL: each tensor handle the op copies then goes through
+        // torch's Python-object reference path without taking the GIL back, which costs more than it runs.
+        if (s.elements() >= (int64_t{1} << 20)) {
+          py::gil_scoped_release no_gil;
+          mixprec::ops::cast_(d.list(), s.list(), rounding, saturate, seed);
+        } else {
+          mixprec::ops::cast_(d.list(), s.list(), rounding, saturate, seed);
+        }
       },
       py::arg("dst"), py::arg("src"), py::arg("rounding"), py::arg("saturate"), py::arg("seed"));
 }

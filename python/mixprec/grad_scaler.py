@@ -424,10 +424,11 @@ class GradScaler(torch.amp.GradScaler):
         """torch's helper: multiply the optimizer's gradients by ``inv_scale`` and record inf/NaN, one fused
         pass per device. Returns each device's flag (copies of ``found_inf``, as torch's); records nothing
         in the scaler."""
+        if not allow_fp16 and any(p.grad is not None and p.grad.dtype == torch.float16
+                                  for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("Attempting to unscale FP16 gradients.")  # before anything is touched, as torch
         by_device: dict[torch.device, list[Tensor]] = {}
         for grad in self._grads(optimizer):
-            if not allow_fp16 and grad.dtype == torch.float16:
-                raise ValueError("Attempting to unscale FP16 gradients.")
             by_device.setdefault(grad.device, []).append(grad)
         flags: dict[torch.device, Tensor] = {}
         for device, grads in by_device.items():

@@ -353,6 +353,21 @@ def test_direct_binding_is_the_same_op_with_version_counters_advanced() -> None:
     ops.cast_([h], [torch.full((3,), 2.0)])
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+    # Under inference mode too (torch's in-place ops bump versions in ADInplaceOrView, which still runs there).
+    y = (w.bfloat16() * h).sum()
+    with torch.inference_mode():
+        ops.cast_([h], [torch.full((3,), 5.0)])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # A tensor autograd tracks is not written (cast_ is not differentiable), as torch refuses in-place writes
+    # into leaves that require grad; under no_grad it is.
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"dst\[0\] requires grad, and cast_ is not differentiable"):
+        ops.cast_([p], [torch.full((3,), 2.0)])
+    assert torch.equal(p.detach(), torch.ones(3))
+    with torch.no_grad():
+        ops.cast_([p], [torch.full((3,), 2.0)])
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
     with pytest.raises(TypeError, match=r"dst\[1\] must be a Tensor, got NoneType"):
         mixprec._C.cast_([h, None], [h, h], "nearest", False, None)
 

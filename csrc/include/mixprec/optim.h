@@ -50,6 +50,12 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   void serialize(torch::serialize::OutputArchive& archive) const override;
   double get_lr() const override { return lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
+
+ private:
+  friend class Adam;
+  // False after reading options without mixprec's own fields (a torch::optim::Adam(W) checkpoint): Adam::load
+  // then keeps the group's configured master_weights, moment_dtype, rounding, seed and maximize.
+  bool has_mixprec_fields_ = true;
 };
 
 /// torch::optim::AdamWOptions' defaults (weight_decay 1e-2) for mixprec::optim::AdamW. The setters are
