@@ -8,6 +8,7 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -147,6 +148,9 @@ std::vector<int64_t> GradScaler::place_params(int64_t key, at::TensorList params
 void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList grads, at::TensorList params,
                              const at::Tensor& inv_scale) {
   TORCH_INTERNAL_ASSERT(params.empty() || params.size() == grads.size());
+  // As torch's scaler: gradients of a create_graph backward require grad; unscaling them is not part of any
+  // graph (and the op refuses to write into tracked tensors under grad mode).
+  c10::NoGradGuard no_grad;
   const bool track = options_.track_overflows() && !params.empty();
   std::map<std::string, std::vector<at::Tensor>> by_device;
   std::map<std::string, std::vector<int64_t>> positions_by_device;

@@ -1069,3 +1069,44 @@ def test_amsgrad_maximum_follows_torch_maximum_with_nan() -> None:
     expected = torch.maximum(torch.tensor([0.5, 0.0, float("nan"), 0.0]), v[0])
     torch.testing.assert_close(vmax[0], expected, rtol=0, atol=0, equal_nan=True)
     assert vmax[0][0] == 0.5 and vmax[0][3] == v[0][3] and vmax[0][1].isnan() and vmax[0][2].isnan()
+
+
+def test_a_step_advances_version_counters_as_torchs_step() -> None:
+    """As torch's for-each and for-loop steps (its fused step does not): a step advances the version counter of every tensor it writes (so autograd
+    refuses a backward through a parameter overwritten after it was saved), under inference mode too; the
+    op refuses, under grad mode, to write into tensors that require grad."""
+    for cls in (torch.optim.AdamW, mixprec.optim.AdamW):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = cls([w], lr=0.1)
+        y = (w * w).sum()  # saves w
+        w.grad = torch.ones(3)
+        before = w._version
+        opt.step()
+        assert w._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+        if cls is mixprec.optim.AdamW:
+            st = opt.state[w]
+            versions = [st[k]._version for k in ("step", "exp_avg", "exp_avg_sq")]
+            with torch.inference_mode():
+                opt.step()
+            assert [st[k]._version for k in ("step", "exp_avg", "exp_avg_sq")] == [v + 1 for v in versions]
+    p = torch.nn.Parameter(torch.ones(3))
+    args = ([p], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())])
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(RuntimeError, match=r"mixprec::adam_step_: params\[0\] requires grad"):
+        ops.adam_step_(*args, **hyper)
+    assert torch.equal(p.detach(), torch.ones(3))
+    with torch.no_grad():
+        ops.adam_step_(*args, **hyper)
+    assert not torch.equal(p.detach(), torch.ones(3))
+
+
+def test_unscale_advances_the_gradients_version_counters() -> None:
+    g = [torch.full((4,), 2.0), torch.full((3,), 4.0, dtype=torch.bfloat16)]
+    found = torch.zeros(1)
+    versions = [t._version for t in g] + [found._version]
+    ops.unscale_and_check_(g, found, torch.full((1,), 0.5))
+    assert [t._version for t in g] + [found._version] == [v + 1 for v in versions]
+    total = ops.unscale_and_check_sumsq_(g, found, torch.full((1,), 0.5))
+    assert [t._version for t in g] == [v + 2 for v in versions[:2]] and not total.requires_grad

@@ -362,7 +362,7 @@ def test_direct_binding_is_the_same_op_with_version_counters_advanced() -> None:
     # A tensor autograd tracks is not written (cast_ is not differentiable), as torch refuses in-place writes
     # into leaves that require grad; under no_grad it is.
     p = torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(RuntimeError, match=r"dst\[0\] requires grad, and cast_ is not differentiable"):
+    with pytest.raises(RuntimeError, match=r"mixprec::cast_: dst\[0\] requires grad, and the op is not differentiable"):
         ops.cast_([p], [torch.full((3,), 2.0)])
     assert torch.equal(p.detach(), torch.ones(3))
     with torch.no_grad():

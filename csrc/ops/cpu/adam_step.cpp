@@ -72,11 +72,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   });
   plan.finish();
   // Only applied steps count. Written in memory, as add_(1) would write them (a float32 + 1), at a fraction
-  // of its cost per tensor; the version counters advance as an in-place op's would.
-  for (const at::Tensor& s : steps) {
-    *const_cast<at::Tensor&>(s).mutable_data_ptr<float>() += 1.0f;
-    s.unsafeGetTensorImpl()->bump_version();
-  }
+  // of its cost per tensor; the op's ADInplaceOrView kernel advances the version counters.
+  for (const at::Tensor& s : steps) *const_cast<at::Tensor&>(s).mutable_data_ptr<float>() += 1.0f;
 }
 
 }  // namespace
