@@ -267,7 +267,8 @@ void check_float64_grads(const std::vector<torch::Tensor>& p, at::TensorList gra
 }
 
 void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::Tensor>& m,
-                  const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& vmax_list,
+                  const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& vmax,  // empty without AMSGrad
+                 
                   const std::vector<torch::Tensor>& s, at::TensorList grads, const AdamOptions& options, bool decoupled,
                   const ops::AdamStepExtras& extras) {
   // mixprec's kernels compute in fp32, which float64 users do not want: these rows take torch's own fused
@@ -275,7 +276,6 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
   // The gradients were checked (check_float64_grads) before any bucket stepped.
   at::_foreach_add_(s, 1);
   const auto [beta1, beta2] = options.betas();
-  const std::vector<torch::Tensor> vmax = options.amsgrad() ? vmax_list : std::vector<torch::Tensor>{};
   // The overloads differ in lr (a number, or a tensor read on the device).
   const auto run = [&](const auto& lr) {
     const auto call = [&](const auto& op) {

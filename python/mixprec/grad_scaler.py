@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+from . import ops
 from .optim import _local
 
 __all__ = ["GradScaler", "OverflowReport"]
@@ -105,6 +106,11 @@ def _takes_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
         return _function_takes_grad_scaler.__wrapped__(function)
 
 
+def _by_device_name(flags: Any) -> dict[str, Tensor]:
+    """A {device: flag} mapping keyed as the C++ records key it (device strings)."""
+    return {str(torch.device(d)): t for d, t in dict(flags).items()}
+
+
 class _FoundInfView(MutableMapping):
     """One optimizer's overflow flags this iteration, keyed by device: the flags the C++ scaler holds (an
     in-place all-reduce of a value reaches ``step`` and ``update``); adding or removing one edits its record."""
@@ -166,7 +172,7 @@ class _OptimizerStateView(MutableMapping):
         if name == "stage":
             stage = OptState(value).value
         elif name == "found_inf_per_device":
-            flags = {str(torch.device(d)): t for d, t in dict(value).items()}
+            flags = _by_device_name(value)
         else:
             raise KeyError(f"a GradScaler's per-optimizer state holds only {self._KEYS}, not {name!r}")
         self._impl.set_optimizer_state(self._key, stage, flags)
@@ -204,8 +210,7 @@ class _PerOptimizerStates(MutableMapping):
     def __setitem__(self, key: int, value: Any) -> None:
         value = dict(value)
         stage = OptState(value.get("stage", OptState.READY)).value
-        flags = {str(torch.device(d)): t for d, t in dict(value.get("found_inf_per_device", {})).items()}
-        self._impl.set_optimizer_state(int(key), stage, flags)
+        self._impl.set_optimizer_state(int(key), stage, _by_device_name(value.get("found_inf_per_device", {})))
 
     def __delitem__(self, key: int) -> None:
         if int(key) not in self._impl.optimizer_keys():
@@ -217,9 +222,7 @@ class _PerOptimizerStates(MutableMapping):
             if default:
                 return default[0]
             raise KeyError(key)
-        record = {"stage": OptState(self._impl.stage(int(key))),
-                  "found_inf_per_device": {torch.device(d): t
-                                           for d, t in self._impl.found_inf_per_device(int(key)).items()}}
+        record = self[key].__copy__()
         self._impl.forget_optimizer(int(key))
         return record
 
@@ -433,7 +436,7 @@ class GradScaler(torch.amp.GradScaler):
         flags: dict[torch.device, Tensor] = {}
         for device, grads in by_device.items():
             flag = found_inf.to(device, copy=True).reshape(1)
-            torch.ops.mixprec.unscale_and_check_.default(grads, flag, inv_scale.to(device).reshape(1), None)
+            ops.unscale_and_check_(grads, flag, inv_scale.to(device).reshape(1))
             flags[device] = flag.reshape(found_inf.shape)
         return flags
 
@@ -610,46 +613,24 @@ class GradScaler(torch.amp.GradScaler):
         return self._impl.growth_tracker_tensor() if self._impl.has_scale() else None
 
     # torch's plain attributes for the settings, read and written through the C++ options.
-    @property
-    def _init_scale(self) -> float:
-        self._torch_attribute("_init_scale")
-        return float(self._impl.get_init_scale())
+    def _setting(name: str, get: Callable[[Any], Any], put: Callable[[Any, Any], None]) -> Any:  # noqa: N805
+        def fget(self: "GradScaler") -> Any:
+            self._torch_attribute(name)
+            return get(self)
 
-    @_init_scale.setter
-    def _init_scale(self, value: float) -> None:
-        # As torch: takes effect when the scale is created (the first scale()), not on an existing scale.
-        self._torch_attribute("_init_scale")
-        self._impl.set_init_scale(float(value))
+        def fset(self: "GradScaler", value: Any) -> None:
+            self._torch_attribute(name)
+            put(self, value)
 
-    @property
-    def _growth_factor(self) -> float:
-        self._torch_attribute("_growth_factor")
-        return self.get_growth_factor()
+        return property(fget, fset, doc=f"torch's attribute {name}, over the C++ options.")
 
-    @_growth_factor.setter
-    def _growth_factor(self, value: float) -> None:
-        self._torch_attribute("_growth_factor")
-        self.set_growth_factor(value)
-
-    @property
-    def _backoff_factor(self) -> float:
-        self._torch_attribute("_backoff_factor")
-        return self.get_backoff_factor()
-
-    @_backoff_factor.setter
-    def _backoff_factor(self, value: float) -> None:
-        self._torch_attribute("_backoff_factor")
-        self.set_backoff_factor(value)
-
-    @property
-    def _growth_interval(self) -> int:
-        self._torch_attribute("_growth_interval")
-        return self.get_growth_interval()
-
-    @_growth_interval.setter
-    def _growth_interval(self, value: int) -> None:
-        self._torch_attribute("_growth_interval")
-        self.set_growth_interval(value)
+    # As torch: _init_scale takes effect when the scale is created (the first scale()), not on an existing one.
+    _init_scale = _setting("_init_scale", lambda self: float(self._impl.get_init_scale()),
+                           lambda self, value: self._impl.set_init_scale(float(value)))
+    _growth_factor = _setting("_growth_factor", get_growth_factor, set_growth_factor)
+    _backoff_factor = _setting("_backoff_factor", get_backoff_factor, set_backoff_factor)
+    _growth_interval = _setting("_growth_interval", get_growth_interval, set_growth_interval)
+    del _setting
 
     @property
     def _init_growth_tracker(self) -> int:

@@ -247,13 +247,8 @@ class _MixprecAdam(torch.optim.Optimizer):
             tracker = self.__dict__.setdefault("_tracker", _Tracker())
             self.__dict__["state"] = _StateMap(tracker, self.__dict__.get("state", {}))
             self._forget_cache()
-        for group in self.param_groups:  # pickles from before a key existed
-            for key in ("foreach", "fused"):
-                group.setdefault(key, None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", self._decoupled)
-        # torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
+        # torch's Adam.__setstate__ (above) filled its keys missing from older pickles, and AdamW's forced
+        # decoupled weight decay. torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
         self.__dict__.setdefault("_step_supports_amp_scaling", bool(self.defaults.get("fused")))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -433,12 +428,6 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
             raise TypeError("AdamW's weight decay is always decoupled (use Adam for L2 weight decay); "
                             "decoupled_weight_decay=False is not an AdamW option")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """As torch's AdamW: whatever state is loaded (e.g. a torch.optim.Adam state dict), AdamW stays AdamW."""
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
 
 
 class Adam(_MixprecAdam, torch.optim.Adam):
