@@ -1,5 +1,6 @@
 // Autograd and ADInplaceOrView kernels for mixprec's non-differentiable ops that write into lists of tensors
-// (cast_, unscale_and_check_, unscale_and_check_sumsq_, adam_step_). Without them a custom op goes through
+// or into tensors (cast_, unscale_and_check_(_sumsq_), adam_step_, record_overflow_, update_scale_,
+// fp8_update_scales_, fp8_gemm_accum_, linear_wgrad_accum_). Without them a custom op goes through
 // torch's boxed fallbacks: every tensor of every list is boxed into IValues and unboxed again (for cast_ of
 // 148 small tensors, most of the call's host time), and the fallthrough ADInplaceOrView key never advances
 // the version counters of what was written. As for torch's in-place ops: the Autograd kernel refuses to
@@ -139,20 +140,58 @@ using Adam = Inplace<AdamName, void(at::TensorList, at::TensorList, at::TensorLi
                                     c10::string_view, c10::string_view, std::optional<int64_t>, OptTensor, OptTensor,
                                     OptTensor, OptTensor, std::optional<at::TensorList>)>;
 
+using T = const at::Tensor&;
+
+struct RecordOverflowName {
+  static constexpr const char* value = "mixprec::record_overflow_";
+};
+using RecordOverflow = Inplace<RecordOverflowName, void(T, T, T, T, int64_t, int64_t, OptTensor, OptTensor)>;
+
+struct UpdateScaleName {
+  static constexpr const char* value = "mixprec::update_scale_";
+};
+using UpdateScale =
+    Inplace<UpdateScaleName, void(T, T, T, T, double, double, int64_t, int64_t, double, std::optional<double>, bool)>;
+
+struct Fp8UpdateScalesName {
+  static constexpr const char* value = "mixprec::fp8_update_scales_";
+};
+using Fp8UpdateScales = Inplace<Fp8UpdateScalesName, void(T, T, T, at::ScalarType, c10::string_view, int64_t, bool)>;
+
+struct Fp8GemmAccumName {
+  static constexpr const char* value = "mixprec::fp8_gemm_accum_";
+};
+using Fp8GemmAccum = Inplace<Fp8GemmAccumName, void(T, T, T, T, T)>;
+
+struct WgradAccumName {
+  static constexpr const char* value = "mixprec::linear_wgrad_accum_";
+};
+using WgradAccum = Inplace<WgradAccumName, void(T, T, T)>;
+
 }  // namespace
 
+// One list, so that the two dispatch keys cannot drift apart.
+#define MIXPREC_INPLACE_OPS(X)                 \
+  X("cast_", Cast)                             \
+  X("unscale_and_check_", Unscale)             \
+  X("unscale_and_check_sumsq_", UnscaleSumsq)  \
+  X("adam_step_", Adam)                        \
+  X("record_overflow_", RecordOverflow)        \
+  X("update_scale_", UpdateScale)              \
+  X("fp8_update_scales_", Fp8UpdateScales)     \
+  X("fp8_gemm_accum_", Fp8GemmAccum)           \
+  X("linear_wgrad_accum_", WgradAccum)
+
 TORCH_LIBRARY_IMPL(mixprec, Autograd, m) {
-  m.impl("cast_", TORCH_FN(Cast::autograd));
-  m.impl("unscale_and_check_", TORCH_FN(Unscale::autograd));
-  m.impl("unscale_and_check_sumsq_", TORCH_FN(UnscaleSumsq::autograd));
-  m.impl("adam_step_", TORCH_FN(Adam::autograd));
+#define MIXPREC_AUTOGRAD(name, Op) m.impl(name, TORCH_FN(Op::autograd));
+  MIXPREC_INPLACE_OPS(MIXPREC_AUTOGRAD)
+#undef MIXPREC_AUTOGRAD
 }
 
 TORCH_LIBRARY_IMPL(mixprec, ADInplaceOrView, m) {
-  m.impl("cast_", TORCH_FN(Cast::inplace_or_view));
-  m.impl("unscale_and_check_", TORCH_FN(Unscale::inplace_or_view));
-  m.impl("unscale_and_check_sumsq_", TORCH_FN(UnscaleSumsq::inplace_or_view));
-  m.impl("adam_step_", TORCH_FN(Adam::inplace_or_view));
+#define MIXPREC_INPLACE_OR_VIEW(name, Op) m.impl(name, TORCH_FN(Op::inplace_or_view));
+  MIXPREC_INPLACE_OPS(MIXPREC_INPLACE_OR_VIEW)
+#undef MIXPREC_INPLACE_OR_VIEW
 }
 
 }  // namespace mixprec

@@ -140,7 +140,9 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
 }
 
 void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+  // The step count goes out as torch::optim::Adam(W)'s int64, so that their load reads a mixprec checkpoint
+  // (the float32 count is an exact integer; one host read per parameter, when saving only).
+  if (step().defined()) archive.write("step", c10::IValue(static_cast<int64_t>(step().item<double>())));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_exp_avg_sq);

@@ -407,3 +407,44 @@ TEST_CASE("torch::optim options and checkpoints work unchanged with mixprec::opt
                          std::make_unique<torch::optim::SGDOptions>(0.1));
   REQUIRE_THROWS_WITH(mixprec::optim::AdamW(sgd_group), Catch::Contains("a param group has options of another optimizer"));
 }
+
+TEST_CASE("a mixprec::optim::AdamW checkpoint loads into torch::optim::AdamW and resumes there", "[optim][dropin]") {
+  // The other direction of the drop-in: a run started with mixprec goes on with torch's optimizer.
+  auto ours = make_params(torch::kFloat);
+  auto theirs = make_params(torch::kFloat);
+  const auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.05).amsgrad(true);
+  mixprec::optim::AdamW opt(ours, options);
+  torch::optim::AdamW ref(theirs, options);
+  const auto run = [&](torch::optim::Optimizer& a, torch::optim::Optimizer& b, int from, int to) {
+    for (int step = from; step < to; ++step) {
+      set_grads(ours, step);
+      set_grads(theirs, step);
+      a.step();
+      b.step();
+    }
+  };
+  run(opt, ref, 0, 7);
+  std::stringstream buffer;
+  torch::save(opt, buffer);
+  torch::optim::AdamW resumed(ours, torch::optim::AdamWOptions(1.0));
+  torch::load(resumed, buffer);
+  const auto& loaded = static_cast<torch::optim::AdamWOptions&>(resumed.param_groups()[0].options());
+  REQUIRE((loaded.lr() == 1e-2 && loaded.weight_decay() == 0.05 && loaded.amsgrad()));
+  for (size_t i = 0; i < ours.size(); ++i) {
+    const auto& mine = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(ours[i].unsafeGetTensorImpl()));
+    const auto& got = static_cast<torch::optim::AdamWParamState&>(*resumed.state().at(ours[i].unsafeGetTensorImpl()));
+    REQUIRE(got.step() == 7);
+    REQUIRE(torch::equal(got.exp_avg(), mine.exp_avg()));
+    REQUIRE(torch::equal(got.exp_avg_sq(), mine.exp_avg_sq()));
+    REQUIRE(torch::equal(got.max_exp_avg_sq(), mine.max_exp_avg_sq()));
+  }
+  run(resumed, ref, 7, 15);
+  for (size_t i = 0; i < ours.size(); ++i) REQUIRE((ours[i] - theirs[i]).abs().max().item<double>() < 1e-6);
+  // And back: torch's checkpoint of the continued run resumes in mixprec's optimizer.
+  std::stringstream again;
+  torch::save(resumed, again);
+  mixprec::optim::AdamW back(ours, options);
+  torch::load(back, again);
+  run(back, ref, 15, 20);
+  for (size_t i = 0; i < ours.size(); ++i) REQUIRE((ours[i] - theirs[i]).abs().max().item<double>() < 1e-6);
+}

@@ -172,6 +172,8 @@ class Adam : public torch::optim::Optimizer {
   /// float32) is non-zero nothing is written. No host synchronisation.
   void step_scaled(const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf);
 
+  /// Writes torch::optim::Adam(W)'s layout (int64 step counts, its option keys) plus mixprec's own fields,
+  /// so torch::optim::Adam / AdamW load it too (they ignore masters, remainders and mixprec's options).
   void save(torch::serialize::OutputArchive& archive) const override;
   /// Loads what save() wrote, or a checkpoint of torch::optim::Adam / AdamW (integer step counts, torch's
   /// options only): masters are then taken from the parameters at the next step.

@@ -164,10 +164,6 @@ void fp8_update_scales__cpu(const at::Tensor& amax_history, const at::Tensor& sc
     for (int64_t k = history - 1; k > 0; --k) h[k * n + j] = h[(k - 1) * n + j];
     h[j] = 0.0f;
   }
-  // The in-place writes went around the dispatcher: bump the version counters as in-place ops do.
-  amax_history.unsafeGetTensorImpl()->bump_version();
-  scale.unsafeGetTensorImpl()->bump_version();
-  scale_inv.unsafeGetTensorImpl()->bump_version();
 }
 
 // The GEMMs on the CPU are the exact emulation: dequantize, then an fp32 GEMM with fp32 accumulation.

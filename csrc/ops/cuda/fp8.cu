@@ -277,10 +277,6 @@ void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& s
       amax_history.data_ptr<float>(), scale.data_ptr<float>(), scale_inv.data_ptr<float>(), amax_history.size(0), n,
       fp8_max, a == detail::AmaxAlgo::Max, static_cast<int>(margin), pow2_scales);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The kernel wrote around the dispatcher: bump the version counters as in-place ops do (as the CPU kernel).
-  amax_history.unsafeGetTensorImpl()->bump_version();
-  scale.unsafeGetTensorImpl()->bump_version();
-  scale_inv.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace mixprec::cuda

@@ -180,8 +180,6 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
     return false;
   }
   lt::check(status, op, "cublasLtMatmul");
-  // The GEMM wrote `out` around the dispatcher: bump its version counter as an in-place op does.
-  if (accumulate) out.unsafeGetTensorImpl()->bump_version();
   return true;
 }
 
