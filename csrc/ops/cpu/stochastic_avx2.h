@@ -12,51 +12,56 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 namespace mixprec::cpu {
 inline namespace CPU_CAPABILITY {
 namespace avx2 {
 
-
-inline __m256i mulhilo(__m256i c, __m256i m, __m256i* hi) {
-  const __m256i even = _mm256_mul_epu32(c, m);                         // 64-bit products, lanes 0 2 4 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);  // lanes 1 3 5 7
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
 // out[q] holds the 32-bit draws of element pairs 8q .. 8q+7 (elements 16q .. 16q+15) of the 64 elements
 // that groups g0 .. g0+7 cover: pair p is output p % 4 of group p / 4.
 inline void philox8(uint64_t g0, uint64_t offset, uint64_t seed, __m256i out[4]) {
-  alignas(32) uint32_t lo[8], hi[8];
-  for (int j = 0; j < 8; ++j) {
-    const uint64_t g = g0 + static_cast<uint64_t>(j);
-    lo[j] = static_cast<uint32_t>(g);
-    hi[j] = static_cast<uint32_t>(g >> 32);
+  // Counters built in registers (8 scalar stores read back as a vector stall store forwarding).
+  const uint32_t g0_lo = static_cast<uint32_t>(g0);
+  const __m256i start = _mm256_set1_epi32(static_cast<int32_t>(g0_lo));
+  const __m256i c0 = _mm256_add_epi32(start, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(g0 >> 32)));
+  if (g0_lo > 0xFFFFFFFFu - 7u) {  // the low word wraps within the 8 groups: carry into the high word there
+    const __m256i bias = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+    c1 = _mm256_sub_epi32(c1, _mm256_cmpgt_epi32(_mm256_xor_si256(start, bias), _mm256_xor_si256(c0, bias)));
   }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-  __m256i c2 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset >> 32)));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
+  const __m256i c2 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)));
+  const __m256i c3 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset >> 32)));
+  // The rounds run on the even groups (e*) and the odd groups (o*, moved down) apart, each word in the low
+  // half of a 64-bit lane: _mm256_mul_epu32 reads exactly those, a product's low word stays where the next
+  // round reads it, and its high word is one shift away (the high halves hold junk no round reads). This
+  // saves the blends a merged layout needs every round.
+  __m256i e0 = c0, e1 = c1, e2 = c2, e3 = c3;
+  __m256i o0 = _mm256_srli_epi64(c0, 32), o1 = _mm256_srli_epi64(c1, 32), o2 = c2, o3 = c3;
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u);
+  const __m256i m1 = _mm256_set1_epi64x(0xCD9E8D57u);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    __m256i hi0, hi1;
-    const __m256i lo0 = mulhilo(c0, m0, &hi0);
-    const __m256i lo1 = mulhilo(c2, m1, &hi1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int32_t>(k0)));
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int32_t>(k1)));
-    c3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+    const __m256i pe0 = _mm256_mul_epu32(e0, m0), pe1 = _mm256_mul_epu32(e2, m1);
+    const __m256i po0 = _mm256_mul_epu32(o0, m0), po1 = _mm256_mul_epu32(o2, m1);
+    e0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pe1, 32), e1), key0);
+    e2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pe0, 32), e3), key1);
+    e1 = pe1;
+    e3 = pe0;
+    o0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(po1, 32), o1), key0);
+    o2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(po0, 32), o3), key1);
+    o1 = po1;
+    o3 = po0;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  // 4 x 8 -> pair order: pair 4j + k takes output k of group j.
-  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  // Even and odd groups back into lanes 0..7, then 4 x 8 -> pair order: pair 4j + k takes output k of group j.
+  const auto merge = [](__m256i even, __m256i odd) { return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA); };
+  const __m256i r0 = merge(e0, o0), r1 = merge(e1, o1), r2 = merge(e2, o2), r3 = merge(e3, o3);
+  const __m256i t0 = _mm256_unpacklo_epi32(r0, r1), t1 = _mm256_unpackhi_epi32(r0, r1);
+  const __m256i t2 = _mm256_unpacklo_epi32(r2, r3), t3 = _mm256_unpackhi_epi32(r2, r3);
   const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
   const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
   out[0] = _mm256_permute2x128_si256(u0, u1, 0x20);
@@ -81,25 +86,27 @@ inline __m256i bf16_stochastic(__m256 x, __m256i draw) {
   return _mm256_srli_epi32(r, 16);
 }
 
-// fp16 stochastic rounding of 8 floats (the same arithmetic as rounding::to_half_stochastic).
+// fp16 stochastic rounding of 8 floats: the same results as rounding::to_half_stochastic (round up iff the
+// part below the fp16 grid point, as a fraction of the spacing, exceeds draw16 * 2^-16).
 inline __m128i half_stochastic(__m256 x, __m256i draw) {
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256i ua = _mm256_castps_si256(a);
-  const __m256 low_normal = _mm256_castsi256_ps(_mm256_and_si256(ua, _mm256_set1_epi32(static_cast<int32_t>(0xffffe000u))));
-  const __m256 spacing_normal =
-      _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_and_si256(ua, _mm256_set1_epi32(0x7f800000)), _mm256_set1_epi32(10 << 23)));
-  const __m256 spacing_sub = _mm256_set1_ps(5.9604644775390625e-08f);
-  const __m256 low_sub = _mm256_mul_ps(
-      _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(16777216.0f)), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), spacing_sub);
-  const __m256 normal = _mm256_cmp_ps(a, _mm256_set1_ps(6.103515625e-05f), _CMP_GE_OQ);
-  const __m256 low = _mm256_blendv_ps(low_sub, low_normal, normal);
-  const __m256 spacing = _mm256_blendv_ps(spacing_sub, spacing_normal, normal);
-  const __m256 u01 = _mm256_mul_ps(_mm256_cvtepi32_ps(draw), _mm256_set1_ps(1.52587890625e-05f));  // draw16 * 2^-16
-  const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, low), _mm256_mul_ps(u01, spacing), _CMP_GT_OQ);
-  __m256 mag = _mm256_blendv_ps(low, _mm256_add_ps(low, spacing), up);
-  mag = _mm256_blendv_ps(mag, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                         _mm256_cmp_ps(a, _mm256_set1_ps(65536.0f), _CMP_GE_OQ));
+  // fp16 normals (and everything above, which becomes inf): the 13 bits fp16 drops, f, give the fraction
+  // f * 2^-13, so the rule is f * 8 > draw16, i.e. f > draw16 >> 3: adding 0x1FFF - (draw16 >> 3) carries
+  // into bit 13 exactly then, and clearing the 13 bits leaves a value fp16 holds exactly (or >= 65536: inf).
+  const __m256i addend = _mm256_sub_epi32(_mm256_set1_epi32(0x1FFF), _mm256_srli_epi32(draw, 3));
+  __m256 mag = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(a), addend),
+                                                    _mm256_set1_epi32(static_cast<int32_t>(0xffffe000u))));
+  // fp16 subnormals (spacing 2^-24 whatever the exponent) only when a lane has one: rare in weights.
+  const __m256 subnormal = _mm256_cmp_ps(a, _mm256_set1_ps(6.103515625e-05f), _CMP_LT_OQ);
+  if (!_mm256_testz_ps(subnormal, subnormal)) {
+    const __m256 spacing = _mm256_set1_ps(5.9604644775390625e-08f);
+    const __m256 low = _mm256_mul_ps(
+        _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(16777216.0f)), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), spacing);
+    const __m256 u01 = _mm256_mul_ps(_mm256_cvtepi32_ps(draw), _mm256_set1_ps(1.52587890625e-05f));  // draw16 * 2^-16
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, low), _mm256_mul_ps(u01, spacing), _CMP_GT_OQ);
+    mag = _mm256_blendv_ps(mag, _mm256_blendv_ps(low, _mm256_add_ps(low, spacing), up), subnormal);
+  }
   __m256 y = _mm256_or_ps(mag, sign);
   y = _mm256_blendv_ps(y, canonical_nan(x), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   return _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
