@@ -477,19 +477,20 @@ torch::Tensor QuantizedConv2dImpl::forward(const torch::Tensor& input) {
 
 // ---- Sequential ------------------------------------------------------------------------------------------------
 
-torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config) {
+torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config, const PrepareFilter& filter) {
   torch::nn::Sequential out;
   const size_t n = model->size();
+  const auto accepted = [&](const std::string& name, const torch::nn::Module& m) { return !filter || filter(name, m); };
   for (size_t i = 0; i < n; ++i) {
     std::string name = std::to_string(i);
     const std::shared_ptr<torch::nn::Module> m = model->ptr(i);
-    if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+    const auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m);
+    const auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m);
+    if (linear && accepted(name, *linear)) {
       out->push_back(std::move(name), QATLinear(*linear, config));
-    } else if (auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m)) {
+    } else if (conv && accepted(name, *conv)) {
       std::shared_ptr<torch::nn::BatchNorm2dImpl> bn;
-      if (config.fold_batchnorm && i + 1 < n) {
-        bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(model->ptr(i + 1));
-      }
+      if (config.fold_batchnorm && i + 1 < n) bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(model->ptr(i + 1));
       out->push_back(std::move(name),
                      QATConv2d(*conv, config, bn ? torch::nn::BatchNorm2d(bn) : torch::nn::BatchNorm2d(nullptr)));
       if (bn) out->push_back(std::to_string(++i), torch::nn::Identity());  // the conv runs it now

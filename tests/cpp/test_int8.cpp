@@ -291,3 +291,46 @@ TEST_CASE("qat fold_batchnorm: the conv quantizes its folded weight, convert lea
   REQUIRE_THROWS_WITH(mixprec::qat::QATConv2d(*conv, mixprec::qat::QATConfig{}, torch::nn::BatchNorm2d(3)),
                       Catch::Contains("folding needs a BatchNorm2d with running statistics"));
 }
+
+TEST_CASE("qat prepare takes a filter: the layers it refuses stay float, shared", "[int8][qat]") {
+  torch::manual_seed(21);
+  torch::nn::BatchNorm2d bn(4);
+  torch::nn::Sequential model(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)), bn, torch::nn::ReLU(),
+                              torch::nn::Flatten(), torch::nn::Linear(4 * 6 * 6, 8), torch::nn::ReLU(),
+                              torch::nn::Linear(8, 2));
+  std::vector<std::string> asked;
+  const auto keep_last_out = [&](const std::string& name, const torch::nn::Module&) {
+    asked.push_back(name);
+    return name != "6";  // the output layer stays in float, as usually advised
+  };
+  auto prepared = mixprec::qat::prepare(model, {.fold_batchnorm = true}, keep_last_out);
+  REQUIRE(asked == std::vector<std::string>{"0", "4", "6"});  // the layers only, by their names in the model
+  REQUIRE(prepared->ptr(0)->as<mixprec::qat::QATConv2d>()->bn.ptr() == bn.ptr());
+  REQUIRE(prepared->ptr(1)->as<torch::nn::Identity>() != nullptr);
+  REQUIRE(prepared->ptr(4)->as<mixprec::qat::QATLinear>() != nullptr);
+  REQUIRE(prepared->ptr(6).get() == model->ptr(6).get());  // left as it was, shared
+  auto names = prepared->named_parameters();
+  REQUIRE(names.size() == model->parameters().size());
+  for (const char* key : {"0.weight", "0.bn.weight", "4.weight", "4.bias", "6.weight"}) REQUIRE(names.contains(key));
+
+  const auto x = torch::randn({16, 1, 6, 6});
+  const auto y = (x.mean({1, 2, 3}) > 0).to(torch::kLong);
+  mixprec::optim::AdamW opt(prepared->parameters(), mixprec::optim::AdamWOptions(1e-2));
+  for (int step = 0; step < 10; ++step) {
+    opt.zero_grad();
+    torch::cross_entropy_loss(prepared->forward(x), y).backward();
+    opt.step();
+  }
+  prepared->eval();
+  torch::NoGradGuard no_grad;
+  auto converted = mixprec::qat::convert(prepared);
+  REQUIRE(converted->ptr(0)->as<mixprec::qat::QuantizedConv2d>() != nullptr);
+  REQUIRE(converted->ptr(4)->as<mixprec::qat::QuantizedLinear>() != nullptr);
+  REQUIRE(converted->ptr(6)->as<torch::nn::Linear>() != nullptr);
+  // The float layer computes in float: the last layer's output is exactly torch's on the converted features.
+  const auto features = converted->ptr(5)->as<torch::nn::ReLU>()->forward(
+      converted->ptr(4)->as<mixprec::qat::QuantizedLinear>()->forward(converted->ptr(3)->as<torch::nn::Flatten>()->forward(
+          converted->ptr(2)->as<torch::nn::ReLU>()->forward(converted->ptr(0)->as<mixprec::qat::QuantizedConv2d>()->forward(x)))));
+  REQUIRE(torch::equal(converted->forward(x), model->ptr(6)->as<torch::nn::Linear>()->forward(features)));
+  REQUIRE(torch::allclose(converted->forward(x), prepared->forward(x), 1e-4, 1e-5));
+}

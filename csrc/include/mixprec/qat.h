@@ -20,8 +20,10 @@
 #include <torch/serialize/archive.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <ostream>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -191,11 +193,19 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
 };
 TORCH_MODULE(QuantizedConv2d);
 
-/// A Sequential like `model` (sharing its modules and parameters) whose own Linear and Conv2d entries are QAT
-/// layers (layers inside other modules of it are left as they are): build the optimizer on the result. With
-/// fold_batchnorm, a Conv2d entry followed by a BatchNorm2d entry takes it as its child and the BatchNorm's entry
-/// becomes a torch::nn::Identity (parameter names "i.bn.*").
-torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config = {});
+/// Which layers prepare() swaps: called with the entry's name ("3") and the layer (a torch::nn::LinearImpl or
+/// Conv2dImpl); none: every one.
+using PrepareFilter = std::function<bool(const std::string& name, const torch::nn::Module& layer)>;
+
+/// A Sequential like `model` (sharing its modules and parameters) whose Linear and Conv2d entries that `filter`
+/// accepts are QAT layers: build the optimizer on the result. Parameter and buffer names stay the same. Only
+/// the Sequential's own entries can be swapped: LibTorch modules call their children through member holders
+/// (and nest Sequentials only as subclasses with a forward of their own), which no function can rewrite from
+/// outside; build those layers with QATLinear / QATConv2d from the float layer in the module's constructor.
+/// With fold_batchnorm, a Conv2d entry followed by a BatchNorm2d entry takes it as its child and the
+/// BatchNorm's entry becomes a torch::nn::Identity (parameter names "i.bn.*").
+torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfig& config = {},
+                              const PrepareFilter& filter = nullptr);
 
 /// A Sequential like `model` whose QAT layers are converted (integer weights plus scales).
 torch::nn::Sequential convert(const torch::nn::Sequential& model);
