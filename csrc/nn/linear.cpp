@@ -83,7 +83,12 @@ bool in_plain_backward(const c10::Device& device) {
 
 bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
   const torch::Tensor& grad = weight.grad();
-  return grad.defined() && grad.is_floating_point() && grad.layout() == at::kStrided && grad.is_contiguous() &&
+  // Into an fp32 .grad, or a 16-bit one of a weight whose grad_dtype is fp32 (left there by another use,
+  // converted to fp32 first). A 16-bit grad_dtype (a weight never converted, or one under DDP) keeps its
+  // dtype, as autograd keeps it: the GEMM's result goes to autograd, which rounds it once.
+  return grad.defined() && grad.is_floating_point() &&
+         (grad.scalar_type() == at::kFloat || weight.grad_dtype() == at::kFloat) && grad.layout() == at::kStrided &&
+         grad.is_contiguous() &&
          grad.sizes() == weight.sizes() && grad.device() == weight.device() && !is_subclass(grad) &&
          torch::autograd::impl::hooks(weight).empty() && !torch::autograd::impl::post_acc_grad_hooks(weight) &&
          in_plain_backward(device);

@@ -26,7 +26,9 @@ Distributed training: under FSDP2 (``fully_shard``) FSDP2 owns the gradient dtyp
 parameters take the layer's fp32 GEMM result in their own dtype, so a converted layer behaves as
 ``torch.nn.Linear`` there (``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` reduces and accumulates in
 fp32). ``DistributedDataParallel`` buckets gradients in the parameters' dtype and cannot carry an fp32
-gradient of a 16-bit weight: a forward under DDP raises with what to do instead (fp32 weights are fine).
+gradient of a 16-bit weight: under DDP such a weight's gradient goes back to its own dtype at the first
+forward (with a warning), so the layer behaves as ``torch.nn.Linear`` there; fp32 weights keep fp32
+gradients, reduced by DDP as usual.
 float64 weights keep float64 gradients (a plain float64 GEMM). torch.func transforms (``grad``, ``vmap``,
 ``jvp``) and forward-mode AD return gradients instead of accumulating them: there the layer computes as
 ``torch.nn.Linear`` does.
@@ -35,6 +37,7 @@ float64 weights keep float64 gradients (a plain float64 GEMM). torch.func transf
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -58,16 +61,24 @@ def keep_fp32_grad(weight: Tensor) -> None:
 
 
 def _check_ddp(weight: Tensor) -> None:
-    """DDP buckets gradients in the parameters' dtype: an fp32 gradient of a 16-bit weight cannot go there."""
+    """Under DistributedDataParallel, which buckets gradients in the parameters' dtype (an fp32 gradient of a
+    16-bit weight cannot go there), the weight's gradient goes back to the weight's own dtype, as
+    torch.nn.Linear's is: the fp32 GEMM result is rounded once by autograd and DDP reduces it as usual."""
     ddp = torch.nn.parallel.DistributedDataParallel._active_ddp_module
     if (ddp is not None and weight.is_leaf and weight.dtype in (torch.float16, torch.bfloat16)
             and weight.grad_dtype == torch.float32):
-        raise RuntimeError(
-            f"mixprec.nn.Linear keeps an fp32 gradient for its {weight.dtype} weight (weight.grad_dtype = "
-            f"{weight.grad_dtype}), which DistributedDataParallel cannot reduce: it buckets gradients in the "
-            "parameters' dtype. Under DDP keep torch.nn.Linear (16-bit gradients, reduced as usual), or shard the "
-            "model with FSDP2 (torch.distributed.fsdp.fully_shard with MixedPrecisionPolicy(reduce_dtype="
-            "torch.float32) reduces and accumulates the gradients in fp32)")
+        warnings.warn(
+            f"mixprec.nn: under DistributedDataParallel the gradient of a {weight.dtype} Linear weight is kept in "
+            f"{weight.dtype}, as torch.nn.Linear's (DDP buckets gradients in the parameters' dtype): the fp32 "
+            "weight-gradient GEMM result is rounded once, and accumulation across micro-batches is in "
+            f"{weight.dtype}. For fp32 gradient reduction and accumulation shard with FSDP2 (fully_shard with "
+            "MixedPrecisionPolicy(reduce_dtype=torch.float32)), or keep fp32 weights under DDP",
+            stacklevel=3)
+        grad = weight.grad
+        weight.grad = None  # no gradient of the other dtype while grad_dtype changes
+        weight.grad_dtype = weight.dtype  # (None would allow any dtype)
+        if grad is not None:
+            weight.grad = grad.to(weight.dtype)
 
 
 def _functional_transform(*tensors: Optional[Tensor]) -> bool:
@@ -395,15 +406,9 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
     tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
     working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` with their
-    own ``forward`` are left alone. A model wrapped in ``DistributedDataParallel`` with 16-bit Linear weights
-    is refused (see the module docstring). ``amax_group`` becomes each FP8 layer's
+    own ``forward`` are left alone. Under ``DistributedDataParallel`` 16-bit weights get gradients in their
+    own dtype again (see the module docstring). ``amax_group`` becomes each FP8 layer's
     :attr:`Float8Linear.amax_group`. Returns ``module``."""
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and any(
-            type(m) is torch.nn.Linear and m.weight.dtype in (torch.float16, torch.bfloat16) for m in module.modules()):
-        raise RuntimeError(
-            "mixprec.nn.convert: DistributedDataParallel cannot reduce the fp32 weight gradients of 16-bit "
-            "mixprec.nn.Linear weights (it buckets gradients in the parameters' dtype); keep torch.nn.Linear under "
-            "DDP, or shard with FSDP2 (fully_shard with MixedPrecisionPolicy(reduce_dtype=torch.float32))")
     gemms = Int8Gemms() if int8 is True else (int8 or None)
     if fp8 is not None and gemms is not None:
         raise ValueError("mixprec.nn.convert: pass fp8= or int8=, not both")

@@ -1,7 +1,6 @@
 """mixprec.nn.Linear under torch.distributed, 2 gloo ranks on the CPU: FSDP2 (fully_shard) trains a converted
-model as it trains the plain one (FSDP2 owns the gradient dtype there); DistributedDataParallel, which
-cannot carry an fp32 gradient of a 16-bit weight, is refused at the first forward with what to do
-instead."""
+model as it trains the plain one (FSDP2 owns the gradient dtype there); DistributedDataParallel trains it
+as it trains torch.nn.Linear (16-bit weights get gradients in their own dtype there, as DDP needs)."""
 
 from __future__ import annotations
 
@@ -56,20 +55,41 @@ FSDP_SCRIPT = EXIT_NOW + textwrap.dedent(
 
 DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import sys, warnings, torch, torch.distributed as dist
     import mixprec
-    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = mixprec.nn.convert(torch.nn.Sequential(torch.nn.Linear(8, 4)).bfloat16())
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    try:
-        ddp(torch.randn(3, 8).bfloat16()).sum().backward()
-        raise SystemExit("DDP with an fp32 gradient of a bf16 weight was not refused")
-    except RuntimeError as e:
-        assert "DistributedDataParallel cannot reduce" in str(e) and "fully_shard" in str(e), e
-    # fp32 weights have fp32 gradients anyway: DDP reduces them as usual.
-    fp32 = torch.nn.parallel.DistributedDataParallel(mixprec.nn.convert(torch.nn.Linear(8, 4)))
-    fp32(torch.randn(3, 8)).sum().backward()
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for kind in ("torch", "mixprec", "fp8"):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).to(dtype)
+            if kind == "mixprec":
+                mixprec.nn.convert(model)
+            elif kind == "fp8":
+                mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="current"), filter=lambda name, m: True)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            gen = torch.Generator().manual_seed(5 + rank)  # each rank its own data
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in range(3):
+                    opt.zero_grad(set_to_none=False)  # .grad kept: fp32 ones take the in-place GEMM
+                    with ddp.no_sync():  # gradient accumulation: the first micro-batch is not reduced
+                        ddp(torch.randn(4, 16, generator=gen).to(dtype)).float().pow(2).mean().backward()
+                    ddp(torch.randn(4, 16, generator=gen).to(dtype)).float().pow(2).mean().backward()
+                    opt.step()
+            warned = sum("under DistributedDataParallel" in str(w.message) for w in caught)
+            assert warned == (2 if kind != "torch" and dtype == torch.bfloat16 else 0), (kind, dtype, warned)
+            assert all(p.grad.dtype == dtype for p in model.parameters()), (kind, dtype)
+            state = [t.detach().clone() for p in model.parameters() for t in (p, p.grad)]
+            for t in state:  # every rank holds the same: the gradients were reduced
+                gathered = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(gathered, t)
+                assert torch.equal(gathered[0], gathered[1]), (kind, dtype)
+            results[(str(dtype), kind)] = state
+    if rank == 0:
+        torch.save(results, out)
     dist.destroy_process_group()
     exit_now()
     """
@@ -190,8 +210,25 @@ def test_fsdp2_trains_float8_layers(tmp_path) -> None:
         assert (diff <= 3e-2).all() and (diff > 2e-3 + 2e-2 * p.abs()).float().mean() <= 0.03, diff.max()
 
 
-def test_ddp_is_refused_with_a_way_out() -> None:
-    run_ranks(DDP_SCRIPT)
+def test_ddp_trains_converted_layers_as_it_trains_torchs(tmp_path) -> None:
+    """Under DistributedDataParallel (gradient accumulation with no_sync, .grad kept across steps) converted
+    layers train as torch.nn.Linear does: 16-bit weights get gradients in their own dtype at the first forward
+    (one warning per layer), which DDP buckets and reduces; fp32 weights keep fp32 gradients, added in place by
+    the GEMM and reduced by DDP from .grad. Every rank ends with the same parameters and gradients."""
+    out = str(tmp_path / "ddp.pt")
+    run_ranks(DDP_SCRIPT, out)
+    results = torch.load(out)
+    # fp32: the same arithmetic up to the GEMMs' summation order.
+    for a, b in zip(results[("torch.float32", "torch")], results[("torch.float32", "mixprec")]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # bf16: our gradient is the fp32 GEMM result rounded once to bf16, torch's bf16 GEMM rounds its fp32 sums
+    # once too: the same bits, so the same steps.
+    for a, b in zip(results[("torch.bfloat16", "torch")], results[("torch.bfloat16", "mixprec")]):
+        assert torch.equal(a, b)
+    # FP8 layers train under DDP too (their own arithmetic: compared with torch's only loosely).
+    for dtype in ("torch.bfloat16", "torch.float32"):
+        for a, b in zip(results[(dtype, "torch")][::2], results[(dtype, "fp8")][::2]):
+            torch.testing.assert_close(b.float(), a.float(), rtol=0.1, atol=0.02)
 
 
 def test_reduce_amax_op_schema_and_errors() -> None:

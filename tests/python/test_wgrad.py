@@ -524,15 +524,19 @@ def test_computed_weight_gets_an_ordinary_gradient() -> None:
     torch.testing.assert_close(original.grad, ref.parametrizations.weight.original.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_convert_refuses_a_ddp_wrapped_model_with_16_bit_weights() -> None:
-    """(Without a process group: the check needs only the wrapper's class and its module.)"""
-    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
-    nn.Module.__init__(ddp)
-    ddp.module = make_mlp(dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="DistributedDataParallel cannot reduce"):
-        mixprec.nn.convert(ddp)
-    ddp.module = make_mlp()  # fp32 weights: fp32 gradients are what DDP buckets anyway
-    assert mixprec.nn.convert(ddp) is ddp and type(ddp.module[0]) is mixprec.nn.Linear
+def test_a_weight_never_converted_keeps_gradients_in_its_own_dtype() -> None:
+    """mixprec.nn.linear on a bf16 weight whose grad_dtype is its own (never converted): .grad stays bf16 over
+    accumulated backwards, the fp32 GEMM result rounded once and added by autograd, as torch.nn.functional.linear
+    accumulates (which rounds its fp32 sums once too: the same bits)."""
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(4, 8).bfloat16())
+    ref = nn.Parameter(w.detach().clone())
+    for _ in range(3):
+        x = torch.randn(5, 8).bfloat16()
+        mixprec.nn.linear(x, w).float().pow(2).sum().backward()
+        torch.nn.functional.linear(x, ref).float().pow(2).sum().backward()
+        assert w.grad.dtype == torch.bfloat16
+    assert torch.equal(w.grad, ref.grad)
 
 
 def test_torch_compile_runs_a_converted_model() -> None:
