@@ -97,6 +97,18 @@ std::string_view scaling_name(Scaling scaling) {
   return "?";
 }
 
+void check_recipe(const Recipe& recipe) {
+  max_finite(recipe.forward_dtype);  // each names the dtype it refuses
+  max_finite(recipe.backward_dtype);
+  TORCH_CHECK_VALUE(recipe.amax_history_len >= 1, "mixprec: amax_history_len must be >= 1, got ",
+                    recipe.amax_history_len);
+  TORCH_CHECK_VALUE(recipe.amax_compute_algo == "max" || recipe.amax_compute_algo == "most_recent",
+                    "mixprec: amax_compute_algo must be \"max\" or \"most_recent\", got \"", recipe.amax_compute_algo,
+                    "\"");
+  TORCH_CHECK_VALUE(recipe.margin >= 0 && recipe.margin <= 32,
+                    "mixprec: margin must be in [0, 32] (the scale is divided by 2^margin), got ", recipe.margin);
+}
+
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options) {
   const at::TensorOptions f = options.dtype(at::kFloat);
   if (recipe.scaling != Scaling::Delayed) {
@@ -147,5 +159,20 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
     state.forward_amax_history = forward_amax_history;
     state.backward_amax_history = backward_amax_history;
     mixprec::fp8::reduce_amax(state, *group);
+  });
+}
+
+// No tensor argument: the kernel is the op's only one (CompositeImplicitAutograd serves every dispatch).
+TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
+  m.impl("fp8_check_recipe", [](c10::string_view scaling, at::ScalarType forward_dtype, at::ScalarType backward_dtype,
+                                int64_t amax_history_len, c10::string_view amax_compute_algo, int64_t margin) {
+    mixprec::fp8::Recipe recipe;
+    recipe.scaling = mixprec::fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
+    recipe.forward_dtype = forward_dtype;
+    recipe.backward_dtype = backward_dtype;
+    recipe.amax_history_len = amax_history_len;
+    recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
+    recipe.margin = margin;
+    mixprec::fp8::check_recipe(recipe);
   });
 }

@@ -502,11 +502,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
                             const fp8::ScalingState& state, const fp8::Recipe& recipe, Float8WeightCache* cache) {
   constexpr const char* op = "mixprec::float8_linear";
-  fp8::max_finite(recipe.forward_dtype);  // each names the dtype it refuses
-  fp8::max_finite(recipe.backward_dtype);
-  TORCH_CHECK_VALUE(recipe.amax_compute_algo == "max" || recipe.amax_compute_algo == "most_recent", op,
-                    ": amax_compute_algo must be \"max\" or \"most_recent\", got \"", recipe.amax_compute_algo, "\"");
-  TORCH_CHECK_VALUE(recipe.margin >= 0 && recipe.margin <= 32, op, ": margin must be in [0, 32], got ", recipe.margin);
+  fp8::check_recipe(recipe);
   if (recipe.scaling == fp8::Scaling::Delayed) {
     const std::pair<const torch::Tensor*, const char*> parts[] = {
         {&state.forward_amax_history, "forward_amax_history"}, {&state.forward_scale, "forward_scale"},
@@ -547,7 +543,8 @@ fp8::Recipe op_recipe(const fp8::ScalingState& state, c10::string_view scaling, 
   recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
   recipe.forward_dtype = forward_dtype;
   recipe.backward_dtype = backward_dtype;
-  recipe.amax_history_len = state.forward_amax_history.dim() == 2 ? state.forward_amax_history.size(0) : 0;
+  // Only delayed scaling's state carries a window; the other recipes keep the default (they do not use it).
+  if (state.forward_amax_history.dim() == 2) recipe.amax_history_len = state.forward_amax_history.size(0);
   recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
   recipe.margin = margin;
   recipe.pow2_scales = pow2_scales;
@@ -644,11 +641,13 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& input) { return linear(in
 
 Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearOptions& options_, fp8::Recipe recipe_)
     : options(options_), recipe(std::move(recipe_)) {
+  fp8::check_recipe(recipe);
   reset();
 }
 
 Float8LinearImpl::Float8LinearImpl(const torch::nn::LinearImpl& other, fp8::Recipe recipe_)
     : options(other.options), recipe(std::move(recipe_)) {
+  fp8::check_recipe(recipe);
   adopt_linear_parameters(*this, other, weight, bias);
   keep_fp32_grad(weight);
   register_state();

@@ -94,6 +94,10 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("keep_fp32_grad_(Tensor weight) -> ()");
   // mixprec::fp8::make_scaling_state: a Float8Linear's six state tensors for a recipe, on `like`'s device.
   m.def("fp8_scaling_state(str scaling, int amax_history_len, Tensor like) -> Tensor[]");
+  // mixprec::fp8::check_recipe (csrc/fp8/fp8.cpp): Python's Recipe runs the C++ checks when it is built.
+  m.def(
+      "fp8_check_recipe(str scaling, ScalarType forward_dtype, ScalarType backward_dtype, int amax_history_len, "
+      "str amax_compute_algo, int margin) -> ()");
   // mixprec::fp8::reduce_amax (csrc/fp8/fp8.cpp) over the torch.distributed group of that name.
   m.def("fp8_reduce_amax_(Tensor(a!) forward_amax_history, Tensor(b!) backward_amax_history, str group_name) -> ()");
   // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling).

@@ -69,12 +69,11 @@ class Recipe:
     fast_accum: bool = True
 
     def __post_init__(self) -> None:
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        if self.format not in _FORMATS:
+        if self.format not in _FORMATS:  # the format name is Python's; its two dtypes go to the C++ checks
             raise ValueError(f"format must be 'hybrid' or 'e4m3', got {self.format!r}")
-        if self.amax_history_len < 1:
-            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        # mixprec::fp8::check_recipe: scaling, history length, amax_compute_algo and margin, checked once in C++.
+        torch.ops.mixprec.fp8_check_recipe(str(self.scaling), self.forward_dtype, self.backward_dtype,
+                                           int(self.amax_history_len), str(self.amax_compute_algo), int(self.margin))
 
     @property
     def forward_dtype(self) -> torch.dtype:

@@ -193,6 +193,18 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
     REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
   }
   REQUIRE_THROWS_WITH(mixprec::fp8::parse_scaling("tensor"), Catch::Contains("scaling must be \"delayed\""));
+  // A recipe no layer can run is refused when the layer is built, by field.
+  mixprec::fp8::Recipe bad;
+  bad.margin = 33;
+  REQUIRE_THROWS_WITH(mixprec::nn::Float8Linear(torch::nn::LinearOptions(64, 32), bad),
+                      Catch::Contains("margin must be in [0, 32]"));
+  bad = {};
+  bad.amax_compute_algo = "mean";
+  torch::nn::Linear plain(64, 32);
+  REQUIRE_THROWS_WITH(mixprec::nn::Float8Linear(*plain, bad), Catch::Contains("amax_compute_algo must be"));
+  bad = {};
+  bad.backward_dtype = torch::kHalf;
+  REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad), Catch::Contains("dtype must be"));
 }
 
 TEST_CASE("nn::Float8Linear: dtype casts and policies leave the scaling state in fp32", "[fp8][nn]") {

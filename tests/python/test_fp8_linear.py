@@ -234,10 +234,17 @@ def test_small_transformer_on_real_text_within_2_percent_of_bf16(name: str) -> N
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="format must be 'hybrid' or 'e4m3'"):
         fp8.Recipe(format="e5m2")
-    with pytest.raises(ValueError, match="scaling must be one of"):
-        fp8.Recipe(scaling="tensorwise")
-    with pytest.raises(ValueError, match="amax_history_len must be >= 1"):
-        fp8.Recipe(amax_history_len=0)
+    # A recipe fails where it is written (C++'s check_recipe), not at the first forward.
+    for kwargs, message in ((dict(scaling="tensorwise"), r"scaling must be \"delayed\", \"current\""),
+                            (dict(amax_history_len=0), "amax_history_len must be >= 1"),
+                            (dict(amax_compute_algo="mean"), "amax_compute_algo must be"),
+                            (dict(margin=-1), r"margin must be in \[0, 32\]"),
+                            (dict(margin=33), r"margin must be in \[0, 32\]")):
+        with pytest.raises(ValueError, match=message):
+            fp8.Recipe(**kwargs)
+    fp8.Recipe(amax_compute_algo="most_recent", margin=32, amax_history_len=1)  # the edges are accepted
+    torch.library.opcheck(torch.ops.mixprec.fp8_check_recipe.default,
+                          ("delayed", torch.float8_e4m3fn, torch.float8_e5m2, 16, "max", 0))
     layer = mixprec.nn.Float8Linear(32, 16)
     with pytest.raises(RuntimeError, match="float64 input or weight has no FP8 path"):
         layer(torch.randn(4, 32, dtype=torch.float64))

@@ -119,6 +119,12 @@ struct Recipe {
   bool fast_accum = true;  // the forward GEMM's faster FP8 accumulation (CUDA); backward GEMMs never use it
 };
 
+/// Refuses a recipe no layer can run, naming the field: an FP8 dtype other than E4M3/E5M2, amax_history_len < 1,
+/// amax_compute_algo other than "max" / "most_recent", margin outside [0, 32]. Float8Linear's constructors and
+/// forward run it, and so does Python's mixprec.fp8.Recipe when it is built (through the op
+/// mixprec::fp8_check_recipe), so a bad recipe fails where it is written.
+void check_recipe(const Recipe& recipe);
+
 /// Delayed scaling's state, as plain fp32 tensors (a layer's buffers, so state dicts hold them): the
 /// forward's amax history [history, 2] (input, weight) with its scale and scale_inv [2], and the
 /// backward's [history, 1] (output gradient) with scale and scale_inv [1]. Scales start at 1.
