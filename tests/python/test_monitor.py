@@ -25,17 +25,62 @@ def named_model() -> nn.Module:
 
 
 class HostReads(TorchDispatchMode):
-    """Records every op that reads a tensor's value back to the host (``item()``, ``tolist()``, ``if t``):
-    on CUDA each is a device synchronisation. Ops that mixprec's C++ calls are seen too."""
+    """Records every read of a tensor's value back to the host: on CUDA each is a device synchronisation.
+    Dispatched reads (``item()``, ``float(t)``, ``if t``, ``torch.equal``; mixprec's C++ calls included) are
+    seen as ops; ``tolist()`` and ``numpy()``, which read CPU memory without an op, by wrapping them; and
+    copies to the CPU from another device (``.cpu()``, ``.to("cpu")``, ``copy_``) as ops too."""
+
+    _UNDISPATCHED = ("tolist", "numpy")
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        for name in self._UNDISPATCHED:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def wrapped(t, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+                self.reads.append(f"Tensor.{_name}")
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapped)
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
             self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device") or src.device
+            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.reads.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_host_reads_sees_each_kind_of_read() -> None:
+    """The checker itself can fail: every kind of read it claims to see is recorded."""
+    t = torch.ones(3)
+    for read in (lambda: t.sum().item(), lambda: float(t[0]), lambda: bool(t[0]), lambda: torch.equal(t, t),
+                 lambda: t.tolist(), lambda: t.numpy()):
+        watch = HostReads()
+        with watch:
+            read()
+        assert len(watch.reads) == 1, watch.reads
+    originals = (torch.Tensor.tolist, torch.Tensor.numpy)
+    watch = HostReads()
+    with watch:
+        t.add_(1).mul_(2)  # no read
+    assert watch.reads == []
+    assert (torch.Tensor.tolist, torch.Tensor.numpy) == originals  # the wrappers are gone again
 
 
 PLANTS = {1: ("blocks.1.fc1.weight", math.inf), 2: None, 4: ("head.bias", math.nan), 5: None}
