@@ -5,7 +5,8 @@ device, and on a logged step runs one ``grad_stats`` pass over the gradients and
 at once: loss, loss scale, skipped steps and the parameters that overflowed (``GradScaler.last_overflow``),
 the fractions of gradient elements fp16 would flush to zero, make subnormal or overflow at the current
 scale, an exponent histogram, the gradient norm, step time, tokens/s and peak memory. Between logged steps
-it reads nothing back. This file adds what needs Python: TensorBoard event files and the progress line.
+it reads nothing back. This file adds what needs Python: TensorBoard event files (scalars, histograms, and the overflow's
+sources as text under ``mixprec/overflow``) and the progress line.
 
     monitor = mixprec.Monitor(model, scaler, every=100, log_dir="runs/exp1")
     for batch in data:
@@ -123,6 +124,8 @@ class Monitor:
             step = record["step"]
             for key in _SCALARS:
                 self._writer.add_scalar(f"mixprec/{key}", record[key], step)
+            if record["overflow"]:  # the overflow's sources, by parameter name (TensorBoard's Text tab)
+                self._writer.add_text("mixprec/overflow", record["overflow"], step)
             lo = record["min_exponent"]
             self._add_histogram("mixprec/grad_log2_magnitude", record["exponent_histogram"], lo, step)
             if self.per_tensor:  # one more read: the per-gradient rows

@@ -362,6 +362,13 @@ def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
         events = acc.Scalars(f"mixprec/{key}")
         assert [e.step for e in events] == [3, 6]
         assert [e.value for e in events] == pytest.approx([records[2][key], records[5][key]], rel=1e-6)
+    # The overflow's sources as text, at the logged step that saw it (step 6 holds step 4's overflow) only.
+    acc_text = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc_text.Reload()
+    texts = acc_text.Tensors("mixprec/overflow/text_summary")
+    assert [t.step for t in texts] == [6]
+    assert texts[0].tensor_proto.string_val[0].decode() == records[5]["overflow"]
+    assert "blocks.2.fc2.bias: inf" in records[5]["overflow"]
     hist = acc.Histograms("mixprec/grad_log2_magnitude")
     assert [h.step for h in hist] == [3, 6]
     assert hist[-1].histogram_value.num == sum(records[5]["exponent_histogram"])
