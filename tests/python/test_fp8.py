@@ -648,6 +648,12 @@ def test_gemm_bad_input_names_the_argument() -> None:
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+    # A valid accumulator with a bad operand or scale is left as it was.
+    out = torch.full((32, 16), 3.0)
+    for bad in ((a, b[:, :40], s, s), (a, b, torch.ones(32, 2), s), (a.float(), b, s, s), (a, b, s, s.double())):
+        with pytest.raises((RuntimeError, ValueError)):
+            fp8.gemm_accum_(out, *bad)
+        assert torch.equal(out, torch.full((32, 16), 3.0))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the multiple-of-16 rule is CUDA's (cuBLASLt's FP8 kernels)")

@@ -260,6 +260,12 @@ def test_bad_input() -> None:
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "current",
                                         torch.bfloat16, torch.float8_e5m2, "max", 0, False, True)
     before = [b.clone() for b in layer.buffers()]
+    # The recipe's state on another device than the input (here the input on meta): named, nothing written.
+    with pytest.raises(RuntimeError, match="forward_amax_history is on cpu but input is on meta"):
+        torch.ops.mixprec.float8_linear(torch.randn(4, 32, device="meta"), layer.weight.to("meta"), None,
+                                        *layer.buffers(), "delayed", torch.float8_e4m3fn, torch.float8_e5m2, "max", 0,
+                                        False, True)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
     with pytest.raises(ValueError, match="amax_compute_algo must be"):
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *layer.buffers(), "delayed",
                                         torch.float8_e4m3fn, torch.float8_e5m2, "mean", 0, False, True)
