@@ -10,7 +10,8 @@
 
 Every variant starts from the same weights and trains on the same batches (a few fixed batches, cycled, so
 the loss falls within a short run). Reported per variant: tokens/s over the timed steps (after warm-up
-steps), peak device memory during training (CUDA) and the resident training state (parameters, gradients,
+steps), peak memory during training (CUDA: the allocator's peak; CPU: the process's peak resident size
+above what was resident before the variant was built) and the resident training state (parameters, gradients,
 optimizer state), and the loss at the last step, also relative to fp32's.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--size gpt2-small|tiny] [--steps N] [--batch B] [--seq T]
@@ -26,7 +27,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
-from common import print_device_header, print_table, sync
+from common import HostPeakMemory, print_device_header, print_table, sync
 from torch import nn
 
 import mixprec
@@ -152,11 +153,16 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
     results: list[tuple[str, float, float, float, float]] = []
+    host_peak = HostPeakMemory()
+    if not cuda:  # one-time costs (lazy initialisation, thread pools) would land on the first variant's peak
+        make_variant(args.variants.split(",")[0], size, device).step(data[0])
     for kind in args.variants.split(","):
-        variant = make_variant(kind, size, device)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        else:
+            host_peak.start()  # the model, its state and the steps' activations, above what was resident
+        variant = make_variant(kind, size, device)
         for i in range(args.warmup):
             variant.step(data[i % len(data)])
         sync(args.device)
@@ -165,7 +171,7 @@ def main() -> None:
             loss = variant.step(data[i % len(data)])
         sync(args.device)
         elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else host_peak.mib()
         state = state_bytes(variant.model, variant.optimizer) / 2**20
         results.append((variant.name, steps * batch * seq / elapsed, peak, state, float(loss)))
         del variant

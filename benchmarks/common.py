@@ -3,6 +3,10 @@ device's time and the wall time a user sees, measured separately)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -78,6 +82,42 @@ def measure(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int
 def time_it(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int = 7) -> float:
     """Device time of fn() in seconds (see Timing)."""
     return measure(fn, device, warmup, repeats).device
+
+
+class HostPeakMemory:
+    """Peak resident memory of this process above a starting point, for CPU runs (Linux): ``start()`` returns
+    freed heap memory to the system, then resets the kernel's high-water mark to the current resident size
+    (``/proc/self/clear_refs``); ``mib()`` is the high-water mark since, minus the resident size then. NaN
+    where the kernel offers neither file."""
+
+    def __init__(self) -> None:
+        self._base = math.nan
+
+    @staticmethod
+    def _status_kib(field: str) -> float:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return float(line.split()[1])
+        except OSError:
+            pass
+        return math.nan
+
+    def start(self) -> None:
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to VmRSS
+        except OSError:
+            self._base = math.nan
+            return
+        self._base = self._status_kib("VmRSS")
+
+    def mib(self) -> float:
+        return (self._status_kib("VmHWM") - self._base) / 1024
 
 
 def print_device_header(device: str) -> None:
