@@ -85,12 +85,14 @@ def added_costs(args: argparse.Namespace, log_dir: str, repeats: int = 300) -> d
     xy = torch.randint(0, 256, (batch, context + 1), device=device)
     loss = nn.functional.cross_entropy(model(xy[:, :-1]).float().reshape(-1, 256), xy[:, 1:].reshape(-1))
     out = {}
+    # The gradients once, before any step changes the weights the graph saved (a backward through it after a
+    # step would be refused, as with torch's optimizers); both variants' scalers start at the same scale.
+    mixprec.GradScaler(device.type).scale(loss).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
     for track in (False, True):
         opt = mixprec.optim.AdamW(model.parameters(), lr=1e-12)  # a tiny lr: the weights barely move
         scaler = mixprec.GradScaler(device.type, growth_interval=10**9, track_overflows=track)
-        model.zero_grad()
-        scaler.scale(loss).backward(retain_graph=True)
-        grads = [p.grad.clone() for p in model.parameters()]
+        scaler.scale(loss)  # creates the scale (the gradients are already scaled by the same init_scale)
 
         def step() -> None:
             for p, g in zip(model.parameters(), grads):
