@@ -599,6 +599,33 @@ def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
     assert ((acc.cpu().double() - expected).abs() <= 2 * bound + acc0.abs().double() * 2.0**-23 + 1e-6).all()
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_gemm_equals_torchs_scaled_mm_where_torch_has_the_granularity(out_dtype: torch.dtype) -> None:
+    """On the CPU torch._scaled_mm takes per-tensor and row-wise scales; there the emulation (dequantize, one
+    fp32 GEMM, one rounding) gives its bits exactly (so it serves as the CPU path for every granularity, and
+    it is as fast here). Bias: torch adds it before the rounding, mixprec after (on both devices); with an
+    fp32 output the two are the same."""
+    torch.manual_seed(7)
+    m, k, n = 64, 256, 48
+    a = (torch.randn(m, k) * 3).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k).to(torch.float8_e5m2)
+    per_tensor = (torch.tensor(0.75), torch.tensor(1.5))
+    rowwise = (torch.rand(m, 1) + 0.5, torch.rand(n, 1) + 0.5)
+    for sa, sb in (per_tensor, rowwise):
+        ours = fp8.gemm(a, b, sa.reshape(-1, 1) if sa.dim() else sa.reshape(1), sb.reshape(-1, 1) if sb.dim() else
+                        sb.reshape(1), out_dtype)
+        try:
+            theirs = torch._scaled_mm(a, b.t(), sa, sb.t() if sb.dim() else sb, out_dtype=out_dtype)
+        except (RuntimeError, NotImplementedError) as e:  # an older torch's CPU _scaled_mm may lack it
+            pytest.skip(f"this torch's CPU _scaled_mm refuses these scales: {e}")
+        assert torch.equal(ours, theirs)
+    if out_dtype == torch.float32:
+        bias = torch.randn(n)
+        sa, sb = rowwise
+        assert torch.equal(fp8.gemm(a, b, sa, sb, out_dtype, bias=bias),
+                           torch._scaled_mm(a, b.t(), sa, sb.t(), bias=bias, out_dtype=out_dtype))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gemm_empty_shapes(device: str) -> None:
     s = one(1.0, device)
