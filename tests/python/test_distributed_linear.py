@@ -61,13 +61,15 @@ DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
-        for kind in ("torch", "mixprec", "fp8"):
+        for kind in ("torch", "mixprec", "fp8", "int8"):
             torch.manual_seed(0)
             model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).to(dtype)
             if kind == "mixprec":
                 mixprec.nn.convert(model)
             elif kind == "fp8":
                 mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="current"), filter=lambda name, m: True)
+            elif kind == "int8":
+                mixprec.nn.convert(model, int8=True, filter=lambda name, m: True)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             gen = torch.Generator().manual_seed(5 + rank)  # each rank its own data
@@ -213,7 +215,7 @@ def test_fsdp2_trains_float8_layers(tmp_path) -> None:
 def test_ddp_trains_converted_layers_as_it_trains_torchs(tmp_path) -> None:
     """Under DistributedDataParallel (gradient accumulation with no_sync, .grad kept across steps) converted
     layers train as torch.nn.Linear does: 16-bit weights get gradients in their own dtype at the first forward
-    (one warning per layer), which DDP buckets and reduces; fp32 weights keep fp32 gradients, added in place by
+    (one warning per layer; Float8Linear and Int8Linear alike), which DDP buckets and reduces; fp32 weights keep fp32 gradients, added in place by
     the GEMM and reduced by DDP from .grad. Every rank ends with the same parameters and gradients."""
     out = str(tmp_path / "ddp.pt")
     run_ranks(DDP_SCRIPT, out)
@@ -225,10 +227,11 @@ def test_ddp_trains_converted_layers_as_it_trains_torchs(tmp_path) -> None:
     # once too: the same bits, so the same steps.
     for a, b in zip(results[("torch.bfloat16", "torch")], results[("torch.bfloat16", "mixprec")]):
         assert torch.equal(a, b)
-    # FP8 layers train under DDP too (their own arithmetic: compared with torch's only loosely).
+    # FP8 and INT8 layers train under DDP too (their own arithmetic: compared with torch's only loosely).
     for dtype in ("torch.bfloat16", "torch.float32"):
-        for a, b in zip(results[(dtype, "torch")][::2], results[(dtype, "fp8")][::2]):
-            torch.testing.assert_close(b.float(), a.float(), rtol=0.1, atol=0.02)
+        for kind in ("fp8", "int8"):
+            for a, b in zip(results[(dtype, "torch")][::2], results[(dtype, kind)][::2]):
+                torch.testing.assert_close(b.float(), a.float(), rtol=0.1, atol=0.02)
 
 
 def test_reduce_amax_op_schema_and_errors() -> None:
