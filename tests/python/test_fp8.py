@@ -622,8 +622,11 @@ def test_cpu_gemm_equals_torchs_scaled_mm_where_torch_has_the_granularity(out_dt
     if out_dtype == torch.float32:
         bias = torch.randn(n)
         sa, sb = rowwise
-        assert torch.equal(fp8.gemm(a, b, sa, sb, out_dtype, bias=bias),
-                           torch._scaled_mm(a, b.t(), sa, sb.t(), bias=bias, out_dtype=out_dtype))
+        try:
+            theirs = torch._scaled_mm(a, b.t(), sa, sb.t(), bias=bias, out_dtype=out_dtype)
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"this torch's CPU _scaled_mm refuses a bias with row-wise scales: {e}")
+        assert torch.equal(fp8.gemm(a, b, sa, sb, out_dtype, bias=bias), theirs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

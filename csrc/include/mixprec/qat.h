@@ -193,12 +193,13 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
 };
 TORCH_MODULE(QuantizedConv2d);
 
-/// Which layers prepare() swaps: called with the entry's name ("3") and the layer (a torch::nn::LinearImpl or
-/// Conv2dImpl); none: every one.
+/// Which layers prepare() swaps: called for each Linear / Conv2d entry only, with the entry's name ("3") and the
+/// layer (a torch::nn::LinearImpl or Conv2dImpl); none: every one. (Python's filter sees every module.)
 using PrepareFilter = std::function<bool(const std::string& name, const torch::nn::Module& layer)>;
 
 /// A Sequential like `model` (sharing its modules and parameters) whose Linear and Conv2d entries that `filter`
-/// accepts are QAT layers: build the optimizer on the result. Parameter and buffer names stay the same. Only
+/// accepts are QAT layers: build the optimizer on the result. Existing parameter and buffer names stay the same
+/// (learnable steps add weight_step / input_step). Only
 /// the Sequential's own entries can be swapped: LibTorch modules call their children through member holders
 /// (and nest Sequentials only as subclasses with a forward of their own), which no function can rewrite from
 /// outside; build those layers with QATLinear / QATConv2d from the float layer in the module's constructor.
