@@ -108,7 +108,9 @@ at::Tensor GradScaler::hysteresis_tracker_tensor() {
 
 at::Tensor GradScaler::scale(const at::Tensor& outputs) {
   if (!options_.enabled()) return outputs;
-  lazy_init(device_);
+  // As torch's: the scale is created on the first output's device (e.g. cuda:1 for a scaler built as "cuda"
+  // before torch.cuda.set_device), so unscaling that device's gradients needs no cross-device copy.
+  lazy_init(outputs.device());
   return outputs * scale_.to(outputs.device(), /*non_blocking=*/true);
 }
 
@@ -706,6 +708,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("get_scale", [](const Self& s) { return s->impl.get_scale(); })
       .def("is_enabled", [](const Self& s) { return s->impl.is_enabled(); })
       .def("scale_tensor", [](const Self& s) { return s->impl.scale_tensor(); })
+      .def("init_scale_on", [](const Self& s, const std::string& device) { s->impl.init_scale_on(device); })
       .def("growth_tracker_tensor", [](const Self& s) { return s->impl.growth_tracker_tensor(); })
       .def("hysteresis_tracker_tensor", [](const Self& s) { return s->impl.hysteresis_tracker_tensor(); })
       .def("state_dict", [](const Self& s) { return s->impl.state_dict(); })

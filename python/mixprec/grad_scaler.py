@@ -592,9 +592,10 @@ class GradScaler(torch.amp.GradScaler):
         return int(self._impl.state_dict()["_growth_tracker"]) if self._enabled else 0
 
     def _lazy_init_scale_growth_tracker(self, dev: Any = None) -> None:
-        """torch's private hook (Accelerate calls it after loading a state): create the scale tensors now."""
+        """torch's private hook (Accelerate calls it after loading a state): create the scale tensors now, on
+        ``dev`` (default: the constructor's device) unless they exist."""
         if self._enabled:
-            self._impl.scale_tensor()
+            self._impl.init_scale_on(str(torch.device(self._device if dev is None else dev)))
 
     def _torch_attribute(self, name: str) -> None:
         if not self._enabled:  # torch sets none of its scaling attributes on a disabled scaler

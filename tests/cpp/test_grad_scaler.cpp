@@ -110,6 +110,21 @@ TEST_CASE("GradScaler call-order errors and disabled pass-through", "[scaler][er
   REQUIRE(off.get_scale() == 1.0);
 }
 
+TEST_CASE("GradScaler creates its scale on the first output's device, as torch's", "[scaler]") {
+  // A scaler built for one device scales outputs on another (e.g. built as kCUDA before the rank's device
+  // was set): the scale goes where the outputs are. The meta device shows it without a GPU.
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(8.0));
+  REQUIRE_FALSE(scaler.has_scale());
+  const auto scaled = scaler.scale(torch::ones({3}, torch::kMeta));
+  REQUIRE(scaled.device().is_meta());
+  REQUIRE(scaler.scale_tensor().device().is_meta());
+  REQUIRE(scaler.growth_tracker_tensor().device().is_meta());
+  mixprec::GradScaler early(torch::kCPU);
+  early.init_scale_on(torch::kMeta);
+  early.init_scale_on(torch::kCPU);  // exists already: kept where it is
+  REQUIRE(early.scale_tensor().device().is_meta());
+}
+
 TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][checkpoint]") {
   mixprec::GradScaler a(torch::kCPU, mixprec::GradScalerOptions().init_scale(4096).growth_interval(7).hysteresis(3));
   a.update(300.0);

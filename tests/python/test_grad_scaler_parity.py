@@ -118,13 +118,14 @@ SCENARIOS = {f.__name__: f for f in (plain, unscale_and_clip, accumulation, two_
 
 
 def run(scaler_cls: type, device: str, make_opt: Callable, body: Callable, steps: int = 20,
-        restart_at: int | None = None, restart: str = "state_dict") -> dict:
+        restart_at: int | None = None, restart: str = "state_dict", scaler_device: str | None = None) -> dict:
     """Train with `body`; with `restart_at`, rebuild scaler and optimizers from a checkpoint (state dicts, a
-    pickle or a deepcopy of the scaler) at that iteration and go on with the new objects."""
+    pickle or a deepcopy of the scaler) at that iteration and go on with the new objects. The scaler is
+    built for `scaler_device` (default: `device`)."""
     model = make_model(device)
     params = list(model.parameters())
     opts = [make_opt(params[:2]), make_opt(params[2:])] if body is two_optimizers_two_losses else [make_opt(params)]
-    scaler = scaler_cls(device, init_scale=2.0**10, growth_interval=3)
+    scaler = scaler_cls(scaler_device or device, init_scale=2.0**10, growth_interval=3)
     gen = torch.Generator().manual_seed(1)
     record: dict = {"scales": [], "grads": [], "growth": []}
     for i in range(steps):
@@ -429,6 +430,39 @@ def test_get_scale_async_is_none_until_the_first_scale() -> None:
         assert scaler._get_scale_async() is None
         scaler.scale(torch.ones(1))
         assert float(scaler._get_scale_async()) == 8.0
+
+
+def test_the_scale_is_created_on_the_first_outputs_device() -> None:
+    """torch creates the scale where the first scaled output lives, whatever device the constructor named (a
+    scaler built as "cuda" before torch.cuda.set_device(rank) scales on that rank's GPU). The meta device
+    shows it on any machine: a scale made on the constructor's device would be on the CPU."""
+    for outputs in (torch.ones(2, device="meta"), [torch.ones(2, device="meta"), torch.ones(3, device="meta")]):
+        devices = []
+        for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+            scaler = cls("cpu", init_scale=4.0)
+            scaled = scaler.scale(outputs)
+            devices.append((scaler._scale.device, scaler._growth_tracker.device,
+                            [t.device for t in (scaled if isinstance(scaled, list) else [scaled])]))
+        assert devices[0] == devices[1] and devices[1][0] == torch.device("meta")
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):  # torch's private hook takes the device too
+        scaler = cls("cpu")
+        scaler._lazy_init_scale_growth_tracker(torch.device("meta"))
+        assert scaler._scale.device == torch.device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_step_on_the_second_gpu_matches_torch() -> None:
+    """Scaler built as "cuda" while cuda:0 is current, model and data on cuda:1: torch's and ours keep the
+    scale on cuda:1 and train identically."""
+    records = [run(cls, "cuda:1", OPTIMIZERS["adamw-fused"], plain, steps=8, scaler_device="cuda")
+               for cls in (torch.amp.GradScaler, mixprec.GradScaler)]
+    assert_identical(*records)
+    scaler = mixprec.GradScaler("cuda")
+    scaler.scale(torch.ones((), device="cuda:1"))
+    assert scaler._scale.device == torch.device("cuda:1")
+    scaler = mixprec.GradScaler("cuda")
+    scaler._lazy_init_scale_growth_tracker(torch.device("cuda:1"))
+    assert scaler._scale.device == torch.device("cuda:1")
 
 
 class _LegacyScalingSGD(torch.optim.SGD):

@@ -67,7 +67,9 @@ class GradScaler {
  public:
   explicit GradScaler(c10::Device device = c10::kCPU, GradScalerOptions options = {});
 
-  /// loss * scale (on the loss's device; no host sync).
+  /// loss * scale (on the loss's device; no host sync). The first call creates the scale on the device of
+  /// `outputs` (of its first tensor for a list), as torch's does; the constructor's device only serves
+  /// calls that need the scale before any scale().
   at::Tensor scale(const at::Tensor& outputs);
   std::vector<at::Tensor> scale(at::TensorList outputs);
 
@@ -156,6 +158,8 @@ class GradScaler {
   bool in_iteration() const { return !per_optimizer_.empty(); }
   /// Whether the scale tensor exists yet (scale() or a tensor getter creates it).
   bool has_scale() const { return scale_.defined(); }
+  /// Creates the scale tensors on `device` unless they exist (torch's _lazy_init_scale_growth_tracker).
+  void init_scale_on(c10::Device device) { lazy_init(device); }
   /// Whether the optimizer's gradients have been unscaled since the last update().
   bool is_unscaled(int64_t key) const;
   /// The optimizer's stage this iteration, as torch's OptState: 0 ready, 1 unscaled, 2 stepped.
