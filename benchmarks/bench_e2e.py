@@ -7,14 +7,20 @@
   mixprec fp16         the same in fp16, with mixprec.GradScaler
   mixprec bf16 rem.    mixprec bf16 with master_weights="remainder" (bf16 parameter + int16 remainder: the
                        exact fp32 master in 4 bytes per parameter instead of 6)
+  mixprec bf16 + FP8   mixprec bf16 with mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe()): the default
+                       filter's Linears (all but the first and the tied head) as Float8Linear, delayed scaling,
+                       E4M3 forward, E5M2 gradients (CUDA: sm_89 or newer)
+  mixprec bf16 + INT8  the same with mixprec.nn.convert(model, int8=True): Int8Linear, SwitchBack's GEMMs
 
 Every variant starts from the same weights and trains on the same batches (a few fixed batches, cycled, so
 the loss falls within a short run). Reported per variant: tokens/s over the timed steps (after warm-up
 steps), peak memory during training (CUDA: the allocator's peak; CPU: the process's peak resident size
 above what was resident before the variant was built) and the resident training state (parameters, gradients,
-optimizer state), and the loss at the last step, also relative to fp32's.
+optimizer state), and the loss at the last step, also relative to the first variant's; with mixprec bf16 in
+the run, tokens/s relative to it too (the baseline of the 8-bit variants).
 
-    python benchmarks/bench_e2e.py [--device cpu|cuda] [--size gpt2-small|tiny] [--steps N] [--batch B] [--seq T]
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--size gpt2-small|gpt2-medium|tiny] [--steps N]
+                                   [--batch B] [--seq T] [--variants fp32,amp-bf16,...]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from mixprec.demo import state_bytes
 
 SIZES = {  # d_model, layers, heads, vocab, max context
     "gpt2-small": (768, 12, 12, 50257, 1024),
+    "gpt2-medium": (1024, 24, 16, 50257, 1024),
     "tiny": (128, 2, 4, 1024, 256),
 }
 
@@ -103,6 +110,10 @@ class Variant:
         return loss.detach()
 
 
+KINDS = ("fp32", "amp-bf16", "mixprec-bf16", "mixprec-fp16", "mixprec-bf16-remainder", "mixprec-bf16-fp8",
+         "mixprec-bf16-int8")
+
+
 def make_variant(kind: str, size: str, device: torch.device) -> Variant:
     torch.manual_seed(0)
     model = GPT(*SIZES[size]).to(device)
@@ -115,7 +126,8 @@ def make_variant(kind: str, size: str, device: torch.device) -> Variant:
                        lambda: torch.autocast(device.type, dtype=torch.bfloat16))
     dtype = "float16" if kind == "mixprec-fp16" else "bfloat16"
     policy = mixprec.Policy(f"params={dtype},compute={dtype},output=float32")
-    mixprec.nn.convert(policy.apply(model))
+    eight_bit = {"fp8": {"fp8": mixprec.fp8.Recipe()}, "int8": {"int8": True}}.get(kind.rpartition("-")[2], {})
+    mixprec.nn.convert(policy.apply(model), **eight_bit)
     groups: list[dict] = [{"params": list(model.parameters())}]
     if kind == "mixprec-bf16-remainder":  # norm layers stay fp32 under the policy: remainders for bf16 only
         groups = [{"params": [p for p in model.parameters() if p.dtype == torch.bfloat16],
@@ -124,7 +136,8 @@ def make_variant(kind: str, size: str, device: torch.device) -> Variant:
     optimizer = mixprec.optim.AdamW(groups, lr=3e-4)
     scaler = mixprec.GradScaler(device.type) if kind == "mixprec-fp16" else None
     label = {"mixprec-bf16": "mixprec bf16, fp32 masters", "mixprec-fp16": "mixprec fp16 + GradScaler, fp32 masters",
-             "mixprec-bf16-remainder": "mixprec bf16, bf16 + int16 remainders"}[kind]
+             "mixprec-bf16-remainder": "mixprec bf16, bf16 + int16 remainders",
+             "mixprec-bf16-fp8": "mixprec bf16 + FP8 Linear (delayed)", "mixprec-bf16-int8": "mixprec bf16 + INT8 Linear"}[kind]
     return Variant(label, model, optimizer, lambda: mixprec.autocast(policy, device.type), scaler)
 
 
@@ -138,10 +151,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--variants", default="fp32,amp-bf16,mixprec-bf16,mixprec-fp16,mixprec-bf16-remainder")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from {','.join(KINDS)}; default: all (on CUDA, FP8 only on sm_89+)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.variants is None:
+        fp8_ok = not cuda or torch.cuda.get_device_capability(device) >= (8, 9)
+        args.variants = ",".join(k for k in KINDS if fp8_ok or not k.endswith("fp8"))
+    unknown = set(args.variants.split(",")) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {KINDS}")
     size = args.size or ("gpt2-small" if cuda else "tiny")
     steps = args.steps or (20 if cuda else 10)
     batch = args.batch or (8 if cuda else 4)
@@ -173,15 +193,19 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else host_peak.mib()
         state = state_bytes(variant.model, variant.optimizer) / 2**20
-        results.append((variant.name, steps * batch * seq / elapsed, peak, state, float(loss)))
+        results.append((kind, variant.name, steps * batch * seq / elapsed, peak, state, float(loss)))
         del variant
 
-    base_tps, base_loss = results[0][1], results[0][4]
-    rows = [[name, f"{tps:,.0f}", f"{tps / base_tps:.2f}x", "-" if math.isnan(peak) else f"{peak:,.0f}",
-             f"{state:,.0f}", f"{loss:.4f}", f"{(loss - base_loss) / base_loss:+.2%}"]
-            for name, tps, peak, state, loss in results]
-    print_table(["variant", "tokens/s", f"vs {results[0][0]}", "peak MiB", "state MiB", "loss",
-                 f"loss vs {results[0][0]}"], rows)
+    base_tps, base_loss = results[0][2], results[0][5]
+    bf16 = next((r for r in results if r[0] == "mixprec-bf16"), None)
+    rows = [[name, f"{tps:,.0f}", f"{tps / base_tps:.2f}x"] + ([f"{tps / bf16[2]:.2f}x"] if bf16 else []) +
+            ["-" if math.isnan(peak) else f"{peak:,.0f}", f"{state:,.0f}", f"{loss:.4f}",
+             f"{(loss - base_loss) / base_loss:+.2%}"] + ([f"{(loss - bf16[5]) / bf16[5]:+.2%}"] if bf16 else [])
+            for _, name, tps, peak, state, loss in results]
+    base = results[0][1]
+    print_table(["variant", "tokens/s", f"vs {base}"] + (["vs mixprec bf16"] if bf16 else []) +
+                ["peak MiB", "state MiB", "loss", f"loss vs {base}"] + (["loss vs mixprec bf16"] if bf16 else []),
+                rows)
 
 
 if __name__ == "__main__":
