@@ -222,10 +222,11 @@ at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp
 
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
   const at::NoTF32Guard fp32_products;  // what the contract says, whatever torch's TF32 settings
-  at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t())
-                       .to(out_dtype);
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
-  return out;
+  at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
+  // The bias (in out_dtype, as cuBLASLt's bias epilogue and torch._scaled_mm take it) joins the fp32 product
+  // before the one rounding to out_dtype.
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype).to(at::kFloat));
+  return out.to(out_dtype);
 }
 
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {

@@ -87,10 +87,11 @@ at::Tensor int8_mm_exact(const Int8MmArgs& g) { return at::mm(g.a.to(at::kDouble
 
 at::Tensor int8_mm_dequantize(const at::Tensor& acc, const Int8MmArgs& g, at::ScalarType out_dtype,
                               const std::optional<at::Tensor>& bias) {
-  // Each step rounds to fp32, as the fused CUDA kernel's fp32 arithmetic does.
-  at::Tensor out = acc.to(at::kFloat).mul_(g.a_scale_inv).mul_(g.b_scale_inv).to(out_dtype);
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
-  return out;
+  // Each step rounds to fp32, as the fused CUDA kernel's fp32 arithmetic does; the bias (in out_dtype) is
+  // added in fp32 before the one rounding to out_dtype, as torch's GEMMs with a bias epilogue do.
+  at::Tensor out = acc.to(at::kFloat).mul_(g.a_scale_inv).mul_(g.b_scale_inv);
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype).to(at::kFloat));
+  return out.to(out_dtype);
 }
 
 FakeQuantArgs check_fake_quantize(const char* op, const at::Tensor& input, const at::Tensor& scale, int64_t quant_min,

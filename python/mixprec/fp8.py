@@ -215,7 +215,8 @@ def gemm(
             ``[rows, ceil(k / 128)]`` (1x128 blocks) or ``[ceil(rows / 128), ceil(k / 128)]`` (128x128
             blocks), as :func:`quantize` / :func:`quantize_blockwise` produce them.
         out_dtype: float32, bfloat16 or float16.
-        bias: ``[n]``, added in ``out_dtype``.
+        bias: ``[n]``; taken in ``out_dtype`` and added to the fp32 product before its one rounding to
+            ``out_dtype`` (as ``torch._scaled_mm`` and cuBLASLt's bias epilogue do).
         use_fast_accum: CUDA's faster, less exact FP8 accumulation (forward GEMMs only).
 
     CUDA: per-tensor scales on sm_89+ and row scales on sm_90+ run one cuBLASLt FP8 GEMM with fp32

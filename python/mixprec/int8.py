@@ -65,8 +65,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv:
     transposed view is free).
 
     The products are summed exactly in int32 (``k <= 131071``), then dequantized in fp32 as
-    ``(float(sum) * a_scale_inv[i]) * b_scale_inv[j]``, rounded to ``out_dtype`` (fp32, bf16 or fp16), and
-    ``bias`` (``[n]``) is added in ``out_dtype``. ``a_scale_inv``: one element or ``[m, 1]``;
+    ``(float(sum) * a_scale_inv[i]) * b_scale_inv[j]``, plus ``bias`` (``[n]``, taken in ``out_dtype``, added
+    in fp32), then rounded once to ``out_dtype`` (fp32, bf16 or fp16). ``a_scale_inv``: one element or ``[m, 1]``;
     ``b_scale_inv``: one element or ``[1, n]``. CUDA: ``torch._int_mm`` (cuBLASLt) and one fused
     dequantization pass; ``k`` and ``n`` must be multiples of 8. CPU: an exact float64 GEMM of the codes.
     Both give the same bits.

@@ -576,6 +576,32 @@ def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_gemm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtype: torch.dtype,
+                                                             rowwise: bool) -> None:
+    """Integer codes up to 16 (exact in E4M3) and power-of-two scales make every product and the fp32 sum exact, and a
+    bias on a 2^-6 grid keeps product + bias exact in fp32: float64 gives the one correctly rounded result
+    (on CUDA through cuBLASLt's bias epilogue for 16-bit outputs). Rounding the product before adding the
+    bias rounds twice and misses it in many places."""
+    g = torch.Generator().manual_seed(12)
+    m, k, n = 32, 256, 48
+    a = torch.randint(-16, 17, (m, k), generator=g).float()
+    b = torch.randint(-16, 17, (n, k), generator=g).float()
+    shape_a, shape_b = ((m, 1), (n, 1)) if rowwise else ((1,), (1,))
+    sa = 2.0 ** torch.randint(-2, 1, shape_a, generator=g).float()
+    sb = 2.0 ** torch.randint(-2, 1, shape_b, generator=g).float()
+    bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
+    exact = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
+    want = (exact + bias.to(out_dtype).double()).to(out_dtype)
+    qa, qb = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    got = fp8.gemm(qa.to(device), qb.to(device), sa.to(device), sb.to(device), out_dtype, bias.to(device))
+    assert got.dtype == out_dtype and torch.equal(got.cpu(), want)
+    if out_dtype != torch.float32:  # the check can fail: rounding twice gives other bits here
+        assert not torch.equal(exact.to(out_dtype) + bias.to(out_dtype), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
     g = torch.Generator().manual_seed(8)
     a32, b32 = torch.randn(32, 64, generator=g), torch.randn(16, 64, generator=g)
@@ -603,8 +629,7 @@ def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
 def test_cpu_gemm_equals_torchs_scaled_mm_where_torch_has_the_granularity(out_dtype: torch.dtype) -> None:
     """On the CPU torch._scaled_mm takes per-tensor and row-wise scales; there the emulation (dequantize, one
     fp32 GEMM, one rounding) gives its bits exactly (so it serves as the CPU path for every granularity, and
-    it is as fast here). Bias: torch adds it before the rounding, mixprec after (on both devices); with an
-    fp32 output the two are the same."""
+    it is as fast here), with a bias too (in the output's dtype, added before the rounding by both)."""
     torch.manual_seed(7)
     m, k, n = 64, 256, 48
     a = (torch.randn(m, k) * 3).to(torch.float8_e4m3fn)
@@ -619,14 +644,15 @@ def test_cpu_gemm_equals_torchs_scaled_mm_where_torch_has_the_granularity(out_dt
         except (RuntimeError, NotImplementedError) as e:  # an older torch's CPU _scaled_mm may lack it
             pytest.skip(f"this torch's CPU _scaled_mm refuses these scales: {e}")
         assert torch.equal(ours, theirs)
-    if out_dtype == torch.float32:
-        bias = torch.randn(n)
-        sa, sb = rowwise
+    bias = torch.randn(n).to(out_dtype)
+    for sa, sb in (per_tensor, rowwise):
         try:
-            theirs = torch._scaled_mm(a, b.t(), sa, sb.t(), bias=bias, out_dtype=out_dtype)
+            theirs = torch._scaled_mm(a, b.t(), sa, sb.t() if sb.dim() else sb, bias=bias, out_dtype=out_dtype)
         except (RuntimeError, NotImplementedError) as e:
-            pytest.skip(f"this torch's CPU _scaled_mm refuses a bias with row-wise scales: {e}")
-        assert torch.equal(fp8.gemm(a, b, sa, sb, out_dtype, bias=bias), theirs)
+            pytest.skip(f"this torch's CPU _scaled_mm refuses a bias here: {e}")
+        ours = fp8.gemm(a, b, sa.reshape(-1, 1) if sa.dim() else sa.reshape(1), sb.reshape(-1, 1) if sb.dim() else
+                        sb.reshape(1), out_dtype, bias=bias)
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

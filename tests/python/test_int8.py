@@ -183,12 +183,34 @@ def test_mm_is_exact_in_int32_and_dequantizes_in_fp32(device: str, out_dtype: to
     sb = torch.rand(1, n, device=device) + 0.5
     bias = torch.randn(n, device=device)
     out = int8.mm(a, bt.t(), sa, sb, out_dtype, bias)
-    ref = ((acc.float() * sa.cpu()) * sb.cpu()).to(out_dtype) + bias.cpu().to(out_dtype)
+    ref = ((acc.float() * sa.cpu()) * sb.cpu() + bias.cpu().to(out_dtype).float()).to(out_dtype)
     assert out.dtype == out_dtype and torch.equal(out.cpu(), ref)
     # Against float64: three fp32 roundings (the sum, then each product), nothing else.
     plain = int8.mm(a, bt.t(), sa, sb, torch.float32).cpu().double()
     ref64 = acc.double() * sa.cpu().double() * sb.cpu().double()
     assert ((plain - ref64).abs() <= ref64.abs() * 3.01 * 2.0**-24).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtype: torch.dtype) -> None:
+    """Codes up to 16 and power-of-two scales make every product and the sum exact, and the bias a multiple of
+    2^-6 keeps product + bias exact in fp32: float64 then gives the one correctly rounded result. Rounding
+    the product to a 16-bit dtype before adding the bias would round twice and miss it in many places."""
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 32, 256, 48
+    a = torch.randint(-16, 17, (m, k), dtype=torch.int8, generator=g)
+    bt = torch.randint(-16, 17, (n, k), dtype=torch.int8, generator=g)
+    sa = 2.0 ** torch.randint(-2, 1, (m, 1), generator=g).float()
+    sb = 2.0 ** torch.randint(-2, 1, (1, n), generator=g).float()
+    bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
+    exact = (a.double() @ bt.double().t()) * sa.double() * sb.double()
+    want = (exact + bias.to(out_dtype).double()).to(out_dtype)
+    got = int8.mm(a.to(device), bt.to(device).t(), sa.to(device), sb.to(device), out_dtype, bias.to(device))
+    assert got.dtype == out_dtype and torch.equal(got.cpu(), want)
+    if out_dtype != torch.float32:  # the check can fail: rounding twice gives other bits here
+        twice = exact.to(out_dtype) + bias.to(out_dtype)
+        assert not torch.equal(twice, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -80,7 +80,8 @@ void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, con
 
 /// A scaled FP8 GEMM: (a * a_scale_inv) @ (b * b_scale_inv)^T for a [m, k] and b [n, k] (float8_e4m3fn
 /// or float8_e5m2; the layout of torch::nn::functional::linear(a, b)), as an [m, n] tensor of `out_dtype`
-/// (fp32, bf16 or fp16), plus `bias` ([n], added in out_dtype). Each scale_inv is one element (per
+/// (fp32, bf16 or fp16); `bias` ([n], taken in out_dtype) joins the fp32 product before its one rounding, as
+/// in torch::_scaled_mm and cuBLASLt's bias epilogue. Each scale_inv is one element (per
 /// tensor), [rows, 1] (per row), [rows, ceil(k / 128)] (1x128 blocks) or [ceil(rows / 128), ceil(k / 128)]
 /// (128x128 blocks): what quantize / quantize_blockwise return. CUDA: per-tensor scales on sm_89+ and row
 /// scales on sm_90+ run one cuBLASLt FP8 GEMM (fp32 accumulation; `use_fast_accum` for forward GEMMs

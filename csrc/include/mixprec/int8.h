@@ -38,8 +38,9 @@ Quantized quantize(const at::Tensor& input, int64_t block_rows = 1, int64_t bloc
 
 /// (a * a_scale_inv) @ (b * b_scale_inv) for int8 a [m, k] and b [k, n] (any strides; a transposed view is
 /// free), with the products summed exactly in int32 (k <= 131071), then dequantized in fp32 as
-/// (float(sum) * a_scale_inv[i]) * b_scale_inv[j], rounded to `out_dtype` (fp32, bf16 or fp16), plus `bias`
-/// ([n], added in out_dtype). a_scale_inv: one element or [m, 1]; b_scale_inv: one element or [1, n]. CUDA:
+/// (float(sum) * a_scale_inv[i]) * b_scale_inv[j], plus `bias` ([n], taken in out_dtype, added in fp32), then
+/// rounded once to `out_dtype` (fp32, bf16 or fp16). a_scale_inv: one element or [m, 1]; b_scale_inv: one
+/// element or [1, n]. CUDA:
 /// torch::_int_mm (cuBLASLt) and one fused dequantization pass; k and n must be multiples of 8. CPU: an exact
 /// float64 GEMM of the codes; both give the same bits.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,

@@ -1,8 +1,9 @@
 // fp8_gemm / fp8_gemm_accum_ on CUDA. Per-tensor scales on a GPU with FP8 tensor cores (sm_89 and newer)
 // take one cuBLASLt FP8 GEMM: the scale_inv tensors are its A/B scale pointers (read on the device), the
 // accumulation is fp32 (CUBLASLT_MATMUL_DESC_FAST_ACCUM only when asked, for forward GEMMs), and the
-// output is fp32/bf16/fp16. Row-wise scales on both operands take cuBLASLt's outer-vector scale mode
-// (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
+// output is fp32/bf16/fp16. A bias joins a 16-bit output in cuBLASLt's bias epilogue (in fp32, before the
+// rounding, as torch._scaled_mm adds it); an fp32 output takes it after the GEMM (the same sum). Row-wise
+// scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
 // an FP8 weight gradient lands in main_grad without a separate add. Block scales, mixed granularities,
 // E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem cuBLASLt's heuristic turns
 // down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
@@ -41,20 +42,20 @@ struct Fp8PlanKey {
   LtScales scales;
   cudaDataType_t a_type, b_type, d_type;  // cuBLASLt's A (our b), B (our a), D
   int64_t m, n, k;                        // cuBLASLt's: m = our n, n = our m
-  bool fast_accum, accumulate;
+  bool fast_accum, accumulate, bias;
   uint32_t align_d;
   size_t workspace;
   bool operator==(const Fp8PlanKey& o) const {
     return device == o.device && scales == o.scales && a_type == o.a_type && b_type == o.b_type &&
            d_type == o.d_type && m == o.m && n == o.n && k == o.k && fast_accum == o.fast_accum &&
-           accumulate == o.accumulate && align_d == o.align_d && workspace == o.workspace;
+           accumulate == o.accumulate && bias == o.bias && align_d == o.align_d && workspace == o.workspace;
   }
 };
 
 struct Fp8PlanKeyHash {
   size_t operator()(const Fp8PlanKey& key) const {
     return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_type, key.b_type, key.d_type, key.m,
-                            key.n, key.k, key.fast_accum, key.accumulate, key.align_d,
+                            key.n, key.k, key.fast_accum, key.accumulate, key.bias, key.align_d,
                             static_cast<int64_t>(key.workspace)});
   }
 };
@@ -66,8 +67,10 @@ cudaDataType_t out_type(at::ScalarType t) {
 }
 
 // The descriptor carries the scale pointers, which change from call to call: each call gets its own
-// (a host object, cheap), while the layouts and the algorithm are cached by problem.
-lt::MatmulDesc fp8_desc(const char* op, LtScales scales, bool fast_accum, const void* scale_a, const void* scale_b) {
+// (a host object, cheap), while the layouts and the algorithm are cached by problem. `bias` (D's type, one
+// per row of D = per column of our output, 16-byte aligned) turns on the bias epilogue.
+lt::MatmulDesc fp8_desc(const char* op, LtScales scales, bool fast_accum, const void* scale_a, const void* scale_b,
+                        const at::Tensor* bias) {
   lt::MatmulDesc desc = lt::make_desc(op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, "setting TRANSA");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, "setting TRANSB");
@@ -81,6 +84,14 @@ lt::MatmulDesc fp8_desc(const char* op, LtScales scales, bool fast_accum, const 
   }
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a, "setting the A scale");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b, "setting the B scale");
+  if (bias != nullptr) {
+    const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue, "setting the bias epilogue");
+    const void* pointer = bias->const_data_ptr();
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, pointer, "setting the bias");
+    const int32_t type = out_type(bias->scalar_type());
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, type, "setting the bias type");
+  }
   return desc;
 }
 
@@ -123,10 +134,11 @@ Declined& declined() {
   return *d;
 }
 
-// out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0). Returns false, with
-// nothing written, when cuBLASLt has no algorithm for the problem.
+// out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0) (+ bias, out's dtype,
+// contiguous and 16-byte aligned, in the epilogue). Returns false, with nothing written, when cuBLASLt has no
+// algorithm for the problem.
 bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArgs& g, const at::Tensor& out,
-                       bool fast_accum, bool accumulate) {
+                       bool fast_accum, bool accumulate, const at::Tensor* bias = nullptr) {
   // The FP8 kernels read 16-byte rows (k is a multiple of 16): a view that starts off 16 bytes is copied.
   const at::Tensor a = lt::alignment_of(g.a.const_data_ptr()) < 16 ? g.a.clone() : g.a;
   const at::Tensor b = lt::alignment_of(g.b.const_data_ptr()) < 16 ? g.b.clone() : g.b;
@@ -134,7 +146,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   const Fp8PlanKey key{g.a.get_device(), scales, fp8_type(g.b.scalar_type()), fp8_type(g.a.scalar_type()),
-                       out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum, accumulate,
+                       out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum, accumulate, bias != nullptr,
                        lt::alignment_of(out.const_data_ptr()), workspace_size};
   {
     std::lock_guard<std::mutex> lock(declined().mutex);
@@ -150,7 +162,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   try {
     plan = &lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
       auto p = std::make_unique<lt::Plan>();
-      p->desc = fp8_desc(op, k.scales, k.fast_accum, scale_a, scale_b);
+      p->desc = fp8_desc(op, k.scales, k.fast_accum, scale_a, scale_b, bias);
       p->a = lt::make_layout(op, k.a_type, k.k, k.m, k.k);  // b: col-major [k, n_ours], op T
       p->b = lt::make_layout(op, k.b_type, k.k, k.n, k.k);  // a: col-major [k, m_ours], op N
       p->c = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
@@ -164,16 +176,17 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
     declined().keys.insert(key);
     return false;
   }
-  const lt::MatmulDesc desc = fp8_desc(op, scales, fast_accum, scale_a, scale_b);
+  const lt::MatmulDesc desc = fp8_desc(op, scales, fast_accum, scale_a, scale_b, bias);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   void* d = out.data_ptr();
   const cublasStatus_t status =
       cublasLtMatmul(handle, desc.get(), &alpha, b.const_data_ptr(), plan->a.get(), a.const_data_ptr(),
                      plan->b.get(), &beta, d, plan->c.get(), d, plan->d.get(), &plan->algo, workspace, workspace_size,
                      c10::cuda::getCurrentCUDAStream());
-  // A scale-mode combination cuBLASLt only refuses at launch (nothing is written then): the emulation
-  // takes this problem from now on. Per-tensor scales are the documented FP8 path: an error there is one.
-  if (scales == LtScales::OuterVector &&
+  // A scale-mode or epilogue combination cuBLASLt only refuses at launch (nothing is written then): the
+  // emulation takes this problem from now on. Per-tensor scales without a bias are the documented FP8
+  // path: an error there is one.
+  if ((scales == LtScales::OuterVector || bias != nullptr) &&
       (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE)) {
     std::lock_guard<std::mutex> lock(declined().mutex);
     declined().keys.insert(key);
@@ -194,8 +207,17 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Ten
   const LtScales scales = g.m == 0 || g.n == 0 || g.k == 0 ? LtScales::None : cublaslt_scales(g);
   if (scales != LtScales::None) {
     at::Tensor out = at::empty({g.m, g.n}, a.options().dtype(out_dtype));
-    if (cublaslt_fp8_gemm(op, scales, g, out, use_fast_accum, false)) {
-      if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype));
+    const bool has_bias = bias.has_value() && bias->defined();
+    // A 16-bit output takes the bias in the epilogue, before its rounding; an fp32 one adds it after (the
+    // same fp32 sum, and cuBLASLt's FP8 kernels want a bf16 bias for an fp32 output).
+    at::Tensor epilogue_bias;
+    if (has_bias && out_dtype != at::kFloat) {
+      epilogue_bias = bias->to(out_dtype).contiguous();
+      if (lt::alignment_of(epilogue_bias.const_data_ptr()) < 16) epilogue_bias = epilogue_bias.clone();
+    }
+    if (cublaslt_fp8_gemm(op, scales, g, out, use_fast_accum, false,
+                          epilogue_bias.defined() ? &epilogue_bias : nullptr)) {
+      if (has_bias && out_dtype == at::kFloat) out.add_(*bias);
       return out;
     }
   }

@@ -8,7 +8,7 @@
 //                               lanes sharing a block reduce with __reduce_max_sync before one atomicMax),
 //                               the scales, then the codes.
 //   int8_mm                     torch._int_mm (cuBLASLt, int32 accumulation), then one fused pass that
-//                               dequantizes (fp32, the CPU's order of operations), rounds and adds the bias.
+//                               dequantizes (fp32, the CPU's order of operations), adds the bias, rounds.
 //   fake_quantize_forward/_backward  element-wise, threads over columns.
 // Nothing reads a scale or an amax on the host: every launch stays asynchronous.
 #include <ATen/Dispatch.h>
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kCols)
   }
 }
 
-// out[r, c] = round_out((float(acc[r, c]) * a_scale[r]) * b_scale[c]) (+ bias[c] in out's dtype).
+// out[r, c] = round_out((float(acc[r, c]) * a_scale[r]) * b_scale[c] (+ float(bias[c]))): one rounding.
 template <typename Out>
 __global__ void dequantize_kernel(const int32_t* __restrict__ acc, int64_t ld, Out* __restrict__ out,
                                   const float* __restrict__ a_scale, bool a_rows, const float* __restrict__ b_scale,
@@ -167,11 +167,10 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ acc, int64_t ld, O
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / n, c = i % n;
-    const float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[r * ld + c]), a_scale[a_rows ? r : 0]),
-                              b_scale[b_cols ? c : 0]);
-    Out o = static_cast<Out>(v);
-    if (bias != nullptr) o = static_cast<Out>(__fadd_rn(static_cast<float>(o), static_cast<float>(bias[c])));
-    out[i] = o;
+    float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[r * ld + c]), a_scale[a_rows ? r : 0]),
+                        b_scale[b_cols ? c : 0]);
+    if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[c]));
+    out[i] = static_cast<Out>(v);
   }
 }
 
