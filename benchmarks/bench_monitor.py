@@ -1,17 +1,18 @@
 """What mixprec.Monitor and the GradScaler's overflow tracking cost per training step, on the demo's model.
 
-Three variants train the same model on the same batches (mixprec.optim.AdamW, mixprec.GradScaler), in
-interleaved rounds so that drift in the machine's speed hits all of them alike:
+Three variants train the same model on the same batches (mixprec.optim.AdamW, mixprec.GradScaler), taking
+turns step by step (each step of each variant device-synchronised and timed alone, the order rotating), so
+that drift in the machine's speed hits all of them alike:
 
   baseline        no monitor, no overflow tracking
   not logging     a Monitor whose interval is never reached: overflow tracking and the per-step bookkeeping
   every N         a Monitor logging every N steps (grad_stats pass, one host read, JSON lines; no TensorBoard)
 
-Reported: median step time per variant (device-synchronised at the end of each round) and the overhead
-relative to the baseline. On a noisy machine (a shared 2-core CPU) that difference is below the noise,
-so a second table times the added pieces themselves, many times over, on the same model: the scaler's
-step + update with and without overflow tracking, Monitor.step between logs, and a logged Monitor.step;
-their sum per step (the logged one divided by N) over the baseline step time is the overhead.
+Reported per round: each variant's mean step time and its overhead relative to the baseline of the same
+round; the table gives the median over rounds and the range. A second table times the added pieces
+themselves, many times over, on the same model: the scaler's step + update with and without overflow
+tracking, Monitor.step between logs, and a logged Monitor.step; their sum per step (the logged one divided
+by N) over the baseline step time is the overhead.
 Goals: < 0.5% not logging, < 2% logging every 100 steps.
 
     python benchmarks/bench_monitor.py [--device cpu|cuda] [--size tiny|small|gpt2ish] [--steps N] [--rounds R]
@@ -32,36 +33,52 @@ import mixprec
 from mixprec.demo import SIZES, CharTransformer
 
 
-def run_round(variant: str, args: argparse.Namespace, data: torch.Tensor, log_dir: str) -> float:
-    d, layers, heads, context, batch = SIZES[args.size]
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPUs emulate 16-bit GEMMs slowly
-    model = CharTransformer(d, layers, heads, context).to(device=device, dtype=dtype)
-    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = mixprec.GradScaler(device.type, growth_interval=1000)
-    monitor = None
-    if variant != "baseline":
-        every = args.steps * 10 if variant == "not logging" else args.every
-        monitor = mixprec.Monitor(model, scaler, every=every, log_dir=log_dir, sinks=("jsonl",))
+class Setup:
+    """One variant's model, optimizer, scaler and monitor, built alike for every variant."""
+
+    def __init__(self, variant: str, args: argparse.Namespace, log_dir: str) -> None:
+        d, layers, heads, context, batch = SIZES[args.size]
+        torch.manual_seed(0)
+        device = torch.device(args.device)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPUs emulate 16-bit GEMMs slowly
+        self.model = CharTransformer(d, layers, heads, context).to(device=device, dtype=dtype)
+        self.opt = mixprec.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.scaler = mixprec.GradScaler(device.type, growth_interval=1000)
+        self.monitor = None
+        if variant != "baseline":
+            every = 10**9 if variant == "not logging" else args.every
+            self.monitor = mixprec.Monitor(self.model, self.scaler, every=every, log_dir=log_dir, sinks=("jsonl",))
+
+    def step(self, xy: torch.Tensor) -> None:
+        x, y = xy[:, :-1], xy[:, 1:]
+        self.opt.zero_grad()
+        loss = nn.functional.cross_entropy(self.model(x).float().reshape(-1, 256), y.reshape(-1))
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.monitor is not None:
+            self.monitor.step(loss, tokens=x.numel())
+
+
+def interleaved(variants: list[str], args: argparse.Namespace, data: torch.Tensor, log_dir: str) -> dict[str, float]:
+    """Mean seconds per step of each variant, the variants taking turns step by step (the order rotating),
+    so that a change in the machine's speed lands on all of them within milliseconds."""
+    setups = {v: Setup(v, args, log_dir) for v in variants}
+    context, batch = SIZES[args.size][3], SIZES[args.size][4]
     gen = torch.Generator().manual_seed(1)
     starts = torch.randint(0, data.numel() - context - 1, (args.warmup + args.steps, batch), generator=gen)
-    xs = [torch.stack([data[s:s + context + 1] for s in row]).to(device) for row in starts]
-    t0 = 0.0
+    xs = [torch.stack([data[s:s + context + 1] for s in row]).to(args.device) for row in starts]
+    total = dict.fromkeys(variants, 0.0)
     for i, xy in enumerate(xs):
-        if i == args.warmup:
+        for j in range(len(variants)):
+            v = variants[(i + j) % len(variants)]
             sync(args.device)
             t0 = time.perf_counter()
-        x, y = xy[:, :-1], xy[:, 1:]
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x).float().reshape(-1, 256), y.reshape(-1))
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if monitor is not None:
-            monitor.step(loss, tokens=x.numel())
-    sync(args.device)
-    return (time.perf_counter() - t0) / args.steps
+            setups[v].step(xy)
+            sync(args.device)
+            if i >= args.warmup:
+                total[v] += time.perf_counter() - t0
+    return {v: t / args.steps for v, t in total.items()}
 
 
 def per_call(fn, device: str, repeats: int) -> float:
@@ -124,16 +141,17 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.rounds):
-            for v in variants:
-                times[v].append(run_round(v, args, data, log_dir))
-    base = statistics.median(times["baseline"])
+            for v, t in interleaved(variants, args, data, log_dir).items():
+                times[v].append(t)
     rows = []
     for v in variants:
-        t = statistics.median(times[v])
-        spread = (max(times[v]) - min(times[v])) / t
-        rows.append([v, f"{t * 1e3:.3f}", f"{100 * spread:.1f}%", f"{100 * (t / base - 1):+.2f}%"])
-    print(f"model {args.size} {SIZES[args.size]}, {args.steps} timed steps x {args.rounds} rounds")
-    print_table(["variant", "median ms/step", "spread (max-min)", "overhead vs baseline"], rows)
+        overheads = [t / b - 1 for t, b in zip(times[v], times["baseline"])]
+        rows.append([v, f"{statistics.median(times[v]) * 1e3:.3f}", f"{100 * statistics.median(overheads):+.2f}%",
+                     f"{100 * min(overheads):+.2f}% .. {100 * max(overheads):+.2f}%"])
+    base = statistics.median(times["baseline"])
+    print(f"model {args.size} {SIZES[args.size]}, {args.steps} timed steps per variant x {args.rounds} rounds, "
+          "the variants taking turns step by step")
+    print_table(["variant", "median ms/step", "overhead vs baseline (median)", "range over rounds"], rows)
     with tempfile.TemporaryDirectory() as log_dir:
         costs = added_costs(args, log_dir)
     tracking = costs["step+update, track=True"] - costs["step+update, track=False"]
