@@ -201,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& input, i
   auto* dst = data.data_ptr<int8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "mixprec::int8_quantize", [&] {
     const scalar_t* src = in.input.const_data_ptr<scalar_t>();
-    if (b.block_rows == 1 && b.grid_cols == 1) {
+    // Row scales take one thread block per row; an input without rows (one all-zero scale block) takes the
+    // block path below, which writes its scale without launching a grid of zero blocks.
+    if (b.block_rows == 1 && b.grid_cols == 1 && in.rows > 0) {
       quantize_rows_kernel<scalar_t>
           <<<static_cast<unsigned>(std::min<int64_t>(in.rows, 1 << 20)), kRowThreads, 0, stream>>>(
               src, dst, scale_inv.data_ptr<float>(), in.rows, in.cols, pow2_scales, codes);
