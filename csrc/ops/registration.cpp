@@ -128,6 +128,10 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_init_input_step_(Tensor(a!) step, Tensor input) -> bool");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
+  // mixprec::qat::check_conv2d: the Conv2d (and folded BatchNorm2d) checks of both front doors.
+  m.def(
+      "qat_check_conv2d(int out_channels, bool padding_as_sizes, bool zero_padding_mode, int? group_size, "
+      "int? bn_features=None, bool bn_running_stats=False, Tensor? bn_weight=None) -> ()");
   m.def(
       "qat_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> (Tensor codes, "
       "Tensor scale)",

@@ -79,12 +79,18 @@ std::vector<int64_t> vec(const torch::ExpandingArray<2>& a) {
   return r.vec();
 }
 
+bool padding_as_sizes(const ConvOptions& options) {
+  return std::holds_alternative<torch::ExpandingArray<2>>(options.padding());
+}
+bool zero_padding_mode(const ConvOptions& options) {
+  return std::holds_alternative<torch::enumtype::kZeros>(options.padding_mode());
+}
+
+/// The padding sizes of a layer that passed check_conv2d.
 std::vector<int64_t> padding_of(const ConvOptions& options) {
-  const auto* sizes = std::get_if<torch::ExpandingArray<2>>(&options.padding());
-  TORCH_CHECK_VALUE(sizes != nullptr, "mixprec::qat: Conv2d padding must be given as sizes (not \"same\"/\"valid\")");
-  TORCH_CHECK_VALUE(std::holds_alternative<torch::enumtype::kZeros>(options.padding_mode()),
-                    "mixprec::qat: only Conv2d's zero padding_mode is supported");
-  return vec(*sizes);
+  TORCH_CHECK_VALUE(padding_as_sizes(options) && zero_padding_mode(options),
+                    "mixprec::qat: Conv2d needs zero padding given as sizes");
+  return vec(std::get<torch::ExpandingArray<2>>(options.padding()));
 }
 
 torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
@@ -127,6 +133,25 @@ std::pair<int64_t, int64_t> code_range(int64_t weight_bits) {
   TORCH_CHECK_VALUE(weight_bits == 8 || weight_bits == 4, "mixprec::qat: weight_bits must be 8 or 4, got ",
                     weight_bits);
   return weight_bits == 8 ? std::pair<int64_t, int64_t>{-127, 127} : std::pair<int64_t, int64_t>{-8, 7};
+}
+
+void check_conv2d(int64_t out_channels, bool padding_as_sizes, bool zero_padding_mode,
+                  std::optional<int64_t> group_size, std::optional<int64_t> bn_features, bool bn_running_stats,
+                  const torch::Tensor& bn_weight) {
+  TORCH_CHECK_VALUE(!group_size.has_value(), "mixprec::qat: group_size applies to Linear layers only");
+  TORCH_CHECK_VALUE(padding_as_sizes && zero_padding_mode,
+                    "mixprec::qat: Conv2d needs zero padding given as sizes (not \"same\"/\"valid\", padding_mode "
+                    "\"zeros\"), got ", padding_as_sizes ? "sizes" : "a string", " and ",
+                    zero_padding_mode ? "zeros" : "another padding_mode");
+  if (!bn_features.has_value()) return;
+  TORCH_CHECK_VALUE(*bn_features == out_channels && bn_running_stats,
+                    "mixprec::qat: folding needs a BatchNorm2d with running statistics over the convolution's ",
+                    out_channels, " output channels, got ", *bn_features, " features, running statistics ",
+                    bn_running_stats ? "kept" : "not kept");
+  TORCH_CHECK_VALUE(!bn_weight.defined() || !bn_weight.eq(0).any().item<bool>(),
+                    "mixprec::qat: folding divides by the BatchNorm's weight (gamma), and some of its channels are "
+                    "0 (e.g. zero_init_residual); fold before zero-initialising it, or leave this pair unfolded "
+                    "(filter)");
 }
 
 void check_config(const QATConfig& config) {
@@ -360,17 +385,9 @@ torch::Tensor QATLinearImpl::forward(const torch::Tensor& input) {
 QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config_, torch::nn::BatchNorm2d bn_)
     : options(other.options), config(std::move(config_)) {
   check_config(config);
-  TORCH_CHECK_VALUE(!config.group_size.has_value(), "mixprec::qat: group_size applies to Linear layers only");
-  padding_of(options);
-  if (bn_) {
-    TORCH_CHECK_VALUE(bn_->options.num_features() == options.out_channels() && bn_->options.track_running_stats(),
-                      "mixprec::qat: folding needs a BatchNorm2d with running statistics over the convolution's ",
-                      options.out_channels(), " output channels, got ", bn_->options.num_features(),
-                      " features, track_running_stats=", bn_->options.track_running_stats());
-    TORCH_CHECK_VALUE(!bn_->weight.defined() || !bn_->weight.eq(0).any().item<bool>(),
-                      "mixprec::qat: folding divides by the BatchNorm's weight (gamma), and some of its channels are "
-                      "0 (e.g. zero_init_residual); fold before zero-initialising it, or leave this pair unfolded");
-  }
+  check_conv2d(options.out_channels(), padding_as_sizes(options), zero_padding_mode(options), config.group_size,
+               bn_ ? std::optional<int64_t>(bn_->options.num_features()) : std::nullopt,
+               bn_ && bn_->options.track_running_stats(), bn_ ? bn_->weight : torch::Tensor());
   weight = register_parameter("weight", other.weight);
   bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);
   if (bn_) bn = register_module("bn", bn_);
@@ -544,6 +561,12 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));
+  });
+  m.impl("qat_check_conv2d", [](int64_t out_channels, bool padding_as_sizes, bool zero_padding_mode,
+                                std::optional<int64_t> group_size, std::optional<int64_t> bn_features,
+                                bool bn_running_stats, const std::optional<at::Tensor>& bn_weight) {
+    check_conv2d(out_channels, padding_as_sizes, zero_padding_mode, group_size, bn_features, bn_running_stats,
+                 bn_weight.value_or(at::Tensor()));
   });
   m.impl("qat_weight_steps", [](const at::Tensor& weight, int64_t weight_bits, std::optional<int64_t> group_size) {
     return weight_steps(weight, op_config(weight_bits, group_size));

@@ -102,19 +102,11 @@ def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = N
     changed; returns the steps of its (folded) weight's amax (the start of learnable steps)."""
     weight = layer.weight
     if isinstance(layer, nn.Conv2d):
-        if config.group_size is not None:
-            raise ValueError("QATConfig.group_size applies to Linear layers only")
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError("mixprec.qat: Conv2d needs zero padding given as sizes, got padding="
-                             f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
+        torch.ops.mixprec.qat_check_conv2d(  # mixprec::qat::check_conv2d, as the C++ QATConv2d checks
+            layer.out_channels, not isinstance(layer.padding, str), layer.padding_mode == "zeros", config.group_size,
+            None if bn is None else bn.num_features, bn is not None and bn.running_var is not None,
+            None if bn is None else bn.weight)
         if bn is not None:
-            if bn.num_features != layer.out_channels or bn.running_var is None:
-                raise ValueError("mixprec.qat: folding needs a BatchNorm2d with running statistics over the "
-                                 f"convolution's {layer.out_channels} output channels, got {bn}")
-            if bn.weight is not None and bool((bn.weight == 0).any()):
-                raise ValueError("mixprec.qat: folding divides by the BatchNorm's weight (gamma), and some of its "
-                                 "channels are 0 (e.g. zero_init_residual); fold before zero-initialising it, or "
-                                 "leave this pair unfolded (filter)")
             with torch.no_grad():
                 weight = _fold(layer, bn)[0]
     return torch.ops.mixprec.qat_weight_steps(weight, config.weight_bits, config.group_size)

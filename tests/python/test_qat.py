@@ -366,6 +366,13 @@ def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
         qat.prepare(model)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear, nn.Conv2d]  # nothing was swapped
+    with pytest.raises(ValueError, match="Conv2d needs zero padding given as sizes"):
+        qat.prepare(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+    # The checks are C++'s (mixprec::qat::check_conv2d, the QATConv2d constructor's), reached through one op;
+    # the gamma check reads values (prepare runs eagerly), so opcheck's traced variants run without gamma.
+    torch.library.opcheck(torch.ops.mixprec.qat_check_conv2d.default, (4, True, True, None, 4, True, None))
+    with pytest.raises(ValueError, match="over the convolution's 4 output channels, got 3 features"):
+        torch.ops.mixprec.qat_check_conv2d(4, True, True, None, 3, True, None)
 
 
 def test_opcheck() -> None:

@@ -52,6 +52,14 @@ struct QATConfig {
 /// activations).
 void check_config(const QATConfig& config);
 
+/// What makes a Conv2d (and the BatchNorm2d folded into it, when `bn_features` is given) unfit for QAT,
+/// raised as a ValueError naming the setting: padding not given as sizes or not zero padding, a group_size
+/// (Linear layers only), a BatchNorm over other channels or without running statistics, a gamma with zeros.
+/// QATConv2d's constructor and Python's mixprec.qat (op `qat_check_conv2d`) both check through it.
+void check_conv2d(int64_t out_channels, bool padding_as_sizes, bool zero_padding_mode,
+                  std::optional<int64_t> group_size, std::optional<int64_t> bn_features = std::nullopt,
+                  bool bn_running_stats = false, const torch::Tensor& bn_weight = {});
+
 /// The weight code range of `weight_bits` (8 or 4; anything else is an error).
 std::pair<int64_t, int64_t> code_range(int64_t weight_bits);
 
