@@ -288,14 +288,13 @@ void GradScaler::set_optimizer_state(int64_t key, int64_t stage,
     TORCH_CHECK_VALUE(flag.defined() && flag.numel() == 1 && flag.scalar_type() == at::kFloat,
                       "found_inf_per_device[", device, "] must be a one-element float32 tensor");
   }
-  if (stage == 0 && found_inf_per_device.empty()) {
-    per_optimizer_.erase(key);
-    return;
-  }
   OptimizerState& st = per_optimizer_[key];
+  if (stage == 0 && found_inf_per_device.empty()) st = OptimizerState{};  // torch's fresh record, kept as an entry
   st.stage = static_cast<Stage>(stage);
   st.found_inf_per_device = found_inf_per_device;
 }
+
+void GradScaler::ensure_optimizer_state(int64_t key) { per_optimizer_.try_emplace(key); }
 
 void GradScaler::forget_optimizer(std::optional<int64_t> key) {
   if (key.has_value()) {
@@ -401,7 +400,15 @@ void GradScaler::record_overflows(const at::Tensor& found_inf) {
   // Gradients stay scaled when an optimizer that takes the scale skips an overflowing step; it skips on its
   // own flag. With one optimizer that is the summed flag, so grads_scale can say so; with several, whose
   // gradients are in which state is not one number, and no correction is offered.
-  const bool handed = per_optimizer_.size() == 1 && per_optimizer_.begin()->second.handed_scale;
+  // Records without flags (read or reset, never unscaled or stepped) take no part.
+  int active = 0;
+  bool handed = false;
+  for (const auto& [key, st] : per_optimizer_) {
+    if (st.found_inf_per_device.empty()) continue;
+    ++active;
+    handed = st.handed_scale;
+  }
+  handed = handed && active == 1;
   // One small op per optimizer (record_overflow_): on an overflow the record takes this step's maxima,
   // step number and scale; the maxima are zeroed for the next step. The first also counts the step and
   // sets grads_scale.
@@ -708,6 +715,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("get_scale", [](const Self& s) { return s->impl.get_scale(); })
       .def("is_enabled", [](const Self& s) { return s->impl.is_enabled(); })
       .def("scale_tensor", [](const Self& s) { return s->impl.scale_tensor(); })
+      .def("ensure_optimizer_state", [](const Self& s, int64_t key) { s->impl.ensure_optimizer_state(key); })
       .def("init_scale_on", [](const Self& s, const std::string& device) { s->impl.init_scale_on(device); })
       .def("growth_tracker_tensor", [](const Self& s) { return s->impl.growth_tracker_tensor(); })
       .def("hysteresis_tracker_tensor", [](const Self& s) { return s->impl.hysteresis_tracker_tensor(); })

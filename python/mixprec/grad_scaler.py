@@ -198,13 +198,15 @@ class _OptimizerStateView(MutableMapping):
 
 class _PerOptimizerStates(MutableMapping):
     """torch's ``GradScaler._per_optimizer_states`` (a defaultdict keyed by ``id(optimizer)``) over the C++
-    records: reading any key gives its live record (READY and empty for an optimizer not seen this
-    iteration); ``pop``, ``del`` and ``clear`` drop records, as resetting torch's dict does."""
+    records: reading any key gives its live record and, as the defaultdict does, creates a READY one without
+    flags for an optimizer not seen this iteration; ``get`` creates none; ``pop``, ``del`` and ``clear`` drop
+    records, as resetting torch's dict does."""
 
     def __init__(self, impl: Any) -> None:
         self._impl = impl
 
     def __getitem__(self, key: int) -> _OptimizerStateView:
+        self._impl.ensure_optimizer_state(int(key))
         return _OptimizerStateView(self._impl, int(key))
 
     def __setitem__(self, key: int, value: Any) -> None:

@@ -362,10 +362,12 @@ TEST_CASE("Per-optimizer records can be read, reset and dropped, as torch's _per
   REQUIRE(scaler.stage(7) == 1);
   REQUIRE(scaler.optimizer_keys() == std::vector<int64_t>{7});
   REQUIRE(torch::equal(g, torch::tensor({1.0f, 2.0f})));
-  // Back to ready with no flags (an iteration run again): the record goes, so the next unscale divides again.
+  // Back to ready with no flags (an iteration run again): a fresh record, still an entry as in torch's dict,
+  // so the next unscale divides again.
   scaler.set_optimizer_state(7, 0, {});
-  REQUIRE(scaler.optimizer_keys().empty());
-  REQUIRE_FALSE(scaler.in_iteration());
+  REQUIRE(scaler.optimizer_keys() == std::vector<int64_t>{7});
+  REQUIRE(scaler.stage(7) == 0);
+  REQUIRE(scaler.found_inf_per_device(7).empty());
   scaler.unscale_grads_(7, {g});
   REQUIRE(torch::equal(g, torch::tensor({0.25f, 0.5f})));
   // A flag planted by hand (another rank's overflow) decides the update.
@@ -380,4 +382,8 @@ TEST_CASE("Per-optimizer records can be read, reset and dropped, as torch's _per
   scaler.unscale_grads_(3, {g});
   scaler.forget_optimizer();
   REQUIRE_FALSE(scaler.in_iteration());
+  // Reading torch's defaultdict creates a ready record: ensure_optimizer_state does the same.
+  scaler.ensure_optimizer_state(5);
+  REQUIRE(scaler.in_iteration());
+  REQUIRE(scaler.stage(5) == 0);
 }

@@ -577,6 +577,42 @@ def test_per_optimizer_states_read_and_edited_as_with_torch(edit: str) -> None:
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (x, y)
 
 
+def test_reading_a_record_creates_it_as_torchs_defaultdict_does() -> None:
+    """Reading `_per_optimizer_states[key]` creates a READY record without flags (torch's is a defaultdict):
+    it counts in len/in/iteration, makes pickling refuse until update(), and takes no part in the step; `get`
+    creates nothing; resetting a record to READY keeps it as an entry."""
+    from torch.amp.grad_scaler import OptState
+
+    seen = []
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        other = torch.optim.SGD(model.parameters(), lr=0.1)  # never stepped: only its record is read
+        scaler = cls("cpu", init_scale=2.0**10, growth_interval=1)
+        states = scaler._per_optimizer_states
+        out = [states.get(id(other)), len(states), id(other) in states]
+        record = states[id(other)]
+        out += [record["stage"] is OptState.READY, dict(record["found_inf_per_device"]), len(states),
+                id(other) in states, list(states) == [id(other)]]
+        with pytest.raises(Exception) as refused:
+            pickle.dumps(scaler)
+        out.append(type(refused.value).__name__)
+        scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+        scaler.step(opt)
+        states[id(opt)] = {"stage": OptState.READY, "found_inf_per_device": {}}  # a reset keeps the entry
+        out += [len(states), states[id(opt)]["stage"] is OptState.READY]
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        out += [len(scaler._per_optimizer_states), scaler.get_scale()]
+        out += [p.detach().clone() for p in model.parameters()]
+        pickle.dumps(scaler)  # no record after update()
+        seen.append(out)
+    for x, y in zip(*seen):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (x, y)
+
+
 def test_is_an_instance_of_torchs_scaler_and_serves_its_private_helpers() -> None:
     """isinstance(scaler, torch.amp.GradScaler) holds; torch's helpers that subclasses and frameworks call give
     torch's results: `_unscale_grads_` (fp16 refused unless allowed), `_check_scale_growth_tracker`."""

@@ -167,8 +167,11 @@ class GradScaler {
   /// The keys of the optimizers with a record this iteration.
   std::vector<int64_t> optimizer_keys() const;
   /// Overwrites an optimizer's record, as code that edits torch's `_per_optimizer_states` does (e.g. back to
-  /// ready with no flags to run the iteration again). A ready record without flags is dropped.
+  /// ready with no flags to run the iteration again: a fresh record, which stays an entry as in torch).
   void set_optimizer_state(int64_t key, int64_t stage, const std::map<std::string, at::Tensor>& found_inf_per_device);
+  /// Creates a ready record without flags unless the optimizer has one (reading torch's `_per_optimizer_states`,
+  /// a defaultdict, creates it: it counts as an entry, e.g. against pickling, until update()).
+  void ensure_optimizer_state(int64_t key);
   /// Drops an optimizer's record (every record with no key), as popping torch's per-optimizer state does.
   void forget_optimizer(std::optional<int64_t> key = std::nullopt);
   /// Fails if the optimizer already stepped since the last update().
