@@ -172,7 +172,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
-    results: list[tuple[str, float, float, float, float]] = []
+    results: list[tuple[str, str, float, float, float, float]] = []
     host_peak = HostPeakMemory()
     if not cuda:  # one-time costs (lazy initialisation, thread pools) would land on the first variant's peak
         make_variant(args.variants.split(",")[0], size, device).step(data[0])

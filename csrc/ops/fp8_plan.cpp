@@ -225,7 +225,7 @@ at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, con
   at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
   // The bias (in out_dtype, as cuBLASLt's bias epilogue and torch._scaled_mm take it) joins the fp32 product
   // before the one rounding to out_dtype.
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype).to(at::kFloat));
+  if (bias.has_value() && bias->defined()) out.add_(bias_for_fp32_sum(*bias, out_dtype));
   return out.to(out_dtype);
 }
 

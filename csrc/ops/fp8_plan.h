@@ -110,4 +110,10 @@ at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g);
 
+/// A GEMM's bias as it joins the fp32 product: taken in `out_dtype` (as cuBLASLt's bias epilogue and
+/// torch._scaled_mm take it), then widened to fp32 for the sum before the one rounding to out_dtype.
+inline at::Tensor bias_for_fp32_sum(const at::Tensor& bias, at::ScalarType out_dtype) {
+  return bias.to(out_dtype).to(at::kFloat);
+}
+
 }  // namespace mixprec::detail

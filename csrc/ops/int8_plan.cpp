@@ -90,7 +90,7 @@ at::Tensor int8_mm_dequantize(const at::Tensor& acc, const Int8MmArgs& g, at::Sc
   // Each step rounds to fp32, as the fused CUDA kernel's fp32 arithmetic does; the bias (in out_dtype) is
   // added in fp32 before the one rounding to out_dtype, as torch's GEMMs with a bias epilogue do.
   at::Tensor out = acc.to(at::kFloat).mul_(g.a_scale_inv).mul_(g.b_scale_inv);
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(out_dtype).to(at::kFloat));
+  if (bias.has_value() && bias->defined()) out.add_(bias_for_fp32_sum(*bias, out_dtype));
   return out.to(out_dtype);
 }
 

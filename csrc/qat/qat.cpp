@@ -88,8 +88,7 @@ bool zero_padding_mode(const ConvOptions& options) {
 
 /// The padding sizes of a layer that passed check_conv2d.
 std::vector<int64_t> padding_of(const ConvOptions& options) {
-  TORCH_CHECK_VALUE(padding_as_sizes(options) && zero_padding_mode(options),
-                    "mixprec::qat: Conv2d needs zero padding given as sizes");
+  TORCH_INTERNAL_ASSERT(padding_as_sizes(options) && zero_padding_mode(options), "QATConv2d was not checked");
   return vec(std::get<torch::ExpandingArray<2>>(options.padding()));
 }
 

@@ -595,8 +595,9 @@ class GradScaler(torch.amp.GradScaler):
 
     def _lazy_init_scale_growth_tracker(self, dev: Any = None) -> None:
         """torch's private hook (Accelerate calls it after loading a state): create the scale tensors now, on
-        ``dev`` (default: the constructor's device) unless they exist."""
+        ``dev`` (default: the constructor's device). As torch's, it refuses when they exist."""
         if self._enabled:
+            assert not self._impl.has_scale(), "_growth_tracker initialized before _scale"
             self._impl.init_scale_on(str(torch.device(self._device if dev is None else dev)))
 
     def _torch_attribute(self, name: str) -> None:

@@ -125,6 +125,25 @@ TEST_CASE("GradScaler creates its scale on the first output's device, as torch's
   REQUIRE(early.scale_tensor().device().is_meta());
 }
 
+TEST_CASE("A record only read (no flags) leaves grads_scale to the one optimizer with flags", "[scaler][overflow]") {
+  // mixprec's AdamW takes the scale and skips an overflowing step itself, leaving its gradients scaled: with one
+  // optimizer grads_scale says so. Another optimizer's record that was only read (torch's defaultdict creates
+  // one) has no flags and must not make it "several optimizers".
+  torch::manual_seed(0);
+  Net net;
+  mixprec::optim::AdamW opt(net.parameters(), mixprec::optim::AdamOptions(1e-3));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).track_overflows(true));
+  for (int i = 0; i < 3; ++i) {
+    opt.zero_grad();
+    scaler.scale(net.forward(torch::randn({2, 8})).sum()).backward();
+    if (i == 1) net.parameters()[0].mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+    scaler.ensure_optimizer_state(42);
+    scaler.step(opt);
+    scaler.update();
+    REQUIRE(scaler.grads_scale().item<float>() == (i == 1 ? 1024.0f : 1.0f));
+  }
+}
+
 TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][checkpoint]") {
   mixprec::GradScaler a(torch::kCPU, mixprec::GradScalerOptions().init_scale(4096).growth_interval(7).hysteresis(3));
   a.update(300.0);

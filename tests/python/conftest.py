@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -106,3 +106,33 @@ EXIT_NOW = textwrap.dedent(
         os._exit(0)
     """
 )
+
+
+class ExactBiasCase(NamedTuple):
+    """A GEMM whose every product and sum is exact in fp32 (integer codes up to 16, power-of-two scales) and
+    whose bias sits on a 2^-6 grid, so product + bias is exact in fp32 too: float64 gives the one correctly
+    rounded result of `out_dtype`, and rounding the product before adding the bias (twice) misses it."""
+
+    a: torch.Tensor  # [m, k] codes as float32
+    b: torch.Tensor  # [n, k] codes as float32
+    sa: torch.Tensor  # [m, 1] (row-wise) or [1]
+    sb: torch.Tensor  # [n, 1] (row-wise) or [1]
+    bias: torch.Tensor  # [n] float32
+    exact: torch.Tensor  # [m, n] float64: (a * sa) @ (b * sb)^T
+
+    def want(self, out_dtype: torch.dtype) -> torch.Tensor:
+        return (self.exact + self.bias.to(out_dtype).double()).to(out_dtype)
+
+    def rounded_twice(self, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.exact.to(out_dtype) + self.bias.to(out_dtype)
+
+
+def exact_bias_case(seed: int, rowwise: bool, m: int = 32, k: int = 256, n: int = 48) -> ExactBiasCase:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-16, 17, (m, k), generator=g).float()
+    b = torch.randint(-16, 17, (n, k), generator=g).float()
+    sa = 2.0 ** torch.randint(-2, 1, (m, 1) if rowwise else (1,), generator=g).float()
+    sb = 2.0 ** torch.randint(-2, 1, (n, 1) if rowwise else (1,), generator=g).float()
+    bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
+    exact = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
+    return ExactBiasCase(a, b, sa, sb, bias, exact)

@@ -12,7 +12,8 @@ import torch
 import mixprec
 from mixprec import fp8
 
-from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, assert_pairs_agree_across_cpu_capabilities, on_device
+from conftest import (DEVICES, FLOAT_DTYPES, HAS_CUDA, assert_pairs_agree_across_cpu_capabilities, exact_bias_case,
+                      on_device)
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -578,27 +579,28 @@ def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rowwise", [False, True])
-def test_gemm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtype: torch.dtype,
-                                                             rowwise: bool) -> None:
-    """Integer codes up to 16 (exact in E4M3) and power-of-two scales make every product and the fp32 sum exact, and a
-    bias on a 2^-6 grid keeps product + bias exact in fp32: float64 gives the one correctly rounded result
-    (on CUDA through cuBLASLt's bias epilogue for 16-bit outputs). Rounding the product before adding the
-    bias rounds twice and misses it in many places."""
-    g = torch.Generator().manual_seed(12)
-    m, k, n = 32, 256, 48
-    a = torch.randint(-16, 17, (m, k), generator=g).float()
-    b = torch.randint(-16, 17, (n, k), generator=g).float()
-    shape_a, shape_b = ((m, 1), (n, 1)) if rowwise else ((1,), (1,))
-    sa = 2.0 ** torch.randint(-2, 1, shape_a, generator=g).float()
-    sb = 2.0 ** torch.randint(-2, 1, shape_b, generator=g).float()
-    bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
-    exact = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
-    want = (exact + bias.to(out_dtype).double()).to(out_dtype)
-    qa, qb = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-    got = fp8.gemm(qa.to(device), qb.to(device), sa.to(device), sb.to(device), out_dtype, bias.to(device))
-    assert got.dtype == out_dtype and torch.equal(got.cpu(), want)
+def test_gemm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtype: torch.dtype, rowwise: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bias joins the fp32 product before the one rounding to out_dtype: exact data (conftest's
+    exact_bias_case) gives the correctly rounded float64 result, which rounding twice misses. On a GPU with
+    FP8 tensor cores, per-tensor scales with a 16-bit output must take cuBLASLt's bias epilogue
+    (MIXPREC_FP8_GEMM_STRICT turns a fallback to the emulation into an error), and torch._scaled_mm, which
+    takes the same path, gives the same bits."""
+    case = exact_bias_case(12, rowwise)
+    qa, qb = case.a.to(torch.float8_e4m3fn).to(device), case.b.to(torch.float8_e4m3fn).to(device)
+    sa, sb, bias = case.sa.to(device), case.sb.to(device), case.bias.to(device)
+    epilogue = (device == "cuda" and not rowwise and out_dtype != torch.float32
+                and torch.cuda.get_device_capability() >= (8, 9))
+    if epilogue:
+        monkeypatch.setenv("MIXPREC_FP8_GEMM_STRICT", "1")
+    got = fp8.gemm(qa, qb, sa, sb, out_dtype, bias)
+    assert got.dtype == out_dtype and torch.equal(got.cpu(), case.want(out_dtype))
+    if epilogue:
+        theirs = torch._scaled_mm(qa, qb.t(), sa.reshape(()), sb.reshape(()), bias=bias.to(out_dtype),
+                                  out_dtype=out_dtype)
+        assert torch.equal(theirs, got)
     if out_dtype != torch.float32:  # the check can fail: rounding twice gives other bits here
-        assert not torch.equal(exact.to(out_dtype) + bias.to(out_dtype), want)
+        assert not torch.equal(case.rounded_twice(out_dtype), case.want(out_dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)

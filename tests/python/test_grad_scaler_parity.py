@@ -448,6 +448,8 @@ def test_the_scale_is_created_on_the_first_outputs_device() -> None:
         scaler = cls("cpu")
         scaler._lazy_init_scale_growth_tracker(torch.device("meta"))
         assert scaler._scale.device == torch.device("meta")
+        with pytest.raises(AssertionError, match="_growth_tracker initialized before _scale"):
+            scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -595,9 +597,10 @@ def test_reading_a_record_creates_it_as_torchs_defaultdict_does() -> None:
         record = states[id(other)]
         out += [record["stage"] is OptState.READY, dict(record["found_inf_per_device"]), len(states),
                 id(other) in states, list(states) == [id(other)]]
-        with pytest.raises(Exception) as refused:
-            pickle.dumps(scaler)
-        out.append(type(refused.value).__name__)
+        for refused_copy in (pickle.dumps, copy.deepcopy):
+            with pytest.raises(Exception) as refused:
+                refused_copy(scaler)
+            out.append(type(refused.value).__name__)
         scaler.scale(model(torch.randn(2, 4)).sum()).backward()
         scaler.step(opt)
         states[id(opt)] = {"stage": OptState.READY, "found_inf_per_device": {}}  # a reset keeps the entry

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import mixprec
 from mixprec import int8
 
-from conftest import (DEVICES, FLOAT_DTYPES, assert_pairs_agree_across_cpu_capabilities, requires_cuda,
-                      run_with_cpu_capability)
+from conftest import (DEVICES, FLOAT_DTYPES, assert_pairs_agree_across_cpu_capabilities, exact_bias_case,
+                      requires_cuda, run_with_cpu_capability)
 
 BLOCKS = [(1, -1), (-1, 1), (-1, -1), (1, 16), (3, 5), (128, 128)]
 
@@ -194,23 +194,14 @@ def test_mm_is_exact_in_int32_and_dequantizes_in_fp32(device: str, out_dtype: to
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtype: torch.dtype) -> None:
-    """Codes up to 16 and power-of-two scales make every product and the sum exact, and the bias a multiple of
-    2^-6 keeps product + bias exact in fp32: float64 then gives the one correctly rounded result. Rounding
-    the product to a 16-bit dtype before adding the bias would round twice and miss it in many places."""
-    g = torch.Generator().manual_seed(11)
-    m, k, n = 32, 256, 48
-    a = torch.randint(-16, 17, (m, k), dtype=torch.int8, generator=g)
-    bt = torch.randint(-16, 17, (n, k), dtype=torch.int8, generator=g)
-    sa = 2.0 ** torch.randint(-2, 1, (m, 1), generator=g).float()
-    sb = 2.0 ** torch.randint(-2, 1, (1, n), generator=g).float()
-    bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
-    exact = (a.double() @ bt.double().t()) * sa.double() * sb.double()
-    want = (exact + bias.to(out_dtype).double()).to(out_dtype)
-    got = int8.mm(a.to(device), bt.to(device).t(), sa.to(device), sb.to(device), out_dtype, bias.to(device))
-    assert got.dtype == out_dtype and torch.equal(got.cpu(), want)
+    """The bias joins the fp32 product before the one rounding to out_dtype: exact data (conftest's
+    exact_bias_case) gives the correctly rounded float64 result, which rounding twice misses."""
+    case = exact_bias_case(11, rowwise=True)
+    a, bt = case.a.to(torch.int8).to(device), case.b.to(torch.int8).to(device)
+    got = int8.mm(a, bt.t(), case.sa.to(device), case.sb.reshape(1, -1).to(device), out_dtype, case.bias.to(device))
+    assert got.dtype == out_dtype and torch.equal(got.cpu(), case.want(out_dtype))
     if out_dtype != torch.float32:  # the check can fail: rounding twice gives other bits here
-        twice = exact.to(out_dtype) + bias.to(out_dtype)
-        assert not torch.equal(twice, want)
+        assert not torch.equal(case.rounded_twice(out_dtype), case.want(out_dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -115,7 +115,7 @@ class GradScaler {
   /// undefined before the first tracked update()).
   const at::Tensor& overflow_count() const { return overflow_count_; }
   /// What the parameters' gradients hold relative to the true gradients after the last update(): a float32
-  /// 0-dim tensor on the scale's device, 1 unless the iteration's one optimizer took the scale itself (a
+  /// 0-dim tensor on the scale's device, 1 unless the iteration's one optimizer with flags took the scale itself (a
   /// read-only check) and skipped an overflowing step, which leaves its gradients scaled (with several
   /// optimizers it stays 1: no single factor describes them). Tracked with track_overflows; undefined
   /// before. The Monitor divides by it.
@@ -154,9 +154,10 @@ class GradScaler {
   /// torch's rule for such optimizers: when `grads` have not been unscaled this iteration, they are only
   /// checked for inf/NaN (read, not written) and the scale is handed over; after unscale_() the flag alone.
   ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params = {});
-  /// Whether a step() or unscale_() happened since the last update() (torch refuses to pickle then).
+  /// Whether any optimizer has a record this iteration: unscaled, stepped, or read / reset through torch's
+  /// `_per_optimizer_states` (torch refuses to pickle or deep-copy then).
   bool in_iteration() const { return !per_optimizer_.empty(); }
-  /// Whether the scale tensor exists yet (scale() or a tensor getter creates it).
+  /// Whether the scale tensor exists yet (scale(), init_scale_on() or a tensor getter creates it).
   bool has_scale() const { return scale_.defined(); }
   /// Creates the scale tensors on `device` unless they exist (torch's _lazy_init_scale_growth_tracker).
   void init_scale_on(c10::Device device) { lazy_init(device); }

@@ -23,9 +23,11 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <unordered_set>
 
 #include "ops/cuda/cublaslt.h"
@@ -124,6 +126,13 @@ void check_multiples_of_16(const char* op, const detail::Fp8GemmArgs& g) {
               ", n=", g.n, ", k=", g.k);
 }
 
+/// MIXPREC_FP8_GEMM_STRICT=1: a problem cuBLASLt turns down raises instead of going to the emulation, so that
+/// a test can tell that a cuBLASLt path (e.g. the bias epilogue) really ran. Read on each decline only.
+bool strict() {
+  const char* v = std::getenv("MIXPREC_FP8_GEMM_STRICT");
+  return v != nullptr && *v != '\0' && std::string_view(v) != "0";
+}
+
 // Problems whose plan cuBLASLt turned down (no algorithm): the emulation takes them from then on.
 struct Declined {
   std::mutex mutex;
@@ -150,7 +159,10 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
                        lt::alignment_of(out.const_data_ptr()), workspace_size};
   {
     std::lock_guard<std::mutex> lock(declined().mutex);
-    if (declined().keys.count(key)) return false;
+    if (declined().keys.count(key)) {
+      TORCH_CHECK(!strict(), op, ": cuBLASLt turned this problem down earlier (MIXPREC_FP8_GEMM_STRICT is set)");
+      return false;
+    }
   }
   // Scale vectors start 16-byte aligned, as cuBLASLt's vector loads may assume (a one-element view is cloned
   // too: cheap).
@@ -172,6 +184,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
       return p;
     });
   } catch (const c10::Error&) {
+    if (strict()) throw;
     std::lock_guard<std::mutex> lock(declined().mutex);
     declined().keys.insert(key);
     return false;
@@ -186,7 +199,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   // A scale-mode or epilogue combination cuBLASLt only refuses at launch (nothing is written then): the
   // emulation takes this problem from now on. Per-tensor scales without a bias are the documented FP8
   // path: an error there is one.
-  if ((scales == LtScales::OuterVector || bias != nullptr) &&
+  if ((scales == LtScales::OuterVector || bias != nullptr) && !strict() &&
       (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE)) {
     std::lock_guard<std::mutex> lock(declined().mutex);
     declined().keys.insert(key);
