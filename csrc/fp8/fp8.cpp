@@ -67,6 +67,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_sc
   return op.call(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, use_fast_accum);
 }
 
+at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale_inv) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixprec::fp8_dequantize");
+  return op.call(data, scale_inv);
+}
+
 void gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                  const at::Tensor& b_scale_inv) {
   static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -151,6 +156,12 @@ void reduce_amax(const ScalingState& state, c10d::ProcessGroup& group) {
 // Python's Float8Linear names its group by torch.distributed's group name, which resolves to the same
 // c10d::ProcessGroup a C++ program holds. Not decomposed: a fake tensor has nothing to reduce (_meta.py).
 TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
+  // One kernel for every device: the CPU's is one vectorised pass (ops/cpu/fp8.cpp), others two ATen ops.
+  m.impl("fp8_dequantize", [](const at::Tensor& data, const at::Tensor& scale_inv) {
+    const mixprec::detail::Fp8ScaleLayout layout =
+        mixprec::detail::check_fp8_dequantize("mixprec::fp8_dequantize", data, scale_inv);
+    return mixprec::detail::dequantize(data, scale_inv, layout);
+  });
   m.impl("fp8_reduce_amax_", [](const at::Tensor& forward_amax_history, const at::Tensor& backward_amax_history,
                                 c10::string_view group_name) {
     const c10::intrusive_ptr<c10d::ProcessGroup> group =

@@ -163,6 +163,11 @@ void check_fp8_operand(const char* op, const char* name, const at::Tensor& x) {
 
 }  // namespace
 
+Fp8ScaleLayout check_fp8_dequantize(const char* op, const at::Tensor& data, const at::Tensor& scale_inv) {
+  check_fp8_operand(op, "data", data);
+  return scale_layout(op, "scale_inv", scale_inv, data.size(0), data.size(1), data.device());
+}
+
 Fp8GemmArgs check_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                            const at::Tensor& b_scale_inv) {
   check_fp8_operand(op, "a", a);
@@ -212,6 +217,7 @@ void check_fp8_gemm_accum(const at::Tensor& out, const Fp8GemmArgs& g) {
 }
 
 at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout) {
+  if (x.is_cpu()) return dequantize_cpu(x, scale_inv, layout);
   const at::Tensor values = x.to(at::kFloat);
   if (layout.per_tensor) return values.mul(scale_inv.reshape({}));
   at::Tensor s = scale_inv;

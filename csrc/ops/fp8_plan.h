@@ -103,6 +103,11 @@ void check_fp8_gemm_accum(const at::Tensor& out, const Fp8GemmArgs& g);
 
 /// The operand in fp32: every code times its block's scale_inv (fp32 products).
 at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout);
+/// fp8_dequantize's checks: `data` a 2-D FP8 matrix, `scale_inv` one of the layouts fp8_gemm takes for it.
+Fp8ScaleLayout check_fp8_dequantize(const char* op, const at::Tensor& data, const at::Tensor& scale_inv);
+/// dequantize on the CPU in one pass (ops/cpu/fp8.cpp: the capability's kernel per block of a row), the same
+/// bits as the generic one, which converts and multiplies in two ATen passes.
+at::Tensor dequantize_cpu(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout);
 
 /// The GEMMs through dequantization and an fp32 GEMM with fp32 accumulation (no TF32): the CPU
 /// implementation and the reference every other path is tested against. The bias is added to the output

@@ -63,6 +63,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "fp8_gemm_accum_(Tensor(a!) out, Tensor a, Tensor b, Tensor a_scale_inv, Tensor b_scale_inv) -> ()",
       tags);
+  // data * scale_inv as fp32, for the scale layouts fp8_gemm takes (the GEMM emulation's operand).
+  m.def("fp8_dequantize(Tensor data, Tensor scale_inv) -> Tensor", tags);
   // INT8 (csrc/ops/int8.h): per block step = amax / 127, data = round(input * (1 / step)); input ~= data * scale_inv.
   m.def(
       "int8_quantize(Tensor input, int block_rows, int block_cols, str rounding=\"nearest\", int? seed=None, "

@@ -201,6 +201,11 @@ def _fp8_gemm_fake(
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
+@torch.library.register_fake("mixprec::fp8_dequantize")
+def _fp8_dequantize_fake(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    return data.new_empty(data.shape, dtype=torch.float32)
+
+
 @torch.library.register_fake("mixprec::fp8_gemm_accum_")
 def _fp8_gemm_accum_fake(
     out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor

@@ -30,6 +30,7 @@ __all__ = [
     "BlockQuantized",
     "quantize",
     "quantize_blockwise",
+    "dequantize",
     "update_scales_",
     "gemm",
     "gemm_accum_",
@@ -173,6 +174,15 @@ def quantize_blockwise(
         input, dtype, int(block[0]), int(block[1]), int(margin), bool(pow2_scales), rounding, bool(saturate), seed
     )
     return BlockQuantized(data, scale_inv)
+
+
+def dequantize(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """``data`` (a 2-D float8_e4m3fn / float8_e5m2 matrix) times ``scale_inv`` as float32: the exact value of
+    each code times its scale, one fp32 rounding, NaN and inf codes kept. ``scale_inv`` takes the layouts
+    :func:`gemm` takes (one element, ``[rows, 1]``, ``[rows, ceil(k / 128)]``, ``[ceil(rows / 128),
+    ceil(k / 128)]``), as :func:`quantize` / :func:`quantize_blockwise` return them. This is the operand the
+    CPU's GEMM emulation multiplies; on the CPU it is one vectorised pass."""
+    return torch.ops.mixprec.fp8_dequantize.default(data, scale_inv)
 
 
 def update_scales_(

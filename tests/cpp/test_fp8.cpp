@@ -139,6 +139,11 @@ TEST_CASE("fp8 gemm and gemm_accum_ against a float64 product of the dequantized
   REQUIRE(((acc.to(torch::kDouble) - exact - 1).abs() <= bound + 1e-6).all().item<bool>());
   REQUIRE_THROWS_WITH(mixprec::fp8::gemm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv),
                       Catch::Contains("must share k"));
+  // The operands the emulation multiplies: each code's exact value times its block's scale, one rounding.
+  REQUIRE(torch::equal(mixprec::fp8::dequantize(qx.data, qx.scale_inv), xd.to(torch::kFloat)));
+  REQUIRE(torch::equal(mixprec::fp8::dequantize(qw.data, qw.scale_inv), wd.to(torch::kFloat)));
+  REQUIRE_THROWS_WITH(mixprec::fp8::dequantize(qx.data, torch::ones({3, 1})),
+                      Catch::Contains("scale_inv must have shape"));
 }
 
 TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-scaling state in buffers", "[fp8][nn]") {

@@ -576,6 +576,60 @@ def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str
     assert rel < (0.15 if torch.float8_e5m2 in types else 0.08)
 
 
+def dequantize_reference(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """torch's own code conversion, the scale expanded over its blocks, the product in float64 rounded once to
+    fp32 (exact: an fp8 value has at most 4 significant bits)."""
+    rows, k = data.shape
+    s = scale_inv.double().cpu()
+    if s.numel() != 1:
+        br = 1 if s.shape[0] == rows else 128
+        bc = k if s.shape[1] == 1 else 128
+        s = s.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :k]
+    return (data.cpu().to(torch.float64) * s).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+def test_dequantize_every_code_and_scale_layout(device: str, dtype: torch.dtype) -> None:
+    """All 256 codes (NaN and inf included) in a 200 x 300 matrix (odd sizes: vector tails and partial blocks),
+    contiguous, transposed and misaligned, under every scale layout gemm takes."""
+    g = torch.Generator().manual_seed(13)
+    codes = torch.randint(0, 256, (200, 300), generator=g, dtype=torch.uint8)
+    codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    data = codes.view(dtype)
+    layouts = [torch.tensor([0.375]), torch.rand(200, 1, generator=g) + 0.5, torch.rand(200, 3, generator=g) + 0.5,
+               torch.rand(2, 3, generator=g) + 0.5]
+    offset = torch.empty(200 * 300 + 1, dtype=torch.uint8)[1:].view(200, 300)  # starts one byte off
+    offset.copy_(codes)
+    for x in (data, data.t().contiguous().t(), offset.view(dtype)):
+        for s in layouts:
+            got = fp8.dequantize(on_device(x, device), s.to(device))
+            assert got.dtype == torch.float32 and got.shape == x.shape
+            torch.testing.assert_close(got.cpu(), dequantize_reference(x, s), rtol=0, atol=0, equal_nan=True)
+    assert fp8.dequantize(data[:0].to(device), one(1.0, device)).shape == (0, 300)
+    # As for fp8_gemm: torch's schema check has no FP8 multiply; every other opcheck test runs.
+    finite = torch.randn(16, 32, generator=g).to(dtype).to(device)  # opcheck compares outputs: no NaN codes
+    torch.library.opcheck(torch.ops.mixprec.fp8_dequantize.default, (finite, layouts[1][:16].to(device)),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises(RuntimeError, match=r"scale_inv must have shape"):
+        fp8.dequantize(data.to(device), torch.ones(7, 1, device=device))
+    with pytest.raises(RuntimeError, match="data must be a 2-D matrix"):
+        fp8.dequantize(data.reshape(-1).to(device), one(1.0, device))
+
+
+def test_dequantize_default_and_avx2_agree(tmp_path) -> None:
+    codes = torch.arange(256, dtype=torch.uint8).repeat(37)[:9001]
+    inputs = {"codes": codes, "scales": [torch.tensor([0.375]), torch.tensor([3.0e-39]), torch.tensor([1e30])]}
+    script = """
+    RESULT = []
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        data = INPUTS["codes"].view(dtype).reshape(1, -1)
+        for s in INPUTS["scales"]:
+            RESULT.append((data.view(torch.uint8), mixprec.fp8.dequantize(data, s)))
+    """
+    assert_pairs_agree_across_cpu_capabilities(script, inputs, tmp_path, 6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rowwise", [False, True])

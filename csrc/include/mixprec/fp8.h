@@ -91,6 +91,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_sc
                 at::ScalarType out_dtype = at::kBFloat16, const std::optional<at::Tensor>& bias = std::nullopt,
                 bool use_fast_accum = false);
 
+/// data * scale_inv as an fp32 [rows, k] matrix, for FP8 `data` [rows, k] and a scale_inv of any layout
+/// gemm takes: the exact value of each code times its scale, one fp32 rounding (what the GEMM emulation
+/// multiplies). CPU: one vectorised pass.
+at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale_inv);
+
 /// The same product added into `out`, a contiguous fp32 [m, n] accumulator (beta = 1 in one cuBLASLt
 /// GEMM on CUDA): an FP8 weight gradient accumulated straight into an fp32 main_grad.
 void gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,

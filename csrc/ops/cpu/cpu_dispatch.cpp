@@ -33,6 +33,7 @@ KernelTable<Int8AmaxFn> int8_amax_kernels;
 KernelTable<Int8CodesFn> int8_codes_kernels;
 KernelTable<Fp8NearestFn> fp8_nearest_kernels;
 KernelTable<Fp8StochasticFn> fp8_stochastic_kernels;
+KernelTable<Fp8DequantizeFn> fp8_dequantize_kernels;
 KernelTable<MagnitudeMaxFn> magnitude_max_kernels;
 KernelTable<FakeQuantForwardFn> fake_quantize_forward_kernels;
 KernelTable<FakeQuantBackwardFn> fake_quantize_backward_kernels;

@@ -154,6 +154,10 @@ extern KernelTable<Fp8NearestFn> fp8_nearest_kernels;
 using Fp8StochasticFn = uint32_t (*)(const void* src, at::ScalarType dtype, uint8_t* dst, int64_t n, float scale,
                                      fp8::Format format, bool saturate, RngKey key, uint64_t index0);
 extern KernelTable<Fp8StochasticFn> fp8_stochastic_kernels;
+/// `n` FP8 codes of `format` at `src` as fp32 values times `scale` at `dst`: fp8::from_fp8 (exact), then one
+/// fp32 product.
+using Fp8DequantizeFn = void (*)(const uint8_t* src, float* dst, int64_t n, fp8::Format format, float scale);
+extern KernelTable<Fp8DequantizeFn> fp8_dequantize_kernels;
 /// The max of the magnitude bits of `n` elements of `dtype` at `src`.
 using MagnitudeMaxFn = uint32_t (*)(const void* src, at::ScalarType dtype, int64_t n);
 extern KernelTable<MagnitudeMaxFn> magnitude_max_kernels;

@@ -200,3 +200,35 @@ TORCH_LIBRARY_IMPL(mixprec, SparseCPU, m) {
 }
 
 }  // namespace mixprec::cpu
+
+namespace mixprec::detail {
+
+at::Tensor dequantize_cpu(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout) {
+  const at::Tensor codes = x.contiguous();
+  const at::Tensor scales = scale_inv.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const int64_t rows = codes.dim() == 2 ? codes.size(0) : 1, cols = codes.numel() / std::max<int64_t>(rows, 1);
+  if (codes.numel() == 0) return out;
+  const fp8::Format format = parse_fp8_dtype(codes.scalar_type(), "mixprec::fp8_gemm");
+  const auto* src = static_cast<const uint8_t*>(codes.const_data_ptr());
+  float* dst = out.data_ptr<float>();
+  const float* s = scales.const_data_ptr<float>();
+  const cpu::Fp8DequantizeFn run = cpu::fp8_dequantize_kernels.get("fp8_gemm");
+  // Per tensor: one scale, any split. Otherwise row r's block of columns [c, c + block_cols) takes scale
+  // [r / block_rows][c / block_cols] of the [ceil(rows / block_rows), ceil(cols / block_cols)] table.
+  const int64_t block_cols = layout.per_tensor ? cols : std::min(layout.block_cols, cols);
+  const int64_t block_rows = layout.per_tensor ? rows : layout.block_rows;
+  const int64_t grid_cols = (cols + block_cols - 1) / block_cols;
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row_scales = s + (layout.per_tensor ? 0 : (r / block_rows) * grid_cols);
+      for (int64_t c = 0, b = 0; c < cols; c += block_cols, ++b) {
+        const int64_t n = std::min(block_cols, cols - c);
+        run(src + r * cols + c, dst + r * cols + c, n, format, row_scales[layout.per_tensor ? 0 : b]);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace mixprec::detail

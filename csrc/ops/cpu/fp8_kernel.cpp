@@ -7,6 +7,8 @@
 // - stochastic: fp8::to_fp8_stochastic's choice between the two grid neighbours (the same fp32 products and
 //   compare, so the same bits), with Philox run on 8 groups at once (stochastic_avx2.h), then the nearest
 //   lanes on the chosen neighbour, which lies on the grid.
+// - dequantize: codes to fp32 by bit operations (normal codes rebiased, subnormals as mantissa * spacing,
+//   inf/NaN codes blended in), then the product with the scale: fp8::from_fp8(code) * scale exactly.
 // Tails, unaligned heads, float64 and the DEFAULT build take the scalar rules. Both builds give the rules' bits
 // (tests compare them, and Tensor.to).
 #include <cstdint>
@@ -205,6 +207,39 @@ uint32_t fp8_nearest_run(const void* src, at::ScalarType dtype, uint8_t* dst, in
   return m;
 }
 
+void fp8_dequantize_run(const uint8_t* src, float* dst, int64_t n, fp8::Format format, float scale) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  const fp8::Spec s = fp8::spec(format);
+  const bool e5m2 = format == fp8::Format::E5M2;
+  const __m256i mag_mask = _mm256_set1_epi32(0x7f);
+  const __m256i rebias = _mm256_set1_epi32((127 - s.bias) << 23);
+  const __m256i first_normal = _mm256_set1_epi32(1 << s.mantissa_bits);  // smaller magnitudes: subnormal or 0
+  const __m256 spacing = _mm256_set1_ps(rounding::bits_float(fp8::subnormal_spacing_bits(s)));
+  // E4M3 (fn): 0x7f is NaN. E5M2: exponent 31, 0x7c inf and above it NaN.
+  const __m256i last_finite = _mm256_set1_epi32(e5m2 ? 0x7b : 0x7e);
+  const __m256i inf_code = _mm256_set1_epi32(0x7c);
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+  const __m256 inf = _mm256_castsi256_ps(_mm256_set1_epi32(0x7f800000));
+  const __m128i shift = _mm_cvtsi32_si128(23 - s.mantissa_bits);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)));
+    const __m256i mag = _mm256_and_si256(code, mag_mask);
+    const __m256i sign = _mm256_slli_epi32(_mm256_andnot_si256(mag_mask, code), 24);
+    __m256 v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_sll_epi32(mag, shift), rebias));
+    v = _mm256_blendv_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(mag), spacing),
+                         _mm256_castsi256_ps(_mm256_cmpgt_epi32(first_normal, mag)));
+    const __m256 special = e5m2 ? _mm256_blendv_ps(nan, inf, _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, inf_code)))
+                                : nan;
+    v = _mm256_blendv_ps(v, special, _mm256_castsi256_ps(_mm256_cmpgt_epi32(mag, last_finite)));
+    v = _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, vscale));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp8::from_fp8(src[i], format) * scale;
+}
+
 uint32_t magnitude_max_run(const void* src, at::ScalarType dtype, int64_t n) {
   uint32_t m = 0;
   with_dtype(dtype, "fp8_quantize", [&](auto t) { m = run_max(static_cast<const decltype(t)*>(src), n); });
@@ -217,5 +252,6 @@ uint32_t magnitude_max_run(const void* src, at::ScalarType dtype, int64_t n) {
 MIXPREC_REGISTER_CPU_KERNEL(fp8_nearest_kernels, CPU_CAPABILITY::fp8_nearest_run);
 MIXPREC_REGISTER_CPU_KERNEL(fp8_stochastic_kernels, CPU_CAPABILITY::fp8_stochastic_run);
 MIXPREC_REGISTER_CPU_KERNEL(magnitude_max_kernels, CPU_CAPABILITY::magnitude_max_run);
+MIXPREC_REGISTER_CPU_KERNEL(fp8_dequantize_kernels, CPU_CAPABILITY::fp8_dequantize_run);
 
 }  // namespace mixprec::cpu
