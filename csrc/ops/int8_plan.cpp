@@ -1,5 +1,6 @@
 #include "ops/int8_plan.h"
 
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -83,7 +84,16 @@ Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return g;
 }
 
-at::Tensor int8_mm_exact(const Int8MmArgs& g) { return at::mm(g.a.to(at::kDouble), g.b.to(at::kDouble)); }
+at::Tensor int8_mm_exact(const Int8MmArgs& g) {
+  // Every product of two codes is at most 128^2 = 2^14 in magnitude, so with k <= 1024 every partial sum,
+  // in any order, is an integer of at most 2^24: exact in fp32, whose GEMM is about twice float64's speed
+  // and reads half the bytes. Longer sums take float64 (exact up to 2^53), and so does any sum while torch
+  // may run fp32 matmuls in reduced precision (set_float32_matmul_precision below "highest").
+  const bool fp32_exact =
+      g.k <= 1024 && at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  const at::ScalarType exact = fp32_exact ? at::kFloat : at::kDouble;
+  return at::mm(g.a.to(exact), g.b.to(exact));
+}
 
 at::Tensor int8_mm_dequantize(const at::Tensor& acc, const Int8MmArgs& g, at::ScalarType out_dtype,
                               const std::optional<at::Tensor>& bias) {

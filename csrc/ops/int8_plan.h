@@ -37,8 +37,9 @@ struct Int8MmArgs {
 Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                          const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
 
-/// The exact integer product of int8_mm's operands, as float64 (every partial sum is an integer below 2^53):
-/// the CPU path and the reference of the CUDA one.
+/// The exact integer product of int8_mm's operands, as fp32 where every partial sum stays within 2^24
+/// (k <= 1024, and fp32 matmuls at full precision), else as float64 (below 2^53): the CPU path and the
+/// reference of the CUDA one.
 at::Tensor int8_mm_exact(const Int8MmArgs& g);
 
 /// out = ((float(acc) * a_scale_inv) * b_scale_inv) rounded to out_dtype, then + bias in out_dtype: the

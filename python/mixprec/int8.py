@@ -68,7 +68,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv:
     ``(float(sum) * a_scale_inv[i]) * b_scale_inv[j]``, plus ``bias`` (``[n]``, taken in ``out_dtype``, added
     in fp32), then rounded once to ``out_dtype`` (fp32, bf16 or fp16). ``a_scale_inv``: one element or ``[m, 1]``;
     ``b_scale_inv``: one element or ``[1, n]``. CUDA: ``torch._int_mm`` (cuBLASLt) and one fused
-    dequantization pass; ``k`` and ``n`` must be multiples of 8. CPU: an exact float64 GEMM of the codes.
+    dequantization pass; ``k`` and ``n`` must be multiples of 8. CPU: an exact GEMM of the codes (fp32 while
+    every sum stays within 2^24, i.e. ``k <= 1024``; float64 beyond).
     Both give the same bits.
     """
     return torch.ops.mixprec.int8_mm.default(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)

@@ -204,6 +204,26 @@ def test_mm_bias_joins_the_product_before_the_one_rounding(device: str, out_dtyp
         assert not torch.equal(case.rounded_twice(out_dtype), case.want(out_dtype))
 
 
+@pytest.mark.parametrize("k", [1024, 1025])
+def test_mm_cpu_sum_is_exact_on_both_sides_of_the_fp32_bound(k: int) -> None:
+    """The CPU sums in fp32 while every partial sum stays within 2^24 (k <= 1024), else in float64, and in
+    float64 whenever fp32 matmuls may run in reduced precision: the sums equal an int64 reference either way,
+    the extreme codes (-128 * -128 summed k times reaches 2^24 at k = 1024) included."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (8, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (k, 8), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = -128, -128
+    one = torch.ones(1)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            got = int8.mm(a, b, one, one, torch.float32)
+            assert torch.equal(got, int_reference(a, b).float()) and got[0, 0].item() == k * 2.0**14
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mm_layouts_scales_and_empty(device: str) -> None:
     torch.manual_seed(4)

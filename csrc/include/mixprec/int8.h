@@ -42,7 +42,8 @@ Quantized quantize(const at::Tensor& input, int64_t block_rows = 1, int64_t bloc
 /// rounded once to `out_dtype` (fp32, bf16 or fp16). a_scale_inv: one element or [m, 1]; b_scale_inv: one
 /// element or [1, n]. CUDA:
 /// torch::_int_mm (cuBLASLt) and one fused dequantization pass; k and n must be multiples of 8. CPU: an exact
-/// float64 GEMM of the codes; both give the same bits.
+/// GEMM of the codes (fp32 while every sum stays within 2^24, i.e. k <= 1024; float64 beyond); both give the
+/// same bits.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,
               at::ScalarType out_dtype = at::kFloat, const std::optional<at::Tensor>& bias = std::nullopt);
 
