@@ -137,7 +137,8 @@ def make_variant(kind: str, size: str, device: torch.device) -> Variant:
     scaler = mixprec.GradScaler(device.type) if kind == "mixprec-fp16" else None
     label = {"mixprec-bf16": "mixprec bf16, fp32 masters", "mixprec-fp16": "mixprec fp16 + GradScaler, fp32 masters",
              "mixprec-bf16-remainder": "mixprec bf16, bf16 + int16 remainders",
-             "mixprec-bf16-fp8": "mixprec bf16 + FP8 Linear (delayed)", "mixprec-bf16-int8": "mixprec bf16 + INT8 Linear"}[kind]
+             "mixprec-bf16-fp8": "mixprec bf16 + FP8 Linear (delayed)",
+             "mixprec-bf16-int8": "mixprec bf16 + INT8 Linear"}[kind]
     return Variant(label, model, optimizer, lambda: mixprec.autocast(policy, device.type), scaler)
 
 

@@ -3,10 +3,10 @@
 // accumulation is fp32 (CUBLASLT_MATMUL_DESC_FAST_ACCUM only when asked, for forward GEMMs), and the
 // output is fp32/bf16/fp16. A bias joins a 16-bit output in cuBLASLt's bias epilogue (in fp32, before the
 // rounding, as torch._scaled_mm adds it); an fp32 output takes it after the GEMM (the same sum). Row-wise
-// scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the same GEMM with beta = 1 into the fp32 accumulator:
-// an FP8 weight gradient lands in main_grad without a separate add. Block scales, mixed granularities,
-// E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem cuBLASLt's heuristic turns
-// down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
+// scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the
+// same GEMM with beta = 1 into the fp32 accumulator: an FP8 weight gradient lands in main_grad without a separate
+// add. Block scales, mixed granularities, E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem
+// cuBLASLt's heuristic turns down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
 //
 // Layout. cuBLASLt is column-major and its FP8 kernels want A transposed and B not ("TN"). Row-major a
 // [m, k] is column-major [k, m] and b [n, k] is column-major [k, n], so
