@@ -8,6 +8,8 @@ same straight-through and LSQ gradients, opcheck, bad input, and CPU/CUDA agreem
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +224,21 @@ def test_mm_cpu_sum_is_exact_on_both_sides_of_the_fp32_bound(k: int) -> None:
             assert torch.equal(got, int_reference(a, b).float()) and got[0, 0].item() == k * 2.0**14
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_mm_under_torchs_per_backend_matmul_precision() -> None:
+    """torch's per-backend precision API (torch.backends.mkldnn.matmul.fp32_precision) makes the legacy
+    precision query raise; int8.mm must still run, exactly (float64). A fresh process: the setting is global
+    and would make every later legacy query in this one raise too."""
+    script = (
+        "import torch, mixprec\n"
+        "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'\n"
+        "a = torch.randint(-128, 128, (8, 64), dtype=torch.int8)\n"
+        "b = torch.randint(-128, 128, (64, 8), dtype=torch.int8)\n"
+        "one = torch.ones(1)\n"
+        "assert torch.equal(mixprec.int8.mm(a, b, one, one), (a.long() @ b.long()).float())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
