@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
@@ -226,9 +227,30 @@ at::Tensor dequantize(const at::Tensor& x, const at::Tensor& scale_inv, const Fp
   return values.mul(s);
 }
 
+bool fp32_matmul_at_full_precision() {
+  try {
+    return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+namespace {
+
+// On the CPU, torch's reduced matmul precision ("medium"/"high", or mkldnn's per-backend "bf16"/"tf32") may
+// run an fp32 GEMM on bf16 or TF32 products, which NoTF32Guard (CUDA's TF32 only) does not prevent. The
+// emulation is the reference, so there it sums in float64: every product of two fp32 values is exact in
+// float64, and the fp32 result comes from one rounding of a sum at least as accurate as an fp32 GEMM's.
+bool cpu_sum_in_float64(const Fp8GemmArgs& g) { return g.a.is_cpu() && !fp32_matmul_at_full_precision(); }
+
+}  // namespace
+
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
   const at::NoTF32Guard fp32_products;  // what the contract says, whatever torch's TF32 settings
-  at::Tensor out = at::mm(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
+  const at::Tensor a = dequantize(g.a, g.a_scale_inv, g.a_layout);
+  const at::Tensor bt = dequantize(g.b, g.b_scale_inv, g.b_layout).t();
+  at::Tensor out =
+      cpu_sum_in_float64(g) ? at::mm(a.to(at::kDouble), bt.to(at::kDouble)).to(at::kFloat) : at::mm(a, bt);
   // The bias (in out_dtype, as cuBLASLt's bias epilogue and torch._scaled_mm take it) joins the fp32 product
   // before the one rounding to out_dtype.
   if (bias.has_value() && bias->defined()) out.add_(bias_for_fp32_sum(*bias, out_dtype));
@@ -237,7 +259,14 @@ at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, con
 
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {
   const at::NoTF32Guard fp32_products;
-  out.addmm_(dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t());
+  const at::Tensor a = dequantize(g.a, g.a_scale_inv, g.a_layout);
+  const at::Tensor bt = dequantize(g.b, g.b_scale_inv, g.b_layout).t();
+  if (cpu_sum_in_float64(g)) {
+    // out + the product, summed in float64 and rounded once, as addmm_ with beta = 1 rounds once.
+    out.copy_(at::addmm(out.to(at::kDouble), a.to(at::kDouble), bt.to(at::kDouble)));
+  } else {
+    out.addmm_(a, bt);
+  }
 }
 
 }  // namespace mixprec::detail

@@ -110,10 +110,17 @@ Fp8ScaleLayout check_fp8_dequantize(const char* op, const at::Tensor& data, cons
 at::Tensor dequantize_cpu(const at::Tensor& x, const at::Tensor& scale_inv, const Fp8ScaleLayout& layout);
 
 /// The GEMMs through dequantization and an fp32 GEMM with fp32 accumulation (no TF32): the CPU
-/// implementation and the reference every other path is tested against. The bias is added to the output
-/// in out_dtype, after the product is rounded to it, as the CUDA path does.
+/// implementation and the reference every other path is tested against. The bias (bias_for_fp32_sum) joins
+/// the fp32 product before the one rounding to out_dtype. Where torch may run CPU fp32 matmuls in reduced
+/// precision (fp32_matmul_at_full_precision() false), the CPU sums in float64 and rounds the sum to fp32
+/// once, so that a program's speed setting never turns the reference into a bf16-product GEMM.
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g);
+
+/// Whether torch runs fp32 matmuls at full precision: set_float32_matmul_precision("highest"), the default.
+/// Where the precision was set through torch's per-backend API (torch.backends.*.fp32_precision), the
+/// legacy query refuses to answer; then this says no, and callers take a path that is exact anyway.
+bool fp32_matmul_at_full_precision();
 
 /// A GEMM's bias as it joins the fp32 product: taken in `out_dtype` (as cuBLASLt's bias epilogue and
 /// torch._scaled_mm take it), then widened to fp32 for the sum before the one rounding to out_dtype.

@@ -84,21 +84,6 @@ Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return g;
 }
 
-namespace {
-
-/// Whether torch runs fp32 matmuls at full precision: set_float32_matmul_precision("highest"), the default.
-/// Where the precision was set through torch's per-backend API (torch.backends.*.fp32_precision), the
-/// legacy query refuses to answer; then this says no, and the caller takes the path that is exact anyway.
-bool fp32_matmul_at_full_precision() {
-  try {
-    return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
-  } catch (const c10::Error&) {
-    return false;
-  }
-}
-
-}  // namespace
-
 at::Tensor int8_mm_exact(const Int8MmArgs& g) {
   // Every product of two codes is at most 128^2 = 2^14 in magnitude, so with k <= 1024 every partial sum,
   // in any order, is an integer of at most 2^24: exact in fp32, whose GEMM is about twice float64's speed

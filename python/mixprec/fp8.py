@@ -230,8 +230,10 @@ def gemm(
         use_fast_accum: CUDA's faster, less exact FP8 accumulation (forward GEMMs only).
 
     CUDA: per-tensor scales on sm_89+ and row scales on sm_90+ run one cuBLASLt FP8 GEMM with fp32
-    accumulation; other cases the emulation. Every dimension must be a multiple of 16 there. CPU: the exact emulation (dequantize, fp32
-    GEMM with fp32 accumulation), the reference of every other path.
+    accumulation; other cases the emulation. Every dimension must be a multiple of 16 there. CPU: the exact
+    emulation (dequantize, fp32 GEMM with fp32 accumulation), the reference of every other path; while torch's
+    fp32 matmul precision is reduced (``set_float32_matmul_precision("medium")``, mkldnn's ``"bf16"``), it
+    sums in float64 and rounds once to fp32 instead of taking bf16 or TF32 products.
     """
     return torch.ops.mixprec.fp8_gemm.default(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, bool(use_fast_accum))
 

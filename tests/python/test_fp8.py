@@ -5,6 +5,9 @@ block-scaling granularity; the delayed-scaling window after a spike; opcheck; ba
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -679,6 +682,55 @@ def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
     fp8.gemm_accum_(acc, qa.data, qb.data, qa.scale_inv, qb.scale_inv)
     expected = acc0.double() + 2 * exact
     assert ((acc.cpu().double() - expected).abs() <= 2 * bound + acc0.abs().double() * 2.0**-23 + 1e-6).all()
+
+
+def reduced_precision_case() -> tuple:
+    """Block-scaled operands, the fp32 result of the exact float64 sum over the dequantized operands
+    (dequantize_reference), and the same with an fp32 accumulator added before that one rounding."""
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(32, 272, generator=g) * 4, torch.randn(48, 272, generator=g)
+    qa = fp8.quantize_blockwise(x, torch.float8_e4m3fn, (1, 128))
+    qb = fp8.quantize_blockwise(w, torch.float8_e4m3fn, (128, 128))
+    a64 = dequantize_reference(qa.data, qa.scale_inv).double()
+    b64 = dequantize_reference(qb.data, qb.scale_inv).double()
+    acc0 = torch.randn(32, 48, generator=g)
+    return qa, qb, (a64 @ b64.t()).float(), (acc0.double() + a64 @ b64.t()).float(), acc0
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_cpu_gemm_sums_exactly_under_reduced_matmul_precision(precision: str) -> None:
+    """torch's reduced fp32 matmul precision lets the CPU GEMM use bf16 or TF32 products; the emulation is the
+    reference, so it sums in float64 then and rounds once: the result equals the float64 sum rounded to fp32
+    (an fp32 GEMM of k = 272 terms misses those bits, so this can fail), for gemm and for gemm_accum_."""
+    qa, qb, want, want_acc, acc0 = reduced_precision_case()
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert torch.equal(fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32), want)
+        acc = acc0.clone()
+        fp8.gemm_accum_(acc, qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+        assert torch.equal(acc, want_acc)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_cpu_gemm_sums_exactly_under_torchs_per_backend_precision() -> None:
+    """The same under torch's per-backend API (torch.backends.mkldnn.matmul.fp32_precision = 'bf16'), which
+    makes the legacy precision query raise. A fresh process: the setting is global and would make every later
+    legacy query in this one raise too."""
+    script = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import torch\n"
+        "from mixprec import fp8\n"
+        "import test_fp8 as t\n"
+        "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'\n"
+        "qa, qb, want, want_acc, acc0 = t.reduced_precision_case()\n"
+        "assert torch.equal(fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32), want)\n"
+        "fp8.gemm_accum_(acc0, qa.data, qb.data, qa.scale_inv, qb.scale_inv)\n"
+        "assert torch.equal(acc0, want_acc)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], check=True)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
