@@ -17,6 +17,10 @@ namespace {
 
 bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// torch.optim steps a complex parameter as two independent real ones (view_as_real of the parameter, its
+// gradient and its moments), and keeps its state complex; so does the core, and the kernels see only reals.
+torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t.resolve_conj()) : t; }
+
 }  // namespace
 
 // ---- the core: rules ----------------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOpt
         (plan.amsgrad && st.max_exp_avg_sq().unsafeGetTensorImpl() != row.max_exp_avg_sq.unsafeGetTensorImpl())) {
       return false;
     }
-    grads[row.bucket].push_back(g);
+    grads[row.bucket].push_back(as_real(g));
   }
   return true;
 }
@@ -353,8 +357,16 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
     // update a tensor twice, so say which entry repeats instead of failing inside the kernel's checks.
     TORCH_CHECK_VALUE(seen.insert(params[i].unsafeGetTensorImpl()).second, "mixprec's Adam: parameter ", i,
                       " of the param group appears in it more than once; list each parameter once");
-    TORCH_CHECK_VALUE(params[i].is_floating_point(), "mixprec's Adam: parameter ", i, " is ", params[i].scalar_type(),
-                      "; params must be float32, float16, bfloat16 or float64");
+    const c10::ScalarType dtype = params[i].scalar_type();
+    const bool complex = dtype == at::kComplexFloat || dtype == at::kComplexDouble;
+    TORCH_CHECK_VALUE(params[i].is_floating_point() || complex, "mixprec's Adam: parameter ", i, " is ", dtype,
+                      "; params must be float32, float16, bfloat16, float64, complex64 or complex128");
+    // A complex parameter's state is complex (as torch's): no bf16 moments and no bf16 remainder exist for it.
+    TORCH_CHECK_VALUE(!complex || options.master_weights() != "remainder", "mixprec's Adam: parameter ", i, " is ",
+                      dtype, "; master_weights='remainder' needs bfloat16 parameters");
+    TORCH_CHECK_VALUE(dtype != at::kComplexFloat || options.moment_dtype() == at::kFloat, "mixprec's Adam: parameter ",
+                      i, " is ComplexFloat, whose moments are complex64; moment_dtype=", options.moment_dtype(),
+                      " cannot hold them (use torch.float32, or a separate param group for complex parameters)");
   }
   for (size_t i = 0; i < params.size(); ++i) {
     const torch::Tensor& p = params[i];
@@ -369,10 +381,11 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       const torch::Tensor& local = in.locals.has_value() ? (*in.locals)[i] : p;
       TORCH_CHECK(in.locals.has_value() || !p.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python),
                   "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
-      const std::string mode = master_mode(local, options.master_weights());
+      const std::string mode = master_mode(as_real(local), options.master_weights());
       AdamParamState& st = state_of(p);
       // float64 params keep float64 moments, as torch's: fp32 moments would throw their precision away.
-      const c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
+      c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
+      if (local.is_complex()) moments = c10::toComplexType(moments);
       if (prepare_state(local, st, mode, moments, options.amsgrad())) {
         changed.push_back(static_cast<int64_t>(i));
       }
@@ -390,16 +403,16 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       row.exp_avg = st.exp_avg();
       row.exp_avg_sq = st.exp_avg_sq();
       row.master = master_of(st, mode);
-      bucket.p.push_back(local);
-      bucket.m.push_back(row.exp_avg);
-      bucket.v.push_back(row.exp_avg_sq);
+      bucket.p.push_back(as_real(local));
+      bucket.m.push_back(as_real(row.exp_avg));
+      bucket.v.push_back(as_real(row.exp_avg_sq));
       bucket.s.push_back(row.step);
       if (row.master.defined()) bucket.w.push_back(row.master);
       if (plan.amsgrad) {
         row.max_exp_avg_sq = st.max_exp_avg_sq();
-        bucket.vmax.push_back(row.max_exp_avg_sq);
+        bucket.vmax.push_back(as_real(row.max_exp_avg_sq));
       }
-      grads[b].push_back(g);
+      grads[b].push_back(as_real(g));
     }
     plan.rows.push_back(std::move(row));
   }

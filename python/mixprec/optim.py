@@ -411,6 +411,8 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
             ``"fp32"``, ``"remainder"`` (bf16 params + int16 remainders: exact fp32 at 4 bytes per
             parameter) or ``"none"`` (16-bit params updated in place, rounded with ``rounding``). float64 params
             are always their own masters and take torch's float64 step, with float64 moments, as in torch.
+            complex64 / complex128 params are stepped as torch steps them, as pairs of independent reals, with
+            complex moments (complex64 ones need ``moment_dtype=torch.float32``).
         moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``; moments never take a 16-bit
             parameter's dtype (float64 params keep float64 moments).
         rounding: how 16-bit params are written: ``"nearest"`` or ``"stochastic"`` (unbiased; with

@@ -354,7 +354,7 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
     out.collectives = shared->calls;
     return out;
   };
-  for (const auto [fused, unscale_first] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
+  for (const auto& [fused, unscale_first] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
     CAPTURE(fused, unscale_first);
     const Run grouped = run(fused, true, unscale_first);
     REQUIRE(grouped.collectives == 4);  // one per iteration: where the optimizer's gradients are checked

@@ -325,6 +325,38 @@ TEST_CASE("float64 params take a float64 step with float64 moments, as torch::op
   }
 }
 
+TEST_CASE("complex params are stepped as pairs of reals (torch.optim's rule), with complex state", "[optim][complex]") {
+  // torch::optim::AdamW in C++ squares a complex gradient as a complex number; torch.optim in Python, and
+  // mixprec, step the real and imaginary parts as independent reals: the reference is that pair, in torch.
+  for (const auto dtype : {torch::kComplexFloat, torch::kComplexDouble}) {
+    torch::manual_seed(3);
+    const auto init = torch::randn({9, 4}, torch::TensorOptions().dtype(dtype));
+    auto c = init.clone().requires_grad_();
+    auto re = torch::real(init).clone().requires_grad_();
+    auto im = torch::imag(init).clone().requires_grad_();
+    const auto opts = mixprec::optim::AdamOptions(0.05).weight_decay(0.1).amsgrad(true);
+    mixprec::optim::AdamW opt(std::vector<torch::Tensor>{c}, opts);
+    torch::optim::AdamW ref(std::vector<torch::Tensor>{re, im},
+                            torch::optim::AdamWOptions(0.05).weight_decay(0.1).amsgrad(true));
+    for (int step = 0; step < 10; ++step) {
+      const auto g = torch::randn({9, 4}, torch::TensorOptions().dtype(dtype)) * (step < 3 ? 4.0 : 0.5);
+      c.mutable_grad() = g;
+      re.mutable_grad() = torch::real(g).clone();
+      im.mutable_grad() = torch::imag(g).clone();
+      opt.step();
+      ref.step();
+    }
+    const bool fp64 = dtype == torch::kComplexDouble;
+    const double tol = fp64 ? 1e-12 : 1e-6;  // float64 arithmetic for complex128, fp32 for complex64
+    REQUIRE(c.scalar_type() == dtype);
+    REQUIRE(torch::allclose(torch::view_as_real(c.detach()), torch::stack({re, im}, -1), tol, tol));
+    auto& st = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(c.unsafeGetTensorImpl()));
+    REQUIRE(st.exp_avg().scalar_type() == dtype);
+    REQUIRE(st.max_exp_avg_sq().scalar_type() == dtype);
+    REQUIRE(st.step().item<double>() == 10);
+  }
+}
+
 TEST_CASE("A parameter listed twice in a group is named, and no state is created", "[optim]") {
   auto p = torch::ones({3}).requires_grad_();
   auto q = torch::ones({3}).requires_grad_();

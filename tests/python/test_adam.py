@@ -482,7 +482,7 @@ def test_float64_params_take_torchs_float64_step(device: str, cls_name: str, ams
 
 def test_a_parameter_listed_twice_or_of_an_unsupported_dtype_is_named() -> None:
     """torch warns about a repeated parameter and updates it twice; one fused pass cannot, so the error names the
-    entry (and the state is left as it was). Complex and integer parameters are refused by name as well."""
+    entry (and the state is left as it was). A dtype the step has no arithmetic for is refused by name as well."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     with pytest.warns(UserWarning, match="duplicate parameters"):
         opt = mixprec.optim.AdamW([q, p, p], lr=0.1)
@@ -490,10 +490,91 @@ def test_a_parameter_listed_twice_or_of_an_unsupported_dtype_is_named() -> None:
     with pytest.raises(ValueError, match="parameter 2 of the param group appears in it more than once"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3)) and torch.equal(q.detach(), torch.ones(3)) and not opt.state
+    n = torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)
+    n.grad = torch.ones(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="parameter 1 is Int; params must be float32, float16, bfloat16, "
+                       "float64, complex64 or complex128"):
+        mixprec.optim.AdamW([q, n]).step()
+    assert torch.equal(q.detach(), torch.ones(3))
+
+
+# ---- complex parameters: two independent reals, as torch.optim steps them --------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls_name", ["AdamW", "Adam"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("amsgrad, maximize", [(False, False), (True, True)])
+def test_complex_params_match_torch(device: str, cls_name: str, dtype: torch.dtype, amsgrad: bool,
+                                    maximize: bool) -> None:
+    """A complex parameter (next to a real one in the same group) follows torch's Adam/AdamW, whose state stays
+    complex; the state dicts cross both ways, and the parameter moves as its (real, imag) pair would."""
+    torch.manual_seed(5)
+    init = [torch.randn(13, 3, dtype=dtype), torch.randn(7)]
+    kw = dict(lr=0.05, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+    ours_p = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    ref_p = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    # The same problem over real parameters: the complex one's real and imaginary parts as two tensors.
+    real = init[0].real.clone().to(device).requires_grad_()
+    imag = init[0].imag.clone().to(device).requires_grad_()
+    ours = getattr(mixprec.optim, cls_name)(ours_p, **kw)
+    ref = getattr(torch.optim, cls_name)(ref_p, foreach=False, **kw)
+    split = getattr(torch.optim, cls_name)([real, imag], foreach=False, **kw)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(12):
+        g = [torch.randn(13, 3, dtype=dtype, generator=gen) * (4.0 if step < 4 else 0.5),
+             torch.randn(7, generator=gen)]
+        for ps in (ours_p, ref_p):
+            for p, gi in zip(ps, g):
+                p.grad = gi.to(device)
+        real.grad, imag.grad = g[0].real.to(device), g[0].imag.to(device)
+        for opt in (ours, ref, split):
+            opt.step()
+    fp64 = dtype == torch.complex128
+    for a, b in zip(ours_p, ref_p):
+        assert a.dtype == b.dtype
+        if fp64 and a.dtype == torch.complex128:  # torch's float64 arithmetic: float64 rounding
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+        else:
+            assert_close_to_torch(torch.view_as_real(a.detach()) if a.is_complex() else a.detach(),
+                                  torch.view_as_real(b.detach()) if b.is_complex() else b.detach())
+        st, rs = ours.state[a], ref.state[b]
+        assert set(st) == set(rs)
+        for key in rs:
+            assert st[key].dtype == rs[key].dtype and st[key].shape == rs[key].shape, key
+            rtol = 1e-12 if fp64 and a.is_complex() else 1e-5
+            torch.testing.assert_close(st[key], rs[key], rtol=rtol, atol=0)
+    c = ours_p[0].detach()
+    torch.testing.assert_close(torch.view_as_real(c), torch.stack([real.detach(), imag.detach()], -1),
+                               rtol=1e-13 if fp64 else 1e-6, atol=1e-15 if fp64 else 1e-6)
+    # State dicts cross both ways: a step after the exchange is the same step.
+    theirs = getattr(torch.optim, cls_name)([torch.nn.Parameter(p.detach().clone()) for p in ours_p], **kw)
+    theirs.load_state_dict(ours.state_dict())
+    mine = getattr(mixprec.optim, cls_name)([torch.nn.Parameter(p.detach().clone()) for p in ref_p], **kw)
+    mine.load_state_dict(ref.state_dict())
+    for key in ref.state[ref_p[0]]:
+        assert torch.equal(mine.state[mine.param_groups[0]["params"][0]][key], ref.state[ref_p[0]][key])
+
+
+def test_complex_params_refuse_what_complex_state_cannot_hold() -> None:
+    """No complex bf16 exists: bf16 moments and bf16 remainders of a complex64 parameter are refused by name,
+    before any state is created."""
+    r = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
     c = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
-    c.grad = torch.ones(3, dtype=torch.complex64)
-    with pytest.raises(ValueError, match="parameter 0 is ComplexFloat; params must be float32, float16, bfloat16 or"):
-        mixprec.optim.AdamW([c]).step()
+    r.grad, c.grad = torch.ones(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="parameter 1 is ComplexFloat, whose moments are complex64; "
+                       "moment_dtype=BFloat16 cannot hold them"):
+        mixprec.optim.AdamW([r, c], moment_dtype=torch.bfloat16).step()
+    with pytest.raises(ValueError, match="parameter 1 is ComplexFloat; master_weights='remainder' needs bfloat16"):
+        opt = mixprec.optim.AdamW([r, c], master_weights="remainder")
+        opt.step()
+    assert not opt.state and torch.equal(r.detach(), torch.ones(3, dtype=torch.bfloat16))
+    # complex128 moments are complex128 whatever moment_dtype says, as float64 moments are float64.
+    d = torch.nn.Parameter(torch.ones(3, dtype=torch.complex128))
+    d.grad = torch.ones(3, dtype=torch.complex128)
+    opt = mixprec.optim.AdamW([d], moment_dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[d]["exp_avg"].dtype == torch.complex128
 
 
 def test_parameters_without_gradients_are_not_checked() -> None:
