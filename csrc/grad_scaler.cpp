@@ -163,7 +163,10 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.layout() == at::kStrided, "mixprec::GradScaler: gradients must be dense or sparse COO (whose "
                 "values are checked), got layout ", g.layout());
-    by_device[g.device().str()].push_back(g);
+    // A complex gradient is checked and unscaled as its real and imaginary parts (torch's scaler refuses it);
+    // its max |g| is the largest part. A conjugate view is unscaled through its memory (conj(g) * s is
+    // conj(g * s), and finiteness is the same), not through a resolved copy that would drop the result.
+    by_device[g.device().str()].push_back(g.is_complex() ? at::view_as_real(g.is_conj() ? g.conj() : g) : g);
     if (track) positions_by_device[g.device().str()].push_back(positions[i]);
   }
   const at::Tensor amax = track ? overflow_records_[key].amax : at::Tensor();

@@ -1,8 +1,8 @@
 #include "ops/fp8_plan.h"
 
 #include <ATen/Context.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
@@ -243,12 +243,16 @@ namespace {
 // float64, and the fp32 result comes from one rounding of a sum at least as accurate as an fp32 GEMM's.
 bool cpu_sum_in_float64(const Fp8GemmArgs& g) { return g.a.is_cpu() && !fp32_matmul_at_full_precision(); }
 
+// The emulation's operands: a and b^T dequantized to fp32.
+std::pair<at::Tensor, at::Tensor> dequantized_operands(const Fp8GemmArgs& g) {
+  return {dequantize(g.a, g.a_scale_inv, g.a_layout), dequantize(g.b, g.b_scale_inv, g.b_layout).t()};
+}
+
 }  // namespace
 
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
   const at::NoTF32Guard fp32_products;  // what the contract says, whatever torch's TF32 settings
-  const at::Tensor a = dequantize(g.a, g.a_scale_inv, g.a_layout);
-  const at::Tensor bt = dequantize(g.b, g.b_scale_inv, g.b_layout).t();
+  const auto [a, bt] = dequantized_operands(g);
   at::Tensor out =
       cpu_sum_in_float64(g) ? at::mm(a.to(at::kDouble), bt.to(at::kDouble)).to(at::kFloat) : at::mm(a, bt);
   // The bias (in out_dtype, as cuBLASLt's bias epilogue and torch._scaled_mm take it) joins the fp32 product
@@ -259,8 +263,7 @@ at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, con
 
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {
   const at::NoTF32Guard fp32_products;
-  const at::Tensor a = dequantize(g.a, g.a_scale_inv, g.a_layout);
-  const at::Tensor bt = dequantize(g.b, g.b_scale_inv, g.b_layout).t();
+  const auto [a, bt] = dequantized_operands(g);
   if (cpu_sum_in_float64(g)) {
     // out + the product, summed in float64 and rounded once, as addmm_ with beta = 1 rounds once.
     out.copy_(at::addmm(out.to(at::kDouble), a.to(at::kDouble), bt.to(at::kDouble)));

@@ -19,7 +19,11 @@ bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBF
 
 // torch.optim steps a complex parameter as two independent real ones (view_as_real of the parameter, its
 // gradient and its moments), and keeps its state complex; so does the core, and the kernels see only reals.
-torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t.resolve_conj()) : t; }
+// A conjugate-view parameter or moment is refused, as by torch (a resolved copy would drop the update). A
+// conjugate-view gradient, which autograd makes (the gradient of p.conj()) and torch's step refuses, is read
+// through a resolved copy (as_real_grad); with grad_scale, its unscaled values stay in that copy.
+torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t) : t; }
+torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
 }  // namespace
 
@@ -332,7 +336,7 @@ bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOpt
         (plan.amsgrad && st.max_exp_avg_sq().unsafeGetTensorImpl() != row.max_exp_avg_sq.unsafeGetTensorImpl())) {
       return false;
     }
-    grads[row.bucket].push_back(as_real(g));
+    grads[row.bucket].push_back(as_real_grad(g));
   }
   return true;
 }
@@ -412,7 +416,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
         row.max_exp_avg_sq = st.max_exp_avg_sq();
         bucket.vmax.push_back(as_real(row.max_exp_avg_sq));
       }
-      grads[b].push_back(as_real(g));
+      grads[b].push_back(as_real_grad(g));
     }
     plan.rows.push_back(std::move(row));
   }

@@ -80,6 +80,27 @@ TEST_CASE("GradScaler with mixprec::optim::AdamW skips on the device and leaves 
   REQUIRE(st.step().item<float>() == 2.f);
 }
 
+TEST_CASE("GradScaler unscales and checks complex gradients as their real and imaginary parts", "[scaler][complex]") {
+  auto c = torch::zeros({4}, torch::kComplexFloat).requires_grad_();
+  torch::optim::SGD opt(std::vector<torch::Tensor>{c}, torch::optim::SGDOptions(0.5));
+  mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(8).growth_interval(100));
+  const auto values = torch::tensor({1.0, -2.0, 0.5, 4.0, -8.0, 0.25, 3.0, -1.0}).view({4, 2});
+  for (const bool overflow : {false, true}) {
+    opt.zero_grad();
+    scaler.scale(torch::ones({}));  // the gradient below stands for a backward of the scaled loss
+    auto g = torch::view_as_complex((values * 8).to(torch::kFloat).contiguous()).clone();
+    if (overflow) torch::view_as_real(g)[2][1] = std::numeric_limits<float>::infinity();  // one imaginary part
+    c.mutable_grad() = g;
+    scaler.unscale_(opt);
+    if (!overflow) REQUIRE(torch::equal(torch::view_as_real(c.grad()), values.to(torch::kFloat)));
+    scaler.step(opt);
+    scaler.update();
+  }
+  // The first step moved c by -0.5 * grad; the second was skipped, and the scale backed off.
+  REQUIRE(torch::equal(torch::view_as_real(c.detach()), (values * -0.5).to(torch::kFloat)));
+  REQUIRE(scaler.get_scale() == 4.0);
+}
+
 TEST_CASE("GradScaler with torch::optim::AdamW and hysteresis, bounds, static mode", "[scaler]") {
   torch::manual_seed(0);
   Net net;

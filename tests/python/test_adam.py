@@ -556,6 +556,26 @@ def test_complex_params_match_torch(device: str, cls_name: str, dtype: torch.dty
         assert torch.equal(mine.state[mine.param_groups[0]["params"][0]][key], ref.state[ref_p[0]][key])
 
 
+def test_a_conjugate_view_gradient_steps_as_its_values() -> None:
+    """Autograd leaves a conjugate view in .grad (the gradient of p.conj()); torch's Adam refuses it
+    (view_as_real), mixprec's steps with its values, as torch does with the resolved gradient."""
+    torch.manual_seed(6)
+    init, w = torch.randn(5, dtype=torch.complex64), torch.randn(5, dtype=torch.complex64)
+    p, q = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    (p.conj() * w).real.sum().backward()
+    assert p.grad.is_conj()
+    q.grad = p.grad.resolve_conj()
+    r = torch.nn.Parameter(init.clone())
+    r.grad = p.grad
+    with pytest.raises(RuntimeError, match="view_as_real doesn't work on unresolved conjugated tensors"):
+        torch.optim.AdamW([r], lr=0.1).step()
+    ours, ref = mixprec.optim.AdamW([p], lr=0.1), torch.optim.AdamW([q], lr=0.1)
+    for _ in range(3):
+        ours.step()
+        ref.step()
+    assert_close_to_torch(torch.view_as_real(p.detach()), torch.view_as_real(q.detach()))
+
+
 def test_complex_params_refuse_what_complex_state_cannot_hold() -> None:
     """No complex bf16 exists: bf16 moments and bf16 remainders of a complex64 parameter are refused by name,
     before any state is created."""

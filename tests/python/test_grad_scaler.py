@@ -256,6 +256,64 @@ def test_fp32_bf16_and_fp16_grads_are_unscaled_in_one_call(init_scale: float) ->
     scaler.update()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_gradients_are_unscaled_and_checked_as_pairs_of_reals(device: str) -> None:
+    """torch's scaler refuses complex gradients; mixprec's unscales them as their real and imaginary parts:
+    a complex parameter trains as torch's scaler trains its (real, imag) pair, an inf in an imaginary part
+    skips the step, and the overflow report names the parameter. A conjugate-view gradient is unscaled in
+    place (through its memory), not in a copy."""
+    torch.manual_seed(4)
+    init = torch.randn(6, 3, dtype=torch.complex64)
+    target = torch.randn(6, 3, dtype=torch.complex64)
+    c = torch.nn.Parameter(init.clone().to(device))
+    pair = [torch.nn.Parameter(init.real.clone().to(device)), torch.nn.Parameter(init.imag.clone().to(device))]
+    with pytest.raises(NotImplementedError):  # what torch's scaler does with a complex gradient
+        s = torch.amp.GradScaler(device)
+        s.scale((c.abs() ** 2).sum()).backward()
+        s.unscale_(torch.optim.SGD([c], lr=0.1))
+    c.grad = None
+    ours, ref = mixprec.GradScaler(device, init_scale=2.0**12), torch.amp.GradScaler(device, init_scale=2.0**12)
+    ours.set_track_overflows(True)
+    opt, opt_ref = torch.optim.SGD([c], lr=0.05), torch.optim.SGD(pair, lr=0.05)
+    t = target.to(device)
+    for i in range(6):
+        # SGD's complex axpy rounds differently from two real ones (by an ulp): the pair restarts from the
+        # complex parameter each step, so that the gradients compare bit for bit.
+        with torch.no_grad():
+            pair[0].copy_(c.real)
+            pair[1].copy_(c.imag)
+        before = c.detach().clone()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        ours.scale(torch.view_as_real(c - t).pow(2).sum()).backward()
+        ref.scale((pair[0] - t.real).pow(2).sum() + (pair[1] - t.imag).pow(2).sum()).backward()
+        if i == 2:
+            torch.view_as_real(c.grad)[1, 1, 1] = math.inf  # the imaginary part only
+            pair[1].grad[1, 1] = math.inf
+        for scaler, o in ((ours, opt), (ref, opt_ref)):
+            scaler.unscale_(o)
+        # The unscaled gradients, bit for bit (the inf included).
+        assert torch.equal(torch.view_as_real(c.grad), torch.stack([p.grad for p in pair], -1))
+        for scaler, o in ((ours, opt), (ref, opt_ref)):
+            scaler.step(o)
+            scaler.update()
+        assert ours.get_scale() == ref.get_scale()
+        assert torch.equal(c.detach(), before) == (i == 2)  # only the overflowing step is skipped
+        torch.testing.assert_close(torch.view_as_real(c.detach()), torch.stack([p.detach() for p in pair], -1),
+                                   rtol=1e-6, atol=1e-6)
+    report = ours.last_overflow(torch.nn.ParameterDict({"c": c}))
+    assert str(report) == "step 2 (loss scale 4096): c: inf (1 of 1 tensors)"
+    # A gradient that is a conjugate view: unscaled in its own memory.
+    g = torch.tensor([2.0 + 4.0j, -8.0j], device=device).conj()
+    assert g.is_conj()
+    c2 = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64, device=device))
+    c2.grad = g
+    scaler = mixprec.GradScaler(device, init_scale=2.0)
+    scaler.scale(torch.ones((), device=device))
+    scaler.unscale_(torch.optim.SGD([c2], lr=0.1))
+    assert c2.grad is g and torch.equal(g.resolve_conj().cpu(), torch.tensor([1.0 - 2.0j, 4.0j]))
+
+
 DDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import math, os, sys, torch, torch.distributed as dist
