@@ -179,7 +179,10 @@ MonitorRecord Monitor::make_record() {
   for (const auto& item : params_) {
     const at::Tensor& g = item.value().grad();
     if (!g.defined()) continue;
-    grads_by_device[g.device().str()].push_back(g.detach());
+    // A complex gradient counts as its real and imaginary parts (so the norm is sqrt(sum |g|^2), as torch's
+    // clip_grad_norm_ has it), as the scaler unscales it.
+    grads_by_device[g.device().str()].push_back(g.is_complex() ? at::view_as_real(g.detach().resolve_conj())
+                                                               : g.detach());
     names_by_device[g.device().str()].push_back(item.key());
   }
   const int64_t width = 8 + options_.num_bins();

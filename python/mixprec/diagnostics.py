@@ -122,7 +122,9 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
     scale ``scale``, histogram their exponents, and find the smallest power-of-two scale under which at
     least ``fraction`` of the non-zero elements are representable (>= 2^-24 after scaling) while none
     overflows (if no such scale exists, the one that keeps the largest element finite)."""
-    grads = [g.detach() for g in _gradients(grads_or_model)]
+    # A complex gradient counts as its real and imaginary parts, as the scaler and the Monitor count it.
+    grads = [torch.view_as_real(g.detach().resolve_conj()) if g.is_complex() else g.detach()
+             for g in _gradients(grads_or_model)]
     # One grad_stats pass per device (mixprec's fused kernel: the Monitor's statistics too), with bins wide
     # enough for every fp64 exponent, so the histogram is exact.
     lo, bins = -1075, 2100

@@ -271,6 +271,33 @@ def test_underflow_report_reads_the_same_counts() -> None:
 
 # ---- Monitor ------------------------------------------------------------------------------------------------
 
+
+def test_complex_gradients_count_as_pairs_of_reals(tmp_path) -> None:
+    """A complex gradient is counted as its real and imaginary parts (as the scaler unscales it), by the
+    Monitor and by underflow_report alike: the norm is sqrt(sum |g|^2), torch's clip_grad_norm_ norm."""
+    torch.manual_seed(8)
+    model = nn.Sequential(OrderedDict(lin=nn.Linear(3, 2)))
+    model.register_parameter("z", nn.Parameter(torch.randn(4, 3, dtype=torch.complex64)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", init_scale=4.0)
+    monitor = mixprec.Monitor(model, scaler, every=1, log_dir=str(tmp_path), sinks=("jsonl",), min_exponent=-30,
+                              num_bins=40)
+    x = torch.randn(5, 3)
+    loss = model(x).pow(2).mean() + torch.view_as_real(model.z * 1e-6).pow(2).sum()
+    scaler.scale(loss).backward()
+    grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    record = monitor.step(loss)
+    monitor.close()
+    ref = reference_stats(grads, scaler.get_scale(), -30, 40).sum(0)
+    assert record["grad_elements"] == 2 * 12 + 6 + 2 == int(ref[0])
+    assert record["grad_norm"] == pytest.approx(
+        torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item(), rel=1e-6)
+    assert record["exponent_histogram"] == ref[8:].tolist()
+    report = mixprec.diagnostics.underflow_report(model, scale=scaler.get_scale())
+    assert (report.total, report.zero, report.flush_to_zero, report.subnormal) == tuple(int(v) for v in ref[:4])
+
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
                   fused: bool = False, per_tensor: bool = False, keep: int | None = 1000):
     model = named_model()
