@@ -55,6 +55,18 @@ def _scalar(value: Union[float, Tensor], name: str) -> float:
     return float(value)
 
 
+def _dtype(value: Union[torch.dtype, str]) -> torch.dtype:
+    """``moment_dtype`` as a ``torch.dtype``. State dicts carry it as a string (``"torch.bfloat16"``):
+    torch.distributed.checkpoint's state-dict utilities (full or CPU-offloaded optimizer state dicts, as
+    FSDP2 saving uses them) accept tensors, numbers, strings and containers only."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16 (or their names), got {value!r}")
+    return dtype
+
+
 class _Tracker:
     """Set when anything in ``optimizer.state`` is edited from outside, so the next step hands the state to
     the C++ core again (the core keeps the same tensors; this is how it learns of replaced ones)."""
@@ -183,10 +195,11 @@ class _MixprecAdam(torch.optim.Optimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: Optional[bool] = None,
         master_weights: str = "auto",
-        moment_dtype: torch.dtype = torch.float32,
+        moment_dtype: Union[torch.dtype, str] = torch.float32,
         rounding: str = "nearest",
         seed: Optional[int] = None,
     ) -> None:
+        moment_dtype = _dtype(moment_dtype)
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         # Kept as given (tensors too, as torch keeps them: a later in-place change applies); read every step.
@@ -266,6 +279,9 @@ class _MixprecAdam(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.state_dict``, with plain dicts for the per-parameter states."""
         out = super().state_dict()
         out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in out["state"].items()}
+        for group in out["param_groups"]:  # torch's packed copies: the live groups keep their dtype
+            if isinstance(group.get("moment_dtype"), torch.dtype):
+                group["moment_dtype"] = str(group["moment_dtype"])
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -278,6 +294,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         groups = []
         for g in state_dict["param_groups"]:
             merged = {**{k: v for k, v in self.defaults.items()}, **g}  # torch dicts lack our keys
+            merged["moment_dtype"] = _dtype(merged["moment_dtype"])
             groups.append(merged)
         saved: dict[str, Any] = {}
 
@@ -377,7 +394,7 @@ class _MixprecAdam(torch.optim.Optimizer):
                     _scalar(beta2, "betas[1]"), float(group["eps"]), float(group["weight_decay"]),
                     bool(group["decoupled_weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                     group["master_weights"],
-                    group["moment_dtype"], group["rounding"], None if seed is None else int(seed),
+                    _dtype(group["moment_dtype"]), group["rounding"], None if seed is None else int(seed),
                     int(group["rng_calls"]), grad_scale, found_inf)
             except Exception:
                 # State the core may have created before the error never reached optimizer.state: the next
@@ -413,7 +430,8 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
             are always their own masters and take torch's float64 step, with float64 moments, as in torch.
             complex64 / complex128 params are stepped as torch steps them, as pairs of independent reals, with
             complex moments (complex64 ones need ``moment_dtype=torch.float32``).
-        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16``; moments never take a 16-bit
+        moment_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names; ``state_dict()`` holds
+            the name, ``"torch.bfloat16"``, as torch.distributed.checkpoint needs); moments never take a 16-bit
             parameter's dtype (float64 params keep float64 moments).
         rounding: how 16-bit params are written: ``"nearest"`` or ``"stochastic"`` (unbiased; with
             ``master_weights="none"`` it keeps updates smaller than half an ulp alive).

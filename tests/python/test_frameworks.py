@@ -237,3 +237,51 @@ def test_accelerate_sees_skipped_steps_where_the_docs_say(scaler: str, visible: 
     opt.step()
     assert torch.equal(model.weight.detach(), before)  # skipped either way
     assert accelerator.optimizer_step_was_skipped is visible
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_distributed_checkpoint_state_dicts_save_load_and_resume(tmp_path, full: bool) -> None:
+    """torch.distributed.checkpoint's state-dict API (what FSDP2 trainers such as torchtitan save with) takes a
+    mixprec optimizer's state dict, full and CPU-offloaded too (its utilities accept no torch.dtype values,
+    so the state dict names moment_dtype), saves it with dcp.save, and a fresh optimizer loaded through
+    dcp.load and set_state_dict resumes bit for bit: bf16 remainders, bf16 moments and the seeded stochastic
+    rounding's position included."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)).bfloat16()
+        return model, mixprec.optim.AdamW(model.parameters(), lr=0.01, moment_dtype=torch.bfloat16,
+                                          master_weights="remainder", rounding="stochastic", seed=3)
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 4, generator=gen).bfloat16()).float().pow(2).sum().backward()
+            opt.step()
+
+    model, opt = make()
+    train(model, opt, 1)
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    assert optim_sd["param_groups"][0]["moment_dtype"] == "torch.bfloat16"
+    assert opt.param_groups[0]["moment_dtype"] is torch.bfloat16  # the live group keeps the dtype
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    resumed, resumed_opt = make()
+    fresh_model_sd, fresh_optim_sd = get_state_dict(resumed, resumed_opt)
+    loaded = {"model": fresh_model_sd, "optim": fresh_optim_sd}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(loaded, checkpoint_id=str(tmp_path))
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert resumed_opt.param_groups[0]["moment_dtype"] is torch.bfloat16
+    assert resumed_opt.param_groups[0]["rng_calls"] == opt.param_groups[0]["rng_calls"] == 3
+    train(model, opt, 2)
+    train(resumed, resumed_opt, 2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, resumed_opt.state[q][key]), key
