@@ -14,10 +14,12 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 #include <torch/nn/init.h>
+#include <torch/serialize/input-archive.h>
 
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -692,6 +694,28 @@ void Float8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
 void Float8LinearImpl::to(torch::Device device, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
   weight_cache = {};  // quantized on the old device
+}
+
+void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
+  // Checked before anything is read into the layer. try_read into a fresh tensor only looks.
+  std::vector<std::string> missing;
+  const auto buffers = named_buffers(/*recurse=*/false);
+  for (const auto& item : buffers) {
+    torch::Tensor probe;
+    if (!archive.try_read(item.key(), probe, /*is_buffer=*/true)) missing.push_back(item.key());
+  }
+  const bool has_state = missing.size() < buffers.size();
+  if (has_state && !missing.empty()) {
+    std::string names;
+    for (const auto& name : missing) names += (names.empty() ? "" : ", ") + name;
+    TORCH_CHECK(false, "mixprec::nn::Float8Linear::load: the archive holds part of the FP8 scaling state; "
+                "missing: ", names);
+  }
+  for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
+  // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
+  if (has_state) {
+    for (auto& item : named_buffers(/*recurse=*/false)) archive.read(item.key(), item.value(), /*is_buffer=*/true);
+  }
 }
 
 // Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.

@@ -239,6 +239,16 @@ class Float8Linear(torch.nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A torch.nn.Linear checkpoint (pretrained weights loaded after convert) has no scaling state: the
+        # layer keeps its own, as BatchNorm fills in num_batches_tracked for checkpoints without one. A
+        # checkpoint with part of the state still reports the rest missing. (torch copied the dict.)
+        keys = [prefix + name for name in _FP8_BUFFERS]
+        if prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
+            for key, name in zip(keys, _FP8_BUFFERS):
+                state_dict[key] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.

@@ -9,7 +9,10 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
+#include <sstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -210,6 +213,50 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
   bad = {};
   bad.backward_dtype = torch::kHalf;
   REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad), Catch::Contains("dtype must be"));
+}
+
+TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scaling state", "[fp8][nn][checkpoint]") {
+  torch::manual_seed(5);
+  torch::nn::Linear pretrained(torch::nn::LinearOptions(64, 32));
+  std::stringstream plain;
+  torch::save(pretrained, plain);
+
+  torch::manual_seed(6);
+  mixprec::nn::Float8Linear layer(torch::nn::LinearOptions(64, 32));
+  layer->forward(torch::randn({8, 64})).sum().backward();  // the scaling state moves off its initial values
+  layer->forward(torch::randn({8, 64})).sum().backward();
+  std::map<std::string, torch::Tensor> state;
+  for (const auto& item : layer->named_buffers()) state[item.key()] = item.value().clone();
+  REQUIRE(layer->state.forward_scale[0].item<float>() != 1.f);
+  auto history = layer->state.forward_amax_history;
+
+  torch::load(layer, plain);  // a pretrained torch::nn::Linear: the weights, and the layer's own state
+  REQUIRE(torch::equal(layer->weight, pretrained->weight));
+  REQUIRE(torch::equal(layer->bias, pretrained->bias));
+  for (const auto& item : layer->named_buffers()) REQUIRE(torch::equal(item.value(), state[item.key()]));
+
+  // A Float8Linear archive restores the state, in the very tensors `state` holds.
+  std::stringstream full;
+  torch::save(layer, full);
+  torch::manual_seed(7);
+  mixprec::nn::Float8Linear other(torch::nn::LinearOptions(64, 32));
+  torch::load(other, full);
+  for (const auto& item : other->named_buffers()) REQUIRE(torch::equal(item.value(), state[item.key()]));
+  REQUIRE(torch::equal(other->state.forward_amax_history, history));
+  REQUIRE(torch::equal(other->weight, pretrained->weight));
+
+  // Part of the state: refused by name, and nothing is read into the layer.
+  torch::serialize::OutputArchive partial;
+  partial.write("weight", torch::zeros({32, 64}));
+  partial.write("bias", torch::zeros({32}));
+  partial.write("fp8_forward_scale", torch::ones({1}), /*is_buffer=*/true);
+  std::stringstream partial_stream;
+  partial.save_to(partial_stream);
+  torch::serialize::InputArchive in;
+  in.load_from(partial_stream);
+  REQUIRE_THROWS_WITH(other->load(in), Catch::Contains("holds part of the FP8 scaling state; missing: "
+                                                       "fp8_forward_amax_history, fp8_forward_scale_inv"));
+  REQUIRE(torch::equal(other->weight, pretrained->weight));
 }
 
 TEST_CASE("nn::Float8Linear: dtype casts and policies leave the scaling state in fp32", "[fp8][nn]") {

@@ -198,6 +198,40 @@ def test_state_dict_resume_is_exact() -> None:
         assert torch.equal(a, b), k
 
 
+def test_a_plain_linear_checkpoint_loads_after_convert() -> None:
+    """Pretrained weights saved from torch.nn.Linear layers load strictly into the converted model: the FP8
+    layers keep their (fresh) scaling state, as BatchNorm fills in a missing num_batches_tracked, and train
+    exactly as layers converted after the load. A checkpoint holding part of the scaling state reports the
+    rest missing; the other direction (FP8 state into plain layers) reports it unexpected, as torch does."""
+    def plain() -> nn.Module:
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+
+    pretrained = {k: v + 0.5 for k, v in plain().state_dict().items()}  # not what make() initialises
+    recipe = fp8.Recipe(amax_history_len=3)
+    before = mixprec.nn.convert(plain(), fp8=recipe, filter=lambda name, m: True)
+    fresh_state = {k: v.clone() for k, v in before.state_dict().items() if "fp8_" in k}
+    assert fresh_state
+    assert str(before.load_state_dict(pretrained)) == "<All keys matched successfully>"
+    after = plain()
+    after.load_state_dict(pretrained)
+    mixprec.nn.convert(after, fp8=recipe, filter=lambda name, m: True)
+    for k, v in before.state_dict().items():
+        assert torch.equal(v, after.state_dict()[k]), k
+        if k in fresh_state:
+            assert torch.equal(v, fresh_state[k]), k
+    x = torch.randn(16, 32)
+    for model in (before, after):
+        model(x).pow(2).mean().backward()
+    for a, b in zip(before.parameters(), after.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    partial = {**pretrained, "0.fp8_forward_scale": torch.ones(2)}
+    with pytest.raises(RuntimeError, match='Missing key.*"0.fp8_forward_amax_history"'):
+        before.load_state_dict(partial)
+    with pytest.raises(RuntimeError, match='Unexpected key.*"0.fp8_forward_amax_history"'):
+        plain().load_state_dict(before.state_dict())
+
+
 def test_convert_default_filter_and_deepcopy() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 24), nn.Linear(24, 16),
                           nn.Linear(16, 8))
