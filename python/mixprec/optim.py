@@ -46,6 +46,14 @@ def _local(t: Tensor) -> Tensor:
     return t
 
 
+def _sharded_like(param: Tensor, local: Tensor) -> Tensor:
+    """``local`` (a state tensor of ``param``'s local shard) as a DTensor sharded as ``param`` is."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
 def _scalar(value: Union[float, Tensor], name: str) -> float:
     """A hyper-parameter given as a number or a one-element tensor (torch accepts both for betas)."""
     if isinstance(value, Tensor):
@@ -336,14 +344,22 @@ class _MixprecAdam(torch.optim.Optimizer):
         self._tracker.dirty = False
 
     def _mirror(self, p: Tensor) -> None:
-        """Copy into ``optimizer.state[p]`` the state tensors the core created or replaced for ``p``."""
+        """Copy into ``optimizer.state[p]`` the state tensors the core created or replaced for ``p``.
+
+        The core steps a DTensor parameter's local shard, so its state is local shards too; here they are
+        wrapped as DTensors sharded like ``p`` (views of the same memory; the step count stays a plain tensor,
+        as torch keeps it), as torch.optim's state of an FSDP2 parameter is: torch.distributed.checkpoint then
+        saves and gathers each rank's part instead of taking one rank's shard for the whole tensor."""
         st = self.state[p]
         new = self._core.state_of(p)
+        sharded = type(p).__name__ == "DTensor"
         for key in _CORE_KEYS:
             value = new.get(key)
             if value is None:
                 dict.pop(st, key, None)
             else:
+                if sharded and key != "step":
+                    value = _sharded_like(p, value)
                 dict.__setitem__(st, key, value)
 
     def _sharded(self, index: int, params: list[Tensor]) -> bool:

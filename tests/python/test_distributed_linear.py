@@ -255,3 +255,91 @@ def test_reduce_amax_op_schema_and_errors() -> None:
             torch.ops.mixprec.fp8_reduce_amax_(forward, torch.rand(4, 1).double(), name)
     finally:
         dist.destroy_process_group()
+
+
+CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, warnings, torch, torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port, out, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def make():
+        torch.manual_seed(0)
+        # bf16 parameters (fp32 masters in the state); 18 rows: shards of 9 rows, and of 2 and 1 for the bias.
+        model = torch.nn.Sequential(torch.nn.Linear(8, 18), torch.nn.ReLU(), torch.nn.Linear(18, 3)).bfloat16()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+
+    def train(model, opt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            opt.zero_grad()
+            # The same batch on every rank: FSDP2's averaged gradient is the whole-batch one, exactly.
+            model(torch.randn(4, 8, generator=gen).bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+
+    model, opt = make()
+    train(model, opt, 1)
+    state = opt.state[next(model.parameters())]
+    kinds = {k: type(v).__name__ for k, v in state.items()}
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = {k: {n: t.clone() for n, t in v.items()} for k, v in full.get("state", {}).items()}  # rank 0: not live
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        resumed, ropt = make()
+        loaded = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, ropt)}
+        dcp.load(loaded, checkpoint_id=ckpt)
+    set_model_state_dict(resumed, loaded["model"])
+    set_optimizer_state_dict(resumed, ropt, loaded["optim"])
+    train(model, opt, 2)
+    train(resumed, ropt, 2)
+    params = [p.full_tensor() for p in model.parameters()]
+    same = all(torch.equal(a, b.full_tensor()) for a, b in zip(params, resumed.parameters()))
+    if rank == 0:
+        torch.save({"kinds": kinds, "full": full, "params": params, "resumed_equal": same}, out)
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_optimizer_state_is_sharded_like_torchs_and_checkpoints(tmp_path) -> None:
+    """Under FSDP2 the optimizer state of a sharded parameter is a DTensor sharded like it (torch.optim's is),
+    so torch.distributed.checkpoint gathers every rank's part into a full state dict (equal to one process
+    training the whole model) and a sharded dcp.save / dcp.load resumes bit for bit on every rank."""
+    out = str(tmp_path / "result.pt")
+    run_ranks(CHECKPOINT_SCRIPT, out, str(tmp_path / "ckpt"))
+    result = torch.load(out)
+    assert result["kinds"] == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor",
+                               "max_exp_avg_sq": "DTensor", "master": "DTensor"}
+    assert result["resumed_equal"]
+    # The same training in one process, without sharding.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 18), torch.nn.ReLU(), torch.nn.Linear(18, 3)).bfloat16()
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    names = [name for name, _ in model.named_parameters()]
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 8, generator=gen).bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+        if seed == 1:
+            for name, p in zip(names, model.parameters()):
+                saved = result["full"][name]
+                assert set(saved) == set(opt.state[p]), name
+                for key, value in opt.state[p].items():
+                    assert saved[key].shape == value.shape and torch.equal(saved[key], value), (name, key)
+    for a, b in zip(result["params"], model.parameters()):
+        assert torch.equal(a, b.detach())
