@@ -111,7 +111,24 @@ def _restore_fp32_grad(module: torch.nn.Module, incompatible_keys: Any = None) -
         keep_fp32_grad(module.weight)
 
 
-class Linear(torch.nn.Linear):
+class _Fp32WeightGrad(torch.nn.Module):
+    """What keeps a layer's weight gradient fp32 when its Parameter object is replaced: copies and unpickled
+    modules, and ``Module._apply`` where it makes new Parameters (``to_empty`` from the meta device, or any
+    conversion under ``torch.__future__.set_swap_module_params_on_conversion(True)``)."""
+
+    weight: Tensor
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_Fp32WeightGrad":
+        super()._apply(fn, recurse)
+        _restore_fp32_grad(self)
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        keep_fp32_grad(self.weight)
+
+
+class Linear(_Fp32WeightGrad, torch.nn.Linear):
     """Drop-in ``torch.nn.Linear`` whose weight gradient is fp32 (``weight.grad_dtype = torch.float32``),
     formed and accumulated by the weight-gradient GEMM.
 
@@ -123,11 +140,6 @@ class Linear(torch.nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Copies and unpickled modules get new Parameter objects, without the grad_dtype.
-        super().__setstate__(state)
-        keep_fp32_grad(self.weight)
 
 
 def _adopt(module: Linear) -> None:
@@ -174,7 +186,7 @@ def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[lis
     return out
 
 
-class Float8Linear(torch.nn.Linear):
+class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     """A ``torch.nn.Linear`` whose three GEMMs run in FP8 (:func:`float8_linear`).
 
     Same constructor, parameters and initialisation as ``torch.nn.Linear`` plus ``recipe``; the weight
@@ -273,10 +285,6 @@ class Float8Linear(torch.nn.Linear):
             twin.amax_group = group
         return twin
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        keep_fp32_grad(self.weight)
-
 
 def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Callable[[], Any]) -> None:
     """Runs `apply` (the module's ``Module._apply``) and puts back the float32 buffers `names` that it cast to
@@ -357,7 +365,7 @@ def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return _with_cache(torch.ops.mixprec.int8_linear, torch.ops.mixprec.int8_linear_cached, args, weight_cache)
 
 
-class Int8Linear(torch.nn.Linear):
+class Int8Linear(_Fp32WeightGrad, torch.nn.Linear):
     """A ``torch.nn.Linear`` whose GEMMs run in INT8 (:func:`int8_linear`): same constructor, parameters,
     initialisation and state dict, plus ``gemms``; the weight keeps its dtype and gets an fp32 gradient as in
     :class:`Linear`. :meth:`from_linear` converts an existing layer in place."""
@@ -398,10 +406,6 @@ class Int8Linear(torch.nn.Linear):
         state = super().__getstate__()
         state.pop("_int8_weight_cache", None)  # derived from the weight
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        keep_fp32_grad(self.weight)
 
 
 def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,

@@ -342,6 +342,33 @@ def test_copies_pickles_and_assigned_state_keep_the_fp32_gradient() -> None:
         assert all(w.grad.dtype == torch.float32 for w in weights(other))
 
 
+@pytest.mark.parametrize("layer", ["Linear", "Float8Linear", "Int8Linear"])
+def test_new_parameters_from_module_conversions_keep_the_fp32_gradient(layer: str) -> None:
+    """Module._apply makes new Parameter objects for to_empty from the meta device (deferred initialisation)
+    and for every conversion under torch's swap_module_params_on_conversion: they get the fp32 gradient too."""
+    cls = getattr(mixprec.nn, layer)
+
+    def check(module: torch.nn.Module) -> None:
+        assert module.weight.grad_dtype == torch.float32
+        module(torch.randn(16, 32, dtype=module.weight.dtype)).float().sum().backward()
+        assert module.weight.grad.dtype == torch.float32 and module.bias.grad.dtype == module.weight.dtype
+
+    deferred = cls(32, 16, device="meta", dtype=torch.bfloat16)
+    deferred.to_empty(device="cpu")
+    deferred.reset_parameters()
+    check(deferred)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        swapped = cls(32, 16)
+        before = swapped.weight
+        swapped.bfloat16()
+        check(swapped)
+        assert swapped.weight is before  # swap_tensors keeps the object, exchanging its contents
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 def test_autocast_runs_the_gemms_in_the_autocast_dtype() -> None:
     torch.manual_seed(5)
     ref = nn.Linear(24, 8)
