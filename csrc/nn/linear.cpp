@@ -672,7 +672,20 @@ void Float8LinearImpl::reset() {
   register_state();
 }
 
-void Float8LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
+void Float8LinearImpl::reset_parameters() {
+  init_linear_parameters(weight, bias);
+  weight_cache = {};  // quantized from the old weight
+  // The scaling state back to its initial values too, in the registered buffers (`state` holds the same
+  // tensors), as BatchNorm's reset_parameters resets its running statistics.
+  const fp8::ScalingState fresh = fp8::make_scaling_state(recipe, weight.options());
+  torch::NoGradGuard no_grad;
+  state.forward_amax_history.copy_(fresh.forward_amax_history);
+  state.forward_scale.copy_(fresh.forward_scale);
+  state.forward_scale_inv.copy_(fresh.forward_scale_inv);
+  state.backward_amax_history.copy_(fresh.backward_amax_history);
+  state.backward_scale.copy_(fresh.backward_scale);
+  state.backward_scale_inv.copy_(fresh.backward_scale_inv);
+}
 
 void Float8LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Float8Linear(in_features=" << options.in_features()

@@ -221,6 +221,19 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         for name, tensor in zip(_FP8_BUFFERS, state):
             self.register_buffer(name, tensor)
 
+    def reset_parameters(self) -> None:
+        """As ``torch.nn.Linear.reset_parameters``, and the scaling state back to its initial values, in its
+        buffers, as BatchNorm's resets its running statistics: after ``to_empty`` from the meta device
+        (deferred initialisation) the buffers hold whatever memory they were given."""
+        super().reset_parameters()
+        self._fp8_weight_cache = []  # quantized from the old weight
+        if "recipe" in self.__dict__:  # torch.nn.Linear.__init__ calls this before the state exists
+            fresh = torch.ops.mixprec.fp8_scaling_state(self.recipe.scaling, int(self.recipe.amax_history_len),
+                                                        self.weight)
+            with torch.no_grad():
+                for name, tensor in zip(_FP8_BUFFERS, fresh):
+                    getattr(self, name).copy_(tensor)
+
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, recipe: Optional[fp8.Recipe] = None) -> "Float8Linear":
         """Turn ``linear`` into a :class:`Float8Linear` in place (same parameters, hooks and state-dict keys,

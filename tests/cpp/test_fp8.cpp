@@ -245,6 +245,16 @@ TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scal
   REQUIRE(torch::equal(other->state.forward_amax_history, history));
   REQUIRE(torch::equal(other->weight, pretrained->weight));
 
+  // reset_parameters puts the initial scaling state back, in the buffers `state` holds.
+  mixprec::nn::Float8Linear fresh(torch::nn::LinearOptions(64, 32));
+  other->reset_parameters();
+  REQUIRE(other->state.forward_amax_history.is_same(other->named_buffers()["fp8_forward_amax_history"]));
+  for (const auto& item : other->named_buffers()) {
+    REQUIRE(torch::equal(item.value(), fresh->named_buffers()[item.key()]));
+  }
+  REQUIRE_FALSE(torch::equal(other->state.forward_amax_history, history));
+  torch::load(other, full);
+
   // Part of the state: refused by name, and nothing is read into the layer.
   torch::serialize::OutputArchive partial;
   partial.write("weight", torch::zeros({32, 64}));

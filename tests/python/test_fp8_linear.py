@@ -232,6 +232,31 @@ def test_a_plain_linear_checkpoint_loads_after_convert() -> None:
         plain().load_state_dict(before.state_dict())
 
 
+@pytest.mark.parametrize("name", ["delayed", "delayed-e4m3-pow2", "rowwise"])
+def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_state(name: str) -> None:
+    """Built on the meta device, moved with to_empty (the buffers then hold whatever memory they got) and
+    initialised with reset_parameters, as FSDP2 trainers initialise: the scaling state is a fresh layer's.
+    reset_parameters of a trained layer resets it too, in the same buffer tensors (as BatchNorm's)."""
+    recipe = RECIPES[name]
+    fresh = dict(mixprec.nn.Float8Linear(32, 16, recipe=recipe).named_buffers())
+    deferred = mixprec.nn.Float8Linear(32, 16, device="meta", recipe=recipe)
+    deferred.to_empty(device="cpu")
+    for buffer in deferred.buffers():
+        buffer.fill_(float("nan"))  # what to_empty's memory may hold
+    deferred.reset_parameters()
+    for key, value in deferred.named_buffers():
+        assert torch.equal(value, fresh[key]), key
+    trained = mixprec.nn.Float8Linear(32, 16, recipe=recipe)
+    for _ in range(2):
+        trained(torch.randn(8, 32) * 3).sum().backward()
+    held = dict(trained.named_buffers())
+    if name != "rowwise":  # row-wise scaling keeps no state
+        assert not torch.equal(held["fp8_forward_scale"], fresh["fp8_forward_scale"])
+    trained.reset_parameters()
+    for key, value in trained.named_buffers():
+        assert value is held[key] and torch.equal(value, fresh[key]), key
+
+
 def test_convert_default_filter_and_deepcopy() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 24), nn.Linear(24, 16),
                           nn.Linear(16, 8))

@@ -103,6 +103,8 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   explicit Float8LinearImpl(const torch::nn::LinearImpl& other, fp8::Recipe recipe = {});
 
   void reset() override;
+  /// torch::nn::Linear's initialisation, and the scaling state back to its initial values (as BatchNorm's
+  /// reset_parameters resets its running statistics).
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
   /// `is_first_microbatch` (Transformer Engine's argument): unset, the weight is quantized on every call;
