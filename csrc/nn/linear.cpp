@@ -214,9 +214,9 @@ Fp8PerTensor quantize_current(const torch::Tensor& m, at::ScalarType dtype, cons
 // caller's snapshot of the state's scale_inv, taken once for all its columns after the update: the next
 // update rewrites the state before a late backward runs.
 Fp8PerTensor quantize_delayed(const torch::Tensor& m, const torch::Tensor& history, const torch::Tensor& scale,
-                              const torch::Tensor& scale_inv, int64_t j, at::ScalarType dtype) {
+                              const torch::Tensor& scale_inv, int64_t j, at::ScalarType dtype, bool record = true) {
   const Fp8PerTensor q = fp8_per_tensor(m, scale.narrow(0, j, 1), scale_inv.narrow(0, j, 1), dtype);
-  history.select(0, 0).narrow(0, j, 1).copy_(q.amax.reshape({1}));
+  if (record) history.select(0, 0).narrow(0, j, 1).copy_(q.amax.reshape({1}));
   return q;
 }
 
@@ -248,10 +248,10 @@ struct Fp8Weight {
 
 // `scale_inv`: delayed scaling's snapshot of the forward scale_inv (see quantize_delayed).
 Fp8Weight quantize_weight(const torch::Tensor& w2, const fp8::ScalingState& state, const torch::Tensor& scale_inv,
-                          const fp8::Recipe& recipe, bool want_cols) {
+                          const fp8::Recipe& recipe, bool want_cols, bool record) {
   if (recipe.scaling == fp8::Scaling::Delayed) {
     const auto h = quantize_delayed(w2, state.forward_amax_history, state.forward_scale, scale_inv, 1,
-                                    recipe.forward_dtype);
+                                    recipe.forward_dtype, record);
     return {h.rows, h.cols, h.amax};
   }
   if (recipe.scaling == fp8::Scaling::Current) {
@@ -294,7 +294,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
                                const fp8::ScalingState& state, const fp8::Recipe& recipe,
-                               nn::Float8WeightCache* cache, bool input_grad) {
+                               nn::Float8WeightCache* cache, bool input_grad, bool record) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
@@ -312,15 +312,18 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     Fp8Operand qx;
     torch::Tensor scale_inv;  // delayed scaling: this call's snapshot of the forward scale_inv
     if (recipe.scaling == fp8::Scaling::Delayed) {
-      fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
-                          recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
+      // Without `record` the forward state is read as it stands: neither updated nor recorded into.
+      if (record) {
+        fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
+                            recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
+      }
       scale_inv = state.forward_scale_inv.clone();
     }
     // The input first, then the weight: delayed scaling records their amaxes in this order.
     Fp8PerTensor hx;
     if (recipe.scaling == fp8::Scaling::Delayed) {
       hx = quantize_delayed(x2, state.forward_amax_history, state.forward_scale, scale_inv, 0,
-                            recipe.forward_dtype);
+                            recipe.forward_dtype, record);
       qx = hx.rows;
     } else if (recipe.scaling == fp8::Scaling::Current) {
       hx = quantize_current(x2, recipe.forward_dtype, recipe);
@@ -333,13 +336,13 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       qw = {{cache->data, cache->scale_inv}, {cache->data_t, cache->scale_inv_t}, cache->amax};
       // The history sees the weight's amax every call, as without the cache, so the window and the
       // scales evolve the same either way.
-      if (recipe.scaling == fp8::Scaling::Delayed) {
+      if (recipe.scaling == fp8::Scaling::Delayed && record) {
         state.forward_amax_history.select(0, 0).narrow(0, 1, 1).copy_(cache->amax.reshape({1}));
       }
     } else {
       // The transpose serves the input gradient (and the cache). For row and block scales it costs a pass
       // and, held until backward, an FP8 copy of the weight: skipped without an input gradient.
-      qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input_grad);
+      qw = quantize_weight(w.contiguous(), state, scale_inv, recipe, cache != nullptr || input_grad, record);
       if (cache != nullptr) {
         *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv, qw.amax, w.scalar_type()};
       }
@@ -438,7 +441,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
     // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad.
-    return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(),
+    // Nothing for probe, state, recipe, cache, input_grad and record.
+    return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(), torch::Tensor(),
             torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
@@ -502,7 +506,8 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
 }
 
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-                            const fp8::ScalingState& state, const fp8::Recipe& recipe, Float8WeightCache* cache) {
+                            const fp8::ScalingState& state, const fp8::Recipe& recipe, Float8WeightCache* cache,
+                            bool update_state) {
   constexpr const char* op = "mixprec::float8_linear";
   fp8::check_recipe(recipe);
   if (recipe.scaling == fp8::Scaling::Delayed) {
@@ -531,8 +536,13 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
   // Grad mode is off inside the autograd function's forward: whether backward will want an input gradient
   // is decided here.
   const bool input_grad = at::GradMode::is_enabled() && input.requires_grad();
+  // A forward that runs inside a backward is activation checkpointing's recomputation (torch.utils.checkpoint,
+  // reentrant or not): it must quantize as the original forward did, with the scales that forward set, and
+  // must not record its amaxes a second time. So it reads the forward state without updating it, as an
+  // evaluation forward (update_state false) does; the backward that follows still updates its own state.
+  const bool record = update_state && torch::autograd::get_current_graph_task_id() == -1;
   return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe,
-                                     cache, input_grad);
+                                     cache, input_grad, record);
 }
 
 namespace {
@@ -577,12 +587,13 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
             const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
             at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
-            int64_t margin, bool pow2_scales, bool fast_accum) {
+            int64_t margin, bool pow2_scales, bool fast_accum, bool update_state) {
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
                                          backward_amax_history, backward_scale, backward_scale_inv};
            return float8_linear(input, weight, bias.value_or(at::Tensor()), state,
                                 op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo, margin,
-                                          pow2_scales, fast_accum));
+                                          pow2_scales, fast_accum),
+                                nullptr, update_state);
          });
   m.impl("float8_linear_cached",
          [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -590,7 +601,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
             const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
             at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
-            int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache) {
+            int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache, bool update_state) {
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
                                          backward_amax_history, backward_scale, backward_scale_inv};
            TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 6,
@@ -607,7 +618,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
            at::Tensor out = float8_linear(input, weight, bias.value_or(at::Tensor()), state,
                                           op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo,
                                                     margin, pow2_scales, fast_accum),
-                                          &cache);
+                                          &cache, update_state);
            // A reused cache comes back empty: the op's outputs never alias its inputs. A filled one's
            // per-tensor scale inverses are one tensor in C++; the list gets two.
            if (!fill) return std::make_tuple(out, std::vector<at::Tensor>{});
@@ -736,14 +747,15 @@ torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optiona
   if (amax_group && recipe.scaling == fp8::Scaling::Delayed && is_training() && at::GradMode::is_enabled()) {
     fp8::reduce_amax(state, *amax_group);
   }
-  if (!is_first_microbatch.has_value()) return float8_linear(input, weight, bias, state, recipe);
+  // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics).
+  if (!is_first_microbatch.has_value()) return float8_linear(input, weight, bias, state, recipe, nullptr, is_training());
   if (*is_first_microbatch) {
     weight_cache = {};
   } else {
     TORCH_CHECK(!weight_cache.empty(), "mixprec::nn::Float8Linear: is_first_microbatch=false reuses the weight "
                 "quantized by an earlier call with is_first_microbatch=true, and there was none");
   }
-  return float8_linear(input, weight, bias, state, recipe, &weight_cache);
+  return float8_linear(input, weight, bias, state, recipe, &weight_cache, is_training());
 }
 
 }  // namespace mixprec::nn

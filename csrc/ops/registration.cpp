@@ -107,14 +107,15 @@ TORCH_LIBRARY(mixprec, m) {
       "float8_linear(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
       "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
-      "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum) -> Tensor");
+      "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, *, "
+      "bool update_state=True) -> Tensor");
   // The same with Float8WeightCache's five tensors: [] to fill (they are returned), or a filled list to use.
   m.def(
       "float8_linear_cached(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
       "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
       "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, "
-      "Tensor[] weight_cache) -> (Tensor, Tensor[])");
+      "Tensor[] weight_cache, *, bool update_state=True) -> (Tensor, Tensor[])");
   // mixprec::nn::int8_linear (csrc/nn/int8_linear.cpp): which GEMMs run in INT8.
   m.def(
       "int8_linear(Tensor input, Tensor weight, Tensor? bias=None, bool int8_forward=True, "

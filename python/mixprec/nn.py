@@ -153,7 +153,8 @@ _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_sc
 
 
 def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
-                  recipe: fp8.Recipe, weight_cache: Optional[list[Tensor]] = None) -> Tensor:
+                  recipe: fp8.Recipe, weight_cache: Optional[list[Tensor]] = None, *,
+                  update_state: bool = True) -> Tensor:
     """``torch.nn.functional.linear`` through FP8 GEMMs (C++'s ``mixprec::nn::float8_linear``, the op
     ``mixprec::float8_linear``).
 
@@ -168,19 +169,26 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     ``weight_cache`` keeps the quantized weight across gradient-accumulation micro-batches: an empty list
     is filled by the call (the op ``mixprec::float8_linear_cached`` returns the tensors), a filled one is
     used instead of ``weight``, which is then not read (delayed scaling still records the cached amax).
-    Emptying it after each optimizer step is the caller's part."""
+    Emptying it after each optimizer step is the caller's part.
+
+    ``update_state=False`` (:class:`Float8Linear` in eval mode) reads delayed scaling's forward state without
+    updating the scales or recording amaxes, as BatchNorm's eval mode reads its running statistics. A forward
+    inside a backward (activation checkpointing's recomputation) reads it so too: it quantizes as the
+    original forward did and records nothing twice."""
     _check_ddp(weight)
     args = (input, weight, bias, *state, recipe.scaling, recipe.forward_dtype, recipe.backward_dtype,
             recipe.amax_compute_algo, int(recipe.margin), bool(recipe.pow2_scales), bool(recipe.fast_accum))
-    return _with_cache(torch.ops.mixprec.float8_linear, torch.ops.mixprec.float8_linear_cached, args, weight_cache)
+    return _with_cache(torch.ops.mixprec.float8_linear, torch.ops.mixprec.float8_linear_cached, args, weight_cache,
+                       update_state=bool(update_state))
 
 
-def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[list[Tensor]]) -> Tensor:
-    """`op(*args)` without a cache; with one, `cached_op(*args, weight_cache)`, which fills an empty cache (the
-    list takes the tensors it returns) or uses a filled one (and returns none: no output aliases an input)."""
+def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[list[Tensor]], **kwargs: Any) -> Tensor:
+    """`op(*args, **kwargs)` without a cache; with one, `cached_op(*args, weight_cache, **kwargs)`, which fills an
+    empty cache (the list takes the tensors it returns) or uses a filled one (and returns none: no output
+    aliases an input)."""
     if weight_cache is None:
-        return op(*args)
-    out, filled = cached_op(*args, weight_cache)
+        return op(*args, **kwargs)
+    out, filled = cached_op(*args, weight_cache, **kwargs)
     if not weight_cache:
         weight_cache[:] = filled
     return out
@@ -256,10 +264,10 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             # has nothing to reduce, as dist.all_reduce does nothing there).
             if self.amax_group is not dist.GroupMember.NON_GROUP_MEMBER:
                 torch.ops.mixprec.fp8_reduce_amax_(state[0], state[3], self.amax_group.group_name)
-        if is_first_microbatch is None:
-            return float8_linear(input, self.weight, self.bias, state, self.recipe)
-        return float8_linear(input, self.weight, self.bias, state, self.recipe,
-                             _microbatch_cache(self, "_fp8_weight_cache", is_first_microbatch))
+        # In eval mode the scaling state is read, not updated (as BatchNorm's running statistics).
+        cache = None if is_first_microbatch is None else _microbatch_cache(self, "_fp8_weight_cache",
+                                                                          is_first_microbatch)
+        return float8_linear(input, self.weight, self.bias, state, self.recipe, cache, update_state=self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"

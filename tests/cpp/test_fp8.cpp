@@ -269,6 +269,21 @@ TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scal
   REQUIRE(torch::equal(other->weight, pretrained->weight));
 }
 
+TEST_CASE("nn::Float8Linear: evaluation mode leaves the scaling state", "[fp8][nn]") {
+  torch::manual_seed(8);
+  mixprec::nn::Float8Linear layer(torch::nn::LinearOptions(64, 32));
+  layer->forward(torch::randn({8, 64})).sum().backward();
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& item : layer->named_buffers()) before[item.key()] = item.value().clone();
+  layer->eval();
+  const auto x = torch::randn({8, 64}) * 100;  // an amax that must not be recorded
+  REQUIRE(layer->forward(x).sizes() == torch::IntArrayRef{8, 32});
+  for (const auto& item : layer->named_buffers()) REQUIRE(torch::equal(item.value(), before[item.key()]));
+  layer->train();  // training forwards record again
+  layer->forward(x);
+  REQUIRE_FALSE(torch::equal(layer->state.forward_amax_history, before["fp8_forward_amax_history"]));
+}
+
 TEST_CASE("nn::Float8Linear: dtype casts and policies leave the scaling state in fp32", "[fp8][nn]") {
   mixprec::nn::Float8Linear layer(32, 16);
   layer->state.forward_scale.fill_(1.0 / 3.0);

@@ -257,6 +257,54 @@ def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_s
         assert value is held[key] and torch.equal(value, fresh[key]), key
 
 
+@pytest.mark.parametrize("name", ["delayed", "delayed-e4m3-pow2", "current", "blockwise"])
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing_and_evaluation_change_nothing(name: str, checkpointing: str) -> None:
+    """Training with torch.utils.checkpoint around every layer equals training without it, bit for bit
+    (parameters, gradients, scaling state): the recomputation inside backward quantizes with the scales the
+    original forward set and records no amax a second time. Evaluation forwards (eval mode, no grad) between
+    the steps change nothing either, as BatchNorm's running statistics stay put in eval mode."""
+    recipe = RECIPES[name]
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(11)
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16))
+        mixprec.nn.convert(model, fp8=recipe, filter=lambda n, m: True)
+        return model, mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def forward(model: nn.Module, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+        for layer in model:
+            if checkpoint and isinstance(layer, mixprec.nn.Float8Linear):
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=checkpointing == "reentrant")
+            else:
+                x = layer(x)
+        return x
+
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 32, generator=gen) * 4, torch.randn(16, 16, generator=gen)) for _ in range(5)]
+    runs = []
+    for checkpoint, evaluate in ((False, False), (True, False), (False, True)):
+        model, opt = make()
+        for x, y in data:
+            opt.zero_grad()
+            # The reentrant form needs an input that requires grad to build the graph through the layers.
+            nn.functional.mse_loss(forward(model, x.requires_grad_(checkpointing == "reentrant"), checkpoint),
+                                   y).backward()
+            opt.step()
+            if evaluate:
+                model.eval()
+                with torch.no_grad():
+                    model(torch.randn(16, 32) * 100)  # a very different amax, which must not be recorded
+                model.train()
+        runs.append((model.state_dict(), [p.grad for p in model.parameters()]))
+    (state, grads), *others = runs
+    for other_state, other_grads in others:
+        for key, value in state.items():
+            assert torch.equal(value, other_state[key]), key
+        for a, b in zip(grads, other_grads):
+            assert torch.equal(a, b)
+
+
 def test_convert_default_filter_and_deepcopy() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 24), nn.Linear(24, 16),
                           nn.Linear(16, 8))

@@ -87,9 +87,14 @@ struct Float8WeightCache {
 /// is then not read at all (delayed scaling still records the cached amax, so the window evolves as without
 /// the cache). Refilling it after each optimizer step is the caller's part; Float8Linear's forward does it
 /// with `is_first_microbatch`.
+///
+/// `update_state` false (Float8Linear in evaluation mode) reads delayed scaling's forward state without
+/// updating the scales or recording amaxes, as BatchNorm's eval mode reads its running statistics. A forward
+/// that runs inside a backward (activation checkpointing's recomputation) reads it so too, whatever
+/// `update_state` says: it quantizes as the original forward did and records nothing twice.
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
                             const fp8::ScalingState& state, const fp8::Recipe& recipe = {},
-                            Float8WeightCache* cache = nullptr);
+                            Float8WeightCache* cache = nullptr, bool update_state = true);
 
 /// A Linear whose forward is float8_linear: same options, parameters and initialisation as
 /// torch::nn::Linear, plus the recipe's scaling state as buffers ("fp8_forward_amax_history", ...), so a
