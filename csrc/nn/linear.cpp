@@ -440,8 +440,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
-    // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad.
-    // Nothing for probe, state, recipe, cache, input_grad and record.
+    // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad, record.
     return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(), torch::Tensor(),
             torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -748,7 +747,9 @@ torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optiona
     fp8::reduce_amax(state, *amax_group);
   }
   // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics).
-  if (!is_first_microbatch.has_value()) return float8_linear(input, weight, bias, state, recipe, nullptr, is_training());
+  if (!is_first_microbatch.has_value()) {
+    return float8_linear(input, weight, bias, state, recipe, nullptr, is_training());
+  }
   if (*is_first_microbatch) {
     weight_cache = {};
   } else {
