@@ -42,8 +42,8 @@ Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
 /// reference of the CUDA one.
 at::Tensor int8_mm_exact(const Int8MmArgs& g);
 
-/// out = ((float(acc) * a_scale_inv) * b_scale_inv) rounded to out_dtype, then + bias in out_dtype: the
-/// dequantization both backends perform, in this order, in fp32.
+/// out = (float(acc) * a_scale_inv) * b_scale_inv + bias (the bias in out_dtype, widened), each step in
+/// fp32, then one rounding to out_dtype: the dequantization both backends perform, in this order.
 at::Tensor int8_mm_dequantize(const at::Tensor& acc, const Int8MmArgs& g, at::ScalarType out_dtype,
                               const std::optional<at::Tensor>& bias);
 

@@ -96,7 +96,8 @@ void choose_algo(const char* op, cublasLtHandle_t handle, Plan& plan, uint64_t w
   check(cublasLtMatmulAlgoGetHeuristic(handle, plan.desc.get(), plan.a.get(), plan.b.get(), plan.c.get(),
                                        plan.d.get(), pref.get(), 1, &result, &found),
         op, "cublasLtMatmulAlgoGetHeuristic");
-  TORCH_CHECK(found > 0, op, ": cuBLASLt has no algorithm for this problem (", problem, ")");
+  TORCH_CHECK(found > 0 && result.state == CUBLAS_STATUS_SUCCESS, op, ": cuBLASLt has no algorithm for this "
+              "problem (", problem, ")");
   plan.algo = result.algo;
 }
 

@@ -119,8 +119,8 @@ struct TensorListMeta : AuxField<MaxTensors, HasAux> {
   int num_tensors;
 };
 
-/// Whether kernels may take 32 KB of arguments (CUDA >= 12.1 driver; every architecture mixprec builds for
-/// is sm_70 or newer) rather than the classic 4 KB. MIXPREC_SMALL_KERNEL_ARGS=1 forces the 4 KB path, so
+/// Whether kernels may take 32 KB of arguments (CUDA >= 12.1 driver on sm_70 or newer; mixprec builds for
+/// sm_80 and up) rather than the classic 4 KB. MIXPREC_SMALL_KERNEL_ARGS=1 forces the 4 KB path, so
 /// that it can be tested on any machine. Asked once per process.
 inline bool large_kernel_args() {
   static const bool large = [] {
