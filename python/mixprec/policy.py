@@ -32,6 +32,21 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _fp32_inputs(module: nn.Module, args: Any, kwargs: Any) -> Any:
+    """Forward pre-hook of an fp32-kept module: its floating inputs in fp32. A module-level function (and
+    ``functools.partial`` below), not a lambda, so that ``torch.save(model)`` can pickle the hooks."""
+    return _cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)
+
+
+def _outputs_in(dtype: torch.dtype, module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of an fp32-kept module: its floating outputs back in the compute dtype."""
+    return _cast_floating(output, dtype)
+
+
+def _is_policy_hook(hook: Any) -> bool:
+    return hook is _fp32_inputs or (isinstance(hook, functools.partial) and hook.func is _outputs_in)
+
+
 class Policy:
     """A precision policy: compute dtype, parameter (storage) dtype, master dtype, output dtype, the
     module types kept in fp32, and whether loss scaling is needed.
@@ -118,14 +133,16 @@ class Policy:
                     continue
                 if b.is_floating_point() and b.dtype != target:
                     setattr(module, key, b.to(target))
-            if kept and not getattr(module, "_mixprec_fp32_hooks", False):
-                module.register_forward_pre_hook(
-                    lambda m, args, kwargs: (_cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)),
-                    with_kwargs=True,
-                )
+            # A second apply (another policy) replaces the hooks of the first, instead of stacking on them.
+            for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                                       (module._forward_hooks, module._forward_hooks_with_kwargs)):
+                for key in [k for k, h in hooks.items() if _is_policy_hook(h)]:
+                    del hooks[key]
+                    with_kwargs.pop(key, None)
+            if kept:
+                module.register_forward_pre_hook(_fp32_inputs, with_kwargs=True)
                 if compute != torch.float32:
-                    module.register_forward_hook(lambda m, args, out: _cast_floating(out, compute))
-                module._mixprec_fp32_hooks = True
+                    module.register_forward_hook(functools.partial(_outputs_in, compute))
         return model
 
     def grad_scaler(self, device: str = "cuda", **kwargs: Any) -> "Any":
@@ -171,6 +188,7 @@ class autocast:  # noqa: N801 (named like torch.autocast)
             raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
         self.policy = policy
         self.device_type = device_type
+        self._cache_enabled = cache_enabled
         enabled = compute != torch.float32
         self._autocast = torch.autocast(device_type, dtype=compute if enabled else None, enabled=enabled,
                                         cache_enabled=cache_enabled)
@@ -185,7 +203,7 @@ class autocast:  # noqa: N801 (named like torch.autocast)
     def __call__(self, func: _F) -> _F:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with autocast(self.policy, self.device_type):
+            with autocast(self.policy, self.device_type, self._cache_enabled):
                 return func(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -110,6 +110,41 @@ def test_autocast_sets_and_restores_state_like_torch() -> None:
     assert f(a, b).dtype == torch.bfloat16 and (a @ b).dtype == torch.float32
 
 
+def test_the_autocast_decorator_keeps_cache_enabled_as_torchs_does() -> None:
+    """torch.autocast(..., cache_enabled=False) used as a decorator keeps the setting inside the call."""
+    seen = {}
+
+    @torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    def theirs() -> None:
+        seen["torch"] = torch.is_autocast_cache_enabled()
+
+    @mixprec.autocast("mixed_bfloat16", "cpu", cache_enabled=False)
+    def ours() -> None:
+        seen["mixprec"] = torch.is_autocast_cache_enabled()
+
+    theirs()
+    ours()
+    assert seen == {"torch": False, "mixprec": False}
+    assert torch.is_autocast_cache_enabled()
+
+
+def test_policies_and_autocast_objects_pickle_and_copy() -> None:
+    """Configs that hold a policy are deep-copied and pickled (Lightning's and Accelerate's do both)."""
+    import copy
+    import pickle
+
+    policy = Policy("params=float32,compute=bfloat16,output=float32", keep_fp32=["RMSNorm", "Embedding"])
+    for clone in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy), copy.copy(policy)):
+        assert clone == policy and clone.keep_fp32 == ["RMSNorm", "Embedding"]
+        assert (clone.compute_dtype, clone.param_dtype, clone.output_dtype) == \
+            (torch.bfloat16, torch.float32, torch.float32)
+        assert clone.keeps_fp32(nn.Embedding) and not clone.keeps_fp32(nn.LayerNorm)
+    ctx = pickle.loads(pickle.dumps(mixprec.autocast(policy, "cpu")))
+    with ctx:
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_autocast_on_an_unavailable_device_is_an_error() -> None:
     for device_type in ("no_such_device", "meta"):
         with pytest.raises(RuntimeError, match="not available"):
@@ -175,3 +210,31 @@ def test_apply_rejects_non_floating_parameters() -> None:
     with pytest.raises(TypeError, match="ticks"):
         Policy("bfloat16").apply(model)
     assert model.weight.dtype == torch.float32
+
+
+def test_a_model_under_a_policy_saves_whole_and_a_second_policy_replaces_the_first() -> None:
+    """``torch.save(model)`` pickles the module with its hooks: the policy's fp32 hooks must pickle, and the
+    loaded model must compute what the saved one does. Applying another policy afterwards must behave as if
+    only that policy had been applied (its compute dtype on the kept modules' outputs, no stacked hooks)."""
+    import io
+
+    model = Policy("mixed_bfloat16").apply(make_model()).eval()
+    x = torch.randn(4, 8)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with mixprec.autocast("mixed_bfloat16", "cpu"):
+        expected, got = model(x), loaded(x)
+        assert loaded[4](torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+    fresh = Policy("mixed_float16").apply(make_model()).eval()
+    Policy("mixed_float16").apply(model)
+    for kept in (1, 4):
+        assert len(model[kept]._forward_pre_hooks) == len(fresh[kept]._forward_pre_hooks) == 1
+        assert len(model[kept]._forward_hooks) == len(fresh[kept]._forward_hooks) == 1
+    layer_norm_in = torch.randn(2, 16, dtype=torch.float16)
+    assert model[4](layer_norm_in).dtype == torch.float16  # the first policy's hook would give bfloat16
+    Policy("float32").apply(model)  # nothing computes in 16 bits: no output cast is left
+    assert len(model[4]._forward_hooks) == 0 and model[4](layer_norm_in).dtype == torch.float32
