@@ -144,8 +144,10 @@ class Linear(_Fp32WeightGrad, torch.nn.Linear):
 
 def _adopt(module: Linear) -> None:
     keep_fp32_grad(module.weight)
-    # load_state_dict(assign=True) puts new Parameters in place: give them the fp32 gradient too.
-    module.register_load_state_dict_post_hook(_restore_fp32_grad)
+    # load_state_dict(assign=True) puts new Parameters in place: give them the fp32 gradient too (once, also
+    # when a converted layer is converted again).
+    if _restore_fp32_grad not in module._load_state_dict_post_hooks.values():
+        module.register_load_state_dict_post_hook(_restore_fp32_grad)
 
 
 _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_scale_inv",
@@ -331,7 +333,10 @@ def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bo
 
 
 def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.nn.Linear], bool]:
-    names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    # The layers convert() considers, whether or not an earlier call converted them, so that the edges stay
+    # the model's first and last Linear.
+    kinds = (torch.nn.Linear, Linear, Float8Linear, Int8Linear)
+    names = [name for name, m in model.named_modules() if type(m) in kinds]
     edges = {names[0], names[-1]} if names else set()
 
     def take(name: str, layer: torch.nn.Linear) -> bool:
@@ -341,8 +346,8 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
 
 
 def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
-    """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` but the
-    model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
+    """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` (or layer
+    converted from one) but the model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
     only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
     return _edge_filter(model, 16)
 
@@ -441,9 +446,13 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
     tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
     working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` with their
-    own ``forward`` are left alone. Under ``DistributedDataParallel`` 16-bit weights get gradients in their
-    own dtype again (see the module docstring). ``amax_group`` becomes each FP8 layer's
-    :attr:`Float8Linear.amax_group`. Returns ``module``."""
+    own ``forward`` are left alone. Layers an earlier call made :class:`Linear` are converted like
+    ``torch.nn.Linear`` ones; converting again what is already converted the same way changes nothing, and a
+    layer already converted another way (an FP8 layer with another recipe, an INT8 layer asked to become FP8,
+    ...) is an error naming it, raised before anything changes, since converting it would discard its
+    scaling state. Under ``DistributedDataParallel`` 16-bit weights get gradients in their own dtype again
+    (see the module docstring). ``amax_group`` becomes each FP8 layer's :attr:`Float8Linear.amax_group`.
+    Returns ``module``."""
     gemms = Int8Gemms() if int8 is True else (int8 or None)
     if fp8 is not None and gemms is not None:
         raise ValueError("mixprec.nn.convert: pass fp8= or int8=, not both")
@@ -454,14 +463,28 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
         take = filter or fp8_default_filter(module)
     elif gemms is not None:
         take = filter or int8_default_filter(module)
-    for name, m in module.named_modules():
-        if type(m) is torch.nn.Linear:
-            if take is not None and take(name, m):
-                if fp8 is not None:
-                    Float8Linear.from_linear(m, fp8).amax_group = amax_group
-                else:
-                    Int8Linear.from_linear(m, gemms)
-            else:
-                m.__class__ = Linear
-                _adopt(m)  # type: ignore[arg-type]
+    wanted = "Linear" if take is None else ("Float8Linear" if fp8 is not None else "Int8Linear")
+    plan = []
+    for name, m in module.named_modules():  # decide (and refuse) first: a refusal leaves the model as it was
+        kind = type(m)
+        if kind is Float8Linear or kind is Int8Linear:
+            if take is None or not take(name, m):
+                continue  # asked for nothing 8-bit here: it stays as it is
+            same = m.recipe == fp8 if kind is Float8Linear else m.gemms == gemms
+            if kind.__name__ != wanted or not same:
+                held = f"recipe {m.recipe}" if kind is Float8Linear else f"GEMMs {m.gemms}"
+                raise ValueError(
+                    f"mixprec.nn.convert: layer {name or '(the module itself)'!r} is already a {kind.__name__} "
+                    f"({held}) and cannot be converted to {wanted} with {fp8 if fp8 is not None else gemms}: that would "
+                    "discard what it holds; convert a model built afresh, or leave this layer out with filter=")
+        elif kind is torch.nn.Linear or kind is Linear:
+            plan.append((name, m, take is not None and take(name, m)))
+    for name, m, eight_bit in plan:
+        if eight_bit and fp8 is not None:
+            Float8Linear.from_linear(m, fp8).amax_group = amax_group
+        elif eight_bit:
+            Int8Linear.from_linear(m, gemms)
+        elif type(m) is torch.nn.Linear:
+            m.__class__ = Linear
+            _adopt(m)  # type: ignore[arg-type]
     return module

@@ -321,6 +321,41 @@ def test_convert_default_filter_and_deepcopy() -> None:
     assert torch.equal(twin(x), model(x))
 
 
+def test_convert_again_converts_what_an_earlier_call_left_and_refuses_to_discard_state() -> None:
+    """A model converted for fp32 weight gradients first (convert(model)) and for FP8 afterwards gets the same
+    layers as one converted for FP8 at once; converting again the same way changes nothing; another recipe or
+    INT8 on an FP8 layer is refused by name before any layer changes."""
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 16))
+
+    recipe = fp8.Recipe(scaling="current")
+    at_once = mixprec.nn.convert(build(), fp8=recipe)
+    twice = mixprec.nn.convert(mixprec.nn.convert(build()), fp8=recipe)
+    kinds = lambda model: [type(m).__name__ for m in model if isinstance(m, nn.Linear)]  # noqa: E731
+    assert kinds(twice) == kinds(at_once) == ["Linear", "Float8Linear", "Float8Linear", "Linear"]
+    x = torch.randn(16, 32)
+    assert torch.equal(twice(x), at_once(x))
+
+    twice(x).sum().backward()
+    history = twice[2].fp8_forward_amax_history.clone()
+    mixprec.nn.convert(twice, fp8=recipe)  # the same recipe again: nothing changes
+    assert kinds(twice) == kinds(at_once) and torch.equal(twice[2].fp8_forward_amax_history, history)
+    assert len(twice[2]._load_state_dict_post_hooks) == 1
+    assert twice[2].weight.grad.dtype == torch.float32
+    for kwargs, message in ((dict(fp8=fp8.Recipe(scaling="rowwise")), "'2' is already a Float8Linear"),
+                            (dict(int8=True), "cannot be converted to Int8Linear")):
+        before = {k: v.clone() for k, v in twice.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            mixprec.nn.convert(twice, **kwargs)
+        assert kinds(twice) == kinds(at_once) and twice[2].recipe == recipe
+        after = twice.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # Leaving the FP8 layers out converts the rest.
+    mixprec.nn.convert(twice, int8=True, filter=lambda name, layer: type(layer) is not mixprec.nn.Float8Linear)
+    assert kinds(twice) == ["Int8Linear", "Float8Linear", "Float8Linear", "Int8Linear"]
+
+
 def _train_on_text(recipe: fp8.Recipe | None) -> float:
     """The text run (text_training.py) with the blocks' MLPs in FP8 under `recipe` (None: bf16)."""
     def convert(model: nn.Module) -> None:
