@@ -8,9 +8,11 @@
 
 #include <cfloat>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include "mixprec/int8.h"
 #include "nn/linear_detail.h"
@@ -343,6 +345,47 @@ torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* l
   return s;
 }
 
+// Module::load for a QAT layer. An archive of the plain layer (pretrained weights loaded after prepare) holds
+// none of the learnable steps: they restart as prepare() starts them, from the loaded weight (`weight_of`:
+// the weight the layer quantizes) and at 0 for the input step (set by the next forward), as Float8Linear
+// keeps its scaling state for a torch::nn::Linear archive. An archive with part of the steps is refused
+// before anything is read.
+void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& archive, const char* name,
+                    const QATConfig& config, torch::Tensor& weight_step, torch::Tensor& input_step,
+                    bool& input_step_checked, const std::function<torch::Tensor()>& weight_of) {
+  std::vector<std::string> steps, missing;
+  for (const torch::Tensor* t : {&weight_step, &input_step}) {
+    if (!t->defined()) continue;
+    const std::string key = t == &weight_step ? "weight_step" : "input_step";
+    steps.push_back(key);
+    torch::Tensor probe;  // try_read into a fresh tensor only looks
+    if (!archive.try_read(key, probe)) missing.push_back(key);
+  }
+  const bool restart = !steps.empty() && missing.size() == steps.size();
+  if (!restart && !missing.empty()) {
+    std::string names;
+    for (const auto& key : missing) names += (names.empty() ? "" : ", ") + key;
+    TORCH_CHECK(false, "mixprec::qat::", name, "::load: the archive holds part of the QAT steps; missing: ", names);
+  }
+  if (!restart) {
+    layer.torch::nn::Module::load(archive);
+  } else {
+    for (auto& item : layer.named_parameters(/*recurse=*/false)) {
+      if (item.key() != "weight_step" && item.key() != "input_step") archive.read(item.key(), item.value());
+    }
+    for (auto& item : layer.named_buffers(/*recurse=*/false)) archive.read(item.key(), item.value(), true);
+    for (const auto& child : layer.named_children()) {
+      torch::serialize::InputArchive child_archive;
+      archive.read(child.key(), child_archive);
+      child.value()->load(child_archive);
+    }
+    const torch::NoGradGuard no_grad;  // in place: an optimizer built before the load keeps its tensors
+    if (weight_step.defined()) weight_step.copy_(weight_steps(weight_of(), config));
+    if (input_step.defined()) input_step.zero_();
+  }
+  input_step_checked = false;  // a loaded input step is checked (set if 0) again at the next forward
+}
+
 }  // namespace
 
 QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config_)
@@ -367,8 +410,8 @@ void QATLinearImpl::reset() {
 }
 
 void QATLinearImpl::load(torch::serialize::InputArchive& archive) {
-  torch::nn::Module::load(archive);
-  input_step_checked = false;
+  load_qat_layer(*this, archive, "QATLinear", config, weight_step, input_step, input_step_checked,
+                 [this] { return weight; });
 }
 
 void QATLinearImpl::pretty_print(std::ostream& stream) const {
@@ -411,8 +454,13 @@ void QATConv2dImpl::reset() {
 }
 
 void QATConv2dImpl::load(torch::serialize::InputArchive& archive) {
-  torch::nn::Module::load(archive);
-  input_step_checked = false;
+  load_qat_layer(*this, archive, "QATConv2d", config, weight_step, input_step, input_step_checked, [this] {
+    // A folded layer's steps start from the folded weight, the one it quantizes (as in the constructor).
+    return bn ? fold_batchnorm(weight, bias, bn->weight, bn->bias, bn->running_mean, bn->running_var,
+                               bn->options.eps())
+                    .first
+              : weight;
+  });
 }
 
 void QATConv2dImpl::pretty_print(std::ostream& stream) const {

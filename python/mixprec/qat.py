@@ -127,6 +127,8 @@ class _QATWeight:
         if config.learnable_activation_scales:
             layer.input_step = nn.Parameter(torch.zeros(1, device=step.device))
             layer._input_step_checked = False  # type: ignore[assignment]
+        if config.learnable_scales or config.learnable_activation_scales:
+            layer.register_load_state_dict_post_hook(cls._restart_steps)  # a function of the class: it pickles
         return layer
 
     def _fake_input(self, input: Tensor, per_token: bool) -> Tensor:
@@ -141,10 +143,42 @@ class _QATWeight:
             self._input_step_checked = _init_input_step(self.input_step, input)  # type: ignore[attr-defined]
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 
-    def _load_state_dict_post(self) -> None:
+    def _load_qat_state(self, load: Callable[..., None], state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """``_load_from_state_dict`` (``load``: the module's own) for a QAT layer. A checkpoint of the plain layer
+        (pretrained weights loaded after :func:`prepare`) holds none of the learnable steps: they restart as
+        prepare starts them, from the loaded weight and at 0 for the input step (set by the next forward), as
+        :class:`mixprec.nn.Float8Linear` keeps its scaling state for a ``torch.nn.Linear`` checkpoint; a
+        checkpoint with part of the steps still reports the rest missing. (torch copied ``state_dict``.)"""
+        steps = [name for name in ("weight_step", "input_step") if self._parameters.get(name) is not None]
+        restart = bool(steps) and prefix + "weight" in state_dict and not any(prefix + n in state_dict for n in steps)
+        if restart:
+            for name in steps:
+                state_dict[prefix + name] = getattr(self, name)
+        load(state_dict, prefix, *args)
+        # The steps restart in _restart_steps, once the layer's children are loaded too (a folded layer's
+        # BatchNorm: its statistics are part of the weight the steps start from).
+        self._steps_restart = restart
         # A loaded input step is read again at the next forward (and set there if it is 0).
         if self.qat_config.learnable_activation_scales:
             self._input_step_checked = False
+
+    def _restart_steps(self, incompatible_keys: Any = None) -> None:
+        """A load_state_dict post-hook (it runs after the children's loads): the restart _load_qat_state decided."""
+        if not self.__dict__.pop("_steps_restart", False):
+            return
+        with torch.no_grad():  # in place: an optimizer built before the load keeps its tensors
+            if self._parameters.get("weight_step") is not None:
+                self.weight_step.copy_(self._initial_weight_step())  # type: ignore[attr-defined]
+            if self._parameters.get("input_step") is not None:
+                self.input_step.zero_()  # type: ignore[attr-defined]
+
+    def _initial_weight_step(self) -> Tensor:
+        """The weight steps prepare() starts learnable ones at: from the amax of the weight the layer quantizes."""
+        weight = self.weight
+        bn = self._modules.get("bn")  # type: ignore[attr-defined]
+        if bn is not None:
+            weight = _fold(self, bn)[0]  # type: ignore[arg-type]
+        return torch.ops.mixprec.qat_weight_steps(weight, self.qat_config.weight_bits, self.qat_config.group_size)
 
     def _fake_weight(self) -> Tensor:
         return self._fake_weight_of(self.weight)
@@ -159,9 +193,8 @@ class _QATWeight:
 class QATLinear(nn.Linear, _QATWeight):
     """An ``nn.Linear`` trained with fake-quantized weights and inputs (see the module docstring)."""
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._load_state_dict_post()
+    def _load_from_state_dict(self, *args: Any) -> None:
+        self._load_qat_state(super()._load_from_state_dict, *args)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, config: QATConfig) -> "QATLinear":
@@ -177,9 +210,8 @@ class QATLinear(nn.Linear, _QATWeight):
 class QATConv2d(nn.Conv2d, _QATWeight):
     """An ``nn.Conv2d`` trained with fake-quantized weights (per output channel) and inputs (per tensor)."""
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._load_state_dict_post()
+    def _load_from_state_dict(self, *args: Any) -> None:
+        self._load_qat_state(super()._load_from_state_dict, *args)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, config: QATConfig) -> "QATConv2d":

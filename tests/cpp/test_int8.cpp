@@ -236,6 +236,40 @@ TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept
                       Catch::Contains("learnable_activation_scales needs activations=true"));
 }
 
+TEST_CASE("qat: a plain model's archive loaded after prepare restarts the learnable steps from its weights",
+          "[int8][qat]") {
+  const mixprec::qat::QATConfig config{.learnable_scales = true, .learnable_activation_scales = true};
+  const auto plain = [](uint64_t seed) {
+    torch::manual_seed(seed);
+    return torch::nn::Sequential(torch::nn::Linear(16, 8), torch::nn::ReLU(), torch::nn::Linear(8, 4));
+  };
+  std::stringstream pretrained;
+  torch::save(plain(1), pretrained);
+  auto expected = mixprec::qat::prepare(plain(1), config);
+  auto model = mixprec::qat::prepare(plain(2), config);
+  auto* first = model->ptr(0)->as<mixprec::qat::QATLinear>();
+  const torch::Tensor weight_step = first->weight_step;  // the tensors an optimizer would hold
+  const auto x = torch::randn({4, 16});
+  model->forward(x);  // sets the input steps
+  REQUIRE(first->input_step.item<float>() != 0.0f);
+  torch::load(model, pretrained);
+  auto* want = expected->ptr(0)->as<mixprec::qat::QATLinear>();
+  REQUIRE(first->weight_step.is_same(weight_step));
+  REQUIRE(torch::equal(first->weight_step, want->weight_step));
+  REQUIRE(torch::equal(first->weight, want->weight));
+  REQUIRE(first->input_step.item<float>() == 0.0f);  // set afresh by the next batch
+  const auto y = x * 3;
+  REQUIRE(torch::equal(model->forward(y), expected->forward(y)));
+  REQUIRE(torch::equal(first->input_step, want->input_step));
+
+  // An archive with part of the steps is refused before anything is read.
+  std::stringstream partial;
+  torch::save(mixprec::qat::prepare(plain(3), {.learnable_scales = true}), partial);
+  const auto before = first->weight.clone();
+  REQUIRE_THROWS_WITH(torch::load(model, partial), Catch::Contains("holds part of the QAT steps; missing: input_step"));
+  REQUIRE(torch::equal(first->weight, before));
+}
+
 TEST_CASE("qat fold_batchnorm: the conv quantizes its folded weight, convert leaves no BatchNorm", "[int8][qat]") {
   torch::manual_seed(12);
   torch::nn::Conv2d conv(torch::nn::Conv2dOptions(1, 4, 3).padding(1));

@@ -211,6 +211,46 @@ def test_learnable_steps_train_and_qat_composes_with_policy() -> None:
     assert model[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv", "folded"])
+def test_a_plain_checkpoint_loaded_after_prepare_restarts_the_learnable_steps(kind: str) -> None:
+    """Pretrained weights loaded after prepare (a checkpoint of the plain model): the learnable steps are what
+    preparing the loaded model gives (weight steps from its weights, the input step unset until the next
+    forward), in the same tensors, so an optimizer built before the load trains them; strict loading accepts
+    the checkpoint, as a plain model's does. A checkpoint with part of the steps still reports the rest."""
+    config = qat.QATConfig(learnable_scales=True, learnable_activation_scales=True, fold_batchnorm=kind == "folded")
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if kind == "linear":
+            return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        model[1].running_var.uniform_(0.5, 2.0)  # a folded weight differs from the raw one
+        return model
+
+    pretrained = build(1).state_dict()
+    expected = qat.prepare(build(1), config)
+    if kind == "folded":  # its BatchNorm moved under the conv: the plain checkpoint names it there
+        pretrained = {k.replace("1.", "0.bn.", 1) if k.startswith("1.") else k: v for k, v in pretrained.items()}
+    model = qat.prepare(build(2), config)
+    steps = [(name, p) for name, p in model.named_parameters() if name.endswith("_step")]
+    x = torch.randn(4, 16) if kind == "linear" else torch.randn(2, 3, 5, 5)
+    model(x)  # the input steps are set by this batch
+    assert all(p.detach().abs().sum() > 0 for _, p in steps)
+    result = model.load_state_dict(pretrained)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    want = dict(expected.named_parameters())
+    for name, p in steps:
+        assert p is dict(model.named_parameters())[name]  # the same tensors
+        assert torch.equal(p.detach(), want[name].detach()), name
+    assert all(p.item() == 0.0 for name, p in steps if name.endswith("input_step"))
+    y = x * 3
+    assert torch.equal(model(y), expected(y))  # the input steps are set afresh by the next batch, as expected's
+    # A checkpoint that holds one of a layer's steps is a QAT checkpoint: the other is reported missing.
+    partial = {k: v for k, v in expected.state_dict().items() if not k.endswith("input_step")}
+    with pytest.raises(RuntimeError, match="Missing key.*input_step"):
+        model.load_state_dict(partial)
+
+
 def _fake_reference(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """INT8 fake quantization with one step, computed independently in float64."""
     s = step.double()
