@@ -56,13 +56,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     const torch::Tensor x = autocast_to(input, dtype), w = cast_now ? autocast_to(weight, dtype) : weight,
                         b = autocast_to(bias, dtype);
     const at::ScalarType w_dtype = cast_now ? w.scalar_type() : autocast_dtype_of(weight, dtype);
-    TORCH_CHECK(x.scalar_type() != at::kDouble && w_dtype != at::kDouble,
-                "mixprec::int8_linear: float64 input or weight has no INT8 path; use a float32/16-bit layer");
-    TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::int8_linear: input [..., ",
-                w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
-                w.sizes());
-    TORCH_CHECK(x.scalar_type() == w_dtype, "mixprec::int8_linear: input and weight must share a dtype, got ",
-                x.scalar_type(), " and ", w_dtype, " (run under autocast to cast both)");
+    check_8bit_operands("mixprec::int8_linear", "INT8", x, w, w_dtype);
     const torch::Tensor x2 = rows(x).contiguous();
     // The input-gradient operand: from the cache, or quantized now to fill it; else backward quantizes it.
     int8::Quantized qwt;

@@ -54,6 +54,19 @@ void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const 
                     "again (is_first_microbatch=true) in the same autocast state as the calls that reuse it");
 }
 
+void check_8bit_operands(const char* op, const char* format, const torch::Tensor& x, const torch::Tensor& w,
+                         at::ScalarType w_dtype) {
+  TORCH_CHECK(x.scalar_type() != at::kDouble && w_dtype != at::kDouble, op, ": float64 input or weight has no ",
+              format, " path; use a float32/16-bit layer");
+  TORCH_CHECK(x.is_floating_point() && at::isFloatingType(w_dtype), op,
+              ": input and weight must be floating point, got ", x.scalar_type(), " and ", w_dtype);
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), op, ": input [..., ",
+              w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
+              w.sizes());
+  TORCH_CHECK(x.scalar_type() == w_dtype, op, ": input and weight must share a dtype, got ", x.scalar_type(),
+              " and ", w_dtype, " (run under autocast to cast both)");
+}
+
 bool is_subclass(const torch::Tensor& t) {
   return t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
 }
@@ -203,7 +216,10 @@ Fp8PerTensor fp8_per_tensor(const torch::Tensor& m, const torch::Tensor& scale, 
 // Current scaling: the scale of `m`'s own amax, by the same rule (a one-row history) as delayed scaling.
 Fp8PerTensor quantize_current(const torch::Tensor& m, at::ScalarType dtype, const fp8::Recipe& recipe) {
   const at::TensorOptions f = m.options().dtype(at::kFloat);
-  const torch::Tensor history = at::linalg_vector_norm(m, INFINITY, {}, false, at::kFloat).reshape({1, 1});
+  // An empty tensor's amax is 0 (linalg_vector_norm has no identity for its inf norm).
+  const torch::Tensor history = m.sym_numel() == 0 ? torch::zeros({1, 1}, f)
+                                                   : at::linalg_vector_norm(m, INFINITY, {}, false, at::kFloat)
+                                                         .reshape({1, 1});
   const torch::Tensor scale = torch::ones({1}, f), scale_inv = torch::empty({1}, f);
   fp8::update_scales_(history, scale, scale_inv, dtype, "max", recipe.margin, recipe.pow2_scales);
   return fp8_per_tensor(m, scale, scale_inv, dtype);
@@ -303,11 +319,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     // A reused weight is not read at all: neither cast nor quantized again.
     const torch::Tensor x = autocast_to(input, dtype), w = reuse ? weight : autocast_to(weight, dtype),
                         b = autocast_to(bias, dtype);
-    TORCH_CHECK(x.scalar_type() != at::kDouble && w.scalar_type() != at::kDouble,
-                "mixprec::float8_linear: float64 input or weight has no FP8 path; use a float32/16-bit layer");
-    TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), "mixprec::float8_linear: input [..., ",
-                w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
-                w.sizes());
+    detail::check_8bit_operands("mixprec::float8_linear", "FP8", x, w,
+                                reuse ? detail::autocast_dtype_of(weight, dtype) : w.scalar_type());
     const torch::Tensor x2 = rows(x).contiguous();
     Fp8Operand qx;
     torch::Tensor scale_inv;  // delayed scaling: this call's snapshot of the forward scale_inv

@@ -23,6 +23,12 @@ at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::Scala
 void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const torch::Tensor& weight,
                        const char* op);
 
+/// The operands an 8-bit layer (`op`, quantizing to `format`: "FP8" or "INT8") computes with, after
+/// autocast's casts (`w_dtype`: the weight's dtype then, also when a cache stands in for it): floating point
+/// but not float64, the same dtype (as torch::nn::Linear requires), and feature counts that match.
+void check_8bit_operands(const char* op, const char* format, const torch::Tensor& x, const torch::Tensor& w,
+                         at::ScalarType w_dtype);
+
 /// Whether `t` is a Python tensor subclass (e.g. FSDP2's DTensor).
 bool is_subclass(const torch::Tensor& t);
 

@@ -373,6 +373,24 @@ def test_small_transformer_on_real_text_within_2_percent_of_bf16(name: str) -> N
     assert abs(final - baseline) <= 0.02 * baseline, (final, baseline)
 
 
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32)])
+def test_an_empty_batch_gives_what_torch_linear_gives(name: str, shape: tuple[int, ...]) -> None:
+    """An empty batch (the last, ragged one of a loader; a rank with no tokens of an expert) runs forward and
+    backward for every recipe, as torch.nn.Linear does: an empty output and zero weight and bias gradients."""
+    torch.manual_seed(0)
+    layer = mixprec.nn.Float8Linear.from_linear(nn.Linear(32, 16), RECIPES[name])
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 16) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros(16, 32)) and torch.equal(layer.bias.grad, torch.zeros(16))
+    assert all(torch.isfinite(b).all() for b in layer.buffers())
+    out = layer(torch.randn(4, 32))  # and the layer goes on to a full batch
+    assert torch.isfinite(out).all()
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="format must be 'hybrid' or 'e4m3'"):
         fp8.Recipe(format="e5m2")
@@ -392,6 +410,13 @@ def test_bad_input() -> None:
         layer(torch.randn(4, 32, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="do not match"):
         layer(torch.randn(4, 31))
+    # As torch.nn.Linear (and Int8Linear): outside autocast input and weight share a dtype; integers are named.
+    with pytest.raises(RuntimeError, match="input and weight must share a dtype, got BFloat16 and Float"):
+        layer(torch.randn(4, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="input and weight must be floating point, got Long and Float"):
+        layer(torch.ones(4, 32, dtype=torch.long))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both: accepted
+        assert layer(torch.randn(4, 32)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"scaling must be \"delayed\", \"current\""):
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "tensor",
                                         torch.float8_e4m3fn, torch.float8_e5m2, "max", 0, False, True)
