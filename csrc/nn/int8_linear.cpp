@@ -77,7 +77,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (b.defined()) b_opt = b;
       // x [m, k] @ w^T [k, n]: w's per-row scales are the columns' of the transposed view.
       const int8::Quantized qx = per_row(x2);
-      out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape({1, w.size(0)}), x.scalar_type(), b_opt);
+      out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape_symint({1, w.sym_size(0)}), x.scalar_type(), b_opt);
       if (cache != nullptr && !reuse) *cache = {qw.data, qw.scale_inv, qwt.data, qwt.scale_inv, true, w_dtype};
     } else {
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -93,13 +93,10 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
     ctx->saved_data["has_bias"] = bias.defined();
     ctx->saved_data["probe_device"] = probe.device();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["int8_input_grad"] = int8_input_grad;
     ctx->saved_data["int8_weight_grad"] = int8_weight_grad;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = w.size(0);
     // Not a view of the GEMM's result (as at::linear's own output): callers may write into it in place.
-    return x.dim() == 2 ? out : at::_unsafe_view(out, shape);
+    return x.dim() == 2 ? out : at::_unsafe_view_symint(out, with_features(x, w.sym_size(0)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -127,7 +124,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       } else {
         grad_input = g2.mm(weight_operand());
       }
-      grad_input = grad_input.reshape(ctx->saved_data["x_sizes"].toIntVector());
+      grad_input = grad_input.reshape_symint(with_features(grad_outputs[0], x2.sym_size(1)));
     }
     if (ctx->needs_input_grad(1)) {
       const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
@@ -135,12 +132,12 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       const bool in_place = !at::GradMode::is_enabled() && weight.defined() && adds_in_place(weight, probe_device);
       // An INT8 weight gradient sums over tokens: on CUDA their count must be a multiple of 8 (cuBLASLt).
       const bool int8_wgrad = ctx->saved_data["int8_weight_grad"].toBool() && !at::GradMode::is_enabled() &&
-                              (g2.device().is_cpu() || g2.size(0) % 8 == 0);
+                              (g2.device().is_cpu() || g2.sym_size(0) % 8 == 0);
       if (int8_wgrad) {
         // g^T [n, m] @ x [m, k], both quantized along the tokens m: g and x per column.
         const int8::Quantized qg = per_column(g2), qx = per_column(x2);
         const torch::Tensor dw =
-            int8::mm(qg.data.t(), qx.data, qg.scale_inv.reshape({g2.size(1), 1}), qx.scale_inv, at::kFloat);
+            int8::mm(qg.data.t(), qx.data, qg.scale_inv.reshape_symint({g2.sym_size(1), 1}), qx.scale_inv, at::kFloat);
         if (in_place) {
           torch::Tensor& accumulator = weight.mutable_grad();
           if (accumulator.scalar_type() != at::kFloat) accumulator = accumulator.to(at::kFloat);

@@ -60,9 +60,9 @@ void check_8bit_operands(const char* op, const char* format, const torch::Tensor
               format, " path; use a float32/16-bit layer");
   TORCH_CHECK(x.is_floating_point() && at::isFloatingType(w_dtype), op,
               ": input and weight must be floating point, got ", x.scalar_type(), " and ", w_dtype);
-  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1), op, ": input [..., ",
-              w.dim() == 2 ? w.size(1) : -1, "] and weight [out, in] do not match, got ", x.sizes(), " and ",
-              w.sizes());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2 && x.sym_size(-1) == w.sym_size(1), op, ": input [..., ",
+              w.dim() == 2 ? w.sym_size(1) : c10::SymInt(-1), "] and weight [out, in] do not match, got ",
+              x.sym_sizes(), " and ", w.sym_sizes());
   TORCH_CHECK(x.scalar_type() == w_dtype, op, ": input and weight must share a dtype, got ", x.scalar_type(),
               " and ", w_dtype, " (run under autocast to cast both)");
 }
@@ -122,7 +122,16 @@ void after_backward_wait_for(const c10::Device& device) {
   });
 }
 
-torch::Tensor rows(const torch::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+// Symbolic sizes (sym_size, reshape_symint) throughout the layers' autograd functions: under torch.compile
+// with dynamic shapes a plain size() materializes every size of the tensor, specializing the graph on the
+// token count.
+torch::Tensor rows(const torch::Tensor& t) { return t.reshape_symint({-1, t.sym_size(-1)}); }
+
+c10::SymDimVector with_features(const torch::Tensor& like, const c10::SymInt& features) {
+  c10::SymDimVector shape(like.sym_sizes().begin(), like.sym_sizes().end());
+  shape.back() = features;
+  return shape;
+}
 
 }  // namespace detail
 
@@ -372,12 +381,9 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (b.defined()) b_opt = b;
     torch::Tensor out = fp8::gemm(qx.data, qw.rows.data, qx.scale_inv, qw.rows.scale_inv, x.scalar_type(), b_opt,
                                   recipe.fast_accum);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = w.size(0);
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
     ctx->saved_data["has_bias"] = bias.defined();
     ctx->saved_data["probe_device"] = probe.device();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["backward_amax_history"] = state.backward_amax_history;
     ctx->saved_data["backward_scale"] = state.backward_scale;
@@ -389,7 +395,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     ctx->saved_data["margin"] = recipe.margin;
     ctx->saved_data["pow2_scales"] = recipe.pow2_scales;
     // Not a view of the GEMM's result (as at::linear's own output): callers may write into it in place.
-    return x.dim() == 2 ? out : at::_unsafe_view(out, shape);
+    return x.dim() == 2 ? out : at::_unsafe_view_symint(out, with_features(x, w.sym_size(0)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -434,8 +440,9 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) {
       // dL/dx [m, k] = g [m, n] @ w [n, k] = gemm(g, w^T as [k, n]).
+      // Back in the input's shape: the output gradient's leading dimensions, the weight's k features.
       grad_input = fp8::gemm(g.data, wt.data, g.scale_inv, wt.scale_inv, x_dtype)
-                       .reshape(ctx->saved_data["x_sizes"].toIntVector());
+                       .reshape_symint(with_features(go, wt.data.sym_size(0)));
     }
     if (ctx->needs_input_grad(1)) {
       // dL/dw [n, k] = g^T [n, m] @ x [m, k] = gemm(g^T, x^T as [k, m]), fp32.

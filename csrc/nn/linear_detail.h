@@ -29,6 +29,13 @@ void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const 
 void check_8bit_operands(const char* op, const char* format, const torch::Tensor& x, const torch::Tensor& w,
                          at::ScalarType w_dtype);
 
+/// `t` as [rows, features] (symbolic sizes: under torch.compile with dynamic shapes the token count stays a
+/// symbol; a plain size() would specialize the graph on it).
+torch::Tensor rows(const torch::Tensor& t);
+/// `like`'s (symbolic) sizes with the last one replaced by `features`: a layer's output shape from its input's,
+/// or its input gradient's from the output gradient's.
+c10::SymDimVector with_features(const torch::Tensor& like, const c10::SymInt& features);
+
 /// Whether `t` is a Python tensor subclass (e.g. FSDP2's DTensor).
 bool is_subclass(const torch::Tensor& t);
 
@@ -50,9 +57,6 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device);
 /// Autograd makes the caller's stream wait for the gradients it hands over; a gradient added in place is not
 /// handed over, so this makes the caller's stream (current when backward's final callbacks run) wait too.
 void after_backward_wait_for(const c10::Device& device);
-
-/// [..., width] as [rows, width].
-torch::Tensor rows(const torch::Tensor& t);
 
 /// torch::nn::Linear's initialisation: kaiming-uniform weight, uniform(+-1/sqrt(in)) bias.
 void init_linear_parameters(const torch::Tensor& weight, const torch::Tensor& bias);

@@ -24,7 +24,9 @@ using ConvOptions = torch::nn::detail::ConvNdOptions<2>;
 
 constexpr float kTiny = FLT_MIN;  // the step of an all-zero block: its codes stay 0 and 1 / step is finite
 
-// A dimension's size, also under torch.compile's symbolic shapes (which it then specializes to).
+// A dimension's size, also under torch.compile's symbolic shapes (which it then specializes to: used for weights'
+// and feature counts, whose sizes are fixed, never for a token count). Emptiness is asked as sym_numel() == 0,
+// which does not specialize the count.
 int64_t size_of(const torch::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
 int64_t numel_of(const torch::Tensor& t) { return t.sym_numel().guard_int(__FILE__, __LINE__); }
 
@@ -162,7 +164,7 @@ void check_config(const QATConfig& config) {
 }
 
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
-  if (numel_of(x) == 0) return x;
+  if (x.sym_numel() == 0) return x;
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   const torch::Tensor a = m.detach();
   const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
@@ -172,17 +174,20 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
 
 torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step) {
   const torch::Tensor s = input_step_of(step, "step");
-  if (numel_of(x) == 0) return x;
+  if (x.sym_numel() == 0) return x;
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
-  // LSQ's gradient scale, as for weights: 1 / sqrt(elements per step * qmax).
-  const double grad_factor = 1.0 / std::sqrt(static_cast<double>(numel_of(m)) * 127.0);
+  // LSQ's gradient scale, as for weights: 1 / sqrt(elements per step * qmax). It depends on the token count, so
+  // under torch.compile with dynamic shapes it specializes the graph; only asked where the step takes a
+  // gradient (a converted layer's static step does not).
+  const bool learns = s.requires_grad() && at::GradMode::is_enabled();
+  const double grad_factor = learns ? 1.0 / std::sqrt(static_cast<double>(numel_of(m)) * 127.0) : 1.0;
   return int8::fake_quantize(m, s, -127, 127, -1, -1, grad_factor).reshape_as(x);
 }
 
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
   input_step_of(step, "step");
   if (step.item<float>() != 0.0f) return true;
-  if (numel_of(x) == 0) return false;
+  if (x.sym_numel() == 0) return false;
   const torch::NoGradGuard no_grad;
   const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat);
   // An all-zero (or NaN) batch says nothing about the range: the step stays unset for the next batch.
@@ -303,16 +308,15 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
       const torch::Tensor s = input_step_of(input_scale, "input_scale");
       q.data = rows.to(torch::kFloat).mul(s.reciprocal()).round().clamp(-127.0, 127.0).nan_to_num(0.0)
                    .to(torch::kChar);
-      q.scale_inv = s.expand({size_of(rows, 0), 1}).contiguous();
+      q.scale_inv = s.expand_symint({rows.sym_size(0), 1}).contiguous();
     } else {
       q = int8::quantize(rows, 1, -1);
     }
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
-    std::vector<int64_t> shape;
-    for (int64_t d = 0; d + 1 < input.dim(); ++d) shape.push_back(size_of(input, d));
-    shape.push_back(out);
-    return int8::mm(q.data, codes.t(), q.scale_inv, steps.reshape({1, out}), dtype, b_opt).reshape(shape);
+    c10::SymDimVector shape(input.sym_sizes().begin(), input.sym_sizes().end());  // the token count stays symbolic
+    shape.back() = out;
+    return int8::mm(q.data, codes.t(), q.scale_inv, steps.reshape({1, out}), dtype, b_opt).reshape_symint(shape);
   }
   const torch::Tensor x = (config.activations ? quantize_activations(input, true, input_scale) : input).to(dtype);
   return torch::linear(x, dequantize_weight(codes, steps).to(dtype), b);
