@@ -48,7 +48,9 @@ class QATConfig:
             (``input_step``, one per tensor, LSQ's gradient) instead of each batch's amax / 127. It starts at 0
             (not set): the layer's first forward sets it to that batch's amax / 127. Under data parallelism,
             run that forward on the same calibration batch on every rank, before wrapping the model.
-            :func:`convert` keeps it as a static activation scale (``input_scale``).
+            :func:`convert` keeps it as a static activation scale (``input_scale``). LSQ's gradient scale for it
+            depends on the number of elements, so ``torch.compile`` with dynamic shapes compiles per batch size
+            while it trains (every other layer and config keeps one graph for all sizes).
         fold_batchnorm: a ``Conv2d`` directly followed by a ``BatchNorm2d`` in an ``nn.Sequential`` is folded
             with it (Jacob et al., 2018): the QAT layer quantizes the folded weight
             ``W * gamma / sqrt(running_var + eps)``, the one the converted layer will hold, and takes the
