@@ -80,3 +80,16 @@ def test_converted_qat_layers_serve_every_batch_size(learned_input_steps: bool) 
             x = torch.randn(2, tokens, 32)
             assert torch.equal(compiled(x), model(x)), tokens
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 token counts"
+
+
+@pytest.mark.parametrize("kind", ["linear", "int8", "current", "blockwise"])
+def test_torch_export_with_a_dynamic_batch_dimension(kind: str) -> None:
+    """torch.export with the batch as a Dim: refused (a constraint violation) by a layer that specializes it."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    model = _swap(kind)(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))).eval()
+    program = export(model, (torch.randn(4, 32),), dynamic_shapes=({0: Dim("batch")},))
+    for tokens in (3, 9):
+        x = torch.randn(tokens, 32)
+        assert torch.equal(program.module()(x), model(x))
