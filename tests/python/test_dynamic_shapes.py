@@ -15,6 +15,8 @@ from torch import nn
 import mixprec
 from mixprec import fp8, qat
 
+from conftest import DEVICES
+
 torch._dynamo.config.cache_size_limit = 64  # a failing layer shows its count instead of hitting the limit
 
 
@@ -39,18 +41,24 @@ KINDS = ["torch", "linear", "int8", "int8-all-gemms", "qat", "qat-learnable", "d
          "blockwise"]
 
 
+# Token counts: rows (2 x tokens) that CUDA's FP8 and INT8 GEMMs take (multiples of 16), none equal to a
+# feature count (dynamic shapes would give them one symbol).
+TOKENS = (8, 24, 40, 56)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_graph_serves_every_batch_size(kind: str) -> None:
+def test_one_graph_serves_every_batch_size(kind: str, device: str) -> None:
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _swap(kind)(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)))
+    model = _swap(kind)(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)).to(device))
     eager = copy.deepcopy(model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
-    for tokens in (3, 7, 16, 5):
-        x = torch.randn(2, tokens, 32)
+    for tokens in TOKENS:
+        x = torch.randn(2, tokens, 32, device=device)
         got, want = compiled(x), eager(x)
         assert torch.equal(got, want), tokens
         got.square().sum().backward()
@@ -62,22 +70,23 @@ def test_one_graph_serves_every_batch_size(kind: str) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("learned_input_steps", [False, True])
-def test_converted_qat_layers_serve_every_batch_size(learned_input_steps: bool) -> None:
+def test_converted_qat_layers_serve_every_batch_size(learned_input_steps: bool, device: str) -> None:
     """Inference with converted QAT layers (INT8 GEMM on per-token or static-step activations) compiles once."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = qat.QATConfig(learnable_activation_scales=learned_input_steps)
-    model = qat.prepare(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)), config)
-    model(torch.randn(4, 32))  # sets learnable input steps
+    model = qat.prepare(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)).to(device), config)
+    model(torch.randn(4, 32, device=device))  # sets learnable input steps
     model = qat.convert(model).eval()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     with torch.no_grad():
-        for tokens in (3, 7, 16, 5):
-            x = torch.randn(2, tokens, 32)
+        for tokens in TOKENS:
+            x = torch.randn(2, tokens, 32, device=device)
             assert torch.equal(compiled(x), model(x)), tokens
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 token counts"
 
