@@ -68,6 +68,10 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
     args="--device cuda"; [ $b = adam ] && args="$args --size 1b"; [ $b = monitor ] && args="$args --size small"
     step "bench_$b" benchmarks.log 120 $PY benchmarks/bench_$b.py $args
   done
+  # cuBLASLt's block-scale modes are opt-in until checked on a GPU: the FP8 benchmark again with them on (the
+  # pytest run above checked them against float64 in test_cuda_block_scaled_gemms_in_cublaslt).
+  step "bench_fp8 with MIXPREC_FP8_BLOCK_CUBLASLT=1" benchmarks.log 120 env MIXPREC_FP8_BLOCK_CUBLASLT=1 \
+    $PY benchmarks/bench_fp8.py --device cuda
   # Issue 13's end-to-end goal: a GPT-2-medium-size step with FP8 Linears against the same in bf16.
   step "bench_e2e gpt2-medium FP8" benchmarks.log 90 $PY benchmarks/bench_e2e.py --device cuda --size gpt2-medium \
     --steps 10 --variants mixprec-bf16,mixprec-bf16-fp8

@@ -579,6 +579,35 @@ def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str
     assert rel < (0.15 if torch.float8_e5m2 in types else 0.08)
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="cuBLASLt's 1x128 / 128x128 block-scale modes exist on sm_90 only")
+@pytest.mark.parametrize("blocks", [((1, 128), (128, 128)), ((128, 128), (1, 128)), ((1, 128), (1, 128))])
+def test_cuda_block_scaled_gemms_in_cublaslt(blocks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MIXPREC_FP8_BLOCK_CUBLASLT=1 on Hopper: DeepSeek-V3's three block-scaled GEMMs (forward, input gradient,
+    weight gradient) run in cuBLASLt's VEC128 / BLK128x128 modes (MIXPREC_FP8_GEMM_STRICT: no fallback to the
+    emulation), within the fp32 rounding bound of the float64 product, for k with a partial last block and
+    rows not a multiple of 128; the accumulating form adds into its fp32 output."""
+    monkeypatch.setenv("MIXPREC_FP8_BLOCK_CUBLASLT", "1")
+    monkeypatch.setenv("MIXPREC_FP8_GEMM_STRICT", "1")
+    g = torch.Generator().manual_seed(21)
+    for m, n, k in ((48, 80, 272), (256, 384, 512), (144, 400, 640)):
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)
+        w = torch.randn(n, k, generator=g) * 0.1
+        qa = fp8.quantize_blockwise(x.cuda(), torch.float8_e4m3fn, blocks[0])
+        qb = fp8.quantize_blockwise(w.cuda(), torch.float8_e4m3fn, blocks[1])
+        exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, out_dtype)
+            slack = 0 if out_dtype == torch.float32 else exact.abs() * 2.0**-8
+            assert ((out.cpu().double() - exact).abs() <= bound + slack).all(), (m, n, k, out_dtype)
+        start = torch.randn(m, n, generator=g)
+        acc = start.cuda()
+        fp8.gemm_accum_(acc, qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+        assert ((acc.cpu().double() - (exact + start.double())).abs() <= bound + start.double().abs() * 2.0**-23).all()
+
+
 def dequantize_reference(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """torch's own code conversion, the scale expanded over its blocks, the product in float64 rounded once to
     fp32 (exact: an fp8 value has at most 4 significant bits)."""

@@ -5,7 +5,10 @@
 // rounding, as torch._scaled_mm adds it); an fp32 output takes it after the GEMM (the same sum). Row-wise
 // scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the
 // same GEMM with beta = 1 into the fp32 accumulator: an FP8 weight gradient lands in main_grad without a separate
-// add. Block scales, mixed granularities, E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem
+// add. Block scales (1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128: DeepSeek-V3's three GEMMs) take cuBLASLt's
+// VEC128 / BLK128x128 scale modes on sm_90 with cuBLASLt >= 12.9 when MIXPREC_FP8_BLOCK_CUBLASLT=1: opt-in until
+// the path has run on a GPU against the emulation (scripts/gpu_check.sh runs the CUDA tests with it set).
+// Other mixed granularities, E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem
 // cuBLASLt's heuristic turns down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
 //
 // Layout. cuBLASLt is column-major and its FP8 kernels want A transposed and B not ("TN"). Row-major a
@@ -14,6 +17,7 @@
 // with b's scale as A's and a's scale as B's. Host code only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,19 +40,28 @@
 namespace mixprec::cuda {
 namespace {
 
-/// How cuBLASLt applies the scales: one per tensor, or one per row of each operand (outer vectors).
-enum class LtScales : int { None = 0, Tensor = 1, OuterVector = 2 };
+/// How cuBLASLt applies the scales: one per tensor, one per row of each operand (outer vectors), or per block
+/// (each operand's mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks).
+enum class LtScales : int { None = 0, Tensor = 1, OuterVector = 2, Blocks = 3 };
+
+/// The scale modes of cuBLASLt's A and B (our b and a); SCALAR_32F (0) unless the kind is Blocks.
+struct LtModes {
+  LtScales kind = LtScales::None;
+  int32_t a = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F, b = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+};
 
 struct Fp8PlanKey {
   int device;
   LtScales scales;
+  int32_t a_mode, b_mode;
   cudaDataType_t a_type, b_type, d_type;  // cuBLASLt's A (our b), B (our a), D
   int64_t m, n, k;                        // cuBLASLt's: m = our n, n = our m
   bool fast_accum, accumulate, bias;
   uint32_t align_d;
   size_t workspace;
   bool operator==(const Fp8PlanKey& o) const {
-    return device == o.device && scales == o.scales && a_type == o.a_type && b_type == o.b_type &&
+    return device == o.device && scales == o.scales && a_mode == o.a_mode && b_mode == o.b_mode &&
+           a_type == o.a_type && b_type == o.b_type &&
            d_type == o.d_type && m == o.m && n == o.n && k == o.k && fast_accum == o.fast_accum &&
            accumulate == o.accumulate && bias == o.bias && align_d == o.align_d && workspace == o.workspace;
   }
@@ -56,7 +69,8 @@ struct Fp8PlanKey {
 
 struct Fp8PlanKeyHash {
   size_t operator()(const Fp8PlanKey& key) const {
-    return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_type, key.b_type, key.d_type, key.m,
+    return lt::hash_fields({key.device, static_cast<int64_t>(key.scales), key.a_mode, key.b_mode, key.a_type,
+                            key.b_type, key.d_type, key.m,
                             key.n, key.k, key.fast_accum, key.accumulate, key.bias, key.align_d,
                             static_cast<int64_t>(key.workspace)});
   }
@@ -71,18 +85,18 @@ cudaDataType_t out_type(at::ScalarType t) {
 // The descriptor carries the scale pointers, which change from call to call: each call gets its own
 // (a host object, cheap), while the layouts and the algorithm are cached by problem. `bias` (D's type, one
 // per row of D = per column of our output, 16-byte aligned) turns on the bias epilogue.
-lt::MatmulDesc fp8_desc(const char* op, LtScales scales, bool fast_accum, const void* scale_a, const void* scale_b,
-                        const at::Tensor* bias) {
+lt::MatmulDesc fp8_desc(const char* op, const LtModes& modes, bool fast_accum, const void* scale_a,
+                        const void* scale_b, const at::Tensor* bias) {
   lt::MatmulDesc desc = lt::make_desc(op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T, "setting TRANSA");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, "setting TRANSB");
   const int8_t fast = fast_accum ? 1 : 0;
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast, "setting FAST_ACCUM");
-  if (scales == LtScales::OuterVector) {
-    // A's vector has one scale per row of op(A) (our b's rows), B's one per column of op(B) (our a's rows).
-    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode, "setting the A scale mode");
-    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode, "setting the B scale mode");
+  if (modes.kind == LtScales::OuterVector || modes.kind == LtScales::Blocks) {
+    // Outer vectors: A's has one scale per row of op(A) (our b's rows), B's one per column of op(B) (our a's
+    // rows). Blocks: lt_block_scales gives the layouts.
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_MODE, modes.a, "setting the A scale mode");
+    lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_MODE, modes.b, "setting the B scale mode");
   }
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a, "setting the A scale");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b, "setting the B scale");
@@ -108,15 +122,51 @@ bool rowwise(const detail::Fp8ScaleLayout& layout, int64_t k) {
   return !layout.per_tensor && layout.block_rows == 1 && layout.block_cols >= k;
 }
 
-/// The cuBLASLt scale mode that takes this problem on this GPU, or None (the emulation takes it).
-LtScales cublaslt_scales(const detail::Fp8GemmArgs& g) {
-  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return LtScales::None;
+/// An environment flag: set, non-empty and not "0". Read where it is asked (cheap next to a GEMM).
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::string_view(v) != "0";
+}
+
+/// An operand's cuBLASLt block-scale mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks (a
+/// single block along k counts as either), or nothing.
+std::optional<int32_t> block_mode(const detail::Fp8ScaleLayout& layout, int64_t k) {
+  if (layout.per_tensor || (layout.block_cols != 128 && layout.block_cols < k)) return std::nullopt;
+  if (layout.block_rows == 1) return CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  if (layout.block_rows == 128) return CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+  return std::nullopt;
+}
+
+/// The cuBLASLt scale modes that take this problem on this GPU, or kind None (the emulation takes it).
+LtModes cublaslt_scales(const detail::Fp8GemmArgs& g) {
+  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return {};
   const int cc = compute_capability(g.a.get_device());
-  if (g.a_layout.per_tensor && g.b_layout.per_tensor) return cc >= 89 ? LtScales::Tensor : LtScales::None;
-  if (rowwise(g.a_layout, g.k) && rowwise(g.b_layout, g.k) && cc >= 90 && cublasLtGetVersion() >= 120900) {
-    return LtScales::OuterVector;
+  if (g.a_layout.per_tensor && g.b_layout.per_tensor) return {cc >= 89 ? LtScales::Tensor : LtScales::None};
+  const bool lt_12_9 = cublasLtGetVersion() >= 120900;
+  if (rowwise(g.a_layout, g.k) && rowwise(g.b_layout, g.k) && cc >= 90 && lt_12_9) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    return {LtScales::OuterVector, mode, mode};
   }
-  return LtScales::None;
+  // cuBLASLt's block modes exist on sm_90 (Hopper) only, and not with both operands in 128x128 blocks.
+  if (cc == 90 && lt_12_9 && env_flag("MIXPREC_FP8_BLOCK_CUBLASLT")) {
+    const std::optional<int32_t> a = block_mode(g.b_layout, g.k), b = block_mode(g.a_layout, g.k);
+    const int32_t square = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    if (a && b && !(*a == square && *b == square)) return {LtScales::Blocks, *a, *b};
+  }
+  return {};
+}
+
+/// A block-scaled operand's scale_inv ([rows, ceil(k / 128)] or [ceil(rows / 128), ceil(k / 128)], row-major) in
+/// the layout cuBLASLt reads for `mode` (the one torch._scaled_mm hands it for its 1x128 / 128x128 recipes):
+/// VEC128 column-major (the rows fastest); BLK128x128 with the k blocks fastest, each row of blocks padded to
+/// a multiple of 4.
+at::Tensor lt_block_scales(const at::Tensor& s, int32_t mode) {
+  if (mode == CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F) return s.t().contiguous();
+  const int64_t k_blocks = s.size(1), padded = (k_blocks + 3) / 4 * 4;
+  if (padded == k_blocks) return s.contiguous();
+  at::Tensor out = at::zeros({s.size(0), padded}, s.options());
+  out.narrow(1, 0, k_blocks).copy_(s);
+  return out;
 }
 
 /// cuBLASLt's FP8 kernels need 16-byte aligned rows: every dimension a multiple of 16.
@@ -128,10 +178,7 @@ void check_multiples_of_16(const char* op, const detail::Fp8GemmArgs& g) {
 
 /// MIXPREC_FP8_GEMM_STRICT=1: a problem cuBLASLt turns down raises instead of going to the emulation, so that
 /// a test can tell that a cuBLASLt path (e.g. the bias epilogue) really ran. Read on each decline only.
-bool strict() {
-  const char* v = std::getenv("MIXPREC_FP8_GEMM_STRICT");
-  return v != nullptr && *v != '\0' && std::string_view(v) != "0";
-}
+bool strict() { return env_flag("MIXPREC_FP8_GEMM_STRICT"); }
 
 // Problems whose plan cuBLASLt turned down (no algorithm): the emulation takes them from then on.
 struct Declined {
@@ -146,17 +193,19 @@ Declined& declined() {
 // out (row-major [m, n], dtype d) = dequant(a) @ dequant(b)^T + (accumulate ? out : 0) (+ bias, out's dtype,
 // contiguous and 16-byte aligned, in the epilogue). Returns false, with nothing written, when cuBLASLt has no
 // algorithm for the problem.
-bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArgs& g, const at::Tensor& out,
+bool cublaslt_fp8_gemm(const char* op, const LtModes& modes, const detail::Fp8GemmArgs& g, const at::Tensor& out,
                        bool fast_accum, bool accumulate, const at::Tensor* bias = nullptr) {
+  // Block-scaled kernels promote their partial sums themselves: no fast accumulation there.
+  if (modes.kind == LtScales::Blocks) fast_accum = false;
   // The FP8 kernels read 16-byte rows (k is a multiple of 16): a view that starts off 16 bytes is copied.
   const at::Tensor a = lt::alignment_of(g.a.const_data_ptr()) < 16 ? g.a.clone() : g.a;
   const at::Tensor b = lt::alignment_of(g.b.const_data_ptr()) < 16 ? g.b.clone() : g.b;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  const Fp8PlanKey key{g.a.get_device(), scales, fp8_type(g.b.scalar_type()), fp8_type(g.a.scalar_type()),
-                       out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum, accumulate, bias != nullptr,
-                       lt::alignment_of(out.const_data_ptr()), workspace_size};
+  const Fp8PlanKey key{g.a.get_device(), modes.kind, modes.a, modes.b, fp8_type(g.b.scalar_type()),
+                       fp8_type(g.a.scalar_type()), out_type(out.scalar_type()), g.n, g.m, g.k, fast_accum,
+                       accumulate, bias != nullptr, lt::alignment_of(out.const_data_ptr()), workspace_size};
   {
     std::lock_guard<std::mutex> lock(declined().mutex);
     if (declined().keys.count(key)) {
@@ -166,15 +215,18 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   }
   // Scale vectors start 16-byte aligned, as cuBLASLt's vector loads may assume (a one-element view is cloned
   // too: cheap).
-  const at::Tensor sa = lt::alignment_of(g.b_scale_inv.const_data_ptr()) < 16 ? g.b_scale_inv.clone() : g.b_scale_inv;
-  const at::Tensor sb = lt::alignment_of(g.a_scale_inv.const_data_ptr()) < 16 ? g.a_scale_inv.clone() : g.a_scale_inv;
+  const bool blocks = modes.kind == LtScales::Blocks;
+  const at::Tensor a_scales = blocks ? lt_block_scales(g.b_scale_inv, modes.a) : g.b_scale_inv;
+  const at::Tensor b_scales = blocks ? lt_block_scales(g.a_scale_inv, modes.b) : g.a_scale_inv;
+  const at::Tensor sa = lt::alignment_of(a_scales.const_data_ptr()) < 16 ? a_scales.clone() : a_scales;
+  const at::Tensor sb = lt::alignment_of(b_scales.const_data_ptr()) < 16 ? b_scales.clone() : b_scales;
   const void* scale_a = sa.const_data_ptr();
   const void* scale_b = sb.const_data_ptr();
   const lt::Plan* plan = nullptr;
   try {
     plan = &lt::cached_plan<Fp8PlanKey, Fp8PlanKeyHash>(key, [&](const Fp8PlanKey& k) {
       auto p = std::make_unique<lt::Plan>();
-      p->desc = fp8_desc(op, k.scales, k.fast_accum, scale_a, scale_b, bias);
+      p->desc = fp8_desc(op, modes, k.fast_accum, scale_a, scale_b, bias);
       p->a = lt::make_layout(op, k.a_type, k.k, k.m, k.k);  // b: col-major [k, n_ours], op T
       p->b = lt::make_layout(op, k.b_type, k.k, k.n, k.k);  // a: col-major [k, m_ours], op N
       p->c = lt::make_layout(op, k.d_type, k.m, k.n, k.m);
@@ -189,7 +241,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
     declined().keys.insert(key);
     return false;
   }
-  const lt::MatmulDesc desc = fp8_desc(op, scales, fast_accum, scale_a, scale_b, bias);
+  const lt::MatmulDesc desc = fp8_desc(op, modes, fast_accum, scale_a, scale_b, bias);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   void* d = out.data_ptr();
   const cublasStatus_t status =
@@ -199,7 +251,7 @@ bool cublaslt_fp8_gemm(const char* op, LtScales scales, const detail::Fp8GemmArg
   // A scale-mode or epilogue combination cuBLASLt only refuses at launch (nothing is written then): the
   // emulation takes this problem from now on. Per-tensor scales without a bias are the documented FP8
   // path: an error there is one.
-  if ((scales == LtScales::OuterVector || bias != nullptr) && !strict() &&
+  if ((modes.kind != LtScales::Tensor || bias != nullptr) && !strict() &&
       (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE)) {
     std::lock_guard<std::mutex> lock(declined().mutex);
     declined().keys.insert(key);
@@ -217,8 +269,8 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Ten
   detail::check_fp8_gemm_output(out_dtype, bias, g);
   check_multiples_of_16(op, g);
   const c10::cuda::CUDAGuard guard(a.device());
-  const LtScales scales = g.m == 0 || g.n == 0 || g.k == 0 ? LtScales::None : cublaslt_scales(g);
-  if (scales != LtScales::None) {
+  const LtModes modes = g.m == 0 || g.n == 0 || g.k == 0 ? LtModes{} : cublaslt_scales(g);
+  if (modes.kind != LtScales::None) {
     at::Tensor out = at::empty({g.m, g.n}, a.options().dtype(out_dtype));
     const bool has_bias = bias.has_value() && bias->defined();
     // A 16-bit output takes the bias in the epilogue, before its rounding; an fp32 one adds it after (the
@@ -228,7 +280,7 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Ten
       epilogue_bias = bias->to(out_dtype).contiguous();
       if (lt::alignment_of(epilogue_bias.const_data_ptr()) < 16) epilogue_bias = epilogue_bias.clone();
     }
-    if (cublaslt_fp8_gemm(op, scales, g, out, use_fast_accum, false,
+    if (cublaslt_fp8_gemm(op, modes, g, out, use_fast_accum, false,
                           epilogue_bias.defined() ? &epilogue_bias : nullptr)) {
       if (has_bias && out_dtype == at::kFloat) out.add_(*bias);
       return out;
@@ -245,8 +297,8 @@ void fp8_gemm_accum__cuda(const at::Tensor& out, const at::Tensor& a, const at::
   check_multiples_of_16(op, g);
   const c10::cuda::CUDAGuard guard(a.device());
   if (g.m == 0 || g.n == 0 || g.k == 0) return;  // adds nothing
-  const LtScales scales = cublaslt_scales(g);
-  if (scales != LtScales::None && cublaslt_fp8_gemm(op, scales, g, out, false, true)) return;
+  const LtModes modes = cublaslt_scales(g);
+  if (modes.kind != LtScales::None && cublaslt_fp8_gemm(op, modes, g, out, false, true)) return;
   detail::emulated_fp8_gemm_accum_(out, g);
 }
 
