@@ -134,7 +134,7 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
     total = torch.zeros(8 + bins, dtype=torch.float64)
     amax = 0.0
     for device, group in by_device.items():
-        rows = ops.grad_stats(group, torch.full((1,), float(scale), device=device), lo, bins).cpu()
+        rows = ops.grad_stats(group, torch.full((1,), float(scale), device=device, dtype=torch.float32), lo, bins).cpu()
         total += rows.sum(0)
         amax = max([amax, *rows[:, 7].tolist()])  # the largest finite |g|: a max over rows, not a sum
     counts = [int(v) for v in total[:6].tolist()]

@@ -109,7 +109,7 @@ class Monitor:
         """Count one step. On a logged step, returns the record (a dict, as in ``metrics.jsonl``) after
         writing it to the sinks; otherwise ``None``, having read nothing back from the device."""
         if not isinstance(loss, torch.Tensor):
-            loss = torch.tensor(float(loss))
+            loss = torch.tensor(float(loss), dtype=torch.float32)
         out = self._impl.step(loss, int(tokens))
         if out is None:
             return None

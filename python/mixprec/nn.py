@@ -347,8 +347,8 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
 
 def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
     """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` (or layer
-    converted from one) but the model's first and last (which the anchors keep in higher precision: embeddings in, logits out), and
-    only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
+    converted from one) but the model's first and last (which the anchors keep in higher precision: embeddings
+    in, logits out), and only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
     return _edge_filter(model, 16)
 
 
@@ -473,10 +473,11 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
             same = m.recipe == fp8 if kind is Float8Linear else m.gemms == gemms
             if kind.__name__ != wanted or not same:
                 held = f"recipe {m.recipe}" if kind is Float8Linear else f"GEMMs {m.gemms}"
+                asked = fp8 if fp8 is not None else gemms
                 raise ValueError(
                     f"mixprec.nn.convert: layer {name or '(the module itself)'!r} is already a {kind.__name__} "
-                    f"({held}) and cannot be converted to {wanted} with {fp8 if fp8 is not None else gemms}: that would "
-                    "discard what it holds; convert a model built afresh, or leave this layer out with filter=")
+                    f"({held}) and cannot be converted to {wanted} with {asked}: that would discard what it holds; "
+                    "convert a model built afresh, or leave this layer out with filter=")
         elif kind is torch.nn.Linear or kind is Linear:
             plan.append((name, m, take is not None and take(name, m)))
     for name, m, eight_bit in plan:

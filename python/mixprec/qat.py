@@ -127,7 +127,7 @@ class _QATWeight:
         if config.learnable_scales:
             layer.weight_step = nn.Parameter(step)
         if config.learnable_activation_scales:
-            layer.input_step = nn.Parameter(torch.zeros(1, device=step.device))
+            layer.input_step = nn.Parameter(torch.zeros(1, device=step.device, dtype=torch.float32))  # as C++
             layer._input_step_checked = False  # type: ignore[assignment]
         if config.learnable_scales or config.learnable_activation_scales:
             layer.register_load_state_dict_post_hook(cls._restart_steps)  # a function of the class: it pickles

@@ -239,3 +239,33 @@ def test_cuda_graph_capture_of_a_whole_step_matches_eager() -> None:
     for a, b in zip(eager[1], graphed[1]):
         assert torch.equal(a, b)
     assert torch.equal(eager[2]["scale"], graphed[2]["scale"]) and eager[2]["s"][0].item() == graphed[2]["s"][0].item()
+
+
+def test_a_float64_default_dtype_changes_none_of_mixprecs_own_tensors() -> None:
+    """Scientific code sets torch.set_default_dtype(torch.float64). The tensors mixprec makes for itself keep
+    their dtypes (as C++ makes them, and as torch's GradScaler keeps its scale fp32): a float32 model trains
+    with the scaler and the Monitor, underflow_report runs, a QAT input step is float32."""
+    from mixprec import diagnostics, qat
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).float()
+        opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = mixprec.GradScaler("cpu")
+        monitor = mixprec.Monitor(model, scaler=scaler, sinks=[], every=1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 8, dtype=torch.float32)).square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            record = monitor.step(loss.item(), tokens=4)  # a Python number, as logging code passes
+        assert record is not None and record["loss"] == pytest.approx(loss.item())
+        assert diagnostics.underflow_report(model, scale=scaler.get_scale()) is not None
+        layer = qat.prepare(torch.nn.Linear(4, 4).float(), qat.QATConfig(learnable_activation_scales=True))
+        assert layer.input_step.dtype == torch.float32
+        assert layer(torch.randn(2, 4, dtype=torch.float32)).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
