@@ -171,8 +171,10 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("output_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.output_dtype); })
       .def("needs_loss_scaling", [](const PolicyPtr& s) { return s->policy.needs_loss_scaling(); })
       .def("keep_fp32", [](const PolicyPtr& s) { return s->policy.keep_fp32; })
-      .def("set_keep_fp32", [](const PolicyPtr& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })
-      .def("keeps_fp32", [](const PolicyPtr& s, const std::string& type_name) { return s->policy.keeps_fp32(type_name); })
+      .def("set_keep_fp32",
+           [](const PolicyPtr& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })
+      .def("keeps_fp32",
+           [](const PolicyPtr& s, const std::string& type_name) { return s->policy.keeps_fp32(type_name); })
       // Pickling, copy.deepcopy and torch.save of a Python Policy (and of what holds one: configs, autocast
       // objects) go through this state: the name and the kept module types, re-parsed on load.
       .def_pickle(

@@ -77,7 +77,8 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (b.defined()) b_opt = b;
       // x [m, k] @ w^T [k, n]: w's per-row scales are the columns' of the transposed view.
       const int8::Quantized qx = per_row(x2);
-      out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape_symint({1, w.sym_size(0)}), x.scalar_type(), b_opt);
+      out = int8::mm(qx.data, qw.data.t(), qx.scale_inv, qw.scale_inv.reshape_symint({1, w.sym_size(0)}),
+                     x.scalar_type(), b_opt);
       if (cache != nullptr && !reuse) *cache = {qw.data, qw.scale_inv, qwt.data, qwt.scale_inv, true, w_dtype};
     } else {
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
