@@ -390,6 +390,14 @@ void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& ar
   input_step_checked = false;  // a loaded input step is checked (set if 0) again at the next forward
 }
 
+// The weight a QATConv2d quantizes, where its learnable steps start: its own, or folded with its BatchNorm.
+torch::Tensor quantized_conv_weight(const torch::Tensor& weight, const torch::Tensor& bias,
+                                    const torch::nn::BatchNorm2d& bn) {
+  if (!bn) return weight;
+  return fold_batchnorm(weight, bias, bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->options.eps())
+      .first;
+}
+
 }  // namespace
 
 QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config_)
@@ -438,13 +446,8 @@ QATConv2dImpl::QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig confi
   bias = options.bias() ? register_parameter("bias", other.bias) : register_parameter("bias", {}, false);
   if (bn_) bn = register_module("bn", bn_);
   if (config.learnable_scales) {
-    // A folded layer's steps start from the folded weight, the one it quantizes.
     const torch::NoGradGuard no_grad;
-    const torch::Tensor w =
-        bn ? fold_batchnorm(weight, bias, bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->options.eps())
-                 .first
-           : weight;
-    weight_step = register_parameter("weight_step", weight_steps(w, config));
+    weight_step = register_parameter("weight_step", weight_steps(quantized_conv_weight(weight, bias, bn), config));
   }
   if (config.learnable_activation_scales) input_step = register_parameter("input_step", new_input_step(weight));
 }
@@ -458,13 +461,8 @@ void QATConv2dImpl::reset() {
 }
 
 void QATConv2dImpl::load(torch::serialize::InputArchive& archive) {
-  load_qat_layer(*this, archive, "QATConv2d", config, weight_step, input_step, input_step_checked, [this] {
-    // A folded layer's steps start from the folded weight, the one it quantizes (as in the constructor).
-    return bn ? fold_batchnorm(weight, bias, bn->weight, bn->bias, bn->running_mean, bn->running_var,
-                               bn->options.eps())
-                    .first
-              : weight;
-  });
+  load_qat_layer(*this, archive, "QATConv2d", config, weight_step, input_step, input_step_checked,
+                 [this] { return quantized_conv_weight(weight, bias, bn); });
 }
 
 void QATConv2dImpl::pretty_print(std::ostream& stream) const {

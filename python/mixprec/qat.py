@@ -169,18 +169,11 @@ class _QATWeight:
         if not self.__dict__.pop("_steps_restart", False):
             return
         with torch.no_grad():  # in place: an optimizer built before the load keeps its tensors
-            if self._parameters.get("weight_step") is not None:
-                self.weight_step.copy_(self._initial_weight_step())  # type: ignore[attr-defined]
+            if self._parameters.get("weight_step") is not None:  # where prepare() starts them (_check's steps)
+                bn = self._modules.get("bn")  # type: ignore[attr-defined]
+                self.weight_step.copy_(_check(self, self.qat_config, bn))  # type: ignore[arg-type,attr-defined]
             if self._parameters.get("input_step") is not None:
                 self.input_step.zero_()  # type: ignore[attr-defined]
-
-    def _initial_weight_step(self) -> Tensor:
-        """The weight steps prepare() starts learnable ones at: from the amax of the weight the layer quantizes."""
-        weight = self.weight
-        bn = self._modules.get("bn")  # type: ignore[attr-defined]
-        if bn is not None:
-            weight = _fold(self, bn)[0]  # type: ignore[arg-type]
-        return torch.ops.mixprec.qat_weight_steps(weight, self.qat_config.weight_bits, self.qat_config.group_size)
 
     def _fake_weight(self) -> Tensor:
         return self._fake_weight_of(self.weight)
