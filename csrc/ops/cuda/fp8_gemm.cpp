@@ -7,7 +7,7 @@
 // same GEMM with beta = 1 into the fp32 accumulator: an FP8 weight gradient lands in main_grad without a separate
 // add. Block scales (1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128: DeepSeek-V3's three GEMMs) take cuBLASLt's
 // VEC128 / BLK128x128 scale modes on sm_90 with cuBLASLt >= 12.9 when MIXPREC_FP8_BLOCK_CUBLASLT=1: opt-in until
-// the path has run on a GPU against the emulation (scripts/gpu_check.sh runs the CUDA tests with it set).
+// the path has run on a GPU (a Hopper-only test sets it and checks against float64; gpu_check.sh benchmarks it).
 // Other mixed granularities, E5M2 x E5M2 (which cuBLASLt does not multiply), older GPUs and any problem
 // cuBLASLt's heuristic turns down go through the emulation (dequantize, fp32 GEMM), the CPU's implementation.
 //
@@ -44,7 +44,7 @@ namespace {
 /// (each operand's mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks).
 enum class LtScales : int { None = 0, Tensor = 1, OuterVector = 2, Blocks = 3 };
 
-/// The scale modes of cuBLASLt's A and B (our b and a); SCALAR_32F (0) unless the kind is Blocks.
+/// The scale modes of cuBLASLt's A and B (our b and a): SCALAR_32F for per-tensor scales.
 struct LtModes {
   LtScales kind = LtScales::None;
   int32_t a = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F, b = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
