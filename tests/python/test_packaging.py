@@ -1,5 +1,6 @@
 """What the build records and checks: the torch it was compiled against (import and the CMake package refuse
-another release, naming both), py.typed, and a CUDA build that needs a CUDA torch."""
+another release, naming both), py.typed, a CUDA build that needs a CUDA torch, and an sdist that holds what a
+build from it needs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,28 @@ def test_cmake_package_refuses_another_torch(tmp_path) -> None:
     assert result.returncode != 0
     text = " ".join((result.stdout + result.stderr).split())
     assert f"built against torch {torch.__version__.split('+')[0]}" in text and "found torch 2.99.0" in text, text
+
+
+def test_the_sdist_holds_every_source_a_build_needs(tmp_path) -> None:
+    """pip builds a wheel from the sdist (`python -m build`, `pip install mixprec-*.tar.gz`, PyPI wherever no wheel
+    fits): it must hold the CMake project and every tracked C++/CUDA source, header and CMake module, and none
+    of the build outputs an editable install leaves in the package directory. Built from a copy of the tracked
+    files, so the checkout is not touched."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout: its tracked files are the reference")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, source / name)
+    (source / "python" / "mixprec" / "lib").mkdir()  # what an editable build leaves there
+    (source / "python" / "mixprec" / "lib" / "libmixprec.so").write_bytes(b"")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=source, check=True,
+                   capture_output=True)
+    with tarfile.open(next((tmp_path / "dist").glob("mixprec-*.tar.gz"))) as sdist:
+        shipped = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    needed = {name for name in tracked
+              if name.startswith(("csrc/", "cmake/")) or name.endswith("CMakeLists.txt") or name.startswith("python/")}
+    assert not sorted(needed - shipped)
+    assert not [name for name in shipped if name.endswith((".so", ".o")) or name.startswith("python/mixprec/lib")]
