@@ -127,6 +127,8 @@ class BuildWithLibmixprec(BuildExtension):
             f"-DMIXPREC_WITH_CUDA={'ON' if cuda else 'OFF'}",
             f"-DMIXPREC_BUILD_TESTS={'ON' if _flag('MIXPREC_BUILD_TESTS') else 'OFF'}",
             f"-DMIXPREC_CUDA_ARCHS={archs}",
+            # One libmixprec.so file: a wheel stores each of the versioned symlinks as a full copy.
+            "-DMIXPREC_VERSIONED_SONAME=OFF",
         ]
         root = _cuda_root()
         if root is not None:  # torch's own CMake config looks for the toolkit even for a CPU-only libmixprec

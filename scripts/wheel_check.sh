@@ -54,6 +54,9 @@ while todo:
             os.symlink(os.path.join(dist.locate_file(""), top), os.path.join(dest, top))
 print(dest)
 PY
+# One copy of the library: a wheel stores symlinks (libmixprec.so -> .so.0 -> .so.0.1.0) as full copies.
+libs=$("$VENV/bin/python" -c "import sys, zipfile; print(' '.join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if '/lib/libmixprec' in n))" "$wheel")
+[ "$libs" = "mixprec/lib/libmixprec.so" ] || { echo "the wheel holds $libs, not one mixprec/lib/libmixprec.so" >&2; exit 1; }
 "${pip_there[@]}" install --quiet --no-deps "$wheel"
 "${pip_there[@]}" check  # the wheel's torch requirement, and torch's own, are met
 echo "== smoke test"
