@@ -17,7 +17,11 @@ from mixprec import fp8, qat
 
 from conftest import DEVICES
 
-torch._dynamo.config.cache_size_limit = 64  # a failing layer shows its count instead of hitting the limit
+
+@pytest.fixture(autouse=True)
+def _room_to_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer that recompiles shows its count instead of hitting Dynamo's recompile limit (this module only)."""
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 64)
 
 
 def _swap(kind: str) -> Callable[[nn.Module], nn.Module]:
