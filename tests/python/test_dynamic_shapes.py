@@ -6,7 +6,7 @@ is reached). The compiled runs equal eager ones bit for bit (aot_eager runs the 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -19,9 +19,10 @@ from conftest import DEVICES
 
 
 @pytest.fixture(autouse=True)
-def _room_to_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+def _room_to_recompile() -> Iterator[None]:
     """A layer that recompiles shows its count instead of hitting Dynamo's recompile limit (this module only)."""
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 64)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
 
 
 def _swap(kind: str) -> Callable[[nn.Module], nn.Module]:
