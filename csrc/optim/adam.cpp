@@ -6,6 +6,7 @@
 #include <torch/custom_class.h>
 #include <torch/serialize/archive.h>
 
+#include <limits>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -23,6 +24,22 @@ bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBF
 // conjugate-view gradient, which autograd makes (the gradient of p.conj()) and torch's step refuses, is read
 // through a resolved copy (as_real_grad); with grad_scale, its unscaled values stay in that copy.
 torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t) : t; }
+
+// `master` (fp32) where `param` (16-bit) is one of its two roundings to the param's dtype, the param's value
+// elsewhere: a master that no longer refines its param is replaced by it, element by element. Both neighbours
+// count because a stochastically rounded write-back may have taken either; NaNs never match, so a NaN in
+// either takes the param's value.
+torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master) {
+  const torch::Tensor p = param.detach();
+  const torch::Tensor nearest = master.to(p.scalar_type());
+  const torch::Tensor back = nearest.to(at::kFloat);
+  const double inf = std::numeric_limits<double>::infinity();
+  const torch::Tensor up = at::nextafter(nearest, at::full({}, inf, nearest.options()));
+  const torch::Tensor down = at::nextafter(nearest, at::full({}, -inf, nearest.options()));
+  const torch::Tensor other = at::where(master > back, up, at::where(master < back, down, nearest));
+  const torch::Tensor kept = at::logical_or(p == nearest, p == other);
+  return at::where(kept, master, p.to(at::kFloat));
+}
 torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
 }  // namespace
@@ -91,11 +108,26 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
   if (mode == "fp32" && !st.master().defined()) {
     st.master(param.detach().to(at::kFloat).clone(at::MemoryFormat::Preserve));
     replaced = true;
+  } else if (mode == "fp32" && (st.master().scalar_type() != at::kFloat || st.master().device() != param.device())) {
+    // e.g. a state dict that went through torch's loader, which casts state to the param's dtype: its values
+    // are checked against the param before the step (sync_masters).
+    st.master(st.master().to(param.device(), at::kFloat).clone(at::MemoryFormat::Preserve));
+    replaced = true;
+  }
+  if (mode == "remainder" && st.remainder().defined()) {
+    if (st.remainder().scalar_type() != at::kShort) {
+      // The low half of a value cannot survive a cast to bf16 (torch's loader): the param alone is exact.
+      st.remainder(torch::Tensor());
+    } else if (st.remainder().device() != param.device()) {
+      st.remainder(st.remainder().to(param.device()));
+      replaced = true;
+    }
   }
   if (mode == "remainder" && !st.remainder().defined()) {
     if (st.master().defined()) {
       // Switching from fp32 masters keeps the exact value: the param takes its bf16 half, the state the rest.
-      auto [bf16, remainder] = ops::split_bf16_remainder(st.master());
+      auto [bf16, remainder] =
+          ops::split_bf16_remainder(consistent_master(param, st.master().to(param.device(), at::kFloat)));
       param.detach().copy_(bf16);
       st.remainder(remainder);
       st.master(torch::Tensor());
@@ -310,6 +342,15 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
 
 }  // namespace
 
+void AdamCore::sync_masters(Plan& plan) {
+  for (Row& row : plan.rows) {
+    // Inference tensors have no version counter; nothing can write them from outside inference mode either.
+    if (!row.has_grad || !row.target.defined() || row.target.is_inference()) continue;
+    if (row.version == static_cast<int64_t>(row.target._version())) continue;
+    row.master.copy_(consistent_master(row.target, row.master));
+  }
+}
+
 bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options,
                           const StateLookup& state_of, std::vector<std::vector<torch::Tensor>>& grads) const {
   if (!plan.valid || plan.rows.size() != params.size() || plan.master_weights != options.master_weights() ||
@@ -344,6 +385,9 @@ bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOpt
 std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, const AdamOptions& options,
                                           const StateLookup& state_of, const StepInputs& in,
                                           std::vector<std::vector<torch::Tensor>>& grads) const {
+  // What the previous plan knew of its masters survives a rebuild (a DTensor group rebuilds every step):
+  // a row keeps its version where it has the same param and the very same master.
+  const std::vector<Row> old_rows = std::move(plan.rows);
   plan = Plan{};
   plan.master_weights = options.master_weights();
   plan.moment_dtype = options.moment_dtype();
@@ -387,6 +431,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
                   "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
       const std::string mode = master_mode(as_real(local), options.master_weights());
       AdamParamState& st = state_of(p);
+      const bool had_master = st.master().defined();
       // float64 params keep float64 moments, as torch's: fp32 moments would throw their precision away.
       c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
       if (local.is_complex()) moments = c10::toComplexType(moments);
@@ -407,6 +452,16 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       row.exp_avg = st.exp_avg();
       row.exp_avg_sq = st.exp_avg_sq();
       row.master = master_of(st, mode);
+      if (mode == "fp32") {
+        row.target = local;
+        const Row* before = i < old_rows.size() ? &old_rows[i] : nullptr;
+        if (before != nullptr && before->param.unsafeGetTensorImpl() == p.unsafeGetTensorImpl() &&
+            before->master.unsafeGetTensorImpl() == row.master.unsafeGetTensorImpl()) {
+          row.version = before->version;
+        } else if (!had_master && !local.is_inference()) {
+          row.version = static_cast<int64_t>(local._version());  // just taken from the param
+        }
+      }
       bucket.p.push_back(as_real(local));
       bucket.m.push_back(as_real(row.exp_avg));
       bucket.v.push_back(as_real(row.exp_avg_sq));
@@ -457,6 +512,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     torch::Tensor r = t->device() == device ? *t : t->to(device, /*non_blocking=*/true);
     return r.dim() == 1 ? r : r.reshape({1});
   };
+  sync_masters(plan);
   const auto [beta1, beta2] = options.betas();
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
     if (grads[b].empty()) continue;
@@ -476,6 +532,11 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
                     options.rounding(), seed, extras);
+  }
+  for (Row& row : plan.rows) {  // what the params hold now is the masters' rounding
+    if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
+      row.version = static_cast<int64_t>(row.target._version());
+    }
   }
   return changed;
 }

@@ -89,6 +89,13 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
 /// parameter is the same tensor with the same dtype and device, has (or lacks) a gradient as before, and its
 /// state holds the same tensors; the group's master_weights and moment_dtype must be unchanged too.
 /// Anything else rebuilds that group's lists (and creates or converts state where needed).
+///
+/// The parameter is the truth, as with torch's optimizers; an fp32 master only refines it. Before a step, a
+/// parameter written by anyone else since the core's last step (its version counter moved: a
+/// load_state_dict of the model, clipping or a projection in place, a rollback) and a master the core did not
+/// take from the parameter itself (loaded or assigned state) are compared element by element: wherever the
+/// parameter is neither rounding of the master (up or down), the master becomes the parameter's value. A
+/// master that rounds to its parameter (an exact resume, a stochastically rounded write-back) is kept.
 class AdamCore {
  public:
   /// The state of a parameter, created empty on first use; the reference must stay valid for the step.
@@ -114,7 +121,9 @@ class AdamCore {
   /// Creates or converts what `mode` needs in `state` for `param` (the tensor updated): float32 step on its
   /// device, moments of `moment_dtype` (with `amsgrad` also max_exp_avg_sq, zeros at first), the fp32 master
   /// or the int16 remainder (a master is split into the param and its remainder, keeping the exact value).
-  /// Returns whether any state tensor was replaced.
+  /// A master of another dtype or device is converted to fp32 on the param's device (step_group then checks
+  /// it against the param); a remainder that is not int16 (torch's loader casts state to the param's dtype)
+  /// cannot be trusted and restarts from zero. Returns whether any state tensor was replaced.
   static bool prepare_state(const torch::Tensor& param, AdamParamState& state, const std::string& mode,
                             c10::ScalarType moment_dtype, bool amsgrad = false);
 
@@ -136,6 +145,10 @@ class AdamCore {
     size_t bucket = 0;
     torch::Tensor step, exp_avg, exp_avg_sq, master;  // master: the fp32 master or the remainder, if any
     torch::Tensor max_exp_avg_sq;                     // with AMSGrad
+    // fp32 masters only: the tensor the step writes (the param or its local shard) and its version counter
+    // right after the last write; -1 when unknown (a master this core did not take from the param itself).
+    torch::Tensor target;
+    int64_t version = -1;
   };
   struct Bucket {
     c10::Device device = c10::kCPU;
@@ -150,6 +163,9 @@ class AdamCore {
     std::vector<Row> rows;
     std::vector<Bucket> buckets;
   };
+  /// Re-takes, from its parameter, every fp32 master whose parameter may have been written by someone else
+  /// since this core's last step (its version counter moved, or the master is not one the core took from it).
+  static void sync_masters(Plan& plan);
   bool plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options, const StateLookup& state_of,
                   std::vector<std::vector<torch::Tensor>>& grads) const;
   std::vector<int64_t> build_plan(Plan& plan, at::TensorList params, const AdamOptions& options,
