@@ -35,6 +35,8 @@ from torch import Tensor
 __all__ = ["Adam", "AdamW"]
 
 _CORE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master", "remainder", "max_exp_avg_sq")
+# The param-group keys mixprec adds to torch's Adam ones.
+_OWN_KEYS = ("master_weights", "moment_dtype", "rounding", "seed", "rng_calls")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -61,6 +63,12 @@ def _scalar(value: Union[float, Tensor], name: str) -> float:
             raise ValueError(f"Tensor {name} must be 1-element")
         return float(value.detach().cpu())
     return float(value)
+
+
+def _beta(value: Union[float, Tensor]) -> Union[float, Tensor]:
+    """One of ``betas`` as torch's Adam stores it: a number as given, a one-element tensor as a 0-dim one (the
+    same memory, so an in-place change applies)."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
 def _dtype(value: Union[torch.dtype, str]) -> torch.dtype:
@@ -224,7 +232,7 @@ class _MixprecAdam(torch.optim.Optimizer):
                                  float(weight_decay), master_weights, moment_dtype, rounding, seed)
         defaults = dict(
             lr=lr,
-            betas=betas,
+            betas=(_beta(betas[0]), _beta(betas[1])),  # a tuple of two, as torch stores it (not a list or config)
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=bool(amsgrad),
@@ -268,8 +276,15 @@ class _MixprecAdam(torch.optim.Optimizer):
             tracker = self.__dict__.setdefault("_tracker", _Tracker())
             self.__dict__["state"] = _StateMap(tracker, self.__dict__.get("state", {}))
             self._forget_cache()
-        # torch's Adam.__setstate__ (above) filled its keys missing from older pickles, and AdamW's forced
-        # decoupled weight decay. torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
+        # torch's Adam.__setstate__ (above) filled its keys missing from older pickles and state dicts with torch's
+        # defaults, and AdamW's forced decoupled weight decay; mixprec's own keys, which a torch.optim state dict
+        # lacks, take this optimizer's settings (after the user's load pre-hooks, whatever dict they produced).
+        for group in self.param_groups:
+            for key in _OWN_KEYS:
+                if key not in group:
+                    group[key] = self.defaults[key]
+            group["moment_dtype"] = _dtype(group["moment_dtype"])  # state dicts carry its name
+        # torch's __getstate__ keeps only defaults, state and param groups: restore the scaling flag too.
         self.__dict__.setdefault("_step_supports_amp_scaling", bool(self.defaults.get("fused")))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -299,11 +314,6 @@ class _MixprecAdam(torch.optim.Optimizer):
         round fp32 masters and moments of a bf16 model to bf16; here they come back exactly as saved.
         A ``torch.optim.Adam``/``AdamW`` state dict loads as well: missing masters are taken from the
         parameters at the next step."""
-        groups = []
-        for g in state_dict["param_groups"]:
-            merged = {**{k: v for k, v in self.defaults.items()}, **g}  # torch dicts lack our keys
-            merged["moment_dtype"] = _dtype(merged["moment_dtype"])
-            groups.append(merged)
         saved: dict[str, Any] = {}
 
         def capture(_: Any, sd: dict[str, Any]) -> None:
@@ -322,7 +332,9 @@ class _MixprecAdam(torch.optim.Optimizer):
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(restore, prepend=True)
         try:
-            super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+            # As given, other top-level keys included (torch hands them to the pre-hooks); a torch dict's groups
+            # lack mixprec's keys, which __setstate__ fills in.
+            super().load_state_dict(state_dict)
         finally:
             pre.remove()
             post.remove()

@@ -183,6 +183,115 @@ def test_masters_track_fp32_reference(device: str, dtype: torch.dtype) -> None:
         assert torch.equal(p.detach(), master.to(dtype)), "a 16-bit param is not the rounding of its master"
 
 
+EDITS = {
+    # What training code does to parameters between steps (torch.optim keeps every one of them).
+    "load_state_dict": lambda model, p: model.load_state_dict({"weight": torch.full_like(p, 5.0)}),
+    "clamp_": lambda model, p: p.clamp_(-0.05, 0.05),  # weight clipping (WGAN), under no_grad
+    "copy_ half": lambda model, p: p[: p.shape[0] // 2].copy_(torch.linspace(-1, 1, p[0].numel()).view_as(p[0])),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_edits_to_16bit_params_between_steps_reach_the_masters(device: str, dtype: torch.dtype, edit: str) -> None:
+    """The parameter is the truth, as with torch.optim: a value written into a 16-bit parameter from outside
+    (a model checkpoint loaded into a training model, clipping, a projection) is where its master continues
+    from, element by element; elements left alone keep their exact masters. Reference: torch's AdamW on fp32
+    parameters given the same edits."""
+    torch.manual_seed(2)
+    init = torch.randn(16, 8)
+    model = torch.nn.Linear(8, 16, bias=False).to(device, dtype)
+    ref = torch.nn.Linear(8, 16, bias=False).to(device)
+    with torch.no_grad():
+        model.weight.copy_(init.to(dtype))
+        ref.weight.copy_(init.to(dtype).float())
+    ours = mixprec.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    theirs = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
+
+    def step(k: int) -> None:
+        g = grads_for(k, [(16, 8)], device)[0]
+        model.weight.grad = g.to(dtype)
+        ref.weight.grad = g.to(dtype).float()
+        ours.step()
+        theirs.step()
+
+    for k in range(3):
+        step(k)
+    master_before = ours.state[model.weight]["master"].clone()
+    assert_close_to_torch(master_before, ref.weight.detach())
+    with torch.no_grad():
+        EDITS[edit](model, model.weight)
+        edited = model.weight.detach() != master_before.to(dtype)
+        # The reference continues from the values the edit left in the 16-bit parameter, where it changed one.
+        ref.weight.copy_(torch.where(edited, model.weight.detach().float(), ref.weight.detach()))
+    assert edited.any() and (edit == "load_state_dict" or not edited.all())
+    step(3)
+    master = ours.state[model.weight]["master"]
+    assert_close_to_torch(master, ref.weight.detach())  # without the edit taken, these are 1e-1 apart
+    assert torch.equal(model.weight.detach(), master.to(dtype))
+    for k in range(4, 6):
+        step(k)
+    assert_close_to_torch(ours.state[model.weight]["master"], ref.weight.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_write_that_keeps_the_values_keeps_the_masters(device: str, rounding: str) -> None:
+    """A write that leaves a parameter as the optimizer left it (EMA weights swapped in and back, a broadcast
+    from the rank that stepped) moves its version counter but not its values: the exact masters stay, bit for
+    bit, also where stochastic rounding wrote the master's other neighbour."""
+    runs = []
+    for touch in (False, True):
+        torch.manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(300, device=device).to(torch.bfloat16))
+        opt = mixprec.optim.AdamW([p], lr=1e-3, rounding=rounding, seed=7)
+        for k in range(6):
+            p.grad = grads_for(k, [(300,)], device)[0].to(torch.bfloat16)
+            opt.step()
+            if touch:
+                with torch.no_grad():
+                    saved = p.detach().clone()
+                    p.mul_(0.5)
+                    p.copy_(saved)
+        runs.append((p.detach().clone(), opt.state[p]["master"].clone()))
+    assert rounding == "nearest" or not torch.equal(runs[0][0], runs[0][1].to(torch.bfloat16)), \
+        "stochastic rounding should have taken the far neighbour somewhere"
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("mode", ["fp32", "remainder"])
+def test_a_state_dict_that_went_through_torch_continues_from_the_params(mode: str) -> None:
+    """ours -> torch.optim.AdamW (which keeps the unknown state, cast to the params' dtype) -> torch trains ->
+    ours: the masters it carries are 20 steps old and bf16 (a remainder, cast to bf16, is meaningless). The
+    step continues from the parameters, not from the stale masters, and the state is ours again."""
+    torch.manual_seed(4)
+    init = torch.randn(64).to(torch.bfloat16)
+    p = torch.nn.Parameter(init.clone())
+    ours = mixprec.optim.AdamW([p], lr=1e-2, master_weights=mode)
+    for k in range(3):
+        p.grad = grads_for(k, [(64,)], "cpu")[0].to(torch.bfloat16)
+        ours.step()
+    theirs = torch.optim.AdamW([p], lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    for k in range(3, 23):
+        p.grad = grads_for(k, [(64,)], "cpu")[0].to(torch.bfloat16)
+        theirs.step()
+    before = p.detach().float().clone()
+    again = mixprec.optim.AdamW([p], lr=1e-2, master_weights=mode)
+    again.load_state_dict(theirs.state_dict())
+    p.grad = grads_for(23, [(64,)], "cpu")[0].to(torch.bfloat16)
+    again.step()
+    st = again.state[p]
+    assert st["exp_avg"].dtype == torch.float32
+    if mode == "fp32":
+        assert st["master"].dtype == torch.float32 and torch.equal(p.detach(), st["master"].to(torch.bfloat16))
+    else:
+        assert st["remainder"].dtype == torch.int16
+    # One Adam step moves each value by about lr; going back to the old masters would move it by up to 20 lr.
+    assert (p.detach().float() - before).abs().max() <= 1.5e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_remainder_mode_is_bit_identical_to_fp32_masters(device: str) -> None:
     torch.manual_seed(2)
@@ -1159,6 +1268,57 @@ def test_load_state_dict_hooks_see_and_shape_the_state_as_with_torch() -> None:
         kept = float(sum(s["exp_avg"].abs().sum() for s in opt.state.values()))
         seen[name] = (post, kept)
     assert seen["ours"] == seen["torch"] == ([0.0], 0.0)
+
+
+def test_load_state_dict_as_torch_extra_keys_substituted_dicts_and_keys_older_checkpoints_lack() -> None:
+    """What torch's Optimizer.load_state_dict guarantees, side by side with torch.optim.Adam:
+    * a state-dict post-hook's extra top-level key reaches the load pre-hooks;
+    * a pre-hook may hand back a torch.optim state dict (a converter): the optimizer still steps;
+    * group keys an older checkpoint lacks take torch's defaults (False), not this optimizer's settings, while
+      mixprec's own keys take this optimizer's settings."""
+    old = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.full((4,), 0.1),
+                         "exp_avg_sq": torch.full((4,), 0.01)}},
+           "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "params": [0]}]}
+    results = {}
+    for cls in (torch.optim.Adam, mixprec.optim.Adam):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 4))
+        kw = dict(master_weights="none", moment_dtype=torch.bfloat16) if cls is mixprec.optim.Adam else {}
+        opt = cls([p], lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True, decoupled_weight_decay=True, **kw)
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "ema_decay": 0.999})
+        seen = []
+        opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(sd.get("ema_decay")))
+        opt.load_state_dict(opt.state_dict())
+        assert seen == [0.999]
+        opt.register_load_state_dict_pre_hook(lambda o, sd: copy.deepcopy(old))  # a converter's output
+        opt.load_state_dict(opt.state_dict())
+        group = opt.param_groups[0]
+        assert {k: group[k] for k in ("amsgrad", "maximize", "decoupled_weight_decay")} == \
+            {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
+        if cls is mixprec.optim.Adam:
+            assert (group["master_weights"], group["moment_dtype"]) == ("none", torch.bfloat16)
+            group["moment_dtype"] = torch.float32  # to compare the step with torch's
+        p.grad = torch.ones(4)
+        opt.step()
+        results[cls] = p.detach().clone()
+    assert_close_to_torch(results[mixprec.optim.Adam], results[torch.optim.Adam])
+
+
+@pytest.mark.parametrize("betas", [[0.9, 0.95], (torch.tensor([0.9]), torch.tensor([0.95]))])
+def test_betas_are_stored_as_torch_stores_them(betas) -> None:
+    """A tuple of two (a list or a config's sequence is not kept: state dicts must load with weights_only=True),
+    one-element tensors as 0-dim ones."""
+    stored = []
+    for cls in (torch.optim.AdamW, mixprec.optim.AdamW):
+        opt = cls([torch.nn.Parameter(torch.ones(2))], betas=betas)
+        b = opt.param_groups[0]["betas"]
+        assert type(b) is tuple and len(b) == 2
+        assert all(not isinstance(x, torch.Tensor) or x.dim() == 0 for x in b)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+        stored.append([float(x) for x in b])
+    assert stored[0] == stored[1]
 
 
 def test_amsgrad_maximum_follows_torch_maximum_with_nan() -> None:
