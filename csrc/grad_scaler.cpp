@@ -26,12 +26,32 @@
 namespace mixprec {
 
 namespace {
-void check_options(const GradScalerOptions& o) {
+// torch's setters (and its load_state_dict) take any factor, and training code uses exactly 1 to hold the
+// scale: set_growth_factor(1) caps it, set_backoff_factor(1) puts a floor under it. A growth factor below 1
+// or a backoff factor above 1 (a swapped pair) is refused. The constructor keeps torch's own assertions
+// (growth_factor > 1, backoff_factor < 1).
+void check_growth_factor(double growth_factor) {
+  TORCH_CHECK(growth_factor >= 1.0 && std::isfinite(growth_factor),
+              "mixprec::GradScaler: growth_factor must be a finite number >= 1.0 (1 holds the scale), got ",
+              growth_factor);
+}
+void check_backoff_factor(double backoff_factor) {
+  TORCH_CHECK(backoff_factor > 0.0 && backoff_factor <= 1.0,
+              "mixprec::GradScaler: backoff_factor must be in (0, 1] (1 holds the scale), got ", backoff_factor);
+}
+
+void check_options(const GradScalerOptions& o, bool constructing) {
   TORCH_CHECK(o.init_scale() > 0 && std::isfinite(o.init_scale()),
               "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
-  TORCH_CHECK(o.growth_factor() > 1.0, "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
-  TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,
-              "mixprec::GradScaler: backoff_factor must be in (0, 1), got ", o.backoff_factor());
+  if (constructing) {
+    TORCH_CHECK(o.growth_factor() > 1.0 && std::isfinite(o.growth_factor()),
+                "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
+    TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,
+                "mixprec::GradScaler: backoff_factor must be in (0, 1), got ", o.backoff_factor());
+  } else {
+    check_growth_factor(o.growth_factor());
+    check_backoff_factor(o.backoff_factor());
+  }
   TORCH_CHECK(o.growth_interval() > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", o.growth_interval());
   TORCH_CHECK(o.hysteresis() >= 1, "mixprec::GradScaler: hysteresis must be >= 1, got ", o.hysteresis());
   TORCH_CHECK(o.min_scale() >= 0, "mixprec::GradScaler: min_scale must be >= 0, got ", o.min_scale());
@@ -82,7 +102,7 @@ int64_t key_of(const torch::optim::Optimizer& optimizer) { return reinterpret_ca
 
 GradScaler::GradScaler(c10::Device device, GradScalerOptions options)
     : options_(std::move(options)), device_(device), init_hysteresis_tracker_(options_.hysteresis()) {
-  if (options_.enabled()) check_options(options_);
+  if (options_.enabled()) check_options(options_, /*constructing=*/true);
 }
 
 void GradScaler::lazy_init(c10::Device device) {
@@ -503,7 +523,7 @@ std::string OverflowReport::str() const {
 }
 
 void GradScaler::set_growth_factor(double growth_factor) {
-  TORCH_CHECK(growth_factor > 1.0, "mixprec::GradScaler: growth_factor must be > 1.0, got ", growth_factor);
+  check_growth_factor(growth_factor);
   options_.growth_factor(growth_factor);
 }
 
@@ -514,9 +534,43 @@ void GradScaler::set_init_scale(double init_scale) {
 }
 
 void GradScaler::set_backoff_factor(double backoff_factor) {
-  TORCH_CHECK(backoff_factor > 0.0 && backoff_factor < 1.0, "mixprec::GradScaler: backoff_factor must be in (0, 1), got ",
-              backoff_factor);
+  check_backoff_factor(backoff_factor);
   options_.backoff_factor(backoff_factor);
+}
+
+void GradScaler::set_scale_tensor(const std::optional<at::Tensor>& scale) {
+  if (!scale.has_value() || !scale->defined()) {  // created afresh from init_scale at the next scale()
+    scale_ = growth_tracker_ = hysteresis_tracker_ = at::Tensor();
+    return;
+  }
+  TORCH_CHECK_TYPE(scale->scalar_type() == at::kFloat && scale->numel() == 1,
+                   "mixprec::GradScaler: the scale (_scale) must be a one-element float32 tensor, got ",
+                   scale->scalar_type(), " of ", scale->numel(), " elements");
+  const at::Tensor adopted = scale->detach().view(at::IntArrayRef{});  // its memory: in-place updates show in the caller's tensor
+  const c10::Device device = adopted.device();
+  if (!growth_tracker_.defined()) {
+    growth_tracker_ = at::full({}, init_growth_tracker_, adopted.options().dtype(at::kInt));
+    hysteresis_tracker_ = at::full({}, static_cast<double>(init_hysteresis_tracker_), adopted.options().dtype(at::kInt));
+  } else if (growth_tracker_.device() != device) {
+    growth_tracker_ = growth_tracker_.to(device);
+    hysteresis_tracker_ = hysteresis_tracker_.to(device);
+  }
+  scale_ = adopted;
+}
+
+void GradScaler::set_growth_tracker_tensor(const std::optional<at::Tensor>& tracker) {
+  if (!tracker.has_value() || !tracker->defined()) {  // counting starts again from the initial value
+    if (growth_tracker_.defined()) growth_tracker_ = at::full({}, init_growth_tracker_, growth_tracker_.options());
+    return;
+  }
+  TORCH_CHECK_TYPE(tracker->scalar_type() == at::kInt && tracker->numel() == 1,
+                   "mixprec::GradScaler: the growth tracker (_growth_tracker) must be a one-element int32 tensor, got ",
+                   tracker->scalar_type(), " of ", tracker->numel(), " elements");
+  const at::Tensor adopted = tracker->detach().view(at::IntArrayRef{});
+  if (!scale_.defined()) lazy_init(adopted.device());
+  TORCH_CHECK_VALUE(adopted.device() == scale_.device(), "mixprec::GradScaler: the growth tracker must be on the "
+                    "scale's device (", scale_.device(), "), got ", adopted.device());
+  growth_tracker_ = adopted;
 }
 
 void GradScaler::set_growth_interval(int64_t growth_interval) {
@@ -579,7 +633,7 @@ void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
     next.max_scale(std::isinf(v) ? std::nullopt : std::optional<double>(v));
   }
   if (state.contains("dynamic")) next.dynamic(number("dynamic") != 0);
-  check_options(next);
+  check_options(next, /*constructing=*/false);
   options_ = next;
   init_growth_tracker_ = growth_tracker;
   init_hysteresis_tracker_ = hysteresis_tracker;
@@ -718,6 +772,9 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("get_scale", [](const Self& s) { return s->impl.get_scale(); })
       .def("is_enabled", [](const Self& s) { return s->impl.is_enabled(); })
       .def("scale_tensor", [](const Self& s) { return s->impl.scale_tensor(); })
+      .def("set_scale_tensor", [](const Self& s, std::optional<at::Tensor> t) { s->impl.set_scale_tensor(t); })
+      .def("set_growth_tracker_tensor",
+           [](const Self& s, std::optional<at::Tensor> t) { s->impl.set_growth_tracker_tensor(t); })
       .def("ensure_optimizer_state", [](const Self& s, int64_t key) { s->impl.ensure_optimizer_state(key); })
       .def("init_scale_on", [](const Self& s, const std::string& device) { s->impl.init_scale_on(device); })
       .def("growth_tracker_tensor", [](const Self& s) { return s->impl.growth_tracker_tensor(); })

@@ -20,7 +20,15 @@ Differences from torch, all opt-in or strictly more permissive:
     schedulers it drives) sees none; ``host_skip=True`` reads the flag on the host instead (one sync per
     step) and skips the call as torch does;
   * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps;
-  * ``track_overflows``: :meth:`GradScaler.last_overflow` names the parameters whose gradients overflowed.
+  * ``track_overflows``: :meth:`GradScaler.last_overflow` names the parameters whose gradients overflowed;
+  * the scale grows once ``growth_interval`` clean steps have passed, also when a smaller interval is set (or
+    loaded) while the count is already past it: torch's kernel grows only when the count equals the interval,
+    so there the scale never grows again until an overflow restarts the count.
+
+torch's setters take factors of exactly 1 (``set_growth_factor(1)`` caps the scale, ``set_backoff_factor(1)``
+floors it) and ``_scale`` / ``_growth_tracker`` can be assigned, as code written for torch does. A subclass that
+overrides ``unscale_``, ``_unscale_grads_``, ``_maybe_opt_step`` or ``_check_inf_per_device`` is called through
+them as torch's ``step`` calls them.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from .optim import _local
 __all__ = ["GradScaler", "OverflowReport"]
 
 _INT_KEYS = ("growth_interval", "_growth_tracker", "hysteresis", "_hysteresis_tracker")
+# torch.amp.GradScaler's methods that its step() routes through, which subclasses override (a sharded scaler's
+# unscale_ all-reduces the flags; loggers wrap _maybe_opt_step). A subclass that overrides one gets torch's
+# route through them; GradScaler itself calls the C++ scaler directly.
+_TORCH_HOOKS = ("unscale_", "_unscale_grads_", "_maybe_opt_step", "_check_inf_per_device")
 _BOOL_KEYS = ("consecutive_hysteresis", "dynamic")
 
 
@@ -275,6 +287,12 @@ class GradScaler(torch.amp.GradScaler):
     ``_unscale_grads_``, ``_check_scale_growth_tracker``, ``_get_scale_async``, ``_found_inf_per_device``.
     """
 
+    _overridden: frozenset[str] = frozenset()  # which of _TORCH_HOOKS this class overrides
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._overridden = frozenset(name for name in _TORCH_HOOKS if getattr(cls, name) is not getattr(GradScaler, name))
+
     def __init__(
         self,
         device: str = "cuda",
@@ -380,7 +398,24 @@ class GradScaler(torch.amp.GradScaler):
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (one pass per device)."""
         if not self._enabled:
             return
-        self._unscale(id(optimizer), optimizer)
+        if "_unscale_grads_" in self._overridden:
+            self._unscale_through_hook(optimizer)
+        else:
+            self._unscale(id(optimizer), optimizer)
+
+    def _unscale_through_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """torch's ``unscale_``, for a subclass that overrides ``_unscale_grads_``: the flags it returns become
+        the optimizer's record. (mixprec unscales 16-bit gradients too, so it passes ``allow_fp16=True``.)"""
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        scale, _ = self._check_scale_growth_tracker("unscale_")
+        inv_scale = scale.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
+        flags = self._unscale_grads_(optimizer, inv_scale, found_inf, True)
+        self._impl.set_optimizer_state(id(optimizer), OptState.UNSCALED.value, _by_device_name(flags))
 
     def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """torch's accessor of an optimizer's overflow flags this iteration (empty before its ``unscale_``),
@@ -399,6 +434,13 @@ class GradScaler(torch.amp.GradScaler):
         """torch's read-only check of an optimizer's gradients (not unscaled): records and returns its flags."""
         if not self._enabled:
             return {}
+        if "_unscale_grads_" in self._overridden:  # torch's route: a check is an unscale by 1 that writes nothing
+            scale, _ = self._check_scale_growth_tracker("step")
+            ones = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
+            zeros = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
+            flags = self._unscale_grads_(optimizer, ones, zeros, True)
+            self._impl.set_optimizer_state(id(optimizer), self._impl.stage(id(optimizer)), _by_device_name(flags))
+            return self._found_inf_per_device(optimizer)
         self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
         return self._found_inf_per_device(optimizer)
 
@@ -452,7 +494,10 @@ class GradScaler(torch.amp.GradScaler):
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
         if not self._impl.is_unscaled(key):
-            self._unscale(key, optimizer)
+            if self._overridden:  # torch's step() calls unscale_ (a subclass's, which may all-reduce the flags)
+                self.unscale_(optimizer)
+            else:
+                self._unscale(key, optimizer)
         return self._impl.found_inf(key)
 
     @_torch_assertion_types
@@ -484,10 +529,17 @@ class GradScaler(torch.amp.GradScaler):
             retval = optimizer.step(*args, **{**kwargs, "grad_scaler": self})
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
             unscaled = self._impl.is_unscaled(key)
-            handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
-                                                                                self._params(optimizer))
-            if not handled:
-                grad_scale, found = self._impl.prepare_scaled_step(key, self._grads(optimizer))
+            if not unscaled and self._overridden & {"_check_inf_per_device", "_unscale_grads_"}:
+                # torch's route: the subclass's check records the flags (and may all-reduce them), summed here.
+                flags = self._check_inf_per_device(optimizer)
+                grad_scale = self._scale
+                found = sum(f.to(grad_scale.device, non_blocking=True) for f in flags.values()) if flags else \
+                    torch.zeros((), dtype=torch.float32, device=grad_scale.device)
+            else:
+                handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
+                                                                                    self._params(optimizer))
+                if not handled:
+                    grad_scale, found = self._impl.prepare_scaled_step(key, self._grads(optimizer))
             if self._host_skip and found.item():
                 self._impl.mark_stepped(key)
                 return None
@@ -497,6 +549,9 @@ class GradScaler(torch.amp.GradScaler):
             elif previous is not None:  # torch multiplies a user-set grad_scale in
                 grad_scale = grad_scale * previous
             retval = self._step_with(optimizer, grad_scale, found, args, kwargs)
+        elif "_maybe_opt_step" in self._overridden:  # torch's route, through the subclass's decision
+            self._found_inf(optimizer)  # unscaled first, as torch's step does
+            retval = self._maybe_opt_step(optimizer, self._per_optimizer_states[key], *args, **kwargs)
         elif getattr(optimizer, "_mixprec_skips_on_device", False) and not self._host_skip:
             retval = self._step_with(optimizer, None, self._found_inf(optimizer), args, kwargs)
         elif not self._found_inf(optimizer).item():  # a plain optimizer: the host decides, as in torch
@@ -545,7 +600,7 @@ class GradScaler(torch.amp.GradScaler):
         return float(self._impl.get_growth_factor())
 
     def set_growth_factor(self, new_factor: float) -> None:
-        """Set the scale growth factor (> 1)."""
+        """Set the scale growth factor (>= 1; 1 holds the scale where it is, a cap)."""
         self._impl.set_growth_factor(float(new_factor))
 
     def get_backoff_factor(self) -> float:
@@ -553,7 +608,7 @@ class GradScaler(torch.amp.GradScaler):
         return float(self._impl.get_backoff_factor())
 
     def set_backoff_factor(self, new_factor: float) -> None:
-        """Set the scale backoff factor (in (0, 1))."""
+        """Set the scale backoff factor (in (0, 1]; 1 holds the scale where it is, a floor)."""
         self._impl.set_backoff_factor(float(new_factor))
 
     def get_growth_interval(self) -> int:
@@ -610,11 +665,23 @@ class GradScaler(torch.amp.GradScaler):
         self._torch_attribute("_scale")
         return self._impl.scale_tensor() if self._impl.has_scale() else None
 
+    @_scale.setter
+    def _scale(self, value: Optional[Tensor]) -> None:
+        # Code written for torch assigns it (a floor under the scale, a reset to None): the scaler takes that
+        # one-element float32 tensor's memory as its scale; None starts again from _init_scale at the next scale().
+        self._torch_attribute("_scale")
+        self._impl.set_scale_tensor(value)
+
     @property
     def _growth_tracker(self) -> Optional[Tensor]:
         """The growth tracker tensor, or None before the first ``scale()`` (torch's attribute)."""
         self._torch_attribute("_growth_tracker")
         return self._impl.growth_tracker_tensor() if self._impl.has_scale() else None
+
+    @_growth_tracker.setter
+    def _growth_tracker(self, value: Optional[Tensor]) -> None:
+        self._torch_attribute("_growth_tracker")
+        self._impl.set_growth_tracker_tensor(value)
 
     # torch's plain attributes for the settings, read and written through the C++ options.
     def _setting(name: str, get: Callable[[Any], Any], put: Callable[[Any, Any], None]) -> Any:  # noqa: N805

@@ -217,9 +217,26 @@ TEST_CASE("GradScaler setters are checked and take effect at the next update", "
   scaler.set_growth_interval(1);
   REQUIRE(scaler.options().growth_factor() == 4.0);
   REQUIRE(train(net, opt, scaler, 3, {1}) == std::vector<double>{256, 64, 256});
-  REQUIRE_THROWS_WITH(scaler.set_growth_factor(1.0), Catch::Contains("growth_factor"));
+  // Exactly 1 holds the scale, as with torch's setters: a floor (no backoff), then a cap (no growth).
+  scaler.set_backoff_factor(1.0);
+  REQUIRE(train(net, opt, scaler, 3, {1}) == std::vector<double>{1024, 1024, 4096});
+  scaler.set_growth_factor(1.0);
+  REQUIRE(train(net, opt, scaler, 2, {}) == std::vector<double>{4096, 4096});
+  REQUIRE_THROWS_WITH(scaler.set_growth_factor(0.5), Catch::Contains("growth_factor"));
   REQUIRE_THROWS_WITH(scaler.set_backoff_factor(0.0), Catch::Contains("backoff_factor"));
+  REQUIRE_THROWS_WITH(scaler.set_backoff_factor(2.0), Catch::Contains("backoff_factor"));
   REQUIRE_THROWS_WITH(scaler.set_growth_interval(0), Catch::Contains("growth_interval"));
+  // torch's _scale assigned: the scaler takes that tensor's memory, and updates show in it.
+  const torch::Tensor mine = torch::full({1}, 8.0);
+  scaler.set_growth_factor(2.0);
+  scaler.set_scale_tensor(mine);
+  REQUIRE(scaler.get_scale() == 8.0);
+  REQUIRE(train(net, opt, scaler, 1, {}) == std::vector<double>{16});
+  REQUIRE(mine.item<double>() == 16.0);
+  REQUIRE_THROWS_WITH(scaler.set_scale_tensor(torch::ones({2})), Catch::Contains("one-element float32"));
+  scaler.set_scale_tensor(std::nullopt);  // starts again from init_scale at the next scale()
+  REQUIRE(!scaler.has_scale());
+  REQUIRE(scaler.get_scale() == 64.0);
 }
 
 TEST_CASE("GradScaler names the parameters whose gradients overflowed", "[scaler][overflow]") {

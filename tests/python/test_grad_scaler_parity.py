@@ -113,8 +113,29 @@ def setters(i, model, opts, scaler, x):
     plain(i, model, opts, scaler, x)
 
 
+def held_scale(i, model, opts, scaler, x):
+    """Factors of exactly 1, as training code sets them through torch's setters: a floor under the scale (no
+    backoff) from iteration 6, then a cap (no growth) with backoff again from iteration 10."""
+    if i == 6:
+        scaler.set_backoff_factor(1.0)
+    if i == 10:
+        scaler.set_growth_factor(1.0)
+        scaler.set_backoff_factor(0.5)
+    plain(i, model, opts, scaler, x)
+
+
+def assigned_scale(i, model, opts, scaler, x):
+    """torch's attributes assigned as public training code assigns them: a floor under the scale written into
+    `_scale`, and the growth count restarted through `_growth_tracker`."""
+    plain(i, model, opts, scaler, x)
+    if scaler._scale < 600.0:
+        scaler._scale = torch.tensor(600.0).to(scaler._scale)
+    if i == 8:
+        scaler._growth_tracker = torch.zeros((), dtype=torch.int32, device=scaler._scale.device)
+
+
 SCENARIOS = {f.__name__: f for f in (plain, unscale_and_clip, accumulation, two_optimizers_two_losses,
-                                     gradient_penalty, setters)}
+                                     gradient_penalty, setters, held_scale, assigned_scale)}
 
 
 def run(scaler_cls: type, device: str, make_opt: Callable, body: Callable, steps: int = 20,
@@ -265,8 +286,10 @@ def test_getters_do_not_touch_the_device_and_setters_are_checked() -> None:
     assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (5.0, 0.75, 11)
     sd = scaler.state_dict()
     assert (sd["growth_factor"], sd["backoff_factor"], sd["growth_interval"]) == (5.0, 0.75, 11)
-    for setter, bad, needle in [(scaler.set_growth_factor, 1.0, "growth_factor"),
-                                (scaler.set_backoff_factor, 1.0, "backoff_factor"),
+    for setter, bad, needle in [(scaler.set_growth_factor, 0.5, "growth_factor"),
+                                (scaler.set_growth_factor, float("inf"), "growth_factor"),
+                                (scaler.set_backoff_factor, 1.5, "backoff_factor"),
+                                (scaler.set_backoff_factor, 0.0, "backoff_factor"),
                                 (scaler.set_growth_interval, 0, "growth_interval")]:
         with pytest.raises(RuntimeError, match=needle):
             setter(bad)
@@ -695,6 +718,70 @@ def test_fp16_sparse_gradients_are_coalesced_before_the_check() -> None:
     scaler.unscale_(opt)
     dense = emb.weight.grad.to_dense()
     assert dense[2].eq(2.0).all() and dense[5].eq(1.0).all() and dense[0].eq(0.0).all()
+
+
+def _hooked(base: type) -> type:
+    """A subclass in the style of sharded scalers and loggers: it overrides the methods torch's step() routes
+    through, records the calls, and its unscale_ marks an overflow on iteration 1 (as an all-reduce of another
+    rank's flag would)."""
+
+    class Hooked(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls: list[str] = []
+            self.iteration = 0
+
+        def unscale_(self, optimizer):
+            self.calls.append("unscale_")
+            super().unscale_(optimizer)
+            if self.iteration == 1:
+                for flag in self._found_inf_per_device(optimizer).values():
+                    flag.fill_(1.0)
+
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+            self.calls.append("_unscale_grads_")
+            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+
+        def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+            self.calls.append("_maybe_opt_step")
+            return super()._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
+
+        def _check_inf_per_device(self, optimizer):
+            self.calls.append("_check_inf_per_device")
+            return super()._check_inf_per_device(optimizer)
+
+    return Hooked
+
+
+@pytest.mark.parametrize("explicit_unscale", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-fused", "adamw-fused", "mixprec-adamw", "mixprec-adamw-fused"])
+def test_subclasses_overriding_torchs_hooks_are_called_as_torchs_step_calls_them(optimizer: str,
+                                                                               explicit_unscale: bool) -> None:
+    """torch documents that step() unscales through unscale_ (and, in its code, decides through _maybe_opt_step
+    and checks fused optimizers' gradients through _check_inf_per_device, both of which reach _unscale_grads_).
+    A subclass of mixprec.GradScaler that overrides them is called in the same order, and an overflow its
+    unscale_ marks skips the step as with torch's scaler."""
+    outcomes = {}
+    for base in (torch.amp.GradScaler, mixprec.GradScaler):
+        model = make_model("cpu")
+        opt = OPTIMIZERS[optimizer](list(model.parameters()))
+        scaler = _hooked(base)("cpu", init_scale=4.0, growth_interval=100)
+        gen = torch.Generator().manual_seed(2)
+        per_iteration = []
+        for i in range(3):
+            scaler.iteration = i
+            scaler.calls.clear()
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(6, 8, generator=gen)).pow(2).mean()).backward()
+            if explicit_unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            per_iteration.append((list(scaler.calls), scaler.get_scale()))
+        outcomes[base] = (per_iteration, [p.detach().clone() for p in model.parameters()])
+    ours, theirs = outcomes[mixprec.GradScaler], outcomes[torch.amp.GradScaler]
+    assert ours[0] == theirs[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))
 
 
 def test_torchs_scaler_attributes_read_and_write_as_in_torch() -> None:

@@ -95,14 +95,23 @@ class GradScaler {
   bool is_enabled() const { return options_.enabled(); }
   const GradScalerOptions& options() const { return options_; }
 
-  /// torch.amp.GradScaler's setters (checked like the constructor's arguments); they take effect at the
-  /// next update(). Reading them back (options()) never touches the device.
+  /// torch.amp.GradScaler's setters; they take effect at the next update(). A factor of exactly 1 holds the
+  /// scale (growth 1: a cap, backoff 1: a floor), as with torch's setters; the constructor requires
+  /// growth_factor > 1 and backoff_factor < 1, as torch's does. Reading them back (options()) never touches
+  /// the device.
   void set_growth_factor(double growth_factor);
   void set_backoff_factor(double backoff_factor);
   void set_growth_interval(int64_t growth_interval);
   /// The scale the scale tensor starts from when it is created (the first scale()); an existing scale is kept,
   /// as assigning torch's `_init_scale` does.
   void set_init_scale(double init_scale);
+  /// Assigning torch's `_scale`: the scaler takes this one-element float32 tensor (its memory, as a 0-dim view)
+  /// as its scale from now on, creating the trackers beside it if there were none; nullopt drops the scale and
+  /// trackers, created again from init_scale at the next scale().
+  void set_scale_tensor(const std::optional<at::Tensor>& scale);
+  /// Assigning torch's `_growth_tracker`: a one-element int32 tensor on the scale's device; nullopt restarts the
+  /// count.
+  void set_growth_tracker_tensor(const std::optional<at::Tensor>& tracker);
   /// Turns overflow tracking on or off (from the next unscale or step); off drops what was recorded.
   void set_track_overflows(bool track);
   /// Sets (or, null, clears) GradScalerOptions::process_group, from the next gradient check on.
