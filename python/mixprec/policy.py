@@ -47,6 +47,19 @@ def _is_policy_hook(hook: Any) -> bool:
     return hook is _fp32_inputs or (isinstance(hook, functools.partial) and hook.func is _outputs_in)
 
 
+@torch.compiler.assume_constant_result
+def _parse(name: str, keep_fp32: Optional[tuple[str, ...]]) -> tuple[Any, ...]:
+    """The C++ parser's reading of a policy, as plain values: (name, compute, param, master and output dtype
+    codes, needs loss scaling, kept module type names). Under torch.compile this runs once, at trace time, and
+    its result is a constant of the graph: a policy built or read inside a compiled function (the
+    ``mixprec.autocast`` around a model's forward) costs nothing there and breaks no graph."""
+    impl = torch.classes.mixprec.Policy(name)
+    if keep_fp32 is not None:
+        impl.set_keep_fp32(list(keep_fp32))
+    return (str(impl.name()), int(impl.compute_dtype()), int(impl.param_dtype()), int(impl.master_dtype()),
+            int(impl.output_dtype()), bool(impl.needs_loss_scaling()), tuple(impl.keep_fp32()))
+
+
 class Policy:
     """A precision policy: compute dtype, parameter (storage) dtype, master dtype, output dtype, the
     module types kept in fp32, and whether loss scaling is needed.
@@ -64,39 +77,51 @@ class Policy:
 
     def __init__(self, name: Union[str, "Policy"], keep_fp32: Optional[Iterable[str]] = None) -> None:
         base = name.name if isinstance(name, Policy) else str(name)
-        self._impl = torch.classes.mixprec.Policy(base)
         if isinstance(name, Policy) and keep_fp32 is None:
             keep_fp32 = name.keep_fp32
-        if keep_fp32 is not None:
-            self._impl.set_keep_fp32([str(k) for k in keep_fp32])
+        # What the C++ parser read, kept as plain values (see _parse); the C++ object itself (self._impl) is
+        # made when a method needs it.
+        self._fields = _parse(base, None if keep_fp32 is None else tuple(str(k) for k in keep_fp32))
+
+    @property
+    def _impl(self) -> Any:
+        """The C++ ``mixprec::Policy`` (``torch.classes.mixprec.Policy``) this policy was read from."""
+        impl = self.__dict__.get("_cpp")
+        if impl is None:
+            impl = self.__dict__["_cpp"] = torch.classes.mixprec.Policy(self.name)
+            impl.set_keep_fp32(self.keep_fp32)
+        return impl
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Policy, (self.name, self.keep_fp32))
 
     @property
     def name(self) -> str:
-        return str(self._impl.name())
+        return self._fields[0]
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return _FROM_CODE[self._impl.compute_dtype()]
+        return _FROM_CODE[self._fields[1]]
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return _FROM_CODE[self._impl.param_dtype()]
+        return _FROM_CODE[self._fields[2]]
 
     @property
     def master_dtype(self) -> torch.dtype:
-        return _FROM_CODE[self._impl.master_dtype()]
+        return _FROM_CODE[self._fields[3]]
 
     @property
     def output_dtype(self) -> torch.dtype:
-        return _FROM_CODE[self._impl.output_dtype()]
+        return _FROM_CODE[self._fields[4]]
 
     @property
     def needs_loss_scaling(self) -> bool:
-        return bool(self._impl.needs_loss_scaling())
+        return self._fields[5]
 
     @property
     def keep_fp32(self) -> list[str]:
-        return list(self._impl.keep_fp32())
+        return list(self._fields[6])
 
     def keeps_fp32(self, module: Union[nn.Module, type, str]) -> bool:
         """Whether this module (or module type, or type name) stays in fp32."""
@@ -166,12 +191,14 @@ class Policy:
         return autocast(self, device_type)
 
 
-class autocast:  # noqa: N801 (named like torch.autocast)
-    """``torch.autocast`` driven by a policy: context manager and decorator.
+class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
+    """``torch.autocast`` driven by a policy: context manager and decorator, and a ``torch.autocast`` itself.
 
     Inside, autocast computes in the policy's compute dtype; a float32 policy disables autocast inside.
     On exit the previous state (enabled flag, dtype, cache setting) comes back and the cast cache is
-    cleared when the outermost autocast exits, exactly as with ``torch.autocast``.
+    cleared when the outermost autocast exits, exactly as with ``torch.autocast``. torch.compile traces it as
+    it traces ``torch.autocast`` (``fullgraph=True`` included): the policy is read at trace time. As a
+    decorator each call enters a fresh instance, so a decorated function may call itself.
     """
 
     def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None):
@@ -183,27 +210,33 @@ class autocast:  # noqa: N801 (named like torch.autocast)
         if not available:
             raise RuntimeError(f"mixprec.autocast: autocast is not available for device type {device_type!r}")
         compute = policy.compute_dtype
-        if device_type == "cuda" and compute == torch.bfloat16 and torch.cuda.is_available() \
-                and not torch.cuda.is_bf16_supported():
+        if device_type == "cuda" and compute == torch.bfloat16 and not _cuda_bf16_ok():
             raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
+        enabled = compute != torch.float32
+        super().__init__(device_type, dtype=compute if enabled else None, enabled=enabled, cache_enabled=cache_enabled)
+        # After torch's __init__: torch.compile treats this object as a torch.autocast from its first attribute on.
         self.policy = policy
         self.device_type = device_type
-        self._cache_enabled = cache_enabled
-        enabled = compute != torch.float32
-        self._autocast = torch.autocast(device_type, dtype=compute if enabled else None, enabled=enabled,
-                                        cache_enabled=cache_enabled)
+        self._requested_cache = cache_enabled
 
-    def __enter__(self) -> "autocast":
-        self._autocast.__enter__()
+    def __enter__(self) -> "autocast":  # type: ignore[override]
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._autocast.__exit__(*exc)
-
     def __call__(self, func: _F) -> _F:
+        # Each call enters its own torch.autocast with this one's settings (the policy was read here already).
+        device_type, dtype, enabled, cache = self.device_type, self.fast_dtype, self._enabled, self._requested_cache
+
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with autocast(self.policy, self.device_type, self._cache_enabled):
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache):
                 return func(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result
+def _cuda_bf16_ok() -> bool:
+    """Whether bfloat16 autocast can run on CUDA here (true without a GPU: torch.autocast then disables itself
+    with its own warning). A constant under torch.compile."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()

@@ -145,6 +145,72 @@ def test_policies_and_autocast_objects_pickle_and_copy() -> None:
     assert not torch.is_autocast_enabled("cpu")
 
 
+def _compiled(fn, *args):
+    """fn compiled with fullgraph=True (any graph break is an error), its output and its graph count."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(fn, backend="eager", fullgraph=True)(*args)
+    return out, counters["stats"]["unique_graphs"]
+
+
+def test_autocast_compiles_in_one_graph_as_torchs() -> None:
+    """torch.compile traces mixprec.autocast as it traces torch.autocast, fullgraph=True included: as a context
+    manager built inside or outside the compiled function (from a policy or a name), nested, in a module's
+    forward, and as a decorator; the outputs are torch.autocast's, bit for bit."""
+    x = torch.randn(8, 8)
+    layer = nn.Linear(8, 8)
+    policy = Policy("mixed_bfloat16")
+    outside = mixprec.autocast(policy, "cpu")
+    assert isinstance(outside, torch.autocast)
+
+    def torchs(a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(a) @ a
+
+    def from_policy(a):
+        with mixprec.autocast(policy, "cpu"):
+            return layer(a) @ a
+
+    def from_name(a):
+        with mixprec.autocast("bf16-mixed", "cpu"):
+            return layer(a) @ a
+
+    def prebuilt(a):
+        with outside:
+            return layer(a) @ a
+
+    def nested(a):
+        with mixprec.autocast("mixed_float16", "cpu"):
+            with mixprec.autocast("float32", "cpu"):
+                inner = layer(a)
+            return inner, layer(a) @ a
+
+    @mixprec.autocast(policy, "cpu")
+    def decorated(a):
+        return layer(a) @ a
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+            self.policy = policy
+
+        def forward(self, a):
+            with mixprec.autocast(self.policy, "cpu"):
+                return self.layer(a) @ a
+
+    expected, _ = _compiled(torchs, x)
+    assert expected.dtype == torch.bfloat16
+    for fn in (from_policy, from_name, prebuilt, decorated, Model()):
+        out, graphs = _compiled(fn, x)
+        assert graphs == 1 and torch.equal(out, expected), fn
+    (inner, out), graphs = _compiled(nested, x)
+    assert graphs == 1 and inner.dtype == torch.float32 and out.dtype == torch.float16
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_autocast_on_an_unavailable_device_is_an_error() -> None:
     for device_type in ("no_such_device", "meta"):
         with pytest.raises(RuntimeError, match="not available"):
