@@ -649,11 +649,17 @@ void GradScaler::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void GradScaler::load(torch::serialize::InputArchive& archive) {
+  // Only the keys state_dict() writes: the archive may hold a module's or an optimizer's entries beside them.
+  static const char* const kKeys[] = {"scale", "growth_factor", "backoff_factor", "growth_interval",
+                                      "_growth_tracker", "hysteresis", "_hysteresis_tracker",
+                                      "consecutive_hysteresis", "min_scale", "max_scale", "dynamic"};
   c10::Dict<std::string, double> d;
-  for (const std::string& key : archive.keys()) {
+  for (const char* key : kKeys) {
     c10::IValue v;
-    archive.read(key, v);
-    d.insert(key, v.toDouble());
+    if (!archive.try_read(key, v)) continue;
+    TORCH_CHECK(v.isDouble() || v.isInt() || v.isBool(), "mixprec::GradScaler::load: '", key,
+                "' in the archive is not a number");
+    d.insert(key, v.isDouble() ? v.toDouble() : (v.isInt() ? static_cast<double>(v.toInt()) : v.toBool()));
   }
   load_state_dict(d);
 }

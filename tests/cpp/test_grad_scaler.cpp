@@ -182,6 +182,24 @@ TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][check
   REQUIRE(b.options().growth_interval() == 7);
   REQUIRE(b.options().hysteresis() == 3);
   REQUIRE(b.state_dict().at("_hysteresis_tracker") == 3.0);
+  // torch::save / torch::load as for modules and optimizers, and beside other entries in one archive.
+  std::stringstream whole;
+  torch::save(a, whole);
+  mixprec::GradScaler c;
+  torch::load(c, whole);
+  REQUIRE(c.state_dict() == a.state_dict());
+  std::stringstream shared;
+  {
+    torch::serialize::OutputArchive archive;
+    archive.write("weight", torch::ones({2}));
+    a.save(archive);
+    archive.save_to(shared);
+  }
+  mixprec::GradScaler d;
+  torch::serialize::InputArchive in;
+  in.load_from(shared);
+  d.load(in);
+  REQUIRE(d.get_scale() == 300.0);
 }
 
 TEST_CASE("GradScaler with mixprec::optim: the step divides by the scale and leaves the gradients unscaled",

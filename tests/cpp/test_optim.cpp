@@ -172,6 +172,18 @@ TEST_CASE("AdamWOptions has torch::optim::AdamWOptions' defaults; AdamW takes th
   // Chained setters as with torch's options.
   mixprec::optim::AdamW tuned(params, mixprec::optim::AdamWOptions(3e-4).weight_decay(0.1));
   REQUIRE(static_cast<mixprec::optim::AdamOptions&>(tuned.defaults()).lr() == 3e-4);
+  // A bare learning rate, as torch::optim::AdamW(params, 1e-3) takes it, means AdamWOptions (weight decay 1e-2);
+  // options given in full keep what they set.
+  const auto decay = [](mixprec::optim::AdamW& o) {
+    return static_cast<mixprec::optim::AdamOptions&>(o.defaults()).weight_decay();
+  };
+  mixprec::optim::AdamW bare(params, 1e-3), braced(params, {1e-3}), empty(params, {});
+  torch::optim::AdamW torch_bare(params, 1e-3);
+  REQUIRE(decay(bare) == static_cast<torch::optim::AdamWOptions&>(torch_bare.defaults()).weight_decay());
+  REQUIRE((decay(braced) == 1e-2 && decay(empty) == 1e-2 && bare.defaults().get_lr() == 1e-3));
+  mixprec::optim::AdamW plain(params, mixprec::optim::AdamOptions(1e-3));
+  mixprec::optim::AdamW from_torch(params, torch::optim::AdamWOptions(1e-3).weight_decay(0.3));
+  REQUIRE((decay(plain) == 0.0 && decay(from_torch) == 0.3));
 }
 
 TEST_CASE("amsgrad(true) tracks torch::optim::Adam/AdamW with amsgrad, state included, and survives a checkpoint",

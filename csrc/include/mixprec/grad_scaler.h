@@ -7,6 +7,7 @@
 #include <ATen/core/Dict.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/optim/optimizer.h>
+#include <torch/serialize/archive.h>
 #include <torch/ordered_dict.h>
 
 #include <map>
@@ -144,6 +145,9 @@ class GradScaler {
   /// Loads a state dict of ours or of torch.amp.GradScaler (missing mixprec keys keep their values).
   void load_state_dict(const c10::Dict<std::string, double>& state);
 
+  /// The state dict's keys as numbers, into `archive` (which may hold other entries: a module's, an
+  /// optimizer's); `load` reads those keys only. `torch::save(scaler, path)` / `torch::load(scaler, path)`
+  /// work as for modules and optimizers (the operators below).
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
 
@@ -248,5 +252,16 @@ class GradScaler {
   bool grads_may_be_scaled_ = false;
   at::Tensor scratch_record_, scratch_amax_;  // record_overflow_'s operands when no optimizer is tracked
 };
+
+/// `torch::save(scaler, ...)`, as for optimizers and modules.
+inline torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const GradScaler& scaler) {
+  scaler.save(archive);
+  return archive;
+}
+/// `torch::load(scaler, ...)`, as for optimizers and modules.
+inline torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive, GradScaler& scaler) {
+  scaler.load(archive);
+  return archive;
+}
 
 }  // namespace mixprec

@@ -62,6 +62,11 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
 /// AdamOptions', so `AdamWOptions(3e-4).weight_decay(0.1)` chains as with torch.
 struct AdamWOptions : public AdamOptions {
   AdamWOptions(double lr = 1e-3) : AdamOptions(lr) { weight_decay(1e-2); }  // NOLINT(google-explicit-constructor)
+  /// Options given in full (mixprec's AdamOptions, torch's AdamWOptions / AdamOptions) keep every field as set,
+  /// so AdamW's one options parameter takes them all, as torch::optim::AdamW's takes a number or its options.
+  AdamWOptions(const AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
+  AdamWOptions(const torch::optim::AdamWOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
+  AdamWOptions(const torch::optim::AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
 };
 
 /// Per-parameter state: step count, moments (with AMSGrad also the running maximum of exp_avg_sq, as in
@@ -218,10 +223,11 @@ class Adam : public torch::optim::Optimizer {
 /// AdamW (decoupled weight decay, default 1e-2) with master weights, a drop-in for torch::optim::AdamW.
 class AdamW : public Adam {
  public:
-  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                 AdamOptions defaults = AdamWOptions())
+  /// As torch::optim::AdamW: a bare learning rate (`AdamW(params, 1e-3)`) or `{}` means AdamWOptions, whose
+  /// weight_decay is 1e-2; options given in full are taken as set.
+  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults = {})
       : Adam(param_groups, std::move(defaults), /*decoupled=*/true) {}
-  explicit AdamW(std::vector<torch::Tensor> params, AdamOptions defaults = AdamWOptions())
+  explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {})
       : AdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 };
 
