@@ -88,7 +88,11 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       }
     }
     // A reused weight is saved as it is (not copied): backward casts it only if a 16-bit product needs it.
-    ctx->save_for_backward({x2, w, qwt.data, qwt.scale_inv});
+    // As torch's linear: the input only for a weight gradient, the weight only for an input gradient.
+    const bool input_grad = input.requires_grad();
+    ctx->save_for_backward({weight.requires_grad() ? x2 : torch::Tensor(), input_grad ? w : torch::Tensor(),
+                            input_grad ? qwt.data : torch::Tensor(), input_grad ? qwt.scale_inv : torch::Tensor()});
+    ctx->saved_data["dtype"] = x2.scalar_type();
     ctx->saved_data["cast_weight"] = !cast_now;
     if (dtype.has_value()) ctx->saved_data["autocast_dtype"] = *dtype;
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
@@ -113,7 +117,8 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       const at::NoGradGuard no_grad;
       return autocast_to(saved[1], dtype);
     };
-    const torch::Tensor g2 = rows(grad_outputs[0].to(x2.scalar_type())).contiguous();
+    const at::ScalarType dtype = ctx->saved_data["dtype"].toScalarType();
+    const torch::Tensor g2 = rows(grad_outputs[0].to(dtype)).contiguous();
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) {
       // Under create_graph the 16-bit product, which autograd can differentiate.
@@ -121,11 +126,11 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
         // g [m, n] @ w [n, k]: w quantized per column (its input channels), the summed n along each.
         const int8::Quantized qg = per_row(g2);
         const int8::Quantized qw = saved[2].defined() ? int8::Quantized{saved[2], saved[3]} : per_column(saved[1]);
-        grad_input = int8::mm(qg.data, qw.data, qg.scale_inv, qw.scale_inv, x2.scalar_type());
+        grad_input = int8::mm(qg.data, qw.data, qg.scale_inv, qw.scale_inv, dtype);
       } else {
         grad_input = g2.mm(weight_operand());
       }
-      grad_input = grad_input.reshape_symint(with_features(grad_outputs[0], x2.sym_size(1)));
+      grad_input = grad_input.reshape_symint(with_features(grad_outputs[0], saved[1].sym_size(1)));
     }
     if (ctx->needs_input_grad(1)) {
       const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
@@ -174,7 +179,7 @@ torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weigh
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
-  return Int8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, gemms.forward,
+  return Int8LinearFunction::apply(input, weight, maybe_bias, probe_input(weight), gemms.forward,
                                    gemms.input_grad, gemms.weight_grad, cache);
 }
 

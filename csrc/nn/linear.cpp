@@ -81,8 +81,14 @@ const Probe& probe_for(const c10::Device& device) {
   if (inserted) {
     it->second.leaf = torch::empty({0}, torch::TensorOptions().device(device).requires_grad(true));
     it->second.node = torch::autograd::impl::grad_accumulator(it->second.leaf);
+    it->second.plain = torch::empty({0}, torch::TensorOptions().device(device));
   }
   return it->second;
+}
+
+const torch::Tensor& probe_input(const torch::Tensor& weight) {
+  const Probe& probe = probe_for(weight.device());
+  return weight.requires_grad() ? probe.leaf : probe.plain;
 }
 
 bool in_plain_backward(const c10::Device& device) {
@@ -159,7 +165,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       output = at::linear(x, w, b);
     }
-    ctx->save_for_backward({x, w});
+    // As torch's linear: the input only for a weight gradient, the weight only for an input gradient (a
+    // frozen layer keeps no activations alive, and an in-place change to its input after forward is fine).
+    ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input.requires_grad() ? w : torch::Tensor()});
+    ctx->saved_data["dtype"] = x.scalar_type();
     // The parameter itself, to reach its .grad (a leaf: no reference cycle through the graph).
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
     ctx->saved_data["has_bias"] = bias.defined();
@@ -170,16 +179,17 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const bool create_graph = at::GradMode::is_enabled();  // backward runs in grad mode only for create_graph
     const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor& x = saved[0];
-    const torch::Tensor& w = saved[1];
+    const torch::Tensor& x = saved[0];  // undefined unless a weight gradient can be asked for
+    const torch::Tensor& w = saved[1];  // undefined unless an input gradient can be asked for
+    const at::ScalarType dtype = ctx->saved_data["dtype"].toScalarType();
     torch::Tensor go = grad_outputs[0];
-    if (go.scalar_type() != x.scalar_type()) go = go.to(x.scalar_type());
+    if (go.scalar_type() != dtype) go = go.to(dtype);
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) grad_input = go.matmul(w);
     if (ctx->needs_input_grad(1)) {
       const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
       const c10::Device probe_device = ctx->saved_data["probe_device"].toDevice();
-      if (x.scalar_type() == at::kDouble) {  // the GEMM op is for fp32 and narrower; fp64 stays fp64
+      if (dtype == at::kDouble) {  // the GEMM op is for fp32 and narrower; fp64 stays fp64
         grad_weight = rows(go).t().matmul(rows(x));
       } else if (create_graph) {  // differentiable, with the GEMM op's arithmetic: exact products, fp32 sums
         grad_weight = rows(go).t().to(at::kFloat).matmul(rows(x).to(at::kFloat));
@@ -339,7 +349,10 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
                             recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
       }
-      scale_inv = state.forward_scale_inv.clone();
+      // Dequantized with the reciprocal of the scale it quantized with: the same bits as the state's scale_inv
+      // (update_scales_ computes 1.0f / scale), and a consistent pair even when the buffers were averaged or
+      // edited from outside (an EMA model's) and read without an update (evaluation).
+      scale_inv = at::reciprocal(state.forward_scale);
     }
     // The input first, then the weight: delayed scaling records their amaxes in this order.
     Fp8PerTensor hx;
@@ -369,13 +382,18 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         *cache = {qw.rows.data, qw.rows.scale_inv, qw.cols.data, qw.cols.scale_inv, qw.amax, w.scalar_type()};
       }
     }
+    // What each product needs, as torch's linear saves it: the input's side only for a weight gradient, the
+    // weight's only for an input gradient.
+    const bool weight_grad = weight.requires_grad();
+    const auto keep = [](bool needed, const torch::Tensor& t) { return needed ? t : torch::Tensor(); };
     if (per_tensor(recipe)) {
-      ctx->save_for_backward({hx.cols.data, hx.cols.scale_inv, qw.cols.data, qw.cols.scale_inv});
+      ctx->save_for_backward({keep(weight_grad, hx.cols.data), keep(weight_grad, hx.cols.scale_inv),
+                              keep(input_grad, qw.cols.data), keep(input_grad, qw.cols.scale_inv)});
     } else {
       // Row and block scales run along k: the input-gradient product pairs the output gradient with the
       // weight's transpose (quantized with the weight), the weight gradient needs the input scaled along
       // the other axis, so backward quantizes the saved input again.
-      ctx->save_for_backward({x2, qw.cols.data, qw.cols.scale_inv});
+      ctx->save_for_backward({keep(weight_grad, x2), keep(input_grad, qw.cols.data), keep(input_grad, qw.cols.scale_inv)});
     }
     std::optional<torch::Tensor> b_opt;
     if (b.defined()) b_opt = b;
@@ -399,6 +417,11 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // Backward runs in grad mode only for create_graph: the FP8 products below are not differentiable, so a
+    // second-order gradient through them would silently be zero.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "mixprec::float8_linear: a double backward (create_graph=True, e.g. a ",
+                "gradient penalty) cannot pass through an FP8 layer, whose backward GEMMs are not differentiable; "
+                "keep this layer out of FP8 (convert's filter=) or compute the penalty without create_graph");
     fp8::Recipe recipe;
     recipe.scaling = static_cast<fp8::Scaling>(ctx->saved_data["scaling"].toInt());
     recipe.forward_dtype = ctx->saved_data["forward_dtype"].toScalarType();
@@ -499,7 +522,10 @@ void adopt_linear_parameters(torch::nn::Module& m, const torch::nn::LinearImpl& 
 using namespace detail;
 
 void keep_fp32_grad(const torch::Tensor& weight) {
-  if (!weight.is_leaf() || !weight.requires_grad() || is_subclass(weight) || weight.scalar_type() == at::kDouble) {
+  // Frozen weights too: a layer frozen when converted and unfrozen later (fine-tuning schedules) still gets fp32
+  // gradients, since the grad_dtype set now stays through requires_grad_(true).
+  if (!weight.is_leaf() || weight.is_inference() || !weight.is_floating_point() || is_subclass(weight) ||
+      weight.scalar_type() == at::kDouble) {
     return;
   }
   const torch::Tensor grad = weight.grad();
@@ -521,7 +547,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
-  return LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf);
+  return LinearFunction::apply(input, weight, maybe_bias, probe_input(weight));
 }
 
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
@@ -560,7 +586,7 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
   // must not record its amaxes a second time. So it reads the forward state without updating it, as an
   // evaluation forward (update_state false) does; the backward that follows still updates its own state.
   const bool record = update_state && torch::autograd::get_current_graph_task_id() == -1;
-  return Float8LinearFunction::apply(input, weight, maybe_bias, probe_for(weight.device()).leaf, state, recipe,
+  return Float8LinearFunction::apply(input, weight, maybe_bias, probe_input(weight), state, recipe,
                                      cache, input_grad, record);
 }
 

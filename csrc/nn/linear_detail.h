@@ -46,8 +46,13 @@ bool is_subclass(const torch::Tensor& t);
 struct Probe {
   torch::Tensor leaf;
   decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::Tensor&>())) node;
+  torch::Tensor plain;  // the same, not requiring grad
 };
 const Probe& probe_for(const c10::Device& device);
+/// The probe a layer's autograd function takes: the leaf when the weight requires grad (only then can the
+/// backward add into weight.grad), else a tensor that does not require grad, so that a frozen layer on an
+/// input without grad gives an output without grad and builds no graph, as torch.nn.Linear's.
+const torch::Tensor& probe_input(const torch::Tensor& weight);
 
 /// Whether the backward may add into weight.grad itself instead of returning a new gradient: a plain
 /// .backward() that accumulates into .grad anyway, an accumulator of the weight's shape there, and nothing

@@ -369,6 +369,57 @@ def test_new_parameters_from_module_conversions_keep_the_fp32_gradient(layer: st
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
+def _eight_bit_or_not(layer: str, model: nn.Module) -> nn.Module:
+    if layer == "Float8Linear":
+        return mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(), filter=lambda name, m: True)
+    if layer == "Int8Linear":
+        return mixprec.nn.convert(model, int8=True, filter=lambda name, m: True)
+    return mixprec.nn.convert(model)
+
+
+@pytest.mark.parametrize("layer", ["Linear", "Float8Linear", "Int8Linear"])
+def test_frozen_layers_build_no_graph_and_save_what_torchs_linear_saves(layer: str) -> None:
+    """As torch.nn.Linear: a frozen layer on an input without grad gives an output without grad (no graph, no
+    backward through a frozen backbone); the input is saved only for a weight gradient and the weight only for
+    an input gradient, so writing in place into the other after forward is fine."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(32, 16))
+    ours = _eight_bit_or_not(layer, copy.deepcopy(ref))
+    assert type(ours[0]).__name__ == layer
+    x = torch.randn(8, 32)
+    for model in (ref, ours):
+        model.requires_grad_(False)
+        y = model(x)
+        assert not y.requires_grad and y.grad_fn is None
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        with torch.no_grad():
+            xg.mul_(2.0)  # not saved: the weight is frozen
+        y.sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape
+        model.requires_grad_(True)
+        y = model(x)
+        with torch.no_grad():
+            model[0].weight.mul_(1.0)  # not saved: the input needs no gradient
+        y.sum().backward()
+        assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("layer", ["Linear", "Float8Linear", "Int8Linear"])
+def test_weights_frozen_when_converted_or_assigned_later_keep_the_fp32_gradient(layer: str) -> None:
+    """Frozen when converted and unfrozen later (a fine-tuning schedule), or replaced by a new Parameter after
+    conversion (weight tying, resized or re-initialised layers): the 16-bit weight's gradient is still fp32."""
+    model = nn.Sequential(nn.Linear(32, 16)).bfloat16().requires_grad_(False)
+    _eight_bit_or_not(layer, model)
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    model.requires_grad_(True)
+    model(x).float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+    model[0].weight = nn.Parameter(torch.randn(16, 32, dtype=torch.bfloat16))
+    model(x).float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+
+
 def test_autocast_runs_the_gemms_in_the_autocast_dtype() -> None:
     torch.manual_seed(5)
     ref = nn.Linear(24, 8)
