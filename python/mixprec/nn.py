@@ -118,6 +118,13 @@ class _Fp32WeightGrad(torch.nn.Module):
 
     weight: Tensor
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A new Parameter assigned as the weight (weight tying, a resized or re-initialised layer, as
+        # Hugging Face's tie_weights and resize_token_embeddings assign them) keeps the fp32 gradient.
+        if name == "weight" and isinstance(value, torch.nn.Parameter):
+            keep_fp32_grad(value)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_Fp32WeightGrad":
         super()._apply(fn, recurse)
         _restore_fp32_grad(self)
@@ -203,7 +210,10 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     keeps its dtype and gets an fp32 gradient as in :class:`Linear`. Delayed scaling's state lives in
     buffers (``fp8_forward_amax_history`` ``[history, 2]``, ``fp8_forward_scale``/``_scale_inv`` ``[2]``,
     ``fp8_backward_*`` likewise for the output gradient), so ``state_dict()`` holds it as plain tensors and
-    resuming is exact. :meth:`from_linear` converts an existing layer in place.
+    resuming is exact; the other recipes keep no state, and their state dict is ``torch.nn.Linear``'s. The
+    forward quantizes with ``fp8_forward_scale`` and dequantizes with its reciprocal, so buffers averaged or
+    edited from outside (``torch.optim.swa_utils.AveragedModel(..., use_buffers=True)`` for an EMA) stay a
+    consistent pair. :meth:`from_linear` converts an existing layer in place.
 
     ``amax_group`` (a ``torch.distributed`` process group, default ``None``): with delayed scaling, the
     amaxes the previous step recorded are reduced with MAX over this group before they set the scales, so
@@ -228,8 +238,11 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         self.recipe = recipe
         # The state's shapes and initial values are C++'s (mixprec::fp8::make_scaling_state).
         state = torch.ops.mixprec.fp8_scaling_state(recipe.scaling, int(recipe.amax_history_len), self.weight)
+        # Only delayed scaling has state to save; the other recipes' (empty) buffers stay out of the state dict,
+        # which is then torch.nn.Linear's, as torchao's dynamically scaled Float8Linear saves it.
+        persistent = recipe.scaling == "delayed"
         for name, tensor in zip(_FP8_BUFFERS, state):
-            self.register_buffer(name, tensor)
+            self.register_buffer(name, tensor, persistent=persistent)
 
     def reset_parameters(self) -> None:
         """As ``torch.nn.Linear.reset_parameters``, and the scaling state back to its initial values, in its
@@ -279,7 +292,8 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         # layer keeps its own, as BatchNorm fills in num_batches_tracked for checkpoints without one. A
         # checkpoint with part of the state still reports the rest missing. (torch copied the dict.)
         keys = [prefix + name for name in _FP8_BUFFERS]
-        if prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
+        if (self.recipe.scaling == "delayed" and prefix + "weight" in state_dict
+                and not any(key in state_dict for key in keys)):
             for key, name in zip(keys, _FP8_BUFFERS):
                 state_dict[key] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -232,6 +232,59 @@ def test_a_plain_linear_checkpoint_loads_after_convert() -> None:
         plain().load_state_dict(before.state_dict())
 
 
+@pytest.mark.parametrize("name", ["current", "rowwise", "blockwise"])
+def test_recipes_without_state_save_torch_linears_state_dict(name: str) -> None:
+    """Only delayed scaling has state; the other recipes' state dicts are torch.nn.Linear's (strict loads both
+    ways), and a delayed checkpoint loads non-strictly, its scaling state reported unexpected."""
+    torch.manual_seed(0)
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=RECIPES[name])
+    plain = nn.Linear(32, 16)
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(layer.state_dict())
+    layer.load_state_dict(nn.Linear(32, 16).state_dict())
+    delayed = mixprec.nn.Float8Linear(32, 16).state_dict()
+    result = layer.load_state_dict(delayed, strict=False)
+    assert not result.missing_keys and sorted(result.unexpected_keys) == sorted(mixprec.nn._FP8_BUFFERS)
+    assert torch.equal(layer.weight, delayed["weight"])
+    fresh = mixprec.nn.Float8Linear(32, 16)  # and the other way: delayed scaling keeps its own initial state
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.fp8_forward_scale, torch.ones(2))
+
+
+def test_the_forward_dequantizes_with_the_reciprocal_of_its_scale() -> None:
+    """Buffers averaged or edited from outside (an EMA model's, torch.optim.swa_utils.AveragedModel with
+    use_buffers=True) stay consistent: the forward's scale_inv is 1/scale, bit for bit what the state holds after
+    an update, so an evaluation forward with a stray fp8_forward_scale_inv gives the same output."""
+    torch.manual_seed(0)
+    layer = mixprec.nn.Float8Linear(32, 16)
+    for _ in range(3):
+        layer(torch.randn(8, 32)).sum().backward()
+    assert torch.equal(layer.fp8_forward_scale_inv, torch.reciprocal(layer.fp8_forward_scale))
+    layer.eval()
+    x = torch.randn(8, 32) * 3
+    with torch.no_grad():
+        expected = layer(x)
+        layer.fp8_forward_scale_inv.mul_(7.0)
+        assert torch.equal(layer(x), expected)
+        # An averaged pair: the output is the one its scale gives.
+        layer.fp8_forward_scale.mul_(0.5)
+        layer.fp8_forward_scale_inv.copy_(torch.reciprocal(layer.fp8_forward_scale))
+        paired = layer(x)
+        layer.fp8_forward_scale_inv.fill_(1.0)
+        assert torch.equal(layer(x), paired)
+
+
+def test_a_double_backward_through_an_fp8_layer_is_refused_by_name() -> None:
+    """A gradient penalty (create_graph=True) cannot pass through FP8 GEMMs, which are not differentiable: an
+    error naming the layer, not second-order gradients that are silently zero."""
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=RECIPES["current"])
+    x = torch.randn(8, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward .* FP8 layer"):
+        torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(torch.tanh(layer(x)).sum(), x)  # without create_graph: as before
+    assert gx.shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["delayed", "delayed-e4m3-pow2", "rowwise"])
 def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_state(name: str) -> None:
     """Built on the meta device, moved with to_empty (the buffers then hold whatever memory they got) and
