@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import nn as _mnn
 from .nn import apply_keeping_fp32
 
 __all__ = ["QATConfig", "QATLinear", "QATConv2d", "QuantizedLinear", "QuantizedConv2d", "prepare", "convert"]
@@ -313,7 +314,8 @@ class QuantizedConv2d(_QuantizedWeight):
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
-    """Swap every ``nn.Linear`` and ``nn.Conv2d`` that ``filter(name, layer)`` accepts (default: all) for its
+    """Swap every ``nn.Linear`` (also one :func:`mixprec.nn.convert` made a :class:`mixprec.nn.Linear`; an FP8 or
+    INT8 layer is an error naming it) and ``nn.Conv2d`` that ``filter(name, layer)`` accepts (default: all) for its
     QAT layer, in place: the same parameters, hooks and state-dict keys, plus ``weight_step`` with
     ``learnable_scales`` (new parameters: build the optimizer after ``prepare`` then). With ``fold_batchnorm``,
     a Conv2d followed by a BatchNorm2d in an ``nn.Sequential`` takes it as its child ``bn`` and the BatchNorm's
@@ -330,11 +332,19 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
                         folds[id(a)] = (parent, bn_name, b)
     todo = []
     for name, m in model.named_modules():
-        if (filter is None or filter(name, m)) and type(m) in (nn.Linear, nn.Conv2d):
+        if filter is not None and not filter(name, m):
+            continue
+        # Layers mixprec.nn.convert made Linear are torch.nn.Linear's with fp32 weight gradients: they take QAT
+        # too. An 8-bit layer already quantizes its GEMMs another way: refused by name, not skipped silently.
+        if type(m) in (_mnn.Float8Linear, _mnn.Int8Linear):
+            raise ValueError(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} ({type(m).__name__}) "
+                             "already runs its GEMMs in 8 bits; prepare QAT on the model before mixprec.nn.convert, "
+                             "or leave the layer out with filter=")
+        if type(m) in (nn.Linear, _mnn.Linear, nn.Conv2d):
             fold = folds.get(id(m))
             todo.append((m, _check(m, config, fold[2] if fold else None), fold))
     for m, step, fold in todo:
-        (QATLinear if type(m) is nn.Linear else QATConv2d)._swap(m, config, step)
+        (QATConv2d if type(m) is nn.Conv2d else QATLinear)._swap(m, config, step)
         if fold is not None:
             parent, bn_name, bn = fold
             m.bn = bn
@@ -357,11 +367,17 @@ def convert(model: nn.Module) -> nn.Module:
     if root is not None:
         return root
     todo = []
+    made: dict[int, nn.Module] = {}  # a layer used in several places (or parents) becomes one quantized layer
     for parent in model.modules():
-        for child_name, child in parent.named_children():
-            new = swap(child)
-            if new is not None:
-                todo.append((parent, child_name, new))
+        for child_name, child in parent._modules.items():  # every slot: named_children() skips repeated modules
+            if child is None:
+                continue
+            if id(child) not in made:
+                new = swap(child)
+                if new is None:
+                    continue
+                made[id(child)] = new
+            todo.append((parent, child_name, made[id(child)]))
     for parent, child_name, new in todo:
         setattr(parent, child_name, new)
     return model

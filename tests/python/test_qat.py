@@ -385,6 +385,39 @@ def test_activation_codes_are_int8_quantize_codes() -> None:
         assert torch.equal(qat._fake_quantize_input(x, True), q.data.float() * q.scale_inv)
 
 
+def test_a_layer_used_twice_converts_to_one_quantized_layer() -> None:
+    """A module in two places (a shared block, an nn.Sequential that lists it twice) is one QAT layer and becomes
+    one quantized layer in every place, computing what the QAT layer did."""
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    model = qat.prepare(nn.Sequential(shared, nn.ReLU(), shared))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+    qat.convert(model)
+    assert type(model[0]).__name__ == "QuantizedLinear" and model[0] is model[2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_convert_made_take_qat_and_8_bit_ones_are_refused_by_name() -> None:
+    """Layers mixprec.nn.convert made mixprec.nn.Linear are torch.nn.Linear's and take QAT; FP8 and INT8 layers
+    quantize their GEMMs already: prepare names them and changes nothing."""
+    torch.manual_seed(0)
+    model = mixprec.nn.convert(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)))
+    qat.prepare(model)
+    assert [type(m).__name__ for m in model] == ["QATLinear", "ReLU", "QATLinear"]
+    model(torch.randn(4, 16)).sum().backward()
+    assert model[0].weight.grad is not None
+    eight_bit = mixprec.nn.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), int8=True,
+                                   filter=lambda name, m: name == "1")
+    with pytest.raises(ValueError, match=r"'1' \(Int8Linear\) already runs"):
+        qat.prepare(eight_bit)
+    assert [type(m).__name__ for m in eight_bit] == ["Linear", "Int8Linear"]
+    qat.prepare(eight_bit, filter=lambda name, m: name != "1")
+    assert [type(m).__name__ for m in eight_bit] == ["QATLinear", "Int8Linear"]
+
+
 def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="weight_bits must be 8 or 4"):
         qat.QATConfig(weight_bits=2)
