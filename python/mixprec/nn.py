@@ -32,6 +32,12 @@ gradients, reduced by DDP as usual.
 float64 weights keep float64 gradients (a plain float64 GEMM). torch.func transforms (``grad``, ``vmap``,
 ``jvp``) and forward-mode AD return gradients instead of accumulating them: there the layer computes as
 ``torch.nn.Linear`` does.
+
+Modules that read a Linear's ``weight`` instead of calling it bypass every layer here, as they bypass any
+``torch.nn.Linear`` subclass: ``nn.MultiheadAttention`` (its ``out_proj``), and the fused inference path
+``nn.TransformerEncoderLayer`` takes in evaluation without gradients, which computes with the weights in their
+own precision, so an FP8 or INT8 model evaluated that way is not the model that trained
+(``torch.backends.mha.set_fastpath_enabled(False)`` evaluates the 8-bit layers).
 """
 
 from __future__ import annotations
@@ -324,15 +330,22 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
 
 
 def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Callable[[], Any]) -> None:
-    """Runs `apply` (the module's ``Module._apply``) and puts back the float32 buffers `names` that it cast to
-    another dtype, moved to the new device only: scales and scaling state must keep their exact values
-    through ``.half()``, ``.bfloat16()`` and ``.to(dtype)``."""
-    before = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    """Runs `apply` (the module's ``Module._apply``) and puts back the float32 buffers or parameters `names` that
+    it cast to another dtype, moved to the new device only: scales, steps and scaling state must keep their
+    exact values through ``.half()``, ``.bfloat16()`` and ``.to(dtype)``. (A parameter keeps its object: its
+    data is restored, as ``Module._apply`` itself sets it.)"""
+    buffers = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    params = {name: module._parameters[name].data for name in names if module._parameters.get(name) is not None}
     apply()
-    for name, tensor in before.items():
+    for name, tensor in buffers.items():
         after = module._buffers[name]
         if after is not None and after.dtype != torch.float32:
             module._buffers[name] = tensor.to(after.device)
+    for name, tensor in params.items():
+        after = module._parameters[name]
+        if after is not None and after.dtype != torch.float32:
+            with torch.no_grad():
+                after.data = tensor.to(after.device)
 
 
 def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:

@@ -121,6 +121,12 @@ class _QATWeight:
     weight: Tensor
     qat_config: QATConfig
 
+    def _keeping_steps_fp32(self, apply: Callable[[], Any]) -> Any:
+        # The learnable steps stay float32 through .half() / .bfloat16() / .to(dtype), as the converted layer's
+        # scales do: rounded to 16 bits they would train, and convert, other steps.
+        apply_keeping_fp32(self, ("weight_step", "input_step"), apply)  # type: ignore[arg-type]
+        return self
+
     @classmethod
     def _swap(cls, layer: nn.Module, config: QATConfig, step: Tensor) -> nn.Module:
         layer.__class__ = cls
@@ -196,6 +202,9 @@ class QATLinear(nn.Linear, _QATWeight):
     def from_linear(cls, layer: nn.Linear, config: QATConfig) -> "QATLinear":
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATLinear":
+        return self._keeping_steps_fp32(lambda: super(QATLinear, self)._apply(fn, recurse))
+
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
 
@@ -212,6 +221,9 @@ class QATConv2d(nn.Conv2d, _QATWeight):
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, config: QATConfig) -> "QATConv2d":
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATConv2d":
+        return self._keeping_steps_fp32(lambda: super(QATConv2d, self)._apply(fn, recurse))
 
     def forward(self, input: Tensor) -> Tensor:
         x = self._fake_input(input, per_token=False)

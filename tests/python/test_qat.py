@@ -337,10 +337,10 @@ def test_learnable_activation_steps(kind: str) -> None:
     late.load_state_dict({**late.state_dict(), "input_step": torch.zeros(1)})
     late(torch.full((2, 4), 254.0))
     assert late.input_step.item() == 2.0
-    # A bf16 model (the step cast too) still sets and uses its step.
+    # A bf16 model (its step kept float32) still sets and uses its step.
     half = qat.prepare(nn.Linear(4, 3), config).bfloat16()
     half(torch.full((2, 4), 127.0, dtype=torch.bfloat16))
-    assert half.input_step.dtype == torch.bfloat16 and half.input_step.item() == 1.0
+    assert half.input_step.dtype == torch.float32 and half.input_step.item() == 1.0
     # Never run: nothing to convert the step from, and nothing is changed.
     model = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
     model(torch.randn(2, 4))
@@ -416,6 +416,24 @@ def test_layers_convert_made_take_qat_and_8_bit_ones_are_refused_by_name() -> No
     assert [type(m).__name__ for m in eight_bit] == ["Linear", "Int8Linear"]
     qat.prepare(eight_bit, filter=lambda name, m: name != "1")
     assert [type(m).__name__ for m in eight_bit] == ["QATLinear", "Int8Linear"]
+
+
+def test_learnable_steps_stay_float32_through_dtype_casts() -> None:
+    """.bfloat16() / .half() / .to(dtype) cast the weights, not the learnable steps (nor, after convert, the
+    scales): the same float32 tensors' values, on the new device."""
+    torch.manual_seed(0)
+    config = qat.QATConfig(learnable_scales=True, learnable_activation_scales=True)
+    model = qat.prepare(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Conv2d(1, 4, 3)), config)
+    model[0](torch.randn(4, 16))  # the input step starts from the first batch
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("_step")}
+    assert set(before) == {"0.weight_step", "0.input_step", "2.weight_step", "2.input_step"}
+    model.bfloat16()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert p.dtype == torch.float32 and torch.equal(p.detach(), before[name]), name
+        else:
+            assert p.dtype == torch.bfloat16, name
+    assert model[0](torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_bad_config_changes_nothing() -> None:
