@@ -317,6 +317,11 @@ void GradScaler::set_optimizer_state(int64_t key, int64_t stage,
   st.found_inf_per_device = found_inf_per_device;
 }
 
+void GradScaler::record_checks(int64_t key, int64_t stage, const std::map<std::string, at::Tensor>& found_inf_per_device) {
+  set_optimizer_state(key, stage, found_inf_per_device);
+  reduce_found_inf(key, per_optimizer_[key]);  // with a process group, every rank takes the largest flag
+}
+
 void GradScaler::ensure_optimizer_state(int64_t key) { per_optimizer_.try_emplace(key); }
 
 void GradScaler::forget_optimizer(std::optional<int64_t> key) {
@@ -548,6 +553,12 @@ void GradScaler::set_scale_tensor(const std::optional<at::Tensor>& scale) {
                    scale->scalar_type(), " of ", scale->numel(), " elements");
   const at::Tensor adopted = scale->detach().view(at::IntArrayRef{});  // its memory: in-place updates show in the caller's tensor
   const c10::Device device = adopted.device();
+  if (scale_.defined() && scale_.device() != device) {
+    // The overflow bookkeeping lives on the scale's device: it starts again there (as set_track_overflows(false)).
+    overflow_records_.clear();
+    overflow_count_ = grads_scale_ = scratch_record_ = scratch_amax_ = at::Tensor();
+    grads_may_be_scaled_ = false;
+  }
   if (!growth_tracker_.defined()) {
     growth_tracker_ = at::full({}, init_growth_tracker_, adopted.options().dtype(at::kInt));
     hysteresis_tracker_ = at::full({}, static_cast<double>(init_hysteresis_tracker_), adopted.options().dtype(at::kInt));
@@ -779,6 +790,12 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("is_enabled", [](const Self& s) { return s->impl.is_enabled(); })
       .def("scale_tensor", [](const Self& s) { return s->impl.scale_tensor(); })
       .def("set_scale_tensor", [](const Self& s, std::optional<at::Tensor> t) { s->impl.set_scale_tensor(t); })
+      .def("record_checks",
+           [](const Self& s, int64_t key, int64_t stage, c10::Dict<std::string, at::Tensor> flags) {
+             std::map<std::string, at::Tensor> found;
+             for (const auto& entry : flags) found.emplace(entry.key(), entry.value());
+             s->impl.record_checks(key, stage, found);
+           })
       .def("set_growth_tracker_tensor",
            [](const Self& s, std::optional<at::Tensor> t) { s->impl.set_growth_tracker_tensor(t); })
       .def("ensure_optimizer_state", [](const Self& s, int64_t key) { s->impl.ensure_optimizer_state(key); })

@@ -29,7 +29,7 @@ torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::v
 // elsewhere: a master that no longer refines its param is replaced by it, element by element. Both neighbours
 // count because a stochastically rounded write-back may have taken either; NaNs never match, so a NaN in
 // either takes the param's value.
-torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master) {
+torch::Tensor consistent_master_of(const torch::Tensor& param, const torch::Tensor& master) {
   const torch::Tensor p = param.detach();
   const torch::Tensor nearest = master.to(p.scalar_type());
   const torch::Tensor back = nearest.to(at::kFloat);
@@ -39,6 +39,29 @@ torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor&
   const torch::Tensor other = at::where(master > back, up, at::where(master < back, down, nearest));
   const torch::Tensor kept = at::logical_or(p == nearest, p == other);
   return at::where(kept, master, p.to(at::kFloat));
+}
+
+// consistent_master_of written into `master`; a contiguous pair in slices of 2^24 elements, so that the
+// temporaries (about 20 bytes per element) stay small even for a 1B-element embedding on a resume.
+void make_master_consistent(const torch::Tensor& param, const torch::Tensor& master) {
+  constexpr int64_t kSlice = int64_t{1} << 24;
+  const int64_t n = master.numel();
+  if (n <= kSlice || !param.is_contiguous() || !master.is_contiguous()) {
+    master.copy_(consistent_master_of(param, master));
+    return;
+  }
+  const torch::Tensor p = param.detach().view(-1), m = master.view(-1);
+  for (int64_t start = 0; start < n; start += kSlice) {
+    const int64_t len = std::min(kSlice, n - start);
+    const torch::Tensor ms = m.narrow(0, start, len);
+    ms.copy_(consistent_master_of(p.narrow(0, start, len), ms));
+  }
+}
+
+torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master) {
+  torch::Tensor out = master.clone();
+  make_master_consistent(param, out);
+  return out;
 }
 torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
@@ -346,8 +369,10 @@ void AdamCore::sync_masters(Plan& plan) {
   for (Row& row : plan.rows) {
     // Inference tensors have no version counter; nothing can write them from outside inference mode either.
     if (!row.has_grad || !row.target.defined() || row.target.is_inference()) continue;
-    if (row.version == static_cast<int64_t>(row.target._version())) continue;
-    row.master.copy_(consistent_master(row.target, row.master));
+    if (row.version == static_cast<int64_t>(row.target._version()) && row.data == row.target.const_data_ptr()) {
+      continue;
+    }
+    make_master_consistent(row.target, row.master);
   }
 }
 
@@ -458,8 +483,10 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
         if (before != nullptr && before->param.unsafeGetTensorImpl() == p.unsafeGetTensorImpl() &&
             before->master.unsafeGetTensorImpl() == row.master.unsafeGetTensorImpl()) {
           row.version = before->version;
+          row.data = before->data;
         } else if (!had_master && !local.is_inference()) {
           row.version = static_cast<int64_t>(local._version());  // just taken from the param
+          row.data = local.const_data_ptr();
         }
       }
       bucket.p.push_back(as_real(local));
@@ -536,6 +563,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   for (Row& row : plan.rows) {  // what the params hold now is the masters' rounding
     if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
       row.version = static_cast<int64_t>(row.target._version());
+      row.data = row.target.const_data_ptr();
     }
   }
   return changed;

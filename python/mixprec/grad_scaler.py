@@ -415,7 +415,8 @@ class GradScaler(torch.amp.GradScaler):
         inv_scale = scale.double().reciprocal().float()
         found_inf = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
         flags = self._unscale_grads_(optimizer, inv_scale, found_inf, True)
-        self._impl.set_optimizer_state(id(optimizer), OptState.UNSCALED.value, _by_device_name(flags))
+        # Recorded, then all-reduced over the process group as the scaler's own checks are.
+        self._impl.record_checks(id(optimizer), OptState.UNSCALED.value, _by_device_name(flags))
 
     def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """torch's accessor of an optimizer's overflow flags this iteration (empty before its ``unscale_``),
@@ -439,7 +440,7 @@ class GradScaler(torch.amp.GradScaler):
             ones = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
             zeros = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
             flags = self._unscale_grads_(optimizer, ones, zeros, True)
-            self._impl.set_optimizer_state(id(optimizer), self._impl.stage(id(optimizer)), _by_device_name(flags))
+            self._impl.record_checks(id(optimizer), self._impl.stage(id(optimizer)), _by_device_name(flags))
             return self._found_inf_per_device(optimizer)
         self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
         return self._found_inf_per_device(optimizer)

@@ -124,12 +124,14 @@ class _Fp32WeightGrad(torch.nn.Module):
 
     weight: Tensor
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        # A new Parameter assigned as the weight (weight tying, a resized or re-initialised layer, as
-        # Hugging Face's tie_weights and resize_token_embeddings assign them) keeps the fp32 gradient.
-        if name == "weight" and isinstance(value, torch.nn.Parameter):
-            keep_fp32_grad(value)
+    def register_parameter(self, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        super().register_parameter(name, param)
+        # A new Parameter assigned as the weight (weight tying, a resized or re-initialised layer, as Hugging
+        # Face's tie_weights and resize_token_embeddings assign them) keeps the fp32 gradient. Here and not in
+        # __setattr__: FSDP2 installs its unsharded parameters straight into _parameters unless __setattr__ is
+        # overridden, and those keep the dtype FSDP2 gives their gradients.
+        if name == "weight" and param is not None:
+            keep_fp32_grad(param)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_Fp32WeightGrad":
         super()._apply(fn, recurse)
@@ -298,8 +300,12 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         # layer keeps its own, as BatchNorm fills in num_batches_tracked for checkpoints without one. A
         # checkpoint with part of the state still reports the rest missing. (torch copied the dict.)
         keys = [prefix + name for name in _FP8_BUFFERS]
-        if (self.recipe.scaling == "delayed" and prefix + "weight" in state_dict
-                and not any(key in state_dict for key in keys)):
+        if self.recipe.scaling != "delayed":
+            # No state to load: a delayed-scaling checkpoint's, or one saved when every recipe kept its (empty)
+            # buffers in the state dict, loads as torch.nn.Linear's.
+            for key in keys:
+                state_dict.pop(key, None)
+        elif prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
             for key, name in zip(keys, _FP8_BUFFERS):
                 state_dict[key] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -335,17 +341,21 @@ def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Cal
     exact values through ``.half()``, ``.bfloat16()`` and ``.to(dtype)``. (A parameter keeps its object: its
     data is restored, as ``Module._apply`` itself sets it.)"""
     buffers = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
-    params = {name: module._parameters[name].data for name in names if module._parameters.get(name) is not None}
+    # .data: aliases of the memory as it is now (Module._apply rebinds the parameter's and its gradient's).
+    params = {name: (p.data, None if p.grad is None else p.grad.data)
+              for name in names if (p := module._parameters.get(name)) is not None}
     apply()
     for name, tensor in buffers.items():
         after = module._buffers[name]
         if after is not None and after.dtype != torch.float32:
             module._buffers[name] = tensor.to(after.device)
-    for name, tensor in params.items():
+    for name, (data, grad) in params.items():
         after = module._parameters[name]
         if after is not None and after.dtype != torch.float32:
             with torch.no_grad():
-                after.data = tensor.to(after.device)
+                after.data = data.to(after.device)
+                if grad is not None:  # _apply cast it too: back in the parameter's own dtype
+                    after.grad = grad.to(after.device)
 
 
 def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:

@@ -93,7 +93,7 @@ class Policy:
         return impl
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Policy, (self.name, self.keep_fp32))
+        return (type(self), (self.name, self.keep_fp32))
 
     @property
     def name(self) -> str:

@@ -129,6 +129,19 @@ class _QATWeight:
 
     @classmethod
     def _swap(cls, layer: nn.Module, config: QATConfig, step: Tensor) -> nn.Module:
+        # A layer mixprec.nn.convert made Linear kept an fp32 gradient for its 16-bit weight; the fake-quantized
+        # weight's gradient is formed in the weight's dtype, so a QAT layer has torch's gradient dtype (and works
+        # under DDP, which buckets gradients in the parameters' dtype).
+        for key, hook in list(layer._load_state_dict_post_hooks.items()):
+            if hook is _mnn._restore_fp32_grad:
+                del layer._load_state_dict_post_hooks[key]
+        weight = layer.weight
+        if weight.is_leaf and weight.dtype in (torch.float16, torch.bfloat16) and weight.grad_dtype == torch.float32:
+            grad = None if weight.grad is None else weight.grad.to(weight.dtype)
+            weight.grad = None
+            weight.grad_dtype = weight.dtype
+            if grad is not None:
+                weight.grad = grad
         layer.__class__ = cls
         layer.qat_config = config  # type: ignore[assignment]
         if config.learnable_scales:

@@ -257,6 +257,70 @@ def test_reduce_amax_op_schema_and_errors() -> None:
         dist.destroy_process_group()
 
 
+def test_fsdp2_sharding_the_whole_model_with_16_bit_compute() -> None:
+    """One FSDP2 group over every layer (fully_shard on the root only) with bf16 param_dtype: FSDP2 installs its
+    unsharded parameters in the layers and reduce-scatters the group's gradients together, which needs one
+    gradient dtype; the converted model's gradients equal the plain model's (one rank)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        grads = []
+        for convert in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            if convert:
+                mixprec.nn.convert(model)
+            fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))).float().pow(2).mean().backward()
+            grads.append([p.grad.full_tensor() for p in model.parameters()])
+        for a, b in zip(*grads):
+            assert a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3)
+    finally:
+        dist.destroy_process_group()
+
+
+SCALER_HOOK_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    class Checking(mixprec.GradScaler):  # checks the gradients itself, as a sharded scaler's _unscale_grads_ may
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    for fused in (False, True):
+        opt = mixprec.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        scaler = Checking("cpu", init_scale=8.0, process_group=dist.group.WORLD)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+        if rank == 1:
+            model.weight.grad[0, 0] = float("inf")  # one rank overflows: every rank must skip
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == 4.0, (fused, scaler.get_scale())
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), fused
+        opt.zero_grad()
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_a_scaler_subclass_with_its_own_checks_still_agrees_across_ranks(tmp_path) -> None:
+    """A subclass that overrides _unscale_grads_ (the route torch's unscale_ and _check_inf_per_device take)
+    still has its flags all-reduced over process_group: an overflow on one rank skips the step on both."""
+    run_ranks(SCALER_HOOK_SCRIPT, str(tmp_path / "unused"))
+
+
 CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, warnings, torch, torch.distributed as dist

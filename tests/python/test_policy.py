@@ -139,6 +139,10 @@ def test_policies_and_autocast_objects_pickle_and_copy() -> None:
         assert (clone.compute_dtype, clone.param_dtype, clone.output_dtype) == \
             (torch.bfloat16, torch.float32, torch.float32)
         assert clone.keeps_fp32(nn.Embedding) and not clone.keeps_fp32(nn.LayerNorm)
+    class Mine(Policy):
+        pass
+
+    assert type(copy.deepcopy(Mine("bf16-mixed"))) is Mine
     ctx = pickle.loads(pickle.dumps(mixprec.autocast(policy, "cpu")))
     with ctx:
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -434,6 +434,24 @@ def test_learnable_steps_stay_float32_through_dtype_casts() -> None:
         else:
             assert p.dtype == torch.bfloat16, name
     assert model[0](torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # Gradients the steps already have keep their dtype too.
+    model[0](torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+    model.float().half()
+    assert model[0].weight_step.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float16
+
+
+def test_a_layer_convert_made_takes_torchs_gradient_dtype_under_qat() -> None:
+    """mixprec.nn.convert gave the 16-bit weight an fp32 gradient; its QAT layer forms the fake-quantized weight's
+    gradient in the weight's dtype, as torch.nn.Linear's (DDP buckets need it), also after a state-dict load."""
+    model = mixprec.nn.convert(nn.Sequential(nn.Linear(16, 16))).bfloat16()
+    model(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+    qat.prepare(model)
+    assert model[0].weight.grad.dtype == torch.bfloat16  # converted, not dropped
+    model.load_state_dict(model.state_dict())
+    model.zero_grad()
+    model(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.bfloat16
 
 
 def test_bad_config_changes_nothing() -> None:

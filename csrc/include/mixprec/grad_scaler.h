@@ -183,6 +183,9 @@ class GradScaler {
   /// Overwrites an optimizer's record, as code that edits torch's `_per_optimizer_states` does (e.g. back to
   /// ready with no flags to run the iteration again: a fresh record, which stays an entry as in torch).
   void set_optimizer_state(int64_t key, int64_t stage, const std::map<std::string, at::Tensor>& found_inf_per_device);
+  /// Stores flags that checks made elsewhere produced (a Python subclass's own `_unscale_grads_`) as an
+  /// optimizer's record, then, with a process group, all-reduces them as the scaler's own checks are.
+  void record_checks(int64_t key, int64_t stage, const std::map<std::string, at::Tensor>& found_inf_per_device);
   /// Creates a ready record without flags unless the optimizer has one (reading torch's `_per_optimizer_states`,
   /// a defaultdict, creates it: it counts as an entry, e.g. against pickling, until update()).
   void ensure_optimizer_state(int64_t key);

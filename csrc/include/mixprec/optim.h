@@ -101,6 +101,8 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
 /// take from the parameter itself (loaded or assigned state) are compared element by element: wherever the
 /// parameter is neither rounding of the master (up or down), the master becomes the parameter's value. A
 /// master that rounds to its parameter (an exact resume, a stochastically rounded write-back) is kept.
+/// `param.data = t` (new memory) is seen too; a write through `param.data.copy_(...)` moves no version
+/// counter and cannot be (torch gives `.data` its own counter): write the parameter itself under no_grad.
 class AdamCore {
  public:
   /// The state of a parameter, created empty on first use; the reference must stay valid for the step.
@@ -154,6 +156,7 @@ class AdamCore {
     // right after the last write; -1 when unknown (a master this core did not take from the param itself).
     torch::Tensor target;
     int64_t version = -1;
+    const void* data = nullptr;  // the target's memory then: `param.data = t` rebinds it without a version
   };
   struct Bucket {
     c10::Device device = c10::kCPU;
