@@ -739,6 +739,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("set_backoff_factor", [](const Self& s, double v) { s->impl.set_backoff_factor(v); })
       .def("set_growth_interval", [](const Self& s, int64_t v) { s->impl.set_growth_interval(v); })
       .def("get_init_scale", [](const Self& s) { return s->impl.options().init_scale(); })
+      .def("get_init_growth_tracker", [](const Self& s) { return s->impl.init_growth_tracker(); })
       .def("set_init_scale", [](const Self& s, double v) { s->impl.set_init_scale(v); })
       .def("is_unscaled", [](const Self& s, int64_t key) { return s->impl.is_unscaled(key); })
       .def("stage", [](const Self& s, int64_t key) { return s->impl.stage(key); })

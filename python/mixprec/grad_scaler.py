@@ -398,6 +398,8 @@ class GradScaler(torch.amp.GradScaler):
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (one pass per device)."""
         if not self._enabled:
             return
+        if not self._impl.has_scale():
+            self._check_scale_growth_tracker("unscale_")  # torch's AssertionError, naming unscale_
         if "_unscale_grads_" in self._overridden:
             self._unscale_through_hook(optimizer)
         else:
@@ -517,6 +519,8 @@ class GradScaler(torch.amp.GradScaler):
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        if not self._impl.has_scale():
+            self._check_scale_growth_tracker("step")  # torch's AssertionError, naming step
         key = id(optimizer)
         self._impl.check_not_stepped(key)
         retval = None
@@ -578,6 +582,8 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             return
         if new_scale is None:
+            if not self._impl.has_scale():
+                self._check_scale_growth_tracker("update")  # torch's AssertionError, naming update
             self._impl.update()
         elif isinstance(new_scale, Tensor):
             if new_scale.numel() != 1 or new_scale.dtype != torch.float32 or new_scale.requires_grad:
@@ -706,8 +712,9 @@ class GradScaler(torch.amp.GradScaler):
 
     @property
     def _init_growth_tracker(self) -> int:
+        """torch's attribute: the count the growth tracker starts from (0, or the one a state dict loaded)."""
         self._torch_attribute("_init_growth_tracker")
-        return 0
+        return int(self._impl.get_init_growth_tracker())
 
     def state_dict(self) -> dict[str, Any]:
         """torch's keys (so torch.amp.GradScaler loads it) plus mixprec's; ``{}`` when disabled."""

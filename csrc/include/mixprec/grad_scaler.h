@@ -150,6 +150,9 @@ class GradScaler {
   /// work as for modules and optimizers (the operators below).
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
+  /// The growth count the tracker starts from when it is created: 0, or what load_state_dict loaded (torch's
+  /// `_init_growth_tracker`).
+  double init_growth_tracker() const { return init_growth_tracker_; }
 
   // ---- the optimizer-agnostic core (what the Python binding drives) ----------------------------------
 
