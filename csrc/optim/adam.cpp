@@ -24,6 +24,7 @@ bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBF
 // conjugate-view gradient, which autograd makes (the gradient of p.conj()) and torch's step refuses, is read
 // through a resolved copy (as_real_grad); with grad_scale, its unscaled values stay in that copy.
 torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t) : t; }
+torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
 // `master` (fp32) where `param` (16-bit) is one of its two roundings to the param's dtype, the param's value
 // elsewhere: a master that no longer refines its param is replaced by it, element by element. Both neighbours
@@ -63,7 +64,6 @@ torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor&
   make_master_consistent(param, out);
   return out;
 }
-torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
 }  // namespace
 

@@ -414,11 +414,14 @@ class GradScaler(torch.amp.GradScaler):
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         scale, _ = self._check_scale_growth_tracker("unscale_")
-        inv_scale = scale.double().reciprocal().float()
-        found_inf = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
+        self._checks_through_hook(optimizer, scale.double().reciprocal().float(), OptState.UNSCALED.value)
+
+    def _checks_through_hook(self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, stage: int) -> None:
+        """The subclass's ``_unscale_grads_`` multiplies by ``inv_scale`` (1: a check that writes nothing); its flags
+        become the optimizer's record at ``stage``, all-reduced over the process group as the scaler's own are."""
+        found_inf = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
         flags = self._unscale_grads_(optimizer, inv_scale, found_inf, True)
-        # Recorded, then all-reduced over the process group as the scaler's own checks are.
-        self._impl.record_checks(id(optimizer), OptState.UNSCALED.value, _by_device_name(flags))
+        self._impl.record_checks(id(optimizer), stage, _by_device_name(flags))
 
     def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """torch's accessor of an optimizer's overflow flags this iteration (empty before its ``unscale_``),
@@ -439,10 +442,8 @@ class GradScaler(torch.amp.GradScaler):
             return {}
         if "_unscale_grads_" in self._overridden:  # torch's route: a check is an unscale by 1 that writes nothing
             scale, _ = self._check_scale_growth_tracker("step")
-            ones = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
-            zeros = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
-            flags = self._unscale_grads_(optimizer, ones, zeros, True)
-            self._impl.record_checks(id(optimizer), self._impl.stage(id(optimizer)), _by_device_name(flags))
+            ones = torch.ones((), dtype=torch.float32, device=scale.device)
+            self._checks_through_hook(optimizer, ones, self._impl.stage(id(optimizer)))
             return self._found_inf_per_device(optimizer)
         self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
         return self._found_inf_per_device(optimizer)
