@@ -769,12 +769,18 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
   // Checked before anything is read into the layer. try_read into a fresh tensor only looks.
   std::vector<std::string> missing;
   const auto buffers = named_buffers(/*recurse=*/false);
+  bool empty = false;  // the empty buffers a layer of a recipe without state saves: no state either
   for (const auto& item : buffers) {
     torch::Tensor probe;
-    if (!archive.try_read(item.key(), probe, /*is_buffer=*/true)) missing.push_back(item.key());
+    if (!archive.try_read(item.key(), probe, /*is_buffer=*/true)) {
+      missing.push_back(item.key());
+    } else if (probe.numel() == 0) {
+      empty = true;
+    }
   }
-  const bool has_state = missing.size() < buffers.size();
-  if (has_state && !missing.empty()) {
+  // Only delayed scaling has state to take; a checkpoint without it keeps the layer's own.
+  const bool has_state = recipe.scaling == fp8::Scaling::Delayed && !empty && missing.size() < buffers.size();
+  if (has_state && !missing.empty()) {  // part of a state
     std::string names;
     for (const auto& name : missing) names += (names.empty() ? "" : ", ") + name;
     TORCH_CHECK(false, "mixprec::nn::Float8Linear::load: the archive holds part of the FP8 scaling state; "

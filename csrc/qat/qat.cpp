@@ -496,6 +496,30 @@ void QuantizedLinearImpl::reset() {
   if (input_scale.defined()) input_scale = register_buffer("input_scale", torch::empty_like(input_scale));
 }
 
+namespace {
+// A converted layer's dtype cast: LibTorch's Module::to casts every buffer, integer codes included; here only the
+// bias changes dtype (Python's converted layers do the same: integer buffers stay, the scales stay float32).
+void cast_bias(const torch::Tensor& bias, torch::Dtype dtype, bool non_blocking) {
+  if (!bias.defined()) return;
+  const torch::NoGradGuard no_grad;
+  const_cast<torch::Tensor&>(bias).set_data(bias.to(dtype, non_blocking));
+}
+}  // namespace
+
+void QuantizedLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  cast_bias(bias, dtype, non_blocking);
+}
+
+void QuantizedLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_bias(bias, dtype, non_blocking); }
+
+void QuantizedConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  cast_bias(bias, dtype, non_blocking);
+}
+
+void QuantizedConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_bias(bias, dtype, non_blocking); }
+
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::qat::QuantizedLinear(out_features=" << weight_codes.size(0) << ", weight_bits="
          << config.weight_bits << ")";
@@ -547,8 +571,10 @@ torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfi
   torch::nn::Sequential out;
   const size_t n = model->size();
   const auto accepted = [&](const std::string& name, const torch::nn::Module& m) { return !filter || filter(name, m); };
+  // The entries keep their names ("fc1", or "0" for an unnamed one), so parameter names and checkpoints still fit.
+  const auto names = model->named_children();
   for (size_t i = 0; i < n; ++i) {
-    std::string name = std::to_string(i);
+    std::string name = names[i].key();
     const std::shared_ptr<torch::nn::Module> m = model->ptr(i);
     const auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m);
     const auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m);
@@ -559,7 +585,10 @@ torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfi
       if (config.fold_batchnorm && i + 1 < n) bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(model->ptr(i + 1));
       out->push_back(std::move(name),
                      QATConv2d(*conv, config, bn ? torch::nn::BatchNorm2d(bn) : torch::nn::BatchNorm2d(nullptr)));
-      if (bn) out->push_back(std::to_string(++i), torch::nn::Identity());  // the conv runs it now
+      if (bn) {
+        ++i;
+        out->push_back(std::string(names[i].key()), torch::nn::Identity());  // the conv runs it now
+      }
     } else {
       out->push_back(std::move(name), *(model->begin() + static_cast<std::ptrdiff_t>(i)));
     }
@@ -569,9 +598,10 @@ torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfi
 
 torch::nn::Sequential convert(const torch::nn::Sequential& model) {
   torch::nn::Sequential out;
-  int64_t i = 0;
+  const auto names = model->named_children();
+  size_t i = 0;
   for (const torch::nn::AnyModule& any : *model) {
-    std::string name = std::to_string(i++);
+    std::string name = names[i++].key();
     const std::shared_ptr<torch::nn::Module> m = any.ptr();
     if (auto linear = std::dynamic_pointer_cast<QATLinearImpl>(m)) {
       out->push_back(std::move(name), QuantizedLinear(*linear));

@@ -199,6 +199,18 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
     other->forward(xi).sum().backward();
     REQUIRE(xi.grad().sizes() == x.sizes());
     REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
+    // Its archive (empty state) loads into a delayed-scaling layer as a torch::nn::Linear's does: the layer
+    // keeps its own state; and a delayed layer's archive loads into it, which has no state to take.
+    std::stringstream stateless, delayed;
+    torch::save(other, stateless);
+    const auto history = layer->state.forward_amax_history.clone();
+    torch::load(layer, stateless);
+    REQUIRE(torch::equal(layer->state.forward_amax_history, history));
+    REQUIRE(torch::equal(layer->weight, other->weight));
+    torch::save(layer, delayed);
+    torch::load(other, delayed);
+    REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
+    layer->forward(x);  // still a working delayed-scaling layer
   }
   REQUIRE_THROWS_WITH(mixprec::fp8::parse_scaling("tensor"), Catch::Contains("scaling must be \"delayed\""));
   // A recipe no layer can run is refused when the layer is built, by field.

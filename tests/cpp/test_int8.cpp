@@ -327,6 +327,35 @@ TEST_CASE("qat fold_batchnorm: the conv quantizes its folded weight, convert lea
                       Catch::Contains("folding needs a BatchNorm2d with running statistics"));
 }
 
+TEST_CASE("qat keeps a named Sequential's entry names, and converted layers keep integer codes through to(dtype)",
+          "[int8][qat]") {
+  torch::manual_seed(23);
+  torch::nn::Sequential model({{"fc1", torch::nn::Linear(16, 16)}, {"act", torch::nn::ReLU()},
+                               {"fc2", torch::nn::Linear(16, 4)}});
+  std::stringstream archive;
+  torch::save(model, archive);
+  auto prepared = mixprec::qat::prepare(model);
+  const auto names = [](const torch::nn::Sequential& m) {
+    std::vector<std::string> out;
+    for (const auto& item : m->named_parameters()) out.push_back(item.key());
+    return out;
+  };
+  REQUIRE(names(prepared) == names(model));  // "fc1.weight", ...: checkpoints of the plain model still fit
+  torch::load(prepared, archive);
+  auto converted = mixprec::qat::convert(prepared);
+  REQUIRE(converted->named_children().keys() == std::vector<std::string>{"fc1", "act", "fc2"});
+  const auto x = torch::randn({4, 16});
+  const auto expected = converted->forward(x.to(torch::kBFloat16));
+  converted->to(torch::kBFloat16);
+  const auto& fc1 = *converted->named_children()["fc1"]->as<mixprec::qat::QuantizedLinear>();
+  REQUIRE(fc1.weight_codes.scalar_type() == torch::kChar);
+  REQUIRE(fc1.weight_scale.scalar_type() == torch::kFloat);
+  REQUIRE(fc1.bias.scalar_type() == torch::kBFloat16);
+  const auto got = converted->forward(x.to(torch::kBFloat16));
+  REQUIRE(got.scalar_type() == torch::kBFloat16);
+  REQUIRE(torch::allclose(got.to(torch::kFloat), expected.to(torch::kFloat), 2e-2, 2e-2));
+}
+
 TEST_CASE("qat prepare takes a filter: the layers it refuses stay float, shared", "[int8][qat]") {
   torch::manual_seed(21);
   torch::nn::BatchNorm2d bn(4);

@@ -179,6 +179,10 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
+  /// Module::to, except that a dtype reaches the bias alone: the codes stay integers and the scales float32.
+  using torch::nn::Module::to;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   QATConfig config;
   torch::Tensor weight_codes, weight_scale, bias, input_scale;
@@ -193,6 +197,10 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
+  /// Module::to, except that a dtype reaches the bias alone: the codes stay integers and the scales float32.
+  using torch::nn::Module::to;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   torch::nn::detail::ConvNdOptions<2> options;
   QATConfig config;
