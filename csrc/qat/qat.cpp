@@ -404,6 +404,18 @@ QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig confi
     : options(other.options), config(std::move(config_)) {
   check_config(config);
   nn::detail::adopt_linear_parameters(*this, other, weight, bias);
+  register_steps();
+}
+
+QATLinearImpl::QATLinearImpl(const nn::LinearImpl& other, QATConfig config_)
+    : options(other.options), config(std::move(config_)) {
+  check_config(config);
+  weight = register_parameter("weight", other.weight);
+  bias = register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+  register_steps();
+}
+
+void QATLinearImpl::register_steps() {
   if (config.learnable_scales) {
     weight_step = register_parameter("weight_step", weight_steps(weight, config));
   } else {
@@ -577,9 +589,17 @@ torch::nn::Sequential prepare(const torch::nn::Sequential& model, const QATConfi
     std::string name = names[i].key();
     const std::shared_ptr<torch::nn::Module> m = model->ptr(i);
     const auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m);
+    const auto ours = std::dynamic_pointer_cast<nn::LinearImpl>(m);
     const auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(m);
+    const bool eight_bit = std::dynamic_pointer_cast<nn::Float8LinearImpl>(m) || std::dynamic_pointer_cast<nn::Int8LinearImpl>(m);
+    // An 8-bit layer already quantizes its GEMMs another way: refused by name, not skipped silently.
+    TORCH_CHECK_VALUE(!eight_bit || !accepted(name, *m), "mixprec::qat::prepare: entry '", name, "' (", m->name(),
+                      ") already runs its GEMMs in 8 bits; prepare QAT before converting it, or leave it out with the "
+                      "filter");
     if (linear && accepted(name, *linear)) {
       out->push_back(std::move(name), QATLinear(*linear, config));
+    } else if (ours && accepted(name, *ours)) {
+      out->push_back(std::move(name), QATLinear(*ours, config));
     } else if (conv && accepted(name, *conv)) {
       std::shared_ptr<torch::nn::BatchNorm2dImpl> bn;
       if (config.fold_batchnorm && i + 1 < n) bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(model->ptr(i + 1));

@@ -356,6 +356,25 @@ TEST_CASE("qat keeps a named Sequential's entry names, and converted layers keep
   REQUIRE(torch::allclose(got.to(torch::kFloat), expected.to(torch::kFloat), 2e-2, 2e-2));
 }
 
+TEST_CASE("qat prepare takes mixprec::nn::Linear entries and refuses 8-bit ones by name", "[int8][qat]") {
+  torch::manual_seed(24);
+  torch::nn::Linear base(16, 16);
+  torch::nn::Sequential model(mixprec::nn::Linear(*base), torch::nn::ReLU(), torch::nn::Linear(16, 4));
+  auto prepared = mixprec::qat::prepare(model);
+  REQUIRE(prepared->ptr(0)->as<mixprec::qat::QATLinear>() != nullptr);
+  REQUIRE(prepared->ptr(0)->as<mixprec::qat::QATLinear>()->weight.is_same(base->weight));  // the same tensors
+  prepared->forward(torch::randn({4, 16})).sum().backward();
+  REQUIRE(base->weight.grad().defined());
+  torch::nn::Sequential eight_bit(torch::nn::Linear(16, 16), mixprec::nn::Int8Linear(torch::nn::LinearOptions(16, 4)));
+  REQUIRE_THROWS_WITH(mixprec::qat::prepare(eight_bit), Catch::Contains("entry '1'") &&
+                                                         Catch::Contains("already runs its GEMMs in 8 bits"));
+  auto partly = mixprec::qat::prepare(eight_bit, {}, [](const std::string& name, const torch::nn::Module&) {
+    return name != "1";
+  });
+  REQUIRE(partly->ptr(0)->as<mixprec::qat::QATLinear>() != nullptr);
+  REQUIRE(partly->ptr(1).get() == eight_bit->ptr(1).get());
+}
+
 TEST_CASE("qat prepare takes a filter: the layers it refuses stay float, shared", "[int8][qat]") {
   torch::manual_seed(21);
   torch::nn::BatchNorm2d bn(4);

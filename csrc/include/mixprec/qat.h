@@ -19,6 +19,8 @@
 #include <torch/nn/pimpl.h>
 #include <torch/serialize/archive.h>
 
+#include "mixprec/nn.h"
+
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -132,6 +134,8 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
  public:
   /// Takes over `other`'s parameters (the same tensors, not copies).
   explicit QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config = {});
+  /// The same for a mixprec::nn::Linear (torch's Linear with an fp32 weight gradient).
+  explicit QATLinearImpl(const nn::LinearImpl& other, QATConfig config = {});
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
@@ -145,6 +149,9 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl> {
 
   /// Module::load, and a loaded input step is checked (set if 0) again at the next forward.
   void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  void register_steps();  // the learnable steps the config asks for (after the weight)
 };
 TORCH_MODULE(QATLinear);
 
@@ -209,8 +216,9 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl> {
 };
 TORCH_MODULE(QuantizedConv2d);
 
-/// Which layers prepare() swaps: called for each Linear / Conv2d entry only, with the entry's name ("3") and the
-/// layer (a torch::nn::LinearImpl or Conv2dImpl); none: every one. (Python's filter sees every module.)
+/// Which layers prepare() swaps: called for each Linear / Conv2d entry only (torch's, mixprec::nn::Linear, and the
+/// 8-bit layers, which prepare refuses by name when the filter accepts them), with the entry's name ("3" or
+/// "fc1") and the layer; none: every one. (Python's filter sees every module.)
 using PrepareFilter = std::function<bool(const std::string& name, const torch::nn::Module& layer)>;
 
 /// A Sequential like `model` (sharing its modules and parameters) whose Linear and Conv2d entries that `filter`
