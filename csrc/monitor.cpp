@@ -143,7 +143,9 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
               loss.defined() ? loss.sizes() : at::IntArrayRef{});
   TORCH_CHECK(tokens >= 0, "mixprec::Monitor::step: tokens must be >= 0, got ", tokens);
   ++steps_;
-  losses_.push_back(loss.detach().reshape({}));  // no arithmetic: nothing is launched between logged steps
+  // A copy (one tiny asynchronous copy, no sync): the caller may reuse the tensor in place (an accumulation
+  // buffer, a CUDA graph's static output) before the mean is taken at the next logged step.
+  losses_.push_back(loss.detach().reshape({}).clone());
   tokens_ += tokens;
   if (steps_ % options_.every() != 0) return std::nullopt;
   MonitorRecord r = make_record();
@@ -177,8 +179,10 @@ MonitorRecord Monitor::make_record() {
   std::map<std::string, std::vector<at::Tensor>> grads_by_device;
   std::map<std::string, std::vector<std::string>> names_by_device;
   for (const auto& item : params_) {
-    const at::Tensor& g = item.value().grad();
-    if (!g.defined()) continue;
+    const at::Tensor& grad = item.value().grad();
+    if (!grad.defined()) continue;
+    // A sparse gradient (nn.Embedding(sparse=True)) counts as its coalesced values, as the scaler checks it.
+    const at::Tensor g = grad.is_sparse() ? grad.coalesce().values() : grad;
     // A complex gradient counts as its real and imaginary parts (so the norm is sqrt(sum |g|^2), as torch's
     // clip_grad_norm_ has it), as the scaler unscales it.
     grads_by_device[g.device().str()].push_back(g.is_complex() ? at::view_as_real(g.detach().resolve_conj())

@@ -112,8 +112,11 @@ class UnderflowReport:
 
 def _gradients(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]]) -> list[torch.Tensor]:
     if isinstance(grads_or_model, nn.Module):
-        return [p.grad for p in grads_or_model.parameters() if p.grad is not None]
-    return [g for g in grads_or_model if g is not None]
+        grads = [p.grad for p in grads_or_model.parameters() if p.grad is not None]
+    else:
+        grads = [g for g in grads_or_model if g is not None]
+    # A sparse gradient (nn.Embedding(sparse=True)) counts as its coalesced values, as the scaler checks it.
+    return [g.coalesce().values() if g.is_sparse else g for g in grads]
 
 
 def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], scale: float = 1.0,

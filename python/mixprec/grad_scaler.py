@@ -445,7 +445,11 @@ class GradScaler(torch.amp.GradScaler):
             ones = torch.ones((), dtype=torch.float32, device=scale.device)
             self._checks_through_hook(optimizer, ones, self._impl.stage(id(optimizer)))
             return self._found_inf_per_device(optimizer)
-        self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
+        # Through the parameters where C++ can read the gradients off them: the check then records which ones
+        # overflowed (track_overflows), as the step's own check does.
+        handled, _, _ = self._impl.prepare_scaled_step_params(id(optimizer), self._params(optimizer))
+        if not handled:
+            self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
         return self._found_inf_per_device(optimizer)
 
     @property

@@ -55,6 +55,12 @@ def _scaled_backward() -> tuple[torch.optim.Optimizer, mixprec.GradScaler]:
     return opt, s
 
 
+def scaler_update_before_step(w) -> None:  # noqa: ANN001
+    scaler = mixprec.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    scaler.update()
+
+
 def scaler_twice(w: World) -> None:
     opt, s = _scaled_backward()
     s.unscale_(opt)
@@ -133,8 +139,9 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("GradScaler: hysteresis", lambda w: mixprec.GradScaler("cpu", hysteresis=0), RuntimeError, "hysteresis"),
     ("GradScaler: unscale_ twice", scaler_twice, RuntimeError, "already been called"),
     ("GradScaler: step twice", scaler_step_twice, RuntimeError, "already been called"),
-    ("GradScaler: update before any step", lambda w: mixprec.GradScaler("cpu").update(), AssertionError,
-     "No inf checks"),
+    ("GradScaler: update before any scale()", lambda w: mixprec.GradScaler("cpu").update(), AssertionError,
+     "Attempted update but _scale is None"),
+    ("GradScaler: update before any step", scaler_update_before_step, AssertionError, "No inf checks"),
     ("GradScaler: load empty state", lambda w: mixprec.GradScaler("cpu").load_state_dict({}), RuntimeError, "empty"),
     ("Policy: unknown name", lambda w: mixprec.Policy("fp8-mixed"), RuntimeError, "accepted"),
     ("Policy: unknown dtype", lambda w: mixprec.Policy("params=float32,compute=fp8"), RuntimeError, "dtype"),

@@ -130,6 +130,61 @@ def test_planted_overflow_is_named(optimizer: str) -> None:
     assert str(scaler.last_overflow()).startswith(f"step 4 (loss scale 32768): param[{n - 1}]: nan")
 
 
+class OldProtocolSGD(torch.optim.SGD):
+    """An optimizer of torch's older scaler protocol (apex, timm): it checks and unscales through the scaler."""
+
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None):  # noqa: ANN001, ANN201
+        if sum(v.item() for v in grad_scaler._check_inf_per_device(self).values()):
+            return None
+        inv = 1.0 / grad_scaler._get_scale_async()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+        return super().step(closure)
+
+
+def test_the_older_protocols_check_names_the_overflow_too() -> None:
+    """The check such an optimizer asks for (_check_inf_per_device) records which parameter overflowed, as the
+    scaler's own check does."""
+    model = named_model()
+    opt = OldProtocolSGD(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", track_overflows=True)
+    scaler.scale(model(torch.randn(3, 4)).pow(2).mean()).backward()
+    dict(model.named_parameters())["head.bias"].grad[0] = math.inf
+    with pytest.warns(FutureWarning):
+        scaler.step(opt)
+    scaler.update()
+    report = scaler.last_overflow(model)
+    assert report is not None and report.sources == [("head.bias", math.inf)]
+
+
+def test_monitor_and_underflow_report_take_sparse_gradients_and_copy_the_loss(tmp_path) -> None:
+    """nn.Embedding(sparse=True) gradients (which the scaler checks) count as their values; a loss tensor the
+    caller reuses in place is averaged as the values it held at each step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(emb=nn.Embedding(10, 4, sparse=True), head=nn.Linear(4, 1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = mixprec.GradScaler("cpu", init_scale=8.0)
+    monitor = mixprec.Monitor(model, scaler, every=4, sinks=())
+    loss_buffer = torch.zeros(())
+    record = None
+    for i, value in enumerate((1.0, 2.0, 3.0, 10.0)):
+        opt.zero_grad()
+        out = model(torch.tensor([[1, 2, 2]])).sum()
+        scaler.scale(out).backward()
+        scaler.step(opt)
+        scaler.update()
+        loss_buffer.fill_(value)  # an accumulation buffer, refilled each step
+        record = monitor.step(loss_buffer)
+    assert record is not None and record["loss"] == pytest.approx(4.0)
+    emb_grad = model.emb.weight.grad.coalesce().values()
+    report = mixprec.diagnostics.underflow_report(model)
+    assert report.total == emb_grad.numel() + sum(p.grad.numel() for p in model.head.parameters())
+
+
 def test_a_nan_that_spread_is_listed_with_every_source() -> None:
     model = named_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
