@@ -20,6 +20,7 @@ sources as text under ``mixprec/overflow``) and the progress line.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Any, Optional, Sequence
 
@@ -64,10 +65,12 @@ class Monitor:
         unknown = [s for s in sinks if s not in SINKS]
         if unknown:
             raise ValueError(f"mixprec.Monitor: unknown sink(s) {unknown}; accepted: {list(SINKS)}")
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+        # Integers of any kind (NumPy's from a config too), not bools.
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every <= 0:
             raise ValueError(f"mixprec.Monitor: every must be a positive int, got {every!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 0):
             raise ValueError(f"mixprec.Monitor: keep must be a non-negative int or None, got {keep!r}")
+        every, keep = int(every), None if keep is None else int(keep)
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"mixprec.Monitor: scaler must be a mixprec.GradScaler or None, got {type(scaler).__name__}")
         if ("tensorboard" in sinks or "jsonl" in sinks) and log_dir is None:
@@ -92,14 +95,20 @@ class Monitor:
             names.append(name)
             params.append(p)
         enabled_scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        # The C++ constructor checks its arguments before it turns the scaler's overflow tracking on, so a
-        # refused monitor changes nothing; the event writer comes last.
-        self._impl = torch.classes.mixprec.Monitor(names, params, None if enabled_scaler is None else enabled_scaler._impl,
-                                                   int(every), jsonl, False, int(min_exponent), int(num_bins))
-        if enabled_scaler is not None:
-            enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
+        # The event writer first (a log_dir it cannot use is refused here); the C++ constructor checks its
+        # arguments before it turns the scaler's overflow tracking on, so a refused monitor changes nothing.
         if writer_cls is not None:
             self._writer = writer_cls(log_dir=log_dir)
+        try:
+            self._impl = torch.classes.mixprec.Monitor(
+                names, params, None if enabled_scaler is None else enabled_scaler._impl, int(every), jsonl, False,
+                int(min_exponent), int(num_bins))
+        except Exception:
+            if self._writer is not None:
+                self._writer.close()
+            raise
+        if enabled_scaler is not None:
+            enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
         # The latest logged records, as dicts (a long run logs without bound; the jsonl and TensorBoard sinks
         # keep the whole history).
         self.records: list[dict[str, Any]] = []

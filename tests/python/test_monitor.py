@@ -185,6 +185,21 @@ def test_monitor_and_underflow_report_take_sparse_gradients_and_copy_the_loss(tm
     assert report.total == emb_grad.numel() + sum(p.grad.numel() for p in model.head.parameters())
 
 
+def test_monitor_takes_numpy_integers_and_a_refused_one_changes_nothing(tmp_path) -> None:
+    """Integers from a config (NumPy's) are integers; a monitor refused for a log_dir it cannot write leaves the
+    scaler's overflow tracking as it was."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("tensorboard")
+    model = named_model()
+    scaler = mixprec.GradScaler("cpu")
+    assert mixprec.Monitor(model, None, every=np.int64(10), keep=np.int32(5), sinks=())._keep == 5
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(Exception):
+        mixprec.Monitor(model, scaler, log_dir=str(blocked), sinks=("tensorboard",))
+    assert not scaler._impl.track_overflows()
+
+
 def test_a_nan_that_spread_is_listed_with_every_source() -> None:
     model = named_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
