@@ -80,11 +80,17 @@ def _check_ddp(weight: Tensor) -> None:
             f"{weight.dtype}. For fp32 gradient reduction and accumulation shard with FSDP2 (fully_shard with "
             "MixedPrecisionPolicy(reduce_dtype=torch.float32)), or keep fp32 weights under DDP",
             stacklevel=3)
-        grad = None if weight.grad is None else weight.grad.to(weight.dtype)  # before anything changes
-        weight.grad = None  # no gradient of the other dtype while grad_dtype changes
-        weight.grad_dtype = weight.dtype  # (None would allow any dtype)
-        if grad is not None:
-            weight.grad = grad
+        own_dtype_grad(weight)
+
+
+def own_dtype_grad(weight: Tensor) -> None:
+    """Undo :func:`keep_fp32_grad`: ``weight``'s gradient in its own dtype again (``grad_dtype`` its dtype), a
+    ``.grad`` already there converted, as torch.nn.Linear's is."""
+    grad = None if weight.grad is None else weight.grad.to(weight.dtype)  # before anything changes
+    weight.grad = None  # no gradient of the other dtype while grad_dtype changes
+    weight.grad_dtype = weight.dtype  # (None would allow any dtype)
+    if grad is not None:
+        weight.grad = grad
 
 
 def _functional_transform(*tensors: Optional[Tensor]) -> bool:

@@ -137,11 +137,7 @@ class _QATWeight:
                 del layer._load_state_dict_post_hooks[key]
         weight = layer.weight
         if weight.is_leaf and weight.dtype in (torch.float16, torch.bfloat16) and weight.grad_dtype == torch.float32:
-            grad = None if weight.grad is None else weight.grad.to(weight.dtype)
-            weight.grad = None
-            weight.grad_dtype = weight.dtype
-            if grad is not None:
-                weight.grad = grad
+            _mnn.own_dtype_grad(weight)
         layer.__class__ = cls
         layer.qat_config = config  # type: ignore[assignment]
         if config.learnable_scales:
