@@ -6,6 +6,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
@@ -421,36 +422,30 @@ void GradScaler::update(double new_scale) {
 }
 
 void GradScaler::record_overflows(const at::Tensor& found_inf) {
-  if (!overflow_count_.defined()) {
-    overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
-    grads_scale_ = at::ones({}, scale_.options());
-  }
+  if (!overflow_count_.defined()) overflow_count_ = at::zeros({}, scale_.options().dtype(at::kLong));
   // Gradients stay scaled when an optimizer that takes the scale skips an overflowing step; it skips on its
-  // own flag. With one optimizer that is the summed flag, so grads_scale can say so; with several, whose
-  // gradients are in which state is not one number, and no correction is offered.
-  // Records without flags (read or reset, never unscaled or stepped) take no part.
-  int active = 0;
-  bool handed = false;
+  // own flag, so each such optimizer's gradients get their own factor (taken before the scale moves).
+  scaled_gradients_.clear();
   for (const auto& [key, st] : per_optimizer_) {
-    if (st.found_inf_per_device.empty()) continue;
-    ++active;
-    handed = st.handed_scale;
+    if (!st.handed_scale || !st.tracked || st.found_inf_per_device.empty()) continue;
+    auto it = overflow_records_.find(key);
+    if (it == overflow_records_.end()) continue;
+    ScaledGradients entry;
+    entry.params.reserve(it->second.index.size());
+    for (const auto& [impl, position] : it->second.index) entry.params.push_back(impl);
+    entry.factor = at::where(combined_found_inf(st).ne(0), scale_.reshape({}), at::ones({}, scale_.options()));
+    scaled_gradients_.push_back(std::move(entry));
   }
-  handed = handed && active == 1;
   // One small op per optimizer (record_overflow_): on an overflow the record takes this step's maxima,
-  // step number and scale; the maxima are zeroed for the next step. The first also counts the step and
-  // sets grads_scale.
+  // step number and scale; the maxima are zeroed for the next step. The first also counts the step.
+  // Records without flags (read or reset, never unscaled or stepped) take no part.
   bool first = true;
-  auto extras = [&] {
-    return std::make_pair(first ? std::optional<at::Tensor>(overflow_count_) : std::nullopt,
-                          first && handed ? std::optional<at::Tensor>(grads_scale_) : std::nullopt);
-  };
+  const auto count = [&] { return first ? std::optional<at::Tensor>(overflow_count_) : std::nullopt; };
   for (auto& [key, st] : per_optimizer_) {
     if (!st.tracked) continue;
     auto it = overflow_records_.find(key);
     if (it == overflow_records_.end() || !it->second.record.defined()) continue;  // tracking was restarted
-    const auto [count, gs] = extras();
-    ops::record_overflow_(it->second.record, it->second.amax, found_inf, scale_, updates_, st.checked, count, gs);
+    ops::record_overflow_(it->second.record, it->second.amax, found_inf, scale_, updates_, st.checked, count());
     first = false;
   }
   if (first) {  // no tracked optimizer (e.g. DTensor shards unscaled from Python): still count the step
@@ -458,11 +453,8 @@ void GradScaler::record_overflows(const at::Tensor& found_inf) {
       scratch_record_ = at::zeros({3}, scale_.options().dtype(at::kDouble));
       scratch_amax_ = at::zeros({0}, scale_.options());
     }
-    const auto [count, gs] = extras();
-    ops::record_overflow_(scratch_record_, scratch_amax_, found_inf, scale_, updates_, 0, count, gs);
+    ops::record_overflow_(scratch_record_, scratch_amax_, found_inf, scale_, updates_, 0, count());
   }
-  if (!handed && grads_may_be_scaled_) grads_scale_.fill_(1.0);
-  grads_may_be_scaled_ = handed;
 }
 
 void GradScaler::set_track_overflows(bool track) {
@@ -471,8 +463,7 @@ void GradScaler::set_track_overflows(bool track) {
     for (auto& [key, st] : per_optimizer_) st.tracked = false;  // this iteration's maxima are dropped too
     overflow_records_.clear();
     overflow_count_ = at::Tensor();
-    grads_scale_ = at::Tensor();
-    grads_may_be_scaled_ = false;
+    scaled_gradients_.clear();
   }
 }
 
@@ -556,8 +547,8 @@ void GradScaler::set_scale_tensor(const std::optional<at::Tensor>& scale) {
   if (scale_.defined() && scale_.device() != device) {
     // The overflow bookkeeping lives on the scale's device: it starts again there (as set_track_overflows(false)).
     overflow_records_.clear();
-    overflow_count_ = grads_scale_ = scratch_record_ = scratch_amax_ = at::Tensor();
-    grads_may_be_scaled_ = false;
+    overflow_count_ = scratch_record_ = scratch_amax_ = at::Tensor();
+    scaled_gradients_.clear();
   }
   if (!growth_tracker_.defined()) {
     growth_tracker_ = at::full({}, init_growth_tracker_, adopted.options().dtype(at::kInt));

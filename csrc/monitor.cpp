@@ -4,9 +4,11 @@
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -163,42 +165,67 @@ MonitorRecord Monitor::make_record() {
   const bool scaled = scaler_ != nullptr && scaler_->is_enabled();
   const at::Tensor scale = scaled ? scaler_->scale_tensor().to(device) : at::ones({}, f64.dtype(at::kFloat));
   // Gradients an optimizer left scaled (it took the scale itself and skipped an overflowing step before
-  // unscaling) hold g * gs. Judged at scale / gs, with the histogram's bins moved up by log2(gs), they are
-  // counted as g would be (exactly for a power-of-two scale); the norm is divided below. The scaler knows
-  // on the host whether that can be so; only then is gs read (a second read on such a logged step).
-  double gs = 1.0;
-  if (scaled && scaler_->grads_may_be_scaled() && scaler_->grads_scale().defined()) {
-    gs = scaler_->grads_scale().item<double>();
-    if (!(std::isfinite(gs) && gs > 0)) gs = 1.0;  // a scale that underflowed to 0: nothing to correct by
+  // unscaling) hold g * gs, gs that optimizer's factor. Judged at scale / gs, with the histogram's bins moved
+  // up by log2(gs), they are counted as g would be (exactly for a power-of-two scale); their norm and max are
+  // divided below. The scaler knows on the host whether any optimizer took the scale; only then are the
+  // factors read (one more read on such a logged step).
+  std::map<const c10::TensorImpl*, double> factor_of;
+  if (scaled && !scaler_->scaled_gradients().empty()) {
+    std::vector<at::Tensor> factors;
+    for (const auto& entry : scaler_->scaled_gradients()) factors.push_back(entry.factor.reshape({1}).to(device));
+    const at::Tensor host = at::cat(factors).to(at::kDouble).cpu();
+    const double* f = host.const_data_ptr<double>();
+    for (size_t k = 0; k < factors.size(); ++k) {
+      if (!(std::isfinite(f[k]) && f[k] > 0) || f[k] == 1.0) continue;  // a scale that underflowed to 0: no correction
+      for (const c10::TensorImpl* impl : scaler_->scaled_gradients()[k].params) factor_of[impl] = f[k];
+    }
   }
-  const auto shift = static_cast<int64_t>(std::lround(std::log2(gs)));
-  const int64_t stats_min_exponent = std::clamp<int64_t>(options_.min_exponent() + shift, -1100, 1100);
-  const at::Tensor stats_scale = scale.to(at::kDouble).div(gs).to(at::kFloat);
 
-  // The statistics, per device the gradients live on, summed over gradients into one row.
-  std::map<std::string, std::vector<at::Tensor>> grads_by_device;
-  std::map<std::string, std::vector<std::string>> names_by_device;
+  // The statistics, one grad_stats launch per (device, factor) the gradients have, each row describing the
+  // true gradient; rows are then put back in the parameters' order and summed into the record's.
+  struct Group {
+    std::vector<at::Tensor> grads;
+    std::vector<int64_t> rows;  // positions among the gradients measured
+  };
+  std::map<std::pair<std::string, double>, Group> groups;
+  last_stats_names_.clear();
   for (const auto& item : params_) {
     const at::Tensor& grad = item.value().grad();
     if (!grad.defined()) continue;
     // A sparse gradient (nn.Embedding(sparse=True)) counts as its coalesced values, as the scaler checks it.
     const at::Tensor g = grad.is_sparse() ? grad.coalesce().values() : grad;
+    const auto found = factor_of.find(item.value().unsafeGetTensorImpl());
+    Group& group = groups[{g.device().str(), found == factor_of.end() ? 1.0 : found->second}];
     // A complex gradient counts as its real and imaginary parts (so the norm is sqrt(sum |g|^2), as torch's
     // clip_grad_norm_ has it), as the scaler unscales it.
-    grads_by_device[g.device().str()].push_back(g.is_complex() ? at::view_as_real(g.detach().resolve_conj())
-                                                               : g.detach());
-    names_by_device[g.device().str()].push_back(item.key());
+    group.grads.push_back(g.is_complex() ? at::view_as_real(g.detach().resolve_conj()) : g.detach());
+    group.rows.push_back(static_cast<int64_t>(last_stats_names_.size()));
+    last_stats_names_.push_back(item.key());
   }
   const int64_t width = 8 + options_.num_bins();
   std::vector<at::Tensor> rows;
-  last_stats_names_.clear();
-  for (auto& [dev, grads] : grads_by_device) {
+  std::vector<int64_t> order;
+  for (auto& [key, group] : groups) {
+    const auto& [dev, gs] = key;
+    const auto shift = static_cast<int64_t>(std::lround(std::log2(gs)));
+    const int64_t min_exponent = std::clamp<int64_t>(options_.min_exponent() + shift, -1100, 1100);
     const c10::Device d(dev);
-    rows.push_back(ops::grad_stats(grads, stats_scale.reshape({1}).to(d), stats_min_exponent, options_.num_bins())
-                       .to(device));
-    for (auto& n : names_by_device[dev]) last_stats_names_.push_back(n);
+    const at::Tensor judged_at = scale.to(at::kDouble).div(gs).to(at::kFloat).reshape({1}).to(d);
+    at::Tensor stats = ops::grad_stats(group.grads, judged_at, min_exponent, options_.num_bins()).to(device);
+    if (gs != 1.0) {
+      stats.select(1, 6).div_(gs * gs);  // sum of g^2
+      stats.select(1, 7).div_(gs);       // max |g|
+    }
+    rows.push_back(std::move(stats));
+    order.insert(order.end(), group.rows.begin(), group.rows.end());
   }
-  last_stats_ = rows.empty() ? at::zeros({0, width}, f64) : at::cat(rows);
+  if (rows.empty()) {
+    last_stats_ = at::zeros({0, width}, f64);
+  } else {
+    // Row k of the concatenation belongs to gradient order[k]: scatter back into the parameters' order.
+    const at::Tensor all = at::cat(rows);
+    last_stats_ = at::empty_like(all).index_copy_(0, at::tensor(order, at::kLong).to(device), all);
+  }
   // Everything the record needs, gathered on the device and read back at once: one host read.
   at::Tensor count = at::zeros({1}, f64);
   if (scaled && scaler_->overflow_count().defined()) {
@@ -235,7 +262,7 @@ MonitorRecord Monitor::make_record() {
   r.subnormal_fraction = v[3] / denom;
   r.overflow_fraction = v[4] / denom;
   r.nonfinite_fraction = v[5] / denom;
-  r.grad_norm = std::sqrt(v[6]) / gs;
+  r.grad_norm = std::sqrt(v[6]);
   r.min_exponent = options_.min_exponent();
   r.exponent_histogram.assign(v + 8, v + width);
   r.step_time = seconds / static_cast<double>(r.interval);

@@ -5,6 +5,7 @@
 #include <mixprec/mixprec.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -146,23 +147,40 @@ TEST_CASE("GradScaler creates its scale on the first output's device, as torch's
   REQUIRE(early.scale_tensor().device().is_meta());
 }
 
-TEST_CASE("A record only read (no flags) leaves grads_scale to the one optimizer with flags", "[scaler][overflow]") {
-  // mixprec's AdamW takes the scale and skips an overflowing step itself, leaving its gradients scaled: with one
-  // optimizer grads_scale says so. Another optimizer's record that was only read (torch's defaultdict creates
-  // one) has no flags and must not make it "several optimizers".
+TEST_CASE("Each optimizer that took the scale gets its own factor; a record only read gets none", "[scaler][overflow]") {
+  // mixprec's AdamW takes the scale and skips an overflowing step itself, leaving its gradients scaled. With two
+  // of them and an overflow in only one, only that one's gradients hold g * scale. Another optimizer's record
+  // that was only read (torch's defaultdict creates one) has no flags and gets no entry.
   torch::manual_seed(0);
   Net net;
-  mixprec::optim::AdamW opt(net.parameters(), mixprec::optim::AdamOptions(1e-3));
+  const auto params = net.parameters();
+  const std::vector<torch::Tensor> first{params[0]}, second{params[1]};  // the weight, the bias
+  mixprec::optim::AdamW a(first, mixprec::optim::AdamOptions(1e-3)), b(second, mixprec::optim::AdamOptions(1e-3));
   mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).track_overflows(true));
   for (int i = 0; i < 3; ++i) {
-    opt.zero_grad();
+    a.zero_grad();
+    b.zero_grad();
     scaler.scale(net.forward(torch::randn({2, 8})).sum()).backward();
-    if (i == 1) net.parameters()[0].mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+    if (i == 1) second[0].mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
     scaler.ensure_optimizer_state(42);
-    scaler.step(opt);
+    scaler.step(a);
+    scaler.step(b);
     scaler.update();
-    REQUIRE(scaler.grads_scale().item<float>() == (i == 1 ? 1024.0f : 1.0f));
+    const auto& entries = scaler.scaled_gradients();
+    REQUIRE(entries.size() == 2);
+    for (const auto& entry : entries) {  // in no particular order
+      const bool is_b = std::count(entry.params.begin(), entry.params.end(), second[0].unsafeGetTensorImpl()) == 1;
+      const auto& mine = is_b ? second : first;
+      REQUIRE(entry.params.size() == mine.size());
+      for (const auto& p : mine) {
+        REQUIRE(std::count(entry.params.begin(), entry.params.end(), p.unsafeGetTensorImpl()) == 1);
+      }
+      // The factor is the scale of the step taken (1024 before the backoff), for the optimizer that skipped.
+      REQUIRE(entry.factor.item<float>() == (i == 1 && is_b ? 1024.0f : 1.0f));
+    }
   }
+  scaler.set_track_overflows(false);
+  REQUIRE(scaler.scaled_gradients().empty());
 }
 
 TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][checkpoint]") {

@@ -446,6 +446,49 @@ def test_monitor_on_a_skipped_step_judges_the_true_gradients(tmp_path) -> None:
     assert math.isinf(r["grad_norm"])
 
 
+@pytest.mark.parametrize("torch_optimizer", [False, True])
+def test_monitor_judges_each_fused_optimizers_gradients_by_its_own_skip(tmp_path, torch_optimizer: bool) -> None:
+    """Two optimizers that take the scale themselves (mixprec's AdamW with fused=True, or torch's fused AdamW),
+    one scaler, an overflow in only the second's gradients (a GAN's discriminator, say): the second skips and
+    leaves g * 65536 in .grad, the first divides. Each must be judged as its true gradients, and the per-tensor
+    rows come back in the model's order describing the true gradients too."""
+    model = named_model()
+    params = list(model.parameters())
+    half = len(params) // 2
+    make = (lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True)) if torch_optimizer else (
+        lambda ps: mixprec.optim.AdamW(ps, lr=0.01, fused=True))
+    first, second = make(params[:half]), make(params[half:])
+    scaler = mixprec.GradScaler("cpu", growth_interval=1000)
+    monitor = mixprec.Monitor(model, scaler, every=2, sinks=(), min_exponent=-30, num_bins=40)
+    for i in range(2):
+        first.zero_grad()
+        second.zero_grad()
+        loss = model(torch.randn(3, 4)).pow(2).mean()
+        scaler.scale(loss).backward()
+        if i == 1:
+            params[-1].grad[0] = math.inf
+        scaler.step(first)
+        scaler.step(second)
+        scaler.update()
+        record = monitor.step(loss)
+    assert record is not None and record["skipped_steps"] == 1 and record["loss_scale"] == 32768.0
+    true_grads = [p.grad.double() / (65536.0 if k >= half else 1.0) for k, p in enumerate(params)]
+    ref = reference_stats(true_grads, 32768.0, -30, 40)
+    total = ref.sum(0)
+    n = total[0].item()
+    for key, col in [("zero_fraction", 1), ("flush_fraction", 2), ("subnormal_fraction", 3),
+                     ("overflow_fraction", 4), ("nonfinite_fraction", 5)]:
+        assert record[key] == total[col].item() / n, key
+    assert record["exponent_histogram"] == total[8:].tolist()
+    assert math.isinf(record["grad_norm"])
+    rows = monitor.last_stats()
+    assert list(rows) == [name for name, _ in model.named_parameters()]
+    stacked = torch.stack(list(rows.values()))
+    finite = ref[:, 6].isfinite()
+    torch.testing.assert_close(stacked[finite][:, 6:8], ref[finite][:, 6:8], rtol=1e-12, atol=0)
+    assert torch.equal(stacked[:, :6], ref[:, :6]) and torch.equal(stacked[:, 8:], ref[:, 8:])
+
+
 def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

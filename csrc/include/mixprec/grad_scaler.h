@@ -124,15 +124,18 @@ class GradScaler {
   /// Overflowing steps since tracking began: an int64 0-dim tensor on the scale's device (no host sync;
   /// undefined before the first tracked update()).
   const at::Tensor& overflow_count() const { return overflow_count_; }
-  /// What the parameters' gradients hold relative to the true gradients after the last update(): a float32
-  /// 0-dim tensor on the scale's device, 1 unless the iteration's one optimizer with flags took the scale itself (a
-  /// read-only check) and skipped an overflowing step, which leaves its gradients scaled (with several
-  /// optimizers it stays 1: no single factor describes them). Tracked with track_overflows; undefined
-  /// before. The Monitor divides by it.
-  const at::Tensor& grads_scale() const { return grads_scale_; }
-  /// Whether grads_scale() can differ from 1 (an optimizer was handed the scale in the last iteration),
-  /// known on the host: a monitor reads grads_scale() back only then.
-  bool grads_may_be_scaled() const { return grads_may_be_scaled_; }
+  /// Gradients an optimizer left scaled in the last update()'s iteration. An optimizer that takes the scale
+  /// itself (a read-only check, then its fused step divides) and skips an overflowing step leaves its
+  /// gradients holding g * scale; one entry per optimizer that took the scale, with the parameters whose
+  /// gradients it was handed (identities: the overflow record holds them weakly, so no address is reused)
+  /// and the factor its gradients hold relative to the true ones (float32 0-dim on the scale's device: that
+  /// step's scale if it skipped, else 1). Tracked with track_overflows; empty when no optimizer took the
+  /// scale, which the host knows: the Monitor reads the factors back only otherwise.
+  struct ScaledGradients {
+    std::vector<const c10::TensorImpl*> params;
+    at::Tensor factor;
+  };
+  const std::vector<ScaledGradients>& scaled_gradients() const { return scaled_gradients_; }
   std::optional<OverflowReport> last_overflow(const torch::OrderedDict<std::string, at::Tensor>& named_parameters) const;
   /// As above, the parameters named by position ("param[i]").
   std::optional<OverflowReport> last_overflow() const;
@@ -254,8 +257,7 @@ class GradScaler {
   int64_t updates_ = 0;  // update() calls so far: the step number overflow reports give
   std::map<int64_t, OverflowRecord> overflow_records_;
   at::Tensor overflow_count_;
-  at::Tensor grads_scale_;
-  bool grads_may_be_scaled_ = false;
+  std::vector<ScaledGradients> scaled_gradients_;
   at::Tensor scratch_record_, scratch_amax_;  // record_overflow_'s operands when no optimizer is tracked
 };
 

@@ -73,8 +73,9 @@ class Monitor {
   /// step (every `every` steps), having written it to the sinks; nullopt otherwise, having read nothing.
   std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens = 0);
 
-  /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names, as the
-  /// op gave them for the gradients as stored (see GradScaler::grads_scale()).
+  /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names, in the
+  /// order of `named_parameters` (those with gradients). Each row describes the true gradient: one an
+  /// optimizer left scaled (see GradScaler::scaled_gradients()) is judged as the unscaled values would be.
   const at::Tensor& last_stats() const { return last_stats_; }
   const std::vector<std::string>& last_stats_names() const { return last_stats_names_; }
   const MonitorOptions& options() const { return options_; }
