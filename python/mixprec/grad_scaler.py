@@ -640,8 +640,9 @@ class GradScaler(torch.amp.GradScaler):
 
     def last_overflow(self, model: Optional[torch.nn.Module] = None) -> Optional[OverflowReport]:
         """The last overflowing step since tracking began, naming the offending parameters from
-        ``model.named_parameters()`` (else ``param[i]``, i its position among the optimizer's parameters
-        with gradients); ``None`` when no tracked step overflowed or tracking is off. Reads a small record
+        ``model.named_parameters()`` (else ``param[i]``: i counts the parameters of that parameter's optimizer
+        in the order the scaler first saw them with a gradient, so with several optimizers positions repeat:
+        pass the model); ``None`` when no tracked step overflowed or tracking is off. Reads a small record
         back from the device: a host sync, only when called."""
         if not self._enabled:
             return None

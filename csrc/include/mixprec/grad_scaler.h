@@ -49,7 +49,8 @@ struct GradScalerOptions {
 /// One parameter whose gradient held inf/NaN (GradScaler::last_overflow()).
 struct OverflowSource {
   std::string name;  ///< from the names given to last_overflow(), else "param[i]" (i: the order in which the
-                     ///< scaler first saw the optimizer's parameters with gradients)
+                     ///< scaler first saw its optimizer's parameters with gradients; per optimizer, so with
+                     ///< several optimizers positions repeat: pass named_parameters())
   at::Tensor param;  ///< undefined when the parameter no longer exists
   double max_abs;    ///< max |g| as the scaled gradient held it: inf or NaN
 };
