@@ -329,7 +329,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
                                const fp8::ScalingState& state, const fp8::Recipe& recipe,
-                               nn::Float8WeightCache* cache, bool input_grad, bool record) {
+                               nn::Float8WeightCache* cache, bool input_grad, bool record, bool record_backward) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
@@ -406,6 +406,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     ctx->saved_data["backward_amax_history"] = state.backward_amax_history;
     ctx->saved_data["backward_scale"] = state.backward_scale;
     ctx->saved_data["backward_scale_inv"] = state.backward_scale_inv;
+    ctx->saved_data["record_backward"] = record_backward;
     ctx->saved_data["scaling"] = static_cast<int64_t>(recipe.scaling);
     ctx->saved_data["forward_dtype"] = recipe.forward_dtype;
     ctx->saved_data["backward_dtype"] = recipe.backward_dtype;
@@ -441,9 +442,13 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         const torch::Tensor history = ctx->saved_data["backward_amax_history"].toTensor();
         const torch::Tensor scale = ctx->saved_data["backward_scale"].toTensor();
         const torch::Tensor scale_inv = ctx->saved_data["backward_scale_inv"].toTensor();
-        fp8::update_scales_(history, scale, scale_inv, recipe.backward_dtype, recipe.amax_compute_algo,
-                            recipe.margin, recipe.pow2_scales);
-        hg = quantize_delayed(g2, history, scale, scale_inv.clone(), 0, recipe.backward_dtype);
+        // Without record_backward (a backward through an evaluation forward) the state is read as it stands.
+        const bool record_backward = ctx->saved_data["record_backward"].toBool();
+        if (record_backward) {
+          fp8::update_scales_(history, scale, scale_inv, recipe.backward_dtype, recipe.amax_compute_algo,
+                              recipe.margin, recipe.pow2_scales);
+        }
+        hg = quantize_delayed(g2, history, scale, scale_inv.clone(), 0, recipe.backward_dtype, record_backward);
       } else {
         hg = quantize_current(g2, recipe.backward_dtype, recipe);
       }
@@ -483,9 +488,10 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
-    // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad, record.
+    // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad, record,
+    // record_backward.
     return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -585,9 +591,10 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
   // reentrant or not): it must quantize as the original forward did, with the scales that forward set, and
   // must not record its amaxes a second time. So it reads the forward state without updating it, as an
   // evaluation forward (update_state false) does; the backward that follows still updates its own state.
+  // A backward through an evaluation forward (input gradients of a model in eval mode) updates nothing.
   const bool record = update_state && torch::autograd::get_current_graph_task_id() == -1;
   return Float8LinearFunction::apply(input, weight, maybe_bias, probe_input(weight), state, recipe,
-                                     cache, input_grad, record);
+                                     cache, input_grad, record, update_state);
 }
 
 namespace {

@@ -194,8 +194,9 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     used instead of ``weight``, which is then not read (delayed scaling still records the cached amax).
     Emptying it after each optimizer step is the caller's part.
 
-    ``update_state=False`` (:class:`Float8Linear` in eval mode) reads delayed scaling's forward state without
-    updating the scales or recording amaxes, as BatchNorm's eval mode reads its running statistics. A forward
+    ``update_state=False`` (:class:`Float8Linear` in eval mode) reads delayed scaling's state (the forward's,
+    and the backward's when gradients are taken through it) without updating the scales or recording
+    amaxes, as BatchNorm's eval mode reads its running statistics. A forward
     inside a backward (activation checkpointing's recomputation) reads it so too: it quantizes as the
     original forward did and records nothing twice."""
     _check_ddp(weight)

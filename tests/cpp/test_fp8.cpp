@@ -290,6 +290,10 @@ TEST_CASE("nn::Float8Linear: evaluation mode leaves the scaling state", "[fp8][n
   layer->eval();
   const auto x = torch::randn({8, 64}) * 100;  // an amax that must not be recorded
   REQUIRE(layer->forward(x).sizes() == torch::IntArrayRef{8, 32});
+  // A backward through an evaluation forward (input gradients of a model in eval mode) records nothing either.
+  const auto xg = x.clone().requires_grad_();
+  (layer->forward(xg).pow(2).sum() * 1e4).backward();
+  REQUIRE(xg.grad().defined());
   for (const auto& item : layer->named_buffers()) REQUIRE(torch::equal(item.value(), before[item.key()]));
   layer->train();  // training forwards record again
   layer->forward(x);

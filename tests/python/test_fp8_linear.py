@@ -318,8 +318,9 @@ def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_s
 def test_activation_checkpointing_and_evaluation_change_nothing(name: str, checkpointing: str) -> None:
     """Training with torch.utils.checkpoint around every layer equals training without it, bit for bit
     (parameters, gradients, scaling state): the recomputation inside backward quantizes with the scales the
-    original forward set and records no amax a second time. Evaluation forwards (eval mode, no grad) between
-    the steps change nothing either, as BatchNorm's running statistics stay put in eval mode."""
+    original forward set and records no amax a second time. Evaluation between the steps (eval mode, with no
+    grad or taking input gradients through the model) changes nothing either, as BatchNorm's running
+    statistics stay put in eval mode."""
     recipe = RECIPES[name]
 
     def make() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -339,7 +340,7 @@ def test_activation_checkpointing_and_evaluation_change_nothing(name: str, check
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(16, 32, generator=gen) * 4, torch.randn(16, 16, generator=gen)) for _ in range(5)]
     runs = []
-    for checkpoint, evaluate in ((False, False), (True, False), (False, True)):
+    for checkpoint, evaluate in ((False, None), (True, None), (False, "no_grad"), (False, "input_grad")):
         model, opt = make()
         for x, y in data:
             opt.zero_grad()
@@ -349,8 +350,13 @@ def test_activation_checkpointing_and_evaluation_change_nothing(name: str, check
             opt.step()
             if evaluate:
                 model.eval()
-                with torch.no_grad():
-                    model(torch.randn(16, 32) * 100)  # a very different amax, which must not be recorded
+                x = torch.randn(16, 32) * 100  # a very different amax, which must not be recorded
+                if evaluate == "no_grad":
+                    with torch.no_grad():
+                        model(x)
+                else:  # input gradients of the model in eval mode (saliency, adversarial examples)
+                    x.requires_grad_()
+                    torch.autograd.grad(model(x).pow(2).sum() * 1e4, x)
                 model.train()
         runs.append((model.state_dict(), [p.grad for p in model.parameters()]))
     (state, grads), *others = runs

@@ -88,8 +88,9 @@ struct Float8WeightCache {
 /// the cache). Refilling it after each optimizer step is the caller's part; Float8Linear's forward does it
 /// with `is_first_microbatch`.
 ///
-/// `update_state` false (Float8Linear in evaluation mode) reads delayed scaling's forward state without
-/// updating the scales or recording amaxes, as BatchNorm's eval mode reads its running statistics. A forward
+/// `update_state` false (Float8Linear in evaluation mode) reads delayed scaling's state without updating the
+/// scales or recording amaxes, as BatchNorm's eval mode reads its running statistics: the forward's, and the
+/// backward's when gradients are taken through it (input gradients of a model in eval mode). A forward
 /// that runs inside a backward (activation checkpointing's recomputation) reads it so too, whatever
 /// `update_state` says: it quantizes as the original forward did and records nothing twice.
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
