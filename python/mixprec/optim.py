@@ -26,6 +26,7 @@ mix of fp32/fp16/bf16 gradients.
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -57,11 +58,15 @@ def _sharded_like(param: Tensor, local: Tensor) -> Tensor:
 
 
 def _scalar(value: Union[float, Tensor], name: str) -> float:
-    """A hyper-parameter given as a number or a one-element tensor (torch accepts both for betas)."""
+    """A hyper-parameter given as a number or a one-element tensor (torch accepts both for betas). Anything
+    else is refused, as torch's comparisons refuse it: a string (``lr: 1e-3`` read by YAML) would otherwise be
+    stored as given and fail much later in a scheduler's arithmetic."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         return float(value.detach().cpu())
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element Tensor, got {type(value).__name__} {value!r}")
     return float(value)
 
 
@@ -214,10 +219,15 @@ class _MixprecAdam(torch.optim.Optimizer):
         moment_dtype: Union[torch.dtype, str] = torch.float32,
         rounding: str = "nearest",
         seed: Optional[int] = None,
+        rng_calls: int = 0,
     ) -> None:
         moment_dtype = _dtype(moment_dtype)
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        for value, name in ((lr, "lr"), (eps, "eps"), (weight_decay, "weight_decay")):
+            _scalar(value, name)
+        if isinstance(rng_calls, bool) or not isinstance(rng_calls, numbers.Integral) or rng_calls < 0:
+            raise ValueError(f"rng_calls must be a non-negative int, got {rng_calls!r}")
         # Kept as given (tensors too, as torch keeps them: a later in-place change applies); read every step.
         beta_values = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
         if differentiable:
@@ -248,7 +258,7 @@ class _MixprecAdam(torch.optim.Optimizer):
             moment_dtype=moment_dtype,
             rounding=rounding,
             seed=seed,
-            rng_calls=0,
+            rng_calls=int(rng_calls),
         )
         # Optimizer's own __init__, not the torch class's next in the MRO (which would validate and set its own
         # defaults).
@@ -465,6 +475,8 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
             ``master_weights="none"`` it keeps updates smaller than half an ulp alive).
         seed: key for stochastic rounding; each step draws fresh numbers from (seed, step count), so
             a resumed run repeats them. ``None`` draws from torch's default generator.
+        rng_calls: steps already drawn with ``seed`` (kept in each group and its state dict; given here so
+            that ``type(opt)(params, **opt.defaults)`` rebuilds an optimizer as it does for torch's).
     """
 
     _decoupled = True

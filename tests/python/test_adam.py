@@ -789,6 +789,43 @@ def test_what_cannot_be_honoured_is_refused(kwargs: dict, error: type, needle: s
         mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], **kwargs)
 
 
+@pytest.mark.parametrize("name", ["lr", "eps", "weight_decay", "betas"])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_hyper_parameters_that_are_not_numbers_are_refused_as_torch_refuses_them(cls: str, name: str) -> None:
+    """YAML reads ``lr: 1e-3`` as a string. torch's constructor refuses it (TypeError from its range checks);
+    accepting it stored the string in the group, and the first scheduler failed much later."""
+    value = ("0.9", 0.999) if name == "betas" else "1e-3"
+    for module in (torch.optim, mixprec.optim):
+        with pytest.raises(TypeError):
+            getattr(module, cls)([torch.nn.Parameter(torch.ones(3))], **{name: value})
+    with pytest.raises(TypeError, match="must be a number or a one-element Tensor, got str '1e-3'"):
+        mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr="1e-3")
+    # NumPy's numbers (from a config) are numbers, as for torch.
+    np = pytest.importorskip("numpy")
+    opt = mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=np.float64(1e-3), eps=np.float32(1e-8))
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_an_optimizer_is_rebuilt_from_its_defaults(cls: str) -> None:
+    """``type(opt)(params, **opt.defaults)`` (frameworks re-create optimizers that way after model surgery)
+    works for torch.optim.Adam; every key of mixprec's defaults is a constructor argument, and the rebuilt
+    optimizer steps as the original would."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = getattr(mixprec.optim, cls)(params, lr=1e-2, weight_decay=0.1, rounding="stochastic", seed=5)
+    rebuilt = type(opt)([p.detach().clone().requires_grad_() for p in params], **opt.defaults)
+    assert rebuilt.defaults == opt.defaults
+    for o in (opt, rebuilt):
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.step()
+    for a, b in zip(opt.param_groups[0]["params"], rebuilt.param_groups[0]["params"]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="rng_calls must be a non-negative int"):
+        mixprec.optim.AdamW(params, rng_calls=-1)
+
+
 def test_lr_tensor_on_the_cpu_is_read_on_the_host_and_follows_schedulers() -> None:
     """A CPU lr tensor gives the float-lr result, and writing into it (as schedulers on tensor lrs do) takes
     effect at the next step."""
