@@ -89,9 +89,14 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     }
     // A reused weight is saved as it is (not copied): backward casts it only if a 16-bit product needs it.
     // As torch's linear: the input only for a weight gradient, the weight only for an input gradient.
+    // The input as the function got it (cast on the graph by int8_linear), so that a create_graph backward
+    // reaches it; its rows are taken again in backward (a view, unless the input is not contiguous). The
+    // weight's cast is made here, off the graph: a create_graph backward casts the weight itself again.
     const bool input_grad = input.requires_grad();
-    ctx->save_for_backward({weight.requires_grad() ? x2 : torch::Tensor(), input_grad ? w : torch::Tensor(),
-                            input_grad ? qwt.data : torch::Tensor(), input_grad ? qwt.scale_inv : torch::Tensor()});
+    ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input_grad ? w : torch::Tensor(),
+                            input_grad ? qwt.data : torch::Tensor(), input_grad ? qwt.scale_inv : torch::Tensor(),
+                            input_grad && weight.requires_grad() && cast_now && !w.is_same(weight) ? weight
+                                                                                                  : torch::Tensor()});
     ctx->saved_data["dtype"] = x2.scalar_type();
     ctx->saved_data["cast_weight"] = !cast_now;
     if (dtype.has_value()) ctx->saved_data["autocast_dtype"] = *dtype;
@@ -106,15 +111,16 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor& x2 = saved[0];
-    // The weight as the 16-bit products use it: a reused cache's weight was left uncast by forward.
-    const auto weight_operand = [&] {
-      if (!ctx->saved_data["cast_weight"].toBool()) return saved[1];
+    const bool create_graph = at::GradMode::is_enabled();  // backward runs in grad mode only for create_graph
+    const torch::Tensor x2 = saved[0].defined() ? rows(saved[0]).contiguous() : torch::Tensor();
+    // The weight as the 16-bit products use it: a reused cache's weight was left uncast by forward, and under
+    // create_graph the cast is made again from the weight, on the graph (with and without the cache alike), so
+    // the second-order path reaches the weight.
+    const auto weight_operand = [&]() -> torch::Tensor {
       std::optional<at::ScalarType> dtype;
       if (ctx->saved_data.count("autocast_dtype")) dtype = ctx->saved_data["autocast_dtype"].toScalarType();
-      // A constant, as the copy forward casts (with grad mode off) is: a double backward gives the same
-      // result with and without the cache.
-      const at::NoGradGuard no_grad;
+      if (create_graph && saved[4].defined()) return autocast_to(saved[4], dtype);
+      if (!ctx->saved_data["cast_weight"].toBool()) return saved[1];
       return autocast_to(saved[1], dtype);
     };
     const at::ScalarType dtype = ctx->saved_data["dtype"].toScalarType();
@@ -179,8 +185,8 @@ torch::Tensor int8_linear(const torch::Tensor& input, const torch::Tensor& weigh
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
-  return Int8LinearFunction::apply(input, weight, maybe_bias, probe_input(weight), gemms.forward,
-                                   gemms.input_grad, gemms.weight_grad, cache);
+  return Int8LinearFunction::apply(detail::autocast_input(input), weight, maybe_bias, probe_input(weight),
+                                   gemms.forward, gemms.input_grad, gemms.weight_grad, cache);
 }
 
 TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {

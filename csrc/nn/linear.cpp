@@ -38,6 +38,12 @@ torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> 
   return t.to(*dtype);
 }
 
+torch::Tensor autocast_input(const torch::Tensor& input) {
+  const c10::DeviceType type = input.device().type();
+  if (!at::autocast::is_autocast_enabled(type)) return input;
+  return autocast_to(input, at::autocast::get_autocast_dtype(type));
+}
+
 at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
   const at::ScalarType s = t.scalar_type();
   return dtype.has_value() && at::isFloatingType(s) && s != at::kDouble ? *dtype : s;
@@ -152,8 +158,9 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
-    // Autocast would cast inside at::linear and hide the 16-bit operands from backward: cast here with its
-    // rule, keep the 16-bit input for the wgrad GEMM, and run at::linear with autocast excluded.
+    // Autocast would cast inside at::linear and hide the 16-bit operands from backward: cast the weight here
+    // with its rule (its gradient is then computed from the 16-bit operands, in fp32), and run at::linear with
+    // autocast excluded. The input arrives cast already (linear() casts it on the graph, as autocast would).
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
     if (at::autocast::is_autocast_enabled(device_type)) {
@@ -167,7 +174,11 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     }
     // As torch's linear: the input only for a weight gradient, the weight only for an input gradient (a
     // frozen layer keeps no activations alive, and an in-place change to its input after forward is fine).
-    ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input.requires_grad() ? w : torch::Tensor()});
+    // The weight's cast is made here, off the graph: a create_graph backward casts the weight itself again (a
+    // parameter: saving it costs nothing), so the input gradient's second-order path reaches the weight.
+    const bool input_grad = input.requires_grad();
+    ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input_grad ? w : torch::Tensor(),
+                            input_grad && weight.requires_grad() && !w.is_same(weight) ? weight : torch::Tensor()});
     ctx->saved_data["dtype"] = x.scalar_type();
     // The parameter itself, to reach its .grad (a leaf: no reference cycle through the graph).
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
@@ -185,7 +196,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     torch::Tensor go = grad_outputs[0];
     if (go.scalar_type() != dtype) go = go.to(dtype);
     torch::Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) grad_input = go.matmul(w);
+    if (ctx->needs_input_grad(0)) {
+      // Under create_graph through the weight's own cast, which autograd differentiates.
+      grad_input = go.matmul(create_graph && saved[2].defined() ? saved[2].to(dtype) : w);
+    }
     if (ctx->needs_input_grad(1)) {
       const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
       const c10::Device probe_device = ctx->saved_data["probe_device"].toDevice();
@@ -553,7 +567,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
-  return LinearFunction::apply(input, weight, maybe_bias, probe_input(weight));
+  return LinearFunction::apply(autocast_input(input), weight, maybe_bias, probe_input(weight));
 }
 
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,

@@ -15,6 +15,11 @@ namespace mixprec::nn::detail {
 
 /// autocast's rule for its lower-precision ops: floating tensors other than fp64 take `dtype` (if any).
 torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
+/// The input a layer's autograd function takes under autocast: cast by autocast's rule before the function,
+/// on the graph (as autocast casts torch's linear's input), so a create_graph backward reaches the input
+/// through the cast. The weight is cast inside the function instead (its gradient comes from the 16-bit
+/// operands in fp32).
+torch::Tensor autocast_input(const torch::Tensor& input);
 /// The dtype autocast_to would give `t`, without casting it.
 at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
 /// A reused weight cache holds the weight quantized in `cached`, the dtype the filling call computed in; this
