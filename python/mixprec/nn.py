@@ -140,7 +140,19 @@ class _Fp32WeightGrad(torch.nn.Module):
             keep_fp32_grad(param)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_Fp32WeightGrad":
+        # Module._apply casts .grad with the weight: the fp32 accumulator of a 16-bit weight would be rounded
+        # to the weight's dtype (an fp16 one overflowing to inf) by any cast, a no-op `.bfloat16()` of a bf16
+        # model included. The accumulator keeps its values; only the device moves with the weight.
+        weight = self.weight if isinstance(self.weight, Tensor) else None
+        grad = weight.grad if weight is not None else None
+        # detach(): its own TensorImpl on the same memory (Module._apply rebinds the grad's `.data` in place).
+        kept = (grad.detach() if grad is not None and grad.dtype == torch.float32 and weight.grad_dtype == torch.float32
+                else None)
         super()._apply(fn, recurse)
+        weight = self.weight if isinstance(self.weight, Tensor) else None
+        if (kept is not None and weight is not None and weight.grad is not None and weight.is_leaf
+                and weight.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.grad.shape == kept.shape):
+            weight.grad.data = kept.to(weight.grad.device)  # the same grad object, as Module._apply keeps it
         _restore_fp32_grad(self)
         return self
 

@@ -708,6 +708,35 @@ def test_double_backward_under_autocast_reaches_weight_and_input(kind: str, weig
         assert _rel(got, want) < bound
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["Linear", "Float8Linear", "Int8Linear"])
+def test_dtype_casts_between_micro_batches_keep_the_fp32_accumulator(kind: str, dtype: torch.dtype) -> None:
+    """Module._apply casts .grad with the weight. For the fp32 accumulator of a 16-bit weight that rounded the
+    micro-batches summed so far (an fp16 sum past 65504 became inf), even for a cast that changes nothing
+    (`.to(device, dtype)` from a framework, `.bfloat16()` of a bf16 model). The accumulator keeps its values
+    and its object; `.double()` still gives float64 gradients."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 16))
+    if kind == "Linear":
+        mixprec.nn.convert(model)
+    else:
+        mixprec.nn.convert(model, **({"fp8": mixprec.fp8.Recipe(scaling="current")} if kind == "Float8Linear"
+                                    else {"int8": True}),
+                           filter=lambda name, module: True)
+    model.to(dtype)
+    weight = model[0].weight
+    for _ in range(4):
+        (model(torch.randn(8, 16, dtype=dtype)).float() * 3e4).sum().backward()
+    assert weight.grad.dtype == torch.float32 and weight.grad.abs().max() > 70000  # beyond fp16's range
+    before, grad_object = weight.grad.clone(), weight.grad
+    for cast in (lambda m: m.to(dtype), lambda m: m.to("cpu", dtype), lambda m: m.bfloat16(), lambda m: m.half(),
+                 lambda m: m.float(), lambda m: m.to(dtype)):
+        cast(model)
+        assert model[0].weight.grad is grad_object and torch.equal(grad_object, before)
+    model.double()
+    assert model[0].weight.grad.dtype == torch.float64 and torch.equal(model[0].weight.grad, before.double())
+
+
 def test_float64_weights_keep_float64_gradients() -> None:
     """A converted model cast to float64 (after conversion, too) has float64 gradients, computed in float64."""
     ref = make_mlp().double()
