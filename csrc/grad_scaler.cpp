@@ -42,9 +42,11 @@ void check_backoff_factor(double backoff_factor) {
 }
 
 void check_options(const GradScalerOptions& o, bool constructing) {
-  TORCH_CHECK(o.init_scale() > 0 && std::isfinite(o.init_scale()),
-              "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
   if (constructing) {
+    // A loaded scale is taken as it stands, as torch's loader takes it: a run whose scale fell to 0 (min_scale
+    // 0 and a string of overflows) or was set to inf by update(new_scale) resumes from its checkpoint.
+    TORCH_CHECK(o.init_scale() > 0 && std::isfinite(o.init_scale()),
+                "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
     TORCH_CHECK(o.growth_factor() > 1.0 && std::isfinite(o.growth_factor()),
                 "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
     TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,

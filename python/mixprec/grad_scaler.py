@@ -423,13 +423,16 @@ class GradScaler(torch.amp.GradScaler):
         flags = self._unscale_grads_(optimizer, inv_scale, found_inf, True)
         self._impl.record_checks(id(optimizer), stage, _by_device_name(flags))
 
-    def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
+    def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> MutableMapping[torch.device, Tensor]:
         """torch's accessor of an optimizer's overflow flags this iteration (empty before its ``unscale_``),
-        which distributed training loops all-reduce in place after ``unscale_``: the flags themselves, so
-        what is changed in place is what ``step`` and ``update`` read."""
+        which distributed training loops all-reduce in place after ``unscale_``: the live mapping of the flags
+        themselves, so what is changed in place or assigned is what ``step`` and ``update`` read."""
         if not self._enabled:
             return {}
-        return {torch.device(d): t for d, t in self._impl.found_inf_per_device(id(optimizer)).items()}
+        # torch returns its record's own dict (creating the record, as its defaultdict does): a flag assigned
+        # into it (`flags[device] = reduced`) is what step and update read, as well as one changed in place.
+        self._impl.ensure_optimizer_state(id(optimizer))
+        return _FoundInfView(self._impl, id(optimizer))  # type: ignore[return-value]
 
     def _get_scale_async(self) -> Optional[Tensor]:
         """torch's accessor of the scale tensor (no host sync); ``None`` when disabled or before the first

@@ -363,8 +363,8 @@ def test_an_optimizer_without_gradients_this_iteration(second: str, unscale_firs
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused", "mixprec-adamw"])
 def test_flags_changed_in_place_after_unscale_decide_the_step(optimizer: str) -> None:
     """The data-parallel pattern: after unscale_, loops take _found_inf_per_device(opt) and all-reduce the flags
-    in place (here: another rank's overflow, written in by hand in iteration 1). step() then skips and
-    update() backs off, with torch's scaler and ours alike."""
+    in place (here: another rank's overflow, written in by hand in iteration 1) or assign the reduced flag back
+    into the dict (iteration 2). step() then skips and update() backs off, with torch's scaler and ours alike."""
     results = []
     for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler):
         torch.manual_seed(0)
@@ -384,6 +384,8 @@ def test_flags_changed_in_place_after_unscale_decide_the_step(optimizer: str) ->
             if it == 1:
                 for flag in flags.values():
                     flag.fill_(1.0)  # what MAX-reducing with an overflowing rank does
+            if it == 2:  # a reduced flag assigned into torch's dict (not in place) decides as well
+                flags[torch.device("cpu")] = torch.ones((), dtype=torch.float32)
             scaler.step(opt)
             scaler.update()
         results.append([p.detach().clone() for p in model.parameters()] + [scaler.get_scale(), seen])
@@ -392,7 +394,7 @@ def test_flags_changed_in_place_after_unscale_decide_the_step(optimizer: str) ->
             assert torch.equal(x, y)
         else:
             assert x == y
-    assert results[1][-2] == 2.0**9  # the in-place flag backed the scale off (no growth within 3 steps)
+    assert results[1][-2] == 2.0**8  # both flags backed the scale off (no growth within 3 steps)
 
 
 def test_call_order_errors_have_torchs_types() -> None:
@@ -446,6 +448,38 @@ def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> Non
     with pytest.raises(RuntimeError, match="'growth_interval' must be a whole number"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_interval": math.nan})
     assert scaler.state_dict() == before
+
+
+@pytest.mark.parametrize("scale", [0.0, math.inf])
+def test_a_scale_that_fell_to_zero_or_was_set_to_inf_saves_loads_and_resumes_as_torchs(scale: float) -> None:
+    """min_scale is 0 by default: a diverged run backs its scale off to 0 and keeps checkpointing (update(inf)
+    by hand gives the other end). torch's scaler loads such a state dict, deep-copies and unpickles; ours
+    refused them all ("init_scale must be a finite number > 0"), so a checkpoint saved could not be resumed.
+    A step after the load behaves as torch's does."""
+    results = []
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        torch.manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(4))
+        opt = torch.optim.SGD([p], lr=0.1)
+        scaler = cls("cpu", growth_interval=1)
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        scaler.update(scale)
+        state = scaler.state_dict()
+        assert state["scale"] == scale
+        fresh = cls("cpu")
+        fresh.load_state_dict(state)
+        copies = [fresh, copy.deepcopy(scaler), pickle.loads(pickle.dumps(scaler))]
+        assert [c.get_scale() for c in copies] == [scale] * 3
+        opt.zero_grad()
+        fresh.scale(p.sum()).backward()
+        fresh.step(opt)
+        fresh.update()
+        results.append((p.detach().clone(), fresh.get_scale(), fresh.state_dict()))
+    (p_torch, scale_torch, state_torch), (p_ours, scale_ours, state_ours) = results
+    torch.testing.assert_close(p_ours, p_torch, rtol=0, atol=0, equal_nan=True)  # scale 0: 0 * inf, NaN in both
+    assert scale_torch == scale_ours
+    assert {k: state_ours[k] for k in state_torch} == state_torch
 
 
 def test_get_scale_async_is_none_until_the_first_scale() -> None:
