@@ -137,7 +137,12 @@ void after_backward_wait_for(const c10::Device& device) {
 // Symbolic sizes (sym_size, reshape_symint) throughout the layers' autograd functions: under torch.compile
 // with dynamic shapes a plain size() materializes every size of the tensor, specializing the graph on the
 // token count.
-torch::Tensor rows(const torch::Tensor& t) { return t.reshape_symint({-1, t.sym_size(-1)}); }
+torch::Tensor rows(const torch::Tensor& t) {
+  // -1 cannot be inferred when the last dimension is 0 (a layer with out_features=0): the leading ones are
+  // multiplied out instead.
+  if (t.sym_size(-1) == 0) return t.dim() >= 2 ? t.flatten(0, -2) : t.reshape({1, 0});
+  return t.reshape_symint({-1, t.sym_size(-1)});
+}
 
 c10::SymDimVector with_features(const torch::Tensor& like, const c10::SymInt& features) {
   c10::SymDimVector shape(like.sym_sizes().begin(), like.sym_sizes().end());

@@ -737,6 +737,28 @@ def test_dtype_casts_between_micro_batches_keep_the_fp32_accumulator(kind: str, 
     assert model[0].weight.grad.dtype == torch.float64 and torch.equal(model[0].weight.grad, before.double())
 
 
+@pytest.mark.parametrize("kind", ["Linear", "Int8Linear"])
+@pytest.mark.parametrize("features", [(0, 5), (5, 0), (0, 0)])
+@pytest.mark.parametrize("shape", [(3,), (2, 3), ()])
+def test_layers_without_features_match_torch(kind: str, features: tuple[int, int], shape: tuple[int, ...]) -> None:
+    """in_features or out_features of 0, with a bias (torch.nn.Linear takes both): outputs and every gradient
+    as torch's, for 1-D, 2-D and 3-D inputs (a backward of out_features=0 failed to reshape its rows)."""
+    torch.manual_seed(1)
+    reference = nn.Linear(*features)
+    layer = getattr(mixprec.nn, kind)(*features)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(*shape, features[0])
+    results = []
+    for module in (reference, layer):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        (out.sum() + out.pow(2).sum()).backward()
+        results.append([out.detach(), xi.grad, module.weight.grad, module.bias.grad])
+    for want, got in zip(*results):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_float64_weights_keep_float64_gradients() -> None:
     """A converted model cast to float64 (after conversion, too) has float64 gradients, computed in float64."""
     ref = make_mlp().double()
