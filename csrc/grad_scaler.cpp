@@ -649,7 +649,18 @@ void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
 }
 
 void GradScaler::save(torch::serialize::OutputArchive& archive) const {
-  for (const auto& item : state_dict()) archive.write(item.key(), c10::IValue(item.value()));
+  for (const auto& item : state_dict()) {
+    try {
+      archive.write(item.key(), c10::IValue(item.value()));
+    } catch (const c10::Error& e) {
+      // The archive's own message ("Parameter field mismatch for the field 'scale'") names neither the scaler
+      // nor the way out.
+      TORCH_CHECK(false, "mixprec::GradScaler::save: the archive already holds an entry '", item.key(),
+                  "' of another kind (a module's parameter or submodule of that name?); save the scaler into its own "
+                  "archive, or into a sub-archive: torch::serialize::OutputArchive sub; scaler.save(sub); "
+                  "archive.write(\"scaler\", sub). (", e.what_without_backtrace(), ")");
+    }
+  }
 }
 
 void GradScaler::load(torch::serialize::InputArchive& archive) {

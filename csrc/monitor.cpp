@@ -107,7 +107,7 @@ std::string MonitorRecord::json() const {
 std::string MonitorRecord::progress_line() const {
   std::ostringstream o;
   o << std::fixed << "step " << step << " | loss " << std::setprecision(4) << loss << " | scale "
-    << std::defaultfloat << loss_scale << std::fixed << " | skipped " << skipped_steps << " | flush "
+    << std::defaultfloat << std::setprecision(12) << loss_scale << std::fixed << " | skipped " << skipped_steps << " | flush "
     << std::setprecision(2) << 100.0 * flush_fraction << "% | subnormal " << 100.0 * subnormal_fraction
     << "% | overflow " << 100.0 * (overflow_fraction + nonfinite_fraction) << "% | grad norm " << std::setprecision(3)
     << grad_norm << " | " << std::setprecision(1) << 1e3 * step_time << " ms/step";

@@ -213,6 +213,25 @@ TEST_CASE("GradScaler state survives torch::serialize archives", "[scaler][check
   mixprec::GradScaler c;
   torch::load(c, whole);
   REQUIRE(c.state_dict() == a.state_dict());
+  // A module with a parameter named like a scaler key ("scale") in the same archive: a clear error naming the
+  // way out, and a sub-archive works.
+  torch::serialize::OutputArchive clash;
+  clash.write("scale", torch::ones({4}));
+  REQUIRE_THROWS_WITH(a.save(clash), Catch::Contains("mixprec::GradScaler::save: the archive already holds an "
+                                                     "entry 'scale' of another kind") &&
+                                         Catch::Contains("sub-archive"));
+  torch::serialize::OutputArchive outer, sub;
+  outer.write("scale", torch::ones({4}));
+  a.save(sub);
+  outer.write("scaler", sub);
+  std::stringstream nested;
+  outer.save_to(nested);
+  torch::serialize::InputArchive in, in_sub;
+  in.load_from(nested);
+  REQUIRE(in.try_read("scaler", in_sub));
+  mixprec::GradScaler d;
+  d.load(in_sub);
+  REQUIRE(d.state_dict() == a.state_dict());
 }
 
 TEST_CASE("GradScaler with mixprec::optim: the step divides by the scale and leaves the gradients unscaled",

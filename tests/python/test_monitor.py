@@ -420,6 +420,15 @@ def test_monitor_records_every_n_steps_and_matches_float64(tmp_path) -> None:
     assert list(monitor.records) == [first, second]
 
 
+def test_progress_line_shows_the_scale_as_a_number(tmp_path, capsys) -> None:
+    """The progress line printed "scale 3.277e+04" for 32768 (the loss's precision leaked into it)."""
+    monitored_run(tmp_path, sinks=("progress",))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2
+    assert "| scale 65536 |" in lines[0] and "| scale 32768 |" in lines[1]
+    assert lines[0].startswith("step 3 | loss ") and " ms/step" in lines[0]
+
+
 @pytest.mark.parametrize("keep", [0, 1, None])
 def test_monitor_keeps_the_latest_records_the_sinks_keep_all(tmp_path, keep) -> None:
     _, _, monitor, records, _ = monitored_run(tmp_path, steps=9, every=2, sinks=("jsonl",), keep=keep)

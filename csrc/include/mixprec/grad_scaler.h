@@ -150,7 +150,8 @@ class GradScaler {
   void load_state_dict(const c10::Dict<std::string, double>& state);
 
   /// The state dict's keys as numbers, into `archive` (which may hold other entries: a module's, an
-  /// optimizer's); `load` reads those keys only. `torch::save(scaler, path)` / `torch::load(scaler, path)`
+  /// optimizer's, as long as none of them is named like one of the scaler's keys, e.g. a parameter "scale":
+  /// then give the scaler a sub-archive); `load` reads those keys only. `torch::save(scaler, path)` / `torch::load(scaler, path)`
   /// work as for modules and optimizers (the operators below).
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
