@@ -4,6 +4,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -252,6 +253,8 @@ std::pair<at::Tensor, at::Tensor> dequantized_operands(const Fp8GemmArgs& g) {
 
 at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
   const at::NoTF32Guard fp32_products;  // what the contract says, whatever torch's TF32 settings
+  // Nor autocast's, which a layer's forward may run under: it would run the mm in fp16 or bf16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto [a, bt] = dequantized_operands(g);
   at::Tensor out =
       cpu_sum_in_float64(g) ? at::mm(a.to(at::kDouble), bt.to(at::kDouble)).to(at::kFloat) : at::mm(a, bt);
@@ -263,6 +266,7 @@ at::Tensor emulated_fp8_gemm(const Fp8GemmArgs& g, at::ScalarType out_dtype, con
 
 void emulated_fp8_gemm_accum_(const at::Tensor& out, const Fp8GemmArgs& g) {
   const at::NoTF32Guard fp32_products;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto [a, bt] = dequantized_operands(g);
   if (cpu_sum_in_float64(g)) {
     // out + the product, summed in float64 and rounded once, as addmm_ with beta = 1 rounds once.

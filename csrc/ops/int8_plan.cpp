@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -91,6 +92,9 @@ at::Tensor int8_mm_exact(const Int8MmArgs& g) {
   // may run fp32 matmuls in reduced precision.
   const bool fp32_exact = g.k <= 1024 && fp32_matmul_at_full_precision();
   const at::ScalarType exact = fp32_exact ? at::kFloat : at::kDouble;
+  // Not under autocast, which a layer's forward may run in: an fp16 or bf16 mm would round the integer sums
+  // (fp16 overflows past 65504).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return at::mm(g.a.to(exact), g.b.to(exact));
 }
 

@@ -313,6 +313,20 @@ def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_s
         assert value is held[key] and torch.equal(value, fresh[key]), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["current", "rowwise", "blockwise"])
+def test_autocast_computes_as_the_16_bit_layer_does(name: str, dtype: torch.dtype) -> None:
+    """Under autocast the layer computes exactly what it computes on the operands cast by hand: the CPU
+    emulation's fp32 GEMM of the dequantized operands must not run under autocast (an fp16 or bf16 mm)."""
+    torch.manual_seed(8)
+    layer = mixprec.nn.Float8Linear(128, 32, recipe=RECIPES[name])
+    x = torch.randn(16, 128) * 3
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    by_hand = copy.deepcopy(layer).to(dtype)(x.to(dtype))
+    assert y.dtype == dtype and torch.equal(y, by_hand)
+
+
 @pytest.mark.parametrize("name", ["delayed", "delayed-e4m3-pow2", "current", "blockwise"])
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
 def test_activation_checkpointing_and_evaluation_change_nothing(name: str, checkpointing: str) -> None:

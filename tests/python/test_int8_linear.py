@@ -110,6 +110,21 @@ def test_autocast_and_16_bit_weights() -> None:
         layer(x.bfloat16())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_computes_as_the_16_bit_layer_does(dtype: torch.dtype) -> None:
+    """Under autocast the layer computes exactly what it computes on the operands cast by hand: the integer
+    GEMM's exact sums must not run under autocast, which made them fp16 (inf past 65504: every output of an
+    fp16-autocast layer was inf on the CPU) or bf16 (rounded sums)."""
+    torch.manual_seed(8)
+    layer = mixprec.nn.Int8Linear(64, 32)
+    x = torch.randn(8, 64) * 3
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    by_hand = copy.deepcopy(layer).to(dtype)(x.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert torch.equal(y, by_hand)
+
+
 def test_state_dict_pickle_convert_and_repr() -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
