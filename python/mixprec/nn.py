@@ -133,7 +133,7 @@ class _Fp32WeightGrad(torch.nn.Module):
     def register_parameter(self, name: str, param: Optional[torch.nn.Parameter]) -> None:
         super().register_parameter(name, param)
         # A new Parameter assigned as the weight (weight tying, a resized or re-initialised layer, as Hugging
-        # Face's tie_weights and resize_token_embeddings assign them) keeps the fp32 gradient. Here and not in
+        # Face's tie_weights assigns them) keeps the fp32 gradient. Here and not in
         # __setattr__: FSDP2 installs its unsharded parameters straight into _parameters unless __setattr__ is
         # overridden, and those keep the dtype FSDP2 gives their gradients.
         if name == "weight" and param is not None:
@@ -508,6 +508,8 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
     ...) is an error naming it, raised before anything changes, since converting it would discard its
     scaling state. Under ``DistributedDataParallel`` 16-bit weights get gradients in their own dtype again
     (see the module docstring). ``amax_group`` becomes each FP8 layer's :attr:`Float8Linear.amax_group`.
+    A layer replaced whole later is ``torch.nn.Linear`` again (Hugging Face's ``resize_token_embeddings``
+    builds a new head for an untied model): call ``convert`` again after such a change.
     Returns ``module``."""
     gemms = Int8Gemms() if int8 is True else (int8 or None)
     if fp8 is not None and gemms is not None:
