@@ -538,6 +538,14 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
                     "convert a model built afresh, or leave this layer out with filter=")
         elif kind is torch.nn.Linear or kind is Linear:
             plan.append((name, m, take is not None and take(name, m)))
+    if take is not None and not any(eight_bit for _, _, eight_bit in plan) and not any(
+            type(m) in (Float8Linear, Int8Linear) for m in module.modules()):
+        # Silently converting nothing hides a model whose projections are not torch.nn.Linear.
+        warnings.warn(
+            f"mixprec.nn.convert: no layer became {wanted}: of the model's {len(plan)} torch.nn.Linear layer(s) the "
+            "filter took none (the default one leaves out the first and the last, and those whose feature counts "
+            "are not multiples of 16 for FP8 or 8 for INT8); layers of other classes, such as the Conv1D "
+            "projections of Hugging Face's GPT-2, are not converted", stacklevel=2)
     for name, m, eight_bit in plan:
         if eight_bit and fp8 is not None:
             Float8Linear.from_linear(m, fp8).amax_group = amax_group

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -311,6 +312,23 @@ def test_deferred_initialisation_and_reset_parameters_give_the_initial_scaling_s
     trained.reset_parameters()
     for key, value in trained.named_buffers():
         assert value is held[key] and torch.equal(value, fresh[key]), key
+
+
+def test_convert_that_makes_nothing_8_bit_says_so() -> None:
+    """A model whose projections are not torch.nn.Linear (GPT-2's Conv1D), or whose only Linears are the first
+    and the last, got nothing in FP8 or INT8 without a word."""
+    two = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    with pytest.warns(UserWarning, match="no layer became Float8Linear: of the model's 2 torch.nn.Linear"):
+        mixprec.nn.convert(two, fp8=RECIPES["current"])
+    assert [type(m) for m in two if not isinstance(m, nn.ReLU)] == [mixprec.nn.Linear] * 2
+    with pytest.warns(UserWarning, match="no layer became Int8Linear"):
+        mixprec.nn.convert(nn.Sequential(nn.Conv1d(4, 4, 1)), int8=True)
+    three = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixprec.nn.convert(three, fp8=RECIPES["current"])
+        mixprec.nn.convert(three, fp8=RECIPES["current"])  # again: already converted, nothing to say
+    assert type(three[1]) is mixprec.nn.Float8Linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
