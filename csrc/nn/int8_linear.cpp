@@ -91,12 +91,14 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     // As torch's linear: the input only for a weight gradient, the weight only for an input gradient.
     // The input as the function got it (cast on the graph by int8_linear), so that a create_graph backward
     // reaches it; its rows are taken again in backward (a view, unless the input is not contiguous). The
-    // weight's cast is made here, off the graph: a create_graph backward casts the weight itself again.
+    // weight's cast is made here, off the graph: a create_graph backward casts the weight itself again (a
+    // parameter from saved_data["weight"], a computed weight saved as a variable), as Linear's does.
     const bool input_grad = input.requires_grad();
+    const bool recast = input_grad && weight.requires_grad() && cast_now && !w.is_same(weight);
     ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input_grad ? w : torch::Tensor(),
                             input_grad ? qwt.data : torch::Tensor(), input_grad ? qwt.scale_inv : torch::Tensor(),
-                            input_grad && weight.requires_grad() && cast_now && !w.is_same(weight) ? weight
-                                                                                                  : torch::Tensor()});
+                            recast && !weight.is_leaf() ? weight : torch::Tensor()});
+    ctx->saved_data["recast_weight"] = recast;
     ctx->saved_data["dtype"] = x2.scalar_type();
     ctx->saved_data["cast_weight"] = !cast_now;
     if (dtype.has_value()) ctx->saved_data["autocast_dtype"] = *dtype;
@@ -119,7 +121,10 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     const auto weight_operand = [&]() -> torch::Tensor {
       std::optional<at::ScalarType> dtype;
       if (ctx->saved_data.count("autocast_dtype")) dtype = ctx->saved_data["autocast_dtype"].toScalarType();
-      if (create_graph && saved[4].defined()) return autocast_to(saved[4], dtype);
+      if (create_graph && ctx->saved_data["recast_weight"].toBool()) {
+        const torch::Tensor source = saved[4].defined() ? saved[4] : ctx->saved_data["weight"].toTensor();
+        if (source.defined()) return autocast_to(source, dtype);
+      }
       if (!ctx->saved_data["cast_weight"].toBool()) return saved[1];
       return autocast_to(saved[1], dtype);
     };

@@ -179,11 +179,15 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     }
     // As torch's linear: the input only for a weight gradient, the weight only for an input gradient (a
     // frozen layer keeps no activations alive, and an in-place change to its input after forward is fine).
-    // The weight's cast is made here, off the graph: a create_graph backward casts the weight itself again (a
-    // parameter: saving it costs nothing), so the input gradient's second-order path reaches the weight.
+    // The weight's cast is made here, off the graph: a create_graph backward casts the weight itself again, so
+    // the input gradient's second-order path reaches the weight. A parameter is kept as saved_data["weight"]
+    // below (unchecked, as torch's autocast linear, which saves only the cast, would not notice an in-place
+    // change to it either); a computed weight is saved as a variable.
     const bool input_grad = input.requires_grad();
+    const bool recast = input_grad && weight.requires_grad() && !w.is_same(weight);
     ctx->save_for_backward({weight.requires_grad() ? x : torch::Tensor(), input_grad ? w : torch::Tensor(),
-                            input_grad && weight.requires_grad() && !w.is_same(weight) ? weight : torch::Tensor()});
+                            recast && !weight.is_leaf() ? weight : torch::Tensor()});
+    ctx->saved_data["recast_weight"] = recast;
     ctx->saved_data["dtype"] = x.scalar_type();
     // The parameter itself, to reach its .grad (a leaf: no reference cycle through the graph).
     ctx->saved_data["weight"] = weight.is_leaf() ? weight : torch::Tensor();
@@ -203,7 +207,12 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     torch::Tensor grad_input, grad_weight, grad_bias;
     if (ctx->needs_input_grad(0)) {
       // Under create_graph through the weight's own cast, which autograd differentiates.
-      grad_input = go.matmul(create_graph && saved[2].defined() ? saved[2].to(dtype) : w);
+      torch::Tensor w_op = w;
+      if (create_graph && ctx->saved_data["recast_weight"].toBool()) {
+        const torch::Tensor source = saved[2].defined() ? saved[2] : ctx->saved_data["weight"].toTensor();
+        if (source.defined()) w_op = source.to(dtype);
+      }
+      grad_input = go.matmul(w_op);
     }
     if (ctx->needs_input_grad(1)) {
       const torch::Tensor weight = ctx->saved_data["weight"].toTensor();

@@ -671,7 +671,8 @@ def _penalty_grads(layer: nn.Module, x: torch.Tensor, autocast: bool) -> list[to
     assert gx.requires_grad
     loss = out.float().pow(2).mean() + gx.float().pow(2).sum()
     loss.backward()
-    grads = [layer.weight.grad, layer.bias.grad, xi.grad]
+    weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+    grads = [weight.grad, layer.bias.grad, xi.grad]
     assert all(g is not None for g in grads)
     return [g.detach().double() for g in grads]
 
@@ -680,9 +681,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+class _Doubled(nn.Module):
+    """A parametrization: the weight the layer sees is computed (a non-leaf), 2 * the parameter."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
 @pytest.mark.parametrize("kind", ["Linear", "Int8Linear-16bit", "Int8Linear"])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
-def test_double_backward_under_autocast_reaches_weight_and_input(kind: str, weight_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("computed_weight", [False, True])
+def test_double_backward_under_autocast_reaches_weight_and_input(kind: str, weight_dtype: torch.dtype,
+                                                                 computed_weight: bool) -> None:
     """Under autocast the layer casts its operands itself. Those casts must stay on the graph of a create_graph
     backward: before, the second-order terms to the weight and the input were silently dropped (the penalty's
     weight gradient was 50% off, x's gradient lost its penalty part). torch.nn.Linear under the same autocast
@@ -697,6 +707,9 @@ def test_double_backward_under_autocast_reaches_weight_and_input(kind: str, weig
         layer = mixprec.nn.Int8Linear(24, 16, gemms=gemms)
     layer.load_state_dict(reference.state_dict())
     reference, layer = reference.to(weight_dtype), layer.to(weight_dtype)
+    if computed_weight:
+        for module in (reference, layer):
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
     exact = _penalty_grads(copy.deepcopy(reference).double(), x.double(), autocast=False)
     torch_amp = _penalty_grads(reference, x, autocast=True)
     ours = _penalty_grads(layer, x, autocast=True)
@@ -757,6 +770,25 @@ def test_layers_without_features_match_torch(kind: str, features: tuple[int, int
     for want, got in zip(*results):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["Linear", "Int8Linear"])
+def test_an_in_place_change_to_the_weight_between_forward_and_backward_under_autocast(kind: str) -> None:
+    """Under autocast torch's linear saves only the cast weight, so a weight changed in place between forward
+    and backward does not stop the backward; the layers (which recast the weight for a create_graph backward)
+    must not start refusing it either."""
+    results = []
+    for cls in (nn.Linear, getattr(mixprec.nn, kind)):
+        torch.manual_seed(3)
+        layer = cls(8, 4)
+        x = torch.randn(3, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        y.float().sum().backward()
+        results.append(x.grad)
+    assert results[1] is not None and results[1].shape == results[0].shape
 
 
 def test_float64_weights_keep_float64_gradients() -> None:
