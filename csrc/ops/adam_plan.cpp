@@ -1,5 +1,6 @@
 #include "ops/adam_plan.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -155,6 +156,19 @@ void check_adam_args(const AdamArgs& a) {
     }
   }
   check_distinct_steps(a.steps);
+  // Each list the step writes (the grads too, divided in place, when grad_scale is given): a parameter listed
+  // twice would be stepped by two chunks at once. The state lists are only checked within each tensor (they
+  // follow the parameters).
+  check_written_list(a.params, kOp, "params");
+  if (a.grad_scale.has_value() && a.grad_scale->defined()) check_written_list(a.grads, kOp, "grads");
+  for (const auto& [list, name] : {std::pair{a.exp_avgs, "exp_avgs"}, std::pair{a.exp_avg_sqs, "exp_avg_sqs"},
+                                   std::pair{a.masters, "masters"}}) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor& t = list[i];
+      TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, kOp, ": ",
+                  name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place");
+    }
+  }
   check_optional_scalar(a.lr_tensor, "lr_tensor", device);
   check_optional_scalar(a.grad_scale, "grad_scale", device);
   check_optional_scalar(a.found_inf, "found_inf", device);

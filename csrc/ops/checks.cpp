@@ -1,5 +1,6 @@
 #include "ops/checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -42,6 +43,58 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
   }
 }
 
+void check_written_list(at::TensorList list, const char* op, const char* name) {
+  struct Extent {
+    const void* storage;
+    int64_t begin, end;  // bytes of the storage the tensor's elements can reach
+    size_t index;
+  };
+  std::vector<Extent> extents;
+  extents.reserve(list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    if (!t.defined() || t.numel() == 0 || !t.has_storage()) continue;
+    TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
+                name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place, so "
+                "give it its own memory (.contiguous())");
+    int64_t reach = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
+    const auto item = static_cast<int64_t>(t.element_size());
+    const int64_t begin = t.storage_offset() * item;
+    extents.push_back({t.storage().unsafeGetStorageImpl(), begin, begin + (reach + 1) * item, i});
+  }
+  if (extents.size() < 2) return;
+  std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) {
+    return a.storage != b.storage ? std::less<const void*>()(a.storage, b.storage) : a.begin < b.begin;
+  });
+  // Within each storage, a sweep over the extents by start: only pairs whose extents meet are compared
+  // element-wise (torch's overlap test; views interleaved by strides that it cannot decide are let through).
+  size_t widest = 0;
+  for (size_t k = 1; k < extents.size(); ++k) {
+    const Extent& cur = extents[k];
+    const Extent& prev = extents[widest];
+    if (cur.storage != prev.storage) {
+      widest = k;
+      continue;
+    }
+    if (cur.begin < prev.end) {
+      const at::MemOverlapStatus status = at::get_overlap_status(list[prev.index], list[cur.index]);
+      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", name,
+                  "[", std::min(prev.index, cur.index), "] and ", name, "[", std::max(prev.index, cur.index),
+                  "] share memory (the same tensor twice, or overlapping views); each is written in place");
+    }
+    if (cur.end > prev.end) widest = k;
+  }
+}
+
+void check_no_overlap(const at::Tensor& t, const char* t_name, const at::Tensor& other, const char* other_name,
+                      const char* op) {
+  if (!t.defined() || !other.defined() || t.numel() == 0 || other.numel() == 0) return;
+  const at::MemOverlapStatus status = at::get_overlap_status(t, other);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", t_name,
+              " shares memory with ", other_name, "; ", t_name, " is written in place, so give it its own memory");
+}
+
 void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,
                         const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax) {
   TORCH_CHECK(found_inf.defined(), op, ": found_inf must be a tensor, got an undefined tensor");
@@ -49,6 +102,7 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
   check_one_element(found_inf, op, "found_inf", at::kFloat, device);
   check_one_element(inv_scale, op, "inv_scale", at::kFloat, device);
   check_float_list(grads, op, "grads", device);
+  check_written_list(grads, op, "grads");
   if (amax.has_value() && amax->defined()) {
     const at::Tensor& a = *amax;
     const auto n = static_cast<int64_t>(grads.size());
@@ -107,6 +161,12 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
   check_one_element(growth_tracker, op, "growth_tracker", at::kInt, device);
   check_one_element(hysteresis_tracker, op, "hysteresis_tracker", at::kInt, device);
   check_one_element(found_inf, op, "found_inf", at::kFloat, device);
+  check_no_overlap(scale, "scale", found_inf, "found_inf", op);
+  check_no_overlap(growth_tracker, "growth_tracker", found_inf, "found_inf", op);
+  check_no_overlap(hysteresis_tracker, "hysteresis_tracker", found_inf, "found_inf", op);
+  check_no_overlap(growth_tracker, "growth_tracker", scale, "scale", op);
+  check_no_overlap(hysteresis_tracker, "hysteresis_tracker", scale, "scale", op);
+  check_no_overlap(hysteresis_tracker, "hysteresis_tracker", growth_tracker, "growth_tracker", op);
   TORCH_CHECK(std::isfinite(growth_factor) && growth_factor > 0, op,
               ": growth_factor must be a finite number > 0, got ", growth_factor);
   TORCH_CHECK(std::isfinite(backoff_factor) && backoff_factor > 0, op,
@@ -171,6 +231,8 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
   TORCH_CHECK(main_grad.is_contiguous(), op,
               ": main_grad must be contiguous (it is accumulated in place), got strides ", main_grad.strides());
   check_wgrad_operands(op, grad_output, input);
+  check_no_overlap(main_grad, "main_grad", grad_output, "grad_output", op);
+  check_no_overlap(main_grad, "main_grad", input, "input", op);
   TORCH_CHECK(grad_output.size(-1) == main_grad.size(0) && input.size(-1) == main_grad.size(1), op,
               ": main_grad must have shape [grad_output.size(-1), input.size(-1)] = [", grad_output.size(-1), ", ",
               input.size(-1), "], got ", main_grad.sizes());

@@ -18,6 +18,17 @@ void check_one_element(const at::Tensor& t, const char* op, const char* name, at
 /// bf16 or fp64) on `device`; the message names `op`, `name` and the index.
 void check_float_list(at::TensorList list, const char* op, const char* name, c10::Device device);
 
+/// `list` is written in place by a kernel whose chunks run in parallel: no tensor may have elements that
+/// share memory (an expanded view) and no two may overlap (the same tensor twice, overlapping views of one
+/// buffer), or the result would depend on the schedule. Refused with a message naming `op`, `name` and the
+/// indices, before anything is written. Views of one buffer that do not overlap (a flat parameter or
+/// gradient buffer) pass. Host cost: one sort of the storages (a few microseconds per thousand tensors).
+void check_written_list(at::TensorList list, const char* op, const char* name);
+
+/// `t` (written in place) must not share memory with `other` (read); the message names both.
+void check_no_overlap(const at::Tensor& t, const char* t_name, const at::Tensor& other, const char* other_name,
+                      const char* op);
+
 /// Checks shared by unscale_and_check_ and unscale_and_check_sumsq_ (`amax`, when given: a contiguous
 /// float32 vector with one entry per gradient, on the gradients' device).
 void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& found_inf,

@@ -124,6 +124,9 @@ AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tenso
               "] (one per column of amax_history), got ", scale.sizes());
   TORCH_CHECK(scale_inv.dim() == 1 && scale_inv.size(0) == n, op, ": scale_inv must have shape [", n,
               "] (one per column of amax_history), got ", scale_inv.sizes());
+  check_no_overlap(scale, "scale", scale_inv, "scale_inv", op);
+  check_no_overlap(scale, "scale", amax_history, "amax_history", op);
+  check_no_overlap(scale_inv, "scale_inv", amax_history, "amax_history", op);
   return a == "max" ? AmaxAlgo::Max : AmaxAlgo::MostRecent;
 }
 

@@ -19,7 +19,9 @@ struct UpdateScaleParams {
 };
 
 // Products are formed in double and rounded once to float, as torch._amp_update_scale_ does; with
-// hysteresis 1, min_scale 0 and max_scale inf the result is therefore bit-identical to torch's.
+// hysteresis 1, min_scale 0 and max_scale inf the result is therefore bit-identical to torch's while the
+// growth tracker is below the interval (torch grows on `==`, this on `>=`: a loaded tracker past a smaller
+// interval still grows).
 C10_HOST_DEVICE inline void update_scale_rule(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
                                               float found_inf, const UpdateScaleParams& p) {
   if (found_inf != 0.0f) {  // NaN counts as an overflow too

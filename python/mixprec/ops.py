@@ -132,7 +132,9 @@ def update_scale_(
     is spent, and once it is gone ``scale *= backoff_factor`` (not below ``min_scale``). After
     ``growth_interval`` clean steps: ``scale *= growth_factor`` (not above ``max_scale``, skipped if not
     finite) and the budget refills. ``consecutive_hysteresis=True`` refills it on every clean step.
-    With the defaults this is bit-identical to ``torch._amp_update_scale_``.
+    With the defaults this is bit-identical to ``torch._amp_update_scale_`` while the growth tracker is below
+    ``growth_interval`` (always, from a fresh start); a tracker at or past it (loaded, or a smaller interval
+    set since) grows at the next clean step, where torch's ``==`` would never grow again.
     """
     torch.ops.mixprec.update_scale_.default(
         scale,
@@ -162,7 +164,8 @@ def cast(
         rounding: ``"nearest"`` is IEEE round-to-nearest-even, bit-identical to ``src.to(dtype)``
             (NaN stays NaN). ``"stochastic"`` rounds up in magnitude with probability equal to the
             dropped fraction of an ulp, so ``E[cast(x)] == x``; the draws come from Philox keyed by
-            ``seed`` and each element's index (same seed, same bits, on CPU and CUDA alike).
+            ``seed`` and each element's position in memory (same seed and tensor, layout included, same
+            bits, on CPU and CUDA alike; a transposed view of the same values draws in another order).
         saturate: finite values beyond the target's largest finite value become that value
             (e.g. +-65504 for fp16) instead of +-inf; inf and NaN pass through.
         seed: key for stochastic rounding; ``None`` takes one from torch's default generator of the

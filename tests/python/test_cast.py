@@ -96,6 +96,20 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
         assert torch.equal(u, v), f"result {i} differs between capabilities"
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_stochastic_nan_keeps_its_sign_in_every_path(dtype: torch.dtype) -> None:
+    """NaNs of either sign, in the vector body (64-element blocks) and the scalar tail alike, become the
+    canonical quiet NaN with the input's sign (the vector bf16 path set the sign bit of every NaN)."""
+    nan = torch.tensor([math.nan, -math.nan, 1.0, -math.nan, math.nan])
+    x = nan.repeat(40)  # 200 elements: vector blocks and a tail
+    out = ops.cast(x, dtype, "stochastic", seed=3).view(torch.int16)
+    one_by_one = torch.cat([ops.cast(v.reshape(1), dtype, "stochastic", seed=3).view(torch.int16) for v in x])
+    is_nan = torch.isnan(x)
+    assert torch.equal(out[is_nan], one_by_one[is_nan])
+    negative = torch.signbit(x)[is_nan]
+    assert torch.equal(out[is_nan] < 0, negative)  # the sign bit of the 16-bit pattern
+
+
 # ---- cast_ (lists) ----------------------------------------------------------------------------------------
 
 

@@ -112,3 +112,66 @@ def test_libmixprec_uses_the_shared_libstdcxx() -> None:
     dynamic = subprocess.run(["readelf", "-d", str(lib[0])], capture_output=True, text=True, check=True).stdout
     needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
     assert any("libstdc++.so.6" in line for line in needed), needed
+
+
+def _adam(params, grads, **kw):  # type: ignore[no-untyped-def]
+    n = len(params)
+    ops.adam_step_(params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], [],
+                   [torch.zeros(()) for _ in range(n)], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                   **kw)
+
+
+def test_memory_written_twice_is_refused_before_anything_is_written() -> None:
+    """Written lists whose elements share memory: an expanded tensor (the write-back failed after the other
+    tensors were already written, with torch's message naming no argument) or the same tensor twice /
+    overlapping views (two chunks wrote the same memory at once: results changed from run to run). Each is
+    refused by name with everything left as it was; views of one buffer that do not overlap still work."""
+    torch.set_num_threads(2)
+    big = torch.ones(1 << 17)
+    first = torch.ones(8)
+    for grads, needle in (([first, torch.ones(1).expand(8)], r"grads\[1\] has elements that share memory"),
+                          ([first, big, big], r"grads\[1\] and grads\[2\] share memory"),
+                          ([first, big[:100], big[50:150]], r"grads\[1\] and grads\[2\] share memory")):
+        found_inf = torch.zeros(())
+        with pytest.raises(RuntimeError, match=needle):
+            ops.unscale_and_check_(grads, found_inf, torch.full((), 0.5))
+        assert torch.equal(first, torch.ones(8)) and torch.equal(big, torch.ones(1 << 17))
+    buffer = torch.ones(300)
+    views = [buffer[:100], buffer[100:250], buffer[250:].view(5, 10)]
+    ops.unscale_and_check_(views, torch.zeros(()), torch.full((), 0.5))
+    assert torch.equal(buffer, torch.full((300,), 0.5))
+
+    p = torch.ones(8)
+    with pytest.raises(RuntimeError, match=r"params\[1\] and params\[2\] share memory"):
+        _adam([p, big, big], [torch.ones(8), torch.ones(1 << 17), torch.ones(1 << 17)])
+    with pytest.raises(RuntimeError, match=r"params\[1\] has elements that share memory"):
+        _adam([p, torch.ones(1).expand(8)], [torch.ones(8), torch.ones(8)])
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has elements that share memory"):
+        _adam([p, torch.ones(8)], [torch.ones(8), torch.ones(1).expand(8)], grad_scale=torch.full((), 2.0))
+    assert torch.equal(p, torch.ones(8))
+    _adam([p, torch.ones(8)], [torch.ones(8), torch.ones(1).expand(8)])  # read only without grad_scale: fine
+
+    dst = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"dst\[1\] has elements that share memory"):
+        ops.cast_([dst, torch.zeros(1, dtype=torch.bfloat16).expand(8)], [torch.ones(8), torch.ones(8)])
+    assert torch.equal(dst, torch.zeros(8, dtype=torch.bfloat16))
+
+    x = torch.randn(16, 16)
+    with pytest.raises(RuntimeError, match="main_grad shares memory with input"):
+        ops.linear_wgrad_accum_(x, torch.randn(4, 16), x[:4])
+    scale = torch.ones(2)
+    with pytest.raises(RuntimeError, match="scale shares memory with scale_inv"):
+        mixprec.fp8.update_scales_(torch.zeros(3, 2), scale, scale, torch.float8_e4m3fn)
+    s = torch.full((), 8.0)
+    with pytest.raises(RuntimeError, match="scale shares memory with found_inf"):
+        ops.update_scale_(s, torch.zeros((), dtype=torch.int32), torch.ones((), dtype=torch.int32), s,
+                          growth_factor=2.0, backoff_factor=0.5, growth_interval=10)
+    assert s.item() == 8.0
+
+
+def test_linear_wgrad_takes_operands_that_require_grad() -> None:
+    """A direct call with operands that require grad (as inside a create_graph backward) failed in torch's
+    out= GEMM with a message naming neither the op nor an argument."""
+    go, x = torch.randn(7, 3, requires_grad=True), torch.randn(7, 5, requires_grad=True)
+    out = ops.linear_wgrad(go, x)
+    torch.testing.assert_close(out, go.detach().double().t().mm(x.detach().double()).float(), rtol=1e-6, atol=1e-6)

@@ -62,7 +62,11 @@ void record_overflow_(const at::Tensor& record, const at::Tensor& amax, const at
 /// grows (`scale *= growth_factor`, not above `max_scale`, and only if the result is finite) and the
 /// budget is refilled to `hysteresis`. With `consecutive_hysteresis`, every clean step refills it, so
 /// only `hysteresis` overflows in a row back off (DeepSpeed's rule). With the defaults (hysteresis 1,
-/// no bounds) the result is bit-identical to torch._amp_update_scale_.
+/// no bounds) the result is bit-identical to torch._amp_update_scale_ while the growth tracker is below
+/// `growth_interval` (always, from a fresh start); a tracker at or past it (loaded, or a smaller interval
+/// set since) grows at the next clean step here, where torch's `==` would count on and never grow.
+///
+/// `scale`, the trackers and `found_inf` must be distinct memory (refused otherwise).
 void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
                    const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf, double growth_factor,
                    double backoff_factor, int64_t growth_interval, int64_t hysteresis = 1,
@@ -72,8 +76,9 @@ void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
 /// Converts `src` (fp32, fp16 or bf16) to `dtype` (fp32, fp16 or bf16).
 ///   rounding "nearest": IEEE round-to-nearest-even, bit-identical to `src.to(dtype)` (NaN stays NaN).
 ///   rounding "stochastic": rounds up in magnitude with probability equal to the dropped fraction of an
-///     ulp, so the cast is unbiased. Draws come from Philox keyed by `seed` and each element's index:
-///     the same seed and tensor give the same bits, on CPU and CUDA alike. Without a seed, the key comes
+///     ulp, so the cast is unbiased. Draws come from Philox keyed by `seed` and each element's position
+///     in memory (the result is laid out like `src`): the same seed and tensor (layout included) give the
+///     same bits, on CPU and CUDA alike; a transposed view of the same values draws in another order. Without a seed, the key comes
 ///     from torch's default generator of the device (torch.manual_seed governs it).
 ///   saturate: finite values beyond the target's largest finite value become +-that value, not +-inf;
 ///     inf and NaN pass through.

@@ -4,6 +4,7 @@
 // 16-bit operands are widened to fp32 a slab of rows at a time (so the temporary stays small however
 // long the batch is) and handed to torch's fp32 GEMM: the products of two 16-bit values are exact in
 // fp32 and every sum is an fp32 sum, the semantics of the CUDA cuBLASLt path.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
@@ -20,6 +21,9 @@ constexpr int64_t kSlabElements = int64_t{1} << 24;
 
 // out (+)= go^T @ x over rows; `accumulate` false overwrites out (whatever it held, NaN included).
 void wgrad_into(at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input, bool accumulate) {
+  // The op is not differentiable (a create_graph backward uses a plain matmul instead): operands that require
+  // grad must not make torch's out= GEMM refuse them.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor go = detail::as_row_matrix(grad_output);
   const at::Tensor x = detail::as_row_matrix(input);
   const int64_t rows = go.size(0);

@@ -80,9 +80,9 @@ inline __m256i bf16_stochastic(__m256 x, __m256i draw) {
   const __m256i u = _mm256_castps_si256(x);
   __m256i r = _mm256_add_epi32(u, draw);
   const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256i keep = _mm256_castps_si256(_mm256_or_ps(_mm256_and_ps(nan, _mm256_set1_ps(-0.0f)), x));
-  // inf: the low half is zero, nothing carries; NaN: the canonical quiet NaN, like the scalar rule.
-  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), canonical_nan(_mm256_castsi256_ps(keep)), nan));
+  // inf: the low half is zero, nothing carries; NaN: the canonical quiet NaN with the input's sign, like the
+  // scalar rule.
+  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), canonical_nan(x), nan));
   return _mm256_srli_epi32(r, 16);
 }
 
