@@ -38,8 +38,26 @@ def _fp32_inputs(module: nn.Module, args: Any, kwargs: Any) -> Any:
     return _cast_floating(args, torch.float32), _cast_floating(kwargs, torch.float32)
 
 
-def _outputs_in(dtype: torch.dtype, module: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook of an fp32-kept module: its floating outputs back in the compute dtype."""
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for v in items:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _outputs_in(dtype: torch.dtype, module: nn.Module, args: Any, output: Any,
+                under_autocast_only: bool = False) -> Any:
+    """Forward hook of an fp32-kept module: its floating outputs back in the compute dtype. For a mixed policy
+    (fp32 parameters) only while autocast runs on the outputs' device: outside it the fp32 model must run as
+    it is (evaluation, export), where a 16-bit output would meet fp32 weights."""
+    if under_autocast_only:
+        t = _first_tensor(output)
+        if t is None or not torch.is_autocast_enabled(t.device.type):
+            return None
     return _cast_floating(output, dtype)
 
 
@@ -72,13 +90,15 @@ class Policy:
     Args:
         name: the policy name, or another Policy to copy.
         keep_fp32: module type names to keep in fp32 (default: BatchNorm, LayerNorm, GroupNorm); a
-            module is kept when its class name contains one of them.
+            module is kept when its class name contains one of them. One name may be given as a string.
     """
 
     def __init__(self, name: Union[str, "Policy"], keep_fp32: Optional[Iterable[str]] = None) -> None:
         base = name.name if isinstance(name, Policy) else str(name)
         if isinstance(name, Policy) and keep_fp32 is None:
             keep_fp32 = name.keep_fp32
+        if isinstance(keep_fp32, str):  # one name, not its characters
+            keep_fp32 = (keep_fp32,)
         # What the C++ parser read, kept as plain values (see _parse); the C++ object itself (self._impl) is
         # made when a method needs it.
         self._fields = _parse(base, None if keep_fp32 is None else tuple(str(k) for k in keep_fp32))
@@ -136,12 +156,18 @@ class Policy:
                 f"master={self.master_dtype}, keep_fp32={self.keep_fp32})")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Policy) and self.name == other.name and self.keep_fp32 == other.keep_fp32
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.name == other.name and self.keep_fp32 == other.keep_fp32
+
+    def __hash__(self) -> int:  # equal policies (aliases of one name included) hash alike: dict keys, caches
+        return hash((self.name, tuple(self.keep_fp32)))
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Cast ``model``'s parameters and floating buffers to the storage dtype, except those of
         fp32-kept modules, which become fp32 and get their floating inputs upcast to fp32 and their
-        outputs cast back to the compute dtype (forward hooks). Returns ``model``."""
+        outputs cast back to the compute dtype (forward hooks; for a mixed policy, whose parameters stay
+        fp32, only while autocast runs, so the model also runs without it). Returns ``model``."""
         for name, p in model.named_parameters():
             if not p.is_floating_point():
                 raise TypeError(f"Policy.apply: parameter {name!r} has dtype {p.dtype}; only floating-point "
@@ -167,7 +193,8 @@ class Policy:
             if kept:
                 module.register_forward_pre_hook(_fp32_inputs, with_kwargs=True)
                 if compute != torch.float32:
-                    module.register_forward_hook(functools.partial(_outputs_in, compute))
+                    mixed = self.param_dtype == torch.float32
+                    module.register_forward_hook(functools.partial(_outputs_in, compute, under_autocast_only=mixed))
         return model
 
     def grad_scaler(self, device: str = "cuda", **kwargs: Any) -> "Any":

@@ -305,6 +305,33 @@ def test_a_model_under_a_policy_saves_whole_and_a_second_policy_replaces_the_fir
         assert len(model[kept]._forward_pre_hooks) == len(fresh[kept]._forward_pre_hooks) == 1
         assert len(model[kept]._forward_hooks) == len(fresh[kept]._forward_hooks) == 1
     layer_norm_in = torch.randn(2, 16, dtype=torch.float16)
-    assert model[4](layer_norm_in).dtype == torch.float16  # the first policy's hook would give bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert model[4](layer_norm_in).dtype == torch.float16  # the first policy's hook would give bfloat16
     Policy("float32").apply(model)  # nothing computes in 16 bits: no output cast is left
     assert len(model[4]._forward_hooks) == 0 and model[4](layer_norm_in).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["mixed_bfloat16", "mixed_float16"])
+def test_a_mixed_policy_model_also_runs_without_autocast(name: str) -> None:
+    """A mixed policy keeps fp32 parameters; its kept norms cast their outputs to the compute dtype only
+    while autocast runs. Before, the model failed outside autocast (evaluation, export, a quick check) with
+    "mat1 and mat2 must have the same dtype": a bf16 norm output met the next fp32 Linear."""
+    model = Policy(name).apply(make_model()).eval()
+    x = torch.randn(4, 8)
+    assert torch.equal(model(x), make_model().eval()(x))  # as the fp32 model it still is
+    with mixprec.autocast(name, "cpu"):
+        assert model[4](torch.randn(2, 16)).dtype == Policy(name).compute_dtype
+    pure = Policy("bfloat16").apply(make_model()).eval()  # 16-bit parameters: the cast is always needed
+    assert pure(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_keep_fp32_takes_one_name_as_a_string_and_policies_hash() -> None:
+    """keep_fp32="LayerNorm" was split into its characters (keeping every module whose class name contains
+    an "L", an "a", ...: Linear included). Policies are hashable, equal ones (aliases) alike."""
+    policy = Policy("bf16-true", keep_fp32="LayerNorm")
+    assert policy.keep_fp32 == ["LayerNorm"]
+    model = policy.apply(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.float32
+    assert Policy("bf16-mixed") == Policy("mixed_bfloat16") and hash(Policy("bf16-mixed")) == hash(Policy("mixed_bfloat16"))
+    assert len({Policy("bf16-mixed"), Policy("mixed_bfloat16"), Policy("mixed_float16")}) == 2
+    assert Policy("mixed_bfloat16") != "mixed_bfloat16"
