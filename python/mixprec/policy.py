@@ -224,9 +224,21 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
     Inside, autocast computes in the policy's compute dtype; a float32 policy disables autocast inside.
     On exit the previous state (enabled flag, dtype, cache setting) comes back and the cast cache is
     cleared when the outermost autocast exits, exactly as with ``torch.autocast``. torch.compile traces it as
-    it traces ``torch.autocast`` (``fullgraph=True`` included): the policy is read at trace time. As a
+    it traces ``torch.autocast`` (``fullgraph=True`` included, inside an outer ``torch.autocast`` too; one
+    made inside a compiled function is a ``torch.autocast`` itself): the policy is read at trace time. As a
     decorator each call enters a fresh instance, so a decorated function may call itself.
     """
+
+    def __new__(cls, policy: Union[Policy, str, None] = None, device_type: str = "cuda",
+                cache_enabled: Optional[bool] = None) -> "autocast":
+        if policy is not None and torch.compiler.is_compiling():  # (None: copy and pickle make the object bare)
+            # Made inside a compiled function: a torch.autocast itself, which Dynamo traces as its own context
+            # (an instance of this subclass it would step into, which fails inside an outer torch.autocast).
+            compute = (policy if isinstance(policy, Policy) else Policy(policy)).compute_dtype
+            enabled = compute != torch.float32
+            return torch.amp.autocast(device_type, dtype=compute if enabled else None, enabled=enabled,  # type: ignore[return-value]
+                                      cache_enabled=cache_enabled)
+        return super().__new__(cls)
 
     def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None):
         policy = policy if isinstance(policy, Policy) else Policy(policy)

@@ -212,6 +212,20 @@ def test_autocast_compiles_in_one_graph_as_torchs() -> None:
         assert graphs == 1 and torch.equal(out, expected), fn
     (inner, out), graphs = _compiled(nested, x)
     assert graphs == 1 and inner.dtype == torch.float32 and out.dtype == torch.float16
+
+    other = nn.Linear(8, 8)  # (torch's cast cache is per tensor, whatever the dtype: one layer per dtype)
+
+    def inside_torchs(a):  # mixprec.autocast within torch.autocast (Dynamo refused this: "global autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # state changed while tracing")
+            with mixprec.autocast("mixed_float16", "cpu"):
+                half = other(a)
+            with mixprec.autocast("float32", "cpu"):
+                full = layer(a)
+            return half, full, layer(a)
+
+    compiled, graphs = _compiled(inside_torchs, x)
+    assert graphs == 1 and [t.dtype for t in compiled] == [torch.float16, torch.float32, torch.bfloat16]
+    assert all(torch.equal(c, e) for c, e in zip(compiled, inside_torchs(x)))
     assert not torch.is_autocast_enabled("cpu")
 
 
