@@ -78,6 +78,14 @@ def _parse(name: str, keep_fp32: Optional[tuple[str, ...]]) -> tuple[Any, ...]:
             int(impl.output_dtype()), bool(impl.needs_loss_scaling()), tuple(impl.keep_fp32()))
 
 
+@torch.compiler.assume_constant_result
+def _keeps_fp32(name: str, keep_fp32: tuple[str, ...], type_name: str) -> bool:
+    """Policy.keeps_fp32 under torch.compile: the C++ rule, run once at trace time."""
+    impl = torch.classes.mixprec.Policy(name)
+    impl.set_keep_fp32(list(keep_fp32))
+    return bool(impl.keeps_fp32(type_name))
+
+
 class Policy:
     """A precision policy: compute dtype, parameter (storage) dtype, master dtype, output dtype, the
     module types kept in fp32, and whether loss scaling is needed.
@@ -149,6 +157,8 @@ class Policy:
             module = type(module)
         if isinstance(module, type):
             module = module.__name__
+        if torch.compiler.is_compiling():  # the C++ object breaks a graph; the answer is a constant of it
+            return _keeps_fp32(self.name, tuple(self.keep_fp32), module)
         return bool(self._impl.keeps_fp32(module))
 
     def __repr__(self) -> str:

@@ -229,6 +229,20 @@ def test_autocast_compiles_in_one_graph_as_torchs() -> None:
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_keeps_fp32_inside_a_compiled_function() -> None:
+    """The docs say a policy read inside a compiled function breaks no graph; keeps_fp32 went through the C++
+    object, which Dynamo cannot trace."""
+    policy = Policy("mixed_bfloat16")
+    norm, layer = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def fn(a):
+        built = Policy("bf16-true", keep_fp32=["Linear"])
+        return a * (2 if policy.keeps_fp32(norm) else 3) + (1 if built.keeps_fp32(layer) else 0)
+
+    out, graphs = _compiled(fn, torch.ones(2))
+    assert graphs == 1 and torch.equal(out, torch.full((2,), 3.0))
+
+
 def test_autocast_on_an_unavailable_device_is_an_error() -> None:
     for device_type in ("no_such_device", "meta"):
         with pytest.raises(RuntimeError, match="not available"):
