@@ -296,8 +296,11 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
   // The INT8 GEMM where it runs: INT8 per-channel weights, INT8 activations, and on CUDA the shapes
   // cuBLASLt's INT8 kernels take. Activations are quantized in the input's own dtype, as training did
   // before autocast cast the result: the same codes.
+  // Not when the input needs a gradient (layers trained around a converted one): the INT8 GEMM has no
+  // backward, and the simulated path below passes the gradient straight through, as training did.
+  const bool wants_grad = at::GradMode::is_enabled() && input.requires_grad();
   const bool gemm = config.weight_bits == 8 && !config.group_size.has_value() && config.activations &&
-                    dtype != torch::kDouble && input.scalar_type() != torch::kDouble &&
+                    dtype != torch::kDouble && input.scalar_type() != torch::kDouble && !wants_grad &&
                     (input.device().is_cpu() || (in % 8 == 0 && out % 8 == 0));
   if (gemm) {
     const torch::Tensor rows = input.reshape({-1, in});

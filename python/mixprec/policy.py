@@ -186,11 +186,13 @@ class Policy:
         for module in model.modules():
             kept = self.keeps_fp32(module)
             target = torch.float32 if kept else self.param_dtype
-            for p in module.parameters(recurse=False):
-                if p.dtype != target:
+            # fp32 by definition, whatever the policy: QAT steps and scales, FP8 scaling state (fp8_ buffers).
+            fp32_names = set(getattr(module, "_FP32_NAMES", ()))
+            for key, p in module.named_parameters(recurse=False):
+                if p.dtype != target and key not in fp32_names:
                     p.data = p.data.to(target)
             for key, b in module.named_buffers(recurse=False):
-                if key.startswith("fp8_"):  # FP8 scaling state (Float8Linear) is fp32 by definition
+                if key.startswith("fp8_") or key in fp32_names:
                     continue
                 if b.is_floating_point() and b.dtype != target:
                     setattr(module, key, b.to(target))

@@ -9,7 +9,8 @@ straight through, and optionally learns the weight steps (LSQ). Train as usual: 
 :class:`mixprec.Policy`, with :class:`mixprec.GradScaler` and :mod:`mixprec.optim`.
 
 :func:`convert` then replaces each QAT layer with a quantized one whose state dict holds integer weights
-plus float32 scales (INT4 packed two per byte; the bias a buffer). A converted Linear with INT8 per-channel
+plus float32 scales (INT4 packed two per byte when a row's code count is even, else one int8 code per byte;
+the bias a buffer). A converted Linear with INT8 per-channel
 weights and INT8 activations runs its product as an INT8 GEMM (:func:`mixprec.int8.mm`) on activations
 quantized per token (on CUDA where both feature counts are multiples of 8); other layers (INT4, groups,
 ``activations=False``, Conv2d) dequantize their weights and compute in the autocast or input dtype with the
@@ -120,11 +121,13 @@ class _QATWeight:
 
     weight: Tensor
     qat_config: QATConfig
+    # Float32 whatever the model's dtype (Module._apply here, Policy.apply reads the names too).
+    _FP32_NAMES = ("weight_step", "input_step")
 
     def _keeping_steps_fp32(self, apply: Callable[[], Any]) -> Any:
         # The learnable steps stay float32 through .half() / .bfloat16() / .to(dtype), as the converted layer's
         # scales do: rounded to 16 bits they would train, and convert, other steps.
-        apply_keeping_fp32(self, ("weight_step", "input_step"), apply)  # type: ignore[arg-type]
+        apply_keeping_fp32(self, self._FP32_NAMES, apply)  # type: ignore[arg-type]
         return self
 
     @classmethod
@@ -252,7 +255,8 @@ class QATConv2d(nn.Conv2d, _QATWeight):
 
 
 class _QuantizedWeight(nn.Module):
-    """Integer weight codes (int8, or INT4 packed two per byte in uint8) and float32 steps, as buffers of the
+    """Integer weight codes (int8, or INT4 packed two per byte in uint8 when each row holds an even number of
+    codes, else int8) and float32 steps, as buffers of the
     state dict (``mixprec::qat::quantize_weight``), and with learned input steps the static ``input_scale``."""
 
     weight_codes: Tensor
@@ -277,10 +281,12 @@ class _QuantizedWeight(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("input_scale", input_scale)
 
+    # Float32 whatever the model's dtype (Module._apply here, Policy.apply reads the names too).
+    _FP32_NAMES = ("weight_scale", "input_scale")
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_QuantizedWeight":
         # The scales keep float32 through .half() / .to(dtype): rounded, they would not give the codes' values.
-        apply_keeping_fp32(self, ("weight_scale", "input_scale"),
-                           lambda: super(_QuantizedWeight, self)._apply(fn, recurse))
+        apply_keeping_fp32(self, self._FP32_NAMES, lambda: super(_QuantizedWeight, self)._apply(fn, recurse))
         return self
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:

@@ -7,6 +7,7 @@ groups, learnable steps, and bad configurations."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -383,6 +384,44 @@ def test_activation_codes_are_int8_quantize_codes() -> None:
         x = torch.randn(64, 96, device=device) * torch.logspace(-3, 3, 96, device=device)
         q = mixprec.int8.quantize(x, (1, -1))
         assert torch.equal(qat._fake_quantize_input(x, True), q.data.float() * q.scale_inv)
+
+
+@pytest.mark.parametrize("learnable_activation_scales", [False, True])
+def test_a_converted_int8_layer_passes_the_input_gradient_straight_through(learnable_activation_scales: bool) -> None:
+    """Layers trained around a converted INT8 Linear (an adapter, a head, the layers below it) need its input
+    gradient. The INT8 GEMM has no backward: before, x.grad stayed None (per-token scales) or backward failed
+    (a learned input scale). Now the input gradient is the prepared model's straight-through one, exactly."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    config = qat.QATConfig(learnable_activation_scales=learnable_activation_scales)
+    prepared = qat.prepare(model, config, filter=lambda name, m: name == "2")
+    prepared(torch.randn(8, 16) * 2)  # sets a learned input step from its first batch
+    prepared.eval()
+    converted = qat.convert(copy.deepcopy(prepared))
+    x = torch.randn(8, 16)
+    grads = []
+    for m in (prepared, converted):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+        grads.append(m[0].weight.grad)
+    assert grads[1] is not None and torch.equal(grads[1], grads[0])
+    with torch.no_grad():  # inference still runs the INT8 GEMM, with the same codes
+        torch.testing.assert_close(converted(x), prepared(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_policy_applied_after_prepare_or_convert_keeps_steps_and_scales_fp32() -> None:
+    """Policy.apply sets parameters' data directly (not through Module._apply): it cast the learnable steps
+    and the converted scales to 16 bits (0.4% off per channel: the output no longer what the codes encode)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    prepared = qat.prepare(model, qat.QATConfig(learnable_scales=True, learnable_activation_scales=True),
+                           filter=lambda name, m: True)
+    prepared(torch.randn(4, 16))
+    mixprec.Policy("bf16-true").apply(prepared)
+    assert prepared[0].weight.dtype == torch.bfloat16
+    assert prepared[0].weight_step.dtype == torch.float32 and prepared[0].input_step.dtype == torch.float32
+    converted = qat.convert(prepared)
+    mixprec.Policy("bf16-true").apply(converted)
+    assert converted[0].weight_scale.dtype == torch.float32 and converted[0].input_scale.dtype == torch.float32
 
 
 def test_a_layer_used_twice_converts_to_one_quantized_layer() -> None:

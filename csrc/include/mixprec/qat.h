@@ -120,7 +120,9 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const QATConfig& co
 torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor& scale);
 
 /// A converted Linear's forward: with INT8 per-channel weights and `activations` (and on CUDA feature counts
-/// that are multiples of 8), an INT8 GEMM on per-token INT8 activations (mixprec::int8::mm); otherwise the
+/// that are multiples of 8), an INT8 GEMM on per-token INT8 activations (mixprec::int8::mm), unless the input
+/// needs a gradient (grad mode on and input.requires_grad(): layers trained around a converted one), which the
+/// path below passes straight through as training did; otherwise the
 /// dequantized weight in the compute dtype (autocast's, or the input's) on the fake-quantized input. Either
 /// way the activations are quantized in the input's own dtype, as in training.
 /// A static `input_scale` ([1], a learned input step) replaces the per-token amax: the codes
