@@ -21,6 +21,7 @@ converted into one integer convolution with the folded bias.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -367,6 +368,12 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             raise ValueError(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} ({type(m).__name__}) "
                              "already runs its GEMMs in 8 bits; prepare QAT on the model before mixprec.nn.convert, "
                              "or leave the layer out with filter=")
+        # Prepared already: the same config changes nothing; another one (4 bits asked of an 8-bit layer, or
+        # folding asked after a plain prepare) is refused rather than silently not done.
+        if isinstance(m, (QATLinear, QATConv2d)) and m.qat_config != config:
+            raise ValueError(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} is prepared already with "
+                             f"{m.qat_config}, not {config}; prepare a model that is not prepared yet, or leave the "
+                             "layer out with filter=")
         if type(m) in (nn.Linear, _mnn.Linear, nn.Conv2d):
             fold = folds.get(id(m))
             todo.append((m, _check(m, config, fold[2] if fold else None), fold))
@@ -405,6 +412,9 @@ def convert(model: nn.Module) -> nn.Module:
                     continue
                 made[id(child)] = new
             todo.append((parent, child_name, made[id(child)]))
+    if not todo:  # silently returning the model as it was hides a missing prepare()
+        warnings.warn("mixprec.qat.convert: the model has no QAT layer to convert (call mixprec.qat.prepare and "
+                      "train first)", stacklevel=2)
     for parent, child_name, new in todo:
         setattr(parent, child_name, new)
     return model

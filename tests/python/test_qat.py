@@ -424,6 +424,19 @@ def test_a_policy_applied_after_prepare_or_convert_keeps_steps_and_scales_fp32()
     assert converted[0].weight_scale.dtype == torch.float32 and converted[0].input_scale.dtype == torch.float32
 
 
+def test_preparing_again_with_another_config_is_refused_and_converting_nothing_warns() -> None:
+    """prepare() on a prepared model with another config kept the old one silently (4 bits asked, 8 kept);
+    convert() of a model with nothing prepared returned it unchanged without a word."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    qat.prepare(model)
+    qat.prepare(model)  # the same config again: nothing changes
+    with pytest.raises(ValueError, match="layer '0' is prepared already with"):
+        qat.prepare(model, qat.QATConfig(weight_bits=4))
+    assert model[0].qat_config == qat.QATConfig()
+    with pytest.warns(UserWarning, match="no QAT layer to convert"):
+        qat.convert(nn.Sequential(nn.Linear(4, 4)))
+
+
 def test_a_layer_used_twice_converts_to_one_quantized_layer() -> None:
     """A module in two places (a shared block, an nn.Sequential that lists it twice) is one QAT layer and becomes
     one quantized layer in every place, computing what the QAT layer did."""
