@@ -66,6 +66,22 @@ def keep_fp32_grad(weight: Tensor) -> None:
     torch.ops.mixprec.keep_fp32_grad_(weight)
 
 
+def _check_ddp_buffers(layer: torch.nn.Module, history: Tensor) -> None:
+    """Under a DistributedDataParallel that broadcasts this delayed-scaling layer's state (a DDP wrapping a
+    module other than the one :func:`convert` marked), warn once per DDP: every rank would scale by rank 0's
+    amaxes (see ``_ddp_keeps_fp8_state``)."""
+    ddp = torch.nn.parallel.DistributedDataParallel._active_ddp_module
+    if ddp is None or not getattr(ddp, "broadcast_buffers", False) or layer.__dict__.get("_ddp_seen") == id(ddp):
+        return
+    layer.__dict__["_ddp_seen"] = id(ddp)
+    if any(b is history for b in getattr(ddp, "modules_buffers", ())):
+        warnings.warn(
+            "mixprec.nn.Float8Linear: DistributedDataParallel broadcasts this layer's delayed-scaling state from "
+            "rank 0 at every forward, before the layer reduces or uses each rank's own amaxes: every rank would "
+            "scale by rank 0's data. Wrap the module mixprec.nn.convert converted (it lists the FP8 buffers in "
+            "_ddp_params_and_buffers_to_ignore), or pass broadcast_buffers=False", stacklevel=3)
+
+
 def _check_ddp(weight: Tensor) -> None:
     """Under DistributedDataParallel, which buckets gradients in the parameters' dtype (an fp32 gradient of a
     16-bit weight cannot go there), the weight's gradient goes back to the weight's own dtype, as
@@ -251,7 +267,10 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     forwards before their backwards (shared weights, pipeline schedules) reduces it less often. Other
     recipes scale each tensor from itself and ignore it. A deep copy shares the group with the original, as
     C++'s ``clone()`` does (a copy trained beside it keeps reducing); a pickle leaves it unset (a process
-    group belongs to its process; set it again after loading)."""
+    group belongs to its process; set it again after loading). Under ``DistributedDataParallel``, whose
+    default ``broadcast_buffers=True`` would overwrite each rank's amaxes with rank 0's at every forward,
+    :func:`convert` lists the FP8 buffers in the model's ``_ddp_params_and_buffers_to_ignore`` (wrap that
+    model); a layer whose state DDP broadcasts anyway warns."""
 
     amax_group: Optional[Any] = None
 
@@ -298,6 +317,8 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         call; ``True``, it is quantized and kept; ``False``, the kept one is used. Pass ``True`` on the first
         micro-batch after each optimizer step and ``False`` on the others of a gradient-accumulation cycle."""
         state = [getattr(self, name) for name in _FP8_BUFFERS]
+        if self.recipe.scaling == "delayed" and self.training:
+            _check_ddp_buffers(self, state[0])
         if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
                 and torch.is_grad_enabled()):
             import torch.distributed as dist
@@ -340,6 +361,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         state = super().__getstate__()
         state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
         state.pop("_fp8_weight_cache", None)  # derived from the weight
+        state.pop("_ddp_seen", None)  # which DDP was checked: this process's
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "Float8Linear":
@@ -554,4 +576,18 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
         elif type(m) is torch.nn.Linear:
             m.__class__ = Linear
             _adopt(m)  # type: ignore[arg-type]
+    _ddp_keeps_fp8_state(module)
     return module
+
+
+def _ddp_keeps_fp8_state(module: torch.nn.Module) -> None:
+    """DistributedDataParallel broadcasts rank 0's buffers at every forward (``broadcast_buffers=True``, its
+    default). Delayed scaling's state holds each rank's own amaxes of the last step until the next forward
+    reduces them (``amax_group``) or uses them: broadcast first, every rank would scale by rank 0's data. The
+    FP8 buffers are listed in ``module._ddp_params_and_buffers_to_ignore``, which DDP reads when it wraps
+    ``module`` (its documented way to leave buffers alone); names listed there before are kept."""
+    names = [f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()
+             if isinstance(m, Float8Linear) and m.recipe.scaling == "delayed" for b in _FP8_BUFFERS]
+    if names:
+        known = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        module._ddp_params_and_buffers_to_ignore = known + [n for n in names if n not in known]

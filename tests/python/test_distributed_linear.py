@@ -103,6 +103,7 @@ AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
     import copy, sys, torch, torch.distributed as dist
     import mixprec
     rank, world, port, reduce = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    ddp = len(sys.argv) > 5 and sys.argv[5] == "ddp"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     original = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
@@ -111,13 +112,18 @@ AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
     # A deep copy trains: it shares the original's group (as C++'s clone() does).
     model = copy.deepcopy(original)
     assert all(m.amax_group is original[0].amax_group for m in model if isinstance(m, mixprec.nn.Float8Linear))
+    if ddp:  # DDP's default broadcast_buffers=True must not replace each rank's amaxes with rank 0's
+        import warnings
+        warnings.simplefilter("error")  # nor warn: convert marked the FP8 buffers for DDP to leave alone
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        assert not any(b is model.module[0].fp8_forward_amax_history for b in model.modules_buffers)
     # Each rank its own data, rank 1's four times larger: the amaxes differ by rank.
     gen = torch.Generator().manual_seed(11)
     xs = [torch.randn(world, 8, 16, generator=gen) * torch.tensor([1.0, 4.0])[:world, None, None] for _ in range(3)]
     for x in xs:
         model(x[rank]).pow(2).mean().backward()
     model(xs[0][rank])  # its forward reduces what the third step recorded, then updates the scales
-    layer = model[0]
+    layer = model.module[0] if ddp else model[0]
     # Row 1 holds the third step's amaxes: the input's, then the weight's (the same on every rank).
     want_x = xs[2].abs().amax(dim=(1, 2))
     got = layer.fp8_forward_amax_history[1].clone()
@@ -138,9 +144,12 @@ AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
 def test_delayed_scaling_amax_reduced_over_a_group() -> None:
     """amax_group: ranks that see different data end with the same delayed-scaling state (the amax window
     holds the MAX over ranks), in a deep copy of the converted model too; without it each rank keeps its
-    own."""
+    own. Under DistributedDataParallel (broadcast_buffers=True, its default) alike: before, DDP's broadcast
+    replaced every rank's amaxes with rank 0's first."""
     run_ranks(AMAX_SCRIPT, "1")
     run_ranks(AMAX_SCRIPT, "0")
+    run_ranks(AMAX_SCRIPT, "1", "ddp")  # under DDP's default buffer broadcast too
+    run_ranks(AMAX_SCRIPT, "0", "ddp")
 
 
 def free_port() -> int:
@@ -232,6 +241,35 @@ def test_ddp_trains_converted_layers_as_it_trains_torchs(tmp_path) -> None:
         for kind in ("fp8", "int8"):
             for a, b in zip(results[(dtype, "torch")][::2], results[(dtype, kind)][::2]):
                 torch.testing.assert_close(b.float(), a.float(), rtol=0.1, atol=0.02)
+
+
+def test_ddp_wrapping_another_module_than_the_converted_one_warns() -> None:
+    """convert() marks the FP8 buffers of the module it converted for DDP to leave alone; a DDP wrapping a
+    parent it never saw would broadcast rank 0's delayed-scaling state over every rank's: a warning says so,
+    once per DDP. Wrapping the converted module itself is silent."""
+    import warnings
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        inner = mixprec.nn.convert(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+                                   fp8=mixprec.fp8.Recipe(scaling="delayed"), filter=lambda name, m: True)
+        assert "0.fp8_forward_amax_history" in inner._ddp_params_and_buffers_to_ignore
+        x = torch.randn(4, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.nn.parallel.DistributedDataParallel(inner)(x).sum().backward()
+        outer = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(inner))
+        with pytest.warns(UserWarning, match="broadcasts this layer's delayed-scaling state from rank 0"):
+            outer(x).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            outer(x).sum().backward()  # once per DDP and layer
+    finally:
+        dist.destroy_process_group()
 
 
 def test_reduce_amax_op_schema_and_errors() -> None:
