@@ -44,46 +44,54 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 }
 
 void check_written_list(at::TensorList list, const char* op, const char* name) {
+  // Usually every tensor has its own storage: one sort of (storage, index) pairs shows that, and only tensors
+  // sharing a storage (views of one buffer, or the same tensor twice) have their extents compared.
+  std::vector<std::pair<const void*, size_t>> storages;
+  storages.reserve(list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
+    TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
+                name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place, so "
+                "give it its own memory (.contiguous())");
+    storages.emplace_back(t.storage().unsafeGetStorageImpl(), i);
+  }
+  std::sort(storages.begin(), storages.end());
   struct Extent {
-    const void* storage;
     int64_t begin, end;  // bytes of the storage the tensor's elements can reach
     size_t index;
   };
   std::vector<Extent> extents;
-  extents.reserve(list.size());
-  for (size_t i = 0; i < list.size(); ++i) {
-    const at::Tensor& t = list[i];
-    if (!t.defined() || t.numel() == 0 || !t.has_storage()) continue;
-    TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
-                name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place, so "
-                "give it its own memory (.contiguous())");
-    int64_t reach = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
-    const auto item = static_cast<int64_t>(t.element_size());
-    const int64_t begin = t.storage_offset() * item;
-    extents.push_back({t.storage().unsafeGetStorageImpl(), begin, begin + (reach + 1) * item, i});
-  }
-  if (extents.size() < 2) return;
-  std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) {
-    return a.storage != b.storage ? std::less<const void*>()(a.storage, b.storage) : a.begin < b.begin;
-  });
-  // Within each storage, a sweep over the extents by start: only pairs whose extents meet are compared
-  // element-wise (torch's overlap test; views interleaved by strides that it cannot decide are let through).
-  size_t widest = 0;
-  for (size_t k = 1; k < extents.size(); ++k) {
-    const Extent& cur = extents[k];
-    const Extent& prev = extents[widest];
-    if (cur.storage != prev.storage) {
-      widest = k;
-      continue;
+  for (size_t k = 0; k < storages.size();) {
+    size_t run = k + 1;
+    while (run < storages.size() && storages[run].first == storages[k].first) ++run;
+    if (run - k > 1) {
+      extents.clear();
+      for (size_t r = k; r < run; ++r) {
+        const at::Tensor& t = list[storages[r].second];
+        int64_t reach = 0;
+        for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
+        const auto item = static_cast<int64_t>(t.element_size());
+        const int64_t begin = t.storage_offset() * item;
+        extents.push_back({begin, begin + (reach + 1) * item, storages[r].second});
+      }
+      std::sort(extents.begin(), extents.end(), [](const Extent& x, const Extent& y) { return x.begin < y.begin; });
+      // A sweep by start: only pairs whose extents meet are compared element-wise (torch's overlap test; views
+      // interleaved by strides that it cannot decide are let through).
+      size_t widest = 0;
+      for (size_t e = 1; e < extents.size(); ++e) {
+        const Extent& cur = extents[e];
+        const Extent& prev = extents[widest];
+        if (cur.begin < prev.end) {
+          const at::MemOverlapStatus status = at::get_overlap_status(list[prev.index], list[cur.index]);
+          TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+                      name, "[", std::min(prev.index, cur.index), "] and ", name, "[", std::max(prev.index, cur.index),
+                      "] share memory (the same tensor twice, or overlapping views); each is written in place");
+        }
+        if (cur.end > prev.end) widest = e;
+      }
     }
-    if (cur.begin < prev.end) {
-      const at::MemOverlapStatus status = at::get_overlap_status(list[prev.index], list[cur.index]);
-      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", name,
-                  "[", std::min(prev.index, cur.index), "] and ", name, "[", std::max(prev.index, cur.index),
-                  "] share memory (the same tensor twice, or overlapping views); each is written in place");
-    }
-    if (cur.end > prev.end) widest = k;
+    k = run;
   }
 }
 
