@@ -1,6 +1,5 @@
 #include "ops/adam_plan.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -163,11 +162,7 @@ void check_adam_args(const AdamArgs& a) {
   if (a.grad_scale.has_value() && a.grad_scale->defined()) check_written_list(a.grads, kOp, "grads");
   for (const auto& [list, name] : {std::pair{a.exp_avgs, "exp_avgs"}, std::pair{a.exp_avg_sqs, "exp_avg_sqs"},
                                    std::pair{a.masters, "masters"}}) {
-    for (size_t i = 0; i < list.size(); ++i) {
-      const at::Tensor& t = list[i];
-      TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, kOp, ": ",
-                  name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place");
-    }
+    for (size_t i = 0; i < list.size(); ++i) check_no_internal_overlap(list[i], kOp, name, i);
   }
   check_optional_scalar(a.lr_tensor, "lr_tensor", device);
   check_optional_scalar(a.grad_scale, "grad_scale", device);

@@ -3,8 +3,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include "ops/checks.h"
 
 namespace mixprec::detail {
 
@@ -41,8 +42,7 @@ void check_cast_args(const char* op, at::TensorList dst, at::TensorList src) {
                 "; every tensor must be on the same device");
     // Several dst views of one buffer write in list order (a copy back per view), but an expanded dst cannot be
     // written at all: refused here, before any other dst is.
-    TORCH_CHECK(d.numel() == 0 || d.is_non_overlapping_and_dense() || at::has_internal_overlap(d) != at::MemOverlap::Yes,
-                op, ": dst[", i, "] has elements that share memory (an expanded tensor?); it is written in place");
+    check_no_internal_overlap(d, op, "dst", i);
   }
 }
 

@@ -43,6 +43,12 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
   }
 }
 
+void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name, size_t index) {
+  TORCH_CHECK(t.numel() == 0 || t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+              op, ": ", name, "[", index, "] has elements that share memory (an expanded tensor?); it is written "
+              "in place, so give it its own memory (.contiguous())");
+}
+
 void check_written_list(at::TensorList list, const char* op, const char* name) {
   // Usually every tensor has its own storage: one sort of (storage, index) pairs shows that, and only tensors
   // sharing a storage (views of one buffer, or the same tensor twice) have their extents compared.
@@ -51,9 +57,7 @@ void check_written_list(at::TensorList list, const char* op, const char* name) {
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
-    TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ",
-                name, "[", i, "] has elements that share memory (an expanded tensor?); it is written in place, so "
-                "give it its own memory (.contiguous())");
+    check_no_internal_overlap(t, op, name, i);
     storages.emplace_back(t.storage().unsafeGetStorageImpl(), i);
   }
   std::sort(storages.begin(), storages.end());

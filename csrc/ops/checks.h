@@ -25,6 +25,9 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 /// gradient buffer) pass. Host cost: one sort of the storages (a few microseconds per thousand tensors).
 void check_written_list(at::TensorList list, const char* op, const char* name);
 
+/// `list[index]`, written in place, must not have elements that share memory (an expanded view).
+void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name, size_t index);
+
 /// `t` (written in place) must not share memory with `other` (read); the message names both.
 void check_no_overlap(const at::Tensor& t, const char* t_name, const at::Tensor& other, const char* other_name,
                       const char* op);
