@@ -412,10 +412,19 @@ def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bo
 
 def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.nn.Linear], bool]:
     # The layers convert() considers, whether or not an earlier call converted them, so that the edges stay
-    # the model's first and last Linear.
+    # the same layers however often convert runs. The last Linear in module order is the output layer (an LM's
+    # head, a classifier). The first is the input layer only where no embedding or convolution comes before
+    # it: in a transformer that is block 0's first projection, an ordinary layer whose siblings (k_proj,
+    # v_proj) read the same input, so it is converted with them.
     kinds = (torch.nn.Linear, Linear, Float8Linear, Int8Linear)
-    names = [name for name, m in model.named_modules() if type(m) in kinds]
-    edges = {names[0], names[-1]} if names else set()
+    inputs = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
+    names, first_is_input = [], True
+    for name, m in model.named_modules():
+        if type(m) in kinds:
+            names.append(name)
+        elif not names and isinstance(m, inputs):
+            first_is_input = False
+    edges = set(names[-1:]) | (set(names[:1]) if first_is_input else set())
 
     def take(name: str, layer: torch.nn.Linear) -> bool:
         return name not in edges and layer.in_features % multiple == 0 and layer.out_features % multiple == 0
@@ -425,14 +434,18 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
 
 def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
     """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` (or layer
-    converted from one) but the model's first and last (which the anchors keep in higher precision: embeddings
-    in, logits out), and only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA)."""
+    converted from one) but the model's input and output layers (which the anchors keep in higher precision),
+    and only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA). The output layer is
+    the last Linear in module order (an LM head, a classifier); the input layer is the first, unless an
+    embedding or a convolution comes before it (a transformer's first projection reads features, not the
+    input)."""
     return _edge_filter(model, 16)
 
 
 def int8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
     """The layers :func:`convert` puts in INT8 unless told otherwise: every ``torch.nn.Linear`` but the model's
-    first and last, where both feature counts are multiples of 8 (what INT8 GEMMs need on CUDA)."""
+    input and output layers (as :func:`fp8_default_filter` finds them), where both feature counts are multiples
+    of 8 (what INT8 GEMMs need on CUDA)."""
     return _edge_filter(model, 8)
 
 
@@ -565,7 +578,7 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
         # Silently converting nothing hides a model whose projections are not torch.nn.Linear.
         warnings.warn(
             f"mixprec.nn.convert: no layer became {wanted}: of the model's {len(plan)} torch.nn.Linear layer(s) the "
-            "filter took none (the default one leaves out the first and the last, and those whose feature counts "
+            "filter took none (the default one leaves out the input and output layers, and those whose feature counts "
             "are not multiples of 16 for FP8 or 8 for INT8); layers of other classes, such as the Conv1D "
             "projections of Hugging Face's GPT-2, are not converted", stacklevel=2)
     for name, m, eight_bit in plan:

@@ -415,6 +415,35 @@ def test_convert_default_filter_and_deepcopy() -> None:
     assert torch.equal(twin(x), model(x))
 
 
+def test_default_filters_leave_out_the_input_layer_only_when_a_linear_reads_the_input() -> None:
+    """In a transformer (an embedding, then blocks of projections, then the head) every projection of block 0
+    is converted alike, and the head is left out; with a convolution in front the same holds; a plain MLP keeps
+    its first Linear. The filters agree for FP8 and INT8."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.mlp = nn.Linear(32, 32)
+
+    class LM(nn.Module):
+        def __init__(self, stem: nn.Module) -> None:
+            super().__init__()
+            self.stem, self.blocks, self.norm = stem, nn.ModuleList([Block(), Block()]), nn.LayerNorm(32)
+            self.lm_head = nn.Linear(32, 64)
+
+    for stem in (nn.Embedding(64, 32), nn.Conv1d(3, 32, 1)):
+        for make in (mixprec.nn.fp8_default_filter, mixprec.nn.int8_default_filter):
+            model = LM(stem)
+            take = make(model)
+            taken = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and take(name, m)]
+            assert taken == [f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "mlp")]
+    mlp = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    assert [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)
+            and mixprec.nn.fp8_default_filter(mlp)(n, m)] == ["2"]
+    model = mixprec.nn.convert(LM(nn.Embedding(64, 32)), fp8=fp8.Recipe(scaling="current"))
+    assert type(model.blocks[0].q_proj) is mixprec.nn.Float8Linear and type(model.lm_head) is mixprec.nn.Linear
+
+
 def test_convert_again_converts_what_an_earlier_call_left_and_refuses_to_discard_state() -> None:
     """A model converted for fp32 weight gradients first (convert(model)) and for FP8 afterwards gets the same
     layers as one converted for FP8 at once; converting again the same way changes nothing; another recipe or
