@@ -139,7 +139,7 @@ void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_
 
 void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
                                 const at::Tensor& scale, int64_t step, int64_t checked,
-                                const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& grads_scale) {
+                                const std::optional<at::Tensor>& count) {
   constexpr const char* op = "mixprec::record_overflow_";
   TORCH_CHECK(amax.defined() && amax.layout() == at::kStrided && amax.dim() == 1 && amax.scalar_type() == at::kFloat &&
                   amax.is_contiguous(),
@@ -155,9 +155,6 @@ void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax
   check_one_element(found_inf, op, "found_inf", at::kFloat, device);
   check_one_element(scale, op, "scale", at::kFloat, device);
   if (count.has_value() && count->defined()) check_one_element(*count, op, "count", at::kLong, device);
-  if (grads_scale.has_value() && grads_scale->defined()) {
-    check_one_element(*grads_scale, op, "grads_scale", at::kFloat, device);
-  }
   TORCH_CHECK(step >= 0, op, ": step must be >= 0, got ", step);
   TORCH_CHECK(checked >= 0, op, ": checked must be >= 0, got ", checked);
 }

@@ -42,11 +42,11 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
 void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins);
 
 /// Checks for record_overflow_: `record` a contiguous float64 vector of 3 + amax.numel() entries, `amax` a
-/// contiguous float32 vector, found_inf and scale one-element float32, count one-element int64 and
-/// grads_scale one-element float32 when given, all on one device; step and checked >= 0.
+/// contiguous float32 vector, found_inf and scale one-element float32, count one-element int64 when
+/// given, all on one device; step and checked >= 0.
 void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
                                 const at::Tensor& scale, int64_t step, int64_t checked,
-                                const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& grads_scale);
+                                const std::optional<at::Tensor>& count);
 
 /// Checks for update_scale_ (tensor kinds, devices and hyper-parameter ranges).
 void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -145,7 +145,7 @@ using T = const at::Tensor&;
 struct RecordOverflowName {
   static constexpr const char* value = "mixprec::record_overflow_";
 };
-using RecordOverflow = Inplace<RecordOverflowName, void(T, T, T, T, int64_t, int64_t, OptTensor, OptTensor)>;
+using RecordOverflow = Inplace<RecordOverflowName, void(T, T, T, T, int64_t, int64_t, OptTensor)>;
 
 struct UpdateScaleName {
   static constexpr const char* value = "mixprec::update_scale_";

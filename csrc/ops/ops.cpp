@@ -51,12 +51,11 @@ at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min
 }
 
 void record_overflow_(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
-                      const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count,
-                      const std::optional<at::Tensor>& grads_scale) {
+                      const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count) {
   static const auto op =
       find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>("mixprec::record_overflow_");
-  op.call(record, amax, found_inf, scale, step, checked, count, grads_scale);
+                   const std::optional<at::Tensor>&)>("mixprec::record_overflow_");
+  op.call(record, amax, found_inf, scale, step, checked, count);
 }
 
 void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -18,7 +18,7 @@ TORCH_LIBRARY(mixprec, m) {
   // Overflow attribution's bookkeeping per step, on the device: see ops/update_scale_rule.h.
   m.def(
       "record_overflow_(Tensor(a!) record, Tensor(b!) amax, Tensor found_inf, Tensor scale, int step, int checked, "
-      "Tensor(c!)? count=None, Tensor(d!)? grads_scale=None) -> ()",
+      "Tensor(c!)? count=None) -> ()",
       tags);
   m.def(
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "

@@ -52,12 +52,10 @@ C10_HOST_DEVICE inline void update_scale_rule(float* scale, int32_t* growth_trac
 }
 
 /// record_overflow_'s scalar part (one thread): on an overflow the record's head takes the step number, the
-/// scale and the number of gradients checked; `count` (if given) counts overflowing steps, and `grads_scale`
-/// (if given) says what the gradients hold relative to the true ones when an optimizer that takes the scale
-/// skipped the step before unscaling (the scale on an overflow, else 1). The per-element part (copy the
+/// scale and the number of gradients checked; `count` (if given) counts overflowing steps. The per-element part (copy the
 /// step's amax into the record on an overflow, zero it for the next step) is the kernels' loop.
 C10_HOST_DEVICE inline void record_overflow_head(double* record, float found_inf, float scale, int64_t step,
-                                                 int64_t checked, int64_t* count, float* grads_scale) {
+                                                 int64_t checked, int64_t* count) {
   const bool overflowed = found_inf != 0.0f;  // NaN counts, as in update_scale_rule
   if (overflowed) {
     record[0] = static_cast<double>(step);
@@ -65,7 +63,6 @@ C10_HOST_DEVICE inline void record_overflow_head(double* record, float found_inf
     record[2] = static_cast<double>(checked);
   }
   if (count != nullptr && overflowed) *count += 1;
-  if (grads_scale != nullptr) *grads_scale = overflowed ? scale : 1.0f;
 }
 
 }  // namespace mixprec::detail

@@ -33,8 +33,7 @@ def _grad_stats_fake(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exp
 
 @torch.library.register_fake("mixprec::record_overflow_")
 def _record_overflow_fake(record: torch.Tensor, amax: torch.Tensor, found_inf: torch.Tensor, scale: torch.Tensor,
-                          step: int, checked: int, count: Optional[torch.Tensor] = None,
-                          grads_scale: Optional[torch.Tensor] = None) -> None:
+                          step: int, checked: int, count: Optional[torch.Tensor] = None) -> None:
     return None
 
 

@@ -98,17 +98,14 @@ def grad_stats(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent:
 
 
 def record_overflow_(record: torch.Tensor, amax: torch.Tensor, found_inf: torch.Tensor, scale: torch.Tensor,
-                     step: int, checked: int, count: Optional[torch.Tensor] = None,
-                     grads_scale: Optional[torch.Tensor] = None) -> None:
+                     step: int, checked: int, count: Optional[torch.Tensor] = None) -> None:
     """GradScaler's overflow bookkeeping for one step, on the device (no host sync).
 
     When ``found_inf`` is non-zero, ``record`` (float64, ``3 + len(amax)``) becomes ``[step, scale,
     checked, *amax]``; ``amax`` (float32, filled by :func:`unscale_and_check_`) is zeroed either way, for
-    the next step; ``count`` (int64, one element) counts overflowing steps; ``grads_scale`` (float32, one
-    element) becomes ``scale`` on an overflow, else 1.
+    the next step; ``count`` (int64, one element) counts overflowing steps.
     """
-    torch.ops.mixprec.record_overflow_.default(record, amax, found_inf, scale, int(step), int(checked), count,
-                                               grads_scale)
+    torch.ops.mixprec.record_overflow_.default(record, amax, found_inf, scale, int(step), int(checked), count)
 
 
 def update_scale_(

@@ -17,7 +17,7 @@ def _record_overflow(device: str) -> tuple[Callable[..., None], list[Any]]:
     kw = dict(device=device)
     return torch.ops.mixprec.record_overflow_.default, [
         torch.zeros(5, dtype=torch.float64, **kw), torch.tensor([1.0, 2.0], **kw), torch.ones(1, **kw),
-        torch.full((1,), 8.0, **kw), 3, 2, torch.zeros((), dtype=torch.int64, **kw), torch.ones((), **kw)]
+        torch.full((1,), 8.0, **kw), 3, 2, torch.zeros((), dtype=torch.int64, **kw)]
 
 
 def _update_scale(device: str) -> tuple[Callable[..., None], list[Any]]:

@@ -599,23 +599,22 @@ def test_monitor_no_host_sync_between_logged_steps_on_cuda() -> None:
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_record_overflow_op(device: str) -> None:
     """The scaler's per-step bookkeeping op: on an overflow the record takes [step, scale, checked, amax...];
-    amax is zeroed either way; count and grads_scale follow the flag."""
+    amax is zeroed either way; count follows the flag."""
     kw = dict(device=device)
     record = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, **kw)
     amax = torch.tensor([1.5, math.inf, math.nan], **kw)
     count = torch.zeros((), dtype=torch.int64, **kw)
-    gs = torch.full((), 7.0, **kw)
     clean, over, scale = torch.zeros(1, **kw), torch.full((1,), 2.0, **kw), torch.full((1,), 1024.0, **kw)
-    mixprec.ops.record_overflow_(record, amax, clean, scale, 4, 3, count, gs)
+    mixprec.ops.record_overflow_(record, amax, clean, scale, 4, 3, count)
     assert record.tolist() == [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and amax.tolist() == [0.0] * 3
-    assert count.item() == 0 and gs.item() == 1.0
+    assert count.item() == 0
     amax.copy_(torch.tensor([1.5, math.inf, math.nan]))
-    mixprec.ops.record_overflow_(record, amax, over, scale, 5, 3, count, gs)
+    mixprec.ops.record_overflow_(record, amax, over, scale, 5, 3, count)
     r = record.tolist()
     assert r[:5] == [5.0, 1024.0, 3.0, 1.5, math.inf] and math.isnan(r[5])
-    assert amax.tolist() == [0.0] * 3 and count.item() == 1 and gs.item() == 1024.0
+    assert amax.tolist() == [0.0] * 3 and count.item() == 1
     torch.library.opcheck(torch.ops.mixprec.record_overflow_.default,
-                          (record.clone(), torch.ones(3, **kw), over, scale, 6, 3, count.clone(), gs.clone()))
+                          (record.clone(), torch.ones(3, **kw), over, scale, 6, 3, count.clone()))
     before = record.clone()
     with pytest.raises(RuntimeError, match=r"record must be a contiguous float64 vector of 3 \+ len\(amax\) = 6"):
         mixprec.ops.record_overflow_(record[:5], amax, over, scale, 1, 3)

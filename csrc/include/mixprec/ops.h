@@ -46,12 +46,10 @@ at::Tensor grad_stats(at::TensorList grads, const at::Tensor& scale, int64_t min
 
 /// GradScaler's overflow bookkeeping for one step, on the device: when `found_inf` is non-zero, `record`
 /// (float64 [3 + n]) becomes [step, scale, checked, amax...]; `amax` (float32 [n], filled by
-/// unscale_and_check_) is then zeroed for the next step; `count` (int64, optional) counts overflowing steps
-/// and `grads_scale` (float32, optional) becomes the scale on an overflow, else 1.
+/// unscale_and_check_) is then zeroed for the next step; `count` (int64, optional) counts overflowing steps.
 void record_overflow_(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
                       const at::Tensor& scale, int64_t step, int64_t checked,
-                      const std::optional<at::Tensor>& count = std::nullopt,
-                      const std::optional<at::Tensor>& grads_scale = std::nullopt);
+                      const std::optional<at::Tensor>& count = std::nullopt);
 
 /// The dynamic loss-scale state machine, in place on device tensors, with no host synchronisation.
 ///

@@ -29,15 +29,12 @@ void update_scale_cpu(const at::Tensor& scale, const at::Tensor& growth_tracker,
 }
 
 void record_overflow_cpu(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
-                         const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count,
-                         const std::optional<at::Tensor>& grads_scale) {
-  detail::check_record_overflow_args(record, amax, found_inf, scale, step, checked, count, grads_scale);
+                         const at::Tensor& scale, int64_t step, int64_t checked, const std::optional<at::Tensor>& count) {
+  detail::check_record_overflow_args(record, amax, found_inf, scale, step, checked, count);
   const float found = *found_inf.const_data_ptr<float>();
   double* rec = record.data_ptr<double>();
   detail::record_overflow_head(rec, found, *scale.const_data_ptr<float>(), step, checked,
-                               count.has_value() && count->defined() ? count->data_ptr<int64_t>() : nullptr,
-                               grads_scale.has_value() && grads_scale->defined() ? grads_scale->data_ptr<float>()
-                                                                                 : nullptr);
+                               count.has_value() && count->defined() ? count->data_ptr<int64_t>() : nullptr);
   float* a = amax.data_ptr<float>();
   const int64_t n = amax.numel();
   if (found != 0.0f) {

@@ -22,7 +22,7 @@ at::Tensor grad_stats_cuda(at::TensorList grads, const at::Tensor& scale, int64_
 
 void record_overflow_cuda(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
                           const at::Tensor& scale, int64_t step, int64_t checked,
-                          const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& grads_scale);
+                          const std::optional<at::Tensor>& count);
 void update_scale_cuda(const at::Tensor& scale, const at::Tensor& growth_tracker, const at::Tensor& hysteresis_tracker,
                        const at::Tensor& found_inf, double growth_factor, double backoff_factor,
                        int64_t growth_interval, int64_t hysteresis, double min_scale, std::optional<double> max_scale,

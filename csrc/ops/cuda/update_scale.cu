@@ -22,11 +22,10 @@ __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker, int32
 
 // One thread writes the head; every thread copies (on an overflow) and zeroes a stride of amax.
 __global__ void record_overflow_kernel(double* record, float* amax, int64_t n, const float* found_inf,
-                                       const float* scale, int64_t step, int64_t checked, int64_t* count,
-                                       float* grads_scale) {
+                                       const float* scale, int64_t step, int64_t checked, int64_t* count) {
   const float found = *found_inf;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    detail::record_overflow_head(record, found, *scale, step, checked, count, grads_scale);
+    detail::record_overflow_head(record, found, *scale, step, checked, count);
   }
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -39,8 +38,8 @@ __global__ void record_overflow_kernel(double* record, float* amax, int64_t n, c
 
 void record_overflow_cuda(const at::Tensor& record, const at::Tensor& amax, const at::Tensor& found_inf,
                           const at::Tensor& scale, int64_t step, int64_t checked,
-                          const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& grads_scale) {
-  detail::check_record_overflow_args(record, amax, found_inf, scale, step, checked, count, grads_scale);
+                          const std::optional<at::Tensor>& count) {
+  detail::check_record_overflow_args(record, amax, found_inf, scale, step, checked, count);
   const c10::cuda::CUDAGuard guard(amax.device());
   constexpr int kThreads = 256;
   const int64_t n = amax.numel();
@@ -48,8 +47,7 @@ void record_overflow_cuda(const at::Tensor& record, const at::Tensor& amax, cons
   record_overflow_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       record.data_ptr<double>(), amax.data_ptr<float>(), n, found_inf.const_data_ptr<float>(),
       scale.const_data_ptr<float>(), step, checked,
-      count.has_value() && count->defined() ? count->data_ptr<int64_t>() : nullptr,
-      grads_scale.has_value() && grads_scale->defined() ? grads_scale->data_ptr<float>() : nullptr);
+      count.has_value() && count->defined() ? count->data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
