@@ -7,6 +7,7 @@ costs in time and memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import ops
 from .policy import Policy, autocast
@@ -54,8 +56,11 @@ def compare_outputs(model_or_fn: Union[nn.Module, Callable[..., Any]], inputs: S
     """Run ``model_or_fn(*inputs)`` in fp32 and under ``policy`` and compare every output tensor.
 
     A module is copied twice: one copy stays fp32, the other goes through ``policy.apply``; a plain
-    function runs once without and once within ``mixprec.autocast(policy)``. Relative errors divide
-    by ``max(|fp32 value|, eps)``."""
+    function runs once without and once within ``mixprec.autocast(policy)``. Floating-point input tensors,
+    also inside lists, tuples and dicts, are given in fp32 to the first run and in the policy's parameter
+    dtype to the second. Both runs start from the same random state (restored afterwards), so dropout
+    draws the same masks in a module left in training mode. Relative errors divide by
+    ``max(|fp32 value|, eps)``."""
     policy = policy if isinstance(policy, Policy) else Policy(policy)
     if isinstance(model_or_fn, nn.Module):
         ref_model = copy.deepcopy(model_or_fn).float()
@@ -63,11 +68,20 @@ def compare_outputs(model_or_fn: Union[nn.Module, Callable[..., Any]], inputs: S
         ref_fn, low_fn = ref_model, low_model
     else:
         ref_fn = low_fn = model_or_fn
-    fp32_inputs = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
-    low_inputs = [x.to(policy.param_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                  for x in inputs]
-    with torch.no_grad():
+    def cast(dtype: torch.dtype) -> list[Any]:
+        return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                        list(inputs))
+
+    fp32_inputs, low_inputs = cast(torch.float32), cast(policy.param_dtype)
+    if device_type == "cuda":
+        torch.cuda.init()  # its generators exist before the first run, so both runs start from one state
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
         ref = _flatten(ref_fn(*fp32_inputs))
+        torch.set_rng_state(cpu_state)
+        for d, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, d)
         with autocast(policy, device_type):
             low = _flatten(low_fn(*low_inputs))
     errors = []
@@ -172,7 +186,7 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
 class PrecisionTiming:
     dtype: torch.dtype
     seconds: float          # median forward+backward time
-    peak_mib: float         # CUDA: peak allocated; CPU: parameters + gradients + saved activations estimate
+    peak_mib: float         # CUDA: peak allocated; CPU: parameters + gradients + what the forward saved for backward
     speedup: float = 1.0    # fp32 time / this time
 
 
@@ -181,7 +195,10 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
                         device: Union[str, torch.device] = "cpu", warmup: int = 2, repeats: int = 5,
                         loss_fn: Callable[[Any], torch.Tensor] = lambda out: out.float().sum()) -> list[PrecisionTiming]:
     """Forward+backward time (median of ``repeats`` after ``warmup``, device synchronised) and peak memory
-    of ``model(*inputs)`` under autocast at each dtype, with the speedup over fp32."""
+    of ``model(*inputs)`` under autocast at each dtype, with the speedup over fp32. On CUDA the memory is the
+    allocator's peak; on the CPU, which keeps no such count, it is the parameters and gradients plus the
+    tensors the forward saved for the backward (each storage once, parameters not twice), measured in one
+    more step after the timed ones."""
     device = torch.device(device)
     results = []
     for dtype in dtypes:
@@ -189,10 +206,18 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
         xs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
         enabled = dtype != torch.float32
 
-        def step() -> None:
+        def step(saved: dict[Any, int] | None = None) -> None:
             m.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled):
-                out = m(*xs)
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # type: ignore[index]
+                return t
+
+            with contextlib.ExitStack() as stack:
+                if saved is not None:
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+                with torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled):
+                    out = m(*xs)
             loss_fn(out).backward()
 
         for _ in range(warmup):
@@ -210,7 +235,12 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
-            peak = sum(p.numel() * p.element_size() * 2 for p in m.parameters()) / 2**20
+            saved: dict[Any, int] = {}
+            step(saved)
+            state = [t for p in m.parameters() for t in (p, p.grad) if t is not None]
+            for t in state:
+                saved.pop(t.untyped_storage().data_ptr(), None)
+            peak = (sum(t.numel() * t.element_size() for t in state) + sum(saved.values())) / 2**20
         results.append(PrecisionTiming(dtype, statistics.median(times), peak))
         del m
     base = next((r.seconds for r in results if r.dtype == torch.float32), results[0].seconds)

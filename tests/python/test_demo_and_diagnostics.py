@@ -86,3 +86,38 @@ def test_benchmark_precision_reports_each_dtype() -> None:
                                           repeats=2, warmup=1)
     assert [r.dtype for r in out] == [torch.float32, torch.bfloat16]
     assert out[0].speedup == 1.0 and all(r.seconds > 0 and r.peak_mib > 0 and math.isfinite(r.speedup) for r in out)
+    # CPU memory: fp32 parameters and gradients (2632 floats each) plus what the forward saved: the input
+    # (16 x 32) and the ReLU's output (16 x 64), which the second Linear saves too (one storage, counted once).
+    state = 2 * 2632 * 4
+    assert out[0].peak_mib * 2**20 == state + (16 * 32 + 16 * 64) * 4
+    # Under bf16 autocast the saved activations are bf16 (and the weights' bf16 copies): not fp32's figure.
+    assert out[1].peak_mib != out[0].peak_mib and out[1].peak_mib * 2**20 > state
+
+
+def test_compare_outputs_casts_nested_inputs_and_draws_the_same_dropout_masks() -> None:
+    """Input tensors inside dicts and tuples are cast like top-level ones (a bf16 one inside a dict made the
+    fp32 run fail; an fp32 one stayed fp32 under the policy and hid its error), and both runs draw the same
+    dropout masks, leaving the caller's random state as it was."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(16, 16), nn.Dropout(0.3)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            a, (b,) = batch["a"], batch["rest"]
+            return self.drop(self.fc(a)) + b
+
+    model = Net()
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    for policy in ("float32", "bf16-true"):
+        direct = diagnostics.compare_outputs(lambda a, b: model({"a": a, "rest": (b,)}), [a, b], policy)
+        nested = diagnostics.compare_outputs(model, [{"a": a.bfloat16(), "rest": (b,)}], policy)
+        if policy == "float32":  # the same masks: nothing differs at all
+            assert direct[0].max_abs == nested[0].max_abs == 0.0
+        else:
+            assert nested[0].mean_rel > 0.0
+    before = torch.get_rng_state()
+    diagnostics.compare_outputs(model, [{"a": a, "rest": (b,)}], "bf16-true")
+    assert torch.equal(torch.get_rng_state(), before)
