@@ -66,6 +66,43 @@ def keep_fp32_grad(weight: Tensor) -> None:
     torch.ops.mixprec.keep_fp32_grad_(weight)
 
 
+def _install_dcp_grad_dtype_shim() -> None:
+    """torch.distributed.checkpoint's state-dict helpers (``get_state_dict``, ``set_optimizer_state_dict``, ...)
+    give an optimizer without state one by assigning ``torch.zeros_like(param)`` as every parameter's gradient
+    and stepping with lr 0; a parameter whose ``grad_dtype`` is not its dtype (the fp32 gradients of converted
+    16-bit weights) refuses that assignment. The wrapper lifts those ``grad_dtype``s for the call (torch's
+    helper clears the gradients it set) and puts them back, so torch's resume recipe runs on converted models."""
+    try:
+        from torch.distributed.checkpoint import state_dict as dcp_state_dict
+    except Exception:  # torch without distributed support: nothing to adapt
+        return
+    init = getattr(dcp_state_dict, "_init_optim_state", None)
+    if init is None or getattr(init, "_mixprec_shim", False):
+        return
+
+    def _init_optim_state(optim: torch.optim.Optimizer) -> None:
+        lifted = [p for group in optim.param_groups for p in group["params"]
+                  if isinstance(p, Tensor) and p.is_leaf and p.grad is None
+                  and getattr(p, "grad_dtype", p.dtype) not in (None, p.dtype)]
+        kept = [p.grad_dtype for p in lifted]
+        for p in lifted:
+            p.grad_dtype = None
+        try:
+            init(optim)
+        finally:
+            for p, dtype in zip(lifted, kept):
+                if p.grad is not None and p.grad.dtype != dtype:
+                    p.grad = None
+                p.grad_dtype = dtype
+
+    _init_optim_state._mixprec_shim = True  # type: ignore[attr-defined]
+    _init_optim_state.__wrapped__ = init  # type: ignore[attr-defined]
+    dcp_state_dict._init_optim_state = _init_optim_state
+
+
+_install_dcp_grad_dtype_shim()
+
+
 def _check_ddp_buffers(layer: torch.nn.Module, history: Tensor) -> None:
     """Under a DistributedDataParallel that broadcasts this delayed-scaling layer's state (a DDP wrapping a
     module other than the one :func:`convert` marked), warn once per DDP: every rank would scale by rank 0's

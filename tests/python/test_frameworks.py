@@ -240,18 +240,22 @@ def test_accelerate_sees_skipped_steps_where_the_docs_say(scaler: str, visible: 
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_distributed_checkpoint_state_dicts_save_load_and_resume(tmp_path, full: bool) -> None:
+@pytest.mark.parametrize("converted", [False, True])
+def test_distributed_checkpoint_state_dicts_save_load_and_resume(tmp_path, full: bool, converted: bool) -> None:
     """torch.distributed.checkpoint's state-dict API (what FSDP2 trainers such as torchtitan save with) takes a
     mixprec optimizer's state dict, full and CPU-offloaded too (its utilities accept no torch.dtype values,
     so the state dict names moment_dtype), saves it with dcp.save, and a fresh optimizer loaded through
     dcp.load and set_state_dict resumes bit for bit: bf16 remainders, bf16 moments and the seeded stochastic
-    rounding's position included."""
+    rounding's position included. A converted model (fp32 gradients of bf16 weights, whose grad_dtype refused
+    the bf16 zeros torch's helper gives a fresh optimizer) takes the same path and keeps its grad_dtype."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     def make() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)).bfloat16()
+        if converted:
+            mixprec.nn.convert(model)
         return model, mixprec.optim.AdamW(model.parameters(), lr=0.01, moment_dtype=torch.bfloat16,
                                           master_weights="remainder", rounding="stochastic", seed=3)
 
@@ -272,6 +276,9 @@ def test_distributed_checkpoint_state_dicts_save_load_and_resume(tmp_path, full:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
     resumed, resumed_opt = make()
     fresh_model_sd, fresh_optim_sd = get_state_dict(resumed, resumed_opt)
+    assert all(p.grad is None for p in resumed.parameters())
+    if converted:
+        assert resumed[0].weight.grad_dtype == torch.float32
     loaded = {"model": fresh_model_sd, "optim": fresh_optim_sd}
     with pytest.warns(UserWarning, match="single process"):
         dcp.load(loaded, checkpoint_id=str(tmp_path))
