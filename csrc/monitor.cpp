@@ -125,6 +125,8 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
               "mixprec::Monitor: min_exponent must be in [-1100, 1100], got ", options_.min_exponent());
   TORCH_CHECK(options_.num_bins() >= 1 && options_.num_bins() <= 4096,
               "mixprec::Monitor: num_bins must be in [1, 4096], got ", options_.num_bins());
+  TORCH_CHECK(options_.start_step() >= 0, "mixprec::Monitor: start_step must be >= 0, got ", options_.start_step());
+  steps_ = options_.start_step();
   if (!options_.jsonl().empty()) {
     jsonl_.open(options_.jsonl(), std::ios::app);
     TORCH_CHECK(jsonl_.is_open(), "mixprec::Monitor: cannot open the jsonl file '", options_.jsonl(), "' for writing");
@@ -296,7 +298,8 @@ void register_monitor_class(torch::Library& m) {
   m.class_<MonitorClass>("Monitor")
       .def(torch::init([](std::vector<std::string> names, std::vector<at::Tensor> params,
                           std::optional<c10::intrusive_ptr<detail::GradScalerClass>> scaler, int64_t every,
-                          std::string jsonl, bool progress, int64_t min_exponent, int64_t num_bins) {
+                          std::string jsonl, bool progress, int64_t min_exponent, int64_t num_bins,
+                          int64_t start_step) {
         TORCH_CHECK(names.size() == params.size(), "mixprec.Monitor: ", names.size(), " names for ", params.size(),
                     " parameters");
         torch::OrderedDict<std::string, at::Tensor> named;
@@ -306,7 +309,7 @@ void register_monitor_class(torch::Library& m) {
         self->impl = std::make_unique<Monitor>(
             std::move(named), scaler.has_value() ? &(*scaler)->impl : nullptr,
             MonitorOptions().every(every).jsonl(jsonl).progress(progress).min_exponent(min_exponent).num_bins(
-                num_bins));
+                num_bins).start_step(start_step));
         return self;
       }))
       // The record as its JSON line (Python parses it) and its progress line, or None between logged steps.

@@ -54,11 +54,16 @@ class Monitor:
             (``mixprec/grad_log2_magnitude/<name>``; one more device read per logged step).
         keep: how many of the latest records the list :attr:`records` holds (about 2 KB each with 64 bins;
             the jsonl and TensorBoard sinks have them all), or ``None`` for every one.
+        start_step: the steps a resumed run has already taken (>= 0): the step count continues from there, so
+            records, TensorBoard curves and the ``every`` grid follow the run's own step numbers; TensorBoard
+            hides what an earlier writer logged in ``log_dir`` after this step (SummaryWriter's
+            ``purge_step``), and ``metrics.jsonl`` is appended to.
     """
 
     def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
                  log_dir: Optional[str] = None, sinks: Optional[Sequence[str]] = None, min_exponent: int = -40,
-                 num_bins: int = 64, per_tensor: bool = False, keep: Optional[int] = 1000) -> None:
+                 num_bins: int = 64, per_tensor: bool = False, keep: Optional[int] = 1000,
+                 start_step: int = 0) -> None:
         if sinks is None:
             sinks = SINKS if log_dir is not None else ("progress",)
         sinks = tuple(sinks)
@@ -70,7 +75,9 @@ class Monitor:
             raise ValueError(f"mixprec.Monitor: every must be a positive int, got {every!r}")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 0):
             raise ValueError(f"mixprec.Monitor: keep must be a non-negative int or None, got {keep!r}")
-        every, keep = int(every), None if keep is None else int(keep)
+        if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
+            raise ValueError(f"mixprec.Monitor: start_step must be a non-negative int, got {start_step!r}")
+        every, keep, start_step = int(every), None if keep is None else int(keep), int(start_step)
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"mixprec.Monitor: scaler must be a mixprec.GradScaler or None, got {type(scaler).__name__}")
         if ("tensorboard" in sinks or "jsonl" in sinks) and log_dir is None:
@@ -98,11 +105,13 @@ class Monitor:
         # The event writer first (a log_dir it cannot use is refused here); the C++ constructor checks its
         # arguments before it turns the scaler's overflow tracking on, so a refused monitor changes nothing.
         if writer_cls is not None:
-            self._writer = writer_cls(log_dir=log_dir)
+            # A resumed run's steps replace whatever an earlier writer logged after start_step (steps a crashed
+            # run got past its checkpoint); step start_step itself was logged before the checkpoint.
+            self._writer = writer_cls(log_dir=log_dir, purge_step=start_step + 1 if start_step else None)
         try:
             self._impl = torch.classes.mixprec.Monitor(
                 names, params, None if enabled_scaler is None else enabled_scaler._impl, int(every), jsonl, False,
-                int(min_exponent), int(num_bins))
+                int(min_exponent), int(num_bins), start_step)
         except Exception:
             if self._writer is not None:
                 self._writer.close()
@@ -156,8 +165,10 @@ class Monitor:
             global_step=step)
 
     def last_stats(self) -> dict[str, torch.Tensor]:
-        """The per-gradient ``grad_stats`` rows of the last logged step, by parameter name."""
-        return dict(zip(self._impl.last_stats_names(), self._impl.last_stats()))
+        """The per-gradient ``grad_stats`` rows of the last logged step, by parameter name (empty before the
+        first logged step)."""
+        names = self._impl.last_stats_names()
+        return dict(zip(names, self._impl.last_stats())) if names else {}
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""

@@ -390,6 +390,16 @@ TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow sourc
   std::remove(path.c_str());
   REQUIRE_THROWS_WITH(mixprec::Monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().every(0)),
                       Catch::Contains("every must be > 0"));
+  // A resumed run: the count continues from start_step, on the run's own every-grid.
+  mixprec::Monitor resumed(model->named_parameters(), &scaler,
+                           mixprec::MonitorOptions().every(4).progress(false).start_step(10));
+  REQUIRE_FALSE(resumed.step(torch::ones({})).has_value());
+  const auto r = resumed.step(torch::ones({}));
+  REQUIRE(r.has_value());
+  REQUIRE(r->step == 12);
+  REQUIRE(r->interval == 2);
+  REQUIRE_THROWS_WITH(mixprec::Monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().start_step(-1)),
+                      Catch::Contains("start_step must be >= 0"));
 }
 
 TEST_CASE("GradScaler with a process group: an overflow on one rank skips the step on every rank",

@@ -369,12 +369,13 @@ def test_complex_gradients_count_as_pairs_of_reals(tmp_path) -> None:
     assert (report.total, report.zero, report.flush_to_zero, report.subnormal) == tuple(int(v) for v in ref[:4])
 
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
-                  fused: bool = False, per_tensor: bool = False, keep: int | None = 1000):
+                  fused: bool = False, per_tensor: bool = False, keep: int | None = 1000, start_step: int = 0):
     model = named_model()
     opt = mixprec.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
     scaler = mixprec.GradScaler("cpu", growth_interval=1000)
     monitor = mixprec.Monitor(model, scaler, every=every, log_dir=str(tmp_path), sinks=sinks, min_exponent=-30,
-                              num_bins=40, per_tensor=per_tensor, keep=keep)
+                              num_bins=40, per_tensor=per_tensor, keep=keep, start_step=start_step)
+    assert monitor.last_stats() == {}  # nothing logged yet
     records, losses = [], []
     for i in range(steps):
         opt.zero_grad()
@@ -528,6 +529,28 @@ def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
         if sum(counts):
             h = acc.Histograms(f"mixprec/grad_log2_magnitude/{name}")[-1]
             assert h.step == 6 and list(h.histogram_value.bucket) == counts
+
+
+def test_a_resumed_monitor_continues_the_runs_step_numbers(tmp_path) -> None:
+    """A run that logged steps 3 and 6 and crashed, resumed from its checkpoint at step 3 with start_step=3:
+    records, the every grid, metrics.jsonl and TensorBoard follow the run's steps, and TensorBoard no longer
+    shows what the crashed run logged after step 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, crashed, _ = monitored_run(tmp_path, steps=6, every=3, plant_at=-1)
+    assert [r["step"] for r in crashed if r] == [3, 6]
+    _, _, _, resumed, _ = monitored_run(tmp_path, steps=4, every=3, plant_at=-1, start_step=3)
+    assert [r is not None for r in resumed] == [False, False, True, False]
+    assert resumed[2]["step"] == 6 and resumed[2]["interval"] == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [3, 6, 6]  # appended: the file keeps both runs' records
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("mixprec/loss")
+    assert [e.step for e in events] == [3, 6]
+    assert [e.value for e in events] == pytest.approx([crashed[2]["loss"], resumed[2]["loss"]], rel=1e-6)
+    with pytest.raises(ValueError, match="start_step must be a non-negative int"):
+        mixprec.Monitor(named_model(), start_step=-1)
 
 
 def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:

@@ -32,6 +32,9 @@ struct MonitorOptions {
   /// The exponent histogram: bins for floor(log2 |g|) = min_exponent .. min_exponent + num_bins - 1.
   TORCH_ARG(int64_t, min_exponent) = -40;
   TORCH_ARG(int64_t, num_bins) = 64;
+  /// Steps a resumed run has already taken (>= 0): the count continues from there, so records and the
+  /// `every` grid follow the run's own step numbers.
+  TORCH_ARG(int64_t, start_step) = 0;
 };
 
 /// One logged step (Monitor::step()).
