@@ -42,6 +42,13 @@ C10_HOST_DEVICE inline float amsgrad_max(float vmax, float v) { return (v != v |
 // on every CPU build and on the GPU, and all of them agree bit for bit. With `vmax` (AMSGrad), the
 // denominator takes the running maximum of the second moment, which the step updates first, as torch's
 // single-tensor AMSGrad does.
+// torch's lerp(self, end, weight): self + weight * (end - self) for |weight| < 0.5, else
+// end + (weight - 1) * (end - self), each one fused multiply-add (ATen's lerp_vec); the second form keeps
+// exp_avg exactly the gradient when beta1 = 0.
+C10_HOST_DEVICE inline float adam_lerp(float self, float end, float weight) {
+  return ::fabsf(weight) < 0.5f ? ::fmaf(weight, end - self, self) : ::fmaf(weight - 1.0f, end - self, end);
+}
+
 C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, const AdamScalars& s,
                                         float* vmax = nullptr) {
   if (s.maximize) g = -g;
@@ -52,7 +59,7 @@ C10_HOST_DEVICE inline void adam_update(float& w, float& m, float& v, float g, c
       g = ::fmaf(s.weight_decay, w, g);       // grad.add(param, alpha=weight_decay)
     }
   }
-  m = ::fmaf(s.one_minus_beta1, g - m, m);    // exp_avg.lerp_(grad, 1 - beta1)
+  m = adam_lerp(m, g, s.one_minus_beta1);     // exp_avg.lerp_(grad, 1 - beta1)
   v = v * s.beta2;                            // exp_avg_sq.mul_(beta2)
   v = ::fmaf(s.one_minus_beta2 * g, g, v);    //   .addcmul_(grad, grad, 1 - beta2)
   float second = v;

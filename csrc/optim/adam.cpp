@@ -340,11 +340,29 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
   // float64 step, driven as torch.optim drives it (count the step first, take a skipped one back after).
   // The gradients were checked (check_float64_grads) before any bucket stepped.
   at::_foreach_add_(s, 1);
+  // torch's fused kernels walk each tensor as numel() elements of memory (torch.optim hands them only dense
+  // parameters whose gradients share their layout). Other rows (a strided view as the parameter, a
+  // transposed or expanded gradient) step on contiguous copies, written back afterwards.
+  std::vector<torch::Tensor> P(p), G(grads.begin(), grads.end()), M(m), V(v), X(vmax);
+  std::vector<size_t> copied;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const auto strides = p[i].strides();
+    const bool same = p[i].is_non_overlapping_and_dense() && G[i].strides() == strides &&
+                      m[i].strides() == strides && v[i].strides() == strides &&
+                      (vmax.empty() || vmax[i].strides() == strides);
+    if (same) continue;
+    copied.push_back(i);
+    P[i] = p[i].contiguous();
+    G[i] = G[i].contiguous();
+    M[i] = m[i].contiguous();
+    V[i] = v[i].contiguous();
+    if (!vmax.empty()) X[i] = vmax[i].contiguous();
+  }
   const auto [beta1, beta2] = options.betas();
   // The overloads differ in lr (a number, or a tensor read on the device).
   const auto run = [&](const auto& lr) {
     const auto call = [&](const auto& op) {
-      op(p, grads, m, v, vmax, s, lr, beta1, beta2, options.weight_decay(), options.eps(),
+      op(P, G, M, V, X, s, lr, beta1, beta2, options.weight_decay(), options.eps(),
          options.amsgrad(), options.maximize(), extras.grad_scale, extras.found_inf);
     };
     if (decoupled) {
@@ -357,6 +375,15 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
     run(extras.lr_tensor->reshape({}));
   } else {
     run(options.lr());
+  }
+  for (const size_t i : copied) {
+    const auto back = [](const torch::Tensor& dst, const torch::Tensor& src) {
+      if (!dst.is_same(src)) dst.copy_(src);
+    };
+    back(p[i], P[i]);
+    back(m[i], M[i]);
+    back(v[i], V[i]);
+    if (!vmax.empty()) back(vmax[i], X[i]);
   }
   if (extras.found_inf.has_value()) {
     at::_foreach_sub_(s, std::vector<torch::Tensor>(s.size(), extras.found_inf->reshape({})));

@@ -591,6 +591,62 @@ def test_float64_params_take_torchs_float64_step(device: str, cls_name: str, ams
     torch.testing.assert_close(a64, c64, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("cls_name", ["AdamW", "Adam"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_float64_rows_of_any_layout_step_as_torch_and_write_only_the_parameter(cls_name: str,
+                                                                              dtype: torch.dtype) -> None:
+    """torch's fused float64 kernel walks memory, not strides: a parameter that is a strided view (another
+    tensor's every other column), a transposed parameter, and gradients laid out otherwise (transposed,
+    expanded) still step as torch's default step does, and the memory between a view's elements is not
+    written."""
+    torch.manual_seed(5)
+    base = torch.randn(6, 10, dtype=dtype)
+    outside = base[:, 1::2].clone()
+    cases = [  # (initial value, its layout as a parameter, the gradients' layout)
+        (base, lambda t: t[:, ::2], lambda g: g.contiguous()),                 # non-dense parameter
+        (torch.randn(7, 4, dtype=dtype), lambda t: t, lambda g: g.t().contiguous().t()),  # transposed grad
+        (torch.randn(7, 4, dtype=dtype), lambda t: t.t().contiguous().t(), lambda g: g.contiguous()),
+        (torch.randn(7, 4, dtype=dtype), lambda t: t, lambda g: g[:1].expand_as(g)),   # expanded grad
+    ]
+    ours_params = [torch.nn.Parameter(layout(init)) for init, layout, _ in cases]
+    ref_params = [torch.nn.Parameter(layout(init).detach().clone()) for init, layout, _ in cases]
+    assert not ours_params[0].is_contiguous() and ours_params[0].data_ptr() == base.data_ptr()
+    kw = dict(lr=0.05, weight_decay=0.1, amsgrad=True)
+    ours = getattr(mixprec.optim, cls_name)(ours_params, **kw)
+    ref = getattr(torch.optim, cls_name)(ref_params, foreach=False, **kw)
+    for step in range(4):
+        for (_, _, grad_layout), a, b in zip(cases, ours_params, ref_params):
+            g = grad_layout(torch.randn(a.shape, dtype=dtype) * (step + 1))
+            a.grad, b.grad = g, g.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_params, ref_params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"], rtol=1e-13, atol=1e-15)
+    assert torch.equal(base[:, 1::2], outside)  # the view's neighbours, untouched
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.9])
+def test_the_first_moment_is_torchs_lerp_bit_for_bit(beta1: float) -> None:
+    """exp_avg.lerp_(grad, 1 - beta1) switches form at weight 0.5 in torch (end - (end - self) * (1 - w) for
+    large weights): the first moment equals torch's CPU lerp bit for bit for every beta1 (its CUDA lerp leaves
+    contraction to nvcc), and with beta1 = 0 it is the gradient itself."""
+    device = "cpu"
+    torch.manual_seed(9)
+    a = torch.nn.Parameter(torch.randn(1000, device=device))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = mixprec.optim.AdamW([a], lr=0.01, betas=(beta1, 0.99))
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(beta1, 0.99), foreach=False)
+    for _ in range(5):
+        g = torch.randn(1000, device=device)
+        a.grad, b.grad = g, g.clone()
+        ours.step()
+        ref.step()
+        assert torch.equal(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+        if beta1 == 0.0:
+            assert torch.equal(ours.state[a]["exp_avg"], g)
+
+
 def test_a_parameter_listed_twice_or_of_an_unsupported_dtype_is_named() -> None:
     """torch warns about a repeated parameter and updates it twice; one fused pass cannot, so the error names the
     entry (and the state is left as it was). A dtype the step has no arithmetic for is refused by name as well."""

@@ -73,7 +73,9 @@ inline void adam_update_vec(FVec& w, FVec& m, FVec& v, FVec g, const detail::Ada
       g = fma_vec(FVec(s.weight_decay), w, g);
     }
   }
-  m = fma_vec(FVec(s.one_minus_beta1), g - m, m);
+  // detail::adam_lerp: the form follows the per-tensor weight alone.
+  const float w1 = s.one_minus_beta1;
+  m = std::fabs(w1) < 0.5f ? fma_vec(FVec(w1), g - m, m) : fma_vec(FVec(w1 - 1.0f), g - m, g);
   v = v * FVec(s.beta2);
   v = fma_vec(FVec(s.one_minus_beta2) * g, g, v);
   FVec second = v;
