@@ -185,10 +185,12 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& s
 }
 
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
+  // Nothing here is part of the graph: the check's arithmetic recorded nothing either, so the forward that
+  // sets the step saves what every later one saves (activation checkpointing compares the counts).
+  const torch::NoGradGuard no_grad;
   input_step_of(step, "step");
   if (step.item<float>() != 0.0f) return true;
   if (x.sym_numel() == 0) return false;
-  const torch::NoGradGuard no_grad;
   const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat);
   // An all-zero (or NaN) batch says nothing about the range: the step stays unset for the next batch.
   const float a = amax.item<float>();

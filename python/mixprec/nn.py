@@ -438,8 +438,10 @@ def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Cal
 
 def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:
     """The weight cache a layer's forward passes for ``is_first_microbatch``: a new empty list to fill on the
-    first micro-batch, the filled one after it."""
-    if is_first_microbatch:
+    first micro-batch, the filled one after it. A forward inside a backward (activation checkpointing's
+    recomputation) of the first micro-batch reuses the filled one: it holds the weight the original forward
+    quantized, and torch's non-reentrant checkpoint stops a recomputation early, before a new list is filled."""
+    if is_first_microbatch and not (getattr(layer, attr, None) and torch._C._current_graph_task_id() != -1):
         setattr(layer, attr, [])
     elif not getattr(layer, attr, None):
         raise RuntimeError(f"{type(layer).__name__}: is_first_microbatch=False reuses the weight quantized by an "

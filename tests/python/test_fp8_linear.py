@@ -125,6 +125,34 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str) -> None:
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_weight_cache_under_activation_checkpointing(kind: str, use_reentrant: bool) -> None:
+    """Micro-batches through checkpoint(layer, x, is_first_microbatch): the recomputation of the first one
+    reuses the filled cache (torch's non-reentrant checkpoint stops a recomputation early, which left a new,
+    empty cache and refused the second micro-batch), and every gradient equals the uncheckpointed run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    def make() -> nn.Module:
+        torch.manual_seed(6)
+        if kind == "int8":
+            return mixprec.nn.Int8Linear(32, 32)
+        return mixprec.nn.Float8Linear(32, 32, recipe=fp8.Recipe(scaling="current"))
+
+    xs = [torch.randn(16, 32) for _ in range(3)]
+    grads = []
+    for checkpointed in (False, True):
+        layer = make()
+        inputs = [x.clone().requires_grad_() for x in xs]
+        for i, x in enumerate(inputs):
+            first = i == 0
+            out = checkpoint(layer, x, first, use_reentrant=use_reentrant) if checkpointed else layer(x, first)
+            out.pow(2).sum().backward()
+        grads.append([layer.weight.grad, layer.bias.grad] + [x.grad for x in inputs])
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 def test_weight_cache_is_used_and_checked() -> None:
     torch.manual_seed(4)
     # Filled under bf16 autocast it holds the bf16 weight's quantization: reusing it outside autocast is refused

@@ -258,6 +258,25 @@ def _fake_reference(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((x.double() * (1 / s)).round().clamp(-127, 127) * s).to(x.dtype)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_the_forward_that_sets_the_input_step_runs_under_activation_checkpointing(use_reentrant: bool) -> None:
+    """The first forward of a learnable input step sets it; it saved two more tensors for the backward than
+    the recomputation (the step check's arithmetic was recorded), and torch's non-reentrant checkpoint
+    refused the first backward. Checkpointed or not, the gradients are the same bits."""
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(8)
+        layer = qat.prepare(nn.Linear(32, 16), qat.QATConfig(learnable_activation_scales=True))
+        x = (torch.randn(8, 32) * 3).requires_grad_()
+        out = checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+        out.pow(2).sum().backward()
+        results.append([x.grad, layer.weight.grad, layer.input_step.grad, layer.input_step.detach()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_learnable_activation_steps(kind: str) -> None:
     """learnable_activation_scales: the input step starts unset (0), the first forward sets it to the batch's
