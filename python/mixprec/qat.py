@@ -392,10 +392,18 @@ def convert(model: nn.Module) -> nn.Module:
     converted). Every replacement is built before any is put in place."""
     def swap(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, QATLinear):
-            return QuantizedLinear(m)
-        if isinstance(m, QATConv2d):
-            return QuantizedConv2d(m)
-        return None
+            new: nn.Module = QuantizedLinear(m)
+        elif isinstance(m, QATConv2d):
+            new = QuantizedConv2d(m)
+        else:
+            return None
+        # The layer's forward hooks (a feature extractor's, a profiler's) carry over, as torch.ao's convert
+        # keeps them (with their kwargs / always-call flags).
+        for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if hasattr(m, name):
+                getattr(new, name).update(getattr(m, name))
+        return new
 
     root = swap(model)
     if root is not None:

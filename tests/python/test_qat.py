@@ -153,6 +153,23 @@ def test_batchnorm_folding_arithmetic() -> None:
     torch.testing.assert_close(model(x), simulated, rtol=1e-4, atol=1e-5)
 
 
+def test_convert_keeps_the_layers_forward_hooks() -> None:
+    """Forward hooks and pre-hooks on a QAT layer (kwargs ones too) carry over to its quantized layer, as
+    torch.ao's convert keeps them: a feature extractor registered during training still sees the outputs."""
+    torch.manual_seed(2)
+    model = qat.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), qat.QATConfig())
+    seen: list[str] = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(f"pre {type(m).__name__}"))
+    model[0].register_forward_hook(lambda m, args, kwargs, out: seen.append(f"post {tuple(out.shape)}"),
+                                   with_kwargs=True)
+    model(torch.randn(2, 8))
+    qat.convert(model)
+    assert type(model[0]).__name__ == "QuantizedLinear"
+    seen.clear()
+    model(torch.randn(2, 8))
+    assert seen == ["pre QuantizedLinear", "post (2, 8)"]
+
+
 def test_converted_weights_are_what_training_simulated() -> None:
     torch.manual_seed(2)
     for config in (qat.QATConfig(), qat.QATConfig(weight_bits=4, group_size=8),
