@@ -56,7 +56,7 @@ class Recipe:
         format: ``"hybrid"`` (E4M3 input and weight, E5M2 output gradient) or ``"e4m3"`` (E4M3 everywhere).
         amax_history_len: delayed scaling's window.
         amax_compute_algo: ``"max"`` or ``"most_recent"`` (delayed scaling).
-        margin: scales are divided by ``2**margin``.
+        margin: scales are divided by ``2**margin`` (0 to 32).
         pow2_scales: round scales down to powers of two (exact dequantization).
         fast_accum: CUDA's faster FP8 accumulation for the forward GEMM (backward GEMMs never use it).
     """
