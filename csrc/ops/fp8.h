@@ -143,8 +143,9 @@ C10_HOST_DEVICE inline float from_fp8(uint8_t code, Format f) {
 
 /// The scale that maps `amax` onto the format's largest finite value, divided by 2^margin (the ops accept
 /// 0 <= margin <= 32, fp8_plan.cpp's kMaxMargin; the formula itself holds up to 126), rounded down to a
-/// power of two when `pow2`. An amax that is zero, inf or NaN gives `fallback` (1 for current scaling; the previous scale for delayed scaling). A scale that overflows
-/// fp32 (a tiny amax) becomes the largest finite float, as in Transformer Engine.
+/// power of two when `pow2`. An amax that is zero, inf or NaN gives `fallback` (1 for current scaling; the
+/// previous scale for delayed scaling). A scale that overflows fp32 (a tiny amax) becomes the largest finite
+/// float, as in Transformer Engine.
 C10_HOST_DEVICE inline float scale_from_amax(float amax, float fp8_max, int margin, bool pow2, float fallback) {
   const uint32_t a = rounding::float_bits(amax) & 0x7fffffffu;
   if (a == 0 || !rounding::is_finite_bits(a)) return fallback;
