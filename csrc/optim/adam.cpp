@@ -26,13 +26,15 @@ bool is_low_precision(c10::ScalarType t) { return t == at::kHalf || t == at::kBF
 torch::Tensor as_real(const torch::Tensor& t) { return t.is_complex() ? torch::view_as_real(t) : t; }
 torch::Tensor as_real_grad(const torch::Tensor& g) { return g.is_complex() ? as_real(g.resolve_conj()) : g; }
 
-// `master` (fp32) where `param` (16-bit) is one of its two roundings to the param's dtype, the param's value
-// elsewhere: a master that no longer refines its param is replaced by it, element by element. Both neighbours
-// count because a stochastically rounded write-back may have taken either; NaNs never match, so a NaN in
-// either takes the param's value.
-torch::Tensor consistent_master_of(const torch::Tensor& param, const torch::Tensor& master) {
+// `master` (fp32) where `param` (16-bit) is the rounding of it the step writes, the param's value elsewhere: a
+// master that no longer refines its param is replaced by it, element by element. With stochastic rounding
+// both neighbours count (a write-back may have taken either); with nearest rounding only the nearest, so a
+// write that lands one ulp away on the master's side is seen too. NaNs never match, so a NaN in either takes
+// the param's value.
+torch::Tensor consistent_master_of(const torch::Tensor& param, const torch::Tensor& master, bool stochastic) {
   const torch::Tensor p = param.detach();
   const torch::Tensor nearest = master.to(p.scalar_type());
+  if (!stochastic) return at::where(p == nearest, master, p.to(at::kFloat));
   const torch::Tensor back = nearest.to(at::kFloat);
   const double inf = std::numeric_limits<double>::infinity();
   const torch::Tensor up = at::nextafter(nearest, at::full({}, inf, nearest.options()));
@@ -42,26 +44,43 @@ torch::Tensor consistent_master_of(const torch::Tensor& param, const torch::Tens
   return at::where(kept, master, p.to(at::kFloat));
 }
 
+// `remainder` where it and the bf16 `param` form a pair split_bf16_remainder can give (a pair read from a
+// checkpoint), 0 elsewhere: the merge of a changed param with an old remainder can leave the param's
+// neighbourhood (±0 with a negative remainder merges to a NaN).
+torch::Tensor consistent_remainder_of(const torch::Tensor& param, const torch::Tensor& remainder) {
+  const torch::Tensor p = param.detach();
+  auto [hi, lo] = ops::split_bf16_remainder(ops::merge_bf16_remainder(p, remainder));
+  const torch::Tensor same = at::logical_and(hi.view(at::kShort) == p.view(at::kShort), lo == remainder);
+  return at::where(same, remainder, at::zeros({}, remainder.options()));
+}
+
 // consistent_master_of written into `master`; a contiguous pair in slices of 2^24 elements, so that the
 // temporaries (about 20 bytes per element) stay small even for a 1B-element embedding on a resume.
-void make_master_consistent(const torch::Tensor& param, const torch::Tensor& master) {
+template <typename Consistent>
+void make_consistent(const torch::Tensor& param, const torch::Tensor& master, const Consistent& consistent) {
   constexpr int64_t kSlice = int64_t{1} << 24;
   const int64_t n = master.numel();
   if (n <= kSlice || !param.is_contiguous() || !master.is_contiguous()) {
-    master.copy_(consistent_master_of(param, master));
+    master.copy_(consistent(param, master));
     return;
   }
   const torch::Tensor p = param.detach().view(-1), m = master.view(-1);
   for (int64_t start = 0; start < n; start += kSlice) {
     const int64_t len = std::min(kSlice, n - start);
     const torch::Tensor ms = m.narrow(0, start, len);
-    ms.copy_(consistent_master_of(p.narrow(0, start, len), ms));
+    ms.copy_(consistent(p.narrow(0, start, len), ms));
   }
+}
+
+void make_master_consistent(const torch::Tensor& param, const torch::Tensor& master, bool stochastic) {
+  make_consistent(param, master, [stochastic](const torch::Tensor& p, const torch::Tensor& m) {
+    return consistent_master_of(p, m, stochastic);
+  });
 }
 
 torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master) {
   torch::Tensor out = master.clone();
-  make_master_consistent(param, out);
+  make_master_consistent(param, out, /*stochastic=*/true);  // keeps whatever either write-back could give
   return out;
 }
 
@@ -128,7 +147,15 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
       replaced = true;
     }
   }
-  if (mode == "fp32" && !st.master().defined()) {
+  if (mode == "fp32" && !st.master().defined() && st.remainder().defined() &&
+      st.remainder().scalar_type() == at::kShort && param.scalar_type() == at::kBFloat16 &&
+      st.remainder().sizes() == param.sizes()) {
+    // Switching from remainders keeps the exact value they held with the param.
+    const torch::Tensor rem = st.remainder().to(param.device());
+    st.master(ops::merge_bf16_remainder(param.detach(), consistent_remainder_of(param, rem))
+                  .clone(at::MemoryFormat::Preserve));
+    replaced = true;
+  } else if (mode == "fp32" && !st.master().defined()) {
     st.master(param.detach().to(at::kFloat).clone(at::MemoryFormat::Preserve));
     replaced = true;
   } else if (mode == "fp32" && (st.master().scalar_type() != at::kFloat || st.master().device() != param.device())) {
@@ -157,6 +184,16 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
     } else {  // the bf16 value is exact: its remainder is zero
       st.remainder(like(at::kShort));
     }
+    replaced = true;
+  }
+  // A kind of master this row no longer steps with is stale from now on (the param moves without it): kept,
+  // it would be taken up again, out of date, if the row went back to that kind (bf16 -> fp32 -> bf16).
+  if (mode != "fp32" && st.master().defined()) {
+    st.master(torch::Tensor());
+    replaced = true;
+  }
+  if (mode != "remainder" && st.remainder().defined()) {
+    st.remainder(torch::Tensor());
     replaced = true;
   }
   return replaced;
@@ -257,7 +294,8 @@ std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerPa
   AdamOptions user, fresh;
   if (const auto* ours = dynamic_cast<const AdamOptions*>(&given)) {
     user = *ours;
-    fresh = decoupled_ ? AdamWOptions() : AdamOptions();
+    // What the constructor of the type the user wrote gives (AdamWOptions: weight_decay 1e-2).
+    fresh = dynamic_cast<const AdamWOptions*>(ours) != nullptr ? AdamOptions(AdamWOptions()) : AdamOptions();
   } else if (const auto* adam = dynamic_cast<const torch::optim::AdamOptions*>(&given)) {
     user = AdamOptions(*adam);
     fresh = AdamOptions(torch::optim::AdamOptions());
@@ -392,14 +430,25 @@ void step_float64(const std::vector<torch::Tensor>& p, const std::vector<torch::
 
 }  // namespace
 
-void AdamCore::sync_masters(Plan& plan) {
+void AdamCore::sync_masters(Plan& plan, bool stochastic) {
   for (Row& row : plan.rows) {
     // Inference tensors have no version counter; nothing can write them from outside inference mode either.
     if (!row.has_grad || !row.target.defined() || row.target.is_inference()) continue;
-    if (row.version == static_cast<int64_t>(row.target._version()) && row.data == row.target.const_data_ptr()) {
+    if (row.version == static_cast<int64_t>(row.target._version()) && row.data == row.target.const_data_ptr() &&
+        row.storage == row.target.storage().unsafeGetStorageImpl()) {
       continue;
     }
-    make_master_consistent(row.target, row.master);
+    if (plan.buckets[row.bucket].mode == "fp32") {
+      make_master_consistent(row.target, row.master, stochastic);
+    } else if (row.version < 0) {
+      // A remainder read from a checkpoint: any bf16 value pairs with any remainder, so only pairs no split
+      // gives (a changed param) are found; they drop their remainder.
+      make_consistent(row.target, row.master, consistent_remainder_of);
+    } else {
+      // Written since the core's last step: the param is the value (as with torch.optim), exact in bf16,
+      // so its remainder is 0. (An old remainder would shift it by up to half an ulp, or make ±0 a NaN.)
+      row.master.zero_();
+    }
   }
 }
 
@@ -483,7 +532,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
                   "mixprec's Adam: parameter ", i, " is a tensor subclass (e.g. a DTensor); pass its local shard");
       const std::string mode = master_mode(as_real(local), options.master_weights());
       AdamParamState& st = state_of(p);
-      const bool had_master = st.master().defined();
+      const bool had_master = mode == "remainder" ? st.remainder().defined() : st.master().defined();
       // float64 params keep float64 moments, as torch's: fp32 moments would throw their precision away.
       c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
       if (local.is_complex()) moments = c10::toComplexType(moments);
@@ -504,16 +553,18 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       row.exp_avg = st.exp_avg();
       row.exp_avg_sq = st.exp_avg_sq();
       row.master = master_of(st, mode);
-      if (mode == "fp32") {
+      if (mode == "fp32" || mode == "remainder") {
         row.target = local;
         const Row* before = i < old_rows.size() ? &old_rows[i] : nullptr;
         if (before != nullptr && before->param.unsafeGetTensorImpl() == p.unsafeGetTensorImpl() &&
             before->master.unsafeGetTensorImpl() == row.master.unsafeGetTensorImpl()) {
           row.version = before->version;
           row.data = before->data;
+          row.storage = before->storage;
         } else if (!had_master && !local.is_inference()) {
           row.version = static_cast<int64_t>(local._version());  // just taken from the param
           row.data = local.const_data_ptr();
+          row.storage = local.storage().unsafeGetStorageImpl();
         }
       }
       bucket.p.push_back(as_real(local));
@@ -566,7 +617,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     torch::Tensor r = t->device() == device ? *t : t->to(device, /*non_blocking=*/true);
     return r.dim() == 1 ? r : r.reshape({1});
   };
-  sync_masters(plan);
+  sync_masters(plan, options.rounding() != "nearest");
   const auto [beta1, beta2] = options.betas();
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
     if (grads[b].empty()) continue;
@@ -591,6 +642,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
     if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
       row.version = static_cast<int64_t>(row.target._version());
       row.data = row.target.const_data_ptr();
+      row.storage = row.target.storage().unsafeGetStorageImpl();
     }
   }
   return changed;

@@ -237,6 +237,104 @@ def test_edits_to_16bit_params_between_steps_reach_the_masters(device: str, dtyp
     assert_close_to_torch(ours.state[model.weight]["master"], ref.weight.detach())
 
 
+def _merged(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    return ops.merge_bf16_remainder(p.detach(), opt.state[p]["remainder"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edit", list(EDITS) + ["zeros_"])
+def test_edits_to_params_with_remainders_reach_the_exact_values(device: str, edit: str) -> None:
+    """master_weights="remainder": a written bf16 parameter is the value the step continues from (its
+    remainders become 0: the bf16 value is exact), as torch's AdamW continues from what its fp32 parameter
+    holds. Before, the old remainders stayed: the value was off by up to half a bf16 ulp, and a parameter
+    set to 0 (nn.init.zeros_, a pruned weight, a loaded zero bias) merged to NaN."""
+    torch.manual_seed(12)
+    init = torch.randn(16, 8)
+    model = torch.nn.Linear(8, 16, bias=False).to(device, torch.bfloat16)
+    ref = torch.nn.Linear(8, 16, bias=False).to(device)
+    with torch.no_grad():
+        model.weight.copy_(init.bfloat16())
+        ref.weight.copy_(init.bfloat16().float())
+    ours = mixprec.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, master_weights="remainder")
+    theirs = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
+
+    def step(k: int) -> None:
+        g = grads_for(k, [(16, 8)], device)[0]
+        model.weight.grad = g.bfloat16()
+        ref.weight.grad = g.bfloat16().float()
+        ours.step()
+        theirs.step()
+
+    for k in range(3):
+        step(k)
+    assert_close_to_torch(_merged(ours, model.weight), ref.weight.detach())
+    with torch.no_grad():
+        if edit == "zeros_":
+            torch.nn.init.zeros_(model.weight)
+        else:
+            EDITS[edit](model, model.weight)
+        ref.weight.copy_(model.weight.detach().float())  # the reference continues from what the param holds
+    for k in range(3, 6):
+        step(k)
+        merged = _merged(ours, model.weight)
+        assert not merged.isnan().any()
+        assert_close_to_torch(merged, ref.weight.detach())
+        assert torch.equal(model.weight.detach(), ops.split_bf16_remainder(merged)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rollback_to_a_model_checkpoint_is_exact_with_nearest_rounding(device: str) -> None:
+    """Loading an earlier model checkpoint into a training model (keeping the optimizer) and stepping with
+    lr 0 leaves exactly the checkpoint's weights, as torch's AdamW does: with nearest rounding a master one
+    ulp from the loaded value is not mistaken for one the step could have rounded so."""
+    torch.manual_seed(13)
+    model = torch.nn.Linear(64, 64).to(device, torch.bfloat16)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    checkpoint = None
+    for k in range(6):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if k == 1:
+            checkpoint = {n: t.clone() for n, t in model.state_dict().items()}
+    model.load_state_dict(checkpoint)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+        group["weight_decay"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, checkpoint[name]), name
+
+
+def test_a_master_kind_a_row_stops_using_is_dropped_and_remainders_become_the_master() -> None:
+    """bf16 -> fp32 -> bf16: the fp32 phase steps the parameter itself, so the old master is dropped from the
+    state (it was taken up again, stale, after the cast back); switching a remainder group to fp32 masters
+    keeps the exact value (param + remainder), as the other way round does."""
+    torch.manual_seed(14)
+    p = torch.nn.Parameter(torch.randn(200).bfloat16())
+    opt = mixprec.optim.AdamW([p], lr=1e-2)
+    for phase, dtype in enumerate((torch.bfloat16, torch.float32, torch.bfloat16)):
+        p.data = p.data.to(dtype)
+        if phase == 2:  # a step that moves nothing: the master is what the step started from
+            opt.param_groups[0]["lr"] = 0.0
+        p.grad = torch.randn(200).to(dtype)
+        opt.step()
+        assert ("master" in opt.state[p]) == (dtype == torch.bfloat16)
+    assert torch.equal(opt.state[p]["master"], p.detach().float())  # the param's value, not phase 0's master
+    q = torch.nn.Parameter(torch.randn(200).bfloat16())
+    opt = mixprec.optim.AdamW([q], lr=1e-2, master_weights="remainder")
+    q.grad = torch.randn(200).bfloat16()
+    opt.step()
+    exact = _merged(opt, q).clone()
+    opt.param_groups[0]["master_weights"] = "fp32"
+    q.grad = torch.zeros(200).bfloat16()
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert "remainder" not in opt.state[q] and torch.equal(opt.state[q]["master"], exact)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_a_write_that_keeps_the_values_keeps_the_masters(device: str, rounding: str) -> None:

@@ -67,6 +67,11 @@ struct AdamWOptions : public AdamOptions {
   AdamWOptions(const AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
   AdamWOptions(const torch::optim::AdamWOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
   AdamWOptions(const torch::optim::AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
+  /// A copy that stays AdamWOptions (OptimizerParamGroup clones its options): a group given them takes, for
+  /// the fields left at AdamWOptions' defaults, the optimizer's, as torch's merge rule says.
+  std::unique_ptr<torch::optim::OptimizerOptions> clone() const override {
+    return std::make_unique<AdamWOptions>(*this);
+  }
 };
 
 /// Per-parameter state: step count, moments (with AMSGrad also the running maximum of exp_avg_sq, as in
@@ -95,14 +100,18 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
 /// state holds the same tensors; the group's master_weights and moment_dtype must be unchanged too.
 /// Anything else rebuilds that group's lists (and creates or converts state where needed).
 ///
-/// The parameter is the truth, as with torch's optimizers; an fp32 master only refines it. Before a step, a
-/// parameter written by anyone else since the core's last step (its version counter moved: a
-/// load_state_dict of the model, clipping or a projection in place, a rollback) and a master the core did not
-/// take from the parameter itself (loaded or assigned state) are compared element by element: wherever the
-/// parameter is neither rounding of the master (up or down), the master becomes the parameter's value. A
-/// master that rounds to its parameter (an exact resume, a stochastically rounded write-back) is kept.
-/// `param.data = t` (new memory) is seen too; a write through `param.data.copy_(...)` moves no version
-/// counter and cannot be (torch gives `.data` its own counter): write the parameter itself under no_grad.
+/// The parameter is the truth, as with torch's optimizers; an fp32 master or a remainder only refines it.
+/// Before a step, a parameter written by anyone else since the core's last step (its version counter moved:
+/// a load_state_dict of the model, clipping or a projection in place, a rollback) and a master the core did
+/// not take from the parameter itself (loaded or assigned state) are compared element by element: wherever
+/// the parameter is not the rounding of the master the step writes (the nearest; with stochastic rounding
+/// either neighbour), the master becomes the parameter's value. A master that rounds to its parameter (an
+/// exact resume) is kept. A remainder has no such redundancy: a written parameter's remainders become 0 (the
+/// bf16 value is then exact), and a loaded remainder is kept where it forms a pair split_bf16_remainder can
+/// give. A master kind a row stops using (its parameter became fp32, or master_weights changed) is dropped;
+/// remainders turn into the fp32 master they refine. `param.data = t` (new memory) is seen too; a write
+/// through `param.data.copy_(...)` moves no version counter and cannot be (torch gives `.data` its own
+/// counter): write the parameter itself under no_grad.
 class AdamCore {
  public:
   /// The state of a parameter, created empty on first use; the reference must stay valid for the step.
@@ -152,11 +161,13 @@ class AdamCore {
     size_t bucket = 0;
     torch::Tensor step, exp_avg, exp_avg_sq, master;  // master: the fp32 master or the remainder, if any
     torch::Tensor max_exp_avg_sq;                     // with AMSGrad
-    // fp32 masters only: the tensor the step writes (the param or its local shard) and its version counter
-    // right after the last write; -1 when unknown (a master this core did not take from the param itself).
+    // fp32 masters and remainders only: the tensor the step writes (the param or its local shard) and its
+    // version counter right after the last write; -1 when unknown (a master or remainder this core did not
+    // take from the param itself).
     torch::Tensor target;
     int64_t version = -1;
     const void* data = nullptr;  // the target's memory then: `param.data = t` rebinds it without a version
+    const void* storage = nullptr;  // and its StorageImpl (a rebind whose new memory reuses the old address)
   };
   struct Bucket {
     c10::Device device = c10::kCPU;
@@ -171,9 +182,10 @@ class AdamCore {
     std::vector<Row> rows;
     std::vector<Bucket> buckets;
   };
-  /// Re-takes, from its parameter, every fp32 master whose parameter may have been written by someone else
-  /// since this core's last step (its version counter moved, or the master is not one the core took from it).
-  static void sync_masters(Plan& plan);
+  /// Re-takes, from its parameter, every fp32 master or remainder whose parameter may have been written by
+  /// someone else since this core's last step (its version counter moved, or the master is not one the core
+  /// took from it). `stochastic`: the param may be either rounding of its master, not only the nearest.
+  static void sync_masters(Plan& plan, bool stochastic);
   bool plan_holds(const Plan& plan, at::TensorList params, const AdamOptions& options, const StateLookup& state_of,
                   std::vector<std::vector<torch::Tensor>>& grads) const;
   std::vector<int64_t> build_plan(Plan& plan, at::TensorList params, const AdamOptions& options,
