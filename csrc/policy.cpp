@@ -2,6 +2,8 @@
 // torch custom class torch.classes.mixprec.Policy that Python's mixprec.Policy wraps.
 #include "mixprec/policy.h"
 
+#include "mixprec/nn.h"
+
 #include <ATen/autocast_mode.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -138,8 +140,21 @@ void apply(torch::nn::Module& module, const Policy& policy) {
   for (const auto& named : module.named_modules("", /*include_self=*/true)) {
     torch::nn::Module& m = *named.value();
     const c10::ScalarType target = policy.keeps_fp32(m.name()) ? c10::kFloat : policy.param_dtype;
+    bool cast = false;
     for (auto& p : m.named_parameters(/*recurse=*/false)) {
-      if (p.value().scalar_type() != target) p.value().set_data(p.value().to(target));
+      if (p.value().scalar_type() != target) {
+        p.value().set_data(p.value().to(target));
+        cast = true;
+      }
+    }
+    // A weight quantized before the cast is not the weight any more: the 8-bit layers' caches go, as their
+    // to() empties them.
+    if (cast) {
+      if (auto* fp8 = dynamic_cast<nn::Float8LinearImpl*>(&m)) {
+        fp8->weight_cache = {};
+      } else if (auto* int8 = dynamic_cast<nn::Int8LinearImpl*>(&m)) {
+        int8->weight_cache = {};
+      }
     }
     for (auto& b : m.named_buffers(/*recurse=*/false)) {
       // FP8 scaling state (Float8Linear's "fp8_*" buffers) is fp32 by definition, whatever the storage dtype.

@@ -188,9 +188,15 @@ class Policy:
             target = torch.float32 if kept else self.param_dtype
             # fp32 by definition, whatever the policy: QAT steps and scales, FP8 scaling state (fp8_ buffers).
             fp32_names = set(getattr(module, "_FP32_NAMES", ()))
+            cast = False
             for key, p in module.named_parameters(recurse=False):
                 if p.dtype != target and key not in fp32_names:
                     p.data = p.data.to(target)
+                    cast = True
+            if cast:  # a weight quantized before the cast is not the weight any more (as the layers' _apply)
+                for attr in ("_fp8_weight_cache", "_int8_weight_cache"):
+                    if attr in module.__dict__:
+                        module.__dict__[attr] = []
             for key, b in module.named_buffers(recurse=False):
                 if key.startswith("fp8_") or key in fp32_names:
                     continue

@@ -345,6 +345,12 @@ TEST_CASE("nn::Float8Linear: the weight cache spans a gradient-accumulation cycl
   REQUIRE(model->forward(x).sizes() == torch::IntArrayRef{16, 32});
   cached->to(torch::kBFloat16);
   REQUIRE(cached->weight_cache.empty());
+  // mixprec::apply casting the weight empties the cache too (it was kept, and the next reuse was refused as
+  // if autocast had changed).
+  cached->forward(x.to(torch::kBFloat16), true);
+  REQUIRE_FALSE(cached->weight_cache.empty());
+  mixprec::apply(*cached, mixprec::Policy::from_string("16-true"));
+  REQUIRE(cached->weight_cache.empty());
 }
 
 

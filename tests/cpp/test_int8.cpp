@@ -133,6 +133,10 @@ TEST_CASE("Int8Linear: the weight cache spans a gradient-accumulation cycle", "[
                       Catch::Contains("quantized in BFloat16, and this call computes in Float"));
   cached->to(torch::kBFloat16);
   REQUIRE(cached->weight_cache.empty());
+  cached->forward(x.to(torch::kBFloat16), true);
+  REQUIRE_FALSE(cached->weight_cache.empty());
+  mixprec::apply(*cached, mixprec::Policy::from_string("16-true"));  // a cast by the policy empties it too
+  REQUIRE(cached->weight_cache.empty());
 }
 
 TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores integer weights", "[int8][qat]") {

@@ -171,6 +171,26 @@ TEST_CASE("AdamWOptions has torch::optim::AdamWOptions' defaults; AdamW takes th
   mixprec::optim::AdamW plain(params, mixprec::optim::AdamOptions(1e-3));
   mixprec::optim::AdamW from_torch(params, torch::optim::AdamWOptions(1e-3).weight_decay(0.3));
   REQUIRE((decay(plain) == 0.0 && decay(from_torch) == 0.3));
+  // A param group's options: the fields left at the constructor defaults of the type the group was given take
+  // the optimizer's (torch's merge rule). mixprec's AdamWOptions stay AdamWOptions when the group copies them.
+  const auto group_decay = [](torch::optim::Optimizer& o, size_t i) {
+    return static_cast<mixprec::optim::AdamOptions&>(o.param_groups()[i].options()).weight_decay();
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params[0]},
+                      std::make_unique<mixprec::optim::AdamOptions>(mixprec::optim::AdamOptions(5e-3)));
+  groups.emplace_back(std::vector<torch::Tensor>{params[1]},
+                      std::make_unique<mixprec::optim::AdamWOptions>(mixprec::optim::AdamWOptions(5e-3)));
+  mixprec::optim::AdamW grouped(groups, mixprec::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  REQUIRE((group_decay(grouped, 0) == 0.1 && group_decay(grouped, 1) == 0.1));
+  mixprec::optim::Adam adam_grouped(groups, mixprec::optim::AdamOptions(1e-2).weight_decay(0.05));
+  REQUIRE((group_decay(adam_grouped, 0) == 0.05 && group_decay(adam_grouped, 1) == 0.05));
+  // torch::optim::Adam does the same with its own options types.
+  std::vector<torch::optim::OptimizerParamGroup> torch_groups;
+  torch_groups.emplace_back(std::vector<torch::Tensor>{params[0]},
+                            std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(5e-3)));
+  torch::optim::Adam torch_adam(torch_groups, torch::optim::AdamOptions(1e-2).weight_decay(0.05));
+  REQUIRE(static_cast<torch::optim::AdamOptions&>(torch_adam.param_groups()[0].options()).weight_decay() == 0.05);
 }
 
 TEST_CASE("amsgrad(true) tracks torch::optim::Adam/AdamW with amsgrad, state included, and survives a checkpoint",

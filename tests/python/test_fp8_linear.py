@@ -177,6 +177,12 @@ def test_weight_cache_is_used_and_checked() -> None:
     layer.to(torch.bfloat16)  # a cast empties the cache
     with pytest.raises(RuntimeError, match="there was none"):
         layer(x.bfloat16(), is_first_microbatch=False)
+    for make in (lambda: copy.deepcopy(layer), lambda: mixprec.nn.Int8Linear(32, 16).bfloat16()):
+        cached = make()
+        cached(x.bfloat16(), is_first_microbatch=True)
+        mixprec.Policy("16-true").apply(cached)  # a policy's cast too (it was refused as an autocast change)
+        with pytest.raises(RuntimeError, match="there was none"):
+            cached(x.half(), is_first_microbatch=False)
     # The functional form checks a cache against the weight it is used with.
     cache: list[torch.Tensor] = []
     state = [getattr(layer, name) for name in mixprec.nn._FP8_BUFFERS]
