@@ -353,6 +353,40 @@ TEST_CASE("nn::Float8Linear: the weight cache spans a gradient-accumulation cycl
   REQUIRE(cached->weight_cache.empty());
 }
 
+namespace {
+// A recomputation as activation checkpointing runs it: the layer's forward called again inside a backward.
+struct RecomputeInBackward : public torch::autograd::Function<RecomputeInBackward> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               mixprec::nn::Float8LinearImpl* layer) {
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->save_for_backward({x});
+    return x.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* layer = reinterpret_cast<mixprec::nn::Float8LinearImpl*>(ctx->saved_data["layer"].toInt());
+    const torch::Tensor x = ctx->get_saved_variables()[0];
+    layer->forward(x, true);  // the first micro-batch's call, recomputed
+    return {grads[0], torch::Tensor()};
+  }
+};
+}  // namespace
+
+TEST_CASE("nn::Float8Linear: a recomputation of the first micro-batch reuses the filled weight cache",
+          "[fp8][nn]") {
+  mixprec::fp8::Recipe recipe;
+  recipe.scaling = mixprec::fp8::Scaling::Current;
+  mixprec::nn::Float8Linear layer(torch::nn::LinearOptions(32, 16), recipe);
+  const auto x = torch::randn({8, 32});
+  layer->forward(x, true);
+  const torch::Tensor filled = layer->weight_cache.data;  // held: a refill cannot reuse its memory
+  const auto probe = torch::randn({8, 32}, torch::requires_grad());
+  RecomputeInBackward::apply(probe, layer.get()).sum().backward();
+  REQUIRE(layer->weight_cache.data.is_same(filled));  // the same tensors: not refilled, not emptied
+  layer->forward(x, true);  // outside a backward a first micro-batch fills a new cache
+  REQUIRE_FALSE(layer->weight_cache.data.is_same(filled));
+}
+
 
 TEST_CASE("nn::Float8Linear: amax_group MAX-reduces delayed scaling's amaxes over the ranks", "[fp8][nn]") {
   // Two ranks with the same weights and different data (rank 1's four times larger), three training steps,
