@@ -9,6 +9,7 @@ manager and decorator with ``torch.autocast``'s semantics (it wraps it); C++ cod
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
@@ -23,12 +24,24 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors in ``dtype``, containers rebuilt as their own type: a namedtuple
+    (PackedSequence) from its fields, a dict subclass (an OrderedDict, HF's ModelOutput) as a copy whose
+    items are replaced."""
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast_floating(v, dtype) for v in value)
+        items = [_cast_floating(v, dtype) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items)
     if isinstance(value, dict):
-        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+        try:
+            out = copy.copy(value)
+            for k, v in value.items():
+                out[k] = _cast_floating(v, dtype)
+            return out
+        except Exception:  # a mapping that cannot be copied or assigned to: a plain dict holds the same items
+            return {k: _cast_floating(v, dtype) for k, v in value.items()}
     return value
 
 

@@ -363,3 +363,39 @@ def test_keep_fp32_takes_one_name_as_a_string_and_policies_hash() -> None:
     assert Policy("bf16-mixed") == Policy("mixed_bfloat16") and hash(Policy("bf16-mixed")) == hash(Policy("mixed_bfloat16"))
     assert len({Policy("bf16-mixed"), Policy("mixed_bfloat16"), Policy("mixed_float16")}) == 2
     assert Policy("mixed_bfloat16") != "mixed_bfloat16"
+
+
+def test_kept_modules_take_and_return_namedtuples_and_dict_subclasses() -> None:
+    """The fp32-kept modules' hooks cast inside containers and rebuild each as its own type: a PackedSequence
+    (a namedtuple) into a kept LSTM, a namedtuple and an OrderedDict subclass out of a kept norm layer. The
+    first failed inside PackedSequence's constructor, the others lost their type."""
+    import collections
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    lstm = nn.LSTM(4, 8, batch_first=True)
+    policy = Policy("mixed_bfloat16", keep_fp32=["LSTM"])
+    policy.apply(lstm)
+    packed = pack_padded_sequence(torch.randn(3, 5, 4), torch.tensor([5, 3, 2]), batch_first=True)
+    with mixprec.autocast(policy, "cpu"):
+        out, _ = lstm(packed)
+    assert type(out).__name__ == "PackedSequence" and out.data.dtype == torch.bfloat16
+
+    Stats = collections.namedtuple("Stats", "y mean")
+
+    class Out(collections.OrderedDict):
+        def __getattr__(self, name: str):
+            return self[name]
+
+    class StatsNorm(nn.BatchNorm1d):
+        def forward(self, x):
+            y = super().forward(x)
+            return Stats(y, y.mean()) if self.training else Out(y=y)
+
+    norm = Policy("bf16-true").apply(StatsNorm(4))
+    x = torch.randn(6, 4, dtype=torch.bfloat16)
+    stats = norm(x)
+    assert type(stats) is Stats and stats.y.dtype == stats.mean.dtype == torch.bfloat16
+    norm.eval()
+    out = norm(x)
+    assert type(out) is Out and out.y.dtype == torch.bfloat16
