@@ -78,9 +78,9 @@ void make_master_consistent(const torch::Tensor& param, const torch::Tensor& mas
   });
 }
 
-torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master) {
+torch::Tensor consistent_master(const torch::Tensor& param, const torch::Tensor& master, bool stochastic) {
   torch::Tensor out = master.clone();
-  make_master_consistent(param, out, /*stochastic=*/true);  // keeps whatever either write-back could give
+  make_master_consistent(param, out, stochastic);
   return out;
 }
 
@@ -124,7 +124,7 @@ int64_t AdamCore::step_seed(int64_t seed, int64_t rng_calls) {
 }
 
 bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, const std::string& mode,
-                             c10::ScalarType moment_dtype, bool amsgrad) {
+                             c10::ScalarType moment_dtype, bool amsgrad, bool stochastic) {
   bool replaced = false;
   const auto like = [&](c10::ScalarType dtype) {
     return torch::zeros_like(param, param.options().dtype(dtype), at::MemoryFormat::Preserve);
@@ -177,7 +177,8 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
     if (st.master().defined()) {
       // Switching from fp32 masters keeps the exact value: the param takes its bf16 half, the state the rest.
       auto [bf16, remainder] =
-          ops::split_bf16_remainder(consistent_master(param, st.master().to(param.device(), at::kFloat)));
+          ops::split_bf16_remainder(
+              consistent_master(param, st.master().to(param.device(), at::kFloat), stochastic));
       param.detach().copy_(bf16);
       st.remainder(remainder);
       st.master(torch::Tensor());
@@ -439,15 +440,14 @@ void AdamCore::sync_masters(Plan& plan, bool stochastic) {
       continue;
     }
     if (plan.buckets[row.bucket].mode == "fp32") {
-      make_master_consistent(row.target, row.master, stochastic);
-    } else if (row.version < 0) {
-      // A remainder read from a checkpoint: any bf16 value pairs with any remainder, so only pairs no split
-      // gives (a changed param) are found; they drop their remainder.
-      make_consistent(row.target, row.master, consistent_remainder_of);
+      // A master read from a checkpoint may come from a run with either rounding: both neighbours count.
+      make_master_consistent(row.target, row.master, stochastic || row.version < 0);
     } else {
-      // Written since the core's last step: the param is the value (as with torch.optim), exact in bf16,
-      // so its remainder is 0. (An old remainder would shift it by up to half an ulp, or make ±0 a NaN.)
-      row.master.zero_();
+      // A remainder has no redundancy to tell a changed element from a kept one (any bf16 value pairs with
+      // any remainder): a write that puts the optimizer's bits back (SAM's perturbation undone, an EMA swap)
+      // keeps them exact, and a changed element continues within half a bf16 ulp of what was written. Only
+      // pairs no split gives drop their remainder: ±0 with a negative one merged to a NaN.
+      make_consistent(row.target, row.master, consistent_remainder_of);
     }
   }
 }
@@ -536,7 +536,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
       // float64 params keep float64 moments, as torch's: fp32 moments would throw their precision away.
       c10::ScalarType moments = mode == "float64" ? at::kDouble : options.moment_dtype();
       if (local.is_complex()) moments = c10::toComplexType(moments);
-      if (prepare_state(local, st, mode, moments, options.amsgrad())) {
+      if (prepare_state(local, st, mode, moments, options.amsgrad(), options.rounding() != "nearest")) {
         changed.push_back(static_cast<int64_t>(i));
       }
       size_t b = 0;

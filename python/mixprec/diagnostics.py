@@ -206,11 +206,15 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
         xs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
         enabled = dtype != torch.float32
 
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
         def step(saved: dict[Any, int] | None = None) -> None:
             m.zero_grad(set_to_none=True)
 
             def pack(t: torch.Tensor) -> torch.Tensor:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # type: ignore[index]
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params:  # a parameter saved for backward is counted once, as a parameter
+                    saved[ptr] = t.untyped_storage().nbytes()  # type: ignore[index]
                 return t
 
             with contextlib.ExitStack() as stack:
@@ -238,8 +242,6 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
             saved: dict[Any, int] = {}
             step(saved)
             state = [t for p in m.parameters() for t in (p, p.grad) if t is not None]
-            for t in state:
-                saved.pop(t.untyped_storage().data_ptr(), None)
             peak = (sum(t.numel() * t.element_size() for t in state) + sum(saved.values())) / 2**20
         results.append(PrecisionTiming(dtype, statistics.median(times), peak))
         del m

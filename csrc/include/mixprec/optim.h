@@ -106,9 +106,11 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
 /// not take from the parameter itself (loaded or assigned state) are compared element by element: wherever
 /// the parameter is not the rounding of the master the step writes (the nearest; with stochastic rounding
 /// either neighbour), the master becomes the parameter's value. A master that rounds to its parameter (an
-/// exact resume) is kept. A remainder has no such redundancy: a written parameter's remainders become 0 (the
-/// bf16 value is then exact), and a loaded remainder is kept where it forms a pair split_bf16_remainder can
-/// give. A master kind a row stops using (its parameter became fp32, or master_weights changed) is dropped;
+/// exact resume, whichever rounding a loaded master's run used) is kept. A remainder has no such redundancy
+/// (any bf16 value pairs with any remainder): it is kept where it forms a pair split_bf16_remainder can give,
+/// so a write that puts the optimizer's bits back (SAM, an EMA swap) stays exact and a changed element
+/// continues within half a bf16 ulp of the written value; pairs no split gives (±0 with a negative
+/// remainder, which merged to a NaN) drop it. A master kind a row stops using (its parameter became fp32, or master_weights changed) is dropped;
 /// remainders turn into the fp32 master they refine. `param.data = t` (new memory) is seen too; a write
 /// through `param.data.copy_(...)` moves no version counter and cannot be (torch gives `.data` its own
 /// counter): write the parameter itself under no_grad.
@@ -139,9 +141,12 @@ class AdamCore {
   /// or the int16 remainder (a master is split into the param and its remainder, keeping the exact value).
   /// A master of another dtype or device is converted to fp32 on the param's device (step_group then checks
   /// it against the param); a remainder that is not int16 (torch's loader casts state to the param's dtype)
-  /// cannot be trusted and restarts from zero. Returns whether any state tensor was replaced.
+  /// cannot be trusted and restarts from zero. A master kind `mode` does not use is dropped (a remainder
+  /// becomes the fp32 master it refines). `stochastic`: the group rounds stochastically, so a master split
+  /// into param and remainder is kept where the param is either of its roundings, not only the nearest.
+  /// Returns whether any state tensor was replaced.
   static bool prepare_state(const torch::Tensor& param, AdamParamState& state, const std::string& mode,
-                            c10::ScalarType moment_dtype, bool amsgrad = false);
+                            c10::ScalarType moment_dtype, bool amsgrad = false, bool stochastic = false);
 
   /// One step of param group `group` (the index keys the cache). Parameters without a gradient are
   /// skipped. With a non-negative seed, options.rng_calls advances when anything was stepped. Returns the
