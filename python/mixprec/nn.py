@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -108,9 +109,11 @@ def _check_ddp_buffers(layer: torch.nn.Module, history: Tensor) -> None:
     module other than the one :func:`convert` marked), warn once per DDP: every rank would scale by rank 0's
     amaxes (see ``_ddp_keeps_fp8_state``)."""
     ddp = torch.nn.parallel.DistributedDataParallel._active_ddp_module
-    if ddp is None or not getattr(ddp, "broadcast_buffers", False) or layer.__dict__.get("_ddp_seen") == id(ddp):
+    seen = layer.__dict__.get("_ddp_seen")
+    # A weak reference, not id(ddp): a new DDP can get the id of one that was freed (and then went unchecked).
+    if ddp is None or not getattr(ddp, "broadcast_buffers", False) or (seen is not None and seen() is ddp):
         return
-    layer.__dict__["_ddp_seen"] = id(ddp)
+    layer.__dict__["_ddp_seen"] = weakref.ref(ddp)
     if any(b is history for b in getattr(ddp, "modules_buffers", ())):
         warnings.warn(
             "mixprec.nn.Float8Linear: DistributedDataParallel broadcasts this layer's delayed-scaling state from "
