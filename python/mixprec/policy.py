@@ -237,12 +237,16 @@ class Policy:
 
     def optimizer(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> "Any":
         """A ``mixprec.optim.AdamW`` for this policy: fp32 masters for mixed policies; for pure 16-bit
-        policies no master copy and stochastic rounding of the updates."""
+        policies no master copy and stochastic rounding of the updates, seeded (unless ``seed`` is given)
+        from ``torch.initial_seed()``: the draws then come from the optimizer's own counter, which its state
+        dict saves (a resume continues them bit for bit), not from torch's global generator, and runs with
+        different torch seeds draw differently."""
         from .optim import AdamW
 
         if self.param_dtype != torch.float32 and self.master_dtype != torch.float32:
             kwargs.setdefault("master_weights", "none")
             kwargs.setdefault("rounding", "stochastic")
+            kwargs.setdefault("seed", torch.initial_seed() % 2**62)
         return AdamW(params, lr=lr, **kwargs)
 
     def autocast(self, device_type: str = "cuda") -> "autocast":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -399,3 +401,37 @@ def test_kept_modules_take_and_return_namedtuples_and_dict_subclasses() -> None:
     norm.eval()
     out = norm(x)
     assert type(out) is Out and out.y.dtype == torch.bfloat16
+
+
+def test_a_pure_16_bit_policys_optimizer_resumes_bit_for_bit() -> None:
+    """Policy("bf16-true").optimizer() seeds its stochastic rounding from torch.initial_seed(): the draws come
+    from the optimizer's counter, which its state dict saves, so a resume continues bit for bit whatever
+    torch's global generator holds then, and the step leaves that generator to the user's own draws.
+    Unseeded, it drew from that generator, which no state dict saves."""
+    policy = Policy("bf16-true")
+    batches = [torch.randn(4, 16, generator=torch.Generator().manual_seed(k)).bfloat16() for k in range(6)]
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, ks: range) -> None:
+        for k in ks:
+            opt.zero_grad()
+            model(batches[k]).float().pow(2).mean().backward()
+            opt.step()
+
+    torch.manual_seed(3)
+    model = policy.apply(nn.Linear(16, 16))
+    opt = policy.optimizer(model.parameters(), lr=1e-3)
+    assert opt.param_groups[0]["seed"] == 3
+    train(model, opt, range(3))
+    checkpoint = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    before = torch.get_rng_state()
+    train(model, opt, range(3, 6))
+    assert torch.equal(torch.get_rng_state(), before)  # the steps drew nothing from torch's generator
+    torch.manual_seed(999)  # another process, another global state
+    resumed = policy.apply(nn.Linear(16, 16))
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = policy.optimizer(resumed.parameters(), lr=1e-3)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    torch.randn(100)  # the user's own draws in between
+    train(resumed, resumed_opt, range(3, 6))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
