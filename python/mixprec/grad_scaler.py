@@ -10,7 +10,9 @@ torch's protocols hold exactly: an optimizer with ``_step_supports_amp_scaling``
 first, and ``.grad`` holds afterwards what it holds under ``torch.amp.GradScaler``. The scaler pickles and
 deep-copies between iterations, and its getters never touch the device.
 
-Differences from torch, all opt-in or strictly more permissive:
+Differences from torch, all opt-in or more permissive but one (the setters refuse factors and intervals
+that break the state machine, where torch takes them: growth factor < 1, backoff outside (0, 1], an
+interval < 1):
   * ``hysteresis``, ``consecutive_hysteresis``, ``min_scale``, ``max_scale``, ``dynamic=False`` (static scale);
   * fp16 and bf16 gradients are unscaled too (one launch per device for any dtype mix), so 16-bit
     parameters with master-weight optimizers work;
@@ -594,8 +596,12 @@ class GradScaler(torch.amp.GradScaler):
                 self._check_scale_growth_tracker("update")  # torch's AssertionError, naming update
             self._impl.update()
         elif isinstance(new_scale, Tensor):
-            if new_scale.numel() != 1 or new_scale.dtype != torch.float32 or new_scale.requires_grad:
-                raise ValueError("new_scale should be a float or a 1-element torch.FloatTensor without requires_grad")
+            # torch's checks and their exception type (it copies any dtype into the fp32 scale).
+            reason = ("new_scale should be a float or a 1-element torch.cuda.FloatTensor or torch.FloatTensor "
+                      "with requires_grad=False.")
+            if (new_scale.device.type != torch.device(self._device).type or new_scale.numel() != 1
+                    or new_scale.requires_grad):
+                raise AssertionError(reason)
             # One read of the value (as before); update_to records this step's overflow at the old scale first.
             self._impl.update_to(float(new_scale.reshape(()).item()))
         else:

@@ -28,6 +28,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import nn as _mnn
 from .nn import apply_keeping_fp32
@@ -186,14 +190,18 @@ class _QATWeight:
 
     def _restart_steps(self, incompatible_keys: Any = None) -> None:
         """A load_state_dict post-hook (it runs after the children's loads): the restart _load_qat_state decided."""
-        if not self.__dict__.pop("_steps_restart", False):
-            return
-        with torch.no_grad():  # in place: an optimizer built before the load keeps its tensors
-            if self._parameters.get("weight_step") is not None:  # where prepare() starts them (_check's steps)
-                bn = self._modules.get("bn")  # type: ignore[attr-defined]
-                self.weight_step.copy_(_check(self, self.qat_config, bn))  # type: ignore[arg-type,attr-defined]
-            if self._parameters.get("input_step") is not None:
-                self.input_step.zero_()  # type: ignore[attr-defined]
+        if self.__dict__.pop("_steps_restart", False):
+            with torch.no_grad():  # in place: an optimizer built before the load keeps its tensors
+                if self._parameters.get("weight_step") is not None:  # where prepare() starts them (_check's steps)
+                    bn = self._modules.get("bn")  # type: ignore[attr-defined]
+                    self.weight_step.copy_(_check(self, self.qat_config, bn))  # type: ignore[arg-type,attr-defined]
+                if self._parameters.get("input_step") is not None:
+                    self.input_step.zero_()  # type: ignore[attr-defined]
+        # A loaded input step that is set needs no check at the next forward (one read here, at load time): a
+        # resumed model then runs under torch.compile(fullgraph=True) at once, without the eager first forward.
+        step = self._parameters.get("input_step")
+        if step is not None and not step.is_meta:
+            self._input_step_checked = bool(step.detach().ne(0).all())
 
     def _fake_weight(self) -> Tensor:
         return self._fake_weight_of(self.weight)
@@ -374,6 +382,11 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             raise ValueError(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} is prepared already with "
                              f"{m.qat_config}, not {config}; prepare a model that is not prepared yet, or leave the "
                              "layer out with filter=")
+        if parametrize.is_parametrized(m) and isinstance(m, (nn.Linear, nn.Conv2d)):
+            # A parametrized layer is a class torch made for it: not quantized, so say so.
+            warnings.warn(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} is parametrized "
+                          f"({type(m).__name__}) and stays in float; prepare before adding the parametrization, "
+                          "or leave the layer out with filter= to silence this", stacklevel=2)
         if type(m) in (nn.Linear, _mnn.Linear, nn.Conv2d):
             fold = folds.get(id(m))
             todo.append((m, _check(m, config, fold[2] if fold else None), fold))
@@ -398,11 +411,15 @@ def convert(model: nn.Module) -> nn.Module:
         else:
             return None
         # The layer's forward hooks (a feature extractor's, a profiler's) carry over, as torch.ao's convert
-        # keeps them (with their kwargs / always-call flags).
+        # keeps them (with their kwargs / always-call flags). Not those that compute the weight before each
+        # forward (spectral_norm, the old weight_norm, pruning): the codes hold the weight they computed, and
+        # the quantized layer has none of their tensors.
+        computes_weight = (SpectralNorm, WeightNorm, BasePruningMethod)
+        dropped = {k for k, h in m._forward_pre_hooks.items() if isinstance(h, computes_weight)}
         for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
             if hasattr(m, name):
-                getattr(new, name).update(getattr(m, name))
+                getattr(new, name).update({k: v for k, v in getattr(m, name).items() if k not in dropped})
         return new
 
     root = swap(model)

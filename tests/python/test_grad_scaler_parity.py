@@ -427,6 +427,24 @@ def test_call_order_errors_have_torchs_types() -> None:
                       "update: AssertionError: Attempted update but _scale is None", "no grads: AssertionError"]
 
 
+def test_update_with_a_new_scale_tensor_takes_and_refuses_what_torch_does() -> None:
+    """update(new_scale=tensor): torch copies a one-element tensor of any dtype into its fp32 scale and asserts
+    (AssertionError) the rest; ours did the opposite for a float64 or bf16 one (a ValueError)."""
+    def run(scaler_cls: type, new_scale: torch.Tensor) -> str:
+        scaler = scaler_cls("cpu")
+        scaler.scale(torch.ones(()))
+        try:
+            scaler.update(new_scale)
+        except Exception as e:  # noqa: BLE001 - the type and torch's message are what is compared
+            return f"{type(e).__name__}: {e}"
+        return f"scale {scaler.get_scale()}"
+
+    for new_scale in (torch.tensor(4.0, dtype=torch.float64), torch.tensor(8.0, dtype=torch.bfloat16),
+                      torch.tensor(16, dtype=torch.int32), torch.tensor([2.0, 3.0]), torch.empty(0),
+                      torch.tensor(2.0, requires_grad=True), torch.tensor(32.0)):
+        assert run(mixprec.GradScaler, new_scale) == run(torch.amp.GradScaler, new_scale), new_scale
+
+
 def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> None:
     """Numbers of any kind (NumPy's, one-element tensors) load as with torch; a missing key is a KeyError as
     there; a value our checks refuse leaves the scaler exactly as it was."""

@@ -170,6 +170,48 @@ def test_convert_keeps_the_layers_forward_hooks() -> None:
     assert seen == ["pre QuantizedLinear", "post (2, 8)"]
 
 
+def test_convert_drops_the_hooks_that_compute_the_weight_and_prepare_names_parametrized_layers() -> None:
+    """spectral_norm and pruning compute the weight in a forward pre-hook: QAT trains on what they compute and
+    the codes hold it, so convert leaves those hooks behind (copied, they failed on tensors the quantized
+    layer does not have) and keeps the user's. A parametrized layer (weight_norm's parametrization) is not
+    prepared, and prepare says so instead of leaving it in float silently."""
+    torch.manual_seed(4)
+    model = nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 4))
+    torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.5)
+    qat.prepare(model, qat.QATConfig())
+    seen: list[str] = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    x = torch.randn(3, 8)
+    model(x)
+    qat.convert(model)
+    seen.clear()
+    out = model(x)
+    assert out.isfinite().all() and seen == ["QuantizedLinear"]
+    assert len(model[0]._forward_pre_hooks) == len(model[2]._forward_pre_hooks) == 0
+
+    parametrized = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match="layer '0' is parametrized .* and stays in float"):
+        qat.prepare(parametrized, qat.QATConfig())
+    assert type(parametrized[1]).__name__ == "QATLinear"
+
+
+def test_a_loaded_input_step_runs_under_fullgraph_compile_at_once() -> None:
+    """A learnable input step loaded set (a resume) needs no eager check first: the model compiles with
+    fullgraph=True at once (the check's host read was a graph break Dynamo refused)."""
+    config = qat.QATConfig(learnable_activation_scales=True)
+    torch.manual_seed(5)
+    trained = qat.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), config)
+    x = torch.randn(4, 8)
+    trained(x)
+    resumed = qat.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), config)
+    resumed.load_state_dict(trained.state_dict())
+    compiled = torch.compile(resumed, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), trained(x))
+    fresh = qat.prepare(nn.Sequential(nn.Linear(8, 8)), config)
+    fresh.load_state_dict(qat.prepare(nn.Sequential(nn.Linear(8, 8)), config).state_dict())  # steps still 0
+    assert fresh[0]._input_step_checked is False  # set by its first forward, as before
+
+
 def test_converted_weights_are_what_training_simulated() -> None:
     torch.manual_seed(2)
     for config in (qat.QATConfig(), qat.QATConfig(weight_bits=4, group_size=8),
