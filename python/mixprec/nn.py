@@ -578,10 +578,11 @@ def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
 
     Parameters, hooks, devices and state-dict keys stay as they were (the layers' class is swapped, no
     tensor is copied; FP8 layers gain their scaling buffers), so an optimizer built before the call keeps
-    working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` are left alone
-    (their forward, or the module using their weight, may be their own: MultiheadAttention's ``out_proj``). Layers an earlier call made :class:`Linear` are converted like
-    ``torch.nn.Linear`` ones; converting again what is already converted the same way changes nothing, and a
-    layer already converted another way (an FP8 layer with another recipe, an INT8 layer asked to become FP8,
+    working; each weight's ``.grad`` becomes fp32 from then on. Subclasses of ``torch.nn.Linear`` are left
+    alone (their forward, or the module using their weight, may be their own: MultiheadAttention's
+    ``out_proj``). Layers an earlier call made :class:`Linear` are converted like ``torch.nn.Linear`` ones;
+    converting again what is already converted the same way changes nothing, and a layer already converted
+    another way (an FP8 layer with another recipe, an INT8 layer asked to become FP8,
     ...) is an error naming it, raised before anything changes, since converting it would discard its
     scaling state. Under ``DistributedDataParallel`` 16-bit weights get gradients in their own dtype again
     (see the module docstring). ``amax_group`` becomes each FP8 layer's :attr:`Float8Linear.amax_group`.

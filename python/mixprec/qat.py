@@ -382,7 +382,8 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
             raise ValueError(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} is prepared already with "
                              f"{m.qat_config}, not {config}; prepare a model that is not prepared yet, or leave the "
                              "layer out with filter=")
-        if parametrize.is_parametrized(m) and isinstance(m, (nn.Linear, nn.Conv2d)):
+        if (parametrize.is_parametrized(m) and isinstance(m, (nn.Linear, nn.Conv2d))
+                and not isinstance(m, (QATLinear, QATConv2d))):
             # A parametrized layer is a class torch made for it: not quantized, so say so.
             warnings.warn(f"mixprec.qat.prepare: layer {name or '(the model itself)'!r} is parametrized "
                           f"({type(m).__name__}) and stays in float; prepare before adding the parametrization, "
