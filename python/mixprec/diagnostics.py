@@ -17,10 +17,9 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from . import ops
-from .policy import Policy, autocast
+from .policy import Policy, _cast_floating, autocast
 
 __all__ = ["OutputError", "UnderflowReport", "PrecisionTiming", "compare_outputs", "underflow_report",
            "benchmark_precision"]
@@ -68,11 +67,8 @@ def compare_outputs(model_or_fn: Union[nn.Module, Callable[..., Any]], inputs: S
         ref_fn, low_fn = ref_model, low_model
     else:
         ref_fn = low_fn = model_or_fn
-    def cast(dtype: torch.dtype) -> list[Any]:
-        return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
-                        list(inputs))
-
-    fp32_inputs, low_inputs = cast(torch.float32), cast(policy.param_dtype)
+    fp32_inputs = _cast_floating(list(inputs), torch.float32)
+    low_inputs = _cast_floating(list(inputs), policy.param_dtype)
     if device_type == "cuda":
         torch.cuda.init()  # its generators exist before the first run, so both runs start from one state
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

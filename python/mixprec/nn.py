@@ -335,7 +335,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         buffers, as BatchNorm's resets its running statistics: after ``to_empty`` from the meta device
         (deferred initialisation) the buffers hold whatever memory they were given."""
         super().reset_parameters()
-        self._fp8_weight_cache = []  # quantized from the old weight
+        self._drop_weight_cache()  # quantized from the old weight
         if "recipe" in self.__dict__:  # torch.nn.Linear.__init__ calls this before the state exists
             fresh = torch.ops.mixprec.fp8_scaling_state(self.recipe.scaling, int(self.recipe.amax_history_len),
                                                         self.weight)
@@ -393,9 +393,13 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.
-        self._fp8_weight_cache = []  # quantized from the weight before the move or cast
+        self._drop_weight_cache()
         apply_keeping_fp32(self, _FP8_BUFFERS, lambda: super(Float8Linear, self)._apply(fn, recurse))
         return self
+
+    def _drop_weight_cache(self) -> None:
+        """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
+        self._fp8_weight_cache = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -558,8 +562,12 @@ class Int8Linear(_Fp32WeightGrad, torch.nn.Linear):
                 f"int8_weight_grad={g.weight_grad}")
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Int8Linear":
-        self._int8_weight_cache = []  # quantized from the weight before the move or cast
+        self._drop_weight_cache()
         return super()._apply(fn, recurse)
+
+    def _drop_weight_cache(self) -> None:
+        """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
+        self._int8_weight_cache = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

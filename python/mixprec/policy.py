@@ -206,10 +206,8 @@ class Policy:
                 if p.dtype != target and key not in fp32_names:
                     p.data = p.data.to(target)
                     cast = True
-            if cast:  # a weight quantized before the cast is not the weight any more (as the layers' _apply)
-                for attr in ("_fp8_weight_cache", "_int8_weight_cache"):
-                    if attr in module.__dict__:
-                        module.__dict__[attr] = []
+            if cast and hasattr(module, "_drop_weight_cache"):  # the 8-bit layers' kept quantized weight
+                module._drop_weight_cache()
             for key, b in module.named_buffers(recurse=False):
                 if key.startswith("fp8_") or key in fp32_names:
                     continue
