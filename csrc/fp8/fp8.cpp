@@ -53,10 +53,12 @@ BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype,
 }
 
 void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
-                    at::ScalarType dtype, std::string_view algo, int64_t margin, bool pow2_scales) {
-  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                                      c10::string_view, int64_t, bool)>("mixprec::fp8_update_scales_");
-  op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales);
+                    at::ScalarType dtype, std::string_view algo, int64_t margin, bool pow2_scales,
+                    const std::optional<at::Tensor>& turn, int64_t side) {
+  static const auto op =
+      find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType, c10::string_view,
+                   int64_t, bool, const std::optional<at::Tensor>&, int64_t)>("mixprec::fp8_update_scales_");
+  op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales, turn, side);
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,
@@ -117,14 +119,15 @@ void check_recipe(const Recipe& recipe) {
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options) {
   const at::TensorOptions f = options.dtype(at::kFloat);
   if (recipe.scaling != Scaling::Delayed) {
-    // Six tensors, not one six times: each becomes a buffer of its own.
+    // Seven tensors, not one seven times: each becomes a buffer of its own.
     const auto none = [&] { return at::empty({0}, f); };
-    return {none(), none(), none(), none(), none(), none()};
+    return {none(), none(), none(), none(), none(), none(), none()};
   }
   TORCH_CHECK_VALUE(recipe.amax_history_len >= 1, "mixprec: amax_history_len must be >= 1, got ",
                     recipe.amax_history_len);
+  // turn 1: as if a backward had just updated, so the first forward updates.
   return {at::zeros({recipe.amax_history_len, 2}, f), at::ones({2}, f), at::ones({2}, f),
-          at::zeros({recipe.amax_history_len, 1}, f), at::ones({1}, f), at::ones({1}, f)};
+          at::zeros({recipe.amax_history_len, 1}, f), at::ones({1}, f), at::ones({1}, f), at::ones({1}, f)};
 }
 
 void reduce_amax(const ScalingState& state, c10d::ProcessGroup& group) {

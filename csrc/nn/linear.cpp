@@ -272,15 +272,28 @@ Fp8PerTensor quantize_current(const torch::Tensor& m, at::ScalarType dtype, cons
   return fp8_per_tensor(m, scale, scale_inv, dtype);
 }
 
+// Records `amax` into row 0 of column `j` of a delayed-scaling history: the max with what this turn recorded
+// before (update_scales_ zeroes row 0, so the first call of a turn writes its own amax; NaN propagates). A
+// recomputation that records again changes nothing.
+void record_amax(const torch::Tensor& history, int64_t j, const torch::Tensor& amax) {
+  torch::Tensor row = history.select(0, 0).narrow(0, j, 1);
+  at::maximum_out(row, row, amax.reshape({1}));
+}
+
 // Delayed scaling of column `j` of a state whose scales the caller has just updated from the history (row
-// 0: the previous call's amax): quantize with scale[j], record this amax in row 0. `scale_inv` is the
+// 0: the previous turn's amax): quantize with scale[j], record this amax in row 0. `scale_inv` is the
 // caller's snapshot of the state's scale_inv, taken once for all its columns after the update: the next
 // update rewrites the state before a late backward runs.
 Fp8PerTensor quantize_delayed(const torch::Tensor& m, const torch::Tensor& history, const torch::Tensor& scale,
                               const torch::Tensor& scale_inv, int64_t j, at::ScalarType dtype, bool record = true) {
   const Fp8PerTensor q = fp8_per_tensor(m, scale.narrow(0, j, 1), scale_inv.narrow(0, j, 1), dtype);
-  if (record) history.select(0, 0).narrow(0, j, 1).copy_(q.amax.reshape({1}));
+  if (record) record_amax(history, j, q.amax);
   return q;
+}
+
+// The state's turn, if it has one (a ScalingState built without it updates on every pass).
+std::optional<torch::Tensor> turn_of(const torch::Tensor& turn) {
+  return turn.defined() ? std::optional<torch::Tensor>(turn) : std::nullopt;
 }
 
 // The scaling blocks of a row-wise or block recipe ({rows, cols}; -1: the whole extent): rows for
@@ -373,9 +386,13 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     torch::Tensor scale_inv;  // delayed scaling: this call's snapshot of the forward scale_inv
     if (recipe.scaling == fp8::Scaling::Delayed) {
       // Without `record` the forward state is read as it stands: neither updated nor recorded into.
+      // With a turn, only the first forward after a backward moves the scales: a second call before the
+      // backward (shared weights, summed micro-batch losses, pipeline schedules) quantizes as the first did,
+      // so a recomputation of either, which reads the state as it stands, does too.
       if (record) {
         fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
-                            recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales);
+                            recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales,
+                            turn_of(state.turn), /*side=*/0);
       }
       // Dequantized with the reciprocal of the scale it quantized with: the same bits as the state's scale_inv
       // (update_scales_ computes 1.0f / scale), and a consistent pair even when the buffers were averaged or
@@ -399,9 +416,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       qw = {{cache->data, cache->scale_inv}, {cache->data_t, cache->scale_inv_t}, cache->amax};
       // The history sees the weight's amax every call, as without the cache, so the window and the
       // scales evolve the same either way.
-      if (recipe.scaling == fp8::Scaling::Delayed && record) {
-        state.forward_amax_history.select(0, 0).narrow(0, 1, 1).copy_(cache->amax.reshape({1}));
-      }
+      if (recipe.scaling == fp8::Scaling::Delayed && record) record_amax(state.forward_amax_history, 1, cache->amax);
     } else {
       // The transpose serves the input gradient (and the cache). For row and block scales it costs a pass
       // and, held until backward, an FP8 copy of the weight: skipped without an input gradient.
@@ -434,6 +449,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     ctx->saved_data["backward_amax_history"] = state.backward_amax_history;
     ctx->saved_data["backward_scale"] = state.backward_scale;
     ctx->saved_data["backward_scale_inv"] = state.backward_scale_inv;
+    ctx->saved_data["turn"] = state.turn;
     ctx->saved_data["record_backward"] = record_backward;
     ctx->saved_data["scaling"] = static_cast<int64_t>(recipe.scaling);
     ctx->saved_data["forward_dtype"] = recipe.forward_dtype;
@@ -472,9 +488,12 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
         const torch::Tensor scale_inv = ctx->saved_data["backward_scale_inv"].toTensor();
         // Without record_backward (a backward through an evaluation forward) the state is read as it stands.
         const bool record_backward = ctx->saved_data["record_backward"].toBool();
+        // With a turn, only the first backward after a forward moves the scales (a retained graph
+        // backpropagated twice quantizes both output gradients alike).
         if (record_backward) {
           fp8::update_scales_(history, scale, scale_inv, recipe.backward_dtype, recipe.amax_compute_algo,
-                              recipe.margin, recipe.pow2_scales);
+                              recipe.margin, recipe.pow2_scales, turn_of(ctx->saved_data["turn"].toTensor()),
+                              /*side=*/1);
         }
         hg = quantize_delayed(g2, history, scale, scale_inv.clone(), 0, recipe.backward_dtype, record_backward);
       } else {
@@ -601,6 +620,8 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
       TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
                   input.device(), " (move the layer with its buffers)");
     }
+    TORCH_CHECK(!state.turn.defined() || state.turn.device() == input.device(), op, ": turn is on ",
+                state.turn.device(), " but input is on ", input.device(), " (move the layer with its buffers)");
     TORCH_CHECK(state.forward_amax_history.dim() == 2 && state.forward_amax_history.size(1) == 2 &&
                     state.backward_amax_history.dim() == 2 && state.backward_amax_history.size(1) == 1,
                 op, ": the amax histories must be [history, 2] (forward) and [history, 1] (backward), got ",
@@ -659,7 +680,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     recipe.amax_history_len = amax_history_len;
     const fp8::ScalingState s = fp8::make_scaling_state(recipe, like.options());
     return std::vector<at::Tensor>{s.forward_amax_history,  s.forward_scale,  s.forward_scale_inv,
-                                   s.backward_amax_history, s.backward_scale, s.backward_scale_inv};
+                                   s.backward_amax_history, s.backward_scale, s.backward_scale_inv, s.turn};
   });
   m.impl("float8_linear",
          [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -667,9 +688,11 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
             const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
             at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
-            int64_t margin, bool pow2_scales, bool fast_accum, bool update_state) {
+            int64_t margin, bool pow2_scales, bool fast_accum, bool update_state,
+            const std::optional<at::Tensor>& turn) {
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
-                                         backward_amax_history, backward_scale, backward_scale_inv};
+                                         backward_amax_history, backward_scale, backward_scale_inv,
+                                         turn.value_or(at::Tensor())};
            return float8_linear(input, weight, bias.value_or(at::Tensor()), state,
                                 op_recipe(state, scaling, forward_dtype, backward_dtype, amax_compute_algo, margin,
                                           pow2_scales, fast_accum),
@@ -681,9 +704,11 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
             const at::Tensor& forward_scale_inv, const at::Tensor& backward_amax_history,
             const at::Tensor& backward_scale, const at::Tensor& backward_scale_inv, c10::string_view scaling,
             at::ScalarType forward_dtype, at::ScalarType backward_dtype, c10::string_view amax_compute_algo,
-            int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache, bool update_state) {
+            int64_t margin, bool pow2_scales, bool fast_accum, at::TensorList weight_cache, bool update_state,
+            const std::optional<at::Tensor>& turn) {
            const fp8::ScalingState state{forward_amax_history,  forward_scale,  forward_scale_inv,
-                                         backward_amax_history, backward_scale, backward_scale_inv};
+                                         backward_amax_history, backward_scale, backward_scale_inv,
+                                         turn.value_or(at::Tensor())};
            TORCH_CHECK_VALUE(weight_cache.empty() || weight_cache.size() == 6,
                              "mixprec::float8_linear_cached: weight_cache must be empty (to fill) or the six "
                              "tensors a fill returned, got ", weight_cache.size());
@@ -754,6 +779,7 @@ void Float8LinearImpl::register_state() {
   state.backward_amax_history = register_buffer("fp8_backward_amax_history", state.backward_amax_history);
   state.backward_scale = register_buffer("fp8_backward_scale", state.backward_scale);
   state.backward_scale_inv = register_buffer("fp8_backward_scale_inv", state.backward_scale_inv);
+  state.turn = register_buffer("fp8_turn", state.turn);
 }
 
 void Float8LinearImpl::reset() {
@@ -776,6 +802,7 @@ void Float8LinearImpl::reset_parameters() {
   state.backward_amax_history.copy_(fresh.backward_amax_history);
   state.backward_scale.copy_(fresh.backward_scale);
   state.backward_scale_inv.copy_(fresh.backward_scale_inv);
+  state.turn.copy_(fresh.turn);
 }
 
 void Float8LinearImpl::pretty_print(std::ostream& stream) const {
@@ -805,16 +832,22 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
   std::vector<std::string> missing;
   const auto buffers = named_buffers(/*recurse=*/false);
   bool empty = false;  // the empty buffers a layer of a recipe without state saves: no state either
+  bool turn_missing = false;  // fp8_turn came after the other six: older archives lack it
   for (const auto& item : buffers) {
     torch::Tensor probe;
     if (!archive.try_read(item.key(), probe, /*is_buffer=*/true)) {
-      missing.push_back(item.key());
+      if (item.key() == "fp8_turn") {
+        turn_missing = true;
+      } else {
+        missing.push_back(item.key());
+      }
     } else if (probe.numel() == 0) {
       empty = true;
     }
   }
   // Only delayed scaling has state to take; a checkpoint without it keeps the layer's own.
-  const bool has_state = recipe.scaling == fp8::Scaling::Delayed && !empty && missing.size() < buffers.size();
+  const bool has_state =
+      recipe.scaling == fp8::Scaling::Delayed && !empty && missing.size() + 1 < buffers.size();
   if (has_state && !missing.empty()) {  // part of a state
     std::string names;
     for (const auto& name : missing) names += (names.empty() ? "" : ", ") + name;
@@ -824,7 +857,15 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
   if (has_state) {
-    for (auto& item : named_buffers(/*recurse=*/false)) archive.read(item.key(), item.value(), /*is_buffer=*/true);
+    for (auto& item : named_buffers(/*recurse=*/false)) {
+      if (item.key() == "fp8_turn" && turn_missing) {
+        // Saved between steps, as checkpoints are: the backward updated last, the initial turn.
+        torch::NoGradGuard no_grad;
+        item.value().copy_(fp8::make_scaling_state(recipe, item.value().options()).turn);
+      } else {
+        archive.read(item.key(), item.value(), /*is_buffer=*/true);
+      }
+    }
   }
 }
 

@@ -100,7 +100,7 @@ Fp8Input check_fp8_blockwise(const at::Tensor& input, at::ScalarType dtype, int6
 
 AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tensor& scale,
                                  const at::Tensor& scale_inv, at::ScalarType dtype, c10::string_view algo,
-                                 int64_t margin) {
+                                 int64_t margin, const std::optional<at::Tensor>& turn, int64_t side) {
   constexpr const char* op = "mixprec::fp8_update_scales_";
   parse_fp8_dtype(dtype, op);
   check_margin(margin, op);
@@ -127,6 +127,19 @@ AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tenso
   check_no_overlap(scale, "scale", scale_inv, "scale_inv", op);
   check_no_overlap(scale, "scale", amax_history, "amax_history", op);
   check_no_overlap(scale_inv, "scale_inv", amax_history, "amax_history", op);
+  if (turn.has_value()) {
+    const at::Tensor& t = *turn;
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.scalar_type() == at::kFloat && t.numel() == 1, op,
+                ": turn must be a one-element float32 tensor, got ",
+                t.defined() ? t.toString() + " of shape " + c10::str(t.sizes()) : std::string("an undefined tensor"));
+    TORCH_CHECK(t.device() == amax_history.device(), op, ": turn is on ", t.device(), " but amax_history is on ",
+                amax_history.device(), "; every tensor must be on the same device");
+    TORCH_CHECK_VALUE(side == 0 || side == 1, op, ": side must be 0 (the forward's scales) or 1 (the backward's), got ",
+                      side);
+    check_no_overlap(t, "turn", amax_history, "amax_history", op);
+    check_no_overlap(t, "turn", scale, "scale", op);
+    check_no_overlap(t, "turn", scale_inv, "scale_inv", op);
+  }
   return a == "max" ? AmaxAlgo::Max : AmaxAlgo::MostRecent;
 }
 

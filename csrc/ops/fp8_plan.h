@@ -69,10 +69,11 @@ Fp8Input check_fp8_blockwise(const at::Tensor& input, at::ScalarType dtype, int6
 enum class AmaxAlgo : int { Max = 0, MostRecent = 1 };
 
 /// fp8_update_scales_: amax_history a contiguous fp32 [history, n] matrix (history >= 1), scale and
-/// scale_inv contiguous fp32 [n] vectors, all on one device; algo "max" or "most_recent"; margin in [0, 32].
+/// scale_inv contiguous fp32 [n] vectors, all on one device; algo "max" or "most_recent"; margin in [0, 32];
+/// `turn` (if given) a one-element fp32 tensor on that device, apart from the others, and side 0 or 1.
 AmaxAlgo check_fp8_update_scales(const at::Tensor& amax_history, const at::Tensor& scale,
                                  const at::Tensor& scale_inv, at::ScalarType dtype, c10::string_view algo,
-                                 int64_t margin);
+                                 int64_t margin, const std::optional<at::Tensor>& turn, int64_t side);
 
 /// How a scale_inv tensor covers its [rows, k] GEMM operand: blocks of block_rows x block_cols elements.
 struct Fp8ScaleLayout {

@@ -156,7 +156,8 @@ using UpdateScale =
 struct Fp8UpdateScalesName {
   static constexpr const char* value = "mixprec::fp8_update_scales_";
 };
-using Fp8UpdateScales = Inplace<Fp8UpdateScalesName, void(T, T, T, at::ScalarType, c10::string_view, int64_t, bool)>;
+using Fp8UpdateScales =
+    Inplace<Fp8UpdateScalesName, void(T, T, T, at::ScalarType, c10::string_view, int64_t, bool, OptTensor, int64_t)>;
 
 struct Fp8GemmAccumName {
   static constexpr const char* value = "mixprec::fp8_gemm_accum_";

@@ -53,7 +53,7 @@ TORCH_LIBRARY(mixprec, m) {
       tags);
   m.def(
       "fp8_update_scales_(Tensor(a!) amax_history, Tensor(b!) scale, Tensor(c!) scale_inv, ScalarType dtype, "
-      "str algo=\"max\", int margin=0, bool pow2_scales=False) -> ()",
+      "str algo=\"max\", int margin=0, bool pow2_scales=False, Tensor(d!)? turn=None, int side=0) -> ()",
       tags);
   // out = (a * a_scale_inv) @ (b * b_scale_inv)^T for FP8 a [m, k], b [n, k]; scales per tensor, row or block.
   m.def(
@@ -102,20 +102,21 @@ TORCH_LIBRARY(mixprec, m) {
       "str amax_compute_algo, int margin) -> ()");
   // mixprec::fp8::reduce_amax (csrc/fp8/fp8.cpp) over the torch.distributed group of that name.
   m.def("fp8_reduce_amax_(Tensor(a!) forward_amax_history, Tensor(b!) backward_amax_history, str group_name) -> ()");
-  // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling).
+  // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling);
+  // `turn` is ScalingState::turn (None: the scales move on every training pass).
   m.def(
       "float8_linear(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
       "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
       "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, *, "
-      "bool update_state=True) -> Tensor");
+      "bool update_state=True, Tensor(g!)? turn=None) -> Tensor");
   // The same with Float8WeightCache's five tensors: [] to fill (they are returned), or a filled list to use.
   m.def(
       "float8_linear_cached(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) forward_amax_history, "
       "Tensor(b!) forward_scale, Tensor(c!) forward_scale_inv, Tensor(d!) backward_amax_history, "
       "Tensor(e!) backward_scale, Tensor(f!) backward_scale_inv, str scaling, ScalarType forward_dtype, "
       "ScalarType backward_dtype, str amax_compute_algo, int margin, bool pow2_scales, bool fast_accum, "
-      "Tensor[] weight_cache, *, bool update_state=True) -> (Tensor, Tensor[])");
+      "Tensor[] weight_cache, *, bool update_state=True, Tensor(g!)? turn=None) -> (Tensor, Tensor[])");
   // mixprec::nn::int8_linear (csrc/nn/int8_linear.cpp): which GEMMs run in INT8.
   m.def(
       "int8_linear(Tensor input, Tensor weight, Tensor? bias=None, bool int8_forward=True, "

@@ -194,6 +194,8 @@ def update_scales_(
     algo: str = "max",
     margin: int = 0,
     pow2_scales: bool = False,
+    turn: Optional[torch.Tensor] = None,
+    side: int = 0,
 ) -> None:
     """Delayed scaling's update, in place and on the device.
 
@@ -201,9 +203,15 @@ def update_scales_(
     tensors, rows 1.. the steps before (newest first). ``scale[j]`` becomes the scale of the column's max
     (``algo="max"``) or of row 0 (``"most_recent"``), ``scale_inv[j] = 1 / scale[j]``; an amax of 0, inf or
     NaN keeps the previous scale. Then the window moves down one row and row 0 is zeroed.
+
+    ``turn`` (a one-element float32 tensor on the same device, shared by a layer's forward and backward
+    updates) with ``side`` (0 for the forward's scales, 1 for the backward's): the update runs only if
+    ``turn != side``, and ``turn`` becomes ``side``, read and written on the device. So each side's scales
+    move once per forward-backward cycle, however often that side runs within it (:class:`mixprec.nn.Float8Linear`'s
+    ``fp8_turn``).
     """
     torch.ops.mixprec.fp8_update_scales_.default(
-        amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales)
+        amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales), turn, int(side)
     )
 
 

@@ -240,7 +240,7 @@ def _adopt(module: Linear) -> None:
 
 
 _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_scale_inv",
-                "fp8_backward_amax_history", "fp8_backward_scale", "fp8_backward_scale_inv")
+                "fp8_backward_amax_history", "fp8_backward_scale", "fp8_backward_scale_inv", "fp8_turn")
 
 
 def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
@@ -253,9 +253,12 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     ``recipe.backward_dtype``, each scaled as the recipe says; the output, input-gradient and
     weight-gradient products are :func:`mixprec.fp8.gemm` calls with fp32 accumulation. The weight
     gradient is fp32 and, as in :func:`linear`, is added into an fp32 ``weight.grad`` in place (beta = 1)
-    in a plain backward. ``state`` holds the six delayed-scaling tensors (:class:`Float8Linear`'s buffers),
-    updated in place; other recipes ignore it. On CUDA every GEMM dimension (tokens, in and out features)
-    must be a multiple of 16.
+    in a plain backward. ``state`` holds the seven delayed-scaling tensors (:class:`Float8Linear`'s buffers,
+    ``mixprec::fp8::ScalingState``), updated in place; other recipes ignore it. The seventh, the turn, makes
+    the forward's scales move only at the first forward after a backward and the backward's at the first
+    backward after a forward (amaxes recorded in between combine by max); a state of the first six alone
+    moves them on every training pass. On CUDA every GEMM dimension (tokens, in and out features) must be a
+    multiple of 16.
 
     ``weight_cache`` keeps the quantized weight across gradient-accumulation micro-batches: an empty list
     is filled by the call (the op ``mixprec::float8_linear_cached`` returns the tensors), a filled one is
@@ -268,10 +271,12 @@ def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: 
     inside a backward (activation checkpointing's recomputation) reads it so too: it quantizes as the
     original forward did and records nothing twice."""
     _check_ddp(weight)
-    args = (input, weight, bias, *state, recipe.scaling, recipe.forward_dtype, recipe.backward_dtype,
+    if len(state) not in (6, 7):
+        raise ValueError(f"state must be the 6 or 7 scaling tensors of mixprec::fp8::ScalingState, got {len(state)}")
+    args = (input, weight, bias, *state[:6], recipe.scaling, recipe.forward_dtype, recipe.backward_dtype,
             recipe.amax_compute_algo, int(recipe.margin), bool(recipe.pow2_scales), bool(recipe.fast_accum))
     return _with_cache(torch.ops.mixprec.float8_linear, torch.ops.mixprec.float8_linear_cached, args, weight_cache,
-                       update_state=bool(update_state))
+                       update_state=bool(update_state), turn=state[6] if len(state) == 7 else None)
 
 
 def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[list[Tensor]], **kwargs: Any) -> Tensor:
@@ -292,7 +297,8 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     Same constructor, parameters and initialisation as ``torch.nn.Linear`` plus ``recipe``; the weight
     keeps its dtype and gets an fp32 gradient as in :class:`Linear`. Delayed scaling's state lives in
     buffers (``fp8_forward_amax_history`` ``[history, 2]``, ``fp8_forward_scale``/``_scale_inv`` ``[2]``,
-    ``fp8_backward_*`` likewise for the output gradient), so ``state_dict()`` holds it as plain tensors and
+    ``fp8_backward_*`` likewise for the output gradient, and ``fp8_turn``, which keeps the scales of each
+    side to one update per forward-backward cycle), so ``state_dict()`` holds it as plain tensors and
     resuming is exact; the other recipes keep no state, and their state dict is ``torch.nn.Linear``'s. The
     forward quantizes with ``fp8_forward_scale`` and dequantizes with its reciprocal, so buffers averaged or
     edited from outside (``torch.optim.swa_utils.AveragedModel(..., use_buffers=True)`` for an EMA) stay a
@@ -303,8 +309,8 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     every rank scales alike (Transformer Engine's ``reduce_amax``). Without it each rank scales by its own
     data, which is correct but not identical across data-parallel ranks. One all-reduce of three floats
     per layer and step, asynchronous on NCCL, in training forwards with gradients enabled (every rank must
-    run them, as under DDP). The backward's amax is reduced by the next forward, so a layer that runs two
-    forwards before their backwards (shared weights, pipeline schedules) reduces it less often. Other
+    run them, as under DDP). The backward's amax is reduced by the next forward, before the next backward
+    updates from it (each side updates once per forward-backward cycle, see ``fp8_turn``). Other
     recipes scale each tensor from itself and ignore it. A deep copy shares the group with the original, as
     C++'s ``clone()`` does (a copy trained beside it keeps reducing); a pickle leaves it unset (a process
     group belongs to its process; set it again after loading). Under ``DistributedDataParallel``, whose
@@ -388,6 +394,11 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         elif prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
             for key, name in zip(keys, _FP8_BUFFERS):
                 state_dict[key] = getattr(self, name)
+        elif keys[-1] not in state_dict and any(key in state_dict for key in keys[:-1]):
+            # fp8_turn came after the other six: an older checkpoint, saved between steps, takes the initial
+            # turn (the backward updated last).
+            state_dict[keys[-1]] = torch.ops.mixprec.fp8_scaling_state(
+                "delayed", int(self.recipe.amax_history_len), self.weight)[6]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":

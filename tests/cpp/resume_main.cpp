@@ -102,9 +102,9 @@ int main(int argc, char** argv) {
     for (const auto& item : sa) same = same && sb.contains(item.key()) && sb.at(item.key()) == item.value();
     auto a = model->parameters(), b = other->parameters();
     for (size_t i = 0; i < a.size(); ++i) same = same && torch::equal(a[i].view(torch::kShort), b[i].view(torch::kShort));
-    // The FP8 scaling state: histories, scales and their inverses.
+    // The FP8 scaling state: histories, scales and their inverses, and the turn.
     const auto buffers_a = model->named_buffers(), buffers_b = other->named_buffers();
-    same = same && buffers_a.size() == 6 && buffers_b.size() == 6;
+    same = same && buffers_a.size() == 7 && buffers_b.size() == 7;
     for (const auto& item : buffers_a) same = same && torch::equal(item.value(), buffers_b[item.key()]);
     for (size_t i = 0; i < a.size(); ++i) {
       auto& sa = static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(a[i].unsafeGetTensorImpl()));

@@ -281,6 +281,63 @@ TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scal
   REQUIRE(torch::equal(other->weight, pretrained->weight));
 }
 
+TEST_CASE("nn::Float8Linear: each side's scales move once per forward-backward cycle", "[fp8][nn]") {
+  torch::manual_seed(9);
+  mixprec::fp8::Recipe recipe;
+  recipe.amax_history_len = 4;
+  mixprec::nn::Float8Linear layer(torch::nn::LinearOptions(32, 16), recipe);
+  REQUIRE(layer->named_buffers()["fp8_turn"].is_same(layer->state.turn));
+  REQUIRE(layer->state.turn.item<float>() == 1.f);  // the first forward updates
+  for (int step = 0; step < 2; ++step) layer->forward(torch::randn({8, 32}) * 3).sum().backward();
+  REQUIRE(layer->state.turn.item<float>() == 1.f);
+
+  // Called twice before its backward: both calls quantize with the scales the first set, the window moves
+  // once, and row 0 holds the larger input amax.
+  const auto x1 = torch::randn({8, 32}) * 5, x2 = torch::randn({8, 32}) * 2;
+  const auto y1 = layer->forward(x1);
+  REQUIRE(layer->state.turn.item<float>() == 0.f);
+  const auto scale = layer->state.forward_scale.clone();
+  const auto window = layer->state.forward_amax_history.slice(0, 1).clone();
+  layer->forward(x2);
+  REQUIRE(torch::equal(layer->forward(x1), y1));
+  REQUIRE(torch::equal(layer->state.forward_scale, scale));
+  REQUIRE(torch::equal(layer->state.forward_amax_history.slice(0, 1), window));
+  const double amax = std::max(x1.to(torch::kDouble).abs().max().item<double>(),
+                               x2.to(torch::kDouble).abs().max().item<double>());
+  REQUIRE(layer->state.forward_amax_history[0][0].item<double>() == amax);
+
+  // A retained graph backpropagated twice: the second output gradient is quantized as the first, so the input
+  // gradient is exactly twice one backward's (as with torch::nn::Linear).
+  auto twin = std::dynamic_pointer_cast<mixprec::nn::Float8LinearImpl>(layer->clone());
+  const auto xa = torch::randn({8, 32}).requires_grad_();
+  const auto xb = xa.detach().clone().requires_grad_();
+  const auto g = torch::randn({8, 16});
+  const auto out = layer->forward(xa);
+  out.backward(g, /*retain_graph=*/true);
+  out.backward(g);
+  twin->forward(xb).backward(g);
+  REQUIRE(torch::equal(xa.grad(), 2 * xb.grad()));
+  REQUIRE(torch::equal(layer->state.backward_scale, twin->state.backward_scale));
+  REQUIRE(layer->state.turn.item<float>() == 1.f);
+
+  // An archive from before the turn existed (the six other buffers) loads, with the initial turn.
+  torch::serialize::OutputArchive older;
+  for (const auto& item : layer->named_parameters(/*recurse=*/false)) older.write(item.key(), item.value());
+  for (const auto& item : layer->named_buffers(/*recurse=*/false)) {
+    if (item.key() != "fp8_turn") older.write(item.key(), item.value(), /*is_buffer=*/true);
+  }
+  std::stringstream stream;
+  older.save_to(stream);
+  torch::serialize::InputArchive in;
+  in.load_from(stream);
+  mixprec::nn::Float8Linear other(torch::nn::LinearOptions(32, 16), recipe);
+  other->forward(x1);  // the forward's turn now
+  other->load(in);
+  REQUIRE(other->state.turn.item<float>() == 1.f);
+  REQUIRE(torch::equal(other->state.forward_amax_history, layer->state.forward_amax_history));
+  REQUIRE(torch::equal(other->weight, layer->weight));
+}
+
 TEST_CASE("nn::Float8Linear: evaluation mode leaves the scaling state", "[fp8][nn]") {
   torch::manual_seed(8);
   mixprec::nn::Float8Linear layer(torch::nn::LinearOptions(64, 32));

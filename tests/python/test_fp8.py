@@ -418,6 +418,39 @@ def test_update_scales_window_and_pow2(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_update_scales_takes_turns(device: str) -> None:
+    """With a turn, a side updates only when the other side (or any value but its own: an averaged 0.5, NaN)
+    updated last, and the turn then names it; an update that is not due leaves history and scales as they
+    were. Checked against the same update without a turn on copies."""
+    for turn_value in (0.0, 1.0, 0.5, math.nan):
+        for side in (0, 1):
+            h = torch.tensor([[3.0, 0.0], [5.0, 7.0], [2.0, 1.0]], device=device)
+            scale, scale_inv = torch.tensor([1.0, 4.0], device=device), torch.full((2,), 0.25, device=device)
+            ungated = [t.clone() for t in (h, scale, scale_inv)]
+            fp8.update_scales_(*ungated, torch.float8_e5m2)
+            due = turn_value != side  # NaN != side
+            want = ungated if due else [t.clone() for t in (h, scale, scale_inv)]
+            turn = torch.tensor([turn_value], device=device)
+            fp8.update_scales_(h, scale, scale_inv, torch.float8_e5m2, turn=turn, side=side)
+            assert all(torch.equal(a, b) for a, b in zip((h, scale, scale_inv), want)), (turn_value, side)
+            assert turn.item() == side
+    # A forward, a second forward, a backward, a second backward: each side moves once.
+    fwd = [torch.tensor([[2.0]], device=device), torch.ones(1, device=device), torch.ones(1, device=device)]
+    bwd = [torch.tensor([[8.0]], device=device), torch.ones(1, device=device), torch.ones(1, device=device)]
+    turn = torch.ones(1, device=device)
+    for state, side, moved in ((fwd, 0, True), (fwd, 0, False), (bwd, 1, True), (bwd, 1, False)):
+        before = state[1].clone()
+        state[0].fill_(4.0)
+        fp8.update_scales_(*state, torch.float8_e4m3fn, turn=turn, side=side)
+        assert (not torch.equal(state[1], before)) == moved, (side, moved)
+    # An empty history still passes the turn on.
+    turn = torch.zeros(1, device=device)
+    fp8.update_scales_(torch.zeros(4, 0, device=device), torch.ones(0, device=device), torch.ones(0, device=device),
+                       turn=turn, side=1)
+    assert turn.item() == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_delayed_recipe_round_trip(device: str) -> None:
     """quantize's amax feeds the history; the next step's scale maps that amax onto 448."""
     x = (torch.randn(64, 64) * 12).to(device)
@@ -446,9 +479,10 @@ def test_opcheck(device: str) -> None:
     torch.library.opcheck(torch.ops.mixprec.fp8_quantize_blockwise.default,
                           (x.bfloat16(), torch.float8_e5m2, -1, -1, 0, False, "stochastic", True, 4))
     h = torch.rand(4, 3, device=device)
-    torch.library.opcheck(torch.ops.mixprec.fp8_update_scales_.default,
-                          (h, torch.ones(3, device=device), torch.ones(3, device=device), torch.float8_e4m3fn,
-                           "max", 0, False))
+    for turn in (None, torch.zeros(1, device=device)):
+        torch.library.opcheck(torch.ops.mixprec.fp8_update_scales_.default,
+                              (h.clone(), torch.ones(3, device=device), torch.ones(3, device=device),
+                               torch.float8_e4m3fn, "max", 0, False, turn, 1))
 
 
 def test_max_finite() -> None:
@@ -498,10 +532,14 @@ def test_bad_update_writes_nothing() -> None:
         (dict(amax_history=torch.rand(2)), RuntimeError, r"amax_history must be a \[history, n\] matrix"),
         (dict(amax_history=torch.rand(2, 3)[:, :2]), RuntimeError, "amax_history must be a contiguous"),
         (dict(dtype=torch.bfloat16), ValueError, "dtype must be torch.float8_e4m3fn"),
+        (dict(turn=torch.zeros(2)), RuntimeError, r"turn must be a one-element float32 tensor, got .* shape \[2\]"),
+        (dict(turn=torch.zeros(1, dtype=torch.float64)), RuntimeError, "turn must be a one-element float32"),
+        (dict(turn=torch.zeros(1), side=2), ValueError, "side must be 0 .* or 1 .*, got 2"),
+        (dict(turn=h[0, :1]), RuntimeError, "turn shares memory with amax_history"),
     ]
     for overrides, error, message in cases:
         args = dict(amax_history=h, scale=scale, scale_inv=scale_inv, dtype=torch.float8_e4m3fn)
-        kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ("algo", "margin")}
+        kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ("algo", "margin", "turn", "side")}
         args.update(overrides)
         with pytest.raises(error, match=message):
             fp8.update_scales_(args["amax_history"], args["scale"], args["scale_inv"], args["dtype"], **kwargs)

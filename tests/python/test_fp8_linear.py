@@ -120,7 +120,7 @@ def test_weight_cache_across_micro_batches_changes_nothing(name: str) -> None:
         _accumulate(a, xs, gs, cached=False)
         _accumulate(b, xs, gs, cached=False)
     plain, cached = _accumulate(a, xs, gs, cached=False), _accumulate(b, xs, gs, cached=True)
-    assert len(plain) == len(cached) == 13
+    assert len(plain) == len(cached) == 7 + len(mixprec.nn._FP8_BUFFERS)
     for got, want in zip(cached, plain):
         assert torch.equal(got, want)
 
@@ -433,6 +433,110 @@ def test_activation_checkpointing_and_evaluation_change_nothing(name: str, check
             assert torch.equal(a, b)
 
 
+def test_delayed_scaling_moves_once_per_forward_backward_cycle() -> None:
+    """The turn: a layer called twice before its backward quantizes both calls with the scales the first one
+    set (equal outputs for equal inputs), records the max of their amaxes (float64 reference), and moves the
+    window once; a second backward of a retained graph quantizes its output gradient as the first did, so
+    the input gradient is exactly twice one backward's, as with torch.nn.Linear."""
+    torch.manual_seed(5)
+    layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(amax_history_len=4))
+    for _ in range(2):  # a few cycles, so the window holds amaxes and the scales are no longer 1
+        layer(torch.randn(8, 32) * 3).sum().backward()
+    x1, x2 = torch.randn(8, 32) * 5, torch.randn(8, 32) * 2
+    window = layer.fp8_forward_amax_history.clone()
+    y1 = layer(x1)
+    scale, rolled = layer.fp8_forward_scale.clone(), layer.fp8_forward_amax_history[1:].clone()
+    assert not torch.equal(rolled, window[1:])  # the first forward moved the window
+    y2, y1_again = layer(x2), layer(x1)
+    assert torch.equal(y1_again, y1) and torch.equal(layer.fp8_forward_scale, scale)
+    assert torch.equal(layer.fp8_forward_amax_history[1:], rolled)
+    amax = max(x1.double().abs().max().item(), x2.double().abs().max().item())
+    assert layer.fp8_forward_amax_history[0].tolist() == [amax, layer.weight.double().abs().max().item()]
+    # A retained graph backpropagated twice.
+    xa = torch.randn(8, 32, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    twin = copy.deepcopy(layer)
+    g = torch.randn(8, 16)
+    out = layer(xa)
+    out.backward(g, retain_graph=True)
+    out.backward(g)
+    twin(xb).backward(g)
+    assert torch.equal(xa.grad, 2 * xb.grad)
+    assert torch.equal(layer.fp8_backward_scale, twin.fp8_backward_scale)
+    assert torch.equal(layer.fp8_backward_amax_history, twin.fp8_backward_amax_history)
+    assert layer.fp8_turn.item() == twin.fp8_turn.item() == 1.0
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant", "compile-non-reentrant"])
+def test_a_layer_called_twice_trains_the_same_with_activation_checkpointing(checkpointing: str) -> None:
+    """A layer applied twice per step (shared weights) and two micro-batches summed into one loss, with
+    torch.utils.checkpoint around every FP8 call, equal the run without checkpointing bit for bit: each
+    recomputation reads the scales every forward of the cycle used. Under torch.compile too (the whole loss
+    one compiled graph), where AOTAutograd recomputes the checkpointed scale update from the buffers the
+    forward already wrote."""
+    compiled = checkpointing.startswith("compile")
+
+    class Shared(nn.Module):
+        def __init__(self, checkpoint: bool) -> None:
+            super().__init__()
+            torch.manual_seed(11)
+            self.inp, self.mid, self.out = nn.Linear(32, 48), nn.Linear(48, 48), nn.Linear(48, 16)
+            mixprec.nn.convert(self, fp8=fp8.Recipe(amax_history_len=3), filter=lambda n, m: True)
+            self.checkpoint = checkpoint
+
+        def call(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if not self.checkpoint:
+                return layer(x)
+            return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=checkpointing == "reentrant")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.call(self.inp, x))
+            h = torch.relu(self.call(self.mid, h))
+            return self.call(self.out, torch.relu(self.call(self.mid, h)))  # mid twice
+
+    gen = torch.Generator().manual_seed(2)
+    data = [[(torch.randn(8, 32, generator=gen) * s, torch.randn(8, 16, generator=gen)) for s in (4, 1)]
+            for _ in range(4)]
+    runs = []
+    for checkpoint in (False, True):
+        model = Shared(checkpoint)
+
+        def loss_of(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            # Two micro-batches in one loss: every layer runs twice before its backward (mid four times).
+            return sum(nn.functional.mse_loss(model(x.requires_grad_(checkpointing == "reentrant")), y)
+                       for x, y in batch)
+
+        run = torch.compile(loss_of) if compiled else loss_of
+        opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+        for batch in data:
+            opt.zero_grad()
+            run(batch).backward()
+            opt.step()
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+
+
+def test_a_checkpoint_without_the_turn_loads_with_the_initial_turn() -> None:
+    """State dicts saved before fp8_turn existed (the six other buffers) load strictly; the layer takes the
+    initial turn (a checkpoint is saved between steps: the backward updated last), so the next forward
+    updates its scales, as it did when the checkpoint was written."""
+    torch.manual_seed(0)
+    layer = mixprec.nn.Float8Linear(32, 16)
+    layer(torch.randn(8, 32)).sum().backward()
+    older = {k: v for k, v in layer.state_dict().items() if k != "fp8_turn"}
+    layer(torch.randn(8, 32))  # a forward without its backward: the turn is the forward's now
+    assert layer.fp8_turn.item() == 0.0
+    other = mixprec.nn.Float8Linear(32, 16)
+    other.fp8_turn.fill_(0.0)
+    assert str(other.load_state_dict(older)) == "<All keys matched successfully>"
+    assert other.fp8_turn.item() == 1.0
+    for key, value in older.items():
+        assert torch.equal(getattr(other, key), value), key
+    with pytest.raises(RuntimeError, match='Missing key.*"fp8_forward_scale"'):
+        other.load_state_dict({k: v for k, v in older.items() if k != "fp8_forward_scale"})
+
+
 def test_convert_default_filter_and_deepcopy() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 24), nn.Linear(24, 16),
                           nn.Linear(16, 8))
@@ -584,30 +688,38 @@ def test_bad_input() -> None:
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "current",
                                         torch.bfloat16, torch.float8_e5m2, "max", 0, False, True)
     before = [b.clone() for b in layer.buffers()]
+    *six, turn = layer.buffers()
     # The recipe's state on another device than the input (here the input on meta): named, nothing written.
     with pytest.raises(RuntimeError, match="forward_amax_history is on cpu but input is on meta"):
         torch.ops.mixprec.float8_linear(torch.randn(4, 32, device="meta"), layer.weight.to("meta"), None,
-                                        *layer.buffers(), "delayed", torch.float8_e4m3fn, torch.float8_e5m2, "max", 0,
-                                        False, True)
+                                        *six, "delayed", torch.float8_e4m3fn, torch.float8_e5m2, "max", 0,
+                                        False, True, turn=turn)
+    with pytest.raises(RuntimeError, match="turn is on cpu but input is on meta"):
+        torch.ops.mixprec.float8_linear(torch.randn(4, 32, device="meta"), layer.weight.to("meta"), None,
+                                        *[t.to("meta") for t in six], "delayed", torch.float8_e4m3fn,
+                                        torch.float8_e5m2, "max", 0, False, True, turn=turn)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
     with pytest.raises(ValueError, match="amax_compute_algo must be"):
-        torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *layer.buffers(), "delayed",
-                                        torch.float8_e4m3fn, torch.float8_e5m2, "mean", 0, False, True)
+        torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *six, "delayed",
+                                        torch.float8_e4m3fn, torch.float8_e5m2, "mean", 0, False, True, turn=turn)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
+    with pytest.raises(ValueError, match="state must be the 6 or 7 scaling tensors"):
+        mixprec.nn.float8_linear(torch.randn(4, 32), layer.weight, None, six[:5], layer.recipe)
 
 
 def test_scaling_state_buffers() -> None:
     """The buffers Float8Linear registers (C++'s make_scaling_state): delayed scaling's window and scales,
-    fp32 on the weight's device; other recipes six empty, distinct tensors."""
+    fp32 on the weight's device, and the turn (1: the first forward updates); other recipes seven empty,
+    distinct tensors."""
     layer = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(amax_history_len=5), dtype=torch.bfloat16)
     state = [getattr(layer, n) for n in mixprec.nn._FP8_BUFFERS]
-    assert [tuple(t.shape) for t in state] == [(5, 2), (2,), (2,), (5, 1), (1,), (1,)]
-    assert [t.unique().tolist() for t in state] == [[0.0], [1.0], [1.0], [0.0], [1.0], [1.0]]
+    assert [tuple(t.shape) for t in state] == [(5, 2), (2,), (2,), (5, 1), (1,), (1,), (1,)]
+    assert [t.unique().tolist() for t in state] == [[0.0], [1.0], [1.0], [0.0], [1.0], [1.0], [1.0]]
     assert all(t.dtype == torch.float32 and t.device == layer.weight.device for t in state)
     current = mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current"), device="meta")
     state = [getattr(current, n) for n in mixprec.nn._FP8_BUFFERS]
     assert all(t.shape == (0,) and t.device.type == "meta" for t in state)
-    assert len({id(t) for t in state}) == 6
+    assert len({id(t) for t in state}) == 7
     with pytest.raises(ValueError, match="amax_history_len must be >= 1"):
         torch.ops.mixprec.fp8_scaling_state("delayed", 0, layer.weight)
 
@@ -659,10 +771,11 @@ def test_opcheck(scaling: str) -> None:
     no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     for grad in (True, False):
         x, w, b = (torch.randn(*shape, requires_grad=grad) for shape in ((8, 32), (16, 32), (16,)))
-        args = (x, w, b, *state, *flags)
-        torch.library.opcheck(torch.ops.mixprec.float8_linear.default, args, test_utils=no_schema)
+        args, turn = (x, w, b, *state[:6], *flags), {"turn": state[6]}
+        for kwargs in (turn, {}):  # with the turn and without (a six-tensor state)
+            torch.library.opcheck(torch.ops.mixprec.float8_linear.default, args, kwargs, test_utils=no_schema)
         utils = no_schema if not grad else no_schema[:2]
-        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, []), test_utils=utils)
+        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, []), turn, test_utils=utils)
         cache: list[torch.Tensor] = []
         mixprec.nn.float8_linear(x, w, b, state, recipe, cache)
-        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, cache), test_utils=utils)
+        torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, cache), turn, test_utils=utils)

@@ -74,9 +74,15 @@ BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype,
 /// scale of the history's max (algo "max") or of row 0 ("most_recent"), and scale_inv[j] = 1 / scale[j];
 /// an amax of 0, inf or NaN keeps the previous scale. Then the window moves: every row moves down one,
 /// the oldest drops out, and row 0 is zeroed for the next step.
+/// With `turn` (a one-element float32 tensor shared by a layer's forward and backward updates; `side` 0 for the
+/// forward's, 1 for the backward's), the update runs only if turn != side, and turn becomes side: the scales
+/// of each side move once per forward-backward cycle however often that side runs in it (a layer called
+/// twice before its backward, a graph backpropagated twice, a recomputation that reads the state as the
+/// original pass left it). Read and written on the device, with no host sync.
 void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                     at::ScalarType dtype, std::string_view algo = "max", int64_t margin = 0,
-                    bool pow2_scales = false);
+                    bool pow2_scales = false, const std::optional<at::Tensor>& turn = std::nullopt,
+                    int64_t side = 0);
 
 /// A scaled FP8 GEMM: (a * a_scale_inv) @ (b * b_scale_inv)^T for a [m, k] and b [n, k] (float8_e4m3fn
 /// or float8_e5m2; the layout of torch::nn::functional::linear(a, b)), as an [m, n] tensor of `out_dtype`
@@ -133,10 +139,15 @@ void check_recipe(const Recipe& recipe);
 
 /// Delayed scaling's state, as plain fp32 tensors (a layer's buffers, so state dicts hold them): the
 /// forward's amax history [history, 2] (input, weight) with its scale and scale_inv [2], and the
-/// backward's [history, 1] (output gradient) with scale and scale_inv [1]. Scales start at 1.
+/// backward's [history, 1] (output gradient) with scale and scale_inv [1]. Scales start at 1. `turn` [1]
+/// says which side updated its scales last (0 the forward, 1 the backward; it starts at 1, so the first
+/// forward updates): each side updates once per turn (see update_scales_), and amaxes recorded within a
+/// turn are combined by max. A state without `turn` (undefined) updates on every training pass, as before
+/// it existed.
 struct ScalingState {
   at::Tensor forward_amax_history, forward_scale, forward_scale_inv;
   at::Tensor backward_amax_history, backward_scale, backward_scale_inv;
+  at::Tensor turn;
 };
 
 /// Fresh state for `recipe` on `options`' device (empty tensors for the recipes without state).

@@ -92,7 +92,10 @@ struct Float8WeightCache {
 /// scales or recording amaxes, as BatchNorm's eval mode reads its running statistics: the forward's, and the
 /// backward's when gradients are taken through it (input gradients of a model in eval mode). A forward
 /// that runs inside a backward (activation checkpointing's recomputation) reads it so too, whatever
-/// `update_state` says: it quantizes as the original forward did and records nothing twice.
+/// `update_state` says: it quantizes as the original forward did and records nothing twice. With
+/// `state.turn` (make_scaling_state's) the forward's scales move only at the first forward after a backward and
+/// the backward's at the first backward after a forward, so a layer called twice before its backward
+/// quantizes both calls alike (and so does their recomputation).
 torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
                             const fp8::ScalingState& state, const fp8::Recipe& recipe = {},
                             Float8WeightCache* cache = nullptr, bool update_state = true);

@@ -163,8 +163,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// With a `turn` the launch is one block: every thread reads it before thread 0 writes it.
 __global__ void update_scales_kernel(float* history, float* scale, float* scale_inv, int64_t length, int64_t n,
-                                     float fp8_max, bool use_max, int margin, bool pow2) {
+                                     float fp8_max, bool use_max, int margin, bool pow2, float* turn, float side) {
+  const bool due = turn == nullptr || *turn != side;
+  if (turn != nullptr) {
+    __syncthreads();
+    if (threadIdx.x == 0) *turn = side;
+  }
+  if (!due) return;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t amax = magnitude_bits(history[j]);
@@ -267,15 +274,20 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cuda(const at::Tensor&
 }
 
 void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
-                             at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales) {
-  const detail::AmaxAlgo a = detail::check_fp8_update_scales(amax_history, scale, scale_inv, dtype, algo, margin);
+                             at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales,
+                             const std::optional<at::Tensor>& turn, int64_t side) {
+  const detail::AmaxAlgo a =
+      detail::check_fp8_update_scales(amax_history, scale, scale_inv, dtype, algo, margin, turn, side);
   const float fp8_max = fp8::max_finite(detail::parse_fp8_dtype(dtype, "mixprec::fp8_update_scales_"));
   const c10::cuda::CUDAGuard guard(amax_history.device());
   const int64_t n = amax_history.size(1);
-  if (n == 0) return;
-  update_scales_kernel<<<grid_for(n, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  if (n == 0 && !turn.has_value()) return;
+  // A turn is read and written by the kernel (no host sync); one block, so that no block reads it late.
+  update_scales_kernel<<<turn.has_value() ? 1 : grid_for(n, kThreads), kThreads, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(
       amax_history.data_ptr<float>(), scale.data_ptr<float>(), scale_inv.data_ptr<float>(), amax_history.size(0), n,
-      fp8_max, a == detail::AmaxAlgo::Max, static_cast<int>(margin), pow2_scales);
+      fp8_max, a == detail::AmaxAlgo::Max, static_cast<int>(margin), pow2_scales,
+      turn.has_value() ? turn->data_ptr<float>() : nullptr, static_cast<float>(side));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
