@@ -55,6 +55,16 @@ const char* dtype_name(c10::ScalarType t) {
 
 }  // namespace
 
+namespace {
+at::Tensor cast_floating(const at::Tensor& t, c10::ScalarType dtype) {
+  return t.defined() && t.is_floating_point() && t.scalar_type() != dtype ? t.to(dtype) : t;
+}
+}  // namespace
+
+at::Tensor Policy::cast_to_compute(const at::Tensor& t) const { return cast_floating(t, compute_dtype); }
+at::Tensor Policy::cast_to_param(const at::Tensor& t) const { return cast_floating(t, param_dtype); }
+at::Tensor Policy::cast_to_output(const at::Tensor& t) const { return cast_floating(t, output_dtype); }
+
 bool Policy::keeps_fp32(const std::string& module_type) const {
   return std::any_of(keep_fp32.begin(), keep_fp32.end(),
                      [&](const std::string& k) { return !k.empty() && module_type.find(k) != std::string::npos; });

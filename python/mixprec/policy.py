@@ -186,6 +186,20 @@ class Policy:
     def __hash__(self) -> int:  # equal policies (aliases of one name included) hash alike: dict keys, caches
         return hash((self.name, tuple(self.keep_fp32)))
 
+    def cast_to_compute(self, value: Any) -> Any:
+        """jmp's cast: the floating tensors in ``value`` (nested lists, tuples, namedtuples and dicts too) in
+        the compute dtype, differentiably (``Tensor.to``); other values unchanged. C++: ``Policy::cast_to_compute``."""
+        return _cast_floating(value, self.compute_dtype)
+
+    def cast_to_param(self, value: Any) -> Any:
+        """As :meth:`cast_to_compute`, to the parameter (storage) dtype."""
+        return _cast_floating(value, self.param_dtype)
+
+    def cast_to_output(self, value: Any) -> Any:
+        """As :meth:`cast_to_compute`, to the output dtype (the compute dtype unless the name says ``output=``):
+        ``policy.cast_to_output(model(policy.cast_to_compute(x)))``, as with jmp."""
+        return _cast_floating(value, self.output_dtype)
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Cast ``model``'s parameters and floating buffers to the storage dtype, except those of
         fp32-kept modules, which become fp32 and get their floating inputs upcast to fp32 and their

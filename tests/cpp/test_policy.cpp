@@ -94,3 +94,21 @@ TEST_CASE("apply() rejects modules with non-floating parameters and changes noth
   REQUIRE_THROWS_WITH(mixprec::apply(*lin, mixprec::Policy::bfloat16()), Catch::Contains("ticks"));
   REQUIRE(lin->weight.scalar_type() == torch::kFloat);
 }
+
+TEST_CASE("jmp's casts: floating tensors to the compute, param and output dtypes, others unchanged", "[policy]") {
+  const auto policy = mixprec::Policy::from_string("params=float32,compute=bfloat16,output=float32");
+  const auto x = torch::randn({3, 4}).requires_grad_();
+  const auto c = policy.cast_to_compute(x);
+  REQUIRE(c.scalar_type() == torch::kBFloat16);
+  REQUIRE(torch::equal(c, x.to(torch::kBFloat16)));
+  const auto out = policy.cast_to_output(c * 2);
+  REQUIRE(out.scalar_type() == torch::kFloat);
+  out.sum().backward();  // differentiable, as Tensor::to
+  REQUIRE(torch::equal(x.grad(), torch::full({3, 4}, 2.f)));
+  REQUIRE(policy.cast_to_param(x).is_same(x));  // already fp32: the same tensor
+  const auto index = torch::arange(3);
+  REQUIRE(policy.cast_to_compute(index).is_same(index));  // integers pass unchanged
+  REQUIRE_FALSE(policy.cast_to_output(torch::Tensor()).defined());
+  REQUIRE(mixprec::Policy::bfloat16().cast_to_param(x).scalar_type() == torch::kBFloat16);
+  REQUIRE(mixprec::Policy::mixed_float16().cast_to_output(x).scalar_type() == torch::kHalf);  // output = compute
+}

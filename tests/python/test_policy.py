@@ -435,3 +435,26 @@ def test_a_pure_16_bit_policys_optimizer_resumes_bit_for_bit() -> None:
     train(resumed, resumed_opt, range(3, 6))
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mixed_bfloat16", "params=float32,compute=bfloat16,output=float32", "float16"])
+def test_jmp_casts_follow_the_policys_dtypes(name: str) -> None:
+    """cast_to_compute / cast_to_param / cast_to_output (jmp's API) move floating tensors, nested in containers
+    too, to the policy's dtypes, differentiably; integer tensors and other values pass unchanged. The output
+    dtype is the compute dtype unless the name says otherwise."""
+    policy = Policy(name)
+    x = torch.randn(3, 4, requires_grad=True)
+    index = torch.arange(3)
+    for cast, dtype in ((policy.cast_to_compute, policy.compute_dtype), (policy.cast_to_param, policy.param_dtype),
+                        (policy.cast_to_output, policy.output_dtype)):
+        out = cast({"x": [x, (x, index)], "n": 3})
+        assert out["n"] == 3 and out["x"][1][1] is index
+        assert out["x"][0].dtype == out["x"][1][0].dtype == dtype
+        assert torch.equal(out["x"][0], x.to(dtype))
+        out["x"][0].float().sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))
+        x.grad = None
+    expected_output = torch.float32 if "output=float32" in name else policy.compute_dtype
+    assert policy.output_dtype == expected_output
+    y = torch.randn(2, dtype=policy.output_dtype)
+    assert policy.cast_to_output(y) is y  # already in that dtype: the same tensor, as Tensor.to

@@ -3,6 +3,7 @@
 // and cast a module's storage with it (mixprec::apply). Python's mixprec.Policy wraps this same parser.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <torch/nn/module.h>
@@ -34,6 +35,13 @@ struct Policy {
   bool needs_loss_scaling() const { return compute_dtype == c10::ScalarType::Half; }
   /// Whether a module of this type name stays in fp32.
   bool keeps_fp32(const std::string& module_type) const;
+
+  /// jmp's casts: `t` in the compute, param or output dtype if it is floating point (differentiably, as
+  /// Tensor::to; the same tensor if it already has that dtype), unchanged otherwise (indices, masks). E.g.
+  /// `policy.cast_to_output(model->forward(policy.cast_to_compute(x)))`.
+  at::Tensor cast_to_compute(const at::Tensor& t) const;
+  at::Tensor cast_to_param(const at::Tensor& t) const;
+  at::Tensor cast_to_output(const at::Tensor& t) const;
 
   /// Parses every name users already know: ours (float32, mixed_float16, mixed_bfloat16, float16,
   /// bfloat16), Keras's (mixed_float16, mixed_bfloat16), Lightning's (32-true, 16-mixed, bf16-mixed,
