@@ -269,14 +269,7 @@ void Int8LinearImpl::to(torch::Device device, bool non_blocking) {
 
 torch::Tensor Int8LinearImpl::forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch) {
   if (!is_first_microbatch.has_value()) return int8_linear(input, weight, bias, gemms);
-  // A forward inside a backward (a recomputation) of the first micro-batch reuses the filled cache: it holds
-  // the weight the original forward quantized, and a recomputation may stop before it fills a new one.
-  if (*is_first_microbatch) {
-    if (weight_cache.empty() || torch::autograd::get_current_graph_task_id() == -1) weight_cache = {};
-  } else {
-    TORCH_CHECK(!weight_cache.empty(), "mixprec::nn::Int8Linear: is_first_microbatch=false reuses the weight "
-                "quantized by an earlier call with is_first_microbatch=true, and there was none");
-  }
+  detail::prepare_weight_cache(weight_cache, *is_first_microbatch, "mixprec::nn::Int8Linear");
   return int8_linear(input, weight, bias, gemms, &weight_cache);
 }
 

@@ -878,14 +878,7 @@ torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optiona
   if (!is_first_microbatch.has_value()) {
     return float8_linear(input, weight, bias, state, recipe, nullptr, is_training());
   }
-  // A forward inside a backward (a recomputation) of the first micro-batch reuses the filled cache: it holds
-  // the weight the original forward quantized, and a recomputation may stop before it fills a new one.
-  if (*is_first_microbatch) {
-    if (weight_cache.empty() || torch::autograd::get_current_graph_task_id() == -1) weight_cache = {};
-  } else {
-    TORCH_CHECK(!weight_cache.empty(), "mixprec::nn::Float8Linear: is_first_microbatch=false reuses the weight "
-                "quantized by an earlier call with is_first_microbatch=true, and there was none");
-  }
+  detail::prepare_weight_cache(weight_cache, *is_first_microbatch, "mixprec::nn::Float8Linear");
   return float8_linear(input, weight, bias, state, recipe, &weight_cache, is_training());
 }
 

@@ -3,7 +3,9 @@
 // Internal to libmixprec.
 #pragma once
 
+#include <c10/util/Exception.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/options/linear.h>
@@ -76,5 +78,19 @@ void register_linear_parameters(torch::nn::Module& m, const torch::nn::LinearOpt
 /// A converting constructor's parameters: `other`'s own tensors, not copies.
 void adopt_linear_parameters(torch::nn::Module& m, const torch::nn::LinearImpl& other, torch::Tensor& weight,
                              torch::Tensor& bias);
+
+// is_first_microbatch's rule for an 8-bit layer's weight cache (Transformer Engine's argument): true empties
+// the cache so that the call fills it again, except in a forward inside a backward (a recomputation of the
+// first micro-batch), which reuses the filled one: it holds the weight the original forward quantized, and a
+// recomputation may stop before it fills a new one. false needs a filled cache. `layer` names the layer.
+template <typename Cache>
+void prepare_weight_cache(Cache& cache, bool is_first_microbatch, const char* layer) {
+  if (is_first_microbatch) {
+    if (cache.empty() || torch::autograd::get_current_graph_task_id() == -1) cache = {};
+  } else {
+    TORCH_CHECK(!cache.empty(), layer, ": is_first_microbatch=false reuses the weight quantized by an earlier call "
+                "with is_first_microbatch=true, and there was none");
+  }
+}
 
 }  // namespace mixprec::nn::detail
