@@ -267,8 +267,23 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults)
     : Adam(param_groups, std::move(defaults), /*decoupled=*/false) {}
 
+namespace {
+
+// A copy of `options` of its own type (AdamWOptions stay AdamWOptions).
+std::unique_ptr<AdamOptions> copy_options(const AdamOptions& options) {
+  const torch::optim::OptimizerOptions& base = options;  // clone() is public there
+  return std::unique_ptr<AdamOptions>(static_cast<AdamOptions*>(base.clone().release()));
+}
+
+// AdamW's options are AdamWOptions, Adam's AdamOptions, as torch's optimizers keep theirs.
+std::unique_ptr<AdamOptions> options_for(const AdamOptions& options, bool decoupled) {
+  return decoupled ? std::make_unique<AdamWOptions>(options) : std::make_unique<AdamOptions>(options);
+}
+
+}  // namespace
+
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults, bool decoupled)
-    : torch::optim::Optimizer(param_groups, std::make_unique<AdamOptions>(defaults)), decoupled_(decoupled) {
+    : torch::optim::Optimizer(param_groups, options_for(defaults, decoupled)), decoupled_(decoupled) {
   AdamCore::check_options(defaults);
   // torch's constructor gave every group a copy of the defaults (it merges only its own optimizers' options):
   // put each group's own options back.
@@ -289,7 +304,7 @@ void Adam::add_param_group(const torch::optim::OptimizerParamGroup& param_group)
 
 std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerParamGroup& param_group) const {
   const auto& defaults = static_cast<const AdamOptions&>(*defaults_);
-  if (!param_group.has_options()) return std::make_unique<AdamOptions>(defaults);
+  if (!param_group.has_options()) return copy_options(defaults);
   const torch::optim::OptimizerOptions& given = param_group.options();
   // The group's options, and what its type's constructor gives (a field equal to that was not set).
   AdamOptions user, fresh;
@@ -307,7 +322,7 @@ std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerPa
     TORCH_CHECK_VALUE(false, "mixprec::optim::Adam: a param group has options of another optimizer; give it "
                       "mixprec::optim::AdamOptions or torch::optim::AdamOptions / AdamWOptions");
   }
-  auto out = std::make_unique<AdamOptions>(defaults);
+  auto out = copy_options(defaults);
   // torch::optim::Optimizer's merge rule for its own optimizers (torch >= 2.10), field by field.
   const auto merge = [&](auto get, auto set) {
     if (get(user) != get(fresh)) set(*out, get(user));
@@ -683,6 +698,10 @@ void Adam::load(torch::serialize::InputArchive& archive) {
   configured.reserve(param_groups_.size());
   for (size_t i = 0; i < param_groups_.size(); ++i) configured.push_back(options_of(i));
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+  // torch's reader makes AdamOptions: AdamW's groups get their own type back.
+  for (size_t i = 0; decoupled_ && i < param_groups_.size(); ++i) {
+    param_groups_[i].set_options(options_for(options_of(i), true));
+  }
   for (size_t i = 0; i < param_groups_.size() && i < configured.size(); ++i) {
     AdamOptions& loaded = options_of(i);
     if (!loaded.has_mixprec_fields_) {  // torch's checkpoint: its options, the group's mixprec settings

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <sstream>
+#include <type_traits>
 
 namespace {
 
@@ -191,6 +192,40 @@ TEST_CASE("AdamWOptions has torch::optim::AdamWOptions' defaults; AdamW takes th
                             std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(5e-3)));
   torch::optim::Adam torch_adam(torch_groups, torch::optim::AdamOptions(1e-2).weight_decay(0.05));
   REQUIRE(static_cast<torch::optim::AdamOptions&>(torch_adam.param_groups()[0].options()).weight_decay() == 0.05);
+}
+
+TEST_CASE("AdamWOptions' setters chain as AdamWOptions, and AdamW's options are AdamWOptions, as torch's",
+          "[optim][dropin]") {
+  // A chain keeps the type (torch's setters return AdamWOptions& too), so `auto` and decltype see AdamW's.
+  auto chained = mixprec::optim::AdamWOptions(0.05).amsgrad(true);
+  static_assert(std::is_same_v<decltype(chained), mixprec::optim::AdamWOptions>);
+  static_assert(std::is_same_v<decltype(torch::optim::AdamWOptions(0.05).amsgrad(true)), torch::optim::AdamWOptions&>);
+  auto params = make_params(torch::kFloat);
+  // As a group's options, the fields left at AdamWOptions' defaults (weight_decay) take the optimizer's: what
+  // torch::optim::AdamW does with its own chained options.
+  std::vector<torch::optim::OptimizerParamGroup> groups, torch_groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params[0]}, std::make_unique<decltype(chained)>(chained));
+  auto theirs = torch::optim::AdamWOptions(0.05).amsgrad(true);
+  torch_groups.emplace_back(std::vector<torch::Tensor>{params[0]}, std::make_unique<decltype(theirs)>(theirs));
+  mixprec::optim::AdamW ours(groups, mixprec::optim::AdamWOptions(0.01).weight_decay(0.3));
+  torch::optim::AdamW torch_opt(torch_groups, torch::optim::AdamWOptions(0.01).weight_decay(0.3));
+  const auto& mine = static_cast<mixprec::optim::AdamOptions&>(ours.param_groups()[0].options());
+  const auto& torchs = static_cast<torch::optim::AdamWOptions&>(torch_opt.param_groups()[0].options());
+  REQUIRE((mine.weight_decay() == torchs.weight_decay() && torchs.weight_decay() == 0.3));
+  REQUIRE((mine.lr() == 0.05 && mine.amsgrad()));
+  // At run time the options are AdamWOptions (defaults and groups), also after a save and load; Adam's are not.
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&ours.defaults()) != nullptr);
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&ours.param_groups()[0].options()) != nullptr);
+  mixprec::optim::AdamW plain(params);
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&plain.param_groups()[0].options()) != nullptr);
+  std::stringstream stream;
+  torch::save(plain, stream);
+  torch::load(plain, stream);
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&plain.param_groups()[0].options()) != nullptr);
+  REQUIRE(static_cast<mixprec::optim::AdamOptions&>(plain.param_groups()[0].options()).weight_decay() == 1e-2);
+  mixprec::optim::Adam adam(params);
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&adam.defaults()) == nullptr);
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&adam.param_groups()[0].options()) == nullptr);
 }
 
 TEST_CASE("amsgrad(true) tracks torch::optim::Adam/AdamW with amsgrad, state included, and survives a checkpoint",

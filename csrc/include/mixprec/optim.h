@@ -58,10 +58,37 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   bool has_mixprec_fields_ = true;
 };
 
-/// torch::optim::AdamWOptions' defaults (weight_decay 1e-2) for mixprec::optim::AdamW. The setters are
-/// AdamOptions', so `AdamWOptions(3e-4).weight_decay(0.1)` chains as with torch.
+// AdamWOptions' accessors: AdamOptions' own, with setters that return AdamWOptions& (as torch's do), so a
+// chain such as `auto o = AdamWOptions(3e-4).amsgrad(true)` keeps the AdamW type and its defaults.
+#define MIXPREC_ADAMW_ARG(T, name)                                   \
+  AdamWOptions& name(const T& value) {                               \
+    AdamOptions::name(value);                                        \
+    return *this;                                                    \
+  }                                                                  \
+  AdamWOptions& name(T&& value) {                                    \
+    AdamOptions::name(std::move(value));                             \
+    return *this;                                                    \
+  }                                                                  \
+  const T& name() const noexcept { return AdamOptions::name(); }     \
+  T& name() noexcept { return AdamOptions::name(); }
+
+/// torch::optim::AdamWOptions' defaults (weight_decay 1e-2) for mixprec::optim::AdamW, with every setter
+/// returning AdamWOptions&, so `AdamWOptions(3e-4).weight_decay(0.1)` chains as with torch and stays AdamW's.
+/// mixprec::optim::AdamW's defaults and group options are of this type.
 struct AdamWOptions : public AdamOptions {
   AdamWOptions(double lr = 1e-3) : AdamOptions(lr) { weight_decay(1e-2); }  // NOLINT(google-explicit-constructor)
+  using Betas = std::tuple<double, double>;  // AdamOptions::betas_t, which TORCH_ARG leaves private
+  MIXPREC_ADAMW_ARG(double, lr)
+  MIXPREC_ADAMW_ARG(Betas, betas)
+  MIXPREC_ADAMW_ARG(double, eps)
+  MIXPREC_ADAMW_ARG(double, weight_decay)
+  MIXPREC_ADAMW_ARG(bool, amsgrad)
+  MIXPREC_ADAMW_ARG(bool, maximize)
+  MIXPREC_ADAMW_ARG(std::string, master_weights)
+  MIXPREC_ADAMW_ARG(c10::ScalarType, moment_dtype)
+  MIXPREC_ADAMW_ARG(std::string, rounding)
+  MIXPREC_ADAMW_ARG(int64_t, seed)
+  MIXPREC_ADAMW_ARG(int64_t, rng_calls)
   /// Options given in full (mixprec's AdamOptions, torch's AdamWOptions / AdamOptions) keep every field as set,
   /// so AdamW's one options parameter takes them all, as torch::optim::AdamW's takes a number or its options.
   AdamWOptions(const AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
@@ -73,6 +100,8 @@ struct AdamWOptions : public AdamOptions {
     return std::make_unique<AdamWOptions>(*this);
   }
 };
+
+#undef MIXPREC_ADAMW_ARG
 
 /// Per-parameter state: step count, moments (with AMSGrad also the running maximum of exp_avg_sq, as in
 /// torch::optim::AdamParamState), and the master copy (fp32) or bf16 remainder (int16).
