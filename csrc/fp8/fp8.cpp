@@ -54,11 +54,11 @@ BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype,
 
 void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                     at::ScalarType dtype, std::string_view algo, int64_t margin, bool pow2_scales,
-                    const std::optional<at::Tensor>& turn, int64_t side) {
+                    const std::optional<at::Tensor>& turn, int64_t side, bool take_turn) {
   static const auto op =
       find_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType, c10::string_view,
-                   int64_t, bool, const std::optional<at::Tensor>&, int64_t)>("mixprec::fp8_update_scales_");
-  op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales, turn, side);
+                   int64_t, bool, const std::optional<at::Tensor>&, int64_t, bool)>("mixprec::fp8_update_scales_");
+  op.call(amax_history, scale, scale_inv, dtype, view(algo), margin, pow2_scales, turn, side, take_turn);
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv, const at::Tensor& b_scale_inv,

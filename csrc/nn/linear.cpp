@@ -370,7 +370,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& maybe_bias, const torch::Tensor& probe,
                                const fp8::ScalingState& state, const fp8::Recipe& recipe,
-                               nn::Float8WeightCache* cache, bool input_grad, bool record, bool record_backward) {
+                               nn::Float8WeightCache* cache, bool input_grad, bool record, bool record_backward,
+                               bool take_turn) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
     const c10::DeviceType device_type = input.device().type();
     std::optional<at::ScalarType> dtype;
@@ -387,12 +388,13 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
     if (recipe.scaling == fp8::Scaling::Delayed) {
       // Without `record` the forward state is read as it stands: neither updated nor recorded into.
       // With a turn, only the first forward after a backward moves the scales: a second call before the
-      // backward (shared weights, summed micro-batch losses, pipeline schedules) quantizes as the first did,
-      // so a recomputation of either, which reads the state as it stands, does too.
+      // backward (shared weights, summed micro-batch losses) quantizes as the first did, so a recomputation of
+      // either, which reads the state as it stands, does too. A call that builds no backward (`take_turn`
+      // false: frozen layers, no_grad) updates whenever due and leaves both sides due.
       if (record) {
         fp8::update_scales_(state.forward_amax_history, state.forward_scale, state.forward_scale_inv,
                             recipe.forward_dtype, recipe.amax_compute_algo, recipe.margin, recipe.pow2_scales,
-                            turn_of(state.turn), /*side=*/0);
+                            turn_of(state.turn), /*side=*/0, take_turn);
       }
       // Dequantized with the reciprocal of the scale it quantized with: the same bits as the state's scale_inv
       // (update_scales_ computes 1.0f / scale), and a consistent pair even when the buffers were averaged or
@@ -536,8 +538,8 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
       grad_bias = g2.sum(0, /*keepdim=*/false, at::kFloat);
     }
     // One per forward argument: input, weight, bias, probe, state, recipe, cache, input_grad, record,
-    // record_backward.
-    return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(), torch::Tensor(),
+    // record_backward, take_turn.
+    return {grad_input,      grad_weight,     grad_bias,       torch::Tensor(), torch::Tensor(), torch::Tensor(),
             torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
@@ -642,8 +644,13 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
   // evaluation forward (update_state false) does; the backward that follows still updates its own state.
   // A backward through an evaluation forward (input gradients of a model in eval mode) updates nothing.
   const bool record = update_state && torch::autograd::get_current_graph_task_id() == -1;
+  // Only a call that builds a backward takes the forward's turn (a frozen layer, or one under no_grad, would
+  // otherwise hold it, and the forward scales would never move again). The original forward of reentrant
+  // checkpointing runs under no_grad too: it updates as every such pass does, and marks the backward due.
+  const bool take_turn = at::GradMode::is_enabled() &&
+                         (input.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
   return Float8LinearFunction::apply(input, weight, maybe_bias, probe_input(weight), state, recipe,
-                                     cache, input_grad, record, update_state);
+                                     cache, input_grad, record, update_state, take_turn);
 }
 
 namespace {

@@ -157,7 +157,7 @@ struct Fp8UpdateScalesName {
   static constexpr const char* value = "mixprec::fp8_update_scales_";
 };
 using Fp8UpdateScales =
-    Inplace<Fp8UpdateScalesName, void(T, T, T, at::ScalarType, c10::string_view, int64_t, bool, OptTensor, int64_t)>;
+    Inplace<Fp8UpdateScalesName, void(T, T, T, at::ScalarType, c10::string_view, int64_t, bool, OptTensor, int64_t, bool)>;
 
 struct Fp8GemmAccumName {
   static constexpr const char* value = "mixprec::fp8_gemm_accum_";

@@ -53,7 +53,8 @@ TORCH_LIBRARY(mixprec, m) {
       tags);
   m.def(
       "fp8_update_scales_(Tensor(a!) amax_history, Tensor(b!) scale, Tensor(c!) scale_inv, ScalarType dtype, "
-      "str algo=\"max\", int margin=0, bool pow2_scales=False, Tensor(d!)? turn=None, int side=0) -> ()",
+      "str algo=\"max\", int margin=0, bool pow2_scales=False, Tensor(d!)? turn=None, int side=0, "
+      "bool take_turn=True) -> ()",
       tags);
   // out = (a * a_scale_inv) @ (b * b_scale_inv)^T for FP8 a [m, k], b [n, k]; scales per tensor, row or block.
   m.def(

@@ -179,6 +179,7 @@ def _fp8_update_scales_fake(
     pow2_scales: bool = False,
     turn: Optional[torch.Tensor] = None,
     side: int = 0,
+    take_turn: bool = True,
 ) -> None:
     return None
 

@@ -196,6 +196,7 @@ def update_scales_(
     pow2_scales: bool = False,
     turn: Optional[torch.Tensor] = None,
     side: int = 0,
+    take_turn: bool = True,
 ) -> None:
     """Delayed scaling's update, in place and on the device.
 
@@ -208,10 +209,12 @@ def update_scales_(
     updates) with ``side`` (0 for the forward's scales, 1 for the backward's): the update runs only if
     ``turn != side``, and ``turn`` becomes ``side``, read and written on the device. So each side's scales
     move once per forward-backward cycle, however often that side runs within it (:class:`mixprec.nn.Float8Linear`'s
-    ``fp8_turn``).
+    ``fp8_turn``). ``take_turn=False`` (a forward that builds no backward: a frozen layer, ``no_grad``,
+    reentrant checkpointing's first pass) is gated alike, but a due update sets ``turn`` to 2 (both sides
+    due) instead of ``side``: such passes keep updating on their own, and a backward that follows updates too.
     """
     torch.ops.mixprec.fp8_update_scales_.default(
-        amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales), turn, int(side)
+        amax_history, scale, scale_inv, dtype, algo, int(margin), bool(pow2_scales), turn, int(side), bool(take_turn)
     )
 
 

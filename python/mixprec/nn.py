@@ -396,9 +396,11 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
                 state_dict[key] = getattr(self, name)
         elif keys[-1] not in state_dict and any(key in state_dict for key in keys[:-1]):
             # fp8_turn came after the other six: an older checkpoint, saved between steps, takes the initial
-            # turn (the backward updated last).
+            # turn (the backward updated last), made where the checkpoint's state lies (load_state_dict with
+            # assign=True puts it in place as it is).
+            like = next(state_dict[key] for key in keys[:-1] if key in state_dict)
             state_dict[keys[-1]] = torch.ops.mixprec.fp8_scaling_state(
-                "delayed", int(self.recipe.amax_history_len), self.weight)[6]
+                "delayed", int(self.recipe.amax_history_len), like)[6]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":

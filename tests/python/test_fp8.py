@@ -419,21 +419,24 @@ def test_update_scales_window_and_pow2(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_update_scales_takes_turns(device: str) -> None:
-    """With a turn, a side updates only when the other side (or any value but its own: an averaged 0.5, NaN)
-    updated last, and the turn then names it; an update that is not due leaves history and scales as they
-    were. Checked against the same update without a turn on copies."""
-    for turn_value in (0.0, 1.0, 0.5, math.nan):
+    """With a turn, a side updates only when the other side (or any value but its own: an averaged 0.5, NaN,
+    2 for both sides) updated last, and the turn then names it; an update that is not due leaves history and
+    scales as they were. Without take_turn a due update marks the turn 2 and one not due leaves it. Checked
+    against the same update without a turn on copies."""
+    for turn_value in (0.0, 1.0, 2.0, 0.5, math.nan):
         for side in (0, 1):
-            h = torch.tensor([[3.0, 0.0], [5.0, 7.0], [2.0, 1.0]], device=device)
-            scale, scale_inv = torch.tensor([1.0, 4.0], device=device), torch.full((2,), 0.25, device=device)
-            ungated = [t.clone() for t in (h, scale, scale_inv)]
-            fp8.update_scales_(*ungated, torch.float8_e5m2)
-            due = turn_value != side  # NaN != side
-            want = ungated if due else [t.clone() for t in (h, scale, scale_inv)]
-            turn = torch.tensor([turn_value], device=device)
-            fp8.update_scales_(h, scale, scale_inv, torch.float8_e5m2, turn=turn, side=side)
-            assert all(torch.equal(a, b) for a, b in zip((h, scale, scale_inv), want)), (turn_value, side)
-            assert turn.item() == side
+            for take_turn in (True, False):
+                h = torch.tensor([[3.0, 0.0], [5.0, 7.0], [2.0, 1.0]], device=device)
+                scale, scale_inv = torch.tensor([1.0, 4.0], device=device), torch.full((2,), 0.25, device=device)
+                ungated = [t.clone() for t in (h, scale, scale_inv)]
+                fp8.update_scales_(*ungated, torch.float8_e5m2)
+                due = turn_value != side  # NaN != side
+                want = ungated if due else [t.clone() for t in (h, scale, scale_inv)]
+                turn = torch.tensor([turn_value], device=device)
+                fp8.update_scales_(h, scale, scale_inv, torch.float8_e5m2, turn=turn, side=side, take_turn=take_turn)
+                assert all(torch.equal(a, b) for a, b in zip((h, scale, scale_inv), want)), (turn_value, side)
+                want_turn = float(side) if take_turn else (2.0 if due else turn_value)
+                assert turn.item() == want_turn or (math.isnan(want_turn) and math.isnan(turn.item()))
     # A forward, a second forward, a backward, a second backward: each side moves once.
     fwd = [torch.tensor([[2.0]], device=device), torch.ones(1, device=device), torch.ones(1, device=device)]
     bwd = [torch.tensor([[8.0]], device=device), torch.ones(1, device=device), torch.ones(1, device=device)]
@@ -479,10 +482,10 @@ def test_opcheck(device: str) -> None:
     torch.library.opcheck(torch.ops.mixprec.fp8_quantize_blockwise.default,
                           (x.bfloat16(), torch.float8_e5m2, -1, -1, 0, False, "stochastic", True, 4))
     h = torch.rand(4, 3, device=device)
-    for turn in (None, torch.zeros(1, device=device)):
+    for turn, take_turn in ((None, True), (torch.zeros(1, device=device), True), (torch.ones(1, device=device), False)):
         torch.library.opcheck(torch.ops.mixprec.fp8_update_scales_.default,
                               (h.clone(), torch.ones(3, device=device), torch.ones(3, device=device),
-                               torch.float8_e4m3fn, "max", 0, False, turn, 1))
+                               torch.float8_e4m3fn, "max", 0, False, turn, 0, take_turn))
 
 
 def test_max_finite() -> None:

@@ -6,6 +6,7 @@ its in-place accumulation, state dicts and exact resume, a small transformer tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -467,10 +468,40 @@ def test_delayed_scaling_moves_once_per_forward_backward_cycle() -> None:
     assert layer.fp8_turn.item() == twin.fp8_turn.item() == 1.0
 
 
-@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant", "compile-non-reentrant"])
+@pytest.mark.parametrize("case", ["frozen", "no_grad"])
+def test_forwards_without_a_backward_keep_updating_the_scales(case: str) -> None:
+    """A layer no backward runs through (frozen, or called under no_grad in train mode: rollouts, a teacher)
+    updates its forward scales on every pass, as a six-tensor state (no turn) does, bit for bit; the turn is
+    left marking both sides due, so a later training step updates both sides as usual."""
+    torch.manual_seed(2)
+    layer = mixprec.nn.Float8Linear(64, 32, recipe=fp8.Recipe(amax_history_len=3))
+    twin = copy.deepcopy(layer)
+    if case == "frozen":
+        layer.requires_grad_(False)
+    xs = [torch.randn(16, 64) * 1000 * (k + 1) for k in range(5)]  # beyond E4M3's 448: the scales must move
+    six = [getattr(twin, n) for n in mixprec.nn._FP8_BUFFERS[:6]]
+    for x in xs:
+        with torch.no_grad() if case == "no_grad" else contextlib.nullcontext():
+            y = layer(x)
+        expected = mixprec.nn.float8_linear(x, twin.weight.detach(), twin.bias.detach(), six, twin.recipe)
+        assert torch.equal(y, expected)
+    for name in mixprec.nn._FP8_BUFFERS[:6]:
+        assert torch.equal(getattr(layer, name), getattr(twin, name)), name
+    assert layer.fp8_forward_scale[0].item() < 1 and layer.fp8_turn.item() == 2.0
+    # Training steps afterwards: the forward updates (due) and takes the turn, the backward updates too and
+    # records the gradient's amax (1e5: its scale moves at the next backward), and the turn is back to 1.
+    layer.requires_grad_(True)
+    for _ in range(2):
+        layer(xs[0]).sum().mul(1e5).backward()
+        assert layer.fp8_turn.item() == 1.0 and layer.fp8_backward_amax_history[0, 0].item() == 1e5
+    assert layer.fp8_backward_scale.item() == torch.tensor(57344.0 / 1e5, dtype=torch.float32).item()
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "compile-non-reentrant"])
 def test_a_layer_called_twice_trains_the_same_with_activation_checkpointing(checkpointing: str) -> None:
     """A layer applied twice per step (shared weights) and two micro-batches summed into one loss, with
-    torch.utils.checkpoint around every FP8 call, equal the run without checkpointing bit for bit: each
+    torch.utils.checkpoint (non-reentrant: the reentrant form runs its first pass under no_grad, which builds no
+    backward and so takes no turn) around every FP8 call, equal the run without checkpointing bit for bit: each
     recomputation reads the scales every forward of the cycle used. Under torch.compile too (the whole loss
     one compiled graph), where AOTAutograd recomputes the checkpointed scale update from the buffers the
     forward already wrote."""
@@ -487,7 +518,7 @@ def test_a_layer_called_twice_trains_the_same_with_activation_checkpointing(chec
         def call(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if not self.checkpoint:
                 return layer(x)
-            return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=checkpointing == "reentrant")
+            return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(self.call(self.inp, x))
@@ -503,8 +534,7 @@ def test_a_layer_called_twice_trains_the_same_with_activation_checkpointing(chec
 
         def loss_of(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
             # Two micro-batches in one loss: every layer runs twice before its backward (mid four times).
-            return sum(nn.functional.mse_loss(model(x.requires_grad_(checkpointing == "reentrant")), y)
-                       for x, y in batch)
+            return sum(nn.functional.mse_loss(model(x), y) for x, y in batch)
 
         run = torch.compile(loss_of) if compiled else loss_of
         opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
@@ -535,6 +565,11 @@ def test_a_checkpoint_without_the_turn_loads_with_the_initial_turn() -> None:
         assert torch.equal(getattr(other, key), value), key
     with pytest.raises(RuntimeError, match='Missing key.*"fp8_forward_scale"'):
         other.load_state_dict({k: v for k, v in older.items() if k != "fp8_forward_scale"})
+    # Into a model built on the meta device, with assign=True: the turn is made where the checkpoint lies.
+    meta = mixprec.nn.Float8Linear(32, 16, device="meta")
+    meta.load_state_dict(older, assign=True)
+    assert all(b.device.type == "cpu" for b in meta.buffers()) and meta.fp8_turn.item() == 1.0
+    meta(torch.randn(8, 32)).sum().backward()
 
 
 def test_convert_default_filter_and_deepcopy() -> None:

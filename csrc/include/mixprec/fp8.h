@@ -78,11 +78,14 @@ BlockQuantized quantize_blockwise(const at::Tensor& input, at::ScalarType dtype,
 /// forward's, 1 for the backward's), the update runs only if turn != side, and turn becomes side: the scales
 /// of each side move once per forward-backward cycle however often that side runs in it (a layer called
 /// twice before its backward, a graph backpropagated twice, a recomputation that reads the state as the
-/// original pass left it). Read and written on the device, with no host sync.
+/// original pass left it). Read and written on the device, with no host sync. `take_turn` false (a forward that
+/// builds no backward: a frozen layer, no_grad, reentrant checkpointing's first pass) is gated alike, but a due
+/// update sets turn to 2 (both sides due) instead of `side`: such passes keep updating on their own, and the
+/// next backward, if one comes, updates too.
 void update_scales_(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                     at::ScalarType dtype, std::string_view algo = "max", int64_t margin = 0,
                     bool pow2_scales = false, const std::optional<at::Tensor>& turn = std::nullopt,
-                    int64_t side = 0);
+                    int64_t side = 0, bool take_turn = true);
 
 /// A scaled FP8 GEMM: (a * a_scale_inv) @ (b * b_scale_inv)^T for a [m, k] and b [n, k] (float8_e4m3fn
 /// or float8_e5m2; the layout of torch::nn::functional::linear(a, b)), as an [m, n] tensor of `out_dtype`

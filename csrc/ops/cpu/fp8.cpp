@@ -147,16 +147,21 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
 
 void fp8_update_scales__cpu(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                             at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales,
-                            const std::optional<at::Tensor>& turn, int64_t side) {
+                            const std::optional<at::Tensor>& turn, int64_t side, bool take_turn) {
   const detail::AmaxAlgo a =
       detail::check_fp8_update_scales(amax_history, scale, scale_inv, dtype, algo, margin, turn, side);
   const float fp8_max = fp8::max_finite(detail::parse_fp8_dtype(dtype, "mixprec::fp8_update_scales_"));
   if (turn.has_value()) {
     // The scales move once per turn: only if the other side (or nobody yet) updated last. `!=`, so that any
-    // other value (an averaged buffer's 0.5, NaN) counts as the other side's.
+    // other value (an averaged buffer's 0.5, NaN) counts as the other side's. Without take_turn (a pass no
+    // backward follows) a due update marks the turn 2, both sides due: the next pass of either updates.
     float* t = turn->data_ptr<float>();
     const bool due = *t != static_cast<float>(side);
-    *t = static_cast<float>(side);
+    if (take_turn) {
+      *t = static_cast<float>(side);
+    } else if (due) {
+      *t = 2.0f;
+    }
     if (!due) return;
   }
   const int64_t history = amax_history.size(0), n = amax_history.size(1);

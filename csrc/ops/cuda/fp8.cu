@@ -163,13 +163,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// With a `turn` the launch is one block: every thread reads it before thread 0 writes it.
+// With a `turn` the launch is one block: every thread reads it before thread 0 writes it (take_turn).
 __global__ void update_scales_kernel(float* history, float* scale, float* scale_inv, int64_t length, int64_t n,
-                                     float fp8_max, bool use_max, int margin, bool pow2, float* turn, float side) {
+                                     float fp8_max, bool use_max, int margin, bool pow2, float* turn, float side,
+                                     bool take_turn) {
   const bool due = turn == nullptr || *turn != side;
-  if (turn != nullptr) {
+  if (turn != nullptr) {  // as the CPU kernel: taken, or marked 2 (both sides due) by a due pass that does not take it
     __syncthreads();
-    if (threadIdx.x == 0) *turn = side;
+    if (threadIdx.x == 0 && (take_turn || due)) *turn = take_turn ? side : 2.0f;
   }
   if (!due) return;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
@@ -275,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cuda(const at::Tensor&
 
 void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                              at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales,
-                             const std::optional<at::Tensor>& turn, int64_t side) {
+                             const std::optional<at::Tensor>& turn, int64_t side, bool take_turn) {
   const detail::AmaxAlgo a =
       detail::check_fp8_update_scales(amax_history, scale, scale_inv, dtype, algo, margin, turn, side);
   const float fp8_max = fp8::max_finite(detail::parse_fp8_dtype(dtype, "mixprec::fp8_update_scales_"));
@@ -287,7 +288,7 @@ void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& s
                          c10::cuda::getCurrentCUDAStream()>>>(
       amax_history.data_ptr<float>(), scale.data_ptr<float>(), scale_inv.data_ptr<float>(), amax_history.size(0), n,
       fp8_max, a == detail::AmaxAlgo::Max, static_cast<int>(margin), pow2_scales,
-      turn.has_value() ? turn->data_ptr<float>() : nullptr, static_cast<float>(side));
+      turn.has_value() ? turn->data_ptr<float>() : nullptr, static_cast<float>(side), take_turn);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

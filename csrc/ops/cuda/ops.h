@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cuda(const at::Tensor&
                                                                bool saturate, std::optional<int64_t> seed);
 void fp8_update_scales__cuda(const at::Tensor& amax_history, const at::Tensor& scale, const at::Tensor& scale_inv,
                              at::ScalarType dtype, c10::string_view algo, int64_t margin, bool pow2_scales,
-                             const std::optional<at::Tensor>& turn, int64_t side);
+                             const std::optional<at::Tensor>& turn, int64_t side, bool take_turn);
 
 std::tuple<at::Tensor, at::Tensor> int8_quantize_cuda(const at::Tensor& input, int64_t block_rows, int64_t block_cols,
                                                       c10::string_view rounding, std::optional<int64_t> seed,
