@@ -257,7 +257,11 @@ struct Fp8PerTensor {
 Fp8PerTensor fp8_per_tensor(const torch::Tensor& m, const torch::Tensor& scale, const torch::Tensor& scale_inv,
                             at::ScalarType dtype) {
   const fp8::Quantized q = fp8::quantize(m, scale, dtype, {.transpose = true});
-  return {{q.data, scale_inv}, {q.data_t, scale_inv}, q.amax};
+  // The cast saturates (delayed scales lag the data, so finite overflows must), which would turn an inf into
+  // the largest code and hide an fp16 overflow from the loss scaler. The products must see it, as torch's
+  // would: a non-finite amax makes the dequantization factor NaN (0 * inf), and leaves it as it is otherwise.
+  const torch::Tensor factor = scale_inv + q.amax * 0.0f;
+  return {{q.data, factor}, {q.data_t, factor}, q.amax};
 }
 
 // Current scaling: the scale of `m`'s own amax, by the same rule (a one-row history) as delayed scaling.
@@ -305,8 +309,11 @@ std::pair<int64_t, int64_t> scale_blocks(const fp8::Recipe& recipe, bool weight)
 
 Fp8Operand quantize_blocks(const torch::Tensor& m, at::ScalarType dtype, bool weight, const fp8::Recipe& recipe) {
   const auto [block_rows, block_cols] = scale_blocks(recipe, weight);
+  // Each block's scale comes from its own amax, so no finite value overflows: without saturation an inf stays
+  // inf (E5M2) or becomes NaN (E4M3) and reaches the products, as in torch's, and a loss scaler sees it.
   const fp8::BlockQuantized q = fp8::quantize_blockwise(
-      m, dtype, block_rows, block_cols, {.margin = recipe.margin, .pow2_scales = recipe.pow2_scales});
+      m, dtype, block_rows, block_cols,
+      {.margin = recipe.margin, .pow2_scales = recipe.pow2_scales, .saturate = false});
   return {q.data, q.scale_inv};
 }
 

@@ -572,6 +572,53 @@ def test_a_checkpoint_without_the_turn_loads_with_the_initial_turn() -> None:
     meta(torch.randn(8, 32)).sum().backward()
 
 
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_an_inf_reaches_the_products_as_in_torch(name: str) -> None:
+    """An inf in the input or the output gradient (an fp16 overflow) makes the output, or the weight and input
+    gradients, non-finite, as torch.nn.Linear's are, so a GradScaler skips the step: saturating casts used to
+    turn it into the largest code and hide it. Finite values beyond a delayed scale's range still saturate (the
+    products stay finite), and a clean step stays finite."""
+    torch.manual_seed(7)
+    layer = mixprec.nn.Float8Linear(32, 16, bias=False, recipe=RECIPES[name])
+    plain = nn.Linear(32, 16, bias=False)
+    for _ in range(2):  # delayed scaling settles its scales
+        layer(torch.randn(8, 32)).backward(torch.randn(8, 16))
+    for module in (layer, plain):
+        module.zero_grad()
+        x = torch.randn(8, 32, requires_grad=True)
+        g = torch.randn(8, 16)
+        g[3, 5] = float("inf")
+        module(x).backward(g)
+        assert not torch.isfinite(module.weight.grad).all() and not torch.isfinite(x.grad).all(), module
+        x = torch.randn(8, 32)
+        x[2, 7] = float("-inf")
+        assert not torch.isfinite(module(x)).all(), module
+    layer.zero_grad()
+    x = (torch.randn(8, 32) * 1e4).requires_grad_()  # far beyond the settled scales: saturates, stays finite
+    layer(x).backward(torch.randn(8, 16) * 1e4)
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_a_grad_scaler_skips_an_fp16_overflow_through_fp8_layers() -> None:
+    """Under fp16 autocast with a GradScaler, a loss scale that overflows the output gradient of an FP8 layer
+    is caught: the step is skipped and the scale backs off, as with torch.nn.Linear."""
+    for convert in (True, False):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.ReLU(), nn.Linear(32, 32, bias=False))
+        if convert:
+            mixprec.nn.convert(model, fp8=fp8.Recipe(), filter=lambda n, m: True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = mixprec.GradScaler("cpu", init_scale=2.0**24)
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.randn(16, 32) * 50).float().pow(2).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == 2.0**23, convert
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), convert
+
+
 def test_convert_default_filter_and_deepcopy() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 24), nn.Linear(24, 16),
                           nn.Linear(16, 8))
