@@ -131,6 +131,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_fake_quantize_input(Tensor input, bool per_token, Tensor? step=None) -> Tensor", tags);
   // Sets a learnable input step that is still 0 from the batch's amax; returns whether it did (a host read).
   m.def("qat_init_input_step_(Tensor(a!) step, Tensor input) -> bool");
+  // The same without a host read (mixprec::qat::seed_input_step), for compiled graphs.
+  m.def("qat_seed_input_step_(Tensor(a!) step, Tensor input) -> ()");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
   // mixprec::qat::check_conv2d: the Conv2d (and folded BatchNorm2d) checks of both front doors.

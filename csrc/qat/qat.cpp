@@ -199,6 +199,17 @@ bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
   return true;
 }
 
+void seed_input_step(const torch::Tensor& step, const torch::Tensor& x) {
+  const torch::NoGradGuard no_grad;  // as init_input_step: nothing here is part of the graph
+  input_step_of(step, "step");
+  if (x.sym_numel() == 0) return;
+  const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat).reshape(step.sizes());
+  // init_input_step's value, where it would set one: a step still 0, and a batch whose amax is positive (not 0,
+  // not NaN).
+  const torch::Tensor start = amax.div(on_device(127.0f, amax)).clamp_min(kTiny).to(step.scalar_type());
+  step.copy_(at::where(step.eq(0).logical_and(amax.gt(0)), start, step));
+}
+
 torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config) {
   const int64_t qmax = code_range(config.weight_bits).second;
   const torch::Tensor w2 = weight_matrix(weight.detach());
@@ -662,6 +673,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("qat_init_input_step_", [](const at::Tensor& step, const at::Tensor& input) {
     return init_input_step(step, input);
   });
+  m.impl("qat_seed_input_step_", [](const at::Tensor& step, const at::Tensor& input) { seed_input_step(step, input); });
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));

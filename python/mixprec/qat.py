@@ -166,7 +166,13 @@ class _QATWeight:
         if not config.learnable_activation_scales:
             return _fake_quantize_input(input, per_token)
         if not self._input_step_checked:  # type: ignore[has-type]
-            self._input_step_checked = _init_input_step(self.input_step, input)  # type: ignore[attr-defined]
+            if torch.compiler.is_compiling():
+                # A layer still cold when traced: the start without a host read (a graph break fullgraph=True
+                # refuses), in every call of this graph; it is a no-op once the step is set, but reads the
+                # input once more. An eager forward first (or a loaded step) traces without it.
+                torch.ops.mixprec.qat_seed_input_step_(self.input_step, input)  # type: ignore[attr-defined]
+            else:
+                self._input_step_checked = _init_input_step(self.input_step, input)  # type: ignore[attr-defined]
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 
     def _load_qat_state(self, load: Callable[..., None], state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -367,6 +373,7 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
                     if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d:
                         folds[id(a)] = (parent, bn_name, b)
     todo = []
+    conv1d: list[str] = []
     for name, m in model.named_modules():
         if filter is not None and not filter(name, m):
             continue
@@ -391,6 +398,14 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
         if type(m) in (nn.Linear, _mnn.Linear, nn.Conv2d):
             fold = folds.get(id(m))
             todo.append((m, _check(m, config, fold[2] if fold else None), fold))
+        elif type(m).__name__ == "Conv1D":
+            conv1d.append(name)
+    if conv1d:
+        # Hugging Face's GPT-2 projections are Conv1D (a transposed Linear), not nn.Linear: say they stay in float,
+        # as mixprec.nn.convert does, rather than train a model whose projections QAT never sees.
+        warnings.warn(f"mixprec.qat.prepare: {len(conv1d)} Conv1D layer(s) (e.g. {conv1d[0]!r}; Hugging Face's GPT-2 "
+                      "projections) are not nn.Linear and stay in float; leave them out with filter= to silence this",
+                      stacklevel=2)
     for m, step, fold in todo:
         (QATConv2d if type(m) is nn.Conv2d else QATLinear)._swap(m, config, step)
         if fold is not None:

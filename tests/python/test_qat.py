@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -210,6 +211,52 @@ def test_a_loaded_input_step_runs_under_fullgraph_compile_at_once() -> None:
     fresh = qat.prepare(nn.Sequential(nn.Linear(8, 8)), config)
     fresh.load_state_dict(qat.prepare(nn.Sequential(nn.Linear(8, 8)), config).state_dict())  # steps still 0
     assert fresh[0]._input_step_checked is False  # set by its first forward, as before
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_cold_input_step_trains_under_fullgraph_compile_as_eager(backend: str) -> None:
+    """A fresh model with learnable activation scales compiles with fullgraph=True at once: inside the graph
+    the step starts without a host read (qat_seed_input_step_), at the value the eager start gives, leaves an
+    all-zero batch unset as eager does, and training matches the eager twin bit for bit."""
+    config = qat.QATConfig(learnable_activation_scales=True)
+    torch.manual_seed(5)
+    eager = qat.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), config)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, model)]
+    batches = [torch.zeros(4, 8)] + [torch.randn(4, 8) * (k + 1) for k in range(3)]
+    for k, x in enumerate(batches):
+        outs = []
+        for run, opt in ((eager, opts[0]), (compiled, opts[1])):
+            opt.zero_grad()
+            out = run(x)
+            out.pow(2).mean().backward()
+            opt.step()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1])
+        if k == 0:  # an all-zero batch says nothing about the range: both steps stay unset
+            assert eager[0].input_step.item() == model[0].input_step.item() == 0.0
+        for a, b in zip(eager.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+    assert model[0].input_step.item() != 0.0
+
+
+def test_seed_input_step_sets_only_an_unset_step() -> None:
+    x = torch.randn(6, 8) * 3
+    eager = torch.zeros(1)
+    assert torch.ops.mixprec.qat_init_input_step_(eager, x)
+    seeded = torch.zeros(1)
+    torch.ops.mixprec.qat_seed_input_step_(seeded, x)
+    assert torch.equal(seeded, eager) and seeded.item() > 0
+    torch.ops.mixprec.qat_seed_input_step_(seeded, x * 100)  # set already: kept
+    assert torch.equal(seeded, eager)
+    for unset in (torch.zeros(3, 3), torch.full((2,), float("nan")), torch.empty(0, 4)):
+        step = torch.zeros(1)
+        torch.ops.mixprec.qat_seed_input_step_(step, unset)
+        assert step.item() == 0.0
+    torch.library.opcheck(torch.ops.mixprec.qat_seed_input_step_.default, (torch.zeros(1), x))
+    with pytest.raises(ValueError, match="step must be a floating tensor of one value"):
+        torch.ops.mixprec.qat_seed_input_step_(torch.zeros(2), x)
 
 
 def test_converted_weights_are_what_training_simulated() -> None:
@@ -653,3 +700,24 @@ def test_opcheck() -> None:
     # schema declares the write.
     torch.library.opcheck(ops.qat_init_input_step_.default, (torch.zeros(1), x.detach()),
                           test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_prepare_warns_that_conv1d_projections_stay_in_float() -> None:
+    """Hugging Face's GPT-2 projections are Conv1D, not nn.Linear: prepare leaves them in float and says so (as
+    mixprec.nn.convert does); a filter that leaves them out silences it."""
+    class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's shape: a transposed Linear
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+
+    model = nn.Sequential(Conv1D(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"1 Conv1D layer\(s\) \(e.g. '0'.*stay in float"):
+        qat.prepare(model)
+    assert type(model[0]) is Conv1D and type(model[2]).__name__ == "QATLinear"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qat.prepare(nn.Sequential(Conv1D(8, 8), nn.Linear(8, 4)), filter=lambda n, m: not isinstance(m, Conv1D))

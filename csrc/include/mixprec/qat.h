@@ -79,6 +79,11 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& s
 /// i.e. on their first forward, and again after loading.
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x);
 
+/// The same start without reading anything back (no host sync; torch.compile traces it): `step` becomes x's
+/// amax / 127 where it is 0 and the batch has a range, and stays as it is otherwise. It costs a read of `x`
+/// on every call, so layers use it only where init_input_step cannot run (inside a compiled graph).
+void seed_input_step(const torch::Tensor& step, const torch::Tensor& x);
+
 /// The steps (amax / qmax per output channel or group; float32 [out, groups]) of `weight` ([out, ...]).
 torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config);
 
