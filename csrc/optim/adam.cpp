@@ -323,7 +323,8 @@ std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerPa
                       "mixprec::optim::AdamOptions or torch::optim::AdamOptions / AdamWOptions");
   }
   auto out = copy_options(defaults);
-  // torch::optim::Optimizer's merge rule for its own optimizers (torch >= 2.10), field by field.
+  // torch::optim::Optimizer's merge rule for its own optimizers (torch 2.14; torch 2.11 keeps a group's options
+  // as given), field by field, on every torch version.
   const auto merge = [&](auto get, auto set) {
     if (get(user) != get(fresh)) set(*out, get(user));
   };

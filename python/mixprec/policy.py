@@ -272,8 +272,10 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
     On exit the previous state (enabled flag, dtype, cache setting) comes back and the cast cache is
     cleared when the outermost autocast exits, exactly as with ``torch.autocast``. torch.compile traces it as
     it traces ``torch.autocast`` (``fullgraph=True`` included, inside an outer ``torch.autocast`` too; one
-    made inside a compiled function is a ``torch.autocast`` itself): the policy is read at trace time. As a
-    decorator each call enters a fresh instance, so a decorated function may call itself.
+    made inside a compiled function is a ``torch.autocast`` itself): the policy is read at trace time. Building
+    one inside a compiled function needs torch 2.14's Dynamo (torch 2.11's cannot trace it, a graph break that
+    ``fullgraph=True`` refuses); a prebuilt object and the decorator trace on both. As a decorator each call
+    enters a fresh instance, so a decorated function may call itself.
     """
 
     def __new__(cls, policy: Union[Policy, str, None] = None, device_type: str = "cuda",

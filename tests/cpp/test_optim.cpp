@@ -3,9 +3,18 @@
 #include <catch2/catch.hpp>
 #include <mixprec/mixprec.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <sstream>
 #include <type_traits>
+
+namespace {
+// torch::optim merges a param group's options with the optimizer's defaults (a field left at its constructor
+// default takes the optimizer's) from torch 2.14 on, as mixprec does on every version; torch 2.11 keeps the
+// group's options as given. The comparisons with torch's own optimizers below hold where it merges.
+constexpr bool kTorchMergesGroupOptions =
+    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14);
+}  // namespace
 
 namespace {
 
@@ -191,7 +200,9 @@ TEST_CASE("AdamWOptions has torch::optim::AdamWOptions' defaults; AdamW takes th
   torch_groups.emplace_back(std::vector<torch::Tensor>{params[0]},
                             std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(5e-3)));
   torch::optim::Adam torch_adam(torch_groups, torch::optim::AdamOptions(1e-2).weight_decay(0.05));
-  REQUIRE(static_cast<torch::optim::AdamOptions&>(torch_adam.param_groups()[0].options()).weight_decay() == 0.05);
+  if (kTorchMergesGroupOptions) {
+    REQUIRE(static_cast<torch::optim::AdamOptions&>(torch_adam.param_groups()[0].options()).weight_decay() == 0.05);
+  }
 }
 
 TEST_CASE("AdamWOptions' setters chain as AdamWOptions, and AdamW's options are AdamWOptions, as torch's",
@@ -211,7 +222,8 @@ TEST_CASE("AdamWOptions' setters chain as AdamWOptions, and AdamW's options are 
   torch::optim::AdamW torch_opt(torch_groups, torch::optim::AdamWOptions(0.01).weight_decay(0.3));
   const auto& mine = static_cast<mixprec::optim::AdamOptions&>(ours.param_groups()[0].options());
   const auto& torchs = static_cast<torch::optim::AdamWOptions&>(torch_opt.param_groups()[0].options());
-  REQUIRE((mine.weight_decay() == torchs.weight_decay() && torchs.weight_decay() == 0.3));
+  REQUIRE(mine.weight_decay() == 0.3);
+  if (kTorchMergesGroupOptions) REQUIRE(torchs.weight_decay() == 0.3);
   REQUIRE((mine.lr() == 0.05 && mine.amsgrad()));
   // At run time the options are AdamWOptions (defaults and groups), also after a save and load; Adam's are not.
   REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(&ours.defaults()) != nullptr);
