@@ -259,8 +259,9 @@ Fp8PerTensor fp8_per_tensor(const torch::Tensor& m, const torch::Tensor& scale, 
   const fp8::Quantized q = fp8::quantize(m, scale, dtype, {.transpose = true});
   // The cast saturates (delayed scales lag the data, so finite overflows must), which would turn an inf into
   // the largest code and hide an fp16 overflow from the loss scaler. The products must see it, as torch's
-  // would: a non-finite amax makes the dequantization factor NaN (0 * inf), and leaves it as it is otherwise.
-  const torch::Tensor factor = scale_inv + q.amax * 0.0f;
+  // would: a non-finite amax makes the dequantization factor NaN (scale_inv + 0 * inf, one kernel: add's alpha
+  // multiplies, it does not skip), and leaves it as it is otherwise (x + 0 is x).
+  const torch::Tensor factor = at::add(scale_inv, q.amax, /*alpha=*/0);
   return {{q.data, factor}, {q.data_t, factor}, q.amax};
 }
 

@@ -102,7 +102,8 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 @torch.compiler.disable
 def _init_input_step(step: Tensor, x: Tensor) -> bool:
     """``mixprec::qat::init_input_step``: sets a learnable input step that is still 0 from the batch's amax and
-    says whether the step is set. It reads values back, so torch.compile runs it eagerly (the first forwards)."""
+    says whether the step is set. It reads values back: eager forwards only (a compiled graph of a cold layer
+    seeds the step with ``qat_seed_input_step_`` instead)."""
     return torch.ops.mixprec.qat_init_input_step_(step, x)
 
 
