@@ -53,12 +53,10 @@ const char* dtype_name(c10::ScalarType t) {
   return t == c10::kHalf ? "float16" : (t == c10::kBFloat16 ? "bfloat16" : "float32");
 }
 
-}  // namespace
-
-namespace {
 at::Tensor cast_floating(const at::Tensor& t, c10::ScalarType dtype) {
   return t.defined() && t.is_floating_point() && t.scalar_type() != dtype ? t.to(dtype) : t;
 }
+
 }  // namespace
 
 at::Tensor Policy::cast_to_compute(const at::Tensor& t) const { return cast_floating(t, compute_dtype); }

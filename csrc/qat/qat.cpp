@@ -43,6 +43,13 @@ torch::Tensor abs_max(const torch::Tensor& t, at::IntArrayRef dims, bool keepdim
   return at::maximum(t.amax(dims, keepdim), t.amin(dims, keepdim).neg());
 }
 
+// The steps of amaxes for codes up to `qmax` (int8.h's amax / qmax, never below FLT_MIN), float32: weight steps,
+// dynamic activation steps and the start of a learnable one (init_input_step and seed_input_step must give the
+// same bits).
+torch::Tensor steps_of(const torch::Tensor& amax, int64_t qmax = 127) {
+  return amax.to(torch::kFloat).div(on_device(static_cast<float>(qmax), amax)).clamp_min(kTiny);
+}
+
 // [out, everything else]: the matrix view every weight is quantized in.
 torch::Tensor weight_matrix(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() >= 1, "mixprec::qat: a weight needs at least one dimension, got a 0-dim tensor");
@@ -168,7 +175,7 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   const torch::Tensor a = m.detach();
   const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
-  const torch::Tensor steps = amax.to(torch::kFloat).div(on_device(127.0f, amax)).clamp_min(kTiny);
+  const torch::Tensor steps = steps_of(amax);
   return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
 }
 
@@ -195,7 +202,7 @@ bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
   // An all-zero (or NaN) batch says nothing about the range: the step stays unset for the next batch.
   const float a = amax.item<float>();
   if (!(a > 0.0f)) return false;
-  step.copy_(amax.div(on_device(127.0f, amax)).clamp_min(kTiny).reshape(step.sizes()));
+  step.copy_(steps_of(amax).reshape(step.sizes()));
   return true;
 }
 
@@ -206,7 +213,7 @@ void seed_input_step(const torch::Tensor& step, const torch::Tensor& x) {
   const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat).reshape(step.sizes());
   // init_input_step's value, where it would set one: a step still 0, and a batch whose amax is positive (not 0,
   // not NaN).
-  const torch::Tensor start = amax.div(on_device(127.0f, amax)).clamp_min(kTiny).to(step.scalar_type());
+  const torch::Tensor start = steps_of(amax).to(step.scalar_type());
   step.copy_(at::where(step.eq(0).logical_and(amax.gt(0)), start, step));
 }
 
@@ -215,7 +222,7 @@ torch::Tensor weight_steps(const torch::Tensor& weight, const QATConfig& config)
   const torch::Tensor w2 = weight_matrix(weight.detach());
   const int64_t g = group_length(w2, config);
   const torch::Tensor amax = abs_max(w2.reshape({size_of(w2, 0), -1, g}), {-1}, false);
-  return amax.to(torch::kFloat).div(on_device(static_cast<float>(qmax), amax)).clamp_min(kTiny);
+  return steps_of(amax, qmax);
 }
 
 torch::Tensor fake_quantize_weight(const torch::Tensor& weight, const QATConfig& config, const torch::Tensor& step) {
