@@ -128,10 +128,11 @@ bool env_flag(const char* name) {
   return v != nullptr && *v != '\0' && std::string_view(v) != "0";
 }
 
-/// An operand's cuBLASLt block-scale mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks (a
-/// single block along k counts as either), or nothing.
+/// An operand's cuBLASLt block-scale mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks (one
+/// scale along k counts as either only when k <= 128: a per-row scale over a longer k is not 128-wide blocks),
+/// or nothing.
 std::optional<int32_t> block_mode(const detail::Fp8ScaleLayout& layout, int64_t k) {
-  if (layout.per_tensor || (layout.block_cols != 128 && layout.block_cols < k)) return std::nullopt;
+  if (layout.per_tensor || (layout.block_cols != 128 && k > 128)) return std::nullopt;
   if (layout.block_rows == 1) return CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   if (layout.block_rows == 128) return CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
   return std::nullopt;
