@@ -118,6 +118,15 @@ C10_HOST_DEVICE inline uint8_t to_fp8_stochastic(float x, Format f, bool saturat
   return to_fp8_nearest(rounding::bits_float(sign | rounding::float_bits(magnitude)), f, saturate);
 }
 
+/// Whether current scaling's cast of a block whose max |x| has the magnitude bits `amax` saturates. A finite
+/// amax is mapped onto the largest finite value by its scale, so no finite value of the block overflows: only
+/// the scale's rounding can put the largest one an fp32 ulp beyond it (448.00003), which nearest rounding
+/// brings back and stochastic rounding would send one fp8 step up about once in 2^16 draws. Such a block
+/// saturates whatever `saturate` says; a block holding inf or NaN (scale 1) casts as `saturate` says.
+C10_HOST_DEVICE inline bool finite_block_saturate(bool saturate, uint32_t amax) {
+  return saturate || amax < 0x7f800000u;
+}
+
 C10_HOST_DEVICE inline uint8_t to_fp8(float x, Format f, rounding::Mode mode, bool saturate, uint32_t draw16) {
   return mode == rounding::Mode::Stochastic ? to_fp8_stochastic(x, f, saturate, draw16)
                                             : to_fp8_nearest(x, f, saturate);

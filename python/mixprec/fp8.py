@@ -167,6 +167,10 @@ def quantize_blockwise(
     ``block = (block_rows, block_cols)``, -1 meaning the whole extent: ``(-1, -1)`` per tensor, ``(1, -1)``
     per row, ``(1, 128)`` and ``(128, 128)`` DeepSeek-V3's activation and weight blocks. Element ``[r, c]``
     dequantizes as ``data[r, c].float() * scale_inv[r // block_rows, c // block_cols]``.
+
+    ``saturate`` matters only for a block holding inf or NaN (scaled by 1): a finite block's scale maps its
+    amax onto the largest finite value, so none of its values overflows, with either rounding (stochastic
+    rounding does not carry the largest one a step beyond it).
     """
     if len(block) != 2:
         raise ValueError(f"block must be (block_rows, block_cols), got {block!r}")

@@ -361,6 +361,27 @@ def test_blockwise_stochastic_uses_the_same_draws_as_quantize(device: str) -> No
     assert torch.equal(bits(b.data), bits(q.data))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("block", [(-1, -1), (1, 128)])
+def test_blockwise_stochastic_without_saturation_keeps_finite_blocks_finite(device, dtype, block) -> None:
+    # An amax whose rounded scale puts it an fp32 ulp beyond the largest finite value (448.00003): stochastic
+    # rounding must not carry it a step up to the overflow code, which one draw in 2^16 (16-bit draws) did.
+    v = next(v for v in (1.0 + k / 1024 for k in range(1, 1024))
+             if (torch.tensor(MAX[dtype]) / torch.tensor(v)) * torch.tensor(v) > MAX[dtype])
+    x = torch.full((1 << 14, 128), v)  # 2^21 elements at the amax: about 32 overflows with the old rule
+    x[1::2] = -v
+    if block != (-1, -1):
+        x[0, 0] = math.inf  # the first block, scaled by 1, still casts without saturation
+    q = fp8.quantize_blockwise(on_device(x, device), dtype, block, rounding="stochastic", saturate=False, seed=3)
+    codes = q.data.cpu().float()
+    expect = x.sign() * MAX[dtype]
+    if block != (-1, -1):
+        assert math.isnan(codes[0, 0]) if dtype == torch.float8_e4m3fn else codes[0, 0] == math.inf
+        codes, expect = codes.view(-1)[128:], expect.view(-1)[128:]
+    assert torch.equal(codes, expect)
+
+
 # ---- delayed scaling -----------------------------------------------------------------------------------------------
 
 

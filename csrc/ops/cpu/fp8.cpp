@@ -137,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cpu(const at::Tensor& 
                                                      pow2_scales, 1.0f);
             inv[blk] = 1.0f / scale;
             for (int64_t r = r0; r < r1; ++r) {
-              quantize_range(src, dst, r * in.cols + c0, r * in.cols + c1, scale, in, saturate, key);
+              quantize_range(src, dst, r * in.cols + c0, r * in.cols + c1, scale, in,
+                             fp8::finite_block_saturate(saturate, amax), key);
             }
           }
         });

@@ -48,6 +48,8 @@ struct Fp8Args {
   Mode mode;
   bool saturate;
   at::PhiloxCudaState rng;
+  // Current scaling: a finite amax (final before the writing pass) saturates, see finite_block_saturate.
+  bool finite_amax_saturates = false;
 };
 
 // One pass: data = fp8(src * scale[0]); amax (zeroed before the launch) |= max |src| as magnitude bits.
@@ -59,6 +61,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t shared[kThreads / 32];
   const auto [seed, offset] = at::cuda::philox::unpack(args.rng);
   const float s = write ? *scale : 1.0f;
+  const bool saturate = write && args.finite_amax_saturates ? fp8::finite_block_saturate(args.saturate, *amax)
+                                                             : args.saturate;
   const bool vec = aligned4<Src>(src);
   uint32_t local = 0;
   const int64_t octets = (n + 7) / 8;
@@ -76,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
     uint8_t out[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      out[k] = fp8::to_fp8(x[k] * s, args.format, args.mode, args.saturate, rounding::draw16(r.v, i + k));
+      out[k] = fp8::to_fp8(x[k] * s, args.format, args.mode, saturate, rounding::draw16(r.v, i + k));
     }
     if (full) {  // dst is a fresh allocation: every octet is 8-byte aligned
       uint2 packed;
@@ -156,10 +160,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   const uint32_t amax = block_max(local, shared);
   const float scale = fp8::scale_from_amax(__uint_as_float(amax), fp8::max_finite(args.format), margin, pow2, 1.0f);
   if (threadIdx.x == 0) scale_inv[blk] = 1.0f / scale;
+  const bool saturate = fp8::finite_block_saturate(args.saturate, amax);
   for (int64_t e = threadIdx.x; e < h * w; e += kBlockThreads) {
     const int64_t index = (r0 + e / w) * cols + c0 + e % w;
     const uint32_t draw = args.mode == Mode::Stochastic ? draw_of(static_cast<uint64_t>(index), seed, offset) : 0u;
-    dst[index] = fp8::to_fp8(static_cast<float>(src[index]) * scale, args.format, args.mode, args.saturate, draw);
+    dst[index] = fp8::to_fp8(static_cast<float>(src[index]) * scale, args.format, args.mode, saturate, draw);
   }
 }
 
@@ -203,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_quantize_cuda(const at::Tenso
   const int64_t n = in.input.numel();
   if (n == 0) return {out.data, out.data_t, out.amax};
   const Fp8Args args{in.format, in.mode, saturate,
-                     in.mode == Mode::Stochastic ? stochastic_state(seed, input.device()) : at::PhiloxCudaState(0, 0)};
+                     in.mode == Mode::Stochastic ? stochastic_state(seed, input.device()) : at::PhiloxCudaState(0, 0),
+                     /*finite_amax_saturates=*/false};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* amax = reinterpret_cast<uint32_t*>(out.amax.data_ptr<float>());
   auto* dst = static_cast<uint8_t*>(out.data.data_ptr());
@@ -237,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_blockwise_cuda(const at::Tensor&
   const int64_t blocks = b.grid_rows * b.grid_cols;
   if (blocks == 0) return {data, scale_inv};
   const Fp8Args args{in.format, in.mode, saturate,
-                     in.mode == Mode::Stochastic ? stochastic_state(seed, input.device()) : at::PhiloxCudaState(0, 0)};
+                     in.mode == Mode::Stochastic ? stochastic_state(seed, input.device()) : at::PhiloxCudaState(0, 0),
+                     /*finite_amax_saturates=*/true};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float fp8_max = fp8::max_finite(in.format);
   auto* dst = static_cast<uint8_t*>(data.data_ptr());
