@@ -89,11 +89,9 @@ void check_distinct_steps(at::TensorList steps) {
 }  // namespace
 
 void check_adam_args(const AdamArgs& a) {
-  TORCH_CHECK(a.lr >= 0, kOp, ": lr must be >= 0, got ", a.lr);
-  TORCH_CHECK(a.eps >= 0, kOp, ": eps must be >= 0, got ", a.eps);
-  TORCH_CHECK(a.beta1 >= 0 && a.beta1 < 1, kOp, ": beta1 must be in [0, 1), got ", a.beta1);
-  TORCH_CHECK(a.beta2 >= 0 && a.beta2 < 1, kOp, ": beta2 must be in [0, 1), got ", a.beta2);
-  TORCH_CHECK(a.weight_decay >= 0, kOp, ": weight_decay must be >= 0, got ", a.weight_decay);
+  // Any hyper-parameter torch's step computes with (torch's fused step checks none; a scheduler may take lr
+  // below 0), except beta1 = 1, which makes the bias correction a division by zero.
+  TORCH_CHECK(a.beta1 != 1.0, kOp, ": beta1 must not be 1 (the step divides by 1 - beta1^step), got ", a.beta1);
   const size_t n = a.params.size();
   if (n == 0) return;
   const c10::Device device = a.params[0].device();

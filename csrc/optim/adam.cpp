@@ -95,6 +95,11 @@ void AdamCore::check_options(const AdamOptions& o) {
   TORCH_CHECK_VALUE(b1 >= 0 && b1 < 1, "Invalid beta parameter at index 0: ", b1, " (must be in [0, 1))");
   TORCH_CHECK_VALUE(b2 >= 0 && b2 < 1, "Invalid beta parameter at index 1: ", b2, " (must be in [0, 1))");
   TORCH_CHECK_VALUE(o.weight_decay() >= 0, "Invalid weight_decay value: ", o.weight_decay(), " (must be >= 0)");
+  check_step_options(o);
+}
+
+void AdamCore::check_step_options(const AdamOptions& o) {
+  TORCH_CHECK_VALUE(std::get<0>(o.betas()) != 1.0, "betas[0] must not be 1 (the step divides by 1 - betas[0]^step)");
   const std::string& mw = o.master_weights();
   TORCH_CHECK_VALUE(mw == "auto" || mw == "fp32" || mw == "remainder" || mw == "none",
                     "master_weights must be one of ('auto', 'fp32', 'remainder', 'none'), got '", mw, "'");
@@ -290,14 +295,14 @@ Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, A
   TORCH_INTERNAL_ASSERT(param_groups_.size() == param_groups.size());
   for (size_t i = 0; i < param_groups.size(); ++i) {
     auto options = group_options(param_groups[i]);
-    AdamCore::check_options(*options);
+    AdamCore::check_step_options(*options);  // torch checks the defaults' ranges only
     param_groups_[i].set_options(std::move(options));
   }
 }
 
 void Adam::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  auto options = group_options(param_group);  // checked before anything is added
-  AdamCore::check_options(*options);
+  auto options = group_options(param_group);  // checked before anything is added (as a step would, not the
+  AdamCore::check_step_options(*options);      // constructor's ranges: torch's add_param_group takes any)
   torch::optim::Optimizer::add_param_group(param_group);
   param_groups_.back().set_options(std::move(options));
 }
@@ -603,7 +608,7 @@ std::vector<int64_t> AdamCore::build_plan(Plan& plan, at::TensorList params, con
 
 std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, AdamOptions& options, bool decoupled,
                                           const StateLookup& state_of, const StepInputs& in) {
-  check_options(options);
+  check_step_options(options);
   TORCH_CHECK_VALUE(!in.locals.has_value() || in.locals->size() == params.size(),
                     "mixprec's Adam: locals must have one tensor per parameter");
   TORCH_CHECK_VALUE(!in.grads.has_value() || in.grads->size() == params.size(),
@@ -676,6 +681,8 @@ void Adam::step_scaled(const std::optional<torch::Tensor>& grad_scale, const std
   AdamCore::StepInputs inputs;
   inputs.grad_scale = grad_scale;
   inputs.found_inf = found_inf;
+  // Every group's options before any group steps: a refused step writes nothing.
+  for (size_t i = 0; i < param_groups_.size(); ++i) AdamCore::check_step_options(options_of(i));
   for (size_t i = 0; i < param_groups_.size(); ++i) {
     core_.step_group(i, param_groups_[i].params(), options_of(i), decoupled_, state_of, inputs);
   }
@@ -715,7 +722,7 @@ void Adam::load(torch::serialize::InputArchive& archive) {
           .rng_calls(mine.rng_calls());
       loaded.has_mixprec_fields_ = true;
     }
-    AdamCore::check_options(loaded);
+    AdamCore::check_step_options(loaded);  // a checkpoint's lr may be below 0 (a scheduler's), as torch loads it
   }
 }
 
@@ -775,6 +782,15 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
               std::optional<int64_t> seed) {
              AdamCore::check_options(options_from(lr, beta1, beta2, eps, weight_decay, false, false,
                                                   master_weights, moment_dtype, rounding, seed, 0));
+           })
+      .def("check_step_options",
+           [](const CoreRef&, double beta1, const std::string& master_weights, c10::ScalarType moment_dtype,
+              const std::string& rounding) {
+             AdamCore::check_step_options(AdamOptions(0.0)
+                                              .betas({beta1, 0.0})
+                                              .master_weights(master_weights)
+                                              .moment_dtype(moment_dtype)
+                                              .rounding(rounding));
            })
       // One param group's step. Returns (rng_calls after the step, indices whose state was created or replaced).
       .def("step_group",

@@ -238,7 +238,8 @@ class _MixprecAdam(torch.optim.Optimizer):
         # The core must exist before torch's __init__ assigns self.state (see __setattr__).
         self.__dict__["_tracker"] = _Tracker()
         self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
-        self._core.check_options(0.0 if isinstance(lr, Tensor) else float(lr), *beta_values, float(eps),
+        # torch checks the constructor's values only (a Tensor lr too, read on the host once, as torch reads it).
+        self._core.check_options(float(lr), *beta_values, float(eps),
                                  float(weight_decay), master_weights, moment_dtype, rounding, seed)
         defaults = dict(
             lr=lr,
@@ -310,12 +311,19 @@ class _MixprecAdam(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, with plain dicts for the per-parameter states."""
-        out = super().state_dict()
-        out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in out["state"].items()}
-        for group in out["param_groups"]:  # torch's packed copies: the live groups keep their dtype
-            if isinstance(group.get("moment_dtype"), torch.dtype):
-                group["moment_dtype"] = str(group["moment_dtype"])
-        return out
+
+        def plain(_: Any, out: dict[str, Any]) -> None:
+            # Prepended: the user's post-hooks see (and may replace) the state dict in its final form.
+            out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in out["state"].items()}
+            for group in out["param_groups"]:  # torch's packed copies: the live groups keep their dtype
+                if isinstance(group.get("moment_dtype"), torch.dtype):
+                    group["moment_dtype"] = str(group["moment_dtype"])
+
+        handle = self.register_state_dict_post_hook(plain, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping mixprec's state tensors in their own dtypes.
@@ -412,7 +420,12 @@ class _MixprecAdam(torch.optim.Optimizer):
         if self._tracker.dirty:
             self._push_state()
         core = self._core
-        for index, group in enumerate(self.param_groups):
+        groups = self.param_groups
+        if len(groups) > 1:  # every group's options before any group steps: a refused step writes nothing
+            for group in groups:
+                core.check_step_options(_scalar(group["betas"][0], "betas[0]"), group["master_weights"],
+                                        _dtype(group["moment_dtype"]), group["rounding"])
+        for index, group in enumerate(groups):
             params = group["params"]
             local_params = grads = None
             if self._sharded(index, params):

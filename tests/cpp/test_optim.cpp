@@ -370,6 +370,48 @@ TEST_CASE("bad optimizer settings are rejected by name", "[optim][errors]") {
                       Catch::Contains("beta"));
 }
 
+TEST_CASE("a step takes what torch::optim::AdamW's step takes (a scheduler's negative lr, group edits); only "
+          "betas[0] = 1 is refused, before any group is written",
+          "[optim][dropin]") {
+  auto ours = make_params(torch::kFloat);
+  auto theirs = make_params(torch::kFloat);
+  const auto groups = [](std::vector<torch::Tensor>& p) {
+    return std::vector<torch::optim::OptimizerParamGroup>{
+        torch::optim::OptimizerParamGroup({p[0], p[1]}),
+        torch::optim::OptimizerParamGroup({p[2]}, std::make_unique<torch::optim::AdamWOptions>(1e-2))};
+  };
+  mixprec::optim::AdamW opt(groups(ours), mixprec::optim::AdamWOptions(1e-2));
+  torch::optim::AdamW ref(groups(theirs), torch::optim::AdamWOptions(1e-2));
+  for (int step = 0; step < 8; ++step) {
+    // What torch's constructor refuses but its step computes with: lr falling below 0 (an unclamped linear
+    // decay), negative weight decay, beta1 above 1.
+    const double lr = 1e-2 * (1.0 - step / 4.0);
+    static_cast<mixprec::optim::AdamWOptions&>(opt.param_groups()[0].options()).lr(lr).weight_decay(-0.05);
+    static_cast<torch::optim::AdamWOptions&>(ref.param_groups()[0].options()).lr(lr).weight_decay(-0.05);
+    static_cast<mixprec::optim::AdamWOptions&>(opt.param_groups()[1].options()).betas({1.05, 0.999});
+    static_cast<torch::optim::AdamWOptions&>(ref.param_groups()[1].options()).betas({1.05, 0.999});
+    set_grads(ours, step);
+    set_grads(theirs, step);
+    opt.step();
+    ref.step();
+  }
+  for (size_t i = 0; i < ours.size(); ++i) {
+    REQUIRE(ours[i].isfinite().all().item<bool>());
+    REQUIRE((ours[i] - theirs[i]).abs().max().item<double>() <= 1e-6 * (1 + theirs[i].abs().max().item<double>()));
+  }
+  // betas[0] = 1 in the second group: the first group is not stepped either.
+  const std::vector<torch::Tensor> before = {ours[0].detach().clone(), ours[2].detach().clone()};
+  const torch::Tensor m0 = static_cast<mixprec::optim::AdamParamState&>(
+                               *opt.state().at(ours[0].unsafeGetTensorImpl())).exp_avg().clone();
+  static_cast<mixprec::optim::AdamWOptions&>(opt.param_groups()[1].options()).betas({1.0, 0.999});
+  set_grads(ours, 9);
+  REQUIRE_THROWS_WITH(opt.step(), Catch::Contains("betas[0] must not be 1"));
+  REQUIRE(torch::equal(ours[0], before[0]));
+  REQUIRE(torch::equal(ours[2], before[1]));
+  REQUIRE(torch::equal(static_cast<mixprec::optim::AdamParamState&>(
+                           *opt.state().at(ours[0].unsafeGetTensorImpl())).exp_avg(), m0));
+}
+
 TEST_CASE("switching from fp32 masters to remainder mode keeps the exact master", "[optim]") {
   // As the Python optimizer does: the param takes the master's bf16 half, the remainder the rest, so
   // merging the two gives the master's fp32 bits (zero remainders would drop them).

@@ -104,10 +104,7 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("split: dtype", lambda w: ops.split_bf16_remainder(w.p[0]), RuntimeError, "float32"),
     ("merge: remainder dtype", lambda w: ops.merge_bf16_remainder(w.p[0], torch.zeros(4)), RuntimeError, "int16"),
     # adam_step_
-    ("adam: negative lr", lambda w: adam(w, lr=-1.0), RuntimeError, "lr"),
-    ("adam: negative eps", lambda w: adam(w, eps=-1.0), RuntimeError, "eps"),
-    ("adam: beta1", lambda w: adam(w, beta1=1.5), RuntimeError, "beta1"),
-    ("adam: weight_decay", lambda w: adam(w, weight_decay=-0.1), RuntimeError, "weight_decay"),
+    ("adam: beta1", lambda w: adam(w, beta1=1.0), RuntimeError, "beta1"),
     ("adam: master mode", lambda w: adam(w, master_mode="fp64"), RuntimeError, "master_mode"),
     ("adam: list length", lambda w: adam(w, exp_avgs=[]), RuntimeError, "exp_avgs"),
     ("adam: grad shape", lambda w: adam(w, grads=[torch.ones(5)]), RuntimeError, r"grads\[0\]"),

@@ -159,8 +159,13 @@ class AdamCore {
     std::optional<std::vector<std::optional<torch::Tensor>>> grads;
   };
 
-  /// Rejects bad options with a c10::ValueError (ValueError in Python) naming the option.
+  /// Rejects bad options with a c10::ValueError (ValueError in Python) naming the option: torch's constructor
+  /// ranges (lr, eps, weight_decay >= 0, betas in [0, 1)) and check_step_options. The constructors' check.
   static void check_options(const AdamOptions& options);
+  /// What a step needs, as torch's step reads whatever a group holds (a scheduler may take lr below 0; torch
+  /// checks ranges in its constructor only): mixprec's choices (master_weights, moment_dtype, rounding) and
+  /// betas[0] != 1 (the bias correction divides by 1 - beta1^t; torch's step raises ZeroDivisionError).
+  static void check_step_options(const AdamOptions& options);
   /// "fp32", "remainder", "none" or "float64" (a float64 param: torch's own float64 step): the master kept for `param` under the choice `master_weights`.
   static std::string master_mode(const torch::Tensor& param, const std::string& master_weights);
   /// The Philox key of one stochastic-rounding step: splitmix64((seed << 20) ^ rng_calls).

@@ -35,7 +35,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (read_scalar(found_inf, 0.0f) != 0.0f) return;
 
   const double lr_value = lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr;
-  TORCH_CHECK(lr_value >= 0, "mixprec::adam_step_: lr_tensor must hold a value >= 0, got ", lr_value);
   AdamCommon common{args.master_mode, args.rounding, {0, 0},
                     read_scalar(grad_scale, 1.0f),
                     read_scalar(clip_coef, 1.0f), grad_scale.has_value() && grad_scale->defined()};
