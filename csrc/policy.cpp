@@ -148,8 +148,12 @@ void apply(torch::nn::Module& module, const Policy& policy) {
   for (const auto& named : module.named_modules("", /*include_self=*/true)) {
     torch::nn::Module& m = *named.value();
     const c10::ScalarType target = policy.keeps_fp32(m.name()) ? c10::kFloat : policy.param_dtype;
+    // Steps, scales and scaling state that must stay exact (the layers' own to(dtype) keeps them too).
+    const auto* exact = dynamic_cast<const nn::KeepsFp32*>(&m);
+    const auto kept = [exact](const std::string& name) { return exact != nullptr && exact->keeps_fp32(name); };
     bool cast = false;
     for (auto& p : m.named_parameters(/*recurse=*/false)) {
+      if (kept(p.key())) continue;
       if (p.value().scalar_type() != target) {
         p.value().set_data(p.value().to(target));
         cast = true;
@@ -165,8 +169,7 @@ void apply(torch::nn::Module& module, const Policy& policy) {
       }
     }
     for (auto& b : m.named_buffers(/*recurse=*/false)) {
-      // FP8 scaling state (Float8Linear's "fp8_*" buffers) is fp32 by definition, whatever the storage dtype.
-      if (b.key().rfind("fp8_", 0) == 0) continue;
+      if (kept(b.key())) continue;
       if (at::isFloatingType(b.value().scalar_type()) && b.value().scalar_type() != target) {
         b.value().set_data(b.value().to(target));
       }

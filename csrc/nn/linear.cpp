@@ -826,6 +826,23 @@ void Float8LinearImpl::pretty_print(std::ostream& stream) const {
          << ", scaling=" << fp8::scaling_name(recipe.scaling) << ")";
 }
 
+void KeepsFp32::cast_keeping_fp32(torch::nn::Module& self, torch::Dtype dtype, bool non_blocking) const {
+  torch::NoGradGuard no_grad;
+  for (const auto& child : self.children()) child->to(dtype, non_blocking);
+  const auto cast = [&](const torch::OrderedDict<std::string, torch::Tensor>& tensors) {
+    for (const auto& item : tensors) {
+      torch::Tensor t = item.value();
+      if (t.defined() && at::isFloatingType(t.scalar_type()) && !keeps_fp32(item.key())) {
+        t.set_data(t.to(dtype, non_blocking));
+      }
+    }
+  };
+  cast(self.named_parameters(/*recurse=*/false));
+  cast(self.named_buffers(/*recurse=*/false));
+}
+
+bool Float8LinearImpl::keeps_fp32(const std::string& name) const { return name.rfind("fp8_", 0) == 0; }
+
 void Float8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);  // everything moves
   to(dtype, non_blocking);                      // the parameters alone change dtype
@@ -833,8 +850,7 @@ void Float8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blo
 
 void Float8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
   weight_cache = {};
-  torch::NoGradGuard no_grad;
-  for (auto& p : parameters(/*recurse=*/false)) p.set_data(p.to(dtype, non_blocking));
+  cast_keeping_fp32(*this, dtype, non_blocking);
 }
 
 void Float8LinearImpl::to(torch::Device device, bool non_blocking) {

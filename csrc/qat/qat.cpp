@@ -531,29 +531,45 @@ void QuantizedLinearImpl::reset() {
   if (input_scale.defined()) input_scale = register_buffer("input_scale", torch::empty_like(input_scale));
 }
 
+// LibTorch's Module::to casts every tensor, integer codes and float32 steps and scales included; these layers
+// cast the others only (KeepsFp32), as Python's keep theirs.
 namespace {
-// A converted layer's dtype cast: LibTorch's Module::to casts every buffer, integer codes included; here only the
-// bias changes dtype (Python's converted layers do the same: integer buffers stay, the scales stay float32).
-void cast_bias(const torch::Tensor& bias, torch::Dtype dtype, bool non_blocking) {
-  if (!bias.defined()) return;
-  const torch::NoGradGuard no_grad;
-  const_cast<torch::Tensor&>(bias).set_data(bias.to(dtype, non_blocking));
-}
+bool is_step(const std::string& name) { return name == "weight_step" || name == "input_step"; }
+bool is_scale(const std::string& name) { return name == "weight_scale" || name == "input_scale"; }
 }  // namespace
+
+bool QATLinearImpl::keeps_fp32(const std::string& name) const { return is_step(name); }
+bool QATConv2dImpl::keeps_fp32(const std::string& name) const { return is_step(name); }
+bool QuantizedLinearImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
+bool QuantizedConv2dImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
+
+void QATLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  cast_keeping_fp32(*this, dtype, non_blocking);
+}
+
+void QATLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
+
+void QATConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  cast_keeping_fp32(*this, dtype, non_blocking);
+}
+
+void QATConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
 
 void QuantizedLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
-  cast_bias(bias, dtype, non_blocking);
+  cast_keeping_fp32(*this, dtype, non_blocking);
 }
 
-void QuantizedLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_bias(bias, dtype, non_blocking); }
+void QuantizedLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
 
 void QuantizedConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
-  cast_bias(bias, dtype, non_blocking);
+  cast_keeping_fp32(*this, dtype, non_blocking);
 }
 
-void QuantizedConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_bias(bias, dtype, non_blocking); }
+void QuantizedConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::qat::QuantizedLinear(out_features=" << weight_codes.size(0) << ", weight_bits="

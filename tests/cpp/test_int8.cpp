@@ -360,6 +360,60 @@ TEST_CASE("qat keeps a named Sequential's entry names, and converted layers keep
   REQUIRE(torch::allclose(got.to(torch::kFloat), expected.to(torch::kFloat), 2e-2, 2e-2));
 }
 
+TEST_CASE("QAT steps and converted scales stay float32 through to(dtype) and mixprec::apply, as in Python",
+          "[int8][qat][policy]") {
+  mixprec::qat::QATConfig cfg;
+  cfg.learnable_scales = true;
+  cfg.learnable_activation_scales = true;
+  const auto make = [&cfg] {
+    torch::manual_seed(31);
+    torch::nn::Linear fc(8, 4);
+    torch::nn::Conv2d conv(torch::nn::Conv2dOptions(2, 3, 3));
+    torch::nn::Sequential model(mixprec::qat::QATLinear(*fc, cfg), mixprec::qat::QATConv2d(*conv, cfg));
+    auto& lin = *model->ptr(0)->as<mixprec::qat::QATLinear>();
+    auto& cnv = *model->ptr(1)->as<mixprec::qat::QATConv2d>();
+    lin.forward(torch::randn({2, 8}));  // the input steps start from the first batch
+    cnv.forward(torch::randn({1, 2, 5, 5}));
+    return model;
+  };
+  const auto reference = make();
+  const auto steps = [](const torch::nn::Sequential& m) {
+    std::vector<torch::Tensor> out;
+    for (const auto& item : m->named_parameters()) {
+      if (item.key().find("_step") != std::string::npos) out.push_back(item.value());
+    }
+    return out;
+  };
+  for (int how = 0; how < 2; ++how) {
+    auto model = make();
+    if (how == 0) {
+      model->to(torch::kBFloat16);
+    } else {
+      mixprec::apply(*model, mixprec::Policy::bfloat16());
+    }
+    const auto& lin = *model->ptr(0)->as<mixprec::qat::QATLinear>();
+    REQUIRE(lin.weight.scalar_type() == torch::kBFloat16);
+    REQUIRE(model->ptr(1)->as<mixprec::qat::QATConv2d>()->weight.scalar_type() == torch::kBFloat16);
+    const auto ours = steps(model), exact = steps(reference);
+    REQUIRE(ours.size() == 4);
+    for (size_t i = 0; i < ours.size(); ++i) {
+      REQUIRE(ours[i].scalar_type() == torch::kFloat);
+      REQUIRE(torch::equal(ours[i], exact[i]));
+    }
+    // Converted: the codes come from the fp32 steps, and the scales stay float32 through apply.
+    mixprec::qat::QuantizedLinear converted(lin);
+    mixprec::qat::QuantizedLinear from_fp32(*reference->ptr(0)->as<mixprec::qat::QATLinear>());
+    REQUIRE(torch::equal(converted->weight_scale, from_fp32->weight_scale));
+    REQUIRE(torch::equal(converted->input_scale, from_fp32->input_scale));
+    torch::nn::Sequential holder(converted);
+    mixprec::apply(*holder, mixprec::Policy::bfloat16());
+    REQUIRE(converted->weight_scale.scalar_type() == torch::kFloat);
+    REQUIRE(converted->input_scale.scalar_type() == torch::kFloat);
+    REQUIRE(converted->weight_codes.scalar_type() == torch::kChar);
+    REQUIRE(converted->bias.scalar_type() == torch::kBFloat16);
+  }
+}
+
 TEST_CASE("qat prepare takes mixprec::nn::Linear entries and refuses 8-bit ones by name", "[int8][qat]") {
   torch::manual_seed(24);
   torch::nn::Linear base(16, 16);

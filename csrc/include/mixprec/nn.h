@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <ostream>
+#include <string>
 #include <utility>
 
 #include "mixprec/fp8.h"
@@ -33,6 +34,21 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
 /// Gives a leaf `weight` an fp32 gradient (grad_dtype float32), converting one it holds. Tensor subclasses
 /// (FSDP2's DTensors, which assign gradients in their own dtypes) and float64 weights are left alone.
 void keep_fp32_grad(const torch::Tensor& weight);
+
+/// A module some of whose own parameters or buffers stay float32 through dtype casts (their values must be exact:
+/// FP8 scaling state, QAT steps, a converted layer's scales): its Module::to(dtype) and mixprec::apply leave them
+/// float32 (moved with the module only), as Python's layers keep them through `.to(dtype)` and Policy.apply.
+class KeepsFp32 {
+ public:
+  virtual ~KeepsFp32() = default;
+  /// Whether the module's own parameter or buffer `name` stays float32.
+  virtual bool keeps_fp32(const std::string& name) const = 0;
+
+ protected:
+  /// Module::to(dtype) for `self` except what keeps_fp32 names, and, as Python's `.to(dtype)`, only floating-point
+  /// tensors (integer codes stay integers); children take their own to(dtype).
+  void cast_keeping_fp32(torch::nn::Module& self, torch::Dtype dtype, bool non_blocking) const;
+};
 
 /// Drop-in for torch::nn::LinearImpl (same options, parameter names, initialisation and state dict)
 /// whose forward is mixprec::nn::linear.
@@ -103,7 +119,7 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
 /// A Linear whose forward is float8_linear: same options, parameters and initialisation as
 /// torch::nn::Linear, plus the recipe's scaling state as buffers ("fp8_forward_amax_history", ...), so a
 /// state dict holds it as plain tensors and resuming is exact.
-class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
+class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public KeepsFp32 {
  public:
   Float8LinearImpl(int64_t in_features, int64_t out_features, fp8::Recipe recipe = {})
       : Float8LinearImpl(torch::nn::LinearOptions(in_features, out_features), std::move(recipe)) {}
@@ -120,6 +136,8 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl> {
   /// true, it is quantized and kept in `weight_cache`; false, the kept one is used. Pass true on the first
   /// micro-batch after each optimizer step and false on the others of a gradient-accumulation cycle.
   torch::Tensor forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch = std::nullopt);
+  /// The scaling state ("fp8_*" buffers).
+  bool keeps_fp32(const std::string& name) const override;
   /// Module::to, except that the scaling state stays fp32 (its values exact) and follows device moves only.
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;

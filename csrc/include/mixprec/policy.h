@@ -75,7 +75,8 @@ class AutocastGuard {
 };
 
 /// Casts `module`'s floating-point parameters and buffers to the policy's param dtype, except those of
-/// fp32-kept modules (norm layers), which become float32. LibTorch modules have no forward hooks, so a
+/// fp32-kept modules (norm layers), which become float32, and those a layer keeps exact (nn::KeepsFp32: FP8
+/// scaling state, QAT steps, converted layers' scales), which stay as they are. LibTorch modules have no forward hooks, so a
 /// kept layer receives the previous layer's 16-bit activations as they are: ATen's batch/layer/group
 /// norm kernels take 16-bit input with fp32 weights and compute in fp32, and autocast runs them in fp32.
 /// Fails, naming the parameter, for parameters of non-floating dtypes.
