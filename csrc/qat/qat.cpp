@@ -572,8 +572,10 @@ void QuantizedConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_
 void QuantizedConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "mixprec::qat::QuantizedLinear(out_features=" << weight_codes.size(0) << ", weight_bits="
-         << config.weight_bits << ")";
+  // INT4 codes come two to a byte (uint8); INT8 ones one per int8.
+  const int64_t in_features = weight_codes.size(1) * (weight_codes.scalar_type() == torch::kByte ? 2 : 1);
+  stream << "mixprec::qat::QuantizedLinear(in_features=" << in_features << ", out_features=" << weight_codes.size(0)
+         << ", weight_bits=" << config.weight_bits << ")";
 }
 
 torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {

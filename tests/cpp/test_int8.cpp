@@ -411,7 +411,16 @@ TEST_CASE("QAT steps and converted scales stay float32 through to(dtype) and mix
     REQUIRE(converted->input_scale.scalar_type() == torch::kFloat);
     REQUIRE(converted->weight_codes.scalar_type() == torch::kChar);
     REQUIRE(converted->bias.scalar_type() == torch::kBFloat16);
+    std::ostringstream printed;
+    printed << *converted;
+    REQUIRE(printed.str() == "mixprec::qat::QuantizedLinear(in_features=8, out_features=4, weight_bits=8)");
   }
+  mixprec::qat::QATConfig int4;
+  int4.weight_bits = 4;
+  torch::nn::Linear fc(8, 4);
+  std::ostringstream printed;  // INT4 codes are packed two to a byte: the features are still the layer's
+  printed << *mixprec::qat::QuantizedLinear(*mixprec::qat::QATLinear(*fc, int4));
+  REQUIRE(printed.str() == "mixprec::qat::QuantizedLinear(in_features=8, out_features=4, weight_bits=4)");
 }
 
 TEST_CASE("qat prepare takes mixprec::nn::Linear entries and refuses 8-bit ones by name", "[int8][qat]") {
