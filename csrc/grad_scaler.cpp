@@ -62,6 +62,11 @@ void check_options(const GradScalerOptions& o, bool constructing) {
     TORCH_CHECK(*o.max_scale() >= o.min_scale(), "mixprec::GradScaler: min_scale (", o.min_scale(),
                 ") must not exceed max_scale (", *o.max_scale(), ")");
   }
+  if (constructing) {  // else the first update would clamp against the direction it moves
+    TORCH_CHECK(o.init_scale() >= o.min_scale() && o.init_scale() <= o.max_scale().value_or(o.init_scale()),
+                "mixprec::GradScaler: init_scale (", o.init_scale(), ") must lie within [min_scale, max_scale] = [",
+                o.min_scale(), ", ", o.max_scale().value_or(std::numeric_limits<double>::infinity()), "]");
+  }
 }
 
 // The parameters whose gradients are set, and those gradients, in the same order.

@@ -40,6 +40,7 @@ import inspect
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
@@ -101,7 +102,6 @@ def _torch_assertion_types(method: _F) -> _F:
     return wrapped  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=128)
 def _function_takes_grad_scaler(step: Callable[..., Any]) -> bool:
     try:
         return "grad_scaler" in inspect.signature(step).parameters
@@ -109,15 +109,24 @@ def _function_takes_grad_scaler(step: Callable[..., Any]) -> bool:
         return False
 
 
+# Weak keys: a step function patched onto one instance (Accelerate wraps optimizer.step in a new closure at every
+# step) holds its optimizer, which must not outlive the training run in this cache.
+_TAKES_GRAD_SCALER: "weakref.WeakKeyDictionary[Callable[..., Any], bool]" = weakref.WeakKeyDictionary()
+
+
 def _takes_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` has a ``grad_scaler`` parameter (torch's older protocol), as torch asks; the
-    answer is cached per step function (inspect.signature costs about 10 us, on every scaler.step)."""
+    answer is cached per step function while it lives (inspect.signature costs about 10 us, on every
+    scaler.step)."""
     step = optimizer.step
     function = getattr(step, "__func__", step)  # one entry per class (or per patched instance), not per call
     try:
+        return _TAKES_GRAD_SCALER[function]
+    except KeyError:
+        answer = _TAKES_GRAD_SCALER[function] = _function_takes_grad_scaler(function)
+        return answer
+    except TypeError:  # not weakly referable or unhashable (a builtin, a callable object without __weakref__)
         return _function_takes_grad_scaler(function)
-    except TypeError:  # an unhashable callable
-        return _function_takes_grad_scaler.__wrapped__(function)
 
 
 def _by_device_name(flags: Any) -> dict[str, Tensor]:

@@ -200,6 +200,8 @@ def test_call_order_errors() -> None:
     (dict(init_scale=0.0), "init_scale"), (dict(growth_factor=1.0), "growth factor"),
     (dict(backoff_factor=1.5), "backoff"), (dict(growth_interval=0), "growth_interval"),
     (dict(hysteresis=0), "hysteresis"), (dict(min_scale=10.0, max_scale=1.0), "min_scale"),
+    (dict(init_scale=8.0, max_scale=4.0), r"init_scale \(8\) must lie within \[min_scale, max_scale\]"),
+    (dict(init_scale=2.0, min_scale=4.0), r"init_scale \(2\) must lie within"),
 ])
 def test_bad_settings(kwargs: dict, needle: str) -> None:
     with pytest.raises((ValueError, RuntimeError), match=needle):
@@ -445,3 +447,28 @@ def test_no_host_sync_on_cuda_with_mixprec_optimizer(track: bool) -> None:
     assert opt.state[model[0].weight]["step"].item() == 5.0
     if track:
         assert str(scaler.last_overflow(model)).startswith("step 3 (loss scale 65536): 0.weight: inf (1 of 4")
+
+
+def test_a_step_patched_per_instance_does_not_keep_the_optimizer_alive() -> None:
+    """Accelerate wraps ``optimizer.step`` in a new closure at every step; the scaler's check of the step's
+    signature (for fused optimizers, as torch's) must not keep those closures, and the model, alive."""
+    import gc
+    import weakref
+
+    def run() -> "weakref.ref[torch.Tensor]":
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # _step_supports_amp_scaling
+        scaler = mixprec.GradScaler("cpu")
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+            original = opt.step
+            opt.step = lambda *a, _step=original, **k: _step(*a, **k)
+            scaler.step(opt)
+            scaler.update()
+            opt.step = original
+        return weakref.ref(model.weight)
+
+    weight = run()
+    gc.collect()
+    assert weight() is None
