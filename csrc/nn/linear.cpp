@@ -108,6 +108,13 @@ bool in_plain_backward(const c10::Device& device) {
   return it != exec_info->end() && it->second.should_execute() && !it->second.captures_;
 }
 
+// Hooks on the weight's AccumulateGrad node (registered through grad_fn.next_functions, as apex- and
+// Megatron-style code does) must see, and may replace, each backward's gradient.
+bool accumulator_has_pre_hooks(const torch::Tensor& weight) {
+  const auto node = torch::autograd::impl::try_get_grad_accumulator(weight);
+  return node != nullptr && (!node->pre_hooks().empty() || !node->tensor_pre_hooks().empty());
+}
+
 bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
   const torch::Tensor& grad = weight.grad();
   // Into an fp32 .grad, or a 16-bit one of a weight whose grad_dtype is fp32 (left there by another use,
@@ -118,7 +125,7 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
          grad.is_contiguous() &&
          grad.sizes() == weight.sizes() && grad.device() == weight.device() && !is_subclass(grad) &&
          torch::autograd::impl::hooks(weight).empty() && !torch::autograd::impl::post_acc_grad_hooks(weight) &&
-         in_plain_backward(device);
+         !accumulator_has_pre_hooks(weight) && in_plain_backward(device);
 }
 
 void after_backward_wait_for(const c10::Device& device) {
@@ -604,9 +611,20 @@ void keep_fp32_grad(const torch::Tensor& weight) {
 }
 
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias) {
+  // What the fp32 weight-gradient GEMM does not cover computes as torch's linear: complex layers (the GEMM is
+  // real; a complex input gradient needs the conjugate weight), the meta device (shape inference; autocast has
+  // no state there) and nested inputs.
+  if (weight.is_complex() || input.is_complex() || weight.is_meta() || input.is_meta() || input.is_nested()) {
+    return at::linear(input, weight, bias);
+  }
   if (weight.is_leaf() && weight.requires_grad() && weight.scalar_type() == at::kDouble &&
-      weight.grad_dtype() != at::kDouble && !weight.grad().defined()) {
-    weight.set_grad_dtype(std::nullopt);  // converted in fp32, cast to fp64 since: gradients in fp64 again
+      weight.grad_dtype() != at::kDouble) {
+    // Converted in fp32, cast to fp64 since: gradients in fp64 again, one already there included.
+    const torch::Tensor grad = weight.grad();
+    auto& w = const_cast<torch::Tensor&>(weight);
+    if (grad.defined()) w.mutable_grad() = torch::Tensor();  // no grad of another dtype meanwhile
+    weight.set_grad_dtype(at::kDouble);
+    if (grad.defined()) w.mutable_grad() = grad.to(at::kDouble);
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;

@@ -29,9 +29,13 @@ fp32). ``DistributedDataParallel`` buckets gradients in the parameters' dtype an
 gradient of a 16-bit weight: under DDP such a weight's gradient goes back to its own dtype at the first
 forward (with a warning), so the layer behaves as ``torch.nn.Linear`` there; fp32 weights keep fp32
 gradients, reduced by DDP as usual.
-float64 weights keep float64 gradients (a plain float64 GEMM). torch.func transforms (``grad``, ``vmap``,
-``jvp``) and forward-mode AD return gradients instead of accumulating them: there the layer computes as
-``torch.nn.Linear`` does.
+float64 weights keep float64 gradients (a plain float64 GEMM; also a layer cast with ``.double()`` after a
+backward). torch.func transforms (``grad``, ``vmap``, ``jvp``) and forward-mode AD return gradients instead of
+accumulating them: there the layer computes as ``torch.nn.Linear`` does, as it does for complex weights or
+inputs, the meta device and nested inputs. Added in place, a second micro-batch's fp32 weight gradient is
+rounded once (the GEMM with beta = 1) where torch rounds the product and then the sum: fp32 layers agree with
+``torch.nn.Linear`` to an ulp from the second backward on, not bit for bit. ``FlopCounterMode`` counts the
+weight-gradient and 8-bit GEMM ops as the ``mm`` they replace.
 
 Modules that read a Linear's ``weight`` instead of calling it bypass every layer here, as they bypass any
 ``torch.nn.Linear`` subclass: ``nn.MultiheadAttention`` (its ``out_proj``), and the fused inference path
@@ -210,6 +214,9 @@ class _Fp32WeightGrad(torch.nn.Module):
                 and weight.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.grad.shape == kept.shape):
             weight.grad.data = kept.to(weight.grad.device)  # the same grad object, as Module._apply keeps it
         _restore_fp32_grad(self)
+        if (weight is not None and weight.is_leaf and weight.dtype == torch.float64
+                and weight.grad_dtype == torch.float32):
+            own_dtype_grad(weight)  # `.double()`: float64 gradients, as torch.nn.Linear's (a .grad there included)
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:

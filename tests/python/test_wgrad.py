@@ -855,3 +855,82 @@ def test_torch_func_transforms_and_forward_ad_give_torchs_results(dtype: torch.d
         # Inside a dual level, tensors without tangents still take the fp32-gradient op.
         ours(x).float().sum().backward()
     assert ours.weight.grad.dtype == torch.float32
+
+
+def _twins(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    ref = nn.Linear(8, 4, dtype=dtype, device=device)
+    return ref, mixprec.nn.convert(copy.deepcopy(ref))
+
+
+def test_complex_layers_compute_as_torchs_linear() -> None:
+    """The weight-gradient GEMM is real: a complex layer (an input gradient needs the conjugate weight) computes
+    as torch's linear, frozen or trained."""
+    x0 = torch.randn(5, 8, dtype=torch.complex64)
+    for frozen in (True, False):
+        grads = []
+        for m in _twins(torch.complex64):
+            m.requires_grad_(not frozen)
+            x = x0.clone().requires_grad_()
+            m(x).abs().pow(2).sum().backward()
+            grads.append((x.grad, m.weight.grad))
+        assert torch.equal(grads[0][0], grads[1][0])
+        assert (grads[0][1] is None) == frozen and (frozen or torch.equal(grads[0][1], grads[1][1]))
+
+
+def test_meta_device_and_nested_inputs_compute_as_torchs_linear() -> None:
+    for m in _twins(device="meta"):  # shape inference on the meta device
+        assert m(torch.empty(5, 8, device="meta")).shape == (5, 4)
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged)
+    grads = []
+    for m in _twins():
+        m(nested).values().sum().backward()
+        grads.append(m.weight.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_hooks_on_the_weights_accumulate_grad_node_see_every_backward() -> None:
+    """A pre-hook on the weight's AccumulateGrad node (reached through grad_fn.next_functions, as apex- and
+    Megatron-style code registers them) sees each backward's gradient and may replace it: no in-place add."""
+    x = torch.randn(6, 8)
+    seen = {}
+    for name, m in zip(("torch", "ours"), _twins()):
+        calls = []
+        node = m.weight.view_as(m.weight).grad_fn.next_functions[0][0]
+        node.register_prehook(lambda go, calls=calls: (calls.append(go[0]), (go[0] * 0,))[1])
+        for _ in range(3):
+            m(x).sum().backward()
+        seen[name] = ([None if g is None else tuple(g.shape) for g in calls], m.weight.grad.abs().sum().item())
+    assert seen["ours"] == seen["torch"] == ([(4, 8)] * 3, 0.0)
+
+
+def test_a_converted_layer_cast_to_float64_after_a_backward_takes_float64_gradients() -> None:
+    x = torch.randn(3, 8)
+    out = []
+    for m in _twins():
+        m(x).sum().backward()
+        m.double()
+        assert m.weight.grad_dtype == torch.float64 and m.weight.grad.dtype == torch.float64
+        m.zero_grad(set_to_none=False)
+        m(x.double().mul(1 / 3)).sum().backward()
+        out.append(m.weight.grad)
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("conversion", ["linear", "fp8", "int8"])
+def test_flop_counter_counts_converted_layers_as_torchs(conversion: str) -> None:
+    """torch.utils.flop_counter sees the weight-gradient and 8-bit GEMM ops as the mm they replace (MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    kwargs = {"fp8": dict(fp8=mixprec.fp8.Recipe()), "int8": dict(int8=mixprec.nn.Int8Gemms())}.get(conversion, {})
+    ours = mixprec.nn.convert(copy.deepcopy(ref), filter=lambda *a: True, **kwargs)
+    x = torch.randn(16, 32, requires_grad=True)
+    counts = []
+    for m in (ref, ours):
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(2):  # the second backward adds into .grad in place
+                m(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[1] == counts[0] == 2 * 3 * 2 * 16 * (32 * 64 + 64 * 32)
