@@ -108,11 +108,12 @@ bool in_plain_backward(const c10::Device& device) {
   return it != exec_info->end() && it->second.should_execute() && !it->second.captures_;
 }
 
-// Hooks on the weight's AccumulateGrad node (registered through grad_fn.next_functions, as apex- and
-// Megatron-style code does) must see, and may replace, each backward's gradient.
-bool accumulator_has_pre_hooks(const torch::Tensor& weight) {
+// Hooks on the weight's AccumulateGrad node (registered through grad_fn.next_functions, as apex-, Megatron- and
+// DDP-style code does) must see each backward's gradient, and pre-hooks may replace it.
+bool accumulator_has_hooks(const torch::Tensor& weight) {
   const auto node = torch::autograd::impl::try_get_grad_accumulator(weight);
-  return node != nullptr && (!node->pre_hooks().empty() || !node->tensor_pre_hooks().empty());
+  return node != nullptr &&
+         (!node->pre_hooks().empty() || !node->tensor_pre_hooks().empty() || !node->post_hooks().empty());
 }
 
 bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
@@ -125,7 +126,7 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
          grad.is_contiguous() &&
          grad.sizes() == weight.sizes() && grad.device() == weight.device() && !is_subclass(grad) &&
          torch::autograd::impl::hooks(weight).empty() && !torch::autograd::impl::post_acc_grad_hooks(weight) &&
-         !accumulator_has_pre_hooks(weight) && in_plain_backward(device);
+         !accumulator_has_hooks(weight) && in_plain_backward(device);
 }
 
 void after_backward_wait_for(const c10::Device& device) {
@@ -618,7 +619,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
     return at::linear(input, weight, bias);
   }
   if (weight.is_leaf() && weight.requires_grad() && weight.scalar_type() == at::kDouble &&
-      weight.grad_dtype() != at::kDouble) {
+      weight.grad_dtype() == at::kFloat) {
     // Converted in fp32, cast to fp64 since: gradients in fp64 again, one already there included.
     const torch::Tensor grad = weight.grad();
     auto& w = const_cast<torch::Tensor&>(weight);
@@ -894,7 +895,8 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
       empty = true;
     }
   }
-  // Only delayed scaling has state to take; a checkpoint without it keeps the layer's own.
+  // Only delayed scaling has state to take. A checkpoint without it (a torch::nn::Linear's: other weights) starts
+  // from the initial state: what the layer recorded belonged to its old weights.
   const bool has_state =
       recipe.scaling == fp8::Scaling::Delayed && !empty && missing.size() + 1 < buffers.size();
   if (has_state && !missing.empty()) {  // part of a state
@@ -905,6 +907,19 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
   }
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
+  if (recipe.scaling == fp8::Scaling::Delayed && !has_state) {
+    torch::NoGradGuard no_grad;
+    const fp8::ScalingState fresh = fp8::make_scaling_state(recipe, state.forward_scale.options());
+    for (const auto& [t, initial] : {std::pair{&state.forward_amax_history, &fresh.forward_amax_history},
+                                     {&state.forward_scale, &fresh.forward_scale},
+                                     {&state.forward_scale_inv, &fresh.forward_scale_inv},
+                                     {&state.backward_amax_history, &fresh.backward_amax_history},
+                                     {&state.backward_scale, &fresh.backward_scale},
+                                     {&state.backward_scale_inv, &fresh.backward_scale_inv},
+                                     {&state.turn, &fresh.turn}}) {
+      t->copy_(*initial);
+    }
+  }
   if (has_state) {
     for (auto& item : named_buffers(/*recurse=*/false)) {
       if (item.key() == "fp8_turn" && turn_missing) {

@@ -333,10 +333,16 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         _adopt(self)
         self._set_recipe(recipe or fp8.Recipe())
 
-    def _set_recipe(self, recipe: fp8.Recipe) -> None:
+    def _set_recipe(self, recipe: fp8.Recipe, real_on_meta: bool = False) -> None:
         self.recipe = recipe
+        like = self.weight
+        if real_on_meta and like.is_meta:
+            # Converted from a layer built with meta weights and real buffers (Accelerate's init_empty_weights):
+            # the state is real too, on the CPU. Loaders that fill such a model from a checkpoint
+            # (load_checkpoint_and_dispatch) cannot fill what no checkpoint holds, and dispatching moves it.
+            like = torch.empty(0, device="cpu")
         # The state's shapes and initial values are C++'s (mixprec::fp8::make_scaling_state).
-        state = torch.ops.mixprec.fp8_scaling_state(recipe.scaling, int(recipe.amax_history_len), self.weight)
+        state = torch.ops.mixprec.fp8_scaling_state(recipe.scaling, int(recipe.amax_history_len), like)
         # Only delayed scaling has state to save; the other recipes' (empty) buffers stay out of the state dict,
         # which is then torch.nn.Linear's, as torchao's dynamically scaled Float8Linear saves it.
         persistent = recipe.scaling == "delayed"
@@ -351,7 +357,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         self._drop_weight_cache()  # quantized from the old weight
         if "recipe" in self.__dict__:  # torch.nn.Linear.__init__ calls this before the state exists
             fresh = torch.ops.mixprec.fp8_scaling_state(self.recipe.scaling, int(self.recipe.amax_history_len),
-                                                        self.weight)
+                                                        getattr(self, _FP8_BUFFERS[0]))  # where the state is
             with torch.no_grad():
                 for name, tensor in zip(_FP8_BUFFERS, fresh):
                     getattr(self, name).copy_(tensor)
@@ -362,7 +368,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         plus the scaling buffers) and return it."""
         linear.__class__ = cls
         _adopt(linear)  # type: ignore[arg-type]
-        linear._set_recipe(recipe or fp8.Recipe())  # type: ignore[attr-defined]
+        linear._set_recipe(recipe or fp8.Recipe(), real_on_meta=True)  # type: ignore[attr-defined]
         return linear  # type: ignore[return-value]
 
     def forward(self, input: Tensor, is_first_microbatch: Optional[bool] = None) -> Tensor:
@@ -390,8 +396,9 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A torch.nn.Linear checkpoint (pretrained weights loaded after convert) has no scaling state: the
-        # layer keeps its own, as BatchNorm fills in num_batches_tracked for checkpoints without one. A
-        # checkpoint with part of the state still reports the rest missing. (torch copied the dict.)
+        # layer starts from the initial state, as BatchNorm fills in num_batches_tracked for checkpoints
+        # without one. A checkpoint with part of the state still reports the rest missing. (torch copied the
+        # dict.)
         keys = [prefix + name for name in _FP8_BUFFERS]
         if self.recipe.scaling != "delayed":
             # No state to load: a delayed-scaling checkpoint's, or one saved when every recipe kept its (empty)
@@ -399,8 +406,17 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             for key in keys:
                 state_dict.pop(key, None)
         elif prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
-            for key, name in zip(keys, _FP8_BUFFERS):
-                state_dict[key] = getattr(self, name)
+            # The initial state: what the layer recorded belonged to its old weights, and after to_empty
+            # (deferred initialisation) its buffers hold uninitialised memory. Made where the buffers are, or,
+            # for a meta-device layer (load_state_dict(assign=True) puts it in place as it is), where the
+            # checkpoint's weight lies.
+            like = getattr(self, _FP8_BUFFERS[0])
+            if like.is_meta or self.weight.is_meta:
+                weight = state_dict[prefix + "weight"]
+                like = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor's shard
+            fresh = torch.ops.mixprec.fp8_scaling_state("delayed", int(self.recipe.amax_history_len), like)
+            for key, tensor in zip(keys, fresh):
+                state_dict[key] = tensor
         elif keys[-1] not in state_dict and any(key in state_dict for key in keys[:-1]):
             # fp8_turn came after the other six: an older checkpoint, saved between steps, takes the initial
             # turn (the backward updated last), made where the checkpoint's state lies (load_state_dict with

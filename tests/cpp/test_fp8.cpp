@@ -200,12 +200,17 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
     REQUIRE(xi.grad().sizes() == x.sizes());
     REQUIRE(other->named_buffers()["fp8_forward_scale"].numel() == 0);
     // Its archive (empty state) loads into a delayed-scaling layer as a torch::nn::Linear's does: the layer
-    // keeps its own state; and a delayed layer's archive loads into it, which has no state to take.
+    // starts from the initial state (what it recorded belonged to its old weights); and a delayed layer's
+    // archive loads into it, which has no state to take.
     std::stringstream stateless, delayed;
     torch::save(other, stateless);
-    const auto history = layer->state.forward_amax_history.clone();
+    REQUIRE(layer->state.forward_amax_history.abs().sum().item<float>() > 0);
     torch::load(layer, stateless);
-    REQUIRE(torch::equal(layer->state.forward_amax_history, history));
+    const auto initial = mixprec::fp8::make_scaling_state(layer->recipe, x.options());
+    REQUIRE(torch::equal(layer->state.forward_amax_history, initial.forward_amax_history));
+    REQUIRE(torch::equal(layer->state.forward_scale, initial.forward_scale));
+    REQUIRE(torch::equal(layer->state.backward_scale_inv, initial.backward_scale_inv));
+    REQUIRE(torch::equal(layer->state.turn, initial.turn));
     REQUIRE(torch::equal(layer->weight, other->weight));
     torch::save(layer, delayed);
     torch::load(other, delayed);
@@ -227,7 +232,8 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
   REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad), Catch::Contains("dtype must be"));
 }
 
-TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scaling state", "[fp8][nn][checkpoint]") {
+TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, starting its scaling state afresh",
+          "[fp8][nn][checkpoint]") {
   torch::manual_seed(5);
   torch::nn::Linear pretrained(torch::nn::LinearOptions(64, 32));
   std::stringstream plain;
@@ -240,22 +246,29 @@ TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scal
   std::map<std::string, torch::Tensor> state;
   for (const auto& item : layer->named_buffers()) state[item.key()] = item.value().clone();
   REQUIRE(layer->state.forward_scale[0].item<float>() != 1.f);
-  auto history = layer->state.forward_amax_history;
-
-  torch::load(layer, plain);  // a pretrained torch::nn::Linear: the weights, and the layer's own state
-  REQUIRE(torch::equal(layer->weight, pretrained->weight));
-  REQUIRE(torch::equal(layer->bias, pretrained->bias));
-  for (const auto& item : layer->named_buffers()) REQUIRE(torch::equal(item.value(), state[item.key()]));
-
-  // A Float8Linear archive restores the state, in the very tensors `state` holds.
+  const auto history = layer->state.forward_amax_history.clone();
+  const auto trained_weight = layer->weight.detach().clone();
   std::stringstream full;
   torch::save(layer, full);
+
+  // A pretrained torch::nn::Linear: its weights, and the initial state (what the layer recorded belonged to its
+  // old weights), in the very tensors `state` holds.
+  torch::load(layer, plain);
+  REQUIRE(torch::equal(layer->weight, pretrained->weight));
+  REQUIRE(torch::equal(layer->bias, pretrained->bias));
+  REQUIRE(layer->state.forward_amax_history.is_same(layer->named_buffers()["fp8_forward_amax_history"]));
+  mixprec::nn::Float8Linear initial(torch::nn::LinearOptions(64, 32));
+  for (const auto& item : layer->named_buffers()) {
+    REQUIRE(torch::equal(item.value(), initial->named_buffers()[item.key()]));
+  }
+
+  // A Float8Linear archive restores the state, in the very tensors `state` holds.
   torch::manual_seed(7);
   mixprec::nn::Float8Linear other(torch::nn::LinearOptions(64, 32));
   torch::load(other, full);
   for (const auto& item : other->named_buffers()) REQUIRE(torch::equal(item.value(), state[item.key()]));
   REQUIRE(torch::equal(other->state.forward_amax_history, history));
-  REQUIRE(torch::equal(other->weight, pretrained->weight));
+  REQUIRE(torch::equal(other->weight, trained_weight));
 
   // reset_parameters puts the initial scaling state back, in the buffers `state` holds.
   mixprec::nn::Float8Linear fresh(torch::nn::LinearOptions(64, 32));
@@ -278,7 +291,7 @@ TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, keeping its scal
   in.load_from(partial_stream);
   REQUIRE_THROWS_WITH(other->load(in), Catch::Contains("holds part of the FP8 scaling state; missing: "
                                                        "fp8_forward_amax_history, fp8_forward_scale_inv"));
-  REQUIRE(torch::equal(other->weight, pretrained->weight));
+  REQUIRE(torch::equal(other->weight, trained_weight));
 }
 
 TEST_CASE("nn::Float8Linear: each side's scales move once per forward-backward cycle", "[fp8][nn]") {

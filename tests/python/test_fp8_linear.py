@@ -236,7 +236,7 @@ def test_state_dict_resume_is_exact() -> None:
 
 def test_a_plain_linear_checkpoint_loads_after_convert() -> None:
     """Pretrained weights saved from torch.nn.Linear layers load strictly into the converted model: the FP8
-    layers keep their (fresh) scaling state, as BatchNorm fills in a missing num_batches_tracked, and train
+    layers start from the initial scaling state, as BatchNorm fills in a missing num_batches_tracked, and train
     exactly as layers converted after the load. A checkpoint holding part of the scaling state reports the
     rest missing; the other direction (FP8 state into plain layers) reports it unexpected, as torch does."""
     def plain() -> nn.Module:
@@ -266,6 +266,39 @@ def test_a_plain_linear_checkpoint_loads_after_convert() -> None:
         before.load_state_dict(partial)
     with pytest.raises(RuntimeError, match='Unexpected key.*"0.fp8_forward_amax_history"'):
         plain().load_state_dict(before.state_dict())
+
+
+@pytest.mark.parametrize("flow", ["trained", "meta"])
+def test_a_plain_checkpoint_starts_the_scaling_state_afresh(flow: str) -> None:
+    """What a layer recorded belongs to its old weights, and after deferred initialisation (built on the meta
+    device, converted, to_empty) its buffers hold uninitialised memory: a checkpoint without scaling state gives
+    the initial state, and the model equals one converted after loading."""
+    def plain(device: str = "cpu") -> nn.Module:
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(32, 64, device=device), nn.GELU(), nn.Linear(64, 16, device=device))
+
+    pretrained = plain().state_dict()
+    recipe = fp8.Recipe(amax_history_len=3)
+    if flow == "meta":
+        model = mixprec.nn.convert(plain("meta"), fp8=recipe, filter=lambda name, m: True).to_empty(device="cpu")
+        for name in mixprec.nn._FP8_BUFFERS[:-1]:  # what uninitialised memory may hold
+            getattr(model[0], name).fill_(-1e-23 if "scale" in name else 3e38)
+    else:
+        model = mixprec.nn.convert(plain(), fp8=recipe, filter=lambda name, m: True)
+        for _ in range(2):
+            model(torch.randn(8, 32) * 100).sum().backward()
+        assert model[0].fp8_forward_amax_history.abs().sum() > 0
+    model.load_state_dict(pretrained)
+    reference = mixprec.nn.convert(plain(), fp8=recipe, filter=lambda name, m: True)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = torch.randn(16, 32)
+    for m in (model, reference):
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).mean().backward()
+    assert torch.isfinite(model(x)).all()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad)
 
 
 @pytest.mark.parametrize("name", ["current", "rowwise", "blockwise"])

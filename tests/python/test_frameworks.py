@@ -292,3 +292,37 @@ def test_distributed_checkpoint_state_dicts_save_load_and_resume(tmp_path, full:
     for p, q in zip(model.parameters(), resumed.parameters()):
         for key, value in opt.state[p].items():
             assert torch.equal(value, resumed_opt.state[q][key]), key
+
+
+# ---- Accelerate: big-model loading into a converted model ----------------------------------------------------
+
+
+@pytest.mark.parametrize("conversion", ["fp8-delayed", "fp8-current", "int8"])
+def test_accelerate_loads_a_checkpoint_into_a_model_converted_with_empty_weights(tmp_path, conversion: str) -> None:
+    """init_empty_weights (meta weights, real buffers), convert, load_checkpoint_and_dispatch of a plain model's
+    checkpoint: the loaded model equals one converted after loading (the scaling state starts real and initial,
+    since no checkpoint of the plain model holds it)."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def convert(model: nn.Module) -> nn.Module:
+        kind, _, scaling = conversion.partition("-")
+        kwargs = dict(fp8=mixprec.fp8.Recipe(scaling=scaling)) if kind == "fp8" else dict(int8=True)
+        return mixprec.nn.convert(model, filter=lambda name, m: True, **kwargs)
+
+    path = tmp_path / "model.bin"
+    torch.save(build().state_dict(), path)
+    with accelerate.init_empty_weights():
+        empty = build()
+    loaded = accelerate.load_checkpoint_and_dispatch(convert(empty), str(path), device_map={"": "cpu"})
+    reference = convert(build())
+    for (k, a), b in zip(loaded.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(8, 32)
+    for m in (loaded, reference):
+        m(x).pow(2).mean().backward()
+    for a, b in zip(loaded.parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad)

@@ -143,7 +143,9 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public K
   void to(torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Device device, bool non_blocking = false) override;
   /// Module::load, except that an archive without the scaling state (a torch::nn::Linear's: pretrained
-  /// weights) keeps the layer's own, as Python's load_state_dict does; one with part of it is refused.
+  /// weights) starts from the initial state (what the layer recorded belonged to its old weights, and after
+  /// deferred initialisation it is uninitialised memory), as Python's load_state_dict does; one with part of it
+  /// is refused.
   void load(torch::serialize::InputArchive& archive) override;
 
   torch::nn::LinearOptions options;
