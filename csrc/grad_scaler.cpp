@@ -41,6 +41,15 @@ void check_backoff_factor(double backoff_factor) {
               "mixprec::GradScaler: backoff_factor must be in (0, 1] (1 holds the scale), got ", backoff_factor);
 }
 
+// A dynamic scale starting outside [min_scale, max_scale] would be clamped by the first update against the
+// direction it moves (a static one never meets the bounds).
+void check_init_scale_within_bounds(const GradScalerOptions& o, double init_scale) {
+  if (!o.dynamic()) return;
+  TORCH_CHECK(init_scale >= o.min_scale() && init_scale <= o.max_scale().value_or(init_scale),
+              "mixprec::GradScaler: init_scale (", init_scale, ") must lie within [min_scale, max_scale] = [",
+              o.min_scale(), ", ", o.max_scale().value_or(std::numeric_limits<double>::infinity()), "]");
+}
+
 void check_options(const GradScalerOptions& o, bool constructing) {
   if (constructing) {
     // A loaded scale is taken as it stands, as torch's loader takes it: a run whose scale fell to 0 (min_scale
@@ -62,11 +71,7 @@ void check_options(const GradScalerOptions& o, bool constructing) {
     TORCH_CHECK(*o.max_scale() >= o.min_scale(), "mixprec::GradScaler: min_scale (", o.min_scale(),
                 ") must not exceed max_scale (", *o.max_scale(), ")");
   }
-  if (constructing) {  // else the first update would clamp against the direction it moves
-    TORCH_CHECK(o.init_scale() >= o.min_scale() && o.init_scale() <= o.max_scale().value_or(o.init_scale()),
-                "mixprec::GradScaler: init_scale (", o.init_scale(), ") must lie within [min_scale, max_scale] = [",
-                o.min_scale(), ", ", o.max_scale().value_or(std::numeric_limits<double>::infinity()), "]");
-  }
+  if (constructing) check_init_scale_within_bounds(o, o.init_scale());
 }
 
 // The parameters whose gradients are set, and those gradients, in the same order.
@@ -533,6 +538,7 @@ void GradScaler::set_growth_factor(double growth_factor) {
 void GradScaler::set_init_scale(double init_scale) {
   TORCH_CHECK_VALUE(init_scale > 0 && std::isfinite(init_scale),
                     "mixprec::GradScaler: init_scale must be a finite number > 0, got ", init_scale);
+  check_init_scale_within_bounds(options_, init_scale);
   options_.init_scale(init_scale);
 }
 

@@ -148,9 +148,13 @@ void apply(torch::nn::Module& module, const Policy& policy) {
   for (const auto& named : module.named_modules("", /*include_self=*/true)) {
     torch::nn::Module& m = *named.value();
     const c10::ScalarType target = policy.keeps_fp32(m.name()) ? c10::kFloat : policy.param_dtype;
-    // Steps, scales and scaling state that must stay exact (the layers' own to(dtype) keeps them too).
+    // Steps, scales and scaling state that must stay exact (the layers' own to(dtype) keeps them too), and FP8
+    // scaling state ("fp8_*" buffers) in any module, as Python's Policy.apply keeps it (a module of the user's
+    // own holding a state for nn::float8_linear).
     const auto* exact = dynamic_cast<const nn::KeepsFp32*>(&m);
-    const auto kept = [exact](const std::string& name) { return exact != nullptr && exact->keeps_fp32(name); };
+    const auto kept = [exact](const std::string& name) {
+      return (exact != nullptr && exact->keeps_fp32(name)) || name.rfind("fp8_", 0) == 0;
+    };
     bool cast = false;
     for (auto& p : m.named_parameters(/*recurse=*/false)) {
       if (kept(p.key())) continue;

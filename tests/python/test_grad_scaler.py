@@ -208,6 +208,15 @@ def test_bad_settings(kwargs: dict, needle: str) -> None:
         mixprec.GradScaler("cpu", **kwargs)
 
 
+def test_init_scale_bounds_hold_for_later_settings_and_only_for_a_dynamic_scale() -> None:
+    scaler = mixprec.GradScaler("cpu", init_scale=4.0, max_scale=8.0)
+    with pytest.raises(RuntimeError, match="must lie within"):
+        scaler._init_scale = 16.0  # torch's attribute, as code resetting a scaler writes it
+    assert scaler._init_scale == 4.0
+    static = mixprec.GradScaler("cpu", init_scale=16.0, max_scale=8.0, dynamic=False)  # never meets the bounds
+    assert static.get_scale() == 16.0
+
+
 def test_no_host_sync_with_mixprec_optimizers() -> None:
     """With a mixprec optimizer, scale/step/update never read a tensor back to the host: every path that
     could (Tensor.item, Tensor.__bool__, Tensor.tolist) is made to fail."""
