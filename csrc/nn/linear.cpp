@@ -938,7 +938,18 @@ torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optiona
   if (amax_group && recipe.scaling == fp8::Scaling::Delayed && is_training() && at::GradMode::is_enabled()) {
     fp8::reduce_amax(state, *amax_group);
   }
-  // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics).
+  // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics): a state that
+  // never recorded an amax (a fresh layer, or one loaded from a checkpoint without it) scales by 1.
+  if (!is_training() && recipe.scaling == fp8::Scaling::Delayed && !eval_checked) {
+    eval_checked = true;
+    const torch::Tensor& history = state.forward_amax_history;
+    if (!history.is_meta() && !history.any().item<bool>()) {
+      TORCH_WARN("mixprec::nn::Float8Linear: evaluated with delayed scaling that has never recorded an amax (a "
+                 "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with scale "
+                 "1, so values beyond the format's largest saturate. Train a step first, load the scaling state, "
+                 "or evaluate with current scaling");
+    }
+  }
   if (!is_first_microbatch.has_value()) {
     return float8_linear(input, weight, bias, state, recipe, nullptr, is_training());
   }

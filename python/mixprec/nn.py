@@ -153,6 +153,17 @@ def own_dtype_grad(weight: Tensor) -> None:
         weight.grad = grad
 
 
+def explain_transform_failure(what: str, error: BaseException, tensors: Sequence[Optional[Tensor]]) -> None:
+    """Raises a RuntimeError naming `what` in place of `error` when a torch.func transform or forward-mode AD is
+    what `error` came from (torch's own message names neither the layer nor a way out); returns otherwise."""
+    if _functional_transform(*tensors):
+        raise RuntimeError(
+            f"{what} cannot run under torch.func transforms (grad, vjp, jacrev, jvp; vmap of delayed scaling's "
+            "state updates) or forward-mode AD: the 8-bit and QAT layers' autograd functions are C++'s. Compute "
+            "such gradients (per-sample ones, for example) on the model before converting it, or with "
+            "torch.autograd.grad") from error
+
+
 def _functional_transform(*tensors: Optional[Tensor]) -> bool:
     """Whether a torch.func transform (grad, vmap, jvp, ...) is active, or forward-mode AD reaches these tensors:
     neither can run a C++ autograd Function, and neither accumulates into ``.grad``, which is what the fp32
@@ -290,9 +301,13 @@ def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[lis
     """`op(*args, **kwargs)` without a cache; with one, `cached_op(*args, weight_cache, **kwargs)`, which fills an
     empty cache (the list takes the tensors it returns) or uses a filled one (and returns none: no output
     aliases an input)."""
-    if weight_cache is None:
-        return op(*args, **kwargs)
-    out, filled = cached_op(*args, weight_cache, **kwargs)
+    try:
+        if weight_cache is None:
+            return op(*args, **kwargs)
+        out, filled = cached_op(*args, weight_cache, **kwargs)
+    except (RuntimeError, NotImplementedError) as error:
+        explain_transform_failure(f"mixprec.nn.{op._qualified_op_name.split('::')[-1]}", error, args[:3])
+        raise
     if not weight_cache:
         weight_cache[:] = filled
     return out
@@ -378,6 +393,16 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         state = [getattr(self, name) for name in _FP8_BUFFERS]
         if self.recipe.scaling == "delayed" and self.training:
             _check_ddp_buffers(self, state[0])
+        elif self.recipe.scaling == "delayed" and not self.__dict__.get("_fp8_eval_checked"):
+            # An evaluation reads the state without updating it: one that never recorded an amax (a fresh layer,
+            # or one loaded from a checkpoint without it) scales by 1. One host read, at the first eval forward.
+            self._fp8_eval_checked = True
+            if not torch.compiler.is_compiling() and not state[0].is_meta and not bool(state[0].any()):
+                warnings.warn(
+                    "mixprec.nn.Float8Linear: evaluated with delayed scaling that has never recorded an amax (a "
+                    "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with "
+                    "scale 1, so values beyond the format's largest saturate. Train a step first, load the "
+                    "scaling state, or evaluate with current scaling", stacklevel=2)
         if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
                 and torch.is_grad_enabled()):
             import torch.distributed as dist
@@ -509,6 +534,10 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
     edges = set(names[-1:]) | (set(names[:1]) if first_is_input else set())
 
     def take(name: str, layer: torch.nn.Linear) -> bool:
+        # peft's LoRA adapters (lora_A / lora_B) stay as they are: rank-r GEMMs that 8 bits cannot speed up, and
+        # a zero-initialised lora_B would start delayed scaling at scale 1. Their frozen base layers convert.
+        if any(part in ("lora_A", "lora_B") for part in name.split(".")):
+            return False
         return name not in edges and layer.in_features % multiple == 0 and layer.out_features % multiple == 0
 
     return take
@@ -516,18 +545,18 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
 
 def fp8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
     """The layers :func:`convert` puts in FP8 unless told otherwise: every ``torch.nn.Linear`` (or layer
-    converted from one) but the model's input and output layers (which the anchors keep in higher precision),
-    and only where both feature counts are multiples of 16 (what FP8 GEMMs need on CUDA). The output layer is
-    the last Linear in module order (an LM head, a classifier); the input layer is the first, unless an
-    embedding or a convolution comes before it (a transformer's first projection reads features, not the
-    input)."""
+    converted from one) but the model's input and output layers (which the anchors keep in higher precision)
+    and peft's LoRA adapters (``lora_A`` / ``lora_B``; their base layers convert), and only where both feature
+    counts are multiples of 16 (what FP8 GEMMs need on CUDA). The output layer is the last Linear in module
+    order (an LM head, a classifier); the input layer is the first, unless an embedding or a convolution comes
+    before it (a transformer's first projection reads features, not the input)."""
     return _edge_filter(model, 16)
 
 
 def int8_default_filter(model: torch.nn.Module) -> Callable[[str, torch.nn.Linear], bool]:
     """The layers :func:`convert` puts in INT8 unless told otherwise: every ``torch.nn.Linear`` but the model's
-    input and output layers (as :func:`fp8_default_filter` finds them), where both feature counts are multiples
-    of 8 (what INT8 GEMMs need on CUDA)."""
+    input and output layers and peft's LoRA adapters (as :func:`fp8_default_filter` finds them), where both
+    feature counts are multiples of 8 (what INT8 GEMMs need on CUDA)."""
     return _edge_filter(model, 8)
 
 

@@ -180,7 +180,7 @@ class _QATWeight:
         """``_load_from_state_dict`` (``load``: the module's own) for a QAT layer. A checkpoint of the plain layer
         (pretrained weights loaded after :func:`prepare`) holds none of the learnable steps: they restart as
         prepare starts them, from the loaded weight and at 0 for the input step (set by the next forward), as
-        :class:`mixprec.nn.Float8Linear` keeps its scaling state for a ``torch.nn.Linear`` checkpoint; a
+        :class:`mixprec.nn.Float8Linear` restarts its scaling state for a ``torch.nn.Linear`` checkpoint; a
         checkpoint with part of the steps still reports the rest missing. (torch copied ``state_dict``.)"""
         steps = [name for name in ("weight_step", "input_step") if self._parameters.get(name) is not None]
         restart = bool(steps) and prefix + "weight" in state_dict and not any(prefix + n in state_dict for n in steps)
@@ -234,7 +234,11 @@ class QATLinear(nn.Linear, _QATWeight):
         return self._keeping_steps_fp32(lambda: super(QATLinear, self)._apply(fn, recurse))
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
+        try:
+            return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
+        except (RuntimeError, NotImplementedError) as error:
+            _mnn.explain_transform_failure("mixprec.qat.QATLinear", error, (input, self.weight))
+            raise
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.qat_config}"
@@ -254,6 +258,13 @@ class QATConv2d(nn.Conv2d, _QATWeight):
         return self._keeping_steps_fp32(lambda: super(QATConv2d, self)._apply(fn, recurse))
 
     def forward(self, input: Tensor) -> Tensor:
+        try:
+            return self._forward(input)
+        except (RuntimeError, NotImplementedError) as error:
+            _mnn.explain_transform_failure("mixprec.qat.QATConv2d", error, (input, self.weight))
+            raise
+
+    def _forward(self, input: Tensor) -> Tensor:
         x = self._fake_input(input, per_token=False)
         bn = self._modules.get("bn")
         if bn is None:

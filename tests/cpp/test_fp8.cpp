@@ -529,3 +529,29 @@ TEST_CASE("nn::Float8Linear: amax_group MAX-reduces delayed scaling's amaxes ove
                       Catch::Contains("backward_amax_history must be delayed scaling's float32 [history, 1]"));
   REQUIRE(shared->calls == 0);
 }
+
+namespace {
+// Collects TORCH_WARN messages while it lives.
+struct CollectWarnings : c10::WarningHandler {
+  std::vector<std::string> messages;
+  c10::WarningHandler* previous = c10::WarningUtils::get_warning_handler();
+  CollectWarnings() { c10::WarningUtils::set_warning_handler(this); }
+  ~CollectWarnings() override { c10::WarningUtils::set_warning_handler(previous); }
+  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
+};
+}  // namespace
+
+TEST_CASE("nn::Float8Linear: evaluating delayed scaling that never recorded an amax warns once", "[fp8][nn]") {
+  const auto x = torch::randn({8, 64}) * 1000;
+  mixprec::nn::Float8Linear fresh(torch::nn::LinearOptions(64, 32));
+  mixprec::nn::Float8Linear trained(torch::nn::LinearOptions(64, 32));
+  trained->forward(x).sum().backward();
+  fresh->eval();
+  trained->eval();
+  CollectWarnings warnings;
+  fresh->forward(x);
+  fresh->forward(x);
+  trained->forward(x);
+  REQUIRE(warnings.messages.size() == 1);
+  REQUIRE_THAT(warnings.messages[0], Catch::Contains("never recorded an amax"));
+}

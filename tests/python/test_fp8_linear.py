@@ -696,6 +696,20 @@ def test_default_filters_leave_out_the_input_layer_only_when_a_linear_reads_the_
     model = mixprec.nn.convert(LM(nn.Embedding(64, 32)), fp8=fp8.Recipe(scaling="current"))
     assert type(model.blocks[0].q_proj) is mixprec.nn.Float8Linear and type(model.lm_head) is mixprec.nn.Linear
 
+    class LoraLayer(nn.Module):  # peft's layout: base_layer, and the adapters in ModuleDicts by adapter name
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer = nn.Linear(32, 32)
+            self.lora_A = nn.ModuleDict({"default": nn.Linear(32, 16, bias=False)})
+            self.lora_B = nn.ModuleDict({"default": nn.Linear(16, 32, bias=False)})
+
+    lm = LM(nn.Embedding(64, 32))
+    lm.blocks[0].q_proj = LoraLayer()
+    for make in (mixprec.nn.fp8_default_filter, mixprec.nn.int8_default_filter):
+        take = make(lm)
+        taken = {name for name, m in lm.named_modules() if isinstance(m, nn.Linear) and take(name, m)}
+        assert "blocks.0.q_proj.base_layer" in taken and not any("lora_" in name for name in taken)
+
 
 def test_convert_again_converts_what_an_earlier_call_left_and_refuses_to_discard_state() -> None:
     """A model converted for fp32 weight gradients first (convert(model)) and for FP8 afterwards gets the same
@@ -894,3 +908,21 @@ def test_opcheck(scaling: str) -> None:
         cache: list[torch.Tensor] = []
         mixprec.nn.float8_linear(x, w, b, state, recipe, cache)
         torch.library.opcheck(torch.ops.mixprec.float8_linear_cached.default, (*args, cache), turn, test_utils=utils)
+
+
+def test_evaluating_delayed_scaling_that_never_recorded_an_amax_warns_once() -> None:
+    """An evaluation reads the scaling state without updating it (as BatchNorm's statistics): a fresh layer, or
+    one loaded from a checkpoint without its state, would quantize with the initial scale 1, silently."""
+    import warnings
+
+    x = torch.randn(8, 32) * 1000  # beyond E4M3's 448 at scale 1
+    fresh = mixprec.nn.Float8Linear(32, 16).eval()
+    with pytest.warns(UserWarning, match="never recorded an amax"):
+        fresh(x)
+    trained = mixprec.nn.Float8Linear(32, 16)
+    trained(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(x)  # once per layer
+        trained.eval()(x)
+        mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current")).eval()(x)

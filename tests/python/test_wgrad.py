@@ -940,3 +940,27 @@ def test_flop_counter_counts_converted_layers_as_torchs(conversion: str) -> None
                 m(x).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[1] == counts[0] == 2 * 3 * 2 * 16 * (32 * 64 + 64 * 32)
+
+
+@pytest.mark.parametrize("conversion", ["fp8", "int8", "qat"])
+def test_torch_func_transforms_through_8bit_and_qat_layers_are_refused_by_name(conversion: str) -> None:
+    """Their autograd functions are C++'s, which functorch cannot run: the error names the layer and the way
+    out instead of torch's generic one. (mixprec.nn.Linear computes as torch's linear there instead.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    if conversion == "qat":
+        model = mixprec.qat.prepare(model)
+        name = "mixprec.qat.QATLinear"
+    else:
+        kwargs = dict(fp8=mixprec.fp8.Recipe()) if conversion == "fp8" else dict(int8=True)
+        mixprec.nn.convert(model, filter=lambda *a: True, **kwargs)
+        name = f"mixprec.nn.{conversion}_linear" if conversion == "int8" else "mixprec.nn.float8_linear"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, (p, buffers), (x,)).square().sum()
+
+    with pytest.raises(RuntimeError, match=f"{name} cannot run under torch.func transforms"):
+        torch.func.grad(loss)(params, torch.randn(4, 32))
+    model(torch.randn(4, 32)).sum().backward()  # outside a transform, as ever

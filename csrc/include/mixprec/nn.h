@@ -135,6 +135,8 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public K
   /// `is_first_microbatch` (Transformer Engine's argument): unset, the weight is quantized on every call;
   /// true, it is quantized and kept in `weight_cache`; false, the kept one is used. Pass true on the first
   /// micro-batch after each optimizer step and false on the others of a gradient-accumulation cycle.
+  /// The first evaluation forward of a delayed-scaling layer whose state never recorded an amax warns (one host
+  /// read): it quantizes with the initial scale 1.
   torch::Tensor forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch = std::nullopt);
   /// The scaling state ("fp8_*" buffers).
   bool keeps_fp32(const std::string& name) const override;
@@ -154,6 +156,7 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public K
   torch::Tensor bias;
   fp8::ScalingState state;
   Float8WeightCache weight_cache;  // not state: a function of the weight; emptied by to()
+  bool eval_checked = false;       // the first evaluation forward looked at the scaling state (see forward)
   /// With delayed scaling, training forwards with gradients enabled first MAX-reduce the amaxes the previous
   /// step recorded over this group (fp8::reduce_amax), so every data-parallel rank scales alike; unset, each
   /// rank scales by its own data. Every rank of the group must run those forwards. Not state: clone() shares
