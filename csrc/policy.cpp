@@ -86,8 +86,8 @@ Policy Policy::from_string(const std::string& raw) {
     return make(canon, c10::kBFloat16, c10::kBFloat16, c10::kBFloat16);
   }
   TORCH_CHECK(s.find('=') != std::string::npos, "mixprec::Policy: unknown policy \"", raw, "\"; accepted: ", kAccepted);
-  // jmp's explicit form: comma-separated key=dtype pairs; compute is required, the others default to it
-  // (params to float32, as in jmp).
+  // jmp's explicit form: comma-separated key=dtype pairs. As jmp reads them: params default to float32, compute
+  // follows params, output follows compute.
   std::map<std::string, c10::ScalarType> parts;
   std::stringstream ss(s);
   std::string item;
@@ -103,9 +103,8 @@ Policy Policy::from_string(const std::string& raw) {
                 "\" in \"", raw, "\" (keys: params, compute, output)");
     parts[key] = parse_dtype(item.substr(eq + 1), raw);
   }
-  TORCH_CHECK(parts.count("compute"), "mixprec::Policy: \"", raw, "\" names no compute dtype");
-  const c10::ScalarType compute = parts["compute"];
   const c10::ScalarType params = parts.count("params") ? parts["params"] : c10::kFloat;
+  const c10::ScalarType compute = parts.count("compute") ? parts["compute"] : params;
   const c10::ScalarType output = parts.count("output") ? parts["output"] : compute;
   std::string canon = std::string("params=") + dtype_name(params) + ",compute=" + dtype_name(compute) +
                       ",output=" + dtype_name(output);
@@ -160,6 +159,13 @@ void apply(torch::nn::Module& module, const Policy& policy) {
       if (kept(p.key())) continue;
       if (p.value().scalar_type() != target) {
         p.value().set_data(p.value().to(target));
+        // As Module::to casts .grad with its parameter; an fp32 gradient a converted layer keeps (grad_dtype
+        // float32) stays.
+        const torch::Tensor grad = p.value().grad();
+        const std::optional<c10::ScalarType> grad_dtype = p.value().grad_dtype();
+        if (grad.defined() && grad_dtype.has_value() && grad.scalar_type() != *grad_dtype) {
+          p.value().mutable_grad() = grad.to(*grad_dtype);
+        }
         cast = true;
       }
     }

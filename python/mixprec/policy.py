@@ -34,6 +34,8 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*items)
         return type(value)(items)
+    if type(value) is dict:  # a comprehension, which torch.compile traces (copy.copy it does not)
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
     if isinstance(value, dict):
         try:
             out = copy.copy(value)
@@ -111,15 +113,22 @@ class Policy:
     Args:
         name: the policy name, or another Policy to copy.
         keep_fp32: module type names to keep in fp32 (default: BatchNorm, LayerNorm, GroupNorm); a
-            module is kept when its class name contains one of them. One name may be given as a string.
+            module is kept when the name of its class, or of a base class (a subclass of LayerNorm, a
+            parametrized LayerNorm), contains one of them. One name may be given as a string, and module
+            classes stand for their names.
+
+    Two policies are equal when they compute, store and output alike and keep the same module types, whatever
+    their names say (``"compute=bfloat16"`` is ``"mixed_bfloat16"``).
     """
 
-    def __init__(self, name: Union[str, "Policy"], keep_fp32: Optional[Iterable[str]] = None) -> None:
+    def __init__(self, name: Union[str, "Policy"], keep_fp32: Optional[Iterable[Union[str, type]]] = None) -> None:
         base = name.name if isinstance(name, Policy) else str(name)
         if isinstance(name, Policy) and keep_fp32 is None:
             keep_fp32 = name.keep_fp32
-        if isinstance(keep_fp32, str):  # one name, not its characters
+        if isinstance(keep_fp32, (str, type)):  # one name, not its characters
             keep_fp32 = (keep_fp32,)
+        if keep_fp32 is not None:  # classes, as FSDP-style code passes them, by their names
+            keep_fp32 = tuple(k.__name__ if isinstance(k, type) else k for k in keep_fp32)
         # What the C++ parser read, kept as plain values (see _parse); the C++ object itself (self._impl) is
         # made when a method needs it.
         self._fields = _parse(base, None if keep_fp32 is None else tuple(str(k) for k in keep_fp32))
@@ -165,26 +174,30 @@ class Policy:
         return list(self._fields[6])
 
     def keeps_fp32(self, module: Union[nn.Module, type, str]) -> bool:
-        """Whether this module (or module type, or type name) stays in fp32."""
+        """Whether this module (or module type, or type name) stays in fp32: the C++ rule on the type's name or
+        a base class's (C++ modules have no bases to look at)."""
         if isinstance(module, nn.Module):
             module = type(module)
-        if isinstance(module, type):
-            module = module.__name__
+        names = ([c.__name__ for c in module.__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
+                 if isinstance(module, type) else [module])
         if torch.compiler.is_compiling():  # the C++ object breaks a graph; the answer is a constant of it
-            return _keeps_fp32(self.name, tuple(self.keep_fp32), module)
-        return bool(self._impl.keeps_fp32(module))
+            return any(_keeps_fp32(self.name, tuple(self.keep_fp32), n) for n in names)
+        return any(bool(self._impl.keeps_fp32(n)) for n in names)
 
     def __repr__(self) -> str:
         return (f"Policy({self.name!r}, compute={self.compute_dtype}, params={self.param_dtype}, "
                 f"master={self.master_dtype}, keep_fp32={self.keep_fp32})")
 
+    def _key(self) -> tuple[Any, ...]:
+        return (*self._fields[1:6], frozenset(self._fields[6]))  # dtypes, loss scaling, kept types (any order)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
-        return self.name == other.name and self.keep_fp32 == other.keep_fp32
+        return self._key() == other._key()
 
     def __hash__(self) -> int:  # equal policies (aliases of one name included) hash alike: dict keys, caches
-        return hash((self.name, tuple(self.keep_fp32)))
+        return hash(self._key())
 
     def cast_to_compute(self, value: Any) -> Any:
         """jmp's cast: the floating tensors in ``value`` (nested lists, tuples, namedtuples and dicts too) in
@@ -210,15 +223,30 @@ class Policy:
                 raise TypeError(f"Policy.apply: parameter {name!r} has dtype {p.dtype}; only floating-point "
                                 "parameters can follow a precision policy")
         compute = self.compute_dtype
+        # The modules stored in fp32: the kept ones and their parametrizations (torch.nn.utils.parametrize keeps
+        # a parametrized weight's original in a child ParametrizationList); a parameter one of them shares
+        # with another module (tied weights) stays fp32 too.
+        hooked = {id(m) for m in model.modules() if self.keeps_fp32(m)}
+        stored_fp32 = set(hooked)
         for module in model.modules():
-            kept = self.keeps_fp32(module)
-            target = torch.float32 if kept else self.param_dtype
+            parametrizations = getattr(module, "parametrizations", None) if id(module) in hooked else None
+            if isinstance(parametrizations, nn.ModuleDict):
+                stored_fp32.update(id(m) for m in parametrizations.modules())
+        fp32_params = {id(p) for m in model.modules() if id(m) in stored_fp32 for p in m.parameters(recurse=False)}
+        for module in model.modules():
+            kept = id(module) in hooked
+            target = torch.float32 if id(module) in stored_fp32 else self.param_dtype
             # fp32 by definition, whatever the policy: QAT steps and scales, FP8 scaling state (fp8_ buffers).
             fp32_names = set(getattr(module, "_FP32_NAMES", ()))
             cast = False
             for key, p in module.named_parameters(recurse=False):
-                if p.dtype != target and key not in fp32_names:
-                    p.data = p.data.to(target)
+                want = torch.float32 if id(p) in fp32_params else target
+                if p.dtype != want and key not in fp32_names:
+                    p.data = p.data.to(want)
+                    if p.grad is not None and p.grad.dtype != p.grad_dtype:
+                        # As Module.to casts .grad with its parameter; an fp32 gradient a converted layer keeps
+                        # (grad_dtype float32) stays.
+                        p.grad = p.grad.to(p.grad_dtype)
                     cast = True
             if cast and hasattr(module, "_drop_weight_cache"):  # the 8-bit layers' kept quantized weight
                 module._drop_weight_cache()
@@ -268,7 +296,8 @@ class Policy:
 class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
     """``torch.autocast`` driven by a policy: context manager and decorator, and a ``torch.autocast`` itself.
 
-    Inside, autocast computes in the policy's compute dtype; a float32 policy disables autocast inside.
+    Inside, autocast computes in the policy's compute dtype; a float32 policy, or ``enabled=False`` (torch's
+    argument), disables autocast inside.
     On exit the previous state (enabled flag, dtype, cache setting) comes back and the cast cache is
     cleared when the outermost autocast exits, exactly as with ``torch.autocast``. torch.compile traces it as
     it traces ``torch.autocast`` (``fullgraph=True`` included, inside an outer ``torch.autocast`` too; one
@@ -279,17 +308,18 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
     """
 
     def __new__(cls, policy: Union[Policy, str, None] = None, device_type: str = "cuda",
-                cache_enabled: Optional[bool] = None) -> "autocast":
+                cache_enabled: Optional[bool] = None, enabled: bool = True) -> "autocast":
         if policy is not None and torch.compiler.is_compiling():  # (None: copy and pickle make the object bare)
             # Made inside a compiled function: a torch.autocast itself, which Dynamo traces as its own context
             # (an instance of this subclass it would step into, which fails inside an outer torch.autocast).
             compute = (policy if isinstance(policy, Policy) else Policy(policy)).compute_dtype
-            enabled = compute != torch.float32
+            enabled = bool(enabled) and compute != torch.float32
             return torch.amp.autocast(device_type, dtype=compute if enabled else None, enabled=enabled,  # type: ignore[return-value]
                                       cache_enabled=cache_enabled)
         return super().__new__(cls)
 
-    def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None):
+    def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None,
+                 enabled: bool = True):
         policy = policy if isinstance(policy, Policy) else Policy(policy)
         try:
             available = torch.amp.is_autocast_available(device_type)
@@ -300,20 +330,20 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
         compute = policy.compute_dtype
         if device_type == "cuda" and compute == torch.bfloat16 and not _cuda_bf16_ok():
             raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
-        enabled = compute != torch.float32
+        enabled = bool(enabled) and compute != torch.float32  # enabled=False: autocast off inside, as torch's
         super().__init__(device_type, dtype=compute if enabled else None, enabled=enabled, cache_enabled=cache_enabled)
         # After torch's __init__: torch.compile treats this object as a torch.autocast from its first attribute on.
         self.policy = policy
         self.device_type = device_type
-        self._requested_cache = cache_enabled
 
     def __enter__(self) -> "autocast":  # type: ignore[override]
         super().__enter__()
         return self
 
     def __call__(self, func: _F) -> _F:
-        # Each call enters its own torch.autocast with this one's settings (the policy was read here already).
-        device_type, dtype, enabled, cache = self.device_type, self.fast_dtype, self._enabled, self._requested_cache
+        # Each call enters its own torch.autocast with this one's settings (the policy was read here already, and
+        # the cache setting too, as torch.autocast reads it when built).
+        device_type, dtype, enabled, cache = self.device_type, self.fast_dtype, self._enabled, self._cache_enabled
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -27,6 +27,12 @@ TEST_CASE("every known policy name parses to the right dtypes", "[policy]") {
   REQUIRE(jmp.param_dtype == torch::kFloat);
   REQUIRE(jmp.output_dtype == torch::kFloat);
   REQUIRE(Policy::from_string("p=f32,c=f16").output_dtype == torch::kHalf);
+  // As jmp reads them: params default to float32, compute follows params, output follows compute.
+  const Policy params_only = Policy::from_string("p=bf16");
+  REQUIRE((params_only.param_dtype == torch::kBFloat16 && params_only.compute_dtype == torch::kBFloat16 &&
+           params_only.output_dtype == torch::kBFloat16));
+  const Policy with_output = Policy::from_string("params=float16,output=float32");
+  REQUIRE((with_output.compute_dtype == torch::kHalf && with_output.output_dtype == torch::kFloat));
   REQUIRE_THROWS_WITH(Policy::from_string("mixed_float8"), Catch::Contains("accepted"));
   REQUIRE_THROWS_WITH(Policy::from_string("params=float32,compute=int8"), Catch::Contains("unknown dtype"));
   REQUIRE(Policy::mixed_bfloat16().keeps_fp32("torch::nn::BatchNorm1dImpl"));

@@ -468,3 +468,74 @@ def test_jmp_casts_follow_the_policys_dtypes(name: str) -> None:
     assert policy.output_dtype == expected_output
     y = torch.randn(2, dtype=policy.output_dtype)
     assert policy.cast_to_output(y) is y  # already in that dtype: the same tensor, as Tensor.to
+
+
+# ---- apply and autocast as torch users write them (a drop-in probe's findings) --------------------------------
+
+
+def test_an_applied_model_compiles_as_one_graph() -> None:
+    """The kept modules' hooks cast plain dicts (their kwargs) with a comprehension Dynamo traces."""
+    torch.manual_seed(0)
+    model = Policy("bf16-true").apply(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)))
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), model(x))
+    assert Policy("mixed_bfloat16").cast_to_compute({"a": torch.ones(2)})["a"].dtype == torch.bfloat16
+
+
+def test_kept_types_match_base_classes_parametrizations_classes_and_tied_weights() -> None:
+    class MyNorm(nn.LayerNorm):
+        pass
+
+    class Scale(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    ln = nn.LayerNorm(4)
+    torch.nn.utils.parametrize.register_parametrization(ln, "weight", Scale())
+    model = Policy("bf16-true").apply(nn.Sequential(nn.Linear(4, 4), MyNorm(4), ln))
+    assert model[1].weight.dtype == torch.float32  # a subclass of LayerNorm is a LayerNorm
+    assert model[2].parametrizations.weight.original.dtype == torch.float32  # where a parametrized weight lives
+    out = model(torch.randn(2, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert Policy("bf16-true", keep_fp32=[nn.LayerNorm]).keep_fp32 == ["LayerNorm"]  # classes by their names
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied across a kept and a cast module: kept wins, whichever comes last
+    tied = Policy("bf16-true", keep_fp32=["Embedding"]).apply(nn.Sequential(emb, head))
+    assert tied[0].weight.dtype == torch.float32 and tied[1].weight is tied[0].weight
+
+
+def test_apply_casts_gradients_with_their_parameters_as_module_to_does() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    mixprec.nn.convert(model[1:])  # a converted layer keeps its fp32 gradient
+    model(torch.randn(2, 4)).sum().backward()
+    Policy("bf16-true").apply(model)
+    assert model[0].weight.grad.dtype == torch.bfloat16 and model[0].bias.grad.dtype == torch.bfloat16
+    assert model[1].weight.grad.dtype == torch.float32
+    torch.optim.AdamW(model[0].parameters(), foreach=True).step()  # what failed with fp32 grads of bf16 params
+
+
+def test_autocast_reads_settings_when_built_and_takes_enabled_as_torchs() -> None:
+    torch.set_autocast_cache_enabled(False)
+    try:
+        @mixprec.autocast("bf16-mixed", "cpu")
+        def ours() -> bool:
+            return torch.is_autocast_cache_enabled()
+
+        @torch.autocast("cpu", dtype=torch.bfloat16)
+        def theirs() -> bool:
+            return torch.is_autocast_cache_enabled()
+    finally:
+        torch.set_autocast_cache_enabled(True)
+    assert ours() == theirs() is False
+    with mixprec.autocast("bf16-mixed", "cpu", enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_policies_are_equal_by_what_they_do_and_jmp_defaults_follow_jmp() -> None:
+    assert Policy("compute=bfloat16") == Policy("mixed_bfloat16")
+    assert hash(Policy("compute=bfloat16")) == hash(Policy("mixed_bfloat16"))
+    assert Policy("bf16", keep_fp32=["LayerNorm", "BatchNorm"]) == Policy("bf16", keep_fp32=["BatchNorm", "LayerNorm"])
+    assert Policy("bf16") != Policy("bf16-true") and Policy("bf16") != Policy("bf16", keep_fp32=[])
+    params_only = Policy("p=bf16")  # jmp: compute follows params, output follows compute
+    assert (params_only.param_dtype, params_only.compute_dtype, params_only.output_dtype) == (torch.bfloat16,) * 3
