@@ -128,7 +128,8 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
   TORCH_CHECK(options_.start_step() >= 0, "mixprec::Monitor: start_step must be >= 0, got ", options_.start_step());
   steps_ = options_.start_step();
   if (!options_.jsonl().empty()) {
-    jsonl_.open(options_.jsonl(), std::ios::app);
+    // A resumed run (start_step > 0) continues the file; a new one starts it afresh.
+    jsonl_.open(options_.jsonl(), options_.start_step() > 0 ? std::ios::app : std::ios::trunc);
     TORCH_CHECK(jsonl_.is_open(), "mixprec::Monitor: cannot open the jsonl file '", options_.jsonl(), "' for writing");
   }
   if (scaler_ != nullptr && scaler_->is_enabled()) {
@@ -146,6 +147,7 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   TORCH_CHECK(loss.defined() && loss.numel() == 1, "mixprec::Monitor::step: loss must be a one-element tensor, got ",
               loss.defined() ? loss.sizes() : at::IntArrayRef{});
   TORCH_CHECK(tokens >= 0, "mixprec::Monitor::step: tokens must be >= 0, got ", tokens);
+  TORCH_CHECK(!closed_, "mixprec::Monitor::step: the monitor is closed");
   ++steps_;
   // A copy (one tiny asynchronous copy, no sync): the caller may reuse the tensor in place (an accumulation
   // buffer, a CUDA graph's static output) before the mean is taken at the next logged step.
@@ -254,7 +256,12 @@ MonitorRecord Monitor::make_record() {
   r.skipped_total = static_cast<int64_t>(v[width + 2]);
   r.skipped_steps = std::max<int64_t>(0, r.skipped_total - skipped_before_);  // 0 after a tracking restart
   if (r.skipped_steps > 0) {
-    if (auto report = scaler_->last_overflow(params_)) r.overflow = report->str();
+    if (auto report = scaler_->last_overflow(params_)) {
+      // The report counts update() calls since the scaler was made (not saved with it); the monitor's steps,
+      // one update() each, are the run's (start_step included): the same step in the record's numbering.
+      report->step = steps_ - (scaler_->updates() - report->step) + 1;
+      r.overflow = report->str();
+    }
   }
   const double n = v[0];
   r.grad_elements = static_cast<int64_t>(n);
@@ -276,6 +283,11 @@ MonitorRecord Monitor::make_record() {
   tokens_ = 0;
   interval_start_ = now;
   return r;
+}
+
+void Monitor::close() {
+  if (jsonl_.is_open()) jsonl_.close();
+  closed_ = true;
 }
 
 // ---- torch.classes.mixprec.Monitor ---------------------------------------------------------------------------
@@ -319,6 +331,7 @@ void register_monitor_class(torch::Library& m) {
              if (auto r = s->impl->step(loss, tokens)) out = std::make_tuple(r->json(), r->progress_line());
              return out;
            })
+      .def("close", [](const c10::intrusive_ptr<MonitorClass>& s) { s->impl->close(); })
       .def("last_stats", [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats(); })
       .def("last_stats_names",
            [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats_names(); });

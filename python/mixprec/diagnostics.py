@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -83,7 +84,10 @@ def compare_outputs(model_or_fn: Union[nn.Module, Callable[..., Any]], inputs: S
     errors = []
     for i, (r, l) in enumerate(zip(ref, low)):
         r64, l64 = r.double(), l.double()
-        diff = (l64 - r64).abs()
+        # Equal values (the same inf, as masked attention logits hold; NaN where both runs give NaN) differ by 0,
+        # not by inf - inf.
+        same = (l64 == r64) | (l64.isnan() & r64.isnan())
+        diff = torch.where(same, torch.zeros_like(l64), (l64 - r64).abs())
         rel = diff / r64.abs().clamp(min=eps)
         errors.append(OutputError(i, tuple(r.shape), float(diff.max()) if diff.numel() else 0.0,
                                   float(rel.max()) if rel.numel() else 0.0, float(rel.mean()) if rel.numel() else 0.0))
@@ -135,6 +139,10 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
     scale ``scale``, histogram their exponents, and find the smallest power-of-two scale under which at
     least ``fraction`` of the non-zero elements are representable (>= 2^-24 after scaling) while none
     overflows (if no such scale exists, the one that keeps the largest element finite)."""
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"underflow_report: scale must be a finite number > 0, got {scale!r}")
+    if not (isinstance(fraction, numbers.Real) and 0.0 <= fraction <= 1.0):
+        raise ValueError(f"underflow_report: fraction must be in [0, 1], got {fraction!r}")
     # A complex gradient counts as its real and imaginary parts, as the scaler and the Monitor count it.
     grads = [torch.view_as_real(g.detach().resolve_conj()) if g.is_complex() else g.detach()
              for g in _gradients(grads_or_model)]
@@ -195,6 +203,14 @@ def benchmark_precision(model: nn.Module, inputs: Sequence[Any],
     allocator's peak; on the CPU, which keeps no such count, it is the parameters and gradients plus the
     tensors the forward saved for the backward (each storage once, parameters not twice), measured in one
     more step after the timed ones."""
+    dtypes = tuple(dtypes)
+    if not dtypes or any(d not in (torch.float32, torch.float16, torch.bfloat16) for d in dtypes):
+        raise ValueError("benchmark_precision: dtypes must be a non-empty sequence of torch.float32, torch.float16 "
+                         f"and torch.bfloat16 (autocast's), got {dtypes!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+        raise ValueError(f"benchmark_precision: repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+        raise ValueError(f"benchmark_precision: warmup must be an int >= 0, got {warmup!r}")
     device = torch.device(device)
     results = []
     for dtype in dtypes:

@@ -66,7 +66,7 @@ class Monitor:
                  start_step: int = 0) -> None:
         if sinks is None:
             sinks = SINKS if log_dir is not None else ("progress",)
-        sinks = tuple(sinks)
+        sinks = (sinks,) if isinstance(sinks, str) else tuple(sinks)  # one sink, not its characters
         unknown = [s for s in sinks if s not in SINKS]
         if unknown:
             raise ValueError(f"mixprec.Monitor: unknown sink(s) {unknown}; accepted: {list(SINKS)}")
@@ -77,6 +77,11 @@ class Monitor:
             raise ValueError(f"mixprec.Monitor: keep must be a non-negative int or None, got {keep!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
             raise ValueError(f"mixprec.Monitor: start_step must be a non-negative int, got {start_step!r}")
+        for value, name in ((min_exponent, "min_exponent"), (num_bins, "num_bins")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"mixprec.Monitor: {name} must be an int, got {value!r}")
+        if not isinstance(per_tensor, bool):
+            raise ValueError(f"mixprec.Monitor: per_tensor must be a bool, got {per_tensor!r}")
         every, keep, start_step = int(every), None if keep is None else int(keep), int(start_step)
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"mixprec.Monitor: scaler must be a mixprec.GradScaler or None, got {type(scaler).__name__}")
@@ -128,6 +133,8 @@ class Monitor:
         writing it to the sinks; otherwise ``None``, having read nothing back from the device."""
         if not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss), dtype=torch.float32)
+        if isinstance(tokens, bool) or (isinstance(tokens, numbers.Real) and not isinstance(tokens, numbers.Integral)):
+            raise ValueError(f"mixprec.Monitor.step: tokens must be an int, got {tokens!r}")  # not truncated
         out = self._impl.step(loss, int(tokens))
         if out is None:
             return None
@@ -171,7 +178,9 @@ class Monitor:
         return dict(zip(names, self._impl.last_stats())) if names else {}
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
+        """Close the jsonl file and flush and close the TensorBoard writer; a ``step`` after it is an error.
+        Closing again does nothing."""
+        self._impl.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -379,14 +379,15 @@ TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow sourc
   REQUIRE(records[1].skipped_steps == 1);
   REQUIRE(records[1].loss == Approx(losses / 2).epsilon(1e-12));
   REQUIRE(records[1].loss_scale == 512.0);
-  REQUIRE(records[1].overflow == "step 3 (loss scale 1024): 2.bias: inf (1 of 4 tensors)");
+  // In the monitor's numbering: the overflow of its 4th step (the scaler's report counts 3 updates before it).
+  REQUIRE(records[1].overflow == "step 4 (loss scale 1024): 2.bias: inf (1 of 4 tensors)");
   REQUIRE(records[1].tokens_per_second > 0);
   std::ifstream in(path);
   std::string line;
   std::vector<std::string> lines;
   while (std::getline(in, line)) lines.push_back(line);
   REQUIRE(lines == std::vector<std::string>{records[0].json(), records[1].json()});
-  REQUIRE(lines[1].find("\"overflow\": \"step 3 (loss scale 1024): 2.bias: inf (1 of 4 tensors)\"") != std::string::npos);
+  REQUIRE(lines[1].find("\"overflow\": \"step 4 (loss scale 1024): 2.bias: inf (1 of 4 tensors)\"") != std::string::npos);
   std::remove(path.c_str());
   REQUIRE_THROWS_WITH(mixprec::Monitor(model->named_parameters(), &scaler, mixprec::MonitorOptions().every(0)),
                       Catch::Contains("every must be > 0"));

@@ -121,3 +121,33 @@ def test_compare_outputs_casts_nested_inputs_and_draws_the_same_dropout_masks() 
     before = torch.get_rng_state()
     diagnostics.compare_outputs(model, [{"a": a, "rest": (b,)}], "bf16-true")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_compare_outputs_counts_equal_infinities_as_no_error() -> None:
+    """Masked attention logits hold -inf in both runs: the same value, an error of 0 (not inf - inf)."""
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).masked_fill(torch.triu(torch.ones(4, 4, dtype=torch.bool), 1), -math.inf)
+
+    torch.manual_seed(0)
+    same = diagnostics.compare_outputs(Masked(), [torch.randn(4, 4)], "32-true")[0]
+    assert (same.max_abs, same.max_rel, same.mean_rel) == (0.0, 0.0, 0.0)
+    low = diagnostics.compare_outputs(Masked(), [torch.randn(4, 4)], "bf16-mixed")[0]
+    assert 0 < low.max_abs < 0.05 and math.isfinite(low.max_rel) and math.isfinite(low.mean_rel)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda g: diagnostics.underflow_report(g, scale=-1024.0), "scale must be a finite number > 0"),
+    (lambda g: diagnostics.underflow_report(g, scale=math.nan), "scale must be a finite number > 0"),
+    (lambda g: diagnostics.underflow_report(g, fraction=1.5), r"fraction must be in \[0, 1\]"),
+    (lambda g: diagnostics.benchmark_precision(nn.Linear(2, 2), [torch.ones(1, 2)], dtypes=(torch.int8,)), "dtypes"),
+    (lambda g: diagnostics.benchmark_precision(nn.Linear(2, 2), [torch.ones(1, 2)], dtypes=()), "dtypes"),
+    (lambda g: diagnostics.benchmark_precision(nn.Linear(2, 2), [torch.ones(1, 2)], repeats=0), "repeats"),
+])
+def test_diagnostics_refuse_meaningless_arguments_by_name(call, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        call([torch.ones(3)])

@@ -400,7 +400,8 @@ def test_monitor_records_every_n_steps_and_matches_float64(tmp_path) -> None:
     assert second["loss"] == pytest.approx(sum(losses[3:]) / 3, rel=1e-12)
     assert (first["skipped_steps"], second["skipped_steps"], second["skipped_total"]) == (0, 1, 1)
     assert first["overflow"] == ""
-    assert second["overflow"] == f"step 4 (loss scale 65536): blocks.2.fc2.bias: inf (1 of {len(list(model.parameters()))} tensors)"
+    # The overflow at the 5th step (index 4), in the monitor's step numbering.
+    assert second["overflow"] == f"step 5 (loss scale 65536): blocks.2.fc2.bias: inf (1 of {len(list(model.parameters()))} tensors)"
     assert second["loss_scale"] == 32768.0
     # The statistics are of the gradients as they stand at step 6, at the scale after its update.
     grads = [p.grad for p in model.parameters()]
@@ -512,7 +513,7 @@ def test_monitor_tensorboard_events_read_back(tmp_path) -> None:
         events = acc.Scalars(f"mixprec/{key}")
         assert [e.step for e in events] == [3, 6]
         assert [e.value for e in events] == pytest.approx([records[2][key], records[5][key]], rel=1e-6)
-    # The overflow's sources as text, at the logged step that saw it (step 6 holds step 4's overflow) only.
+    # The overflow's sources as text, at the logged step that saw it (step 6 holds step 5's overflow) only.
     acc_text = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     acc_text.Reload()
     texts = acc_text.Tensors("mixprec/overflow/text_summary")
@@ -694,3 +695,35 @@ def test_overflow_record_survives_a_changing_gradient_set_and_a_deleted_model() 
     assert alive() is None
     report = scaler.last_overflow()
     assert report.sources[0][0].startswith("param[") and math.isnan(report.sources[0][1])
+
+
+def test_a_resumed_monitor_names_the_overflow_by_the_runs_step_and_restarts_the_file_of_a_new_run(tmp_path) -> None:
+    _, _, _, records, _ = monitored_run(tmp_path, steps=4, every=2, sinks=("jsonl",), plant_at=1, start_step=6)
+    assert records[1]["step"] == 8 and records[1]["overflow"].startswith("step 8 (loss scale")
+    resumed = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == [8, 10]
+    monitored_run(tmp_path, steps=4, every=2, sinks=("jsonl",))  # a new run (start_step 0) in the same log_dir
+    fresh = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert fresh == [2, 4]
+
+
+def test_close_ends_every_sink_and_refuses_later_steps(tmp_path) -> None:
+    model = named_model()
+    with mixprec.Monitor(model, None, every=1, log_dir=str(tmp_path), sinks="jsonl") as monitor:  # one sink by name
+        assert monitor.sinks == ("jsonl",)
+        monitor.step(torch.tensor(1.0), tokens=3)
+    with pytest.raises(RuntimeError, match="the monitor is closed"):
+        monitor.step(torch.tensor(1.0))
+    monitor.close()  # again: nothing
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(min_exponent="-40"), "min_exponent must be an int"), (dict(num_bins=True), "num_bins must be an int"),
+    (dict(num_bins=64.9), "num_bins must be an int"), (dict(per_tensor="no"), "per_tensor must be a bool"),
+])
+def test_monitor_settings_are_not_coerced(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        mixprec.Monitor(named_model(), None, **kwargs)
+    with pytest.raises(ValueError, match="tokens must be an int"):
+        mixprec.Monitor(named_model(), None, sinks=()).step(torch.tensor(1.0), tokens=2.7)

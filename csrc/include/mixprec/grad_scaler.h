@@ -178,6 +178,8 @@ class GradScaler {
   /// Whether any optimizer has a record this iteration: unscaled, stepped, or read / reset through torch's
   /// `_per_optimizer_states` (torch refuses to pickle or deep-copy then).
   bool in_iteration() const { return !per_optimizer_.empty(); }
+  /// update() calls so far (since construction: not saved): the step number OverflowReport gives.
+  int64_t updates() const { return updates_; }
   /// Whether the scale tensor exists yet (scale(), init_scale_on() or a tensor getter creates it).
   bool has_scale() const { return scale_.defined(); }
   /// Creates the scale tensors on `device` unless they exist (torch's _lazy_init_scale_growth_tracker).

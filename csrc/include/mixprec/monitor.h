@@ -45,7 +45,8 @@ struct MonitorRecord {
   double loss_scale = 1;      ///< after this step's update (1 without a scaler)
   int64_t skipped_steps = 0;  ///< overflowing (skipped) steps among them
   int64_t skipped_total = 0;  ///< since the monitor began
-  std::string overflow;       ///< the scaler's last_overflow() text when a step was skipped in the interval
+  std::string overflow;       ///< the scaler's last_overflow() text when a step was skipped in the interval, its
+                              ///< step in the monitor's numbering (start_step included; one update() per step)
   // Over all gradient elements at this step, judged at loss_scale (see ops::grad_stats):
   int64_t grad_elements = 0;
   double zero_fraction = 0, flush_fraction = 0, subnormal_fraction = 0, overflow_fraction = 0,
@@ -53,7 +54,8 @@ struct MonitorRecord {
   double grad_norm = 0;
   int64_t min_exponent = 0;
   std::vector<double> exponent_histogram;  ///< counts of floor(log2 |g|) from min_exponent up
-  double step_time = 0;       ///< mean wall-clock seconds per step over the interval
+  double step_time = 0;       ///< mean wall-clock seconds per step over the interval (the first interval is
+                              ///< timed from the monitor's construction: build it right before the loop)
   double tokens_per_second = 0;
   double peak_memory = 0;     ///< bytes: CUDA peak allocated on the loss's device, else the process's peak RSS
 
@@ -76,6 +78,9 @@ class Monitor {
   /// step (every `every` steps), having written it to the sinks; nullopt otherwise, having read nothing.
   std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens = 0);
 
+  /// Closes the jsonl file; a step() after it is an error. The destructor closes it too.
+  void close();
+
   /// The grad_stats rows (float64 [gradients, 8 + num_bins]) of the last logged step and their names, in the
   /// order of `named_parameters` (those with gradients). Each row describes the true gradient: one an
   /// optimizer left scaled (see GradScaler::scaled_gradients()) is judged as the unscaled values would be.
@@ -90,6 +95,7 @@ class Monitor {
   GradScaler* scaler_;
   MonitorOptions options_;
   std::ofstream jsonl_;
+  bool closed_ = false;
   int64_t steps_ = 0;
   std::vector<at::Tensor> losses_;  // this interval's, detached, on their device
   int64_t tokens_ = 0;
