@@ -154,7 +154,9 @@ C10_HOST_DEVICE inline float from_fp8(uint8_t code, Format f) {
 /// 0 <= margin <= 32, fp8_plan.cpp's kMaxMargin; the formula itself holds up to 126), rounded down to a
 /// power of two when `pow2`. An amax that is zero, inf or NaN gives `fallback` (1 for current scaling; the
 /// previous scale for delayed scaling). A scale that overflows fp32 (a tiny amax) becomes the largest finite
-/// float, as in Transformer Engine.
+/// float, as in Transformer Engine; one below fp32's normal range (a huge amax with a margin) becomes the smallest
+/// normal float, 2^-126, whose reciprocal (the dequantization factor) is finite and exact, and which still maps
+/// any finite amax within the format (FLT_MAX * 2^-126 < 4).
 C10_HOST_DEVICE inline float scale_from_amax(float amax, float fp8_max, int margin, bool pow2, float fallback) {
   const uint32_t a = rounding::float_bits(amax) & 0x7fffffffu;
   if (a == 0 || !rounding::is_finite_bits(a)) return fallback;
@@ -162,17 +164,8 @@ C10_HOST_DEVICE inline float scale_from_amax(float amax, float fp8_max, int marg
   // 2^-margin is exact for margin <= 126; the product is exact unless it leaves the normal range.
   scale *= rounding::bits_float(static_cast<uint32_t>(127 - margin) << 23);
   if (!rounding::is_finite_bits(rounding::float_bits(scale))) scale = 3.40282347e38f;
-  if (pow2) {
-    const uint32_t b = rounding::float_bits(scale);
-    // A normal scale keeps its exponent; a subnormal one (amax near FLT_MAX with a margin) keeps its top bit.
-    if (b >= 0x00800000u) {
-      scale = rounding::bits_float(b & 0x7f800000u);
-    } else {
-      uint32_t top = 0x00400000u;
-      while (top != 0 && (b & top) == 0) top >>= 1;
-      scale = rounding::bits_float(top);
-    }
-  }
+  if (rounding::float_bits(scale) < 0x00800000u) scale = rounding::bits_float(0x00800000u);  // see above
+  if (pow2) scale = rounding::bits_float(rounding::float_bits(scale) & 0x7f800000u);  // its exponent alone
   return scale;
 }
 

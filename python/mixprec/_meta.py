@@ -6,18 +6,47 @@ kernels check (they run on real data later) and only describes outputs.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 
-@torch.library.register_fake("mixprec::unscale_and_check_")
+def _refuse_meta_mix(name: str, args: Sequence[Any]) -> None:
+    """These kernels also run as the ops' Meta kernels: real meta tensors mixed with tensors that hold data
+    (a meta scale with CPU operands) would get outputs of uninitialised memory. The real kernels' device checks
+    refuse the mix; so does this. (FakeTensors report their fake device, not meta.)"""
+    devices = set()
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor):
+                devices.add(t.device.type)
+    if "meta" in devices and len(devices) > 1:
+        others = sorted(devices - {"meta"})
+        raise RuntimeError(f"{name}: every tensor must be on one device, got meta tensors with {', '.join(others)} "
+                           "ones (a meta tensor holds no data to compute with)")
+
+
+def _fake(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """torch.library.register_fake for `name`, with the device rule of _refuse_meta_mix."""
+    def register(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            _refuse_meta_mix(name, (*args, *kwargs.values()))
+            return fn(*args, **kwargs)
+
+        return torch.library.register_fake(name)(checked)
+
+    return register
+
+
+@_fake("mixprec::unscale_and_check_")
 def _unscale_and_check_fake(grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
                             amax: Optional[torch.Tensor] = None) -> None:
     return None
 
 
-@torch.library.register_fake("mixprec::unscale_and_check_sumsq_")
+@_fake("mixprec::unscale_and_check_sumsq_")
 def _unscale_and_check_sumsq_fake(
     grads: Sequence[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor,
     amax: Optional[torch.Tensor] = None,
@@ -25,19 +54,19 @@ def _unscale_and_check_sumsq_fake(
     return found_inf.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("mixprec::grad_stats")
+@_fake("mixprec::grad_stats")
 def _grad_stats_fake(grads: Sequence[torch.Tensor], scale: torch.Tensor, min_exponent: int = -40,
                      num_bins: int = 64) -> torch.Tensor:
     return scale.new_empty((len(grads), 8 + num_bins), dtype=torch.float64)
 
 
-@torch.library.register_fake("mixprec::record_overflow_")
+@_fake("mixprec::record_overflow_")
 def _record_overflow_fake(record: torch.Tensor, amax: torch.Tensor, found_inf: torch.Tensor, scale: torch.Tensor,
                           step: int, checked: int, count: Optional[torch.Tensor] = None) -> None:
     return None
 
 
-@torch.library.register_fake("mixprec::update_scale_")
+@_fake("mixprec::update_scale_")
 def _update_scale_fake(
     scale: torch.Tensor,
     growth_tracker: torch.Tensor,
@@ -54,14 +83,14 @@ def _update_scale_fake(
     return None
 
 
-@torch.library.register_fake("mixprec::cast")
+@_fake("mixprec::cast")
 def _cast_fake(
     src: torch.Tensor, dtype: torch.dtype, rounding: str = "nearest", saturate: bool = False, seed: Optional[int] = None
 ) -> torch.Tensor:
     return torch.empty_like(src, dtype=dtype, memory_format=torch.preserve_format)
 
 
-@torch.library.register_fake("mixprec::cast_")
+@_fake("mixprec::cast_")
 def _cast__fake(
     dst: Sequence[torch.Tensor],
     src: Sequence[torch.Tensor],
@@ -72,7 +101,7 @@ def _cast__fake(
     return None
 
 
-@torch.library.register_fake("mixprec::split_bf16_remainder")
+@_fake("mixprec::split_bf16_remainder")
 def _split_bf16_remainder_fake(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (
         src.new_empty(src.shape, dtype=torch.bfloat16),
@@ -80,12 +109,12 @@ def _split_bf16_remainder_fake(src: torch.Tensor) -> tuple[torch.Tensor, torch.T
     )
 
 
-@torch.library.register_fake("mixprec::merge_bf16_remainder")
+@_fake("mixprec::merge_bf16_remainder")
 def _merge_bf16_remainder_fake(bf16: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     return bf16.new_empty(bf16.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("mixprec::adam_step_")
+@_fake("mixprec::adam_step_")
 def _adam_step_fake(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -112,12 +141,12 @@ def _adam_step_fake(
     return None
 
 
-@torch.library.register_fake("mixprec::linear_wgrad_accum_")
+@_fake("mixprec::linear_wgrad_accum_")
 def _linear_wgrad_accum_fake(main_grad: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> None:
     return None
 
 
-@torch.library.register_fake("mixprec::linear_wgrad")
+@_fake("mixprec::linear_wgrad")
 def _linear_wgrad_fake(grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     return grad_output.new_empty((grad_output.shape[-1], input.shape[-1]), dtype=torch.float32)
 
@@ -132,7 +161,7 @@ def _fp8_matrix(input: torch.Tensor) -> tuple[int, int]:
     return rows, input.shape[-1]
 
 
-@torch.library.register_fake("mixprec::fp8_quantize")
+@_fake("mixprec::fp8_quantize")
 def _fp8_quantize_fake(
     input: torch.Tensor,
     scale: torch.Tensor,
@@ -150,7 +179,7 @@ def _fp8_quantize_fake(
     )
 
 
-@torch.library.register_fake("mixprec::fp8_quantize_blockwise")
+@_fake("mixprec::fp8_quantize_blockwise")
 def _fp8_quantize_blockwise_fake(
     input: torch.Tensor,
     dtype: torch.dtype,
@@ -168,7 +197,7 @@ def _fp8_quantize_blockwise_fake(
     return input.new_empty(input.shape, dtype=dtype), input.new_empty((grid_rows, grid_cols), dtype=torch.float32)
 
 
-@torch.library.register_fake("mixprec::fp8_update_scales_")
+@_fake("mixprec::fp8_update_scales_")
 def _fp8_update_scales_fake(
     amax_history: torch.Tensor,
     scale: torch.Tensor,
@@ -184,13 +213,13 @@ def _fp8_update_scales_fake(
     return None
 
 
-@torch.library.register_fake("mixprec::fp8_reduce_amax_")
+@_fake("mixprec::fp8_reduce_amax_")
 def _fp8_reduce_amax_fake(forward_amax_history: torch.Tensor, backward_amax_history: torch.Tensor,
                           group_name: str) -> None:
     return None
 
 
-@torch.library.register_fake("mixprec::fp8_gemm")
+@_fake("mixprec::fp8_gemm")
 def _fp8_gemm_fake(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -203,12 +232,12 @@ def _fp8_gemm_fake(
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-@torch.library.register_fake("mixprec::fp8_dequantize")
+@_fake("mixprec::fp8_dequantize")
 def _fp8_dequantize_fake(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     return data.new_empty(data.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("mixprec::fp8_gemm_accum_")
+@_fake("mixprec::fp8_gemm_accum_")
 def _fp8_gemm_accum_fake(
     out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor
 ) -> None:
@@ -220,7 +249,7 @@ def _grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int, 
     return (1 if block_rows == -1 else -(-rows // block_rows), 1 if block_cols == -1 else -(-cols // block_cols))
 
 
-@torch.library.register_fake("mixprec::int8_quantize")
+@_fake("mixprec::int8_quantize")
 def _int8_quantize_fake(input: torch.Tensor, block_rows: int, block_cols: int, rounding: str = "nearest",
                         seed: Optional[int] = None, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = _fp8_matrix(input)
@@ -228,19 +257,19 @@ def _int8_quantize_fake(input: torch.Tensor, block_rows: int, block_cols: int, r
             input.new_empty(_grid(rows, cols, block_rows, block_cols), dtype=torch.float32))
 
 
-@torch.library.register_fake("mixprec::int8_mm")
+@_fake("mixprec::int8_mm")
 def _int8_mm_fake(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
                   out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
-@torch.library.register_fake("mixprec::fake_quantize_forward")
+@_fake("mixprec::fake_quantize_forward")
 def _fake_quantize_forward_fake(input: torch.Tensor, scale: torch.Tensor, quant_min: int, quant_max: int,
                                 block_rows: int = -1, block_cols: int = -1) -> torch.Tensor:
     return input.new_empty(input.shape)
 
 
-@torch.library.register_fake("mixprec::fake_quantize_backward")
+@_fake("mixprec::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad: torch.Tensor, input: torch.Tensor, scale: torch.Tensor, quant_min: int,
                                  quant_max: int, block_rows: int, block_cols: int,
                                  scale_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

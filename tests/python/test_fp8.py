@@ -889,7 +889,9 @@ def test_gemm_bad_input_names_the_argument() -> None:
     b = torch.randn(16, 48).to(torch.float8_e4m3fn)
     s = one(1.0)
     cases = [
-        (lambda: fp8.gemm(a.float(), b, s, s), ValueError, "mixprec::fp8_gemm: dtype must be torch.float8_e4m3fn"),
+        (lambda: fp8.gemm(a.float(), b, s, s), RuntimeError, "mixprec::fp8_gemm: a must be torch.float8_e4m3fn or"),
+        (lambda: fp8.gemm(a, b.float(), s, s), RuntimeError, "mixprec::fp8_gemm: b must be torch.float8_e4m3fn or"),
+        (lambda: fp8.dequantize(a.float(), s), RuntimeError, "mixprec::fp8_dequantize: data must be torch.float8_"),
         (lambda: fp8.gemm(a, b[:, :40], s, s), RuntimeError, r"a \[m, k\] and b \[n, k\] must share k"),
         (lambda: fp8.gemm(a.reshape(2, 16, 48), b, s, s), RuntimeError, "a must be a 2-D matrix"),
         (lambda: fp8.gemm(a, b, torch.ones(32, 2), s), RuntimeError,
@@ -918,3 +920,33 @@ def test_gemm_on_cuda_wants_multiples_of_16() -> None:
     s = one(1.0, "cuda")
     with pytest.raises(RuntimeError, match="must be a multiple of 16 .* got m=24, n=16, k=48"):
         fp8.gemm(a, b, s, s)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: fp8.gemm(torch.ones(4, 16).to(torch.float8_e4m3fn), torch.ones(3, 16).to(torch.float8_e4m3fn), m,
+                       torch.ones(1), torch.float32),
+    lambda m: fp8.quantize(torch.full((2, 8), 3.0), m),
+    lambda m: fp8.update_scales_(torch.zeros(4, 1), torch.ones(1), m),
+    lambda m: mixprec.int8.mm(torch.ones(4, 16, dtype=torch.int8), torch.ones(16, 3, dtype=torch.int8), m,
+                              torch.ones(1, 3), torch.float32),
+])
+def test_a_meta_tensor_among_tensors_with_data_is_refused(call) -> None:
+    """The fake kernels also serve as Meta kernels: a meta scale with CPU operands must not give uninitialised
+    memory as a result (FakeTensors, which report their fake device, trace as before)."""
+    with pytest.raises(RuntimeError, match="every tensor must be on one device, got meta tensors with cpu"):
+        call(torch.ones(1, device="meta"))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_a_huge_amax_with_a_margin_keeps_a_finite_dequantization_factor(pow2: bool) -> None:
+    """448 / 3e38 / 2^10 is below 2^-128: its reciprocal would be inf and every code would dequantize to NaN.
+    The scale stops at 2^-126 (exact reciprocal), which still keeps every finite value in the format."""
+    x = torch.tensor([[3.0e38, -1e38, 1e37]])
+    q = fp8.quantize_blockwise(x, torch.float8_e4m3fn, (1, -1), margin=10, pow2_scales=pow2)
+    assert q.scale_inv.item() == 2.0**126
+    back = fp8.dequantize(q.data, q.scale_inv)
+    assert torch.isfinite(back).all()
+    assert torch.allclose(back.double(), x.double(), rtol=2**-4, atol=0)  # half an E4M3 ulp
+    history, scale, scale_inv = torch.tensor([[3.0e38]]), torch.ones(1), torch.ones(1)
+    fp8.update_scales_(history, scale, scale_inv, torch.float8_e4m3fn, margin=10, pow2_scales=pow2)
+    assert (scale.item(), scale_inv.item()) == (2.0**-126, 2.0**126)
