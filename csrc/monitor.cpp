@@ -128,8 +128,9 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
   TORCH_CHECK(options_.start_step() >= 0, "mixprec::Monitor: start_step must be >= 0, got ", options_.start_step());
   steps_ = options_.start_step();
   if (!options_.jsonl().empty()) {
-    // A resumed run (start_step > 0) continues the file; a new one starts it afresh.
-    jsonl_.open(options_.jsonl(), options_.start_step() > 0 ? std::ios::app : std::ios::trunc);
+    // Appended: nothing a log directory holds is lost (a resume that did not say start_step, two monitors
+    // sharing the directory); a new run's lines follow an old run's there.
+    jsonl_.open(options_.jsonl(), std::ios::app);
     TORCH_CHECK(jsonl_.is_open(), "mixprec::Monitor: cannot open the jsonl file '", options_.jsonl(), "' for writing");
   }
   if (scaler_ != nullptr && scaler_->is_enabled()) {

@@ -5,6 +5,10 @@
 #include "mixprec/nn.h"
 
 #include <ATen/autocast_mode.h>
+#ifdef MIXPREC_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #include <ATen/ops/_unsafe_view.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <c10/core/Event.h>
@@ -127,6 +131,17 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
          grad.sizes() == weight.sizes() && grad.device() == weight.device() && !is_subclass(grad) &&
          torch::autograd::impl::hooks(weight).empty() && !torch::autograd::impl::post_acc_grad_hooks(weight) &&
          !accumulator_has_hooks(weight) && in_plain_backward(device);
+}
+
+bool can_read(const torch::Tensor& t) {
+  if (t.is_meta()) return false;
+#ifdef MIXPREC_WITH_CUDA
+  if (t.is_cuda()) {
+    return c10::cuda::captureStatusMayInitCtx(c10::cuda::getCurrentCUDAStream(t.get_device())) ==
+           c10::cuda::CaptureStatus::None;
+  }
+#endif
+  return true;
 }
 
 void after_backward_wait_for(const c10::Device& device) {
@@ -826,9 +841,14 @@ void Float8LinearImpl::reset() {
 void Float8LinearImpl::reset_parameters() {
   init_linear_parameters(weight, bias);
   weight_cache = {};  // quantized from the old weight
-  // The scaling state back to its initial values too, in the registered buffers (`state` holds the same
-  // tensors), as BatchNorm's reset_parameters resets its running statistics.
-  const fp8::ScalingState fresh = fp8::make_scaling_state(recipe, weight.options());
+  // The scaling state back to its initial values too, as BatchNorm's reset_parameters resets its running
+  // statistics.
+  reset_state();
+}
+
+void Float8LinearImpl::reset_state() {
+  // In the registered buffers (`state` holds the same tensors), on their device.
+  const fp8::ScalingState fresh = fp8::make_scaling_state(recipe, state.forward_scale.options());
   torch::NoGradGuard no_grad;
   state.forward_amax_history.copy_(fresh.forward_amax_history);
   state.forward_scale.copy_(fresh.forward_scale);
@@ -837,6 +857,7 @@ void Float8LinearImpl::reset_parameters() {
   state.backward_scale.copy_(fresh.backward_scale);
   state.backward_scale_inv.copy_(fresh.backward_scale_inv);
   state.turn.copy_(fresh.turn);
+  eval_checked = false;  // an evaluation of the fresh state warns again
 }
 
 void Float8LinearImpl::pretty_print(std::ostream& stream) const {
@@ -907,19 +928,7 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
   }
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
-  if (recipe.scaling == fp8::Scaling::Delayed && !has_state) {
-    torch::NoGradGuard no_grad;
-    const fp8::ScalingState fresh = fp8::make_scaling_state(recipe, state.forward_scale.options());
-    for (const auto& [t, initial] : {std::pair{&state.forward_amax_history, &fresh.forward_amax_history},
-                                     {&state.forward_scale, &fresh.forward_scale},
-                                     {&state.forward_scale_inv, &fresh.forward_scale_inv},
-                                     {&state.backward_amax_history, &fresh.backward_amax_history},
-                                     {&state.backward_scale, &fresh.backward_scale},
-                                     {&state.backward_scale_inv, &fresh.backward_scale_inv},
-                                     {&state.turn, &fresh.turn}}) {
-      t->copy_(*initial);
-    }
-  }
+  if (recipe.scaling == fp8::Scaling::Delayed && !has_state) reset_state();
   if (has_state) {
     for (auto& item : named_buffers(/*recurse=*/false)) {
       if (item.key() == "fp8_turn" && turn_missing) {
@@ -940,10 +949,10 @@ torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optiona
   }
   // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics): a state that
   // never recorded an amax (a fresh layer, or one loaded from a checkpoint without it) scales by 1.
-  if (!is_training() && recipe.scaling == fp8::Scaling::Delayed && !eval_checked) {
+  if (!is_training() && recipe.scaling == fp8::Scaling::Delayed && !eval_checked &&
+      detail::can_read(state.forward_amax_history)) {
     eval_checked = true;
-    const torch::Tensor& history = state.forward_amax_history;
-    if (!history.is_meta() && !history.any().item<bool>()) {
+    if (!state.forward_amax_history.any().item<bool>()) {
       TORCH_WARN("mixprec::nn::Float8Linear: evaluated with delayed scaling that has never recorded an amax (a "
                  "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with scale "
                  "1, so values beyond the format's largest saturate. Train a step first, load the scaling state, "

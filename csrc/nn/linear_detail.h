@@ -66,6 +66,10 @@ const torch::Tensor& probe_input(const torch::Tensor& weight);
 /// (a tensor hook, a post-accumulate hook, a double backward) that needs the new part on its own.
 bool adds_in_place(const torch::Tensor& weight, const c10::Device& device);
 
+/// Whether `t` can be read on the host now without harm: not a meta tensor, and not while a CUDA graph captures
+/// the current stream of its device.
+bool can_read(const torch::Tensor& t);
+
 /// Autograd makes the caller's stream wait for the gradients it hands over; a gradient added in place is not
 /// handed over, so this makes the caller's stream (current when backward's final callbacks run) wait too.
 void after_backward_wait_for(const c10::Device& device);

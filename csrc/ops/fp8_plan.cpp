@@ -175,8 +175,8 @@ Fp8ScaleLayout scale_layout(const char* op, const char* name, const at::Tensor& 
 void check_fp8_operand(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
   TORCH_CHECK(x.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", x.layout());
-  TORCH_CHECK(x.scalar_type() == at::kFloat8_e4m3fn || x.scalar_type() == at::kFloat8_e5m2, op, ": ", name,
-              " must be torch.float8_e4m3fn or torch.float8_e5m2, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat8_e4m3fn || x.scalar_type() == at::kFloat8_e5m2, op, ": ", name,
+                    " must be torch.float8_e4m3fn or torch.float8_e5m2, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D matrix, got ", x.dim(), " dimensions");
 }
 

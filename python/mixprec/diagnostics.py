@@ -139,8 +139,10 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
     scale ``scale``, histogram their exponents, and find the smallest power-of-two scale under which at
     least ``fraction`` of the non-zero elements are representable (>= 2^-24 after scaling) while none
     overflows (if no such scale exists, the one that keeps the largest element finite)."""
-    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"underflow_report: scale must be a finite number > 0, got {scale!r}")
+    scale = float(scale)  # a number or a one-element tensor (a scaler's get_scale() or _scale)
+    fp32_scale = float(torch.tensor(scale, dtype=torch.float32))  # what the statistics use
+    if not (math.isfinite(fp32_scale) and fp32_scale > 0):
+        raise ValueError(f"underflow_report: scale must be a finite number > 0 in float32, got {scale!r}")
     if not (isinstance(fraction, numbers.Real) and 0.0 <= fraction <= 1.0):
         raise ValueError(f"underflow_report: fraction must be in [0, 1], got {fraction!r}")
     # A complex gradient counts as its real and imaginary parts, as the scaler and the Monitor count it.

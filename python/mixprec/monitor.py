@@ -80,7 +80,7 @@ class Monitor:
         for value, name in ((min_exponent, "min_exponent"), (num_bins, "num_bins")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"mixprec.Monitor: {name} must be an int, got {value!r}")
-        if not isinstance(per_tensor, bool):
+        if isinstance(per_tensor, str):  # "no" would be true
             raise ValueError(f"mixprec.Monitor: per_tensor must be a bool, got {per_tensor!r}")
         every, keep, start_step = int(every), None if keep is None else int(keep), int(start_step)
         if scaler is not None and not isinstance(scaler, GradScaler):
@@ -133,8 +133,9 @@ class Monitor:
         writing it to the sinks; otherwise ``None``, having read nothing back from the device."""
         if not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss), dtype=torch.float32)
-        if isinstance(tokens, bool) or (isinstance(tokens, numbers.Real) and not isinstance(tokens, numbers.Integral)):
-            raise ValueError(f"mixprec.Monitor.step: tokens must be an int, got {tokens!r}")  # not truncated
+        if isinstance(tokens, bool) or (isinstance(tokens, numbers.Real) and not isinstance(tokens, numbers.Integral)
+                                        and not float(tokens).is_integer()):
+            raise ValueError(f"mixprec.Monitor.step: tokens must be a whole number, got {tokens!r}")  # not truncated
         out = self._impl.step(loss, int(tokens))
         if out is None:
             return None

@@ -156,12 +156,12 @@ def own_dtype_grad(weight: Tensor) -> None:
 def explain_transform_failure(what: str, error: BaseException, tensors: Sequence[Optional[Tensor]]) -> None:
     """Raises a RuntimeError naming `what` in place of `error` when a torch.func transform or forward-mode AD is
     what `error` came from (torch's own message names neither the layer nor a way out); returns otherwise."""
-    if _functional_transform(*tensors):
+    text = str(error)
+    if ("functorch" in text or "Batching rule" in text or "forward AD" in text) and _functional_transform(*tensors):
         raise RuntimeError(
-            f"{what} cannot run under torch.func transforms (grad, vjp, jacrev, jvp; vmap of delayed scaling's "
-            "state updates) or forward-mode AD: the 8-bit and QAT layers' autograd functions are C++'s. Compute "
-            "such gradients (per-sample ones, for example) on the model before converting it, or with "
-            "torch.autograd.grad") from error
+            f"{what} cannot run under torch.func transforms (grad, vjp, jacrev, jvp, vmap) or forward-mode AD: the "
+            "8-bit and QAT layers' autograd functions are C++'s. Compute such gradients (per-sample ones, for "
+            "example) on the model before converting it, or with torch.autograd.grad") from error
 
 
 def _functional_transform(*tensors: Optional[Tensor]) -> bool:
@@ -376,6 +376,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             with torch.no_grad():
                 for name, tensor in zip(_FP8_BUFFERS, fresh):
                     getattr(self, name).copy_(tensor)
+            self._fp8_eval_checked = False
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, recipe: Optional[fp8.Recipe] = None) -> "Float8Linear":
@@ -393,11 +394,12 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         state = [getattr(self, name) for name in _FP8_BUFFERS]
         if self.recipe.scaling == "delayed" and self.training:
             _check_ddp_buffers(self, state[0])
-        elif self.recipe.scaling == "delayed" and not self.__dict__.get("_fp8_eval_checked"):
+        elif self.recipe.scaling == "delayed" and not self.__dict__.get("_fp8_eval_checked") and _can_read(state[0]):
             # An evaluation reads the state without updating it: one that never recorded an amax (a fresh layer,
-            # or one loaded from a checkpoint without it) scales by 1. One host read, at the first eval forward.
+            # or one loaded from a checkpoint without it) scales by 1. One host read, at the first eval forward
+            # that can make it (not while tracing or capturing).
             self._fp8_eval_checked = True
-            if not torch.compiler.is_compiling() and not state[0].is_meta and not bool(state[0].any()):
+            if not bool(state[0].any()):
                 warnings.warn(
                     "mixprec.nn.Float8Linear: evaluated with delayed scaling that has never recorded an amax (a "
                     "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with "
@@ -430,8 +432,11 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             # buffers in the state dict, loads as torch.nn.Linear's.
             for key in keys:
                 state_dict.pop(key, None)
-        elif prefix + "weight" in state_dict and not any(key in state_dict for key in keys):
-            # The initial state: what the layer recorded belonged to its old weights, and after to_empty
+        elif prefix + "weight" in state_dict and all(
+                key not in state_dict or (isinstance(state_dict[key], Tensor) and state_dict[key].numel() == 0)
+                for key in keys):
+            # No state (a plain layer's checkpoint, or one saved when every recipe kept its empty buffers in the
+            # state dict). The initial state: what the layer recorded belonged to its old weights, and after to_empty
             # (deferred initialisation) its buffers hold uninitialised memory. Made where the buffers are, or,
             # for a meta-device layer (load_state_dict(assign=True) puts it in place as it is), where the
             # checkpoint's weight lies.
@@ -442,6 +447,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             fresh = torch.ops.mixprec.fp8_scaling_state("delayed", int(self.recipe.amax_history_len), like)
             for key, tensor in zip(keys, fresh):
                 state_dict[key] = tensor
+            self._fp8_eval_checked = False  # an evaluation of the fresh state warns again
         elif keys[-1] not in state_dict and any(key in state_dict for key in keys[:-1]):
             # fp8_turn came after the other six: an older checkpoint, saved between steps, takes the initial
             # turn (the backward updated last), made where the checkpoint's state lies (load_state_dict with
@@ -481,6 +487,16 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         return twin
 
 
+def _can_read(t: Tensor) -> bool:
+    """Whether reading `t` on the host is possible and harmless now: not while torch.compile traces or a CUDA
+    graph captures, and not for meta tensors or FakeTensors (memory estimators, dry runs)."""
+    if torch.compiler.is_compiling() or t.is_meta or torch._subclasses.fake_tensor.is_fake(t):
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:  # real tensors in a fake mode
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Callable[[], Any]) -> None:
     """Runs `apply` (the module's ``Module._apply``) and puts back the float32 buffers or parameters `names` that
     it cast to another dtype, moved to the new device only: scales, steps and scaling state must keep their
@@ -517,6 +533,12 @@ def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bo
     return getattr(layer, attr)
 
 
+def _is_lora_adapter(name: str) -> bool:
+    """peft's LoRA adapters (lora_A / lora_B) stay as they are: rank-r GEMMs that 8 bits cannot speed up, and a
+    zero-initialised lora_B would start delayed scaling at scale 1. Their frozen base layers convert."""
+    return any(part in ("lora_A", "lora_B") for part in name.split("."))
+
+
 def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.nn.Linear], bool]:
     # The layers convert() considers, whether or not an earlier call converted them, so that the edges stay
     # the same layers however often convert runs. The last Linear in module order is the output layer (an LM's
@@ -527,16 +549,14 @@ def _edge_filter(model: torch.nn.Module, multiple: int) -> Callable[[str, torch.
     inputs = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
     names, first_is_input = [], True
     for name, m in model.named_modules():
-        if type(m) in kinds:
+        if type(m) in kinds and not _is_lora_adapter(name):  # an adapted head's base layer is the output layer
             names.append(name)
         elif not names and isinstance(m, inputs):
             first_is_input = False
     edges = set(names[-1:]) | (set(names[:1]) if first_is_input else set())
 
     def take(name: str, layer: torch.nn.Linear) -> bool:
-        # peft's LoRA adapters (lora_A / lora_B) stay as they are: rank-r GEMMs that 8 bits cannot speed up, and
-        # a zero-initialised lora_B would start delayed scaling at scale 1. Their frozen base layers convert.
-        if any(part in ("lora_A", "lora_B") for part in name.split(".")):
+        if _is_lora_adapter(name):
             return False
         return name not in edges and layer.in_features % multiple == 0 and layer.out_features % multiple == 0
 

@@ -224,15 +224,16 @@ class Policy:
                                 "parameters can follow a precision policy")
         compute = self.compute_dtype
         # The modules stored in fp32: the kept ones and their parametrizations (torch.nn.utils.parametrize keeps
-        # a parametrized weight's original in a child ParametrizationList); a parameter one of them shares
-        # with another module (tied weights) stays fp32 too.
+        # a parametrized weight's original in a child ParametrizationList). A parameter one of them shares with
+        # a module stored in the policy's dtype (tied weights) takes that dtype: the kept module's hooks adapt
+        # its inputs, the other module has none.
         hooked = {id(m) for m in model.modules() if self.keeps_fp32(m)}
         stored_fp32 = set(hooked)
         for module in model.modules():
             parametrizations = getattr(module, "parametrizations", None) if id(module) in hooked else None
             if isinstance(parametrizations, nn.ModuleDict):
                 stored_fp32.update(id(m) for m in parametrizations.modules())
-        fp32_params = {id(p) for m in model.modules() if id(m) in stored_fp32 for p in m.parameters(recurse=False)}
+        cast_params = {id(p) for m in model.modules() if id(m) not in stored_fp32 for p in m.parameters(recurse=False)}
         for module in model.modules():
             kept = id(module) in hooked
             target = torch.float32 if id(module) in stored_fp32 else self.param_dtype
@@ -240,7 +241,7 @@ class Policy:
             fp32_names = set(getattr(module, "_FP32_NAMES", ()))
             cast = False
             for key, p in module.named_parameters(recurse=False):
-                want = torch.float32 if id(p) in fp32_params else target
+                want = self.param_dtype if id(p) in cast_params else target
                 if p.dtype != want and key not in fp32_names:
                     p.data = p.data.to(want)
                     if p.grad is not None and p.grad.dtype != p.grad_dtype:
@@ -328,9 +329,9 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
         if not available:
             raise RuntimeError(f"mixprec.autocast: autocast is not available for device type {device_type!r}")
         compute = policy.compute_dtype
-        if device_type == "cuda" and compute == torch.bfloat16 and not _cuda_bf16_ok():
-            raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
         enabled = bool(enabled) and compute != torch.float32  # enabled=False: autocast off inside, as torch's
+        if enabled and device_type == "cuda" and compute == torch.bfloat16 and not _cuda_bf16_ok():
+            raise RuntimeError(f"mixprec.autocast: policy {policy.name!r} computes in bfloat16, which this GPU cannot")
         super().__init__(device_type, dtype=compute if enabled else None, enabled=enabled, cache_enabled=cache_enabled)
         # After torch's __init__: torch.compile treats this object as a torch.autocast from its first attribute on.
         self.policy = policy

@@ -889,9 +889,9 @@ def test_gemm_bad_input_names_the_argument() -> None:
     b = torch.randn(16, 48).to(torch.float8_e4m3fn)
     s = one(1.0)
     cases = [
-        (lambda: fp8.gemm(a.float(), b, s, s), RuntimeError, "mixprec::fp8_gemm: a must be torch.float8_e4m3fn or"),
-        (lambda: fp8.gemm(a, b.float(), s, s), RuntimeError, "mixprec::fp8_gemm: b must be torch.float8_e4m3fn or"),
-        (lambda: fp8.dequantize(a.float(), s), RuntimeError, "mixprec::fp8_dequantize: data must be torch.float8_"),
+        (lambda: fp8.gemm(a.float(), b, s, s), ValueError, "mixprec::fp8_gemm: a must be torch.float8_e4m3fn or"),
+        (lambda: fp8.gemm(a, b.float(), s, s), ValueError, "mixprec::fp8_gemm: b must be torch.float8_e4m3fn or"),
+        (lambda: fp8.dequantize(a.float(), s), ValueError, "mixprec::fp8_dequantize: data must be torch.float8_"),
         (lambda: fp8.gemm(a, b[:, :40], s, s), RuntimeError, r"a \[m, k\] and b \[n, k\] must share k"),
         (lambda: fp8.gemm(a.reshape(2, 16, 48), b, s, s), RuntimeError, "a must be a 2-D matrix"),
         (lambda: fp8.gemm(a, b, torch.ones(32, 2), s), RuntimeError,

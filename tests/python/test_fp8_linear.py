@@ -705,10 +705,12 @@ def test_default_filters_leave_out_the_input_layer_only_when_a_linear_reads_the_
 
     lm = LM(nn.Embedding(64, 32))
     lm.blocks[0].q_proj = LoraLayer()
+    lm.lm_head = LoraLayer()  # an adapted head: its base layer is still the output layer
     for make in (mixprec.nn.fp8_default_filter, mixprec.nn.int8_default_filter):
         take = make(lm)
         taken = {name for name, m in lm.named_modules() if isinstance(m, nn.Linear) and take(name, m)}
         assert "blocks.0.q_proj.base_layer" in taken and not any("lora_" in name for name in taken)
+        assert "lm_head.base_layer" not in taken
 
 
 def test_convert_again_converts_what_an_earlier_call_left_and_refuses_to_discard_state() -> None:
@@ -915,8 +917,12 @@ def test_evaluating_delayed_scaling_that_never_recorded_an_amax_warns_once() -> 
     one loaded from a checkpoint without its state, would quantize with the initial scale 1, silently."""
     import warnings
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     x = torch.randn(8, 32) * 1000  # beyond E4M3's 448 at scale 1
     fresh = mixprec.nn.Float8Linear(32, 16).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # a dry run cannot read the state, nor needs to
+        fresh(torch.empty(8, 32))
     with pytest.warns(UserWarning, match="never recorded an amax"):
         fresh(x)
     trained = mixprec.nn.Float8Linear(32, 16)
@@ -926,3 +932,6 @@ def test_evaluating_delayed_scaling_that_never_recorded_an_amax_warns_once() -> 
         fresh(x)  # once per layer
         trained.eval()(x)
         mixprec.nn.Float8Linear(32, 16, recipe=fp8.Recipe(scaling="current")).eval()(x)
+    trained.load_state_dict(nn.Linear(32, 16).state_dict())  # no scaling state: the initial one, unwarned yet
+    with pytest.warns(UserWarning, match="never recorded an amax"):
+        trained(x)

@@ -499,10 +499,13 @@ def test_kept_types_match_base_classes_parametrizations_classes_and_tied_weights
     out = model(torch.randn(2, 4, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert Policy("bf16-true", keep_fp32=[nn.LayerNorm]).keep_fp32 == ["LayerNorm"]  # classes by their names
-    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
-    head.weight = emb.weight  # tied across a kept and a cast module: kept wins, whichever comes last
-    tied = Policy("bf16-true", keep_fp32=["Embedding"]).apply(nn.Sequential(emb, head))
-    assert tied[0].weight.dtype == torch.float32 and tied[1].weight is tied[0].weight
+    for order in ("kept first", "kept last"):
+        emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        head.weight = emb.weight  # tied across a kept and a cast module: the policy's dtype, whichever comes last
+        tied = Policy("bf16-true", keep_fp32=["Embedding"]).apply(
+            nn.Sequential(emb, head) if order == "kept first" else nn.Sequential(nn.Identity(), head, emb))
+        assert emb.weight.dtype == torch.bfloat16 and head.weight is emb.weight
+        assert head(emb(torch.tensor([1, 2]))).dtype == torch.bfloat16  # both run
 
 
 def test_apply_casts_gradients_with_their_parameters_as_module_to_does() -> None:

@@ -168,6 +168,7 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public K
 
  private:
   void register_state();
+  void reset_state();  // the initial scaling state, in the registered buffers
 };
 
 TORCH_MODULE(Float8Linear);
