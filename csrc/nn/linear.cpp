@@ -6,7 +6,7 @@
 
 #include <ATen/autocast_mode.h>
 #ifdef MIXPREC_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 #include <ATen/ops/_unsafe_view.h>
@@ -136,9 +136,10 @@ bool adds_in_place(const torch::Tensor& weight, const c10::Device& device) {
 bool can_read(const torch::Tensor& t) {
   if (t.is_meta()) return false;
 #ifdef MIXPREC_WITH_CUDA
-  if (t.is_cuda()) {
-    return c10::cuda::captureStatusMayInitCtx(c10::cuda::getCurrentCUDAStream(t.get_device())) ==
-           c10::cuda::CaptureStatus::None;
+  if (t.is_cuda()) {  // (the runtime call itself: torch 2.11's c10 has no per-stream helper)
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.get_device()), &status));
+    return status == cudaStreamCaptureStatusNone;
   }
 #endif
   return true;
