@@ -107,6 +107,8 @@ void AdamCore::check_step_options(const AdamOptions& o) {
                     "moment_dtype must be torch.float32 or torch.bfloat16, got ", o.moment_dtype());
   TORCH_CHECK_VALUE(o.rounding() == "nearest" || o.rounding() == "stochastic",
                     "rounding must be one of ('nearest', 'stochastic'), got '", o.rounding(), "'");
+  TORCH_CHECK_VALUE(o.seed() >= -1, "seed must be a non-negative integer (or -1: none), got ", o.seed());
+  TORCH_CHECK_VALUE(o.rng_calls() >= 0, "rng_calls must be a non-negative integer, got ", o.rng_calls());
 }
 
 std::string AdamCore::master_mode(const torch::Tensor& p, const std::string& choice) {
@@ -706,9 +708,14 @@ void Adam::load(torch::serialize::InputArchive& archive) {
   configured.reserve(param_groups_.size());
   for (size_t i = 0; i < param_groups_.size(); ++i) configured.push_back(options_of(i));
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
-  // torch's reader makes AdamOptions: AdamW's groups get their own type back.
+  // torch's reader assigns the saved AdamOptions into each group's options object, which keeps its type (AdamW's
+  // groups hold AdamWOptions) and its address: code holding a reference to a group's options (a schedule that
+  // sets lr through it, as with torch::optim::AdamW) keeps a live one. Only a group that holds plain AdamOptions
+  // gets AdamW's type.
   for (size_t i = 0; decoupled_ && i < param_groups_.size(); ++i) {
-    param_groups_[i].set_options(options_for(options_of(i), true));
+    if (dynamic_cast<AdamWOptions*>(&param_groups_[i].options()) == nullptr) {
+      param_groups_[i].set_options(options_for(options_of(i), true));
+    }
   }
   for (size_t i = 0; i < param_groups_.size() && i < configured.size(); ++i) {
     AdamOptions& loaded = options_of(i);
@@ -779,9 +786,9 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("check_options",
            [](const CoreRef&, double lr, double beta1, double beta2, double eps, double weight_decay,
               const std::string& master_weights, c10::ScalarType moment_dtype, const std::string& rounding,
-              std::optional<int64_t> seed) {
+              std::optional<int64_t> seed, int64_t rng_calls) {
              AdamCore::check_options(options_from(lr, beta1, beta2, eps, weight_decay, false, false,
-                                                  master_weights, moment_dtype, rounding, seed, 0));
+                                                  master_weights, moment_dtype, rounding, seed, rng_calls));
            })
       .def("check_step_options",
            [](const CoreRef&, double beta1, const std::string& master_weights, c10::ScalarType moment_dtype,

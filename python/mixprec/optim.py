@@ -226,7 +226,7 @@ class _MixprecAdam(torch.optim.Optimizer):
             raise ValueError("Tensor lr must be 1-element")
         for value, name in ((lr, "lr"), (eps, "eps"), (weight_decay, "weight_decay")):
             _scalar(value, name)
-        if isinstance(rng_calls, bool) or not isinstance(rng_calls, numbers.Integral) or rng_calls < 0:
+        if isinstance(rng_calls, bool) or not isinstance(rng_calls, numbers.Integral):  # its range: the core's
             raise ValueError(f"rng_calls must be a non-negative int, got {rng_calls!r}")
         # Kept as given (tensors too, as torch keeps them: a later in-place change applies); read every step.
         beta_values = (_scalar(betas[0], "betas[0]"), _scalar(betas[1], "betas[1]"))
@@ -240,7 +240,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         self.__dict__["_core"] = torch.classes.mixprec.AdamCore()
         # torch checks the constructor's values only (a Tensor lr too, read on the host once, as torch reads it).
         self._core.check_options(float(lr), *beta_values, float(eps),
-                                 float(weight_decay), master_weights, moment_dtype, rounding, seed)
+                                 float(weight_decay), master_weights, moment_dtype, rounding, seed, int(rng_calls))
         defaults = dict(
             lr=lr,
             betas=(_beta(betas[0]), _beta(betas[1])),  # a tuple of two, as torch stores it (not a list or config)
@@ -514,5 +514,5 @@ class Adam(_MixprecAdam, torch.optim.Adam):
 
     def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, **kwargs: Any) -> None:
+                 weight_decay: float = 0, amsgrad: bool = False, **kwargs: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

@@ -368,6 +368,12 @@ TEST_CASE("bad optimizer settings are rejected by name", "[optim][errors]") {
                       Catch::Contains("master_weights"));
   REQUIRE_THROWS_WITH(mixprec::optim::AdamW(params, mixprec::optim::AdamOptions(1e-3).betas({0.9, 1.0})),
                       Catch::Contains("beta"));
+  // As Python refuses them (one check in the core): a negative seed other than -1 (none) is not "no seed".
+  REQUIRE_THROWS_WITH(mixprec::optim::AdamW(params, mixprec::optim::AdamOptions(1e-3).seed(-5)),
+                      Catch::Contains("seed must be a non-negative integer"));
+  REQUIRE_THROWS_WITH(mixprec::optim::AdamW(params, mixprec::optim::AdamOptions(1e-3).seed(3).rng_calls(-1)),
+                      Catch::Contains("rng_calls must be a non-negative integer"));
+  REQUIRE_NOTHROW(mixprec::optim::AdamW(params, mixprec::optim::AdamOptions(1e-3).seed(-1)));
 }
 
 TEST_CASE("a step takes what torch::optim::AdamW's step takes (a scheduler's negative lr, group edits); only "
@@ -571,7 +577,12 @@ TEST_CASE("torch::optim options and checkpoints work unchanged with mixprec::opt
   // mixprec's own settings (absent from torch's checkpoint) stay as configured; torch's options are loaded.
   mixprec::optim::AdamW resumed(groups, mixprec::optim::AdamWOptions(1.0).master_weights("fp32").seed(7));
   resumed.add_param_group(torch::optim::OptimizerParamGroup({extra}));
+  // A reference to a group's options taken before the load stays the group's (a schedule sets lr through it, as
+  // with torch::optim::AdamW, whose loader assigns into the same object): the load keeps every object.
+  torch::optim::OptimizerOptions* held = &resumed.param_groups()[0].options();
   torch::load(resumed, buffer);
+  REQUIRE(held == &resumed.param_groups()[0].options());
+  REQUIRE(dynamic_cast<mixprec::optim::AdamWOptions*>(held) != nullptr);  // still AdamW's type
   const auto& loaded = static_cast<mixprec::optim::AdamOptions&>(resumed.param_groups()[0].options());
   REQUIRE((loaded.lr() == 1e-2 && loaded.amsgrad() && loaded.master_weights() == "fp32" && loaded.seed() == 7));
   for (int step = 10; step < 20; ++step) {

@@ -1001,7 +1001,9 @@ def test_an_optimizer_is_rebuilt_from_its_defaults(cls: str) -> None:
     for a, b in zip(opt.param_groups[0]["params"], rebuilt.param_groups[0]["params"]):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="rng_calls must be a non-negative int"):
-        mixprec.optim.AdamW(params, rng_calls=-1)
+        mixprec.optim.AdamW(params, rng_calls=-1)  # the core's check
+    with pytest.raises(ValueError, match="rng_calls must be a non-negative int"):
+        mixprec.optim.AdamW(params, rng_calls=1.5)
 
 
 def test_lr_tensor_on_the_cpu_is_read_on_the_host_and_follows_schedulers() -> None:
