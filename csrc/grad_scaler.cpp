@@ -3,6 +3,7 @@
 // python/mixprec/grad_scaler.py drives; Python only walks torch.optim param groups).
 #include "mixprec/grad_scaler.h"
 
+#include <ATen/Context.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
@@ -32,44 +33,45 @@ namespace {
 // or a backoff factor above 1 (a swapped pair) is refused. The constructor keeps torch's own assertions
 // (growth_factor > 1, backoff_factor < 1).
 void check_growth_factor(double growth_factor) {
-  TORCH_CHECK(growth_factor >= 1.0 && std::isfinite(growth_factor),
-              "mixprec::GradScaler: growth_factor must be a finite number >= 1.0 (1 holds the scale), got ",
-              growth_factor);
+  TORCH_CHECK_VALUE(growth_factor >= 1.0 && std::isfinite(growth_factor),
+                    "mixprec::GradScaler: growth_factor must be a finite number >= 1.0 (1 holds the scale), got ",
+                    growth_factor);
 }
 void check_backoff_factor(double backoff_factor) {
-  TORCH_CHECK(backoff_factor > 0.0 && backoff_factor <= 1.0,
-              "mixprec::GradScaler: backoff_factor must be in (0, 1] (1 holds the scale), got ", backoff_factor);
+  TORCH_CHECK_VALUE(backoff_factor > 0.0 && backoff_factor <= 1.0,
+                    "mixprec::GradScaler: backoff_factor must be in (0, 1] (1 holds the scale), got ", backoff_factor);
 }
 
 // A dynamic scale starting outside [min_scale, max_scale] would be clamped by the first update against the
 // direction it moves (a static one never meets the bounds).
 void check_init_scale_within_bounds(const GradScalerOptions& o, double init_scale) {
   if (!o.dynamic()) return;
-  TORCH_CHECK(init_scale >= o.min_scale() && init_scale <= o.max_scale().value_or(init_scale),
-              "mixprec::GradScaler: init_scale (", init_scale, ") must lie within [min_scale, max_scale] = [",
-              o.min_scale(), ", ", o.max_scale().value_or(std::numeric_limits<double>::infinity()), "]");
+  TORCH_CHECK_VALUE(init_scale >= o.min_scale() && init_scale <= o.max_scale().value_or(init_scale),
+                    "mixprec::GradScaler: init_scale (", init_scale, ") must lie within [min_scale, max_scale] = [",
+                    o.min_scale(), ", ", o.max_scale().value_or(std::numeric_limits<double>::infinity()), "]");
 }
 
 void check_options(const GradScalerOptions& o, bool constructing) {
   if (constructing) {
     // A loaded scale is taken as it stands, as torch's loader takes it: a run whose scale fell to 0 (min_scale
     // 0 and a string of overflows) or was set to inf by update(new_scale) resumes from its checkpoint.
-    TORCH_CHECK(o.init_scale() > 0 && std::isfinite(o.init_scale()),
-                "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
-    TORCH_CHECK(o.growth_factor() > 1.0 && std::isfinite(o.growth_factor()),
-                "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
-    TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,
-                "mixprec::GradScaler: backoff_factor must be in (0, 1), got ", o.backoff_factor());
+    TORCH_CHECK_VALUE(o.init_scale() > 0 && std::isfinite(o.init_scale()),
+                      "mixprec::GradScaler: init_scale must be a finite number > 0, got ", o.init_scale());
+    TORCH_CHECK_VALUE(o.growth_factor() > 1.0 && std::isfinite(o.growth_factor()),
+                      "mixprec::GradScaler: growth_factor must be > 1.0, got ", o.growth_factor());
+    TORCH_CHECK_VALUE(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0,
+                      "mixprec::GradScaler: backoff_factor must be in (0, 1), got ", o.backoff_factor());
   } else {
     check_growth_factor(o.growth_factor());
     check_backoff_factor(o.backoff_factor());
   }
-  TORCH_CHECK(o.growth_interval() > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", o.growth_interval());
-  TORCH_CHECK(o.hysteresis() >= 1, "mixprec::GradScaler: hysteresis must be >= 1, got ", o.hysteresis());
-  TORCH_CHECK(o.min_scale() >= 0, "mixprec::GradScaler: min_scale must be >= 0, got ", o.min_scale());
+  TORCH_CHECK_VALUE(o.growth_interval() > 0, "mixprec::GradScaler: growth_interval must be > 0, got ",
+                    o.growth_interval());
+  TORCH_CHECK_VALUE(o.hysteresis() >= 1, "mixprec::GradScaler: hysteresis must be >= 1, got ", o.hysteresis());
+  TORCH_CHECK_VALUE(o.min_scale() >= 0, "mixprec::GradScaler: min_scale must be >= 0, got ", o.min_scale());
   if (o.max_scale().has_value()) {
-    TORCH_CHECK(*o.max_scale() >= o.min_scale(), "mixprec::GradScaler: min_scale (", o.min_scale(),
-                ") must not exceed max_scale (", *o.max_scale(), ")");
+    TORCH_CHECK_VALUE(*o.max_scale() >= o.min_scale(), "mixprec::GradScaler: min_scale (", o.min_scale(),
+                      ") must not exceed max_scale (", *o.max_scale(), ")");
   }
   if (constructing) check_init_scale_within_bounds(o, o.init_scale());
 }
@@ -111,10 +113,22 @@ ParamGrads optimizer_grads(torch::optim::Optimizer& optimizer) {
 
 
 int64_t key_of(const torch::optim::Optimizer& optimizer) { return reinterpret_cast<int64_t>(&optimizer); }
+
+// torch's rule: a CUDA scaler on a machine without CUDA (a script or a checkpointed scaler from a GPU machine)
+// disables itself with a warning, so the same training code runs unscaled. (Python's scaler applies it before it
+// builds this one, with Python's warning: warnings from C++ reach stderr only.)
+bool usable(c10::Device device, bool enabled) {
+  if (enabled && device.is_cuda() && !at::hasCUDA()) {
+    TORCH_WARN("mixprec::GradScaler is enabled, but CUDA is not available. Disabling.");
+    return false;
+  }
+  return enabled;
+}
 }  // namespace
 
 GradScaler::GradScaler(c10::Device device, GradScalerOptions options)
     : options_(std::move(options)), device_(device), init_hysteresis_tracker_(options_.hysteresis()) {
+  options_.enabled(usable(device_, options_.enabled()));
   if (options_.enabled()) check_options(options_, /*constructing=*/true);
 }
 
@@ -589,7 +603,7 @@ void GradScaler::set_growth_tracker_tensor(const std::optional<at::Tensor>& trac
 }
 
 void GradScaler::set_growth_interval(int64_t growth_interval) {
-  TORCH_CHECK(growth_interval > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", growth_interval);
+  TORCH_CHECK_VALUE(growth_interval > 0, "mixprec::GradScaler: growth_interval must be > 0, got ", growth_interval);
   options_.growth_interval(growth_interval);
 }
 
@@ -627,8 +641,8 @@ void GradScaler::load_state_dict(const c10::Dict<std::string, double>& state) {
   // Integer fields: a whole number in int64's range before the cast (a NaN or inf would be undefined).
   auto integer = [&](const char* key) {
     const double v = number(key);
-    TORCH_CHECK(std::isfinite(v) && v == std::trunc(v) && std::abs(v) < 9.0e18,
-                "mixprec::GradScaler::load_state_dict: '", key, "' must be a whole number, got ", v);
+    TORCH_CHECK_VALUE(std::isfinite(v) && v == std::trunc(v) && std::abs(v) < 9.0e18,
+                      "mixprec::GradScaler::load_state_dict: '", key, "' must be a whole number, got ", v);
     return static_cast<int64_t>(v);
   };
   // Everything is read and checked into a copy first: a bad state dict leaves the scaler as it was.

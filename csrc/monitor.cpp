@@ -120,12 +120,13 @@ std::string MonitorRecord::progress_line() const {
 Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, GradScaler* scaler,
                  MonitorOptions options)
     : params_(std::move(named_parameters)), scaler_(scaler), options_(std::move(options)) {
-  TORCH_CHECK(options_.every() > 0, "mixprec::Monitor: every must be > 0, got ", options_.every());
-  TORCH_CHECK(options_.min_exponent() >= -1100 && options_.min_exponent() <= 1100,
-              "mixprec::Monitor: min_exponent must be in [-1100, 1100], got ", options_.min_exponent());
-  TORCH_CHECK(options_.num_bins() >= 1 && options_.num_bins() <= 4096,
-              "mixprec::Monitor: num_bins must be in [1, 4096], got ", options_.num_bins());
-  TORCH_CHECK(options_.start_step() >= 0, "mixprec::Monitor: start_step must be >= 0, got ", options_.start_step());
+  TORCH_CHECK_VALUE(options_.every() > 0, "mixprec::Monitor: every must be > 0, got ", options_.every());
+  TORCH_CHECK_VALUE(options_.min_exponent() >= -1100 && options_.min_exponent() <= 1100,
+                    "mixprec::Monitor: min_exponent must be in [-1100, 1100], got ", options_.min_exponent());
+  TORCH_CHECK_VALUE(options_.num_bins() >= 1 && options_.num_bins() <= 4096,
+                    "mixprec::Monitor: num_bins must be in [1, 4096], got ", options_.num_bins());
+  TORCH_CHECK_VALUE(options_.start_step() >= 0, "mixprec::Monitor: start_step must be >= 0, got ",
+                    options_.start_step());
   steps_ = options_.start_step();
   if (!options_.jsonl().empty()) {
     // Appended: nothing a log directory holds is lost (a resume that did not say start_step, two monitors

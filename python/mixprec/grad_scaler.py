@@ -323,38 +323,28 @@ class GradScaler(torch.amp.GradScaler):
         track_overflows: bool = False,
     ) -> None:
         device = str(torch.device(device))
-        enabled = self._usable(device, enabled)
-        if enabled:
-            if not init_scale > 0:
-                raise ValueError(f"init_scale must be > 0, got {init_scale}")
-            if not growth_factor > 1.0:
-                raise ValueError(f"The growth factor must be > 1.0, got {growth_factor}")
-            if not 0.0 < backoff_factor < 1.0:
-                raise ValueError(f"The backoff factor must be in (0, 1), got {backoff_factor}")
+        # The C++ scaler checks the settings (ValueError).
         options = dict(init_scale=float(init_scale), growth_factor=float(growth_factor),
                        backoff_factor=float(backoff_factor), growth_interval=int(growth_interval),
                        hysteresis=int(hysteresis), consecutive_hysteresis=bool(consecutive_hysteresis),
                        min_scale=float(min_scale), max_scale=None if max_scale is None else float(max_scale),
                        dynamic=bool(dynamic), host_skip=bool(host_skip), track_overflows=bool(track_overflows))
-        self._construct(device, enabled, process_group, options)
-
-    @staticmethod
-    def _usable(device: str, enabled: bool) -> bool:
-        """torch's rule: a CUDA scaler on a machine without CUDA disables itself, with a warning."""
-        if enabled and device.startswith("cuda") and not torch.cuda.is_available():
-            warnings.warn("mixprec.GradScaler is enabled, but CUDA is not available. Disabling.")
-            return False
-        return enabled
+        self._construct(device, bool(enabled), process_group, options)
 
     def _construct(self, device: str, enabled: bool, process_group: Optional[Any], options: dict[str, Any]) -> None:
         self._device = device
-        self._enabled = enabled
+        # torch's rule, as the C++ scaler's (whose warning would reach stderr only): a CUDA scaler where CUDA is
+        # not available disables itself, with a warning.
+        self._enabled = bool(enabled)
+        if self._enabled and device.startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn("mixprec.GradScaler is enabled, but CUDA is not available. Disabling.")
+            self._enabled = False
         self._process_group = process_group
         self._options = options  # the constructor's settings; the live ones are in the C++ object
         self._host_skip = options["host_skip"]
         o = options
         self._impl = torch.classes.mixprec.GradScaler(
-            device, o["init_scale"], o["growth_factor"], o["backoff_factor"], o["growth_interval"], bool(enabled),
+            device, o["init_scale"], o["growth_factor"], o["backoff_factor"], o["growth_interval"], self._enabled,
             o["hysteresis"], o["consecutive_hysteresis"], o["min_scale"], o["max_scale"], o["dynamic"],
         )
         self._impl.set_track_overflows(bool(o.get("track_overflows", False)))  # absent from older pickles
@@ -801,16 +791,15 @@ class GradScaler(torch.amp.GradScaler):
             import torch.distributed as dist
 
             group = dist.group.WORLD
-        enabled = self._usable(state["device"], state["enabled"])  # unpickled where there is no GPU
-        self._construct(state["device"], enabled, group, state["options"])
-        if enabled and state["state"]:
+        self._construct(state["device"], state["enabled"], group, state["options"])  # where there is no GPU: disabled
+        if self._enabled and state["state"]:
             self.load_state_dict(state["state"])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "GradScaler":
         """An independent scaler in the same state (sharing the process group, which is not copied)."""
         if self._enabled and self._impl.in_iteration():
             raise AssertionError(
-                "A GradScaler instance may only be copied at the beginning of an iteration, or at the end after "
+                "A GradScaler instance may only be pickled at the beginning of an iteration, or at the end after "
                 "scaler.update().")
         copy = GradScaler.__new__(GradScaler)
         copy._construct(self._device, self._enabled, self._process_group, dict(self._options))

@@ -130,6 +130,13 @@ TEST_CASE("GradScaler call-order errors and disabled pass-through", "[scaler][er
   auto loss = net.forward(torch::randn({2, 8})).sum();
   REQUIRE(off.scale(loss).equal(loss));
   REQUIRE(off.get_scale() == 1.0);
+  if (!torch::cuda::is_available()) {
+    // torch's rule, as Python's scaler (the same object): a CUDA scaler without CUDA disables itself with a
+    // warning, settings unchecked (they are never used).
+    mixprec::GradScaler cuda_less(torch::kCUDA, mixprec::GradScalerOptions().growth_factor(0.5));
+    REQUIRE_FALSE(cuda_less.is_enabled());
+    REQUIRE(cuda_less.scale(loss).equal(loss));
+  }
 }
 
 TEST_CASE("GradScaler creates its scale on the first output's device, as torch's", "[scaler]") {

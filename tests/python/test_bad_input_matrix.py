@@ -133,7 +133,7 @@ CASES: list[tuple[str, Callable[[World], object], type, str]] = [
     ("GradScaler: growth", lambda w: mixprec.GradScaler("cpu", growth_factor=0.9), ValueError, "growth"),
     ("GradScaler: backoff", lambda w: mixprec.GradScaler("cpu", backoff_factor=2.0), ValueError, "backoff"),
     ("GradScaler: init_scale", lambda w: mixprec.GradScaler("cpu", init_scale=-1.0), ValueError, "init_scale"),
-    ("GradScaler: hysteresis", lambda w: mixprec.GradScaler("cpu", hysteresis=0), RuntimeError, "hysteresis"),
+    ("GradScaler: hysteresis", lambda w: mixprec.GradScaler("cpu", hysteresis=0), ValueError, "hysteresis"),
     ("GradScaler: unscale_ twice", scaler_twice, RuntimeError, "already been called"),
     ("GradScaler: step twice", scaler_step_twice, RuntimeError, "already been called"),
     ("GradScaler: update before any scale()", lambda w: mixprec.GradScaler("cpu").update(), AssertionError,

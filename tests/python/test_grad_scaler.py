@@ -197,20 +197,39 @@ def test_call_order_errors() -> None:
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(init_scale=0.0), "init_scale"), (dict(growth_factor=1.0), "growth factor"),
+    (dict(init_scale=0.0), "init_scale"), (dict(growth_factor=1.0), "growth_factor"),
     (dict(backoff_factor=1.5), "backoff"), (dict(growth_interval=0), "growth_interval"),
     (dict(hysteresis=0), "hysteresis"), (dict(min_scale=10.0, max_scale=1.0), "min_scale"),
     (dict(init_scale=8.0, max_scale=4.0), r"init_scale \(8\) must lie within \[min_scale, max_scale\]"),
     (dict(init_scale=2.0, min_scale=4.0), r"init_scale \(2\) must lie within"),
 ])
 def test_bad_settings(kwargs: dict, needle: str) -> None:
-    with pytest.raises((ValueError, RuntimeError), match=needle):
+    with pytest.raises(ValueError, match=needle):  # the C++ scaler's checks, one for both front doors
         mixprec.GradScaler("cpu", **kwargs)
+
+
+def test_a_cuda_scaler_without_cuda_disables_itself_with_a_warning_as_torch_does() -> None:
+    """torch's rule, kept by the C++ scaler (so LibTorch gets it too): the same script runs unscaled on a machine
+    without CUDA, and its settings are not checked (the scaler never uses them)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        with pytest.warns(UserWarning, match="CUDA is not available"):
+            scaler = cls("cuda", growth_factor=0.5)
+        assert not scaler.is_enabled() and scaler.state_dict() == {}
+        loss = torch.tensor(3.0)
+        assert scaler.scale(loss) is loss
+    state = mixprec.GradScaler("cpu", init_scale=8.0).__getstate__()  # as a GPU machine pickles a CUDA scaler
+    state["device"] = "cuda"
+    restored = mixprec.GradScaler.__new__(mixprec.GradScaler)
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # unpickled where there is no GPU
+        restored.__setstate__(state)
+    assert not restored.is_enabled() and restored.get_scale() == 1.0
 
 
 def test_init_scale_bounds_hold_for_later_settings_and_only_for_a_dynamic_scale() -> None:
     scaler = mixprec.GradScaler("cpu", init_scale=4.0, max_scale=8.0)
-    with pytest.raises(RuntimeError, match="must lie within"):
+    with pytest.raises(ValueError, match="must lie within"):
         scaler._init_scale = 16.0  # torch's attribute, as code resetting a scaler writes it
     assert scaler._init_scale == 4.0
     static = mixprec.GradScaler("cpu", init_scale=16.0, max_scale=8.0, dynamic=False)  # never meets the bounds

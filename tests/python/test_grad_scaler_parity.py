@@ -291,7 +291,7 @@ def test_getters_do_not_touch_the_device_and_setters_are_checked() -> None:
                                 (scaler.set_backoff_factor, 1.5, "backoff_factor"),
                                 (scaler.set_backoff_factor, 0.0, "backoff_factor"),
                                 (scaler.set_growth_interval, 0, "growth_interval")]:
-        with pytest.raises(RuntimeError, match=needle):
+        with pytest.raises(ValueError, match=needle):
             setter(bad)
     disabled = mixprec.GradScaler("cpu", enabled=False, growth_factor=3.0)
     assert disabled.get_growth_factor() == 3.0 and disabled.state_dict() == {}
@@ -461,9 +461,9 @@ def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> Non
             cls("cpu").load_state_dict({k: v for k, v in loose.items() if k != "growth_factor"})
     scaler = mixprec.GradScaler("cpu", init_scale=64.0, growth_interval=7)
     before = scaler.state_dict()
-    with pytest.raises(RuntimeError, match="growth"):
+    with pytest.raises(ValueError, match="growth"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_factor": 0.5})
-    with pytest.raises(RuntimeError, match="'growth_interval' must be a whole number"):
+    with pytest.raises(ValueError, match="'growth_interval' must be a whole number"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_interval": math.nan})
     assert scaler.state_dict() == before
 

@@ -577,7 +577,8 @@ def test_monitor_reads_nothing_back_between_logged_steps(tmp_path) -> None:
     (dict(every=-5), ValueError, "every must be a positive int"),
     (dict(sinks=("jsonl",)), ValueError, "need a log_dir"),
     (dict(scaler=torch.amp.GradScaler("cpu")), TypeError, "mixprec.GradScaler"),
-    (dict(num_bins=0), RuntimeError, "num_bins"),
+    (dict(num_bins=0), ValueError, "num_bins"),
+    (dict(min_exponent=-5000), ValueError, "min_exponent"),
     (dict(keep=-1), ValueError, "keep must be a non-negative int or None"),
     (dict(keep=2.5), ValueError, "keep must be a non-negative int or None"),
 ])
