@@ -12,6 +12,7 @@
 #include <cctype>
 #include <map>
 #include <sstream>
+#include <unordered_set>
 
 namespace mixprec {
 
@@ -144,21 +145,33 @@ void apply(torch::nn::Module& module, const Policy& policy) {
                 "\" has dtype ", item.value().scalar_type(), "; only floating-point parameters can follow a policy");
   }
   torch::NoGradGuard no_grad;
-  for (const auto& named : module.named_modules("", /*include_self=*/true)) {
-    torch::nn::Module& m = *named.value();
+  // A parameter a kept module shares with a module stored in the policy's dtype (tied weights) takes that dtype,
+  // whichever module comes first: the kept module's inputs are adapted by autocast, the other's are not. As
+  // Python's Policy.apply.
+  // The module itself by reference (named_modules(include_self) needs it held by a shared_ptr, and LibTorch code
+  // keeps its top-level module on the stack: `Net net; net.to(device)` works, so must apply(net, policy)).
+  std::vector<torch::nn::Module*> modules{&module};
+  for (const auto& child : module.modules(/*include_self=*/false)) modules.push_back(child.get());
+  std::unordered_set<const c10::TensorImpl*> shared_with_cast;
+  for (torch::nn::Module* m : modules) {
+    if (policy.keeps_fp32(m->name())) continue;
+    for (const auto& p : m->parameters(/*recurse=*/false)) shared_with_cast.insert(p.unsafeGetTensorImpl());
+  }
+  for (torch::nn::Module* each : modules) {
+    torch::nn::Module& m = *each;
     const c10::ScalarType target = policy.keeps_fp32(m.name()) ? c10::kFloat : policy.param_dtype;
     // Steps, scales and scaling state that must stay exact (the layers' own to(dtype) keeps them too), and FP8
     // scaling state ("fp8_*" buffers) in any module, as Python's Policy.apply keeps it (a module of the user's
     // own holding a state for nn::float8_linear).
     const auto* exact = dynamic_cast<const nn::KeepsFp32*>(&m);
-    const auto kept = [exact](const std::string& name) {
-      return (exact != nullptr && exact->keeps_fp32(name)) || name.rfind("fp8_", 0) == 0;
-    };
+    const auto exact_name = [exact](const std::string& name) { return exact != nullptr && exact->keeps_fp32(name); };
     bool cast = false;
     for (auto& p : m.named_parameters(/*recurse=*/false)) {
-      if (kept(p.key())) continue;
-      if (p.value().scalar_type() != target) {
-        p.value().set_data(p.value().to(target));
+      if (exact_name(p.key())) continue;
+      const c10::ScalarType want =
+          shared_with_cast.count(p.value().unsafeGetTensorImpl()) != 0 ? policy.param_dtype : target;
+      if (p.value().scalar_type() != want) {
+        p.value().set_data(p.value().to(want));
         // As Module::to casts .grad with its parameter; an fp32 gradient a converted layer keeps (grad_dtype
         // float32) stays.
         const torch::Tensor grad = p.value().grad();
@@ -179,7 +192,7 @@ void apply(torch::nn::Module& module, const Policy& policy) {
       }
     }
     for (auto& b : m.named_buffers(/*recurse=*/false)) {
-      if (kept(b.key())) continue;
+      if (exact_name(b.key()) || b.key().rfind("fp8_", 0) == 0) continue;
       if (at::isFloatingType(b.value().scalar_type()) && b.value().scalar_type() != target) {
         b.value().set_data(b.value().to(target));
       }

@@ -94,6 +94,33 @@ TEST_CASE("apply() stores params in the policy's dtype and keeps norm layers in 
   REQUIRE(torch::isfinite(out).all().item<bool>());
 }
 
+TEST_CASE("apply(): a parameter tied across a kept and a cast module takes the policy's dtype in any order, as in "
+          "Python", "[policy]") {
+  // A norm layer of the user's own (kept: its type name says LayerNorm) whose weight is a Linear's bias.
+  struct TiedLayerNormImpl : torch::nn::Module {
+    explicit TiedLayerNormImpl(const torch::Tensor& shared)
+        : weight(register_parameter("weight", shared)), bias(register_parameter("bias", torch::zeros({16}))) {}
+    torch::Tensor weight, bias;
+  };
+  for (const bool kept_first : {true, false}) {
+    torch::nn::Linear lin(16, 16);
+    auto norm = std::make_shared<TiedLayerNormImpl>(lin->bias);
+    REQUIRE(mixprec::Policy::bfloat16().keeps_fp32(norm->name()));
+    torch::nn::Module model;  // the order of registration is the order apply() visits
+    if (kept_first) {
+      model.register_module("norm", norm);
+      model.register_module("lin", lin);
+    } else {
+      model.register_module("lin", lin);
+      model.register_module("norm", norm);
+    }
+    mixprec::apply(model, mixprec::Policy::bfloat16());
+    REQUIRE(lin->bias.scalar_type() == torch::kBFloat16);
+    REQUIRE(norm->weight.is_same(lin->bias));
+    REQUIRE(norm->bias.scalar_type() == torch::kFloat);  // its own parameters stay fp32
+  }
+}
+
 TEST_CASE("apply() rejects modules with non-floating parameters and changes nothing", "[policy][errors]") {
   torch::nn::Linear lin(2, 2);
   lin->register_parameter("ticks", torch::zeros({2}, torch::kLong), /*requires_grad=*/false);
