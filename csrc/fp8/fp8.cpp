@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -116,6 +117,23 @@ void check_recipe(const Recipe& recipe) {
                     "mixprec: margin must be in [0, 32] (the scale is divided by 2^margin), got ", recipe.margin);
 }
 
+StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, const std::vector<std::string>& names,
+                          bool has_weight) {
+  TORCH_CHECK_VALUE(numels.size() == 7 && names.size() == 7,
+                    "mixprec::fp8::plan_state_load: 7 numels and names (the state's buffers), got ", numels.size(),
+                    " and ", names.size());
+  if (scaling != Scaling::Delayed) return StateLoad::Skip;
+  const bool none = std::all_of(numels.begin(), numels.end(), [](int64_t n) { return n < 0; });
+  const bool any_empty = std::any_of(numels.begin(), numels.end(), [](int64_t n) { return n == 0; });
+  if (none || any_empty) return has_weight ? StateLoad::Restart : StateLoad::Skip;
+  std::string missing;
+  for (size_t i = 0; i + 1 < numels.size(); ++i) {
+    if (numels[i] < 0) missing += (missing.empty() ? "" : ", ") + names[i];
+  }
+  TORCH_CHECK(missing.empty(), "Float8Linear: the checkpoint holds part of the FP8 scaling state; missing: ", missing);
+  return numels.back() < 0 ? StateLoad::InitialTurn : StateLoad::Load;
+}
+
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options) {
   const at::TensorOptions f = options.dtype(at::kFloat);
   if (recipe.scaling != Scaling::Delayed) {
@@ -188,5 +206,10 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     recipe.amax_compute_algo = std::string(amax_compute_algo.data(), amax_compute_algo.size());
     recipe.margin = margin;
     mixprec::fp8::check_recipe(recipe);
+  });
+  m.impl("fp8_state_load_plan", [](c10::string_view scaling, std::vector<int64_t> numels,
+                                   std::vector<std::string> names, bool has_weight) {
+    return static_cast<int64_t>(mixprec::fp8::plan_state_load(
+        mixprec::fp8::parse_scaling(std::string_view(scaling.data(), scaling.size())), numels, names, has_weight));
   });
 }

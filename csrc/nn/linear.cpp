@@ -627,6 +627,15 @@ void keep_fp32_grad(const torch::Tensor& weight) {
   }
 }
 
+void own_dtype_grad(const torch::Tensor& weight) {
+  if (!weight.is_leaf()) return;
+  auto& w = const_cast<torch::Tensor&>(weight);
+  const torch::Tensor grad = weight.grad().defined() ? weight.grad().to(weight.scalar_type()) : torch::Tensor();
+  if (grad.defined()) w.mutable_grad() = torch::Tensor();  // no gradient of the other dtype while grad_dtype changes
+  weight.set_grad_dtype(weight.scalar_type());             // (none would allow any dtype)
+  if (grad.defined()) w.mutable_grad() = grad;
+}
+
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias) {
   // What the fp32 weight-gradient GEMM does not cover computes as torch's linear: complex layers (the GEMM is
   // real; a complex input gradient needs the conjugate weight), the meta device (shape inference; autocast has
@@ -636,12 +645,7 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
   }
   if (weight.is_leaf() && weight.requires_grad() && weight.scalar_type() == at::kDouble &&
       weight.grad_dtype() == at::kFloat) {
-    // Converted in fp32, cast to fp64 since: gradients in fp64 again, one already there included.
-    const torch::Tensor grad = weight.grad();
-    auto& w = const_cast<torch::Tensor&>(weight);
-    if (grad.defined()) w.mutable_grad() = torch::Tensor();  // no grad of another dtype meanwhile
-    weight.set_grad_dtype(at::kDouble);
-    if (grad.defined()) w.mutable_grad() = grad.to(at::kDouble);
+    own_dtype_grad(weight);  // converted in fp32, cast to fp64 since: gradients in fp64 again
   }
   std::optional<torch::Tensor> maybe_bias;
   if (bias.defined()) maybe_bias = bias;
@@ -724,6 +728,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return linear(input, weight, bias.value_or(at::Tensor()));
   });
   m.impl("keep_fp32_grad_", [](const at::Tensor& weight) { keep_fp32_grad(weight); });
+  m.impl("own_dtype_grad_", [](const at::Tensor& weight) { own_dtype_grad(weight); });
   m.impl("fp8_scaling_state", [](c10::string_view scaling, int64_t amax_history_len, const at::Tensor& like) {
     fp8::Recipe recipe;
     recipe.scaling = fp8::parse_scaling(std::string_view(scaling.data(), scaling.size()));
@@ -799,6 +804,29 @@ void LinearImpl::reset() {
 }
 
 void LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
+
+namespace {
+// After a dtype cast: a float64 weight's gradient in float64 (torch's), any other weight's in fp32.
+void layer_grad_dtype(const torch::Tensor& weight) {
+  if (weight.scalar_type() == at::kDouble) {
+    if (weight.is_leaf() && weight.grad_dtype() != at::kDouble) own_dtype_grad(weight);
+  } else {
+    keep_fp32_grad(weight);
+  }
+}
+}  // namespace
+
+void LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  layer_grad_dtype(weight);
+}
+
+void LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+  layer_grad_dtype(weight);
+}
+
+void LinearImpl::to(torch::Device device, bool non_blocking) { torch::nn::Module::to(device, non_blocking); }
 
 void LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Linear(in_features=" << options.in_features()
@@ -900,40 +928,22 @@ void Float8LinearImpl::to(torch::Device device, bool non_blocking) {
 }
 
 void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
-  // Checked before anything is read into the layer. try_read into a fresh tensor only looks.
-  std::vector<std::string> missing;
-  const auto buffers = named_buffers(/*recurse=*/false);
-  bool empty = false;  // the empty buffers a layer of a recipe without state saves: no state either
-  bool turn_missing = false;  // fp8_turn came after the other six: older archives lack it
-  for (const auto& item : buffers) {
+  // Decided before anything is read into the layer (try_read into a fresh tensor only looks), by the rule
+  // Python's Float8Linear follows.
+  std::vector<int64_t> numels;
+  std::vector<std::string> names;
+  for (const auto& item : named_buffers(/*recurse=*/false)) {
     torch::Tensor probe;
-    if (!archive.try_read(item.key(), probe, /*is_buffer=*/true)) {
-      if (item.key() == "fp8_turn") {
-        turn_missing = true;
-      } else {
-        missing.push_back(item.key());
-      }
-    } else if (probe.numel() == 0) {
-      empty = true;
-    }
+    names.push_back(item.key());
+    numels.push_back(archive.try_read(item.key(), probe, /*is_buffer=*/true) ? probe.numel() : -1);
   }
-  // Only delayed scaling has state to take. A checkpoint without it (a torch::nn::Linear's: other weights) starts
-  // from the initial state: what the layer recorded belonged to its old weights.
-  const bool has_state =
-      recipe.scaling == fp8::Scaling::Delayed && !empty && missing.size() + 1 < buffers.size();
-  if (has_state && !missing.empty()) {  // part of a state
-    std::string names;
-    for (const auto& name : missing) names += (names.empty() ? "" : ", ") + name;
-    TORCH_CHECK(false, "mixprec::nn::Float8Linear::load: the archive holds part of the FP8 scaling state; "
-                "missing: ", names);
-  }
+  const fp8::StateLoad plan = fp8::plan_state_load(recipe.scaling, numels, names, /*has_weight=*/true);
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
-  if (recipe.scaling == fp8::Scaling::Delayed && !has_state) reset_state();
-  if (has_state) {
+  if (plan == fp8::StateLoad::Restart) reset_state();
+  if (plan == fp8::StateLoad::Load || plan == fp8::StateLoad::InitialTurn) {
     for (auto& item : named_buffers(/*recurse=*/false)) {
-      if (item.key() == "fp8_turn" && turn_missing) {
-        // Saved between steps, as checkpoints are: the backward updated last, the initial turn.
+      if (item.key() == "fp8_turn" && plan == fp8::StateLoad::InitialTurn) {
         torch::NoGradGuard no_grad;
         item.value().copy_(fp8::make_scaling_state(recipe, item.value().options()).turn);
       } else {

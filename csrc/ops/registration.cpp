@@ -92,15 +92,19 @@ TORCH_LIBRARY(mixprec, m) {
       tags);
   m.def("linear_wgrad_accum_(Tensor(a!) main_grad, Tensor grad_output, Tensor input) -> ()", tags);
   m.def("linear_wgrad(Tensor grad_output, Tensor input) -> Tensor", tags);
-  // mixprec::nn::linear and keep_fp32_grad (csrc/nn/linear.cpp), implemented above autograd.
+  // mixprec::nn::linear, keep_fp32_grad and own_dtype_grad (csrc/nn/linear.cpp), implemented above autograd.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor", tags);
   m.def("keep_fp32_grad_(Tensor weight) -> ()");
+  m.def("own_dtype_grad_(Tensor weight) -> ()");
   // mixprec::fp8::make_scaling_state: a Float8Linear's six state tensors for a recipe, on `like`'s device.
   m.def("fp8_scaling_state(str scaling, int amax_history_len, Tensor like) -> Tensor[]");
   // mixprec::fp8::check_recipe (csrc/fp8/fp8.cpp): Python's Recipe runs the C++ checks when it is built.
   m.def(
       "fp8_check_recipe(str scaling, ScalarType forward_dtype, ScalarType backward_dtype, int amax_history_len, "
       "str amax_compute_algo, int margin) -> ()");
+  // mixprec::fp8::plan_state_load (csrc/fp8/fp8.cpp): Python's Float8Linear loads checkpoints by the C++ rule;
+  // the result is a StateLoad (0 skip, 1 load, 2 initial turn, 3 restart).
+  m.def("fp8_state_load_plan(str scaling, int[] numels, str[] names, bool has_weight) -> int");
   // mixprec::fp8::reduce_amax (csrc/fp8/fp8.cpp) over the torch.distributed group of that name.
   m.def("fp8_reduce_amax_(Tensor(a!) forward_amax_history, Tensor(b!) backward_amax_history, str group_name) -> ()");
   // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling);
@@ -135,6 +139,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_seed_input_step_(Tensor(a!) step, Tensor input) -> ()");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
+  // Whether a checkpoint restarts a QAT layer's learnable steps (csrc/qat/qat.cpp, both front doors' rule).
+  m.def("qat_steps_restart(str[] steps, bool[] in_checkpoint, bool has_weight, str layer) -> bool");
   // mixprec::qat::check_conv2d: the Conv2d (and folded BatchNorm2d) checks of both front doors.
   m.def(
       "qat_check_conv2d(int out_channels, bool padding_as_sizes, bool zero_padding_mode, int? group_size, "

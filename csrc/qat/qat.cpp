@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <torch/nn/functional/conv.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <functional>
@@ -19,6 +20,14 @@
 
 namespace mixprec::qat {
 namespace {
+// The fake-quantized weight's gradient is formed in the weight's dtype, so a QAT layer has torch's gradient dtype
+// (and works under DDP, which buckets gradients in the parameters' dtype), whatever an earlier layer pinned (an
+// fp32 gradient of mixprec::nn::Linear) and through casts: Python's layers follow the same rule.
+void own_dtype_grad_of(const torch::Tensor& weight) {
+  if (weight.is_leaf() && weight.grad_dtype().has_value() && *weight.grad_dtype() != weight.scalar_type()) {
+    nn::own_dtype_grad(weight);
+  }
+}
 
 using ConvOptions = torch::nn::detail::ConvNdOptions<2>;
 
@@ -377,23 +386,37 @@ torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* l
 // the weight the layer quantizes) and at 0 for the input step (set by the next forward), as Float8Linear
 // keeps its scaling state for a torch::nn::Linear archive. An archive with part of the steps is refused
 // before anything is read.
+// Whether a checkpoint restarts a layer's learnable steps (the rule of both front doors; Python's layers call
+// it through qat_steps_restart): a checkpoint of the weight without any of the steps (a plain model's,
+// pretrained weights loaded after prepare) restarts them as prepare starts them; one with part of the steps is
+// refused, naming the rest (a weight step without its input step trains on from a mismatched start).
+bool steps_restart(const std::vector<std::string>& steps, const std::vector<bool>& in_checkpoint, bool has_weight,
+                   std::string_view layer) {
+  TORCH_CHECK_VALUE(steps.size() == in_checkpoint.size(), "qat_steps_restart: ", steps.size(), " steps but ",
+                    in_checkpoint.size(), " flags");
+  std::string missing;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (!in_checkpoint[i]) missing += (missing.empty() ? "" : ", ") + steps[i];
+  }
+  const bool none = std::none_of(in_checkpoint.begin(), in_checkpoint.end(), [](bool b) { return b; });
+  if (steps.empty() || none) return !steps.empty() && has_weight;
+  TORCH_CHECK(missing.empty(), layer, ": the checkpoint holds part of the QAT steps; missing: ", missing);
+  return false;
+}
+
 void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& archive, const char* name,
                     const QATConfig& config, torch::Tensor& weight_step, torch::Tensor& input_step,
                     bool& input_step_checked, const std::function<torch::Tensor()>& weight_of) {
-  std::vector<std::string> steps, missing;
+  std::vector<std::string> steps;
+  std::vector<bool> in_archive;
   for (const torch::Tensor* t : {&weight_step, &input_step}) {
     if (!t->defined()) continue;
-    const std::string key = t == &weight_step ? "weight_step" : "input_step";
-    steps.push_back(key);
+    steps.emplace_back(t == &weight_step ? "weight_step" : "input_step");
     torch::Tensor probe;  // try_read into a fresh tensor only looks
-    if (!archive.try_read(key, probe)) missing.push_back(key);
+    in_archive.push_back(archive.try_read(steps.back(), probe));
   }
-  const bool restart = !steps.empty() && missing.size() == steps.size();
-  if (!restart && !missing.empty()) {
-    std::string names;
-    for (const auto& key : missing) names += (names.empty() ? "" : ", ") + key;
-    TORCH_CHECK(false, "mixprec::qat::", name, "::load: the archive holds part of the QAT steps; missing: ", names);
-  }
+  const bool restart =
+      steps_restart(steps, in_archive, /*has_weight=*/true, std::string("mixprec::qat::") + name + "::load");
   if (!restart) {
     layer.torch::nn::Module::load(archive);
   } else {
@@ -427,6 +450,7 @@ QATLinearImpl::QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig confi
     : options(other.options), config(std::move(config_)) {
   check_config(config);
   nn::detail::adopt_linear_parameters(*this, other, weight, bias);
+  own_dtype_grad_of(weight);
   register_steps();
 }
 
@@ -435,6 +459,7 @@ QATLinearImpl::QATLinearImpl(const nn::LinearImpl& other, QATConfig config_)
   check_config(config);
   weight = register_parameter("weight", other.weight);
   bias = register_parameter("bias", other.bias, /*requires_grad=*/other.bias.defined() && other.bias.requires_grad());
+  own_dtype_grad_of(weight);  // mixprec::nn::Linear kept an fp32 gradient
   register_steps();
 }
 
@@ -532,7 +557,8 @@ void QuantizedLinearImpl::reset() {
 }
 
 // LibTorch's Module::to casts every tensor, integer codes and float32 steps and scales included; these layers
-// cast the others only (KeepsFp32), as Python's keep theirs.
+// cast the others only (KeepsFp32), as Python's keep theirs. A QAT layer's weight gradient stays in the weight's
+// dtype through casts (own_dtype_grad_of).
 namespace {
 bool is_step(const std::string& name) { return name == "weight_step" || name == "input_step"; }
 bool is_scale(const std::string& name) { return name == "weight_scale" || name == "input_scale"; }
@@ -545,17 +571,23 @@ bool QuantizedConv2dImpl::keeps_fp32(const std::string& name) const { return is_
 
 void QATLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
-  cast_keeping_fp32(*this, dtype, non_blocking);
+  to(dtype, non_blocking);
 }
 
-void QATLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
+void QATLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
+  cast_keeping_fp32(*this, dtype, non_blocking);
+  own_dtype_grad_of(weight);
+}
 
 void QATConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
-  cast_keeping_fp32(*this, dtype, non_blocking);
+  to(dtype, non_blocking);
 }
 
-void QATConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
+void QATConv2dImpl::to(torch::Dtype dtype, bool non_blocking) {
+  cast_keeping_fp32(*this, dtype, non_blocking);
+  own_dtype_grad_of(weight);
+}
 
 void QuantizedLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
@@ -702,6 +734,11 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));
+  });
+  m.impl("qat_steps_restart", [](std::vector<std::string> steps, c10::List<bool> in_checkpoint, bool has_weight,
+                                 c10::string_view layer) {
+    return steps_restart(steps, std::vector<bool>(in_checkpoint.begin(), in_checkpoint.end()), has_weight,
+                         std::string_view(layer.data(), layer.size()));
   });
   m.impl("qat_check_conv2d", [](int64_t out_channels, bool padding_as_sizes, bool zero_padding_mode,
                                 std::optional<int64_t> group_size, std::optional<int64_t> bn_features,

@@ -146,11 +146,7 @@ def _check_ddp(weight: Tensor) -> None:
 def own_dtype_grad(weight: Tensor) -> None:
     """Undo :func:`keep_fp32_grad`: ``weight``'s gradient in its own dtype again (``grad_dtype`` its dtype), a
     ``.grad`` already there converted, as torch.nn.Linear's is."""
-    grad = None if weight.grad is None else weight.grad.to(weight.dtype)  # before anything changes
-    weight.grad = None  # no gradient of the other dtype while grad_dtype changes
-    weight.grad_dtype = weight.dtype  # (None would allow any dtype)
-    if grad is not None:
-        weight.grad = grad
+    torch.ops.mixprec.own_dtype_grad_(weight)  # mixprec::nn::own_dtype_grad
 
 
 def explain_transform_failure(what: str, error: BaseException, tensors: Sequence[Optional[Tensor]]) -> None:
@@ -259,6 +255,8 @@ def _adopt(module: Linear) -> None:
 
 _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_scale_inv",
                 "fp8_backward_amax_history", "fp8_backward_scale", "fp8_backward_scale_inv", "fp8_turn")
+# mixprec::fp8::StateLoad, the result of fp8_state_load_plan.
+_SKIP_STATE, _LOAD_STATE, _INITIAL_TURN, _RESTART_STATE = range(4)
 
 
 def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
@@ -422,21 +420,22 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # A torch.nn.Linear checkpoint (pretrained weights loaded after convert) has no scaling state: the
-        # layer starts from the initial state, as BatchNorm fills in num_batches_tracked for checkpoints
-        # without one. A checkpoint with part of the state still reports the rest missing. (torch copied the
-        # dict.)
+        # mixprec::fp8::plan_state_load decides, as for the C++ layer: a torch.nn.Linear checkpoint (pretrained
+        # weights loaded after convert) has no scaling state, and the layer starts from the initial state, as
+        # BatchNorm fills in num_batches_tracked for checkpoints without one; part of a state is refused, strict
+        # or not (a scale without its inverse would quantize wrongly). (torch copied the dict.)
         keys = [prefix + name for name in _FP8_BUFFERS]
-        if self.recipe.scaling != "delayed":
+        numels = [-1 if key not in state_dict else
+                  state_dict[key].numel() if isinstance(state_dict[key], Tensor) else 1 for key in keys]
+        plan = torch.ops.mixprec.fp8_state_load_plan(self.recipe.scaling, numels, keys, prefix + "weight" in state_dict)
+        if plan == _SKIP_STATE and self.recipe.scaling != "delayed":
             # No state to load: a delayed-scaling checkpoint's, or one saved when every recipe kept its (empty)
-            # buffers in the state dict, loads as torch.nn.Linear's.
+            # buffers in the state dict, loads as torch.nn.Linear's. (A delayed layer's skip, a checkpoint of other
+            # tensors, loads as torch loads it: what it lacks is reported under strict=True.)
             for key in keys:
                 state_dict.pop(key, None)
-        elif prefix + "weight" in state_dict and all(
-                key not in state_dict or (isinstance(state_dict[key], Tensor) and state_dict[key].numel() == 0)
-                for key in keys):
-            # No state (a plain layer's checkpoint, or one saved when every recipe kept its empty buffers in the
-            # state dict). The initial state: what the layer recorded belonged to its old weights, and after to_empty
+        elif plan == _RESTART_STATE:
+            # The initial state: what the layer recorded belonged to its old weights, and after to_empty
             # (deferred initialisation) its buffers hold uninitialised memory. Made where the buffers are, or,
             # for a meta-device layer (load_state_dict(assign=True) puts it in place as it is), where the
             # checkpoint's weight lies.
@@ -448,13 +447,12 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
             for key, tensor in zip(keys, fresh):
                 state_dict[key] = tensor
             self._fp8_eval_checked = False  # an evaluation of the fresh state warns again
-        elif keys[-1] not in state_dict and any(key in state_dict for key in keys[:-1]):
-            # fp8_turn came after the other six: an older checkpoint, saved between steps, takes the initial
-            # turn (the backward updated last), made where the checkpoint's state lies (load_state_dict with
-            # assign=True puts it in place as it is).
-            like = next(state_dict[key] for key in keys[:-1] if key in state_dict)
+        elif plan == _INITIAL_TURN:
+            # An older checkpoint (fp8_turn came after the other six), saved between steps: the initial turn (the
+            # backward updated last), made where the checkpoint's state lies (load_state_dict with assign=True
+            # puts it in place as it is).
             state_dict[keys[-1]] = torch.ops.mixprec.fp8_scaling_state(
-                "delayed", int(self.recipe.amax_history_len), like)[6]
+                "delayed", int(self.recipe.amax_history_len), state_dict[keys[0]])[6]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":

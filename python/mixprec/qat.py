@@ -122,6 +122,13 @@ def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = N
     return torch.ops.mixprec.qat_weight_steps(weight, config.weight_bits, config.group_size)
 
 
+def _own_dtype_grad_of(weight: Tensor) -> None:
+    """A QAT layer's weight gradient in the weight's dtype (the rule of the C++ layers too), whatever an earlier
+    layer pinned (mixprec.nn.Linear's fp32 gradient) and through casts."""
+    if weight.is_leaf and weight.grad_dtype is not None and weight.grad_dtype != weight.dtype:
+        _mnn.own_dtype_grad(weight)
+
+
 class _QATWeight:
     """The weight side shared by QATLinear and QATConv2d (the weight viewed as [out, everything else])."""
 
@@ -134,6 +141,7 @@ class _QATWeight:
         # The learnable steps stay float32 through .half() / .bfloat16() / .to(dtype), as the converted layer's
         # scales do: rounded to 16 bits they would train, and convert, other steps.
         apply_keeping_fp32(self, self._FP32_NAMES, apply)  # type: ignore[arg-type]
+        _own_dtype_grad_of(self.weight)  # through casts too
         return self
 
     @classmethod
@@ -144,9 +152,7 @@ class _QATWeight:
         for key, hook in list(layer._load_state_dict_post_hooks.items()):
             if hook is _mnn._restore_fp32_grad:
                 del layer._load_state_dict_post_hooks[key]
-        weight = layer.weight
-        if weight.is_leaf and weight.dtype in (torch.float16, torch.bfloat16) and weight.grad_dtype == torch.float32:
-            _mnn.own_dtype_grad(weight)
+        _own_dtype_grad_of(layer.weight)
         layer.__class__ = cls
         layer.qat_config = config  # type: ignore[assignment]
         if config.learnable_scales:
@@ -181,9 +187,13 @@ class _QATWeight:
         (pretrained weights loaded after :func:`prepare`) holds none of the learnable steps: they restart as
         prepare starts them, from the loaded weight and at 0 for the input step (set by the next forward), as
         :class:`mixprec.nn.Float8Linear` restarts its scaling state for a ``torch.nn.Linear`` checkpoint; a
-        checkpoint with part of the steps still reports the rest missing. (torch copied ``state_dict``.)"""
+        checkpoint with part of the steps is refused, naming the rest, as the C++ layers refuse it. (torch copied
+        ``state_dict``.)"""
         steps = [name for name in ("weight_step", "input_step") if self._parameters.get(name) is not None]
-        restart = bool(steps) and prefix + "weight" in state_dict and not any(prefix + n in state_dict for n in steps)
+        # mixprec::qat's rule, as the C++ layers load archives: part of the steps is refused, strict or not.
+        restart = torch.ops.mixprec.qat_steps_restart(
+            [prefix + n for n in steps], [prefix + n in state_dict for n in steps], prefix + "weight" in state_dict,
+            type(self).__name__)
         if restart:
             for name in steps:
                 state_dict[prefix + name] = getattr(self, name)

@@ -432,6 +432,24 @@ TEST_CASE("qat prepare takes mixprec::nn::Linear entries and refuses 8-bit ones 
   REQUIRE(prepared->ptr(0)->as<mixprec::qat::QATLinear>()->weight.is_same(base->weight));  // the same tensors
   prepared->forward(torch::randn({4, 16})).sum().backward();
   REQUIRE(base->weight.grad().defined());
+  // A bf16 mixprec::nn::Linear kept an fp32 gradient; its QAT layer has torch's (the weight's dtype), as in Python,
+  // and a gradient it held is converted.
+  torch::nn::Linear half_base(16, 16);
+  half_base->to(torch::kBFloat16);
+  mixprec::nn::Linear converted(*half_base);
+  REQUIRE(half_base->weight.grad_dtype() == torch::kFloat);
+  converted->forward(torch::randn({2, 16}, torch::kBFloat16)).sum().backward();
+  REQUIRE(half_base->weight.grad().scalar_type() == torch::kFloat);
+  const torch::Tensor fp32_grad = half_base->weight.grad().clone();
+  auto half_prepared = mixprec::qat::prepare(torch::nn::Sequential(converted));
+  REQUIRE(half_base->weight.grad_dtype() == torch::kBFloat16);
+  REQUIRE(torch::equal(half_base->weight.grad(), fp32_grad.to(torch::kBFloat16)));
+  half_prepared->forward(torch::randn({2, 16}, torch::kBFloat16)).sum().backward();
+  REQUIRE(half_base->weight.grad().scalar_type() == torch::kBFloat16);
+  half_prepared->to(torch::kFloat);  // and through casts (it stayed bf16, pinned)
+  half_prepared->zero_grad();
+  half_prepared->forward(torch::randn({2, 16})).sum().backward();
+  REQUIRE(half_base->weight.grad().scalar_type() == torch::kFloat);
   torch::nn::Sequential eight_bit(torch::nn::Linear(16, 16), mixprec::nn::Int8Linear(torch::nn::LinearOptions(16, 4)));
   REQUIRE_THROWS_WITH(mixprec::qat::prepare(eight_bit), Catch::Contains("entry '1'") &&
                                                          Catch::Contains("already runs its GEMMs in 8 bits"));

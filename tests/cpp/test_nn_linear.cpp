@@ -106,6 +106,26 @@ TEST_CASE("nn::Linear clones as itself and prints its shape", "[nn]") {
   REQUIRE(out.str() == "mixprec::nn::Linear(in_features=4, out_features=2, bias=false)");
 }
 
+TEST_CASE("nn::Linear after a float64 round trip: fp32 gradients again, and the optimizer steps", "[nn]") {
+  // As Python's mixprec.nn.Linear: to(kDouble) gives float64 gradients (torch's), a cast back fp32 ones (a
+  // float64 gradient pinned by the float64 pass made mixprec's AdamW refuse the step).
+  torch::manual_seed(3);
+  for (const auto back : {torch::kFloat, torch::kBFloat16}) {
+    mixprec::nn::Linear layer(8, 4);
+    layer->to(torch::kDouble);
+    layer->forward(torch::randn({2, 8}, torch::kDouble)).sum().backward();
+    REQUIRE(layer->weight.grad().scalar_type() == torch::kDouble);
+    layer->to(back);
+    REQUIRE(layer->weight.grad_dtype() == torch::kFloat);
+    REQUIRE(layer->weight.grad().scalar_type() == torch::kFloat);  // the one there converted
+    mixprec::optim::AdamW opt(layer->parameters(), mixprec::optim::AdamWOptions(1e-2));
+    opt.zero_grad();
+    layer->forward(torch::randn({2, 8}).to(back)).sum().backward();
+    REQUIRE(layer->weight.grad().scalar_type() == torch::kFloat);
+    REQUIRE_NOTHROW(opt.step());
+  }
+}
+
 TEST_CASE("nn::Linear adds into a 16-bit gradient from another use as fp32", "[nn]") {
   torch::manual_seed(3);
   mixprec::nn::Linear layer(5, 4);

@@ -323,7 +323,7 @@ def test_a_plain_checkpoint_loaded_after_prepare_restarts_the_learnable_steps(ki
     """Pretrained weights loaded after prepare (a checkpoint of the plain model): the learnable steps are what
     preparing the loaded model gives (weight steps from its weights, the input step unset until the next
     forward), in the same tensors, so an optimizer built before the load trains them; strict loading accepts
-    the checkpoint, as a plain model's does. A checkpoint with part of the steps still reports the rest."""
+    the checkpoint, as a plain model's does. A checkpoint with part of the steps is refused, naming the rest."""
     config = qat.QATConfig(learnable_scales=True, learnable_activation_scales=True, fold_batchnorm=kind == "folded")
 
     def build(seed: int) -> nn.Module:
@@ -352,10 +352,16 @@ def test_a_plain_checkpoint_loaded_after_prepare_restarts_the_learnable_steps(ki
     assert all(p.item() == 0.0 for name, p in steps if name.endswith("input_step"))
     y = x * 3
     assert torch.equal(model(y), expected(y))  # the input steps are set afresh by the next batch, as expected's
-    # A checkpoint that holds one of a layer's steps is a QAT checkpoint: the other is reported missing.
+    # A checkpoint that holds one of a layer's steps is a QAT checkpoint: it is refused, naming the other, strict
+    # or not (the C++ layers' rule), before the layer is written.
     partial = {k: v for k, v in expected.state_dict().items() if not k.endswith("input_step")}
-    with pytest.raises(RuntimeError, match="Missing key.*input_step"):
-        model.load_state_dict(partial)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"QAT\w+: the checkpoint holds part of the QAT steps; missing: "
+                                               r"0\.input_step"):
+            model.load_state_dict(partial, strict=strict)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
 
 
 def _fake_reference(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -629,6 +635,15 @@ def test_a_layer_convert_made_takes_torchs_gradient_dtype_under_qat() -> None:
     model.zero_grad()
     model(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
     assert model[0].weight.grad.dtype == torch.bfloat16
+    # Through casts too, as torch.nn.Linear's (the C++ layers' rule): the weight's dtype, not the one pinned at
+    # prepare; a layer convert made in fp32 and cast to 16 bits after prepare as well.
+    model.float()
+    model.zero_grad()
+    model(torch.randn(4, 16)).sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+    fp32_first = qat.prepare(mixprec.nn.convert(nn.Sequential(nn.Linear(16, 16)))).half()
+    fp32_first(torch.randn(4, 16, dtype=torch.float16)).float().sum().backward()
+    assert fp32_first[0].weight.grad.dtype == torch.float16
 
 
 def test_bad_config_changes_nothing() -> None:

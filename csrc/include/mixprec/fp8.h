@@ -156,6 +156,24 @@ struct ScalingState {
 /// Fresh state for `recipe` on `options`' device (empty tensors for the recipes without state).
 ScalingState make_scaling_state(const Recipe& recipe, const at::TensorOptions& options);
 
+/// What loading a checkpoint does to a layer's scaling state: one rule for Python's Float8Linear and C++'s.
+enum class StateLoad {
+  Skip,         ///< nothing to load: the recipe keeps no state, or the checkpoint holds neither state nor weight
+                ///< (a partial load of other tensors, e.g. adapters); the layer's state stays as it is
+  Load,         ///< the checkpoint's state, as it is
+  InitialTurn,  ///< the checkpoint's state, fp8_turn excepted (older checkpoints lack it): the initial turn, as
+                ///< checkpoints are saved between steps
+  Restart,      ///< a checkpoint of the weight without state (a plain Linear's, or the empty buffers a stateless
+                ///< recipe saved): the initial state, since what the layer recorded belonged to its old weight
+};
+
+/// The rule: `numels` holds, per state buffer in ScalingState's order (fp8_turn last), the checkpoint's element
+/// count or -1 where it has no entry, `names` those entries' names (for the error), `has_weight` whether the
+/// checkpoint holds the layer's weight. A checkpoint with part of a state is refused, naming what it lacks (an
+/// inconsistent scale and inverse scale would quantize wrongly without a word).
+StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, const std::vector<std::string>& names,
+                          bool has_weight);
+
 /// MAX-reduces row 0 of both amax histories (the amaxes the last forward and backward recorded) over `group`,
 /// in place (Transformer Engine's reduce_amax): the forward updates its scales from them next, and the
 /// backward's row 0 waits for the next backward, so every rank's scales see every rank's amax and the ranks of

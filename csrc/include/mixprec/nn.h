@@ -35,6 +35,11 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& weight, co
 /// (FSDP2's DTensors, which assign gradients in their own dtypes) and float64 weights are left alone.
 void keep_fp32_grad(const torch::Tensor& weight);
 
+/// Undoes keep_fp32_grad: a leaf `weight`'s gradient in its own dtype again (grad_dtype its dtype), a gradient
+/// it holds converted, as torch::nn::Linear's is (a layer converted to QAT, or cast to float64 since). The same
+/// function is Python's mixprec.nn.own_dtype_grad.
+void own_dtype_grad(const torch::Tensor& weight);
+
 /// A module some of whose own parameters or buffers stay float32 through dtype casts (their values must be exact:
 /// FP8 scaling state, QAT steps, a converted layer's scales): its Module::to(dtype) and mixprec::apply leave them
 /// float32 (moved with the module only), as Python's layers keep them through `.to(dtype)` and Policy.apply.
@@ -65,6 +70,11 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
   /// torch::nn::Linear's initialisation: kaiming-uniform weight, uniform(+-1/sqrt(in)) bias.
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
+  /// Module::to, then the weight's gradient dtype as the layer keeps it, as Python's mixprec.nn.Linear: fp32 for
+  /// a 16- or 32-bit weight, float64 for a float64 one (a gradient there converted).
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
 
   torch::Tensor forward(const torch::Tensor& input);
 
