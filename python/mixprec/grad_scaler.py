@@ -487,8 +487,8 @@ class GradScaler(torch.amp.GradScaler):
                                   for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("Attempting to unscale FP16 gradients.")  # before anything is touched, as torch
         by_device: dict[torch.device, list[Tensor]] = {}
-        for grad in self._grads(optimizer):
-            by_device.setdefault(grad.device, []).append(grad)
+        for grad in self._grads(optimizer):  # complex ones as pairs of reals, as unscale_ takes them
+            by_device.setdefault(grad.device, []).append(torch.view_as_real(grad) if grad.is_complex() else grad)
         flags: dict[torch.device, Tensor] = {}
         for device, grads in by_device.items():
             flag = found_inf.to(device, copy=True).reshape(1)

@@ -716,6 +716,13 @@ def test_is_an_instance_of_torchs_scaler_and_serves_its_private_helpers() -> Non
                         p.grad.clone()))
     (s1, t1, f1, g1), (s2, t2, f2, g2) = results
     assert (s1, t1, f1) == (s2, t2, f2) and torch.equal(g1, g2)
+    # Complex gradients, which torch's CPU kernel refuses, as mixprec's unscale_ takes them: real and imaginary
+    # parts, each exactly multiplied by the power-of-two inverse scale.
+    c = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    c.grad = torch.tensor([2 + 4j, 1j, complex(8, math.inf)], dtype=torch.complex64)
+    flags = scalers[1]._unscale_grads_(torch.optim.SGD([c], lr=0.1), torch.full((), 0.25), torch.zeros(()), False)
+    assert torch.equal(c.grad, torch.tensor([0.5 + 1j, 0.25j, complex(2, math.inf)], dtype=torch.complex64))
+    assert float(flags[torch.device("cpu")]) == 1.0
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sparse-adam"])
