@@ -139,6 +139,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_seed_input_step_(Tensor(a!) step, Tensor input) -> ()");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
+  // mixprec::qat::check_config (csrc/qat/qat.cpp): Python's QATConfig runs the C++ checks when it is built.
+  m.def("qat_check_config(int weight_bits, int? group_size, bool activations, bool learnable_activation_scales) -> ()");
   // Whether a checkpoint restarts a QAT layer's learnable steps (csrc/qat/qat.cpp, both front doors' rule).
   m.def("qat_steps_restart(str[] steps, bool[] in_checkpoint, bool has_weight, str layer) -> bool");
   // mixprec::qat::check_conv2d: the Conv2d (and folded BatchNorm2d) checks of both front doors.

@@ -175,8 +175,11 @@ void check_conv2d(int64_t out_channels, bool padding_as_sizes, bool zero_padding
 
 void check_config(const QATConfig& config) {
   code_range(config.weight_bits);
+  TORCH_CHECK_VALUE(!config.group_size.has_value() || *config.group_size >= 1,
+                    "mixprec::qat: group_size must be a positive number of input features or none, got ",
+                    config.group_size.value_or(0));
   TORCH_CHECK_VALUE(!config.learnable_activation_scales || config.activations,
-                    "mixprec::qat: learnable_activation_scales needs activations=true (it learns their step)");
+                    "mixprec::qat: learnable_activation_scales needs activations (it learns their step)");
 }
 
 torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
@@ -734,6 +737,15 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));
+  });
+  m.impl("qat_check_config", [](int64_t weight_bits, std::optional<int64_t> group_size, bool activations,
+                                bool learnable_activation_scales) {
+    QATConfig config;
+    config.weight_bits = weight_bits;
+    config.group_size = group_size;
+    config.activations = activations;
+    config.learnable_activation_scales = learnable_activation_scales;
+    check_config(config);
   });
   m.impl("qat_steps_restart", [](std::vector<std::string> steps, c10::List<bool> in_checkpoint, bool has_weight,
                                  c10::string_view layer) {

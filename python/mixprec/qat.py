@@ -21,6 +21,7 @@ converted into one integer convolution with the folded bias.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -74,12 +75,14 @@ class QATConfig:
     fold_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 8 or 4, got {self.weight_bits}")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be a positive number of input features or None, got {self.group_size}")
-        if self.learnable_activation_scales and not self.activations:
-            raise ValueError("learnable_activation_scales needs activations=True (it learns their step)")
+        for name in ("weight_bits", "group_size"):  # whole numbers (NumPy's too), not bools
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        # The C++ layers' checks (mixprec::qat::check_config), run when the config is built.
+        group_size = None if self.group_size is None else int(self.group_size)
+        torch.ops.mixprec.qat_check_config(int(self.weight_bits), group_size, bool(self.activations),
+                                           bool(self.learnable_activation_scales))
 
     @property
     def qrange(self) -> tuple[int, int]:

@@ -237,7 +237,9 @@ TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept
   REQUIRE_THROWS_WITH(mixprec::qat::convert(make()), Catch::Contains("input_step was never set"));
   const mixprec::qat::QATConfig no_activations{.activations = false, .learnable_activation_scales = true};
   REQUIRE_THROWS_WITH(mixprec::qat::QATLinear(*torch::nn::Linear(4, 4), no_activations),
-                      Catch::Contains("learnable_activation_scales needs activations=true"));
+                      Catch::Contains("learnable_activation_scales needs activations"));
+  REQUIRE_THROWS_WITH(mixprec::qat::QATLinear(*torch::nn::Linear(4, 4), mixprec::qat::QATConfig{.group_size = 0}),
+                      Catch::Contains("group_size must be a positive number of input features"));
 }
 
 TEST_CASE("qat: a plain model's archive loaded after prepare restarts the learnable steps from its weights",

@@ -649,8 +649,12 @@ def test_a_layer_convert_made_takes_torchs_gradient_dtype_under_qat() -> None:
 def test_bad_config_changes_nothing() -> None:
     with pytest.raises(ValueError, match="weight_bits must be 8 or 4"):
         qat.QATConfig(weight_bits=2)
-    with pytest.raises(ValueError, match="learnable_activation_scales needs activations=True"):
+    with pytest.raises(ValueError, match="learnable_activation_scales needs activations"):
         qat.QATConfig(activations=False, learnable_activation_scales=True)
+    with pytest.raises(ValueError, match="group_size must be a positive number of input features or none, got 0"):
+        qat.QATConfig(group_size=0)
+    with pytest.raises(ValueError, match="weight_bits must be an int"):
+        qat.QATConfig(weight_bits=8.5)
     with pytest.raises(ValueError, match="group_size 5 must divide in_features 16"):
         qat.prepare(nn.Linear(16, 4), qat.QATConfig(group_size=5))
     with pytest.raises(ValueError, match="group_size applies to Linear layers only"):
