@@ -4,6 +4,7 @@
 
 #include "mixprec/nn.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -63,6 +64,15 @@ at::Tensor cast_floating(const at::Tensor& t, c10::ScalarType dtype) {
 at::Tensor Policy::cast_to_compute(const at::Tensor& t) const { return cast_floating(t, compute_dtype); }
 at::Tensor Policy::cast_to_param(const at::Tensor& t) const { return cast_floating(t, param_dtype); }
 at::Tensor Policy::cast_to_output(const at::Tensor& t) const { return cast_floating(t, output_dtype); }
+
+optim::AdamWOptions Policy::adam_options(double lr) const {
+  optim::AdamWOptions options(lr);
+  if (param_dtype != c10::ScalarType::Float && master_dtype != c10::ScalarType::Float) {
+    const uint64_t seed = at::detail::getDefaultCPUGenerator().current_seed();
+    options.master_weights("none").rounding("stochastic").seed(static_cast<int64_t>(seed % (uint64_t{1} << 62)));
+  }
+  return options;
+}
 
 bool Policy::keeps_fp32(const std::string& module_type) const {
   return std::any_of(keep_fp32.begin(), keep_fp32.end(),
@@ -219,6 +229,13 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("master_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.master_dtype); })
       .def("output_dtype", [](const PolicyPtr& s) { return static_cast<int64_t>(s->policy.output_dtype); })
       .def("needs_loss_scaling", [](const PolicyPtr& s) { return s->policy.needs_loss_scaling(); })
+      // Policy::adam_options's mixprec settings, for Python's Policy.optimizer: (master_weights, rounding, seed;
+      // -1: none).
+      .def("adam_settings",
+           [](const PolicyPtr& s) {
+             const optim::AdamWOptions o = s->policy.adam_options();
+             return std::make_tuple(o.master_weights(), o.rounding(), o.seed());
+           })
       .def("keep_fp32", [](const PolicyPtr& s) { return s->policy.keep_fp32; })
       .def("set_keep_fp32",
            [](const PolicyPtr& s, std::vector<std::string> names) { s->policy.keep_fp32 = std::move(names); })

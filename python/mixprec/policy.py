@@ -284,10 +284,11 @@ class Policy:
         different torch seeds draw differently."""
         from .optim import AdamW
 
-        if self.param_dtype != torch.float32 and self.master_dtype != torch.float32:
-            kwargs.setdefault("master_weights", "none")
-            kwargs.setdefault("rounding", "stochastic")
-            kwargs.setdefault("seed", torch.initial_seed() % 2**62)
+        # mixprec::Policy::adam_options's settings: one rule for both front doors.
+        master_weights, rounding, seed = self._impl.adam_settings()
+        kwargs.setdefault("master_weights", master_weights)
+        kwargs.setdefault("rounding", rounding)
+        kwargs.setdefault("seed", None if seed < 0 else seed)
         return AdamW(params, lr=lr, **kwargs)
 
     def autocast(self, device_type: str = "cuda") -> "autocast":

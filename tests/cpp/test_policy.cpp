@@ -121,6 +121,23 @@ TEST_CASE("apply(): a parameter tied across a kept and a cast module takes the p
   }
 }
 
+TEST_CASE("adam_options: fp32 masters for mixed policies, seeded stochastic rounding for pure 16-bit ones, as "
+          "Python's Policy.optimizer", "[policy]") {
+  torch::manual_seed(1234);
+  const auto pure = mixprec::Policy::bfloat16().adam_options(0.1);
+  REQUIRE((pure.lr() == 0.1 && pure.master_weights() == "none" && pure.rounding() == "stochastic"));
+  REQUIRE(pure.seed() == 1234);
+  const auto mixed = mixprec::Policy::mixed_bfloat16().adam_options();
+  REQUIRE((mixed.master_weights() == "auto" && mixed.rounding() == "nearest" && mixed.seed() == -1));
+  REQUIRE(mixed.weight_decay() == mixprec::optim::AdamWOptions().weight_decay());
+  // They build the optimizer: a bf16 parameter steps without a master copy.
+  auto p = torch::ones({4}, torch::kBFloat16).requires_grad_();
+  mixprec::optim::AdamW opt({p}, pure);
+  p.mutable_grad() = torch::full({4}, 1e-3, torch::kBFloat16);
+  opt.step();
+  REQUIRE(!static_cast<mixprec::optim::AdamParamState&>(*opt.state().at(p.unsafeGetTensorImpl())).master().defined());
+}
+
 TEST_CASE("apply() rejects modules with non-floating parameters and changes nothing", "[policy][errors]") {
   torch::nn::Linear lin(2, 2);
   lin->register_parameter("ticks", torch::zeros({2}, torch::kLong), /*requires_grad=*/false);

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "mixprec/optim.h"
 #include "mixprec/version.h"
 
 namespace mixprec {
@@ -33,6 +34,11 @@ struct Policy {
 
   /// fp16 compute needs a loss scale; bf16 and fp32 do not.
   bool needs_loss_scaling() const { return compute_dtype == c10::ScalarType::Half; }
+  /// The mixprec::optim::AdamW options for this policy (Python's Policy.optimizer builds the same): fp32 masters
+  /// for mixed policies; for pure 16-bit ones no master copy and stochastic rounding of the updates, seeded from
+  /// the default CPU generator's seed (torch::manual_seed's: runs with different seeds draw differently, and the
+  /// optimizer's own counter, saved in its state, continues the draws on resume).
+  optim::AdamWOptions adam_options(double lr = 1e-3) const;
   /// Whether a module of this type name stays in fp32.
   bool keeps_fp32(const std::string& module_type) const;
 
