@@ -245,19 +245,25 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
   st.checked = static_cast<int64_t>(grads.size());
 }
 
-void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st) {
-  if (!options_.process_group()) return;
-  // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer. A rank
-  // with no gradients this time contributes 0, so every rank makes the same collectives.
+void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGroups& shard_groups) {
+  std::vector<c10d::ProcessGroup*> groups;
+  if (options_.process_group()) groups.push_back(options_.process_group().get());
+  for (const auto& group : shard_groups) {
+    if (group && std::find(groups.begin(), groups.end(), group.get()) == groups.end()) groups.push_back(group.get());
+  }
+  if (groups.empty()) return;
+  // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer and group. A
+  // rank with no gradients this time contributes 0, so every rank makes the same collectives.
   std::vector<at::Tensor> flag{st.found_inf_per_device.empty() ? at::zeros({}, scale_.options())
                                                                 : combined_found_inf(st)};
   c10d::AllreduceOptions reduce;
   reduce.reduceOp = c10d::ReduceOp::MAX;
-  options_.process_group()->allreduce(flag, reduce)->wait();
+  for (c10d::ProcessGroup* group : groups) group->allreduce(flag, reduce)->wait();
   set_found_inf(key, flag[0]);
 }
 
-void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params) {
+void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params,
+                                const ShardGroups& shard_groups) {
   if (!options_.enabled()) return;
   OptimizerState& st = per_optimizer_[key];
   TORCH_CHECK(st.stage != Stage::Unscaled,
@@ -269,10 +275,11 @@ void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorLis
   // Computed in double and rounded once, as torch does.
   check_grads(key, st, grads, params, scale_.to(at::kDouble).reciprocal().to(at::kFloat));
   st.stage = Stage::Unscaled;  // before the collective: a failed one must not lead to unscaling twice
-  reduce_found_inf(key, st);
+  reduce_found_inf(key, st, shard_groups);
 }
 
-GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params) {
+GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params,
+                                                       const ShardGroups& shard_groups) {
   TORCH_CHECK(options_.enabled(), "mixprec::GradScaler: prepare_scaled_step() on a disabled scaler");
   check_not_stepped(key);
   TORCH_CHECK(scale_.defined(),
@@ -288,7 +295,7 @@ GradScaler::ScaledStep GradScaler::prepare_scaled_step(int64_t key, at::TensorLi
   // Multiplying by exactly 1 leaves every value as it is, and the kernels then skip the write.
   check_grads(key, st, grads, params, at::ones({}, scale_.options()));
   st.handed_scale = true;
-  reduce_found_inf(key, st);
+  reduce_found_inf(key, st, shard_groups);
   return {scale_, flag()};
 }
 
@@ -714,6 +721,12 @@ using Self = c10::intrusive_ptr<GradScalerClass>;
 // The parameters whose gradients are set, and the gradients, read in C++ so Python hands over one list of
 // parameters instead of walking them. Nothing when a gradient is a tensor subclass (FSDP2's DTensor):
 // Python then hands over the local shards itself.
+GradScaler::ShardGroups resolve_groups(const std::vector<std::string>& names) {
+  GradScaler::ShardGroups groups;
+  for (const auto& name : names) groups.push_back(c10d::resolve_process_group(name));
+  return groups;
+}
+
 std::optional<ParamGrads> grads_of(const std::vector<at::Tensor>& params) {
   ParamGrads out;
   out.params.reserve(params.size());
@@ -729,8 +742,11 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def(torch::init<std::string, double, double, double, int64_t, bool, int64_t, bool, double, std::optional<double>,
                        bool>())
       .def("scale", [](const Self& s, const at::Tensor& t) { return s->impl.scale(t); })
+      // Gradients Python took (FSDP2's local shards), and the groups they are sharded over (by name).
       .def("unscale_grads_",
-           [](const Self& s, int64_t key, std::vector<at::Tensor> grads) { s->impl.unscale_grads_(key, grads); })
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<std::string> shard_groups) {
+             s->impl.unscale_grads_(key, grads, {}, resolve_groups(shard_groups));
+           })
       // As unscale_grads_ / prepare_scaled_step with the parameters' gradients; (false, ...) when a gradient
       // is a tensor subclass and nothing was done.
       .def("unscale_params_",
@@ -742,8 +758,8 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       .def("prepare_scaled_step_params",
            [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
              auto pg = grads_of(params);
-             using Result = std::tuple<bool, std::optional<at::Tensor>, at::Tensor>;
-             if (!pg.has_value()) return Result(false, std::nullopt, at::Tensor());
+             using Result = std::tuple<bool, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+             if (!pg.has_value()) return Result(false, std::nullopt, std::nullopt);  // (None: no undefined tensor)
              GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, pg->grads, pg->params);
              return Result(true, r.grad_scale, r.found_inf);
            })
@@ -755,8 +771,8 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              return out;
            })
       .def("prepare_scaled_step",
-           [](const Self& s, int64_t key, std::vector<at::Tensor> grads) {
-             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads);
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<std::string> shard_groups) {
+             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads, {}, resolve_groups(shard_groups));
              return std::make_tuple(r.grad_scale, r.found_inf);
            })
       .def("in_iteration", [](const Self& s) { return s->impl.in_iteration(); })

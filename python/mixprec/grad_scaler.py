@@ -50,7 +50,6 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from . import ops
-from .optim import _local
 
 __all__ = ["GradScaler", "OverflowReport"]
 
@@ -370,8 +369,13 @@ class GradScaler(torch.amp.GradScaler):
         raise ValueError("outputs must be a Tensor or an iterable of Tensors")
 
     @staticmethod
-    def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-        grads = []
+    def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Any]]:
+        """The gradients to check as C++ cannot take them (sparse ones' values, DTensors' local shards) and the
+        process groups the DTensor ones are sharded over (the mesh dimensions not Replicate): each rank checks its
+        own shard, and the flag is MAX-reduced over those groups, as torch's scaler reduces it for DTensor
+        gradients (DTensor's found_inf handler), so every rank skips alike."""
+        grads: list[Tensor] = []
+        groups: list[Any] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 grad = p.grad
@@ -381,9 +385,16 @@ class GradScaler(torch.amp.GradScaler):
                     if grad.dtype == torch.float16:
                         p.grad = grad = grad.coalesce()
                     grads.append(grad._values())
+                elif type(grad).__name__ == "DTensor":  # FSDP2
+                    for dim, placement in enumerate(grad.placements):
+                        if not placement.is_replicate():
+                            shard_group = grad.device_mesh.get_group(dim)
+                            if all(shard_group is not g for g in groups):
+                                groups.append(shard_group)
+                    grads.append(grad.to_local())
                 else:
-                    grads.append(_local(grad))  # FSDP2: each rank unscales and checks its own shard
-        return grads
+                    grads.append(grad)
+        return grads, groups
 
     @staticmethod
     def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -392,7 +403,8 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale(self, key: int, optimizer: torch.optim.Optimizer) -> None:
         # C++ reads the gradients off the parameters; DTensor gradients need their local shards from Python.
         if not self._impl.unscale_params_(key, self._params(optimizer)):
-            self._impl.unscale_grads_(key, self._grads(optimizer))
+            grads, groups = self._grads(optimizer)
+            self._impl.unscale_grads_(key, grads, [g.group_name for g in groups])
 
     @_torch_assertion_types
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -453,7 +465,8 @@ class GradScaler(torch.amp.GradScaler):
         # overflowed (track_overflows), as the step's own check does.
         handled, _, _ = self._impl.prepare_scaled_step_params(id(optimizer), self._params(optimizer))
         if not handled:
-            self._impl.prepare_scaled_step(id(optimizer), self._grads(optimizer))
+            grads, groups = self._grads(optimizer)
+            self._impl.prepare_scaled_step(id(optimizer), grads, [g.group_name for g in groups])
         return self._found_inf_per_device(optimizer)
 
     @property
@@ -487,12 +500,18 @@ class GradScaler(torch.amp.GradScaler):
                                   for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("Attempting to unscale FP16 gradients.")  # before anything is touched, as torch
         by_device: dict[torch.device, list[Tensor]] = {}
-        for grad in self._grads(optimizer):  # complex ones as pairs of reals, as unscale_ takes them
+        local, shard_groups = self._grads(optimizer)
+        for grad in local:  # complex ones as pairs of reals, as unscale_ takes them
             by_device.setdefault(grad.device, []).append(torch.view_as_real(grad) if grad.is_complex() else grad)
         flags: dict[torch.device, Tensor] = {}
         for device, grads in by_device.items():
             flag = found_inf.to(device, copy=True).reshape(1)
             ops.unscale_and_check_(grads, flag, inv_scale.to(device).reshape(1))
+            if shard_groups:  # as torch's DTensor handler: every rank of the shards' groups takes the MAX
+                import torch.distributed as dist
+
+                for group in shard_groups:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             flags[device] = flag.reshape(found_inf.shape)
         return flags
 
@@ -553,7 +572,8 @@ class GradScaler(torch.amp.GradScaler):
                 handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
                                                                                     self._params(optimizer))
                 if not handled:
-                    grad_scale, found = self._impl.prepare_scaled_step(key, self._grads(optimizer))
+                    grads, groups = self._grads(optimizer)
+                    grad_scale, found = self._impl.prepare_scaled_step(key, grads, [g.group_name for g in groups])
             if self._host_skip and found.item():
                 self._impl.mark_stepped(key)
                 return None

@@ -359,6 +359,73 @@ def test_a_scaler_subclass_with_its_own_checks_still_agrees_across_ranks(tmp_pat
     run_ranks(SCALER_HOOK_SCRIPT, str(tmp_path / "unused"))
 
 
+FSDP2_SCALER_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    class Checking(mixprec.GradScaler):  # torch's route: the subclass's own _unscale_grads_ checks
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+
+    results = {}
+    for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler, Checking):
+        for opt_kind in ("mixprec", "mixprec-fused", "torch-fused"):
+            for unscale_first in (False, True):
+                torch.manual_seed(0)
+                model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+                for layer in model:
+                    if isinstance(layer, torch.nn.Linear):
+                        fully_shard(layer)
+                fully_shard(model)
+                if opt_kind == "torch-fused":
+                    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+                else:
+                    opt = mixprec.optim.AdamW(model.parameters(), lr=0.1, fused=opt_kind == "mixprec-fused")
+                # No process_group: the gradients' DTensor sharding says which ranks must agree, as for torch's.
+                scaler = scaler_cls("cpu", init_scale=8.0)
+                trace = []
+                for step in range(3):
+                    opt.zero_grad()
+                    scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+                    if step != 1 and rank == 0:  # rank 0's shard alone overflows (steps 0 and 2)
+                        model[0].weight.grad.to_local()[0, 0] = float("inf")
+                    if unscale_first:
+                        scaler.unscale_(opt)
+                    scaler.step(opt)
+                    scaler.update()
+                    trace.append(scaler.get_scale())
+                params = [p.full_tensor() for p in model.parameters()]
+                gathered = [None] * world
+                dist.all_gather_object(gathered, (trace, [p.tolist() for p in params]))
+                assert gathered[0] == gathered[1], (scaler_cls, opt_kind, unscale_first, gathered)
+                results[(scaler_cls.__name__, scaler_cls.__module__, opt_kind, unscale_first)] = (trace, params)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_overflow_on_one_rank_skips_on_every_rank_as_torchs_scaler(tmp_path) -> None:
+    """Under FSDP2 each rank checks its own gradient shards; torch's scaler MAX-reduces the flag over the shards'
+    mesh (DTensor's found_inf handler), so one rank's overflow skips the step everywhere. mixprec's does the same
+    without a process_group (it was each rank for itself: ranks stepped and scaled differently), through
+    unscale_, the fused optimizers' scaled step (which crashed) and a subclass's _unscale_grads_."""
+    out = str(tmp_path / "results.pt")
+    run_ranks(FSDP2_SCALER_SCRIPT, out)
+    results = torch.load(out)
+    for (name, module, opt_kind, unscale_first), (trace, params) in results.items():
+        assert trace == [4.0, 4.0, 2.0], (name, module, opt_kind, unscale_first, trace)  # skip, step, skip
+        ref_trace, ref_params = results[("GradScaler", "torch.amp.grad_scaler", opt_kind, unscale_first)]
+        for a, b in zip(params, ref_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, warnings, torch, torch.distributed as dist

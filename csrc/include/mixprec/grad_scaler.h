@@ -161,9 +161,14 @@ class GradScaler {
 
   // ---- the optimizer-agnostic core (what the Python binding drives) ----------------------------------
 
+  /// The process groups over which gradients are sharded (each rank checks its shard): the flags are MAX-reduced
+  /// over each (after the scaler's own process_group), so every rank skips alike, as torch's scaler does for
+  /// FSDP2's DTensor gradients. Empty for whole gradients.
+  using ShardGroups = std::vector<c10::intrusive_ptr<c10d::ProcessGroup>>;
   /// Unscale `grads` for the optimizer identified by `key` (e.g. its address or Python id). With `params`
   /// (the parameters the gradients belong to, one per gradient) an overflow can be traced to them.
-  void unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params = {});
+  void unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params = {},
+                      const ShardGroups& shard_groups = {});
   /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);
 
@@ -174,7 +179,8 @@ class GradScaler {
   };
   /// torch's rule for such optimizers: when `grads` have not been unscaled this iteration, they are only
   /// checked for inf/NaN (read, not written) and the scale is handed over; after unscale_() the flag alone.
-  ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params = {});
+  ScaledStep prepare_scaled_step(int64_t key, at::TensorList grads, at::TensorList params = {},
+                                 const ShardGroups& shard_groups = {});
   /// Whether any optimizer has a record this iteration: unscaled, stepped, or read / reset through torch's
   /// `_per_optimizer_states` (torch refuses to pickle or deep-copy then).
   bool in_iteration() const { return !per_optimizer_.empty(); }
@@ -243,8 +249,8 @@ class GradScaler {
   /// records the per-device flags in `st`; the stage is left to the caller.
   void check_grads(int64_t key, OptimizerState& st, at::TensorList grads, at::TensorList params,
                    const at::Tensor& inv_scale);
-  /// With a process group, replaces the optimizer's flags by their MAX over the group (options_).
-  void reduce_found_inf(int64_t key, OptimizerState& st);
+  /// With a process group (options_) or shard groups, replaces the optimizer's flags by their MAX over each.
+  void reduce_found_inf(int64_t key, OptimizerState& st, const ShardGroups& shard_groups = {});
   /// The sum of every optimizer's flags this iteration, on the scale's device; undefined when none.
   at::Tensor iteration_found_inf() const;
   /// Folds this iteration's per-tensor maxima into the overflow records (where `found_inf` is non-zero).
