@@ -494,13 +494,22 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
 
     _decoupled = True
 
+    # Every keyword spelled out, as torch's signature spells them: code inspects it (nanoGPT passes fused=True only
+    # when inspect.signature(AdamW).parameters has "fused").
     def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:
-        if kwargs.get("decoupled_weight_decay", True) is not True:
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = True, master_weights: str = "auto",
+                 moment_dtype: Union[torch.dtype, str] = torch.float32, rounding: str = "nearest",
+                 seed: Optional[int] = None, rng_calls: int = 0) -> None:
+        if decoupled_weight_decay is not True:  # accepted for AdamW(**opt.defaults), whose defaults hold it
             raise TypeError("AdamW's weight decay is always decoupled (use Adam for L2 weight decay); "
                             "decoupled_weight_decay=False is not an AdamW option")
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, master_weights=master_weights, moment_dtype=moment_dtype,
+                         rounding=rounding, seed=seed, rng_calls=rng_calls)
 
 
 class Adam(_MixprecAdam, torch.optim.Adam):
@@ -514,5 +523,12 @@ class Adam(_MixprecAdam, torch.optim.Adam):
 
     def __init__(self, params: Iterable[Any], lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, amsgrad: bool = False, **kwargs: Any) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False, master_weights: str = "auto",
+                 moment_dtype: Union[torch.dtype, str] = torch.float32, rounding: str = "nearest",
+                 seed: Optional[int] = None, rng_calls: int = 0) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+                         moment_dtype=moment_dtype, rounding=rounding, seed=seed, rng_calls=rng_calls)

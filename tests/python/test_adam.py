@@ -1637,3 +1637,20 @@ def test_state_dict_post_hooks_may_return_a_new_dict_as_with_torch() -> None:
     assert seen["ours"][:2] == seen["torch"][:2] == (["note", "param_groups"], [1e-2])
     assert {"step", "exp_avg", "exp_avg_sq"} <= set(seen["ours"][2][0]) and seen["torch"][2][0] == [
         "exp_avg", "exp_avg_sq", "step"]
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "Adam"])
+def test_the_signature_lists_torchs_parameters_with_torchs_defaults(cls: str) -> None:
+    """Code inspects the constructor (nanoGPT passes fused=True only when inspect.signature(AdamW).parameters
+    has "fused"; config tools build options from it): every parameter of torch's, of the same kind and default,
+    and mixprec's own keywords besides."""
+    import inspect
+
+    ours = inspect.signature(getattr(mixprec.optim, cls)).parameters
+    theirs = inspect.signature(getattr(torch.optim, cls)).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].kind == p.kind, name
+        assert ours[name].default == p.default, name
+    assert {"master_weights", "moment_dtype", "rounding", "seed", "rng_calls"} <= set(ours)
+    assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in ours.values())
