@@ -121,13 +121,25 @@ std::string AdamCore::master_mode(const torch::Tensor& p, const std::string& cho
   return choice;
 }
 
-int64_t AdamCore::step_seed(int64_t seed, int64_t rng_calls) {
-  // splitmix64: well-mixed, distinct Philox keys for consecutive steps of one seed.
-  uint64_t x = (static_cast<uint64_t>(seed) << 20) ^ static_cast<uint64_t>(rng_calls);
+namespace {
+uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return static_cast<int64_t>(x ^ (x >> 31));
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+int64_t AdamCore::step_seed(int64_t seed, int64_t rng_calls) {
+  // splitmix64: well-mixed, distinct Philox keys for consecutive steps of one seed.
+  return static_cast<int64_t>(splitmix64((static_cast<uint64_t>(seed) << 20) ^ static_cast<uint64_t>(rng_calls)));
+}
+
+int64_t AdamCore::stream_seed(int64_t step_seed, int64_t group, int64_t launch, int64_t shard) {
+  if (group == 0 && launch == 0 && shard == 0) return step_seed;  // a one-group, one-dtype step keeps its key
+  const uint64_t stream = splitmix64((static_cast<uint64_t>(group) << 40) ^ (static_cast<uint64_t>(launch) << 32) ^
+                                     static_cast<uint64_t>(shard));
+  return static_cast<int64_t>(splitmix64(static_cast<uint64_t>(step_seed) ^ stream));
 }
 
 bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, const std::string& mode,
@@ -657,9 +669,13 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
       continue;
     }
     if (plan.amsgrad) extras.max_exp_avg_sqs = bucket.vmax;
+    const std::optional<int64_t> launch_seed =
+        seed.has_value() ? std::optional<int64_t>(stream_seed(*seed, static_cast<int64_t>(group),
+                                                              static_cast<int64_t>(b), in.shard))
+                         : std::nullopt;
     ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
-                    options.rounding(), seed, extras);
+                    options.rounding(), launch_seed, extras);
   }
   for (Row& row : plan.rows) {  // what the params hold now is the masters' rounding
     if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
@@ -806,7 +822,8 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
               double lr, std::optional<torch::Tensor> lr_tensor, double beta1, double beta2, double eps,
               double weight_decay, bool decoupled, bool amsgrad, bool maximize, const std::string& master_weights,
               c10::ScalarType moment_dtype, const std::string& rounding, std::optional<int64_t> seed,
-              int64_t rng_calls, std::optional<torch::Tensor> grad_scale, std::optional<torch::Tensor> found_inf) {
+              int64_t rng_calls, std::optional<torch::Tensor> grad_scale, std::optional<torch::Tensor> found_inf,
+              int64_t shard) {
              TORCH_CHECK_VALUE(group >= 0, "group must be >= 0, got ", group);
              torch::NoGradGuard no_grad;
              AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
@@ -817,6 +834,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              inputs.found_inf = defined_or_none(found_inf);
              inputs.locals = std::move(locals);
              inputs.grads = std::move(grads);
+             inputs.shard = shard;
              std::vector<int64_t> changed = self->core.step_group(
                  static_cast<size_t>(group), params, options, decoupled,
                  [&self](const torch::Tensor& p) -> AdamParamState& { return self->state_of(p); }, inputs);

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numbers
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -47,6 +47,21 @@ def _local(t: Tensor) -> Tensor:
     if type(t).__name__ == "DTensor":
         return t.to_local()
     return t
+
+
+def _shard_index(params: Sequence[Tensor]) -> int:
+    """Which shard of its DTensor the first DTensor of `params` is on this rank: its coordinate over the mesh
+    dimensions that shard (not those that replicate, whose ranks must round alike), as one number. The step's
+    stochastic-rounding draws depend on it, so the shards of a parameter do not round alike."""
+    for p in params:
+        if type(p).__name__ == "DTensor":
+            coordinate = p.device_mesh.get_coordinate() or []
+            index = 0
+            for dim, placement in enumerate(p.placements):
+                if not placement.is_replicate():
+                    index = index * p.device_mesh.size(dim) + coordinate[dim]
+            return index
+    return 0
 
 
 def _sharded_like(param: Tensor, local: Tensor) -> Tensor:
@@ -428,9 +443,11 @@ class _MixprecAdam(torch.optim.Optimizer):
         for index, group in enumerate(groups):
             params = group["params"]
             local_params = grads = None
+            shard = 0
             if self._sharded(index, params):
                 local_params = [_local(p) for p in params]
                 grads = [None if p.grad is None else _local(p.grad) for p in params]
+                shard = _shard_index(params)
             lr, lr_tensor = group["lr"], None
             if isinstance(lr, Tensor):
                 if lr.device.type == "cpu":
@@ -446,7 +463,7 @@ class _MixprecAdam(torch.optim.Optimizer):
                     bool(group["decoupled_weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                     group["master_weights"],
                     _dtype(group["moment_dtype"]), group["rounding"], None if seed is None else int(seed),
-                    int(group["rng_calls"]), grad_scale, found_inf)
+                    int(group["rng_calls"]), grad_scale, found_inf, shard)
             except Exception:
                 # State the core may have created before the error never reached optimizer.state: the next
                 # step starts again from what optimizer.state holds.

@@ -1654,3 +1654,35 @@ def test_the_signature_lists_torchs_parameters_with_torchs_defaults(cls: str) ->
         assert ours[name].default == p.default, name
     assert {"master_weights", "moment_dtype", "rounding", "seed", "rng_calls"} <= set(ours)
     assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in ours.values())
+
+
+def test_seeded_stochastic_rounding_draws_apart_across_groups_and_dtypes() -> None:
+    """Every launch of a step numbers its elements from 0: with one Philox key, element i of every param group
+    (the decay / no-decay split of HF Trainer and nanoGPT) and of every dtype bucket would round alike. Each
+    (group, launch) has its own key: two equal tensors in two groups round apart as often as in one group, and
+    the first launch of group 0 keeps the step's key (a one-group run's bits do not change)."""
+    def identical(layout: str) -> float:
+        a = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        b = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16 if layout != "dtypes" else torch.float16))
+        groups = [{"params": [a]}, {"params": [b]}] if layout == "groups" else [{"params": [a, b]}]
+        opt = mixprec.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, master_weights="none", rounding="stochastic",
+                                  seed=123)
+        for _ in range(20):
+            a.grad = torch.full_like(a, 1e-3)
+            b.grad = torch.full_like(b, 1e-3)
+            opt.step()
+        return (a.float() == b.float()).double().mean().item()
+
+    one = identical("one")
+    assert 0.05 < one < 0.5  # offsets run on across tensors within a launch: they draw apart
+    assert abs(identical("groups") - one) < 0.05  # it was 1.0: every element drew as its twin
+    assert identical("dtypes") < 0.5
+    # The key of group 0's first launch is the step's: group 0 draws the same with or without a second group.
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    other = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    for param, groups in ((p, [{"params": [p]}]), (q, [{"params": [q]}, {"params": [other]}])):
+        opt = mixprec.optim.AdamW(groups, lr=1e-3, master_weights="none", rounding="stochastic", seed=9)
+        param.grad = torch.full_like(param, 1e-3)
+        opt.step()
+    assert torch.equal(p, q)

@@ -426,6 +426,38 @@ def test_fsdp2_overflow_on_one_rank_skips_on_every_rank_as_torchs_scaler(tmp_pat
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+FSDP2_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    layer = torch.nn.Linear(64, 64, bias=False).bfloat16()
+    torch.nn.init.ones_(layer.weight)
+    fully_shard(layer)  # rows 0-31 on rank 0, 32-63 on rank 1: equal values, equal gradients
+    opt = mixprec.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.0, master_weights="none",
+                              rounding="stochastic", seed=7)
+    for _ in range(10):
+        layer.weight.grad = torch.ones_like(layer.weight) * 1e-3
+        opt.step()
+    local = layer.weight.to_local().float()
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local)
+    same = (shards[0] == shards[1]).double().mean().item()
+    assert same < 0.5, same  # the shards drew alike: 1.0
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_shards_of_a_parameter_draw_their_own_stochastic_rounding(tmp_path) -> None:
+    """Each rank steps its shard with the group's seed; every launch numbers its elements from 0, so without the
+    shard in the key equal rows on different ranks rounded alike."""
+    run_ranks(FSDP2_ROUNDING_SCRIPT)
+
+
 CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, warnings, torch, torch.distributed as dist

@@ -157,6 +157,9 @@ class AdamCore {
     /// State is still keyed by the parameter. Lists given this way are not cached.
     std::optional<std::vector<torch::Tensor>> locals;
     std::optional<std::vector<std::optional<torch::Tensor>>> grads;
+    /// Which shard of sharded parameters `locals` are (the rank's coordinate over the mesh dimensions that shard,
+    /// not those that replicate): its stochastic-rounding draws differ from the other shards'.
+    int64_t shard = 0;
   };
 
   /// Rejects bad options with a c10::ValueError (ValueError in Python) naming the option: torch's constructor
@@ -170,6 +173,10 @@ class AdamCore {
   static std::string master_mode(const torch::Tensor& param, const std::string& master_weights);
   /// The Philox key of one stochastic-rounding step: splitmix64((seed << 20) ^ rng_calls).
   static int64_t step_seed(int64_t seed, int64_t rng_calls);
+  /// The Philox key of one launch of a step: `step_seed` for the first launch of group 0 (of shard 0), a
+  /// well-mixed other key for each other (group, launch, shard), since every launch numbers its elements from 0:
+  /// with one key, element i of every group, dtype bucket and FSDP shard would round alike.
+  static int64_t stream_seed(int64_t step_seed, int64_t group, int64_t launch, int64_t shard);
   /// Creates or converts what `mode` needs in `state` for `param` (the tensor updated): float32 step on its
   /// device, moments of `moment_dtype` (with `amsgrad` also max_exp_avg_sq, zeros at first), the fp32 master
   /// or the int16 remainder (a master is split into the param and its remainder, keeping the exact value).
