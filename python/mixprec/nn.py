@@ -59,7 +59,7 @@ from torch import Tensor
 from . import fp8
 
 __all__ = ["Linear", "linear", "convert", "Float8Linear", "float8_linear", "fp8_default_filter", "Int8Gemms",
-           "Int8Linear", "int8_linear", "int8_default_filter"]
+           "Int8Linear", "int8_linear", "int8_default_filter", "reduce_amax_"]
 
 
 def keep_fp32_grad(weight: Tensor) -> None:
@@ -403,18 +403,29 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
                     "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with "
                     "scale 1, so values beyond the format's largest saturate. Train a step first, load the "
                     "scaling state, or evaluate with current scaling", stacklevel=2)
-        if (self.amax_group is not None and self.recipe.scaling == "delayed" and self.training
-                and torch.is_grad_enabled()):
-            import torch.distributed as dist
-
-            # mixprec::fp8::reduce_amax, on the c10d group behind the Python one (a rank outside the group
-            # has nothing to reduce, as dist.all_reduce does nothing there).
-            if self.amax_group is not dist.GroupMember.NON_GROUP_MEMBER:
-                torch.ops.mixprec.fp8_reduce_amax_(state[0], state[3], self.amax_group.group_name)
+        if self.training and torch.is_grad_enabled():
+            self.reduce_amax_()
         # In eval mode the scaling state is read, not updated (as BatchNorm's running statistics).
         cache = None if is_first_microbatch is None else _microbatch_cache(self, "_fp8_weight_cache",
                                                                           is_first_microbatch)
         return float8_linear(input, self.weight, self.bias, state, self.recipe, cache, update_state=self.training)
+
+    def reduce_amax_(self) -> None:
+        """MAX-reduces over ``amax_group`` the amaxes this rank recorded since the last training forward, now
+        (the next training forward does it too; MAX again changes nothing): every rank of the group then holds
+        the same scaling state, so a checkpoint one rank saves (or a ``torch.distributed.checkpoint`` one, which
+        stores one copy) resumes every rank exactly. A collective: call it on every rank, before saving. Nothing
+        to do without ``amax_group`` or delayed scaling. (C++: ``mixprec::fp8::reduce_amax(layer->state,
+        *layer->amax_group)``.)"""
+        if self.amax_group is None or self.recipe.scaling != "delayed":
+            return
+        import torch.distributed as dist
+
+        # mixprec::fp8::reduce_amax, on the c10d group behind the Python one (a rank outside the group has
+        # nothing to reduce, as dist.all_reduce does nothing there).
+        if self.amax_group is not dist.GroupMember.NON_GROUP_MEMBER:
+            torch.ops.mixprec.fp8_reduce_amax_(self.fp8_forward_amax_history, self.fp8_backward_amax_history,
+                                               self.amax_group.group_name)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
@@ -529,6 +540,14 @@ def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bo
         raise RuntimeError(f"{type(layer).__name__}: is_first_microbatch=False reuses the weight quantized by an "
                            "earlier call with is_first_microbatch=True, and there was none")
     return getattr(layer, attr)
+
+
+def reduce_amax_(model: torch.nn.Module) -> None:
+    """:meth:`Float8Linear.reduce_amax_` for every Float8Linear of ``model``: before saving a checkpoint of a model
+    converted with ``amax_group`` (on every rank), so that resuming from one rank's copy is exact."""
+    for module in model.modules():
+        if isinstance(module, Float8Linear):
+            module.reduce_amax_()
 
 
 def _is_lora_adapter(name: str) -> bool:

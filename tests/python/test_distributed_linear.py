@@ -141,6 +141,57 @@ AMAX_SCRIPT = EXIT_NOW + textwrap.dedent(
 )
 
 
+AMAX_CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import mixprec
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        mixprec.nn.convert(model, fp8=mixprec.fp8.Recipe(scaling="delayed", amax_history_len=4),
+                           filter=lambda name, m: True, amax_group=dist.group.WORLD)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(model, opt, seed, steps):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):  # each rank its own data, rank 1's larger: the amaxes differ by rank
+            x = torch.randn(world, 8, 16, generator=gen) * torch.tensor([1.0, 4.0])[:, None, None]
+            opt.zero_grad()
+            model(x[rank]).pow(2).mean().backward()
+            for p in model.parameters():  # the ranks' gradients averaged, as DDP would
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            opt.step()
+
+    model, opt = make()
+    train(model, opt, 1, 3)
+    mixprec.nn.reduce_amax_(model)  # on every rank, before one rank's state is saved
+    saved = [None]
+    if rank == 0:
+        saved = [{k: v.clone() for k, v in model.state_dict().items()}]
+    dist.broadcast_object_list(saved, src=0)  # every rank resumes from rank 0's checkpoint
+    resumed, ropt = make()
+    resumed.load_state_dict(saved[0])
+    train(model, opt, 2, 3)
+    train(resumed, ropt, 2, 3)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), (rank, k)
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_delayed_scaling_with_an_amax_group_resumes_exactly_from_one_ranks_checkpoint() -> None:
+    """The amaxes of the last step are each rank's own until the next training forward reduces them; after
+    mixprec.nn.reduce_amax_ every rank holds the same state, so resuming every rank from rank 0's checkpoint
+    continues exactly (it did not: the other ranks' amaxes were lost)."""
+    run_ranks(AMAX_CHECKPOINT_SCRIPT)
+
+
 def test_delayed_scaling_amax_reduced_over_a_group() -> None:
     """amax_group: ranks that see different data end with the same delayed-scaling state (the amax window
     holds the MAX over ranks), in a deep copy of the converted model too; without it each rank keeps its
