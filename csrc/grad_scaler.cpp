@@ -253,7 +253,8 @@ void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGr
   }
   if (groups.empty()) return;
   // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer and group. A
-  // rank with no gradients this time contributes 0, so every rank makes the same collectives.
+  // rank with no gradients this time contributes 0, and the shard groups come from the parameters (Python's
+  // GradScaler._grads), so every rank makes the same collectives.
   std::vector<at::Tensor> flag{st.found_inf_per_device.empty() ? at::zeros({}, scale_.options())
                                                                 : combined_found_inf(st)};
   c10d::AllreduceOptions reduce;

@@ -173,7 +173,7 @@ void apply(torch::nn::Module& module, const Policy& policy) {
     // Steps, scales and scaling state that must stay exact (the layers' own to(dtype) keeps them too), and FP8
     // scaling state ("fp8_*" buffers) in any module, as Python's Policy.apply keeps it (a module of the user's
     // own holding a state for nn::float8_linear).
-    const auto* exact = dynamic_cast<const nn::KeepsFp32*>(&m);
+    auto* exact = dynamic_cast<nn::KeepsFp32*>(&m);
     const auto exact_name = [exact](const std::string& name) { return exact != nullptr && exact->keeps_fp32(name); };
     bool cast = false;
     for (auto& p : m.named_parameters(/*recurse=*/false)) {
@@ -194,6 +194,7 @@ void apply(torch::nn::Module& module, const Policy& policy) {
     }
     // A weight quantized before the cast is not the weight any more: the 8-bit layers' caches go, as their
     // to() empties them.
+    if (cast && exact != nullptr) exact->dtype_changed();  // e.g. a QAT layer's gradient dtype follows the weight
     if (cast) {
       if (auto* fp8 = dynamic_cast<nn::Float8LinearImpl*>(&m)) {
         fp8->weight_cache = {};

@@ -117,20 +117,16 @@ void check_recipe(const Recipe& recipe) {
                     "mixprec: margin must be in [0, 32] (the scale is divided by 2^margin), got ", recipe.margin);
 }
 
-StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, const std::vector<std::string>& names,
-                          bool has_weight) {
-  TORCH_CHECK_VALUE(numels.size() == 7 && names.size() == 7,
-                    "mixprec::fp8::plan_state_load: 7 numels and names (the state's buffers), got ", numels.size(),
-                    " and ", names.size());
+StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, bool has_weight) {
+  TORCH_CHECK_VALUE(numels.size() == 7, "mixprec::fp8::plan_state_load: 7 numels (the state's buffers), got ",
+                    numels.size());
   if (scaling != Scaling::Delayed) return StateLoad::Skip;
-  const bool none = std::all_of(numels.begin(), numels.end(), [](int64_t n) { return n < 0; });
+  // The six buffers before fp8_turn hold the state; the turn alone (or empty buffers) is no state.
+  const auto six_end = numels.begin() + 6;
+  const bool none = std::all_of(numels.begin(), six_end, [](int64_t n) { return n < 0; });
   const bool any_empty = std::any_of(numels.begin(), numels.end(), [](int64_t n) { return n == 0; });
   if (none || any_empty) return has_weight ? StateLoad::Restart : StateLoad::Skip;
-  std::string missing;
-  for (size_t i = 0; i + 1 < numels.size(); ++i) {
-    if (numels[i] < 0) missing += (missing.empty() ? "" : ", ") + names[i];
-  }
-  TORCH_CHECK(missing.empty(), "Float8Linear: the checkpoint holds part of the FP8 scaling state; missing: ", missing);
+  if (std::any_of(numels.begin(), six_end, [](int64_t n) { return n < 0; })) return StateLoad::Partial;
   return numels.back() < 0 ? StateLoad::InitialTurn : StateLoad::Load;
 }
 
@@ -207,9 +203,8 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     recipe.margin = margin;
     mixprec::fp8::check_recipe(recipe);
   });
-  m.impl("fp8_state_load_plan", [](c10::string_view scaling, std::vector<int64_t> numels,
-                                   std::vector<std::string> names, bool has_weight) {
+  m.impl("fp8_state_load_plan", [](c10::string_view scaling, std::vector<int64_t> numels, bool has_weight) {
     return static_cast<int64_t>(mixprec::fp8::plan_state_load(
-        mixprec::fp8::parse_scaling(std::string_view(scaling.data(), scaling.size())), numels, names, has_weight));
+        mixprec::fp8::parse_scaling(std::string_view(scaling.data(), scaling.size())), numels, has_weight));
   });
 }

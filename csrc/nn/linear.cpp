@@ -937,7 +937,15 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
     names.push_back(item.key());
     numels.push_back(archive.try_read(item.key(), probe, /*is_buffer=*/true) ? probe.numel() : -1);
   }
-  const fp8::StateLoad plan = fp8::plan_state_load(recipe.scaling, numels, names, /*has_weight=*/true);
+  const fp8::StateLoad plan = fp8::plan_state_load(recipe.scaling, numels, /*has_weight=*/true);
+  if (plan == fp8::StateLoad::Partial) {
+    std::string missing;
+    for (size_t i = 0; i + 1 < numels.size(); ++i) {
+      if (numels[i] < 0) missing += (missing.empty() ? "" : ", ") + names[i];
+    }
+    TORCH_CHECK(false, "mixprec::nn::Float8Linear::load: the archive holds part of the FP8 scaling state; missing: ",
+                missing);
+  }
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
   if (plan == fp8::StateLoad::Restart) reset_state();

@@ -103,8 +103,8 @@ TORCH_LIBRARY(mixprec, m) {
       "fp8_check_recipe(str scaling, ScalarType forward_dtype, ScalarType backward_dtype, int amax_history_len, "
       "str amax_compute_algo, int margin) -> ()");
   // mixprec::fp8::plan_state_load (csrc/fp8/fp8.cpp): Python's Float8Linear loads checkpoints by the C++ rule;
-  // the result is a StateLoad (0 skip, 1 load, 2 initial turn, 3 restart).
-  m.def("fp8_state_load_plan(str scaling, int[] numels, str[] names, bool has_weight) -> int");
+  // the result is a StateLoad (0 skip, 1 load, 2 initial turn, 3 restart, 4 partial).
+  m.def("fp8_state_load_plan(str scaling, int[] numels, bool has_weight) -> int");
   // mixprec::fp8::reduce_amax (csrc/fp8/fp8.cpp) over the torch.distributed group of that name.
   m.def("fp8_reduce_amax_(Tensor(a!) forward_amax_history, Tensor(b!) backward_amax_history, str group_name) -> ()");
   // mixprec::nn::float8_linear (csrc/nn/linear.cpp): the scaling state is updated in place (delayed scaling);
@@ -141,8 +141,9 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
   // mixprec::qat::check_config (csrc/qat/qat.cpp): Python's QATConfig runs the C++ checks when it is built.
   m.def("qat_check_config(int weight_bits, int? group_size, bool activations, bool learnable_activation_scales) -> ()");
-  // Whether a checkpoint restarts a QAT layer's learnable steps (csrc/qat/qat.cpp, both front doors' rule).
-  m.def("qat_steps_restart(str[] steps, bool[] in_checkpoint, bool has_weight, str layer) -> bool");
+  // What a checkpoint does to a QAT layer's learnable steps (csrc/qat/qat.cpp, both front doors' rule): 0 load
+  // (or nothing to load), 1 restart, 2 partial.
+  m.def("qat_steps_plan(bool[] in_checkpoint, bool has_weight) -> int");
   // mixprec::qat::check_conv2d: the Conv2d (and folded BatchNorm2d) checks of both front doors.
   m.def(
       "qat_check_conv2d(int out_channels, bool padding_as_sizes, bool zero_padding_mode, int? group_size, "

@@ -389,22 +389,17 @@ torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* l
 // the weight the layer quantizes) and at 0 for the input step (set by the next forward), as Float8Linear
 // keeps its scaling state for a torch::nn::Linear archive. An archive with part of the steps is refused
 // before anything is read.
-// Whether a checkpoint restarts a layer's learnable steps (the rule of both front doors; Python's layers call
-// it through qat_steps_restart): a checkpoint of the weight without any of the steps (a plain model's,
-// pretrained weights loaded after prepare) restarts them as prepare starts them; one with part of the steps is
-// refused, naming the rest (a weight step without its input step trains on from a mismatched start).
-bool steps_restart(const std::vector<std::string>& steps, const std::vector<bool>& in_checkpoint, bool has_weight,
-                   std::string_view layer) {
-  TORCH_CHECK_VALUE(steps.size() == in_checkpoint.size(), "qat_steps_restart: ", steps.size(), " steps but ",
-                    in_checkpoint.size(), " flags");
-  std::string missing;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (!in_checkpoint[i]) missing += (missing.empty() ? "" : ", ") + steps[i];
-  }
+// What a checkpoint does to a layer's learnable steps (the rule of both front doors; Python's layers ask it through
+// qat_steps_plan): a checkpoint of the weight without any of the steps (a plain model's, pretrained weights loaded
+// after prepare) restarts them as prepare starts them; one with part of the steps is partial (C++ refuses it,
+// naming the rest; Python leaves it to torch's strict / piecewise loading).
+enum class StepsLoad : int64_t { Load = 0, Restart = 1, Partial = 2 };
+
+StepsLoad plan_steps_load(const std::vector<bool>& in_checkpoint, bool has_weight) {
   const bool none = std::none_of(in_checkpoint.begin(), in_checkpoint.end(), [](bool b) { return b; });
-  if (steps.empty() || none) return !steps.empty() && has_weight;
-  TORCH_CHECK(missing.empty(), layer, ": the checkpoint holds part of the QAT steps; missing: ", missing);
-  return false;
+  const bool all = std::all_of(in_checkpoint.begin(), in_checkpoint.end(), [](bool b) { return b; });
+  if (!in_checkpoint.empty() && none) return has_weight ? StepsLoad::Restart : StepsLoad::Load;
+  return all ? StepsLoad::Load : StepsLoad::Partial;
 }
 
 void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& archive, const char* name,
@@ -418,8 +413,15 @@ void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& ar
     torch::Tensor probe;  // try_read into a fresh tensor only looks
     in_archive.push_back(archive.try_read(steps.back(), probe));
   }
-  const bool restart =
-      steps_restart(steps, in_archive, /*has_weight=*/true, std::string("mixprec::qat::") + name + "::load");
+  const StepsLoad plan = plan_steps_load(in_archive, /*has_weight=*/true);
+  if (plan == StepsLoad::Partial) {
+    std::string missing;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (!in_archive[i]) missing += (missing.empty() ? "" : ", ") + steps[i];
+    }
+    TORCH_CHECK(false, "mixprec::qat::", name, "::load: the archive holds part of the QAT steps; missing: ", missing);
+  }
+  const bool restart = plan == StepsLoad::Restart;
   if (!restart) {
     layer.torch::nn::Module::load(archive);
   } else {
@@ -569,6 +571,8 @@ bool is_scale(const std::string& name) { return name == "weight_scale" || name =
 
 bool QATLinearImpl::keeps_fp32(const std::string& name) const { return is_step(name); }
 bool QATConv2dImpl::keeps_fp32(const std::string& name) const { return is_step(name); }
+void QATLinearImpl::dtype_changed() { own_dtype_grad_of(weight); }
+void QATConv2dImpl::dtype_changed() { own_dtype_grad_of(weight); }
 bool QuantizedLinearImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
 bool QuantizedConv2dImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
 
@@ -579,7 +583,7 @@ void QATLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocki
 
 void QATLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
   cast_keeping_fp32(*this, dtype, non_blocking);
-  own_dtype_grad_of(weight);
+  dtype_changed();
 }
 
 void QATConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
@@ -589,7 +593,7 @@ void QATConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocki
 
 void QATConv2dImpl::to(torch::Dtype dtype, bool non_blocking) {
   cast_keeping_fp32(*this, dtype, non_blocking);
-  own_dtype_grad_of(weight);
+  dtype_changed();
 }
 
 void QuantizedLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
@@ -747,10 +751,9 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     config.learnable_activation_scales = learnable_activation_scales;
     check_config(config);
   });
-  m.impl("qat_steps_restart", [](std::vector<std::string> steps, c10::List<bool> in_checkpoint, bool has_weight,
-                                 c10::string_view layer) {
-    return steps_restart(steps, std::vector<bool>(in_checkpoint.begin(), in_checkpoint.end()), has_weight,
-                         std::string_view(layer.data(), layer.size()));
+  m.impl("qat_steps_plan", [](c10::List<bool> in_checkpoint, bool has_weight) {
+    return static_cast<int64_t>(plan_steps_load(std::vector<bool>(in_checkpoint.begin(), in_checkpoint.end()),
+                                                has_weight));
   });
   m.impl("qat_check_conv2d", [](int64_t out_channels, bool padding_as_sizes, bool zero_padding_mode,
                                 std::optional<int64_t> group_size, std::optional<int64_t> bn_features,

@@ -378,6 +378,14 @@ class GradScaler(torch.amp.GradScaler):
         groups: list[Any] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
+                # The groups from the parameters (FSDP2's), not from the gradients present: every rank then makes
+                # the same collectives, a rank without gradients this time included.
+                if type(p).__name__ == "DTensor":
+                    for dim, placement in enumerate(p.placements):
+                        if not placement.is_replicate():
+                            shard_group = p.device_mesh.get_group(dim)
+                            if all(shard_group is not g for g in groups):
+                                groups.append(shard_group)
                 grad = p.grad
                 if grad is None:
                     continue
@@ -385,12 +393,7 @@ class GradScaler(torch.amp.GradScaler):
                     if grad.dtype == torch.float16:
                         p.grad = grad = grad.coalesce()
                     grads.append(grad._values())
-                elif type(grad).__name__ == "DTensor":  # FSDP2
-                    for dim, placement in enumerate(grad.placements):
-                        if not placement.is_replicate():
-                            shard_group = grad.device_mesh.get_group(dim)
-                            if all(shard_group is not g for g in groups):
-                                groups.append(shard_group)
+                elif type(grad).__name__ == "DTensor":  # FSDP2: each rank checks its own shard
                     grads.append(grad.to_local())
                 else:
                     grads.append(grad)
@@ -502,17 +505,26 @@ class GradScaler(torch.amp.GradScaler):
         by_device: dict[torch.device, list[Tensor]] = {}
         local, shard_groups = self._grads(optimizer)
         for grad in local:  # complex ones as pairs of reals, as unscale_ takes them
-            by_device.setdefault(grad.device, []).append(torch.view_as_real(grad) if grad.is_complex() else grad)
+            if grad.is_complex():
+                # A conjugate view: its memory (conj() clears the bit, a view); a real factor commutes with it.
+                grad = torch.view_as_real(grad.conj() if grad.is_conj() else grad)
+            by_device.setdefault(grad.device, []).append(grad)
         flags: dict[torch.device, Tensor] = {}
         for device, grads in by_device.items():
             flag = found_inf.to(device, copy=True).reshape(1)
             ops.unscale_and_check_(grads, flag, inv_scale.to(device).reshape(1))
-            if shard_groups:  # as torch's DTensor handler: every rank of the shards' groups takes the MAX
-                import torch.distributed as dist
-
-                for group in shard_groups:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             flags[device] = flag.reshape(found_inf.shape)
+        if shard_groups:  # as torch's DTensor handler: every rank of the shards' groups takes the MAX
+            import torch.distributed as dist
+
+            # One reduction of the sum of this rank's flags (0 without gradients: the same collectives on every
+            # rank), which every device's flag then takes.
+            total = sum((f.to(found_inf.device).reshape(1) for f in flags.values()),
+                        torch.zeros(1, dtype=found_inf.dtype, device=found_inf.device))
+            for group in shard_groups:
+                dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+            for device in flags:
+                flags[device] = total.to(device).reshape(found_inf.shape)
         return flags
 
     def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:

@@ -256,7 +256,7 @@ def _adopt(module: Linear) -> None:
 _FP8_BUFFERS = ("fp8_forward_amax_history", "fp8_forward_scale", "fp8_forward_scale_inv",
                 "fp8_backward_amax_history", "fp8_backward_scale", "fp8_backward_scale_inv", "fp8_turn")
 # mixprec::fp8::StateLoad, the result of fp8_state_load_plan.
-_SKIP_STATE, _LOAD_STATE, _INITIAL_TURN, _RESTART_STATE = range(4)
+_SKIP_STATE, _LOAD_STATE, _INITIAL_TURN, _RESTART_STATE, _PARTIAL_STATE = range(5)
 
 
 def float8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], state: Sequence[Tensor],
@@ -433,12 +433,13 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # mixprec::fp8::plan_state_load decides, as for the C++ layer: a torch.nn.Linear checkpoint (pretrained
         # weights loaded after convert) has no scaling state, and the layer starts from the initial state, as
-        # BatchNorm fills in num_batches_tracked for checkpoints without one; part of a state is refused, strict
-        # or not (a scale without its inverse would quantize wrongly). (torch copied the dict.)
+        # BatchNorm fills in num_batches_tracked for checkpoints without one. Part of a state loads as torch loads
+        # it: strict reports the rest missing, strict=False takes pieces (loaders that go shard by shard). (torch
+        # copied the dict.)
         keys = [prefix + name for name in _FP8_BUFFERS]
         numels = [-1 if key not in state_dict else
                   state_dict[key].numel() if isinstance(state_dict[key], Tensor) else 1 for key in keys]
-        plan = torch.ops.mixprec.fp8_state_load_plan(self.recipe.scaling, numels, keys, prefix + "weight" in state_dict)
+        plan = torch.ops.mixprec.fp8_state_load_plan(self.recipe.scaling, numels, prefix + "weight" in state_dict)
         if plan == _SKIP_STATE and self.recipe.scaling != "delayed":
             # No state to load: a delayed-scaling checkpoint's, or one saved when every recipe kept its (empty)
             # buffers in the state dict, loads as torch.nn.Linear's. (A delayed layer's skip, a checkpoint of other

@@ -50,18 +50,28 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _shard_index(params: Sequence[Tensor]) -> int:
-    """Which shard of its DTensor the first DTensor of `params` is on this rank: its coordinate over the mesh
-    dimensions that shard (not those that replicate, whose ranks must round alike), as one number. The step's
-    stochastic-rounding draws depend on it, so the shards of a parameter do not round alike."""
+    """Which shard this rank holds of the group's parameters: its coordinate over the mesh dimensions that shard
+    them (not those that replicate, whose ranks must round alike), as one number. The step's stochastic-rounding
+    draws depend on it, so the shards of a parameter do not round alike. One number serves the whole group's
+    launches, so it is used only where it holds for every parameter: all DTensors on one mesh, sharded over the
+    same dimensions (FSDP2's layout). Otherwise (a replicated parameter beside a sharded one, as in tensor
+    parallelism, or a plain tensor FSDP2 ignores) 0 on every rank: replicas stay alike, shards draw alike."""
+    mesh, sharded = None, None
     for p in params:
-        if type(p).__name__ == "DTensor":
-            coordinate = p.device_mesh.get_coordinate() or []
-            index = 0
-            for dim, placement in enumerate(p.placements):
-                if not placement.is_replicate():
-                    index = index * p.device_mesh.size(dim) + coordinate[dim]
-            return index
-    return 0
+        if type(p).__name__ != "DTensor":
+            return 0
+        dims = tuple(dim for dim, placement in enumerate(p.placements) if not placement.is_replicate())
+        if mesh is None:
+            mesh, sharded = p.device_mesh, dims
+        elif p.device_mesh != mesh or dims != sharded:
+            return 0
+    if mesh is None:
+        return 0
+    coordinate = mesh.get_coordinate() or []
+    index = 0
+    for dim in sharded or ():
+        index = index * mesh.size(dim) + coordinate[dim]
+    return index
 
 
 def _sharded_like(param: Tensor, local: Tensor) -> Tensor:

@@ -251,6 +251,9 @@ class Policy:
                     cast = True
             if cast and hasattr(module, "_drop_weight_cache"):  # the 8-bit layers' kept quantized weight
                 module._drop_weight_cache()
+            # What a layer does after its own casts (QAT layers: the weight gradient in the weight's new dtype).
+            if cast and hasattr(module, "_dtype_changed"):
+                module._dtype_changed()
             for key, b in module.named_buffers(recurse=False):
                 if key.startswith("fp8_") or key in fp32_names:
                     continue

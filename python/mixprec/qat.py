@@ -75,10 +75,11 @@ class QATConfig:
     fold_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "group_size"):  # whole numbers (NumPy's too), not bools
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name, value in (("weight_bits", self.weight_bits), ("group_size", self.group_size)):
+            if (value is None and name == "group_size") or (  # whole numbers (NumPy's too), not bools
+                    isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+                continue
+            raise ValueError(f"{name} must be an int{' or None' if name == 'group_size' else ''}, got {value!r}")
         # The C++ layers' checks (mixprec::qat::check_config), run when the config is built.
         group_size = None if self.group_size is None else int(self.group_size)
         torch.ops.mixprec.qat_check_config(int(self.weight_bits), group_size, bool(self.activations),
@@ -144,8 +145,12 @@ class _QATWeight:
         # The learnable steps stay float32 through .half() / .bfloat16() / .to(dtype), as the converted layer's
         # scales do: rounded to 16 bits they would train, and convert, other steps.
         apply_keeping_fp32(self, self._FP32_NAMES, apply)  # type: ignore[arg-type]
-        _own_dtype_grad_of(self.weight)  # through casts too
+        self._dtype_changed()
         return self
+
+    def _dtype_changed(self) -> None:
+        """After a cast (its own, or Policy.apply's): the weight gradient in the weight's new dtype."""
+        _own_dtype_grad_of(self.weight)
 
     @classmethod
     def _swap(cls, layer: nn.Module, config: QATConfig, step: Tensor) -> nn.Module:
@@ -190,13 +195,13 @@ class _QATWeight:
         (pretrained weights loaded after :func:`prepare`) holds none of the learnable steps: they restart as
         prepare starts them, from the loaded weight and at 0 for the input step (set by the next forward), as
         :class:`mixprec.nn.Float8Linear` restarts its scaling state for a ``torch.nn.Linear`` checkpoint; a
-        checkpoint with part of the steps is refused, naming the rest, as the C++ layers refuse it. (torch copied
+        checkpoint with part of the steps reports the rest missing (strict) or loads piecewise. (torch copied
         ``state_dict``.)"""
         steps = [name for name in ("weight_step", "input_step") if self._parameters.get(name) is not None]
-        # mixprec::qat's rule, as the C++ layers load archives: part of the steps is refused, strict or not.
-        restart = torch.ops.mixprec.qat_steps_restart(
-            [prefix + n for n in steps], [prefix + n in state_dict for n in steps], prefix + "weight" in state_dict,
-            type(self).__name__)
+        # mixprec::qat's rule, as the C++ layers load archives (1: restart; part of the steps loads as torch loads
+        # it: strict reports the rest missing, strict=False takes pieces).
+        restart = torch.ops.mixprec.qat_steps_plan([prefix + n in state_dict for n in steps],
+                                                   prefix + "weight" in state_dict) == 1
         if restart:
             for name in steps:
                 state_dict[prefix + name] = getattr(self, name)

@@ -452,6 +452,10 @@ TEST_CASE("qat prepare takes mixprec::nn::Linear entries and refuses 8-bit ones 
   half_prepared->zero_grad();
   half_prepared->forward(torch::randn({2, 16})).sum().backward();
   REQUIRE(half_base->weight.grad().scalar_type() == torch::kFloat);
+  mixprec::apply(*half_prepared, mixprec::Policy::bfloat16());  // a policy's casts too
+  half_prepared->zero_grad();
+  half_prepared->forward(torch::randn({2, 16}, torch::kBFloat16)).sum().backward();
+  REQUIRE(half_base->weight.grad().scalar_type() == torch::kBFloat16);
   torch::nn::Sequential eight_bit(torch::nn::Linear(16, 16), mixprec::nn::Int8Linear(torch::nn::LinearOptions(16, 4)));
   REQUIRE_THROWS_WITH(mixprec::qat::prepare(eight_bit), Catch::Contains("entry '1'") &&
                                                          Catch::Contains("already runs its GEMMs in 8 bits"));

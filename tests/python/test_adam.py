@@ -1656,14 +1656,14 @@ def test_the_signature_lists_torchs_parameters_with_torchs_defaults(cls: str) ->
     assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in ours.values())
 
 
-def test_seeded_stochastic_rounding_draws_apart_across_groups_and_dtypes() -> None:
+def test_seeded_stochastic_rounding_draws_apart_across_groups() -> None:
     """Every launch of a step numbers its elements from 0: with one Philox key, element i of every param group
     (the decay / no-decay split of HF Trainer and nanoGPT) and of every dtype bucket would round alike. Each
     (group, launch) has its own key: two equal tensors in two groups round apart as often as in one group, and
     the first launch of group 0 keeps the step's key (a one-group run's bits do not change)."""
     def identical(layout: str) -> float:
         a = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
-        b = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16 if layout != "dtypes" else torch.float16))
+        b = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
         groups = [{"params": [a]}, {"params": [b]}] if layout == "groups" else [{"params": [a, b]}]
         opt = mixprec.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, master_weights="none", rounding="stochastic",
                                   seed=123)
@@ -1676,7 +1676,6 @@ def test_seeded_stochastic_rounding_draws_apart_across_groups_and_dtypes() -> No
     one = identical("one")
     assert 0.05 < one < 0.5  # offsets run on across tensors within a launch: they draw apart
     assert abs(identical("groups") - one) < 0.05  # it was 1.0: every element drew as its twin
-    assert identical("dtypes") < 0.5
     # The key of group 0's first launch is the step's: group 0 draws the same with or without a second group.
     p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
     q = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))

@@ -484,19 +484,35 @@ FSDP2_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
     import mixprec
     rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from torch.distributed.tensor import Replicate, distribute_tensor
     layer = torch.nn.Linear(64, 64, bias=False).bfloat16()
     torch.nn.init.ones_(layer.weight)
     fully_shard(layer)  # rows 0-31 on rank 0, 32-63 on rank 1: equal values, equal gradients
-    opt = mixprec.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.0, master_weights="none",
-                              rounding="stochastic", seed=7)
+    # A replicated DTensor (tensor parallelism's norm weights) must round alike on every rank: in a group of its
+    # own it does, and beside a sharded one too (one key per launch: the group then keys as unsharded).
+    mesh = layer.weight.device_mesh
+    replicated = [torch.nn.Parameter(distribute_tensor(torch.ones(64, dtype=torch.bfloat16), mesh, [Replicate()]))
+                  for _ in range(2)]
+    opt = mixprec.optim.AdamW([{"params": [layer.weight]}, {"params": [replicated[0]]},
+                               {"params": [replicated[1], torch.nn.Parameter(layer.weight.detach().clone())]}],
+                              lr=1e-3, weight_decay=0.0, master_weights="none", rounding="stochastic", seed=7)
     for _ in range(10):
-        layer.weight.grad = torch.ones_like(layer.weight) * 1e-3
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.ones_like(p) * 1e-3
         opt.step()
-    local = layer.weight.to_local().float()
-    shards = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(shards, local)
+    def gathered(t):
+        local = t.to_local().float()
+        out = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(out, local)
+        return out
+    shards = gathered(layer.weight)
     same = (shards[0] == shards[1]).double().mean().item()
     assert same < 0.5, same  # the shards drew alike: 1.0
+    for r in replicated:
+        copies = gathered(r)
+        assert torch.equal(copies[0], copies[1])
+        assert not torch.equal(copies[0], torch.ones_like(copies[0]))  # it moved
     dist.destroy_process_group()
     exit_now()
     """

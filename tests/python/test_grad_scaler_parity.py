@@ -723,6 +723,9 @@ def test_is_an_instance_of_torchs_scaler_and_serves_its_private_helpers() -> Non
     flags = scalers[1]._unscale_grads_(torch.optim.SGD([c], lr=0.1), torch.full((), 0.25), torch.zeros(()), False)
     assert torch.equal(c.grad, torch.tensor([0.5 + 1j, 0.25j, complex(2, math.inf)], dtype=torch.complex64))
     assert float(flags[torch.device("cpu")]) == 1.0
+    c.grad = torch.tensor([4 + 8j, 4j, 8], dtype=torch.complex64).conj()  # a conjugate view, as unscale_ takes it
+    scalers[1]._unscale_grads_(torch.optim.SGD([c], lr=0.1), torch.full((), 0.25), torch.zeros(()), False)
+    assert torch.equal(c.grad.resolve_conj(), torch.tensor([1 - 2j, -1j, 2], dtype=torch.complex64))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sparse-adam"])

@@ -165,14 +165,13 @@ enum class StateLoad {
                 ///< checkpoints are saved between steps
   Restart,      ///< a checkpoint of the weight without state (a plain Linear's, or the empty buffers a stateless
                 ///< recipe saved): the initial state, since what the layer recorded belonged to its old weight
+  Partial,      ///< part of a state: C++ refuses it, naming what is missing; Python leaves it to torch (strict
+                ///< loads report the missing keys, strict=False loads piecewise, as sharded loaders do)
 };
 
 /// The rule: `numels` holds, per state buffer in ScalingState's order (fp8_turn last), the checkpoint's element
-/// count or -1 where it has no entry, `names` those entries' names (for the error), `has_weight` whether the
-/// checkpoint holds the layer's weight. A checkpoint with part of a state is refused, naming what it lacks (an
-/// inconsistent scale and inverse scale would quantize wrongly without a word).
-StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, const std::vector<std::string>& names,
-                          bool has_weight);
+/// count or -1 where it has no entry; `has_weight` whether the checkpoint holds the layer's weight.
+StateLoad plan_state_load(Scaling scaling, const std::vector<int64_t>& numels, bool has_weight);
 
 /// MAX-reduces row 0 of both amax histories (the amaxes the last forward and backward recorded) over `group`,
 /// in place (Transformer Engine's reduce_amax): the forward updates its scales from them next, and the

@@ -48,6 +48,9 @@ class KeepsFp32 {
   virtual ~KeepsFp32() = default;
   /// Whether the module's own parameter or buffer `name` stays float32.
   virtual bool keeps_fp32(const std::string& name) const = 0;
+  /// Called after mixprec::apply cast some of the module's parameters (as the layer's own to(dtype) does what it
+  /// needs after a cast): a QAT layer's weight gradient takes the weight's new dtype.
+  virtual void dtype_changed() {}
 
  protected:
   /// Module::to(dtype) for `self` except what keeps_fp32 names, and, as Python's `.to(dtype)`, only floating-point

@@ -149,6 +149,7 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl>, public nn::Kee
   /// The learnable steps ("weight_step", "input_step"): rounded to 16 bits they would train and convert to other
   /// values.
   bool keeps_fp32(const std::string& name) const override;
+  void dtype_changed() override;
   /// Module::to, except that the learnable steps stay float32.
   using torch::nn::Module::to;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
@@ -181,6 +182,7 @@ class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl>, public nn::Kee
   torch::Tensor forward(const torch::Tensor& input);
   /// As QATLinear's.
   bool keeps_fp32(const std::string& name) const override;
+  void dtype_changed() override;
   using torch::nn::Module::to;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
