@@ -192,15 +192,11 @@ void apply(torch::nn::Module& module, const Policy& policy) {
         cast = true;
       }
     }
-    // A weight quantized before the cast is not the weight any more: the 8-bit layers' caches go, as their
-    // to() empties them.
-    if (cast && exact != nullptr) exact->dtype_changed();  // e.g. a QAT layer's gradient dtype follows the weight
+    // What a layer does after its own casts (KeepsFp32::dtype_changed): a QAT layer's gradient dtype follows the
+    // weight; a weight quantized before the cast is not the weight any more, so the 8-bit layers' caches go.
+    if (cast && exact != nullptr) exact->dtype_changed();
     if (cast) {
-      if (auto* fp8 = dynamic_cast<nn::Float8LinearImpl*>(&m)) {
-        fp8->weight_cache = {};
-      } else if (auto* int8 = dynamic_cast<nn::Int8LinearImpl*>(&m)) {
-        int8->weight_cache = {};
-      }
+      if (auto* int8 = dynamic_cast<nn::Int8LinearImpl*>(&m)) int8->weight_cache = {};
     }
     for (auto& b : m.named_buffers(/*recurse=*/false)) {
       if (exact_name(b.key()) || b.key().rfind("fp8_", 0) == 0) continue;

@@ -912,15 +912,7 @@ void KeepsFp32::cast_keeping_fp32(torch::nn::Module& self, torch::Dtype dtype, b
 
 bool Float8LinearImpl::keeps_fp32(const std::string& name) const { return name.rfind("fp8_", 0) == 0; }
 
-void Float8LinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);  // everything moves
-  to(dtype, non_blocking);                      // the parameters alone change dtype
-}
-
-void Float8LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
-  weight_cache = {};
-  cast_keeping_fp32(*this, dtype, non_blocking);
-}
+void Float8LinearImpl::dtype_changed() { weight_cache = {}; }  // quantized from the weight before the cast
 
 void Float8LinearImpl::to(torch::Device device, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);

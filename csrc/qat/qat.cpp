@@ -576,39 +576,6 @@ void QATConv2dImpl::dtype_changed() { own_dtype_grad_of(weight); }
 bool QuantizedLinearImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
 bool QuantizedConv2dImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
 
-void QATLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);
-  to(dtype, non_blocking);
-}
-
-void QATLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
-  cast_keeping_fp32(*this, dtype, non_blocking);
-  dtype_changed();
-}
-
-void QATConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);
-  to(dtype, non_blocking);
-}
-
-void QATConv2dImpl::to(torch::Dtype dtype, bool non_blocking) {
-  cast_keeping_fp32(*this, dtype, non_blocking);
-  dtype_changed();
-}
-
-void QuantizedLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);
-  cast_keeping_fp32(*this, dtype, non_blocking);
-}
-
-void QuantizedLinearImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
-
-void QuantizedConv2dImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  torch::nn::Module::to(device, non_blocking);
-  cast_keeping_fp32(*this, dtype, non_blocking);
-}
-
-void QuantizedConv2dImpl::to(torch::Dtype dtype, bool non_blocking) { cast_keeping_fp32(*this, dtype, non_blocking); }
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
   // INT4 codes come two to a byte (uint8); INT8 ones one per int8.

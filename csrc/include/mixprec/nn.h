@@ -58,6 +58,23 @@ class KeepsFp32 {
   void cast_keeping_fp32(torch::nn::Module& self, torch::Dtype dtype, bool non_blocking) const;
 };
 
+/// torch::nn::Cloneable<Derived> for the layers that keep some tensors float32: its to(dtype) casts the rest
+/// (cast_keeping_fp32) and then calls dtype_changed(); device moves are Module::to's. One definition of to() for
+/// every such layer.
+template <class Derived>
+class CloneableKeepingFp32 : public torch::nn::Cloneable<Derived>, public KeepsFp32 {
+ public:
+  using torch::nn::Module::to;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override {
+    torch::nn::Module::to(device, non_blocking);  // everything moves
+    to(dtype, non_blocking);                      // then the dtype, as this layer casts
+  }
+  void to(torch::Dtype dtype, bool non_blocking = false) override {
+    cast_keeping_fp32(*this, dtype, non_blocking);
+    dtype_changed();
+  }
+};
+
 /// Drop-in for torch::nn::LinearImpl (same options, parameter names, initialisation and state dict)
 /// whose forward is mixprec::nn::linear.
 class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
@@ -132,7 +149,7 @@ torch::Tensor float8_linear(const torch::Tensor& input, const torch::Tensor& wei
 /// A Linear whose forward is float8_linear: same options, parameters and initialisation as
 /// torch::nn::Linear, plus the recipe's scaling state as buffers ("fp8_forward_amax_history", ...), so a
 /// state dict holds it as plain tensors and resuming is exact.
-class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public KeepsFp32 {
+class Float8LinearImpl : public CloneableKeepingFp32<Float8LinearImpl> {
  public:
   Float8LinearImpl(int64_t in_features, int64_t out_features, fp8::Recipe recipe = {})
       : Float8LinearImpl(torch::nn::LinearOptions(in_features, out_features), std::move(recipe)) {}
@@ -153,9 +170,11 @@ class Float8LinearImpl : public torch::nn::Cloneable<Float8LinearImpl>, public K
   torch::Tensor forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch = std::nullopt);
   /// The scaling state ("fp8_*" buffers).
   bool keeps_fp32(const std::string& name) const override;
-  /// Module::to, except that the scaling state stays fp32 (its values exact) and follows device moves only.
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  /// After a cast (to(dtype), mixprec::apply): the kept quantized weight is stale. The scaling state stays fp32
+  /// (its values exact) and follows device moves only.
+  void dtype_changed() override;
+  using CloneableKeepingFp32<Float8LinearImpl>::to;
+  /// Module::to, and the kept quantized weight (made on the old device) goes.
   void to(torch::Device device, bool non_blocking = false) override;
   /// Module::load, except that an archive without the scaling state (a torch::nn::Linear's: pretrained
   /// weights) starts from the initial state (what the layer recorded belonged to its old weights, and after

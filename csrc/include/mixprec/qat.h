@@ -137,7 +137,7 @@ torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& 
                                const torch::Tensor& input_scale = {});
 
 /// A Linear trained with fake-quantized weight and input.
-class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl>, public nn::KeepsFp32 {
+class QATLinearImpl : public nn::CloneableKeepingFp32<QATLinearImpl> {
  public:
   /// Takes over `other`'s parameters (the same tensors, not copies).
   explicit QATLinearImpl(const torch::nn::LinearImpl& other, QATConfig config = {});
@@ -149,11 +149,8 @@ class QATLinearImpl : public torch::nn::Cloneable<QATLinearImpl>, public nn::Kee
   /// The learnable steps ("weight_step", "input_step"): rounded to 16 bits they would train and convert to other
   /// values.
   bool keeps_fp32(const std::string& name) const override;
+  /// After a cast (to(dtype), mixprec::apply): the weight gradient in the weight's dtype (own_dtype_grad).
   void dtype_changed() override;
-  /// Module::to, except that the learnable steps stay float32.
-  using torch::nn::Module::to;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   torch::nn::LinearOptions options;
   QATConfig config;
@@ -172,7 +169,7 @@ TORCH_MODULE(QATLinear);
 
 /// A Conv2d (zero padding given as sizes) trained with weights fake-quantized per output channel and inputs per
 /// tensor.
-class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl>, public nn::KeepsFp32 {
+class QATConv2dImpl : public nn::CloneableKeepingFp32<QATConv2dImpl> {
  public:
   /// With `bn` (the BatchNorm2d after `other`), the pair is folded: see QATConfig::fold_batchnorm.
   explicit QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config = {},
@@ -183,9 +180,6 @@ class QATConv2dImpl : public torch::nn::Cloneable<QATConv2dImpl>, public nn::Kee
   /// As QATLinear's.
   bool keeps_fp32(const std::string& name) const override;
   void dtype_changed() override;
-  using torch::nn::Module::to;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   torch::nn::detail::ConvNdOptions<2> options;
   QATConfig config;
@@ -201,7 +195,7 @@ TORCH_MODULE(QATConv2d);
 
 /// A converted QATLinear: buffers "weight_codes" and "weight_scale", the bias, and with learned input steps
 /// "input_scale".
-class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl>, public nn::KeepsFp32 {
+class QuantizedLinearImpl : public nn::CloneableKeepingFp32<QuantizedLinearImpl> {
  public:
   explicit QuantizedLinearImpl(const QATLinearImpl& layer);
   void reset() override;
@@ -209,10 +203,7 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl>, pu
   torch::Tensor forward(const torch::Tensor& input);
   /// The scales ("weight_scale", "input_scale").
   bool keeps_fp32(const std::string& name) const override;
-  /// Module::to, except that a dtype reaches the bias alone: the codes stay integers and the scales float32.
-  using torch::nn::Module::to;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  // to(dtype) reaches the bias alone: the codes stay integers and the scales float32.
 
   QATConfig config;
   torch::Tensor weight_codes, weight_scale, bias, input_scale;
@@ -221,7 +212,7 @@ TORCH_MODULE(QuantizedLinear);
 
 /// A converted QATConv2d: the convolution runs on the dequantized weight with the input quantized per tensor. A
 /// folded one holds the folded weight's codes and the folded bias (the BatchNorm is gone).
-class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl>, public nn::KeepsFp32 {
+class QuantizedConv2dImpl : public nn::CloneableKeepingFp32<QuantizedConv2dImpl> {
  public:
   explicit QuantizedConv2dImpl(const QATConv2dImpl& layer);
   void reset() override;
@@ -229,10 +220,7 @@ class QuantizedConv2dImpl : public torch::nn::Cloneable<QuantizedConv2dImpl>, pu
   torch::Tensor forward(const torch::Tensor& input);
   /// The scales ("weight_scale", "input_scale").
   bool keeps_fp32(const std::string& name) const override;
-  /// Module::to, except that a dtype reaches the bias alone: the codes stay integers and the scales float32.
-  using torch::nn::Module::to;
-  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  // to(dtype) reaches the bias alone: the codes stay integers and the scales float32.
 
   torch::nn::detail::ConvNdOptions<2> options;
   QATConfig config;
