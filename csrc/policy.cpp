@@ -155,13 +155,13 @@ void apply(torch::nn::Module& module, const Policy& policy) {
                 "\" has dtype ", item.value().scalar_type(), "; only floating-point parameters can follow a policy");
   }
   torch::NoGradGuard no_grad;
-  // A parameter a kept module shares with a module stored in the policy's dtype (tied weights) takes that dtype,
-  // whichever module comes first: the kept module's inputs are adapted by autocast, the other's are not. As
-  // Python's Policy.apply.
   // The module itself by reference (named_modules(include_self) needs it held by a shared_ptr, and LibTorch code
   // keeps its top-level module on the stack: `Net net; net.to(device)` works, so must apply(net, policy)).
   std::vector<torch::nn::Module*> modules{&module};
   for (const auto& child : module.modules(/*include_self=*/false)) modules.push_back(child.get());
+  // A parameter a kept module shares with a module stored in the policy's dtype (tied weights) takes that dtype,
+  // whichever module comes first: the kept module's inputs are adapted by autocast, the other's are not. As
+  // Python's Policy.apply.
   std::unordered_set<const c10::TensorImpl*> shared_with_cast;
   for (torch::nn::Module* m : modules) {
     if (policy.keeps_fp32(m->name())) continue;

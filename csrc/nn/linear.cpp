@@ -826,8 +826,6 @@ void LinearImpl::to(torch::Dtype dtype, bool non_blocking) {
   layer_grad_dtype(weight);
 }
 
-void LinearImpl::to(torch::Device device, bool non_blocking) { torch::nn::Module::to(device, non_blocking); }
-
 void LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Linear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha << options.bias() << ")";

@@ -384,11 +384,6 @@ torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* l
   return s;
 }
 
-// Module::load for a QAT layer. An archive of the plain layer (pretrained weights loaded after prepare) holds
-// none of the learnable steps: they restart as prepare() starts them, from the loaded weight (`weight_of`:
-// the weight the layer quantizes) and at 0 for the input step (set by the next forward), as Float8Linear
-// keeps its scaling state for a torch::nn::Linear archive. An archive with part of the steps is refused
-// before anything is read.
 // What a checkpoint does to a layer's learnable steps (the rule of both front doors; Python's layers ask it through
 // qat_steps_plan): a checkpoint of the weight without any of the steps (a plain model's, pretrained weights loaded
 // after prepare) restarts them as prepare starts them; one with part of the steps is partial (C++ refuses it,
@@ -402,6 +397,9 @@ StepsLoad plan_steps_load(const std::vector<bool>& in_checkpoint, bool has_weigh
   return all ? StepsLoad::Load : StepsLoad::Partial;
 }
 
+// Module::load for a QAT layer: restarted steps start from the loaded weight (`weight_of`: the weight the layer
+// quantizes) and at 0 for the input step (set by the next forward); a partial archive is refused before anything
+// is read.
 void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& archive, const char* name,
                     const QATConfig& config, torch::Tensor& weight_step, torch::Tensor& input_step,
                     bool& input_step_checked, const std::function<torch::Tensor()>& weight_of) {
@@ -575,7 +573,6 @@ void QATLinearImpl::dtype_changed() { own_dtype_grad_of(weight); }
 void QATConv2dImpl::dtype_changed() { own_dtype_grad_of(weight); }
 bool QuantizedLinearImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
 bool QuantizedConv2dImpl::keeps_fp32(const std::string& name) const { return is_scale(name); }
-
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
   // INT4 codes come two to a byte (uint8); INT8 ones one per int8.

@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from . import ops
+from .optim import _shard_dims
 
 __all__ = ["GradScaler", "OverflowReport"]
 
@@ -380,12 +381,10 @@ class GradScaler(torch.amp.GradScaler):
             for p in group["params"]:
                 # The groups from the parameters (FSDP2's), not from the gradients present: every rank then makes
                 # the same collectives, a rank without gradients this time included.
-                if type(p).__name__ == "DTensor":
-                    for dim, placement in enumerate(p.placements):
-                        if not placement.is_replicate():
-                            shard_group = p.device_mesh.get_group(dim)
-                            if all(shard_group is not g for g in groups):
-                                groups.append(shard_group)
+                for dim in _shard_dims(p):
+                    shard_group = p.device_mesh.get_group(dim)
+                    if all(shard_group is not g for g in groups):
+                        groups.append(shard_group)
                 grad = p.grad
                 if grad is None:
                     continue

@@ -478,6 +478,8 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
         self._fp8_weight_cache = []
 
+    _dtype_changed = _drop_weight_cache  # what Policy.apply calls after casting the layer's parameters
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
@@ -671,6 +673,8 @@ class Int8Linear(_Fp32WeightGrad, torch.nn.Linear):
     def _drop_weight_cache(self) -> None:
         """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
         self._int8_weight_cache = []
+
+    _dtype_changed = _drop_weight_cache  # what Policy.apply calls after casting the layer's parameters
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -49,6 +49,14 @@ def _local(t: Tensor) -> Tensor:
     return t
 
 
+def _shard_dims(t: Tensor) -> tuple[int, ...]:
+    """The mesh dimensions a DTensor is sharded over (placements that are not Replicate); () for other tensors.
+    The optimizer's rounding keys and the scaler's overflow reduction both follow them."""
+    if type(t).__name__ != "DTensor":
+        return ()
+    return tuple(dim for dim, placement in enumerate(t.placements) if not placement.is_replicate())
+
+
 def _shard_index(params: Sequence[Tensor]) -> int:
     """Which shard this rank holds of the group's parameters: its coordinate over the mesh dimensions that shard
     them (not those that replicate, whose ranks must round alike), as one number. The step's stochastic-rounding
@@ -60,7 +68,7 @@ def _shard_index(params: Sequence[Tensor]) -> int:
     for p in params:
         if type(p).__name__ != "DTensor":
             return 0
-        dims = tuple(dim for dim, placement in enumerate(p.placements) if not placement.is_replicate())
+        dims = _shard_dims(p)
         if mesh is None:
             mesh, sharded = p.device_mesh, dims
         elif p.device_mesh != mesh or dims != sharded:
@@ -417,12 +425,15 @@ class _MixprecAdam(torch.optim.Optimizer):
                     value = _sharded_like(p, value)
                 dict.__setitem__(st, key, value)
 
-    def _sharded(self, index: int, params: list[Tensor]) -> bool:
-        """Whether a group holds DTensors, whose local shards the step must hand over (cached per list)."""
-        cache: dict[int, tuple[Any, int, bool]] = self.__dict__.setdefault("_sharded_cache", {})
+    def _sharding(self, index: int, params: list[Tensor]) -> Optional[int]:
+        """None for a group without DTensors; for one with them (whose local shards the step must hand over),
+        the shard index its rounding keys take (_shard_index). Cached per list: not a per-parameter walk at
+        every step."""
+        cache: dict[int, tuple[Any, int, Optional[int]]] = self.__dict__.setdefault("_sharded_cache", {})
         hit = cache.get(index)
         if hit is None or hit[0] is not params or hit[1] != len(params):
-            hit = cache[index] = (params, len(params), any(type(p).__name__ == "DTensor" for p in params))
+            sharded = any(type(p).__name__ == "DTensor" for p in params)
+            hit = cache[index] = (params, len(params), _shard_index(params) if sharded else None)
         return hit[2]
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -453,11 +464,10 @@ class _MixprecAdam(torch.optim.Optimizer):
         for index, group in enumerate(groups):
             params = group["params"]
             local_params = grads = None
-            shard = 0
-            if self._sharded(index, params):
+            shard = self._sharding(index, params)
+            if shard is not None:
                 local_params = [_local(p) for p in params]
                 grads = [None if p.grad is None else _local(p.grad) for p in params]
-                shard = _shard_index(params)
             lr, lr_tensor = group["lr"], None
             if isinstance(lr, Tensor):
                 if lr.device.type == "cpu":
@@ -473,7 +483,7 @@ class _MixprecAdam(torch.optim.Optimizer):
                     bool(group["decoupled_weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                     group["master_weights"],
                     _dtype(group["moment_dtype"]), group["rounding"], None if seed is None else int(seed),
-                    int(group["rng_calls"]), grad_scale, found_inf, shard)
+                    int(group["rng_calls"]), grad_scale, found_inf, shard or 0)
             except Exception:
                 # State the core may have created before the error never reached optimizer.state: the next
                 # step starts again from what optimizer.state holds.

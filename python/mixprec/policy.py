@@ -249,9 +249,8 @@ class Policy:
                         # (grad_dtype float32) stays.
                         p.grad = p.grad.to(p.grad_dtype)
                     cast = True
-            if cast and hasattr(module, "_drop_weight_cache"):  # the 8-bit layers' kept quantized weight
-                module._drop_weight_cache()
-            # What a layer does after its own casts (QAT layers: the weight gradient in the weight's new dtype).
+            # What a layer does after its own casts (the 8-bit layers drop their kept quantized weight, QAT layers
+            # take the weight's new dtype for its gradient), as C++'s KeepsFp32::dtype_changed.
             if cast and hasattr(module, "_dtype_changed"):
                 module._dtype_changed()
             for key, b in module.named_buffers(recurse=False):

@@ -92,9 +92,9 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
   void pretty_print(std::ostream& stream) const override;
   /// Module::to, then the weight's gradient dtype as the layer keeps it, as Python's mixprec.nn.Linear: fp32 for
   /// a 16- or 32-bit weight, float64 for a float64 one (a gradient there converted).
+  using torch::nn::Module::to;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
-  void to(torch::Device device, bool non_blocking = false) override;
 
   torch::Tensor forward(const torch::Tensor& input);
 
