@@ -171,7 +171,8 @@ void reduce_amax(const ScalingState& state, c10d::ProcessGroup& group) {
 }  // namespace mixprec::fp8
 
 // Python's Float8Linear names its group by torch.distributed's group name, which resolves to the same
-// c10d::ProcessGroup a C++ program holds. Not decomposed: a fake tensor has nothing to reduce (_meta.py).
+// c10d::ProcessGroup a C++ program holds. Not decomposed: a fake tensor has nothing to reduce (its Meta kernel,
+// ops/meta.cpp, does nothing).
 TORCH_LIBRARY_IMPL(mixprec, CompositeExplicitAutograd, m) {
   // One kernel for every device: the CPU's is one vectorised pass (ops/cpu/fp8.cpp), others two ATen ops.
   m.impl("fp8_dequantize", [](const at::Tensor& data, const at::Tensor& scale_inv) {

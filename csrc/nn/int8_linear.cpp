@@ -47,9 +47,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
                                bool int8_forward, bool int8_input_grad, bool int8_weight_grad,
                                Int8WeightCache* cache) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
-    const c10::DeviceType device_type = input.device().type();
-    std::optional<at::ScalarType> dtype;
-    if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+    const std::optional<at::ScalarType> dtype = detail::autocast_dtype(input);
     const bool reuse = cache != nullptr && !cache->empty();
     // A reused weight is read only by a GEMM that is not INT8: the forward's here, the input gradient's in
     // backward (which casts it then).
@@ -243,7 +241,15 @@ void Int8LinearImpl::reset() {
   keep_fp32_grad(weight);
 }
 
-void Int8LinearImpl::reset_parameters() { init_linear_parameters(weight, bias); }
+void Int8LinearImpl::reset_parameters() {
+  weight_cache = {};  // quantized from the old weight
+  init_linear_parameters(weight, bias);
+}
+
+void Int8LinearImpl::load(torch::serialize::InputArchive& archive) {
+  weight_cache = {};  // quantized from the weight the archive replaces
+  torch::nn::Module::load(archive);
+}
 
 void Int8LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "mixprec::nn::Int8Linear(in_features=" << options.in_features()

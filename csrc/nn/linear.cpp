@@ -42,11 +42,13 @@ torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> 
   return t.to(*dtype);
 }
 
-torch::Tensor autocast_input(const torch::Tensor& input) {
-  const c10::DeviceType type = input.device().type();
-  if (!at::autocast::is_autocast_enabled(type)) return input;
-  return autocast_to(input, at::autocast::get_autocast_dtype(type));
+std::optional<at::ScalarType> autocast_dtype(const torch::Tensor& t) {
+  const c10::DeviceType type = t.device().type();
+  if (!at::autocast::is_autocast_available(type) || !at::autocast::is_autocast_enabled(type)) return std::nullopt;
+  return at::autocast::get_autocast_dtype(type);
 }
+
+torch::Tensor autocast_input(const torch::Tensor& input) { return autocast_to(input, autocast_dtype(input)); }
 
 at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::ScalarType> dtype) {
   const at::ScalarType s = t.scalar_type();
@@ -55,10 +57,7 @@ at::ScalarType autocast_dtype_of(const torch::Tensor& t, std::optional<at::Scala
 
 void check_cache_dtype(at::ScalarType cached, const torch::Tensor& input, const torch::Tensor& weight,
                        const char* op) {
-  const c10::DeviceType type = input.device().type();
-  std::optional<at::ScalarType> dtype;
-  if (at::autocast::is_autocast_enabled(type)) dtype = at::autocast::get_autocast_dtype(type);
-  const at::ScalarType now = autocast_dtype_of(weight, dtype);
+  const at::ScalarType now = autocast_dtype_of(weight, autocast_dtype(input));
   TORCH_CHECK_VALUE(cached == now, op, ": the weight cache holds the weight quantized in ", cached,
                     ", and this call computes in ", now, " (autocast changed since the cache was filled); fill it "
                     "again (is_first_microbatch=true) in the same autocast state as the calls that reuse it");
@@ -190,11 +189,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     // Autocast would cast inside at::linear and hide the 16-bit operands from backward: cast the weight here
     // with its rule (its gradient is then computed from the 16-bit operands, in fp32), and run at::linear with
     // autocast excluded. The input arrives cast already (linear() casts it on the graph, as autocast would).
-    const c10::DeviceType device_type = input.device().type();
-    std::optional<at::ScalarType> dtype;
-    if (at::autocast::is_autocast_enabled(device_type)) {
-      dtype = at::autocast::get_autocast_dtype(device_type);
-    }
+    const std::optional<at::ScalarType> dtype = autocast_dtype(input);
     const torch::Tensor x = autocast_to(input, dtype), w = autocast_to(weight, dtype), b = autocast_to(bias, dtype);
     torch::Tensor output;
     {
@@ -405,9 +400,7 @@ struct Float8LinearFunction : public torch::autograd::Function<Float8LinearFunct
                                nn::Float8WeightCache* cache, bool input_grad, bool record, bool record_backward,
                                bool take_turn) {
     const torch::Tensor bias = maybe_bias.value_or(torch::Tensor());
-    const c10::DeviceType device_type = input.device().type();
-    std::optional<at::ScalarType> dtype;
-    if (at::autocast::is_autocast_enabled(device_type)) dtype = at::autocast::get_autocast_dtype(device_type);
+    const std::optional<at::ScalarType> dtype = autocast_dtype(input);
     const bool reuse = cache != nullptr && !cache->empty();
     // A reused weight is not read at all: neither cast nor quantized again.
     const torch::Tensor x = autocast_to(input, dtype), w = reuse ? weight : autocast_to(weight, dtype),
@@ -936,6 +929,7 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
     TORCH_CHECK(false, "mixprec::nn::Float8Linear::load: the archive holds part of the FP8 scaling state; missing: ",
                 missing);
   }
+  weight_cache = {};  // quantized from the weight the archive replaces
   for (auto& item : named_parameters(/*recurse=*/false)) archive.read(item.key(), item.value());
   // read() replaces a buffer's data in place (set_ / set_data), so `state` sees what was loaded.
   if (plan == fp8::StateLoad::Restart) reset_state();

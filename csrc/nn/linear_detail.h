@@ -15,6 +15,9 @@
 
 namespace mixprec::nn::detail {
 
+/// The dtype autocast computes in on `t`'s device now, or none where it is off. A device autocast has no
+/// state for (meta, a LibTorch program's shape inference) has none: asking torch about it would throw.
+std::optional<at::ScalarType> autocast_dtype(const torch::Tensor& t);
 /// autocast's rule for its lower-precision ops: floating tensors other than fp64 take `dtype` (if any).
 torch::Tensor autocast_to(const torch::Tensor& t, std::optional<at::ScalarType> dtype);
 /// The input a layer's autograd function takes under autocast: cast by autocast's rule before the function,

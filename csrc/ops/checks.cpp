@@ -132,6 +132,11 @@ void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_
   TORCH_CHECK(scale.defined(), op, ": scale must be a tensor, got an undefined tensor");
   check_one_element(scale, op, "scale", at::kFloat, scale.device());
   check_float_list(grads, op, "grads", scale.device());
+  check_grad_stats_ranges(min_exponent, num_bins);
+}
+
+void check_grad_stats_ranges(int64_t min_exponent, int64_t num_bins) {
+  constexpr const char* op = "mixprec::grad_stats";
   TORCH_CHECK(min_exponent >= -1100 && min_exponent <= 1100, op, ": min_exponent must be in [-1100, 1100], got ",
               min_exponent);
   TORCH_CHECK(num_bins >= 1 && num_bins <= 4096, op, ": num_bins must be in [1, 4096], got ", num_bins);

@@ -40,6 +40,8 @@ void check_unscale_args(const char* op, at::TensorList grads, const at::Tensor& 
 /// Checks for grad_stats: `grads` as unscale_and_check_'s, `scale` a one-element float32 tensor on their
 /// device, min_exponent in [-1100, 1100] and num_bins in [1, 4096].
 void check_grad_stats_args(at::TensorList grads, const at::Tensor& scale, int64_t min_exponent, int64_t num_bins);
+/// Its scalar part (min_exponent, num_bins), which the Meta kernel runs too: num_bins sizes the output.
+void check_grad_stats_ranges(int64_t min_exponent, int64_t num_bins);
 
 /// Checks for record_overflow_: `record` a contiguous float64 vector of 3 + amax.numel() entries, `amax` a
 /// contiguous float32 vector, found_inf and scale one-element float32, count one-element int64 when

@@ -40,26 +40,26 @@ void check_dense_float_input(const at::Tensor& input, const char* op) {
               ": input must be float32, float16 or bfloat16, got ", t);
 }
 
-std::pair<int64_t, int64_t> matrix_extent(const at::Tensor& input) {
-  int64_t rows = 1, cols = 1;
-  if (input.dim() > 0) {
-    cols = input.size(-1);
-    for (int64_t d = 0; d + 1 < input.dim(); ++d) rows *= input.size(d);
-  }
-  return {rows, cols};
-}
-
-Fp8Blocks block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, const char* op) {
+void check_block_sizes(int64_t block_rows, int64_t block_cols, const char* op) {
   TORCH_CHECK_VALUE(block_rows == -1 || block_rows >= 1, op,
                     ": block_rows must be positive or -1 (all rows in one block), got ", block_rows);
   TORCH_CHECK_VALUE(block_cols == -1 || block_cols >= 1, op,
                     ": block_cols must be positive or -1 (all columns in one block), got ", block_cols);
+}
+
+void check_gemm_out_dtype(at::ScalarType out_dtype, const char* op) {
+  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op,
+                    ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+}
+
+Fp8Blocks block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, const char* op) {
+  check_block_sizes(block_rows, block_cols, op);
   Fp8Blocks blocks;
   // A whole-extent block of an empty extent is still one (empty) block: the scale exists, and is 1.
   blocks.block_rows = block_rows == -1 ? std::max<int64_t>(rows, 1) : block_rows;
   blocks.block_cols = block_cols == -1 ? std::max<int64_t>(cols, 1) : block_cols;
-  blocks.grid_rows = block_rows == -1 ? 1 : (rows + blocks.block_rows - 1) / blocks.block_rows;
-  blocks.grid_cols = block_cols == -1 ? 1 : (cols + blocks.block_cols - 1) / blocks.block_cols;
+  blocks.grid_rows = grid_extent(rows, block_rows);
+  blocks.grid_cols = grid_extent(cols, block_cols);
   return blocks;
 }
 
@@ -209,8 +209,7 @@ Fp8GemmArgs check_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor
 
 void check_fp8_gemm_output(at::ScalarType out_dtype, const std::optional<at::Tensor>& bias, const Fp8GemmArgs& g) {
   constexpr const char* op = "mixprec::fp8_gemm";
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op,
-                    ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  check_gemm_out_dtype(out_dtype, op);
   if (!bias.has_value() || !bias->defined()) return;
   TORCH_CHECK(bias->layout() == at::kStrided, op, ": bias must be a dense tensor, got layout ", bias->layout());
   const at::ScalarType t = bias->scalar_type();

@@ -56,7 +56,30 @@ struct Fp8Blocks {
 void check_dense_float_input(const at::Tensor& input, const char* op);
 
 /// The [rows, cols] matrix view's extents: cols the last dimension, rows the product of the others.
-std::pair<int64_t, int64_t> matrix_extent(const at::Tensor& input);
+/// Templated on the integer so that the Meta kernels (ops/meta.cpp, c10::SymInt sizes under torch.compile's
+/// dynamic shapes) describe outputs by the rule the kernels allocate them by.
+template <typename Int>
+std::pair<Int, Int> matrix_extent_of(c10::ArrayRef<Int> sizes) {
+  Int rows = 1, cols = 1;
+  if (!sizes.empty()) {
+    cols = sizes.back();
+    for (size_t d = 0; d + 1 < sizes.size(); ++d) rows = rows * sizes[d];
+  }
+  return {rows, cols};
+}
+inline std::pair<int64_t, int64_t> matrix_extent(const at::Tensor& input) { return matrix_extent_of(input.sizes()); }
+
+/// How many blocks of `block` elements (-1: the whole extent, one block even when empty) cover `extent`.
+template <typename Int>
+Int grid_extent(const Int& extent, int64_t block) {
+  return block == -1 ? Int(1) : (extent + (block - 1)) / block;
+}
+
+/// block_rows / block_cols must each be positive or -1 (the whole extent); the message names `op`.
+void check_block_sizes(int64_t block_rows, int64_t block_cols, const char* op);
+
+/// A GEMM's out_dtype (fp8_gemm, int8_mm): float32, bfloat16 or float16.
+void check_gemm_out_dtype(at::ScalarType out_dtype, const char* op);
 
 /// The blocks of block_rows x block_cols (each positive, or -1 for the whole extent) over [rows, cols].
 Fp8Blocks block_grid(int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols, const char* op);

@@ -62,8 +62,7 @@ Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
               b.sizes());
   TORCH_CHECK_VALUE(a.size(1) <= kMaxK, op, ": k must be at most ", kMaxK,
                     " (int32 sums of int8 products stay exact up to there), got ", a.size(1));
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op,
-                    ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  check_gemm_out_dtype(out_dtype, op);
   Int8MmArgs g;
   g.m = a.size(0);
   g.k = a.size(1);

@@ -1,6 +1,7 @@
 // The one place where mixprec's op schemas are declared. Kernels register next to their code
-// (TORCH_LIBRARY_IMPL in ops/cpu/*.cpp and ops/cuda/*.cu); fake kernels live in
-// python/mixprec/_meta.py. Keep the argument names in step with csrc/include/mixprec/ops.h.
+// (TORCH_LIBRARY_IMPL in ops/cpu/*.cpp and ops/cuda/registration.cpp); the Meta kernels, which are also the
+// fake kernels torch.compile and opcheck trace with, are ops/meta.cpp. Keep the argument names in step with
+// csrc/include/mixprec/ops.h.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mixprec, m) {

@@ -88,12 +88,6 @@ torch::Tensor unpack_int4(const torch::Tensor& packed) {
   return torch::where(codes > 7, codes - 16, codes);
 }
 
-std::optional<at::ScalarType> autocast_dtype(const torch::Tensor& x) {
-  const c10::DeviceType type = x.device().type();
-  if (at::autocast::is_autocast_enabled(type)) return at::autocast::get_autocast_dtype(type);
-  return std::nullopt;
-}
-
 std::vector<int64_t> vec(const torch::ExpandingArray<2>& a) {
   const c10::IntArrayRef r = a;
   return r.vec();
@@ -139,7 +133,7 @@ torch::Tensor quantized_conv2d(const torch::Tensor& input, const torch::Tensor& 
                                at::IntArrayRef weight_shape, const torch::Tensor& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool activations,
                                const torch::Tensor& input_scale) {
-  const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
+  const at::ScalarType dtype = nn::detail::autocast_dtype(input).value_or(input.scalar_type());
   // Quantized in the input's own dtype, then cast: what training did under autocast.
   const torch::Tensor x = (activations ? quantize_activations(input, false, input_scale) : input).to(dtype);
   const torch::Tensor w = dequantize_weight(codes, scale.to(torch::kFloat)).reshape(weight_shape).to(dtype);
@@ -167,7 +161,8 @@ void check_conv2d(int64_t out_channels, bool padding_as_sizes, bool zero_padding
                     "mixprec::qat: folding needs a BatchNorm2d with running statistics over the convolution's ",
                     out_channels, " output channels, got ", *bn_features, " features, running statistics ",
                     bn_running_stats ? "kept" : "not kept");
-  TORCH_CHECK_VALUE(!bn_weight.defined() || !bn_weight.eq(0).any().item<bool>(),
+  // A meta BatchNorm (a model built on the meta device, prepared before to_empty) has no weight to check yet.
+  TORCH_CHECK_VALUE(!bn_weight.defined() || bn_weight.is_meta() || !bn_weight.eq(0).any().item<bool>(),
                     "mixprec::qat: folding divides by the BatchNorm's weight (gamma), and some of its channels are "
                     "0 (e.g. zero_init_residual); fold before zero-initialising it, or leave this pair unfolded "
                     "(filter)");
@@ -182,8 +177,17 @@ void check_config(const QATConfig& config) {
                     "mixprec::qat: learnable_activation_scales needs activations (it learns their step)");
 }
 
-torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
-  if (x.sym_numel() == 0) return x;
+// A per-tensor fake quantization is element-wise: a channels_last activation (a QATConv2d's input after
+// .to(memory_format=torch.channels_last)) is walked in its memory order, through the NHWC view that is contiguous,
+// and comes back channels_last, so the convolution after it runs in the layout torch's would.
+template <typename FakeQuantize>
+torch::Tensor keeping_channels_last(const torch::Tensor& x, FakeQuantize&& fake_quantize) {
+  if (x.dim() != 4 || x.is_contiguous() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return fake_quantize(x);
+  return fake_quantize(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+}
+
+// fake_quantize_input from the amax of the [rows, features] view's rows (per token) or of all of it.
+torch::Tensor fake_quantize_rows(const torch::Tensor& x, bool per_token) {
   const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   const torch::Tensor a = m.detach();
   const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
@@ -191,16 +195,24 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
   return int8::fake_quantize(m, steps, -127, 127, per_token ? 1 : -1, -1).reshape_as(x);
 }
 
+torch::Tensor fake_quantize_input(const torch::Tensor& x, bool per_token) {
+  if (x.sym_numel() == 0) return x;
+  if (per_token) return fake_quantize_rows(x, true);
+  return keeping_channels_last(x, [](const torch::Tensor& v) { return fake_quantize_rows(v, false); });
+}
+
 torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& step) {
   const torch::Tensor s = input_step_of(step, "step");
   if (x.sym_numel() == 0) return x;
-  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
   // LSQ's gradient scale, as for weights: 1 / sqrt(elements per step * qmax). It depends on the token count, so
   // under torch.compile with dynamic shapes it specializes the graph; only asked where the step takes a
   // gradient (a converted layer's static step does not).
   const bool learns = s.requires_grad() && at::GradMode::is_enabled();
-  const double grad_factor = learns ? 1.0 / std::sqrt(static_cast<double>(numel_of(m)) * 127.0) : 1.0;
-  return int8::fake_quantize(m, s, -127, 127, -1, -1, grad_factor).reshape_as(x);
+  const double grad_factor = learns ? 1.0 / std::sqrt(static_cast<double>(numel_of(x)) * 127.0) : 1.0;
+  return keeping_channels_last(x, [&](const torch::Tensor& v) {
+    const torch::Tensor rows = v.dim() == 0 ? v.reshape({1, 1}) : v.reshape({-1, size_of(v, -1)});
+    return int8::fake_quantize(rows, s, -127, 127, -1, -1, grad_factor).reshape_as(v);
+  });
 }
 
 bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
@@ -208,6 +220,8 @@ bool init_input_step(const torch::Tensor& step, const torch::Tensor& x) {
   // sets the step saves what every later one saves (activation checkpointing compares the counts).
   const torch::NoGradGuard no_grad;
   input_step_of(step, "step");
+  // Meta tensors (shape inference, a model built on the meta device) hold no range to start the step from.
+  if (step.is_meta() || x.is_meta()) return false;
   if (step.item<float>() != 0.0f) return true;
   if (x.sym_numel() == 0) return false;
   const torch::Tensor amax = abs_max(x.detach(), {}, false).to(torch::kFloat);
@@ -321,7 +335,7 @@ torch::Tensor dequantize_weight(const torch::Tensor& codes, const torch::Tensor&
 
 torch::Tensor quantized_linear(const torch::Tensor& input, const torch::Tensor& codes, const torch::Tensor& scale,
                                const torch::Tensor& bias, const QATConfig& config, const torch::Tensor& input_scale) {
-  const at::ScalarType dtype = autocast_dtype(input).value_or(input.scalar_type());
+  const at::ScalarType dtype = nn::detail::autocast_dtype(input).value_or(input.scalar_type());
   const torch::Tensor b = bias.defined() ? bias.to(dtype) : bias;
   const torch::Tensor steps = scale.to(torch::kFloat);
   const int64_t in = size_of(input, -1), out = size_of(codes, 0);
@@ -379,7 +393,7 @@ torch::Tensor new_input_step(const torch::Tensor& weight) {
 torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* layer) {
   const torch::NoGradGuard no_grad;
   const torch::Tensor s = input_step.detach().abs().clone();
-  TORCH_CHECK_VALUE(s.item<float>() != 0.0f, "mixprec::qat::convert: the ", layer, "'s input_step was never set; "
+  TORCH_CHECK_VALUE(s.is_meta() || s.item<float>() != 0.0f, "mixprec::qat::convert: the ", layer, "'s input_step was never set; "
                     "run at least one forward (training) before convert");
   return s;
 }

@@ -43,7 +43,7 @@ if _build_info is not None:
         raise ImportError(_why)
 
 from . import _C
-from . import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
+from . import _flops  # noqa: F401  (FLOP formulas of the GEMM ops)
 from . import ops
 from . import fp8
 from . import int8

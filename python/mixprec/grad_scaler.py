@@ -42,6 +42,7 @@ import numbers
 import warnings
 import weakref
 from collections.abc import Iterator, MutableMapping
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
@@ -330,6 +331,10 @@ class GradScaler(torch.amp.GradScaler):
                        min_scale=float(min_scale), max_scale=None if max_scale is None else float(max_scale),
                        dynamic=bool(dynamic), host_skip=bool(host_skip), track_overflows=bool(track_overflows))
         self._construct(device, bool(enabled), process_group, options)
+
+    # What _construct sets (from the settings, or the C++ object itself): pickles and copies make these again, and
+    # take any other attribute (a subclass's) as it is.
+    _CONSTRUCTED = frozenset({"_device", "_enabled", "_process_group", "_options", "_host_skip", "_impl"})
 
     def _construct(self, device: str, enabled: bool, process_group: Optional[Any], options: dict[str, Any]) -> None:
         self._device = device
@@ -813,8 +818,11 @@ class GradScaler(torch.amp.GradScaler):
                                 "cannot be pickled (process groups are not picklable); pass the group again after "
                                 "loading")
             group = "WORLD"
+        # A subclass's own attributes travel too, as they do with torch's scaler (whose __getstate__ is the
+        # instance's __dict__).
+        extra = {k: v for k, v in self.__dict__.items() if k not in self._CONSTRUCTED}
         return {"device": self._device, "enabled": self._enabled, "process_group": group,
-                "options": self._options, "state": self.state_dict()}
+                "options": self._options, "state": self.state_dict(), "extra": extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         group = state["process_group"]
@@ -825,6 +833,7 @@ class GradScaler(torch.amp.GradScaler):
         self._construct(state["device"], state["enabled"], group, state["options"])  # where there is no GPU: disabled
         if self._enabled and state["state"]:
             self.load_state_dict(state["state"])
+        self.__dict__.update(state.get("extra", {}))  # absent from older pickles
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "GradScaler":
         """An independent scaler in the same state (sharing the process group, which is not copied)."""
@@ -832,8 +841,12 @@ class GradScaler(torch.amp.GradScaler):
             raise AssertionError(
                 "A GradScaler instance may only be pickled at the beginning of an iteration, or at the end after "
                 "scaler.update().")
-        copy = GradScaler.__new__(GradScaler)
+        copy = type(self).__new__(type(self))  # a subclass stays one, with its overrides
+        memo[id(self)] = copy
         copy._construct(self._device, self._enabled, self._process_group, dict(self._options))
         if self._enabled:
             copy.load_state_dict(self.state_dict())
+        for key, value in self.__dict__.items():  # a subclass's own attributes, copied as deepcopy copies them
+            if key not in self._CONSTRUCTED:
+                copy.__dict__[key] = deepcopy(value, memo)
         return copy

@@ -153,7 +153,9 @@ def explain_transform_failure(what: str, error: BaseException, tensors: Sequence
     """Raises a RuntimeError naming `what` in place of `error` when a torch.func transform or forward-mode AD is
     what `error` came from (torch's own message names neither the layer nor a way out); returns otherwise."""
     text = str(error)
-    if ("functorch" in text or "Batching rule" in text or "forward AD" in text) and _functional_transform(*tensors):
+    # "jvp is not implemented for the c++ API of custom Function": forward-mode AD (torch.autograd.forward_ad).
+    if (("functorch" in text or "Batching rule" in text or "forward AD" in text or "jvp is not implemented" in text)
+            and _functional_transform(*tensors)):
         raise RuntimeError(
             f"{what} cannot run under torch.func transforms (grad, vjp, jacrev, jvp, vmap) or forward-mode AD: the "
             "8-bit and QAT layers' autograd functions are C++'s. Compute such gradients (per-sample ones, for "
@@ -185,6 +187,15 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return torch.ops.mixprec.linear(input, weight, bias)
 
 
+def _refuse_torchscript(module: torch.nn.Module) -> torch.nn.Module:
+    """``__prepare_scriptable__`` of mixprec's layers (torch.jit.script calls it on every submodule first): a clear
+    error instead of TorchScript's internal ones about annotations and try blocks."""
+    raise RuntimeError(
+        f"{type(module).__module__}.{type(module).__qualname__}: torch.jit.script cannot compile mixprec's layers "
+        "(torch deprecates TorchScript; their forward calls C++ autograd functions through Python). Use "
+        "torch.compile or torch.export, or torch.jit.trace, which record the ops instead")
+
+
 def _restore_fp32_grad(module: torch.nn.Module, incompatible_keys: Any = None) -> None:
     if isinstance(module.weight, Tensor):
         keep_fp32_grad(module.weight)
@@ -196,6 +207,7 @@ class _Fp32WeightGrad(torch.nn.Module):
     conversion under ``torch.__future__.set_swap_module_params_on_conversion(True)``)."""
 
     weight: Tensor
+    __prepare_scriptable__ = _refuse_torchscript
 
     def register_parameter(self, name: str, param: Optional[torch.nn.Parameter]) -> None:
         super().register_parameter(name, param)
@@ -231,14 +243,50 @@ class _Fp32WeightGrad(torch.nn.Module):
         keep_fp32_grad(self.weight)
 
 
+class _KeepsQuantizedWeight(_Fp32WeightGrad):
+    """What Float8Linear and Int8Linear share: the weight quantized once and kept across gradient-accumulation
+    micro-batches (``is_first_microbatch``), in the attribute ``_CACHE``. It is stale whenever the weight changes:
+    a move or cast (``_apply``, and ``Policy.apply``'s ``_dtype_changed``), ``reset_parameters`` and a loaded
+    checkpoint drop it, and copies and pickles leave it out."""
+
+    _CACHE = ""
+
+    def _drop_weight_cache(self) -> None:
+        """The weight changed (moved, cast, re-initialised or loaded): a kept quantization of it is stale."""
+        setattr(self, self._CACHE, [])
+
+    def _dtype_changed(self) -> None:  # what Policy.apply calls after casting the layer's parameters
+        self._drop_weight_cache()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # type: ignore[misc]
+        self._drop_weight_cache()
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        super()._load_from_state_dict(*args)  # type: ignore[misc]
+        self._drop_weight_cache()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_KeepsQuantizedWeight":
+        self._drop_weight_cache()
+        super()._apply(fn, recurse)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop(self._CACHE, None)  # derived from the weight
+        return state
+
+
 class Linear(_Fp32WeightGrad, torch.nn.Linear):
     """Drop-in ``torch.nn.Linear`` whose weight gradient is fp32 (``weight.grad_dtype = torch.float32``),
     formed and accumulated by the weight-gradient GEMM.
 
     Same constructor, parameters and state dict as ``torch.nn.Linear``; see the module docstring."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        # torch.nn.Linear's signature, spelled out: torch.nn.utils.skip_init reads it for a `device` argument.
+        super().__init__(in_features, out_features, bias, device, dtype)
         _adopt(self)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -311,7 +359,7 @@ def _with_cache(op: Any, cached_op: Any, args: tuple, weight_cache: Optional[lis
     return out
 
 
-class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
+class Float8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
     """A ``torch.nn.Linear`` whose three GEMMs run in FP8 (:func:`float8_linear`).
 
     Same constructor, parameters and initialisation as ``torch.nn.Linear`` plus ``recipe``; the weight
@@ -366,8 +414,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         """As ``torch.nn.Linear.reset_parameters``, and the scaling state back to its initial values, in its
         buffers, as BatchNorm's resets its running statistics: after ``to_empty`` from the meta device
         (deferred initialisation) the buffers hold whatever memory they were given."""
-        super().reset_parameters()
-        self._drop_weight_cache()  # quantized from the old weight
+        super().reset_parameters()  # drops the weight cache: quantized from the old weight
         if "recipe" in self.__dict__:  # torch.nn.Linear.__init__ calls this before the state exists
             fresh = torch.ops.mixprec.fp8_scaling_state(self.recipe.scaling, int(self.recipe.amax_history_len),
                                                         getattr(self, _FP8_BUFFERS[0]))  # where the state is
@@ -406,8 +453,7 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
         if self.training and torch.is_grad_enabled():
             self.reduce_amax_()
         # In eval mode the scaling state is read, not updated (as BatchNorm's running statistics).
-        cache = None if is_first_microbatch is None else _microbatch_cache(self, "_fp8_weight_cache",
-                                                                          is_first_microbatch)
+        cache = None if is_first_microbatch is None else _microbatch_cache(self, is_first_microbatch)
         return float8_linear(input, self.weight, self.bias, state, self.recipe, cache, update_state=self.training)
 
     def reduce_amax_(self) -> None:
@@ -470,20 +516,14 @@ class Float8Linear(_Fp32WeightGrad, torch.nn.Linear):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.
-        self._drop_weight_cache()
         apply_keeping_fp32(self, _FP8_BUFFERS, lambda: super(Float8Linear, self)._apply(fn, recurse))
         return self
 
-    def _drop_weight_cache(self) -> None:
-        """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
-        self._fp8_weight_cache = []
-
-    _dtype_changed = _drop_weight_cache  # what Policy.apply calls after casting the layer's parameters
+    _CACHE = "_fp8_weight_cache"
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("amax_group", None)  # a process group belongs to its process (and does not pickle)
-        state.pop("_fp8_weight_cache", None)  # derived from the weight
         state.pop("_ddp_seen", None)  # which DDP was checked: this process's
         return state
 
@@ -532,11 +572,12 @@ def apply_keeping_fp32(module: torch.nn.Module, names: Sequence[str], apply: Cal
                     after.grad = grad.to(after.device)
 
 
-def _microbatch_cache(layer: torch.nn.Module, attr: str, is_first_microbatch: bool) -> list[Tensor]:
+def _microbatch_cache(layer: _KeepsQuantizedWeight, is_first_microbatch: bool) -> list[Tensor]:
     """The weight cache a layer's forward passes for ``is_first_microbatch``: a new empty list to fill on the
     first micro-batch, the filled one after it. A forward inside a backward (activation checkpointing's
     recomputation) of the first micro-batch reuses the filled one: it holds the weight the original forward
     quantized, and torch's non-reentrant checkpoint stops a recomputation early, before a new list is filled."""
+    attr = layer._CACHE
     if is_first_microbatch and not (getattr(layer, attr, None) and torch._C._current_graph_task_id() != -1):
         setattr(layer, attr, [])
     elif not getattr(layer, attr, None):
@@ -633,7 +674,7 @@ def int8_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return _with_cache(torch.ops.mixprec.int8_linear, torch.ops.mixprec.int8_linear_cached, args, weight_cache)
 
 
-class Int8Linear(_Fp32WeightGrad, torch.nn.Linear):
+class Int8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
     """A ``torch.nn.Linear`` whose GEMMs run in INT8 (:func:`int8_linear`): same constructor, parameters,
     initialisation and state dict, plus ``gemms``; the weight keeps its dtype and gets an fp32 gradient as in
     :class:`Linear`. :meth:`from_linear` converts an existing layer in place."""
@@ -659,27 +700,14 @@ class Int8Linear(_Fp32WeightGrad, torch.nn.Linear):
         if is_first_microbatch is None:
             return int8_linear(input, self.weight, self.bias, self.gemms)
         return int8_linear(input, self.weight, self.bias, self.gemms,
-                           _microbatch_cache(self, "_int8_weight_cache", is_first_microbatch))
+                           _microbatch_cache(self, is_first_microbatch))
 
     def extra_repr(self) -> str:
         g = self.gemms
         return (f"{super().extra_repr()}, int8_forward={g.forward}, int8_input_grad={g.input_grad}, "
                 f"int8_weight_grad={g.weight_grad}")
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Int8Linear":
-        self._drop_weight_cache()
-        return super()._apply(fn, recurse)
-
-    def _drop_weight_cache(self) -> None:
-        """The weight changed (moved or cast, also by a policy): a kept quantization of it is stale."""
-        self._int8_weight_cache = []
-
-    _dtype_changed = _drop_weight_cache  # what Policy.apply calls after casting the layer's parameters
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_int8_weight_cache", None)  # derived from the weight
-        return state
+    _CACHE = "_int8_weight_cache"
 
 
 def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,

@@ -140,6 +140,7 @@ class _QATWeight:
     qat_config: QATConfig
     # Float32 whatever the model's dtype (Module._apply here, Policy.apply reads the names too).
     _FP32_NAMES = ("weight_step", "input_step")
+    __prepare_scriptable__ = _mnn._refuse_torchscript
 
     def _keeping_steps_fp32(self, apply: Callable[[], Any]) -> Any:
         # The learnable steps stay float32 through .half() / .bfloat16() / .to(dtype), as the converted layer's
@@ -213,15 +214,43 @@ class _QATWeight:
         if self.qat_config.learnable_activation_scales:
             self._input_step_checked = False
 
+    def _start_steps(self) -> None:
+        """The learnable steps where :func:`prepare` starts them: the weight step from the (folded) weight's amax
+        (``_check``'s steps), the input step at 0 (set by the next forward). In place, so that an optimizer built
+        before keeps its tensors; as new parameters on the weight's device where the steps are elsewhere (a model
+        prepared on the meta device, then loaded with ``assign=True``: its steps hold no values to keep)."""
+        params = self._parameters  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for name in ("weight_step", "input_step"):
+                step = params.get(name)
+                if step is None:
+                    continue
+                if name == "weight_step":
+                    start = _check(self, self.qat_config, self._modules.get("bn"))  # type: ignore[arg-type,attr-defined]
+                else:
+                    start = torch.zeros(1, device=self.weight.device, dtype=torch.float32)
+                if step.device == start.device:
+                    step.copy_(start)
+                else:
+                    params[name] = nn.Parameter(start.to(step.dtype), requires_grad=step.requires_grad)
+        if params.get("input_step") is not None:
+            self._input_step_checked = False
+
+    def _steps_after_reset(self) -> None:
+        """``reset_parameters`` after torch's: the learnable steps start again from the new weight, as
+        :func:`prepare` starts them (after ``to_empty`` from the meta device they hold whatever memory they were
+        given). A folded layer resets its BatchNorm first: its statistics are part of the weight the steps start
+        from."""
+        bn = self._modules.get("bn")  # type: ignore[attr-defined]
+        if bn is not None:
+            bn.reset_parameters()
+        if "qat_config" in self.__dict__:  # prepared (the class is set before the config)
+            self._start_steps()
+
     def _restart_steps(self, incompatible_keys: Any = None) -> None:
         """A load_state_dict post-hook (it runs after the children's loads): the restart _load_qat_state decided."""
         if self.__dict__.pop("_steps_restart", False):
-            with torch.no_grad():  # in place: an optimizer built before the load keeps its tensors
-                if self._parameters.get("weight_step") is not None:  # where prepare() starts them (_check's steps)
-                    bn = self._modules.get("bn")  # type: ignore[attr-defined]
-                    self.weight_step.copy_(_check(self, self.qat_config, bn))  # type: ignore[arg-type,attr-defined]
-                if self._parameters.get("input_step") is not None:
-                    self.input_step.zero_()  # type: ignore[attr-defined]
+            self._start_steps()
         # A loaded input step that is set needs no check at the next forward (one read here, at load time): a
         # resumed model then runs under torch.compile(fullgraph=True) at once, without the eager first forward.
         step = self._parameters.get("input_step")
@@ -251,6 +280,11 @@ class QATLinear(nn.Linear, _QATWeight):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATLinear":
         return self._keeping_steps_fp32(lambda: super(QATLinear, self)._apply(fn, recurse))
 
+    def reset_parameters(self) -> None:
+        """As ``torch.nn.Linear.reset_parameters``, and the learnable steps started again from the new weight."""
+        super().reset_parameters()
+        self._steps_after_reset()
+
     def forward(self, input: Tensor) -> Tensor:
         try:
             return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
@@ -274,6 +308,12 @@ class QATConv2d(nn.Conv2d, _QATWeight):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATConv2d":
         return self._keeping_steps_fp32(lambda: super(QATConv2d, self)._apply(fn, recurse))
+
+    def reset_parameters(self) -> None:
+        """As ``torch.nn.Conv2d.reset_parameters`` (a folded layer's BatchNorm too), and the learnable steps started
+        again from the new weight."""
+        super().reset_parameters()
+        self._steps_after_reset()
 
     def forward(self, input: Tensor) -> Tensor:
         try:
@@ -307,12 +347,13 @@ class _QuantizedWeight(nn.Module):
     weight_codes: Tensor
     weight_scale: Tensor
     input_scale: Optional[Tensor]
+    __prepare_scriptable__ = _mnn._refuse_torchscript
 
     def _set_weight(self, layer: nn.Module, config: QATConfig, weight: Optional[Tensor] = None) -> None:
         input_scale = None
         if config.learnable_activation_scales:
             input_scale = layer.input_step.detach().abs().clone()
-            if not input_scale.any():
+            if not input_scale.is_meta and not input_scale.any():  # a meta model (shapes only) has no steps yet
                 raise ValueError(f"mixprec.qat.convert: the {type(layer).__name__}'s input_step was never set; run at "
                                  "least one forward (training) before convert")
         step = layer.weight_step if config.learnable_scales else None
@@ -377,6 +418,12 @@ class QuantizedConv2d(_QuantizedWeight):
             self._set_weight(layer, layer.qat_config, weight)
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+
+    def extra_repr(self) -> str:
+        out_channels, in_per_group, *kernel = self.weight_shape
+        return (f"{in_per_group * self.groups}, {out_channels}, kernel_size={tuple(kernel)}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"weight_bits={self.weight_bits}, activations={self.activations}")
 
     def forward(self, input: Tensor) -> Tensor:
         return torch.ops.mixprec.qat_quantized_conv2d(

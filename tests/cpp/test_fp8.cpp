@@ -3,7 +3,9 @@
 // the delayed-scaling window, and the amax all-reduce over a process group of two threads.
 #include <catch2/catch.hpp>
 #include <mixprec/fp8.h>
+#include <mixprec/int8.h>
 #include <mixprec/nn.h>
+#include <mixprec/ops.h>
 #include <mixprec/policy.h>
 #include <torch/torch.h>
 
@@ -554,4 +556,47 @@ TEST_CASE("nn::Float8Linear: evaluating delayed scaling that never recorded an a
   trained->forward(x);
   REQUIRE(warnings.messages.size() == 1);
   REQUIRE_THAT(warnings.messages[0], Catch::Contains("never recorded an amax"));
+}
+
+TEST_CASE("the ops and the 8-bit layers run on meta tensors (shape inference from C++)", "[fp8][meta]") {
+  const auto meta = torch::TensorOptions().device(torch::kMeta);
+  const auto x = torch::empty({3, 5, 200}, meta);
+  const auto one = torch::ones({1}, meta);
+  mixprec::fp8::QuantizeOptions options;
+  options.transpose = true;
+  const auto q = mixprec::fp8::quantize(x, one, torch::kFloat8_e4m3fn, options);
+  REQUIRE(q.data.is_meta());
+  REQUIRE(q.data.sizes() == x.sizes());
+  REQUIRE(q.data.scalar_type() == torch::kFloat8_e4m3fn);
+  REQUIRE(q.data_t.sizes() == torch::IntArrayRef{200, 15});
+  REQUIRE(q.amax.dim() == 0);
+  const auto blocks = mixprec::fp8::quantize_blockwise(x, torch::kFloat8_e5m2, 1, 128);
+  REQUIRE(blocks.scale_inv.sizes() == torch::IntArrayRef{15, 2});
+  const auto a = torch::empty({15, 256}, meta.dtype(torch::kFloat8_e4m3fn));
+  const auto b = torch::empty({7, 256}, meta.dtype(torch::kFloat8_e4m3fn));
+  const auto out = mixprec::fp8::gemm(a, b, one, one, torch::kBFloat16);
+  REQUIRE((out.is_meta() && out.sizes() == torch::IntArrayRef{15, 7} && out.scalar_type() == torch::kBFloat16));
+  REQUIRE(mixprec::fp8::dequantize(a, one).scalar_type() == torch::kFloat);
+  const auto i8 = mixprec::int8::quantize(x, 4, -1);
+  REQUIRE((i8.data.scalar_type() == torch::kChar && i8.scale_inv.sizes() == torch::IntArrayRef{4, 1}));
+  REQUIRE(mixprec::ops::cast(x, torch::kHalf).scalar_type() == torch::kHalf);
+  // A meta scale with operands that hold data is refused: its output would be memory nothing computed.
+  REQUIRE_THROWS_WITH(mixprec::fp8::quantize(torch::randn({4, 8}), one, torch::kFloat8_e4m3fn),
+                      Catch::Contains("every tensor must be on one device, got meta tensors with cpu ones"));
+
+  // The layers' functions: forward and backward on meta tensors give the shapes of real ones (autocast has no
+  // state for the meta device; asking torch about it threw).
+  for (const bool int8 : {false, true}) {
+    const auto input = torch::empty({6, 200}, meta.requires_grad(true));
+    const auto weight = torch::empty({16, 200}, meta.requires_grad(true));
+    const auto bias = torch::empty({16}, meta.requires_grad(true));
+    mixprec::fp8::Recipe recipe;
+    const auto state = mixprec::fp8::make_scaling_state(recipe, meta);
+    const auto y = int8 ? mixprec::nn::int8_linear(input, weight, bias)
+                        : mixprec::nn::float8_linear(input, weight, bias, state, recipe);
+    REQUIRE((y.is_meta() && y.sizes() == torch::IntArrayRef{6, 16}));
+    y.sum().backward();
+    REQUIRE(input.grad().sizes() == input.sizes());
+    REQUIRE(weight.grad().sizes() == weight.sizes());
+  }
 }

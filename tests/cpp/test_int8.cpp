@@ -137,6 +137,31 @@ TEST_CASE("Int8Linear: the weight cache spans a gradient-accumulation cycle", "[
   REQUIRE_FALSE(cached->weight_cache.empty());
   mixprec::apply(*cached, mixprec::Policy::from_string("16-true"));  // a cast by the policy empties it too
   REQUIRE(cached->weight_cache.empty());
+  // New weight values (re-initialised, or read from an archive) make a kept quantization stale too.
+  const auto x16 = x.to(cached->weight.scalar_type());
+  cached->forward(x16, true);
+  cached->reset_parameters();
+  REQUIRE(cached->weight_cache.empty());
+  std::stringstream archive;
+  torch::save(std::dynamic_pointer_cast<mixprec::nn::Int8LinearImpl>(cached->clone()), archive);
+  auto loaded = std::dynamic_pointer_cast<mixprec::nn::Int8LinearImpl>(cached->clone());
+  loaded->forward(x16, true);
+  REQUIRE_FALSE(loaded->weight_cache.empty());
+  torch::load(loaded, archive);
+  REQUIRE(loaded->weight_cache.empty());
+}
+
+TEST_CASE("Float8Linear: an archive read into the layer drops its weight cache", "[int8][fp8]") {
+  torch::manual_seed(6);
+  mixprec::nn::Float8Linear layer(64, 32);
+  const auto x = torch::randn({16, 64});
+  std::stringstream archive;
+  torch::save(layer, archive);
+  layer->forward(x, true);
+  REQUIRE_FALSE(layer->weight_cache.empty());
+  torch::load(layer, archive);
+  REQUIRE(layer->weight_cache.empty());
+  REQUIRE_THROWS_WITH(layer->forward(x, false), Catch::Contains("there was none"));
 }
 
 TEST_CASE("qat prepare trains a Sequential with a convolution and convert stores integer weights", "[int8][qat]") {

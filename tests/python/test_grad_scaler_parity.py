@@ -332,6 +332,41 @@ def test_pickle_rules_follow_torch() -> None:
     assert not off.is_enabled() and off.state_dict() == {}
 
 
+class _TorchCounting(torch.amp.GradScaler):
+    """A subclass with an attribute of its own and an override, as a user writes one (module level: it pickles)."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self.unscales += 1
+        super().unscale_(optimizer)
+
+
+class _MixprecCounting(mixprec.GradScaler):
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self.unscales += 1
+        super().unscale_(optimizer)
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))], ids=["deepcopy", "pickle"])
+def test_a_subclass_keeps_its_class_and_attributes_through_copies_as_torchs(copier: Callable) -> None:
+    """torch's scaler pickles and copies its instance dict: a subclass stays one (its overrides run) and keeps its
+    own attributes. Ours built a plain mixprec.GradScaler on deepcopy and dropped the attributes on pickle."""
+    results = []
+    for cls in (_TorchCounting, _MixprecCounting):
+        scaler = cls("cpu", init_scale=8.0)
+        scaler.unscales = 0
+        scaler.note = ["kept"]
+        other = copier(scaler)
+        assert type(other) is cls and other.note == ["kept"] and other.note is not scaler.note
+        model = make_model("cpu")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        other.scale(model(torch.ones(2, 8)).sum()).backward()
+        other.unscale_(opt)
+        other.step(opt)
+        other.update()
+        results.append((other.unscales, scaler.unscales, other.get_scale()))
+    assert results[0] == results[1] == (1, 0, 8.0)
+
+
 @pytest.mark.parametrize("second", ["adamw-fused", "adam-fused", "mixprec-adamw-fused"])
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_an_optimizer_without_gradients_this_iteration(second: str, unscale_first: bool) -> None:

@@ -235,6 +235,24 @@ def test_weight_cache_double_backward_matches_uncached() -> None:
     torch.testing.assert_close(results[0][1], g.detach().float().sum(0)[:, None].expand(16, 32), rtol=2**-8, atol=0)
 
 
+@pytest.mark.parametrize("cls", ["Int8Linear", "Float8Linear"])
+@pytest.mark.parametrize("change", ["reset_parameters", "load_state_dict"])
+def test_a_new_weight_drops_the_weight_cache(cls: str, change: str) -> None:
+    """reset_parameters and load_state_dict replace the weight's values: a kept quantization of the old weight
+    would be reused silently by is_first_microbatch=False (Int8Linear kept it through both, Float8Linear through
+    a load). The next reuse is refused, as after a move or a cast."""
+    torch.manual_seed(0)
+    layer = getattr(mixprec.nn, cls)(32, 16)
+    other = getattr(mixprec.nn, cls)(32, 16)
+    layer(torch.randn(4, 32), is_first_microbatch=True)
+    if change == "reset_parameters":
+        layer.reset_parameters()
+    else:
+        layer.load_state_dict(other.state_dict())
+    with pytest.raises(RuntimeError, match="is_first_microbatch=False reuses the weight quantized by an earlier call"):
+        layer(torch.randn(4, 32), is_first_microbatch=False)
+
+
 def test_weight_cache_is_used_and_checked() -> None:
     torch.manual_seed(4)
     layer = mixprec.nn.Int8Linear(32, 16)

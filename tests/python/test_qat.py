@@ -743,3 +743,35 @@ def test_prepare_warns_that_conv1d_projections_stay_in_float() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qat.prepare(nn.Sequential(Conv1D(8, 8), nn.Linear(8, 4)), filter=lambda n, m: not isinstance(m, Conv1D))
+
+
+@pytest.mark.parametrize("config", [qat.QATConfig(), qat.QATConfig(learnable_activation_scales=True)],
+                         ids=["dynamic", "learned-input-step"])
+def test_channels_last_activations_stay_channels_last(config: qat.QATConfig) -> None:
+    """A channels_last model keeps its layout through QAT and convert, as torch's Conv2d: the per-tensor input
+    quantization walks the activation in memory order (it came back contiguous, and the convolution after it ran
+    in NCHW). The values are those of the contiguous run, bit for bit."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 4, 6, 6)
+    for stage in ("qat", "converted"):
+        model = qat.prepare(copy.deepcopy(plain), config)
+        model(x)  # sets a learned input step
+        if stage == "converted":
+            model = qat.convert(model)
+        last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xl = x.to(memory_format=torch.channels_last)
+        out, ref = last(xl), model(x)
+        assert out.is_contiguous(memory_format=torch.channels_last), stage
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert torch.equal(qat._fake_quantize_input(xl, False), qat._fake_quantize_input(x, False))
+        if stage == "qat":
+            out.sum().backward()
+            assert all(p.grad is not None for p in last.parameters())
+
+
+def test_quantized_conv2d_prints_its_geometry() -> None:
+    conv = qat.convert(qat.prepare(nn.Sequential(nn.Conv2d(4, 8, (3, 5), stride=2, padding=1, groups=2)),
+                                   qat.QATConfig(weight_bits=4)))[0]
+    assert repr(conv) == ("QuantizedConv2d(4, 8, kernel_size=(3, 5), stride=(2, 2), padding=(1, 1), dilation=(1, 1), "
+                          "groups=2, weight_bits=4, activations=True)")

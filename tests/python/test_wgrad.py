@@ -963,4 +963,12 @@ def test_torch_func_transforms_through_8bit_and_qat_layers_are_refused_by_name(c
 
     with pytest.raises(RuntimeError, match=f"{name} cannot run under torch.func transforms"):
         torch.func.grad(loss)(params, torch.randn(4, 32))
+    # Forward-mode AD (torch.autograd.forward_ad) too: torch's message there ("jvp is not implemented for the c++
+    # API of custom Function") leaked through unnamed.
+    import torch.autograd.forward_ad as fwAD
+
+    with pytest.raises(RuntimeError, match=f"{name} cannot run under torch.func transforms .* or forward-mode AD"):
+        with fwAD.dual_level():
+            x = torch.randn(4, 32)
+            model(fwAD.make_dual(x, torch.ones_like(x)))
     model(torch.randn(4, 32)).sum().backward()  # outside a transform, as ever

@@ -263,6 +263,8 @@ class Int8LinearImpl : public torch::nn::Cloneable<Int8LinearImpl> {
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Device device, bool non_blocking = false) override;
+  /// Module::load, and the weight cache is dropped (quantized from the weight before the load).
+  void load(torch::serialize::InputArchive& archive) override;
 
   torch::nn::LinearOptions options;
   Int8Gemms gemms;
