@@ -389,13 +389,23 @@ torch::Tensor new_input_step(const torch::Tensor& weight) {
   return torch::zeros({1}, weight.options().dtype(torch::kFloat));
 }
 
-// convert() needs a learned step that training set.
-torch::Tensor learned_input_scale(const torch::Tensor& input_step, const char* layer) {
+// A converted layer's static input scale: the learned step's magnitude. A step never set (0) converts too, as
+// torch.ao's convert does without calibration, so that a model rebuilt as prepare -> convert can load a converted
+// checkpoint; check_input_scale refuses to run with it.
+torch::Tensor learned_input_scale(const torch::Tensor& input_step) {
   const torch::NoGradGuard no_grad;
-  const torch::Tensor s = input_step.detach().abs().clone();
-  TORCH_CHECK_VALUE(s.is_meta() || s.item<float>() != 0.0f, "mixprec::qat::convert: the ", layer, "'s input_step was never set; "
-                    "run at least one forward (training) before convert");
-  return s;
+  return input_step.detach().abs().clone();
+}
+
+// A converted layer runs only with an input scale that training learned or a checkpoint loaded: one host read,
+// at the first forward after it was made or loaded (`checked`), where reading is possible (not on meta tensors,
+// not while a CUDA graph captures).
+void check_input_scale(const torch::Tensor& s, bool& checked, std::string_view layer) {
+  if (checked || !s.defined() || !nn::detail::can_read(s)) return;
+  TORCH_CHECK_VALUE(s.ne(0).all().item<bool>(), "mixprec::qat::", layer, ": input_scale is 0: the QAT layer's "
+                    "input_step was never set before convert; run at least one training forward before convert, or "
+                    "load a converted checkpoint into this layer");
+  checked = true;
 }
 
 // What a checkpoint does to a layer's learnable steps (the rule of both front doors; Python's layers ask it through
@@ -557,7 +567,7 @@ torch::Tensor QATConv2dImpl::forward(const torch::Tensor& input) {
 
 QuantizedLinearImpl::QuantizedLinearImpl(const QATLinearImpl& layer) : config(layer.config) {
   const torch::Tensor s =
-      layer.input_step.defined() ? learned_input_scale(layer.input_step, "QATLinear") : torch::Tensor();
+      layer.input_step.defined() ? learned_input_scale(layer.input_step) : torch::Tensor();
   const QuantizedWeight q = quantize_weight(layer.weight, config, layer.weight_step);
   weight_codes = register_buffer("weight_codes", q.codes);
   weight_scale = register_buffer("weight_scale", q.scale);
@@ -596,13 +606,19 @@ void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
+  check_input_scale(input_scale, input_scale_checked, "QuantizedLinear");
   return quantized_linear(input, weight_codes, weight_scale, bias, config, input_scale);
+}
+
+void QuantizedLinearImpl::load(torch::serialize::InputArchive& archive) {
+  input_scale_checked = false;
+  torch::nn::Module::load(archive);
 }
 
 QuantizedConv2dImpl::QuantizedConv2dImpl(const QATConv2dImpl& layer)
     : options(layer.options), config(layer.config), weight_shape(layer.weight.sizes().vec()) {
   const torch::Tensor s =
-      layer.input_step.defined() ? learned_input_scale(layer.input_step, "QATConv2d") : torch::Tensor();
+      layer.input_step.defined() ? learned_input_scale(layer.input_step) : torch::Tensor();
   torch::Tensor w = layer.weight, b = layer.bias.defined() ? layer.bias.detach().clone() : torch::Tensor();
   if (layer.bn) {
     const torch::NoGradGuard no_grad;
@@ -629,7 +645,13 @@ void QuantizedConv2dImpl::pretty_print(std::ostream& stream) const {
          << ", weight_bits=" << config.weight_bits << ")";
 }
 
+void QuantizedConv2dImpl::load(torch::serialize::InputArchive& archive) {
+  input_scale_checked = false;
+  torch::nn::Module::load(archive);
+}
+
 torch::Tensor QuantizedConv2dImpl::forward(const torch::Tensor& input) {
+  check_input_scale(input_scale, input_scale_checked, "QuantizedConv2d");
   return quantized_conv2d(input, weight_codes, weight_scale, weight_shape, bias, vec(options.stride()),
                           padding_of(options), vec(options.dilation()), options.groups(), config.activations,
                           input_scale);
@@ -716,6 +738,10 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return init_input_step(step, input);
   });
   m.impl("qat_seed_input_step_", [](const at::Tensor& step, const at::Tensor& input) { seed_input_step(step, input); });
+  m.impl("qat_check_input_scale", [](const at::Tensor& input_scale, c10::string_view layer) {
+    bool checked = false;
+    check_input_scale(input_scale, checked, std::string_view(layer.data(), layer.size()));
+  });
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));

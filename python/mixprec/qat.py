@@ -352,10 +352,10 @@ class _QuantizedWeight(nn.Module):
     def _set_weight(self, layer: nn.Module, config: QATConfig, weight: Optional[Tensor] = None) -> None:
         input_scale = None
         if config.learnable_activation_scales:
+            # A step never set converts to 0, as torch.ao converts without calibration, so that a model rebuilt as
+            # prepare -> convert loads a converted checkpoint; the first forward refuses to run with it
+            # (_check_input_scale).
             input_scale = layer.input_step.detach().abs().clone()
-            if not input_scale.is_meta and not input_scale.any():  # a meta model (shapes only) has no steps yet
-                raise ValueError(f"mixprec.qat.convert: the {type(layer).__name__}'s input_step was never set; run at "
-                                 "least one forward (training) before convert")
         step = layer.weight_step if config.learnable_scales else None
         weight = layer.weight if weight is None else weight
         codes, scale = torch.ops.mixprec.qat_quantize_weight(weight, step, config.weight_bits, config.group_size)
@@ -375,6 +375,19 @@ class _QuantizedWeight(nn.Module):
         apply_keeping_fp32(self, self._FP32_NAMES, lambda: super(_QuantizedWeight, self)._apply(fn, recurse))
         return self
 
+    def _check_input_scale(self) -> None:
+        """``mixprec::qat``'s rule, as the C++ layers': a learned input scale of 0 (a step never set before
+        convert, and no converted checkpoint loaded since) is refused by name. One host read, at the first eager
+        forward after the layer was made or loaded."""
+        s = self.input_scale
+        if s is not None and not self.__dict__.get("_input_scale_checked") and _mnn._can_read(s):
+            torch.ops.mixprec.qat_check_input_scale(s, type(self).__name__)
+            self._input_scale_checked = True
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        super()._load_from_state_dict(*args)
+        self._input_scale_checked = False  # the loaded scale is checked at the next forward
+
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """codes * step in fp32, as ``dtype``, in the layer's weight shape."""
         w = torch.ops.mixprec.qat_dequantize_weight(self.weight_codes, self.weight_scale)
@@ -392,6 +405,7 @@ class QuantizedLinear(_QuantizedWeight):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input_scale()
         return torch.ops.mixprec.qat_quantized_linear(input, self.weight_codes, self.weight_scale, self.bias,
                                                       self.weight_bits, self.group_size, self.activations,
                                                       self.input_scale)
@@ -426,6 +440,7 @@ class QuantizedConv2d(_QuantizedWeight):
                 f"weight_bits={self.weight_bits}, activations={self.activations}")
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input_scale()
         return torch.ops.mixprec.qat_quantized_conv2d(
             input, self.weight_codes, self.weight_scale, list(self.weight_shape), self.bias, list(self.stride),
             list(self.padding), list(self.dilation), self.groups, self.activations, self.input_scale)

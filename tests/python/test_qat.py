@@ -467,13 +467,24 @@ def test_learnable_activation_steps(kind: str) -> None:
     half = qat.prepare(nn.Linear(4, 3), config).bfloat16()
     half(torch.full((2, 4), 127.0, dtype=torch.bfloat16))
     assert half.input_step.dtype == torch.float32 and half.input_step.item() == 1.0
-    # Never run: nothing to convert the step from, and nothing is changed.
+    # Never run: the step converts to 0 (as torch.ao's convert works without calibration), and the converted
+    # layer refuses to run with it until a converted checkpoint is loaded: the rebuild prepare -> convert -> load.
     model = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
     model(torch.randn(2, 4))
     model[2].input_step.data.zero_()  # as if the second layer had never run
-    with pytest.raises(ValueError, match="input_step was never set"):
-        qat.convert(model)
-    assert isinstance(model[0], qat.QATLinear) and isinstance(model[2], qat.QATLinear)
+    unset = qat.convert(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="QuantizedLinear: input_scale is 0: the QAT layer's input_step was never "
+                                         "set before convert"):
+        unset(torch.randn(2, 4))
+    trained = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
+    trained(torch.randn(2, 4))  # sets both steps
+    trained = qat.convert(trained)
+    x = torch.randn(3, 4)
+    for device in ("cpu", "meta"):  # rebuilt eagerly, or on the meta device and loaded with assign=True
+        with torch.device(device):
+            rebuilt = qat.convert(qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config))
+        rebuilt.load_state_dict(trained.state_dict(), assign=device == "meta")
+        assert torch.equal(rebuilt(x), trained(x))
 
 
 def test_torch_compile_with_dynamic_batch_sizes() -> None:

@@ -205,8 +205,14 @@ class QuantizedLinearImpl : public nn::CloneableKeepingFp32<QuantizedLinearImpl>
   bool keeps_fp32(const std::string& name) const override;
   // to(dtype) reaches the bias alone: the codes stay integers and the scales float32.
 
+  /// Module::load; the next forward checks the loaded input_scale again.
+  void load(torch::serialize::InputArchive& archive) override;
+
   QATConfig config;
   torch::Tensor weight_codes, weight_scale, bias, input_scale;
+  /// A step never learned converts to input_scale 0 (so that prepare -> convert can load a converted checkpoint);
+  /// the first forward after the layer was made or loaded refuses to run with it (one host read).
+  bool input_scale_checked = false;
 };
 TORCH_MODULE(QuantizedLinear);
 
@@ -222,10 +228,14 @@ class QuantizedConv2dImpl : public nn::CloneableKeepingFp32<QuantizedConv2dImpl>
   bool keeps_fp32(const std::string& name) const override;
   // to(dtype) reaches the bias alone: the codes stay integers and the scales float32.
 
+  /// As QuantizedLinear's.
+  void load(torch::serialize::InputArchive& archive) override;
+
   torch::nn::detail::ConvNdOptions<2> options;
   QATConfig config;
   std::vector<int64_t> weight_shape;
   torch::Tensor weight_codes, weight_scale, bias, input_scale;
+  bool input_scale_checked = false;  // as QuantizedLinear's
 };
 TORCH_MODULE(QuantizedConv2d);
 
