@@ -76,6 +76,7 @@ void CastPlan::finish() {
 }
 
 at::Tensor empty_cast_output(const at::Tensor& src, at::ScalarType dtype) {
+  TORCH_CHECK(castable(dtype), "mixprec::cast: dtype must be float32, float16 or bfloat16, got ", dtype);
   return at::empty_like(src, src.options().dtype(dtype), at::MemoryFormat::Preserve);
 }
 
@@ -91,8 +92,8 @@ void check_merge_args(const at::Tensor& bf16, const at::Tensor& remainder) {
   TORCH_CHECK(remainder.defined() && remainder.layout() == at::kStrided, op, ": remainder must be a dense tensor");
   TORCH_CHECK(bf16.scalar_type() == at::kBFloat16, op, ": bf16 must be bfloat16, got ", bf16.scalar_type());
   TORCH_CHECK(remainder.scalar_type() == at::kShort, op, ": remainder must be int16, got ", remainder.scalar_type());
-  TORCH_CHECK(bf16.sizes() == remainder.sizes(), op, ": bf16 has shape ", bf16.sizes(), " but remainder has shape ",
-              remainder.sizes());
+  TORCH_CHECK(bf16.sym_sizes() == remainder.sym_sizes(), op, ": bf16 has shape ", bf16.sym_sizes(),
+              " but remainder has shape ", remainder.sym_sizes());  // symbolic: the Meta kernel runs this too
   TORCH_CHECK(bf16.device() == remainder.device(), op, ": bf16 is on ", bf16.device(), " but remainder is on ",
               remainder.device());
 }

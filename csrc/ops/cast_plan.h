@@ -46,7 +46,8 @@ class CastPlan {
   uint64_t rng_elements_ = 0;
 };
 
-/// The output of the functional cast: laid out like src (same strides when src is dense).
+/// The output of the functional cast: laid out like src (same strides when src is dense); `dtype` must be
+/// float32, float16 or bfloat16 (checked here, for the kernels and the Meta kernel alike).
 at::Tensor empty_cast_output(const at::Tensor& src, at::ScalarType dtype);
 
 /// The functional cast on top of a backend's list cast `cast_lists(dst_list, src_list)`.

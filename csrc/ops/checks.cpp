@@ -211,13 +211,13 @@ void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const a
               ": grad_output must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(input.scalar_type() == dtype, op, ": input must have grad_output's dtype (", dtype, "), got ",
               input.scalar_type());
+  // Symbolic sizes: the Meta kernel (ops/meta.cpp) runs these checks under torch.compile's dynamic shapes too.
+  const c10::SymIntArrayRef out = grad_output.sym_sizes(), in = input.sym_sizes();
   TORCH_CHECK(grad_output.dim() >= 1 && input.dim() == grad_output.dim(), op,
               ": grad_output [..., out_features] and input [..., in_features] must have the same number (>= 1) "
-              "of dimensions, got shapes ",
-              grad_output.sizes(), " and ", input.sizes());
-  TORCH_CHECK(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1), op,
-              ": grad_output and input must have the same leading (batch) shape, got ", grad_output.sizes(), " and ",
-              input.sizes());
+              "of dimensions, got shapes ", out, " and ", in);
+  TORCH_CHECK(out.slice(0, out.size() - 1) == in.slice(0, in.size() - 1), op,
+              ": grad_output and input must have the same leading (batch) shape, got ", out, " and ", in);
 }
 
 at::Tensor prepare_wgrad_output(const at::Tensor& grad_output, const at::Tensor& input, bool& has_work) {

@@ -172,6 +172,9 @@ Fp8ScaleLayout scale_layout(const char* op, const char* name, const at::Tensor& 
   return layout;
 }
 
+
+}  // namespace
+
 void check_fp8_operand(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
   TORCH_CHECK(x.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", x.layout());
@@ -179,8 +182,6 @@ void check_fp8_operand(const char* op, const char* name, const at::Tensor& x) {
                     " must be torch.float8_e4m3fn or torch.float8_e5m2, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D matrix, got ", x.dim(), " dimensions");
 }
-
-}  // namespace
 
 Fp8ScaleLayout check_fp8_dequantize(const char* op, const at::Tensor& data, const at::Tensor& scale_inv) {
   check_fp8_operand(op, "data", data);

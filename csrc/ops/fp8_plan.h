@@ -113,6 +113,10 @@ struct Fp8GemmArgs {
   int64_t m, n, k;
 };
 
+/// An FP8 GEMM operand (`name` of `op`): a dense 2-D float8_e4m3fn / float8_e5m2 tensor (no sizes read: the Meta
+/// kernels run it under symbolic shapes too).
+void check_fp8_operand(const char* op, const char* name, const at::Tensor& x);
+
 /// Checks shared by both GEMM ops: FP8 2-D operands on one device with equal k, and scale_inv tensors of
 /// one of the layouts: one element (per tensor), [rows, 1] (per row), [rows, ceil(k / 128)] (1x128 blocks)
 /// or [ceil(rows / 128), ceil(k / 128)] (128x128 blocks).

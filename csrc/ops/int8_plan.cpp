@@ -33,14 +33,15 @@ at::Tensor scale_view(const char* op, const char* name, const at::Tensor& s, int
   return rows ? s.reshape({len, 1}) : s.reshape({1, len});
 }
 
+
+}  // namespace
+
 void check_int8_operand(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got an undefined tensor");
   TORCH_CHECK(x.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ", x.layout());
   TORCH_CHECK(x.scalar_type() == at::kChar, op, ": ", name, " must be int8, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D matrix, got ", x.dim(), " dimensions");
 }
-
-}  // namespace
 
 Int8Input check_int8_quantize(const at::Tensor& input, int64_t block_rows, int64_t block_cols,
                               c10::string_view rounding) {

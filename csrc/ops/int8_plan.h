@@ -34,6 +34,9 @@ struct Int8MmArgs {
   int64_t m, n, k;
 };
 
+/// An INT8 GEMM operand: a dense 2-D int8 tensor (no sizes read, as check_fp8_operand).
+void check_int8_operand(const char* op, const char* name, const at::Tensor& x);
+
 Int8MmArgs check_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                          const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
 

@@ -6,9 +6,12 @@
 // Sizes are c10::SymInt throughout (sym_sizes, empty_symint): under torch.compile's dynamic shapes a
 // fake tensor's sizes are symbols, and sizes() would throw. The output shapes follow the rules the CPU and
 // CUDA kernels allocate by (matrix_extent_of / grid_extent from ops/fp8_plan.h). Checks that need data or
-// concrete sizes stay with the real kernels, which run on the real tensors later; the scalar arguments an
-// output's dtype or shape comes from (FP8 dtypes, GEMM out_dtype, block sizes, histogram bins) are checked
-// here by the kernels' own checks, so a trace refuses them as the kernels do.
+// concrete sizes stay with the real kernels, which run on the real tensors later; the arguments an output's
+// dtype or shape comes from (FP8 dtypes, cast and GEMM out dtypes, block sizes, histogram bins, the operands of
+// linear_wgrad and merge_bf16_remainder, the GEMM operands' dtype and rank) are checked here by the kernels' own
+// checks, so a trace refuses them as the kernels do. One rule the Meta kernels cannot keep under FakeTensorMode:
+// there every fake tensor presents itself as a meta tensor, so a mix of fake devices in an in-place op (no output
+// for FakeTensor to compare devices on) is refused when the real kernels run, as torch's own in-place ops are.
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceType.h>
 #include <torch/library.h>
@@ -22,6 +25,7 @@
 #include "ops/checks.h"
 #include "ops/fp8_plan.h"
 #include "ops/grad_stats_rule.h"
+#include "ops/int8_plan.h"
 
 namespace mixprec::meta {
 namespace {
@@ -114,11 +118,13 @@ void cast_(at::TensorList dst, at::TensorList src, c10::string_view /*rounding*/
 
 std::tuple<at::Tensor, at::Tensor> split_bf16_remainder(const at::Tensor& src) {
   refuse_meta_mix("mixprec::split_bf16_remainder", src);
+  detail::check_split_args(src);
   return {empty(src.sym_sizes(), src, at::kBFloat16), empty(src.sym_sizes(), src, at::kShort)};
 }
 
 at::Tensor merge_bf16_remainder(const at::Tensor& bf16, const at::Tensor& remainder) {
   refuse_meta_mix("mixprec::merge_bf16_remainder", bf16, remainder);
+  detail::check_merge_args(bf16, remainder);
   return empty(bf16.sym_sizes(), bf16, at::kFloat);
 }
 
@@ -140,9 +146,7 @@ void linear_wgrad_accum_(const at::Tensor& main_grad, const at::Tensor& grad_out
 at::Tensor linear_wgrad(const at::Tensor& grad_output, const at::Tensor& input) {
   constexpr const char* op = "mixprec::linear_wgrad";
   refuse_meta_mix(op, grad_output, input);
-  TORCH_CHECK(grad_output.dim() >= 1 && input.dim() >= 1, op,
-              ": grad_output and input must have at least one dimension, got ", grad_output.dim(), " and ",
-              input.dim());
+  detail::check_wgrad_operands(op, grad_output, input);
   return empty({grad_output.sym_size(-1), input.sym_size(-1)}, grad_output, at::kFloat);
 }
 
@@ -188,18 +192,23 @@ at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
                     bool /*use_fast_accum*/) {
   constexpr const char* op = "mixprec::fp8_gemm";
   refuse_meta_mix(op, a, b, a_scale_inv, b_scale_inv, bias);
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D, got ", a.dim(), "-D and ", b.dim(), "-D");
+  detail::check_fp8_operand(op, "a", a);
+  detail::check_fp8_operand(op, "b", b);
   detail::check_gemm_out_dtype(out_dtype, op);
   return empty({a.sym_size(0), b.sym_size(0)}, a, out_dtype);
 }
 
 void fp8_gemm_accum_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_inv,
                      const at::Tensor& b_scale_inv) {
-  refuse_meta_mix("mixprec::fp8_gemm_accum_", out, a, b, a_scale_inv, b_scale_inv);
+  constexpr const char* op = "mixprec::fp8_gemm_accum_";
+  refuse_meta_mix(op, out, a, b, a_scale_inv, b_scale_inv);
+  detail::check_fp8_operand(op, "a", a);
+  detail::check_fp8_operand(op, "b", b);
 }
 
 at::Tensor fp8_dequantize(const at::Tensor& data, const at::Tensor& scale_inv) {
   refuse_meta_mix("mixprec::fp8_dequantize", data, scale_inv);
+  detail::check_fp8_operand("mixprec::fp8_dequantize", "data", data);
   return empty(data.sym_sizes(), data, at::kFloat);
 }
 
@@ -216,7 +225,8 @@ at::Tensor int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a
                    const at::Tensor& b_scale_inv, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "mixprec::int8_mm";
   refuse_meta_mix(op, a, b, a_scale_inv, b_scale_inv, bias);
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D, got ", a.dim(), "-D and ", b.dim(), "-D");
+  detail::check_int8_operand(op, "a", a);
+  detail::check_int8_operand(op, "b", b);
   detail::check_gemm_out_dtype(out_dtype, op);
   return empty({a.sym_size(0), b.sym_size(1)}, a, out_dtype);
 }

@@ -179,10 +179,14 @@ void check_config(const QATConfig& config) {
 
 // A per-tensor fake quantization is element-wise: a channels_last activation (a QATConv2d's input after
 // .to(memory_format=torch.channels_last)) is walked in its memory order, through the NHWC view that is contiguous,
-// and comes back channels_last, so the convolution after it runs in the layout torch's would.
+// and comes back channels_last, so the convolution after it runs in the layout torch's would. One channel is
+// contiguous in both layouts: its channel stride (1 in channels_last) tells them apart. Symbolic strides: under
+// torch.compile's dynamic shapes these questions guard instead of throwing.
 template <typename FakeQuantize>
 torch::Tensor keeping_channels_last(const torch::Tensor& x, FakeQuantize&& fake_quantize) {
-  if (x.dim() != 4 || x.is_contiguous() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return fake_quantize(x);
+  const bool channels_last = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                             (!x.is_contiguous() || x.sym_stride(1) == 1);
+  if (!channels_last) return fake_quantize(x);
   return fake_quantize(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
 }
 

@@ -831,9 +831,10 @@ class GradScaler(torch.amp.GradScaler):
 
             group = dist.group.WORLD
         self._construct(state["device"], state["enabled"], group, state["options"])  # where there is no GPU: disabled
+        # A subclass's attributes before its state: its load_state_dict override may read them.
+        self.__dict__.update(state.get("extra", {}))  # absent from older pickles
         if self._enabled and state["state"]:
             self.load_state_dict(state["state"])
-        self.__dict__.update(state.get("extra", {}))  # absent from older pickles
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "GradScaler":
         """An independent scaler in the same state (sharing the process group, which is not copied)."""
@@ -844,9 +845,9 @@ class GradScaler(torch.amp.GradScaler):
         copy = type(self).__new__(type(self))  # a subclass stays one, with its overrides
         memo[id(self)] = copy
         copy._construct(self._device, self._enabled, self._process_group, dict(self._options))
-        if self._enabled:
-            copy.load_state_dict(self.state_dict())
-        for key, value in self.__dict__.items():  # a subclass's own attributes, copied as deepcopy copies them
+        for key, value in self.__dict__.items():  # a subclass's own attributes (before its state, as in pickles)
             if key not in self._CONSTRUCTED:
                 copy.__dict__[key] = deepcopy(value, memo)
+        if self._enabled:
+            copy.load_state_dict(self.state_dict())
         return copy

@@ -71,7 +71,9 @@ def _outputs_in(dtype: torch.dtype, module: nn.Module, args: Any, output: Any,
     it is (evaluation, export), where a 16-bit output would meet fp32 weights."""
     if under_autocast_only:
         t = _first_tensor(output)
-        if t is None or not torch.is_autocast_enabled(t.device.type):
+        # (A device autocast does not know, as meta, has it off: torch's question would raise there.)
+        kind = t.device.type if t is not None else ""
+        if t is None or not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
             return None
     return _cast_floating(output, dtype)
 

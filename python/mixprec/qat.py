@@ -227,12 +227,15 @@ class _QATWeight:
                     continue
                 if name == "weight_step":
                     start = _check(self, self.qat_config, self._modules.get("bn"))  # type: ignore[arg-type,attr-defined]
+                    if step.device == start.device:
+                        step.copy_(start)  # a DTensor step from a DTensor weight: the same placements
+                        continue
+                elif step.device == self.weight.device:
+                    step.zero_()  # in place on any placement (FSDP2 shards it; a copy_ of a plain tensor is refused)
+                    continue
                 else:
                     start = torch.zeros(1, device=self.weight.device, dtype=torch.float32)
-                if step.device == start.device:
-                    step.copy_(start)
-                else:
-                    params[name] = nn.Parameter(start.to(step.dtype), requires_grad=step.requires_grad)
+                params[name] = nn.Parameter(start.to(step.dtype), requires_grad=step.requires_grad)
         if params.get("input_step") is not None:
             self._input_step_checked = False
 

@@ -314,7 +314,8 @@ def test_opcheck(device: str) -> None:
 BAD = [
     ("unknown rounding", lambda: ops.cast(torch.ones(3), torch.float16, "truncate"), "rounding"),
     ("int source", lambda: ops.cast(torch.ones(3, dtype=torch.int32), torch.float16), "src"),
-    ("fp64 target", lambda: ops.cast(torch.ones(3), torch.float64), "dst"),
+    ("fp64 target", lambda: ops.cast(torch.ones(3), torch.float64),
+     "dtype must be float32, float16 or bfloat16, got Double"),
     ("list lengths", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], []), "same length"),
     ("pair shapes", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(4)]), "shape"),
     ("sparse source", lambda: ops.cast_([torch.empty(3, dtype=torch.float16)], [torch.ones(3).to_sparse()]),

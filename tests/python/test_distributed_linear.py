@@ -611,3 +611,59 @@ def test_fsdp2_optimizer_state_is_sharded_like_torchs_and_checkpoints(tmp_path) 
                     assert saved[key].shape == value.shape and torch.equal(saved[key], value), (name, key)
     for a, b in zip(result["params"], model.parameters()):
         assert torch.equal(a, b.detach())
+
+
+FSDP2_QAT_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from mixprec import qat
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    config = qat.QATConfig(learnable_scales=True, learnable_activation_scales=True)
+
+    def build(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), config)
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def full(model):
+        return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+    reference = build("cpu")
+    reference(torch.randn(2, 8))  # sets the input steps
+    # A plain checkpoint loaded into the sharded model restarts the steps (sharded DTensors) in place.
+    plain = {k: v for k, v in reference.state_dict().items() if "step" not in k}
+    reference.load_state_dict(plain, strict=False)
+    restarted = full(reference)
+    assert all(torch.equal(restarted[f"{i}.input_step"], torch.zeros(1)) for i in (0, 1))
+    # Deferred initialisation of the sharded model: to_empty, reset_parameters, and the steps start from the new
+    # (sharded) weights as prepare starts them: those of an unsharded model prepared over the same full weights.
+    deferred = build("meta")
+    deferred.to_empty(device="cpu")
+    for m in deferred.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    got = full(deferred)
+    weights = {k: v for k, v in got.items() if "step" not in k}
+    want = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), config)
+    want.load_state_dict(weights, strict=False)  # a plain checkpoint: the steps start from its weights
+    want = want.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_qat_steps_restart_on_load_and_after_deferred_initialisation() -> None:
+    """The learnable QAT steps are sharded DTensors under FSDP2: restarting them (a plain checkpoint loaded after
+    prepare, reset_parameters after to_empty) works in place on the shards (the input step's copy_ of a plain
+    tensor was refused by DTensor) and gives the steps of the model built eagerly."""
+    run_ranks(FSDP2_QAT_SCRIPT)

@@ -345,6 +345,10 @@ class _MixprecCounting(mixprec.GradScaler):
         self.unscales += 1
         super().unscale_(optimizer)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loads = getattr(self, "loads", 0) + 1 if hasattr(self, "unscales") else -1  # reads its own attribute
+        super().load_state_dict(state_dict)
+
 
 @pytest.mark.parametrize("copier", [copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))], ids=["deepcopy", "pickle"])
 def test_a_subclass_keeps_its_class_and_attributes_through_copies_as_torchs(copier: Callable) -> None:
@@ -357,6 +361,8 @@ def test_a_subclass_keeps_its_class_and_attributes_through_copies_as_torchs(copi
         scaler.note = ["kept"]
         other = copier(scaler)
         assert type(other) is cls and other.note == ["kept"] and other.note is not scaler.note
+        if cls is _MixprecCounting:  # its load_state_dict override ran with its own attributes in place
+            assert other.loads == 1 and not hasattr(scaler, "loads")
         model = make_model("cpu")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         other.scale(model(torch.ones(2, 8)).sum()).backward()

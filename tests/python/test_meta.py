@@ -119,6 +119,17 @@ def test_meta_kernels_check_the_arguments_an_output_is_shaped_by() -> None:
         ops.fp8_gemm(a, a, torch.ones(1, device="meta"), torch.ones(1, device="meta"), torch.int32)
     with pytest.raises(RuntimeError, match=r"mixprec::grad_stats: num_bins must be in \[1, 4096\]"):
         ops.grad_stats([x], torch.ones(1, device="meta"), -40, 0)
+    with pytest.raises(RuntimeError, match="mixprec::cast: dtype must be float32, float16 or bfloat16, got Double"):
+        ops.cast(x, torch.float64)
+    with pytest.raises(RuntimeError, match="mixprec::linear_wgrad: grad_output and input must have the same leading"):
+        ops.linear_wgrad(x, torch.empty(3, 5, device="meta"))
+    with pytest.raises(RuntimeError, match="mixprec::merge_bf16_remainder: bf16 has shape"):
+        ops.merge_bf16_remainder(x.bfloat16(), torch.empty(4, 9, device="meta", dtype=torch.int16))
+    with pytest.raises(RuntimeError, match="mixprec::fp8_dequantize: data must be a 2-D matrix, got 3 dimensions"):
+        ops.fp8_dequantize(torch.empty(2, 4, 8, device="meta", dtype=E4M3), torch.ones(1, device="meta"))
+    with pytest.raises(RuntimeError, match="mixprec::int8_mm: b must be int8, got Float"):
+        ops.int8_mm(torch.empty(4, 8, device="meta", dtype=torch.int8), x.t(), torch.ones(1, device="meta"),
+                    torch.ones(1, device="meta"), torch.float32)
 
 
 def test_dynamic_shapes_trace_through_the_meta_kernels() -> None:
@@ -158,12 +169,17 @@ def _layers() -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-@pytest.mark.parametrize("kind", list(_layers()))
+@pytest.mark.parametrize("kind", [*_layers(), "Policy-mixed"])
 def test_every_layer_runs_on_meta_tensors_as_on_real_ones(kind: str) -> None:
     """Shape inference (and FlopCounterMode on a meta model): a model built on the meta device runs forward and
     backward, with the shapes, dtypes and FLOP count of the same model on the CPU. (autocast has no state for the
     meta device; the layers asked torch about it, which threw.)"""
-    make = _layers()[kind]
+    if kind == "Policy-mixed":  # a mixed policy's hooks ask autocast about the outputs' device
+        def make() -> nn.Module:
+            model = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8))
+            return mixprec.Policy("mixed_bfloat16").apply(model)
+    else:
+        make = _layers()[kind]
     torch.manual_seed(0)
     real = make()
     with torch.device("meta"):

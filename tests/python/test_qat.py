@@ -756,15 +756,17 @@ def test_prepare_warns_that_conv1d_projections_stay_in_float() -> None:
         qat.prepare(nn.Sequential(Conv1D(8, 8), nn.Linear(8, 4)), filter=lambda n, m: not isinstance(m, Conv1D))
 
 
+@pytest.mark.parametrize("channels", [1, 4])
 @pytest.mark.parametrize("config", [qat.QATConfig(), qat.QATConfig(learnable_activation_scales=True)],
                          ids=["dynamic", "learned-input-step"])
-def test_channels_last_activations_stay_channels_last(config: qat.QATConfig) -> None:
+def test_channels_last_activations_stay_channels_last(config: qat.QATConfig, channels: int) -> None:
     """A channels_last model keeps its layout through QAT and convert, as torch's Conv2d: the per-tensor input
     quantization walks the activation in memory order (it came back contiguous, and the convolution after it ran
-    in NCHW). The values are those of the contiguous run, bit for bit."""
+    in NCHW). The values are those of the contiguous run, bit for bit. One input channel (a grayscale first layer)
+    is contiguous in both layouts: it stays channels_last too."""
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(2, 4, 6, 6)
+    plain = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, channels, 6, 6)
     for stage in ("qat", "converted"):
         model = qat.prepare(copy.deepcopy(plain), config)
         model(x)  # sets a learned input step
@@ -774,6 +776,11 @@ def test_channels_last_activations_stay_channels_last(config: qat.QATConfig) -> 
         xl = x.to(memory_format=torch.channels_last)
         out, ref = last(xl), model(x)
         assert out.is_contiguous(memory_format=torch.channels_last), stage
+        assert out.stride() == torch.nn.Conv2d(channels, 8, 3, padding=1).to(memory_format=torch.channels_last)(
+            xl).stride()  # torch's own layout (the first layer's output; the second keeps it)
+        first = last[0](xl)
+        assert first.stride() == torch.nn.Conv2d(channels, 8, 3, padding=1).to(
+            memory_format=torch.channels_last)(xl).stride(), stage
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         assert torch.equal(qat._fake_quantize_input(xl, False), qat._fake_quantize_input(x, False))
         if stage == "qat":
