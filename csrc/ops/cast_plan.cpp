@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
+#include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
 #include "ops/checks.h"
@@ -92,8 +93,12 @@ void check_merge_args(const at::Tensor& bf16, const at::Tensor& remainder) {
   TORCH_CHECK(remainder.defined() && remainder.layout() == at::kStrided, op, ": remainder must be a dense tensor");
   TORCH_CHECK(bf16.scalar_type() == at::kBFloat16, op, ": bf16 must be bfloat16, got ", bf16.scalar_type());
   TORCH_CHECK(remainder.scalar_type() == at::kShort, op, ": remainder must be int16, got ", remainder.scalar_type());
-  TORCH_CHECK(bf16.sym_sizes() == remainder.sym_sizes(), op, ": bf16 has shape ", bf16.sym_sizes(),
-              " but remainder has shape ", remainder.sym_sizes());  // symbolic: the Meta kernel runs this too
+  // Symbolic, per dimension with expect_true: the Meta kernel runs this under dynamic (also data-dependent) shapes.
+  const c10::SymIntArrayRef a = bf16.sym_sizes(), b = remainder.sym_sizes();
+  TORCH_CHECK(a.size() == b.size(), op, ": bf16 has shape ", a, " but remainder has shape ", b);
+  for (size_t d = 0; d < a.size(); ++d) {
+    TORCH_SYM_CHECK(a[d].sym_eq(b[d]), op, ": bf16 has shape ", a, " but remainder has shape ", b);
+  }
   TORCH_CHECK(bf16.device() == remainder.device(), op, ": bf16 is on ", bf16.device(), " but remainder is on ",
               remainder.device());
 }

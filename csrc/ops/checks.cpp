@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -216,8 +217,12 @@ void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const a
   TORCH_CHECK(grad_output.dim() >= 1 && input.dim() == grad_output.dim(), op,
               ": grad_output [..., out_features] and input [..., in_features] must have the same number (>= 1) "
               "of dimensions, got shapes ", out, " and ", in);
-  TORCH_CHECK(out.slice(0, out.size() - 1) == in.slice(0, in.size() - 1), op,
-              ": grad_output and input must have the same leading (batch) shape, got ", out, " and ", in);
+  // expect_true per dimension (TORCH_SYM_CHECK): a data-dependent size (a batch from nonzero()) becomes a runtime
+  // assertion instead of a guard the trace cannot make.
+  for (size_t d = 0; d + 1 < out.size(); ++d) {
+    TORCH_SYM_CHECK(out[d].sym_eq(in[d]), op, ": grad_output and input must have the same leading (batch) shape, got ",
+                    out, " and ", in);
+  }
 }
 
 at::Tensor prepare_wgrad_output(const at::Tensor& grad_output, const at::Tensor& input, bool& has_work) {

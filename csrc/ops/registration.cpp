@@ -138,8 +138,8 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("qat_init_input_step_(Tensor(a!) step, Tensor input) -> bool");
   // The same without a host read (mixprec::qat::seed_input_step), for compiled graphs.
   m.def("qat_seed_input_step_(Tensor(a!) step, Tensor input) -> ()");
-  // A converted layer's input_scale must be set (not 0: a step never learned) before it runs; one host read.
-  m.def("qat_check_input_scale(Tensor input_scale, str layer) -> ()");
+  // Whether a converted layer's input_scale is set (not 0: a step never learned); one host read.
+  m.def("qat_input_scale_set(Tensor input_scale) -> bool");
   m.def("qat_fake_quantize_weight(Tensor weight, Tensor? step, int weight_bits, int? group_size) -> Tensor", tags);
   m.def("qat_weight_steps(Tensor weight, int weight_bits, int? group_size) -> Tensor", tags);
   // mixprec::qat::check_config (csrc/qat/qat.cpp): Python's QATConfig runs the C++ checks when it is built.

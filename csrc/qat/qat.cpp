@@ -179,13 +179,13 @@ void check_config(const QATConfig& config) {
 
 // A per-tensor fake quantization is element-wise: a channels_last activation (a QATConv2d's input after
 // .to(memory_format=torch.channels_last)) is walked in its memory order, through the NHWC view that is contiguous,
-// and comes back channels_last, so the convolution after it runs in the layout torch's would. One channel is
-// contiguous in both layouts: its channel stride (1 in channels_last) tells them apart. Symbolic strides: under
-// torch.compile's dynamic shapes these questions guard instead of throwing.
+// and comes back channels_last, so the convolution after it runs in the layout torch's would. Which layout a
+// tensor contiguous in both (one channel, or 1x1 spatial) is in, torch's own rule decides (suggest_memory_format:
+// what its convolution follows). Symbolic strides: under dynamic shapes these questions guard, not throw.
 template <typename FakeQuantize>
 torch::Tensor keeping_channels_last(const torch::Tensor& x, FakeQuantize&& fake_quantize) {
   const bool channels_last = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                             (!x.is_contiguous() || x.sym_stride(1) == 1);
+                             x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (!channels_last) return fake_quantize(x);
   return fake_quantize(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
 }
@@ -401,12 +401,15 @@ torch::Tensor learned_input_scale(const torch::Tensor& input_step) {
   return input_step.detach().abs().clone();
 }
 
-// A converted layer runs only with an input scale that training learned or a checkpoint loaded: one host read,
-// at the first forward after it was made or loaded (`checked`), where reading is possible (not on meta tensors,
-// not while a CUDA graph captures).
+// Whether a converted layer's static input scale was learned (or loaded): every entry non-zero. One host read.
+bool input_scale_set(const torch::Tensor& s) { return s.ne(0).all().item<bool>(); }
+
+// A converted layer runs only with an input scale that training learned or a checkpoint loaded: checked at the
+// first forward after it was made or loaded (`checked`), where reading is possible (not on meta tensors, not while
+// a CUDA graph captures).
 void check_input_scale(const torch::Tensor& s, bool& checked, std::string_view layer) {
   if (checked || !s.defined() || !nn::detail::can_read(s)) return;
-  TORCH_CHECK_VALUE(s.ne(0).all().item<bool>(), "mixprec::qat::", layer, ": input_scale is 0: the QAT layer's "
+  TORCH_CHECK_VALUE(input_scale_set(s), "mixprec::qat::", layer, ": input_scale is 0: the QAT layer's "
                     "input_step was never set before convert; run at least one training forward before convert, or "
                     "load a converted checkpoint into this layer");
   checked = true;
@@ -742,10 +745,7 @@ TORCH_LIBRARY_IMPL(mixprec, CompositeImplicitAutograd, m) {
     return init_input_step(step, input);
   });
   m.impl("qat_seed_input_step_", [](const at::Tensor& step, const at::Tensor& input) { seed_input_step(step, input); });
-  m.impl("qat_check_input_scale", [](const at::Tensor& input_scale, c10::string_view layer) {
-    bool checked = false;
-    check_input_scale(input_scale, checked, std::string_view(layer.data(), layer.size()));
-  });
+  m.impl("qat_input_scale_set", [](const at::Tensor& input_scale) { return input_scale_set(input_scale); });
   m.impl("qat_fake_quantize_weight", [](const at::Tensor& weight, const std::optional<at::Tensor>& step,
                                         int64_t weight_bits, std::optional<int64_t> group_size) {
     return fake_quantize_weight(weight, op_config(weight_bits, group_size), step.value_or(at::Tensor()));

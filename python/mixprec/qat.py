@@ -369,6 +369,7 @@ class _QuantizedWeight(nn.Module):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("input_scale", input_scale)
+        self._note_input_scale()
 
     # Float32 whatever the model's dtype (Module._apply here, Policy.apply reads the names too).
     _FP32_NAMES = ("weight_scale", "input_scale")
@@ -378,18 +379,31 @@ class _QuantizedWeight(nn.Module):
         apply_keeping_fp32(self, self._FP32_NAMES, lambda: super(_QuantizedWeight, self)._apply(fn, recurse))
         return self
 
-    def _check_input_scale(self) -> None:
-        """``mixprec::qat``'s rule, as the C++ layers': a learned input scale of 0 (a step never set before
-        convert, and no converted checkpoint loaded since) is refused by name. One host read, at the first eager
-        forward after the layer was made or loaded."""
+    def _note_input_scale(self) -> None:
+        """Whether the static input scale is set (``mixprec::qat``'s rule, op ``qat_input_scale_set``: no entry 0, a
+        step never learned before convert), read once where the scale is made or loaded and kept as a Python bool:
+        forward refuses a 0 scale from it, so torch.compile and torch.export refuse it too (the bool is a constant
+        to them). None where it cannot be read then (a meta model): the first eager forward reads it."""
         s = self.input_scale
-        if s is not None and not self.__dict__.get("_input_scale_checked") and _mnn._can_read(s):
-            torch.ops.mixprec.qat_check_input_scale(s, type(self).__name__)
-            self._input_scale_checked = True
+        if s is None:
+            self._input_scale_set: Optional[bool] = True
+        else:
+            self._input_scale_set = bool(torch.ops.mixprec.qat_input_scale_set(s)) if _mnn._can_read(s) else None
+
+    def _check_input_scale(self) -> None:
+        """A learned input scale of 0 is refused by name, as the C++ layers refuse it."""
+        if self.__dict__.get("_input_scale_set") is None and self.input_scale is not None:
+            if not _mnn._can_read(self.input_scale):
+                return
+            self._note_input_scale()
+        if self.__dict__.get("_input_scale_set") is False:
+            raise ValueError(f"mixprec.qat.{type(self).__name__}: input_scale is 0: the QAT layer's input_step was "
+                             "never set before convert; run at least one training forward before convert, or load a "
+                             "converted checkpoint into this layer")
 
     def _load_from_state_dict(self, *args: Any) -> None:
         super()._load_from_state_dict(*args)
-        self._input_scale_checked = False  # the loaded scale is checked at the next forward
+        self._note_input_scale()  # the loaded scale (one read per layer, at load time)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """codes * step in fp32, as ``dtype``, in the layer's weight shape."""

@@ -146,6 +146,26 @@ def test_dynamic_shapes_trace_through_the_meta_kernels() -> None:
         assert torch.equal(compiled(x), f(x))
 
 
+def test_data_dependent_sizes_trace_as_torchs_matmul() -> None:
+    """Operands whose batch sizes come from separate nonzero() calls: the Meta kernels' shape checks become runtime
+    assertions (expect_true), as torch's own mm traces them, instead of guards the trace cannot make."""
+    import torch._dynamo
+
+    def wgrad(m1: torch.Tensor, m2: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_wgrad(g[m1.nonzero().squeeze(1)], x[m2.nonzero().squeeze(1)])
+
+    def merge(m1: torch.Tensor, m2: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return ops.merge_bf16_remainder(b[m1.nonzero().squeeze(1)], r[m2.nonzero().squeeze(1)])
+
+    m = torch.tensor([True, False, True, True])
+    cases = [(wgrad, (m, m.clone(), torch.randn(4, 3), torch.randn(4, 5))),
+             (merge, (m, m.clone(), torch.randn(4, 3).bfloat16(), torch.zeros(4, 3, dtype=torch.int16)))]
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        for fn, args in cases:
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(fn, backend="eager", fullgraph=True)(*args), fn(*args))
+
+
 # -- layers on the meta device ------------------------------------------------------------------------------------
 
 

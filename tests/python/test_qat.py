@@ -476,6 +476,12 @@ def test_learnable_activation_steps(kind: str) -> None:
     with pytest.raises(ValueError, match="QuantizedLinear: input_scale is 0: the QAT layer's input_step was never "
                                          "set before convert"):
         unset(torch.randn(2, 4))
+    # Compiled or exported too: the layer knows it from when the scale was made (a compiled graph computed the
+    # bias alone: codes times a 0 step).
+    with pytest.raises(ValueError, match="input_scale is 0"):
+        torch.compile(qat.convert(copy.deepcopy(model)), backend="eager")(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="input_scale is 0"):
+        torch.export.export(qat.convert(copy.deepcopy(model)), (torch.randn(2, 4),))
     trained = qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
     trained(torch.randn(2, 4))  # sets both steps
     trained = qat.convert(trained)
@@ -485,6 +491,13 @@ def test_learnable_activation_steps(kind: str) -> None:
             rebuilt = qat.convert(qat.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config))
         rebuilt.load_state_dict(trained.state_dict(), assign=device == "meta")
         assert torch.equal(rebuilt(x), trained(x))
+        assert torch.equal(torch.compile(rebuilt, backend="eager")(x), trained(x))
+    # A checkpoint with a 0 scale loaded into a compiled model that ran: refused at its next (recompiled) call.
+    compiled = torch.compile(rebuilt, backend="eager")
+    compiled(x)
+    rebuilt.load_state_dict(unset.state_dict())
+    with pytest.raises(ValueError, match="input_scale is 0"):
+        compiled(x)
 
 
 def test_torch_compile_with_dynamic_batch_sizes() -> None:
@@ -756,7 +769,7 @@ def test_prepare_warns_that_conv1d_projections_stay_in_float() -> None:
         qat.prepare(nn.Sequential(Conv1D(8, 8), nn.Linear(8, 4)), filter=lambda n, m: not isinstance(m, Conv1D))
 
 
-@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("channels", [1, 4, "1x1"])
 @pytest.mark.parametrize("config", [qat.QATConfig(), qat.QATConfig(learnable_activation_scales=True)],
                          ids=["dynamic", "learned-input-step"])
 def test_channels_last_activations_stay_channels_last(config: qat.QATConfig, channels: int) -> None:
@@ -765,8 +778,10 @@ def test_channels_last_activations_stay_channels_last(config: qat.QATConfig, cha
     in NCHW). The values are those of the contiguous run, bit for bit. One input channel (a grayscale first layer)
     is contiguous in both layouts: it stays channels_last too."""
     torch.manual_seed(0)
+    size = 1 if channels == "1x1" else 6  # 1x1 spatial (global pooling, squeeze-excitation): contiguous stays so
+    channels = 4 if channels == "1x1" else channels
     plain = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(2, channels, 6, 6)
+    x = torch.randn(2, channels, size, size)
     for stage in ("qat", "converted"):
         model = qat.prepare(copy.deepcopy(plain), config)
         model(x)  # sets a learned input step
@@ -776,11 +791,9 @@ def test_channels_last_activations_stay_channels_last(config: qat.QATConfig, cha
         xl = x.to(memory_format=torch.channels_last)
         out, ref = last(xl), model(x)
         assert out.is_contiguous(memory_format=torch.channels_last), stage
-        assert out.stride() == torch.nn.Conv2d(channels, 8, 3, padding=1).to(memory_format=torch.channels_last)(
-            xl).stride()  # torch's own layout (the first layer's output; the second keeps it)
-        first = last[0](xl)
-        assert first.stride() == torch.nn.Conv2d(channels, 8, 3, padding=1).to(
-            memory_format=torch.channels_last)(xl).stride(), stage
+        torch_conv = torch.nn.Conv2d(channels, 8, 3, padding=1)
+        assert last[0](xl).stride() == torch_conv.to(memory_format=torch.channels_last)(xl).stride(), stage
+        assert model[0](x).stride() == torch_conv.to(memory_format=torch.contiguous_format)(x).stride(), stage
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         assert torch.equal(qat._fake_quantize_input(xl, False), qat._fake_quantize_input(x, False))
         if stage == "qat":
