@@ -190,9 +190,14 @@ torch::Tensor keeping_channels_last(const torch::Tensor& x, FakeQuantize&& fake_
   return fake_quantize(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
 }
 
+// An activation as the [rows, features] matrix its quantization walks (a 0-dim one as [1, 1]).
+torch::Tensor activation_rows(const torch::Tensor& x) {
+  return x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
+}
+
 // fake_quantize_input from the amax of the [rows, features] view's rows (per token) or of all of it.
 torch::Tensor fake_quantize_rows(const torch::Tensor& x, bool per_token) {
-  const torch::Tensor m = x.dim() == 0 ? x.reshape({1, 1}) : x.reshape({-1, size_of(x, -1)});
+  const torch::Tensor m = activation_rows(x);
   const torch::Tensor a = m.detach();
   const torch::Tensor amax = per_token ? abs_max(a, {-1}, true) : abs_max(a, {}, false).reshape({1, 1});
   const torch::Tensor steps = steps_of(amax);
@@ -214,8 +219,7 @@ torch::Tensor fake_quantize_input(const torch::Tensor& x, const torch::Tensor& s
   const bool learns = s.requires_grad() && at::GradMode::is_enabled();
   const double grad_factor = learns ? 1.0 / std::sqrt(static_cast<double>(numel_of(x)) * 127.0) : 1.0;
   return keeping_channels_last(x, [&](const torch::Tensor& v) {
-    const torch::Tensor rows = v.dim() == 0 ? v.reshape({1, 1}) : v.reshape({-1, size_of(v, -1)});
-    return int8::fake_quantize(rows, s, -127, 127, -1, -1, grad_factor).reshape_as(v);
+    return int8::fake_quantize(activation_rows(v), s, -127, 127, -1, -1, grad_factor).reshape_as(v);
   });
 }
 
