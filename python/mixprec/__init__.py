@@ -71,4 +71,4 @@ if not built_with_cuda() and _torch.version.cuda is not None and _torch.cuda.is_
                    "available: mixprec's ops will refuse CUDA tensors. Rebuild with the CUDA toolkit installed.")
 
 
-__all__ = ["GradScaler", "OverflowReport", "Monitor", "Policy", "autocast", "diagnostics", "nn", "ops", "optim", "built_with_cuda", "cmake_prefix_path", "__version__"]
+__all__ = ["GradScaler", "OverflowReport", "Monitor", "Policy", "autocast", "diagnostics", "fp8", "int8", "nn", "ops", "optim", "qat", "built_with_cuda", "cmake_prefix_path", "__version__"]

@@ -45,7 +45,7 @@ class OutputError:
     """Error of one output under a policy, against the fp32 run."""
 
     index: int
-    shape: tuple
+    shape: tuple[int, ...]
     max_abs: float
     max_rel: float
     mean_rel: float
@@ -104,11 +104,12 @@ class UnderflowReport:
     flush_to_zero: int        # non-zero, but g * scale rounds to 0 in fp16 (|g * scale| <= 2^-25)
     subnormal: int            # g * scale rounds to an fp16 subnormal: precision lost
     overflow: int             # g * scale rounds to inf in fp16 (|g * scale| >= 65520), or g is inf/NaN: the step would be skipped
-    exponent_histogram: dict = field(default_factory=dict)  # floor(log2 |g|) -> count, non-zero g only
+    exponent_histogram: dict[int, int] = field(default_factory=dict)  # floor(log2 |g|) -> count, non-zero g only
     recommended_scale: float = 1.0  # smallest power of two keeping `fraction` of non-zero g representable
 
     @property
     def nonzero(self) -> int:
+        """The gradient elements that are not exactly zero."""
         return self.total - self.zero
 
     def __str__(self) -> str:
@@ -190,6 +191,8 @@ def underflow_report(grads_or_model: Union[nn.Module, Iterable[torch.Tensor]], s
 
 @dataclass
 class PrecisionTiming:
+    """One dtype's row of :func:`benchmark_precision`: median forward+backward time, peak memory, speedup."""
+
     dtype: torch.dtype
     seconds: float          # median forward+backward time
     peak_mib: float         # CUDA: peak allocated; CPU: parameters + gradients + what the forward saved for backward

@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Iterator, MutableMapping
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union, overload
 
 import torch
 from torch import Tensor
@@ -362,7 +362,19 @@ class GradScaler(torch.amp.GradScaler):
 
     # -- torch.amp.GradScaler's API ----------------------------------------------------------------------
 
-    def scale(self, outputs: Union[Tensor, Iterable[Tensor]]) -> Any:
+    @overload
+    def scale(self, outputs: Tensor) -> Tensor: ...
+
+    @overload
+    def scale(self, outputs: list[Tensor]) -> list[Tensor]: ...
+
+    @overload
+    def scale(self, outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]: ...
+
+    @overload
+    def scale(self, outputs: Iterable[Tensor]) -> Iterable[Tensor]: ...
+
+    def scale(self, outputs: Union[Tensor, Iterable[Tensor]]) -> Union[Tensor, Iterable[Tensor]]:
         """Multiply outputs (a tensor, or nested lists/tuples of tensors) by the scale; no host sync."""
         if not self._enabled:
             return outputs
@@ -548,7 +560,7 @@ class GradScaler(torch.amp.GradScaler):
         return self._impl.found_inf(key)
 
     @_torch_assertion_types
-    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Optional[float]:
         """Step the optimizer unless its gradients overflowed, as ``torch.amp.GradScaler.step`` does.
 
         * An optimizer with ``_step_supports_amp_scaling`` (torch's fused optimizers; mixprec's with

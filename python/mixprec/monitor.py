@@ -60,6 +60,11 @@ class Monitor:
             ``purge_step``), and ``metrics.jsonl`` is appended to.
     """
 
+    sinks: tuple[str, ...]
+    log_dir: Optional[str]
+    per_tensor: bool
+    records: list[dict[str, Any]]
+
     def __init__(self, model: nn.Module, scaler: Optional[GradScaler] = None, *, every: int = 100,
                  log_dir: Optional[str] = None, sinks: Optional[Sequence[str]] = None, min_exponent: int = -40,
                  num_bins: int = 64, per_tensor: bool = False, keep: Optional[int] = 1000,
@@ -125,7 +130,7 @@ class Monitor:
             enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
         # The latest logged records, as dicts (a long run logs without bound; the jsonl and TensorBoard sinks
         # keep the whole history).
-        self.records: list[dict[str, Any]] = []
+        self.records = []
         self._keep = keep
 
     def step(self, loss: torch.Tensor, tokens: int = 0) -> Optional[dict[str, Any]]:

@@ -50,7 +50,7 @@ import copy
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -710,10 +710,13 @@ class Int8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
     _CACHE = "_int8_weight_cache"
 
 
-def convert(module: torch.nn.Module, *, fp8: Optional["fp8.Recipe"] = None,
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def convert(module: _M, *, fp8: Optional["fp8.Recipe"] = None,
             int8: Union[Int8Gemms, bool, None] = None,
             filter: Optional[Callable[[str, torch.nn.Linear], bool]] = None,
-            amax_group: Optional[Any] = None) -> torch.nn.Module:
+            amax_group: Optional[Any] = None) -> _M:
     """Turn every ``torch.nn.Linear`` in ``module`` (itself included) into a :class:`Linear`, in place; with
     ``fp8=recipe``, the layers ``filter(name, layer)`` accepts become :class:`Float8Linear` instead (default
     filter: :func:`fp8_default_filter`); with ``int8=Int8Gemms(...)`` (or ``True`` for the default GEMMs),

@@ -512,6 +512,8 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
             whatever ``fused`` says. Off by default, since frameworks key on the flag (Lightning refuses
             gradient clipping with it, Accelerate cannot see skipped steps).
         differentiable: only ``False``: the fused step runs outside autograd.
+        decoupled_weight_decay: only ``True`` (``Adam(decoupled_weight_decay=True)`` is AdamW, as in torch);
+            accepted so that ``AdamW(params, **opt.defaults)`` rebuilds an optimizer, whose defaults hold it.
         master_weights: ``"auto"`` (fp32 masters for fp16/bf16 params, none for fp32 params),
             ``"fp32"``, ``"remainder"`` (bf16 params + int16 remainders: exact fp32 at 4 bytes per
             parameter) or ``"none"`` (16-bit params updated in place, rounded with ``rounding``). float64 params

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar, Union
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .grad_scaler import GradScaler
+    from .optim import AdamW
+
+_M = TypeVar("_M", bound=nn.Module)
 
 __all__ = ["Policy", "autocast"]
 
@@ -149,30 +156,37 @@ class Policy:
 
     @property
     def name(self) -> str:
+        """The policy's name as given (``"mixed_bfloat16"``, ``"bf16-mixed"``, ``"params=bfloat16,compute=..."``)."""
         return self._fields[0]
 
     @property
     def compute_dtype(self) -> torch.dtype:
+        """The dtype operations compute in (autocast's)."""
         return _FROM_CODE[self._fields[1]]
 
     @property
     def param_dtype(self) -> torch.dtype:
+        """The dtype :meth:`apply` stores parameters in."""
         return _FROM_CODE[self._fields[2]]
 
     @property
     def master_dtype(self) -> torch.dtype:
+        """The dtype of the optimizer's master weights (:meth:`optimizer`)."""
         return _FROM_CODE[self._fields[3]]
 
     @property
     def output_dtype(self) -> torch.dtype:
+        """The dtype :meth:`cast_to_output` casts to (the compute dtype unless the name says ``output=``)."""
         return _FROM_CODE[self._fields[4]]
 
     @property
     def needs_loss_scaling(self) -> bool:
+        """Whether training needs dynamic loss scaling (fp16 compute): :meth:`grad_scaler` is enabled then."""
         return self._fields[5]
 
     @property
     def keep_fp32(self) -> list[str]:
+        """The module type names :meth:`apply` keeps in float32 (norms by default)."""
         return list(self._fields[6])
 
     def keeps_fp32(self, module: Union[nn.Module, type, str]) -> bool:
@@ -215,7 +229,7 @@ class Policy:
         ``policy.cast_to_output(model(policy.cast_to_compute(x)))``, as with jmp."""
         return _cast_floating(value, self.output_dtype)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: _M) -> _M:
         """Cast ``model``'s parameters and floating buffers to the storage dtype, except those of
         fp32-kept modules, which become fp32 and get their floating inputs upcast to fp32 and their
         outputs cast back to the compute dtype (forward hooks; for a mixed policy, whose parameters stay
@@ -273,14 +287,14 @@ class Policy:
                     module.register_forward_hook(functools.partial(_outputs_in, compute, under_autocast_only=mixed))
         return model
 
-    def grad_scaler(self, device: str = "cuda", **kwargs: Any) -> "Any":
+    def grad_scaler(self, device: str = "cuda", **kwargs: Any) -> "GradScaler":
         """A ``mixprec.GradScaler`` for this policy: dynamic for fp16 compute, disabled otherwise."""
         from .grad_scaler import GradScaler
 
         kwargs.setdefault("enabled", self.needs_loss_scaling)
         return GradScaler(device, **kwargs)
 
-    def optimizer(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> "Any":
+    def optimizer(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> "AdamW":
         """A ``mixprec.optim.AdamW`` for this policy: fp32 masters for mixed policies; for pure 16-bit
         policies no master copy and stochastic rounding of the updates, seeded (unless ``seed`` is given)
         from ``torch.initial_seed()``: the draws then come from the optimizer's own counter, which its state
@@ -296,6 +310,7 @@ class Policy:
         return AdamW(params, lr=lr, **kwargs)
 
     def autocast(self, device_type: str = "cuda") -> "autocast":
+        """``mixprec.autocast(self, device_type)``: torch.autocast in this policy's compute dtype."""
         return autocast(self, device_type)
 
 
@@ -313,8 +328,8 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
     enters a fresh instance, so a decorated function may call itself.
     """
 
-    def __new__(cls, policy: Union[Policy, str, None] = None, device_type: str = "cuda",
-                cache_enabled: Optional[bool] = None, enabled: bool = True) -> "autocast":
+    def __new__(cls, policy: Union[Policy, str, None] = None, device_type: str = "cuda", enabled: bool = True,
+                cache_enabled: Optional[bool] = None) -> "autocast":
         if policy is not None and torch.compiler.is_compiling():  # (None: copy and pickle make the object bare)
             # Made inside a compiled function: a torch.autocast itself, which Dynamo traces as its own context
             # (an instance of this subclass it would step into, which fails inside an outer torch.autocast).
@@ -324,8 +339,8 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
                                       cache_enabled=cache_enabled)
         return super().__new__(cls)
 
-    def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", cache_enabled: Optional[bool] = None,
-                 enabled: bool = True):
+    def __init__(self, policy: Union[Policy, str], device_type: str = "cuda", enabled: bool = True,
+                 cache_enabled: Optional[bool] = None) -> None:
         policy = policy if isinstance(policy, Policy) else Policy(policy)
         try:
             available = torch.amp.is_autocast_available(device_type)
@@ -357,6 +372,12 @@ class autocast(torch.amp.autocast):  # noqa: N801 (named like torch.autocast)
                 return func(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+# help() and inspect.signature show __init__'s signature (policy required; __new__ also takes none, for copies).
+autocast.__signature__ = inspect.signature(autocast.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(autocast.__init__).parameters.values())[1:],
+    return_annotation=inspect.Signature.empty)
 
 
 @torch.compiler.assume_constant_result

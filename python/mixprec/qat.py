@@ -24,7 +24,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -278,6 +278,8 @@ class QATLinear(nn.Linear, _QATWeight):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, config: QATConfig) -> "QATLinear":
+        """Turn ``layer`` into a :class:`QATLinear` in place (its parameters kept) and return it, as
+        :func:`prepare` does for each Linear it accepts."""
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATLinear":
@@ -307,6 +309,8 @@ class QATConv2d(nn.Conv2d, _QATWeight):
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, config: QATConfig) -> "QATConv2d":
+        """Turn ``layer`` (zero padding given as sizes) into a :class:`QATConv2d` in place and return it, as
+        :func:`prepare` does for each Conv2d it accepts (folding a BatchNorm is :func:`prepare`'s)."""
         return cls._swap(layer, config, _check(layer, config))  # type: ignore[return-value]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QATConv2d":
@@ -463,8 +467,11 @@ class QuantizedConv2d(_QuantizedWeight):
             list(self.padding), list(self.dilation), self.groups, self.activations, self.input_scale)
 
 
-def prepare(model: nn.Module, config: Optional[QATConfig] = None, *,
-            filter: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def prepare(model: _M, config: Optional[QATConfig] = None, *,
+            filter: Optional[Callable[[str, nn.Module], bool]] = None) -> _M:
     """Swap every ``nn.Linear`` (also one :func:`mixprec.nn.convert` made a :class:`mixprec.nn.Linear`; an FP8 or
     INT8 layer is an error naming it) and ``nn.Conv2d`` that ``filter(name, layer)`` accepts (default: all) for its
     QAT layer, in place: the same parameters, hooks and state-dict keys, plus ``weight_step`` with
