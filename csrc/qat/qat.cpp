@@ -432,6 +432,16 @@ StepsLoad plan_steps_load(const std::vector<bool>& in_checkpoint, bool has_weigh
   return all ? StepsLoad::Load : StepsLoad::Partial;
 }
 
+// The learnable steps where prepare() starts them: the weight step from `weight` (the weight the layer quantizes),
+// the input step at 0 (set by the next forward). In place: an optimizer built before keeps its tensors.
+void restart_steps(const torch::Tensor& weight_step, const torch::Tensor& input_step, bool& input_step_checked,
+                   const torch::Tensor& weight, const QATConfig& config) {
+  const torch::NoGradGuard no_grad;
+  if (weight_step.defined()) weight_step.copy_(weight_steps(weight, config));
+  if (input_step.defined()) input_step.zero_();
+  input_step_checked = false;
+}
+
 // Module::load for a QAT layer: restarted steps start from the loaded weight (`weight_of`: the weight the layer
 // quantizes) and at 0 for the input step (set by the next forward); a partial archive is refused before anything
 // is read.
@@ -467,9 +477,7 @@ void load_qat_layer(torch::nn::Module& layer, torch::serialize::InputArchive& ar
       archive.read(child.key(), child_archive);
       child.value()->load(child_archive);
     }
-    const torch::NoGradGuard no_grad;  // in place: an optimizer built before the load keeps its tensors
-    if (weight_step.defined()) weight_step.copy_(weight_steps(weight_of(), config));
-    if (input_step.defined()) input_step.zero_();
+    restart_steps(weight_step, input_step, input_step_checked, weight_of(), config);
   }
   input_step_checked = false;  // a loaded input step is checked (set if 0) again at the next forward
 }
@@ -519,6 +527,11 @@ void QATLinearImpl::reset() {
   if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
 }
 
+void QATLinearImpl::reset_parameters() {
+  nn::detail::init_linear_parameters(weight, bias);
+  restart_steps(weight_step, input_step, input_step_checked, weight, config);
+}
+
 void QATLinearImpl::load(torch::serialize::InputArchive& archive) {
   load_qat_layer(*this, archive, "QATLinear", config, weight_step, input_step, input_step_checked,
                  [this] { return weight; });
@@ -556,6 +569,15 @@ void QATConv2dImpl::reset() {
   if (weight_step.defined()) weight_step = register_parameter("weight_step", torch::empty_like(weight_step));
   if (input_step.defined()) input_step = register_parameter("input_step", torch::empty_like(input_step));
   if (bn) bn = register_module("bn", torch::nn::BatchNorm2d(bn->options));
+}
+
+void QATConv2dImpl::reset_parameters() {
+  const torch::NoGradGuard no_grad;  // the folded weight the steps start from is not part of a graph
+  // torch::nn::Conv2d's initialisation is Linear's rule (kaiming_uniform_ with a = sqrt(5), the bias within
+  // 1 / sqrt(fan_in)), with fan_in from the weight's shape.
+  nn::detail::init_linear_parameters(weight, bias);
+  if (bn) bn->reset_parameters();  // its statistics are part of the weight the steps start from
+  restart_steps(weight_step, input_step, input_step_checked, quantized_conv_weight(weight, bias, bn), config);
 }
 
 void QATConv2dImpl::load(torch::serialize::InputArchive& archive) {

@@ -541,3 +541,47 @@ TEST_CASE("qat prepare takes a filter: the layers it refuses stay float, shared"
   REQUIRE(torch::equal(converted->forward(x), model->ptr(6)->as<torch::nn::Linear>()->forward(features)));
   REQUIRE(torch::allclose(converted->forward(x), prepared->forward(x), 1e-4, 1e-5));
 }
+
+TEST_CASE("qat reset_parameters: torch's initialisation, and the learnable steps restart from the new weight",
+          "[int8][qat]") {
+  const mixprec::qat::QATConfig config{.learnable_scales = true, .learnable_activation_scales = true};
+  torch::manual_seed(11);
+  torch::nn::Linear plain(16, 8);
+  mixprec::qat::QATLinear layer(*plain, config);
+  layer->forward(torch::randn({4, 16}));  // sets the input step
+  {
+    torch::NoGradGuard no_grad;
+    layer->weight_step.mul_(3);
+  }
+  const torch::Tensor weight_step = layer->weight_step;
+  torch::manual_seed(12);
+  layer->reset_parameters();
+  torch::manual_seed(12);
+  torch::nn::Linear reference(16, 8);  // torch's initialisation, from the same generator state
+  REQUIRE(torch::equal(layer->weight, reference->weight));
+  REQUIRE(torch::equal(layer->bias, reference->bias));
+  mixprec::qat::QATLinear fresh(*reference, config);  // prepare's steps for those weights
+  REQUIRE(torch::equal(layer->weight_step, fresh->weight_step));
+  REQUIRE(layer->weight_step.is_same(weight_step));  // in place: an optimizer keeps its tensor
+  REQUIRE(torch::equal(layer->input_step, torch::zeros({1})));
+  REQUIRE_FALSE(layer->input_step_checked);
+
+  // A folded convolution: torch::nn::Conv2d's initialisation, its BatchNorm reset too, the steps of the fold.
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 8, 3).padding(1));
+  torch::nn::BatchNorm2d bn(8);
+  {
+    torch::NoGradGuard no_grad;
+    bn->running_var.fill_(4.0);
+    bn->weight.fill_(0.5);
+  }
+  mixprec::qat::QATConv2d folded(*conv, config, bn);
+  torch::manual_seed(13);
+  folded->reset_parameters();
+  torch::manual_seed(13);
+  torch::nn::Conv2d conv_reference(torch::nn::Conv2dOptions(3, 8, 3).padding(1));
+  REQUIRE(torch::equal(folded->weight, conv_reference->weight));
+  REQUIRE(torch::equal(folded->bias, conv_reference->bias));
+  REQUIRE(torch::equal(folded->bn->running_var, torch::ones({8})));
+  mixprec::qat::QATConv2d fresh_folded(*conv_reference, config, torch::nn::BatchNorm2d(8));
+  REQUIRE(torch::equal(folded->weight_step, fresh_folded->weight_step));
+}

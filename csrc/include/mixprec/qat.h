@@ -144,6 +144,8 @@ class QATLinearImpl : public nn::CloneableKeepingFp32<QATLinearImpl> {
   /// The same for a mixprec::nn::Linear (torch's Linear with an fp32 weight gradient).
   explicit QATLinearImpl(const nn::LinearImpl& other, QATConfig config = {});
   void reset() override;
+  /// As torch::nn::Linear's, and the learnable steps start again from the new weight, as prepare() starts them.
+  void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
   /// The learnable steps ("weight_step", "input_step"): rounded to 16 bits they would train and convert to other
@@ -175,6 +177,9 @@ class QATConv2dImpl : public nn::CloneableKeepingFp32<QATConv2dImpl> {
   explicit QATConv2dImpl(const torch::nn::Conv2dImpl& other, QATConfig config = {},
                          torch::nn::BatchNorm2d bn = nullptr);
   void reset() override;
+  /// As torch::nn::Conv2d's (a folded layer's BatchNorm too), and the learnable steps start again from the new
+  /// weight, as prepare() starts them.
+  void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& input);
   /// As QATLinear's.
