@@ -255,12 +255,41 @@ void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGr
   // Every rank takes the largest flag: one float (the sum over this rank's devices) per optimizer and group. A
   // rank with no gradients this time contributes 0, and the shard groups come from the parameters (Python's
   // GradScaler._grads), so every rank makes the same collectives.
-  std::vector<at::Tensor> flag{st.found_inf_per_device.empty() ? at::zeros({}, scale_.options())
-                                                                : combined_found_inf(st)};
+  const at::Tensor flag = st.found_inf_per_device.empty() ? at::zeros({}, scale_.options()) : combined_found_inf(st);
   c10d::AllreduceOptions reduce;
   reduce.reduceOp = c10d::ReduceOp::MAX;
-  for (c10d::ProcessGroup* group : groups) group->allreduce(flag, reduce)->wait();
-  set_found_inf(key, flag[0]);
+  // Whether the maxima travel too depends on nothing a rank's own gradients decide (a rank without any this
+  // time still takes part): the collectives must match.
+  auto record = overflow_records_.find(key);
+  if (!options_.track_overflows() || shard_groups.empty() || record == overflow_records_.end() ||
+      !record->second.amax.defined()) {
+    std::vector<at::Tensor> flags{flag};
+    for (c10d::ProcessGroup* group : groups) group->allreduce(flags, reduce)->wait();
+    set_found_inf(key, flags[0]);
+    return;
+  }
+  // Sharded gradients with overflow tracking: each rank measured its own shards, so the per-parameter maxima
+  // are reduced too, in the same collective as the flag (float64: exact for both). Every rank placed all the
+  // optimizer's parameters in its record first (track_parameters), so the layouts agree. MAX reductions
+  // need not propagate NaN (NCCL's and gloo's do not promise it), so the order NaN > inf > finite the record
+  // keeps is encoded in finite-order terms: NaN as +inf, inf as the largest double, and decoded after.
+  at::Tensor& amax = record->second.amax;
+  const at::Tensor wide = amax.to(at::kDouble);
+  const at::Tensor largest = at::full({}, std::numeric_limits<double>::max(), wide.options());
+  const at::Tensor inf = at::full({}, std::numeric_limits<double>::infinity(), wide.options());
+  const at::Tensor encoded = at::where(wide.isnan(), inf, at::where(wide.isinf(), largest, wide));
+  std::vector<at::Tensor> packed{at::cat({flag.to(at::kDouble).reshape({1}), encoded.to(flag.device())})};
+  for (c10d::ProcessGroup* group : groups) group->allreduce(packed, reduce)->wait();
+  const at::Tensor reduced = packed[0].narrow(0, 1, amax.numel()).to(amax.device());
+  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), wide.options());
+  amax.copy_(at::where(reduced.isinf(), nan, at::where(reduced.eq(largest), inf, reduced)));
+  set_found_inf(key, packed[0].narrow(0, 0, 1).reshape({}).to(at::kFloat));
+}
+
+void GradScaler::track_parameters(int64_t key, at::TensorList params) {
+  if (!options_.enabled() || !options_.track_overflows() || params.empty()) return;
+  bool identity = false;
+  place_params(key, params, identity);
 }
 
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params,
@@ -744,9 +773,13 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
                        bool>())
       .def("scale", [](const Self& s, const at::Tensor& t) { return s->impl.scale(t); })
       // Gradients Python took (FSDP2's local shards), and the groups they are sharded over (by name).
+      // `params`: the parameters of `grads`, one each; `all_params`: the optimizer's (for the overflow record).
       .def("unscale_grads_",
-           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<std::string> shard_groups) {
-             s->impl.unscale_grads_(key, grads, {}, resolve_groups(shard_groups));
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<at::Tensor> params,
+              std::vector<at::Tensor> all_params, std::vector<std::string> shard_groups) {
+             const GradScaler::ShardGroups groups = resolve_groups(shard_groups);
+             if (!groups.empty()) s->impl.track_parameters(key, all_params);
+             s->impl.unscale_grads_(key, grads, params, groups);
            })
       // As unscale_grads_ / prepare_scaled_step with the parameters' gradients; (false, ...) when a gradient
       // is a tensor subclass and nothing was done.
@@ -772,8 +805,11 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              return out;
            })
       .def("prepare_scaled_step",
-           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<std::string> shard_groups) {
-             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads, {}, resolve_groups(shard_groups));
+           [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<at::Tensor> params,
+              std::vector<at::Tensor> all_params, std::vector<std::string> shard_groups) {
+             const GradScaler::ShardGroups groups = resolve_groups(shard_groups);
+             if (!groups.empty() && !s->impl.is_unscaled(key)) s->impl.track_parameters(key, all_params);
+             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads, params, groups);
              return std::make_tuple(r.grad_scale, r.found_inf);
            })
       .def("in_iteration", [](const Self& s) { return s->impl.in_iteration(); })

@@ -10,6 +10,7 @@
 #include <ATen/ops/stack.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -26,6 +27,7 @@
 
 #include "grad_scaler_class.h"
 #include "mixprec/ops.h"
+#include "ops/grad_stats_rule.h"
 
 #ifdef MIXPREC_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -145,7 +147,23 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
   interval_start_ = std::chrono::steady_clock::now();
 }
 
-std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t tokens) {
+std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t tokens) { return step(loss, tokens, {}); }
+
+void Monitor::shard(const std::string& name, GradScaler::ShardGroups groups) {
+  size_t i = 0;
+  while (i < params_.size() && params_[i].key() != name) ++i;
+  TORCH_CHECK_VALUE(i < params_.size(), "mixprec::Monitor::shard: no parameter named '", name, "'");
+  for (const auto& group : groups) {
+    TORCH_CHECK_VALUE(group, "mixprec::Monitor::shard: '", name, "': a process group is null");
+  }
+  if (shard_groups_.empty()) shard_groups_.resize(params_.size());
+  shard_groups_[i] = std::move(groups);
+}
+
+std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t tokens,
+                                           const std::vector<std::optional<at::Tensor>>& grads) {
+  TORCH_CHECK_VALUE(grads.empty() || grads.size() == params_.size(), "mixprec::Monitor::step: grads must hold one "
+                    "entry per parameter (", params_.size(), "), got ", grads.size());
   TORCH_CHECK(loss.defined() && loss.numel() == 1, "mixprec::Monitor::step: loss must be a one-element tensor, got ",
               loss.defined() ? loss.sizes() : at::IntArrayRef{});
   TORCH_CHECK(tokens >= 0, "mixprec::Monitor::step: tokens must be >= 0, got ", tokens);
@@ -156,7 +174,7 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   losses_.push_back(loss.detach().reshape({}).clone());
   tokens_ += tokens;
   if (steps_ % options_.every() != 0) return std::nullopt;
-  MonitorRecord r = make_record();
+  MonitorRecord r = make_record(grads);
   if (jsonl_.is_open()) {
     jsonl_ << r.json() << '\n';
     jsonl_.flush();
@@ -165,7 +183,53 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   return r;
 }
 
-MonitorRecord Monitor::make_record() {
+void Monitor::reduce_shards(const std::vector<int64_t>& row_of) {
+  // One reduction per set of groups, in the order of its first parameter, over every parameter declared with
+  // it (a zero row where this rank has no gradient): the same collectives on every rank, whichever gradients
+  // it holds. Counts and sums add up over the shards; max |g| is the largest.
+  std::vector<std::pair<size_t, std::vector<int64_t>>> sets;  // (a parameter with the groups, its members)
+  const auto same = [&](size_t a, size_t b) {
+    const auto& x = shard_groups_[a];
+    const auto& y = shard_groups_[b];
+    return std::equal(x.begin(), x.end(), y.begin(), y.end(),
+                      [](const auto& g, const auto& h) { return g.get() == h.get(); });
+  };
+  for (size_t i = 0; i < shard_groups_.size(); ++i) {
+    if (shard_groups_[i].empty()) continue;
+    auto it = std::find_if(sets.begin(), sets.end(), [&](const auto& set) { return same(set.first, i); });
+    if (it == sets.end()) it = sets.insert(sets.end(), {i, {}});
+    it->second.push_back(static_cast<int64_t>(i));
+  }
+  const auto index = [&](const std::vector<int64_t>& v) {
+    return at::tensor(v, at::kLong).to(last_stats_.device());
+  };
+  for (const auto& [first, members] : sets) {
+    std::vector<int64_t> present, rows;  // positions among the members, and their rows of last_stats_
+    for (size_t k = 0; k < members.size(); ++k) {
+      const int64_t row = row_of[static_cast<size_t>(members[k])];
+      if (row < 0) continue;
+      present.push_back(static_cast<int64_t>(k));
+      rows.push_back(row);
+    }
+    at::Tensor block = at::zeros({static_cast<int64_t>(members.size()), last_stats_.size(1)}, last_stats_.options());
+    if (!rows.empty()) block.index_copy_(0, index(present), last_stats_.index_select(0, index(rows)));
+    std::vector<at::Tensor> sums{block};
+    std::vector<at::Tensor> maxima{block.select(1, detail::kStatsAmax).clone()};
+    block.select(1, detail::kStatsAmax).zero_();
+    c10d::AllreduceOptions sum;
+    sum.reduceOp = c10d::ReduceOp::SUM;
+    c10d::AllreduceOptions max;
+    max.reduceOp = c10d::ReduceOp::MAX;
+    for (const auto& group : shard_groups_[first]) {
+      group->allreduce(sums, sum)->wait();
+      group->allreduce(maxima, max)->wait();
+    }
+    block.select(1, detail::kStatsAmax).copy_(maxima[0]);
+    if (!rows.empty()) last_stats_.index_copy_(0, index(rows), block.index_select(0, index(present)));
+  }
+}
+
+MonitorRecord Monitor::make_record(const std::vector<std::optional<at::Tensor>>& grads) {
   const c10::Device device = losses_.back().device();
   const auto f64 = at::TensorOptions().device(device).dtype(at::kDouble);
   const bool scaled = scaler_ != nullptr && scaler_->is_enabled();
@@ -195,9 +259,15 @@ MonitorRecord Monitor::make_record() {
   };
   std::map<std::pair<std::string, double>, Group> groups;
   last_stats_names_.clear();
-  for (const auto& item : params_) {
-    const at::Tensor& grad = item.value().grad();
+  std::vector<int64_t> row_of(params_.size(), -1);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& item = params_[i];
+    const at::Tensor grad = grads.empty() ? item.value().grad() : grads[i].value_or(at::Tensor());
     if (!grad.defined()) continue;
+    TORCH_CHECK_TYPE(!grad.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python),
+                     "mixprec::Monitor: the gradient of '", item.key(), "' is a tensor subclass (e.g. a DTensor); "
+                     "pass its local shard (step's grads) and declare it with shard()");
+    row_of[i] = static_cast<int64_t>(last_stats_names_.size());
     // A sparse gradient (nn.Embedding(sparse=True)) counts as its coalesced values, as the scaler checks it.
     const at::Tensor g = grad.is_sparse() ? grad.coalesce().values() : grad;
     const auto found = factor_of.find(item.value().unsafeGetTensorImpl());
@@ -232,6 +302,7 @@ MonitorRecord Monitor::make_record() {
     const at::Tensor all = at::cat(rows);
     last_stats_ = at::empty_like(all).index_copy_(0, at::tensor(order, at::kLong).to(device), all);
   }
+  if (!shard_groups_.empty()) reduce_shards(row_of);
   // Everything the record needs, gathered on the device and read back at once: one host read.
   at::Tensor count = at::zeros({1}, f64);
   if (scaled && scaler_->overflow_count().defined()) {
@@ -332,6 +403,21 @@ void register_monitor_class(torch::Library& m) {
              std::optional<std::tuple<std::string, std::string>> out;
              if (auto r = s->impl->step(loss, tokens)) out = std::make_tuple(r->json(), r->progress_line());
              return out;
+           })
+      .def("step_with_grads",
+           [](const c10::intrusive_ptr<MonitorClass>& s, const at::Tensor& loss, int64_t tokens,
+              std::vector<std::optional<at::Tensor>> grads) {
+             std::optional<std::tuple<std::string, std::string>> out;
+             if (auto r = s->impl->step(loss, tokens, grads)) out = std::make_tuple(r->json(), r->progress_line());
+             return out;
+           })
+      .def("logs_next", [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->logs_next(); })
+      // A parameter's gradient is a shard over the process groups named (c10d's registered names).
+      .def("shard",
+           [](const c10::intrusive_ptr<MonitorClass>& s, const std::string& name, std::vector<std::string> groups) {
+             GradScaler::ShardGroups resolved;
+             for (const auto& group : groups) resolved.push_back(c10d::resolve_process_group(group));
+             s->impl->shard(name, std::move(resolved));
            })
       .def("close", [](const c10::intrusive_ptr<MonitorClass>& s) { s->impl->close(); })
       .def("last_stats", [](const c10::intrusive_ptr<MonitorClass>& s) { return s->impl->last_stats(); })

@@ -387,12 +387,13 @@ class GradScaler(torch.amp.GradScaler):
         raise ValueError("outputs must be a Tensor or an iterable of Tensors")
 
     @staticmethod
-    def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Any]]:
-        """The gradients to check as C++ cannot take them (sparse ones' values, DTensors' local shards) and the
-        process groups the DTensor ones are sharded over (the mesh dimensions not Replicate): each rank checks its
-        own shard, and the flag is MAX-reduced over those groups, as torch's scaler reduces it for DTensor
-        gradients (DTensor's found_inf handler), so every rank skips alike."""
+    def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor], list[Any]]:
+        """The gradients to check as C++ cannot take them (sparse ones' values, DTensors' local shards), their
+        parameters, and the process groups the DTensor ones are sharded over (the mesh dimensions not Replicate):
+        each rank checks its own shard, and the flag is MAX-reduced over those groups, as torch's scaler reduces it
+        for DTensor gradients (DTensor's found_inf handler), so every rank skips alike."""
         grads: list[Tensor] = []
+        params: list[Tensor] = []
         groups: list[Any] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -405,6 +406,7 @@ class GradScaler(torch.amp.GradScaler):
                 grad = p.grad
                 if grad is None:
                     continue
+                params.append(p)
                 if grad.is_sparse:  # torch's rule, as the C++ path: an fp16 one coalesced first, then its values
                     if grad.dtype == torch.float16:
                         p.grad = grad = grad.coalesce()
@@ -413,7 +415,7 @@ class GradScaler(torch.amp.GradScaler):
                     grads.append(grad.to_local())
                 else:
                     grads.append(grad)
-        return grads, groups
+        return grads, params, groups
 
     @staticmethod
     def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -421,9 +423,16 @@ class GradScaler(torch.amp.GradScaler):
 
     def _unscale(self, key: int, optimizer: torch.optim.Optimizer) -> None:
         # C++ reads the gradients off the parameters; DTensor gradients need their local shards from Python.
-        if not self._impl.unscale_params_(key, self._params(optimizer)):
-            grads, groups = self._grads(optimizer)
-            self._impl.unscale_grads_(key, grads, [g.group_name for g in groups])
+        all_params = self._params(optimizer)
+        if not self._impl.unscale_params_(key, all_params):
+            grads, params, groups = self._grads(optimizer)
+            self._impl.unscale_grads_(key, grads, params, all_params, [g.group_name for g in groups])
+
+    def _prepare_scaled_step(self, key: int, optimizer: torch.optim.Optimizer,
+                             all_params: list[Tensor]) -> tuple[Optional[Tensor], Tensor]:
+        """The scaled step's check of gradients C++ cannot read off the parameters (DTensors' local shards)."""
+        grads, params, groups = self._grads(optimizer)
+        return self._impl.prepare_scaled_step(key, grads, params, all_params, [g.group_name for g in groups])
 
     @_torch_assertion_types
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -482,10 +491,10 @@ class GradScaler(torch.amp.GradScaler):
             return self._found_inf_per_device(optimizer)
         # Through the parameters where C++ can read the gradients off them: the check then records which ones
         # overflowed (track_overflows), as the step's own check does.
-        handled, _, _ = self._impl.prepare_scaled_step_params(id(optimizer), self._params(optimizer))
+        all_params = self._params(optimizer)
+        handled, _, _ = self._impl.prepare_scaled_step_params(id(optimizer), all_params)
         if not handled:
-            grads, groups = self._grads(optimizer)
-            self._impl.prepare_scaled_step(id(optimizer), grads, [g.group_name for g in groups])
+            self._prepare_scaled_step(id(optimizer), optimizer, all_params)
         return self._found_inf_per_device(optimizer)
 
     @property
@@ -519,7 +528,7 @@ class GradScaler(torch.amp.GradScaler):
                                   for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("Attempting to unscale FP16 gradients.")  # before anything is touched, as torch
         by_device: dict[torch.device, list[Tensor]] = {}
-        local, shard_groups = self._grads(optimizer)
+        local, _, shard_groups = self._grads(optimizer)
         for grad in local:  # complex ones as pairs of reals, as unscale_ takes them
             if grad.is_complex():
                 # A conjugate view: its memory (conj() clears the bit, a view); a real factor commutes with it.
@@ -597,11 +606,10 @@ class GradScaler(torch.amp.GradScaler):
                 found = sum(f.to(grad_scale.device, non_blocking=True) for f in flags.values()) if flags else \
                     torch.zeros((), dtype=torch.float32, device=grad_scale.device)
             else:
-                handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, [] if unscaled else
-                                                                                    self._params(optimizer))
+                all_params = [] if unscaled else self._params(optimizer)
+                handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, all_params)
                 if not handled:
-                    grads, groups = self._grads(optimizer)
-                    grad_scale, found = self._impl.prepare_scaled_step(key, grads, [g.group_name for g in groups])
+                    grad_scale, found = self._prepare_scaled_step(key, optimizer, all_params)
             if self._host_skip and found.item():
                 self._impl.mark_stepped(key)
                 return None

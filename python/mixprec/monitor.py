@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .grad_scaler import GradScaler
+from .optim import _shard_dims
 
 __all__ = ["Monitor", "SINKS"]
 
@@ -45,6 +46,9 @@ class Monitor:
 
     Args:
         model: the module whose parameters' gradients are measured and whose names overflows are reported by.
+            Under FSDP2 (DTensor parameters) each rank measures its local shards and the figures are summed
+            over the shards' mesh on logged steps (a collective: every rank calls :meth:`step`), so every rank
+            logs those of the whole gradients.
         scaler: a :class:`mixprec.GradScaler` (its overflow tracking is turned on), or ``None``.
         every: log every this many steps (> 0).
         log_dir: where the TensorBoard events and ``metrics.jsonl`` go (needed by those sinks).
@@ -126,6 +130,13 @@ class Monitor:
             if self._writer is not None:
                 self._writer.close()
             raise
+        # FSDP2's DTensor parameters: the statistics read each rank's local shard of their gradients (handed over
+        # on logged steps only) and sum them over the mesh dimensions that shard them.
+        self._params = params if any(type(p).__name__ == "DTensor" for p in params) else None
+        for name, p in zip(names, params):
+            dims = _shard_dims(p)
+            if dims:
+                self._impl.shard(name, [p.device_mesh.get_group(d).group_name for d in dims])
         if enabled_scaler is not None:
             enabled_scaler.set_track_overflows(True)  # already on in C++; this keeps it in the scaler's pickle
         # The latest logged records, as dicts (a long run logs without bound; the jsonl and TensorBoard sinks
@@ -141,7 +152,12 @@ class Monitor:
         if isinstance(tokens, bool) or (isinstance(tokens, numbers.Real) and not isinstance(tokens, numbers.Integral)
                                         and not float(tokens).is_integer()):
             raise ValueError(f"mixprec.Monitor.step: tokens must be a whole number, got {tokens!r}")  # not truncated
-        out = self._impl.step(loss, int(tokens))
+        if self._params is not None and self._impl.logs_next():
+            grads = [None if p.grad is None else p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad
+                     for p in self._params]
+            out = self._impl.step_with_grads(loss, int(tokens), grads)
+        else:
+            out = self._impl.step(loss, int(tokens))
         if out is None:
             return None
         text, line = out

@@ -410,6 +410,78 @@ TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow sourc
                       Catch::Contains("start_step must be >= 0"));
 }
 
+TEST_CASE("Sharded gradients: every rank's Monitor and last_overflow describe the whole gradient",
+          "[monitor][distributed]") {
+  // Two ranks (threads over mixprec_test's in-process group) each hold half the rows of "w" (sharded: declared
+  // with shard(), and its sources reduced by the scaler through track_parameters and the shard group) and all
+  // of "b" (replicated). Rank 1's half of w holds a NaN.
+  torch::manual_seed(0);
+  const torch::Tensor w_grad = torch::randn({6, 4}) * 1024;  // the whole, scaled gradient
+  w_grad[4][1] = std::numeric_limits<float>::quiet_NaN();
+  const torch::Tensor b_grad = torch::randn({3}) * 1024;
+  auto shared = std::make_shared<mixprec_test::ThreadRendezvous>();
+  std::vector<mixprec::MonitorRecord> records(2);
+  std::vector<std::string> reports(2);
+  std::vector<torch::Tensor> stats(2);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < 2; ++rank) {
+    threads.emplace_back([&, rank] {
+      const auto group = mixprec_test::thread_group(rank, 2, shared);
+      torch::OrderedDict<std::string, torch::Tensor> named;
+      named.insert("w", torch::zeros({3, 4}).requires_grad_());
+      named.insert("b", torch::zeros({3}).requires_grad_());
+      named["w"].mutable_grad() = w_grad.narrow(0, 3 * rank, 3).clone();
+      named["b"].mutable_grad() = b_grad.clone();
+      mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024));
+      mixprec::Monitor monitor(named, &scaler, mixprec::MonitorOptions().every(1).progress(false));
+      monitor.shard("w", {group});
+      REQUIRE_THROWS_WITH(monitor.shard("nope", {group}), Catch::Contains("no parameter named 'nope'"));
+      scaler.scale(torch::ones({}));
+      const std::vector<torch::Tensor> params = named.values();
+      scaler.track_parameters(7, params);
+      scaler.unscale_grads_(7, {named["w"].grad(), named["b"].grad()}, params, {group});
+      scaler.update();
+      records[rank] = monitor.step(torch::ones({})).value();
+      stats[rank] = monitor.last_stats().clone();
+      reports[rank] = scaler.last_overflow(named)->str();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int rank = 0; rank < 2; ++rank) {
+    CAPTURE(rank);
+    // Rank 0's own half is finite: it names w from the reduced maxima.
+    REQUIRE(reports[rank] == "step 0 (loss scale 1024): w: nan (1 of 2 tensors)");
+    REQUIRE(records[rank].overflow == "step 1 (loss scale 1024): w: nan (1 of 2 tensors)");  // the monitor's count
+    REQUIRE(records[rank].exponent_histogram == records[0].exponent_histogram);
+    REQUIRE(records[rank].grad_elements == 6 * 4 + 3);
+    REQUIRE(records[rank].nonfinite_fraction == Approx(1.0 / 27).epsilon(1e-15));
+    // max |g| of w over its finite elements, of both halves, in float64 from the test's own whole gradient.
+    const torch::Tensor w = w_grad.to(torch::kDouble) / 1024;
+    const torch::Tensor finite = w.masked_select(w.isfinite());
+    REQUIRE(stats[rank][0][7].item<double>() == finite.abs().max().item<double>());
+    REQUIRE(stats[rank][0][0].item<double>() == 24.0);
+    REQUIRE(stats[rank][1][0].item<double>() == 3.0);  // replicated: counted once
+    REQUIRE(stats[rank][1][6].item<double>() == Approx((b_grad.to(torch::kDouble) / 1024).pow(2).sum().item<double>())
+                                                     .epsilon(1e-14));
+    REQUIRE(torch::allclose(stats[rank], stats[0], /*rtol=*/0, /*atol=*/0, /*equal_nan=*/true));  // w's sum of g^2: NaN
+  }
+}
+
+TEST_CASE("Monitor::step reads the gradients it is given, one per parameter", "[monitor]") {
+  torch::OrderedDict<std::string, torch::Tensor> named;
+  named.insert("a", torch::zeros({2}).requires_grad_());
+  named.insert("b", torch::zeros({3}).requires_grad_());
+  mixprec::Monitor monitor(named, nullptr, mixprec::MonitorOptions().every(1).progress(false));
+  REQUIRE(monitor.logs_next());
+  REQUIRE_THROWS_WITH(monitor.step(torch::ones({}), 0, {torch::ones({2})}),
+                      Catch::Contains("grads must hold one entry per parameter (2), got 1"));
+  // No .grad anywhere: only what is handed over counts (b has none).
+  const auto r = monitor.step(torch::ones({}), 0, {torch::tensor({3.0f, 4.0f}), std::nullopt});
+  REQUIRE(r->grad_elements == 2);
+  REQUIRE(r->grad_norm == 5.0);
+  REQUIRE(monitor.last_stats_names() == std::vector<std::string>{"a"});
+}
+
 TEST_CASE("GradScaler with a process group: an overflow on one rank skips the step on every rank",
           "[scaler][distributed]") {
   // Two ranks (threads over mixprec_test's in-process group), the same initial weights, their own data; rank 1

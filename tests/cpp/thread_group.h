@@ -1,6 +1,6 @@
 // A c10d process group whose ranks are threads of one process, for tests of what mixprec all-reduces (the torch
 // wheel ships no Gloo headers, so C++ tests cannot build a Gloo group). Its all-reduce waits for every rank and
-// MAX-reduces, as Gloo and NCCL do, and counts the collectives.
+// MAX- or SUM-reduces, as Gloo and NCCL do, and counts the collectives.
 #pragma once
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -37,12 +37,14 @@ class ThreadMaxBackend : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<torch::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override {
-    TORCH_CHECK(tensors.size() == 1 && opts.reduceOp == c10d::ReduceOp::MAX, "test backend: one tensor, MAX");
+    TORCH_CHECK(tensors.size() == 1 && (opts.reduceOp == c10d::ReduceOp::MAX || opts.reduceOp == c10d::ReduceOp::SUM),
+                "test backend: one tensor, MAX or SUM");
     std::unique_lock<std::mutex> lock(shared_->mutex);
     const int64_t generation = shared_->generation;
     shared_->inputs.push_back(tensors[0].clone());
     if (static_cast<int>(shared_->inputs.size()) == getSize()) {
-      shared_->result = torch::stack(shared_->inputs).amax(0);
+      const torch::Tensor all = torch::stack(shared_->inputs);
+      shared_->result = opts.reduceOp == c10d::ReduceOp::MAX ? all.amax(0) : all.sum(0);
       shared_->inputs.clear();
       ++shared_->generation;
       ++shared_->calls;

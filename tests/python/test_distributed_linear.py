@@ -477,6 +477,87 @@ def test_fsdp2_overflow_on_one_rank_skips_on_every_rank_as_torchs_scaler(tmp_pat
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+FSDP2_MONITOR_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def reference(grads):  # float64, from the whole (gathered) gradients
+        g = torch.cat([t.flatten() for t in grads])
+        finite = g[g.isfinite()]
+        nonzero = finite[finite != 0]
+        exponent = torch.frexp(nonzero.abs())[1] - 1  # floor(log2 |g|), exactly
+        return {"n": g.numel(), "zero": int((g == 0).sum()), "nonfinite": int((~g.isfinite()).sum()),
+                "norm": float(g.pow(2).sum().sqrt()),
+                "histogram": torch.bincount((exponent + 40).clamp(0, 63), minlength=64).tolist(),
+                "amax": [float(t[t.isfinite()].abs().max()) for t in grads]}
+
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        scaler = mixprec.GradScaler("cpu", init_scale=1024.0)
+        monitor = mixprec.Monitor(model, scaler, every=1, sinks=())
+        torch.manual_seed(1 + rank)
+        trace = []
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(4, 6)).pow(2).mean()).backward()
+            if step == 1 and rank == 1:  # rank 1's shard of 2.weight alone
+                model[2].weight.grad.to_local()[0, 0] = float("nan")
+            scale = scaler.get_scale()
+            truth = [p.grad.full_tensor().double() / scale for p in model.parameters()]  # a power of two: exact
+            scaler.step(opt)
+            scaler.update()
+            record = monitor.step(torch.tensor(float(step)))
+            for key in ("step_time", "tokens_per_second", "peak_memory"):  # each rank's own
+                del record[key]
+            rows = monitor.last_stats()
+            trace.append((record, reference(truth), [float(rows[n][7]) for n, _ in model.named_parameters()],
+                          str(scaler.last_overflow(model))))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, trace)
+        assert repr(gathered[0]) == repr(gathered[1])  # every rank logs the same, whole-gradient figures (NaN too)
+        results[fused] = trace
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_monitor_and_overflow_sources_describe_the_whole_gradients(tmp_path) -> None:
+    """Under FSDP2 each rank holds a shard of every gradient (a DTensor). The Monitor reads the local shards and
+    sums its statistics over the shards' mesh (max |g|: the largest), and the scaler MAX-reduces each parameter's
+    max |g| with the overflow flag: both ranks log the figures of the whole gradients (checked against float64
+    from the gathered gradients) and name the parameter whose shard on the other rank overflowed. Before, the
+    Monitor failed on DTensor gradients and last_overflow named nothing."""
+    out = str(tmp_path / "results.pt")
+    run_ranks(FSDP2_MONITOR_SCRIPT, out)
+    for fused, trace in torch.load(out).items():
+        for step, (record, ref, amax, report) in enumerate(trace):
+            assert record["grad_elements"] == ref["n"] == 6 * 10 + 10 + 10 * 3 + 3
+            assert round(record["zero_fraction"] * ref["n"]) == ref["zero"]
+            assert round(record["nonfinite_fraction"] * ref["n"]) == ref["nonfinite"] == (step == 1)
+            assert record["exponent_histogram"] == ref["histogram"], (fused, step)
+            assert amax == ref["amax"], (fused, step)
+            if step == 1:
+                assert record["overflow"] == "step 2 (loss scale 1024): 2.weight: nan (1 of 4 tensors)", fused
+                assert report == "step 1 (loss scale 1024): 2.weight: nan (1 of 4 tensors)", fused
+            else:
+                assert record["overflow"] == ""
+                assert record["grad_norm"] == pytest.approx(ref["norm"], rel=1e-12), (fused, step)
+
+
 FSDP2_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist

@@ -169,6 +169,12 @@ class GradScaler {
   /// (the parameters the gradients belong to, one per gradient) an overflow can be traced to them.
   void unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params = {},
                       const ShardGroups& shard_groups = {});
+  /// With overflow tracking on, puts `params` (all the optimizer's parameters) in its overflow record in this
+  /// order; those already there keep their place. For sharded gradients: when every rank places the same
+  /// parameters before unscale_grads_ / prepare_scaled_step with shard groups, the records have one layout, and
+  /// each parameter's max |g| is MAX-reduced over the groups with the flag, so every rank names the same
+  /// sources (GradScaler.last_overflow under FSDP2).
+  void track_parameters(int64_t key, at::TensorList params);
   /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);
 

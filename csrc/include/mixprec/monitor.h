@@ -77,6 +77,19 @@ class Monitor {
   /// one-element tensor: it stays on the device until the step is logged. Returns the record on a logged
   /// step (every `every` steps), having written it to the sinks; nullopt otherwise, having read nothing.
   std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens = 0);
+  /// step() reading `grads` (one per parameter of named_parameters, in order; nullopt: no gradient) instead of
+  /// the parameters' .grad: e.g. the local shards of parameters whose gradients are tensor subclasses (FSDP2's
+  /// DTensors), which the statistics cannot read. Only a logged step reads them (see logs_next()).
+  std::optional<MonitorRecord> step(const at::Tensor& loss, int64_t tokens,
+                                    const std::vector<std::optional<at::Tensor>>& grads);
+  /// Whether the next step() logs.
+  bool logs_next() const { return (steps_ + 1) % options_.every() == 0; }
+
+  /// Declares the gradient of parameter `name` a shard (sharded data parallelism): a logged step sums its
+  /// statistics over each of `groups` (max |g|: the largest), so every rank logs the whole gradient's. That is
+  /// two collectives per group on each logged step, which every rank makes: every rank must declare the same
+  /// parameters with the same groups. Python's Monitor declares FSDP2's DTensor parameters itself.
+  void shard(const std::string& name, GradScaler::ShardGroups groups);
 
   /// Closes the jsonl file; a step() after it is an error. The destructor closes it too.
   void close();
@@ -89,7 +102,10 @@ class Monitor {
   const MonitorOptions& options() const { return options_; }
 
  private:
-  MonitorRecord make_record();
+  MonitorRecord make_record(const std::vector<std::optional<at::Tensor>>& grads);
+  /// Sums the rows of declared shards over their groups (see shard()); `row_of[i]`: parameter i's row of
+  /// last_stats_, -1 without a gradient.
+  void reduce_shards(const std::vector<int64_t>& row_of);
 
   torch::OrderedDict<std::string, at::Tensor> params_;
   GradScaler* scaler_;
@@ -105,6 +121,7 @@ class Monitor {
   std::chrono::steady_clock::time_point interval_start_;
   at::Tensor last_stats_;
   std::vector<std::string> last_stats_names_;
+  std::vector<GradScaler::ShardGroups> shard_groups_;  // per parameter; empty: a whole gradient
 };
 
 }  // namespace mixprec
