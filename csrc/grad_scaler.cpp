@@ -429,12 +429,21 @@ void GradScaler::step(torch::optim::Optimizer& optimizer) {
   }
   const int64_t key = key_of(optimizer);
   check_not_stepped(key);
-  if (auto* fused = dynamic_cast<optim::Adam*>(&optimizer)) {
-    // The fused step divides by the scale itself (unless unscale_() came first) and reads the flag on
-    // the device: an overflowing step writes nothing.
-    const ParamGrads pg = optimizer_grads(optimizer);
-    const ScaledStep handed = prepare_scaled_step(key, pg.grads, pg.params);
-    fused->step_scaled(handed.grad_scale, handed.found_inf);
+  TORCH_CHECK(scale_.defined(), "Attempted step but the scale is not set. This may indicate your script did not use "
+              "scaler.scale(loss or outputs) earlier in the iteration.");
+  if (auto* adam = dynamic_cast<optim::Adam*>(&optimizer)) {
+    // Python's rule, from the optimizer's defaults: a fused one divides by the scale itself (unless unscale_()
+    // came first); otherwise the gradients are unscaled first. Either way the step reads the flag on the device:
+    // an overflowing step writes nothing.
+    const auto* defaults = dynamic_cast<const optim::AdamOptions*>(&optimizer.defaults());
+    if (defaults != nullptr && defaults->fused()) {
+      const ParamGrads pg = optimizer_grads(optimizer);
+      const ScaledStep handed = prepare_scaled_step(key, pg.grads, pg.params);
+      adam->step_scaled(handed.grad_scale, handed.found_inf);
+    } else {
+      if (!is_unscaled(key)) unscale_(optimizer);
+      adam->step_scaled(std::nullopt, found_inf(key));
+    }
   } else {
     if (!is_unscaled(key)) unscale_(optimizer);
     if (found_inf(key).item<float>() == 0.0f) optimizer.step();  // a host check, as torch does
@@ -459,6 +468,8 @@ at::Tensor GradScaler::iteration_found_inf() const {
 
 void GradScaler::update() {
   if (!options_.enabled()) return;
+  TORCH_CHECK(scale_.defined(), "Attempted update but the scale is not set. This may indicate your script did not "
+              "use scaler.scale(loss or outputs) earlier in the iteration.");
   const at::Tensor combined = iteration_found_inf();
   TORCH_CHECK(combined.defined(), "No inf checks were recorded prior to update.");
   if (options_.track_overflows()) record_overflows(combined);

@@ -239,6 +239,7 @@ void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rounding);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rng_calls);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(fused);
 }
 
 void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -257,6 +258,7 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
   if (archive.try_read("rounding", v)) rounding(v.toStringRef());
   if (archive.try_read("seed", v)) seed(v.toInt());
   if (archive.try_read("rng_calls", v)) rng_calls(v.toInt());
+  if (archive.try_read("fused", v)) fused(v.toBool());
 }
 
 void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -360,6 +362,7 @@ std::unique_ptr<AdamOptions> Adam::group_options(const torch::optim::OptimizerPa
   MIXPREC_MERGE(rounding);
   MIXPREC_MERGE(seed);
   MIXPREC_MERGE(rng_calls);
+  MIXPREC_MERGE(fused);
 #undef MIXPREC_MERGE
   return out;
 }
@@ -742,7 +745,8 @@ void Adam::load(torch::serialize::InputArchive& archive) {
           .moment_dtype(mine.moment_dtype())
           .rounding(mine.rounding())
           .seed(mine.seed())
-          .rng_calls(mine.rng_calls());
+          .rng_calls(mine.rng_calls())
+          .fused(mine.fused());
       loaded.has_mixprec_fields_ = true;
     }
     AdamCore::check_step_options(loaded);  // a checkpoint's lr may be below 0 (a scheduler's), as torch loads it

@@ -154,6 +154,49 @@ TEST_CASE("GradScaler creates its scale on the first output's device, as torch's
   REQUIRE(early.scale_tensor().device().is_meta());
 }
 
+TEST_CASE("GradScaler drives mixprec's AdamW as Python's does: unscaled first unless the optimizer is fused",
+          "[scaler]") {
+  // A scale that is not a power of two: dividing inside the step and unscaling first round differently.
+  const auto run = [](bool fused, bool unscale_first) {
+    torch::manual_seed(0);
+    auto p = torch::randn({33}).requires_grad_();
+    const torch::Tensor w = torch::randn({33});
+    mixprec::optim::AdamW opt(std::vector<torch::Tensor>{p}, mixprec::optim::AdamWOptions(0.1).fused(fused));
+    mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(3072));
+    std::vector<torch::Tensor> seen;
+    for (int i = 0; i < 4; ++i) {
+      opt.zero_grad();
+      scaler.scale((p * w * (i + 1)).sum()).backward();
+      if (i == 1) p.mutable_grad()[1] = std::numeric_limits<float>::infinity();
+      if (unscale_first) scaler.unscale_(opt);
+      scaler.step(opt);
+      scaler.update();
+      seen.push_back(p.grad().clone());
+      seen.push_back(p.detach().clone());
+    }
+    return seen;
+  };
+  const auto plain = run(false, false);
+  const auto explicit_unscale = run(false, true);
+  const auto fused = run(true, false);
+  for (size_t k = 0; k < plain.size(); ++k) {
+    CAPTURE(k);
+    REQUIRE(torch::allclose(plain[k], explicit_unscale[k], 0, 0, /*equal_nan=*/true));  // the same route
+  }
+  // After the skipped step (iteration 1) the default leaves the gradient unscaled, the fused route scaled.
+  REQUIRE(plain[2][0].item<float>() == Approx(fused[2][0].item<float>() / 3072).epsilon(1e-6));
+  REQUIRE(torch::equal(plain[3], plain[1]));  // both skipped: the parameters are those of iteration 0
+  REQUIRE(torch::equal(fused[3], fused[1]));
+  // torch's call-order errors: a step without gradients, an update before any scale().
+  auto q = torch::zeros({2}).requires_grad_();
+  mixprec::optim::AdamW opt(std::vector<torch::Tensor>{q}, mixprec::optim::AdamWOptions(0.1));
+  mixprec::GradScaler scaler(torch::kCPU);
+  REQUIRE_THROWS_WITH(scaler.update(), Catch::Contains("Attempted update but the scale is not set"));
+  REQUIRE_THROWS_WITH(scaler.step(opt), Catch::Contains("Attempted step but the scale is not set"));
+  scaler.scale(torch::ones({}));
+  REQUIRE_THROWS_WITH(scaler.step(opt), Catch::Contains("No inf checks were recorded for this optimizer."));
+}
+
 TEST_CASE("Each optimizer that took the scale gets its own factor; a record only read gets none", "[scaler][overflow]") {
   // mixprec's AdamW takes the scale and skips an overflowing step itself, leaving its gradients scaled. With two
   // of them and an overflow in only one, only that one's gradients hold g * scale. Another optimizer's record
@@ -162,7 +205,8 @@ TEST_CASE("Each optimizer that took the scale gets its own factor; a record only
   Net net;
   const auto params = net.parameters();
   const std::vector<torch::Tensor> first{params[0]}, second{params[1]};  // the weight, the bias
-  mixprec::optim::AdamW a(first, mixprec::optim::AdamOptions(1e-3)), b(second, mixprec::optim::AdamOptions(1e-3));
+  mixprec::optim::AdamW a(first, mixprec::optim::AdamOptions(1e-3).fused(true));
+  mixprec::optim::AdamW b(second, mixprec::optim::AdamOptions(1e-3).fused(true));
   mixprec::GradScaler scaler(torch::kCPU, mixprec::GradScalerOptions().init_scale(1024).track_overflows(true));
   for (int i = 0; i < 3; ++i) {
     a.zero_grad();
@@ -318,7 +362,8 @@ TEST_CASE("GradScaler names the parameters whose gradients overflowed", "[scaler
     SECTION(fused ? "mixprec::optim::AdamW (read-only check, skip on device)" : "torch::optim::SGD (unscale_)") {
       std::unique_ptr<torch::optim::Optimizer> opt;
       if (fused) {
-        opt = std::make_unique<mixprec::optim::AdamW>(model->parameters(), mixprec::optim::AdamOptions(1e-3));
+        opt = std::make_unique<mixprec::optim::AdamW>(model->parameters(),
+                                                      mixprec::optim::AdamOptions(1e-3).fused(true));
       } else {
         opt = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
       }
@@ -512,7 +557,7 @@ TEST_CASE("GradScaler with a process group: an overflow on one rank skips the st
         mixprec::GradScaler scaler(torch::kCPU, options);
         std::unique_ptr<torch::optim::Optimizer> opt;
         if (fused) {
-          opt = std::make_unique<mixprec::optim::AdamW>(net.parameters(), mixprec::optim::AdamOptions(1e-2));
+          opt = std::make_unique<mixprec::optim::AdamW>(net.parameters(), mixprec::optim::AdamOptions(1e-2).fused(true));
         } else {
           opt = std::make_unique<torch::optim::SGD>(net.parameters(), torch::optim::SGDOptions(0.1));
         }

@@ -79,12 +79,16 @@ class GradScaler {
   /// Calling it twice before update(), or after step(), is an error, as in torch.
   void unscale_(torch::optim::Optimizer& optimizer);
 
-  /// Steps the optimizer unless its gradients overflowed. A mixprec::optim optimizer follows torch's
-  /// protocol for optimizers that handle scaling (`_step_supports_amp_scaling`): unless unscale_() came
-  /// first, its gradients are only checked (read, not written), then it receives the scale and the
-  /// overflow flag, divides the gradients by the scale inside its fused step (writing them back unscaled,
-  /// as torch's fused optimizers do) and skips itself on the device: no host sync, no separate unscale
-  /// pass. Any other optimizer is unscaled first and skipped by a host check of the flag, as torch does.
+  /// Steps the optimizer unless its gradients overflowed, as Python's mixprec.GradScaler.step does. A
+  /// mixprec::optim optimizer skips itself on the device (no host sync). With `AdamOptions::fused(true)` in
+  /// its defaults it follows torch's protocol for optimizers that handle scaling
+  /// (`_step_supports_amp_scaling`): unless unscale_() came first, its gradients are only checked (read, not
+  /// written), then it receives the scale and the overflow flag and divides the gradients by the scale
+  /// inside its fused step (writing them back unscaled, as torch's fused optimizers do; a skipped step
+  /// leaves them scaled): no separate unscale pass. Otherwise (the default) its gradients are unscaled
+  /// first, as torch unscales a plain optimizer, and it receives the flag: the same `.grad` and parameters as
+  /// Python's default. Any other optimizer is unscaled first and skipped by a host check of the flag, as
+  /// torch does.
   void step(torch::optim::Optimizer& optimizer);
 
   /// Moves the scale from this iteration's overflow flags (all optimizers), on the device.

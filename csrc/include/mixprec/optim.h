@@ -44,6 +44,12 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   TORCH_ARG(int64_t, seed) = -1;
   /// Steps taken with `seed` so far (part of the saved state, so a resumed run repeats its draws).
   TORCH_ARG(int64_t, rng_calls) = 0;
+  /// How a GradScaler drives the step (the optimizer's defaults decide; torch's rule for fused optimizers,
+  /// Python's `fused=True`): true, the scaler only checks the gradients (read, not written) and the step
+  /// divides by the scale itself, one pass fewer (a skipped step leaves them scaled, as torch's fused Adam
+  /// does); false, they are unscaled first, as torch unscales a plain optimizer, and the step skips on the
+  /// device. Either way no host synchronisation.
+  TORCH_ARG(bool, fused) = false;
 
  public:  // TORCH_ARG leaves the section private
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -89,6 +95,7 @@ struct AdamWOptions : public AdamOptions {
   MIXPREC_ADAMW_ARG(std::string, rounding)
   MIXPREC_ADAMW_ARG(int64_t, seed)
   MIXPREC_ADAMW_ARG(int64_t, rng_calls)
+  MIXPREC_ADAMW_ARG(bool, fused)
   /// Options given in full (mixprec's AdamOptions, torch's AdamWOptions / AdamOptions) keep every field as set,
   /// so AdamW's one options parameter takes them all, as torch::optim::AdamW's takes a number or its options.
   AdamWOptions(const AdamOptions& o) : AdamOptions(o) {}  // NOLINT(google-explicit-constructor)
