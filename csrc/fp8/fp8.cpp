@@ -106,8 +106,14 @@ std::string_view scaling_name(Scaling scaling) {
 }
 
 void check_recipe(const Recipe& recipe) {
-  max_finite(recipe.forward_dtype);  // each names the dtype it refuses
-  max_finite(recipe.backward_dtype);
+  // The input and the weight meet in the forward GEMM, and no FP8 GEMM (cuBLASLt, torch._scaled_mm) takes two
+  // E5M2 operands: E4M3 there, as in every format Python's Recipe names ("hybrid", "e4m3").
+  TORCH_CHECK_VALUE(recipe.forward_dtype == at::kFloat8_e4m3fn,
+                    "mixprec: Recipe.forward_dtype (input and weight) must be Float8_e4m3fn, got ",
+                    recipe.forward_dtype);
+  TORCH_CHECK_VALUE(recipe.backward_dtype == at::kFloat8_e4m3fn || recipe.backward_dtype == at::kFloat8_e5m2,
+                    "mixprec: Recipe.backward_dtype (the output gradient) must be Float8_e4m3fn or Float8_e5m2, got ",
+                    recipe.backward_dtype);
   TORCH_CHECK_VALUE(recipe.amax_history_len >= 1, "mixprec: amax_history_len must be >= 1, got ",
                     recipe.amax_history_len);
   TORCH_CHECK_VALUE(recipe.amax_compute_algo == "max" || recipe.amax_compute_algo == "most_recent",

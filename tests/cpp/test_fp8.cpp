@@ -231,7 +231,17 @@ TEST_CASE("nn::Float8Linear: converts a torch Linear, trains, keeps its delayed-
   REQUIRE_THROWS_WITH(mixprec::nn::Float8Linear(*plain, bad), Catch::Contains("amax_compute_algo must be"));
   bad = {};
   bad.backward_dtype = torch::kHalf;
-  REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad), Catch::Contains("dtype must be"));
+  REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad),
+                      Catch::Contains("Recipe.backward_dtype (the output gradient) must be Float8_e4m3fn or "
+                                      "Float8_e5m2, got Half"));
+  bad = {};
+  bad.forward_dtype = torch::kBFloat16;
+  REQUIRE_THROWS_WITH(mixprec::fp8::check_recipe(bad),
+                      Catch::Contains("Recipe.forward_dtype (input and weight) must be Float8_e4m3fn, got BFloat16"));
+  // E5M2 inputs and weights: Python's Recipe has no such format, and no FP8 GEMM takes two E5M2 operands.
+  bad.forward_dtype = torch::kFloat8_e5m2;
+  REQUIRE_THROWS_WITH(mixprec::nn::Float8Linear(torch::nn::LinearOptions(64, 32), bad),
+                      Catch::Contains("Recipe.forward_dtype (input and weight) must be Float8_e4m3fn"));
 }
 
 TEST_CASE("nn::Float8Linear: loads a torch::nn::Linear archive, starting its scaling state afresh",

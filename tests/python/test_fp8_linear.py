@@ -826,9 +826,13 @@ def test_bad_input() -> None:
     with pytest.raises(RuntimeError, match="delayed scaling needs its state; forward_amax_history is empty"):
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "delayed",
                                         torch.float8_e4m3fn, torch.float8_e5m2, "max", 0, False, True)
-    with pytest.raises(ValueError, match="dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got BFloat16"):
+    with pytest.raises(ValueError, match=r"Recipe.forward_dtype \(input and weight\) must be Float8_e4m3fn, got BFloat16"):
         torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "current",
                                         torch.bfloat16, torch.float8_e5m2, "max", 0, False, True)
+    with pytest.raises(ValueError, match=r"Recipe.forward_dtype \(input and weight\) must be Float8_e4m3fn, got "
+                                         r"Float8_e5m2"):  # no FP8 GEMM takes two E5M2 operands
+        torch.ops.mixprec.float8_linear(torch.randn(4, 32), layer.weight, None, *[torch.empty(0)] * 6, "current",
+                                        torch.float8_e5m2, torch.float8_e5m2, "max", 0, False, True)
     before = [b.clone() for b in layer.buffers()]
     *six, turn = layer.buffers()
     # The recipe's state on another device than the input (here the input on meta): named, nothing written.

@@ -134,7 +134,8 @@ struct Recipe {
   bool fast_accum = true;  // the forward GEMM's faster FP8 accumulation (CUDA); backward GEMMs never use it
 };
 
-/// Refuses a recipe no layer can run, naming the field: an FP8 dtype other than E4M3/E5M2, amax_history_len < 1,
+/// Refuses a recipe no layer can run, naming the field: a forward_dtype other than E4M3 (no FP8 GEMM takes two
+/// E5M2 operands), a backward_dtype other than E4M3/E5M2, amax_history_len < 1,
 /// amax_compute_algo other than "max" / "most_recent", margin outside [0, 32]. Float8Linear's constructors and
 /// forward run it, and so does Python's mixprec.fp8.Recipe when it is built (through the op
 /// mixprec::fp8_check_recipe), so a bad recipe fails where it is written.
