@@ -87,6 +87,9 @@ struct ParamGrads {
 // coalesced first (duplicate indices summed, which can overflow) and replaces the parameter's .grad.
 bool append_grads(at::TensorList params, ParamGrads& out) {
   for (const at::Tensor& p : params) {
+    // A parameter that is a tensor subclass (FSDP2's DTensor) sends the optimizer to Python's path even when it
+    // has no gradient on this rank: that path makes the shard groups' collectives, which every rank must make.
+    if (p.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return false;
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;
     if (g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return false;
@@ -105,7 +108,7 @@ ParamGrads optimizer_grads(torch::optim::Optimizer& optimizer) {
   ParamGrads out;
   for (auto& group : optimizer.param_groups()) {
     TORCH_CHECK(append_grads(group.params(), out),
-                "mixprec::GradScaler: a gradient is a tensor subclass (e.g. a DTensor); unscale its local shard");
+                "mixprec::GradScaler: a parameter or gradient is a tensor subclass (e.g. a DTensor); unscale its local shard");
   }
   return out;
 }
@@ -200,7 +203,9 @@ void GradScaler::check_grads(int64_t key, OptimizerState& st, at::TensorList gra
   // As torch's scaler: gradients of a create_graph backward require grad; unscaling them is not part of any
   // graph (and the op refuses to write into tracked tensors under grad mode).
   c10::NoGradGuard no_grad;
-  const bool track = options_.track_overflows() && !params.empty();
+  // Sharded gradients measure their maxima whether or not this rank tracks: a rank that does needs every
+  // rank's (reduce_found_inf).
+  const bool track = (options_.track_overflows() || !st.shard_params.empty()) && !params.empty();
   std::map<std::string, std::vector<at::Tensor>> by_device;
   std::map<std::string, std::vector<int64_t>> positions_by_device;
   bool identity = false;
@@ -258,38 +263,57 @@ void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGr
   const at::Tensor flag = st.found_inf_per_device.empty() ? at::zeros({}, scale_.options()) : combined_found_inf(st);
   c10d::AllreduceOptions reduce;
   reduce.reduceOp = c10d::ReduceOp::MAX;
-  // Whether the maxima travel too depends on nothing a rank's own gradients decide (a rank without any this
-  // time still takes part): the collectives must match.
-  auto record = overflow_records_.find(key);
-  if (!options_.track_overflows() || shard_groups.empty() || record == overflow_records_.end() ||
-      !record->second.amax.defined()) {
+  if (shard_groups.empty() || st.shard_params.empty()) {
     std::vector<at::Tensor> flags{flag};
     for (c10d::ProcessGroup* group : groups) group->allreduce(flags, reduce)->wait();
     set_found_inf(key, flags[0]);
     return;
   }
-  // Sharded gradients with overflow tracking: each rank measured its own shards, so the per-parameter maxima
-  // are reduced too, in the same collective as the flag (float64: exact for both). Every rank placed all the
-  // optimizer's parameters in its record first (track_parameters), so the layouts agree. MAX reductions
-  // need not propagate NaN (NCCL's and gloo's do not promise it), so the order NaN > inf > finite the record
-  // keeps is encoded in finite-order terms: NaN as +inf, inf as the largest double, and decoded after.
-  at::Tensor& amax = record->second.amax;
-  const at::Tensor wide = amax.to(at::kDouble);
-  const at::Tensor largest = at::full({}, std::numeric_limits<double>::max(), wide.options());
-  const at::Tensor inf = at::full({}, std::numeric_limits<double>::infinity(), wide.options());
-  const at::Tensor encoded = at::where(wide.isnan(), inf, at::where(wide.isinf(), largest, wide));
-  std::vector<at::Tensor> packed{at::cat({flag.to(at::kDouble).reshape({1}), encoded.to(flag.device())})};
+  // Sharded gradients: each rank measured its own shards, so the per-parameter maxima travel with the flag, in
+  // one float64 vector (exact for both) over the parameters set_shard_parameters gave, which every rank gives
+  // alike: its shape depends on nothing a rank decides alone (its gradients, whether it tracks). MAX reductions
+  // need not propagate NaN (NCCL's and gloo's do not promise it), so the record's order NaN > inf > finite is
+  // encoded in finite-order terms: NaN as +inf, inf as the largest double, and decoded after.
+  const auto n = static_cast<int64_t>(st.shard_params.size());
+  const at::TensorOptions wide = flag.options().dtype(at::kDouble);
+  at::Tensor maxima = at::zeros({n}, wide);
+  at::Tensor positions;
+  auto record = overflow_records_.find(key);
+  const bool measured = record != overflow_records_.end() && record->second.amax.defined();
+  if (measured) {
+    std::vector<int64_t> at_position;
+    at_position.reserve(st.shard_params.size());
+    for (const at::Tensor& p : st.shard_params) at_position.push_back(record->second.index.at(p.unsafeGetTensorImpl()));
+    positions = at::tensor(at_position, at::kLong).to(record->second.amax.device(), /*non_blocking=*/true);
+    maxima = record->second.amax.index_select(0, positions).to(wide);
+  }
+  const at::Tensor largest = at::full({}, std::numeric_limits<double>::max(), wide);
+  const at::Tensor inf = at::full({}, std::numeric_limits<double>::infinity(), wide);
+  const at::Tensor encoded = at::where(maxima.isnan(), inf, at::where(maxima.isinf(), largest, maxima));
+  std::vector<at::Tensor> packed{at::cat({flag.to(at::kDouble).reshape({1}), encoded})};
   for (c10d::ProcessGroup* group : groups) group->allreduce(packed, reduce)->wait();
-  const at::Tensor reduced = packed[0].narrow(0, 1, amax.numel()).to(amax.device());
-  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), wide.options());
-  amax.copy_(at::where(reduced.isinf(), nan, at::where(reduced.eq(largest), inf, reduced)));
+  if (measured && options_.track_overflows()) {
+    const at::Tensor reduced = packed[0].narrow(0, 1, n);
+    const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), wide);
+    at::Tensor& amax = record->second.amax;
+    const at::Tensor decoded = at::where(reduced.isinf(), nan, at::where(reduced.eq(largest), inf, reduced));
+    amax.index_copy_(0, positions, decoded.to(amax.device()).to(amax.scalar_type()));
+  } else if (measured) {
+    record->second.amax.zero_();  // measured for the ranks that track; update() keeps no record here
+  }
   set_found_inf(key, packed[0].narrow(0, 0, 1).reshape({}).to(at::kFloat));
 }
 
-void GradScaler::track_parameters(int64_t key, at::TensorList params) {
-  if (!options_.enabled() || !options_.track_overflows() || params.empty()) return;
-  bool identity = false;
-  place_params(key, params, identity);
+void GradScaler::set_shard_parameters(int64_t key, at::TensorList params) {
+  if (!options_.enabled()) return;
+  OptimizerState& st = per_optimizer_[key];
+  st.shard_params.assign(params.begin(), params.end());
+  // The record holds every one of them (those already there keep their place), so each has a position whether
+  // or not it has a gradient on this rank; a rank that does not track measures them too, for those that do.
+  if (!params.empty()) {
+    bool identity = false;
+    place_params(key, params, identity);
+  }
 }
 
 void GradScaler::unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params,
@@ -789,7 +813,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<at::Tensor> params,
               std::vector<at::Tensor> all_params, std::vector<std::string> shard_groups) {
              const GradScaler::ShardGroups groups = resolve_groups(shard_groups);
-             if (!groups.empty()) s->impl.track_parameters(key, all_params);
+             if (!groups.empty()) s->impl.set_shard_parameters(key, all_params);
              s->impl.unscale_grads_(key, grads, params, groups);
            })
       // As unscale_grads_ / prepare_scaled_step with the parameters' gradients; (false, ...) when a gradient
@@ -819,7 +843,7 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            [](const Self& s, int64_t key, std::vector<at::Tensor> grads, std::vector<at::Tensor> params,
               std::vector<at::Tensor> all_params, std::vector<std::string> shard_groups) {
              const GradScaler::ShardGroups groups = resolve_groups(shard_groups);
-             if (!groups.empty() && !s->impl.is_unscaled(key)) s->impl.track_parameters(key, all_params);
+             if (!groups.empty() && !s->impl.is_unscaled(key)) s->impl.set_shard_parameters(key, all_params);
              GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, grads, params, groups);
              return std::make_tuple(r.grad_scale, r.found_inf);
            })

@@ -76,8 +76,12 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
     if (scale_grad) {
       const detail::FakeQuantArgs f = detail::check_fake_quantize("mixprec::fake_quantize", input, scale, qmin, qmax,
                                                                   block_rows, block_cols);
-      // Per-block sums of the per-element terms (fp32), in the scale's own shape.
-      grad_scale = detail::sum_blocks(terms, f).mul(ctx->saved_data["grad_factor"].toDouble()).reshape(scale.sizes());
+      // Per-block sums of the per-element terms (fp32), in float64 with the factor, rounded once to the terms'
+      // dtype, in the scale's own shape.
+      grad_scale = detail::sum_blocks(terms, f)
+                       .mul(ctx->saved_data["grad_factor"].toDouble())
+                       .to(terms.scalar_type())
+                       .reshape(scale.sizes());
     }
     return {ctx->needs_input_grad(0) ? grad_input : at::Tensor(), grad_scale, at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};

@@ -145,8 +145,11 @@ at::Tensor check_fake_quantize_grad(const at::Tensor& grad, const FakeQuantArgs&
 
 at::Tensor sum_blocks(const at::Tensor& terms, const FakeQuantArgs& f) {
   const Fp8Blocks& b = f.blocks;
-  if (f.rows * f.cols == 0) return at::zeros({b.grid_rows, b.grid_cols}, terms.options());
-  return terms.reshape({b.grid_rows, b.block_rows, b.grid_cols, b.block_cols}).sum({1, 3});
+  if (f.rows * f.cols == 0) return at::zeros({b.grid_rows, b.grid_cols}, terms.options().dtype(at::kDouble));
+  // Accumulated in float64 (read as such, not copied): a block of a million fp32 terms keeps its sum to the
+  // last fp32 bit, so the result rounded to fp32 no longer depends on the order ATen's reduction takes, which
+  // varies with the CPU's thread count and differs between CPU and CUDA.
+  return terms.reshape({b.grid_rows, b.block_rows, b.grid_cols, b.block_cols}).sum({1, 3}, false, at::kDouble);
 }
 
 }  // namespace mixprec::detail

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
@@ -133,6 +135,11 @@ class Monitor:
         # FSDP2's DTensor parameters: the statistics read each rank's local shard of their gradients (handed over
         # on logged steps only) and sum them over the mesh dimensions that shard them.
         self._params = params if any(type(p).__name__ == "DTensor" for p in params) else None
+        # fully_shard (or resizing an embedding) replaces a model's parameters: a monitor built before it would
+        # measure the old ones and log nothing. A logged step checks the first one (no loop) and warns once.
+        self._model = weakref.ref(model)
+        self._first_param = params[0] if params else None
+        self._replaced_warned = False
         for name, p in zip(names, params):
             dims = _shard_dims(p)
             if dims:
@@ -152,7 +159,15 @@ class Monitor:
         if isinstance(tokens, bool) or (isinstance(tokens, numbers.Real) and not isinstance(tokens, numbers.Integral)
                                         and not float(tokens).is_integer()):
             raise ValueError(f"mixprec.Monitor.step: tokens must be a whole number, got {tokens!r}")  # not truncated
-        if self._params is not None and self._impl.logs_next():
+        logs = self._impl.logs_next()
+        if logs and not self._replaced_warned:
+            model = self._model()
+            if model is not None and next(model.parameters(), None) is not self._first_param:
+                self._replaced_warned = True
+                warnings.warn("mixprec.Monitor: the model's parameters were replaced after the monitor was built "
+                              "(fully_shard does this), so it measures the old ones; build it after sharding",
+                              stacklevel=2)
+        if self._params is not None and logs:
             grads = [None if p.grad is None else p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad
                      for p in self._params]
             out = self._impl.step_with_grads(loss, int(tokens), grads)

@@ -458,7 +458,7 @@ TEST_CASE("Monitor logs every N steps to JSON lines and names the overflow sourc
 TEST_CASE("Sharded gradients: every rank's Monitor and last_overflow describe the whole gradient",
           "[monitor][distributed]") {
   // Two ranks (threads over mixprec_test's in-process group) each hold half the rows of "w" (sharded: declared
-  // with shard(), and its sources reduced by the scaler through track_parameters and the shard group) and all
+  // with shard(), and its sources reduced by the scaler through set_shard_parameters and the shard group) and all
   // of "b" (replicated). Rank 1's half of w holds a NaN.
   torch::manual_seed(0);
   const torch::Tensor w_grad = torch::randn({6, 4}) * 1024;  // the whole, scaled gradient
@@ -483,7 +483,7 @@ TEST_CASE("Sharded gradients: every rank's Monitor and last_overflow describe th
       REQUIRE_THROWS_WITH(monitor.shard("nope", {group}), Catch::Contains("no parameter named 'nope'"));
       scaler.scale(torch::ones({}));
       const std::vector<torch::Tensor> params = named.values();
-      scaler.track_parameters(7, params);
+      scaler.set_shard_parameters(7, params);
       scaler.unscale_grads_(7, {named["w"].grad(), named["b"].grad()}, params, {group});
       scaler.update();
       records[rank] = monitor.step(torch::ones({})).value();

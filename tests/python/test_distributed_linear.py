@@ -558,6 +558,68 @@ def test_fsdp2_monitor_and_overflow_sources_describe_the_whole_gradients(tmp_pat
                 assert record["grad_norm"] == pytest.approx(ref["norm"], rel=1e-12), (fused, step)
 
 
+FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import datetime, sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a mismatch fails here instead of hanging
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        first = mixprec.optim.AdamW(model[0].parameters(), lr=1e-2, fused=fused)
+        second = mixprec.optim.AdamW(model[2].parameters(), lr=1e-2, fused=fused)
+        # Tracking on one rank only (as a logger built on rank 0 turns it on).
+        scaler = mixprec.GradScaler("cpu", init_scale=1024.0, track_overflows=rank == 0)
+        trace = []
+        for step in range(3):
+            first.zero_grad()
+            second.zero_grad()
+            scaler.scale(model(torch.ones(4, 6)).pow(2).mean()).backward()
+            if step == 1 and rank == 1:
+                model[2].weight.grad.to_local()[0, 0] = float("nan")  # the other rank's shard
+            if step == 2 and rank == 1:
+                for p in model[0].parameters():  # no gradients for one optimizer on one rank
+                    p.grad = None
+            scaler.step(first)
+            scaler.step(second)
+            scaler.update()
+            trace.append(scaler.get_scale())
+        report = scaler.last_overflow(model)
+        results[fused] = (trace, None if report is None else str(report))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_fsdp2_ranks_that_disagree_on_tracking_or_gradients_make_matching_collectives(tmp_path) -> None:
+    """The scaler's reduction over the shards has one shape on every rank: [flag, max |g| per parameter of the
+    optimizer], zeros from a rank that does not track overflows. Before, a rank that tracked (a Monitor built on
+    rank 0) sent a longer vector than one that did not (gloo aborted: 'Received data size doesn't match'), and a
+    rank with no gradients for one optimizer skipped its reduction, so the ranks' collectives fell out of step
+    (a hang with fused optimizers). The tracking rank names the parameter whose shard overflowed elsewhere."""
+    out = str(tmp_path / "results.pt")
+    run_ranks(FSDP2_DISAGREEING_RANKS_SCRIPT, out)
+    ranks = torch.load(out)
+    for fused in (False, True):
+        (trace0, report0), (trace1, report1) = ranks[0][fused], ranks[1][fused]
+        assert trace0 == trace1 == [1024.0, 512.0, 512.0], fused  # step 1 skipped on both
+        assert report0 == "step 1 (loss scale 1024): 2.weight: nan (1 of 4 tensors)", fused  # both optimizers
+        assert report1 is None  # rank 1 does not track
+
+
 FSDP2_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist

@@ -313,6 +313,29 @@ def test_learnable_scale_gradient_matches_torch(device: str) -> None:
     assert s.grad.shape == (16, 1) and torch.allclose(s.grad.cpu().reshape(-1), sr.grad, rtol=0, atol=32 * 127 * 2.0**-22)
 
 
+def test_learnable_step_gradient_is_the_float64_sum_rounded_once_whatever_the_thread_count() -> None:
+    """A per-tensor step's gradient sums 1.6M per-element terms. It is accumulated in float64 and rounded once,
+    so it equals the test's own float64 sum of the same fp32 terms, and does not move with the number of CPU
+    threads (an fp32 at::sum did, by 1-4 ulps, as torch's own learnable fake quantization does)."""
+    torch.manual_seed(11)
+    x = torch.randn(1037, 1531) * 3
+    g = torch.randn(1037, 1531)
+    _, inside, term = reference_fake_quantize(x, torch.tensor([0.05]), -127, 127)
+    expected = ((term * g).double().sum() * 0.5).float()  # the fp32 products, summed in float64
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            s = torch.tensor([0.05], requires_grad=True)
+            int8.fake_quantize(x, s, -127, 127, grad_factor=0.5).backward(g)
+            grads.append(s.grad)
+    finally:
+        torch.set_num_threads(threads)
+    for grad in grads:
+        assert torch.equal(grad, expected.reshape(1)), (grad, expected)
+
+
 def reference_fake_quantize(x: torch.Tensor, steps: torch.Tensor, qmin: int, qmax: int):
     """The rule in fp32 torch ops, `steps` expanded to x's shape: (output in x's dtype, the straight-through
     mask, the LSQ term per element). NaN stays NaN; a NaN's code and term are 0."""

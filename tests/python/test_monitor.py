@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -726,3 +727,20 @@ def test_monitor_settings_are_not_coerced(kwargs: dict, needle: str) -> None:
     with pytest.raises(ValueError, match="tokens must be a whole number"):
         mixprec.Monitor(named_model(), None, sinks=()).step(torch.tensor(1.0), tokens=2.7)
     mixprec.Monitor(named_model(), None, sinks=()).step(torch.tensor(1.0), tokens=2048.0)  # mask.sum().item()
+
+
+def test_a_monitor_built_before_the_parameters_were_replaced_warns_once() -> None:
+    """fully_shard replaces a model's parameters with DTensors; a monitor built before it measured the old ones
+    and logged zeros silently. A logged step compares the model's first parameter with the one it watches."""
+    model = nn.Linear(4, 2)
+    monitor = mixprec.Monitor(model, every=1, sinks=())
+    model(torch.ones(3, 4)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert monitor.step(torch.tensor(1.0))["grad_elements"] == 10
+    model.weight = nn.Parameter(model.weight.detach().clone())  # as fully_shard does to every parameter
+    with pytest.warns(UserWarning, match="parameters were replaced after the monitor was built"):
+        monitor.step(torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.step(torch.tensor(1.0))  # once

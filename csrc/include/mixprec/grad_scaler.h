@@ -173,12 +173,14 @@ class GradScaler {
   /// (the parameters the gradients belong to, one per gradient) an overflow can be traced to them.
   void unscale_grads_(int64_t key, at::TensorList grads, at::TensorList params = {},
                       const ShardGroups& shard_groups = {});
-  /// With overflow tracking on, puts `params` (all the optimizer's parameters) in its overflow record in this
-  /// order; those already there keep their place. For sharded gradients: when every rank places the same
-  /// parameters before unscale_grads_ / prepare_scaled_step with shard groups, the records have one layout, and
-  /// each parameter's max |g| is MAX-reduced over the groups with the flag, so every rank names the same
-  /// sources (GradScaler.last_overflow under FSDP2).
-  void track_parameters(int64_t key, at::TensorList params);
+  /// Sharded gradients (FSDP2): the parameters (the optimizer's, in an order every rank shares) whose max |g|
+  /// the flag's reduction over the shard groups carries, for this iteration. Give them before unscale_grads_ /
+  /// prepare_scaled_step with shard groups, on every rank alike, whether or not it tracks overflows: the
+  /// collective is then `[flag, max |g| per parameter]` everywhere (every rank measures its shards' maxima in
+  /// its unscale pass, at no extra cost), so ranks that disagree on tracking (a Monitor built on one rank)
+  /// still make matching collectives, and every tracking rank names the same sources
+  /// (GradScaler.last_overflow under FSDP2).
+  void set_shard_parameters(int64_t key, at::TensorList params);
   /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);
 
@@ -240,6 +242,7 @@ class GradScaler {
     bool tracked = false;       // track_overflows: the unscale pass filled the record's amax
     int64_t checked = 0;        // gradients checked
     bool handed_scale = false;  // prepare_scaled_step handed the scale over: .grad stays scaled on overflow
+    std::vector<at::Tensor> shard_params;  // set_shard_parameters: whose maxima the shard reduction carries
   };
   /// One optimizer's record of the last overflowing step, on the scale's device and updated by update()
   /// with one record_overflow_ op (no host sync). Its parameters are every one the scaler has seen for the
