@@ -298,6 +298,9 @@ void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGr
     at::Tensor& amax = record->second.amax;
     const at::Tensor decoded = at::where(reduced.isinf(), nan, at::where(reduced.eq(largest), inf, reduced));
     amax.index_copy_(0, positions, decoded.to(amax.device()).to(amax.scalar_type()));
+    // What the other ranks measured is this rank's record too, gradients here or not: update() records it
+    // (and zeroes the maxima for the next step).
+    st.tracked = true;
   } else if (measured) {
     record->second.amax.zero_();  // measured for the ranks that track; update() keeps no record here
   }
@@ -306,6 +309,8 @@ void GradScaler::reduce_found_inf(int64_t key, OptimizerState& st, const ShardGr
 
 void GradScaler::set_shard_parameters(int64_t key, at::TensorList params) {
   if (!options_.enabled()) return;
+  TORCH_CHECK(scale_.defined(), "Attempted unscale_ but the scale is not set. This may indicate your script did not "
+              "use scaler.scale(loss or outputs) earlier in the iteration.");
   OptimizerState& st = per_optimizer_[key];
   st.shard_params.assign(params.begin(), params.end());
   // The record holds every one of them (those already there keep their place), so each has a position whether

@@ -200,9 +200,10 @@ void Monitor::reduce_shards(const std::vector<int64_t>& row_of) {
     if (it == sets.end()) it = sets.insert(sets.end(), {i, {}});
     it->second.push_back(static_cast<int64_t>(i));
   }
-  const auto index = [&](const std::vector<int64_t>& v) {
-    return at::tensor(v, at::kLong).to(last_stats_.device());
-  };
+  // On the sharded gradients' device (NCCL takes CUDA tensors only, whatever device the loss is on).
+  const c10::Device on = shard_device_.value_or(last_stats_.device());
+  const auto index = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(on); };
+  const auto back = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(last_stats_.device()); };
   for (const auto& [first, members] : sets) {
     std::vector<int64_t> present, rows;  // positions among the members, and their rows of last_stats_
     for (size_t k = 0; k < members.size(); ++k) {
@@ -211,8 +212,9 @@ void Monitor::reduce_shards(const std::vector<int64_t>& row_of) {
       present.push_back(static_cast<int64_t>(k));
       rows.push_back(row);
     }
-    at::Tensor block = at::zeros({static_cast<int64_t>(members.size()), last_stats_.size(1)}, last_stats_.options());
-    if (!rows.empty()) block.index_copy_(0, index(present), last_stats_.index_select(0, index(rows)));
+    at::Tensor block =
+        at::zeros({static_cast<int64_t>(members.size()), last_stats_.size(1)}, last_stats_.options().device(on));
+    if (!rows.empty()) block.index_copy_(0, index(present), last_stats_.index_select(0, back(rows)).to(on));
     std::vector<at::Tensor> sums{block};
     std::vector<at::Tensor> maxima{block.select(1, detail::kStatsAmax).clone()};
     block.select(1, detail::kStatsAmax).zero_();
@@ -225,7 +227,9 @@ void Monitor::reduce_shards(const std::vector<int64_t>& row_of) {
       group->allreduce(maxima, max)->wait();
     }
     block.select(1, detail::kStatsAmax).copy_(maxima[0]);
-    if (!rows.empty()) last_stats_.index_copy_(0, index(rows), block.index_select(0, index(present)));
+    if (!rows.empty()) {
+      last_stats_.index_copy_(0, back(rows), block.index_select(0, index(present)).to(last_stats_.device()));
+    }
   }
 }
 
@@ -260,6 +264,7 @@ MonitorRecord Monitor::make_record(const std::vector<std::optional<at::Tensor>>&
   std::map<std::pair<std::string, double>, Group> groups;
   last_stats_names_.clear();
   std::vector<int64_t> row_of(params_.size(), -1);
+  shard_device_.reset();
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& item = params_[i];
     const at::Tensor grad = grads.empty() ? item.value().grad() : grads[i].value_or(at::Tensor());
@@ -268,6 +273,9 @@ MonitorRecord Monitor::make_record(const std::vector<std::optional<at::Tensor>>&
                      "mixprec::Monitor: the gradient of '", item.key(), "' is a tensor subclass (e.g. a DTensor); "
                      "pass its local shard (step's grads) and declare it with shard()");
     row_of[i] = static_cast<int64_t>(last_stats_names_.size());
+    if (!shard_groups_.empty() && !shard_groups_[i].empty() && !shard_device_.has_value()) {
+      shard_device_ = grad.device();
+    }
     // A sparse gradient (nn.Embedding(sparse=True)) counts as its coalesced values, as the scaler checks it.
     const at::Tensor g = grad.is_sparse() ? grad.coalesce().values() : grad;
     const auto found = factor_of.find(item.value().unsafeGetTensorImpl());

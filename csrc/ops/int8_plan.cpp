@@ -146,10 +146,20 @@ at::Tensor check_fake_quantize_grad(const at::Tensor& grad, const FakeQuantArgs&
 at::Tensor sum_blocks(const at::Tensor& terms, const FakeQuantArgs& f) {
   const Fp8Blocks& b = f.blocks;
   if (f.rows * f.cols == 0) return at::zeros({b.grid_rows, b.grid_cols}, terms.options().dtype(at::kDouble));
-  // Accumulated in float64 (read as such, not copied): a block of a million fp32 terms keeps its sum to the
-  // last fp32 bit, so the result rounded to fp32 no longer depends on the order ATen's reduction takes, which
-  // varies with the CPU's thread count and differs between CPU and CUDA.
-  return terms.reshape({b.grid_rows, b.block_rows, b.grid_cols, b.block_cols}).sum({1, 3}, false, at::kDouble);
+  const at::Tensor blocks = terms.reshape({b.grid_rows, b.block_rows, b.grid_cols, b.block_cols});
+  // One fp32 at::sum over a large block splits its work by the CPU's thread count, so its bits moved with it
+  // (1-4 ulps, as torch's own learnable fake quantization's). Instead: fp32 sums of fixed runs along each
+  // block row (many short sums, each one sequential whatever the threads), then float64 over those partials,
+  // a tensor 1/run the size: as fast as the plain sum, and independent of the thread count. A block row that
+  // no run of 8 or more divides is summed in float64 directly (ATen casts it first: a full copy).
+  for (const int64_t run : {64, 32, 16, 8}) {
+    if (b.block_cols % run != 0) continue;
+    return blocks.reshape({b.grid_rows, b.block_rows, b.grid_cols, b.block_cols / run, run})
+        .sum(4)
+        .to(at::kDouble)
+        .sum({1, 3});
+  }
+  return blocks.sum({1, 3}, false, at::kDouble);
 }
 
 }  // namespace mixprec::detail

@@ -69,7 +69,7 @@ FakeQuantArgs check_fake_quantize(const char* op, const at::Tensor& input, const
 at::Tensor check_fake_quantize_grad(const at::Tensor& grad, const FakeQuantArgs& f);
 
 /// The per-block sums of an fp32 [rows, cols] matrix of per-element terms: [grid_rows, grid_cols], float64
-/// (accumulated in float64, so rounding them once gives the same bits whatever order the reduction took).
+/// (fp32 sums of fixed runs, then float64 over them: the same bits whatever the CPU's thread count).
 at::Tensor sum_blocks(const at::Tensor& terms, const FakeQuantArgs& f);
 
 }  // namespace mixprec::detail

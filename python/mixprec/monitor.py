@@ -138,6 +138,7 @@ class Monitor:
         # fully_shard (or resizing an embedding) replaces a model's parameters: a monitor built before it would
         # measure the old ones and log nothing. A logged step checks the first one (no loop) and warns once.
         self._model = weakref.ref(model)
+        self._watched = params
         self._first_param = params[0] if params else None
         self._replaced_warned = False
         for name, p in zip(names, params):
@@ -162,7 +163,10 @@ class Monitor:
         logs = self._impl.logs_next()
         if logs and not self._replaced_warned:
             model = self._model()
-            if model is not None and next(model.parameters(), None) is not self._first_param:
+            # (FSDP2 with reshard_after_backward=False also registers other tensors between steps, but the
+            # watched parameters then hold gradients.)
+            if (model is not None and next(model.parameters(), None) is not self._first_param
+                    and not self._watched_have_grads()):
                 self._replaced_warned = True
                 warnings.warn("mixprec.Monitor: the model's parameters were replaced after the monitor was built "
                               "(fully_shard does this), so it measures the old ones; build it after sharding",
@@ -195,6 +199,10 @@ class Monitor:
                     self._add_histogram(f"mixprec/grad_log2_magnitude/{name}", row[8:].tolist(), lo, step)
             self._writer.flush()
         return record
+
+    def _watched_have_grads(self) -> bool:
+        """Whether any parameter the monitor measures holds a gradient (a loop, on a suspicious logged step only)."""
+        return any(p.grad is not None for p in self._watched)
 
     def _add_histogram(self, tag: str, counts: list[float], lo: int, step: int) -> None:
         """Bin k holds floor(log2 |g|) = lo + k: written as TensorBoard's raw histogram over that axis."""

@@ -578,8 +578,8 @@ FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + textwrap.dedent(
         second = mixprec.optim.AdamW(model[2].parameters(), lr=1e-2, fused=fused)
         # Tracking on one rank only (as a logger built on rank 0 turns it on).
         scaler = mixprec.GradScaler("cpu", init_scale=1024.0, track_overflows=rank == 0)
-        trace = []
-        for step in range(3):
+        trace, reports = [], []
+        for step in range(5):
             first.zero_grad()
             second.zero_grad()
             scaler.scale(model(torch.ones(4, 6)).pow(2).mean()).backward()
@@ -588,12 +588,21 @@ FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + textwrap.dedent(
             if step == 2 and rank == 1:
                 for p in model[0].parameters():  # no gradients for one optimizer on one rank
                     p.grad = None
+            if step == 3:  # the tracking rank without gradients for an optimizer whose shard overflows elsewhere
+                if rank == 0:
+                    for p in model[2].parameters():
+                        p.grad = None
+                else:
+                    model[2].bias.grad.to_local()[0] = float("nan")
+            if step == 4 and rank == 1:  # another source alone: the last one must not linger
+                model[2].weight.grad.to_local()[0, 0] = float("inf")
             scaler.step(first)
             scaler.step(second)
             scaler.update()
             trace.append(scaler.get_scale())
-        report = scaler.last_overflow(model)
-        results[fused] = (trace, None if report is None else str(report))
+            report = scaler.last_overflow(model)
+            reports.append(None if report is None else str(report))
+        results[fused] = (trace, reports)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -614,10 +623,15 @@ def test_fsdp2_ranks_that_disagree_on_tracking_or_gradients_make_matching_collec
     run_ranks(FSDP2_DISAGREEING_RANKS_SCRIPT, out)
     ranks = torch.load(out)
     for fused in (False, True):
-        (trace0, report0), (trace1, report1) = ranks[0][fused], ranks[1][fused]
-        assert trace0 == trace1 == [1024.0, 512.0, 512.0], fused  # step 1 skipped on both
-        assert report0 == "step 1 (loss scale 1024): 2.weight: nan (1 of 4 tensors)", fused  # both optimizers
-        assert report1 is None  # rank 1 does not track
+        (trace0, reports0), (trace1, reports1) = ranks[0][fused], ranks[1][fused]
+        assert trace0 == trace1 == [1024.0, 512.0, 512.0, 256.0, 128.0], fused  # steps 1, 3 and 4 skipped on both
+        assert reports0[1:] == [
+            "step 1 (loss scale 1024): 2.weight: nan (1 of 4 tensors)",  # of both optimizers' gradients
+            "step 1 (loss scale 1024): 2.weight: nan (1 of 4 tensors)",
+            "step 3 (loss scale 512): 2.bias: nan (1 of 2 tensors)",  # rank 0 checked only the first's two
+            "step 4 (loss scale 256): 2.weight: inf (1 of 4 tensors)",
+        ], fused
+        assert reports1 == [None] * 5  # rank 1 does not track
 
 
 FSDP2_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(

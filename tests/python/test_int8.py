@@ -313,27 +313,33 @@ def test_learnable_scale_gradient_matches_torch(device: str) -> None:
     assert s.grad.shape == (16, 1) and torch.allclose(s.grad.cpu().reshape(-1), sr.grad, rtol=0, atol=32 * 127 * 2.0**-22)
 
 
-def test_learnable_step_gradient_is_the_float64_sum_rounded_once_whatever_the_thread_count() -> None:
-    """A per-tensor step's gradient sums 1.6M per-element terms. It is accumulated in float64 and rounded once,
-    so it equals the test's own float64 sum of the same fp32 terms, and does not move with the number of CPU
-    threads (an fp32 at::sum did, by 1-4 ulps, as torch's own learnable fake quantization does)."""
+@pytest.mark.parametrize("cols, block", [(1536, (-1, -1)), (1531, (-1, -1)), (1536, (1, -1)), (1536, (-1, 96))])
+def test_learnable_step_gradient_does_not_move_with_the_thread_count(cols: int, block: tuple) -> None:
+    """A per-tensor step's gradient sums 1.6M per-element terms: an fp32 at::sum split them by the CPU's thread
+    count and moved by 1-4 ulps with it (as torch's own learnable fake quantization does). Now fixed runs, then
+    float64 (or float64 throughout for a width no run divides: 1531): the same bits at 1, 2, 3 and 7 threads,
+    within a few fp32 ulps of the test's float64 sum of the same fp32 terms."""
     torch.manual_seed(11)
-    x = torch.randn(1037, 1531) * 3
-    g = torch.randn(1037, 1531)
-    _, inside, term = reference_fake_quantize(x, torch.tensor([0.05]), -127, 127)
-    expected = ((term * g).double().sum() * 0.5).float()  # the fp32 products, summed in float64
+    x = torch.randn(1037, cols) * 3
+    g = torch.randn(1037, cols)
+    rows, width = (1037 if block[0] == -1 else block[0]), (cols if block[1] == -1 else block[1])
+    steps = torch.full((1037 // rows, cols // width), 0.05)
+    _, _, term = reference_fake_quantize(x, steps.repeat_interleave(rows, 0).repeat_interleave(width, 1), -127, 127)
+    expected = (term * g).double().reshape(1037 // rows, rows, cols // width, width).sum((1, 3)) * 0.5
     threads = torch.get_num_threads()
     grads = []
     try:
         for n in (1, 2, 3, 7):
             torch.set_num_threads(n)
-            s = torch.tensor([0.05], requires_grad=True)
-            int8.fake_quantize(x, s, -127, 127, grad_factor=0.5).backward(g)
+            s = steps.clone().requires_grad_()
+            int8.fake_quantize(x, s, -127, 127, block, grad_factor=0.5).backward(g)
             grads.append(s.grad)
     finally:
         torch.set_num_threads(threads)
-    for grad in grads:
-        assert torch.equal(grad, expected.reshape(1)), (grad, expected)
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0])
+    # Each fp32 run of 64 terms (|term * g| < 4) rounds by at most 2^-24 of its magnitude bound.
+    torch.testing.assert_close(grads[0].double(), expected, rtol=0, atol=1037 * cols / 64 * 64 * 4 * 2.0**-24 * 0.5)
 
 
 def reference_fake_quantize(x: torch.Tensor, steps: torch.Tensor, qmin: int, qmax: int):

@@ -738,9 +738,22 @@ def test_a_monitor_built_before_the_parameters_were_replaced_warns_once() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert monitor.step(torch.tensor(1.0))["grad_elements"] == 10
+    model.zero_grad(set_to_none=True)
     model.weight = nn.Parameter(model.weight.detach().clone())  # as fully_shard does to every parameter
+    model.bias = nn.Parameter(model.bias.detach().clone())
+    model(torch.ones(3, 4)).sum().backward()  # into the new parameters only
     with pytest.warns(UserWarning, match="parameters were replaced after the monitor was built"):
         monitor.step(torch.tensor(1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor.step(torch.tensor(1.0))  # once
+    # Replaced while the watched parameters still get gradients (FSDP2 registers its unsharded parameters
+    # between steps with reshard_after_backward=False): nothing to warn about.
+    model = nn.Linear(4, 2)
+    monitor = mixprec.Monitor(model, every=1, sinks=())
+    watched = model.weight
+    model.weight = nn.Parameter(model.weight.detach().clone())
+    watched.grad = torch.ones_like(watched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.step(torch.tensor(1.0))

@@ -177,9 +177,9 @@ class GradScaler {
   /// the flag's reduction over the shard groups carries, for this iteration. Give them before unscale_grads_ /
   /// prepare_scaled_step with shard groups, on every rank alike, whether or not it tracks overflows: the
   /// collective is then `[flag, max |g| per parameter]` everywhere (every rank measures its shards' maxima in
-  /// its unscale pass, at no extra cost), so ranks that disagree on tracking (a Monitor built on one rank)
-  /// still make matching collectives, and every tracking rank names the same sources
-  /// (GradScaler.last_overflow under FSDP2).
+  /// the unscale pass itself), so ranks that disagree on tracking (track_overflows on one rank only) still make
+  /// matching collectives, and every tracking rank names the same sources (GradScaler.last_overflow under
+  /// FSDP2).
   void set_shard_parameters(int64_t key, at::TensorList params);
   /// The optimizer's overflow flag (0-dim float32, the sum over devices, on the scale's device).
   at::Tensor found_inf(int64_t key);

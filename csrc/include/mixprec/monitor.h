@@ -122,6 +122,7 @@ class Monitor {
   at::Tensor last_stats_;
   std::vector<std::string> last_stats_names_;
   std::vector<GradScaler::ShardGroups> shard_groups_;  // per parameter; empty: a whole gradient
+  std::optional<c10::Device> shard_device_;  // where the last record's sharded gradients lie (the reductions run there)
 };
 
 }  // namespace mixprec
