@@ -46,11 +46,13 @@ own precision, so an FP8 or INT8 model evaluated that way is not the model that 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -241,6 +243,24 @@ class _Fp32WeightGrad(torch.nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         keep_fp32_grad(self.weight)
+
+
+@contextlib.contextmanager
+def _load_pre_hooks_first(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                          args: tuple[Any, ...]) -> Iterator[None]:
+    """For a layer whose ``_load_from_state_dict`` decides from the checkpoint's keys (restart a scaling state or
+    learnable steps the checkpoint lacks): torch runs the module's load pre-hooks at the start of its own
+    ``_load_from_state_dict``, after an override's code, and a hook may rename keys (a legacy checkpoint's). So
+    they run here first, on the dict torch copied, the decision then sees what torch loads, and torch's loading
+    inside runs without them (each hook runs once)."""
+    hooks = module._load_state_dict_pre_hooks
+    for hook in list(hooks.values()):
+        hook(state_dict, prefix, *args)
+    module._load_state_dict_pre_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        module._load_state_dict_pre_hooks = hooks
 
 
 class _KeepsQuantizedWeight(_Fp32WeightGrad):
@@ -477,6 +497,10 @@ class Float8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
         return f"{super().extra_repr()}, scaling={self.recipe.scaling}, format={self.recipe.format}"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        with _load_pre_hooks_first(self, state_dict, prefix, args):
+            self._load_fp8_state(state_dict, prefix, *args)
+
+    def _load_fp8_state(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # mixprec::fp8::plan_state_load decides, as for the C++ layer: a torch.nn.Linear checkpoint (pretrained
         # weights loaded after convert) has no scaling state, and the layer starts from the initial state, as
         # BatchNorm fills in num_batches_tracked for checkpoints without one. Part of a state loads as torch loads

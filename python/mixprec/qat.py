@@ -192,6 +192,10 @@ class _QATWeight:
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 
     def _load_qat_state(self, load: Callable[..., None], state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        with _mnn._load_pre_hooks_first(self, state_dict, prefix, args):  # type: ignore[arg-type]
+            self._load_qat_steps(load, state_dict, prefix, *args)
+
+    def _load_qat_steps(self, load: Callable[..., None], state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """``_load_from_state_dict`` (``load``: the module's own) for a QAT layer. A checkpoint of the plain layer
         (pretrained weights loaded after :func:`prepare`) holds none of the learnable steps: they restart as
         prepare starts them, from the loaded weight and at 0 for the input step (set by the next forward), as

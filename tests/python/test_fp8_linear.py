@@ -950,3 +950,30 @@ def test_evaluating_delayed_scaling_that_never_recorded_an_amax_warns_once() -> 
     trained.load_state_dict(nn.Linear(32, 16).state_dict())  # no scaling state: the initial one, unwarned yet
     with pytest.warns(UserWarning, match="never recorded an amax"):
         trained(x)
+
+
+def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_scaling_state_decision() -> None:
+    """A module's load pre-hooks may rename a legacy checkpoint's keys. torch runs them inside its own
+    _load_from_state_dict, which the layer's override called only after deciding whether to restart the scaling
+    state: the decision saw no "weight" and strict loading reported the state missing. Now the hooks run first
+    (once each), so converting before loading such a checkpoint gives what converting after it gives."""
+    def legacy_names(state_dict, prefix, *args):
+        for name in ("weight", "bias"):
+            if prefix + "w_" + name in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + "w_" + name)
+
+    torch.manual_seed(3)
+    plain = nn.Linear(32, 16)
+    legacy = {"w_" + k: v + 0.25 for k, v in plain.state_dict().items()}
+    recipe = fp8.Recipe(amax_history_len=4)
+    layer = mixprec.nn.convert(nn.Sequential(nn.Linear(32, 16)), fp8=recipe, filter=lambda n, m: True)[0]
+    calls = []
+    layer.register_load_state_dict_pre_hook(lambda *a: calls.append(1))
+    layer._register_load_state_dict_pre_hook(legacy_names)
+    fresh = {k: v.clone() for k, v in layer.state_dict().items() if "fp8_" in k}
+    layer(torch.randn(4, 32)).sum().backward()  # a recorded amax, which the restart must drop
+    assert str(layer.load_state_dict(legacy)) == "<All keys matched successfully>"
+    assert calls == [1] and len(layer._load_state_dict_pre_hooks) == 2  # each hook once, and kept
+    assert torch.equal(layer.weight, plain.weight + 0.25)
+    for k, v in fresh.items():
+        assert torch.equal(layer.state_dict()[k], v), k

@@ -806,3 +806,24 @@ def test_quantized_conv2d_prints_its_geometry() -> None:
                                    qat.QATConfig(weight_bits=4)))[0]
     assert repr(conv) == ("QuantizedConv2d(4, 8, kernel_size=(3, 5), stride=(2, 2), padding=(1, 1), dilation=(1, 1), "
                           "groups=2, weight_bits=4, activations=True)")
+
+
+def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_learnable_steps_decision() -> None:
+    """As for Float8Linear: a pre-hook that renames a legacy checkpoint's keys runs before the layer decides
+    whether the checkpoint holds its learnable steps, so a plain checkpoint with legacy names loads strictly."""
+    def legacy_names(state_dict, prefix, *args):
+        for name in ("weight", "bias"):
+            if prefix + "w_" + name in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + "w_" + name)
+
+    torch.manual_seed(3)
+    plain = nn.Linear(16, 8)
+    legacy = {"w_" + k: v * 2 for k, v in plain.state_dict().items()}
+    config = qat.QATConfig(learnable_scales=True)
+    layer = qat.prepare(nn.Sequential(nn.Linear(16, 8)), config)[0]
+    layer._register_load_state_dict_pre_hook(legacy_names)
+    assert str(layer.load_state_dict(legacy)) == "<All keys matched successfully>"
+    expected = qat.prepare(nn.Sequential(nn.Linear(16, 8)), config)[0]
+    expected.load_state_dict({k[2:]: v for k, v in legacy.items()})
+    assert torch.equal(layer.weight, plain.weight * 2)
+    assert torch.equal(layer.weight_step, expected.weight_step)
