@@ -82,6 +82,16 @@ def _shard_index(params: Sequence[Tensor]) -> int:
     return index
 
 
+def _narrow_remainder(value: Tensor) -> Tensor:
+    """A remainder state that ``state_dict()`` widened to int32 (a sharded one, so collectives can gather it),
+    back to the int16 the step keeps; values outside int16 are no remainders (a wrong tensor), and refused."""
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if local.numel() and (int(local.min()) < -32768 or int(local.max()) > 32767):
+        raise ValueError("mixprec.optim: a remainder state widened to int32 holds values outside int16's range; it "
+                         "is not a remainder of this optimizer's")
+    return value.to(torch.int16)
+
+
 def _sharded_like(param: Tensor, local: Tensor) -> Tensor:
     """``local`` (a state tensor of ``param``'s local shard) as a DTensor sharded as ``param`` is."""
     from torch.distributed.tensor import DTensor
@@ -348,6 +358,12 @@ class _MixprecAdam(torch.optim.Optimizer):
         def plain(_: Any, out: dict[str, Any]) -> None:
             # Prepended: the user's post-hooks see (and may replace) the state dict in its final form.
             out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in out["state"].items()}
+            for st in out["state"].values():
+                # A sharded (DTensor) int16 remainder goes out widened to int32: neither gloo nor NCCL moves
+                # int16, and torch.distributed.checkpoint's full state dicts gather it (load narrows it back).
+                value = st.get("remainder")
+                if type(value).__name__ == "DTensor" and value.dtype == torch.int16:
+                    st["remainder"] = value.to(torch.int32)
             for group in out["param_groups"]:  # torch's packed copies: the live groups keep their dtype
                 if isinstance(group.get("moment_dtype"), torch.dtype):
                     group["moment_dtype"] = str(group["moment_dtype"])
@@ -378,6 +394,8 @@ class _MixprecAdam(torch.optim.Optimizer):
             for pid, p in zip(saved["ids"], params):
                 for key, value in saved["state"].get(pid, {}).items():
                     if isinstance(value, Tensor):
+                        if key == "remainder" and value.dtype == torch.int32:
+                            value = _narrow_remainder(value)
                         self.state[p][key] = value.to(device=p.device).clone()
 
         pre = self.register_load_state_dict_pre_hook(capture)

@@ -1685,3 +1685,30 @@ def test_seeded_stochastic_rounding_draws_apart_across_groups() -> None:
         param.grad = torch.full_like(param, 1e-3)
         opt.step()
     assert torch.equal(p, q)
+
+
+def test_a_remainder_state_widened_to_int32_loads_back_as_int16() -> None:
+    """Under FSDP2 state_dict() widens the int16 remainders to int32 (collectives move no int16); such a state
+    dict, gathered into plain tensors, loads into an unsharded optimizer as the int16 state it was, and values
+    outside int16's range are refused by name."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(37).bfloat16())
+    opt = mixprec.optim.AdamW([p], lr=1e-2, master_weights="remainder")
+    p.grad = torch.randn(37).bfloat16()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["remainder"].dtype == torch.int16  # unsharded: as kept
+    widened = copy.deepcopy(sd)
+    widened["state"][0]["remainder"] = widened["state"][0]["remainder"].to(torch.int32)
+    q = torch.nn.Parameter(p.detach().clone())
+    other = mixprec.optim.AdamW([q], lr=1e-2, master_weights="remainder")
+    other.load_state_dict(widened)
+    assert other.state[q]["remainder"].dtype == torch.int16
+    assert torch.equal(other.state[q]["remainder"], opt.state[p]["remainder"])
+    for opt_, param in ((opt, p), (other, q)):
+        param.grad = torch.ones(37).bfloat16()
+        opt_.step()
+    assert torch.equal(p, q) and torch.equal(other.state[q]["remainder"], opt.state[p]["remainder"])
+    widened["state"][0]["remainder"][0] = 40000
+    with pytest.raises(ValueError, match="remainder state widened to int32 holds values outside int16's range"):
+        mixprec.optim.AdamW([torch.nn.Parameter(q.detach().clone())], master_weights="remainder").load_state_dict(widened)

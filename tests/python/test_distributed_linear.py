@@ -691,18 +691,20 @@ CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
                                                          set_optimizer_state_dict)
     from torch.distributed.fsdp import fully_shard
     import mixprec
-    rank, world, port, out, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    rank, world, port, out, ckpt, masters = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5],
+                                             sys.argv[6])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
     def make():
         torch.manual_seed(0)
-        # bf16 parameters (fp32 masters in the state); 18 rows: shards of 9 rows, and of 2 and 1 for the bias.
+        # bf16 parameters (fp32 masters or int16 remainders in the state); 18 rows: shards of 9 rows, and of 2 and
+        # 1 for the bias.
         model = torch.nn.Sequential(torch.nn.Linear(8, 18), torch.nn.ReLU(), torch.nn.Linear(18, 3)).bfloat16()
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
         fully_shard(model)
-        return model, mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+        return model, mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True, master_weights=masters)
 
     def train(model, opt, seed):
         gen = torch.Generator().manual_seed(seed)
@@ -716,8 +718,15 @@ CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     train(model, opt, 1)
     state = opt.state[next(model.parameters())]
     kinds = {k: type(v).__name__ for k, v in state.items()}
-    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    full = {k: {n: t.clone() for n, t in v.items()} for k, v in full.get("state", {}).items()}  # rank 0: not live
+    full_sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = {k: {n: t.clone() for n, t in v.items()} for k, v in full_sd.get("state", {}).items()}  # rank 0: not live
+    # A full state dict loads back too, broadcast from rank 0 (what a FULL_STATE_DICT resume does).
+    from_full, fopt = make()
+    set_model_state_dict(from_full, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                                         cpu_offload=True)),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_optimizer_state_dict(from_full, fopt, full_sd,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -729,8 +738,10 @@ CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     set_optimizer_state_dict(resumed, ropt, loaded["optim"])
     train(model, opt, 2)
     train(resumed, ropt, 2)
+    train(from_full, fopt, 2)
     params = [p.full_tensor() for p in model.parameters()]
     same = all(torch.equal(a, b.full_tensor()) for a, b in zip(params, resumed.parameters()))
+    same = same and all(torch.equal(a, b.full_tensor()) for a, b in zip(params, from_full.parameters()))
     if rank == 0:
         torch.save({"kinds": kinds, "full": full, "params": params, "resumed_equal": same}, out)
     dist.destroy_process_group()
@@ -739,20 +750,24 @@ CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
 )
 
 
-def test_fsdp2_optimizer_state_is_sharded_like_torchs_and_checkpoints(tmp_path) -> None:
+@pytest.mark.parametrize("masters", ["auto", "remainder"])
+def test_fsdp2_optimizer_state_is_sharded_like_torchs_and_checkpoints(tmp_path, masters: str) -> None:
     """Under FSDP2 the optimizer state of a sharded parameter is a DTensor sharded like it (torch.optim's is),
     so torch.distributed.checkpoint gathers every rank's part into a full state dict (equal to one process
-    training the whole model) and a sharded dcp.save / dcp.load resumes bit for bit on every rank."""
+    training the whole model), a sharded dcp.save / dcp.load resumes bit for bit on every rank, and so does the
+    full state dict broadcast from rank 0. int16 remainders go into state dicts widened to int32 (gloo and NCCL
+    move no int16: the full state dict failed with "Invalid scalar type") and load back as int16."""
     out = str(tmp_path / "result.pt")
-    run_ranks(CHECKPOINT_SCRIPT, out, str(tmp_path / "ckpt"))
+    run_ranks(CHECKPOINT_SCRIPT, out, str(tmp_path / "ckpt"), masters)
     result = torch.load(out)
+    kept = "remainder" if masters == "remainder" else "master"
     assert result["kinds"] == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor",
-                               "max_exp_avg_sq": "DTensor", "master": "DTensor"}
+                               "max_exp_avg_sq": "DTensor", kept: "DTensor"}
     assert result["resumed_equal"]
     # The same training in one process, without sharding.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 18), torch.nn.ReLU(), torch.nn.Linear(18, 3)).bfloat16()
-    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True, master_weights=masters)
     names = [name for name, _ in model.named_parameters()]
     for seed in (1, 2):
         gen = torch.Generator().manual_seed(seed)
@@ -765,6 +780,9 @@ def test_fsdp2_optimizer_state_is_sharded_like_torchs_and_checkpoints(tmp_path) 
                 saved = result["full"][name]
                 assert set(saved) == set(opt.state[p]), name
                 for key, value in opt.state[p].items():
+                    if key == "remainder":  # widened for the gather; the values are the int16 ones
+                        assert value.dtype == torch.int16 and saved[key].dtype == torch.int32, name
+                        value = value.to(torch.int32)
                     assert saved[key].shape == value.shape and torch.equal(saved[key], value), (name, key)
     for a, b in zip(result["params"], model.parameters()):
         assert torch.equal(a, b.detach())
