@@ -947,7 +947,10 @@ void Float8LinearImpl::load(torch::serialize::InputArchive& archive) {
 
 // Module::to() moves buffers with set_data, so `state` holds the registered buffers wherever they live.
 torch::Tensor Float8LinearImpl::forward(const torch::Tensor& input, std::optional<bool> is_first_microbatch) {
-  if (amax_group && recipe.scaling == fp8::Scaling::Delayed && is_training() && at::GradMode::is_enabled()) {
+  // Not in a recomputation inside backward (activation checkpointing): it reads the state without updating it,
+  // and its collective would pair with whatever another rank reduces next.
+  if (amax_group && recipe.scaling == fp8::Scaling::Delayed && is_training() && at::GradMode::is_enabled() &&
+      torch::autograd::get_current_graph_task_id() == -1) {
     fp8::reduce_amax(state, *amax_group);
   }
   // In evaluation mode the scaling state is read, not updated (as BatchNorm's running statistics): a state that

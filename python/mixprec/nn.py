@@ -470,7 +470,11 @@ class Float8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
                     "fresh layer, or one loaded from a checkpoint without its scaling state): it quantizes with "
                     "scale 1, so values beyond the format's largest saturate. Train a step first, load the "
                     "scaling state, or evaluate with current scaling", stacklevel=2)
-        if self.training and torch.is_grad_enabled():
+        # Not in a recomputation inside backward (activation checkpointing): it reads the state without updating
+        # it, and its collective would pair with whatever another rank reduces next. (A traced forward keeps the
+        # reduction: the graph task is an eager notion, and Dynamo cannot trace asking for it.)
+        if self.training and torch.is_grad_enabled() and self.amax_group is not None and (
+                torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
             self.reduce_amax_()
         # In eval mode the scaling state is read, not updated (as BatchNorm's running statistics).
         cache = None if is_first_microbatch is None else _microbatch_cache(self, is_first_microbatch)
@@ -540,7 +544,19 @@ class Float8Linear(_KeepsQuantizedWeight, torch.nn.Linear):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Float8Linear":
         # .to(dtype), .half(), .bfloat16() cast floating buffers too; the scaling state must stay fp32 (its
         # values exact), so it follows device moves only.
+        was_meta = self.weight.is_meta or getattr(self, _FP8_BUFFERS[0]).is_meta
         apply_keeping_fp32(self, _FP8_BUFFERS, lambda: super(Float8Linear, self)._apply(fn, recurse))
+        like = getattr(self, _FP8_BUFFERS[0])
+        if was_meta and not self.weight.is_meta and not like.is_meta and self.recipe.scaling == "delayed":
+            # Off the meta device (to_empty: deferred initialisation) every tensor holds uninitialised memory, the
+            # state too (real or meta before), and an init that sets only the parameters (torchtitan's
+            # init_weights) leaves it so: NaN from the first step. The scaling state depends on no weight, so it
+            # starts here, as a fresh layer's.
+            fresh = torch.ops.mixprec.fp8_scaling_state("delayed", int(self.recipe.amax_history_len), like)
+            with torch.no_grad():
+                for name, tensor in zip(_FP8_BUFFERS, fresh):
+                    getattr(self, name).copy_(tensor)
+            self._fp8_eval_checked = False
         return self
 
     _CACHE = "_fp8_weight_cache"

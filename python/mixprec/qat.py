@@ -111,6 +111,25 @@ def _init_input_step(step: Tensor, x: Tensor) -> bool:
     return torch.ops.mixprec.qat_init_input_step_(step, x)
 
 
+def _refuse_a_lost_input_step(layer: nn.Module) -> None:
+    """The first forward sets a learnable input step still 0 in place. Under FSDP2 the step the forward sees is
+    the unsharded copy, a slice of FSDP2's all-gather buffer (its storage outlives it: larger than the step),
+    and resharding discards what is written there: the sharded step stays 0 and trains from there, silently.
+    Such a step is refused by name while it is 0 (one read, at the first forward only); a step set before
+    sharding (a calibration forward, or a loaded one) reaches it through the all-gather and runs."""
+    step = layer.input_step  # type: ignore[attr-defined]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # no FSDP2 without a process group (a step loaded from a larger buffer keeps what is written)
+    if step.untyped_storage().nbytes() <= step.numel() * step.element_size() or not _mnn._can_read(step):
+        return
+    if not bool(step.detach().eq(0).all()):
+        return
+    raise RuntimeError(f"mixprec.qat.{type(layer).__name__}: the learnable input step is not set, and this forward "
+                       "sees a copy of it inside a larger buffer (FSDP2's unsharded parameter), where the value the "
+                       "first forward sets would be discarded at resharding. Run one forward on a batch (calibration) "
+                       "before fully_shard, or load the steps from a checkpoint")
+
+
 def _check(layer: nn.Module, config: QATConfig, bn: Optional[nn.BatchNorm2d] = None) -> Tensor:
     """What makes `layer` (and the BatchNorm to fold into it) unfit for `config` raises here, before anything is
     changed; returns the steps of its (folded) weight's amax (the start of learnable steps)."""
@@ -188,6 +207,7 @@ class _QATWeight:
                 # input once more. An eager forward first (or a loaded step) traces without it.
                 torch.ops.mixprec.qat_seed_input_step_(self.input_step, input)  # type: ignore[attr-defined]
             else:
+                _refuse_a_lost_input_step(self)
                 self._input_step_checked = _init_input_step(self.input_step, input)  # type: ignore[attr-defined]
         return torch.ops.mixprec.qat_fake_quantize_input(input, False, self.input_step)  # type: ignore[attr-defined]
 

@@ -797,10 +797,12 @@ FSDP2_QAT_SCRIPT = EXIT_NOW + textwrap.dedent(
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     config = qat.QATConfig(learnable_scales=True, learnable_activation_scales=True)
 
-    def build(device):
+    def build(device, calibrate=False):
         torch.manual_seed(0)
         with torch.device(device):
             model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), config)
+        if calibrate:
+            model(torch.randn(2, 8))  # sets the input steps, before sharding
         for layer in model:
             fully_shard(layer)
         fully_shard(model)
@@ -809,8 +811,16 @@ FSDP2_QAT_SCRIPT = EXIT_NOW + textwrap.dedent(
     def full(model):
         return {k: v.full_tensor() for k, v in model.state_dict().items()}
 
-    reference = build("cpu")
-    reference(torch.randn(2, 8))  # sets the input steps
+    # Unset input steps: the first forward under FSDP2 would set them in the unsharded copies, which resharding
+    # discards (the steps then trained from 0): refused by name on every rank.
+    try:
+        build("cpu")(torch.randn(2, 8))
+        raise AssertionError("a forward that would set an input step under FSDP2 ran")
+    except RuntimeError as e:
+        assert "learnable input step is not set" in str(e) and "before fully_shard" in str(e), e
+    reference = build("cpu", calibrate=True)
+    assert all(full(reference)[f"{i}.input_step"].item() > 0 for i in (0, 1))
+    reference(torch.randn(2, 8)).sum().backward()  # set before sharding: runs
     # A plain checkpoint loaded into the sharded model restarts the steps (sharded DTensors) in place.
     plain = {k: v for k, v in reference.state_dict().items() if "step" not in k}
     reference.load_state_dict(plain, strict=False)
@@ -840,5 +850,7 @@ FSDP2_QAT_SCRIPT = EXIT_NOW + textwrap.dedent(
 def test_fsdp2_qat_steps_restart_on_load_and_after_deferred_initialisation() -> None:
     """The learnable QAT steps are sharded DTensors under FSDP2: restarting them (a plain checkpoint loaded after
     prepare, reset_parameters after to_empty) works in place on the shards (the input step's copy_ of a plain
-    tensor was refused by DTensor) and gives the steps of the model built eagerly."""
+    tensor was refused by DTensor) and gives the steps of the model built eagerly. An input step still unset
+    when the model is sharded is refused at the first forward (which set it in FSDP2's unsharded copy, lost at
+    resharding: the step trained from 0, silently); one set by a forward before sharding runs."""
     run_ranks(FSDP2_QAT_SCRIPT)

@@ -977,3 +977,41 @@ def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_scaling_state_deci
     assert torch.equal(layer.weight, plain.weight + 0.25)
     for k, v in fresh.items():
         assert torch.equal(layer.state_dict()[k], v), k
+
+
+def test_delayed_scaling_state_leaving_the_meta_device_starts_afresh() -> None:
+    """Deferred initialisation as torchtitan does it: build on the meta device, convert, to_empty, then an init
+    that sets only the parameters. The scaling state was left as uninitialised memory (NaN losses from the first
+    step); it depends on no weight, so leaving the meta device starts it as a fresh layer's."""
+    recipe = fp8.Recipe(amax_history_len=5)
+    torch.manual_seed(0)
+    fresh = mixprec.nn.Float8Linear.from_linear(nn.Linear(32, 16), recipe)
+    expected = {k: v.clone() for k, v in fresh.state_dict().items() if "fp8_" in k}
+    for _ in range(3):  # memory the allocator hands out again, full of non-zeros
+        garbage = [torch.full_like(v, 7.5) for v in expected.values()]
+        del garbage
+    with torch.device("meta"):
+        layer = mixprec.nn.Float8Linear.from_linear(nn.Linear(32, 16), recipe)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        nn.init.normal_(layer.weight)  # the parameters only
+        nn.init.zeros_(layer.bias)
+    for k, v in expected.items():
+        assert torch.equal(layer.state_dict()[k], v), k
+    assert torch.isfinite(layer(torch.randn(4, 32))).all()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_the_recomputation_of_a_checkpointed_forward_reduces_no_amax(use_reentrant: bool) -> None:
+    """With amax_group the training forward MAX-reduces the last step's amaxes (a collective). The
+    recomputation inside backward (activation checkpointing) reads the state without updating it, and ran the
+    collective again: harmless in value, but one more collective per layer in backward."""
+    layer = mixprec.nn.Float8Linear.from_linear(nn.Linear(32, 16), fp8.Recipe())
+    layer.amax_group = "a group"  # the reduction itself is replaced by a count
+    calls = []
+    layer.reduce_amax_ = lambda: calls.append(torch._C._current_graph_task_id())  # type: ignore[method-assign]
+    x = torch.randn(4, 32, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()
+    assert calls == ([] if use_reentrant else [-1])  # the reentrant first pass runs without grad
+    layer(x).sum().backward()
+    assert len(calls) == (1 if use_reentrant else 2)
