@@ -136,3 +136,11 @@ def exact_bias_case(seed: int, rowwise: bool, m: int = 32, k: int = 256, n: int 
     bias = torch.randint(-4096, 4097, (n,), generator=g).float() / 64
     exact = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
     return ExactBiasCase(a, b, sa, sb, bias, exact)
+
+
+def rename_legacy_keys(state_dict, prefix, *args) -> None:
+    """A load pre-hook as a model's own code registers one for a legacy checkpoint: "w_weight" / "w_bias" become
+    "weight" / "bias"."""
+    for name in ("weight", "bias"):
+        if prefix + "w_" + name in state_dict:
+            state_dict[prefix + name] = state_dict.pop(prefix + "w_" + name)

@@ -477,7 +477,24 @@ def test_fsdp2_overflow_on_one_rank_skips_on_every_rank_as_torchs_scaler(tmp_pat
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-FSDP2_MONITOR_SCRIPT = EXIT_NOW + textwrap.dedent(
+# The 2-rank FSDP2 scripts' model: each Linear sharded, then the root (rows 0-4 / 5-9 and 0-1 / 2 per rank).
+SHARDED_MLP = textwrap.dedent(
+    """
+    def sharded_mlp():
+        import torch
+        from torch.distributed.fsdp import fully_shard
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    """
+)
+
+
+FSDP2_MONITOR_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -497,12 +514,7 @@ FSDP2_MONITOR_SCRIPT = EXIT_NOW + textwrap.dedent(
 
     results = {}
     for fused in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = sharded_mlp()
         opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
         scaler = mixprec.GradScaler("cpu", init_scale=1024.0)
         monitor = mixprec.Monitor(model, scaler, every=1, sinks=())
@@ -558,7 +570,7 @@ def test_fsdp2_monitor_and_overflow_sources_describe_the_whole_gradients(tmp_pat
                 assert record["grad_norm"] == pytest.approx(ref["norm"], rel=1e-12), (fused, step)
 
 
-FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + textwrap.dedent(
+FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import datetime, sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -568,12 +580,7 @@ FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + textwrap.dedent(
                             timeout=datetime.timedelta(seconds=60))  # a mismatch fails here instead of hanging
     results = {}
     for fused in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = sharded_mlp()
         first = mixprec.optim.AdamW(model[0].parameters(), lr=1e-2, fused=fused)
         second = mixprec.optim.AdamW(model[2].parameters(), lr=1e-2, fused=fused)
         # Tracking on one rank only (as a logger built on rank 0 turns it on).

@@ -18,7 +18,7 @@ from torch import nn
 import mixprec
 from mixprec import fp8
 
-from conftest import accumulate_cycle
+from conftest import accumulate_cycle, rename_legacy_keys
 from text_training import train_on_text
 
 RECIPES = {
@@ -957,11 +957,6 @@ def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_scaling_state_deci
     _load_from_state_dict, which the layer's override called only after deciding whether to restart the scaling
     state: the decision saw no "weight" and strict loading reported the state missing. Now the hooks run first
     (once each), so converting before loading such a checkpoint gives what converting after it gives."""
-    def legacy_names(state_dict, prefix, *args):
-        for name in ("weight", "bias"):
-            if prefix + "w_" + name in state_dict:
-                state_dict[prefix + name] = state_dict.pop(prefix + "w_" + name)
-
     torch.manual_seed(3)
     plain = nn.Linear(32, 16)
     legacy = {"w_" + k: v + 0.25 for k, v in plain.state_dict().items()}
@@ -969,7 +964,7 @@ def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_scaling_state_deci
     layer = mixprec.nn.convert(nn.Sequential(nn.Linear(32, 16)), fp8=recipe, filter=lambda n, m: True)[0]
     calls = []
     layer.register_load_state_dict_pre_hook(lambda *a: calls.append(1))
-    layer._register_load_state_dict_pre_hook(legacy_names)
+    layer._register_load_state_dict_pre_hook(rename_legacy_keys)
     fresh = {k: v.clone() for k, v in layer.state_dict().items() if "fp8_" in k}
     layer(torch.randn(4, 32)).sum().backward()  # a recorded amax, which the restart must drop
     assert str(layer.load_state_dict(legacy)) == "<All keys matched successfully>"

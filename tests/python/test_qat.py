@@ -18,6 +18,7 @@ from torch import nn
 
 import mixprec
 from mixprec import qat
+from conftest import rename_legacy_keys
 
 
 @functools.cache
@@ -811,17 +812,12 @@ def test_quantized_conv2d_prints_its_geometry() -> None:
 def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_learnable_steps_decision() -> None:
     """As for Float8Linear: a pre-hook that renames a legacy checkpoint's keys runs before the layer decides
     whether the checkpoint holds its learnable steps, so a plain checkpoint with legacy names loads strictly."""
-    def legacy_names(state_dict, prefix, *args):
-        for name in ("weight", "bias"):
-            if prefix + "w_" + name in state_dict:
-                state_dict[prefix + name] = state_dict.pop(prefix + "w_" + name)
-
     torch.manual_seed(3)
     plain = nn.Linear(16, 8)
     legacy = {"w_" + k: v * 2 for k, v in plain.state_dict().items()}
     config = qat.QATConfig(learnable_scales=True)
     layer = qat.prepare(nn.Sequential(nn.Linear(16, 8)), config)[0]
-    layer._register_load_state_dict_pre_hook(legacy_names)
+    layer._register_load_state_dict_pre_hook(rename_legacy_keys)
     assert str(layer.load_state_dict(legacy)) == "<All keys matched successfully>"
     expected = qat.prepare(nn.Sequential(nn.Linear(16, 8)), config)[0]
     expected.load_state_dict({k[2:]: v for k, v in legacy.items()})
