@@ -150,9 +150,12 @@ Monitor::Monitor(torch::OrderedDict<std::string, at::Tensor> named_parameters, G
 std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t tokens) { return step(loss, tokens, {}); }
 
 void Monitor::shard(const std::string& name, GradScaler::ShardGroups groups) {
-  size_t i = 0;
-  while (i < params_.size() && params_[i].key() != name) ++i;
-  TORCH_CHECK_VALUE(i < params_.size(), "mixprec::Monitor::shard: no parameter named '", name, "'");
+  if (index_of_.empty()) {  // built at the first declaration: a model declares every sharded parameter
+    for (size_t k = 0; k < params_.size(); ++k) index_of_.emplace(params_[k].key(), k);
+  }
+  const auto found = index_of_.find(name);
+  TORCH_CHECK_VALUE(found != index_of_.end(), "mixprec::Monitor::shard: no parameter named '", name, "'");
+  const size_t i = found->second;
   for (const auto& group : groups) {
     TORCH_CHECK_VALUE(group, "mixprec::Monitor::shard: '", name, "': a process group is null");
   }

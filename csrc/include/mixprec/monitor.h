@@ -14,6 +14,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "mixprec/grad_scaler.h"
@@ -122,6 +123,7 @@ class Monitor {
   at::Tensor last_stats_;
   std::vector<std::string> last_stats_names_;
   std::vector<GradScaler::ShardGroups> shard_groups_;  // per parameter; empty: a whole gradient
+  std::unordered_map<std::string, size_t> index_of_;   // parameter name -> position (shard()'s lookups)
   std::optional<c10::Device> shard_device_;  // where the last record's sharded gradients lie (the reductions run there)
 };
 
