@@ -108,6 +108,24 @@ EXIT_NOW = textwrap.dedent(
 )
 
 
+# The 2-rank FSDP2 scripts' model (prepended to a script, like EXIT_NOW): a seeded MLP whose Linear layers are each
+# sharded, then the root.
+SHARDED_MLP = textwrap.dedent(
+    """
+    def sharded_mlp(d_in, d_hidden, d_out):
+        import torch
+        from torch.distributed.fsdp import fully_shard
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(d_in, d_hidden), torch.nn.ReLU(), torch.nn.Linear(d_hidden, d_out))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    """
+)
+
+
 class ExactBiasCase(NamedTuple):
     """A GEMM whose every product and sum is exact in fp32 (integer codes up to 16, power-of-two scales) and
     whose bias sits on a 2^-6 grid, so product + bias is exact in fp32 too: float64 gives the one correctly

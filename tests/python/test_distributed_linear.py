@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mixprec
-from conftest import EXIT_NOW
+from conftest import EXIT_NOW, SHARDED_MLP
 
 FSDP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
@@ -410,10 +410,9 @@ def test_a_scaler_subclass_with_its_own_checks_still_agrees_across_ranks(tmp_pat
     run_ranks(SCALER_HOOK_SCRIPT, str(tmp_path / "unused"))
 
 
-FSDP2_SCALER_SCRIPT = EXIT_NOW + textwrap.dedent(
+FSDP2_SCALER_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     import mixprec
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -426,12 +425,7 @@ FSDP2_SCALER_SCRIPT = EXIT_NOW + textwrap.dedent(
     for scaler_cls in (torch.amp.GradScaler, mixprec.GradScaler, Checking):
         for opt_kind in ("mixprec", "mixprec-fused", "torch-fused"):
             for unscale_first in (False, True):
-                torch.manual_seed(0)
-                model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-                for layer in model:
-                    if isinstance(layer, torch.nn.Linear):
-                        fully_shard(layer)
-                fully_shard(model)
+                model = sharded_mlp(4, 8, 2)
                 if opt_kind == "torch-fused":
                     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
                 else:
@@ -477,27 +471,9 @@ def test_fsdp2_overflow_on_one_rank_skips_on_every_rank_as_torchs_scaler(tmp_pat
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-# The 2-rank FSDP2 scripts' model: each Linear sharded, then the root (rows 0-4 / 5-9 and 0-1 / 2 per rank).
-SHARDED_MLP = textwrap.dedent(
-    """
-    def sharded_mlp():
-        import torch
-        from torch.distributed.fsdp import fully_shard
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        return model
-    """
-)
-
-
 FSDP2_MONITOR_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     import mixprec
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -514,7 +490,7 @@ FSDP2_MONITOR_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
 
     results = {}
     for fused in (False, True):
-        model = sharded_mlp()
+        model = sharded_mlp(6, 10, 3)
         opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
         scaler = mixprec.GradScaler("cpu", init_scale=1024.0)
         monitor = mixprec.Monitor(model, scaler, every=1, sinks=())
@@ -573,14 +549,13 @@ def test_fsdp2_monitor_and_overflow_sources_describe_the_whole_gradients(tmp_pat
 FSDP2_DISAGREEING_RANKS_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import datetime, sys, torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     import mixprec
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # a mismatch fails here instead of hanging
     results = {}
     for fused in (False, True):
-        model = sharded_mlp()
+        model = sharded_mlp(6, 10, 3)
         first = mixprec.optim.AdamW(model[0].parameters(), lr=1e-2, fused=fused)
         second = mixprec.optim.AdamW(model[2].parameters(), lr=1e-2, fused=fused)
         # Tracking on one rank only (as a logger built on rank 0 turns it on).

@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import DEVICES, EXIT_NOW
+from conftest import DEVICES, EXIT_NOW, SHARDED_MLP
 
 import mixprec
 from mixprec import ops
@@ -387,19 +387,13 @@ def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
-FSDP_SCRIPT = EXIT_NOW + textwrap.dedent(
+FSDP_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     import mixprec
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = sharded_mlp(8, 16, 4)
     opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = mixprec.GradScaler("cpu", init_scale=256.0, process_group=dist.group.WORLD)
     gen = torch.Generator().manual_seed(5)
