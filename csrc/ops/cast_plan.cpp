@@ -41,10 +41,11 @@ void check_cast_args(const char* op, at::TensorList dst, at::TensorList src) {
                 "; every tensor must be on the same device");
     TORCH_CHECK(d.device() == device, op, ": dst[", i, "] is on ", d.device(), " but src[0] is on ", device,
                 "; every tensor must be on the same device");
-    // Several dst views of one buffer write in list order (a copy back per view), but an expanded dst cannot be
-    // written at all: refused here, before any other dst is.
-    check_no_internal_overlap(d, op, "dst", i);
   }
+  // The pairs are cast in parallel: no two dst may overlap (nor one have elements that share memory: an
+  // expanded view), and a src may overlap no dst but its own pair's, and that one only in full (a cast in
+  // place). Refused before anything is written; views of one buffer that do not overlap pass.
+  check_read_list(src, dst, check_written_list(dst, op, "dst"), op, "src", "dst");
 }
 
 CastPlan::CastPlan(at::TensorList dst, at::TensorList src) : dst_(dst) {

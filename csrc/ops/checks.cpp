@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 namespace mixprec::detail {
@@ -50,7 +51,8 @@ void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* 
               "in place, so give it its own memory (.contiguous())");
 }
 
-void check_written_list(at::TensorList list, const char* op, const char* name) {
+std::vector<std::pair<const void*, size_t>> check_written_list(at::TensorList list, const char* op,
+                                                               const char* name) {
   // Usually every tensor has its own storage: one sort of (storage, index) pairs shows that, and only tensors
   // sharing a storage (views of one buffer, or the same tensor twice) have their extents compared.
   std::vector<std::pair<const void*, size_t>> storages;
@@ -97,6 +99,29 @@ void check_written_list(at::TensorList list, const char* op, const char* name) {
       }
     }
     k = run;
+  }
+  return storages;
+}
+
+void check_read_list(at::TensorList read, at::TensorList written,
+                     const std::vector<std::pair<const void*, size_t>>& written_storages, const char* op,
+                     const char* read_name, const char* written_name) {
+  for (size_t j = 0; j < read.size(); ++j) {
+    const at::Tensor& r = read[j];
+    if (!r.defined() || !r.has_storage() || r.numel() == 0) continue;
+    const void* storage = r.storage().unsafeGetStorageImpl();
+    auto it = std::lower_bound(written_storages.begin(), written_storages.end(), std::make_pair(storage, size_t{0}));
+    for (; it != written_storages.end() && it->first == storage; ++it) {
+      const size_t i = it->second;
+      const at::MemOverlapStatus status = at::get_overlap_status(written[i], r);
+      if (status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard) continue;
+      TORCH_CHECK(i != j || status == at::MemOverlapStatus::Full, op, ": ", read_name, "[", j, "] partly overlaps ",
+                  written_name, "[", i, "] (torch's copy_ refuses that too); give ", read_name, "[", j,
+                  "] its own memory");
+      TORCH_CHECK(i == j, op, ": ", read_name, "[", j, "] shares memory with ", written_name, "[", i,
+                  "], which is written while it is read (the pairs run in parallel); give ", read_name, "[", j,
+                  "] its own memory");
+    }
   }
 }
 
@@ -165,10 +190,11 @@ void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax
   TORCH_CHECK(checked >= 0, op, ": checked must be >= 0, got ", checked);
 }
 
-void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
-                             const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
-                             double growth_factor, double backoff_factor, int64_t growth_interval,
-                             int64_t hysteresis, double min_scale, std::optional<double> max_scale) {
+UpdateScaleParams check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                                          const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
+                                          double growth_factor, double backoff_factor, int64_t growth_interval,
+                                          int64_t hysteresis, double min_scale, std::optional<double> max_scale,
+                                          bool consecutive_hysteresis) {
   constexpr const char* op = "mixprec::update_scale_";
   TORCH_CHECK(scale.defined(), op, ": scale must be a tensor, got an undefined tensor");
   const c10::Device device = scale.device();
@@ -195,6 +221,13 @@ void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_t
     TORCH_CHECK(min_scale <= *max_scale, op, ": min_scale (", min_scale, ") must not exceed max_scale (",
                 *max_scale, ")");
   }
+  return {growth_factor,
+          backoff_factor,
+          growth_interval,
+          static_cast<int32_t>(hysteresis),
+          min_scale,
+          max_scale.value_or(std::numeric_limits<double>::infinity()),
+          consecutive_hysteresis};
 }
 
 void check_wgrad_operands(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {

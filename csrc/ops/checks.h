@@ -5,7 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include "ops/update_scale_rule.h"
+
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace mixprec::detail {
@@ -23,7 +26,17 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 /// buffer), or the result would depend on the schedule. Refused with a message naming `op`, `name` and the
 /// indices, before anything is written. Views of one buffer that do not overlap (a flat parameter or
 /// gradient buffer) pass. Host cost: one sort of the storages (a few microseconds per thousand tensors).
-void check_written_list(at::TensorList list, const char* op, const char* name);
+/// Returns the (storage, index) pairs of the tensors with elements, sorted, for check_read_list.
+std::vector<std::pair<const void*, size_t>> check_written_list(at::TensorList list, const char* op,
+                                                               const char* name);
+
+/// `read` is read by the same parallel kernel that writes `written` (sorted storages: check_written_list's
+/// result), pair by pair: read[j] may not overlap any written tensor but its own pair's, and that one only
+/// in full (the same elements: each is read before it is written), as torch's copy_ refuses a partial
+/// overlap. Otherwise the result would depend on the schedule. One binary search per read tensor.
+void check_read_list(at::TensorList read, at::TensorList written,
+                     const std::vector<std::pair<const void*, size_t>>& written_storages, const char* op,
+                     const char* read_name, const char* written_name);
 
 /// `list[index]`, written in place, must not have elements that share memory (an expanded view).
 void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name, size_t index);
@@ -50,11 +63,13 @@ void check_record_overflow_args(const at::Tensor& record, const at::Tensor& amax
                                 const at::Tensor& scale, int64_t step, int64_t checked,
                                 const std::optional<at::Tensor>& count);
 
-/// Checks for update_scale_ (tensor kinds, devices and hyper-parameter ranges).
-void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
-                             const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
-                             double growth_factor, double backoff_factor, int64_t growth_interval,
-                             int64_t hysteresis, double min_scale, std::optional<double> max_scale);
+/// Checks for update_scale_ (tensor kinds, devices and hyper-parameter ranges); returns the checked
+/// hyper-parameters as the rule takes them (an unbounded max_scale as +inf).
+UpdateScaleParams check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                                          const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
+                                          double growth_factor, double backoff_factor, int64_t growth_interval,
+                                          int64_t hysteresis, double min_scale, std::optional<double> max_scale,
+                                          bool consecutive_hysteresis);
 
 /// Checks for linear_wgrad: grad_output [..., out] and input [..., in], dense, of one dtype (fp32, fp16 or
 /// bf16) with equal leading shapes, on one device; the message names `op`.

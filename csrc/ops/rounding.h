@@ -55,6 +55,8 @@ constexpr float kHalfMax = 65504.0f;
 constexpr float kBFloat16Max = 3.38953139e38f;  // 0x7f7f0000
 
 // ---- round to nearest even (c10's conversions are RNE on host and device) ----------------------------
+// These are Tensor.to's conversions on each device, NaN bits included: the CPU gives fp16 0x7e00 | sign
+// (F16C builds keep payload bits) and bf16 0x7fc0; CUDA gives the canonical 0x7fff for both.
 C10_HOST_DEVICE inline c10::Half to_half_nearest(float x) { return c10::Half(x); }
 C10_HOST_DEVICE inline c10::BFloat16 to_bfloat16_nearest(float x) { return c10::BFloat16(x); }
 
@@ -79,7 +81,12 @@ C10_HOST_DEVICE inline c10::BFloat16 to_bfloat16_stochastic(float x, uint32_t dr
 // Both are exact in fp32: low is |x| with low bits cleared, the spacing a power of two.
 C10_HOST_DEVICE inline c10::Half to_half_stochastic(float x, uint32_t draw16) {
   const uint32_t u = float_bits(x);
-  if (!is_finite_bits(u)) return c10::Half(x);  // inf stays inf, NaN stays NaN
+  if (!is_finite_bits(u)) {  // inf stays inf; NaN becomes the quiet NaN of its sign, as bf16's rule does:
+    // spelled out because c10::Half(NaN) differs by device (canonical 0x7fff on CUDA) and build (F16C
+    // keeps payload bits), and a seeded cast promises the same bits everywhere.
+    const auto sign16 = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    return c10::Half(static_cast<uint16_t>(sign16 | (is_nan_bits(u) ? 0x7e00u : 0x7c00u)), c10::Half::from_bits());
+  }
   const uint32_t sign = u & 0x80000000u;
   const float a = bits_float(u & 0x7fffffffu);
   float low, spacing;

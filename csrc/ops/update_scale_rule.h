@@ -30,7 +30,8 @@ C10_HOST_DEVICE inline void update_scale_rule(float* scale, int32_t* growth_trac
     *hysteresis_tracker = left;
     if (left == 0) {
       double backed_off = static_cast<double>(*scale) * p.backoff_factor;
-      if (backed_off < p.min_scale) backed_off = p.min_scale;
+      // min_scale 0 means no floor (torch's rule: a negative scale stays negative, -0 stays -0).
+      if (p.min_scale > 0.0 && backed_off < p.min_scale) backed_off = p.min_scale;
       *scale = static_cast<float>(backed_off);
     }
     return;

@@ -96,18 +96,22 @@ def test_cpu_capabilities_agree_bitwise(tmp_path) -> None:
         assert torch.equal(u, v), f"result {i} differs between capabilities"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_stochastic_nan_keeps_its_sign_in_every_path(dtype: torch.dtype) -> None:
-    """NaNs of either sign, in the vector body (64-element blocks) and the scalar tail alike, become the
-    canonical quiet NaN with the input's sign (the vector bf16 path set the sign bit of every NaN)."""
-    nan = torch.tensor([math.nan, -math.nan, 1.0, -math.nan, math.nan])
-    x = nan.repeat(40)  # 200 elements: vector blocks and a tail
-    out = ops.cast(x, dtype, "stochastic", seed=3).view(torch.int16)
-    one_by_one = torch.cat([ops.cast(v.reshape(1), dtype, "stochastic", seed=3).view(torch.int16) for v in x])
-    is_nan = torch.isnan(x)
-    assert torch.equal(out[is_nan], one_by_one[is_nan])
-    negative = torch.signbit(x)[is_nan]
-    assert torch.equal(out[is_nan] < 0, negative)  # the sign bit of the 16-bit pattern
+def test_stochastic_nan_keeps_its_sign_in_every_path(device: str, dtype: torch.dtype) -> None:
+    """NaNs of either sign, with or without payload bits, in the vector body (64-element blocks) and the scalar
+    tail alike, become the quiet NaN with the input's sign and no payload (fp16 0x7e00, bf16 0x7fc0), on every
+    device: a seeded cast promises the same bits everywhere, and c10's own fp16 conversion of a NaN differs
+    by device (canonical 0x7fff on CUDA) and build (F16C keeps payload bits). Infinities keep their sign."""
+    patterns = torch.tensor([0x7FC00000, 0xFFC00000, 0x3F800000, 0x7F800001, 0xFFA5A5A5, 0x7FFFFFFF, 0x7F800000,
+                             0xFF800000], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = patterns.repeat(25).to(device)  # 200 elements: vector blocks and a tail
+    out = ops.cast(x, dtype, "stochastic", seed=3).view(torch.int16).cpu().to(torch.int64) & 0xFFFF
+    quiet, inf = (0x7E00, 0x7C00) if dtype == torch.float16 else (0x7FC0, 0x7F80)
+    sign = torch.signbit(x.cpu()).to(torch.int64) * 0x8000
+    want = torch.where(torch.isnan(x.cpu()), sign | quiet, torch.where(torch.isinf(x.cpu()), sign | inf, out))
+    assert torch.equal(out, want)
+    assert (out[2::8] == (0x3C00 if dtype == torch.float16 else 0x3F80)).all()  # 1.0 stays 1.0
 
 
 # ---- cast_ (lists) ----------------------------------------------------------------------------------------
@@ -232,11 +236,12 @@ def test_stochastic_draws_are_independent(device: str) -> None:
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_seeded_cast_same_bits_on_cpu_and_cuda(dtype: torch.dtype) -> None:
     x = torch.cat([random_float_bits(1 << 20, seed=3), special_floats()])
-    x = x[~torch.isnan(x)]
     for rounding in ("nearest", "stochastic"):
+        # Nearest NaNs take each device's Tensor.to bits (the CPU's 0x7e00 | sign for fp16, CUDA's 0x7fff).
+        y = x if rounding == "stochastic" else x[~torch.isnan(x)]
         for saturate in (False, True):
-            cpu = ops.cast(x, dtype, rounding, saturate, seed=21)
-            gpu = ops.cast(x.cuda(), dtype, rounding, saturate, seed=21).cpu()
+            cpu = ops.cast(y, dtype, rounding, saturate, seed=21)
+            gpu = ops.cast(y.cuda(), dtype, rounding, saturate, seed=21).cpu()
             assert torch.equal(bits(cpu), bits(gpu)), (rounding, saturate)
 
 
@@ -339,6 +344,37 @@ def test_bad_input_writes_nothing() -> None:
     with pytest.raises(RuntimeError, match=r"src\[1\]"):
         ops.cast_(dst, [torch.ones(3), torch.ones(2, dtype=torch.int64)])
     assert all(torch.equal(d, torch.zeros_like(d)) for d in dst)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapping_pairs_refused_before_anything_is_written(device: str) -> None:
+    """The pairs are cast in parallel, so a dst written twice (the same tensor, overlapping views) or a src that
+    overlaps another pair's dst, or its own in part, would give results that depend on the schedule (and the
+    thread count): refused, naming both, with nothing written. A partial overlap within a pair is what torch's
+    copy_ refuses too."""
+    n = 200_000  # large enough for several CPU chunks
+    buf = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    one, two = torch.full((n,), 1.0, device=device), torch.full((n,), 2.0, device=device)
+    with pytest.raises(RuntimeError, match=r"dst\[0\] and dst\[1\] share memory"):
+        ops.cast_([buf, buf], [one, two])
+    with pytest.raises(RuntimeError, match=r"dst\[0\] and dst\[1\] share memory"):
+        ops.cast_([buf[:1000], buf[500:1500]], [one[:1000], two[:1000]])
+    assert (buf == 0).all()
+    half = torch.arange(9, dtype=torch.float16, device=device)
+    with pytest.raises(RuntimeError, match=r"src\[0\] partly overlaps dst\[0\]"):
+        ops.cast_([half[1:]], [half[:-1]], saturate=True)
+    flat = torch.arange(8, dtype=torch.float32, device=device)
+    out = torch.zeros(4, dtype=torch.float16, device=device)
+    with pytest.raises(RuntimeError, match=r"src\[1\] shares memory with dst\[0\]"):
+        ops.cast_([flat[:4], out], [torch.ones(4, device=device), flat[2:6]])
+    assert torch.equal(half.cpu(), torch.arange(9, dtype=torch.float16))
+    assert torch.equal(flat.cpu(), torch.arange(8, dtype=torch.float32)) and (out == 0).all()
+    # What stays allowed: disjoint views of one buffer, and a pair cast in place over the same elements.
+    ops.cast_([buf[: n // 2], buf[n // 2:]], [one[: n // 2], two[n // 2:]])
+    assert (buf[: n // 2] == 1).all() and (buf[n // 2:] == 2).all()
+    raw = torch.arange(16, dtype=torch.float16, device=device)
+    ops.cast_([raw.view(torch.bfloat16)], [raw])  # fp16 -> bf16 over the same 32 bytes
+    assert torch.equal(raw.view(torch.bfloat16).cpu(), torch.arange(16, dtype=torch.bfloat16))
 
 
 @requires_cuda

@@ -598,13 +598,21 @@ def expand_scale(scale_inv: torch.Tensor, rows: int, k: int) -> torch.Tensor:
 
 def gemm_reference(a, b, sa, sb) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact product in float64 and the bound of an fp32 computation of it: the two dequantizing
-    products (one rounding each) and k additions, each within 2^-24 relative, over sum |a_i b_i|."""
+    products (one rounding each) and k additions, each within 2^-24 relative, over sum |a_i b_i|.
+
+    On a GPU with FP8 tensor cores (sm_89+) the bound widens by 2^-12 of sum |a_i b_i|: those units add their
+    products in an accumulator narrower than fp32 (about 14 bits, truncated; DeepSeek-V3 section 3.3.2) that
+    cuBLASLt promotes to fp32 every few MMAs. That is still far below what a wrong scale, block or layout
+    gives (about 1/sqrt(k) of the sum here)."""
     m, k = a.shape
     n = b.shape[0]
     a64 = a.cpu().double() * expand_scale(sa, m, k)
     b64 = b.cpu().double() * expand_scale(sb, n, k)
     exact = a64 @ b64.t()
-    bound = (k + 2) * 2.0**-24 * (a64.abs() @ b64.abs().t()) * 1.01
+    magnitude = a64.abs() @ b64.abs().t()
+    bound = (k + 2) * 2.0**-24 * magnitude * 1.01
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) >= (8, 9):
+        bound = bound + 2.0**-12 * magnitude
     return exact, bound
 
 

@@ -133,6 +133,25 @@ def test_planted_non_finite_is_found(device: str, dtype: torch.dtype, bad: float
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grads, inv", [
+    ([torch.full((4,), 2e19)], 0.5),  # a scalar tail whose double sum passes fp32's range
+    ([torch.full((20,), 2e19, dtype=torch.float64)], 1.0),
+    ([torch.full((16,), 3.5e18), torch.full((16,), 3.5e18)], 1.0),  # finite per tensor, not in total
+])
+def test_sumsq_past_fp32_range_is_inf(device: str, grads: list[torch.Tensor], inv: float) -> None:
+    """Finite gradients whose squares sum past FLT_MAX: the fp32 result is +inf (as the vectorised sums give it),
+    not an error raised after the gradients were already written."""
+    grads = [g.to(device) for g in grads]
+    want = [g.double() * inv for g in grads]
+    assert sum(float((w * w).sum()) for w in want) > torch.finfo(torch.float32).max
+    found = torch.zeros(1, device=device)
+    total = ops.unscale_and_check_sumsq_(grads, found, torch.full((1,), inv, device=device))
+    assert total.dtype == torch.float32 and total.dim() == 0 and total.item() == math.inf
+    assert found.item() == 0.0  # every gradient is finite
+    assert all(torch.equal(g, w.to(g.dtype)) for g, w in zip(grads, want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_views(device: str) -> None:
     base = torch.arange(600, dtype=torch.float32, device=device).reshape(30, 20)
     strided = base[:, 1::3]  # gaps: goes through a contiguous copy and is written back

@@ -107,6 +107,21 @@ def test_growth_to_overflow_is_skipped_like_torch(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start", [-65536.0, -math.inf, -1e-45, -0.0, 0.0, 1e-45, math.inf, math.nan])
+def test_unusual_scales_back_off_like_torch(device: str, start: float) -> None:
+    """With the defaults (min_scale 0: no floor) a negative, signed-zero, subnormal, infinite or NaN scale
+    backs off and grows to torch's bits (a floor of 0 used to turn -65536 into +0)."""
+    scale, growth, hyst = make_state(device, start)
+    t_scale, t_growth = scale.clone(), growth.clone()
+    for found in (1.0, 1.0, 0.0, 0.0, 1.0):
+        flag = torch.full((1,), found, device=device)
+        ops.update_scale_(scale, growth, hyst, flag, 2.0, 0.5, 2)
+        torch._amp_update_scale_(t_scale, t_growth, flag, 2.0, 0.5, 2)
+        assert torch.equal(scale.view(torch.int32), t_scale.view(torch.int32)), (start, found)
+        assert torch.equal(growth, t_growth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hysteresis, consecutive, min_scale", [(1, False, 1.0), (3, False, 1.0), (2, True, 1.0),
                                                                 (4, True, 256.0), (2, False, 2.0**10)])
 def test_follows_deepspeeds_dynamic_loss_scaler(device: str, hysteresis: int, consecutive: bool,

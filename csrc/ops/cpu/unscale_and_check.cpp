@@ -88,7 +88,10 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf, co
 at::Tensor unscale_and_check_sumsq_cpu(at::TensorList grads, const at::Tensor& found_inf,
                                        const at::Tensor& inv_scale, const std::optional<at::Tensor>& amax) {
   const double sumsq = unscale_impl("mixprec::unscale_and_check_sumsq_", grads, found_inf, inv_scale, amax, true);
-  return at::scalar_tensor(sumsq, found_inf.options());
+  // The fp32 result of a sum past fp32's range is +inf (IEEE's conversion, as the CUDA kernel's fp32 sums
+  // give it), not an error: at::scalar_tensor(double) on an fp32 tensor refuses such a value, and the
+  // gradients are already written by then.
+  return at::scalar_tensor(static_cast<float>(sumsq), found_inf.options());
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 // fp8_gemm / fp8_gemm_accum_ on CUDA. Per-tensor scales on a GPU with FP8 tensor cores (sm_89 and newer)
 // take one cuBLASLt FP8 GEMM: the scale_inv tensors are its A/B scale pointers (read on the device), the
-// accumulation is fp32 (CUBLASLT_MATMUL_DESC_FAST_ACCUM only when asked, for forward GEMMs), and the
+// accumulation is fp32 (the tensor cores' own narrower accumulator is promoted to fp32 every few MMAs;
+// CUBLASLT_MATMUL_DESC_FAST_ACCUM, only when asked, for forward GEMMs, skips that), and the
 // output is fp32/bf16/fp16. A bias joins a 16-bit output in cuBLASLt's bias epilogue (in fp32, before the
 // rounding, as torch._scaled_mm adds it); an fp32 output takes it after the GEMM (the same sum). Row-wise
-// scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+). fp8_gemm_accum_ is the
+// scales on both operands take cuBLASLt's outer-vector scale mode (cuBLASLt >= 12.9, sm_90+; a build against
+// older cuBLAS headers has the per-tensor path only). fp8_gemm_accum_ is the
 // same GEMM with beta = 1 into the fp32 accumulator: an FP8 weight gradient lands in main_grad without a separate
 // add. Block scales (1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128: DeepSeek-V3's three GEMMs) take cuBLASLt's
 // VEC128 / BLK128x128 scale modes on sm_90 with cuBLASLt >= 12.9 when MIXPREC_FP8_BLOCK_CUBLASLT=1: opt-in until
@@ -37,6 +39,14 @@
 #include "ops/cuda/cublaslt.h"
 #include "ops/fp8_plan.h"
 
+// cuBLASLt's scale modes (the A/B_SCALE_MODE attributes, outer-vector and block modes) are in the headers of
+// cuBLAS 12.9 and newer; an older toolkit builds the per-tensor path only (its scales are the default mode).
+#if defined(CUBLAS_VERSION) && CUBLAS_VERSION >= 120900
+#define MIXPREC_LT_SCALE_MODES 1
+#else
+#define MIXPREC_LT_SCALE_MODES 0
+#endif
+
 namespace mixprec::cuda {
 namespace {
 
@@ -44,10 +54,11 @@ namespace {
 /// (each operand's mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks).
 enum class LtScales : int { None = 0, Tensor = 1, OuterVector = 2, Blocks = 3 };
 
-/// The scale modes of cuBLASLt's A and B (our b and a): SCALAR_32F for per-tensor scales.
+/// The scale modes of cuBLASLt's A and B (our b and a): 0 (CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F, a name
+/// older headers lack) for per-tensor scales.
 struct LtModes {
   LtScales kind = LtScales::None;
-  int32_t a = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F, b = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+  int32_t a = 0, b = 0;
 };
 
 struct Fp8PlanKey {
@@ -92,12 +103,14 @@ lt::MatmulDesc fp8_desc(const char* op, const LtModes& modes, bool fast_accum, c
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N, "setting TRANSB");
   const int8_t fast = fast_accum ? 1 : 0;
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast, "setting FAST_ACCUM");
+#if MIXPREC_LT_SCALE_MODES
   if (modes.kind == LtScales::OuterVector || modes.kind == LtScales::Blocks) {
     // Outer vectors: A's has one scale per row of op(A) (our b's rows), B's one per column of op(B) (our a's
     // rows). Blocks: lt_block_scales gives the layouts.
     lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_MODE, modes.a, "setting the A scale mode");
     lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_MODE, modes.b, "setting the B scale mode");
   }
+#endif
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a, "setting the A scale");
   lt::set_attribute(op, desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b, "setting the B scale");
   if (bias != nullptr) {
@@ -118,7 +131,7 @@ int compute_capability(int device) {
   return major * 10 + minor;
 }
 
-bool rowwise(const detail::Fp8ScaleLayout& layout, int64_t k) {
+[[maybe_unused]] bool rowwise(const detail::Fp8ScaleLayout& layout, int64_t k) {
   return !layout.per_tensor && layout.block_rows == 1 && layout.block_cols >= k;
 }
 
@@ -128,6 +141,7 @@ bool env_flag(const char* name) {
   return v != nullptr && *v != '\0' && std::string_view(v) != "0";
 }
 
+#if MIXPREC_LT_SCALE_MODES
 /// An operand's cuBLASLt block-scale mode: VEC128 for 1x128 blocks along k, BLK128x128 for 128x128 blocks (one
 /// scale along k counts as either only when k <= 128: a per-row scale over a longer k is not 128-wide blocks),
 /// or nothing.
@@ -136,25 +150,6 @@ std::optional<int32_t> block_mode(const detail::Fp8ScaleLayout& layout, int64_t 
   if (layout.block_rows == 1) return CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   if (layout.block_rows == 128) return CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
   return std::nullopt;
-}
-
-/// The cuBLASLt scale modes that take this problem on this GPU, or kind None (the emulation takes it).
-LtModes cublaslt_scales(const detail::Fp8GemmArgs& g) {
-  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return {};
-  const int cc = compute_capability(g.a.get_device());
-  if (g.a_layout.per_tensor && g.b_layout.per_tensor) return {cc >= 89 ? LtScales::Tensor : LtScales::None};
-  const bool lt_12_9 = cublasLtGetVersion() >= 120900;
-  if (rowwise(g.a_layout, g.k) && rowwise(g.b_layout, g.k) && cc >= 90 && lt_12_9) {
-    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    return {LtScales::OuterVector, mode, mode};
-  }
-  // cuBLASLt's block modes exist on sm_90 (Hopper) only, and not with both operands in 128x128 blocks.
-  if (cc == 90 && lt_12_9 && env_flag("MIXPREC_FP8_BLOCK_CUBLASLT")) {
-    const std::optional<int32_t> a = block_mode(g.b_layout, g.k), b = block_mode(g.a_layout, g.k);
-    const int32_t square = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
-    if (a && b && !(*a == square && *b == square)) return {LtScales::Blocks, *a, *b};
-  }
-  return {};
 }
 
 /// A block-scaled operand's scale_inv ([rows, ceil(k / 128)] or [ceil(rows / 128), ceil(k / 128)], row-major) in
@@ -168,6 +163,28 @@ at::Tensor lt_block_scales(const at::Tensor& s, int32_t mode) {
   at::Tensor out = at::zeros({s.size(0), padded}, s.options());
   out.narrow(1, 0, k_blocks).copy_(s);
   return out;
+}
+#endif
+
+/// The cuBLASLt scale modes that take this problem on this GPU, or kind None (the emulation takes it).
+LtModes cublaslt_scales(const detail::Fp8GemmArgs& g) {
+  if (g.a.scalar_type() == at::kFloat8_e5m2 && g.b.scalar_type() == at::kFloat8_e5m2) return {};
+  const int cc = compute_capability(g.a.get_device());
+  if (g.a_layout.per_tensor && g.b_layout.per_tensor) return {cc >= 89 ? LtScales::Tensor : LtScales::None};
+#if MIXPREC_LT_SCALE_MODES
+  const bool lt_12_9 = cublasLtGetVersion() >= 120900;
+  if (rowwise(g.a_layout, g.k) && rowwise(g.b_layout, g.k) && cc >= 90 && lt_12_9) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    return {LtScales::OuterVector, mode, mode};
+  }
+  // cuBLASLt's block modes exist on sm_90 (Hopper) only, and not with both operands in 128x128 blocks.
+  if (cc == 90 && lt_12_9 && env_flag("MIXPREC_FP8_BLOCK_CUBLASLT")) {
+    const std::optional<int32_t> a = block_mode(g.b_layout, g.k), b = block_mode(g.a_layout, g.k);
+    const int32_t square = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    if (a && b && !(*a == square && *b == square)) return {LtScales::Blocks, *a, *b};
+  }
+#endif
+  return {};
 }
 
 /// cuBLASLt's FP8 kernels need 16-byte aligned rows: every dimension a multiple of 16.
@@ -216,9 +233,14 @@ bool cublaslt_fp8_gemm(const char* op, const LtModes& modes, const detail::Fp8Ge
   }
   // Scale vectors start 16-byte aligned, as cuBLASLt's vector loads may assume (a one-element view is cloned
   // too: cheap).
+#if MIXPREC_LT_SCALE_MODES
   const bool blocks = modes.kind == LtScales::Blocks;
   const at::Tensor a_scales = blocks ? lt_block_scales(g.b_scale_inv, modes.a) : g.b_scale_inv;
   const at::Tensor b_scales = blocks ? lt_block_scales(g.a_scale_inv, modes.b) : g.a_scale_inv;
+#else
+  const at::Tensor& a_scales = g.b_scale_inv;
+  const at::Tensor& b_scales = g.a_scale_inv;
+#endif
   const at::Tensor sa = lt::alignment_of(a_scales.const_data_ptr()) < 16 ? a_scales.clone() : a_scales;
   const at::Tensor sb = lt::alignment_of(b_scales.const_data_ptr()) < 16 ? b_scales.clone() : b_scales;
   const void* scale_a = sa.const_data_ptr();
