@@ -21,7 +21,9 @@ interval < 1):
     learns of skipped steps from a missing call (Accelerate's ``optimizer_step_was_skipped``, and the LR
     schedulers it drives) sees none; ``host_skip=True`` reads the flag on the host instead (one sync per
     step) and skips the call as torch does;
-  * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps;
+  * ``process_group``: the overflow flag is all-reduced (MAX) so every rank skips the same steps (for
+    gradients ranks do not share; under DDP the reduced gradients already agree, and torch's ``Join`` cannot
+    shadow this extra collective);
   * ``track_overflows``: :meth:`GradScaler.last_overflow` names the parameters whose gradients overflowed;
   * the scale grows once ``growth_interval`` clean steps have passed, also when a smaller interval is set (or
     loaded) while the count is already past it: torch's kernel grows only when the count equals the interval,
@@ -287,7 +289,9 @@ class GradScaler(torch.amp.GradScaler):
         consecutive_hysteresis: count only overflows in a row (the budget refills on every clean step).
         min_scale, max_scale: bounds for the scale (none by default).
         dynamic: ``False`` keeps ``init_scale`` fixed (a static loss scale); overflowing steps are still skipped.
-        process_group: all-reduce the overflow flag over this group (e.g. ``torch.distributed.group.WORLD``).
+        process_group: all-reduce the overflow flag over this group (e.g. ``torch.distributed.group.WORLD``),
+            for gradients the ranks do not share (model or pipeline parallelism). DDP needs none: its reduced
+            gradients overflow alike on every rank (and ``Join`` cannot shadow this extra collective).
         host_skip: decide every step on the host, as torch does for plain optimizers: one device sync per
             step, and ``optimizer.step()`` is not called on an overflow, so frameworks see skipped steps.
         track_overflows: record which parameters' gradients overflowed, for :meth:`last_overflow` (the

@@ -16,9 +16,16 @@ taken from the parameters).
 Under a loss scaler the optimizer follows torch's protocol for fused optimizers: it reads ``grad_scale``
 and ``found_inf`` on the device, divides the gradients inside the fused step (leaving them unscaled in
 ``.grad``, as torch's fused Adam does) and writes nothing on an overflowing step, with no host
-synchronisation. ``mixprec.GradScaler`` always hands them over; ``torch.amp.GradScaler`` does so when the
-optimizer is built with ``fused=True`` (which sets ``_step_supports_amp_scaling``, as torch's fused
-optimizers do), and otherwise unscales first and skips on the host.
+synchronisation. Both scalers hand over both when the optimizer is built with ``fused=True`` (which sets
+``_step_supports_amp_scaling``, as torch's fused optimizers do). Otherwise they unscale ``.grad`` first, as
+torch unscales a plain optimizer; then ``mixprec.GradScaler`` still hands over ``found_inf`` (the skip stays
+on the device) and ``torch.amp.GradScaler`` skips on the host.
+
+Stochastic rounding without a ``seed`` draws from torch's default generator, except under an initialized
+``torch.distributed`` process group of more than one rank: there a group with ``rounding="stochastic"`` and
+no seed takes seed 0 (:data:`REPLICA_SEED`), so that data-parallel replicas (DDP; FSDP2's replicas under
+HSDP) round alike whatever torch seed each rank set (nanoGPT seeds ``1337 + rank``). Pass ``seed`` to vary
+the draws between runs.
 
 Gradients may be fp32 for 16-bit parameters (:class:`mixprec.nn.Linear` keeps them so): the step reads any
 mix of fp32/fp16/bf16 gradients.
@@ -33,7 +40,18 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "REPLICA_SEED"]
+
+#: The seed a stochastic-rounding param group without one takes when it is added under an initialized process
+#: group of more than one rank: the same on every rank, with no collective (see the module docstring).
+REPLICA_SEED = 0
+
+
+def _ranks_replicate() -> bool:
+    """Whether this process is one of several ranks of an initialized torch.distributed job (whose replicas must
+    round alike)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 _CORE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master", "remainder", "max_exp_avg_sq")
 # The param-group keys mixprec adds to torch's Adam ones.
@@ -342,8 +360,13 @@ class _MixprecAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_step_supports_amp_scaling", bool(self.defaults.get("fused")))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``."""
+        """As ``torch.optim.Optimizer.add_param_group``. Under an initialized process group of more than one
+        rank, a group with ``rounding="stochastic"`` and no seed takes :data:`REPLICA_SEED` (replicas would
+        otherwise round with each rank's torch generator and drift apart)."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["rounding"] == "stochastic" and group["seed"] is None and _ranks_replicate():
+            group["seed"] = REPLICA_SEED
         self._forget_cache()
 
     def _forget_cache(self) -> None:
@@ -544,7 +567,8 @@ class AdamW(_MixprecAdam, torch.optim.AdamW):
         rounding: how 16-bit params are written: ``"nearest"`` or ``"stochastic"`` (unbiased; with
             ``master_weights="none"`` it keeps updates smaller than half an ulp alive).
         seed: key for stochastic rounding; each step draws fresh numbers from (seed, step count), so
-            a resumed run repeats them. ``None`` draws from torch's default generator.
+            a resumed run repeats them. ``None`` draws from torch's default generator; under an initialized
+            process group of more than one rank it means :data:`REPLICA_SEED`, so replicas round alike.
         rng_calls: steps already drawn with ``seed`` (kept in each group and its state dict; given here so
             that ``type(opt)(params, **opt.defaults)`` rebuilds an optimizer as it does for torch's).
     """

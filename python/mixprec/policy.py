@@ -299,14 +299,18 @@ class Policy:
         policies no master copy and stochastic rounding of the updates, seeded (unless ``seed`` is given)
         from ``torch.initial_seed()``: the draws then come from the optimizer's own counter, which its state
         dict saves (a resume continues them bit for bit), not from torch's global generator, and runs with
-        different torch seeds draw differently."""
-        from .optim import AdamW
+        different torch seeds draw differently. Under an initialized process group of more than one rank the
+        seed is :data:`mixprec.optim.REPLICA_SEED` instead, the same on every rank, so that data-parallel
+        replicas stay identical whatever torch seed each rank set."""
+        from .optim import AdamW, _ranks_replicate
 
         # mixprec::Policy::adam_options's settings: one rule for both front doors.
         master_weights, rounding, seed = self._impl.adam_settings()
         kwargs.setdefault("master_weights", master_weights)
         kwargs.setdefault("rounding", rounding)
-        kwargs.setdefault("seed", None if seed < 0 else seed)
+        # Each rank's torch seed may differ (nanoGPT seeds 1337 + rank): under a process group of several ranks
+        # the optimizer's own rule (mixprec.optim.REPLICA_SEED) keeps data-parallel replicas rounding alike.
+        kwargs.setdefault("seed", None if seed < 0 or _ranks_replicate() else seed)
         return AdamW(params, lr=lr, **kwargs)
 
     def autocast(self, device_type: str = "cuda") -> "autocast":

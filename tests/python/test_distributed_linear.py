@@ -664,6 +664,58 @@ def test_fsdp2_shards_of_a_parameter_draw_their_own_stochastic_rounding(tmp_path
     run_ranks(FSDP2_ROUNDING_SCRIPT)
 
 
+DDP_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import mixprec
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def make():
+        torch.manual_seed(0)  # one initial model (DDP broadcasts rank 0's anyway)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).bfloat16()
+        torch.manual_seed(1337 + rank)  # nanoGPT's per-rank seeds (dropout, data): each rank's generator differs
+        return model
+
+    def trained(build):
+        model = make()
+        ddp = DDP(model)
+        opt = build(model)
+        gen = torch.Generator().manual_seed(rank)  # each rank its own batches; DDP averages the gradients
+        for _ in range(5):
+            opt.zero_grad()
+            ddp(torch.randn(8, 16, generator=gen).bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+        assert all(g["seed"] == mixprec.optim.REPLICA_SEED for g in opt.param_groups if g["rounding"] == "stochastic")
+        return [p.detach().float() for p in model.parameters()]
+
+    builds = {
+        "unseeded": lambda m: mixprec.optim.AdamW(m.parameters(), lr=1e-2, master_weights="none",
+                                                  rounding="stochastic"),
+        "policy": lambda m: mixprec.Policy("bf16-true").optimizer(m.parameters(), lr=1e-2),
+        "group": lambda m: mixprec.optim.AdamW([{"params": m[0].parameters(), "rounding": "stochastic"},
+                                                {"params": m[2].parameters()}], lr=1e-2, master_weights="none"),
+    }
+    for name, build in builds.items():
+        params = trained(build)
+        for p in params:
+            copies = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(copies, p)
+            assert torch.equal(copies[0], copies[1]), name  # the replicas rounded alike
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_ddp_replicas_with_their_own_torch_seeds_round_alike() -> None:
+    """Stochastic rounding without a seed (an unseeded optimizer, Policy("bf16-true")'s, a group that asks for
+    it) under DDP, each rank with its own torch seed: the groups take mixprec.optim.REPLICA_SEED, so the
+    replicas stay identical (each rank's generator made them drift apart silently)."""
+    run_ranks(DDP_ROUNDING_SCRIPT)
+
+
 CHECKPOINT_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import sys, warnings, torch, torch.distributed as dist
