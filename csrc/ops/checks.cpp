@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <utility>
 
@@ -51,68 +52,74 @@ void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* 
               "in place, so give it its own memory (.contiguous())");
 }
 
-std::vector<std::pair<const void*, size_t>> check_written_list(at::TensorList list, const char* op,
-                                                               const char* name) {
-  // Usually every tensor has its own storage: one sort of (storage, index) pairs shows that, and only tensors
-  // sharing a storage (views of one buffer, or the same tensor twice) have their extents compared.
-  std::vector<std::pair<const void*, size_t>> storages;
-  storages.reserve(list.size());
+namespace {
+
+/// The bytes of its storage that `t`'s elements can reach, [begin, end).
+WrittenExtent written_extent_of(const at::Tensor& t, size_t index) {
+  int64_t reach = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
+  const auto item = static_cast<int64_t>(t.element_size());
+  const int64_t begin = t.storage_offset() * item;
+  return {reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()), begin, begin + (reach + 1) * item, index};
+}
+
+bool extent_before(const WrittenExtent& x, const WrittenExtent& y) {
+  return x.storage != y.storage ? x.storage < y.storage : x.begin < y.begin;
+}
+
+}  // namespace
+
+std::vector<WrittenExtent> check_written_list(at::TensorList list, const char* op, const char* name) {
+  // Usually every tensor has its own storage: one sort by (storage, start) shows that, and only tensors sharing
+  // a storage (views of one buffer, or the same tensor twice) whose extents meet are compared element-wise.
+  std::vector<WrittenExtent> extents;
+  extents.reserve(list.size());
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
     check_no_internal_overlap(t, op, name, i);
-    storages.emplace_back(t.storage().unsafeGetStorageImpl(), i);
+    extents.push_back(written_extent_of(t, i));
   }
-  std::sort(storages.begin(), storages.end());
-  struct Extent {
-    int64_t begin, end;  // bytes of the storage the tensor's elements can reach
-    size_t index;
-  };
-  std::vector<Extent> extents;
-  for (size_t k = 0; k < storages.size();) {
+  std::sort(extents.begin(), extents.end(), extent_before);
+  for (size_t k = 0; k < extents.size();) {
     size_t run = k + 1;
-    while (run < storages.size() && storages[run].first == storages[k].first) ++run;
-    if (run - k > 1) {
-      extents.clear();
-      for (size_t r = k; r < run; ++r) {
-        const at::Tensor& t = list[storages[r].second];
-        int64_t reach = 0;
-        for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
-        const auto item = static_cast<int64_t>(t.element_size());
-        const int64_t begin = t.storage_offset() * item;
-        extents.push_back({begin, begin + (reach + 1) * item, storages[r].second});
+    while (run < extents.size() && extents[run].storage == extents[k].storage) ++run;
+    // A sweep by start: only pairs whose extents meet are compared element-wise (torch's overlap test; views
+    // interleaved by strides that it cannot decide are let through).
+    size_t widest = k;
+    for (size_t e = k + 1; e < run; ++e) {
+      const WrittenExtent& cur = extents[e];
+      const WrittenExtent& prev = extents[widest];
+      if (cur.begin < prev.end) {
+        const at::MemOverlapStatus status = at::get_overlap_status(list[prev.index], list[cur.index]);
+        TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+                    name, "[", std::min(prev.index, cur.index), "] and ", name, "[", std::max(prev.index, cur.index),
+                    "] share memory (the same tensor twice, or overlapping views); each is written in place");
       }
-      std::sort(extents.begin(), extents.end(), [](const Extent& x, const Extent& y) { return x.begin < y.begin; });
-      // A sweep by start: only pairs whose extents meet are compared element-wise (torch's overlap test; views
-      // interleaved by strides that it cannot decide are let through).
-      size_t widest = 0;
-      for (size_t e = 1; e < extents.size(); ++e) {
-        const Extent& cur = extents[e];
-        const Extent& prev = extents[widest];
-        if (cur.begin < prev.end) {
-          const at::MemOverlapStatus status = at::get_overlap_status(list[prev.index], list[cur.index]);
-          TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
-                      name, "[", std::min(prev.index, cur.index), "] and ", name, "[", std::max(prev.index, cur.index),
-                      "] share memory (the same tensor twice, or overlapping views); each is written in place");
-        }
-        if (cur.end > prev.end) widest = e;
-      }
+      if (cur.end > prev.end) widest = e;
     }
     k = run;
   }
-  return storages;
+  return extents;
 }
 
-void check_read_list(at::TensorList read, at::TensorList written,
-                     const std::vector<std::pair<const void*, size_t>>& written_storages, const char* op,
-                     const char* read_name, const char* written_name) {
+void check_read_list(at::TensorList read, at::TensorList written, const std::vector<WrittenExtent>& extents,
+                     const char* op, const char* read_name, const char* written_name) {
+  if (extents.empty()) return;
   for (size_t j = 0; j < read.size(); ++j) {
     const at::Tensor& r = read[j];
     if (!r.defined() || !r.has_storage() || r.numel() == 0) continue;
-    const void* storage = r.storage().unsafeGetStorageImpl();
-    auto it = std::lower_bound(written_storages.begin(), written_storages.end(), std::make_pair(storage, size_t{0}));
-    for (; it != written_storages.end() && it->first == storage; ++it) {
-      const size_t i = it->second;
+    const WrittenExtent mine = written_extent_of(r, j);
+    // The written tensors of r's storage that start before r ends; they do not overlap one another (checked
+    // above), so walking back from the last of them, the first that ends before r starts ends the search.
+    const auto first = std::lower_bound(extents.begin(), extents.end(),
+                                        WrittenExtent{mine.storage, INT64_MIN, INT64_MIN, 0}, extent_before);
+    auto it =
+        std::lower_bound(first, extents.end(), WrittenExtent{mine.storage, mine.end, mine.end, 0}, extent_before);
+    while (it != first) {
+      --it;
+      if (it->end <= mine.begin) break;
+      const size_t i = it->index;
       const at::MemOverlapStatus status = at::get_overlap_status(written[i], r);
       if (status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard) continue;
       TORCH_CHECK(i != j || status == at::MemOverlapStatus::Full, op, ": ", read_name, "[", j, "] partly overlaps ",

@@ -7,8 +7,8 @@
 
 #include "ops/update_scale_rule.h"
 
+#include <cstdint>
 #include <optional>
-#include <utility>
 #include <vector>
 
 namespace mixprec::detail {
@@ -21,22 +21,30 @@ void check_one_element(const at::Tensor& t, const char* op, const char* name, at
 /// bf16 or fp64) on `device`; the message names `op`, `name` and the index.
 void check_float_list(at::TensorList list, const char* op, const char* name, c10::Device device);
 
+/// A tensor of a written list: the bytes of its storage its elements can reach, [begin, end).
+struct WrittenExtent {
+  uintptr_t storage;
+  int64_t begin, end;
+  size_t index;  // in the list
+};
+
 /// `list` is written in place by a kernel whose chunks run in parallel: no tensor may have elements that
 /// share memory (an expanded view) and no two may overlap (the same tensor twice, overlapping views of one
 /// buffer), or the result would depend on the schedule. Refused with a message naming `op`, `name` and the
 /// indices, before anything is written. Views of one buffer that do not overlap (a flat parameter or
-/// gradient buffer) pass. Host cost: one sort of the storages (a few microseconds per thousand tensors).
-/// Returns the (storage, index) pairs of the tensors with elements, sorted, for check_read_list.
-std::vector<std::pair<const void*, size_t>> check_written_list(at::TensorList list, const char* op,
-                                                               const char* name);
+/// gradient buffer) pass, as do strided views torch's overlap test cannot decide and separate storages over
+/// one memory (two from_numpy of an array), which it cannot see. Host cost: one sort (a few microseconds
+/// per thousand tensors). Returns the extents of the tensors with elements, sorted by (storage, begin),
+/// for check_read_list.
+std::vector<WrittenExtent> check_written_list(at::TensorList list, const char* op, const char* name);
 
-/// `read` is read by the same parallel kernel that writes `written` (sorted storages: check_written_list's
-/// result), pair by pair: read[j] may not overlap any written tensor but its own pair's, and that one only
-/// in full (the same elements: each is read before it is written), as torch's copy_ refuses a partial
-/// overlap. Otherwise the result would depend on the schedule. One binary search per read tensor.
-void check_read_list(at::TensorList read, at::TensorList written,
-                     const std::vector<std::pair<const void*, size_t>>& written_storages, const char* op,
-                     const char* read_name, const char* written_name);
+/// `read` is read by the same parallel kernel that writes `written` (`extents`: check_written_list's result),
+/// pair by pair: read[j] may not overlap any written tensor but its own pair's, and that one only in full
+/// (the same elements: each is read before it is written), as torch's copy_ refuses a partial overlap.
+/// Otherwise the result would depend on the schedule. Two binary searches per read tensor, then only the
+/// written tensors its extent meets are compared.
+void check_read_list(at::TensorList read, at::TensorList written, const std::vector<WrittenExtent>& extents,
+                     const char* op, const char* read_name, const char* written_name);
 
 /// `list[index]`, written in place, must not have elements that share memory (an expanded view).
 void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name, size_t index);

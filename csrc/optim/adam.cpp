@@ -812,12 +812,9 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
            })
       .def("check_step_options",
            [](const CoreRef&, double beta1, const std::string& master_weights, c10::ScalarType moment_dtype,
-              const std::string& rounding) {
-             AdamCore::check_step_options(AdamOptions(0.0)
-                                              .betas({beta1, 0.0})
-                                              .master_weights(master_weights)
-                                              .moment_dtype(moment_dtype)
-                                              .rounding(rounding));
+              const std::string& rounding, std::optional<int64_t> seed, int64_t rng_calls) {
+             AdamCore::check_step_options(options_from(0.0, beta1, 0.0, 0.0, 0.0, false, false, master_weights,
+                                                       moment_dtype, rounding, seed, rng_calls));
            })
       // One param group's step. Returns (rng_calls after the step, indices whose state was created or replaced).
       .def("step_group",

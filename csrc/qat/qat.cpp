@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
@@ -393,6 +394,36 @@ torch::Tensor layer_input(const torch::Tensor& input, bool per_token, const QATC
   return fake_quantize_input(input, input_step);
 }
 
+// A forward that raises leaves a learnable input step as it found it: the first forward sets the step from its
+// batch before the GEMM or convolution can refuse that batch (a wrong shape or dtype), and a step set from a
+// refused batch would never be set again (the Python layers keep it alike).
+class InputStepKeeper {
+ public:
+  InputStepKeeper(const torch::Tensor& step, bool& checked)
+      : step_(step), checked_(checked), exceptions_(std::uncaught_exceptions()) {
+    if (!step.defined() || checked || step.is_meta()) return;
+    const torch::NoGradGuard no_grad;
+    before_ = step.detach().clone();
+  }
+  InputStepKeeper(const InputStepKeeper&) = delete;
+  InputStepKeeper& operator=(const InputStepKeeper&) = delete;
+  ~InputStepKeeper() {
+    if (!before_.defined() || std::uncaught_exceptions() == exceptions_) return;
+    try {
+      const torch::NoGradGuard no_grad;
+      step_.detach().copy_(before_);
+      checked_ = false;
+    } catch (...) {  // a destructor must not throw while the forward's error unwinds: that error is the one to see
+    }
+  }
+
+ private:
+  const torch::Tensor& step_;
+  bool& checked_;
+  int exceptions_;
+  torch::Tensor before_;
+};
+
 torch::Tensor new_input_step(const torch::Tensor& weight) {
   return torch::zeros({1}, weight.options().dtype(torch::kFloat));
 }
@@ -543,6 +574,7 @@ void QATLinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QATLinearImpl::forward(const torch::Tensor& input) {
+  const InputStepKeeper keep(input_step, input_step_checked);
   const torch::Tensor x = layer_input(input, true, config, input_step, input_step_checked);
   return torch::linear(x, fake_quantize_weight(weight, config, weight_step), bias);
 }
@@ -591,6 +623,7 @@ void QATConv2dImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor QATConv2dImpl::forward(const torch::Tensor& input) {
+  const InputStepKeeper keep(input_step, input_step_checked);
   const torch::Tensor x = layer_input(input, false, config, input_step, input_step_checked);
   if (!bn) return conv2d(x, fake_quantize_weight(weight, config, weight_step), bias, options);
   return bn->forward(folded_conv2d(x, weight, bias, weight_step, config, bn->weight, bn->running_var,

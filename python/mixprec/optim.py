@@ -23,9 +23,11 @@ on the device) and ``torch.amp.GradScaler`` skips on the host.
 
 Stochastic rounding without a ``seed`` draws from torch's default generator, except under an initialized
 ``torch.distributed`` process group of more than one rank: there a group with ``rounding="stochastic"`` and
-no seed takes seed 0 (:data:`REPLICA_SEED`), so that data-parallel replicas (DDP; FSDP2's replicas under
-HSDP) round alike whatever torch seed each rank set (nanoGPT seeds ``1337 + rank``). Pass ``seed`` to vary
-the draws between runs.
+no seed takes seed 0 (:data:`REPLICA_SEED`; when it is added, or at its next step if it was loaded or built
+before ``init_process_group``), so that data-parallel replicas (DDP; FSDP2's replicas under HSDP) round alike
+whatever torch seed each rank set (nanoGPT seeds ``1337 + rank``). Pass ``seed`` to vary the draws between
+runs. Ranks that hold different parameters (ZeRO, pipeline stages) then draw the same numbers for their
+different parameters, as they would with one torch seed.
 
 Gradients may be fp32 for 16-bit parameters (:class:`mixprec.nn.Linear` keeps them so): the step reads any
 mix of fp32/fp16/bf16 gradients.
@@ -45,6 +47,19 @@ __all__ = ["Adam", "AdamW", "REPLICA_SEED"]
 #: The seed a stochastic-rounding param group without one takes when it is added under an initialized process
 #: group of more than one rank: the same on every rank, with no collective (see the module docstring).
 REPLICA_SEED = 0
+
+
+def _check_group(core: Any, group: dict[str, Any], torch_keys: bool = True) -> None:
+    """The options of a param group as a step checks them (mixprec::optim::AdamCore's rule, which the C++
+    optimizer applies when a group is added or loaded too). ``torch_keys=False``: mixprec's own keys only, as
+    groups are added and loaded (torch takes any betas there; a step refuses what it cannot run)."""
+    seed, rng_calls = group["seed"], group["rng_calls"]
+    for value, name in ((seed, "seed"), (rng_calls, "rng_calls")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    beta1 = _scalar(group["betas"][0], "betas[0]") if torch_keys else 0.0
+    core.check_step_options(beta1, group["master_weights"], _dtype(group["moment_dtype"]), group["rounding"],
+                            None if seed is None else int(seed), int(rng_calls))
 
 
 def _ranks_replicate() -> bool:
@@ -363,10 +378,12 @@ class _MixprecAdam(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.add_param_group``. Under an initialized process group of more than one
         rank, a group with ``rounding="stochastic"`` and no seed takes :data:`REPLICA_SEED` (replicas would
         otherwise round with each rank's torch generator and drift apart)."""
+        if isinstance(param_group, dict):  # torch's own checks come next; ours first, so nothing is added
+            _check_group(self._core, {**self.defaults, **param_group}, torch_keys=False)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["rounding"] == "stochastic" and group["seed"] is None and _ranks_replicate():
-            group["seed"] = REPLICA_SEED
+            group["seed"] = REPLICA_SEED  # also applied at step, to groups loaded or built before init
         self._forget_cache()
 
     def _forget_cache(self) -> None:
@@ -407,7 +424,14 @@ class _MixprecAdam(torch.optim.Optimizer):
         saved: dict[str, Any] = {}
 
         def capture(_: Any, sd: dict[str, Any]) -> None:
-            # Appended: runs after the user's pre-hooks, on the state dict they produced.
+            # Appended: runs after the user's pre-hooks, on the state dict they produced. Everything a step or
+            # restore would refuse is refused here, before torch's loader replaces anything.
+            for group in sd["param_groups"]:
+                _check_group(self._core, {**self.defaults, **group}, torch_keys=False)
+            for st in sd["state"].values():
+                value = st.get("remainder") if isinstance(st, dict) else None
+                if isinstance(value, Tensor) and value.dtype == torch.int32:
+                    _narrow_remainder(value)
             saved["ids"] = [pid for g in sd["param_groups"] for pid in g["params"]]
             saved["state"] = {pid: dict(sd["state"][pid]) for pid in saved["ids"] if pid in sd["state"]}
 
@@ -500,8 +524,7 @@ class _MixprecAdam(torch.optim.Optimizer):
         groups = self.param_groups
         if len(groups) > 1:  # every group's options before any group steps: a refused step writes nothing
             for group in groups:
-                core.check_step_options(_scalar(group["betas"][0], "betas[0]"), group["master_weights"],
-                                        _dtype(group["moment_dtype"]), group["rounding"])
+                _check_group(core, group)
         for index, group in enumerate(groups):
             params = group["params"]
             local_params = grads = None
@@ -517,6 +540,10 @@ class _MixprecAdam(torch.optim.Optimizer):
                     lr, lr_tensor = 0.0, lr.detach()
             beta1, beta2 = group["betas"]
             seed = group["seed"]
+            if seed is None and group["rounding"] == "stochastic" and _ranks_replicate():
+                # A group that got here without add_param_group's rule: loaded from a checkpoint without a
+                # seed (a torch AdamW's, a single process's), or built before init_process_group.
+                seed = group["seed"] = REPLICA_SEED
             try:
                 rng_calls, changed = core.step_group(
                     index, params, local_params, grads, float(lr), lr_tensor, _scalar(beta1, "betas[0]"),

@@ -192,6 +192,37 @@ class _QATWeight:
             layer.register_load_state_dict_post_hook(cls._restart_steps)  # a function of the class: it pickles
         return layer
 
+    def _input_step_restorer(self) -> Optional[Callable[[], None]]:
+        """Before a forward that may set the learnable input step (the first eager one): a function that puts
+        the step back as the forward found it, called when the forward raises. The step is set from the batch
+        before the GEMM or convolution can refuse that batch (a wrong shape or dtype), and a step set from a
+        refused batch would never be set again (mixprec::qat's C++ layers keep it alike). None otherwise."""
+        step = self._parameters.get("input_step")  # type: ignore[attr-defined]
+        cold = step is not None and not self._input_step_checked  # type: ignore[has-type]
+        if not cold or step.is_meta or torch.compiler.is_compiling():
+            return None
+        before = step.detach().clone()
+
+        def restore() -> None:
+            with torch.no_grad():
+                step.copy_(before)
+            self._input_step_checked = False
+
+        return restore
+
+    def _forward_or_restore(self, forward: Callable[[Tensor], Tensor], input: Tensor, what: str) -> Tensor:
+        """``forward(input)``; when it raises, the input step as it was (see _input_step_restorer) and torch.func's
+        failures explained by name."""
+        restore = self._input_step_restorer()
+        try:
+            return forward(input)
+        except BaseException as error:
+            if restore is not None:
+                restore()
+            if isinstance(error, (RuntimeError, NotImplementedError)):
+                _mnn.explain_transform_failure(what, error, (input, self.weight))
+            raise
+
     def _fake_input(self, input: Tensor, per_token: bool) -> Tensor:
         """The input as training quantizes it: dynamic per token / per tensor, or with the learned step (set by
         the first forward that reaches it)."""
@@ -315,11 +346,9 @@ class QATLinear(nn.Linear, _QATWeight):
         self._steps_after_reset()
 
     def forward(self, input: Tensor) -> Tensor:
-        try:
-            return F.linear(self._fake_input(input, per_token=True), self._fake_weight(), self.bias)
-        except (RuntimeError, NotImplementedError) as error:
-            _mnn.explain_transform_failure("mixprec.qat.QATLinear", error, (input, self.weight))
-            raise
+        return self._forward_or_restore(
+            lambda x: F.linear(self._fake_input(x, per_token=True), self._fake_weight(), self.bias), input,
+            "mixprec.qat.QATLinear")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.qat_config}"
@@ -347,11 +376,7 @@ class QATConv2d(nn.Conv2d, _QATWeight):
         self._steps_after_reset()
 
     def forward(self, input: Tensor) -> Tensor:
-        try:
-            return self._forward(input)
-        except (RuntimeError, NotImplementedError) as error:
-            _mnn.explain_transform_failure("mixprec.qat.QATConv2d", error, (input, self.weight))
-            raise
+        return self._forward_or_restore(self._forward, input, "mixprec.qat.QATConv2d")
 
     def _forward(self, input: Tensor) -> Tensor:
         x = self._fake_input(input, per_token=False)

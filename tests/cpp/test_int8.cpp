@@ -275,6 +275,22 @@ TEST_CASE("qat learnable activation steps: set by the first batch, trained, kept
                       Catch::Contains("group_size must be a positive number of input features"));
 }
 
+TEST_CASE("qat: a first batch the layer refuses leaves the learnable input step unset, as in Python", "[int8][qat]") {
+  const mixprec::qat::QATConfig config{.learnable_activation_scales = true};
+  const auto make = [&] {
+    torch::manual_seed(3);
+    return mixprec::qat::prepare(torch::nn::Sequential(torch::nn::Linear(32, 12)), config);
+  };
+  auto model = make(), twin = make();
+  auto* layer = model->ptr(0)->as<mixprec::qat::QATLinear>();
+  REQUIRE_THROWS(model->forward(torch::randn({8, 31}) * 3));  // the wrong feature count: linear refuses it
+  REQUIRE(layer->input_step.item<float>() == 0.0f);          // still unset (it was set from the refused batch)
+  const auto good = torch::randn({8, 32}) * 3;
+  REQUIRE(torch::equal(model->forward(good), twin->forward(good)));
+  REQUIRE(layer->input_step.item<float>() > 0.0f);
+  REQUIRE(torch::equal(layer->input_step, twin->ptr(0)->as<mixprec::qat::QATLinear>()->input_step));
+}
+
 TEST_CASE("qat: a plain model's archive loaded after prepare restarts the learnable steps from its weights",
           "[int8][qat]") {
   const mixprec::qat::QATConfig config{.learnable_scales = true, .learnable_activation_scales = true};

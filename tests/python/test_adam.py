@@ -1623,6 +1623,59 @@ def test_a_refused_step_writes_no_group() -> None:
     assert all(ours.state[p]["step"].item() == 1 for p in ours_p)
 
 
+@pytest.mark.parametrize("bad", [{"master_weights": "fp64"}, {"rounding": "up"}, {"moment_dtype": torch.float16},
+                                 {"seed": -5}, {"seed": 1.5}, {"rng_calls": -1}])
+def test_bad_mixprec_group_options_are_refused_where_they_come_in(bad: dict) -> None:
+    """mixprec's own group keys are checked when a group is added (add_param_group, the constructor's list) or
+    loaded, as the constructor's keywords and the C++ optimizer check them, not at every later step, which
+    would fail until the group was removed by hand (after stepping the groups before it). A refused load
+    changes nothing."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError):
+        mixprec.optim.AdamW([{"params": params[:1]}, {"params": params[1:], **bad}])
+    opt = mixprec.optim.AdamW(params[:1], lr=1e-2)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": params[1:], **bad})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[1:]})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    good = opt.state_dict()
+    broken = copy.deepcopy(good)
+    broken["param_groups"][1].update(bad)
+    before = copy.deepcopy(good)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i in before["state"] for k, v in before["state"][i].items())
+    opt.step()  # still steps
+
+
+def test_a_load_refused_for_a_bad_remainder_changes_nothing() -> None:
+    """A remainder widened to int32 (a sharded checkpoint's) outside int16's range is refused before torch's loader
+    replaces anything: the optimizer keeps its fp32-exact state (it used to keep a half-restored state, rows cast
+    to the parameters' bf16 by torch, and train on silently)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3).bfloat16()) for _ in range(3)]
+    opt = mixprec.optim.AdamW(params, lr=1e-2, master_weights="remainder")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    before = copy.deepcopy(sd)
+    broken = copy.deepcopy(sd)
+    for i in broken["state"]:
+        broken["state"][i]["remainder"] = broken["state"][i]["remainder"].to(torch.int32)
+    broken["state"][2]["remainder"][0, 0] = 40000
+    with pytest.raises(ValueError, match="outside int16"):
+        opt.load_state_dict(broken)
+    after = opt.state_dict()
+    for i in before["state"]:
+        for k, v in before["state"][i].items():
+            assert after["state"][i][k].dtype == v.dtype and torch.equal(after["state"][i][k], v), (i, k)
+
+
 def test_state_dict_post_hooks_may_return_a_new_dict_as_with_torch() -> None:
     seen = {}
     for name in ("ours", "torch"):

@@ -678,6 +678,11 @@ DDP_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
         torch.manual_seed(1337 + rank)  # nanoGPT's per-rank seeds (dropout, data): each rank's generator differs
         return model
 
+    def loaded(opt, model):
+        opt.load_state_dict(torch.optim.AdamW(model.parameters(), lr=1e-2).state_dict())
+        assert opt.param_groups[0]["seed"] is None
+        return opt
+
     def trained(build):
         model = make()
         ddp = DDP(model)
@@ -696,6 +701,9 @@ DDP_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
         "policy": lambda m: mixprec.Policy("bf16-true").optimizer(m.parameters(), lr=1e-2),
         "group": lambda m: mixprec.optim.AdamW([{"params": m[0].parameters(), "rounding": "stochastic"},
                                                 {"params": m[2].parameters()}], lr=1e-2, master_weights="none"),
+        # A torch AdamW's state dict brings groups without a seed back: the step applies the rule.
+        "loaded": lambda m: loaded(mixprec.optim.AdamW(m.parameters(), lr=1e-2, master_weights="none",
+                                                       rounding="stochastic"), m),
     }
     for name, build in builds.items():
         params = trained(build)
@@ -711,8 +719,9 @@ DDP_ROUNDING_SCRIPT = EXIT_NOW + textwrap.dedent(
 
 def test_ddp_replicas_with_their_own_torch_seeds_round_alike() -> None:
     """Stochastic rounding without a seed (an unseeded optimizer, Policy("bf16-true")'s, a group that asks for
-    it) under DDP, each rank with its own torch seed: the groups take mixprec.optim.REPLICA_SEED, so the
-    replicas stay identical (each rank's generator made them drift apart silently)."""
+    it, groups loaded from a torch AdamW state dict) under DDP, each rank with its own torch seed: the groups
+    take mixprec.optim.REPLICA_SEED, so the replicas stay identical (each rank's generator made them drift
+    apart silently)."""
     run_ranks(DDP_ROUNDING_SCRIPT)
 
 

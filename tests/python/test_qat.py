@@ -501,6 +501,33 @@ def test_learnable_activation_steps(kind: str) -> None:
         compiled(x)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_refused_first_batch_leaves_the_input_step_unset(kind: str) -> None:
+    """The first forward sets the learnable input step from its batch before the GEMM or convolution can refuse
+    that batch; a refused batch (token ids, the wrong feature count, NHWC for a Conv2d) leaves the step as it
+    was, so the next good batch sets it as in a twin that never saw the bad one. A loaded step stays as loaded."""
+    config = qat.QATConfig(learnable_activation_scales=True)
+
+    def make() -> nn.Module:
+        torch.manual_seed(3)
+        return qat.prepare(nn.Linear(32, 12) if kind == "linear" else nn.Conv2d(3, 6, 3, padding=1), config)
+
+    layer, twin = make(), make()
+    good = torch.randn(8, 32) * 3 if kind == "linear" else torch.randn(4, 3, 5, 5) * 3
+    bad = [torch.randint(0, 1000, good.shape), torch.randn(8, 31) if kind == "linear" else good.permute(0, 2, 3, 1)]
+    for x in bad:
+        with pytest.raises((RuntimeError, TypeError)):
+            layer(x)
+        assert layer.input_step.item() == 0.0 and not layer._input_step_checked
+    assert torch.equal(layer(good), twin(good))
+    assert torch.equal(layer.input_step, twin.input_step) and layer.input_step.item() > 0
+    loaded = make()
+    loaded.load_state_dict(layer.state_dict())
+    with pytest.raises((RuntimeError, TypeError)):
+        loaded(bad[1])
+    assert torch.equal(loaded.input_step, layer.input_step)
+
+
 def test_torch_compile_with_dynamic_batch_sizes() -> None:
     torch.manual_seed(5)
     layer = qat.prepare(nn.Linear(32, 16), qat.QATConfig(weight_bits=4, group_size=8, learnable_scales=True))
