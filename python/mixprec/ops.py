@@ -182,8 +182,11 @@ def cast_(
 ) -> None:
     """In place ``dst[i].copy_(cast(src[i], dst[i].dtype, ...))`` for the whole list in one launch.
 
-    Pairs must have equal shapes; any strides. Stochastic draws are numbered across the list, so no
-    two elements share a draw. Typical use: refresh bf16 model parameters from fp32 master weights.
+    Pairs must have equal shapes; any strides. The pairs are cast in parallel, so no two ``dst`` may
+    overlap, and a ``src`` may overlap no ``dst`` but its own pair's, and that one only in full (a cast in
+    place); otherwise a RuntimeError names both, with nothing written. Stochastic draws are numbered across
+    the list, so no two elements share a draw. Typical use: refresh bf16 model parameters from fp32 master
+    weights.
     """
     if _eager(dst, src):
         _C.cast_(dst, src, rounding, bool(saturate), seed)  # the same op, without torch.ops' boxing

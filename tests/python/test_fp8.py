@@ -596,14 +596,15 @@ def expand_scale(scale_inv: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     return s[r][:, c]
 
 
-def gemm_reference(a, b, sa, sb) -> tuple[torch.Tensor, torch.Tensor]:
+def gemm_reference(a, b, sa, sb, tensor_cores: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact product in float64 and the bound of an fp32 computation of it: the two dequantizing
     products (one rounding each) and k additions, each within 2^-24 relative, over sum |a_i b_i|.
 
-    On a GPU with FP8 tensor cores (sm_89+) the bound widens by 2^-12 of sum |a_i b_i|: those units add their
-    products in an accumulator narrower than fp32 (about 14 bits, truncated; DeepSeek-V3 section 3.3.2) that
-    cuBLASLt promotes to fp32 every few MMAs. That is still far below what a wrong scale, block or layout
-    gives (about 1/sqrt(k) of the sum here)."""
+    ``tensor_cores``: the GEMM runs on FP8 tensor cores (cuBLASLt, sm_89+), which add their products in an
+    accumulator narrower than fp32 (about 14 bits, truncated; DeepSeek-V3 section 3.3.2) that cuBLASLt
+    promotes to fp32 every few MMAs: an empirical allowance of 2^-12 of sum |a_i b_i| more, still far below
+    what a wrong scale, block or layout gives (about 1/sqrt(k) of the sum here). The emulation keeps the
+    fp32 bound."""
     m, k = a.shape
     n = b.shape[0]
     a64 = a.cpu().double() * expand_scale(sa, m, k)
@@ -611,9 +612,18 @@ def gemm_reference(a, b, sa, sb) -> tuple[torch.Tensor, torch.Tensor]:
     exact = a64 @ b64.t()
     magnitude = a64.abs() @ b64.abs().t()
     bound = (k + 2) * 2.0**-24 * magnitude * 1.01
-    if a.is_cuda and torch.cuda.get_device_capability(a.device) >= (8, 9):
+    if tensor_cores:
         bound = bound + 2.0**-12 * magnitude
     return exact, bound
+
+
+def runs_on_tensor_cores(device: str, types, granularity: str) -> bool:
+    """Whether fp8.gemm takes cuBLASLt's FP8 kernels for these operands (fp8_gemm.cpp's choice; what it turns
+    down runs the emulation): per-tensor scales on sm_89+, row-wise ones on sm_90+, never E5M2 x E5M2."""
+    if device != "cuda" or types == (torch.float8_e5m2, torch.float8_e5m2):
+        return False
+    cc = torch.cuda.get_device_capability()
+    return (granularity == "tensor" and cc >= (8, 9)) or (granularity == "row" and cc >= (9, 0))
 
 
 GRANULARITIES = {
@@ -636,7 +646,8 @@ def test_gemm_matches_float64_within_fp32_rounding(device: str, granularity: str
     (ba, bb) = GRANULARITIES[granularity]
     qa = fp8.quantize_blockwise(x.to(device), types[0], ba, pow2_scales=granularity == "row")
     qb = fp8.quantize_blockwise(w.to(device), types[1], bb)
-    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv,
+                                  runs_on_tensor_cores(device, types, granularity))
     out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert ((out.cpu().double() - exact).abs() <= bound).all()
@@ -667,7 +678,7 @@ def test_cuda_block_scaled_gemms_in_cublaslt(blocks, monkeypatch: pytest.MonkeyP
         w = torch.randn(n, k, generator=g) * 0.1
         qa = fp8.quantize_blockwise(x.cuda(), torch.float8_e4m3fn, blocks[0])
         qb = fp8.quantize_blockwise(w.cuda(), torch.float8_e4m3fn, blocks[1])
-        exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+        exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv, tensor_cores=True)
         for out_dtype in (torch.float32, torch.bfloat16):
             out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, out_dtype)
             slack = 0 if out_dtype == torch.float32 else exact.abs() * 2.0**-8
@@ -765,7 +776,8 @@ def test_gemm_bias_fast_accum_and_accumulation(device: str) -> None:
     a32, b32 = torch.randn(32, 64, generator=g), torch.randn(16, 64, generator=g)
     qa = fp8.quantize_blockwise(a32.to(device), torch.float8_e4m3fn, (-1, -1))
     qb = fp8.quantize_blockwise(b32.to(device), torch.float8_e4m3fn, (-1, -1))
-    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv)
+    exact, bound = gemm_reference(qa.data, qb.data, qa.scale_inv, qb.scale_inv,
+                                  runs_on_tensor_cores(device, (torch.float8_e4m3fn,) * 2, "tensor"))
     bias = torch.randn(16, generator=g).to(device)
     out = fp8.gemm(qa.data, qb.data, qa.scale_inv, qb.scale_inv, torch.float32, bias)
     assert ((out.cpu().double() - exact - bias.cpu().double()).abs() <= bound + 1e-6).all()

@@ -387,6 +387,58 @@ def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
+DDP_NO_GROUP_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import math, sys, torch, torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.join import Join
+    import mixprec
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
+    model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler("cpu", init_scale=1024.0, growth_interval=100)  # no process_group
+    torch.manual_seed(100 + rank)
+    batches = [torch.randn(5, 8) for _ in range(6 if rank == 0 else 4)]  # uneven inputs: Join shadows rank 1
+    batches[2][0, 0] = math.inf if rank == 1 else batches[2][0, 0]  # one rank's data, before DDP's reduction
+    steps, scales = [], []
+    with Join([model]):
+        for x in batches:
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            steps.append(opt.state[model.module.weight]["step"].item())
+            scales.append(scaler.get_scale())
+    torch.save({"steps": steps, "scales": scales, "params": [p.detach() for p in model.parameters()]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_ddp_needs_no_process_group_and_runs_under_join(tmp_path) -> None:
+    """Without process_group (torch's scaler has none): an inf in one rank's batch reaches every rank through DDP's
+    reduction (here fp16_compress_hook's), so every rank skips that step and backs off alike; and Join with
+    uneven inputs runs (with process_group, gloo aborted on the extra all-reduce that Join cannot shadow)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_NO_GROUP_SCRIPT, str(r), "2", str(port), out])
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r1["steps"] == r0["steps"][:4] == [1.0, 2.0, 2.0, 3.0]  # the third step skipped on both ranks
+    assert r1["scales"] == r0["scales"][:4] == [1024.0, 1024.0, 512.0, 512.0]
+    assert r0["steps"][4:] == [4.0, 5.0]  # rank 0's own batches after rank 1 joined
+    for a, b in zip(r0["params"], r1["params"]):  # Join's closing broadcast
+        assert torch.equal(a, b)
+
+
 FSDP_SCRIPT = EXIT_NOW + SHARDED_MLP + textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist

@@ -85,8 +85,10 @@ at::Tensor cast(const at::Tensor& src, at::ScalarType dtype, std::string_view ro
                 bool saturate = false, std::optional<int64_t> seed = std::nullopt);
 
 /// The multi-tensor cast: `dst[i] = cast(src[i], dst[i].dtype, ...)` in place, one CUDA launch for the
-/// whole list (e.g. refreshing bf16 model params from fp32 masters). Pairs must have equal shapes.
-/// Stochastic draws are numbered across the list, so no two elements share one.
+/// whole list (e.g. refreshing bf16 model params from fp32 masters). Pairs must have equal shapes; they are
+/// cast in parallel, so no two dst may overlap and a src may overlap no dst but its own pair's, in full (a
+/// cast in place): refused before anything is written. Stochastic draws are numbered across the list, so no
+/// two elements share one.
 void cast_(at::TensorList dst, at::TensorList src, std::string_view rounding = "nearest", bool saturate = false,
            std::optional<int64_t> seed = std::nullopt);
 
