@@ -179,8 +179,18 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   if (steps_ % options_.every() != 0) return std::nullopt;
   MonitorRecord r = make_record(grads);
   if (jsonl_.is_open()) {
-    jsonl_ << r.json() << '\n';
+    // After a failed write, a new line first: the failed one may have left part of its line.
+    jsonl_ << (jsonl_failed_ ? "\n" : "") << r.json() << '\n';
     jsonl_.flush();
+    jsonl_failed_ = !jsonl_.good();
+    if (jsonl_failed_) {
+      // A full disk (or a vanished file system) must not stop training, nor silently end the log: say so, and
+      // clear the stream's error state so that the next logged step tries again (a failed stream drops every
+      // later write). The record is still returned and kept.
+      jsonl_.clear();
+      TORCH_WARN("mixprec::Monitor: writing the record of step ", r.step, " to '", options_.jsonl(),
+                 "' failed (a full disk?); it is missing from the file, and the next logged step writes again");
+    }
   }
   if (options_.progress()) std::cout << r.progress_line() << std::endl;
   return r;

@@ -11,6 +11,7 @@
 #include <unordered_set>
 
 #include "mixprec/ops.h"
+#include "ops/adam_plan.h"
 
 namespace mixprec::optim {
 
@@ -175,12 +176,15 @@ bool AdamCore::prepare_state(const torch::Tensor& param, AdamParamState& st, con
                   .clone(at::MemoryFormat::Preserve));
     replaced = true;
   } else if (mode == "fp32" && !st.master().defined()) {
-    st.master(param.detach().to(at::kFloat).clone(at::MemoryFormat::Preserve));
+    // One copy (to() alone would return a 16-bit param converted, then clone() copied it again).
+    st.master(param.detach().to(param.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/true,
+                                at::MemoryFormat::Preserve));
     replaced = true;
   } else if (mode == "fp32" && (st.master().scalar_type() != at::kFloat || st.master().device() != param.device())) {
     // e.g. a state dict that went through torch's loader, which casts state to the param's dtype: its values
     // are checked against the param before the step (sync_masters).
-    st.master(st.master().to(param.device(), at::kFloat).clone(at::MemoryFormat::Preserve));
+    st.master(st.master().to(param.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/true,
+                             at::MemoryFormat::Preserve));
     replaced = true;
   }
   if (mode == "remainder" && st.remainder().defined()) {
@@ -646,39 +650,58 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   }
 
   std::optional<int64_t> seed;
-  if (options.seed() >= 0) {
-    seed = step_seed(options.seed(), options.rng_calls());
-    options.rng_calls(options.rng_calls() + 1);
-  }
+  if (options.seed() >= 0) seed = step_seed(options.seed(), options.rng_calls());  // counted once checked
   const auto on = [](const std::optional<torch::Tensor>& t, c10::Device device) -> std::optional<torch::Tensor> {
     if (!t.has_value() || !t->defined()) return std::nullopt;
     torch::Tensor r = t->device() == device ? *t : t->to(device, /*non_blocking=*/true);
     return r.dim() == 1 ? r : r.reshape({1});
   };
-  sync_masters(plan, options.rounding() != "nearest");
   const auto [beta1, beta2] = options.betas();
+  std::vector<ops::AdamStepExtras> extras(plan.buckets.size());
+  std::vector<std::optional<int64_t>> launch_seeds(plan.buckets.size());
+  size_t launches = 0;
+  for (size_t b = 0; b < plan.buckets.size(); ++b) {
+    if (grads[b].empty()) continue;
+    ++launches;
+    const Bucket& bucket = plan.buckets[b];
+    ops::AdamStepExtras& e = extras[b];
+    e.lr_tensor = on(in.lr_tensor, bucket.device);
+    if (e.lr_tensor.has_value() && e.lr_tensor->scalar_type() != at::kFloat) e.lr_tensor = e.lr_tensor->to(at::kFloat);
+    e.grad_scale = on(in.grad_scale, bucket.device);
+    e.found_inf = on(in.found_inf, bucket.device);
+    if (plan.amsgrad && bucket.mode != "float64") e.max_exp_avg_sqs = bucket.vmax;
+    if (seed.has_value()) {
+      launch_seeds[b] = stream_seed(*seed, static_cast<int64_t>(group), static_cast<int64_t>(b), in.shard);
+    }
+  }
+  // A group of several dtypes or master modes (Policy.apply's fp32 norms beside bf16 weights) takes one launch
+  // per bucket, each checking its own arguments: a launch refused after another had stepped its rows would
+  // leave the group half-stepped (and, under a scaler, those rows' gradients unscaled). So with more than one
+  // launch, every launch's arguments are checked first (the cost of the checks, once more).
+  if (launches > 1) {
+    for (size_t b = 0; b < plan.buckets.size(); ++b) {
+      const Bucket& bucket = plan.buckets[b];
+      if (grads[b].empty() || bucket.mode == "float64") continue;
+      const ops::AdamStepExtras& e = extras[b];
+      detail::check_adam_args(detail::make_adam_args(
+          bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2, options.eps(),
+          options.weight_decay(), decoupled, options.maximize(), bucket.mode, options.rounding(), launch_seeds[b],
+          e.lr_tensor, e.grad_scale, e.found_inf, e.clip_coef,
+          e.max_exp_avg_sqs.has_value() ? std::optional<at::TensorList>(*e.max_exp_avg_sqs) : std::nullopt));
+    }
+  }
+  if (seed.has_value()) options.rng_calls(options.rng_calls() + 1);
+  sync_masters(plan, options.rounding() != "nearest");
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
     if (grads[b].empty()) continue;
     const Bucket& bucket = plan.buckets[b];
-    ops::AdamStepExtras extras;
-    extras.lr_tensor = on(in.lr_tensor, bucket.device);
-    if (extras.lr_tensor.has_value() && extras.lr_tensor->scalar_type() != at::kFloat) {
-      extras.lr_tensor = extras.lr_tensor->to(at::kFloat);
-    }
-    extras.grad_scale = on(in.grad_scale, bucket.device);
-    extras.found_inf = on(in.found_inf, bucket.device);
     if (bucket.mode == "float64") {
-      step_float64(bucket.p, bucket.m, bucket.v, bucket.vmax, bucket.s, grads[b], options, decoupled, extras);
+      step_float64(bucket.p, bucket.m, bucket.v, bucket.vmax, bucket.s, grads[b], options, decoupled, extras[b]);
       continue;
     }
-    if (plan.amsgrad) extras.max_exp_avg_sqs = bucket.vmax;
-    const std::optional<int64_t> launch_seed =
-        seed.has_value() ? std::optional<int64_t>(stream_seed(*seed, static_cast<int64_t>(group),
-                                                              static_cast<int64_t>(b), in.shard))
-                         : std::nullopt;
     ops::adam_step_(bucket.p, grads[b], bucket.m, bucket.v, bucket.w, bucket.s, options.lr(), beta1, beta2,
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
-                    options.rounding(), launch_seed, extras);
+                    options.rounding(), launch_seeds[b], extras[b]);
   }
   for (Row& row : plan.rows) {  // what the params hold now is the masters' rounding
     if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
@@ -879,7 +902,12 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
              }
              return out;
            })
-      .def("invalidate", [](const CoreRef& self) { self->core.invalidate(); });
+      // The cached lists and the state held for them: after a load or a state reset, the old state tensors are
+      // freed now, not at the next step's set_states (which pushes the new state back).
+      .def("invalidate", [](const CoreRef& self) {
+        self->core.invalidate();
+        self->states.clear();
+      });
 }
 
 }  // namespace mixprec::optim

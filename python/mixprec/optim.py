@@ -349,7 +349,7 @@ class _MixprecAdam(torch.optim.Optimizer):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state" and "_tracker" in self.__dict__:  # torch's __init__, or a user resetting the state
             value = _StateMap(self._tracker, value)
-            self._tracker.dirty = True
+            self._forget_cache()  # the old state's tensors are freed now, not at the next step
         super().__setattr__(name, value)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

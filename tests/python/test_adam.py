@@ -1676,6 +1676,53 @@ def test_a_load_refused_for_a_bad_remainder_changes_nothing() -> None:
             assert after["state"][i][k].dtype == v.dtype and torch.equal(after["state"][i][k], v), (i, k)
 
 
+def test_a_group_of_several_dtypes_refused_at_its_second_launch_writes_nothing() -> None:
+    """A group holding fp32 and bf16 parameters (Policy.apply's shape) takes one launch per dtype; a gradient the
+    second launch refuses (resized in place) used to be found after the first launch had stepped its rows: the
+    fp32 parameters moved, their new state never reached optimizer.state, and under a fused scaler their .grad
+    was left divided by the scale. Every launch's arguments are now checked before the first writes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    model[2].to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = mixprec.optim.AdamW(params, lr=1e-2, fused=True)
+    scaler = mixprec.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(5, 8)
+    loss = model[2](model[1](model[0](x)).bfloat16()).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    with torch.no_grad():
+        params[3].grad.resize_(2)
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params[:2]]
+    with pytest.raises(RuntimeError, match="shape"):
+        scaler.step(opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, params)) and not opt.state
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params[:2]))  # still scaled, as torch leaves them
+
+
+def test_a_load_frees_the_state_it_replaces() -> None:
+    """After load_state_dict (or optimizer.state replaced) the old state tensors are freed at once, as with torch's
+    optimizers; the core used to hold them until the next step."""
+    import gc
+    import weakref
+
+    p = torch.nn.Parameter(torch.randn(64, 64).bfloat16())
+    opt = mixprec.optim.AdamW([p], lr=1e-2)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    olds = [weakref.ref(t) for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    opt.load_state_dict(sd)
+    gc.collect()
+    assert all(r() is None for r in olds)
+    olds = [weakref.ref(t) for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    opt.state = collections.defaultdict(dict)
+    gc.collect()
+    assert all(r() is None for r in olds)
+    opt.step()  # starts afresh
+    assert opt.state[p]["step"].item() == 1
+
+
 def test_state_dict_post_hooks_may_return_a_new_dict_as_with_torch() -> None:
     seen = {}
     for name in ("ours", "torch"):

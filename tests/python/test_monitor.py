@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import warnings
 from collections import OrderedDict
@@ -368,6 +369,22 @@ def test_complex_gradients_count_as_pairs_of_reals(tmp_path) -> None:
     assert record["exponent_histogram"] == ref[8:].tolist()
     report = mixprec.diagnostics.underflow_report(model, scale=scaler.get_scale())
     assert (report.total, report.zero, report.flush_to_zero, report.subnormal) == tuple(int(v) for v in ref[:4])
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a file whose writes fail: ENOSPC)")
+def test_a_jsonl_write_that_fails_warns_and_the_run_goes_on(tmp_path) -> None:
+    """A full disk under the jsonl sink: each logged step warns that its record is missing from the file (it
+    used to fail silently, and a failed stream dropped every later record), returns its record and keeps it."""
+    os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+    model = nn.Sequential(OrderedDict(lin=nn.Linear(3, 2)))
+    monitor = mixprec.Monitor(model, None, every=1, log_dir=str(tmp_path), sinks=("jsonl",))
+    for step in (1, 2):
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        with pytest.warns(UserWarning, match=f"record of step {step} .* failed"):
+            record = monitor.step(torch.tensor(1.0))
+        assert record["step"] == step
+    assert [r["step"] for r in monitor.records] == [1, 2]
+    monitor.close()
+
 
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,
                   fused: bool = False, per_tensor: bool = False, keep: int | None = 1000, start_step: int = 0):

@@ -112,6 +112,7 @@ class Monitor {
   GradScaler* scaler_;
   MonitorOptions options_;
   std::ofstream jsonl_;
+  bool jsonl_failed_ = false;  // the last write failed, perhaps after part of its line
   bool closed_ = false;
   int64_t steps_ = 0;
   std::vector<at::Tensor> losses_;  // this interval's, detached, on their device
