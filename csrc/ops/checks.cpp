@@ -55,12 +55,20 @@ void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* 
 namespace {
 
 /// The bytes of its storage that `t`'s elements can reach, [begin, end).
-WrittenExtent written_extent_of(const at::Tensor& t, size_t index) {
+/// The byte past the last element `t` can reach in its storage.
+int64_t extent_end(const at::Tensor& t) {
   int64_t reach = 0;
   for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
   const auto item = static_cast<int64_t>(t.element_size());
-  const int64_t begin = t.storage_offset() * item;
-  return {reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()), begin, begin + (reach + 1) * item, index};
+  return (t.storage_offset() + reach + 1) * item;
+}
+
+/// `t`'s extent; its end only when `with_end` (the sort needs the start alone, and most storages hold one
+/// written tensor, whose end nothing reads).
+WrittenExtent written_extent_of(const at::Tensor& t, size_t index, bool with_end) {
+  const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.element_size());
+  return {reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()), begin, with_end ? extent_end(t) : 0,
+          index};
 }
 
 bool extent_before(const WrittenExtent& x, const WrittenExtent& y) {
@@ -78,12 +86,15 @@ std::vector<WrittenExtent> check_written_list(at::TensorList list, const char* o
     const at::Tensor& t = list[i];
     if (!t.defined() || !t.has_storage() || t.numel() == 0) continue;
     check_no_internal_overlap(t, op, name, i);
-    extents.push_back(written_extent_of(t, i));
+    extents.push_back(written_extent_of(t, i, false));
   }
   std::sort(extents.begin(), extents.end(), extent_before);
   for (size_t k = 0; k < extents.size();) {
     size_t run = k + 1;
     while (run < extents.size() && extents[run].storage == extents[k].storage) ++run;
+    if (run - k > 1) {
+      for (size_t e = k; e < run; ++e) extents[e].end = extent_end(list[extents[e].index]);
+    }
     // A sweep by start: only pairs whose extents meet are compared element-wise (torch's overlap test; views
     // interleaved by strides that it cannot decide are let through).
     size_t widest = k;
@@ -109,16 +120,20 @@ void check_read_list(at::TensorList read, at::TensorList written, const std::vec
   for (size_t j = 0; j < read.size(); ++j) {
     const at::Tensor& r = read[j];
     if (!r.defined() || !r.has_storage() || r.numel() == 0) continue;
-    const WrittenExtent mine = written_extent_of(r, j);
+    const auto storage = reinterpret_cast<uintptr_t>(r.storage().unsafeGetStorageImpl());
+    const auto first = std::lower_bound(extents.begin(), extents.end(), storage,
+                                        [](const WrittenExtent& e, uintptr_t key) { return e.storage < key; });
+    if (first == extents.end() || first->storage != storage) continue;  // the usual case: nothing written there
     // The written tensors of r's storage that start before r ends; they do not overlap one another (checked
     // above), so walking back from the last of them, the first that ends before r starts ends the search.
-    const auto first = std::lower_bound(extents.begin(), extents.end(),
-                                        WrittenExtent{mine.storage, INT64_MIN, INT64_MIN, 0}, extent_before);
+    const WrittenExtent mine = written_extent_of(r, j, true);
     auto it =
         std::lower_bound(first, extents.end(), WrittenExtent{mine.storage, mine.end, mine.end, 0}, extent_before);
     while (it != first) {
       --it;
-      if (it->end <= mine.begin) break;
+      // A storage's only written tensor has no end yet.
+      const int64_t end = it->end != 0 ? it->end : extent_end(written[it->index]);
+      if (end <= mine.begin) break;
       const size_t i = it->index;
       const at::MemOverlapStatus status = at::get_overlap_status(written[i], r);
       if (status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard) continue;

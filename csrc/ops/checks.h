@@ -24,8 +24,8 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 /// A tensor of a written list: the bytes of its storage its elements can reach, [begin, end).
 struct WrittenExtent {
   uintptr_t storage;
-  int64_t begin, end;
-  size_t index;  // in the list
+  int64_t begin, end;  // end: 0 for a storage's only written tensor (computed where needed)
+  size_t index;        // in the list
 };
 
 /// `list` is written in place by a kernel whose chunks run in parallel: no tensor may have elements that
