@@ -280,6 +280,11 @@ class _PerOptimizerStates(MutableMapping):
         return repr({k: self[k] for k in self})
 
 
+# The keys of state_dict() (torch's five, then mixprec's own).
+_STATE_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker", "hysteresis",
+                         "_hysteresis_tracker", "consecutive_hysteresis", "min_scale", "max_scale", "dynamic"})
+
+
 class GradScaler(torch.amp.GradScaler):
     """Dynamic loss scaling; same constructor (device first), methods and state dict as ``torch.amp.GradScaler``.
 
@@ -824,6 +829,9 @@ class GradScaler(torch.amp.GradScaler):
                 numeric[key] = math.inf
             elif isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.numel() == 1):
                 numeric[key] = float(value)  # numbers of any kind (NumPy's too) and one-element tensors
+            elif key in _STATE_KEYS:  # named, rather than reported missing by the C++ loader
+                raise ValueError(f"mixprec.GradScaler.load_state_dict: {key!r} must be a number (or a one-element "
+                                 f"tensor), got {value!r}")
         self._impl.load_state_dict(numeric)
 
     # -- pickling and copying (torch.amp.GradScaler pickles between iterations) ------------------------------

@@ -506,6 +506,9 @@ def test_load_state_dict_takes_what_torchs_takes_and_refuses_atomically() -> Non
         scaler.load_state_dict({**before, "scale": 2.0, "growth_factor": 0.5})
     with pytest.raises(ValueError, match="'growth_interval' must be a whole number"):
         scaler.load_state_dict({**before, "scale": 2.0, "growth_interval": math.nan})
+    # A value that is no number is named (torch kept the string '128' as its scale).
+    with pytest.raises(ValueError, match="'scale' must be a number"):
+        scaler.load_state_dict({**before, "scale": "128"})
     assert scaler.state_dict() == before
 
 
