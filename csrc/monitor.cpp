@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <limits>
@@ -178,20 +179,7 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   tokens_ += tokens;
   if (steps_ % options_.every() != 0) return std::nullopt;
   MonitorRecord r = make_record(grads);
-  if (jsonl_.is_open()) {
-    // After a failed write, a new line first: the failed one may have left part of its line.
-    jsonl_ << (jsonl_failed_ ? "\n" : "") << r.json() << '\n';
-    jsonl_.flush();
-    jsonl_failed_ = !jsonl_.good();
-    if (jsonl_failed_) {
-      // A full disk (or a vanished file system) must not stop training, nor silently end the log: say so, and
-      // clear the stream's error state so that the next logged step tries again (a failed stream drops every
-      // later write). The record is still returned and kept.
-      jsonl_.clear();
-      TORCH_WARN("mixprec::Monitor: writing the record of step ", r.step, " to '", options_.jsonl(),
-                 "' failed (a full disk?); it is missing from the file, and the next logged step writes again");
-    }
-  }
+  if (jsonl_.is_open()) write_jsonl(r);
   if (options_.progress()) std::cout << r.progress_line() << std::endl;
   return r;
 }
@@ -377,6 +365,33 @@ MonitorRecord Monitor::make_record(const std::vector<std::optional<at::Tensor>>&
   tokens_ = 0;
   interval_start_ = now;
   return r;
+}
+
+void Monitor::write_jsonl(const MonitorRecord& r) {
+  std::error_code ec;
+  const std::string& path = options_.jsonl();
+  const auto size_before = std::filesystem::file_size(path, ec);
+  const bool sized = !ec;
+  // After a failed write that could not be cut back, a new line first: the failed one may have left part of its
+  // line.
+  jsonl_ << (jsonl_failed_ ? "\n" : "") << r.json() << '\n';
+  jsonl_.flush();
+  jsonl_failed_ = !jsonl_.good();
+  if (!jsonl_failed_) return;
+  // A full disk (or a vanished file system) must not stop training, nor silently end the log. The stream is
+  // closed (which drops the bytes it still buffers: written later, they would duplicate part of this record),
+  // the file cut back to its size before this record where it is a regular file, and opened again for the
+  // next logged step.
+  jsonl_.close();
+  jsonl_.clear();
+  if (sized && std::filesystem::is_regular_file(path, ec)) {
+    std::filesystem::resize_file(path, size_before, ec);
+    if (!ec) jsonl_failed_ = false;  // no partial line left
+  }
+  jsonl_.open(path, std::ios::app);
+  TORCH_WARN("mixprec::Monitor: writing the record of step ", r.step, " to '", path,
+             "' failed (a full disk?); it is missing from the file",
+             jsonl_.is_open() ? ", and the next logged step writes again" : ", which cannot be opened again");
 }
 
 void Monitor::close() {

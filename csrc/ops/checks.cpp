@@ -67,8 +67,8 @@ int64_t extent_end(const at::Tensor& t) {
 /// written tensor, whose end nothing reads).
 WrittenExtent written_extent_of(const at::Tensor& t, size_t index, bool with_end) {
   const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.element_size());
-  return {reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()), begin, with_end ? extent_end(t) : 0,
-          index};
+  const int64_t end = with_end ? extent_end(t) : 0;
+  return {reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()), begin, end, end, index};
 }
 
 bool extent_before(const WrittenExtent& x, const WrittenExtent& y) {
@@ -93,7 +93,10 @@ std::vector<WrittenExtent> check_written_list(at::TensorList list, const char* o
     size_t run = k + 1;
     while (run < extents.size() && extents[run].storage == extents[k].storage) ++run;
     if (run - k > 1) {
-      for (size_t e = k; e < run; ++e) extents[e].end = extent_end(list[extents[e].index]);
+      for (size_t e = k; e < run; ++e) {
+        extents[e].end = extent_end(list[extents[e].index]);
+        extents[e].reach = e == k ? extents[e].end : std::max(extents[e - 1].reach, extents[e].end);
+      }
     }
     // A sweep by start: only pairs whose extents meet are compared element-wise (torch's overlap test; views
     // interleaved by strides that it cannot decide are let through).
@@ -124,16 +127,17 @@ void check_read_list(at::TensorList read, at::TensorList written, const std::vec
     const auto first = std::lower_bound(extents.begin(), extents.end(), storage,
                                         [](const WrittenExtent& e, uintptr_t key) { return e.storage < key; });
     if (first == extents.end() || first->storage != storage) continue;  // the usual case: nothing written there
-    // The written tensors of r's storage that start before r ends; they do not overlap one another (checked
-    // above), so walking back from the last of them, the first that ends before r starts ends the search.
+    // The written tensors of r's storage that start before r ends, walked back from the last of them.
     const WrittenExtent mine = written_extent_of(r, j, true);
-    auto it =
-        std::lower_bound(first, extents.end(), WrittenExtent{mine.storage, mine.end, mine.end, 0}, extent_before);
+    const WrittenExtent past{mine.storage, mine.end, mine.end, mine.end, 0};
+    auto it = std::lower_bound(first, extents.end(), past, extent_before);
     while (it != first) {
       --it;
-      // A storage's only written tensor has no end yet.
+      // A storage's only written tensor has no end yet. Strided views torch's test cannot decide may overlap
+      // others: the walk stops where no tensor from the storage's first to this one reaches r.
       const int64_t end = it->end != 0 ? it->end : extent_end(written[it->index]);
-      if (end <= mine.begin) break;
+      if ((it->reach != 0 ? it->reach : end) <= mine.begin) break;
+      if (end <= mine.begin) continue;
       const size_t i = it->index;
       const at::MemOverlapStatus status = at::get_overlap_status(written[i], r);
       if (status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard) continue;

@@ -25,6 +25,7 @@ void check_float_list(at::TensorList list, const char* op, const char* name, c10
 struct WrittenExtent {
   uintptr_t storage;
   int64_t begin, end;  // end: 0 for a storage's only written tensor (computed where needed)
+  int64_t reach;       // the largest end of this storage's tensors up to this one (0 where end is)
   size_t index;        // in the list
 };
 

@@ -650,7 +650,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   }
 
   std::optional<int64_t> seed;
-  if (options.seed() >= 0) seed = step_seed(options.seed(), options.rng_calls());  // counted once checked
+  if (options.seed() >= 0) seed = step_seed(options.seed(), options.rng_calls());  // counted once launched
   const auto on = [](const std::optional<torch::Tensor>& t, c10::Device device) -> std::optional<torch::Tensor> {
     if (!t.has_value() || !t->defined()) return std::nullopt;
     torch::Tensor r = t->device() == device ? *t : t->to(device, /*non_blocking=*/true);
@@ -690,7 +690,6 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
           e.max_exp_avg_sqs.has_value() ? std::optional<at::TensorList>(*e.max_exp_avg_sqs) : std::nullopt));
     }
   }
-  if (seed.has_value()) options.rng_calls(options.rng_calls() + 1);
   sync_masters(plan, options.rounding() != "nearest");
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
     if (grads[b].empty()) continue;
@@ -703,6 +702,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
                     options.eps(), options.weight_decay(), decoupled, options.maximize(), bucket.mode,
                     options.rounding(), launch_seeds[b], extras[b]);
   }
+  if (seed.has_value()) options.rng_calls(options.rng_calls() + 1);  // a refused step drew nothing
   for (Row& row : plan.rows) {  // what the params hold now is the masters' rounding
     if (row.has_grad && row.target.defined() && !row.target.is_inference()) {
       row.version = static_cast<int64_t>(row.target._version());
@@ -750,6 +750,7 @@ void Adam::load(torch::serialize::InputArchive& archive) {
   configured.reserve(param_groups_.size());
   for (size_t i = 0; i < param_groups_.size(); ++i) configured.push_back(options_of(i));
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+  core_.invalidate();  // the cached lists held the replaced state: freed now, rebuilt at the next step
   // torch's reader assigns the saved AdamOptions into each group's options object, which keeps its type (AdamW's
   // groups hold AdamWOptions) and its address: code holding a reference to a group's options (a schedule that
   // sets lr through it, as with torch::optim::AdamW) keeps a live one. Only a group that holds plain AdamOptions

@@ -447,10 +447,18 @@ class _MixprecAdam(torch.optim.Optimizer):
 
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        # torch's loader replaces param_groups and state before its __setstate__ can refuse a row (one without
+        # "step"): what was there comes back then, as a refused load leaves the optimizer as it was.
+        old_groups, old_state = self.param_groups, self.__dict__["state"]
         try:
             # As given, other top-level keys included (torch hands them to the pre-hooks); a torch dict's groups
             # lack mixprec's keys, which __setstate__ fills in.
             super().load_state_dict(state_dict)
+        except BaseException:
+            self.__dict__["param_groups"] = old_groups
+            self.__dict__["state"] = old_state
+            self._forget_cache()
+            raise
         finally:
             pre.remove()
             post.remove()

@@ -218,7 +218,10 @@ class _QATWeight:
             return forward(input)
         except BaseException as error:
             if restore is not None:
-                restore()
+                try:
+                    restore()
+                except Exception:  # noqa: S110 - the forward's error (a sticky CUDA one, say) is the one to see
+                    pass
             if isinstance(error, (RuntimeError, NotImplementedError)):
                 _mnn.explain_transform_failure(what, error, (input, self.weight))
             raise

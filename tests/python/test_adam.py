@@ -1700,6 +1700,28 @@ def test_a_group_of_several_dtypes_refused_at_its_second_launch_writes_nothing()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, params[:2]))  # still scaled, as torch leaves them
 
 
+def test_a_load_torchs_loader_refuses_leaves_the_optimizer_as_it_was() -> None:
+    """A row without "step" passes the checks before the load and is refused by torch's Adam.__setstate__ after its
+    loader replaced param_groups and state: they come back (the next step went on from the dict's lr and
+    bf16-rounded moments, restarting at step 1)."""
+    p = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = mixprec.optim.AdamW([p], lr=1e-2)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    broken = copy.deepcopy(before)
+    broken["param_groups"][0]["lr"] = 0.5
+    del broken["state"][0]["step"]
+    with pytest.raises(KeyError):
+        opt.load_state_dict(broken)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][0][k], v) and after["state"][0][k].dtype == v.dtype
+               for k, v in before["state"][0].items())
+    opt.step()
+    assert opt.state[p]["step"].item() == 2
+
+
 def test_a_load_frees_the_state_it_replaces() -> None:
     """After load_state_dict (or optimizer.state replaced) the old state tensors are freed at once, as with torch's
     optimizers; the core used to hold them until the next step."""

@@ -369,6 +369,10 @@ def test_overlapping_pairs_refused_before_anything_is_written(device: str) -> No
         ops.cast_([flat[:4], out], [torch.ones(4, device=device), flat[2:6]])
     assert torch.equal(half.cpu(), torch.arange(9, dtype=torch.float16))
     assert torch.equal(flat.cpu(), torch.arange(8, dtype=torch.float32)) and (out == 0).all()
+    # A strided dst view (which torch's overlap test cannot place) between them does not hide the overlap.
+    wide = torch.zeros(100, dtype=torch.float16, device=device)
+    with pytest.raises(RuntimeError, match=r"src\[1\] shares memory with dst\[0\]"):
+        ops.cast_([wide[:100], wide[10:20:2]], [torch.ones(100, device=device), wide[50:55]])
     # What stays allowed: disjoint views of one buffer, and a pair cast in place over the same elements.
     ops.cast_([buf[: n // 2], buf[n // 2:]], [one[: n // 2], two[n // 2:]])
     assert (buf[: n // 2] == 1).all() and (buf[n // 2:] == 2).all()

@@ -8,6 +8,9 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import warnings
 from collections import OrderedDict
 
@@ -384,6 +387,41 @@ def test_a_jsonl_write_that_fails_warns_and_the_run_goes_on(tmp_path) -> None:
         assert record["step"] == step
     assert [r["step"] for r in monitor.records] == [1, 2]
     monitor.close()
+
+
+def test_the_jsonl_file_holds_whole_lines_after_writes_fail_and_work_again(tmp_path) -> None:
+    """Writes fail for a while (a file size limit, as a full disk would), then work again: the file holds only
+    whole records, those of the steps whose writes succeeded (a failed write is cut back, and the stream's
+    buffer of it dropped rather than written later)."""
+    script = textwrap.dedent(
+        """
+        import json, resource, signal, sys, warnings, torch, mixprec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        log_dir = sys.argv[1]
+        model = torch.nn.Linear(3, 2)
+        monitor = mixprec.Monitor(model, None, every=1, log_dir=log_dir, sinks=("jsonl",))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        warned = []
+        for step in range(1, 6):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            if step == 2:  # room for part of one more record only
+                size = len(open(log_dir + "/metrics.jsonl").read())
+                resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+            if step == 4:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                monitor.step(torch.tensor(float(step)))
+            warned += [step for w in caught if "failed" in str(w.message)]
+        monitor.close()
+        lines = open(log_dir + "/metrics.jsonl").read().splitlines()
+        print(json.dumps({"warned": warned, "steps": [json.loads(line)["step"] for line in lines]}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"warned": [2, 3], "steps": [1, 4, 5]}
 
 
 def monitored_run(tmp_path, steps: int = 6, every: int = 3, sinks=("jsonl", "tensorboard"), plant_at: int = 4,

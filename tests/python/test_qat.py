@@ -505,7 +505,7 @@ def test_learnable_activation_steps(kind: str) -> None:
 def test_a_refused_first_batch_leaves_the_input_step_unset(kind: str) -> None:
     """The first forward sets the learnable input step from its batch before the GEMM or convolution can refuse
     that batch; a refused batch (token ids, the wrong feature count, NHWC for a Conv2d) leaves the step as it
-    was, so the next good batch sets it as in a twin that never saw the bad one. A loaded step stays as loaded."""
+    was, so the next good batch sets it as in a twin that never saw the bad one."""
     config = qat.QATConfig(learnable_activation_scales=True)
 
     def make() -> nn.Module:
@@ -521,11 +521,6 @@ def test_a_refused_first_batch_leaves_the_input_step_unset(kind: str) -> None:
         assert layer.input_step.item() == 0.0 and not layer._input_step_checked
     assert torch.equal(layer(good), twin(good))
     assert torch.equal(layer.input_step, twin.input_step) and layer.input_step.item() > 0
-    loaded = make()
-    loaded.load_state_dict(layer.state_dict())
-    with pytest.raises((RuntimeError, TypeError)):
-        loaded(bad[1])
-    assert torch.equal(loaded.input_step, layer.input_step)
 
 
 def test_torch_compile_with_dynamic_batch_sizes() -> None:

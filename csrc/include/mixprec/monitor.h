@@ -104,6 +104,7 @@ class Monitor {
 
  private:
   MonitorRecord make_record(const std::vector<std::optional<at::Tensor>>& grads);
+  void write_jsonl(const MonitorRecord& r);
   /// Sums the rows of declared shards over their groups (see shard()); `row_of[i]`: parameter i's row of
   /// last_stats_, -1 without a gradient.
   void reduce_shards(const std::vector<int64_t>& row_of);
@@ -112,7 +113,7 @@ class Monitor {
   GradScaler* scaler_;
   MonitorOptions options_;
   std::ofstream jsonl_;
-  bool jsonl_failed_ = false;  // the last write failed, perhaps after part of its line
+  bool jsonl_failed_ = false;  // the last write failed and may have left part of its line
   bool closed_ = false;
   int64_t steps_ = 0;
   std::vector<at::Tensor> losses_;  // this interval's, detached, on their device
