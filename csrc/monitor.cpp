@@ -178,7 +178,15 @@ std::optional<MonitorRecord> Monitor::step(const at::Tensor& loss, int64_t token
   losses_.push_back(loss.detach().reshape({}).clone());
   tokens_ += tokens;
   if (steps_ % options_.every() != 0) return std::nullopt;
-  MonitorRecord r = make_record(grads);
+  MonitorRecord r;
+  try {
+    r = make_record(grads);
+  } catch (...) {  // a refused call (a gradient grad_stats refuses) counts no step: the next logged one is as due
+    --steps_;
+    losses_.pop_back();
+    tokens_ -= tokens;
+    throw;
+  }
   if (jsonl_.is_open()) write_jsonl(r);
   if (options_.progress()) std::cout << r.progress_line() << std::endl;
   return r;

@@ -7,6 +7,7 @@
 #include <torch/serialize/archive.h>
 
 #include <limits>
+#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -746,6 +747,33 @@ void Adam::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void Adam::load(torch::serialize::InputArchive& archive) {
+  // torch's reader replaces each group's options and state as it goes and may refuse half way (a group of
+  // another size), and the options checks below come after it: a refused load puts everything back, as the
+  // Python optimizer's does. Options go back in place (code may hold a reference to a group's options).
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options_before;
+  options_before.reserve(param_groups_.size());
+  for (const auto& group : param_groups_) options_before.push_back(group.options().clone());
+  decltype(state_) state_before;
+  for (const auto& [key, st] : state_) state_before.emplace(key, st->clone());
+  try {
+    load_unchecked(archive);
+  } catch (...) {
+    for (size_t i = 0; i < param_groups_.size() && i < options_before.size(); ++i) {
+      auto* now = dynamic_cast<AdamOptions*>(&param_groups_[i].options());
+      const auto* before = dynamic_cast<const AdamOptions*>(options_before[i].get());
+      if (now != nullptr && before != nullptr && typeid(*now) == typeid(*before)) {
+        *now = *before;
+      } else {
+        param_groups_[i].set_options(std::move(options_before[i]));
+      }
+    }
+    state_ = std::move(state_before);
+    core_.invalidate();
+    throw;
+  }
+}
+
+void Adam::load_unchecked(torch::serialize::InputArchive& archive) {
   std::vector<AdamOptions> configured;
   configured.reserve(param_groups_.size());
   for (size_t i = 0; i < param_groups_.size(); ++i) configured.push_back(options_of(i));

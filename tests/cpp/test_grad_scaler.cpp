@@ -525,6 +525,12 @@ TEST_CASE("Monitor::step reads the gradients it is given, one per parameter", "[
   REQUIRE(r->grad_elements == 2);
   REQUIRE(r->grad_norm == 5.0);
   REQUIRE(monitor.last_stats_names() == std::vector<std::string>{"a"});
+  // A logged step refused (a gradient grad_stats refuses) counts no step and keeps no loss: the next call logs
+  // step 2 with its own loss, as if the refused one had never been made.
+  REQUIRE_THROWS(monitor.step(torch::full({}, 100.0), 0, {torch::ones({2}, torch::kLong), std::nullopt}));
+  const auto next = monitor.step(torch::full({}, 2.0), 0, {torch::tensor({3.0f, 4.0f}), std::nullopt});
+  REQUIRE(next->step == 2);
+  REQUIRE(next->loss == 2.0);
 }
 
 TEST_CASE("GradScaler with a process group: an overflow on one rank skips the step on every rank",

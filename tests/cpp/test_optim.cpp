@@ -318,6 +318,56 @@ TEST_CASE("amsgrad(true) tracks torch::optim::Adam/AdamW with amsgrad, state inc
   }
 }
 
+TEST_CASE("a load refused half way leaves the optimizer as it was, as the Python optimizer's", "[optim][checkpoint]") {
+  // An archive whose options a step refuses (checked after torch's reader replaced everything), and one whose
+  // second group has another size (refused by torch's reader after the first group was replaced).
+  auto params = make_params(torch::kBFloat16);
+  mixprec::optim::AdamW opt({torch::optim::OptimizerParamGroup({params[0]}),
+                             torch::optim::OptimizerParamGroup({params[1], params[2]})},
+                            mixprec::optim::AdamOptions(1e-2).seed(3));
+  for (int step = 0; step < 2; ++step) {
+    set_grads(params, step);
+    opt.step();
+  }
+  std::stringstream mine;
+  torch::save(opt, mine);
+  const std::string saved = mine.str();
+  const auto* options0 = &opt.param_groups()[0].options();
+  const auto check_unchanged = [&] {
+    std::stringstream now;
+    torch::save(opt, now);
+    REQUIRE(now.str() == saved);
+    REQUIRE(&opt.param_groups()[0].options() == options0);  // in place: references to it stay live
+  };
+  {
+    auto others = make_params(torch::kBFloat16);
+    mixprec::optim::AdamW other({torch::optim::OptimizerParamGroup({others[0]}),
+                                 torch::optim::OptimizerParamGroup({others[1], others[2]})},
+                                mixprec::optim::AdamOptions(5e-2));
+    set_grads(others, 0);
+    other.step();
+    static_cast<mixprec::optim::AdamOptions&>(other.param_groups()[0].options()).master_weights("fp64");
+    std::stringstream archive;
+    torch::save(other, archive);
+    REQUIRE_THROWS_WITH(torch::load(opt, archive), Catch::Contains("master_weights must be one of"));
+    check_unchanged();
+  }
+  {
+    auto others = make_params(torch::kBFloat16);
+    mixprec::optim::AdamW other({torch::optim::OptimizerParamGroup({others[0]}),
+                                 torch::optim::OptimizerParamGroup({others[1]})},
+                                mixprec::optim::AdamOptions(5e-2).rounding("stochastic"));
+    set_grads(others, 0);
+    other.step();
+    std::stringstream archive;
+    torch::save(other, archive);
+    REQUIRE_THROWS(torch::load(opt, archive));
+    check_unchanged();
+  }
+  set_grads(params, 2);
+  opt.step();  // and steps on
+}
+
 TEST_CASE("save and load through torch::save/torch::load resume bit for bit", "[optim][checkpoint]") {
   for (const std::string mode : {"fp32", "remainder", "none"}) {
     auto options = mixprec::optim::AdamOptions(1e-3).weight_decay(0.01).master_weights(mode).seed(5);

@@ -266,7 +266,7 @@ class Adam : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   /// Loads what save() wrote, or a checkpoint of torch::optim::Adam / AdamW (integer step counts, torch's
   /// options only): masters are then taken from the parameters at the next step.
-  void load(torch::serialize::InputArchive& archive) override;
+  void load(torch::serialize::InputArchive& archive) override;  // all or nothing
 
   /// As torch::optim::Optimizer::add_param_group, keeping the group's own options (mixprec's, or
   /// torch::optim::Adam(W)Options) merged with the defaults as torch merges its optimizers' (a field left at
@@ -286,6 +286,7 @@ class Adam : public torch::optim::Optimizer {
 
   bool decoupled_;
   AdamCore core_;
+  void load_unchecked(torch::serialize::InputArchive& archive);
 };
 
 /// AdamW (decoupled weight decay, default 1e-2) with master weights, a drop-in for torch::optim::AdamW.
