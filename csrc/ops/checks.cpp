@@ -54,7 +54,6 @@ void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* 
 
 namespace {
 
-/// The bytes of its storage that `t`'s elements can reach, [begin, end).
 /// The byte past the last element `t` can reach in its storage.
 int64_t extent_end(const at::Tensor& t) {
   int64_t reach = 0;
