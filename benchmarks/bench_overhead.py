@@ -7,6 +7,7 @@ dispatcher, the bookkeeping of lists and state. Two structures: GPT-2 small's (1
   unscale_        mixprec.GradScaler.unscale_(opt)           vs torch.amp.GradScaler.unscale_(opt)
   step            GradScaler.step(opt), unscale inside       vs the same with torch's scaler and optimizer
   opt.step        mixprec AdamW (bf16 + fp32 masters)        vs torch.optim.AdamW(fused=True), fp32
+                  and a group of two dtypes, as Policy.apply leaves one (bf16 matrices, fp32 vectors)
   whole step      scale -> unscale_ -> step -> update        vs the same with torch's classes
   cast_           mixprec.ops.cast_(bf16 <- fp32 list)       vs torch._foreach_copy_
 
@@ -44,18 +45,28 @@ def per_call(timed: Callable[[], object], between: Optional[Callable[[], object]
     return statistics.median(samples)
 
 
-def make(count: int, device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    params = [torch.nn.Parameter(torch.randn(1, device=device).to(dtype)) for _ in range(count)]
+def make(count: int, device: str, dtype: torch.dtype, vector_dtype: Optional[torch.dtype] = None,
+         shapes: Optional[list[tuple[int, ...]]] = None) -> list[torch.nn.Parameter]:
+    """`count` one-element parameters with gradients; with `vector_dtype`, those standing for 1-D tensors of
+    `shapes` (norms, biases; every other one without shapes) take that dtype, as Policy.apply leaves them."""
+    def dtype_of(i: int) -> torch.dtype:
+        is_vector = len(shapes[i]) == 1 if shapes is not None else i % 2 == 1
+        return vector_dtype if vector_dtype is not None and is_vector else dtype
+    params = [torch.nn.Parameter(torch.randn(1, device=device).to(dtype_of(i))) for i in range(count)]
     for p in params:
-        p.grad = torch.randn(1, device=device).to(dtype)
+        p.grad = torch.randn(1, device=device).to(p.dtype)
     return params
 
 
-def rows_for(name: str, count: int, device: str, repeats: int) -> list[list[str]]:
+def rows_for(name: str, count: int, device: str, repeats: int,
+             shapes: Optional[list[tuple[int, ...]]] = None) -> list[list[str]]:
     ours_params = make(count, device, torch.bfloat16)
     torch_params = make(count, device, torch.float32)
     ours_opt = mixprec.optim.AdamW(ours_params, lr=1e-4)
     torch_opt = torch.optim.AdamW(torch_params, lr=1e-4, fused=True)
+    # A real model's group after Policy.apply, which keeps norms in fp32: two dtypes, one launch each (the
+    # 1-D tensors, biases too, in fp32 here).
+    mixed_opt = mixprec.optim.AdamW(make(count, device, torch.bfloat16, torch.float32, shapes), lr=1e-4)
     ours_scaler = mixprec.GradScaler(device, init_scale=1.0)
     torch_scaler = torch.amp.GradScaler(device, init_scale=1.0)
     loss = torch.ones((), device=device)
@@ -84,6 +95,10 @@ def rows_for(name: str, count: int, device: str, repeats: int) -> list[list[str]
         t_ours = per_call(*build(ours_scaler, ours_opt), device, repeats)
         t_torch = per_call(*build(torch_scaler, torch_opt), device, repeats)
         rows.append([name, str(count), label, f"{t_ours * 1e6:.0f}", f"{t_torch * 1e6:.0f}", f"{t_ours / t_torch:.2f}"])
+        if label == "opt.step":
+            t_mixed = per_call(mixed_opt.step, None, device, repeats)
+            rows.append([name, str(count), "opt.step, bf16 + fp32 group", f"{t_mixed * 1e6:.0f}",
+                         f"{t_torch * 1e6:.0f}", f"{t_mixed / t_torch:.2f}"])
 
     src = [torch.randn(1, device=device) for _ in range(count)]
     dst = [torch.empty(1, device=device, dtype=torch.bfloat16) for _ in range(count)]
@@ -100,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     print_device_header(args.device)
     rows = []
-    rows += rows_for("gpt2-small", len(gpt2_small_shapes()), args.device, args.repeats)
+    rows += rows_for("gpt2-small", len(gpt2_small_shapes()), args.device, args.repeats, gpt2_small_shapes())
     rows += rows_for("1000 tensors", 1000, args.device, args.repeats)
     print_table(["structure", "tensors", "call", "ours us", "torch us", "ours / torch"], rows)
 

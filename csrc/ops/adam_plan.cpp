@@ -168,6 +168,25 @@ void check_adam_args(const AdamArgs& a) {
   check_optional_scalar(a.clip_coef, "clip_coef", device);
 }
 
+namespace {
+thread_local PrecheckedLaunches* active_prechecks = nullptr;
+}  // namespace
+
+PrecheckedLaunches::PrecheckedLaunches() : previous_(active_prechecks) { active_prechecks = this; }
+
+PrecheckedLaunches::~PrecheckedLaunches() { active_prechecks = previous_; }
+
+void PrecheckedLaunches::add(at::TensorList params, at::TensorList grads) {
+  lists_.push_back({params.data(), params.size(), grads.data(), grads.size()});
+}
+
+bool launch_prechecked(at::TensorList params, at::TensorList grads) {
+  const PrecheckedLaunches* guard = active_prechecks;
+  if (guard == nullptr || params.empty()) return false;
+  const PrecheckedLaunches::Lists key{params.data(), params.size(), grads.data(), grads.size()};
+  return std::find(guard->lists_.begin(), guard->lists_.end(), key) != guard->lists_.end();
+}
+
 AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
   const size_t n = a.params.size();
   const bool has_master = a.master_mode != MasterMode::None;

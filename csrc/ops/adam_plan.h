@@ -41,6 +41,36 @@ AdamArgs make_adam_args(at::TensorList params, at::TensorList grads, at::TensorL
 /// Every precondition of adam_step_, with the argument named in the message.
 void check_adam_args(const AdamArgs& a);
 
+/// AdamCore::step_group checks every launch of a group of several buckets (Policy.apply's bf16 weights beside
+/// fp32 norms) before the first one runs, so that a refusal writes nothing. While this guard lives, the
+/// adam_step_ kernels on this thread skip check_adam_args for the launches added to it, which would otherwise
+/// be checked twice. A launch is known by the addresses of its params and grads lists: any other call (a
+/// dispatch mode or a boxed kernel re-issuing the op with lists of its own) is still checked.
+class PrecheckedLaunches {
+ public:
+  PrecheckedLaunches();
+  ~PrecheckedLaunches();
+  PrecheckedLaunches(const PrecheckedLaunches&) = delete;
+  PrecheckedLaunches& operator=(const PrecheckedLaunches&) = delete;
+  /// `params` and `grads` (the very lists the launch will pass) passed check_adam_args.
+  void add(at::TensorList params, at::TensorList grads);
+
+ private:
+  friend bool launch_prechecked(at::TensorList params, at::TensorList grads);
+  struct Lists {
+    const at::Tensor* params;
+    size_t params_size;
+    const at::Tensor* grads;
+    size_t grads_size;
+    bool operator==(const Lists&) const = default;
+  };
+  std::vector<Lists> lists_;
+  PrecheckedLaunches* previous_;
+};
+
+/// Whether a live PrecheckedLaunches on this thread holds this launch's lists (the kernels then skip the check).
+bool launch_prechecked(at::TensorList params, at::TensorList grads);
+
 /// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master, and with AMSGrad
 /// max_exp_avg_sq; without it that list repeats exp_avg_sqs, unread). A row whose
 /// tensors are all dense with identical strides is walked in place; any other row through contiguous

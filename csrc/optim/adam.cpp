@@ -678,7 +678,8 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   // A group of several dtypes or master modes (Policy.apply's fp32 norms beside bf16 weights) takes one launch
   // per bucket, each checking its own arguments: a launch refused after another had stepped its rows would
   // leave the group half-stepped (and, under a scaler, those rows' gradients unscaled). So with more than one
-  // launch, every launch's arguments are checked first (the cost of the checks, once more).
+  // launch, every launch's arguments are checked first, and the launches then skip their own checks.
+  detail::PrecheckedLaunches prechecked;
   if (launches > 1) {
     for (size_t b = 0; b < plan.buckets.size(); ++b) {
       const Bucket& bucket = plan.buckets[b];
@@ -689,6 +690,7 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
           options.weight_decay(), decoupled, options.maximize(), bucket.mode, options.rounding(), launch_seeds[b],
           e.lr_tensor, e.grad_scale, e.found_inf, e.clip_coef,
           e.max_exp_avg_sqs.has_value() ? std::optional<at::TensorList>(*e.max_exp_avg_sqs) : std::nullopt));
+      prechecked.add(bucket.p, grads[b]);
     }
   }
   sync_masters(plan, options.rounding() != "nearest");

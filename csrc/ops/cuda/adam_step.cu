@@ -224,7 +224,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       detail::make_adam_args(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
                              weight_decay, decoupled_weight_decay, maximize, master_mode, rounding, seed, lr_tensor,
                              grad_scale, found_inf, clip_coef, max_exp_avg_sqs);
-  detail::check_adam_args(args);
+  if (!detail::launch_prechecked(params, grads)) detail::check_adam_args(args);  // else checked by the caller
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   LaunchArgs a{lr, beta1, beta2, eps, weight_decay, optional_ptr(lr_tensor), optional_ptr(grad_scale),
