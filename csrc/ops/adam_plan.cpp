@@ -191,6 +191,9 @@ AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
   const size_t n = a.params.size();
   const bool has_master = a.master_mode != MasterMode::None;
   const bool amsgrad = a.max_exp_avg_sqs.has_value();
+  const at::TensorList masters_in = has_master ? a.masters : a.params;
+  const at::TensorList vmax_in = amsgrad ? *a.max_exp_avg_sqs : a.exp_avg_sqs;
+  rng_base.reserve(n);
   uint64_t next = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
@@ -201,29 +204,24 @@ AdamPlan::AdamPlan(const AdamArgs& a) : args_(a) {
     if (has_master) {
       in_place = in_place && a.masters[i].is_non_overlapping_and_dense() && a.masters[i].strides() == p.strides();
     }
-    if (amsgrad) {
-      const at::Tensor& vmax = (*a.max_exp_avg_sqs)[i];
-      in_place = in_place && vmax.is_non_overlapping_and_dense() && vmax.strides() == p.strides();
-    }
-    if (in_place) {
-      params.push_back(p);
-      grads.push_back(a.grads[i]);
-      exp_avgs.push_back(a.exp_avgs[i]);
-      exp_avg_sqs.push_back(a.exp_avg_sqs[i]);
-      masters.push_back(has_master ? a.masters[i] : p);
-      max_exp_avg_sqs.push_back(amsgrad ? (*a.max_exp_avg_sqs)[i] : a.exp_avg_sqs[i]);
-    } else {
-      params.push_back(p.contiguous());
-      grads.push_back(a.grads[i].contiguous());
-      exp_avgs.push_back(a.exp_avgs[i].contiguous());
-      exp_avg_sqs.push_back(a.exp_avg_sqs[i].contiguous());
-      masters.push_back(has_master ? a.masters[i].contiguous() : params.back());
-      max_exp_avg_sqs.push_back(amsgrad ? (*a.max_exp_avg_sqs)[i].contiguous() : exp_avg_sqs.back());
-      copied_.push_back(i);
-    }
+    if (amsgrad) in_place = in_place && vmax_in[i].is_non_overlapping_and_dense() && vmax_in[i].strides() == p.strides();
+    if (!in_place) copied_.push_back(i);
     rng_base.push_back(next);
     next += (static_cast<uint64_t>(p.numel()) + 7) / 8 * 8;
   }
+  const at::TensorList in[6] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, masters_in, vmax_in};
+  at::TensorList* out[6] = {&params, &grads, &exp_avgs, &exp_avg_sqs, &masters, &max_exp_avg_sqs};
+  if (copied_.empty()) {  // the usual case: the kernels walk the op's own lists
+    for (int k = 0; k < 6; ++k) *out[k] = in[k];
+    return;
+  }
+  for (int k = 0; k < 6; ++k) own_[k].assign(in[k].begin(), in[k].end());
+  for (size_t i : copied_) {
+    for (int k = 0; k < 4; ++k) own_[k][i] = in[k][i].contiguous();
+    own_[4][i] = has_master ? in[4][i].contiguous() : own_[0][i];  // without a master, the param's copy
+    own_[5][i] = amsgrad ? in[5][i].contiguous() : own_[3][i];
+  }
+  for (int k = 0; k < 6; ++k) *out[k] = own_[k];
 }
 
 void AdamPlan::finish() {

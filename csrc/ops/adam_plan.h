@@ -72,20 +72,25 @@ class PrecheckedLaunches {
 bool launch_prechecked(at::TensorList params, at::TensorList grads);
 
 /// The tensors the kernels walk, row by row (param, grad, exp_avg, exp_avg_sq, master, and with AMSGrad
-/// max_exp_avg_sq; without it that list repeats exp_avg_sqs, unread). A row whose
-/// tensors are all dense with identical strides is walked in place; any other row through contiguous
-/// copies that finish() writes back (grads too when a grad_scale is given: the step stores them
-/// unscaled). rng_base numbers elements across the list for stochastic rounding.
+/// max_exp_avg_sq; without a master that list repeats params, without AMSGrad the last repeats exp_avg_sqs,
+/// unread). A row whose tensors are all dense with identical strides is walked in place; any other row
+/// through contiguous copies that finish() writes back (grads too when a grad_scale is given: the step
+/// stores them unscaled). When every row is walked in place (the usual case) the lists are the op's own,
+/// not copied. rng_base numbers elements across the list for stochastic rounding.
 class AdamPlan {
  public:
   explicit AdamPlan(const AdamArgs& a);
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs;
+  AdamPlan(const AdamPlan&) = delete;  // the lists may point into own_
+  AdamPlan& operator=(const AdamPlan&) = delete;
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs;
   std::vector<uint64_t> rng_base;
   void finish();
 
  private:
   const AdamArgs& args_;
   std::vector<size_t> copied_;
+  // Where some row needs copies: every list, the copies in those rows.
+  std::vector<at::Tensor> own_[6];
 };
 
 }  // namespace mixprec::detail

@@ -1834,3 +1834,52 @@ def test_a_remainder_state_widened_to_int32_loads_back_as_int16() -> None:
     widened["state"][0]["remainder"][0] = 40000
     with pytest.raises(ValueError, match="remainder state widened to int32 holds values outside int16's range"):
         mixprec.optim.AdamW([torch.nn.Parameter(q.detach().clone())], master_weights="remainder").load_state_dict(widened)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_rows_of_any_layout_in_one_launch_step_as_their_contiguous_copies(device: str, rounding: str) -> None:
+    """One launch whose rows mix layouts: dense rows walked in place (one at a storage offset of one element,
+    misaligned for vector loads) beside rows walked through copies (a strided parameter, a transposed
+    parameter with a plain gradient, a transposed master). Every row steps as the same row made contiguous, bit
+    for bit (stochastic draws included: they follow the row's place in the list), the scaled gradients are
+    written back unscaled, and the memory between a strided view's elements is not written."""
+    torch.manual_seed(11)
+    base = torch.randn(8, 10, device=device).bfloat16()
+    padded = torch.randn(1 + 7 * 5, device=device).bfloat16()
+    params = [
+        torch.randn(7, 5, device=device).bfloat16(),            # dense, in place
+        base[:, ::2],                                            # strided: copied
+        torch.randn(5, 7, device=device).bfloat16().t(),        # transposed; its gradient is plain: copied
+        padded[1:].view(7, 5),                                   # in place at an odd element offset
+        torch.randn(3, device=device).bfloat16(),               # in place
+    ]
+    outside = base[:, 1::2].clone()
+    grads = [torch.randn(p.shape, device=device).bfloat16() * 64 for p in params]
+    exp_avgs = [torch.rand(p.shape, device=device) for p in params]
+    exp_avg_sqs = [torch.rand(p.shape, device=device) for p in params]
+    vmaxs = [v + torch.rand(p.shape, device=device) for v, p in zip(exp_avg_sqs, params)]
+    masters = [p.float() for p in params]
+    masters[4] = torch.randn(3, 1, device=device).t().reshape(3)  # a view of a transposed row: still dense
+    masters[0] = masters[0].t().contiguous().t()  # a transposed master beside a plain param: copied
+    steps = [torch.full((), 2.0, device=device) for _ in params]
+    unscaled = [(g.float() / 64).bfloat16() for g in grads]  # exact: 64 is a power of two
+
+    def lists(contiguous: bool) -> list[list[torch.Tensor]]:
+        make = (lambda t: t.clone(memory_format=torch.contiguous_format)) if contiguous else (lambda t: t)
+        return [[make(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, masters, steps, vmaxs)]
+
+    results = []
+    for contiguous in (True, False):  # the copies first: the second run writes the tensors themselves
+        p, g, m, v, w, s, vmax = lists(contiguous)
+        ops.adam_step_(p, g, m, v, w, s, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+                       decoupled_weight_decay=True, maximize=False, master_mode="fp32", rounding=rounding, seed=3,
+                       grad_scale=torch.full((1,), 64.0, device=device), max_exp_avg_sqs=vmax)
+        results.append((p, g, m, v, w, s, vmax))
+    for contiguous, ours in zip(results[0], results[1]):
+        for a, b in zip(ours, contiguous):
+            assert torch.equal(a, b)
+    assert params[1].data_ptr() == base.data_ptr() and not params[1].is_contiguous()
+    for g, expected in zip(grads, unscaled):
+        assert torch.equal(g, expected)  # written back unscaled, the copied rows' too
+    assert torch.equal(base[:, 1::2], outside)

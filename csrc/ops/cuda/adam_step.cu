@@ -235,7 +235,6 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     a.rng = stochastic_state(seed, params[0].device());
   }
   detail::AdamPlan plan(args);
-  std::vector<at::Tensor> step_list(steps.begin(), steps.end());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   static_assert(fits_small_kernel_args<TensorListMeta<kLists, kMaxTensorsSmall, true>, LaunchArgs>());
   with_max_tensors<kMaxTensors, kMaxTensorsSmall>([&](auto capacity) {
@@ -243,8 +242,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     // Each launch's counts advance after its update (same stream), and every row has its own count
     // (check_adam_args refuses shared ones): no block reads a count another block is changing.
     multi_tensor_apply<kLists, M, true>(
-        {&plan.params, &plan.grads, &plan.exp_avgs, &plan.exp_avg_sqs, &plan.masters, &step_list,
-         &plan.max_exp_avg_sqs},
+        {plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, steps, plan.max_exp_avg_sqs},
         [&](const TensorListMeta<kLists, M, true>& meta, int64_t chunks, int64_t) {
           adam_kernel<M><<<chunks, kThreads, 0, stream>>>(meta, a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

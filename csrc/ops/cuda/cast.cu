@@ -122,7 +122,7 @@ void cast_lists(const char* op, at::TensorList dst, at::TensorList src, c10::str
   with_max_tensors<kMaxTensors, kMaxTensorsSmall>([&](auto capacity) {
     constexpr int M = decltype(capacity)::value;
     multi_tensor_apply<2, M, true>(
-        {&plan.dst_work(), &plan.src_work()},
+        {at::TensorList(plan.dst_work()), at::TensorList(plan.src_work())},
         [&](const TensorListMeta<2, M, true>& meta, int64_t chunks, int64_t) {
           cast_kernel<M><<<chunks, kThreads, 0, stream>>>(meta, mode, saturate, rng);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

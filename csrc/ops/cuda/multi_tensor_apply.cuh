@@ -171,12 +171,12 @@ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kCh
 /// number of elements and is dense. Empty tensors are skipped. With HasAux, `aux` (one number per row)
 /// fills meta.aux.
 template <int Depth, int MaxTensors, bool HasAux = false, typename Launch>
-void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>& lists, Launch&& launch,
+void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, Launch&& launch,
                         const std::vector<uint64_t>* aux = nullptr) {
   static_assert(sizeof(TensorListMeta<Depth, MaxTensors, HasAux>) <= 30 * 1024,
                 "kernel argument larger than CUDA's 32 KB limit");
   TORCH_INTERNAL_ASSERT((aux != nullptr) == HasAux, "multi_tensor_apply: aux given iff the kernel takes it");
-  const size_t n = lists[0]->size();
+  const size_t n = lists[0].size();
   TensorListMeta<Depth, MaxTensors, HasAux> meta;
   meta.num_tensors = 0;
   meta.chunk_start[0] = 0;
@@ -189,12 +189,12 @@ void multi_tensor_apply(const std::array<const std::vector<at::Tensor>*, Depth>&
     meta.num_tensors = 0;
   };
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& first = (*lists[0])[i];
+    const at::Tensor& first = lists[0][i];
     const int64_t numel = first.numel();
     if (numel == 0) continue;
     const int slot = meta.num_tensors;
     for (int d = 0; d < Depth; ++d) {
-      const at::Tensor& t = (*lists[d])[i];
+      const at::Tensor& t = lists[d][i];
       meta.ptr[d][slot] = t.data_ptr();
       meta.dtype[d][slot] = to_dtype(t.scalar_type());
     }

@@ -169,7 +169,7 @@ void launch_all(const std::vector<at::Tensor>& views, bool want_sumsq, cudaStrea
     constexpr int C = decltype(capacity)::value;
     using Meta = TensorListMeta<1, C, kAmax>;
     multi_tensor_apply<1, C, kAmax>(
-        {&views},
+        {at::TensorList(views)},
         [&](const Meta& meta, int64_t n_chunks, int64_t chunk_base) {
           if (want_sumsq) {
             unscale_and_check_kernel<true, kAmax, Meta>
@@ -315,7 +315,7 @@ at::Tensor grad_stats_cuda(at::TensorList grads, const at::Tensor& scale, int64_
     constexpr int C = decltype(capacity)::value;
     using Meta = TensorListMeta<1, C, true>;
     multi_tensor_apply<1, C, true>(
-        {&views},
+        {at::TensorList(views)},
         [&](const Meta& meta, int64_t n_chunks, int64_t) {
           grad_stats_kernel<Meta><<<n_chunks, kThreads, shared_bytes, stream>>>(
               meta, scale_ptr, static_cast<int>(min_exponent), static_cast<int>(num_bins), out_ptr);
