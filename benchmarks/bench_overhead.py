@@ -14,7 +14,11 @@ dispatcher, the bookkeeping of lists and state. Two structures: GPT-2 small's (1
 The optimizer rows use mixprec.optim.AdamW with mixprec.GradScaler against torch.optim.AdamW(fused=True)
 with torch.amp.GradScaler. "ours / torch" below 0.5 is the goal of issue 17.
 
-    python benchmarks/bench_overhead.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/bench_overhead.py [--device cpu|cuda] [--repeats N] [--cold]
+
+--cold writes 64 MiB before every timed call, so the host-side data (tensor metadata, lists, Python objects)
+is no longer in the CPU caches, as after a forward and backward pass; warm figures understate a real step's
+host cost.
 """
 
 from __future__ import annotations
@@ -30,10 +34,17 @@ from common import gpt2_small_shapes, print_device_header, print_table, sync
 import mixprec
 
 
+# With --cold: written (untimed) before every timed call, as a step's forward and backward pass through far
+# more memory than the caches hold, so the calls find their host-side data evicted.
+EVICT: Optional[torch.Tensor] = None
+
+
 def per_call(timed: Callable[[], object], between: Optional[Callable[[], object]], device: str, repeats: int) -> float:
     """Median seconds of timed() alone; between() runs untimed after each call (e.g. scaler.update())."""
     samples = []
     for i in range(repeats + 5):
+        if EVICT is not None:
+            EVICT.add_(1)
         sync(device)
         t0 = time.perf_counter()
         timed()
@@ -112,8 +123,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--cold", action="store_true",
+                        help="write a 64 MiB buffer before every timed call (caches cold, as in a training step)")
     args = parser.parse_args()
     print_device_header(args.device)
+    if args.cold:
+        global EVICT
+        EVICT = torch.zeros(16 << 20)  # 64 MiB of host memory, beyond any CPU cache
+        print("caches cold: 64 MiB written before every timed call")
     rows = []
     rows += rows_for("gpt2-small", len(gpt2_small_shapes()), args.device, args.repeats, gpt2_small_shapes())
     rows += rows_for("1000 tensors", 1000, args.device, args.repeats)

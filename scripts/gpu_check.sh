@@ -68,6 +68,8 @@ for f in (lambda: mixprec.ops.cast(torch.arange(3), torch.float16),
     args="--device cuda"; [ $b = adam ] && args="$args --size 1b"; [ $b = monitor ] && args="$args --size small"
     step "bench_$b" benchmarks.log 120 $PY benchmarks/bench_$b.py $args
   done
+  # Host cost with the caches cold, as after a forward and backward pass (warm figures understate it).
+  step "bench_overhead --cold" benchmarks.log 90 $PY benchmarks/bench_overhead.py --device cuda --cold --repeats 50
   # cuBLASLt's block-scale modes are opt-in until checked on a GPU: the FP8 benchmark again with them on (the
   # pytest run above checked them against float64 in test_cuda_block_scaled_gemms_in_cublaslt).
   step "bench_fp8 with MIXPREC_FP8_BLOCK_CUBLASLT=1" benchmarks.log 120 env MIXPREC_FP8_BLOCK_CUBLASLT=1 \
