@@ -521,6 +521,51 @@ def test_overflow_step_changes_nothing(device: str, mode: str) -> None:
             assert torch.equal(after[pid][key], value), f"state {key} of param {pid} changed"
 
 
+@pytest.mark.parametrize("flag", [1.0, 1, True, 0.0, 0, False])
+def test_found_inf_given_as_a_number_is_read_on_the_host(flag: float) -> None:
+    """torch's scaler hands an optimizer without gradients this iteration the sum of no flags, a number: a
+    truthy one skips the step (nothing written, the step count held), a zero one steps as without a flag."""
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(6).bfloat16()) for _ in range(2)]
+    opt = mixprec.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    values = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.found_inf = flag
+    opt.step()
+    del opt.found_inf
+    after = opt.state_dict()["state"]
+    unchanged = all(torch.equal(p, v) for p, v in zip(params, values)) and all(
+        torch.equal(after[i][k], v) for i in state for k, v in state[i].items())
+    assert unchanged == bool(flag)
+    assert float(after[0]["step"]) == (1.0 if flag else 2.0)
+
+
+@pytest.mark.parametrize("mode", ["none", "fp32", "remainder"])
+def test_a_float64_lr_tensor_on_the_cpu_steps_exactly_as_the_float(mode: str) -> None:
+    """A double-precision CPU lr tensor (a scheduler's arithmetic in float64) is the Python float it holds: the
+    step is bit-identical to one given that float, not to the float rounded to fp32 first."""
+    torch.manual_seed(6)
+    lr = 1.0 / 3.0  # not representable in fp32
+    grads = [torch.randn(33) for _ in range(3)]
+
+    def run(lr_value: object) -> list[torch.Tensor]:
+        dtype = torch.float32 if mode == "none" else torch.bfloat16
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 33).to(dtype))
+        opt = mixprec.optim.AdamW([p], lr=lr_value, master_weights="auto" if mode == "none" else mode)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        return [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+
+    exact = run(lr)
+    assert all(torch.equal(a, b) for a, b in zip(run(torch.tensor(lr, dtype=torch.float64)), exact))
+    rounded = run(float(torch.tensor(lr, dtype=torch.float32)))
+    assert not all(torch.equal(a, b) for a, b in zip(rounded, exact))  # the test can tell the two apart
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode, rounding", [("fp32", "nearest"), ("remainder", "nearest"), ("none", "stochastic")])
 def test_checkpoint_resume_is_bitwise(device: str, mode: str, rounding: str) -> None:
@@ -1299,7 +1344,8 @@ def _steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: 
     _train(opt, params, steps, forget=False)
 
 
-@pytest.mark.parametrize("edit", ["reassign_dict", "delete", "reset_state", "clear", "update", "cpu_step"])
+@pytest.mark.parametrize("edit", ["reassign_dict", "delete", "reset_state", "clear", "update", "cpu_step", "pop",
+                                  "popitem", "clear_all", "pop_entry"])
 def test_state_edits_from_outside_reach_the_core(edit: str) -> None:
     """optimizer.state is torch's contract: whatever a user does to it, the next step uses what it holds,
     exactly as an optimizer built afresh with that state would."""
@@ -1320,6 +1366,14 @@ def test_state_edits_from_outside_reach_the_core(edit: str) -> None:
             opt.state[p].update(exp_avg_sq=torch.full((7, 5), 0.25))
         elif edit == "cpu_step":  # as torch's non-fused AdamW keeps it
             opt.state[p]["step"] = torch.tensor(10.0)
+        elif edit == "pop":
+            assert opt.state.pop(p)["exp_avg"].shape == (7, 5)
+        elif edit == "popitem":
+            opt.state.popitem()
+        elif edit == "clear_all":
+            opt.state.clear()
+        elif edit == "pop_entry":  # a moment dropped: the step starts it again from zero, as a fresh state's
+            opt.state[p].pop("exp_avg_sq")
         if fresh:  # the reference: a new optimizer that loads exactly this state
             saved = {"state": {i: dict(opt.state[q]) for i, q in enumerate(params) if opt.state.get(q)},
                      "param_groups": [{**opt.param_groups[0], "params": [0, 1, 2]}]}
@@ -1831,9 +1885,17 @@ def test_a_remainder_state_widened_to_int32_loads_back_as_int16() -> None:
         param.grad = torch.ones(37).bfloat16()
         opt_.step()
     assert torch.equal(p, q) and torch.equal(other.state[q]["remainder"], opt.state[p]["remainder"])
-    widened["state"][0]["remainder"][0] = 40000
-    with pytest.raises(ValueError, match="remainder state widened to int32 holds values outside int16's range"):
-        mixprec.optim.AdamW([torch.nn.Parameter(q.detach().clone())], master_weights="remainder").load_state_dict(widened)
+    # int16's whole range loads, and one past either end is refused.
+    for edge, ok in ((-32768, True), (32767, True), (-32769, False), (32768, False)):
+        widened["state"][0]["remainder"][:2] = torch.tensor([edge, 0], dtype=torch.int32)
+        fresh = mixprec.optim.AdamW([torch.nn.Parameter(q.detach().clone())], master_weights="remainder")
+        if ok:
+            fresh.load_state_dict(widened)
+            loaded = next(iter(fresh.state.values()))["remainder"]
+            assert loaded.dtype == torch.int16 and int(loaded[0]) == edge and int(loaded[1]) == 0
+        else:
+            with pytest.raises(ValueError, match="remainder state widened to int32 holds values outside int16's range"):
+                fresh.load_state_dict(widened)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -950,6 +950,27 @@ def test_evaluating_delayed_scaling_that_never_recorded_an_amax_warns_once() -> 
     trained.load_state_dict(nn.Linear(32, 16).state_dict())  # no scaling state: the initial one, unwarned yet
     with pytest.warns(UserWarning, match="never recorded an amax"):
         trained(x)
+    trained.train()(x).sum().backward()  # records an amax again: evaluating it is silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained.eval()(x)
+    trained.reset_parameters()  # back to the initial scaling state, as after deferred initialisation
+    with pytest.warns(UserWarning, match="never recorded an amax"):
+        trained(x)
+
+
+def test_convert_keeps_the_users_ddp_ignore_list_and_lists_each_buffer_once() -> None:
+    """convert(fp8=...) adds the delayed-scaling buffers to ``_ddp_params_and_buffers_to_ignore`` after the names
+    the user put there; converting again (the layers already FP8) lists nothing twice and drops nothing."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    model._ddp_params_and_buffers_to_ignore = ["0.bias"]
+    recipe = fp8.Recipe(scaling="delayed")
+    mixprec.nn.convert(model, fp8=recipe, filter=lambda name, m: True)
+    buffers = [f"{i}.{b}" for i in (0, 2) for b, _ in model[i].named_buffers()]
+    assert len(buffers) == 14  # the seven scaling-state tensors of each layer
+    assert model._ddp_params_and_buffers_to_ignore == ["0.bias", *buffers]
+    mixprec.nn.convert(model, fp8=recipe, filter=lambda name, m: True)
+    assert model._ddp_params_and_buffers_to_ignore == ["0.bias", *buffers]
 
 
 def test_a_load_pre_hook_renaming_legacy_keys_runs_before_the_scaling_state_decision() -> None:

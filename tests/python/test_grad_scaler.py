@@ -147,6 +147,56 @@ def test_state_dict_round_trips_both_ways_and_update_new_scale() -> None:
         mixprec.GradScaler("cpu").load_state_dict({})
 
 
+def test_a_loaded_max_scale_of_none_lifts_the_cap() -> None:
+    """state_dict() saves "no cap" as ``max_scale: None``; loading it into a capped scaler removes the cap (the
+    scale then grows past the old one), and loading a number puts a cap back."""
+    def grow(scaler: mixprec.GradScaler, steps: int) -> list[float]:
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([p], lr=0.0)
+        seen = []
+        for _ in range(steps):
+            opt.zero_grad()
+            scaler.scale(p.sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            seen.append(scaler.get_scale())
+        return seen
+
+    uncapped = mixprec.GradScaler("cpu", init_scale=512.0, growth_interval=1)
+    assert uncapped.state_dict()["max_scale"] is None
+    capped = mixprec.GradScaler("cpu", init_scale=512.0, growth_interval=1, max_scale=1024.0)
+    assert grow(capped, 3) == [1024.0, 1024.0, 1024.0]
+    capped.load_state_dict(uncapped.state_dict())
+    assert capped.state_dict()["max_scale"] is None
+    assert grow(capped, 3) == [1024.0, 2048.0, 4096.0]
+    capped.load_state_dict({**uncapped.state_dict(), "scale": 4096.0, "max_scale": 8192.0})
+    assert grow(capped, 3) == [8192.0, 8192.0, 8192.0]
+
+
+@pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("turned", [True, False])
+def test_overflow_tracking_switched_after_construction_survives_copies(copier: str, turned: bool) -> None:
+    """set_track_overflows() after construction travels with the scaler's pickles and deep copies: the copy
+    attributes its own overflows (or, switched off, records none)."""
+    import copy
+    import pickle
+
+    scaler = mixprec.GradScaler("cpu", init_scale=8.0, track_overflows=not turned)
+    scaler.set_track_overflows(turned)
+    twin = pickle.loads(pickle.dumps(scaler)) if copier == "pickle" else copy.deepcopy(scaler)
+    model = make_model(0, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin.scale(model(torch.ones(2, 8)).sum()).backward()
+    model[0].bias.grad[3] = math.inf
+    twin.step(opt)
+    twin.update()
+    report = twin.last_overflow(model)
+    if turned:
+        assert report is not None and [name for name, _ in report.sources] == ["0.bias"]
+    else:
+        assert report is None
+
+
 def test_growth_and_backoff_follow_torch_exactly_over_many_steps() -> None:
     def body(i, model, opt, scaler, x):
         opt.zero_grad()

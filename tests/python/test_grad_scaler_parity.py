@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 import torch
 from conftest import DEVICES
+from torch.amp.grad_scaler import OptState
 
 import mixprec
 
@@ -941,3 +942,106 @@ def test_torchs_scaler_attributes_read_and_write_as_in_torch() -> None:
         else:
             assert x == y, (x, y)
     assert outcomes[1][7] == 32.0 and outcomes[1][9] == 64.0
+
+
+# -- behaviours a mutation of the scaler left unnoticed (each test below fails with its mutation) -----------------
+
+def test_scale_keeps_each_containers_type_as_torch() -> None:
+    """torch's scale() rebuilds lists and tuples as the type they were (nested ones too) and maps other
+    iterables lazily."""
+    out = []
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        scaler = cls("cpu", init_scale=4.0)
+        a, b, c = torch.ones(2), torch.full((3,), 2.0), torch.full((1,), -1.0)
+        scaled = scaler.scale((a, [b, (c,)]))
+        lazy = scaler.scale(iter([a]))
+        out.append((scaled, list(lazy), type(lazy).__name__))
+    (t_scaled, t_lazy, t_kind), (m_scaled, m_lazy, m_kind) = out
+    assert type(m_scaled) is tuple and type(m_scaled[1]) is list and type(m_scaled[1][1]) is tuple
+    assert type(t_scaled) is type(m_scaled) and type(t_scaled[1]) is type(m_scaled[1])
+    assert torch.equal(m_scaled[0], t_scaled[0]) and torch.equal(m_scaled[1][0], t_scaled[1][0])
+    assert torch.equal(m_scaled[1][1][0], torch.full((1,), -4.0)) and m_kind == t_kind == "map"
+    assert torch.equal(m_lazy[0], t_lazy[0])
+
+
+@pytest.mark.parametrize("fused", ["torch-adamw-fused", "mixprec-adamw-fused"])
+def test_a_host_skipped_fused_step_still_counts_as_the_steps_call(fused: str) -> None:
+    """With host_skip, an overflowing fused optimizer is not called; the iteration's record is still STEPPED, as
+    torch's scaler leaves it after a fused step: a second step() before update() is refused the same way."""
+    make = {"torch-adamw-fused": _opt(torch.optim.AdamW, lr=1e-2, fused=True),
+            "mixprec-adamw-fused": _opt(mixprec.optim.AdamW, lr=1e-2, fused=True)}[fused]
+    seen = []
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=8.0), mixprec.GradScaler("cpu", init_scale=8.0,
+                                                                                   host_skip=True)):
+        model = make_model("cpu")
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = make(model.parameters())
+        scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+        model[0].weight.grad.view(-1)[0] = math.inf
+        assert scaler.step(opt) is None
+        assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.STEPPED
+        with pytest.raises(RuntimeError, match="step\\(\\) has already been called since the last update\\(\\)"):
+            scaler.step(opt)
+        scaler.update()
+        seen.append(scaler.get_scale())
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert seen == [4.0, 4.0]
+
+
+def test_unscale_grads_returns_copies_of_found_inf_and_leaves_the_callers_tensor_alone() -> None:
+    """torch's _unscale_grads_ records each device's overflow in a copy of ``found_inf`` (its replicator copies
+    it), so a caller's zero tensor, reused for the next optimizer (torch's unscale_ makes a new one each time, a
+    subclass may not), stays zero."""
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        scaler = cls("cpu", init_scale=8.0)
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.tensor([1.0, math.inf, 2.0])
+        found_inf = torch.zeros(())
+        flags = scaler._unscale_grads_(torch.optim.SGD([p], lr=0.1), torch.full((), 0.5), found_inf, False)
+        flag = flags[torch.device("cpu")]
+        assert float(flag) == 1.0 and float(found_inf) == 0.0, cls
+        assert flag.data_ptr() != found_inf.data_ptr() and flag.shape == found_inf.shape
+
+
+def test_a_deep_copy_of_the_per_optimizer_records_is_independent_as_torchs() -> None:
+    """Frameworks snapshot ``_per_optimizer_states`` with deepcopy (checkpoint-on-error, iteration replays): the
+    copy's flags are tensors of their own, so editing the snapshot leaves the scaler's decision alone."""
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        model = make_model("cpu")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = cls("cpu", init_scale=8.0)
+        scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+        model[0].weight.grad.view(-1)[0] = math.inf
+        scaler.unscale_(opt)
+        snapshot = copy.deepcopy(scaler._per_optimizer_states)
+        snapshot[id(opt)]["found_inf_per_device"][torch.device("cpu")].zero_()
+        snapshot[id(opt)]["stage"] = OptState.READY
+        live = scaler._per_optimizer_states[id(opt)]
+        assert live["stage"] is OptState.UNSCALED, cls
+        assert float(live["found_inf_per_device"][torch.device("cpu")]) == 1.0, cls
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)  # still skipped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), cls
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-fused", "adamw-fused", "mixprec-adamw-fused"])
+def test_a_grad_scale_the_user_set_is_multiplied_in_as_torch(optimizer: str) -> None:
+    """torch's step: for an optimizer that takes ``grad_scale``, a ``grad_scale`` the user set on it is multiplied
+    by the loss scale (a second scaling the user applied to the loss), and both attributes are gone afterwards."""
+    results = []
+    for cls in (torch.amp.GradScaler, mixprec.GradScaler):
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = OPTIMIZERS[optimizer]([p])
+        if optimizer == "sgd-fused":
+            opt = torch.optim.SGD([p], lr=1.0, fused=True)
+        scaler = cls("cpu", init_scale=4.0)
+        scaler.scale(p.sum() * 2.0).backward()  # the user's own factor 2 on top of the scale
+        opt.grad_scale = torch.tensor(2.0)
+        scaler.step(opt)
+        scaler.update()
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    if optimizer == "sgd-fused":
+        assert torch.equal(results[1], torch.zeros(2))  # 1 - lr * (2 * 4 * 1) / (4 * 2)

@@ -205,6 +205,42 @@ def test_monitor_takes_numpy_integers_and_a_refused_one_changes_nothing(tmp_path
     assert not scaler._impl.track_overflows()
 
 
+def test_a_monitor_the_cpp_constructor_refuses_closes_its_event_writer(tmp_path) -> None:
+    """The TensorBoard writer is made before the C++ monitor checks its arguments; a refusal there closes it, so
+    no event-writer thread is left running per failed attempt (a config sweep retrying in one process)."""
+    import threading
+
+    pytest.importorskip("tensorboard")
+    model = named_model()
+    scaler = mixprec.GradScaler("cpu")
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(Exception, match="num_bins"):
+            mixprec.Monitor(model, scaler, log_dir=str(tmp_path), sinks=("tensorboard",), num_bins=0)
+    assert threading.active_count() == before
+    assert not scaler._impl.track_overflows()
+
+
+def test_a_monitors_overflow_tracking_travels_with_the_scalers_pickle() -> None:
+    """A monitor turns its scaler's overflow attribution on; a checkpointed (pickled or deep-copied) scaler
+    keeps it on, so a resumed run's monitor still names the overflowing parameters."""
+    import copy
+
+    model = named_model()
+    scaler = mixprec.GradScaler("cpu")
+    mixprec.Monitor(model, scaler, sinks=())
+    for twin in (pickle.loads(pickle.dumps(scaler)), copy.deepcopy(scaler)):
+        assert twin._impl.track_overflows()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        opt.zero_grad()
+        twin.scale(model(torch.randn(3, 4)).sum()).backward()
+        model.head.bias.grad[1] = math.inf
+        twin.step(opt)
+        twin.update()
+        report = twin.last_overflow(model)
+        assert report is not None and [name for name, _ in report.sources] == ["head.bias"]
+
+
 def test_a_nan_that_spread_is_listed_with_every_source() -> None:
     model = named_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -112,6 +112,39 @@ def test_autocast_sets_and_restores_state_like_torch() -> None:
     assert f(a, b).dtype == torch.bfloat16 and (a @ b).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16", "float32"])
+def test_the_policys_grad_scaler_is_on_for_fp16_unless_told_otherwise(name: str) -> None:
+    """Policy.grad_scaler: dynamic loss scaling for fp16 compute, disabled otherwise; an explicit ``enabled`` wins
+    either way, and the other arguments reach the scaler."""
+    policy = Policy(name)
+    default = policy.grad_scaler("cpu", init_scale=256.0)
+    assert default.is_enabled() == (name == "mixed_float16") == policy.needs_loss_scaling
+    assert default.get_scale() == (256.0 if name == "mixed_float16" else 1.0)
+    forced_on = policy.grad_scaler("cpu", enabled=True, init_scale=32.0, hysteresis=2)
+    assert forced_on.is_enabled() and forced_on.get_scale() == 32.0 and forced_on.state_dict()["hysteresis"] == 2
+    assert not policy.grad_scaler("cpu", enabled=False).is_enabled()
+
+
+@pytest.mark.parametrize("how", ["enabled=False", "float32"])
+def test_a_disabling_autocast_decorates_as_its_with_block(how: str) -> None:
+    """mixprec.autocast(..., enabled=False) and a float32 policy turn autocast off inside, inside an outer
+    autocast too: the same used as a decorator as in a ``with`` block, as torch.autocast's decorator does."""
+    make = (lambda: mixprec.autocast("mixed_bfloat16", "cpu", enabled=False)) if how == "enabled=False" else \
+        (lambda: mixprec.autocast("float32", "cpu"))
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+
+    @make()
+    def decorated() -> tuple[bool, torch.dtype]:
+        return torch.is_autocast_enabled("cpu"), (a @ b).dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with make():
+            in_block = torch.is_autocast_enabled("cpu"), (a @ b).dtype
+        in_call = decorated()
+        assert torch.is_autocast_enabled("cpu")  # the outer one back after either
+    assert in_block == in_call == (False, torch.float32)
+
+
 def test_the_autocast_decorator_keeps_cache_enabled_as_torchs_does() -> None:
     """torch.autocast(..., cache_enabled=False) used as a decorator keeps the setting inside the call."""
     seen = {}

@@ -155,6 +155,27 @@ def test_batchnorm_folding_arithmetic() -> None:
     torch.testing.assert_close(model(x), simulated, rtol=1e-4, atol=1e-5)
 
 
+def test_a_quantized_layers_bias_is_its_own_copy() -> None:
+    """The quantized model is a snapshot: training the QAT layer's bias on (an optimizer still holding it, a
+    second fine-tuning run) changes neither the quantized layer's bias nor its output."""
+    torch.manual_seed(3)
+    model = qat.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), qat.QATConfig())
+    x = torch.randn(5, 8)
+    model(x)
+    old = [m for m in model if isinstance(m, qat.QATLinear)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    qat.convert(model)
+    quantized = [m for m in model if isinstance(m, qat.QuantizedLinear)]
+    assert len(quantized) == len(old) == 2
+    for q, o in zip(quantized, old):
+        assert torch.equal(q.bias, o.bias) and q.bias.data_ptr() != o.bias.data_ptr()
+    before = model(x)
+    for o in old:
+        o.bias.grad = torch.ones_like(o.bias)
+    opt.step()
+    assert torch.equal(model(x), before)
+
+
 def test_convert_keeps_the_layers_forward_hooks() -> None:
     """Forward hooks and pre-hooks on a QAT layer (kwargs ones too) carry over to its quantized layer, as
     torch.ao's convert keeps them: a feature extractor registered during training still sees the outputs."""
