@@ -24,6 +24,7 @@
 #include "grad_scaler_class.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
+#include "ops/prefetch.h"
 
 namespace mixprec {
 
@@ -86,6 +87,7 @@ struct ParamGrads {
 // A sparse COO gradient (nn.Embedding(sparse=True)) goes in as its values, by torch's rule: an fp16 one is
 // coalesced first (duplicate indices summed, which can overflow) and replaces the parameter's .grad.
 bool append_grads(at::TensorList params, ParamGrads& out) {
+  detail::prefetch_params_and_grads(params);
   for (const at::Tensor& p : params) {
     // A parameter that is a tensor subclass (FSDP2's DTensor) sends the optimizer to Python's path even when it
     // has no gradient on this rank: that path makes the shard groups' collectives, which every rank must make.
@@ -797,7 +799,7 @@ GradScaler::ShardGroups resolve_groups(const std::vector<std::string>& names) {
   return groups;
 }
 
-std::optional<ParamGrads> grads_of(const std::vector<at::Tensor>& params) {
+std::optional<ParamGrads> grads_of(at::TensorList params) {
   ParamGrads out;
   out.params.reserve(params.size());
   out.grads.reserve(params.size());
@@ -806,6 +808,30 @@ std::optional<ParamGrads> grads_of(const std::vector<at::Tensor>& params) {
 }
 
 }  // namespace
+
+namespace detail {
+
+c10::intrusive_ptr<GradScalerClass> grad_scaler_of(const c10::IValue& object) {
+  TORCH_CHECK_TYPE(object.isObject() && object.toObjectRef().type() ==
+                                            c10::getCustomClassType<c10::intrusive_ptr<GradScalerClass>>(),
+                   "expected a torch.classes.mixprec.GradScaler, got ", object.tagKind());
+  return object.toCustomClass<GradScalerClass>();
+}
+
+bool unscale_params(GradScaler& scaler, int64_t key, at::TensorList params) {
+  auto pg = grads_of(params);
+  if (pg.has_value()) scaler.unscale_grads_(key, pg->grads, pg->params);
+  return pg.has_value();
+}
+
+std::optional<GradScaler::ScaledStep> prepare_scaled_step_params(GradScaler& scaler, int64_t key,
+                                                                 at::TensorList params) {
+  auto pg = grads_of(params);
+  if (!pg.has_value()) return std::nullopt;
+  return scaler.prepare_scaled_step(key, pg->grads, pg->params);
+}
+
+}  // namespace detail
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.class_<GradScalerClass>("GradScaler")
@@ -825,17 +851,14 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
       // is a tensor subclass and nothing was done.
       .def("unscale_params_",
            [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
-             auto pg = grads_of(params);
-             if (pg.has_value()) s->impl.unscale_grads_(key, pg->grads, pg->params);
-             return pg.has_value();
+             return detail::unscale_params(s->impl, key, params);
            })
       .def("prepare_scaled_step_params",
            [](const Self& s, int64_t key, std::vector<at::Tensor> params) {
-             auto pg = grads_of(params);
              using Result = std::tuple<bool, std::optional<at::Tensor>, std::optional<at::Tensor>>;
-             if (!pg.has_value()) return Result(false, std::nullopt, std::nullopt);  // (None: no undefined tensor)
-             GradScaler::ScaledStep r = s->impl.prepare_scaled_step(key, pg->grads, pg->params);
-             return Result(true, r.grad_scale, r.found_inf);
+             auto r = detail::prepare_scaled_step_params(s->impl, key, params);
+             if (!r.has_value()) return Result(false, std::nullopt, std::nullopt);  // (None: no undefined tensor)
+             return Result(true, r->grad_scale, r->found_inf);
            })
       .def("found_inf", [](const Self& s, int64_t key) { return s->impl.found_inf(key); })
       .def("found_inf_per_device",

@@ -13,6 +13,8 @@
 
 #include "mixprec/ops.h"
 #include "ops/adam_plan.h"
+#include "ops/prefetch.h"
+#include "optim/adam_core_class.h"
 
 namespace mixprec::optim {
 
@@ -501,6 +503,7 @@ bool AdamCore::plan_holds(const Plan& plan, at::TensorList params, const AdamOpt
       plan.moment_dtype != options.moment_dtype() || plan.amsgrad != options.amsgrad()) {
     return false;
   }
+  detail::prefetch_params_and_grads(params);
   for (size_t i = 0; i < params.size(); ++i) {
     const Row& row = plan.rows[i];
     const torch::Tensor& p = params[i];
@@ -646,6 +649,11 @@ std::vector<int64_t> AdamCore::step_group(size_t group, at::TensorList params, A
   bool any = false;
   for (const auto& g : grads) any = any || !g.empty();
   if (!any) return changed;
+  for (const Bucket& bucket : plan.buckets) {  // the state's metadata, which the launches' checks read
+    for (const auto* list : {&bucket.m, &bucket.v, &bucket.w, &bucket.s, &bucket.vmax}) {
+      detail::prefetch_tensors(*list);
+    }
+  }
   for (size_t b = 0; b < plan.buckets.size(); ++b) {  // before anything is written or drawn
     if (plan.buckets[b].mode == "float64") check_float64_grads(plan.buckets[b].p, grads[b]);
   }
@@ -811,24 +819,7 @@ void Adam::load_unchecked(torch::serialize::InputArchive& archive) {
 
 namespace {
 
-// The core plus the state of the parameters it has seen. Python's optimizer.state holds the same tensors:
-// the Python layer pushes its state here when it changed (set_states) and mirrors what a step created or
-// replaced (state_of), so the per-step path crosses into C++ once per param group.
-struct AdamCoreClass : torch::CustomClassHolder {
-  struct Entry {
-    torch::Tensor param;  // held, so the key (its TensorImpl) cannot be reused by another tensor
-    AdamParamState state;
-  };
-  AdamCore core;
-  std::unordered_map<const c10::TensorImpl*, Entry> states;
-
-  AdamParamState& state_of(const torch::Tensor& p) {
-    auto [it, inserted] = states.try_emplace(p.unsafeGetTensorImpl());
-    if (inserted) it->second.param = p;
-    return it->second.state;
-  }
-};
-
+using detail::AdamCoreClass;
 using CoreRef = c10::intrusive_ptr<AdamCoreClass>;
 
 AdamOptions options_from(double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
@@ -853,6 +844,57 @@ std::optional<torch::Tensor> defined_or_none(const std::optional<torch::Tensor>&
 }
 
 }  // namespace
+
+}  // namespace mixprec::optim
+
+namespace mixprec::detail {
+
+using optim::AdamCore;
+using optim::AdamOptions;
+using optim::AdamParamState;
+using optim::defined_or_none;
+using optim::options_from;
+
+AdamParamState& AdamCoreClass::state_of(const torch::Tensor& p) {
+  auto [it, inserted] = states.try_emplace(p.unsafeGetTensorImpl());
+  if (inserted) it->second.param = p;
+  return it->second.state;
+}
+
+std::tuple<int64_t, std::vector<int64_t>> AdamCoreClass::step_group(
+    int64_t group, at::TensorList params, std::optional<std::vector<torch::Tensor>> locals,
+    std::optional<std::vector<std::optional<torch::Tensor>>> grads, double lr,
+    const std::optional<torch::Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
+    bool decoupled, bool amsgrad, bool maximize, const std::string& master_weights, c10::ScalarType moment_dtype,
+    const std::string& rounding, std::optional<int64_t> seed, int64_t rng_calls,
+    const std::optional<torch::Tensor>& grad_scale, const std::optional<torch::Tensor>& found_inf, int64_t shard) {
+  TORCH_CHECK_VALUE(group >= 0, "group must be >= 0, got ", group);
+  torch::NoGradGuard no_grad;
+  AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, master_weights,
+                                     moment_dtype, rounding, seed, rng_calls);
+  AdamCore::StepInputs inputs;
+  inputs.lr_tensor = defined_or_none(lr_tensor);
+  inputs.grad_scale = defined_or_none(grad_scale);
+  inputs.found_inf = defined_or_none(found_inf);
+  inputs.locals = std::move(locals);
+  inputs.grads = std::move(grads);
+  inputs.shard = shard;
+  std::vector<int64_t> changed = core.step_group(
+      static_cast<size_t>(group), params, options, decoupled,
+      [this](const torch::Tensor& p) -> AdamParamState& { return state_of(p); }, inputs);
+  return {options.rng_calls(), std::move(changed)};
+}
+
+c10::intrusive_ptr<AdamCoreClass> adam_core_of(const c10::IValue& object) {
+  TORCH_CHECK_TYPE(object.isObject() &&
+                       object.toObjectRef().type() == c10::getCustomClassType<c10::intrusive_ptr<AdamCoreClass>>(),
+                   "expected a torch.classes.mixprec.AdamCore, got ", object.tagKind());
+  return object.toCustomClass<AdamCoreClass>();
+}
+
+}  // namespace mixprec::detail
+
+namespace mixprec::optim {
 
 TORCH_LIBRARY_FRAGMENT(mixprec, m) {
   m.class_<AdamCoreClass>("AdamCore")
@@ -879,21 +921,9 @@ TORCH_LIBRARY_FRAGMENT(mixprec, m) {
               c10::ScalarType moment_dtype, const std::string& rounding, std::optional<int64_t> seed,
               int64_t rng_calls, std::optional<torch::Tensor> grad_scale, std::optional<torch::Tensor> found_inf,
               int64_t shard) {
-             TORCH_CHECK_VALUE(group >= 0, "group must be >= 0, got ", group);
-             torch::NoGradGuard no_grad;
-             AdamOptions options = options_from(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                                master_weights, moment_dtype, rounding, seed, rng_calls);
-             AdamCore::StepInputs inputs;
-             inputs.lr_tensor = defined_or_none(lr_tensor);
-             inputs.grad_scale = defined_or_none(grad_scale);
-             inputs.found_inf = defined_or_none(found_inf);
-             inputs.locals = std::move(locals);
-             inputs.grads = std::move(grads);
-             inputs.shard = shard;
-             std::vector<int64_t> changed = self->core.step_group(
-                 static_cast<size_t>(group), params, options, decoupled,
-                 [&self](const torch::Tensor& p) -> AdamParamState& { return self->state_of(p); }, inputs);
-             return std::make_tuple(options.rng_calls(), changed);
+             return self->step_group(group, params, std::move(locals), std::move(grads), lr, lr_tensor, beta1, beta2,
+                                     eps, weight_decay, decoupled, amsgrad, maximize, master_weights, moment_dtype,
+                                     rounding, seed, rng_calls, grad_scale, found_inf, shard);
            })
       // Replaces all state with Python's: one row per parameter; an undefined step means no state.
       .def("set_states",

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from . import ops
+from . import _C, ops
 from .optim import _shard_dims
 
 __all__ = ["GradScaler", "OverflowReport"]
@@ -343,7 +343,7 @@ class GradScaler(torch.amp.GradScaler):
 
     # What _construct sets (from the settings, or the C++ object itself): pickles and copies make these again, and
     # take any other attribute (a subclass's) as it is.
-    _CONSTRUCTED = frozenset({"_device", "_enabled", "_process_group", "_options", "_host_skip", "_impl"})
+    _CONSTRUCTED = frozenset({"_device", "_enabled", "_process_group", "_options", "_host_skip", "_impl", "_fast"})
 
     def _construct(self, device: str, enabled: bool, process_group: Optional[Any], options: dict[str, Any]) -> None:
         self._device = device
@@ -361,6 +361,9 @@ class GradScaler(torch.amp.GradScaler):
             device, o["init_scale"], o["growth_factor"], o["backoff_factor"], o["growth_interval"], self._enabled,
             o["hysteresis"], o["consecutive_hysteresis"], o["min_scale"], o["max_scale"], o["dynamic"],
         )
+        # The same C++ scaler, for the calls every iteration makes: bound with pybind, without TorchScript's
+        # method dispatch (a tenth of its host time, warm or after a forward and backward pass).
+        self._fast = _C.GradScalerHandle(self._impl)
         self._impl.set_track_overflows(bool(o.get("track_overflows", False)))  # absent from older pickles
         if process_group is not None:  # C++ all-reduces the overflow flags over the same c10d group
             import torch.distributed as dist
@@ -388,7 +391,7 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             return outputs
         if isinstance(outputs, Tensor):
-            return self._impl.scale(outputs)
+            return self._fast.scale(outputs)
         if isinstance(outputs, (list, tuple)):
             return type(outputs)(self.scale(o) for o in outputs)
         if isinstance(outputs, Iterable):
@@ -433,7 +436,7 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale(self, key: int, optimizer: torch.optim.Optimizer) -> None:
         # C++ reads the gradients off the parameters; DTensor gradients need their local shards from Python.
         all_params = self._params(optimizer)
-        if not self._impl.unscale_params_(key, all_params):
+        if not self._fast.unscale_params_(key, all_params):
             grads, params, groups = self._grads(optimizer)
             self._impl.unscale_grads_(key, grads, params, all_params, [g.group_name for g in groups])
 
@@ -448,7 +451,7 @@ class GradScaler(torch.amp.GradScaler):
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (one pass per device)."""
         if not self._enabled:
             return
-        if not self._impl.has_scale():
+        if not self._fast.has_scale():
             self._check_scale_growth_tracker("unscale_")  # torch's AssertionError, naming unscale_
         if "_unscale_grads_" in self._overridden:
             self._unscale_through_hook(optimizer)
@@ -487,7 +490,7 @@ class GradScaler(torch.amp.GradScaler):
     def _get_scale_async(self) -> Optional[Tensor]:
         """torch's accessor of the scale tensor (no host sync); ``None`` when disabled or before the first
         ``scale()``, as in torch."""
-        return self._scale if self._enabled and self._impl.has_scale() else None
+        return self._scale if self._enabled and self._fast.has_scale() else None
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
         """torch's read-only check of an optimizer's gradients (not unscaled): records and returns its flags."""
@@ -501,7 +504,7 @@ class GradScaler(torch.amp.GradScaler):
         # Through the parameters where C++ can read the gradients off them: the check then records which ones
         # overflowed (track_overflows), as the step's own check does.
         all_params = self._params(optimizer)
-        handled, _, _ = self._impl.prepare_scaled_step_params(id(optimizer), all_params)
+        handled, _, _ = self._fast.prepare_scaled_step_params(id(optimizer), all_params)
         if not handled:
             self._prepare_scaled_step(id(optimizer), optimizer, all_params)
         return self._found_inf_per_device(optimizer)
@@ -563,19 +566,19 @@ class GradScaler(torch.amp.GradScaler):
 
     def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
         """torch's helper: the scale and growth tracker tensors, or torch's AssertionError before ``scale()``."""
-        if not self._enabled or not self._impl.has_scale():
+        if not self._enabled or not self._fast.has_scale():
             raise AssertionError(f"Attempted {funcname} but _scale is None.  This may indicate your script did not "
                                  "use scaler.scale(loss or outputs) earlier in the iteration.")
         return self._scale, self._growth_tracker
 
     def _found_inf(self, optimizer: torch.optim.Optimizer) -> Tensor:
         key = id(optimizer)
-        if not self._impl.is_unscaled(key):
+        if not self._fast.is_unscaled(key):
             if self._overridden:  # torch's step() calls unscale_ (a subclass's, which may all-reduce the flags)
                 self.unscale_(optimizer)
             else:
                 self._unscale(key, optimizer)
-        return self._impl.found_inf(key)
+        return self._fast.found_inf(key)
 
     @_torch_assertion_types
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Optional[float]:
@@ -593,10 +596,10 @@ class GradScaler(torch.amp.GradScaler):
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
-        if not self._impl.has_scale():
+        if not self._fast.has_scale():
             self._check_scale_growth_tracker("step")  # torch's AssertionError, naming step
         key = id(optimizer)
-        self._impl.check_not_stepped(key)
+        self._fast.check_not_stepped(key)
         retval = None
         if getattr(optimizer, "_step_supports_amp_scaling", False) and _takes_grad_scaler(optimizer):
             # torch's older protocol (apex, timm): the optimizer gets the scaler and unscales and checks itself
@@ -607,7 +610,7 @@ class GradScaler(torch.amp.GradScaler):
                 "optimizer and let the optimizer use them directly.", FutureWarning, stacklevel=3)  # step's wrapper
             retval = optimizer.step(*args, **{**kwargs, "grad_scaler": self})
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            unscaled = self._impl.is_unscaled(key)
+            unscaled = self._fast.is_unscaled(key)
             if not unscaled and self._overridden & {"_check_inf_per_device", "_unscale_grads_"}:
                 # torch's route: the subclass's check records the flags (and may all-reduce them), summed here.
                 flags = self._check_inf_per_device(optimizer)
@@ -616,11 +619,11 @@ class GradScaler(torch.amp.GradScaler):
                     torch.zeros((), dtype=torch.float32, device=grad_scale.device)
             else:
                 all_params = [] if unscaled else self._params(optimizer)
-                handled, grad_scale, found = self._impl.prepare_scaled_step_params(key, all_params)
+                handled, grad_scale, found = self._fast.prepare_scaled_step_params(key, all_params)
                 if not handled:
                     grad_scale, found = self._prepare_scaled_step(key, optimizer, all_params)
             if self._host_skip and found.item():
-                self._impl.mark_stepped(key)
+                self._fast.mark_stepped(key)
                 return None
             previous = getattr(optimizer, "grad_scale", None)
             if grad_scale is None:  # unscale_() came first: only a scale the user set stays
@@ -635,7 +638,7 @@ class GradScaler(torch.amp.GradScaler):
             retval = self._step_with(optimizer, None, self._found_inf(optimizer), args, kwargs)
         elif not self._found_inf(optimizer).item():  # a plain optimizer: the host decides, as in torch
             retval = optimizer.step(*args, **kwargs)
-        self._impl.mark_stepped(key)
+        self._fast.mark_stepped(key)
         return retval
 
     @staticmethod
@@ -656,9 +659,9 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             return
         if new_scale is None:
-            if not self._impl.has_scale():
+            if not self._fast.has_scale():
                 self._check_scale_growth_tracker("update")  # torch's AssertionError, naming update
-            self._impl.update()
+            self._fast.update()
         elif isinstance(new_scale, Tensor):
             # torch's checks and their exception type (it copies any dtype into the fp32 scale).
             reason = ("new_scale should be a float or a 1-element torch.cuda.FloatTensor or torch.FloatTensor "
@@ -738,7 +741,7 @@ class GradScaler(torch.amp.GradScaler):
         """torch's private hook (Accelerate calls it after loading a state): create the scale tensors now, on
         ``dev`` (default: the constructor's device). As torch's, it refuses when they exist."""
         if self._enabled:
-            assert not self._impl.has_scale(), "_growth_tracker initialized before _scale"
+            assert not self._fast.has_scale(), "_growth_tracker initialized before _scale"
             self._impl.init_scale_on(str(torch.device(self._device if dev is None else dev)))
 
     def _torch_attribute(self, name: str) -> None:
@@ -749,7 +752,7 @@ class GradScaler(torch.amp.GradScaler):
     def _scale(self) -> Optional[Tensor]:
         """The scale tensor on its device, or None before the first ``scale()`` (torch's attribute)."""
         self._torch_attribute("_scale")
-        return self._impl.scale_tensor() if self._impl.has_scale() else None
+        return self._impl.scale_tensor() if self._fast.has_scale() else None
 
     @_scale.setter
     def _scale(self, value: Optional[Tensor]) -> None:
@@ -762,7 +765,7 @@ class GradScaler(torch.amp.GradScaler):
     def _growth_tracker(self) -> Optional[Tensor]:
         """The growth tracker tensor, or None before the first ``scale()`` (torch's attribute)."""
         self._torch_attribute("_growth_tracker")
-        return self._impl.growth_tracker_tensor() if self._impl.has_scale() else None
+        return self._impl.growth_tracker_tensor() if self._fast.has_scale() else None
 
     @_growth_tracker.setter
     def _growth_tracker(self, value: Optional[Tensor]) -> None:

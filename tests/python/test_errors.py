@@ -175,3 +175,34 @@ def test_linear_wgrad_takes_operands_that_require_grad() -> None:
     go, x = torch.randn(7, 3, requires_grad=True), torch.randn(7, 5, requires_grad=True)
     out = ops.linear_wgrad(go, x)
     torch.testing.assert_close(out, go.detach().double().t().mm(x.detach().double()).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_native_handles_take_only_their_own_objects_and_keep_error_types() -> None:
+    """mixprec._C binds the scaler's and the optimizer's per-step calls on the C++ objects behind their
+    torch.classes handles. A handle refuses any other object by name; errors from its calls reach Python with the
+    types the torch.classes path raises (ValueError for a bad option, TypeError for a list of non-tensors), and a
+    refused call leaves the state as it was."""
+    from mixprec import _C
+
+    scaler = mixprec.GradScaler("cpu", init_scale=4.0)
+    opt = mixprec.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    for handle, wrong, name in ((_C.GradScalerHandle, opt._core, "GradScaler"),
+                                (_C.AdamCoreHandle, scaler._impl, "AdamCore")):
+        with pytest.raises(TypeError, match=f"expected a torch.classes.mixprec.{name}"):
+            handle(wrong)
+        with pytest.raises(TypeError, match="incompatible constructor arguments"):
+            handle(3)
+    scaler.scale(torch.ones(()))
+    with pytest.raises(TypeError, match=r"params\[1\] must be a Tensor, got int"):
+        scaler._fast.unscale_params_(id(opt), [torch.ones(1), 2])
+    assert not scaler._fast.is_unscaled(id(opt))  # nothing recorded: unscale_ still runs
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones(3)
+    opt.param_groups[0]["rounding"] = "sometimes"  # what a typo in a config puts in a group
+    with pytest.raises(ValueError, match="rounding"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state[p]
+    opt.param_groups[0]["rounding"] = "nearest"
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert opt.state[p]["step"].item() == 1.0 and not torch.equal(p, torch.ones(3))
