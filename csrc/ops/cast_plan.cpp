@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include "ops/checks.h"
+#include "ops/prefetch.h"
 
 namespace mixprec::detail {
 
@@ -24,10 +25,17 @@ void check_cast_args(const char* op, at::TensorList dst, at::TensorList src) {
   TORCH_CHECK(dst.size() == src.size(), op, ": dst and src must have the same length, got ", dst.size(), " and ",
               src.size());
   if (dst.empty()) return;
+  prefetch_tensors(dst);
+  prefetch_tensors(src);
   const c10::Device device = src[0].device();
   for (size_t i = 0; i < dst.size(); ++i) {
     const at::Tensor& d = dst[i];
     const at::Tensor& s = src[i];
+    // The overlap check and the kernel read every storage: prefetched a few pairs ahead of this check.
+    if (i + 4 < dst.size()) {
+      prefetch_storage(dst[i + 4]);
+      prefetch_storage(src[i + 4]);
+    }
     TORCH_CHECK(d.defined() && s.defined(), op, ": dst[", i, "] and src[", i, "] must be tensors");
     TORCH_CHECK(s.layout() == at::kStrided, op, ": src[", i, "] must be a dense tensor, got layout ", s.layout());
     TORCH_CHECK(d.layout() == at::kStrided, op, ": dst[", i, "] must be a dense tensor, got layout ", d.layout());

@@ -27,6 +27,11 @@ inline void prefetch_tensors(at::TensorList tensors) {
   }
 }
 
+/// The storage of `t` (where kernels and overlap checks read its data pointer); its TensorImpl should be cached.
+inline void prefetch_storage(const at::Tensor& t) {
+  if (t.defined() && t.has_storage()) __builtin_prefetch(t.storage().unsafeGetStorageImpl());
+}
+
 /// The TensorImpls of `params`, then their autograd metadata, then their gradients' TensorImpls: reading
 /// `p.grad()` of each afterwards finds all three in the cache.
 inline void prefetch_params_and_grads(at::TensorList params) {
