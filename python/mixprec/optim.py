@@ -438,22 +438,20 @@ class _MixprecAdam(torch.optim.Optimizer):
             # restore would refuse is refused here, before torch's loader replaces anything.
             for group in sd["param_groups"]:
                 _check_group(self._core, {**self.defaults, **group}, torch_keys=False)
-            for st in sd["state"].values():
-                value = st.get("remainder") if isinstance(st, dict) else None
-                if isinstance(value, Tensor) and value.dtype == torch.int32:
-                    _narrow_remainder(value)
             saved["ids"] = [pid for g in sd["param_groups"] for pid in g["params"]]
             saved["state"] = {pid: dict(sd["state"][pid]) for pid in saved["ids"] if pid in sd["state"]}
+            for st in saved["state"].values():  # narrowed (and checked) once, into this copy of the row
+                value = st.get("remainder")
+                if isinstance(value, Tensor) and value.dtype == torch.int32:
+                    st["remainder"] = _narrow_remainder(value)
 
         def restore(_: Any) -> None:
             # Prepended: the user's post-hooks see the state as saved, not torch's casts of it.
             params = [p for g in self.param_groups for p in g["params"]]
             for pid, p in zip(saved["ids"], params):
                 for key, value in saved["state"].get(pid, {}).items():
-                    if isinstance(value, Tensor):
-                        if key == "remainder" and value.dtype == torch.int32:
-                            value = _narrow_remainder(value)
-                        self.state[p][key] = value.to(device=p.device).clone()
+                    if isinstance(value, Tensor):  # one copy, on the parameter's device
+                        self.state[p][key] = value.to(device=p.device, copy=True)
 
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(restore, prepend=True)
