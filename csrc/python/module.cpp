@@ -103,15 +103,24 @@ PYBIND11_MODULE(_C, m) {
            py::arg("script_object"))
       .def("has_scale", torch::wrap_pybind_function([](GradScalerClass& s) { return s.impl.has_scale(); }))
       .def("scale", torch::wrap_pybind_function([](GradScalerClass& s, const at::Tensor& t) { return s.impl.scale(t); }))
+      // With a process group the check ends in a collective, which waits for the other ranks: without the GIL,
+      // as torch.distributed's own bindings wait (this process's other Python threads keep running).
       .def("unscale_params_", torch::wrap_pybind_function([](GradScalerClass& s, int64_t key, py::handle params) {
              const BorrowedTensors p(params, "params");
+             std::optional<py::gil_scoped_release> no_gil;
+             if (s.impl.options().process_group()) no_gil.emplace();
              return mixprec::detail::unscale_params(s.impl, key, p.list());
            }))
       .def("prepare_scaled_step_params",
            torch::wrap_pybind_function([](GradScalerClass& s, int64_t key, py::handle params) {
              using Result = std::tuple<bool, std::optional<at::Tensor>, std::optional<at::Tensor>>;
              const BorrowedTensors p(params, "params");
-             auto r = mixprec::detail::prepare_scaled_step_params(s.impl, key, p.list());
+             std::optional<mixprec::GradScaler::ScaledStep> r;
+             {
+               std::optional<py::gil_scoped_release> no_gil;
+               if (s.impl.options().process_group()) no_gil.emplace();
+               r = mixprec::detail::prepare_scaled_step_params(s.impl, key, p.list());
+             }
              if (!r.has_value()) return Result(false, std::nullopt, std::nullopt);
              return Result(true, r->grad_scale, r->found_inf);
            }))

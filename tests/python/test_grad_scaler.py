@@ -437,6 +437,58 @@ def test_distributed_overflow_on_one_rank_skips_on_all(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
+WAIT_SCRIPT = EXIT_NOW + textwrap.dedent(
+    """
+    import sys, threading, time, torch, torch.distributed as dist
+    import mixprec
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = mixprec.optim.AdamW([p], lr=1e-2)
+    scaler = mixprec.GradScaler("cpu", process_group=dist.group.WORLD)
+    ticks, stop = [0], threading.Event()
+
+    def count() -> None:  # another Python thread of this process: it needs the GIL to count
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    dist.barrier()
+    thread = threading.Thread(target=count)
+    thread.start()
+    scaler.scale(p.sum()).backward()
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 waits in the scaler's all-reduce meanwhile
+    before = ticks[0]
+    t0 = time.perf_counter()
+    scaler.unscale_(opt)
+    waited, counted = time.perf_counter() - t0, ticks[0] - before
+    scaler.step(opt)
+    scaler.update()
+    stop.set()
+    thread.join()
+    torch.save({"waited": waited, "counted": counted}, f"{out}.{rank}")
+    dist.destroy_process_group()
+    exit_now()
+    """
+)
+
+
+def test_a_rank_waiting_in_the_scalers_all_reduce_lets_other_python_threads_run(tmp_path) -> None:
+    """The overflow flag's all-reduce waits for the slowest rank. It waits without the GIL, as torch.distributed's
+    own calls do: a data-loading or checkpoint-writing thread of that process keeps running meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    procs = [subprocess.Popen([sys.executable, "-c", WAIT_SCRIPT, str(r), str(port), out]) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    r0 = torch.load(f"{out}.0")
+    assert r0["waited"] > 0.5  # rank 0 did wait for rank 1
+    assert r0["counted"] > 0.25 * r0["waited"] * 1000 / 2, r0  # the other thread ran through most of the wait
+
+
 DDP_NO_GROUP_SCRIPT = EXIT_NOW + textwrap.dedent(
     """
     import math, sys, torch, torch.distributed as dist
