@@ -156,7 +156,7 @@ setup(
         CppExtension(
             "mixprec._C",
             ["csrc/python/module.cpp"],
-            include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],  # csrc: grad_scaler_class.h
+            include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],  # csrc: the custom classes' headers
             libraries=["mixprec"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             # libmixprec is installed in mixprec/lib next to this module.

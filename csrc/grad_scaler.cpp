@@ -24,6 +24,7 @@
 #include "grad_scaler_class.h"
 #include "mixprec/ops.h"
 #include "mixprec/optim.h"
+#include "custom_class_of.h"
 #include "ops/prefetch.h"
 
 namespace mixprec {
@@ -812,10 +813,7 @@ std::optional<ParamGrads> grads_of(at::TensorList params) {
 namespace detail {
 
 c10::intrusive_ptr<GradScalerClass> grad_scaler_of(const c10::IValue& object) {
-  TORCH_CHECK_TYPE(object.isObject() && object.toObjectRef().type() ==
-                                            c10::getCustomClassType<c10::intrusive_ptr<GradScalerClass>>(),
-                   "expected a torch.classes.mixprec.GradScaler, got ", object.tagKind());
-  return object.toCustomClass<GradScalerClass>();
+  return custom_class_of<GradScalerClass>(object, "GradScaler");
 }
 
 bool unscale_params(GradScaler& scaler, int64_t key, at::TensorList params) {

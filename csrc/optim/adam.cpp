@@ -13,6 +13,7 @@
 
 #include "mixprec/ops.h"
 #include "ops/adam_plan.h"
+#include "custom_class_of.h"
 #include "ops/prefetch.h"
 #include "optim/adam_core_class.h"
 
@@ -886,10 +887,7 @@ std::tuple<int64_t, std::vector<int64_t>> AdamCoreClass::step_group(
 }
 
 c10::intrusive_ptr<AdamCoreClass> adam_core_of(const c10::IValue& object) {
-  TORCH_CHECK_TYPE(object.isObject() &&
-                       object.toObjectRef().type() == c10::getCustomClassType<c10::intrusive_ptr<AdamCoreClass>>(),
-                   "expected a torch.classes.mixprec.AdamCore, got ", object.tagKind());
-  return object.toCustomClass<AdamCoreClass>();
+  return custom_class_of<AdamCoreClass>(object, "AdamCore");
 }
 
 }  // namespace mixprec::detail
